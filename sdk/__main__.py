@@ -1,0 +1,3 @@
+from keepbits.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Small files shipped with keepbits: a tiny MNIST sample, the demo bundle."""

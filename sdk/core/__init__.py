@@ -1,0 +1,22 @@
+"""Pure math shared by training, export and runtime (numpy reference, no torch).
+
+The torch twins live in :mod:`keepbits.training.functional` and are tested equal.
+"""
+from keepbits.core.hard_concrete import (
+    BETA,
+    GAMMA,
+    ZETA,
+    deterministic_mask,
+    expected_gate,
+)
+from keepbits.core.compose import block_average, mixed_resolution
+
+__all__ = [
+    "BETA",
+    "GAMMA",
+    "ZETA",
+    "deterministic_mask",
+    "expected_gate",
+    "block_average",
+    "mixed_resolution",
+]

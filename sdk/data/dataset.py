@@ -1,0 +1,74 @@
+"""The in-memory data set type, validation, deterministic splits and normalisation stats."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from keepbits.errors import InputError
+
+
+@dataclass
+class ImageDataset:
+    """``x``: uint8 N×H×W×C images; ``y``: int64 labels in [0, len(class_names))."""
+
+    x: np.ndarray
+    y: np.ndarray
+    class_names: list[str]
+    source: str = "<memory>"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        x, y = self.x, np.asarray(self.y)
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
+            raise InputError(f"{self.source}: images must be uint8, got {getattr(x, 'dtype', type(x))}")
+        if x.ndim == 3:  # N×H×W gray
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise InputError(f"{self.source}: images must be N×H×W×C with C in (1, 3), got shape {x.shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise InputError(f"{self.source}: labels must be a vector of length {len(x)}, got shape {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise InputError(f"{self.source}: labels must be integers, got {y.dtype}")
+        if not self.class_names:
+            self.class_names = [str(i) for i in range(int(y.max()) + 1 if len(y) else 0)]
+        if len(y) and (y.min() < 0 or y.max() >= len(self.class_names)):
+            raise InputError(
+                f"{self.source}: label out of range: found {int(y.min())}..{int(y.max())} "
+                f"but there are {len(self.class_names)} classes"
+            )
+        self.x, self.y = x, y.astype(np.int64)
+        self.class_names = [str(c) for c in self.class_names]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def shape_chw(self) -> tuple[int, int, int]:
+        n, h, w, c = self.x.shape
+        return (c, h, w)
+
+    def subset(self, index: np.ndarray, source_suffix: str = "") -> "ImageDataset":
+        return ImageDataset(self.x[index], self.y[index], list(self.class_names), self.source + source_suffix, dict(self.meta))
+
+
+def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic shuffled split of ``range(n)`` into (train, val) index arrays."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise InputError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def channel_stats(x: np.ndarray, max_images: int = 20000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale."""
+    sample = x[: max_images].astype(np.float64) / 255.0
+    mean = sample.mean(axis=(0, 1, 2))
+    std = sample.std(axis=(0, 1, 2))
+    std = np.where(std < 1e-6, 1.0, std)
+    return [float(v) for v in mean], [float(v) for v in std]

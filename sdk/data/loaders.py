@@ -1,0 +1,173 @@
+"""Readers for the three supported layouts.
+
+* ``.npz`` with ``x`` (uint8 N×H×W×C), ``y`` (int) and optional ``class_names``;
+* MNIST / Fashion-MNIST idx files, plain or ``.gz``;
+* an image folder with one subfolder per class (JPEG/PNG/WebP/BMP, any sizes), made one
+  size by an explicit policy: ``resize`` (stretch), ``center-crop`` (scale the short side,
+  crop the middle) or ``letterbox`` (scale the long side, pad with black).
+
+:func:`load_dataset` picks the reader from the path; a directory holding ``train.npz``
+and ``test.npz`` (or ``train_*.npz``) is read as a split data set.
+"""
+from __future__ import annotations
+
+import gzip
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from keepbits.data.dataset import ImageDataset
+from keepbits.errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+RESIZE_POLICIES = ("resize", "center-crop", "letterbox")
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_MAX_IDX_ITEMS = 1 << 31
+
+
+def sample_mnist_path() -> Path:
+    """Path of the MNIST sample bundled with keepbits (2,000 train / 500 test digits)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "mnist_sample.npz"
+
+
+def load_npz(path: str | Path, split: str | None = None) -> ImageDataset:
+    """Arrays ``x``/``y`` (one split), or ``x_<split>``/``y_<split>`` when ``split`` is given and present."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            kx, ky = (f"x_{split}", f"y_{split}") if split and f"x_{split}" in npz else ("x", "y")
+            if kx not in npz or ky not in npz:
+                raise InputError(f"{path}: expected arrays 'x' and 'y', found {sorted(npz.files)}")
+            x, y = npz[kx], npz[ky]
+            names = [str(c) for c in npz["class_names"]] if "class_names" in npz else []
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+    return ImageDataset(x, y, names, source=str(path))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{path}: cannot read idx file ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise InputError(f"{path}: not an idx file (bad magic number)")
+    ndim = raw[3]
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise InputError(f"{path}: truncated idx header")
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    count = int(np.prod(shape, dtype=np.int64))
+    if count > _MAX_IDX_ITEMS or len(raw) - 4 - 4 * ndim != count * dtype.itemsize:
+        raise InputError(f"{path}: idx payload size does not match its header shape {shape}")
+    return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_idx(images_path: str | Path, labels_path: str | Path) -> ImageDataset:
+    images, labels = _read_idx(Path(images_path)), _read_idx(Path(labels_path))
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise InputError(f"{images_path}: expected uint8 N×H×W images, got {images.dtype} {images.shape}")
+    return ImageDataset(images[..., None].copy(), labels.astype(np.int64), [], source=str(images_path))
+
+
+def _fit_image(img, size: tuple[int, int], policy: str):
+    from PIL import Image
+
+    w, h = size[1], size[0]
+    if policy == "resize":
+        return img.resize((w, h), Image.BILINEAR)
+    if policy == "center-crop":
+        scale = max(w / img.width, h / img.height)
+        img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BILINEAR)
+        left, top = (img.width - w) // 2, (img.height - h) // 2
+        return img.crop((left, top, left + w, top + h))
+    scale = min(w / img.width, h / img.height)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    canvas = Image.new(img.mode, (w, h))
+    canvas.paste(img, ((w - img.width) // 2, (h - img.height) // 2))
+    return canvas
+
+
+def load_image_folder(
+    root: str | Path, size: tuple[int, int] = (224, 224), policy: str = "center-crop", gray: bool = False
+) -> ImageDataset:
+    """Images under ``root/<class>/*``; classes sorted by name; every image made ``size`` (H, W)."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if policy not in RESIZE_POLICIES:
+        raise InputError(f"unknown resize policy {policy!r}; choose one of {RESIZE_POLICIES}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise InputError(f"{root}: no class subfolders found")
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as img:
+                    img = img.convert("L" if gray else "RGB")
+                    img = _fit_image(img, size, policy)
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise InputError(f"{file}: unreadable or corrupt image ({exc})") from None
+            arr = np.asarray(img, dtype=np.uint8)
+            xs.append(arr[..., None] if arr.ndim == 2 else arr)
+            ys.append(label)
+    if not xs:
+        raise InputError(f"{root}: class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    ds = ImageDataset(np.stack(xs), np.array(ys), classes, source=str(root))
+    ds.meta["resize_policy"] = policy
+    return ds
+
+
+def _find_idx(root: Path, split: str) -> tuple[Path, Path] | None:
+    prefix = "train" if split == "train" else "t10k"
+    for suffix in ("", ".gz"):
+        img = root / f"{prefix}-images-idx3-ubyte{suffix}"
+        lab = root / f"{prefix}-labels-idx1-ubyte{suffix}"
+        if img.exists() and lab.exists():
+            return img, lab
+    return None
+
+
+def load_dataset(
+    path: str | Path, split: str = "train", size: tuple[int, int] | None = None, policy: str = "center-crop"
+) -> ImageDataset:
+    """Read ``path`` (file or folder) and return the ``split`` ("train" or "test").
+
+    A single ``.npz`` file with arrays ``x_train``/``x_test`` is split by name; a plain
+    one holds one split and is returned whatever ``split`` asks.
+
+    Example:
+        >>> from keepbits.data import load_dataset, sample_mnist_path
+        >>> len(load_dataset(sample_mnist_path(), split="test"))
+        500
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"data path not found: {path}")
+    if split not in ("train", "test"):
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise InputError(f"{path}: unsupported data file (expected .npz, an idx folder or an image folder)")
+        return load_npz(path, split)
+    npz = sorted(path.glob(f"{split}.npz")) or sorted(path.glob(f"{split}_*.npz"))
+    if npz:
+        return load_npz(npz[0])
+    idx = _find_idx(path, split)
+    if idx:
+        return load_idx(*idx)
+    split_dir = path / split
+    if split_dir.is_dir():
+        return load_dataset(split_dir, split, size, policy)
+    if any(p.is_dir() for p in path.iterdir()):
+        return load_image_folder(path, size or (224, 224), policy)
+    raise InputError(f"{path}: no {split} data found (looked for {split}.npz, idx files, {split}/ and class folders)")

@@ -1,0 +1,1 @@
+"""Model definitions; each module registers its builders in :mod:`keepbits.registry`."""
