@@ -1,0 +1,126 @@
+"""Bundle format: round trip (folder and zip), tampering, paths escaping the bundle."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from keepbits.bundle import FORMAT_VERSION, Manifest, load_bundle, write_bundle
+from keepbits.errors import BundleError
+
+
+def _model_bytes(external: str | None = None) -> bytes:
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("image", "logits")]
+    init = []
+    nodes = [helper.make_node("Identity", ["image"], ["logits"])]
+    if external:
+        w = numpy_helper.from_array(np.zeros(1, np.float32), "w")
+        w.data_location = TensorProto.EXTERNAL
+        w.ClearField("raw_data")
+        w.external_data.add(key="location", value=external)
+        init.append(w)
+    return helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], init)).SerializeToString()
+
+
+def _manifest(**kw) -> Manifest:
+    base = dict(input_shape=[3, 8, 8], input_dtype="uint8", input_layout="NHWC", mean=[0.5] * 3, std=[0.25] * 3,
+                class_names=["a", "b"], block_size=2, mask_threshold=0.5, generator="g", classifier="c")
+    return Manifest(**{**base, **kw})
+
+
+@pytest.mark.parametrize("suffix", ["", ".zip"])
+def test_round_trip(tmp_path, suffix):
+    out = write_bundle(tmp_path / f"b{suffix}", _manifest(provenance={"command": "x"}), {"model.onnx": _model_bytes(), "extra/notes.txt": b"hi"})
+    bundle = load_bundle(out)
+    assert bundle.manifest.block_size == 2 and bundle.manifest.pixel_scale == 255.0
+    assert bundle.manifest.format_version == FORMAT_VERSION
+    assert bundle.model_path.read_bytes() == _model_bytes()
+    assert bundle.path("extra/notes.txt").read_bytes() == b"hi"
+    assert load_bundle(out, expected_digest=bundle.digest).digest == bundle.digest
+    with pytest.raises(BundleError, match="does not match"):
+        load_bundle(out, expected_digest="0" * 64)
+    with pytest.raises(BundleError, match="not a file of this bundle"):
+        bundle.path("manifest.json")
+
+
+def test_tampered_file_rejected(tmp_path):
+    out = write_bundle(tmp_path / "b", _manifest(), {"model.onnx": _model_bytes()})
+    data = bytearray((out / "model.onnx").read_bytes())
+    data[-1] ^= 1
+    (out / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.onnx was modified"):
+        load_bundle(out)
+
+
+def test_tampered_archive_rejected(tmp_path):
+    out = write_bundle(tmp_path / "b.zip", _manifest(), {"model.onnx": _model_bytes()})
+    with zipfile.ZipFile(out) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members["model.onnx"] = _model_bytes() + b"\x00"
+    with zipfile.ZipFile(out, "w") as zf:
+        for n, d in members.items():
+            zf.writestr(n, d)
+    with pytest.raises(BundleError, match="modified"):
+        load_bundle(out)
+
+
+@pytest.mark.parametrize("name", ["../evil.onnx", "/etc/passwd", "a/../../x", "./model.onnx"])
+def test_paths_outside_refused(tmp_path, name):
+    out = write_bundle(tmp_path / "b", _manifest(), {"model.onnx": _model_bytes()})
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"][name] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(out)
+
+
+def test_symlink_refused(tmp_path):
+    secret = tmp_path / "secret.onnx"
+    secret.write_bytes(_model_bytes())
+    out = write_bundle(tmp_path / "b", _manifest(), {"model.onnx": _model_bytes()})
+    (out / "model.onnx").unlink()
+    (out / "model.onnx").symlink_to(secret)
+    with pytest.raises(BundleError, match="symlink"):
+        load_bundle(out)
+
+
+def test_zip_slip_refused(tmp_path):
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("manifest.json", "{}")
+        zf.writestr("../escape.txt", "x")
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(bad)
+    assert not (tmp_path.parent / "escape.txt").exists()
+
+
+def test_external_data_outside_refused(tmp_path):
+    out = write_bundle(tmp_path / "b", _manifest(), {"model.onnx": _model_bytes(external="../../w.bin")})
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(out)
+    out2 = write_bundle(tmp_path / "c", _manifest(), {"model.onnx": _model_bytes(external="w.bin")})
+    with pytest.raises(BundleError, match="not a listed bundle file"):
+        load_bundle(out2)
+
+
+def test_bad_manifest_fields(tmp_path):
+    with pytest.raises(BundleError, match="block_size"):
+        write_bundle(tmp_path / "b", _manifest(block_size=0), {"model.onnx": _model_bytes()})
+    with pytest.raises(BundleError, match="mean/std"):
+        write_bundle(tmp_path / "b", _manifest(mean=[0.5]), {"model.onnx": _model_bytes()})
+    out = write_bundle(tmp_path / "b", _manifest(), {"model.onnx": _model_bytes()})
+    manifest = json.loads((out / "manifest.json").read_text())
+    for patch, msg in [({"format_version": 99}, "version 99"), ({"surprise": 1}, "unknown manifest fields")]:
+        (out / "manifest.json").write_text(json.dumps({**manifest, **patch}))
+        with pytest.raises(BundleError, match=msg):
+            load_bundle(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(out)
+    with pytest.raises(BundleError, match="exists"):
+        write_bundle(out, _manifest(), {"model.onnx": _model_bytes()})
+    with pytest.raises(BundleError, match="not found"):
+        load_bundle(tmp_path / "nope")
