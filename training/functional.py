@@ -20,9 +20,9 @@ def hard_concrete_sample(log_alpha: torch.Tensor, beta: float = BETA) -> torch.T
     return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
-def deterministic_mask(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:
-    """Test-time mask ẑ (Eq. 11)."""
-    return (torch.sigmoid(log_alpha / beta) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+def deterministic_mask(log_alpha: torch.Tensor) -> torch.Tensor:
+    """Test-time mask ẑ = min(1, max(0, σ(log α)(ζ−γ)+γ)) (Eq. 11; Louizos et al. Eq. 13)."""
+    return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
 def expected_gate(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:
@@ -57,7 +57,7 @@ def block_average(x: torch.Tensor, b: int) -> torch.Tensor:
     # ceil_mode average pooling without padding divides edge windows by their real size.
     kernel = (min(b, h), min(b, w))  # b beyond the image: one block along that axis
     means = F.avg_pool2d(x, kernel_size=kernel, stride=kernel, ceil_mode=True, count_include_pad=False)
-    return means.repeat_interleave(b, dim=-2).repeat_interleave(b, dim=-1)[..., :h, :w]
+    return means.repeat_interleave(kernel[0], dim=-2).repeat_interleave(kernel[1], dim=-1)[..., :h, :w]
 
 
 def mixed_resolution(x: torch.Tensor, mask: torch.Tensor, b: int) -> torch.Tensor:

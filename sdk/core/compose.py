@@ -29,6 +29,7 @@ def block_average(x: np.ndarray, b: int) -> np.ndarray:
     h, w = x.shape[-2:]
     if b == 1:
         return x.astype(np.result_type(x.dtype, np.float32), copy=True)
+    b = min(b, max(h, w))  # any b beyond the image gives the same blocks; avoids huge padding
     bh, bw = -(-h // b), -(-w // b)
     pad_h, pad_w = bh * b - h, bw * b - w
     xf = x.astype(np.float64)
