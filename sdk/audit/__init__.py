@@ -1,0 +1,37 @@
+"""Audits of image classifiers: sufficient input subsets (SIS), overinterpretation, and the
+shared machinery other audits build on (model adapters, explainer base, HTML/JSON reports).
+
+``import keepbits.audit`` never imports torch; torch is loaded when a torch model is used.
+
+Example:
+    >>> import numpy as np
+    >>> from keepbits.audit import FunctionAdapter
+    >>> model = FunctionAdapter(lambda x: x.reshape(len(x), -1), input_shape=(1, 1, 2))
+    >>> model.probabilities(np.zeros((1, 1, 1, 2), np.float32)).tolist()
+    [[0.5, 0.5]]
+"""
+from keepbits.audit._base import (
+    Explainer,
+    FunctionAdapter,
+    ModelAdapter,
+    OnnxAdapter,
+    TorchAdapter,
+    load_model,
+    softmax,
+)
+from keepbits.audit._report import Report, Section, colorize, overlay, to_png
+
+__all__ = [
+    "Explainer",
+    "FunctionAdapter",
+    "ModelAdapter",
+    "OnnxAdapter",
+    "TorchAdapter",
+    "load_model",
+    "softmax",
+    "Report",
+    "Section",
+    "colorize",
+    "overlay",
+    "to_png",
+]
