@@ -1,0 +1,14 @@
+"""The payload codec: what crosses the link (format spec: ``docs/codec.md``).
+
+Example:
+    >>> import numpy as np
+    >>> from keepbits.codec import encode, decode
+    >>> frame = np.full((32, 32, 3), 200, np.uint8)
+    >>> image, mask, meta = decode(encode(frame, np.zeros((32, 32)), block=8))
+    >>> image.shape, meta.kept_blocks, meta.total_blocks
+    ((32, 32, 3), 0, 16)
+"""
+from keepbits.codec.container import MAGIC, VERSION
+from keepbits.codec.payload import DEFAULT_MAX_PIXELS, PayloadMeta, decode, encode, mixed_image
+
+__all__ = ["MAGIC", "VERSION", "DEFAULT_MAX_PIXELS", "PayloadMeta", "decode", "encode", "mixed_image"]

@@ -1,0 +1,111 @@
+"""Payload codec: exact lossless round trips, lossy bounds, paper mode, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from keepbits.codec import decode, encode, mixed_image
+from keepbits.core import mixed_resolution
+from keepbits.errors import DecodeError, InputError
+
+
+def _case(rng: np.random.Generator, h: int, w: int, c: int):
+    frame = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+    mask = (rng.random((h, w)) < rng.random()).astype(np.float32) * rng.uniform(0.6, 1.0)
+    return frame, mask
+
+
+def test_mixed_image_is_core_mixed_resolution_with_hard_mask():
+    rng = np.random.default_rng(1)
+    for h, w, b in [(7, 9, 2), (32, 32, 8), (5, 3, 10), (16, 24, 1)]:
+        frame, soft = _case(rng, h, w, 3)
+        keep = (soft > 0.5).astype(np.float32)
+        ref = np.rint(mixed_resolution(frame.transpose(2, 0, 1).astype(np.float32), keep, b)).astype(np.uint8)
+        assert np.array_equal(mixed_image(frame, soft, b), ref.transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize("background", ["raw", "png"])
+def test_lossless_round_trip_exact_on_random_sizes_and_blocks(background):
+    rng = np.random.default_rng(2)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 70, 2))
+        b = int(rng.integers(1, 40))
+        c = int(rng.choice([1, 3]))
+        frame, mask = _case(rng, h, w, c)
+        payload = encode(frame, mask, block=b, background=background, label=int(rng.integers(0, 10)), score=0.5, sequence=7)
+        image, keep, meta = decode(payload)
+        assert np.array_equal(image, mixed_image(frame, mask, b)), (h, w, b, c)
+        assert np.array_equal(keep, mask > 0.5)
+        assert (meta.height, meta.width, meta.channels, meta.block, meta.sequence) == (h, w, c, b, 7)
+        assert meta.total_bytes == len(payload)
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "webp"])
+def test_lossy_codecs_stay_close_and_keep_the_mask_exact(codec):
+    yy, xx = np.mgrid[0:96, 0:128]
+    frame = np.stack([(xx * 2) % 256, (yy * 2) % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    mask = np.zeros((96, 128), np.float32)
+    mask[20:60, 30:90] = 1
+    image, keep, meta = decode(encode(frame, mask, block=8, codec=codec, background=codec, quality=95))
+    ref = mixed_image(frame, mask, 8).astype(np.float64)
+    psnr = 10 * np.log10(255**2 / np.mean((image - ref) ** 2))
+    assert psnr > 30, psnr
+    assert np.array_equal(keep, mask > 0.5)
+    assert meta.codecs == {"background": codec, "mask": "bits", "foreground": codec}
+
+
+def test_paper_mode_is_one_png_of_the_mixed_image():
+    rng = np.random.default_rng(4)
+    frame, mask = _case(rng, 40, 50, 3)
+    image, keep, meta = decode(encode(frame, mask, block=4, mode="paper"))
+    assert keep is None and meta.mode == "paper" and list(meta.codecs) == ["mixed"]
+    assert np.array_equal(image, mixed_image(frame, mask, 4))
+
+
+def test_result_object_fields_are_used():
+    class R:
+        mask = np.ones((8, 8))
+        block = 4
+        label_index = 2
+        label = "two"
+        score = 0.75
+        sequence = 11
+        timestamp = 123.5
+        roi = (0, 1, 8, 6)
+        source_size = (16, 12)
+
+    _, _, meta = decode(encode(np.zeros((8, 8, 3), np.uint8), R()))
+    assert (meta.label, meta.name, meta.sequence, meta.timestamp) == (2, "two", 11, 123.5)
+    assert meta.roi == (0, 1, 8, 6) and meta.source_size == (16, 12) and meta.score == pytest.approx(0.75)
+
+
+def test_all_background_sends_no_foreground_and_is_small():
+    frame = np.full((64, 64, 3), 90, np.uint8)
+    payload = encode(frame, np.zeros((64, 64)), block=8)
+    image, keep, meta = decode(payload)
+    assert meta.kept_blocks == 0 and "foreground" not in meta.codecs and not keep.any()
+    assert np.all(image == 90) and len(payload) < 150
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"frame": np.zeros((4, 4), np.float32)}, "uint8"),
+        ({"frame": np.zeros((4, 4, 2), np.uint8)}, "H×W"),
+        ({"mask": np.zeros((3, 4))}, "mask shape"),
+        ({"block": 0}, "block size"),
+        ({"codec": "gif"}, "unknown codec"),
+        ({"quality": 0}, "quality"),
+        ({"mode": "fast"}, "unknown mode"),
+    ],
+)
+def test_bad_encode_input_raises_input_error(kwargs, match):
+    args = {"frame": np.zeros((4, 4, 3), np.uint8), "mask": np.zeros((4, 4)), "block": 2, **kwargs}
+    with pytest.raises(InputError, match=match):
+        encode(args.pop("frame"), **args)
+
+
+def test_max_pixels_is_enforced():
+    payload = encode(np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64)), block=8)
+    with pytest.raises(DecodeError, match="max_pixels"):
+        decode(payload, max_pixels=1000)
