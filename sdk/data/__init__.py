@@ -8,6 +8,7 @@ Example:
 """
 from keepbits.data.dataset import ImageDataset, channel_stats, train_val_split
 from keepbits.data.loaders import (
+    has_split,
     load_dataset,
     load_idx,
     load_image_folder,
@@ -19,6 +20,7 @@ __all__ = [
     "ImageDataset",
     "channel_stats",
     "train_val_split",
+    "has_split",
     "load_dataset",
     "load_idx",
     "load_image_folder",

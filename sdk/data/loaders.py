@@ -40,6 +40,8 @@ def load_npz(path: str | Path, split: str | None = None) -> ImageDataset:
     try:
         with np.load(path, allow_pickle=False) as npz:
             kx, ky = (f"x_{split}", f"y_{split}") if split and f"x_{split}" in npz else ("x", "y")
+            if split == "test" and kx == "x" and "x_train" in npz:
+                raise InputError(f"{path}: holds no test split (arrays: {sorted(npz.files)})")
             if kx not in npz or ky not in npz:
                 raise InputError(f"{path}: expected arrays 'x' and 'y', found {sorted(npz.files)}")
             x, y = npz[kx], npz[ky]
@@ -171,3 +173,21 @@ def load_dataset(
     if any(p.is_dir() for p in path.iterdir()):
         return load_image_folder(path, size or (224, 224), policy)
     raise InputError(f"{path}: no {split} data found (looked for {split}.npz, idx files, {split}/ and class folders)")
+
+
+def has_split(path: str | Path, split: str) -> bool:
+    """Whether ``path`` holds a separate ``split`` (a ``test`` next to ``train``)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".npz":
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return f"x_{split}" in npz.files
+        except (OSError, ValueError, zipfile.BadZipFile):
+            return False
+    if not path.is_dir():
+        return False
+    return bool(
+        list(path.glob(f"{split}.npz")) or list(path.glob(f"{split}_*.npz")) or _find_idx(path, split) or (path / split).is_dir()
+    )

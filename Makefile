@@ -1,0 +1,33 @@
+# keepbits: two commands for a new machine with Python 3.11.
+#   make demo   - create .venv, install keepbits, run the main job on the bundled default
+#   make test   - install (with test tools), build the native library, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.keepbits-installed
+
+.PHONY: demo test install native clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel (an unpinned torch pulls several GB of CUDA packages)
+	$(BIN)/python -m pip install -q torch==2.13.0
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/keepbits demo
+
+native: install
+	bash native/build.sh || echo "keepbits: native library not built; ONNX function fallbacks will be used"
+
+test: install native
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) native/build build *.egg-info

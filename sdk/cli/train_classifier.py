@@ -1,0 +1,51 @@
+"""``keepbits train classifier``: train a registered classifier on an image data set."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from keepbits.cli._common import command_line, existing_path
+
+HELP = "train a classifier (lenet5, resnet18, resnet20, vgg16_bn, nf_wrn16_2); runs under torchrun too"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help=".npz file, idx folder, split folder (train.npz/test.npz) or class-folder tree")
+    p.add_argument("--arch", required=True, help="classifier name in the registry (e.g. lenet5, resnet20)")
+    p.add_argument("--out", required=True, help="output folder for last.pt / best.pt")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd uses Nesterov momentum")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 sgd, 1e-3 adamw)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine")
+    p.add_argument("--step-epochs", type=int, nargs="*", default=[], help="epochs where a step schedule multiplies the lr by --step-gamma")
+    p.add_argument("--step-gamma", type=float, default=0.1)
+    p.add_argument("--warmup-epochs", type=int, default=0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--augment", choices=["auto", "crop-flip", "crop", "none"], default="auto", help="auto: crop+flip for colour images, crop for gray")
+    p.add_argument("--crop-padding", type=int, default=4)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held out of the train split, by --seed")
+    p.add_argument("--max-train", type=int, default=None, help="use only the first N training images (after the split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+
+
+def run(args: argparse.Namespace) -> int:
+    existing_path(args.data, "data path")
+    from keepbits.training.classifier import ClassifierConfig, train_classifier
+
+    cfg = ClassifierConfig(
+        data=args.data, arch=args.arch, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        schedule=args.schedule, step_epochs=args.step_epochs, step_gamma=args.step_gamma,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, augment=args.augment,
+        crop_padding=args.crop_padding, val_fraction=args.val_fraction, max_train=args.max_train,
+        seed=args.seed, resume=args.resume, threads=args.threads, progress=not args.quiet, command=command_line(),
+    )
+    summary = train_classifier(cfg)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(json.dumps({"best": summary["best"], "wall_time_s": summary["wall_time_s"], "checkpoints": summary["checkpoints"]}, indent=2))
+    return 0
