@@ -20,9 +20,10 @@ def hard_concrete_sample(log_alpha: torch.Tensor, beta: float = BETA) -> torch.T
     return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
-def deterministic_mask(log_alpha: torch.Tensor) -> torch.Tensor:
-    """Test-time mask ẑ = min(1, max(0, σ(log α)(ζ−γ)+γ)) (Eq. 11; Louizos et al. Eq. 13)."""
-    return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+def deterministic_mask(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:
+    """Test-time mask ẑ = min(1, max(0, σ(log α/β)(ζ−γ)+γ)) (NICE Eq. 11, temperature inside
+    the sigmoid as NICE writes it; see :mod:`keepbits.core.hard_concrete`)."""
+    return (torch.sigmoid(log_alpha / beta) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
 def expected_gate(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Constants and the two deterministic quantities the runtime needs:
 
-* ``deterministic_mask``: NICE Eq. 11, ẑ = min(1, max(0, σ(log α)(ζ − γ) + γ)) (the
-  test-time estimator of Louizos et al. Eq. 13: no temperature).
+* ``deterministic_mask``: NICE Eq. 11, ẑ = min(1, max(0, σ(log α / β)(ζ − γ) + γ)).
+  NICE's Eq. 11 keeps the temperature β inside the sigmoid (Louizos et al.'s Eq. 13 drops
+  it); keepbits follows NICE, and every backend (torch, ONNX function bodies, C++/CUDA
+  kernels) must use this same form.
 * ``expected_gate``: NICE Eq. 9, y = E[z > 0] = σ(log α − β log(−γ / ζ)); its sum is
   the expected L0 penalty of Eq. 6.
 
@@ -37,9 +39,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def deterministic_mask(log_alpha: np.ndarray) -> np.ndarray:
-    """Test-time mask ẑ of NICE Eq. 11, in [0, 1] with exact 0 and 1 reachable."""
-    stretched = _sigmoid(np.asarray(log_alpha)) * (ZETA - GAMMA) + GAMMA
+def deterministic_mask(log_alpha: np.ndarray, beta: float = BETA) -> np.ndarray:
+    """Test-time mask ẑ of NICE Eq. 11 (σ(log α / β)), in [0, 1] with exact 0 and 1 reachable."""
+    stretched = _sigmoid(np.asarray(log_alpha) / beta) * (ZETA - GAMMA) + GAMMA
     return np.clip(stretched, 0.0, 1.0)
 
 
