@@ -1,0 +1,310 @@
+"""predict → explain → compress: run a model bundle on frames and pack the payload.
+
+One ONNX Runtime session per :class:`Pipeline`, created once; ``session.run`` is
+thread-safe, so one pipeline may serve several threads. Each call allocates one
+model-size batch (the results' ``image`` arrays are views into it) and nothing per frame
+beyond the outputs it returns.
+
+Frames: numpy uint8 H×W×3 in ``color`` order (``"rgb"`` default; ``"bgr"`` for OpenCV
+frames), H×W grey, or PIL images. They are letterboxed (aspect kept, centred, zero
+padding) to the model size; :class:`Letterbox` records the mapping back.
+
+Example:
+    >>> import numpy as np, tempfile
+    >>> from keepbits.runtime import Pipeline
+    >>> from keepbits.runtime.synthetic import toy_bundle
+    >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b", size=32))
+    >>> r = pipe(np.zeros((48, 64, 3), np.uint8))
+    >>> r.label, r.mask.shape, r.letterbox.roi, len(r.payload) > 0
+    ('dark', (32, 32), (0, 4, 32, 24), True)
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from keepbits.errors import InputError
+from keepbits.runtime.sources import as_rgb
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Source frame (``source_size`` W×H) scaled by ``scale`` into the model image at ``roi`` (x0, y0, w, h)."""
+
+    source_size: tuple[int, int]
+    model_size: tuple[int, int]
+    scale: float
+    roi: tuple[int, int, int, int]
+
+    @classmethod
+    def fit(cls, source_size: tuple[int, int], model_size: tuple[int, int]) -> "Letterbox":
+        """The centred aspect-preserving fit of ``source_size`` into ``model_size`` (both W×H).
+
+        Example:
+            >>> from keepbits.runtime import Letterbox
+            >>> Letterbox.fit((640, 360), (224, 224)).roi
+            (0, 49, 224, 126)
+        """
+        (sw, sh), (mw, mh) = source_size, model_size
+        scale = min(mw / sw, mh / sh)
+        w, h = max(1, min(mw, round(sw * scale))), max(1, min(mh, round(sh * scale)))
+        return cls(source_size, model_size, scale, ((mw - w) // 2, (mh - h) // 2, w, h))
+
+    def to_source(self, points: Any) -> np.ndarray:
+        """Map model-image (x, y) points (…×2) to source-frame coordinates.
+
+        Example:
+            >>> from keepbits.runtime import Letterbox
+            >>> Letterbox.fit((640, 360), (224, 224)).to_source([112, 112]).round(1).tolist()
+            [320.0, 180.0]
+        """
+        x0, y0, w, h = self.roi
+        p = np.asarray(points, np.float64)
+        sx, sy = self.source_size[0] / w, self.source_size[1] / h
+        return np.stack([(p[..., 0] - x0) * sx, (p[..., 1] - y0) * sy], -1)
+
+    def mask_to_source(self, mask: np.ndarray) -> np.ndarray:
+        """A model-size mask cropped to the roi and resized to the source frame (nearest)."""
+        x0, y0, w, h = self.roi
+        crop = np.ascontiguousarray(mask[y0:y0 + h, x0:x0 + w], dtype=np.float32)
+        return cv2.resize(crop, self.source_size, interpolation=cv2.INTER_NEAREST)
+
+
+@dataclass
+class Result:
+    """One processed frame. ``mask`` is ẑ (model size, float32 in [0, 1]); ``image`` is
+    the letterboxed uint8 frame the model saw (RGB); ``timings`` are milliseconds per stage
+    (preprocess and model are shared by a batch: the batch's time divided by its size)."""
+
+    label: str
+    label_index: int
+    score: float
+    probabilities: np.ndarray
+    mask: np.ndarray
+    image: np.ndarray
+    letterbox: Letterbox
+    block: int
+    threshold: float
+    sequence: int
+    timestamp: float
+    payload: bytes | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def roi(self) -> tuple[int, int, int, int]:
+        return self.letterbox.roi
+
+    @property
+    def source_size(self) -> tuple[int, int]:
+        return self.letterbox.source_size
+
+    @property
+    def kept_fraction(self) -> float:
+        """Share of pixels the hard mask keeps at full resolution."""
+        return float((self.mask > self.threshold).mean())
+
+    @property
+    def mixed(self) -> np.ndarray:
+        """The transmitted x̃ (hard mask, uint8 block means): what a lossless receiver rebuilds."""
+        from keepbits.codec import mixed_image
+
+        return mixed_image(self.image, self.mask, self.block, self.threshold)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _providers(backend: str, providers: Sequence[Any] | None) -> list[Any]:
+    import onnxruntime as ort
+
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    available = ort.get_available_providers()
+    if providers:
+        missing = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
+        if missing:
+            raise InputError(f"ONNX Runtime providers {missing} are not available here (have {available})")
+        return list(providers)
+    if backend == "tensorrt":
+        if "TensorrtExecutionProvider" not in available:
+            raise InputError(f"backend 'tensorrt' needs onnxruntime-gpu with TensorRT (have {available})")
+        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    if backend == "auto" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class Pipeline:
+    """A loaded bundle plus codec settings; call it on a frame or use :meth:`process_batch`."""
+
+    def __init__(
+        self,
+        bundle: Any,
+        *,
+        backend: str = "auto",
+        providers: Sequence[Any] | None = None,
+        threads: int | None = None,
+        compress: bool = True,
+        codec_options: dict[str, Any] | None = None,
+    ):
+        import onnxruntime as ort
+
+        m = self.manifest = bundle.manifest
+        self.bundle = bundle
+        self.channels, self.height, self.width = m.input_shape
+        self.class_names = list(m.class_names)
+        self.block, self.threshold = m.block_size, float(m.mask_threshold)
+        self.compress_enabled = compress
+        self.codec_options = dict(codec_options or {})
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        if m.custom_ops and not m.function_bodies:
+            from keepbits import native
+
+            native.register(options)
+        try:
+            self.session = ort.InferenceSession(str(bundle.model_path), options, providers=_providers(backend, providers))
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own error types
+            raise InputError(f"{bundle.source}: ONNX Runtime cannot load the model ({exc})") from None
+        self.providers = self.session.get_providers()
+        self._outputs = ["logits", "mask"]
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | Path,
+        backend: str = "auto",
+        providers: Sequence[Any] | None = None,
+        *,
+        threads: int | None = None,
+        compress: bool = True,
+        expected_digest: str | None = None,
+        **codec_options: Any,
+    ) -> "Pipeline":
+        """Load and verify a bundle folder or ``.zip``; ``codec_options`` go to :func:`keepbits.codec.encode`.
+
+        Example:
+            >>> import tempfile
+            >>> from keepbits.runtime import Pipeline
+            >>> from keepbits.runtime.synthetic import toy_bundle
+            >>> Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b"), codec="jpeg", quality=80).providers
+            ['CPUExecutionProvider']
+        """
+        from keepbits.bundle import load_bundle
+
+        return cls(load_bundle(path, expected_digest), backend=backend, providers=providers, threads=threads,
+                   compress=compress, codec_options=codec_options)
+
+    # -- stages ------------------------------------------------------------------------
+    def _fit(self, image: np.ndarray, out: np.ndarray) -> Letterbox:
+        """Letterbox ``image`` into ``out`` (H×W×C of the model) and return the mapping."""
+        if self.channels == 1 and image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        elif self.channels == 3 and image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+        box = Letterbox.fit((image.shape[1], image.shape[0]), (self.width, self.height))
+        x0, y0, w, h = box.roi
+        if (w, h) != (image.shape[1], image.shape[0]):
+            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if box.scale < 1 else cv2.INTER_LINEAR)
+        if (w, h) != (self.width, self.height):
+            out[:] = 0
+        out[y0:y0 + h, x0:x0 + w] = image.reshape(h, w, self.channels)
+        return box
+
+    def predict(self, frames: Sequence[Any], *, color: str = "rgb", timestamps: Sequence[float] | None = None) -> list[Result]:
+        """Classify and explain a batch (no payload yet); see :meth:`compress`.
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from keepbits.runtime import Pipeline
+            >>> from keepbits.runtime.synthetic import toy_bundle
+            >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b"))
+            >>> [r.label for r in pipe.predict([np.full((8, 8, 3), 250, np.uint8)])]
+            ['bright']
+        """
+        if not len(frames):
+            return []
+        t0 = time.perf_counter()
+        n = len(frames)
+        batch = np.empty((n, self.height, self.width, self.channels), np.uint8)
+        boxes = [self._fit(as_rgb(f, color), batch[i]) for i, f in enumerate(frames)]
+        feed = batch if self.manifest.input_layout == "NHWC" else batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        t1 = time.perf_counter()
+        logits, masks = self.session.run(self._outputs, {self.manifest.input_name: feed})
+        t2 = time.perf_counter()
+        probs = _softmax(np.asarray(logits, np.float32).reshape(n, -1))
+        masks = np.asarray(masks, np.float32).reshape(n, self.height, self.width)
+        with self._lock:
+            sequences = [next(self._counter) for _ in range(n)]
+        now = time.time()
+        results = []
+        for i in range(n):
+            k = int(probs[i].argmax())
+            results.append(Result(
+                label=self.class_names[k] if k < len(self.class_names) else str(k), label_index=k,
+                score=float(probs[i, k]), probabilities=probs[i], mask=masks[i], image=batch[i],
+                letterbox=boxes[i], block=self.block, threshold=self.threshold, sequence=sequences[i],
+                timestamp=timestamps[i] if timestamps is not None else now,
+            ))
+        t3 = time.perf_counter()
+        for r in results:
+            r.timings.update(preprocess=(t1 - t0) * 1e3 / n, model=(t2 - t1) * 1e3 / n, postprocess=(t3 - t2) * 1e3 / n)
+        return results
+
+    def compress(self, result: Result) -> Result:
+        """Fill ``result.payload`` with :func:`keepbits.codec.encode` and time it (``timings['encode']``)."""
+        from keepbits.codec import encode
+
+        t0 = time.perf_counter()
+        result.payload = encode(result.image, result, **self.codec_options)
+        result.timings["encode"] = (time.perf_counter() - t0) * 1e3
+        return result
+
+    def process_batch(self, frames: Sequence[Any], *, color: str = "rgb") -> list[Result]:
+        """:meth:`predict` then (unless ``compress=False``) :meth:`compress` each result.
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from keepbits.runtime import Pipeline
+            >>> from keepbits.runtime.synthetic import toy_bundle
+            >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b"))
+            >>> len(pipe.process_batch([np.zeros((8, 8, 3), np.uint8)] * 2))
+            2
+        """
+        results = self.predict(frames, color=color)
+        if self.compress_enabled:
+            for r in results:
+                self.compress(r)
+        return results
+
+    def __call__(self, frame: Any, *, color: str = "rgb") -> Result:
+        return self.process_batch([frame], color=color)[0]
+
+    def describe(self) -> dict[str, Any]:
+        """Model size, classes, block size, providers and codec settings, for summaries."""
+        return {
+            "bundle": str(self.bundle.source), "digest": self.bundle.digest,
+            "input": [self.channels, self.height, self.width], "classes": len(self.class_names),
+            "block": self.block, "threshold": self.threshold, "providers": self.providers,
+            "codec": {"mode": "blocks", "codec": "png", "background": "raw", **self.codec_options},
+        }
+
+
+__all__ = ["Letterbox", "Pipeline", "Result", "BACKENDS"]

@@ -1,0 +1,142 @@
+"""Sinks: where processed frames go. Each has ``write(frame, result, record)`` and
+``close() -> stats``; ``record`` is the frame's JSON metadata (see :mod:`keepbits.runtime.stream`).
+
+* ``files:DIR``: ``DIR/payloads/<sequence>.kbit`` + ``DIR/frames.jsonl`` (one line per frame).
+* ``video:OUT.mp4``: the source frames annotated with the mask, label, score and bytes.
+* ``tcp:HOST:PORT``: length-prefixed payloads to ``keepbits receive`` (:mod:`keepbits.runtime.net`).
+
+Example:
+    >>> import tempfile
+    >>> from keepbits.runtime.sinks import open_sink
+    >>> type(open_sink("files:" + tempfile.mkdtemp())).__name__
+    'FilesSink'
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from keepbits.errors import InputError
+
+
+class Sink(Protocol):
+    def write(self, frame: Any, result: Any, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> dict[str, Any]: ...
+
+
+class FilesSink:
+    """Payload files plus JSONL metadata, flushed per frame."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        (self.folder / "payloads").mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.folder / "frames.jsonl", "w", encoding="utf-8")
+        self.frames = 0
+
+    def write(self, frame: Any, result: Any, record: dict[str, Any]) -> None:
+        if result.payload is not None:
+            (self.folder / "payloads" / f"{result.sequence:08d}.kbit").write_bytes(result.payload)
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        self.frames += 1
+
+    def close(self) -> dict[str, Any]:
+        self._jsonl.close()
+        return {"kind": "files", "path": str(self.folder), "frames": self.frames}
+
+
+def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: int = 0) -> np.ndarray:
+    """BGR frame: dropped pixels dimmed, kept region outlined, label/score/bytes printed.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> from keepbits.runtime import Pipeline
+        >>> from keepbits.runtime.sinks import annotate
+        >>> from keepbits.runtime.synthetic import toy_bundle
+        >>> r = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b"))(np.zeros((20, 30, 3), np.uint8))
+        >>> annotate(np.zeros((20, 30, 3), np.uint8), r, {"payload_bytes": 10}, min_side=60).shape
+        (60, 90, 3)
+    """
+    bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR if image.ndim == 2 else cv2.COLOR_RGB2BGR)
+    keep = (result.letterbox.mask_to_source(result.mask) > result.threshold).astype(np.uint8)
+    up = max(1, -(-min_side // min(bgr.shape[:2]))) if min_side else 1
+    if up > 1:
+        bgr = cv2.resize(bgr, None, fx=up, fy=up, interpolation=cv2.INTER_NEAREST)
+        keep = cv2.resize(keep, None, fx=up, fy=up, interpolation=cv2.INTER_NEAREST)
+    out = np.where(keep[:, :, None].astype(bool), bgr, (bgr * 0.35).astype(np.uint8))
+    contours, _ = cv2.findContours(keep, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, (0, 255, 0), 1)
+    text = f"{result.label} {result.score:.2f}"
+    if record.get("payload_bytes") is not None:
+        text += f"  {record['payload_bytes']} B"
+        if record.get("jpeg_bytes"):
+            text += f" (JPEG {record['jpeg_bytes']} B)"
+    scale = max(0.35, out.shape[0] / 700)
+    org = (4, int(16 * scale / 0.5))
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+class VideoSink:
+    """Annotated source frames as an MP4 (``mp4v``); small frames are upscaled to ``min_side``."""
+
+    def __init__(self, path: str | Path, fps: float | None = None, min_side: int = 360):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fps, self.min_side = fps or 25.0, min_side
+        self._writer: cv2.VideoWriter | None = None
+        self._size: tuple[int, int] | None = None
+        self.frames = 0
+
+    def write(self, frame: Any, result: Any, record: dict[str, Any]) -> None:
+        out = annotate(frame.image, result, record, self.min_side)
+        if self._writer is None:
+            self._size = (out.shape[1], out.shape[0])
+            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self._size)
+            if not self._writer.isOpened():
+                raise InputError(f"cannot write video {self.path} (OpenCV has no mp4v encoder?)")
+        if (out.shape[1], out.shape[0]) != self._size:
+            out = cv2.resize(out, self._size, interpolation=cv2.INTER_AREA)
+        self._writer.write(out)
+        self.frames += 1
+
+    def close(self) -> dict[str, Any]:
+        if self._writer is not None:
+            self._writer.release()
+        return {"kind": "video", "path": str(self.path), "frames": self.frames}
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); :class:`InputError` if malformed.
+
+    Example:
+        >>> from keepbits.runtime.sinks import parse_hostport
+        >>> parse_hostport("127.0.0.1:9000")
+        ('127.0.0.1', 9000)
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def open_sink(spec: str, *, fps: float | None = None) -> Sink:
+    """A sink from ``files:DIR``, ``video:OUT.mp4`` or ``tcp:HOST:PORT``."""
+    kind, sep, arg = spec.partition(":")
+    if not sep or not arg:
+        raise InputError(f"sink {spec!r}: expected files:DIR, video:OUT.mp4 or tcp:HOST:PORT")
+    if kind == "files":
+        return FilesSink(arg)
+    if kind == "video":
+        return VideoSink(arg, fps)
+    if kind == "tcp":
+        from keepbits.runtime.net import TcpSink
+
+        return TcpSink(*parse_hostport(arg))
+    raise InputError(f"unknown sink kind {kind!r} in {spec!r} (files, video, tcp)")

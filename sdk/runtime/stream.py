@@ -1,0 +1,236 @@
+"""Run a :class:`Pipeline` over a :class:`Source` into sinks, with bounded queues.
+
+Threads: the source's grabber → this thread (letterbox + model) → a bounded queue
+(policy ``block``, ``queue_size`` batches) → one writer thread (encode, compare sizes,
+sinks). Encoding overlaps the next frame's inference. A slow sink fills the queue and
+back-pressures the model loop; a live source then drops frames at its input (counted),
+a file source simply waits: memory stays bounded either way.
+
+Shutdown: setting ``stop`` (SIGINT/SIGTERM under :func:`handle_signals`) stops taking
+new frames; every frame already taken from the source is encoded and written, sinks are
+closed (videos finalised, JSONL flushed) and the summary is returned.
+
+Example:
+    >>> import numpy as np, tempfile
+    >>> from keepbits.runtime import Pipeline, open_source
+    >>> from keepbits.runtime.stream import run_stream
+    >>> from keepbits.runtime.synthetic import toy_bundle
+    >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b"))
+    >>> summary = run_stream(pipe, open_source([np.zeros((16, 16, 3), np.uint8)] * 5))
+    >>> summary["frames"], summary["written"]
+    (5, 5)
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from keepbits.runtime.pipeline import Pipeline, Result
+from keepbits.runtime.queues import BoundedQueue, QueueClosed
+from keepbits.runtime.sinks import Sink
+from keepbits.runtime.sources import Frame, Source
+
+log = logging.getLogger(__name__)
+
+#: Latency percentiles are over this many most recent frames (bounded memory on endless streams).
+LATENCY_WINDOW = 10_000
+COMPARE = ("jpeg", "png")
+
+
+@contextlib.contextmanager
+def handle_signals(stop: threading.Event) -> Iterator[threading.Event]:
+    """While active, SIGINT/SIGTERM set ``stop`` (a second SIGINT interrupts at once).
+
+    Example:
+        >>> import threading
+        >>> from keepbits.runtime.stream import handle_signals
+        >>> with handle_signals(threading.Event()) as stop:
+        ...     stop.is_set()
+        False
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("%s: finishing the frames already accepted (again to abort)", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def reference_sizes(image: np.ndarray, formats: Sequence[str], jpeg_quality: int = 90) -> dict[str, int]:
+    """Bytes of ``image`` as a whole-frame JPEG (``jpeg_quality``) and/or PNG (OpenCV defaults).
+
+    Example:
+        >>> import numpy as np
+        >>> from keepbits.runtime.stream import reference_sizes
+        >>> sorted(reference_sizes(np.zeros((8, 8, 3), np.uint8), ["jpeg", "png"]))
+        ['jpeg_bytes', 'png_bytes']
+    """
+    out = {}
+    for fmt in formats:
+        params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if fmt == "jpeg" else []
+        out[f"{fmt}_bytes"] = len(cv2.imencode(".jpg" if fmt == "jpeg" else ".png", image, params)[1])
+    return out
+
+
+class _Stats:
+    """Running totals and recent per-stage latencies, shared by the two threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.written = 0
+        self.errors = 0
+        self.bytes = collections.Counter()
+        self.labels: collections.Counter[str] = collections.Counter()
+        self.kept = 0.0
+        self.latency: dict[str, collections.deque[float]] = collections.defaultdict(lambda: collections.deque(maxlen=LATENCY_WINDOW))
+
+    def add(self, record: dict[str, Any], timings: dict[str, float]) -> None:
+        with self.lock:
+            self.written += 1
+            self.labels[record["label"]] += 1
+            self.kept += record["kept_fraction"]
+            for key in ("payload_bytes", "jpeg_bytes", "png_bytes"):
+                if record.get(key) is not None:
+                    self.bytes[key] += record[key]
+            for stage, ms in timings.items():
+                self.latency[stage].append(ms)
+
+    def latency_summary(self) -> dict[str, dict[str, float]]:
+        with self.lock:
+            return {s: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)), "mean": float(np.mean(v))}
+                    for s, v in self.latency.items() if v}
+
+
+def _record(frame: Frame, r: Result, compare: Sequence[str], jpeg_quality: int) -> dict[str, Any]:
+    sizes = reference_sizes(np.ascontiguousarray(r.image[:, :, ::-1]) if r.image.shape[2] == 3 else r.image, compare, jpeg_quality)
+    return {
+        "sequence": r.sequence, "source_index": frame.index, "timestamp": r.timestamp, "label": r.label,
+        "label_index": r.label_index, "score": round(r.score, 5), "kept_fraction": round(r.kept_fraction, 5),
+        "payload_bytes": None if r.payload is None else len(r.payload), **sizes,
+        "timings_ms": {k: round(v, 3) for k, v in r.timings.items()},
+    }
+
+
+def _writer(queue: BoundedQueue, pipeline: Pipeline, sinks: Sequence[Sink], stats: _Stats,
+            compare: Sequence[str], jpeg_quality: int) -> None:
+    while True:
+        try:
+            frames, results = queue.get()
+        except QueueClosed:
+            return
+        for frame, r in zip(frames, results):
+            try:
+                if pipeline.compress_enabled:
+                    pipeline.compress(r)
+                record = _record(frame, r, compare, jpeg_quality)
+                for sink in sinks:
+                    sink.write(frame, r, record)
+                r.timings["total"] = (time.time() - frame.timestamp) * 1e3
+                stats.add(record, r.timings)
+            except Exception as exc:  # noqa: BLE001 - one bad frame or sink must not end the stream
+                with stats.lock:
+                    stats.errors += 1
+                log.warning("frame %d: %s: %s", r.sequence, type(exc).__name__, exc)
+
+
+def run_stream(
+    pipeline: Pipeline,
+    source: Source,
+    sinks: Sequence[Sink] = (),
+    *,
+    max_frames: int | None = None,
+    batch_size: int = 1,
+    queue_size: int = 8,
+    compare: Sequence[str] = ("jpeg",),
+    jpeg_quality: int = 90,
+    stop: threading.Event | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress_interval: float = 0.5,
+) -> dict[str, Any]:
+    """Process ``source`` until it ends, ``max_frames`` or ``stop``; returns the JSON summary.
+
+    ``compare`` lists whole-frame formats (``jpeg``, ``png``) whose sizes are recorded per
+    frame for the compression ratios; ``progress(snapshot)`` is called every
+    ``progress_interval`` seconds. Sinks are closed before returning.
+    """
+    unknown = set(compare) - set(COMPARE)
+    if unknown:
+        raise ValueError(f"compare formats {sorted(unknown)} not in {COMPARE}")
+    stop = stop or threading.Event()
+    stats = _Stats()
+    queue = BoundedQueue(queue_size, "block")
+    writer = threading.Thread(target=_writer, args=(queue, pipeline, sinks, stats, compare, jpeg_quality),
+                              name="keepbits-writer", daemon=True)
+    batch_size = 1 if source.live else max(1, batch_size)
+    accepted, start, last_report = 0, time.perf_counter(), 0.0
+    writer.start()
+    try:
+        source.start()
+        while not stop.is_set() and (max_frames is None or accepted < max_frames):
+            frames: list[Frame] = []
+            while len(frames) < min(batch_size, (max_frames or 1 << 62) - accepted):
+                frame = source.get()
+                if frame is None:
+                    break
+                frames.append(frame)
+            if not frames:
+                break
+            accepted += len(frames)
+            results = pipeline.predict([f.image for f in frames], timestamps=[f.timestamp for f in frames])
+            queue.put((frames, results))
+            now = time.perf_counter()
+            if progress is not None and now - last_report >= progress_interval:
+                last_report = now
+                progress(_snapshot(stats, source, accepted, now - start))
+    finally:
+        queue.close()
+        writer.join()
+        source.close()
+        sink_stats = [sink.close() for sink in sinks]
+    elapsed = time.perf_counter() - start
+    summary = _snapshot(stats, source, accepted, elapsed)
+    summary.update(
+        interrupted=stop.is_set(), latency_ms=stats.latency_summary(), labels=dict(stats.labels.most_common()),
+        sinks=sink_stats, queue={"size": queue_size, "policy": queue.policy, "high_water": queue.high_water},
+        pipeline=pipeline.describe(),
+    )
+    if progress is not None:
+        progress(summary)
+    return summary
+
+
+def _snapshot(stats: _Stats, source: Source, accepted: int, elapsed: float) -> dict[str, Any]:
+    with stats.lock:
+        written, b, kept, errors = stats.written, dict(stats.bytes), stats.kept, stats.errors
+    payload = b.get("payload_bytes", 0)
+    snap: dict[str, Any] = {
+        "frames": accepted, "written": written, "errors": errors, "seconds": round(elapsed, 3),
+        "fps": round(written / elapsed, 3) if elapsed > 0 else 0.0,
+        "payload_bytes": payload, "payload_bytes_per_frame": round(payload / written, 1) if written else None,
+        "kbit_per_s": round(payload * 8 / 1000 / elapsed, 3) if elapsed > 0 else 0.0,
+        "kept_fraction_mean": round(kept / written, 5) if written else None,
+        "source": source.stats(),
+    }
+    for key in ("jpeg_bytes", "png_bytes"):
+        if b.get(key):
+            snap[key] = b[key]
+            snap[f"ratio_vs_{key.split('_')[0]}"] = round(b[key] / payload, 3) if payload else None
+    return snap
