@@ -84,6 +84,8 @@ class Manifest:
     classify_on: str = "original"
     target: str = "onnxruntime"
     opset: int = 18
+    #: False when the networks fix H×W to ``input_shape`` (only the batch is dynamic).
+    dynamic_size: bool = True
     input_name: str = "image"
     output_names: list[str] = field(default_factory=lambda: ["logits", "mask", "mixed"])
     model_file: str = MODEL_NAME

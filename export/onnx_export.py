@@ -1,0 +1,247 @@
+"""NICE checkpoint -> model bundle (``model.onnx`` + ``manifest.json``, see ``docs/bundle.md``).
+
+The graph maps an image batch (uint8 N×H×W×C or float N×C×H×W on 0..1) to ``logits``,
+``mask`` ẑ (NICE Eq. 11) and ``mixed`` x̃ (Eq. 12, pixel space, the input's layout). The
+normalisation runs inside the graph; the mask generator sees the normalised image; the
+composition runs on the pixel-space image, which equals composing the normalised image and
+un-normalising it, since Eq. 12 commutes with a per-channel affine map.
+
+Example:
+    >>> from keepbits.export import export_onnx
+    >>> # bundle = export_onnx("runs/nice/nice.pt", "runs/nice.bundle")
+    >>> # bundle.manifest.class_names, bundle.model_path
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from keepbits._version import __version__
+from keepbits.bundle import CLASSIFY_ON, INPUT_DTYPES, TARGETS, Bundle, Manifest, load_bundle, sha256_file, write_bundle
+from keepbits.errors import BundleError, InputError
+from keepbits.export import ops
+from keepbits.training.checkpoint import build_model, load_checkpoint
+
+_log = logging.getLogger("keepbits.export")
+MIN_OPSET = ops.BODY_OPSET
+
+
+class NiceGraph(nn.Module):
+    """The exported computation: normalise, generate log α, mask + compose, classify.
+
+    ``forward(image)`` returns ``(logits, mask, mixed)``; eager mode is the torch reference
+    of the ONNX graph.
+    """
+
+    def __init__(self, generator: nn.Module, classifier: nn.Module, mean: list[float], std: list[float],
+                 block_size: int, input_dtype: str = "uint8", classify_on: str = "original", fused: bool = True):
+        super().__init__()
+        self.generator, self.classifier = generator.eval(), classifier.eval()
+        self.block_size, self.classify_on, self.fused = int(block_size), classify_on, fused
+        self.nhwc = input_dtype == "uint8"
+        scale = 255.0 if self.nhwc else 1.0
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        # (x/scale − mean)/std as one multiply-add
+        self.register_buffer("norm_mul", 1.0 / (scale * std_t), persistent=False)
+        self.register_buffer("norm_add", -mean_t / std_t, persistent=False)
+        self.eval()
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.norm_mul + self.norm_add
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = image.permute(0, 3, 1, 2).to(torch.float32) if self.nhwc else image
+        xn = self.normalise(x)
+        mask, mixed = ops.mask_and_compose(self.generator(xn), x, self.block_size, self.fused)
+        logits = self.classifier(xn if self.classify_on == "original" else self.normalise(mixed))
+        if self.nhwc:
+            mixed = mixed.permute(0, 2, 3, 1)
+        return logits, mask, mixed
+
+
+def _jsonable(value: Any) -> Any:
+    """Provenance values as plain JSON (tensors -> lists, unknown objects -> str, NaN -> None)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.generic,)):
+        return _jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def _example_input(shape: list[int], input_dtype: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    if input_dtype == "uint8":
+        return torch.randint(0, 256, (batch, h, w, c), dtype=torch.uint8, generator=g)
+    return torch.rand((batch, c, h, w), generator=g)
+
+
+def _dynamic_shapes(input_dtype: str) -> dict[str, dict[int, Any]]:
+    auto = torch.export.Dim.AUTO  # dynamic where the networks allow it, specialised otherwise
+    axes = (1, 2) if input_dtype == "uint8" else (2, 3)
+    return {"image": {0: auto, axes[0]: auto, axes[1]: auto}}
+
+
+def _is_dynamic(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    return dim.HasField("dim_param") or not dim.HasField("dim_value")
+
+
+def trace_to_onnx(graph: NiceGraph, example: torch.Tensor, opset: int = MIN_OPSET, function_bodies: bool = True) -> onnx.ModelProto:
+    """Export ``graph`` with the dynamo exporter; attach the custom ops' function bodies."""
+    if opset < MIN_OPSET:
+        raise InputError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    input_dtype = "uint8" if example.dtype == torch.uint8 else "float32"
+    chatty = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in chatty]
+    for logger in chatty:  # their INFO lines (one per optimisation pass) drown the CLI output
+        logger.setLevel(logging.WARNING)
+    try:
+        program = torch.onnx.export(
+            graph, (example,), dynamo=True, input_names=["image"], output_names=["logits", "mask", "mixed"],
+            opset_version=opset, dynamic_shapes=_dynamic_shapes(input_dtype), external_data=False, verbose=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types; report the first line
+        raise InputError(f"ONNX export failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+    finally:
+        for logger, level in zip(chatty, levels):
+            logger.setLevel(level)
+    model = program.model_proto
+    if function_bodies:
+        ops.attach_function_bodies(model)
+    else:
+        ops._set_opset(model, ops.DOMAIN, ops.DOMAIN_VERSION)
+    model.producer_name, model.producer_version = "keepbits", __version__
+    return model
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` with full (strict) shape inference; :class:`BundleError` on failure."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise BundleError(f"exported graph is not valid ONNX: {exc}") from None
+
+
+def compare_outputs(reference: tuple[np.ndarray, ...], candidate: tuple[np.ndarray, ...], pixel_scale: float = 1.0) -> dict[str, float]:
+    """Parity numbers: max |Δ| of ẑ and of x̃ / ``pixel_scale``, max |Δ| of logits, argmax agreement."""
+    ref_logits, ref_mask, ref_mixed = (np.asarray(a, dtype=np.float64) for a in reference)
+    logits, mask, mixed = (np.asarray(a, dtype=np.float64) for a in candidate)
+    return {
+        "mask_max_abs": float(np.abs(mask - ref_mask).max(initial=0.0)),
+        "mixed_max_abs": float(np.abs(mixed - ref_mixed).max(initial=0.0) / pixel_scale),
+        "logits_max_abs": float(np.abs(logits - ref_logits).max(initial=0.0)),
+        "argmax_agree": float(np.mean(logits.argmax(1) == ref_logits.argmax(1))) if len(logits) else 1.0,
+    }
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    input_dtype: str = "uint8",
+    classify_on: str = "original",
+    fused: bool = True,
+    target: str = "onnxruntime",
+    opset: int = MIN_OPSET,
+    archive: bool | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    command: str = "",
+) -> Bundle:
+    """Export a ``nice`` checkpoint to a bundle at ``out`` (a folder, or a ``.zip``); returns it loaded.
+
+    ``target='tensorrt'`` leaves the custom nodes without function bodies (TensorRT's parser
+    expands local functions before it looks for plugins). ``verify`` runs the bundle in ONNX
+    Runtime (function bodies) on a random batch against the torch graph and fails on a
+    mismatch (ẑ, x̃/scale beyond 1e-4 or a different argmax).
+
+    Example:
+        >>> from keepbits.export import export_onnx
+        >>> # export_onnx("nice.pt", "nice.bundle", input_dtype="uint8", classify_on="mixed")
+    """
+    if input_dtype not in INPUT_DTYPES:
+        raise InputError(f"input dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
+    if classify_on not in CLASSIFY_ON:
+        raise InputError(f"classify_on must be one of {CLASSIFY_ON}, got {classify_on!r}")
+    if target not in TARGETS:
+        raise InputError(f"target must be one of {TARGETS}, got {target!r}")
+    checkpoint = Path(checkpoint)
+    record = load_checkpoint(checkpoint, "nice")
+    settings = dict(record.get("settings") or {})
+    if "block_size" not in settings:
+        raise InputError(f"{checkpoint}: settings lack block_size (b)")
+    shape = [int(v) for v in record["input_shape"]]
+    norm = record["normalization"]
+    generator, classifier = build_model(record, "generator"), build_model(record, "classifier")
+    graph = NiceGraph(generator, classifier, list(norm["mean"]), list(norm["std"]), int(settings["block_size"]),
+                      input_dtype, classify_on, fused)
+    example = _example_input(shape, input_dtype)
+    model = trace_to_onnx(graph, example, opset, function_bodies=target == "onnxruntime")
+    if target == "onnxruntime":
+        check_model(model)
+    image = model.graph.input[0].type.tensor_type.shape.dim
+    spatial = (1, 2) if input_dtype == "uint8" else (2, 3)
+    dynamic_size = all(_is_dynamic(image[i]) for i in spatial)
+    if not dynamic_size:
+        _log.warning("the networks fix the image size: the bundle accepts %d×%d images only", shape[1], shape[2])
+    manifest = Manifest(
+        input_shape=shape, input_dtype=input_dtype, input_layout="NHWC" if input_dtype == "uint8" else "NCHW",
+        mean=[float(v) for v in norm["mean"]], std=[float(v) for v in norm["std"]],
+        class_names=[str(c) for c in record["class_names"]], block_size=int(settings["block_size"]),
+        mask_threshold=float(settings.get("mask_threshold", 0.5)),
+        generator=record["models"]["generator"]["arch"], classifier=record["models"]["classifier"]["arch"],
+        classify_on=classify_on, target=target, opset=opset, dynamic_size=dynamic_size,
+        custom_ops=ops.used_ops(model), function_bodies=target == "onnxruntime",
+        provenance=_jsonable({
+            "checkpoint": checkpoint.name,
+            "checkpoint_sha256": sha256_file(checkpoint),
+            "training_command": record.get("command", ""),
+            "settings": settings,
+            "metrics": record.get("metrics", {}),
+            "epoch": record.get("epoch"),
+            "export_command": command,
+            "keepbits_version": __version__,
+            "torch_version": torch.__version__,
+            "onnx_version": onnx.__version__,
+            "exported_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }),
+    )
+    model_bytes = model.SerializeToString()
+    if verify and target == "onnxruntime":
+        verify_model(model_bytes, graph, example, manifest.pixel_scale)
+    path = write_bundle(out, manifest, {manifest.model_file: model_bytes}, archive=archive, overwrite=overwrite)
+    _log.info("wrote %s (%s, sha256 %s…)", path, ", ".join(manifest.custom_ops) or "no custom ops",
+              hashlib.sha256(model_bytes).hexdigest()[:12])
+    return load_bundle(path)
+
+
+def verify_model(model_bytes: bytes, graph: NiceGraph, example: torch.Tensor, pixel_scale: float, tol: float = 1e-4) -> dict[str, float]:
+    """Run ``model_bytes`` in ONNX Runtime with the function bodies on ``example``; compare to ``graph``."""
+    from keepbits.native import make_session
+
+    with torch.no_grad():
+        reference = tuple(t.numpy() for t in graph(example))
+    session = make_session(model_bytes, native=False)
+    got = tuple(session.run(None, {"image": example.numpy()}))
+    report = compare_outputs(reference, got, pixel_scale)
+    if report["mask_max_abs"] > tol or report["mixed_max_abs"] > tol or report["argmax_agree"] < 1.0:
+        raise BundleError(f"exported graph disagrees with torch: {report}")
+    return report

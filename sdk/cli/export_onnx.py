@@ -1,0 +1,38 @@
+"""``keepbits export onnx``: a NICE checkpoint -> a model bundle (``model.onnx`` + ``manifest.json``)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from keepbits.cli._common import command_line, existing_path
+
+HELP = "export a NICE checkpoint to a model bundle (ONNX graph image -> logits, mask, mixed; docs/bundle.md)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="nice checkpoint (.pt) written by `keepbits train nice`")
+    p.add_argument("--out", required=True, help="bundle folder, or a .zip file for a one-file bundle")
+    p.add_argument("--input", dest="input_dtype", choices=["uint8", "float32"], default="uint8",
+                   help="uint8: N×H×W×C pixels 0..255 (default); float32: N×C×H×W on 0..1")
+    p.add_argument("--classify-on", choices=["original", "mixed"], default="original",
+                   help="feed the classifier the original image (default) or the mixed-resolution image x̃")
+    p.add_argument("--unfused", action="store_true", help="emit HardConcreteMask + MixedResCompose instead of the fused MaskCompose")
+    p.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="tensorrt: custom nodes without ONNX function bodies (TensorRT plugins replace them)")
+    p.add_argument("--opset", type=int, default=18, help="default-domain opset (>= 18)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch check on a random batch")
+
+
+def run(args: argparse.Namespace) -> int:
+    existing_path(args.checkpoint, "checkpoint")
+    from keepbits.export import export_onnx
+
+    bundle = export_onnx(
+        args.checkpoint, args.out, input_dtype=args.input_dtype, classify_on=args.classify_on, fused=not args.unfused,
+        target=args.target, opset=args.opset, overwrite=args.force, verify=not args.no_verify, command=command_line(),
+    )
+    m = bundle.manifest
+    print(json.dumps({"bundle": str(bundle.source), "digest": bundle.digest, "input": f"{m.input_layout} {m.input_dtype}",
+                      "dynamic_size": m.dynamic_size, "custom_ops": m.custom_ops, "target": m.target}, indent=2))
+    return 0
