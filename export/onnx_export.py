@@ -183,6 +183,8 @@ def export_onnx(
         raise InputError(f"classify_on must be one of {CLASSIFY_ON}, got {classify_on!r}")
     if target not in TARGETS:
         raise InputError(f"target must be one of {TARGETS}, got {target!r}")
+    if opset < MIN_OPSET:
+        raise InputError(f"opset must be >= {MIN_OPSET}, got {opset}")
     checkpoint = Path(checkpoint)
     record = load_checkpoint(checkpoint, "nice")
     settings = dict(record.get("settings") or {})

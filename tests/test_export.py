@@ -1,0 +1,168 @@
+"""`keepbits export onnx`: graph validity, torch vs ONNX Runtime (function bodies) vs ONNX Runtime
+(native kernels) parity on fresh random batches, bundle round trip, TensorRT-target graph.
+
+Two exports per run (module fixtures, tiny random-init networks):
+  A: uint8 NHWC input, fused MaskCompose, classifier on the original image, b = 2 (via the CLI)
+  B: float NCHW input, HardConcreteMask + MixedResCompose, classifier on x̃, b = 64 (≥ image size)
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from keepbits import native, registry
+from keepbits.bundle import load_bundle
+from keepbits.cli import main
+from keepbits.errors import InputError
+from keepbits.export import NiceGraph, compare_outputs, export_onnx
+from keepbits.export.onnx_export import trace_to_onnx
+from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+
+SEED = int(np.random.SeedSequence().entropy % (1 << 32))
+TOL = 1e-5
+
+
+@registry.register("test_export_fcn", "classifier")
+def _fcn(in_channels: int = 3, num_classes: int = 4, image_size=None) -> nn.Module:
+    """Tiny fully convolutional classifier (any H×W)."""
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+def _checkpoint(path, block_size: int) -> str:
+    torch.manual_seed(0)
+    gen_kwargs, clf_kwargs = {"in_channels": 3, "widths": [4, 8]}, {"in_channels": 3, "num_classes": 4}
+    gen, clf = registry.build("nice_unet", **gen_kwargs), registry.build("test_export_fcn", **clf_kwargs)
+    with torch.no_grad():  # a generator that keeps some pixels and drops others
+        gen.head.weight.normal_(0, 2.0)
+        gen.head.bias.zero_()
+    save_checkpoint(path, {
+        "kind": "nice",
+        "models": {"generator": model_entry("nice_unet", gen_kwargs, gen), "classifier": model_entry("test_export_fcn", clf_kwargs, clf)},
+        "input_shape": [3, 32, 32], "normalization": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},
+        "class_names": ["a", "b", "c", "d"], "settings": {"block_size": block_size, "mask_threshold": 0.5, "mode": "fixed"},
+        "metrics": {"test_acc": 0.25}, "command": "keepbits train nice (test)", "epoch": 1,
+    })
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bundle_a(tmp_path_factory):
+    root = tmp_path_factory.mktemp("a")
+    ckpt = _checkpoint(root / "nice.pt", 2)
+    assert main(["export", "onnx", ckpt, "--out", str(root / "bundle")]) == 0
+    return ckpt, load_bundle(root / "bundle")
+
+
+@pytest.fixture(scope="module")
+def bundle_b(tmp_path_factory):
+    root = tmp_path_factory.mktemp("b")
+    ckpt = _checkpoint(root / "nice.pt", 64)
+    return ckpt, export_onnx(ckpt, root / "bundle.zip", input_dtype="float32", classify_on="mixed", fused=False)
+
+
+def _torch_graph(ckpt: str, manifest) -> NiceGraph:
+    record = load_checkpoint(ckpt, "nice")
+    return NiceGraph(build_model(record, "generator"), build_model(record, "classifier"), manifest.mean, manifest.std,
+                     manifest.block_size, manifest.input_dtype, manifest.classify_on, fused=True)
+
+
+def _batch(rng, manifest, n, h, w) -> np.ndarray:
+    c = manifest.input_shape[0]
+    if manifest.input_dtype == "uint8":
+        return rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
+    return rng.random((n, c, h, w), dtype=np.float32)
+
+
+def _check_parity(ckpt, bundle):
+    m = bundle.manifest
+    graph = _torch_graph(ckpt, m)
+    sessions = {"bodies": native.make_session(bundle.model_path, native=False)}
+    if native.library_path() is not None:
+        sessions["native"] = native.make_session(bundle.model_path)
+    rng = np.random.default_rng(SEED)
+    for h, w in [(37, 51), (int(rng.integers(8, 48)), int(rng.integers(8, 48)))]:
+        image = _batch(rng, m, int(rng.integers(1, 9)), h, w)
+        with torch.no_grad():
+            reference = tuple(t.numpy() for t in graph(torch.from_numpy(image)))
+        assert reference[2].shape == image.shape  # x̃ in the input's layout
+        for name, session in sessions.items():
+            got = session.run(None, {m.input_name: image})
+            report = compare_outputs(reference, got, m.pixel_scale)
+            assert report["mask_max_abs"] <= TOL and report["mixed_max_abs"] <= TOL, (name, SEED, report)
+            assert report["argmax_agree"] == 1.0 and report["logits_max_abs"] <= 1e-3, (name, SEED, report)
+    return sessions
+
+
+def test_graph_is_valid_onnx(bundle_a, bundle_b):
+    for _, bundle in (bundle_a, bundle_b):
+        model = onnx.load(str(bundle.model_path))
+        onnx.checker.check_model(model, full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        assert [o.name for o in inferred.graph.output] == ["logits", "mask", "mixed"]
+        opsets = {o.domain: o.version for o in model.opset_import}
+        assert opsets[""] >= 18 and opsets["keepbits"] == 1
+        assert {f.name for f in model.functions} >= set(bundle.manifest.custom_ops)
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        assert all(d.dim_param for d in dims[:3 if bundle.manifest.input_dtype == "uint8" else 1]), dims
+        assert bundle.manifest.dynamic_size
+
+
+def test_manifest_fields(bundle_a, bundle_b):
+    a, b = bundle_a[1].manifest, bundle_b[1].manifest
+    assert (a.input_dtype, a.input_layout, a.classify_on, a.custom_ops, a.block_size) == ("uint8", "NHWC", "original", ["MaskCompose"], 2)
+    assert (b.input_dtype, b.input_layout, b.classify_on, b.block_size) == ("float32", "NCHW", "mixed", 64)
+    assert b.custom_ops == ["HardConcreteMask", "MixedResCompose"]
+    assert a.class_names == ["a", "b", "c", "d"] and a.mean == [0.5, 0.4, 0.3] and a.generator == "nice_unet"
+    assert a.provenance["checkpoint_sha256"] and a.provenance["metrics"] == {"test_acc": 0.25}
+    assert a.provenance["export_command"].startswith("keepbits")
+    assert bundle_b[1].source.suffix == ".zip"
+
+
+def test_parity_uint8_fused(bundle_a):
+    _check_parity(*bundle_a)
+
+
+def test_parity_float_unfused_classify_mixed(bundle_b):
+    _check_parity(*bundle_b)
+
+
+def test_round_trip_and_tamper(bundle_a, tmp_path):
+    _, bundle = bundle_a
+    again = load_bundle(bundle.source, expected_digest=bundle.digest)
+    assert again.manifest == bundle.manifest
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("manifest.json", "model.onnx"):
+        (copy / name).write_bytes((bundle.source / name).read_bytes())
+    model = onnx.load(str(copy / "model.onnx"))
+    model.graph.node[-1].name += "_tampered"
+    onnx.save(model, str(copy / "model.onnx"))
+    with pytest.raises(Exception, match="model.onnx was modified"):
+        load_bundle(copy)
+
+
+def test_tensorrt_target_has_plugin_nodes_without_bodies():
+    gen = registry.build("nice_mnist", in_channels=1)
+    graph = NiceGraph(gen, _fcn(1, 3), [0.5], [0.5], 4, "uint8")
+    model = trace_to_onnx(graph, torch.randint(0, 256, (2, 16, 16, 1), dtype=torch.uint8), function_bodies=False)
+    assert [n.op_type for n in model.graph.node if n.domain == "keepbits"] == ["MaskCompose"]
+    assert len(model.functions) == 0
+    node = next(n for n in model.graph.node if n.op_type == "MaskCompose")
+    assert {a.name for a in node.attribute} == {"beta", "gamma", "zeta", "block_size"}
+
+
+def test_bad_inputs(tmp_path, bundle_a):
+    ckpt, _ = bundle_a
+    with pytest.raises(InputError, match="input dtype"):
+        export_onnx(ckpt, tmp_path / "x", input_dtype="int16")
+    with pytest.raises(InputError, match="opset"):
+        export_onnx(ckpt, tmp_path / "x", opset=13)
+    with pytest.raises(InputError, match="not found"):
+        export_onnx(tmp_path / "missing.pt", tmp_path / "x")
+    assert main(["export", "onnx", ckpt, "--out", str(bundle_a[1].source)]) == 2  # exists, no --force
+    print(json.dumps({"seed": SEED}))
