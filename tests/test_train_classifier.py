@@ -1,0 +1,99 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from keepbits.cli import main
+from keepbits.data import sample_mnist_path
+from keepbits.errors import CheckpointError
+from keepbits.training.checkpoint import load_checkpoint, save_checkpoint
+from keepbits.training.classifier import ClassifierConfig, load_classifier, train_classifier
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(data=str(sample_mnist_path()), arch="lenet5", out=str(tmp_path / "run"), epochs=2, optimizer="adamw",
+                max_train=800, progress=False, threads=2)
+    base.update(kw)
+    return ClassifierConfig(**base)
+
+
+def test_trains_above_chance_and_records_everything(tmp_path):
+    summary = train_classifier(_cfg(tmp_path))
+    assert summary["history"][-1]["test_accuracy"] > 0.6  # 10 classes: chance is 0.1
+    record = load_checkpoint(tmp_path / "run" / "best.pt", "classifier")
+    assert record["models"]["classifier"]["arch"] == "lenet5"
+    assert record["input_shape"] == [1, 28, 28] and len(record["class_names"]) == 10
+    assert record["normalization"]["mean"][0] == pytest.approx(0.13, abs=0.02)
+    assert record["metrics"]["history"][0]["epoch"] == 1
+    model, _ = load_classifier(tmp_path / "run" / "best.pt", expected_arch="lenet5")
+    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
+    summary = train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=64))
+    assert summary["epochs_run"] == 1 and [h["epoch"] for h in summary["history"]] == [1, 2]
+
+
+def test_resume_refuses_another_arch(tmp_path):
+    train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
+    with pytest.raises(CheckpointError, match="is a lenet5, asked to resume a resnet20"):
+        train_classifier(_cfg(tmp_path, arch="resnet20", resume=True))
+
+
+def test_checkpoint_loading_is_weights_only(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "keepbits-checkpoint", "x": Evil()}, path)
+    with pytest.raises(CheckpointError, match="not a readable keepbits checkpoint"):
+        load_checkpoint(path)
+    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04broken")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "trunc.pt")
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path):
+    save_checkpoint(tmp_path / "a.pt", {"kind": "classifier", "w": torch.ones(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+def test_cli_trains_and_prints_summary(tmp_path, capsys):
+    code = main(["-q", "train", "classifier", "--data", str(sample_mnist_path()), "--arch", "lenet5", "--out", str(tmp_path / "c"),
+                 "--epochs", "1", "--optimizer", "adamw", "--max-train", "300"])
+    assert code == 0
+    assert "best.pt" in json.loads(capsys.readouterr().out)["checkpoints"]["best"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/data.npz", "--arch", "lenet5"], "data path not found"),
+        (["--data", "SAMPLE", "--arch", "resnet9000"], "unknown classifier 'resnet9000'"),
+        (["--data", "BAD", "--arch", "lenet5"], "label out of range"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((4, 8, 8, 1), np.uint8), y=np.array([0, 1, 2, 7]), class_names=np.array(["a", "b", "c"]))
+    args = [str(sample_mnist_path()) if a == "SAMPLE" else str(bad) if a == "BAD" else a for a in args]
+    proc = subprocess.run([sys.executable, "-m", "keepbits", "train", "classifier", *args, "--out", str(tmp_path / "o"), "--epochs", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_class_count_mismatch_on_resume(tmp_path):
+    train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
+    three = tmp_path / "three.npz"
+    rng = np.random.default_rng(0)
+    np.savez(three, x=rng.integers(0, 255, (30, 28, 28, 1), dtype=np.uint8), y=np.arange(30) % 3)
+    proc = subprocess.run([sys.executable, "-m", "keepbits", "train", "classifier", "--data", str(three), "--arch", "lenet5",
+                           "--out", str(tmp_path / "run"), "--epochs", "2", "--resume"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "has 10 classes, data has 3" in proc.stderr
