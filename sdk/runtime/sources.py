@@ -8,7 +8,8 @@ Every source reads in its own grabber thread into a :class:`BoundedQueue`:
   frame, so the consumer always gets the newest one; frames overwritten unseen count as
   ``dropped``. A wait longer than ``read_timeout`` counts as ``stale``; a source silent for
   ``stall_timeout`` ends the stream. A read that fails, raises or ends reconnects with
-  exponential backoff (``reconnects``), up to ``max_reconnects``.
+  exponential backoff (``reconnects``); ``max_reconnects`` consecutive reconnects without
+  a frame end the stream (None: retry for ever).
 
 Frames come out as :class:`Frame` with an RGB (or grey) uint8 image.
 
@@ -136,11 +137,12 @@ class Source:
             yield frame
 
     # -- consumer ----------------------------------------------------------------------
-    def get(self) -> Frame | None:
-        """Next frame, or None when the stream has ended (or stalled past ``stall_timeout``)."""
+    def get(self, stop: threading.Event | None = None) -> Frame | None:
+        """Next frame, or None when the stream has ended, stalled past ``stall_timeout``, or
+        ``stop`` is set (checked every ``read_timeout``)."""
         self.start()
         waited = 0.0
-        while True:
+        while stop is None or not stop.is_set():
             try:
                 frame = self._queue.get(timeout=self.read_timeout)
             except QueueClosed:
@@ -156,6 +158,7 @@ class Source:
                 continue
             self._counts["delivered"] += 1
             return frame
+        return None
 
     def stats(self) -> dict[str, Any]:
         """Counters: read, delivered, dropped, stale, reconnects, errors (+ last_error)."""

@@ -187,7 +187,7 @@ def run_stream(
         while not stop.is_set() and (max_frames is None or accepted < max_frames):
             frames: list[Frame] = []
             while len(frames) < min(batch_size, (max_frames or 1 << 62) - accepted):
-                frame = source.get()
+                frame = source.get(stop)
                 if frame is None:
                     break
                 frames.append(frame)

@@ -1,0 +1,257 @@
+"""Streams: queue policies, sources that stall/raise/end, corrupt files, sinks, slow
+sinks, TCP sender → receiver on loopback, stop flushing every accepted frame."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from keepbits.codec import decode
+from keepbits.errors import InputError
+from keepbits.runtime import BoundedQueue, Pipeline, QueueClosed, open_source
+from keepbits.runtime.net import PREAMBLE, TcpSink, receive
+from keepbits.runtime.sinks import open_sink
+from keepbits.runtime.stream import run_stream
+from keepbits.runtime.synthetic import toy_bundle
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return Pipeline.from_bundle(toy_bundle(tmp_path_factory.mktemp("b") / "toy", size=32, block=4))
+
+
+def _frames(n: int, h: int = 24, w: int = 32) -> list[np.ndarray]:
+    out = []
+    for i in range(n):
+        f = np.full((h, w, 3), 40, np.uint8)
+        f[4:14, (i % 10) + 2:(i % 10) + 12] = 240
+        out.append(f)
+    return out
+
+
+# -- queues ---------------------------------------------------------------------------
+def test_queue_policies():
+    q = BoundedQueue(2, "block")
+    assert q.put(1) and q.put(2)
+    assert not q.put(3, timeout=0.05)
+    assert q.get() == 1 and q.dropped == 0
+    d = BoundedQueue(2, "drop_oldest")
+    for i in range(5):
+        d.put(i)
+    assert (d.get(), d.get(), d.dropped, d.high_water) == (3, 4, 3, 2)
+    with pytest.raises(TimeoutError):
+        d.get(timeout=0.01)
+    d.put(9)
+    d.close()
+    assert d.get() == 9
+    with pytest.raises(QueueClosed):
+        d.get()
+    with pytest.raises(QueueClosed):
+        d.put(1)
+
+
+# -- sources --------------------------------------------------------------------------
+def test_folder_and_video_sources(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    frames = _frames(5)
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), f[:, :, ::-1])
+    (folder / "notes.txt").write_text("ignored")
+    (folder / "999.png").write_bytes(b"broken")
+    got = [fr.image for fr in open_source(folder)]
+    assert len(got) == 5 and all(np.array_equal(a, b) for a, b in zip(got, frames))
+
+    video = tmp_path / "v.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (32, 24))
+    for f in frames:
+        writer.write(f[:, :, ::-1])
+    writer.release()
+    src = open_source(video)
+    assert src.fps == pytest.approx(10) and len(list(src)) == 5
+    looped = open_source(video, loop=True)
+    with looped:
+        assert [looped.get().index for _ in range(12)] == list(range(12))
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(InputError, match="bad.mp4"):
+        open_source(bad).start()
+    with pytest.raises(InputError, match="not found"):
+        open_source(tmp_path / "missing.mp4")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no images"):
+        open_source(empty)
+    with pytest.raises(InputError, match="unsupported source"):
+        open_source(3.5)
+
+
+def test_live_source_that_stalls_raises_and_ends_reconnects():
+    """Connection 1 yields 3 frames, stalls past read_timeout, then raises; 2 ends after
+    2 frames; 3 and 4 end at once, which exhausts max_reconnects=2 consecutive failures."""
+    attempts = []
+
+    def opener():
+        attempts.append(len(attempts))
+        k = len(attempts)
+
+        def gen():
+            if k == 1:
+                yield from _frames(3)
+                time.sleep(0.35)
+                raise OSError("camera unplugged")
+            if k == 2:
+                yield from _frames(2)
+
+        return gen()
+
+    from keepbits.runtime import Source
+
+    src = Source(opener, name="fake", live=True, read_timeout=0.1, stall_timeout=5, backoff=(0.01, 0.02), max_reconnects=2)
+    got = []
+    with src:
+        while (f := src.get()) is not None:
+            got.append(f.index)
+            time.sleep(0.02)
+    stats = src.stats()
+    assert len(attempts) == 4 and stats["reconnects"] == 3 and stats["errors"] == 1
+    assert stats["stale"] >= 2 and stats["read"] == 5 and stats["delivered"] + stats["dropped"] == 5
+    assert got == sorted(got) and "ended" in stats["last_error"]
+
+
+def test_live_source_silent_past_stall_timeout_ends():
+    def opener():
+        def gen():
+            yield _frames(1)[0]
+            time.sleep(3)
+            yield _frames(1)[0]
+
+        return gen()
+
+    src = open_source(opener(), live=True, read_timeout=0.05, stall_timeout=0.3)
+    start = time.monotonic()
+    assert src.get() is not None and src.get() is None
+    assert time.monotonic() - start < 2 and "no frame" in src.stats()["last_error"]
+
+
+def test_iterator_that_raises_ends_cleanly():
+    def gen():
+        yield from _frames(2)
+        raise RuntimeError("decoder exploded")
+
+    src = open_source(gen())
+    assert len(list(src)) == 2 and src.stats()["errors"] == 1
+
+
+# -- stream runner + sinks -------------------------------------------------------------
+def test_run_stream_files_and_video_sinks(pipe, tmp_path):
+    sinks = [open_sink(f"files:{tmp_path / 'out'}"), open_sink(f"video:{tmp_path / 'a.mp4'}", fps=10)]
+    summary = run_stream(pipe, open_source(_frames(12)), sinks, compare=("jpeg", "png"), batch_size=3)
+    assert summary["frames"] == summary["written"] == 12 and summary["errors"] == 0
+    lines = [json.loads(x) for x in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
+    payloads = sorted((tmp_path / "out" / "payloads").iterdir())
+    assert len(lines) == len(payloads) == 12
+    assert sum(r["payload_bytes"] for r in lines) == summary["payload_bytes"]
+    assert summary["ratio_vs_jpeg"] > 0 and summary["ratio_vs_png"] > 0
+    assert {"model", "encode", "total"} <= set(summary["latency_ms"])
+    decode(payloads[0].read_bytes())
+    cap = cv2.VideoCapture(str(tmp_path / "a.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 12 and cap.get(cv2.CAP_PROP_FRAME_WIDTH) >= 360
+    cap.release()
+
+
+class _SlowSink:
+    def __init__(self, delay: float):
+        self.delay, self.frames = delay, 0
+
+    def write(self, frame, result, record):
+        time.sleep(self.delay)
+        self.frames += 1
+
+    def close(self):
+        return {"frames": self.frames}
+
+
+def test_slow_sink_bounds_memory_live_drops_files_wait(pipe):
+    def endless():
+        frame = _frames(1)[0]
+        while True:
+            time.sleep(0.001)
+            yield frame
+
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    live = run_stream(pipe, open_source(endless(), live=True), [_SlowSink(0.02)], queue_size=3, stop=stop)
+    assert live["queue"]["high_water"] <= 3 and live["source"]["dropped"] > 0
+    assert live["written"] == live["frames"] and live["interrupted"]
+    files = run_stream(pipe, open_source(_frames(20)), [_SlowSink(0.01)], queue_size=2)
+    assert files["written"] == 20 and files["source"]["dropped"] == 0 and files["queue"]["high_water"] <= 2
+
+
+def test_stop_flushes_every_accepted_frame(pipe, tmp_path):
+    stop = threading.Event()
+    sink = _SlowSink(0.01)
+    frames = _frames(400)
+
+    def progress(snap):
+        if snap["frames"] >= 30:
+            stop.set()
+
+    summary = run_stream(pipe, open_source(frames), [sink], stop=stop, progress=progress, progress_interval=0.0)
+    assert summary["interrupted"] and 30 <= summary["frames"] < 400
+    assert sink.frames == summary["written"] == summary["frames"]
+
+
+def test_tcp_sink_to_receiver_on_loopback(pipe, tmp_path):
+    ready, box = threading.Event(), {}
+    server = threading.Thread(target=lambda: box.update(receive("127.0.0.1", 0, tmp_path / "rx", once=True, idle_timeout=20,
+                                                                ready=ready, video=tmp_path / "rx.mp4")))
+    server.start()
+    assert ready.wait(10)
+    frames = _frames(6)
+    summary = run_stream(pipe, open_source(frames), [open_sink(f"tcp:127.0.0.1:{ready.port}")])
+    server.join(20)
+    assert not server.is_alive()
+    assert box["frames"] == 6 and box["bad_payloads"] == 0 and summary["sinks"][0]["frames"] == 6
+    images = sorted((tmp_path / "rx").glob("*.png"))
+    assert len(images) == 6
+    first = cv2.imread(str(images[0]))[:, :, ::-1]
+    ref = pipe(frames[0])
+    x0, y0, w, h = ref.roi
+    assert np.array_equal(first, ref.mixed[y0:y0 + h, x0:x0 + w])
+    assert (tmp_path / "rx.mp4").stat().st_size > 0
+
+
+def test_receiver_survives_garbage_and_oversize(tmp_path):
+    import socket
+
+    ready, box = threading.Event(), {}
+    t = threading.Thread(target=lambda: box.update(receive("127.0.0.1", 0, tmp_path, idle_timeout=1.0, ready=ready, max_payload=1000)))
+    t.start()
+    assert ready.wait(10)
+    with socket.create_connection(("127.0.0.1", ready.port), timeout=5) as s:
+        s.sendall(b"HTTP/1.1 GET /\r\n")
+    with socket.create_connection(("127.0.0.1", ready.port), timeout=5) as s:
+        s.sendall(PREAMBLE + (10).to_bytes(4, "big") + b"0123456789" + (10**6).to_bytes(4, "big"))
+    t.join(15)
+    assert not t.is_alive()
+    assert box["connections"] == 2 and box["bad_payloads"] == 1 and box["protocol_errors"] == 2 and box["frames"] == 0
+
+
+def test_tcp_sink_without_receiver_fails_clearly():
+    import socket
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sink = TcpSink("127.0.0.1", port, timeout=0.5, retries=1)
+    with pytest.raises(InputError, match="cannot send"):
+        sink.send(b"x")
+    assert sink.close()["errors"] == 1
