@@ -21,7 +21,7 @@ TASKS = {
     # target: minimum test accuracy the issue asks for
     "mnist-lenet5": dict(subdir="mnist", arch="lenet5", epochs=10, optimizer="sgd", lr=0.05, weight_decay=5e-4,
                          batch_size=128, crop_padding=2, augment="crop", target=0.990),
-    "cifar10-resnet20": dict(subdir="cifar10", arch="resnet20", epochs=40, optimizer="sgd", lr=0.1, weight_decay=5e-4,
+    "cifar10-resnet20": dict(subdir="cifar10", arch="resnet20", epochs=30, optimizer="sgd", lr=0.1, weight_decay=5e-4,
                              batch_size=128, crop_padding=4, augment="crop-flip", warmup_epochs=1, target=0.80),
 }
 
