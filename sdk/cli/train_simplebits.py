@@ -1,0 +1,45 @@
+"""``keepbits train simplebits``: jointly train a SimpleBits simplifier and a classifier."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from keepbits.cli._common import command_line, existing_path
+
+HELP = "train a SimpleBits simplifier jointly with a classifier (L = λ_sim·bpd + L_cls, unrolled step)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help=".npz file, idx folder, split folder (train.npz/test.npz) or class-folder tree")
+    p.add_argument("--out", required=True, help="output checkpoint (.pt, kind 'simplebits')")
+    p.add_argument("--density", default=None, help="density checkpoint for L_sim (default: the shipped CIFAR-10 Glow)")
+    p.add_argument("--arch", default="nf_wrn16_2", help="classifier trained from scratch (registry name)")
+    p.add_argument("--classifier", default=None, help="finetune this classifier checkpoint instead of training --arch from scratch")
+    p.add_argument("--lambda-sim", type=float, default=1.0, help="weight of L_sim (bpd of the simplified image)")
+    p.add_argument("--inner-lr", type=float, default=0.1, help="SGD learning rate of the unrolled classifier step")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (both networks)")
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--unet-base", type=int, default=16, help="channels of the U-Net's first level (doubling per downsampling)")
+    p.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--max-test", type=int, default=1000, help="evaluate on the first N test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    existing_path(args.data, "data path")
+    for path, what in ((args.density, "density checkpoint"), (args.classifier, "classifier checkpoint")):
+        if path is not None:
+            existing_path(path, what)
+    from keepbits.training.simplebits import SimpleBitsConfig, train_simplebits
+
+    cfg = SimpleBitsConfig(
+        data=args.data, out=args.out, density=args.density, arch=args.arch, classifier=args.classifier,
+        lambda_sim=args.lambda_sim, inner_lr=args.inner_lr, lr=args.lr, weight_decay=args.weight_decay,
+        steps=args.steps, batch_size=args.batch_size, unet_base=args.unet_base, max_train=args.max_train,
+        max_test=args.max_test, seed=args.seed, threads=args.threads, command=command_line(),
+    )
+    print(json.dumps(train_simplebits(cfg), indent=2))
+    return 0
