@@ -1,0 +1,51 @@
+"""``keepbits bench nice``: accuracy and bytes of NICE mixed-resolution images vs baselines."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from keepbits.cli._common import existing_path
+from keepbits.errors import InputError
+
+HELP = "evaluate a NICE checkpoint: accuracy, kept fraction, PNG/JPEG/WebP bytes, random and saliency baselines"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="NICE checkpoint (from `keepbits train nice`)")
+    p.add_argument("--data", required=True, help="data set; its test split is used when present")
+    p.add_argument("--block-sizes", "-b", type=int, nargs="+", default=None, help="b values to evaluate (default: the trained b)")
+    p.add_argument("--qualities", type=int, nargs="+", default=[10, 30, 50, 75, 90], help="JPEG/WebP qualities")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-pixel baseline")
+    p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    existing_path(args.checkpoint, "NICE checkpoint")
+    existing_path(args.data, "data path")
+    if any(b < 1 for b in args.block_sizes or []):
+        raise InputError(f"block sizes must be >= 1, got {args.block_sizes}")
+    if any(not 0 <= q <= 100 for q in args.qualities):
+        raise InputError(f"qualities must be in [0, 100], got {args.qualities}")
+    import numpy as np
+
+    from keepbits.data import has_split, load_dataset
+    from keepbits.training.nice import benchmark_nice, load_nice
+
+    generator, classifier, record = load_nice(args.checkpoint)
+    dataset = load_dataset(args.data, "test" if has_split(args.data, "test") else "train")
+    if list(dataset.shape_chw) != list(record["input_shape"]):
+        raise InputError(f"{args.data}: images are {list(dataset.shape_chw)} (C,H,W), the checkpoint expects {record['input_shape']}")
+    if args.max_images:
+        dataset = dataset.subset(np.arange(min(args.max_images, len(dataset))))
+    block_sizes = args.block_sizes or [record["settings"]["block_size"]]
+    result = benchmark_nice(generator, classifier, record, dataset, block_sizes, args.qualities, seed=args.seed)
+    result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "settings": record["settings"], **result}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
