@@ -171,7 +171,7 @@ class Pipeline:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        if m.custom_ops and not m.function_bodies:
+        if m.custom_ops:  # native kernels when built; else the graph's ONNX function bodies
             from keepbits import native
 
             native.register(options)

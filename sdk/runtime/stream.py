@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import cv2
 import numpy as np
 
+from keepbits.codec import encode
 from keepbits.runtime.pipeline import Pipeline, Result
 from keepbits.runtime.queues import BoundedQueue, QueueClosed
 from keepbits.runtime.sinks import Sink
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 #: Latency percentiles are over this many most recent frames (bounded memory on endless streams).
 LATENCY_WINDOW = 10_000
-COMPARE = ("jpeg", "png")
+COMPARE = ("jpeg", "png", "paper")
 
 
 @contextlib.contextmanager
@@ -107,7 +108,7 @@ class _Stats:
             self.written += 1
             self.labels[record["label"]] += 1
             self.kept += record["kept_fraction"]
-            for key in ("payload_bytes", "jpeg_bytes", "png_bytes"):
+            for key in ("payload_bytes", "jpeg_bytes", "png_bytes", "paper_bytes"):
                 if record.get(key) is not None:
                     self.bytes[key] += record[key]
             for stage, ms in timings.items():
@@ -120,7 +121,10 @@ class _Stats:
 
 
 def _record(frame: Frame, r: Result, compare: Sequence[str], jpeg_quality: int) -> dict[str, Any]:
-    sizes = reference_sizes(np.ascontiguousarray(r.image[:, :, ::-1]) if r.image.shape[2] == 3 else r.image, compare, jpeg_quality)
+    bgr = np.ascontiguousarray(r.image[:, :, ::-1]) if r.image.shape[2] == 3 else r.image
+    sizes = reference_sizes(bgr, [c for c in compare if c != "paper"], jpeg_quality)
+    if "paper" in compare:
+        sizes["paper_bytes"] = len(encode(r.image, r, mode="paper"))
     return {
         "sequence": r.sequence, "source_index": frame.index, "timestamp": r.timestamp, "label": r.label,
         "label_index": r.label_index, "score": round(r.score, 5), "kept_fraction": round(r.kept_fraction, 5),
@@ -167,9 +171,9 @@ def run_stream(
 ) -> dict[str, Any]:
     """Process ``source`` until it ends, ``max_frames`` or ``stop``; returns the JSON summary.
 
-    ``compare`` lists whole-frame formats (``jpeg``, ``png``) whose sizes are recorded per
-    frame for the compression ratios; ``progress(snapshot)`` is called every
-    ``progress_interval`` seconds. Sinks are closed before returning.
+    ``compare`` lists references whose sizes are recorded per frame for the compression
+    ratios: ``jpeg``/``png`` of the whole model-size frame, ``paper`` (x̃ as one PNG);
+    ``progress(snapshot)`` is called every ``progress_interval`` seconds. Sinks are closed before returning.
     """
     unknown = set(compare) - set(COMPARE)
     if unknown:
@@ -229,7 +233,7 @@ def _snapshot(stats: _Stats, source: Source, accepted: int, elapsed: float) -> d
         "kept_fraction_mean": round(kept / written, 5) if written else None,
         "source": source.stats(),
     }
-    for key in ("jpeg_bytes", "png_bytes"):
+    for key in ("jpeg_bytes", "png_bytes", "paper_bytes"):
         if b.get(key):
             snap[key] = b[key]
             snap[f"ratio_vs_{key.split('_')[0]}"] = round(b[key] / payload, 3) if payload else None

@@ -1,0 +1,100 @@
+"""``keepbits run``: a model bundle on a stream: predict, explain, compress, send.
+
+Example:
+    keepbits run --model bundle.zip --source video.mp4 --sink files:out --sink video:out.mp4 --max-frames 100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from keepbits.errors import InputError
+
+HELP = "run a model bundle on a video/camera/URL/folder: predict, explain, compress, send payloads"
+
+
+def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
+    """Codec options shared by ``run`` and ``demo``."""
+    parser.add_argument("--mode", choices=["blocks", "paper"], default="blocks",
+                        help="blocks: background means + mask + kept blocks; paper: x̃ as one PNG (NICE protocol)")
+    parser.add_argument("--codec", choices=["png", "jpeg", "webp"], default="png", help="kept blocks (png = lossless)")
+    parser.add_argument("--background", choices=["raw", "png", "jpeg", "webp"], default="raw", help="block means (raw/png = lossless)")
+    parser.add_argument("--quality", type=int, default=90, help="jpeg/webp quality 1..100")
+    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model bundle folder or .zip (keepbits export onnx)")
+    parser.add_argument("--source", required=True, help="video file, image folder, camera index (0) or rtsp/http URL")
+    parser.add_argument("--sink", action="append", default=[], metavar="KIND:ARG",
+                        help="files:DIR, video:OUT.mp4 or tcp:HOST:PORT (repeatable)")
+    parser.add_argument("--max-frames", type=int, default=None)
+    parser.add_argument("--loop", action="store_true", help="loop a video file")
+    parser.add_argument("--batch-size", type=int, default=1, help="frames per model call (file sources)")
+    parser.add_argument("--queue-size", type=int, default=8, help="bounded queue between model and writer")
+    parser.add_argument("--read-timeout", type=float, default=5.0, help="seconds before a live read counts as stale")
+    parser.add_argument("--compare", nargs="*", choices=["jpeg", "png", "paper"], default=["jpeg"],
+                        help="references to compare payload bytes with: JPEG q90 / PNG of the same frame, "
+                             "paper mode (x̃ as one PNG); give no value for none")
+    parser.add_argument("--summary", type=Path, help="also write the JSON summary here")
+    add_codec_arguments(parser)
+
+
+def codec_options(args: argparse.Namespace) -> dict[str, Any]:
+    if not 1 <= args.quality <= 100:
+        raise InputError(f"--quality must be 1..100, got {args.quality}")
+    return {"mode": args.mode, "codec": args.codec, "background": args.background, "quality": args.quality}
+
+
+class ProgressLine:
+    """One refreshing status line on stderr (a plain line every 5 s when not a terminal)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.tty = quiet, sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, snap: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        final = "latency_ms" in snap
+        now = time.monotonic()
+        if not (self.tty or final or now - self._last >= 5.0):
+            return
+        self._last = now
+        src = snap["source"]
+        ratio = snap.get("ratio_vs_jpeg")
+        line = (f"{snap['written']} frames  {snap['fps']:.1f} fps  {snap['kbit_per_s']:.1f} kbit/s"
+                + (f"  {ratio:.1f}x smaller than JPEG" if ratio else "")
+                + f"  dropped {src['dropped']}  stale {src['stale']}  errors {snap['errors'] + src['errors']}")
+        print(("\r" if self.tty else "") + line + ("\n" if final or not self.tty else ""), end="", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from keepbits.cli._common import existing_path
+    from keepbits.runtime import Pipeline, open_source
+    from keepbits.runtime.sinks import open_sink
+    from keepbits.runtime.stream import handle_signals, run_stream
+
+    if args.max_frames is not None and args.max_frames < 1:
+        raise InputError(f"--max-frames must be >= 1, got {args.max_frames}")
+    if args.batch_size < 1 or args.queue_size < 1:
+        raise InputError("--batch-size and --queue-size must be >= 1")
+    pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend,
+                                    threads=args.threads, **codec_options(args))
+    source = open_source(args.source, loop=args.loop, read_timeout=args.read_timeout)
+    sinks = [open_sink(spec, fps=source.fps) for spec in args.sink]
+    with handle_signals(threading.Event()) as stop:
+        summary = run_stream(pipeline, source, sinks, max_frames=args.max_frames, batch_size=args.batch_size,
+                             queue_size=args.queue_size, compare=args.compare, stop=stop, progress=ProgressLine(args.quiet))
+    text = json.dumps(summary, indent=2)
+    if args.summary:
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        args.summary.write_text(text + "\n")
+    print(text)
+    return 0

@@ -1,0 +1,126 @@
+"""CLI: keepbits run / receive / demo end to end, errors (exit 2), SIGINT flushing."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from keepbits.cli import main
+from keepbits.cli.demo import DEMO_BUNDLE, DEMO_STREAM
+from keepbits.codec import decode
+from keepbits.runtime.synthetic import toy_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return toy_bundle(tmp_path_factory.mktemp("b") / "toy.zip", size=32, block=4)
+
+
+def _video(path, n: int, size=(40, 30)) -> str:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 20, size)
+    for i in range(n):
+        frame = np.full((size[1], size[0], 3), 30, np.uint8)
+        frame[5:20, i % 20:(i % 20) + 12] = 250
+        writer.write(frame)
+    writer.release()
+    return str(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_writes_sinks_and_prints_summary(bundle, tmp_path, capsys):
+    video = _video(tmp_path / "in.mp4", 15)
+    rc = main(["-q", "run", "--model", str(bundle), "--source", video, "--sink", f"files:{tmp_path / 'out'}",
+               "--sink", f"video:{tmp_path / 'ann.mp4'}", "--max-frames", "10", "--compare", "jpeg", "png",
+               "--codec", "webp", "--quality", "80", "--summary", str(tmp_path / "s.json")])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["frames"] == summary["written"] == 10 and summary["ratio_vs_png"] > 0
+    assert json.loads((tmp_path / "s.json").read_text())["frames"] == 10
+    payload = sorted((tmp_path / "out" / "payloads").iterdir())[0].read_bytes()
+    assert decode(payload)[2].codecs["foreground"] == "webp"
+    assert (tmp_path / "ann.mp4").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sink", "ftp:x"], "unknown sink"),
+        (["--sink", "tcp:nohostport"], "HOST:PORT"),
+        (["--max-frames", "0"], "max-frames"),
+        (["--quality", "0"], "quality"),
+        (["--source", "missing.mp4"], "source not found"),
+    ],
+)
+def test_run_errors_exit_2(bundle, tmp_path, capsys, argv, message):
+    base = {"--model": str(bundle), "--source": _video(tmp_path / "in.mp4", 3)}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        base[flag] = value
+    args = [a for kv in base.items() for a in kv]
+    assert main(["run", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_missing_bundle_exit_2(tmp_path, capsys):
+    assert main(["run", "--model", str(tmp_path / "none"), "--source", "0"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_run_to_receive_over_loopback(bundle, tmp_path, capsys):
+    port = _free_port()
+    rx = threading.Thread(target=main, args=(["-q", "receive", "--listen", f"127.0.0.1:{port}", "--out", str(tmp_path / "rx"),
+                                              "--once", "--idle-timeout", "20", "--video", str(tmp_path / "rx.mp4")],))
+    rx.start()
+    time.sleep(0.3)
+    rc = main(["-q", "run", "--model", str(bundle), "--source", _video(tmp_path / "in.mp4", 8), "--sink", f"tcp:127.0.0.1:{port}"])
+    rx.join(30)
+    assert rc == 0 and not rx.is_alive()
+    assert len(list((tmp_path / "rx").glob("*.png"))) == 8
+    lines = (tmp_path / "rx" / "frames.jsonl").read_text().splitlines()
+    assert [json.loads(x)["sequence"] for x in lines] == list(range(8))
+
+
+def test_sigint_flushes_every_accepted_frame(bundle, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "keepbits", "-q", "run", "--model", str(bundle), "--source", _video(tmp_path / "in.mp4", 50),
+           "--loop", "--sink", f"files:{out}", "--queue-size", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            jsonl = out / "frames.jsonl"
+            if jsonl.exists() and len(jsonl.read_text().splitlines()) >= 20:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout)
+    lines = (out / "frames.jsonl").read_text().splitlines()
+    assert summary["interrupted"] and summary["frames"] >= 20
+    assert summary["frames"] == summary["written"] == len(lines) == len(list((out / "payloads").iterdir()))
+
+
+def test_demo_runs_on_the_bundled_assets(tmp_path, capsys):
+    assert DEMO_BUNDLE.is_file() and DEMO_STREAM.is_file()
+    assert main(["-q", "demo", "--out", str(tmp_path), "--max-frames", "12"]) == 0
+    report = capsys.readouterr().out
+    assert "JPEG" in report and "PNG" in report
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["written"] == 12 and summary["ratio_vs_jpeg"] > 0 and summary["ratio_vs_png"] > 0
+    assert (tmp_path / "annotated.mp4").stat().st_size > 0 and len(list((tmp_path / "payloads").iterdir())) == 12
