@@ -149,3 +149,15 @@ def test_clear_errors():
         const[0].weight.zero_()
     with pytest.raises(InputError, match="do not depend on the input"):
         explain(const, ["0"], torch.zeros(1, 1, 12, 12))
+
+
+def test_load_boxes_csv_and_json(tmp_path):
+    from keepbits.audit.cid import load_boxes
+
+    (tmp_path / "b.csv").write_text("index,x0,y0,x1,y1\n0,1,2,5,6\n")
+    (tmp_path / "b.json").write_text('[{"index": 2, "box": [0, 0, 3, 3]}]')
+    (tmp_path / "bad.json").write_text('{"1": [4, 0, 3, 3]}')
+    assert load_boxes(tmp_path / "b.csv") == {0: (1.0, 2.0, 5.0, 6.0)}
+    assert load_boxes(tmp_path / "b.json") == {2: (0.0, 0.0, 3.0, 3.0)}
+    with pytest.raises(InputError, match="x1 > x0"):
+        load_boxes(tmp_path / "bad.json")

@@ -35,20 +35,25 @@ Example:
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
 from keepbits.audit._base import Explainer
+from keepbits.audit._cid_report import cid_report, layerwise_cid
+from keepbits.audit._cid_ru import DecoderConfig, reconstruction_uncertainty, train_decoder
+from keepbits.audit._cid_tap import GAUSS_ENTROPY, LayerTap
 from keepbits.errors import InputError
 
 log = logging.getLogger("keepbits")
 
-#: ½ log(2πe): entropy of N(0, 1) in nats; ``H_i = log σ_i + GAUSS_ENTROPY``.
-GAUSS_ENTROPY = 0.5 * math.log(2 * math.pi * math.e)
 
 _NORM_TYPES = ("BatchNorm1d", "BatchNorm2d", "GroupNorm", "LayerNorm")
 
@@ -91,8 +96,8 @@ class CIDConfig:
         bad = [f"{k}={v}" for k, v in positive.items() if not (v > 0 and math.isfinite(v))]
         counts = ("block", "max_steps", "check_every", "samples", "xi_samples", "final_samples")
         bad += [f"{k}={getattr(self, k)}" for k in counts if int(getattr(self, k)) < 1]
-        if self.min_steps < 0 or self.min_steps > self.max_steps:
-            bad.append(f"min_steps={self.min_steps} (must be in [0, max_steps])")
+        if self.min_steps < 0:
+            bad.append(f"min_steps={self.min_steps}")
         if not bad and self.sigma_max <= math.sqrt(self.beta):
             bad.append(f"sigma_max={self.sigma_max} (must exceed sqrt(beta))")
         if bad:
@@ -131,80 +136,6 @@ class CIDMaps:
         if maps:
             out["entropy"] = self.entropy.tolist()
         return out
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the deepest needed layer has run (truncates the forward)."""
-
-
-class LayerTap:
-    """Forward hooks collecting the outputs of named layers; the forward stops after the
-    deepest layer asked for. A hooked layer hands a copy of its output to the rest of the
-    network, so later in-place ops (``ReLU(inplace=True)``) cannot change what was captured.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(inplace=True), torch.nn.Linear(4, 2))
-        >>> tap = LayerTap(net, ["0", "1"])
-        >>> out = tap(torch.randn(5, 3))
-        >>> bool((out["0"].clamp(min=0) == out["1"]).all()), tap.order
-        (True, ['0', '1'])
-    """
-
-    def __init__(self, model: Any, layers: Sequence[str]):
-        modules = dict(model.named_modules())
-        missing = [name for name in layers if name not in modules or name == ""]
-        if missing:
-            names = [n for n in modules if n]
-            raise InputError(f"unknown layer(s) {missing}; the model's layers are: {', '.join(names[:60])}{' ...' if len(names) > 60 else ''}")
-        if len(set(layers)) != len(layers):
-            raise InputError(f"layers listed twice: {sorted(n for n in set(layers) if list(layers).count(n) > 1)}")
-        self.model = model
-        self.layers = list(layers)
-        self.order: list[str] = []
-        self._outputs: dict[str, Any] = {}
-        self._stop: str | None = None
-        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
-
-    def _hook(self, name: str):
-        import torch
-
-        def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor):
-                raise InputError(f"layer {name!r} returns {type(output).__name__}, not a tensor; pick a module that outputs a tensor")
-            if name in self._outputs:
-                raise InputError(f"layer {name!r} runs more than once per forward pass; pick a module used once")
-            self._outputs[name] = output
-            if name == self._stop:
-                raise _StopForward
-            return output.clone()
-
-        return hook
-
-    def __call__(self, x: Any, needed: Iterable[str] | None = None) -> dict[str, Any]:
-        """Outputs of the layers (all, or those ``needed``) for the batch ``x``."""
-        needed = list(self.layers if needed is None else needed)
-        if not self.order:  # first call: learn the execution order, run the whole network
-            self._stop = None
-        else:
-            self._stop = max(needed, key=self.order.index)
-        self._outputs = {}
-        try:
-            self.model(x)
-        except _StopForward:
-            pass
-        if not self.order:
-            self.order = list(self._outputs)
-        absent = [n for n in needed if n not in self._outputs]
-        if absent:
-            raise InputError(f"layer(s) {absent} did not run in the model's forward pass")
-        outputs, self._outputs = self._outputs, {}
-        return outputs
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def default_layers(model: Any) -> list[str]:
@@ -469,3 +400,41 @@ def box_mask(box: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
     mask = np.zeros(shape, dtype=bool)
     mask[y0:y1, x0:x1] = True
     return mask
+
+__all__ = [
+    "GAUSS_ENTROPY", "CIDConfig", "CIDMaps", "CIDExplainer", "LayerTap", "default_layers", "fit_sigma",
+    "concentration", "box_mask", "DecoderConfig", "train_decoder", "reconstruction_uncertainty", "layerwise_cid",
+    "cid_report", "load_boxes",
+]
+
+
+def load_boxes(path: str | Path) -> dict[int, tuple[float, float, float, float]]:
+    """Foreground boxes Λ per image index from a CSV (header ``index,x0,y0,x1,y1``) or a
+    JSON file (``{"<index>": [x0, y0, x1, y1]}`` or ``[{"index": i, "box": [...]}, ...]``);
+    pixels, x1/y1 exclusive.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "boxes.csv"
+        >>> _ = p.write_text("index,x0,y0,x1,y1\\n3,2,2,10,12\\n")
+        >>> load_boxes(p)
+        {3: (2.0, 2.0, 10.0, 12.0)}
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"boxes file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(text)
+            items = raw.items() if isinstance(raw, dict) else [(d["index"], d["box"]) for d in raw]
+        else:
+            reader = csv.DictReader(io.StringIO(text))
+            items = [(row["index"], [row[k] for k in ("x0", "y0", "x1", "y1")]) for row in reader]
+        boxes = {int(i): tuple(float(v) for v in box) for i, box in items}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path}: expected CSV columns index,x0,y0,x1,y1 or JSON {{index: [x0, y0, x1, y1]}} ({exc})") from None
+    bad = [i for i, b in boxes.items() if len(b) != 4 or b[2] <= b[0] or b[3] <= b[1]]
+    if bad:
+        raise InputError(f"{path}: boxes of images {bad[:10]} are not (x0, y0, x1, y1) with x1 > x0 and y1 > y0")
+    return boxes
