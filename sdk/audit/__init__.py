@@ -20,6 +20,15 @@ from keepbits.audit._base import (
     softmax,
 )
 from keepbits.audit._report import Report, Section, colorize, overlay, to_png
+from keepbits.audit.sis import (
+    BackSelectResult,
+    SISExplainer,
+    SISResult,
+    backselect,
+    find_sis,
+    gradient_backselect,
+    sis_collection,
+)
 
 __all__ = [
     "Explainer",
@@ -34,4 +43,11 @@ __all__ = [
     "colorize",
     "overlay",
     "to_png",
+    "BackSelectResult",
+    "SISExplainer",
+    "SISResult",
+    "backselect",
+    "find_sis",
+    "gradient_backselect",
+    "sis_collection",
 ]

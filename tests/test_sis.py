@@ -1,0 +1,160 @@
+"""SIS (Carter et al. 2019): exact BackSelect / FindSIS / SIScollection, incremental vs plain,
+gradient SIS, ONNX models, the explainer."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from keepbits.audit import SISExplainer, TorchAdapter, backselect, find_sis, gradient_backselect, sis_collection  # noqa: E402
+from keepbits.audit.sis import TIE_TOLERANCE  # noqa: E402
+from keepbits.errors import InputError  # noqa: E402
+
+SHAPE = (2, 7, 6)
+D = SHAPE[1] * SHAPE[2]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: OpenMP barriers cost more than they save
+    yield
+    torch.set_num_threads(before)
+
+
+def random_cnns():
+    torch.manual_seed(0)
+    for net in _cnns():
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(3.0)  # confident, input-sensitive outputs
+        yield net.eval()
+
+
+def _cnns():
+    yield nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, stride=2, padding=1),
+                        nn.BatchNorm2d(6), nn.ELU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 8), nn.ReLU(), nn.Linear(8, 3))
+    yield nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AvgPool2d(2, padding=1), nn.Conv2d(4, 5, 2), nn.Tanh(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    yield nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),
+                        nn.Flatten(), nn.Linear(3 * 2 * 3, 3))
+
+
+def plain_backselect(net, x, target):
+    """Obviously correct BackSelect: every candidate image through the whole float64 model."""
+    net = net.double().eval()
+    c, h, w = x.shape
+    cur = torch.as_tensor(x, dtype=torch.float64).clone()
+
+    def score(images):
+        with torch.no_grad():
+            return torch.log_softmax(net(images), 1)[:, target].tolist()
+
+    remaining, order, scores = list(range(h * w)), [], score(cur[None])
+    while remaining:
+        trials = cur.repeat(len(remaining), 1, 1, 1)
+        for i, p in enumerate(remaining):
+            trials[i, :, p // w, p % w] = 0.0
+        s = score(trials)
+        best = max(s)
+        k = next(i for i, v in enumerate(s) if v >= best - TIE_TOLERANCE)
+        p = remaining.pop(k)
+        cur[:, p // w, p % w] = 0.0
+        order.append(p)
+        scores.append(s[k])
+    return np.array(order), np.exp(scores)
+
+
+@pytest.mark.parametrize("arch", range(3))
+def test_incremental_equals_plain(arch):
+    net = list(random_cnns())[arch].eval()
+    for seed in range(3):
+        x = np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32)
+        x[:, 3:5, 2:4] = 0.0  # pixels already at the mask value: exact ties
+        model = TorchAdapter(net, SHAPE)
+        fast = backselect(model, x, method="incremental")
+        order, scores = plain_backselect(list(random_cnns())[arch].eval(), x, fast.target)
+        assert fast.method == "incremental"
+        assert np.array_equal(fast.order, order)
+        assert np.allclose(fast.scores, scores, rtol=1e-12, atol=1e-14)
+        for tau in (0.2, 0.5, 0.9, 0.99):
+            plain_sis = find_sis(type(fast)(order, scores, fast.target, fast.shape), tau)
+            fast_sis = find_sis(fast, tau)
+            assert (plain_sis is None and fast_sis is None) or np.array_equal(plain_sis, fast_sis)
+
+
+def test_incremental_equals_plain_larger_image():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(6 * 5 * 5, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = np.random.default_rng(7).normal(size=(1, 14, 14)).astype(np.float32)
+    fast = backselect(TorchAdapter(net, (1, 14, 14)), x)
+    order, scores = plain_backselect(net, x, fast.target)
+    assert fast.method == "incremental" and np.array_equal(fast.order, order)
+
+
+def test_find_sis_semantics_and_cached_cut():
+    net = next(random_cnns()).eval()
+    model = TorchAdapter(net, SHAPE)
+    x = np.random.default_rng(3).normal(size=SHAPE).astype(np.float32)
+    res = backselect(model, x)
+    f_full, f_empty = res.scores[0], res.scores[-1]
+    assert find_sis(res, min(1.0, f_full + 1e-6)) is None
+    assert find_sis(res, f_empty).size == 0
+    for tau in np.linspace(f_empty, f_full, 5)[1:]:
+        sis = find_sis(res, tau)
+        keep = np.zeros(D, bool)
+        keep[sis] = True
+        masked = np.where(keep.reshape(SHAPE[1:]), x, 0.0)[None]
+        f = model.probabilities(masked)[0, res.target]
+        assert f >= tau - 1e-6  # the cut needs no new evaluation, and holds when re-evaluated
+        assert len(sis) == 0 or res.scores[len(res.order) - len(sis) + 1] < tau  # one pixel fewer is below τ
+
+
+def test_sis_collection_disjoint_and_rest_below_threshold():
+    net = next(random_cnns()).eval()
+    model = TorchAdapter(net, SHAPE)
+    x = np.random.default_rng(1).normal(size=SHAPE).astype(np.float32)
+    res = backselect(model, x)
+    assert res.scores[0] > res.scores[-1] + 0.05
+    tau = float(res.scores[-1] + 0.5 * (res.scores[0] - res.scores[-1]))
+    found = sis_collection(model, x, tau)
+    assert len(found) >= 1
+    flat = np.concatenate(found)
+    assert len(np.unique(flat)) == len(flat)
+    rest = x.copy()
+    rest[:, flat // SHAPE[2], flat % SHAPE[2]] = 0.0
+    assert model.probabilities(rest[None])[0, res.target] < tau
+
+
+def test_gradient_sis_batched_and_verified():
+    net = next(random_cnns()).eval()
+    model = TorchAdapter(net, SHAPE)
+    xs = np.random.default_rng(2).normal(size=(5, *SHAPE)).astype(np.float32)
+    batch = gradient_backselect(model, xs, k=4, batch_size=3)
+    single = gradient_backselect(model, xs[1:2], k=4)
+    assert np.array_equal(batch[1].order, single[0].order)
+    for x, res in zip(xs, batch):
+        assert sorted(res.order.tolist()) == list(range(D)) and np.isfinite(res.scores).sum() == -(-D // 4) + 1
+        sis = find_sis(res, 0.5 * res.scores[0])
+        keep = np.zeros(D, bool)
+        keep[sis] = True
+        f = model.probabilities(np.where(keep.reshape(SHAPE[1:]), x, 0.0)[None])[0, res.target]
+        assert f >= 0.5 * res.scores[0] - 1e-6
+
+
+def test_explainer_reports_unconfident_images_and_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    net = next(random_cnns()).eval()
+    xs = np.random.default_rng(4).normal(size=(3, *SHAPE)).astype(np.float32)
+    results = SISExplainer(net, threshold=0.999, input_shape=SHAPE).explain(xs)
+    assert all(not r.confident and r.sis == [] for r in results)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(net, (torch.zeros(1, *SHAPE),), str(path), input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    res = SISExplainer(str(path), threshold=0.4, method="plain").explain(xs[:1], target=0)[0]
+    assert res.backselect.method == "plain" and len(res.backselect.order) == D
+    with pytest.raises(InputError):
+        backselect(str(path), xs[0], method="incremental")
+    with pytest.raises(InputError):
+        SISExplainer(net, threshold=1.5, input_shape=SHAPE)
