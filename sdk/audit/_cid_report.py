@@ -30,11 +30,12 @@ SHOWN_IMAGES = 4
 
 
 def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, config: Any = None, *, name: str = "",
-                  foreground: Mapping[int, Any] | None = None, ru_images: Any = None, decoder: DecoderConfig | None = None,
+                  foreground: Mapping[int, Any] | None = None, ru_images: Any = None, ru_layers: Sequence[str] | None = None,
+                  decoder: DecoderConfig | None = None,
                   cache_dir: str | Path | None = "default", batch_size: int = 16,
                   **model_kwargs: Any) -> dict[str, Any]:
     """CID maps of ``inputs`` at every layer, plus RU (when ``ru_images``, the decoder's
-    training images, are given) and concentration (Eq. 5, for images with an entry in
+    training images, are given; at ``ru_layers`` only, default all) and concentration (Eq. 5, for images with an entry in
     ``foreground``: an H×W mask or a box ``(x0, y0, x1, y1)``).
 
     Returns ``{"name", "layers", "images" (uint8 N×H×W×C), "entropy" (N×L×H×W), "ru"
@@ -53,8 +54,13 @@ def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, 
     ru, decoders = None, {}
     if ru_images is not None:
         train_x = adapter.prepare(ru_images)
-        ru = np.zeros_like(entropy)
+        ru = np.full_like(entropy, np.nan)
+        unknown = sorted(set(ru_layers or []) - set(cid.layers))
+        if unknown:
+            raise InputError(f"RU layers {unknown} are not among the audited layers {cid.layers}")
         for l, layer in enumerate(cid.layers):
+            if ru_layers is not None and layer not in ru_layers:
+                continue
             dec, info = train_decoder(cid.module, layer, train_x, decoder, cache_dir)
             decoders[layer] = info
             ru[:, l], fit = reconstruction_uncertainty(cid.module, layer, dec, x, cid.config, batch_size)
@@ -69,7 +75,7 @@ def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, 
         rows = m.to_dict()
         rows["concentration"] = conc[i].tolist()
         if ru is not None:
-            rows["ru_mean"] = ru[i].reshape(nl, -1).mean(1).tolist()
+            rows["ru_mean"] = [float(v) if np.isfinite(v) else None for v in ru[i].reshape(nl, -1).mean(1)]
         per_image.append(rows)
     summary = {
         "layer": list(cid.layers),
@@ -80,7 +86,7 @@ def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, 
         "reached": [int(sum(bool(m.reached[l]) for m in maps)) for l in range(nl)],
         "steps_mean": [float(np.mean([m.steps[l] for m in maps])) for l in range(nl)],
         "saturated": [float(np.mean([m.saturated[l] for m in maps])) for l in range(nl)],
-        "ru_mean": [float(ru[:, l].mean()) for l in range(nl)] if ru is not None else None,
+        "ru_mean": [float(ru[:, l].mean()) if np.isfinite(ru[:, l]).all() else None for l in range(nl)] if ru is not None else None,
         "concentration": [float(np.nanmean(conc[:, l])) if np.isfinite(conc[:, l]).any() else None for l in range(nl)],
         "images": len(x),
     }
@@ -141,7 +147,7 @@ def cid_report(runs: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Map
             row = {"layer": layer, "CID/pixel": s["cid_mean"][l], "± (images)": s["cid_mean_std"][l], "CID (sum)": s["cid_sum"][l],
                    "ratio/β": s["ratio_over_beta"][l], "reached": f"{s['reached'][l]}/{s['images']}", "steps": s["steps_mean"][l],
                    "σ at cap": s["saturated"][l]}
-            if s["ru_mean"] is not None:
+            if s["ru_mean"] is not None and s["ru_mean"][l] is not None:
                 row["RU/pixel"] = s["ru_mean"][l]
                 row["decoder R²"] = r["decoders"][layer]["val_r2"]
             if s["concentration"][l] is not None:
