@@ -5,7 +5,8 @@ step takes one unrolled SGD step of the classifier on the simplified batch,
 
     θ' = θ − α ∇_θ l(f_θ(X_sim)),   X_sim = g(X_orig),
 
-and minimises (AdamW, lr 5e-4, weight decay 1e-5, both networks)
+and minimises (AdamW, lr 5e-4, weight decay 1e-5, both networks; ``sim_lr`` can raise the
+simplifier's rate for short CPU runs)
 
     L = λ_sim·L_sim + L_cls,   L_cls = 10·l(f_θ'(X_orig)) + l(f_θ(X_sim)) + l(f_θ'(X_sim))   (S3)
 
@@ -112,6 +113,7 @@ class SimpleBitsConfig:
     lambda_sim: float = 1.0
     inner_lr: float = 0.1
     lr: float = 5e-4
+    sim_lr: float | None = None
     weight_decay: float = 1e-5
     steps: int = 500
     batch_size: int = 32
@@ -201,7 +203,8 @@ def train_simplebits(cfg: SimpleBitsConfig) -> dict[str, Any]:
         classifier, clf_kwargs = build_classifier(arch, c, train.num_classes, (h, w), mean, std)
     sim_kwargs = {"in_channels": c, "base": cfg.unet_base}
     simplifier = registry.build("simplebits_unet", kind="simplifier", **sim_kwargs)
-    opt = torch.optim.AdamW(list(simplifier.parameters()) + list(classifier.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": list(simplifier.parameters()), "lr": cfg.sim_lr or cfg.lr}, {"params": list(classifier.parameters())}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, labels = torch.from_numpy(np.ascontiguousarray(train.x)), torch.from_numpy(train.y)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, recent = time.time(), []

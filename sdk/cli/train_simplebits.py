@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda-sim", type=float, default=1.0, help="weight of L_sim (bpd of the simplified image)")
     p.add_argument("--inner-lr", type=float, default=0.1, help="SGD learning rate of the unrolled classifier step")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (both networks)")
+    p.add_argument("--sim-lr", type=float, default=None, help="AdamW learning rate of the simplifier (default: --lr, as in the paper)")
     p.add_argument("--weight-decay", type=float, default=1e-5)
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = SimpleBitsConfig(
         data=args.data, out=args.out, density=args.density, arch=args.arch, classifier=args.classifier,
-        lambda_sim=args.lambda_sim, inner_lr=args.inner_lr, lr=args.lr, weight_decay=args.weight_decay,
+        lambda_sim=args.lambda_sim, inner_lr=args.inner_lr, lr=args.lr, sim_lr=args.sim_lr, weight_decay=args.weight_decay,
         steps=args.steps, batch_size=args.batch_size, unet_base=args.unet_base, max_train=args.max_train,
         max_test=args.max_test, seed=args.seed, threads=args.threads, command=command_line(),
     )

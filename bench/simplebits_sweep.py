@@ -1,0 +1,144 @@
+"""SimpleBits Fig. 5 on CPU-sized subsets: λ_sim sweep → accuracy vs bpd of the simplified
+test images for joint training, retraining from scratch on simplified images and
+finetuning a pretrained classifier; optional S7 baselines (Gaussian blur, JPEG quality)
+scored with the same protocol (fresh classifier trained on the transformed train images,
+tested on the transformed test images; bpd under the same density model).
+
+    OMP_WAIT_POLICY=PASSIVE nice -n 5 .venv/bin/python bench/simplebits_sweep.py --dataset mnist
+
+Writes ``bench/results/simplebits_sweep_<dataset>.json`` after every run (partial results survive).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import default_data_dir, write_result  # noqa: E402
+
+
+def gaussian_blur(x, sigma: float):
+    """Separable Gaussian blur (reflect padding) of N×C×H×W [0, 1] images."""
+    import torch
+    import torch.nn.functional as F
+
+    radius = max(1, int(3 * sigma + 0.5))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).view(1, 1, 1, -1).repeat(x.shape[1], 1, 1, 1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k, groups=x.shape[1])
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.transpose(2, 3), groups=x.shape[1])
+
+
+def jpeg(x, quality: int):
+    """JPEG round trip (PIL) of N×C×H×W [0, 1] images at ``quality``."""
+    import torch
+    from PIL import Image
+
+    out = []
+    for img in (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8):
+        buf = io.BytesIO()
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="JPEG", quality=quality)
+        dec = np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+        out.append(dec[..., None] if dec.ndim == 2 else dec)
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(default_data_dir() or "../shared/data"))
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "cifar10"])
+    p.add_argument("--density", default=None)
+    p.add_argument("--arch", default="nf_wrn16_2")
+    p.add_argument("--max-train", type=int, default=2000)
+    p.add_argument("--max-test", type=int, default=500)
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    p.add_argument("--modes", nargs="+", default=["joint", "retrain", "finetune"], choices=["joint", "retrain", "finetune"])
+    p.add_argument("--steps", type=int, default=60, help="joint / finetune steps per λ")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sim-lr", type=float, default=5e-3)
+    p.add_argument("--unet-base", type=int, default=8)
+    p.add_argument("--classifier-steps", type=int, default=150, help="plain AdamW steps for baseline / retrained classifiers")
+    p.add_argument("--blur-sigmas", type=float, nargs="*", default=[])
+    p.add_argument("--jpeg-qualities", type=int, nargs="*", default=[])
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+
+    import torch
+
+    from keepbits.data import channel_stats, load_dataset
+    from keepbits.training.checkpoint import model_entry, save_checkpoint
+    from keepbits.training.density import images_to_unit, load_density
+    from keepbits.training.simplebits import (
+        SimpleBitsConfig, accuracy, build_classifier, fit_classifier, load_simplebits, mean_bpd, simplify, train_simplebits,
+    )
+
+    torch.set_num_threads(args.threads)
+    root = Path(args.data) / args.dataset
+    train, test = load_dataset(root, "train"), load_dataset(root, "test")
+    train, test = train.subset(np.arange(args.max_train)), test.subset(np.arange(args.max_test))
+    xtr, ytr = images_to_unit(train.x), torch.from_numpy(train.y)
+    xte, yte = images_to_unit(test.x), torch.from_numpy(test.y)
+    mean, std = channel_stats(train.x)
+    flow = load_density(args.density)
+    c, h, w = train.shape_chw
+    work = Path(tempfile.mkdtemp(prefix="simplebits_sweep_"))
+    rows: list[dict] = []
+    name = f"simplebits_sweep_{args.dataset}"
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        write_result(name, {"settings": vars(args), "sizes": {"train": len(train), "test": len(test)}, "rows": rows,
+                            "protocol": "accuracy on simplified/transformed test images; bpd = mean test bpd under the density model"})
+
+    def fresh_fit(x_train) -> torch.nn.Module:
+        torch.manual_seed(0)
+        clf, _ = build_classifier(args.arch, c, train.num_classes, (h, w), mean, std)
+        return fit_classifier(clf, x_train, ytr, args.classifier_steps, args.batch_size)
+
+    t0 = time.time()
+    base = fresh_fit(xtr)
+    record({"mode": "original", "bpd": mean_bpd(flow, xte), "accuracy": accuracy(base, xte, yte), "wall_s": time.time() - t0})
+    pretrained = work / "pretrained.pt"
+    save_checkpoint(pretrained, {"kind": "classifier", "models": {"classifier": model_entry(args.arch, {"in_channels": c, "num_classes": train.num_classes, "image_size": [h, w]}, base.net)},
+                                 "normalization": {"mean": mean, "std": std}, "class_names": train.class_names})
+
+    for sigma in args.blur_sigmas:
+        t0 = time.time()
+        clf = fresh_fit(gaussian_blur(xtr, sigma))
+        xb = gaussian_blur(xte, sigma)
+        record({"mode": "blur", "sigma": sigma, "bpd": mean_bpd(flow, xb), "accuracy": accuracy(clf, xb, yte), "wall_s": time.time() - t0})
+    for q in args.jpeg_qualities:
+        t0 = time.time()
+        clf = fresh_fit(jpeg(xtr, q))
+        xj = jpeg(xte, q)
+        record({"mode": "jpeg", "quality": q, "bpd": mean_bpd(flow, xj), "accuracy": accuracy(clf, xj, yte), "wall_s": time.time() - t0})
+
+    for lam in args.lambdas:
+        for mode in [m for m in ("joint", "finetune") if m in args.modes or (m == "joint" and "retrain" in args.modes)]:
+            t0 = time.time()
+            out = work / f"{mode}_{lam}.pt"
+            cfg = SimpleBitsConfig(data=str(root), out=str(out), density=args.density, arch=args.arch, lambda_sim=lam,
+                                   steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr, unet_base=args.unet_base,
+                                   max_train=args.max_train, max_test=args.max_test, threads=args.threads,
+                                   classifier=str(pretrained) if mode == "finetune" else None)
+            m = train_simplebits(cfg)["metrics"]
+            if mode in args.modes:
+                record({"mode": mode, "lambda_sim": lam, "bpd": m["bpd_sim"], "accuracy": m["acc_sim"], "acc_orig": m["acc_orig"], "wall_s": time.time() - t0})
+            if mode == "joint" and "retrain" in args.modes:
+                t0 = time.time()
+                simplifier, _, _ = load_simplebits(out)
+                clf = fresh_fit(simplify(simplifier, xtr))
+                xs = simplify(simplifier, xte)
+                record({"mode": "retrain", "lambda_sim": lam, "bpd": mean_bpd(flow, xs), "accuracy": accuracy(clf, xs, yte), "wall_s": time.time() - t0})
+
+
+if __name__ == "__main__":
+    main()
