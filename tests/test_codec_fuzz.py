@@ -46,7 +46,7 @@ def _expect_decode_error(data: bytes, budget_s: float = 1.0) -> None:
 
 def test_random_bytes():
     rng = np.random.default_rng(1)
-    for n in [0, 1, 3, 10, 67, 68, 69, 200, 5000]:
+    for n in [0, 1, 3, 10, 53, 54, 55, 200, 5000]:
         for _ in range(20):
             _expect_decode_error(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
     _expect_decode_error(b"KBIT\x01" + bytes(100))

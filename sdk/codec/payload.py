@@ -295,7 +295,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.nda
         >>> from keepbits.codec import decode
         >>> decode(b"not a payload")  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
-        keepbits.errors.DecodeError: truncated payload: 13 bytes, the header alone needs 68
+        keepbits.errors.DecodeError: truncated payload: 13 bytes, the header alone needs 54
     """
     header, sections = unpack(data, max_pixels)
     h, w, c, b = header.height, header.width, header.channels, header.block

@@ -1,0 +1,217 @@
+"""Runtime throughput on real camera footage: predict+explain+compress vs classifier only
+vs a naive loop, per-stage latency, and memory over a long looped run.
+
+    nice -n 5 python bench/runtime_throughput.py --data ../shared/data --frames 60 --rounds 3 --soak-seconds 600
+
+Model: a ResNet-18 (ImageNet stem) at 224×224 with the default NICE generator
+(``nice_unet``), b = 8, exported to a bundle with ``keepbits.export`` (untrained weights:
+compute is the same; the generator's initial bias keeps ~every pixel, so the codec runs
+its worst case, every block kept). Frames: ``videos/bottle-detection.mp4`` (640×360),
+letterboxed to 224×224.
+
+* classifier only: the same letterbox + an ONNX Runtime session of normalise+ResNet-18.
+* graph only: the same letterbox + the bundle's session (generator + classifier), no codec:
+  pipeline/graph-only is the runtime's own overhead.
+* pipeline: :func:`keepbits.runtime.stream.run_stream` (preprocess, generator+classifier
+  graph, lossless payload encode in the writer thread), no sinks.
+* naive: torch eager generator+classifier, mask + mixed image in torch, PIL PNG of x̃.
+
+The three alternate in rounds on the same frames, in the same process; throughput is the
+median over rounds. The soak loops the video through ``run_stream`` and samples RSS.
+Writes ``bench/results/runtime_throughput.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import default_data_dir, write_result  # noqa: E402
+
+from keepbits import registry  # noqa: E402
+from keepbits.export import export_onnx  # noqa: E402
+from keepbits.runtime import Pipeline, open_source  # noqa: E402
+from keepbits.runtime.stream import run_stream  # noqa: E402
+from keepbits.training import functional  # noqa: E402
+from keepbits.training.checkpoint import model_entry, save_checkpoint  # noqa: E402
+
+SIZE, BLOCK = 224, 8
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def build_models(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(seed)
+    classifier = registry.build("resnet18", in_channels=3, num_classes=1000).eval()
+    generator = registry.build("nice_unet", in_channels=3).eval()
+    return generator, classifier
+
+
+def make_bundle(generator, classifier, folder: Path) -> Path:
+    ckpt = save_checkpoint(folder / "nice.pt", {
+        "kind": "nice",
+        "models": {"generator": model_entry("nice_unet", {"in_channels": 3}, generator),
+                   "classifier": model_entry("resnet18", {"in_channels": 3, "num_classes": 1000}, classifier)},
+        "input_shape": [3, SIZE, SIZE], "normalization": {"mean": MEAN, "std": STD},
+        "class_names": [f"class{i}" for i in range(1000)], "settings": {"block_size": BLOCK, "mask_threshold": 0.5},
+        "command": "bench/runtime_throughput.py (untrained weights)", "metrics": {}, "epoch": 0,
+    })
+    return export_onnx(ckpt, folder / "bundle", verify=False).source
+
+
+class ClassifierOnly(torch.nn.Module):
+    """uint8 NHWC → normalise → ResNet-18 logits: the bundle's graph without the generator."""
+
+    def __init__(self, classifier: torch.nn.Module):
+        super().__init__()
+        self.classifier = classifier
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).to(torch.float32)
+        return self.classifier((x - self.mean) / self.std)
+
+
+def classifier_session(classifier: torch.nn.Module, path: Path, threads: int | None) -> ort.InferenceSession:
+    example = torch.zeros(1, SIZE, SIZE, 3, dtype=torch.uint8)
+    torch.onnx.export(ClassifierOnly(classifier).eval(), (example,), str(path), input_names=["image"], output_names=["logits"],
+                      dynamo=False, opset_version=18)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def load_frames(video: Path, n: int) -> list[np.ndarray]:
+    frames: list[np.ndarray] = []
+    with open_source(video) as src:
+        while len(frames) < n and (f := src.get()) is not None:
+            frames.append(f.image)
+    return frames
+
+
+def run_session(session, outputs: list[str], pipe: Pipeline, frames) -> float:
+    """Frames/s of letterbox (the pipeline's own) + one ``session.run`` per frame."""
+    buf = np.empty((1, SIZE, SIZE, 3), np.uint8)
+    start = time.perf_counter()
+    for f in frames:
+        pipe._fit(f, buf[0])
+        session.run(outputs, {"image": buf})
+    return len(frames) / (time.perf_counter() - start)
+
+
+def run_pipeline(pipe: Pipeline, frames) -> tuple[float, dict]:
+    summary = run_stream(pipe, open_source(frames), [], compare=())
+    return summary["written"] / summary["seconds"], summary
+
+
+def run_naive(generator, classifier, frames) -> float:
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for f in frames:
+            img = Image.fromarray(f)
+            img.thumbnail((SIZE, SIZE))
+            canvas = Image.new("RGB", (SIZE, SIZE))
+            canvas.paste(img, ((SIZE - img.width) // 2, (SIZE - img.height) // 2))
+            x = torch.from_numpy(np.array(canvas)).permute(2, 0, 1)[None].float() / 255
+            xn = (x - mean) / std
+            mask = functional.deterministic_mask(generator(xn))
+            mixed = functional.mixed_resolution(x, mask, BLOCK)
+            classifier(xn).argmax(1)
+            out = (mixed[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(out).save(io.BytesIO(), format="PNG")
+    return len(frames) / (time.perf_counter() - start)
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def soak(pipe: Pipeline, video: Path, seconds: float) -> dict:
+    stop, samples = threading.Event(), []
+    start = time.monotonic()
+
+    def sample():
+        while not stop.wait(5.0):
+            samples.append((round(time.monotonic() - start, 1), round(rss_mb(), 1)))
+
+    threading.Timer(seconds, stop.set).start()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    summary = run_stream(pipe, open_source(video, loop=True), [], compare=("jpeg",), stop=stop)
+    rss = [r for _, r in samples]
+    k = max(1, len(rss) // 5)
+    return {
+        "seconds": summary["seconds"], "frames": summary["written"], "fps": summary["fps"],
+        "rss_mb_first_fifth_mean": round(statistics.mean(rss[:k]), 1) if rss else None,
+        "rss_mb_last_fifth_mean": round(statistics.mean(rss[-k:]), 1) if rss else None,
+        "rss_mb_max": max(rss) if rss else None, "rss_samples": samples,
+        "payload_bytes_per_frame": summary["payload_bytes_per_frame"], "ratio_vs_jpeg": summary.get("ratio_vs_jpeg"),
+        "latency_ms": summary["latency_ms"], "source": summary["source"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=default_data_dir())
+    p.add_argument("--frames", type=int, default=60, help="frames per measurement round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op / torch threads (default: library choice)")
+    p.add_argument("--soak-seconds", type=float, default=600.0, help="0 skips the soak")
+    args = p.parse_args()
+    if args.data is None:
+        p.error("--data is required (no ../shared/data here)")
+    video = args.data / "videos" / "bottle-detection.mp4"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="kb-bench-"))
+    generator, classifier = build_models()
+    pipe = Pipeline.from_bundle(make_bundle(generator, classifier, work), backend="onnxruntime", threads=args.threads)
+    session = classifier_session(classifier, work / "classifier.onnx", args.threads)
+    frames = load_frames(video, args.frames)
+    run_pipeline(pipe, frames[:4]), run_session(session, ["logits"], pipe, frames[:4]), run_naive(generator, classifier, frames[:2])  # warm-up
+    rounds = []
+    for r in range(args.rounds):
+        cls = run_session(session, ["logits"], pipe, frames)
+        graph = run_session(pipe.session, ["logits", "mask"], pipe, frames)
+        full, summary = run_pipeline(pipe, frames)
+        naive = run_naive(generator, classifier, frames)
+        rounds.append({"classifier_only_fps": cls, "graph_only_fps": graph, "pipeline_fps": full, "naive_fps": naive,
+                       "latency_ms": summary["latency_ms"], "payload_bytes_per_frame": summary["payload_bytes_per_frame"],
+                       "kept_fraction_mean": summary["kept_fraction_mean"]})
+        print(f"round {r + 1}: classifier-only {cls:.2f} fps, graph-only {graph:.2f} fps, pipeline {full:.2f} fps, naive {naive:.2f} fps", flush=True)
+    med = {k: statistics.median(x[k] for x in rounds) for k in ("classifier_only_fps", "graph_only_fps", "pipeline_fps", "naive_fps")}
+    result = {
+        "model": {"classifier": "resnet18 (ImageNet stem, 1000 classes, untrained)", "generator": "nice_unet (default, untrained)",
+                  "input": [3, SIZE, SIZE], "block": BLOCK, "providers": pipe.providers, "custom_ops": pipe.manifest.custom_ops},
+        "video": str(video.name), "frames_per_round": len(frames), "rounds": rounds, "median": med,
+        "pipeline_over_classifier_only": med["pipeline_fps"] / med["classifier_only_fps"],
+        "pipeline_over_naive": med["pipeline_fps"] / med["naive_fps"],
+        "pipeline_over_graph_only": med["pipeline_fps"] / med["graph_only_fps"],
+        "targets": {"pipeline_over_classifier_only": ">= 0.90", "pipeline_over_naive": ">= 3"},
+    }
+    print(f"pipeline/classifier-only {result['pipeline_over_classifier_only']:.3f}, pipeline/naive {result['pipeline_over_naive']:.2f}", flush=True)
+    if args.soak_seconds > 0:
+        result["soak"] = soak(pipe, video, args.soak_seconds)
+        print(f"soak: {result['soak']['frames']} frames in {result['soak']['seconds']:.0f} s, RSS {result['soak']['rss_mb_first_fifth_mean']} -> "
+              f"{result['soak']['rss_mb_last_fifth_mean']} MB (max {result['soak']['rss_mb_max']})", flush=True)
+    print(write_result("runtime_throughput", result))
+
+
+if __name__ == "__main__":
+    main()
