@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -117,3 +119,19 @@ def test_fallback_logs_once(monkeypatch, caplog):
     monkeypatch.setenv("KEEPBITS_NATIVE_LIB", "/nonexistent/libkeepbits_ort.so")
     with pytest.raises(InputError, match="KEEPBITS_NATIVE_LIB"):
         native.library_path()
+
+
+def _gpu_present() -> bool:
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+CUDA_TEST = Path(__file__).resolve().parent.parent / "native" / "build" / "keepbits_cuda_test"
+
+
+@pytest.mark.skipif(not CUDA_TEST.is_file() or not _gpu_present(), reason="needs `native/build.sh --cuda` and an NVIDIA GPU")
+def test_cuda_kernels_match_cpu_kernels_on_gpu():
+    run = subprocess.run([str(CUDA_TEST), str(SEED)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
