@@ -19,7 +19,7 @@ from keepbits.training.classifier import ClassifierConfig, train_classifier
 
 TASKS = {
     # target: minimum test accuracy the issue asks for
-    "mnist-lenet5": dict(subdir="mnist", arch="lenet5", epochs=10, optimizer="sgd", lr=0.05, weight_decay=5e-4,
+    "mnist-lenet5": dict(subdir="mnist", arch="lenet5", epochs=8, optimizer="sgd", lr=0.05, weight_decay=5e-4,
                          batch_size=128, crop_padding=2, augment="crop", target=0.990),
     "cifar10-resnet20": dict(subdir="cifar10", arch="resnet20", epochs=30, optimizer="sgd", lr=0.1, weight_decay=5e-4,
                              batch_size=128, crop_padding=4, augment="crop-flip", warmup_epochs=1, target=0.80),
@@ -32,6 +32,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding mnist/ and cifar10/ (default ../shared/data)")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where checkpoints go")
     parser.add_argument("--epochs", type=int, default=None, help="override the task's epoch count")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     args = parser.parse_args()
     if args.data is None or not (args.data / TASKS[args.task]["subdir"]).is_dir():
         parser.error(f"data folder not found: {args.data} (pass --data)")
@@ -41,7 +42,8 @@ def main() -> int:
     if args.epochs:
         task["epochs"] = args.epochs
     out = args.runs / f"bench_{args.task}"
-    cfg = ClassifierConfig(data=str(args.data / subdir), out=str(out), val_fraction=0.0, command=" ".join(sys.argv), **task)
+    cfg = ClassifierConfig(data=str(args.data / subdir), out=str(out), val_fraction=0.0, threads=args.threads,
+                           command=" ".join(sys.argv), **task)
     started = time.time()
     summary = train_classifier(cfg)
     final = summary["history"][-1]
