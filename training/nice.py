@@ -14,9 +14,13 @@ mask ẑ (Eq. 11). The math comes from :mod:`keepbits.training.functional`.
 
 Modes: ``fixed`` (the classifier is frozen, eval mode, no gradient) and ``finetuned``
 (the classifier blocks named in ``train_blocks`` train too, NICE footnote 4). With
-``target_fraction`` set, λ1 follows a multiplicative dual update after every step,
-λ1 ← λ1·exp(η·(f − t)/t), where f is the batch's kept fraction (ẑ > 0.5), so training
-ends near the requested fraction t.
+``target_fraction`` set, "kept fraction = t" is treated as an equality constraint and λ1
+as its Lagrange multiplier: after every step λ1 ← λ1 + η·(f − t)/t (dual ascent), f the
+batch's kept fraction (ẑ > 0.5). λ1 may turn negative when the classifier alone would keep
+fewer pixels than asked, so the fraction is reached from either side. The loss is then
+divided by 1 + |λ1|: the gradient scale stays bounded while λ1 moves (Adam's moment
+estimates lag a fast-growing loss and take oversized steps that saturate the gates) and
+the minimiser for a given λ1 is unchanged.
 
 Example:
     >>> import tempfile
@@ -64,8 +68,8 @@ log = logging.getLogger("keepbits")
 MODES = ("fixed", "finetuned")
 OPTIMIZERS = ("adam", "sgd")
 MASK_THRESHOLD = 0.5
-#: bounds of the adapted λ1 in target-sparsity mode
-LAMBDA_RANGE = (1e-4, 1e4)
+#: bound on |λ1| in target-sparsity mode
+LAMBDA_MAX = 1e4
 
 
 @dataclass
@@ -301,6 +305,8 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
             z = hard_concrete_sample(log_alpha)  # Eq. 7: L_D sees the sampled gate
             logits = classifier(mixed_resolution(x, z, cfg.block_size))
             loss, parts = nice_loss(log_alpha, logits, y, lambda_l0, cfg.lambda_smooth)
+            if cfg.target_fraction is not None:
+                loss = loss / (1.0 + abs(lambda_l0))  # bounded scale while λ1 moves; same minimiser
             if not torch.isfinite(loss):
                 raise InputError(f"NICE training diverged at epoch {epoch + 1} (loss {loss.item()}); lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
@@ -310,7 +316,7 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
                 kept = (deterministic_mask(log_alpha) > MASK_THRESHOLD).float().mean().item()
             if cfg.target_fraction is not None:
                 t = cfg.target_fraction
-                lambda_l0 = float(np.clip(lambda_l0 * math.exp(cfg.target_rate * (kept - t) / t), *LAMBDA_RANGE))
+                lambda_l0 = float(np.clip(lambda_l0 + cfg.target_rate * (kept - t) / t, -LAMBDA_MAX, LAMBDA_MAX))
             n = len(y)
             seen += n
             for key, value in (("loss", loss.item()), *parts.items(), ("kept", kept)):

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda-l0", type=float, default=1.0, help="λ1, weight of the expected L0 per pixel (start value with --target-fraction)")
     p.add_argument("--lambda-smooth", type=float, default=0.0, help="λ2, weight of the smoothness loss per pixel")
     p.add_argument("--target-fraction", type=float, default=None, help="adapt λ1 during training so ẑ > 0.5 keeps this fraction of pixels")
-    p.add_argument("--target-rate", type=float, default=0.05, help="step of the multiplicative λ1 update in target mode")
+    p.add_argument("--target-rate", type=float, default=0.05, help="η of the dual update λ1 += η·(kept − target)/target in target mode")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam: lr ×0.1 every --step-epochs; sgd: momentum 0.9, cosine")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--classifier-lr", type=float, default=None, help="finetuned mode (default --lr)")
