@@ -1,0 +1,71 @@
+"""Post-hoc simplification (SimpleBits Alg. 1 and 2) and ``keepbits audit simplify``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from keepbits import registry
+from keepbits.cli import main
+from keepbits.data import sample_mnist_path
+from keepbits.errors import InputError
+from keepbits.training.checkpoint import model_entry, save_checkpoint
+from keepbits.training.posthoc import PosthocConfig, forgetting_gradients, posthoc_loss, simplify_posthoc
+
+
+def _glow(c=1, size=8):
+    torch.manual_seed(0)
+    return registry.build("glow", kind="density", in_channels=c, image_size=(size, size), levels=2, depth=1, hidden=4).requires_grad_(False)
+
+
+def _net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ELU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+
+
+def test_forgetting_gradients_and_loss_vanish_for_the_original():
+    net, flow, x = _net(), _glow(), torch.rand(1, 1, 8, 8)
+    scales = {n: torch.full(p.shape, 0.9, requires_grad=True) for n, p in net.named_parameters()}
+    grads = forgetting_gradients(net, scales, net(x).detach(), x, create_graph=False)
+    assert [g.shape for g in grads] == [p.shape for p in net.parameters()]
+    loss, stats = posthoc_loss(net, flow, x, x.clone().requires_grad_(True), scales, lambda_sim=0.0)
+    assert stats["l_grad"] == pytest.approx(0.0, abs=1e-5) and stats["l_pred"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_simplify_keeps_the_prediction_and_never_adds_bits():
+    net, flow = _net(), _glow()
+    out = simplify_posthoc(net, flow, torch.rand(2, 1, 8, 8), PosthocConfig(steps=4, lr=0.2, path_points=5))
+    for r in out:
+        assert r["label_sim"] == r["label"] and r["bpd_sim"] <= r["bpd_orig"] + 1e-6
+        assert r["path"][0]["t"] == 0.0 and r["path"][-1]["t"] == 1.0 and len(r["history"]) == 4
+        assert r["simplified"].shape == (1, 1, 8, 8)
+
+
+def test_audit_simplify_cli_writes_report(tmp_path):
+    kwargs = {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
+    torch.manual_seed(0)
+    clf = registry.build("lenet5", **kwargs)
+    save_checkpoint(tmp_path / "clf.pt", {"kind": "classifier", "models": {"classifier": model_entry("lenet5", kwargs, clf)},
+                                          "input_shape": [1, 28, 28], "normalization": {"mean": [0.13], "std": [0.31]},
+                                          "class_names": [str(i) for i in range(10)]})
+    dkw = {"in_channels": 1, "image_size": [28, 28], "levels": 2, "depth": 1, "hidden": 4}
+    save_checkpoint(tmp_path / "d.pt", {"kind": "density", "models": {"density": model_entry("glow", dkw, registry.build("glow", **dkw))}})
+    out = tmp_path / "report"
+    rc = main(["-q", "audit", "simplify", "--model", str(tmp_path / "clf.pt"), "--images", str(sample_mnist_path()), "--out", str(out),
+               "--density", str(tmp_path / "d.pt"), "--num-images", "1", "--steps", "2"])
+    assert rc == 0
+    html = (out / "report.html").read_text()
+    assert "Before / after" in html and "data:image/png;base64" in html
+    data = json.loads((out / "report.json").read_text())
+    assert len(data["data"]["per_image"]) == 1
+    assert main(["-q", "audit", "simplify", "--model", str(tmp_path / "nope.pt"), "--images", str(sample_mnist_path()), "--out", str(out)]) == 2
+
+
+def test_onnx_models_are_refused():
+    from keepbits.audit import FunctionAdapter
+    from keepbits.audit.simplify import SimplifyExplainer
+
+    with pytest.raises(InputError, match="torch model"):
+        SimplifyExplainer(FunctionAdapter(lambda x: x.reshape(len(x), -1), input_shape=(1, 1, 2)))

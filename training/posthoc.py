@@ -1,0 +1,151 @@
+"""SimpleBits post-hoc simplification of one image for an already trained classifier
+(Schirrmeister et al., S6, Alg. 1 and 2).
+
+Alg. 1 (loss). Classifier parameters θ are scaled element-wise by s ~ U(0.8, 0.95)
+("simulated forgetting"). With p = softmax(f_θ(x_orig)) as reference and
+KL(x) = KL(p ‖ softmax(f_{s⊙θ}(x))), the simplified image x_sim should give the same
+restoring gradients as the original:
+
+    L_grad = Σ_layers (1 − cos(∇_s KL(x_sim)[m], ∇_s KL(x_orig)[m])),  m = ∇_s KL(x_orig) < 0
+    L_pred = KL(p ‖ f_θ(x_sim)) + KL(f_{s⊙θ}(x_orig) ‖ f_{s⊙θ}(x_sim))
+    L      = L_grad + L_pred + λ_sim·bpd(x_sim)
+
+Alg. 2 (optimisation in the Glow latent). x_sim = G(z + δ), z = G⁻¹(x_orig), δ = 0 at
+the start (so x_sim starts as x_orig), Adam on δ. The result is then chosen on the
+interpolation path z + t·δ, t ∈ [0, 1]: the lowest-bpd point whose prediction matches the
+original (same arg-max, KL(p ‖ f_θ(x_t)) ≤ ``kl_tolerance``). This path search is our
+reading of Alg. 2; docs/simplebits.md says where it may differ from the authors' code.
+
+The classifier takes [0, 1] images (wrap normalised classifiers with
+:class:`keepbits.training.simplebits.Normalized`); the density model may have another
+size or channel count (images are mapped with bilinear resizing and gray↔RGB).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from keepbits import registry
+    >>> from keepbits.training.posthoc import PosthocConfig, simplify_posthoc
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> clf = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    >>> flow = registry.build("glow", in_channels=3, image_size=(8, 8), levels=2, depth=1, hidden=8).requires_grad_(False)
+    >>> out = simplify_posthoc(clf, flow, torch.rand(1, 3, 8, 8), PosthocConfig(steps=3))
+    >>> out[0]["simplified"].shape, out[0]["bpd_sim"] <= out[0]["bpd_orig"] + 1e-6
+    (torch.Size([1, 3, 8, 8]), True)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from keepbits.training.condensation import layerwise_cosine_distance
+
+
+@dataclass
+class PosthocConfig:
+    """Settings of Alg. 1/2 (CPU-sized defaults)."""
+
+    steps: int = 100
+    lr: float = 0.05
+    lambda_sim: float = 1.0
+    scale_low: float = 0.8
+    scale_high: float = 0.95
+    path_points: int = 11
+    kl_tolerance: float = 0.1
+    seed: int = 0
+
+
+def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(p) ‖ softmax(q)) per row."""
+    logp, logq = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def forgetting_gradients(net: torch.nn.Module, scales: dict[str, torch.Tensor], ref_logits: torch.Tensor, x: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
+    """∇_s KL(softmax(ref) ‖ softmax(f_{s⊙θ}(x))) for every parameter tensor (Alg. 1)."""
+    params = {n: p.detach() * scales[n] for n, p in net.named_parameters()}
+    kl = kl_div(ref_logits, functional_call(net, params, (x,))).sum()
+    return list(torch.autograd.grad(kl, list(scales.values()), create_graph=create_graph))
+
+
+def _to_classifier_space(y: torch.Tensor, flow: torch.nn.Module, shape: torch.Size) -> torch.Tensor:
+    """Flow-range image → [0, 1] image of the classifier's channels and size (no noise)."""
+    x = (((y + 0.5) * 256.0 - 0.5) / 255.0).clamp(0.0, 1.0)
+    if shape[1] == 1 and x.shape[1] == 3:
+        x = x.mean(1, keepdim=True)
+    if tuple(x.shape[-2:]) != tuple(shape[-2:]):
+        x = F.interpolate(x, size=tuple(shape[-2:]), mode="bilinear", align_corners=False)
+    return x
+
+
+def posthoc_loss(
+    net: torch.nn.Module, flow: torch.nn.Module, x_orig: torch.Tensor, x_sim: torch.Tensor, scales: dict[str, torch.Tensor], lambda_sim: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Alg. 1 loss of one image (batch of 1): L_grad + L_pred + λ_sim·bpd(x_sim)."""
+    with torch.no_grad():
+        ref = net(x_orig)
+        forgot = functional_call(net, {n: p * scales[n] for n, p in net.named_parameters()}, (x_orig,))
+    g_orig = [g.detach() for g in forgetting_gradients(net, scales, ref, x_orig, create_graph=False)]
+    g_sim = forgetting_gradients(net, scales, ref, x_sim, create_graph=True)
+    masks = [g < 0 for g in g_orig]
+    keep = [i for i, m in enumerate(masks) if m.any()]
+    l_grad = layerwise_cosine_distance([g_sim[i][masks[i]] for i in keep], [g_orig[i][masks[i]] for i in keep]) if keep else x_sim.new_zeros(())
+    forgot_sim = functional_call(net, {n: p.detach() * scales[n] for n, p in net.named_parameters()}, (x_sim,))
+    l_pred = kl_div(ref, net(x_sim)).sum() + kl_div(forgot, forgot_sim).sum()
+    bits = flow.bpd(x_sim, dequantize=False).sum()
+    loss = l_grad + l_pred + lambda_sim * bits
+    return loss, {"l_grad": l_grad.item(), "l_pred": l_pred.item(), "bpd": bits.item()}
+
+
+def simplify_posthoc(classifier: torch.nn.Module, flow: torch.nn.Module, images: torch.Tensor, cfg: PosthocConfig | None = None) -> list[dict]:
+    """Simplify each [0, 1] image of ``images`` (N×C×H×W) for ``classifier`` (Alg. 1 + 2).
+
+    Returns per image: ``simplified`` (1×C×H×W), ``bpd_orig``, ``bpd_sim``, ``t`` chosen on
+    the interpolation path, ``path`` (t, bpd, KL, same arg-max), ``history`` of the loss terms,
+    ``label`` and ``label_sim`` (arg-max of the classifier)."""
+    cfg = cfg or PosthocConfig()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    net = classifier.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    flow.eval().requires_grad_(False)
+    results = []
+    for i in range(len(images)):
+        x = images[i : i + 1].float()
+        with torch.no_grad():
+            zs, _ = flow.encode(flow.to_flow_range(x, dequantize=False))
+            ref = net(x)
+        deltas = [torch.zeros_like(z, requires_grad=True) for z in zs]
+        opt = torch.optim.Adam(deltas, lr=cfg.lr)
+        history = []
+        for _ in range(cfg.steps):
+            scales = {n: (cfg.scale_low + (cfg.scale_high - cfg.scale_low) * torch.rand(p.shape, generator=gen)).requires_grad_(True)
+                      for n, p in net.named_parameters()}
+            x_sim = _to_classifier_space(flow.decode([z + d for z, d in zip(zs, deltas)]), flow, x.shape)
+            loss, stats = posthoc_loss(net, flow, x, x_sim, scales, cfg.lambda_sim)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append(stats)
+        results.append(_choose_on_path(net, flow, x, zs, [d.detach() for d in deltas], ref, cfg) | {"history": history})
+    return results
+
+
+@torch.no_grad()
+def _choose_on_path(net, flow, x, zs, deltas, ref, cfg: PosthocConfig) -> dict:
+    """Alg. 2 path search: the lowest-bpd x_t, t ∈ [0, 1], that keeps the prediction."""
+    label = int(ref.argmax(1))
+    path, best = [], None
+    for t in torch.linspace(0.0, 1.0, max(cfg.path_points, 2)).tolist():
+        x_t = x if t == 0.0 else _to_classifier_space(flow.decode([z + t * d for z, d in zip(zs, deltas)]), flow, x.shape)
+        logits = net(x_t)
+        point = {"t": t, "bpd": float(flow.bpd(x_t, dequantize=False)), "kl": float(kl_div(ref, logits)), "same_label": int(logits.argmax(1)) == label}
+        path.append(point)
+        if point["same_label"] and point["kl"] <= cfg.kl_tolerance and (best is None or point["bpd"] < best[0]["bpd"]):
+            best = (point, x_t, int(logits.argmax(1)))
+    point, x_best, label_sim = best  # t = 0 (the original) always qualifies
+    return {"simplified": x_best, "bpd_orig": path[0]["bpd"], "bpd_sim": point["bpd"], "t": point["t"], "path": path,
+            "label": label, "label_sim": label_sim}
