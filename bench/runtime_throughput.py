@@ -1,7 +1,7 @@
 """Runtime throughput on real camera footage: predict+explain+compress vs classifier only
 vs a naive loop, per-stage latency, and memory over a long looped run.
 
-    nice -n 5 python bench/runtime_throughput.py --data ../shared/data --frames 60 --rounds 3 --soak-seconds 600
+    nice -n 5 python bench/runtime_throughput.py --data ../shared/data --frames 30 --naive-frames 8 --rounds 3 --soak-seconds 600
 
 Model: a ResNet-18 (ImageNet stem) at 224×224 with the default NICE generator
 (``nice_unet``), b = 8, exported to a bundle with ``keepbits.export`` (untrained weights:
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import tempfile
@@ -170,6 +171,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=default_data_dir())
     p.add_argument("--frames", type=int, default=60, help="frames per measurement round")
+    p.add_argument("--naive-frames", type=int, default=10, help="frames per round for the (slow) naive loop")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op / torch threads (default: library choice)")
     p.add_argument("--soak-seconds", type=float, default=600.0, help="0 skips the soak")
@@ -179,6 +181,7 @@ def main() -> None:
     video = args.data / "videos" / "bottle-detection.mp4"
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="kb-bench-"))
     generator, classifier = build_models()
     pipe = Pipeline.from_bundle(make_bundle(generator, classifier, work), backend="onnxruntime", threads=args.threads)
@@ -190,7 +193,7 @@ def main() -> None:
         cls = run_session(session, ["logits"], pipe, frames)
         graph = run_session(pipe.session, ["logits", "mask"], pipe, frames)
         full, summary = run_pipeline(pipe, frames)
-        naive = run_naive(generator, classifier, frames)
+        naive = run_naive(generator, classifier, frames[:args.naive_frames])
         rounds.append({"classifier_only_fps": cls, "graph_only_fps": graph, "pipeline_fps": full, "naive_fps": naive,
                        "latency_ms": summary["latency_ms"], "payload_bytes_per_frame": summary["payload_bytes_per_frame"],
                        "kept_fraction_mean": summary["kept_fraction_mean"]})
@@ -199,7 +202,8 @@ def main() -> None:
     result = {
         "model": {"classifier": "resnet18 (ImageNet stem, 1000 classes, untrained)", "generator": "nice_unet (default, untrained)",
                   "input": [3, SIZE, SIZE], "block": BLOCK, "providers": pipe.providers, "custom_ops": pipe.manifest.custom_ops},
-        "video": str(video.name), "frames_per_round": len(frames), "rounds": rounds, "median": med,
+        "video": str(video.name), "frames_per_round": len(frames), "naive_frames_per_round": min(len(frames), args.naive_frames),
+        "rounds": rounds, "median": med, "cpu_load_avg_at_start": load_at_start,
         "pipeline_over_classifier_only": med["pipeline_fps"] / med["classifier_only_fps"],
         "pipeline_over_naive": med["pipeline_fps"] / med["naive_fps"],
         "pipeline_over_graph_only": med["pipeline_fps"] / med["graph_only_fps"],
