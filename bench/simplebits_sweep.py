@@ -1,6 +1,6 @@
 """SimpleBits Fig. 5 on CPU-sized subsets: λ_sim sweep → accuracy vs bpd of the simplified
 test images for joint training, retraining from scratch on simplified images and
-finetuning a pretrained classifier; optional S7 baselines (Gaussian blur, JPEG quality)
+finetuning a pretrained classifier; optional S7 baselines (Gaussian blur, JPEG quality, simplifier on MSE + bpd)
 scored with the same protocol (fresh classifier trained on the transformed train images,
 tested on the transformed test images; bpd under the same density model).
 
@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("--classifier-steps", type=int, default=150, help="plain AdamW steps for baseline / retrained classifiers")
     p.add_argument("--blur-sigmas", type=float, nargs="*", default=[])
     p.add_argument("--jpeg-qualities", type=int, nargs="*", default=[])
+    p.add_argument("--mse-lambdas", type=float, nargs="*", default=[], help="S7 baseline: simplifier trained on MSE + λ·bpd")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
 
@@ -76,8 +77,10 @@ def main() -> None:
     from keepbits.training.checkpoint import model_entry, save_checkpoint
     from keepbits.training.density import images_to_unit, load_density
     from keepbits.training.simplebits import (
-        SimpleBitsConfig, accuracy, build_classifier, fit_classifier, load_simplebits, mean_bpd, simplify, train_simplebits,
+        SimpleBitsConfig, accuracy, build_classifier, fit_classifier, load_simplebits, mean_bpd, simplify, train_mse_simplifier,
+        train_simplebits,
     )
+    from keepbits import registry
 
     torch.set_num_threads(args.threads)
     root = Path(args.data) / args.dataset
@@ -120,6 +123,14 @@ def main() -> None:
         clf = fresh_fit(jpeg(xtr, q))
         xj = jpeg(xte, q)
         record({"mode": "jpeg", "quality": q, "bpd": mean_bpd(flow, xj), "accuracy": accuracy(clf, xj, yte), "wall_s": time.time() - t0})
+    for lam in args.mse_lambdas:
+        t0 = time.time()
+        torch.manual_seed(0)
+        sim = registry.build("simplebits_unet", kind="simplifier", in_channels=c, base=args.unet_base)
+        sim = train_mse_simplifier(sim, flow, xtr, lam, args.steps, args.batch_size, lr=args.sim_lr)
+        clf = fresh_fit(simplify(sim, xtr))
+        xs = simplify(sim, xte)
+        record({"mode": "mse_bpd", "lambda_sim": lam, "bpd": mean_bpd(flow, xs), "accuracy": accuracy(clf, xs, yte), "wall_s": time.time() - t0})
 
     for lam in args.lambdas:
         for mode in [m for m in ("joint", "finetune") if m in args.modes or (m == "joint" and "retrain" in args.modes)]:

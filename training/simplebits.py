@@ -177,6 +177,24 @@ def fit_classifier(
     return classifier.eval()
 
 
+def train_mse_simplifier(
+    simplifier: torch.nn.Module, flow: torch.nn.Module, x: torch.Tensor, lambda_sim: float, steps: int,
+    batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
+) -> torch.nn.Module:
+    """S7 baseline: a simplifier trained without classifier on L = MSE(x_sim, x) + λ_sim·bpd(x_sim)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(simplifier.parameters(), lr=lr, weight_decay=1e-5)
+    simplifier.train()
+    for _ in range(steps):
+        batch = x[torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)]
+        x_sim = simplifier(batch)
+        loss = F.mse_loss(x_sim, batch) + lambda_sim * flow.bpd(x_sim).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return simplifier.eval()
+
+
 def train_simplebits(cfg: SimpleBitsConfig) -> dict[str, Any]:
     """Jointly train simplifier and classifier (see module doc); write ``cfg.out``
     (kind ``simplebits``: roles ``simplifier``, ``classifier``, ``density`` path in settings)."""
