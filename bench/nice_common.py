@@ -1,0 +1,79 @@
+"""Helpers shared by the NICE benchmark scripts (bench/nice_*.py): classifier on demand,
+the rate–accuracy summary and the figures."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def ensure_classifier(data: Path, arch: str, out: Path, given: str | None, **train: Any) -> str:
+    """``given`` if set; else ``out/last.pt``, trained now with ``train`` settings when missing."""
+    if given:
+        return given
+    path = out / "last.pt"
+    if not path.exists():
+        from keepbits.training.classifier import ClassifierConfig, train_classifier
+
+        logging.getLogger("keepbits").info("training %s on %s into %s", arch, data, out)
+        train_classifier(ClassifierConfig(data=str(data), arch=arch, out=str(out), progress=False, **train))
+    return str(path)
+
+
+def best_codec_at(rows: list[dict[str, Any]], accuracy: float, codec: str) -> dict[str, Any] | None:
+    """The smallest ``codec`` row (bytes) whose accuracy reaches ``accuracy``; None if none does."""
+    ok = [r for r in rows if r["codec"] == codec and r["accuracy"] >= accuracy]
+    return min(ok, key=lambda r: r["bytes_per_image"]) if ok else None
+
+
+def plot_masks(path: Path, images: np.ndarray, masks: list[np.ndarray], mixed: list[np.ndarray], titles: list[str]) -> None:
+    """A grid like NICE Fig. 2: originals, then ẑ and x̃ for each setting (rows: images)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    cols = 1 + 2 * len(masks)
+    fig, axes = plt.subplots(n, cols, figsize=(1.3 * cols, 1.3 * n), squeeze=False)
+    gray = images.shape[-1] == 1
+    show = (lambda a: a[..., 0]) if gray else (lambda a: a)
+    for i in range(n):
+        axes[i, 0].imshow(show(images[i]), cmap="gray" if gray else None, vmin=0, vmax=255)
+        for j, (m, x) in enumerate(zip(masks, mixed)):
+            axes[i, 1 + 2 * j].imshow(m[i], cmap="viridis", vmin=0, vmax=1)
+            axes[i, 2 + 2 * j].imshow(show(x[i]), cmap="gray" if gray else None, vmin=0, vmax=255)
+    axes[0, 0].set_title("x", fontsize=7)
+    for j, t in enumerate(titles):
+        axes[0, 1 + 2 * j].set_title(f"ẑ {t}", fontsize=7)
+        axes[0, 2 + 2 * j].set_title(f"x̃ {t}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str, logx: bool = False) -> None:
+    """Line plot of named (x, y) series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
