@@ -33,7 +33,7 @@ import numpy as np
 from keepbits.errors import InputError
 from keepbits.runtime.sources import as_rgb
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
 @dataclass(frozen=True)
@@ -126,11 +126,44 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+class _TorchSession:
+    """``session.run`` over the eager torch twin of the exported graph
+    (:class:`keepbits.export.NiceGraph`) of a NICE checkpoint: the ``torch`` backend."""
+
+    def __init__(self, checkpoint: Path):
+        import torch
+
+        from keepbits.bundle import Bundle, Manifest, sha256_file
+        from keepbits.export import NiceGraph
+        from keepbits.training.nice import load_nice
+
+        generator, classifier, record = load_nice(checkpoint)
+        settings, norm = record.get("settings") or {}, record["normalization"]
+        if "block_size" not in settings:
+            raise InputError(f"{checkpoint}: settings lack block_size (b)")
+        self.graph = NiceGraph(generator, classifier, list(norm["mean"]), list(norm["std"]), int(settings["block_size"]))
+        manifest = Manifest(
+            input_shape=[int(v) for v in record["input_shape"]], input_dtype="uint8", input_layout="NHWC",
+            mean=list(norm["mean"]), std=list(norm["std"]), class_names=[str(c) for c in record["class_names"]],
+            block_size=int(settings["block_size"]), mask_threshold=float(settings.get("mask_threshold", 0.5)),
+            generator=record["models"]["generator"]["arch"], classifier=record["models"]["classifier"]["arch"],
+        )
+        self.bundle = Bundle(root=checkpoint.parent, manifest=manifest, digest=sha256_file(checkpoint), source=checkpoint)
+        self._torch = torch
+
+    def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self._torch.inference_mode():
+            logits, mask, _ = self.graph(self._torch.from_numpy(next(iter(feed.values()))))
+        named = {"logits": logits, "mask": mask}
+        return [named[name].numpy() for name in outputs]
+
+    def get_providers(self) -> list[str]:
+        return ["torch"]
+
+
 def _providers(backend: str, providers: Sequence[Any] | None) -> list[Any]:
     import onnxruntime as ort
 
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     available = ort.get_available_providers()
     if providers:
         missing = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
@@ -159,8 +192,12 @@ class Pipeline:
         compress: bool = True,
         codec_options: dict[str, Any] | None = None,
     ):
-        import onnxruntime as ort
-
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if isinstance(bundle, _TorchSession):
+            self.session, bundle = bundle, bundle.bundle
+        else:
+            self.session = self._ort_session(bundle, backend, providers, threads)
         m = self.manifest = bundle.manifest
         self.bundle = bundle
         self.channels, self.height, self.width = m.input_shape
@@ -168,23 +205,27 @@ class Pipeline:
         self.block, self.threshold = m.block_size, float(m.mask_threshold)
         self.compress_enabled = compress
         self.codec_options = dict(codec_options or {})
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        if m.custom_ops:  # native kernels when built; else the graph's ONNX function bodies
-            from keepbits import native
-
-            native.register(options)
-        try:
-            self.session = ort.InferenceSession(str(bundle.model_path), options, providers=_providers(backend, providers))
-        except InputError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own error types
-            raise InputError(f"{bundle.source}: ONNX Runtime cannot load the model ({exc})") from None
         self.providers = self.session.get_providers()
         self._outputs = ["logits", "mask"]
         self._counter = itertools.count()
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _ort_session(bundle: Any, backend: str, providers: Sequence[Any] | None, threads: int | None) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        if bundle.manifest.custom_ops:  # native kernels when built; else the graph's ONNX function bodies
+            from keepbits import native
+
+            native.register(options)
+        chosen = _providers(backend, providers)
+        try:
+            return ort.InferenceSession(str(bundle.model_path), options, providers=chosen)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own error types
+            raise InputError(f"{bundle.source}: ONNX Runtime cannot load the model ({exc})") from None
 
     @classmethod
     def from_bundle(
@@ -200,6 +241,9 @@ class Pipeline:
     ) -> "Pipeline":
         """Load and verify a bundle folder or ``.zip``; ``codec_options`` go to :func:`keepbits.codec.encode`.
 
+        ``backend="torch"`` runs a NICE checkpoint (``.pt`` from ``keepbits train nice``)
+        eagerly in torch instead, with the exported graph's semantics (needs torch).
+
         Example:
             >>> import tempfile
             >>> from keepbits.runtime import Pipeline
@@ -209,8 +253,13 @@ class Pipeline:
         """
         from keepbits.bundle import load_bundle
 
-        return cls(load_bundle(path, expected_digest), backend=backend, providers=providers, threads=threads,
-                   compress=compress, codec_options=codec_options)
+        if backend == "torch":
+            if not Path(path).is_file():
+                raise InputError(f"backend 'torch' needs a NICE checkpoint file (.pt), got {path}")
+            loaded: Any = _TorchSession(Path(path))
+        else:
+            loaded = load_bundle(path, expected_digest)
+        return cls(loaded, backend=backend, providers=providers, threads=threads, compress=compress, codec_options=codec_options)
 
     # -- stages ------------------------------------------------------------------------
     def _fit(self, image: np.ndarray, out: np.ndarray) -> Letterbox:
