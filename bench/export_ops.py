@@ -1,7 +1,9 @@
 """Custom-op benchmark (issue 4): native C++ kernels vs the ONNX function bodies (standard ops,
 both in ONNX Runtime) vs torch eager (keepbits.training.functional), per op and fused, at
 1×3×256×256 and 8×3×224×224, block size b = 8. Median of ``--repeat`` timed runs after warm-up,
-all in one process and run; ratios are computed from the same run.
+all in one process and run; ratios are computed from the same run. ONNX Runtime runs use IO
+binding to preallocated output arrays, so the numbers measure the graphs, not the conversion
+of fresh outputs to numpy (which costs the same for both and page-faults on every run).
 
     nice -n 5 python bench/export_ops.py [--threads 1] [--repeat 30]
 
@@ -72,6 +74,17 @@ def timed(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 3) ->
     return {name: {"median_ms": statistics.median(t), "min_ms": min(t)} for name, t in times.items()}
 
 
+def bound_run(session, feed: dict[str, np.ndarray]) -> Callable[[], object]:
+    """``session`` run with inputs and preallocated outputs bound once (shapes as the first run gives)."""
+    outputs = [np.empty_like(o) for o in session.run(None, feed)]
+    binding = session.io_binding()
+    for name, value in feed.items():
+        binding.bind_cpu_input(name, value)
+    for meta, out in zip(session.get_outputs(), outputs):
+        binding.bind_output(meta.name, "cpu", element_type=out.dtype, shape=out.shape, buffer_ptr=out.ctypes.data)
+    return lambda: (session.run_with_iobinding(binding), outputs)  # the closure keeps the buffers alive
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op and torch threads (same for all)")
@@ -96,20 +109,25 @@ def main() -> int:
             fn = torch_fn(op, args.block_size)
             with torch.inference_mode():
                 row = timed({
-                    "native": lambda: native_s.run(None, feed),
-                    "standard_ops": lambda: std_s.run(None, feed),
+                    "native": bound_run(native_s, feed),
+                    "standard_ops": bound_run(std_s, feed),
                     "torch_eager": lambda: fn(torch_feeds),
                 }, args.repeat)
             for other in ("standard_ops", "torch_eager"):
                 row[f"speedup_native_vs_{other}"] = row[other]["median_ms"] / row["native"]["median_ms"]
+                # min: the least-disturbed run of each, robust on a shared machine
+                row[f"speedup_native_vs_{other}_min"] = row[other]["min_ms"] / row["native"]["min_ms"]
             results[f"{op}@{shape_name}"] = row
             print(f"{op:17s} {shape_name:12s} native {row['native']['median_ms']:8.3f} ms  standard {row['standard_ops']['median_ms']:8.3f} ms"
-                  f"  torch {row['torch_eager']['median_ms']:8.3f} ms  ×{row['speedup_native_vs_standard_ops']:.1f} vs standard")
+                  f"  torch {row['torch_eager']['median_ms']:8.3f} ms  ×{row['speedup_native_vs_standard_ops']:.1f} vs standard"
+                  f" (min-based ×{row['speedup_native_vs_standard_ops_min']:.1f})")
     fused = {k: v["speedup_native_vs_standard_ops"] for k, v in results.items() if k.startswith("MaskCompose@")}
+    fused_min = {k: v["speedup_native_vs_standard_ops_min"] for k, v in results.items() if k.startswith("MaskCompose@")}
     payload = {
         "settings": {"threads": args.threads, "repeat": args.repeat, "block_size": args.block_size, "library": str(native.library_path())},
         "results": results,
-        "target": {"native_fused_vs_standard_min": 5.0, "achieved": min(fused.values()), "met": min(fused.values()) >= 5.0},
+        "target": {"native_fused_vs_standard_min": 5.0, "achieved_median_based": min(fused.values()),
+                   "achieved_min_based": min(fused_min.values()), "met": min(fused.values()) >= 5.0},
     }
     print(f"wrote {write_result('export_ops', payload)}")
     return 0

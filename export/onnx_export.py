@@ -100,8 +100,22 @@ def _dynamic_shapes(input_dtype: str) -> dict[str, dict[int, Any]]:
     return {"image": {0: auto, axes[0]: auto, axes[1]: auto}}
 
 
-def _is_dynamic(dim: onnx.TensorShapeProto.Dimension) -> bool:
-    return dim.HasField("dim_param") or not dim.HasField("dim_value")
+def _accepts_other_sizes(model: onnx.ModelProto, shape: list[int], input_dtype: str) -> bool:
+    """Whether the graph runs on an odd size other than the training size. The ONNX input
+    dims are symbolic either way; a fixed-size head (e.g. LeNet-5's linear layer) only fails
+    at run time, so try it (ONNX Runtime, function bodies attached to a copy if absent)."""
+    from keepbits.native import make_session
+
+    probe_model = onnx.ModelProto()
+    probe_model.CopyFrom(model)
+    ops.attach_function_bodies(probe_model)
+    c, h, w = shape
+    probe = _example_input([c, h + 7, w + 5], input_dtype, batch=1)
+    try:
+        make_session(probe_model.SerializeToString(), native=False).run(None, {"image": probe.numpy()})
+    except Exception:  # noqa: BLE001 - onnxruntime raises its own error types on shape mismatches
+        return False
+    return True
 
 
 def trace_to_onnx(graph: NiceGraph, example: torch.Tensor, opset: int = MIN_OPSET, function_bodies: bool = True) -> onnx.ModelProto:
@@ -199,9 +213,8 @@ def export_onnx(
     model = trace_to_onnx(graph, example, opset, function_bodies=target == "onnxruntime")
     if target == "onnxruntime":
         check_model(model)
-    image = model.graph.input[0].type.tensor_type.shape.dim
-    spatial = (1, 2) if input_dtype == "uint8" else (2, 3)
-    dynamic_size = all(_is_dynamic(image[i]) for i in spatial)
+    model_bytes = model.SerializeToString()
+    dynamic_size = _accepts_other_sizes(model, shape, input_dtype)
     if not dynamic_size:
         _log.warning("the networks fix the image size: the bundle accepts %d×%d images only", shape[1], shape[2])
     manifest = Manifest(
@@ -226,7 +239,6 @@ def export_onnx(
             "exported_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }),
     )
-    model_bytes = model.SerializeToString()
     if verify and target == "onnxruntime":
         verify_model(model_bytes, graph, example, manifest.pixel_scale)
     path = write_bundle(out, manifest, {manifest.model_file: model_bytes}, archive=archive, overwrite=overwrite)

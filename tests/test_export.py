@@ -20,7 +20,6 @@ from keepbits.bundle import load_bundle
 from keepbits.cli import main
 from keepbits.errors import InputError
 from keepbits.export import NiceGraph, compare_outputs, export_onnx
-from keepbits.export.onnx_export import trace_to_onnx
 from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
 
 SEED = int(np.random.SeedSequence().entropy % (1 << 32))
@@ -146,11 +145,19 @@ def test_round_trip_and_tamper(bundle_a, tmp_path):
         load_bundle(copy)
 
 
-def test_tensorrt_target_has_plugin_nodes_without_bodies():
-    gen = registry.build("nice_mnist", in_channels=1)
-    graph = NiceGraph(gen, _fcn(1, 3), [0.5], [0.5], 4, "uint8")
-    model = trace_to_onnx(graph, torch.randint(0, 256, (2, 16, 16, 1), dtype=torch.uint8), function_bodies=False)
-    assert [n.op_type for n in model.graph.node if n.domain == "keepbits"] == ["MaskCompose"]
+def test_tensorrt_target_fixed_size_lenet(tmp_path):
+    """--target tensorrt: plugin nodes without function bodies; LeNet-5 pins the size (dynamic_size false)."""
+    gen, clf = registry.build("nice_mnist", in_channels=1), registry.build("lenet5", in_channels=1, num_classes=10)
+    save_checkpoint(tmp_path / "mnist.pt", {
+        "kind": "nice", "models": {"generator": model_entry("nice_mnist", {"in_channels": 1}, gen),
+                                   "classifier": model_entry("lenet5", {"in_channels": 1, "num_classes": 10}, clf)},
+        "input_shape": [1, 28, 28], "normalization": {"mean": [0.13], "std": [0.31]}, "class_names": list("0123456789"),
+        "settings": {"block_size": 4, "mask_threshold": 0.5}, "metrics": {}, "command": "test",
+    })
+    bundle = export_onnx(tmp_path / "mnist.pt", tmp_path / "trt", target="tensorrt")
+    m = bundle.manifest
+    assert (m.target, m.function_bodies, m.dynamic_size, m.custom_ops) == ("tensorrt", False, False, ["MaskCompose"])
+    model = onnx.load(str(bundle.model_path))
     assert len(model.functions) == 0
     node = next(n for n in model.graph.node if n.op_type == "MaskCompose")
     assert {a.name for a in node.attribute} == {"beta", "gamma", "zeta", "block_size"}
