@@ -299,7 +299,7 @@ def gradient_backselect(model: Any, x: np.ndarray, target: Any = None, k: int = 
     d = h * w
     if target is None:
         target = model.probabilities(xs, batch_size).argmax(1)
-    targets = np.broadcast_to(np.asarray(target, np.int64), (n,))
+    targets = np.array(np.broadcast_to(np.asarray(target, np.int64), (n,)))
     m = torch.as_tensor(_mask_value(model, mask_value), dtype=torch.float32).view(1, c, 1, 1)
     net = model.torch_module
     results = []

@@ -1,0 +1,43 @@
+"""``keepbits audit sis``: sufficient input subsets of a data set's images, HTML + JSON report."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from keepbits.cli._common import existing_path
+
+HELP = "SIS audit (BackSelect/FindSIS): which pixels alone keep the prediction; writes report.html + report.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="keepbits checkpoint (.pt), plain .onnx classifier, or model bundle")
+    p.add_argument("--data", required=True, help="data set path (as for training: .npz, idx folder, split folder, class folders)")
+    p.add_argument("--out", required=True, help="output folder (report.html, report.json, orders/ for resuming)")
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--images", type=int, default=16, help="first N images of the split (default 16)")
+    p.add_argument("--threshold", type=float, default=0.9, help="τ for the figures (default 0.9)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99], help="τ values for the size curves")
+    p.add_argument("--method", choices=["auto", "incremental", "plain", "gradient"], default="auto",
+                   help="exact BackSelect (auto: incremental for torch CNN chains, else plain) or batched gradient BackSelect")
+    p.add_argument("--k", type=int, default=16, help="pixels masked per gradient BackSelect iteration")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--show", type=int, default=12, help="images shown in the report")
+
+
+def run(args: argparse.Namespace) -> int:
+    existing_path(args.model, "model")
+    existing_path(args.data, "data path")
+    from keepbits.audit.sis_report import sis_audit
+    from keepbits.data import load_dataset
+    from keepbits.errors import InputError
+
+    if not 0 < args.threshold <= 1:
+        raise InputError(f"--threshold must be in (0, 1], got {args.threshold}")
+    ds = load_dataset(args.data, args.split)
+    n = min(args.images, len(ds))
+    data = sis_audit(args.model, ds.x[:n], ds.y[:n], args.out, args.threshold, args.thresholds, args.method, args.k,
+                     args.batch_size, args.show, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({**data["summary"], "report": os.path.join(args.out, "report.html")}, indent=2))
+    return 0

@@ -1,0 +1,127 @@
+"""Overinterpretation pipeline, sharded/resumable orders (torchrun, 2 processes), CLI reports."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from keepbits.audit.overinterpretation import (  # noqa: E402
+    backselect_subsets,
+    compute_orders,
+    mean_ci,
+    random_subsets,
+    sis_size_stats,
+)
+from keepbits.audit.sis import BackSelectResult  # noqa: E402
+
+MODEL_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, torch
+    from keepbits.audit import TorchAdapter
+    from keepbits.audit.overinterpretation import compute_orders
+
+    def setup():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+        return TorchAdapter(net, (1, 6, 6)), np.random.default_rng(0).normal(size=(7, 1, 6, 6)).astype(np.float32)
+
+    if __name__ == "__main__":
+        model, x = setup()
+        for method in ("gradient", "incremental"):
+            compute_orders(model, x, f"{sys.argv[1]}/{method}", method, k=5, chunk=2, progress=False)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _orders(folder):
+    out = []
+    for name in sorted(os.listdir(folder)):
+        out += [(r["order"], r["scores"]) for r in json.loads((folder / name).read_text())["results"]]
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
+    script = tmp_path / "orders_script.py"
+    script.write_text(MODEL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                    str(script), str(tmp_path / "multi")], check=True, env=env, capture_output=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from orders_script import setup
+
+    model, x = setup()
+    for method in ("gradient", "incremental"):
+        single = compute_orders(model, x, tmp_path / "single" / method, method, k=5, chunk=2, progress=False)
+        assert len(single) == 7 and _orders(tmp_path / "single" / method) == _orders(tmp_path / "multi" / method)
+    # resume: a deleted chunk is recomputed, the others are reused untouched
+    folder = tmp_path / "multi" / "incremental"
+    kept = folder / "chunk_0000002.json"
+    stamp = kept.stat().st_mtime_ns
+    (folder / "chunk_0000004.json").unlink()
+    compute_orders(model, x, folder, "incremental", k=5, chunk=2, progress=False)
+    assert kept.stat().st_mtime_ns == stamp and _orders(folder) == _orders(tmp_path / "single" / "incremental")
+
+
+def test_subsets_and_stats():
+    x = np.arange(2 * 1 * 3 * 4, dtype=np.float32).reshape(2, 1, 3, 4) + 1
+    orders = [BackSelectResult(np.arange(12), np.linspace(1, 0, 13), 0, (3, 4)),
+              BackSelectResult(np.arange(12)[::-1].copy(), np.linspace(1, 0, 13), 1, (3, 4))]
+    kept = backselect_subsets(x, orders, 0.1)  # ceil(1.2) = 2 pixels: the last two of each order
+    assert np.flatnonzero(kept[0].ravel()).tolist() == [10, 11] and np.flatnonzero(kept[1].ravel()).tolist() == [0, 1]
+    r1, r2 = random_subsets(x, 0.25, seed=3), random_subsets(x[:1], 0.25, seed=3)
+    assert np.array_equal(r1[:1], r2) and (r1.reshape(2, -1) != 0).sum(1).tolist() == [3, 3]
+    stats = sis_size_stats(orders, np.array([0, 0]), [0.5])[0]
+    assert stats["images_at_threshold"] == 2 and stats["size_correct"]["n"] == 1 and stats["size_wrong"]["n"] == 1
+    assert mean_ci([1.0, 1.0])["ci95"] == 0.0
+
+
+def _checkpoint(path):
+    from keepbits import registry
+    from keepbits.training.checkpoint import model_entry, save_checkpoint
+
+    torch.manual_seed(0)
+    net = registry.build("lenet5", in_channels=1, num_classes=10, image_size=[28, 28])
+    kwargs = {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
+    save_checkpoint(path, {"kind": "classifier", "models": {"classifier": model_entry("lenet5", kwargs, net)}, "input_shape": [1, 28, 28],
+                           "normalization": {"mean": [0.13], "std": [0.31]}, "class_names": [str(i) for i in range(10)]})
+    return path
+
+
+def test_cli_sis_report(tmp_path):
+    from keepbits.cli import main
+    from keepbits.data import sample_mnist_path
+
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    rc = main(["-q", "audit", "sis", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--out", str(tmp_path / "r"),
+               "--images", "3", "--method", "gradient", "--k", "98", "--threshold", "0.1", "--thresholds", "0.1", "0.2"])
+    assert rc == 0
+    html = (tmp_path / "r" / "report.html").read_text()
+    data = json.loads((tmp_path / "r" / "report.json").read_text())["data"]
+    assert "data:image/png;base64," in html and "<svg" in html and len(data["images"]) == 3
+    assert data["summary"]["below_threshold"] == sum(r["sis"] is None for r in data["images"])
+    assert main(["-q", "audit", "sis", "--model", str(tmp_path / "missing.pt"), "--data", str(sample_mnist_path()), "--out", str(tmp_path)]) == 2
+
+
+def test_pipeline_end_to_end_tiny(tmp_path):
+    from keepbits.audit.overinterpretation import OverinterpretationConfig, run_overinterpretation
+    from keepbits.data import sample_mnist_path
+
+    cfg = OverinterpretationConfig(str(sample_mnist_path()), str(tmp_path), arch="lenet5", epochs=1, train_images=32, test_images=16,
+                                   k=196, ensemble=2, dropout_samples=2, batch_size=16, progress=False)
+    result = run_overinterpretation(cfg)
+    assert set(result["accuracy"]) >= {"original_full", "original_backselect", "original_random", "retrained_backselect", "retrained_random"}
+    assert result["kept_pixels"] == 40 and len(result["sis_sizes"]["ensemble"]) == 5
+    assert (tmp_path / "report.html").exists() and (tmp_path / "models" / "input_dropout.pt").exists()
+    again = run_overinterpretation(cfg)  # resumes: models and orders are reused
+    assert again["accuracy"] == result["accuracy"]
