@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="frames per model call (file sources)")
     parser.add_argument("--queue-size", type=int, default=8, help="bounded queue between model and writer")
     parser.add_argument("--read-timeout", type=float, default=5.0, help="seconds before a live read counts as stale")
-    parser.add_argument("--compare", nargs="*", choices=["jpeg", "png", "paper"], default=["jpeg"],
+    parser.add_argument("--compare", nargs="*", choices=["jpeg", "png", "paper", "lossless"], default=["jpeg"],
                         help="references to compare payload bytes with: JPEG q90 / PNG of the same frame, "
-                             "paper mode (x̃ as one PNG); give no value for none")
+                             "paper mode (x̃ as one PNG), the lossless blocks payload; give no value for none")
     parser.add_argument("--summary", type=Path, help="also write the JSON summary here")
     add_codec_arguments(parser)
 

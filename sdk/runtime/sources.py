@@ -187,6 +187,8 @@ class Source:
                     if not self.live:
                         return
                     self.last_error = "stream ended"
+                except QueueClosed:  # the consumer closed the source
+                    return
                 except Exception as exc:  # noqa: BLE001 - a source may fail any way; count and go on
                     self._counts["errors"] += 1
                     self.last_error = f"{type(exc).__name__}: {exc}"

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 #: Latency percentiles are over this many most recent frames (bounded memory on endless streams).
 LATENCY_WINDOW = 10_000
-COMPARE = ("jpeg", "png", "paper")
+COMPARE = ("jpeg", "png", "paper", "lossless")
 
 
 @contextlib.contextmanager
@@ -108,7 +108,7 @@ class _Stats:
             self.written += 1
             self.labels[record["label"]] += 1
             self.kept += record["kept_fraction"]
-            for key in ("payload_bytes", "jpeg_bytes", "png_bytes", "paper_bytes"):
+            for key in ("payload_bytes", "jpeg_bytes", "png_bytes", "paper_bytes", "lossless_bytes"):
                 if record.get(key) is not None:
                     self.bytes[key] += record[key]
             for stage, ms in timings.items():
@@ -122,9 +122,11 @@ class _Stats:
 
 def _record(frame: Frame, r: Result, compare: Sequence[str], jpeg_quality: int) -> dict[str, Any]:
     bgr = np.ascontiguousarray(r.image[:, :, ::-1]) if r.image.shape[2] == 3 else r.image
-    sizes = reference_sizes(bgr, [c for c in compare if c != "paper"], jpeg_quality)
+    sizes = reference_sizes(bgr, [c for c in compare if c in ("jpeg", "png")], jpeg_quality)
     if "paper" in compare:
         sizes["paper_bytes"] = len(encode(r.image, r, mode="paper"))
+    if "lossless" in compare:
+        sizes["lossless_bytes"] = len(encode(r.image, r))
     return {
         "sequence": r.sequence, "source_index": frame.index, "timestamp": r.timestamp, "label": r.label,
         "label_index": r.label_index, "score": round(r.score, 5), "kept_fraction": round(r.kept_fraction, 5),
@@ -172,7 +174,8 @@ def run_stream(
     """Process ``source`` until it ends, ``max_frames`` or ``stop``; returns the JSON summary.
 
     ``compare`` lists references whose sizes are recorded per frame for the compression
-    ratios: ``jpeg``/``png`` of the whole model-size frame, ``paper`` (x̃ as one PNG);
+    ratios: ``jpeg``/``png`` of the whole model-size frame, ``paper`` (x̃ as one PNG),
+    ``lossless`` (the blocks payload with lossless codecs, when the pipeline's is lossy);
     ``progress(snapshot)`` is called every ``progress_interval`` seconds. Sinks are closed before returning.
     """
     unknown = set(compare) - set(COMPARE)
@@ -233,7 +236,7 @@ def _snapshot(stats: _Stats, source: Source, accepted: int, elapsed: float) -> d
         "kept_fraction_mean": round(kept / written, 5) if written else None,
         "source": source.stats(),
     }
-    for key in ("jpeg_bytes", "png_bytes", "paper_bytes"):
+    for key in ("jpeg_bytes", "png_bytes", "paper_bytes", "lossless_bytes"):
         if b.get(key):
             snap[key] = b[key]
             snap[f"ratio_vs_{key.split('_')[0]}"] = round(b[key] / payload, 3) if payload else None
