@@ -173,3 +173,20 @@ def test_bad_inputs(tmp_path, bundle_a):
         export_onnx(tmp_path / "missing.pt", tmp_path / "x")
     assert main(["export", "onnx", ckpt, "--out", str(bundle_a[1].source)]) == 2  # exists, no --force
     print(json.dumps({"seed": SEED}))
+
+
+def test_int8_quantisation_reports_agreement(bundle_a, tmp_path):
+    from keepbits.export.quantize import quantize_bundle
+
+    rng = np.random.default_rng(SEED)
+    data = tmp_path / "data.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 4, 48),
+             x_test=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 4, 24))
+    bundle, report = quantize_bundle(bundle_a[1].source, tmp_path / "int8", data, calibration_images=32)
+    model = onnx.load(str(bundle.model_path))
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert any(n.op_type == "MaskCompose" for n in model.graph.node) and len(model.functions) >= 1
+    q = bundle.manifest.provenance["quantization"]
+    assert q["calibration_images"] == 32 and q["source_bundle_digest"] == bundle_a[1].digest
+    assert report["images"] == 24 and 0.0 <= report["mask_agreement"] <= 1.0 and "accuracy_candidate" in report
+    assert q["evaluation_vs_fp32"] == report

@@ -1,0 +1,146 @@
+"""INT8 static quantisation of a bundle with ONNX Runtime's tools, and its cost in accuracy and masks.
+
+``quantize_bundle`` calibrates on training images, quantises the convolutions and matrix
+products (QDQ, int8 weights, per channel; the ``keepbits`` nodes stay float32 and keep their
+function bodies), writes a new bundle whose manifest records the calibration and the
+comparison with the float bundle on test images: classifier accuracy, argmax agreement,
+mask agreement (ẑ > mask_threshold, NICE Eq. 11) and the largest ẑ / x̃ deviations.
+
+    python -m keepbits.export.quantize BUNDLE --data DATA --out BUNDLE_INT8
+
+Example:
+    >>> from keepbits.export.quantize import quantize_bundle
+    >>> # bundle, report = quantize_bundle("mnist.bundle", "mnist-int8.bundle", "data/mnist")
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from keepbits.bundle import Bundle, Manifest, load_bundle, write_bundle
+from keepbits.data import ImageDataset, has_split, load_dataset
+from keepbits.errors import InputError, KeepbitsError
+from keepbits.native import make_session
+
+QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
+
+
+def bundle_inputs(manifest: Manifest, images: np.ndarray) -> np.ndarray:
+    """uint8 N×H×W×C images in the bundle's input format (NHWC uint8 or NCHW float 0..1)."""
+    if images.shape[-1] != manifest.input_shape[0]:
+        raise InputError(f"images have {images.shape[-1]} channels, the bundle expects {manifest.input_shape[0]}")
+    if not manifest.dynamic_size and list(images.shape[1:3]) != manifest.input_shape[1:]:
+        raise InputError(f"images are {images.shape[1]}×{images.shape[2]}, the bundle accepts {manifest.input_shape[1]}×{manifest.input_shape[2]} only")
+    if manifest.input_dtype == "uint8":
+        return np.ascontiguousarray(images)
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+
+
+class _Reader:
+    """onnxruntime.quantization CalibrationDataReader over batches of one array."""
+
+    def __init__(self, name: str, x: np.ndarray, batch: int):
+        self._batches: Iterator[dict[str, np.ndarray]] = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def compare(reference: Bundle, candidate: Bundle, images: np.ndarray, labels: np.ndarray | None, batch: int = 64) -> dict[str, float]:
+    """Accuracy, argmax / mask agreement and max ẑ, x̃/scale deviation of ``candidate`` vs ``reference``."""
+    m = reference.manifest
+    sessions = [make_session(b.model_path) for b in (reference, candidate)]
+    logits: list[list[np.ndarray]] = [[], []]
+    agree = kept = 0.0
+    mask_dev = mixed_dev = 0.0
+    x = bundle_inputs(m, images)
+    for i in range(0, len(x), batch):
+        (l0, z0, x0), (l1, z1, x1) = (s.run(None, {m.input_name: x[i:i + batch]}) for s in sessions)
+        logits[0].append(l0)
+        logits[1].append(l1)
+        agree += float(((z0 > m.mask_threshold) == (z1 > m.mask_threshold)).sum())
+        kept += float((z0 > m.mask_threshold).sum())
+        mask_dev = max(mask_dev, float(np.abs(z0 - z1).max()))
+        mixed_dev = max(mixed_dev, float(np.abs(x0 - x1).max()) / m.pixel_scale)
+    pred = [np.concatenate(l).argmax(1) for l in logits]
+    pixels = len(x) * int(np.prod(z0.shape[1:]))
+    report = {
+        "images": len(x),
+        "argmax_agreement": float(np.mean(pred[0] == pred[1])),
+        "mask_agreement": agree / pixels,
+        "kept_fraction_reference": kept / pixels,
+        "mask_max_abs": mask_dev,
+        "mixed_max_abs": mixed_dev,
+    }
+    if labels is not None:
+        report["accuracy_reference"] = float(np.mean(pred[0] == labels))
+        report["accuracy_candidate"] = float(np.mean(pred[1] == labels))
+    return report
+
+
+def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, calibration_images: int = 256,
+                    eval_images: int = 1000, per_channel: bool = True, overwrite: bool = False) -> tuple[Bundle, dict]:
+    """Quantise ``bundle_path`` to INT8 (calibration: ``data`` train split) and compare on the test split."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    source = load_bundle(bundle_path)
+    m = source.manifest
+    if not m.function_bodies:
+        raise InputError(f"{bundle_path}: a {m.target} bundle without function bodies cannot be calibrated in ONNX Runtime")
+    size = None if m.dynamic_size else tuple(m.input_shape[1:])
+    train = load_dataset(data, "train", size=size or (m.input_shape[1], m.input_shape[2]))
+    test: ImageDataset = load_dataset(data, "test", size=size or (m.input_shape[1], m.input_shape[2])) if has_split(data, "test") else train
+    rng = np.random.default_rng(0)
+    calib = train.x[rng.permutation(len(train))[:calibration_images]]
+    evaluation = test.subset(np.arange(min(eval_images, len(test))))
+    logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization warns about pre-processing on root
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = Path(tmp) / "model.onnx"
+        quantize_static(str(source.model_path), str(quantized), _Reader(m.input_name, bundle_inputs(m, calib), 16),
+                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        per_channel=per_channel, op_types_to_quantize=QUANTIZED_OPS)
+        provenance = dict(m.provenance)
+        provenance["quantization"] = {
+            "method": "onnxruntime.quantization.quantize_static, QDQ, int8 activations and weights",
+            "per_channel": per_channel, "op_types": QUANTIZED_OPS, "calibration_images": len(calib),
+            "calibration_data": str(data), "source_bundle_digest": source.digest,
+        }
+        manifest = dataclasses.replace(m, provenance=provenance, files={})
+        staged = write_bundle(Path(tmp) / "staged", manifest, {m.model_file: quantized})
+        report = compare(source, load_bundle(staged), evaluation.x, evaluation.y if evaluation.num_classes == len(m.class_names) else None)
+        provenance["quantization"]["evaluation_vs_fp32"] = report
+        bundle = load_bundle(write_bundle(out, dataclasses.replace(manifest, provenance=provenance), {m.model_file: quantized},
+                                          overwrite=overwrite))
+    return bundle, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keepbits.export.quantize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle")
+    parser.add_argument("--data", required=True, help="data set with a train split (calibration) and ideally a test split")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--calibration-images", type=int, default=256)
+    parser.add_argument("--eval-images", type=int, default=1000)
+    parser.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        bundle, report = quantize_bundle(args.bundle, args.out, args.data, args.calibration_images, args.eval_images,
+                                         not args.per_tensor, args.force)
+    except KeepbitsError as exc:
+        print(f"keepbits: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"bundle": str(bundle.source), "digest": bundle.digest, **report}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
