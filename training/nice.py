@@ -336,7 +336,10 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
         save_checkpoint(path, snapshot({"history": history}, epoch))
 
     split = "test" if test_t is not None else "train"
-    final = evaluate_nice(generator, classifier, test_t if test_t is not None else train_t, cfg.block_size)
+    if test_t is not None:  # the last epoch's test evaluation is the final one
+        final = {k[len("test_") :]: v for k, v in history[-1].items() if k.startswith("test_")}
+    else:
+        final = evaluate_nice(generator, classifier, train_t, cfg.block_size)
     metrics = {"history": history, "final": final, "final_split": split, "lambda_l0_final": lambda_l0}
     save_checkpoint(path, snapshot(metrics, cfg.epochs - 1))
     return {**metrics, "checkpoint": str(path), "wall_time_s": round(time.time() - started, 1)}
