@@ -90,7 +90,7 @@ def _node_callable(node: Any, modules: dict[str, nn.Module]) -> tuple[str, Any]:
             return "gap", module
         return "other", module
     if node.op == "call_function":
-        fn = functools.partial(node.target, *rest, **kwargs)
+        fn = lambda t, _f=node.target, _a=rest, _k=kwargs: _f(t, *_a, **_k)  # noqa: E731
         if node.target in _ELEMENTWISE_FUNCTIONS and not rest and not kwargs.get("training", False):
             return "elementwise", fn
         if node.target is torch.flatten and (rest[:1] == (1,) or kwargs.get("start_dim") == 1) and len(rest) <= 1:
@@ -126,6 +126,8 @@ def plan_layers(module: nn.Module) -> tuple[list[tuple[str, Any]], bool, nn.Line
     while i < len(layers) and layers[i][0] in ("spatial", "elementwise"):
         features.append(layers[i])
         i += 1
+    if not features:
+        raise Unsupported("no convolution or pooling layer before the flatten")
     gap = i < len(layers) and layers[i][0] == "gap"
     i += gap
     if i >= len(layers) or layers[i][0] != "collapse":
@@ -230,25 +232,33 @@ class IncrementalScorer:
         self.target = int(target)
         self.base = torch.as_tensor(np.asarray(x, dtype=np.float64)).clone()
         self._cache = None
+        with _threads(self.threads), torch.inference_mode():
+            self._acts = [self.base[None]]
+            for kind, op in self.features:
+                t = self._acts[-1]
+                self._acts.append(op.fn(F.pad(t, (op.p[1], op.p[1], op.p[0], op.p[0]), value=op.pad_value)) if kind == "spatial" else op(t))
+            last = self._acts[-1]
+            self._base_lin = self.linear(last.mean(dim=(2, 3)) if self.gap else last.flatten(1))
 
     @torch.inference_mode()
     def base_log_prob(self) -> float:
         return float(torch.log_softmax(self.net(self.base[None]), 1)[0, self.target])
 
     def mask(self, pixel: int) -> None:
-        """Mask ``pixel`` in the base image (the step's choice)."""
+        """Mask ``pixel`` in the base image (the step's choice) and update the base activations
+        and linear-layer output in place: only the pixel's boxes change (previous step reused)."""
         w = self.shape[2]
+        with _threads(self.threads), torch.inference_mode():
+            boxes = self._propagate(np.array([pixel]))
+            self._base_lin += self._linear_delta(*boxes[-1])
+            for act, (rows, cols, bh, bw, patch) in zip(self._acts[1:], boxes):
+                r, c = int(rows[0]), int(cols[0])
+                act[0, :, r : r + bh, c : c + bw] = patch[0]
         self.base[:, pixel // w, pixel % w] = self.mask_value[:, 0, 0]
+        self._acts[0] = self.base[None]
 
-    def _base_activations(self) -> list[torch.Tensor]:
-        acts = [self.base[None]]
-        for kind, op in self.features:
-            t = acts[-1]
-            acts.append(op.fn(F.pad(t, (op.p[1], op.p[1], op.p[0], op.p[0]), value=op.pad_value)) if kind == "spatial" else op(t))
-        return acts
-
-    def _linear_deltas(self, acts: list[torch.Tensor], pixels: np.ndarray) -> torch.Tensor:
-        """Change of the first linear layer's output when each of ``pixels`` is masked alone."""
+    def _propagate(self, pixels: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor]]:
+        """Per feature layer, the box (row/col starts, size) and new values when each pixel is masked alone."""
         c, h, w = self.shape
         n = len(pixels)
         pix_r, pix_c = pixels // w, pixels % w
@@ -256,9 +266,11 @@ class IncrementalScorer:
         patch = self.mask_value.expand(c, 1, 1).unsqueeze(0).expand(n, c, 1, 1)
         bh, bw = 1, 1
         ar = torch.arange(n)
-        for (kind, op), ((nbh, nbw), plan_r, plan_c), prev in zip(self.features, self.steps, acts[:-1]):
+        boxes = []
+        for (kind, op), ((nbh, nbw), plan_r, plan_c), prev in zip(self.features, self.steps, self._acts[:-1]):
             if kind == "elementwise":
                 patch = op(patch)
+                boxes.append((rows, cols, bh, bw, patch))
                 continue
             out_r, out_c = torch.as_tensor(plan_r[pix_r]), torch.as_tensor(plan_c[pix_c])
             wh, ww = (nbh - 1) * op.s[0] + op.k[0], (nbw - 1) * op.s[1] + op.k[1]
@@ -272,8 +284,13 @@ class IncrementalScorer:
             vals = patch[ar[:, None, None], :, pr.clamp(0, bh - 1)[:, :, None], pc.clamp(0, bw - 1)[:, None, :]]
             window = torch.where(inside[:, None], vals.permute(0, 3, 1, 2), window)
             patch, rows, cols, bh, bw = op.fn(window), out_r, out_c, nbh, nbw
-        last = acts[-1][0]
-        fh, fw = last.shape[-2:]
+            boxes.append((rows, cols, bh, bw, patch))
+        return boxes
+
+    def _linear_delta(self, rows: torch.Tensor, cols: torch.Tensor, bh: int, bw: int, patch: torch.Tensor) -> torch.Tensor:
+        """Change of the first linear layer's output from last-layer boxes with new values ``patch``."""
+        last = self._acts[-1][0]
+        n, (fh, fw) = len(patch), last.shape[-2:]
         base_box = last[:, rows[:, None, None] + torch.arange(bh)[:, None], cols[:, None, None] + torch.arange(bw)].permute(1, 0, 2, 3)
         delta = patch - base_box
         if self.gap:
@@ -295,10 +312,6 @@ class IncrementalScorer:
 
     def _scores(self, candidates: np.ndarray, last_masked: int | None) -> np.ndarray:
         c, h, w = self.shape
-        acts = self._base_activations()
-        last = acts[-1]
-        pooled = last.mean(dim=(2, 3)) if self.gap else last.flatten(1)
-        base_lin = self.linear(pooled)
         if self._cache is None:
             self._cache = np.zeros((h * w, self.linear.out_features))
             todo = np.asarray(candidates)
@@ -309,8 +322,8 @@ class IncrementalScorer:
             todo = np.asarray(candidates)[hit]
         for i in range(0, len(todo), self.chunk):
             part = todo[i : i + self.chunk]
-            self._cache[part] = self._linear_deltas(acts, part).numpy()
-        hidden = base_lin + torch.as_tensor(self._cache[candidates])
+            self._cache[part] = self._linear_delta(*self._propagate(part)[-1]).numpy()
+        hidden = self._base_lin + torch.as_tensor(self._cache[candidates])
         for fn in self.head:
             hidden = fn(hidden)
         return torch.log_softmax(hidden, dim=1)[:, self.target].numpy()
