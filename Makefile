@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/keepbits demo
 
 native: install
-	bash native/build.sh || echo "keepbits: native library not built; ONNX function fallbacks will be used"
+	bash native/build.sh --optional
 
 test: install native
 	$(BIN)/python -m pytest -q -p no:cacheprovider
