@@ -98,7 +98,9 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="also run the whole incremental BackSelect and FindSIS per image")
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training and the reference (the incremental scorer uses 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.data is None or not (args.data / "mnist").is_dir():
         parser.error(f"MNIST not found under {args.data} (pass --data)")
     train_set, test_set = load_dataset(args.data / "mnist", "train"), load_dataset(args.data / "mnist", "test")
