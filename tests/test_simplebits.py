@@ -9,7 +9,7 @@ from keepbits import registry
 from keepbits.cli import main
 from keepbits.data import sample_mnist_path
 from keepbits.training.checkpoint import model_entry, save_checkpoint
-from keepbits.training.simplebits import LOSS_GATE, load_simplebits, simplebits_loss, unrolled_step
+from keepbits.training.simplebits import LOSS_GATE, export_simplifier_onnx, load_simplebits, simplebits_loss, unrolled_step
 
 
 class TinyNet(nn.Module):
@@ -86,3 +86,16 @@ def test_train_simplebits_cli_roundtrip(tmp_path, tiny_density):
     x = torch.rand(2, 1, 28, 28)
     assert simplifier(x).shape == x.shape and classifier(x).shape == (2, 10)
     assert main(["-q", "train", "simplebits", "--data", str(sample_mnist_path()), "--out", str(out), "--density", str(tmp_path / "nope.pt")]) == 2
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_torch(tmp_path):
+    torch.manual_seed(0)
+    sim_kw, clf_kw = {"in_channels": 1, "base": 4}, {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
+    sim = registry.build("simplebits_unet", **sim_kw)
+    sim.weight.data.fill_(0.3)  # off the identity, so the U-Net is exercised
+    save_checkpoint(tmp_path / "sb.pt", {"kind": "simplebits", "input_shape": [1, 28, 28], "normalization": {"mean": [0.13], "std": [0.31]},
+                                         "models": {"simplifier": model_entry("simplebits_unet", sim_kw, sim),
+                                                    "classifier": model_entry("lenet5", clf_kw, registry.build("lenet5", **clf_kw))}})
+    exported = export_simplifier_onnx(tmp_path / "sb.pt", tmp_path / "simplifier.onnx")
+    assert max(exported["max_abs_diff"].values()) < 1e-4

@@ -275,3 +275,42 @@ def load_simplebits(path: str | Path) -> tuple[torch.nn.Module, Normalized, dict
     norm = record["normalization"]
     classifier = Normalized(build_model(record, "classifier"), norm["mean"], norm["std"]).eval()
     return simplifier, classifier, record
+
+
+class SimplifierGraph(torch.nn.Module):
+    """The exportable SimpleBits stage: [0, 1] image → (``logits`` of the simplified image,
+    ``simplified``), i.e. what replaces the explain stage of the runtime pipeline."""
+
+    def __init__(self, simplifier: torch.nn.Module, classifier: torch.nn.Module):
+        super().__init__()
+        self.simplifier, self.classifier = simplifier, classifier
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        simplified = self.simplifier(image)
+        return self.classifier(simplified), simplified
+
+
+def export_simplifier_onnx(checkpoint: str | Path, out: str | Path, tol: float = 1e-4) -> dict[str, Any]:
+    """Export a ``simplebits`` checkpoint to ONNX (input ``image`` float N×C×H×W in [0, 1],
+    dynamic batch; outputs ``logits``, ``simplified``) and check it against torch with
+    ONNX Runtime; returns the max abs differences. Raises :class:`InputError` beyond ``tol``."""
+    import onnxruntime as ort
+
+    simplifier, classifier, record = load_simplebits(checkpoint)
+    graph = SimplifierGraph(simplifier, classifier).eval()
+    c, h, w = record["input_shape"]
+    example = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(graph, (example,), dynamo=True, input_names=["image"], output_names=["logits", "simplified"],
+                                dynamic_shapes={"image": {0: batch}}, external_data=False, verbose=False)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(out))
+    test = torch.rand(3, c, h, w, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = [t.numpy() for t in graph(test)]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": test.numpy()})
+    diffs = {name: float(np.abs(a - b).max()) for name, a, b in zip(("logits", "simplified"), ref, got)}
+    if max(diffs.values()) > tol:
+        raise InputError(f"{out}: ONNX output differs from torch by {diffs} (tolerance {tol})")
+    return {"onnx": str(out), "max_abs_diff": diffs}
