@@ -1,0 +1,87 @@
+"""`nice_fast` generator: log α shape for odd sizes, parameter/FLOP budget against ResNet-18,
+ONNX export (dynamo) of a NICE bundle and ẑ (Eq. 11) / x̃ (Eq. 12) parity torch vs ONNX Runtime
+(function bodies and, when built, the native kernels) at sizes other than the export's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from keepbits import native, registry
+from keepbits.export import NiceGraph, compare_outputs, export_onnx
+from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+
+TOL = 1e-5
+
+
+@registry.register("test_fast_fcn", "classifier")
+def _fcn(in_channels: int = 3, num_classes: int = 4, image_size=None) -> nn.Module:
+    """Tiny fully convolutional classifier (any H×W)."""
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+def _flops(model: nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 37, 50), (1, 3, 224, 224), (3, 1, 28, 28), (1, 3, 9, 5), (1, 1, 1, 1)])
+def test_log_alpha_shape_any_size(shape):
+    gen = registry.build("nice_fast", in_channels=shape[1]).eval()
+    with torch.no_grad():
+        out = gen(torch.randn(shape))
+    assert tuple(out.shape) == (shape[0], 1, *shape[2:])
+    assert torch.allclose(out, torch.ones_like(out))  # zero head weight: log α starts at INIT_LOG_ALPHA
+
+
+def test_budget_vs_resnet18():
+    gen = registry.build("nice_fast", in_channels=3)
+    assert sum(p.numel() for p in gen.parameters()) <= 300_000
+    x = torch.zeros(1, 3, 224, 224)
+    ratio = _flops(gen, x) / _flops(registry.build("resnet18", in_channels=3, num_classes=10), x)
+    assert ratio <= 0.04, ratio
+
+
+@pytest.mark.parametrize("input_dtype", ["uint8", "float32"])
+def test_export_parity(tmp_path, input_dtype):
+    torch.manual_seed(0)
+    gen_kwargs, clf_kwargs = {"in_channels": 3}, {"in_channels": 3, "num_classes": 4}
+    gen, clf = registry.build("nice_fast", **gen_kwargs), registry.build("test_fast_fcn", **clf_kwargs)
+    with torch.no_grad():  # BatchNorm statistics away from identity; keep about half of the pixels
+        for m in gen.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        gen.head.weight.normal_(0, 2.0)
+        gen.head.bias.copy_(-gen.eval()(torch.randn(2, 3, 32, 32)).median())
+    ckpt = save_checkpoint(tmp_path / "nice.pt", {
+        "kind": "nice",
+        "models": {"generator": model_entry("nice_fast", gen_kwargs, gen), "classifier": model_entry("test_fast_fcn", clf_kwargs, clf)},
+        "input_shape": [3, 32, 32], "normalization": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},
+        "class_names": ["a", "b", "c", "d"], "settings": {"block_size": 4, "mask_threshold": 0.5},
+        "metrics": {}, "command": "test", "epoch": 1,
+    })
+    bundle = export_onnx(ckpt, tmp_path / "bundle", input_dtype=input_dtype)
+    m = bundle.manifest
+    assert m.dynamic_size and m.generator == "nice_fast"
+    record = load_checkpoint(ckpt, "nice")
+    graph = NiceGraph(build_model(record, "generator"), build_model(record, "classifier"), m.mean, m.std, m.block_size, m.input_dtype)
+    sessions = {"bodies": native.make_session(bundle.model_path, native=False)}
+    if native.library_path() is not None:
+        sessions["native"] = native.make_session(bundle.model_path)
+    rng = np.random.default_rng(0)
+    for n, h, w in [(2, 37, 51), (1, 64, 48), (3, 13, 29)]:
+        if input_dtype == "uint8":
+            image = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+        else:
+            image = rng.random((n, 3, h, w), dtype=np.float32)
+        with torch.no_grad():
+            reference = tuple(t.numpy() for t in graph(torch.from_numpy(image)))
+        assert 0.0 < (reference[1] > 0.5).mean() < 1.0  # a mask that keeps some pixels
+        for name, session in sessions.items():
+            report = compare_outputs(reference, session.run(None, {m.input_name: image}), m.pixel_scale)
+            assert report["mask_max_abs"] <= TOL and report["mixed_max_abs"] <= TOL, (name, (n, h, w), report)
+            assert report["argmax_agree"] == 1.0 and report["logits_max_abs"] <= 1e-3, (name, (n, h, w), report)
