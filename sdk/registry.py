@@ -24,6 +24,7 @@ KINDS = ("classifier", "generator", "simplifier", "density")
 PROVIDERS = (
     "keepbits.training.models.classifiers",
     "keepbits.training.models.generators",
+    "keepbits.training.models.fast_generators",
     "keepbits.training.models.simplifiers",
     "keepbits.training.models.density",
 )
