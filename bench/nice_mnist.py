@@ -9,6 +9,7 @@ fraction) and ``nice_mnist_masks.png`` (NICE Fig. 2 style: ẑ and x̃ for each 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,9 @@ def main() -> int:
     p.add_argument("--runs", type=Path, default=Path("runs/nice"), help="where checkpoints go")
     p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 3.0, 10.0, 30.0])
     p.add_argument("--generator", default="nice_mnist")
+    p.add_argument("--generator-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"widths": [8, 16, 32]}\'')
+    p.add_argument("--target-fraction", type=float, default=None, help="adapt λ1 (from each --lambdas start) to keep this fraction")
+    p.add_argument("--tag", default="", help="suffix of the result names (nice_mnist<tag>.json / .png)")
     p.add_argument("--lr", type=float, default=1e-2, help="generator Adam lr (×0.1 every 5 epochs)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-train", type=int, default=20000)
@@ -54,9 +58,10 @@ def main() -> int:
 
     rows, figure = [], {"masks": [], "mixed": [], "titles": []}
     for lam in args.lambdas:
-        out = args.runs / f"mnist_{args.generator}_l{lam:g}"
-        cfg = NiceConfig(data=str(data), classifier=clf_path, out=str(out), generator=args.generator, block_size=BLOCK,
-                         lambda_l0=lam, lambda_smooth=0.0, optimizer="adam", lr=args.lr, epochs=args.epochs,
+        out = args.runs / f"mnist_{args.generator}{args.tag}_l{lam:g}"
+        cfg = NiceConfig(data=str(data), classifier=clf_path, out=str(out), generator=args.generator,
+                         generator_kwargs=args.generator_kwargs, block_size=BLOCK,
+                         lambda_l0=lam, lambda_smooth=0.0, target_fraction=args.target_fraction, optimizer="adam", lr=args.lr, epochs=args.epochs,
                          max_train=args.max_train, max_test=args.max_test, seed=args.seed, progress=False,
                          command=" ".join(sys.argv))
         t0 = time.time()
@@ -66,7 +71,7 @@ def main() -> int:
         result = benchmark_nice(gen, clf, record, test, [BLOCK], args.qualities, seed=args.seed)
         row = result["per_block_size"][0]
         rows.append({
-            "lambda_l0": lam, "train_wall_s": round(train_s, 1), "kept_fraction": result["kept_fraction"], "mean_mask": result["mean_mask"],
+            "lambda_l0": lam, "lambda_l0_final": summary["lambda_l0_final"], "train_wall_s": round(train_s, 1), "kept_fraction": result["kept_fraction"], "mean_mask": result["mean_mask"],
             "nice_accuracy": row["nice"]["accuracy"], "saliency_topk_accuracy": row["saliency_topk"]["accuracy"],
             "random_accuracy": row["random"]["accuracy"], "nice_png_bytes": row["nice"]["png_bytes_per_image"],
             "saliency_topk_png_bytes": row["saliency_topk"]["png_bytes_per_image"], "random_png_bytes": row["random"]["png_bytes_per_image"],
@@ -83,9 +88,10 @@ def main() -> int:
         figure["titles"].append(f"λ1={lam:g}")
 
     out_dir = results_dir()
-    plot_masks(out_dir / "nice_mnist_masks.png", test.x[:8], figure["masks"], figure["mixed"], figure["titles"])
+    name = f"nice_mnist{args.tag}"
+    plot_masks(out_dir / f"{name}_masks.png", test.x[:8], figure["masks"], figure["mixed"], figure["titles"])
     fr = [r["kept_fraction"] for r in rows]
-    plot_curves(out_dir / "nice_mnist_accuracy.png", {
+    plot_curves(out_dir / f"{name}_accuracy.png", {
         "NICE (ẑ)": (fr, [r["nice_accuracy"] for r in rows]),
         "gradient saliency top-k": (fr, [r["saliency_topk_accuracy"] for r in rows]),
         "random pixels": (fr, [r["random_accuracy"] for r in rows]),
@@ -93,8 +99,8 @@ def main() -> int:
     meets = [r for r in rows if r["nice_accuracy"] >= 0.98 and r["kept_fraction"] <= 0.15]
     payload = {
         "protocol": {
-            "data": str(data), "train_images": args.max_train, "test_images": len(test), "block_size": BLOCK, "lambda_smooth": 0.0,
-            "generator": args.generator, "optimizer": f"Adam lr {args.lr} (×0.1 every 5 epochs)", "epochs": args.epochs,
+            "data": str(data), "train_images": args.max_train, "test_images": len(test), "block_size": BLOCK, "lambda_smooth": 0.0, "target_fraction": args.target_fraction,
+            "generator": args.generator, "generator_kwargs": args.generator_kwargs, "optimizer": f"Adam lr {args.lr} (×0.1 every 5 epochs)", "epochs": args.epochs,
             "batch_size": 64, "seed": args.seed, "classifier": clf_path, "mode": "fixed",
             "baselines": "same per-image pixel count as ẑ > 0.5; saliency = |d logit_pred / dx| summed over channels",
             "accuracy": "on the decoded uint8 image (PNG is lossless)",
@@ -106,7 +112,7 @@ def main() -> int:
                    "nice_above_baselines_at_every_budget": all(r["nice_accuracy"] > max(r["saliency_topk_accuracy"], r["random_accuracy"]) for r in rows)},
         "wall_time_s": round(time.time() - started, 1),
     }
-    print(write_result("nice_mnist", payload))
+    print(write_result(name, payload))
     return 0
 
 
