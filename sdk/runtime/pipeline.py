@@ -352,7 +352,7 @@ class Pipeline:
             "bundle": str(self.bundle.source), "digest": self.bundle.digest,
             "input": [self.channels, self.height, self.width], "classes": len(self.class_names),
             "block": self.block, "threshold": self.threshold, "providers": self.providers,
-            "codec": {"mode": "blocks", "codec": "png", "background": "raw", **self.codec_options},
+            "codec": {"mode": "blocks", "codec": "png", "background": "raw", "quality": 90, **self.codec_options},
         }
 
 
