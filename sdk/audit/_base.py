@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,7 +23,6 @@ import numpy as np
 
 from keepbits.errors import InputError
 
-log = logging.getLogger("keepbits")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import time
@@ -41,7 +40,6 @@ from keepbits.audit._base import ModelAdapter, TorchAdapter, load_model
 from keepbits.audit.sis import METHODS, BackSelectResult, backselect, find_sis, gradient_backselect
 from keepbits.errors import InputError
 
-log = logging.getLogger("keepbits")
 
 
 def keep_count(pixels: int, fraction: float) -> int:
@@ -321,7 +319,8 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
     train_set, test_set = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
     rng = np.random.default_rng(cfg.seed)
     tr_idx = np.sort(rng.permutation(len(train_set))[: cfg.train_images]) if cfg.train_images else np.arange(len(train_set))
-    te_idx = np.arange(min(cfg.test_images or len(test_set), len(test_set)))
+    # random subsets (seeded, sorted): data sets stored by class must not give one-class subsets
+    te_idx = np.sort(rng.permutation(len(test_set))[: cfg.test_images]) if cfg.test_images else np.arange(len(test_set))
     out = Path(cfg.out)
     dist = _dist()
     classes = train_set.num_classes

@@ -26,7 +26,7 @@ import numpy as np
 
 from keepbits.audit._base import load_model
 from keepbits.audit._report import Report, overlay
-from keepbits.audit.overinterpretation import compute_orders, location_frequency, sis_size_stats
+from keepbits.audit.overinterpretation import _dist, compute_orders, location_frequency, sis_size_stats
 from keepbits.audit.sis import find_sis
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -36,13 +36,14 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
               thresholds: Sequence[float] = DEFAULT_THRESHOLDS, method: str = "auto", k: int = 16, batch_size: int = 64,
               show: int = 12, progress: bool = True, **model_kwargs: Any) -> dict[str, Any]:
     """Compute SIS (at ``threshold`` for the figures, at every ``thresholds`` for the curves) of uint8
-    N×H×W×C ``images`` and write ``out/report.html`` + ``out/report.json``; returns the JSON data."""
+    N×H×W×C ``images`` and write ``out/report.html`` + ``out/report.json`` (rank 0 under
+    ``torchrun``); returns the JSON data. ``method``: ``auto``/``incremental``/``plain`` (exact)
+    or ``gradient`` (``k`` pixels per iteration)."""
     started = time.time()
     adapter = load_model(model, **model_kwargs)
     x = adapter.prepare(images)
     images = adapter.denormalize(x) if np.asarray(images).dtype != np.uint8 else np.asarray(images)
-    bs_method = "gradient" if method == "gradient" else method
-    orders = compute_orders(adapter, x, Path(out) / "orders", bs_method, k, batch_size=batch_size, progress=progress)
+    orders = compute_orders(adapter, x, Path(out) / "orders", method, k, batch_size=batch_size, progress=progress)
     taus = sorted(set(float(t) for t in thresholds) | {float(threshold)})
     labels = np.asarray(labels) if labels is not None else np.array([r.target for r in orders])
     per_image, below = [], []
@@ -100,7 +101,8 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     else:
         sec.text("None: every image reaches τ.", note=True)
     report.data = {"summary": summary, "thresholds": taus, "size_stats": stats, "heatmap": heat, "images": per_image}
-    report.write(out)
+    if _dist().rank == 0:  # under torchrun every rank holds the merged orders; one writes
+        report.write(out)
     return report.data
 
 

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=30, help="epochs of the original model and the mitigations")
     p.add_argument("--retrain-epochs", type=int, default=None, help="epochs of the subset retraining (default --epochs)")
     p.add_argument("--train-images", type=int, default=None, help="use N random training images (default all)")
-    p.add_argument("--test-images", type=int, default=None, help="use the first N test images (default all)")
+    p.add_argument("--test-images", type=int, default=None, help="use N random test images (default all)")
     p.add_argument("--fraction", type=float, default=0.05, help="pixel fraction kept per image (default 0.05)")
     p.add_argument("--method", choices=["gradient", "exact"], default="gradient", help="BackSelect variant")
     p.add_argument("--k", type=int, default=16, help="pixels masked per gradient BackSelect iteration")

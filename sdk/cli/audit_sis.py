@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data set path (as for training: .npz, idx folder, split folder, class folders)")
     p.add_argument("--out", required=True, help="output folder (report.html, report.json, orders/ for resuming)")
     p.add_argument("--split", choices=["train", "test"], default="test")
-    p.add_argument("--images", type=int, default=16, help="first N images of the split (default 16)")
+    p.add_argument("--images", type=int, default=16, help="N images of the split, drawn at random with --seed (default 16; 0: all)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", type=float, default=0.9, help="τ for the figures (default 0.9)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99], help="τ values for the size curves")
     p.add_argument("--method", choices=["auto", "incremental", "plain", "gradient"], default="auto",
@@ -28,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     existing_path(args.model, "model")
     existing_path(args.data, "data path")
+    import numpy as np
+
     from keepbits.audit.sis_report import sis_audit
     from keepbits.data import load_dataset
     from keepbits.errors import InputError
@@ -35,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.threshold <= 1:
         raise InputError(f"--threshold must be in (0, 1], got {args.threshold}")
     ds = load_dataset(args.data, args.split)
-    n = min(args.images, len(ds))
-    data = sis_audit(args.model, ds.x[:n], ds.y[:n], args.out, args.threshold, args.thresholds, args.method, args.k,
+    pick = np.arange(len(ds))
+    if 0 < args.images < len(ds):  # a random sample: data sets are often stored sorted by class
+        pick = np.sort(np.random.default_rng(args.seed).permutation(len(ds))[: args.images])
+    data = sis_audit(args.model, ds.x[pick], ds.y[pick], args.out, args.threshold, args.thresholds, args.method, args.k,
                      args.batch_size, args.show, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({**data["summary"], "report": os.path.join(args.out, "report.html")}, indent=2))
