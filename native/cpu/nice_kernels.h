@@ -8,6 +8,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace keepbits {
 
 // ẑ = clamp(σ(log α / β)(ζ − γ) + γ, 0, 1)
@@ -49,18 +53,89 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
-// Eq. 11 over `count` contiguous values.
+#if defined(__AVX2__) && defined(__FMA__)
+// fast_exp on 8 lanes: the same reduction and polynomial, with min/max clamps (the scalar
+// ternaries compile to compare+blend chains) and the 2^n bits built with integer lanes.
+inline __m256 fast_exp8(__m256 x) {
+  const __m256 round_magic = _mm256_set1_ps(12582912.0f);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.0f)), _mm256_set1_ps(80.0f));
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504089f), round_magic);
+  const __m256 n = _mm256_sub_ps(t, round_magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000)),
+                                                          _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+// Eq. 11 over `count` contiguous values (8 lanes at a time with AVX2+FMA, scalar tail).
 inline void hard_concrete(const float* __restrict log_alpha, float* __restrict mask, int64_t count, const Gate& g) {
   const float neg_inv_beta = -1.0f / g.beta;
   const float span = g.zeta - g.gamma;
   const float gamma = g.gamma;
-  for (int64_t i = 0; i < count; ++i) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 v_scale = _mm256_set1_ps(neg_inv_beta), v_span = _mm256_set1_ps(span), v_gamma = _mm256_set1_ps(gamma);
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  for (; i + 8 <= count; i += 8) {
+    const __m256 e = fast_exp8(_mm256_mul_ps(_mm256_loadu_ps(log_alpha + i), v_scale));
+    const __m256 z = _mm256_fmadd_ps(_mm256_div_ps(one, _mm256_add_ps(one, e)), v_span, v_gamma);
+    _mm256_storeu_ps(mask + i, _mm256_min_ps(_mm256_max_ps(z, zero), one));
+  }
+#endif
+  for (; i < count; ++i) {
     const float s = 1.0f / (1.0f + fast_exp(log_alpha[i] * neg_inv_beta));
     mask[i] = clamp(s * span + gamma, 0.0f, 1.0f);
   }
 }
 
 // Shapes of one composition: x is N×C×H×W, the mask N×1×H×W, b the block size.
+// Column sums of `rows` rows of width `w` (row stride w) into `a`: float within chunks of
+// ≤ kChunkRows rows (≤ 7 roundings), the chunks added in double, so tall blocks lose no
+// precision. AVX2: 8 columns per register, one pass over x; the scalar tail adds in the same order.
+constexpr int64_t kChunkRows = 8;
+
+inline void column_sums(const float* __restrict x, int64_t rows, int64_t w, double* __restrict a) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; j + 8 <= w; j += 8) {
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    for (int64_t c0 = 0; c0 < rows; c0 += kChunkRows) {
+      const int64_t c1 = std::min(c0 + kChunkRows, rows);
+      __m256 part = _mm256_loadu_ps(x + c0 * w + j);
+      for (int64_t r = c0 + 1; r < c1; ++r) part = _mm256_add_ps(part, _mm256_loadu_ps(x + r * w + j));
+      lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(part)));
+      hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(part, 1)));
+    }
+    _mm256_storeu_pd(a + j, lo);
+    _mm256_storeu_pd(a + j + 4, hi);
+  }
+#endif
+  for (; j < w; ++j) {
+    double sum = 0.0;
+    for (int64_t c0 = 0; c0 < rows; c0 += kChunkRows) {
+      const int64_t c1 = std::min(c0 + kChunkRows, rows);
+      float part = x[c0 * w + j];
+      for (int64_t r = c0 + 1; r < c1; ++r) part += x[r * w + j];
+      sum += part;
+    }
+    a[j] = sum;
+  }
+}
+
+// Asks for `count` floats from `p` on in cache, one request per 64-byte line.
+inline void prefetch(const float* p, int64_t count) {
+  for (int64_t i = 0; i < count; i += 16) __builtin_prefetch(p + i);
+}
+
 struct ComposeShape {
   int64_t n, c, h, w, b;
   int64_t block_rows() const { return (h + b - 1) / b; }
@@ -96,12 +171,9 @@ inline void compose_block_row(const float* x, const float* log_alpha, const floa
       std::memcpy(oc, xc, sizeof(float) * static_cast<size_t>(rows * s.w));
       continue;
     }
+    if (c + 1 < s.c) prefetch(xc + plane, rows * s.w);  // the next channel's rows, while this one runs
     double* a = acc.data();
-    for (int64_t j = 0; j < s.w; ++j) a[j] = xc[j];
-    for (int64_t r = 1; r < rows; ++r) {
-      const float* xr = xc + r * s.w;
-      for (int64_t j = 0; j < s.w; ++j) a[j] += xr[j];
-    }
+    column_sums(xc, rows, s.w, a);
     float* m = means.data();
     for (int64_t j0 = 0; j0 < s.w; j0 += s.b) {
       const int64_t j1 = std::min(j0 + s.b, s.w);
