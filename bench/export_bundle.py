@@ -1,6 +1,6 @@
 """Whole-bundle benchmark (issue 4): ResNet-18 classifier + NICE generator at 224×224, uint8 input.
 
-For each generator (default ``nice_unet`` and NICE's ``nice_caltech``), exports a random-init
+For each generator (``nice_unet``, NICE's ``nice_caltech`` and the cheap ``nice_fast``), exports a random-init
 NICE checkpoint to a bundle and times, in one ONNX Runtime process and run (median of
 ``--repeat`` after warm-up):
 
@@ -83,7 +83,7 @@ def kernel_ms(model_path: Path, feed: dict, threads: int, repeat: int, tmp: Path
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generators", default="nice_unet,nice_caltech")
+    parser.add_argument("--generators", default="nice_unet,nice_caltech,nice_fast")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=20)
