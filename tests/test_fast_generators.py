@@ -50,17 +50,20 @@ def test_export_parity(tmp_path, input_dtype):
     torch.manual_seed(0)
     gen_kwargs, clf_kwargs = {"in_channels": 3}, {"in_channels": 3, "num_classes": 4}
     gen, clf = registry.build("nice_fast", **gen_kwargs), registry.build("test_fast_fcn", **clf_kwargs)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     with torch.no_grad():  # BatchNorm statistics away from identity; keep about half of the pixels
         for m in gen.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-        gen.head.weight.normal_(0, 2.0)
-        gen.head.bias.copy_(-gen.eval()(torch.randn(2, 3, 32, 32)).median())
+        gen.head.weight.normal_(0, 20.0)
+        gen.head.bias.zero_()
+        normalised = (torch.rand(4, 3, 32, 32) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        gen.head.bias.copy_(-gen.eval()(normalised).median())
     ckpt = save_checkpoint(tmp_path / "nice.pt", {
         "kind": "nice",
         "models": {"generator": model_entry("nice_fast", gen_kwargs, gen), "classifier": model_entry("test_fast_fcn", clf_kwargs, clf)},
-        "input_shape": [3, 32, 32], "normalization": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},
+        "input_shape": [3, 32, 32], "normalization": {"mean": mean, "std": std},
         "class_names": ["a", "b", "c", "d"], "settings": {"block_size": 4, "mask_threshold": 0.5},
         "metrics": {}, "command": "test", "epoch": 1,
     })
