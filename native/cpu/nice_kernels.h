@@ -131,13 +131,9 @@ inline void column_sums(const float* __restrict x, int64_t rows, int64_t w, doub
   }
 }
 
-// Asks for `count` floats from `p` on in cache, one request per 64-byte line.
-inline void prefetch(const float* p, int64_t count) {
-  for (int64_t i = 0; i < count; i += 16) __builtin_prefetch(p + i);
-}
-
 struct ComposeShape {
   int64_t n, c, h, w, b;
+  bool stream = false;  // write x̃ with streaming (non-temporal) stores, for outputs larger than L2
   int64_t block_rows() const { return (h + b - 1) / b; }
 };
 
@@ -171,7 +167,6 @@ inline void compose_block_row(const float* x, const float* log_alpha, const floa
       std::memcpy(oc, xc, sizeof(float) * static_cast<size_t>(rows * s.w));
       continue;
     }
-    if (c + 1 < s.c) prefetch(xc + plane, rows * s.w);  // the next channel's rows, while this one runs
     double* a = acc.data();
     column_sums(xc, rows, s.w, a);
     float* m = means.data();
@@ -186,9 +181,21 @@ inline void compose_block_row(const float* x, const float* log_alpha, const floa
       const float* xr = xc + r * s.w;
       const float* zr = z + r * s.w;
       float* orow = oc + r * s.w;
-      for (int64_t j = 0; j < s.w; ++j) orow[j] = m[j] + zr[j] * (xr[j] - m[j]);
+      int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      if (s.stream && reinterpret_cast<uintptr_t>(orow) % 32 == 0) {  // x̃ is write-only here: no read for ownership
+        for (; j + 8 <= s.w; j += 8) {
+          const __m256 mj = _mm256_loadu_ps(m + j);
+          _mm256_stream_ps(orow + j, _mm256_fmadd_ps(_mm256_loadu_ps(zr + j), _mm256_sub_ps(_mm256_loadu_ps(xr + j), mj), mj));
+        }
+      }
+#endif
+      for (; j < s.w; ++j) orow[j] = m[j] + zr[j] * (xr[j] - m[j]);
     }
   }
+#if defined(__AVX2__) && defined(__FMA__)
+  if (s.stream) _mm_sfence();  // streaming stores visible before the task returns
+#endif
 }
 
 }  // namespace keepbits
