@@ -51,17 +51,17 @@ SIZE, BLOCK = 224, 8
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def build_models(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_models(generator_name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(seed)
     classifier = registry.build("resnet18", in_channels=3, num_classes=1000).eval()
-    generator = registry.build("nice_unet", in_channels=3).eval()
+    generator = registry.build(generator_name, in_channels=3).eval()
     return generator, classifier
 
 
-def make_bundle(generator, classifier, folder: Path) -> Path:
+def make_bundle(generator, classifier, folder: Path, generator_name: str) -> Path:
     ckpt = save_checkpoint(folder / "nice.pt", {
         "kind": "nice",
-        "models": {"generator": model_entry("nice_unet", {"in_channels": 3}, generator),
+        "models": {"generator": model_entry(generator_name, {"in_channels": 3}, generator),
                    "classifier": model_entry("resnet18", {"in_channels": 3, "num_classes": 1000}, classifier)},
         "input_shape": [3, SIZE, SIZE], "normalization": {"mean": MEAN, "std": STD},
         "class_names": [f"class{i}" for i in range(1000)], "settings": {"block_size": BLOCK, "mask_threshold": 0.5},
@@ -175,6 +175,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op / torch threads (default: library choice)")
     p.add_argument("--soak-seconds", type=float, default=600.0, help="0 skips the soak")
+    p.add_argument("--generator", default="nice_unet", help="registered generator (nice_unet, nice_fast, nice_caltech)")
     args = p.parse_args()
     if args.data is None:
         p.error("--data is required (no ../shared/data here)")
@@ -183,8 +184,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="kb-bench-"))
-    generator, classifier = build_models()
-    pipe = Pipeline.from_bundle(make_bundle(generator, classifier, work), backend="onnxruntime", threads=args.threads)
+    generator, classifier = build_models(args.generator)
+    pipe = Pipeline.from_bundle(make_bundle(generator, classifier, work, args.generator), backend="onnxruntime", threads=args.threads)
     session = classifier_session(classifier, work / "classifier.onnx", args.threads)
     frames = load_frames(video, args.frames)
     run_pipeline(pipe, frames[:4]), run_session(session, ["logits"], pipe, frames[:4]), run_naive(generator, classifier, frames[:2])  # warm-up
@@ -200,7 +201,7 @@ def main() -> None:
         print(f"round {r + 1}: classifier-only {cls:.2f} fps, graph-only {graph:.2f} fps, pipeline {full:.2f} fps, naive {naive:.2f} fps", flush=True)
     med = {k: statistics.median(x[k] for x in rounds) for k in ("classifier_only_fps", "graph_only_fps", "pipeline_fps", "naive_fps")}
     result = {
-        "model": {"classifier": "resnet18 (ImageNet stem, 1000 classes, untrained)", "generator": "nice_unet (default, untrained)",
+        "model": {"classifier": "resnet18 (ImageNet stem, 1000 classes, untrained)", "generator": f"{args.generator} (untrained)",
                   "input": [3, SIZE, SIZE], "block": BLOCK, "providers": pipe.providers, "custom_ops": pipe.manifest.custom_ops},
         "video": str(video.name), "frames_per_round": len(frames), "naive_frames_per_round": min(len(frames), args.naive_frames),
         "rounds": rounds, "median": med, "cpu_load_avg_at_start": load_at_start,
@@ -214,7 +215,8 @@ def main() -> None:
         result["soak"] = soak(pipe, video, args.soak_seconds)
         print(f"soak: {result['soak']['frames']} frames in {result['soak']['seconds']:.0f} s, RSS {result['soak']['rss_mb_first_fifth_mean']} -> "
               f"{result['soak']['rss_mb_last_fifth_mean']} MB (max {result['soak']['rss_mb_max']})", flush=True)
-    print(write_result("runtime_throughput", result))
+    name = "runtime_throughput" if args.generator == "nice_unet" else f"runtime_throughput_{args.generator}"
+    print(write_result(name, result))
 
 
 if __name__ == "__main__":
