@@ -97,3 +97,19 @@ def test_cli_class_count_mismatch_on_resume(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "keepbits", "train", "classifier", "--data", str(three), "--arch", "lenet5",
                            "--out", str(tmp_path / "run"), "--epochs", "2", "--resume"], capture_output=True, text=True)
     assert proc.returncode == 2 and "has 10 classes, data has 3" in proc.stderr
+
+
+def test_cli_image_folder_with_explicit_size_and_policy(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (30 + i, 50, 3), dtype=np.uint8)).save(tmp_path / "tree" / name / f"{i}.png")
+    code = main(["-q", "train", "classifier", "--data", str(tmp_path / "tree"), "--arch", "lenet5", "--out", str(tmp_path / "r"),
+                 "--epochs", "1", "--image-size", "28", "24", "--resize-policy", "letterbox", "--val-fraction", "0"])
+    assert code == 0
+    record = load_checkpoint(tmp_path / "r" / "last.pt", "classifier")
+    assert record["input_shape"] == [3, 28, 24] and record["class_names"] == ["cat", "dog"]
+    assert record["settings"]["resize_policy"] == "letterbox"

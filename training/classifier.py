@@ -55,6 +55,8 @@ class ClassifierConfig:
     augment: str = "auto"
     crop_padding: int = 4
     val_fraction: float = 0.1
+    image_size: tuple[int, int] = (224, 224)
+    resize_policy: str = "center-crop"
     max_train: int | None = None
     seed: int = 0
     resume: bool = False
@@ -143,8 +145,9 @@ def _param_digest(model: torch.nn.Module) -> str:
 
 
 def _prepare_data(cfg: ClassifierConfig) -> tuple[ImageDataset, ImageDataset | None, ImageDataset | None]:
-    full = load_dataset(cfg.data, "train")
-    test = load_dataset(cfg.data, "test") if has_split(cfg.data, "test") else None
+    size, policy = tuple(cfg.image_size), cfg.resize_policy  # used by class-folder trees only
+    full = load_dataset(cfg.data, "train", size, policy)
+    test = load_dataset(cfg.data, "test", size, policy) if has_split(cfg.data, "test") else None
     if test is not None and (test.x.shape[1:] != full.x.shape[1:] or test.num_classes > full.num_classes):
         raise InputError(f"{cfg.data}: test split has images {test.x.shape[1:]} / {test.num_classes} classes, train has {full.x.shape[1:]} / {full.num_classes}")
     train_idx, val_idx = train_val_split(len(full), cfg.val_fraction, cfg.seed)

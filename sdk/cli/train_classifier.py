@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from keepbits.cli._common import command_line, existing_path
 
@@ -26,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--augment", choices=["auto", "crop-flip", "crop", "none"], default="auto", help="auto: crop+flip for colour images, crop for gray")
     p.add_argument("--crop-padding", type=int, default=4)
+    p.add_argument("--image-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
+                   help="size images in class-folder trees are brought to (arrays keep their size)")
+    p.add_argument("--resize-policy", choices=["resize", "center-crop", "letterbox"], default="center-crop",
+                   help="how class-folder images reach --image-size: stretch, crop the middle, or pad black")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out of the train split, by --seed")
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training images (after the split)")
     p.add_argument("--seed", type=int, default=0)
@@ -42,10 +47,11 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         schedule=args.schedule, step_epochs=args.step_epochs, step_gamma=args.step_gamma,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, augment=args.augment,
-        crop_padding=args.crop_padding, val_fraction=args.val_fraction, max_train=args.max_train,
+        crop_padding=args.crop_padding, val_fraction=args.val_fraction,
+        image_size=tuple(args.image_size), resize_policy=args.resize_policy, max_train=args.max_train,
         seed=args.seed, resume=args.resume, threads=args.threads, progress=not args.quiet, command=command_line(),
     )
     summary = train_classifier(cfg)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         print(json.dumps({"best": summary["best"], "wall_time_s": summary["wall_time_s"], "checkpoints": summary["checkpoints"]}, indent=2))
     return 0
