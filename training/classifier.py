@@ -276,14 +276,24 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         improved = score > best["val_accuracy"]
         if improved:
             best = {"epoch": epoch + 1, "val_accuracy": score, **{k: v for k, v in row.items() if k.endswith("accuracy")}}
+        metrics: dict[str, Any] = {"history": history, "best": best, "world_size": dist.world}
+        if dist.world > 1 and epoch == cfg.epochs - 1:  # record that every rank ends on the same weights
+            import torch.distributed as tdist
+
+            digests: list[str] = [""] * dist.world
+            tdist.all_gather_object(digests, _param_digest(model))
+            metrics["rank_parameter_digests"] = digests
         if dist.main:
             log.info("epoch %d/%d  %s", epoch + 1, cfg.epochs, "  ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "elapsed_s"))
-            metrics = {"history": history, "best": best, "world_size": dist.world}
             save_checkpoint(last_path, snapshot(epoch, metrics))
             if improved:
                 save_checkpoint(best_path, snapshot(epoch, metrics))
 
-    summary: dict[str, Any] = {
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()  # rank 0's checkpoints are on disk before any rank returns
+    return {
         "epochs_run": cfg.epochs - start_epoch,
         "history": history,
         "best": best,
@@ -291,15 +301,3 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         "wall_time_s": round(time.time() - started, 1),
         "checkpoints": {"last": str(last_path), "best": str(best_path)},
     }
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        digests: list[str] = [""] * dist.world
-        tdist.all_gather_object(digests, _param_digest(model))
-        summary["rank_parameter_digests"] = digests
-        if dist.main:  # record that every rank ended on the same weights
-            record = load_checkpoint(last_path)
-            record["metrics"]["rank_parameter_digests"] = digests
-            save_checkpoint(last_path, {k: v for k, v in record.items() if k not in ("format", "version")})
-        tdist.barrier()
-    return summary
