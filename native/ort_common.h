@@ -119,6 +119,15 @@ inline OrtStatus* CheckMaskShape(const OrtApi* api, const char* op, const char* 
   return nullptr;
 }
 
+// The inputs of a compose node, shape-checked: MixedResCompose takes (x, mask), the fused
+// MaskCompose (log_alpha, x). Shared by the CPU and CUDA kernels.
+inline OrtStatus* ReadComposeInputs(const Kernel& k, OrtKernelContext* ctx, Tensor* x, Tensor* m) {
+  const bool fused = k.kind == Kind::kMaskCompose;
+  KB_TRY(ReadInput(k.api, ctx, fused ? 1 : 0, x));
+  KB_TRY(ReadInput(k.api, ctx, fused ? 0 : 1, m));
+  return CheckMaskShape(k.api, fused ? "MaskCompose" : "MixedResCompose", fused ? "log_alpha" : "mask", m->shape, x->shape);
+}
+
 // One OrtCustomOp per keepbits op; `Backend` supplies kProvider (the execution provider name)
 // and the compute functions HardConcrete(kernel, ctx) and Compose(kernel, ctx).
 template <class Backend>

@@ -65,11 +65,8 @@ OrtStatus* ComputeHardConcrete(const Kernel& k, OrtKernelContext* ctx) {
 
 OrtStatus* ComputeCompose(const Kernel& k, OrtKernelContext* ctx) {
   const bool fused = k.kind == Kind::kMaskCompose;
-  const char* op = fused ? "MaskCompose" : "MixedResCompose";
   Tensor x, m;
-  KB_TRY(ReadInput(k.api, ctx, fused ? 1 : 0, &x));
-  KB_TRY(ReadInput(k.api, ctx, fused ? 0 : 1, &m));
-  KB_TRY(CheckMaskShape(k.api, op, fused ? "log_alpha" : "mask", m.shape, x.shape));
+  KB_TRY(ReadComposeInputs(k, ctx, &x, &m));
   ComposeJob job{x.data, nullptr, nullptr, nullptr, nullptr, {x.shape[0], x.shape[1], x.shape[2], x.shape[3], k.block_size}, ToGate(k.gate)};
   if (fused) {
     job.log_alpha = m.data;

@@ -42,9 +42,7 @@ struct Cuda {
     const bool fused = k.kind == Kind::kMaskCompose;
     const char* op = fused ? "MaskCompose" : "MixedResCompose";
     Tensor x, m;
-    KB_TRY(ReadInput(k.api, ctx, fused ? 1 : 0, &x));
-    KB_TRY(ReadInput(k.api, ctx, fused ? 0 : 1, &m));
-    KB_TRY(CheckMaskShape(k.api, op, fused ? "log_alpha" : "mask", m.shape, x.shape));
+    KB_TRY(ReadComposeInputs(k, ctx, &x, &m));
     const kc::Shape shape{x.shape[0], x.shape[1], x.shape[2], x.shape[3], k.block_size};
     float* mask = nullptr;
     float* mixed = nullptr;
