@@ -219,11 +219,12 @@ class Glow(nn.Module):
             if level < self.levels - 1:
                 y = y[:, : y.shape[1] // 2]
 
-    def encode(self, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """y → latents (one per split, then the top) and the total log|det ∂z/∂y| per sample."""
+    def _forward(self, y: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """y → latents (one per split, then the top), the half kept at each split (what the
+        split priors condition on), and the total log|det ∂z/∂y| per sample."""
         self._check(y)
         logdet = torch.zeros(y.shape[0], device=y.device)
-        zs = []
+        zs, kept = [], []
         for level, steps in enumerate(self.steps):
             y = squeeze2(y)
             for step in steps:
@@ -232,8 +233,14 @@ class Glow(nn.Module):
             if level < self.levels - 1:
                 keep, out = y.chunk(2, dim=1)
                 zs.append(out)
+                kept.append(keep)
                 y = keep
         zs.append(y)
+        return zs, kept, logdet
+
+    def encode(self, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """y → latents (one per split, then the top) and the total log|det ∂z/∂y| per sample."""
+        zs, _, logdet = self._forward(y)
         return zs, logdet
 
     def decode(self, zs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -249,19 +256,11 @@ class Glow(nn.Module):
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
         """Exact log density log p(y) in nats per sample (change of variables)."""
-        self._check(y)
-        logp = torch.zeros(y.shape[0], device=y.device)
-        for level, steps in enumerate(self.steps):
-            y = squeeze2(y)
-            for step in steps:
-                y, ld = step(y)
-                logp = logp + ld
-            if level < self.levels - 1:
-                keep, out = y.chunk(2, dim=1)
-                mean, log_std = self.split_priors[level](keep).chunk(2, dim=1)
-                logp = logp + gaussian_log_prob(out, mean, log_std)
-                y = keep
-        return logp + gaussian_log_prob(y, self.top_mean, self.top_log_std)
+        zs, kept, logp = self._forward(y)
+        for prior, keep, out in zip(self.split_priors, kept, zs):
+            mean, log_std = prior(keep).chunk(2, dim=1)
+            logp = logp + gaussian_log_prob(out, mean, log_std)
+        return logp + gaussian_log_prob(zs[-1], self.top_mean, self.top_log_std)
 
     def to_flow_range(self, x: torch.Tensor, dequantize: bool = True) -> torch.Tensor:
         """[0, 1] images → flow input: gray replicated to 3 channels for a colour flow,
