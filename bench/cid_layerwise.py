@@ -32,13 +32,26 @@ def ink_box(image: np.ndarray, threshold: int = 128) -> tuple[int, int, int, int
     return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else None
 
 
+def spread_over_classes(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Indices of ``count`` images taken round-robin over the classes in a seeded random order
+    (CIFAR-10's npz files are sorted by class, so their first N images are one class); the
+    interleaved order also gives the decoder's held-out last tenth every class."""
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+    picked: list[int] = []
+    while len(picked) < count and any(per_class):
+        picked += [pool.pop() for pool in per_class if pool][: count - len(picked)]
+    return np.array(picked, dtype=np.int64)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--model", required=True, help="classifier checkpoint (keepbits train classifier)")
     p.add_argument("--data", default=None, help="data root holding mnist/ and cifar10/ (default ../shared/data)")
     p.add_argument("--layers", nargs="+", default=None, help="default: every block of the task's network")
-    p.add_argument("--num-images", type=int, default=8, help="first N test images")
+    p.add_argument("--num-images", type=int, default=8, help="N test images, spread evenly over the classes (seeded)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the test-image sample")
     p.add_argument("--beta", type=float, default=1.5e-4)
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
@@ -62,10 +75,15 @@ def main() -> None:
     folder, default = TASKS[args.task]
     layers = args.layers or default
     test = load_dataset(root / folder, split="test")
-    images = test.x[: args.num_images]
+    picked = spread_over_classes(test.y, args.num_images, args.seed)
+    images = test.x[picked]
     foreground = {i: b for i, img in enumerate(images) if (b := ink_box(img)) is not None} if folder == "mnist" else None
     ru_layers = layers if args.ru_layers is None else args.ru_layers
-    ru_images = load_dataset(root / folder, split="train").x[: args.ru_train_images] if ru_layers else None
+    if ru_layers:
+        train = load_dataset(root / folder, split="train")
+        ru_images = train.x[spread_over_classes(train.y, args.ru_train_images, args.seed + 1)]
+    else:
+        ru_images = None
     config = CIDConfig(beta=args.beta, max_steps=args.max_steps)
     decoder = DecoderConfig(epochs=args.decoder_epochs, width=args.decoder_width)
     start = time.perf_counter()
@@ -80,7 +98,7 @@ def main() -> None:
         "task": args.task, "model": args.model, "model_metrics": record.get("metrics", {}).get("best"),
         "model_settings": {k: record.get("settings", {}).get(k) for k in ("epochs", "max_train", "optimizer", "arch")},
         "model_epochs_completed": int(record.get("epoch", -1)) + 1,
-        "images": len(images), "data": str(root / folder), "cid_config": run["config"], "decoder": {**asdict(decoder), "train_images": len(ru_images) if ru_layers else 0},
+        "images": len(images), "test_indices": picked.tolist(), "data": str(root / folder), "cid_config": run["config"], "decoder": {**asdict(decoder), "train_images": len(ru_images) if ru_layers else 0},
         "ru_layers": ru_layers, "seconds": seconds, "threads": args.threads,
         "per_layer": [{k: (s[k][l] if isinstance(s[k], list) else None) for k in
                        ("layer", "cid_mean", "cid_mean_std", "cid_sum", "ratio_over_beta", "reached", "steps_mean", "saturated",
