@@ -120,6 +120,17 @@ def test_block_average_edge_blocks_by_hand():
     assert out.shape == x.shape
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+@pytest.mark.parametrize("shape,b", [((3, 37, 51), 8), ((1, 5, 4), 3), ((2, 6, 6), 1), ((3, 9, 4), 20)])
+def test_block_means_grid_is_block_average_sampled_per_block(dtype, shape, b):
+    x = np.random.default_rng(3).integers(0, 256, shape).astype(dtype)
+    grid = core.block_means(x, b)
+    step = min(b, max(shape[1:]))
+    assert grid.shape == (shape[0], -(-shape[1] // step), -(-shape[2] // step))
+    np.testing.assert_array_equal(grid.astype(np.float32), core.block_average(x, b)[:, ::step, ::step])
+    assert grid[0, 0, 0] == x[0, :step, :step].astype(np.float64).mean()
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 7, 9), (1, 1, 13, 4), (2, 1, 28, 28), (1, 3, 32, 31)])
 @pytest.mark.parametrize("b", [1, 2, 3, 4, 8, 16, 28, 33, 10**9])
 def test_compose_numpy_equals_torch_on_odd_sizes(shape, b):

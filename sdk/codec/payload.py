@@ -32,7 +32,7 @@ from keepbits.codec.container import (
     MODE_PAPER, MODES, TAG_BACKGROUND, TAG_FOREGROUND, TAG_MASK, TAG_MIXED, VERSION, Header, Section,
     pack, unpack,
 )
-from keepbits.core import block_average
+from keepbits.core import block_means
 from keepbits.errors import DecodeError, InputError
 
 #: Largest frame :func:`decode` accepts by default (pixels); pass ``max_pixels`` to change it.
@@ -96,9 +96,14 @@ def _grid(h: int, w: int, b: int) -> tuple[int, int, int, int]:
     return -(-h // b), -(-w // b), min(b, h), min(b, w)
 
 
-def _means(frame: np.ndarray, b: int) -> np.ndarray:
-    """Rounded block means x_b, upsampled to H×W×C uint8 (via :func:`keepbits.core.block_average`)."""
-    return np.rint(block_average(frame.transpose(2, 0, 1), b)).astype(np.uint8).transpose(1, 2, 0)
+def _grid_means(frame: np.ndarray, b: int) -> np.ndarray:
+    """Rounded b×b block means x_b of an H×W×C uint8 frame, one per block (⌈H/b⌉×⌈W/b⌉×C uint8)."""
+    return np.rint(block_means(frame.transpose(2, 0, 1), b)).astype(np.uint8).transpose(1, 2, 0)
+
+
+def _upsample(grid: np.ndarray, h: int, w: int, th: int, tw: int) -> np.ndarray:
+    """Nearest-neighbour upsampling of a block grid back to H×W×C."""
+    return np.repeat(np.repeat(grid, th, axis=0), tw, axis=1)[:h, :w]
 
 
 def mixed_image(frame: Any, mask: Any, block: int, threshold: float = 0.5) -> np.ndarray:
@@ -112,7 +117,8 @@ def mixed_image(frame: Any, mask: Any, block: int, threshold: float = 0.5) -> np
     """
     x = _check_frame(frame)
     keep = _hard_mask(mask, x.shape[:2], threshold)
-    return np.where(keep[:, :, None], x, _means(x, block))
+    _, _, th, tw = _grid(*x.shape[:2], block)
+    return np.where(keep[:, :, None], x, _upsample(_grid_means(x, block), *x.shape[:2], th, tw))
 
 
 def _encode_image(img: np.ndarray, codec: int, quality: int, png_level: int) -> bytes:
@@ -260,13 +266,12 @@ def encode(
         name=str(name),
     )
     keep = _hard_mask(mask, (h, w), threshold)
-    means = _means(x, block)
-    mixed = np.where(keep[:, :, None], x, means)
-    if mode == "paper":
-        return pack(header, [(TAG_MIXED, CODEC_PNG, 0, _encode_image(mixed, CODEC_PNG, 0, png_level))])
     bh, bw, th, tw = _grid(h, w, block)
+    grid = _grid_means(x, block)
+    if mode == "paper":
+        mixed = np.where(keep[:, :, None], x, _upsample(grid, h, w, th, tw))
+        return pack(header, [(TAG_MIXED, CODEC_PNG, 0, _encode_image(mixed, CODEC_PNG, 0, png_level))])
     bg_codec, fg_codec = BACKGROUND_CODECS[background], IMAGE_CODECS[codec]
-    grid = np.ascontiguousarray(means[::th, ::tw])
     sections = [
         (TAG_BACKGROUND, bg_codec, quality, _encode_section(grid, bg_codec, quality, png_level)),
         (TAG_MASK, CODEC_BITS, 0, zlib.compress(np.packbits(keep).tobytes(), 6)),
@@ -274,8 +279,11 @@ def encode(
     kept = _kept_blocks(keep, block)
     k = int(kept.sum())
     if k:
-        padded = np.pad(mixed, ((0, bh * th - h), (0, bw * tw - w), (0, 0)), mode="edge")
-        tiles = padded.reshape(bh, th, bw, tw, c).transpose(0, 2, 1, 3, 4)[kept]
+        # x̃ only inside the kept blocks: x where the mask keeps a pixel, else its block mean
+        pad = ((0, bh * th - h), (0, bw * tw - w))
+        tiles = np.pad(x, (*pad, (0, 0)), mode="edge").reshape(bh, th, bw, tw, c).transpose(0, 2, 1, 3, 4)[kept]
+        tile_keep = np.pad(keep, pad).reshape(bh, th, bw, tw).transpose(0, 2, 1, 3)[kept]
+        tiles = np.where(tile_keep[..., None], tiles, grid[kept][:, None, None, :])
         mh, mw, _ = _mosaic_shape(k, th, tw, c)
         cols = mw // tw
         mosaic = np.zeros((mh // th * cols, th, tw, c), np.uint8)

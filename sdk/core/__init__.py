@@ -9,7 +9,7 @@ from keepbits.core.hard_concrete import (
     deterministic_mask,
     expected_gate,
 )
-from keepbits.core.compose import block_average, mixed_resolution
+from keepbits.core.compose import block_average, block_means, mixed_resolution
 
 __all__ = [
     "BETA",
@@ -18,5 +18,6 @@ __all__ = [
     "deterministic_mask",
     "expected_gate",
     "block_average",
+    "block_means",
     "mixed_resolution",
 ]
