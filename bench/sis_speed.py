@@ -9,14 +9,17 @@ float64 (its order equals a plain float64 BackSelect: tests/test_sis.py).
 Model: a small MNIST CNN (conv 32@3×3, conv 64@3×3, max-pool 2, fc 128, fc 10; the Keras
 MNIST example architecture), trained here for one epoch on real MNIST. Both methods run in
 this process on the same images for the first ``--steps`` BackSelect steps (default: all
-784); the JSON records per-image times, the ratio, and whether the orders are identical
-(the float32 reference can differ where its confidences saturate to exact ties).
+784). The reference runs twice: in float32 (as the public code; the speed baseline) and in
+float64 (the incremental scorer's arithmetic, so the orders must be identical; float32
+confidences saturate to exact ties and can then pick another pixel). The JSON records
+per-image times, both ratios, and whether the orders and the SIS are identical.
 
     nice -n 5 python bench/sis_speed.py --images 2 --steps 40
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -54,12 +57,13 @@ def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: i
     net.eval()
 
 
-def reference_steps(net: nn.Module, x: np.ndarray, target: int, steps: int) -> tuple[list[int], float]:
-    """The reference algorithm: one batched float32 call over all remaining candidates per step,
-    ``argmax`` of the softmax confidence (lowest index on exact ties). Returns (order, seconds)."""
+def reference_steps(net: nn.Module, x: np.ndarray, target: int, steps: int, dtype: type = np.float32) -> tuple[list[int], float]:
+    """The reference algorithm: one batched call over all remaining candidates per step (in
+    ``dtype``; ``net`` must hold the same dtype), ``argmax`` of the softmax confidence (lowest
+    index on exact ties). Returns (order, seconds)."""
     started = time.perf_counter()
     c, h, w = x.shape
-    current = x.astype(np.float32).copy()
+    current = x.astype(dtype).copy()
     remaining, order = np.arange(h * w), []
     for _ in range(min(steps, h * w)):
         batch = np.repeat(current[None], len(remaining), axis=0)
@@ -98,6 +102,7 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="also run the whole incremental BackSelect and FindSIS per image")
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--float64-reference", action="store_true", help="also run the reference in float64 (identity check)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training and the reference (the incremental scorer uses 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,6 +116,7 @@ def main() -> int:
     t0 = time.perf_counter()
     train(net, xtr, torch.from_numpy(train_set.y[: args.train_images]), 1, args.seed)
     train_s = time.perf_counter() - t0
+    net64 = copy.deepcopy(net).double()
     xte = adapter.normalize(test_set.x[:1000])
     accuracy = float((adapter.probabilities(xte).argmax(1) == test_set.y[:1000]).mean())
     print(f"model trained in {train_s:.0f}s, test accuracy {accuracy:.4f}", file=sys.stderr)
@@ -125,6 +131,12 @@ def main() -> int:
         row = {"image": i, "label": int(test_set.y[i]), "target": target, "steps": len(ref_order),
                "reference_s": round(ref_s, 3), "incremental_s": round(inc_s, 3), "ratio": round(ref_s / inc_s, 2),
                "order_identical": bool(same.all()), "first_difference_step": None if same.all() else int(np.argmin(same)) + 1}
+        if args.float64_reference:
+            ref64_order, ref64_s = reference_steps(net64, x, target, args.steps, np.float64)
+            same64 = np.asarray(ref64_order) == np.asarray(inc_order)
+            row.update(reference_float64_s=round(ref64_s, 3), ratio_vs_float64=round(ref64_s / inc_s, 2),
+                       order_identical_float64=bool(same64.all()),
+                       first_difference_step_float64=None if same64.all() else int(np.argmin(same64)) + 1)
         if args.full:
             full = backselect(adapter, x, method="incremental")
             row["incremental_full_image_s"] = round(full.seconds, 2)
@@ -143,6 +155,9 @@ def main() -> int:
         "reference_s_total": round(sum(r["reference_s"] for r in rows), 3),
         "incremental_s_total": round(sum(r["incremental_s"] for r in rows), 3),
         "speedup": round(sum(r["reference_s"] for r in rows) / sum(r["incremental_s"] for r in rows), 2),
+        "orders_identical_float32": all(r["order_identical"] for r in rows),
+        **({"speedup_vs_float64_reference": round(sum(r["reference_float64_s"] for r in rows) / sum(r["incremental_s"] for r in rows), 2),
+            "orders_identical_float64": all(r["order_identical_float64"] for r in rows)} if args.float64_reference else {}),
         "load_average_at_end": [float(v) for v in open("/proc/loadavg").read().split()[:3]],
     }
     print(write_result("sis_speed", payload))
