@@ -2,7 +2,7 @@
 random position on a random 256×256 crop of a Kodak image; label = the object's class.
 Kodak kodim01–16 give the train backgrounds and CIFAR train objects, kodim17–24 the test
 backgrounds and CIFAR test objects. A classifier and a NICE generator are trained on the
-scenes; the rate–accuracy curve (λ1 sweep, PNG of x̃) is compared with PNG of the scene and
+scenes; the rate–accuracy curve (λ1 sweep; x̃ as PNG, JPEG and WebP) is compared with PNG of the scene and
 the best JPEG/WebP of the scene reaching the same accuracy.
 
 Writes ``bench/results/nice_scenes.json`` and ``nice_scenes_rate.png``; the generated scene
@@ -57,9 +57,9 @@ def main() -> int:
     p.add_argument("--num-train", type=int, default=4000)
     p.add_argument("--num-test", type=int, default=500)
     p.add_argument("--classifier", default=None, help="scene classifier checkpoint; trained into --runs when missing")
-    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--arch", default="resnet20_large", help="classifier (resnet20_large: ResNet-20 with a ¼-resolution stem; resnet18)")
     p.add_argument("--classifier-epochs", type=int, default=10)
-    p.add_argument("--generator", default="nice_unet")
+    p.add_argument("--generator", default="nice_fast")
     p.add_argument("--block-size", type=int, default=256, help="b (256 = dropped pixels become the scene mean)")
     p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 3.0, 10.0])
     p.add_argument("--lambda-smooth", type=float, default=1.0)
@@ -94,23 +94,31 @@ def main() -> int:
         acc = row["nice"]["accuracy"]
         original = result["original"]
         png = best_codec_at(original["codecs"], 0.0, "png")["bytes_per_image"]
-        matched = {c: best_codec_at(original["codecs"], acc, c) for c in ("jpeg", "webp")}
+        # NICE's cheapest coding of x̃ (PNG, JPEG or WebP) within 1 point of the scene's accuracy,
+        # then the scene's cheapest JPEG/WebP reaching that same accuracy
+        within = [c for c in row["nice"]["codecs"] if c["accuracy"] >= original["accuracy"] - 0.01]
+        nice_best = min(within, key=lambda c: c["bytes_per_image"]) if within else None
+        matched = {c: best_codec_at(original["codecs"], nice_best["accuracy"], c) for c in ("jpeg", "webp")} if nice_best else {}
         best_lossy = min((m["bytes_per_image"] for m in matched.values() if m), default=None)
         rows.append({"lambda_l0": lam, "kept_fraction": result["kept_fraction"], "nice_accuracy": acc,
-                     "nice_png_bytes": row["nice"]["png_bytes_per_image"], "scene_accuracy": original["accuracy"],
+                     "nice_png_bytes": row["nice"]["png_bytes_per_image"], "nice_codecs": row["nice"]["codecs"],
+                     "nice_best_within_1pt": nice_best, "scene_accuracy": original["accuracy"],
                      "accuracy_loss_points": 100 * (original["accuracy"] - acc), "scene_png_bytes": png,
-                     "png_ratio": png / row["nice"]["png_bytes_per_image"], "matched_original_lossy": matched,
-                     "lossy_ratio": (best_lossy / row["nice"]["png_bytes_per_image"]) if best_lossy else None,
+                     "png_ratio": png / nice_best["bytes_per_image"] if nice_best else None, "matched_original_lossy": matched,
+                     "lossy_ratio": (best_lossy / nice_best["bytes_per_image"]) if best_lossy and nice_best else None,
                      "saliency_topk": row["saliency_topk"], "random": row["random"], "training_history": summary["history"]})
         print(f"λ1={lam:g}: kept {result['kept_fraction']:.3f} acc {acc:.3f} (scene {original['accuracy']:.3f}) bytes {row['nice']['png_bytes_per_image']:.0f} vs PNG {png:.0f}", flush=True)
     codecs = original["codecs"]
     plot_curves(results_dir() / "nice_scenes_rate.png", {
+        **{f"NICE λ1={r['lambda_l0']:g} ({codec} of x̃)": ([c["bytes_per_image"] for c in r["nice_codecs"] if c["codec"] == codec],
+                                                    [c["accuracy"] for c in r["nice_codecs"] if c["codec"] == codec])
+           for r in rows for codec in ("jpeg", "webp")},
         "NICE (PNG of x̃)": ([r["nice_png_bytes"] for r in rows], [r["nice_accuracy"] for r in rows]),
         "scene JPEG": ([c["bytes_per_image"] for c in codecs if c["codec"] == "jpeg"], [c["accuracy"] for c in codecs if c["codec"] == "jpeg"]),
         "scene WebP": ([c["bytes_per_image"] for c in codecs if c["codec"] == "webp"], [c["accuracy"] for c in codecs if c["codec"] == "webp"]),
         "scene PNG": ([codecs[0]["bytes_per_image"]], [codecs[0]["accuracy"]]),
     }, "bytes per image", "test accuracy", f"Kodak+CIFAR scenes, {len(test)} test scenes", logx=True)
-    ok = [r for r in rows if r["accuracy_loss_points"] <= 1.0 and r["png_ratio"] >= 5 and (r["lossy_ratio"] or 0) >= 2]
+    ok = [r for r in rows if r["nice_best_within_1pt"] and r["png_ratio"] >= 5 and (r["lossy_ratio"] or 0) >= 2]
     payload = {
         "protocol": {"scenes": f"{args.num_train} train / {args.num_test} test, seeds {args.seed}/{args.seed + 1}",
                      "backgrounds": "kodim01-16 train, kodim17-24 test, random 256x256 crops",
@@ -118,7 +126,8 @@ def main() -> int:
                      "classifier": f"{args.arch} ({clf_path})", "generator": args.generator, "block_size": args.block_size,
                      "lambda_smooth": args.lambda_smooth, "epochs": args.epochs, "lr": args.lr},
         "sweep": rows,
-        "target": {"rule": "<= 1 point accuracy loss, >= 5x fewer bytes than scene PNG, >= 2x fewer than best matching JPEG/WebP",
+        "target": {"rule": "NICE's cheapest coding of x̃ within 1 point of the scene accuracy: >= 5x fewer bytes than scene PNG, "
+                           ">= 2x fewer than the scene's cheapest JPEG/WebP reaching the same accuracy",
                    "met_by_lambdas": [r["lambda_l0"] for r in ok]},
         "wall_time_s": round(time.time() - started, 1),
     }

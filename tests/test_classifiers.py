@@ -21,7 +21,7 @@ def test_resnet20_size():
     assert 0.26e6 < _params(registry.build("resnet20")) < 0.29e6
 
 
-@pytest.mark.parametrize("name, size", [("lenet5", 28), ("resnet18", 32), ("resnet20", 32), ("vgg16_bn", 32), ("nf_wrn16_2", 32)])
+@pytest.mark.parametrize("name, size", [("lenet5", 28), ("resnet18", 32), ("resnet20", 32), ("resnet20_large", 64), ("vgg16_bn", 32), ("nf_wrn16_2", 32)])
 def test_forward_and_backward(name, size):
     net = registry.build(name, in_channels=3, num_classes=7, image_size=(size, size))
     x = torch.randn(2, 3, size, size)

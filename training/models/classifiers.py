@@ -186,6 +186,13 @@ def resnet20(in_channels: int = 3, num_classes: int = 10, image_size=None) -> nn
     return ResNet((16, 32, 64), (3, 3, 3), in_channels, num_classes, stem="cifar")
 
 
+@register("resnet20_large", "classifier")
+def resnet20_large(in_channels: int = 3, num_classes: int = 10, image_size=None) -> nn.Module:
+    """ResNet-20 adapted to large inputs (e.g. 256 px scenes): ImageNet stem (7×7/2 + max-pool,
+    ¼ resolution), then ResNet-20's three stages; ~4× ResNet-20's FLOPs at 4× its side."""
+    return ResNet((16, 32, 64), (3, 3, 3), in_channels, num_classes, stem="imagenet")
+
+
 @register("vgg16_bn", "classifier")
 def vgg16_bn(in_channels: int = 3, num_classes: int = 10, image_size=None) -> nn.Module:
     """VGG-16 with batch norm, CIFAR variant."""
