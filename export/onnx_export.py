@@ -1,10 +1,14 @@
-"""NICE checkpoint -> model bundle (``model.onnx`` + ``manifest.json``, see ``docs/bundle.md``).
+"""NICE or SimpleBits checkpoint -> model bundle (``model.onnx`` + ``manifest.json``, see ``docs/bundle.md``).
 
-The graph maps an image batch (uint8 N×H×W×C or float N×C×H×W on 0..1) to ``logits``,
+For a ``nice`` checkpoint the graph maps an image batch (uint8 N×H×W×C or float N×C×H×W on 0..1) to ``logits``,
 ``mask`` ẑ (NICE Eq. 11) and ``mixed`` x̃ (Eq. 12, pixel space, the input's layout). The
 normalisation runs inside the graph; the mask generator sees the normalised image; the
 composition runs on the pixel-space image, which equals composing the normalised image and
 un-normalising it, since Eq. 12 commutes with a per-channel affine map.
+
+For a ``simplebits`` checkpoint (manifest ``explain: "simplify"``) the graph maps the same
+input to ``logits`` of the simplified image and ``simplified`` (the simplifier's output in
+pixel space, the input's layout; :class:`keepbits.training.simplebits.SimplifierGraph`).
 
 Example:
     >>> from keepbits.export import export_onnx
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,13 +32,17 @@ import torch
 from torch import nn
 
 from keepbits._version import __version__
-from keepbits.bundle import CLASSIFY_ON, INPUT_DTYPES, TARGETS, Bundle, Manifest, load_bundle, sha256_file, write_bundle
+from keepbits.bundle import (
+    EXPLAIN_CLASSIFY_ON, EXPLAIN_OUTPUTS, INPUT_DTYPES, TARGETS, Bundle, Manifest, load_bundle, sha256_file, write_bundle,
+)
 from keepbits.errors import BundleError, InputError
 from keepbits.export import ops
 from keepbits.training.checkpoint import build_model, load_checkpoint
 
 _log = logging.getLogger("keepbits.export")
 MIN_OPSET = ops.BODY_OPSET
+#: Graph outputs in pixel space (0..255 for uint8 input): compared after dividing by the pixel scale.
+PIXEL_OUTPUTS = ("mixed", "simplified")
 
 
 class NiceGraph(nn.Module):
@@ -123,8 +133,20 @@ def _accepts_other_sizes(model: onnx.ModelProto, shape: list[int], input_dtype: 
     return True
 
 
-def trace_to_onnx(graph: NiceGraph, example: torch.Tensor, opset: int = MIN_OPSET, function_bodies: bool = True) -> onnx.ModelProto:
-    """Export ``graph`` with the dynamo exporter; attach the custom ops' function bodies."""
+def trace_to_onnx(
+    graph: nn.Module,
+    example: torch.Tensor,
+    opset: int = MIN_OPSET,
+    function_bodies: bool = True,
+    output_names: tuple[str, ...] | list[str] = tuple(EXPLAIN_OUTPUTS["mask"]),
+    dynamo: bool = True,
+) -> onnx.ModelProto:
+    """Export ``graph`` (input ``image``) to ONNX; attach the custom ops' function bodies.
+
+    ``dynamo=True``: the dynamo exporter, batch/height/width dynamic where the networks allow
+    it. ``dynamo=False``: the TorchScript exporter with only the batch dynamic (the dynamo
+    exporter takes minutes on the SimpleBits U-Net on a loaded CPU).
+    """
     if opset < MIN_OPSET:
         raise InputError(f"opset must be >= {MIN_OPSET}, got {opset}")
     input_dtype = "uint8" if example.dtype == torch.uint8 else "float32"
@@ -133,16 +155,24 @@ def trace_to_onnx(graph: NiceGraph, example: torch.Tensor, opset: int = MIN_OPSE
     for logger in chatty:  # their INFO lines (one per optimisation pass) drown the CLI output
         logger.setLevel(logging.WARNING)
     try:
-        program = torch.onnx.export(
-            graph, (example,), dynamo=True, input_names=["image"], output_names=["logits", "mask", "mixed"],
-            opset_version=opset, dynamic_shapes=_dynamic_shapes(input_dtype), external_data=False, verbose=False,
-        )
+        if dynamo:
+            model = torch.onnx.export(
+                graph, (example,), dynamo=True, input_names=["image"], output_names=list(output_names),
+                opset_version=opset, dynamic_shapes=_dynamic_shapes(input_dtype), external_data=False, verbose=False,
+            ).model_proto
+        else:
+            buffer = io.BytesIO()
+            with warnings.catch_warnings():  # shape-dependent Python values become constants: H×W is fixed on purpose
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(graph, (example,), buffer, dynamo=False, input_names=["image"], output_names=list(output_names),
+                                  dynamic_axes={name: {0: "batch"} for name in ["image", *output_names]}, opset_version=opset)
+            model = onnx.load_from_string(buffer.getvalue())
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; report the first line
         raise InputError(f"ONNX export failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
     finally:
         for logger, level in zip(chatty, levels):
             logger.setLevel(level)
-    model = program.model_proto
     if function_bodies:
         ops.attach_function_bodies(model)
     else:
@@ -159,16 +189,54 @@ def check_model(model: onnx.ModelProto) -> None:
         raise BundleError(f"exported graph is not valid ONNX: {exc}") from None
 
 
-def compare_outputs(reference: tuple[np.ndarray, ...], candidate: tuple[np.ndarray, ...], pixel_scale: float = 1.0) -> dict[str, float]:
-    """Parity numbers: max |Δ| of ẑ and of x̃ / ``pixel_scale``, max |Δ| of logits, argmax agreement."""
-    ref_logits, ref_mask, ref_mixed = (np.asarray(a, dtype=np.float64) for a in reference)
-    logits, mask, mixed = (np.asarray(a, dtype=np.float64) for a in candidate)
-    return {
-        "mask_max_abs": float(np.abs(mask - ref_mask).max(initial=0.0)),
-        "mixed_max_abs": float(np.abs(mixed - ref_mixed).max(initial=0.0) / pixel_scale),
-        "logits_max_abs": float(np.abs(logits - ref_logits).max(initial=0.0)),
-        "argmax_agree": float(np.mean(logits.argmax(1) == ref_logits.argmax(1))) if len(logits) else 1.0,
-    }
+def compare_outputs(
+    reference: tuple[np.ndarray, ...],
+    candidate: tuple[np.ndarray, ...],
+    pixel_scale: float = 1.0,
+    names: tuple[str, ...] | list[str] = tuple(EXPLAIN_OUTPUTS["mask"]),
+) -> dict[str, float]:
+    """Parity numbers: ``<name>_max_abs`` of every output (pixel-space ones, x̃ and the
+    simplified image, divided by ``pixel_scale``) and ``argmax_agree`` of the logits.
+
+    Example:
+        >>> import numpy as np
+        >>> from keepbits.export import compare_outputs
+        >>> a = (np.eye(2), np.full((2, 1), 255.0))
+        >>> compare_outputs(a, (np.eye(2), np.zeros((2, 1))), 255.0, names=("logits", "simplified"))["simplified_max_abs"]
+        1.0
+    """
+    report = {}
+    for name, ref, got in zip(names, reference, candidate):
+        diff = np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64)).max(initial=0.0)
+        report[f"{name}_max_abs"] = float(diff / pixel_scale if name in PIXEL_OUTPUTS else diff)
+    ref_logits, logits = np.asarray(reference[0]), np.asarray(candidate[0])
+    report["argmax_agree"] = float(np.mean(logits.argmax(1) == ref_logits.argmax(1))) if len(logits) else 1.0
+    return report
+
+
+#: Checkpoint kind -> the bundle's explain stage.
+EXPLAIN_OF_KIND = {"nice": "mask", "simplebits": "simplify"}
+
+
+def _nice_graph(record: dict[str, Any], checkpoint: Path, input_dtype: str, classify_on: str, fused: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """NiceGraph of a ``nice`` record and its manifest fields."""
+    settings = dict(record.get("settings") or {})
+    if "block_size" not in settings:
+        raise InputError(f"{checkpoint}: settings lack block_size (b)")
+    norm = record["normalization"]
+    graph = NiceGraph(build_model(record, "generator"), build_model(record, "classifier"), list(norm["mean"]), list(norm["std"]),
+                      int(settings["block_size"]), input_dtype, classify_on, fused)
+    return graph, {"block_size": int(settings["block_size"]), "mask_threshold": float(settings.get("mask_threshold", 0.5)),
+                   "generator": record["models"]["generator"]["arch"]}
+
+
+def _simplify_graph(checkpoint: Path, input_dtype: str) -> tuple[nn.Module, dict[str, Any]]:
+    """SimplifierGraph of a ``simplebits`` checkpoint and its manifest fields (no blocks, no mask)."""
+    from keepbits.training.simplebits import SimplifierGraph, load_simplebits
+
+    simplifier, classifier, record = load_simplebits(checkpoint)
+    graph = SimplifierGraph(simplifier, classifier, input_dtype).eval()
+    return graph, {"block_size": 1, "mask_threshold": 0.5, "generator": record["models"]["simplifier"]["arch"]}
 
 
 def export_onnx(
@@ -176,7 +244,7 @@ def export_onnx(
     out: str | Path,
     *,
     input_dtype: str = "uint8",
-    classify_on: str = "original",
+    classify_on: str | None = None,
     fused: bool = True,
     target: str = "onnxruntime",
     opset: int = MIN_OPSET,
@@ -185,56 +253,66 @@ def export_onnx(
     verify: bool = True,
     command: str = "",
 ) -> Bundle:
-    """Export a ``nice`` checkpoint to a bundle at ``out`` (a folder, or a ``.zip``); returns it loaded.
+    """Export a ``nice`` or ``simplebits`` checkpoint to a bundle at ``out`` (a folder, or a ``.zip``); returns it loaded.
 
-    ``target='tensorrt'`` leaves the custom nodes without function bodies (TensorRT's parser
-    expands local functions before it looks for plugins). ``verify`` runs the bundle in ONNX
-    Runtime (function bodies) on a random batch against the torch graph and fails on a
-    mismatch (ẑ, x̃/scale beyond 1e-4 or a different argmax).
+    ``classify_on`` (NICE only): ``"original"`` (default) or ``"mixed"``; a SimpleBits
+    classifier sees the simplified image (``"simplified"``). ``target='tensorrt'`` leaves the
+    custom nodes without function bodies (TensorRT's parser expands local functions before it
+    looks for plugins). ``verify`` runs the bundle in ONNX Runtime (function bodies) on a random
+    batch against the torch graph and fails on a mismatch (ẑ, x̃/scale or the simplified
+    image/scale beyond 1e-4, or a different argmax). SimpleBits graphs are exported with the
+    TorchScript exporter, batch dynamic and H×W fixed to the training size
+    (``dynamic_size: false``).
 
     Example:
         >>> from keepbits.export import export_onnx
         >>> # export_onnx("nice.pt", "nice.bundle", input_dtype="uint8", classify_on="mixed")
+        >>> # export_onnx("simplebits.pt", "simplify.bundle").manifest.explain  -> 'simplify'
     """
     if input_dtype not in INPUT_DTYPES:
         raise InputError(f"input dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
-    if classify_on not in CLASSIFY_ON:
-        raise InputError(f"classify_on must be one of {CLASSIFY_ON}, got {classify_on!r}")
     if target not in TARGETS:
         raise InputError(f"target must be one of {TARGETS}, got {target!r}")
     if opset < MIN_OPSET:
         raise InputError(f"opset must be >= {MIN_OPSET}, got {opset}")
     checkpoint = Path(checkpoint)
-    record = load_checkpoint(checkpoint, "nice")
-    settings = dict(record.get("settings") or {})
-    if "block_size" not in settings:
-        raise InputError(f"{checkpoint}: settings lack block_size (b)")
+    record = load_checkpoint(checkpoint)
+    explain = EXPLAIN_OF_KIND.get(record.get("kind"))
+    if explain is None:
+        raise InputError(f"{checkpoint}: holds a {record.get('kind')} checkpoint; export onnx takes {' or '.join(EXPLAIN_OF_KIND)} checkpoints")
+    classify_on = classify_on or EXPLAIN_CLASSIFY_ON[explain][0]
+    if classify_on not in EXPLAIN_CLASSIFY_ON[explain]:
+        raise InputError(f"classify_on must be one of {EXPLAIN_CLASSIFY_ON[explain]} for a {record['kind']} checkpoint, got {classify_on!r}")
+    missing = [key for key in ("input_shape", "normalization", "class_names") if key not in record]
+    if missing:
+        raise InputError(f"{checkpoint}: checkpoint lacks {', '.join(missing)}")
+    if explain == "mask":
+        graph, fields = _nice_graph(record, checkpoint, input_dtype, classify_on, fused)
+    else:
+        graph, fields = _simplify_graph(checkpoint, input_dtype)
+    dynamo = explain == "mask"
+    output_names = EXPLAIN_OUTPUTS[explain]
     shape = [int(v) for v in record["input_shape"]]
     norm = record["normalization"]
-    generator, classifier = build_model(record, "generator"), build_model(record, "classifier")
-    graph = NiceGraph(generator, classifier, list(norm["mean"]), list(norm["std"]), int(settings["block_size"]),
-                      input_dtype, classify_on, fused)
     example = _example_input(shape, input_dtype)
-    model = trace_to_onnx(graph, example, opset, function_bodies=target == "onnxruntime")
+    model = trace_to_onnx(graph, example, opset, function_bodies=target == "onnxruntime", output_names=output_names, dynamo=dynamo)
     if target == "onnxruntime":
         check_model(model)
     model_bytes = model.SerializeToString()
-    dynamic_size = _accepts_other_sizes(model, shape, input_dtype)
-    if not dynamic_size:
+    dynamic_size = dynamo and _accepts_other_sizes(model, shape, input_dtype)
+    if dynamo and not dynamic_size:
         _log.warning("the networks fix the image size: the bundle accepts %d×%d images only", shape[1], shape[2])
     manifest = Manifest(
         input_shape=shape, input_dtype=input_dtype, input_layout="NHWC" if input_dtype == "uint8" else "NCHW",
         mean=[float(v) for v in norm["mean"]], std=[float(v) for v in norm["std"]],
-        class_names=[str(c) for c in record["class_names"]], block_size=int(settings["block_size"]),
-        mask_threshold=float(settings.get("mask_threshold", 0.5)),
-        generator=record["models"]["generator"]["arch"], classifier=record["models"]["classifier"]["arch"],
-        classify_on=classify_on, target=target, opset=opset, dynamic_size=dynamic_size,
-        custom_ops=ops.used_ops(model), function_bodies=target == "onnxruntime",
+        class_names=[str(c) for c in record["class_names"]], classifier=record["models"]["classifier"]["arch"],
+        classify_on=classify_on, explain=explain, output_names=list(output_names), target=target, opset=opset,
+        dynamic_size=dynamic_size, custom_ops=ops.used_ops(model), function_bodies=target == "onnxruntime",
         provenance=_jsonable({
             "checkpoint": checkpoint.name,
             "checkpoint_sha256": sha256_file(checkpoint),
             "training_command": record.get("command", ""),
-            "settings": settings,
+            "settings": dict(record.get("settings") or {}),
             "metrics": record.get("metrics", {}),
             "epoch": record.get("epoch"),
             "export_command": command,
@@ -243,24 +321,33 @@ def export_onnx(
             "onnx_version": onnx.__version__,
             "exported_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }),
+        **fields,
     )
     if verify and target == "onnxruntime":
-        verify_model(model_bytes, graph, example, manifest.pixel_scale)
+        verify_model(model_bytes, graph, example, manifest.pixel_scale, names=output_names)
     path = write_bundle(out, manifest, {manifest.model_file: model_bytes}, archive=archive, overwrite=overwrite)
     _log.info("wrote %s (%s, sha256 %s…)", path, ", ".join(manifest.custom_ops) or "no custom ops",
               hashlib.sha256(model_bytes).hexdigest()[:12])
     return load_bundle(path)
 
 
-def verify_model(model_bytes: bytes, graph: NiceGraph, example: torch.Tensor, pixel_scale: float, tol: float = 1e-4) -> dict[str, float]:
-    """Run ``model_bytes`` in ONNX Runtime with the function bodies on ``example``; compare to ``graph``."""
+def verify_model(
+    model_bytes: bytes,
+    graph: nn.Module,
+    example: torch.Tensor,
+    pixel_scale: float,
+    tol: float = 1e-4,
+    names: tuple[str, ...] | list[str] = tuple(EXPLAIN_OUTPUTS["mask"]),
+) -> dict[str, float]:
+    """Run ``model_bytes`` in ONNX Runtime with the function bodies on ``example``; compare to
+    ``graph`` (outputs ``names``): every output but the logits within ``tol``, same argmax."""
     from keepbits.native import make_session
 
     with torch.no_grad():
         reference = tuple(t.numpy() for t in graph(example))
     session = make_session(model_bytes, native=False)
     got = tuple(session.run(None, {"image": example.numpy()}))
-    report = compare_outputs(reference, got, pixel_scale)
-    if report["mask_max_abs"] > tol or report["mixed_max_abs"] > tol or report["argmax_agree"] < 1.0:
+    report = compare_outputs(reference, got, pixel_scale, names)
+    if any(report[f"{name}_max_abs"] > tol for name in names if name != "logits") or report["argmax_agree"] < 1.0:
         raise BundleError(f"exported graph disagrees with torch: {report}")
     return report

@@ -1,10 +1,11 @@
-"""Model bundles: one folder (or one ``.zip`` file) holding an exported NICE model.
+"""Model bundles: one folder (or one ``.zip`` file) holding an exported NICE or SimpleBits model.
 
 A bundle is what ``keepbits export onnx`` writes and what the runtime loads::
 
     BUNDLE/
       manifest.json   # this module's Manifest, plus sha256 of every other file
       model.onnx      # image batch -> logits, mask (ẑ, NICE Eq. 11), mixed (x̃, Eq. 12)
+                      # or, explain="simplify": logits, simplified (the SimpleBits simplifier's image)
 
 Loading checks the format version, recomputes the sha256 of every file the manifest lists,
 and refuses any path that would leave the bundle (absolute paths, ``..``, symlinks, ONNX
@@ -56,8 +57,13 @@ MAX_ARCHIVE_BYTES = 8 << 30
 
 INPUT_DTYPES = ("uint8", "float32")
 INPUT_LAYOUTS = ("NHWC", "NCHW")
-CLASSIFY_ON = ("original", "mixed")
+CLASSIFY_ON = ("original", "mixed", "simplified")
 TARGETS = ("onnxruntime", "tensorrt")
+#: Explain stages: NICE's mask + mixed-resolution image, or the SimpleBits simplifier.
+EXPLAIN = ("mask", "simplify")
+#: Graph outputs and the ``classify_on`` values each explain stage allows.
+EXPLAIN_OUTPUTS = {"mask": ["logits", "mask", "mixed"], "simplify": ["logits", "simplified"]}
+EXPLAIN_CLASSIFY_ON = {"mask": ("original", "mixed"), "simplify": ("simplified",)}
 
 
 @dataclass
@@ -68,7 +74,10 @@ class Manifest:
     (``float32``, 0..1); batch, height and width are dynamic, ``input_shape`` [C, H, W] is
     the training size. Normalisation ``(x/scale − mean)/std`` happens inside the graph.
     Outputs: ``logits`` N×K, ``mask`` N×1×H×W (ẑ ∈ [0, 1]), ``mixed`` x̃ in pixel space:
-    same layout and scale as the input (0..255 for uint8 input), float32.
+    same layout and scale as the input (0..255 for uint8 input), float32. With
+    ``explain="simplify"`` (a SimpleBits model): ``logits`` of the simplified image and
+    ``simplified`` in pixel space like ``mixed``; ``block_size``/``mask_threshold`` are unused
+    (1 and 0.5) and ``generator`` names the simplifier.
     """
 
     input_shape: list[int]
@@ -93,6 +102,9 @@ class Manifest:
     custom_ops: list[str] = field(default_factory=list)
     #: True when every custom node has an ONNX function body (runs on any ONNX runtime).
     function_bodies: bool = True
+    #: ``"mask"`` (NICE: ẑ and x̃) or ``"simplify"`` (SimpleBits: the simplified image).
+    #: Written only when not ``"mask"``, so NICE bundles stay readable by older keepbits.
+    explain: str = "mask"
     #: Checkpoint sha256, command, settings, metrics, keepbits version, export time.
     provenance: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
@@ -129,8 +141,12 @@ class Manifest:
             raise bad(f"block_size must be an int >= 1, got {self.block_size!r}")
         if not 0.0 <= float(self.mask_threshold) <= 1.0:
             raise bad(f"mask_threshold must be in [0, 1], got {self.mask_threshold}")
-        if self.classify_on not in CLASSIFY_ON:
-            raise bad(f"classify_on {self.classify_on!r} not in {CLASSIFY_ON}")
+        if self.explain not in EXPLAIN:
+            raise bad(f"explain {self.explain!r} not in {EXPLAIN}")
+        if self.classify_on not in EXPLAIN_CLASSIFY_ON[self.explain]:
+            raise bad(f"classify_on {self.classify_on!r} not in {EXPLAIN_CLASSIFY_ON[self.explain]} (explain {self.explain!r})")
+        if self.output_names != EXPLAIN_OUTPUTS[self.explain]:
+            raise bad(f"output_names {self.output_names} are not {EXPLAIN_OUTPUTS[self.explain]} (explain {self.explain!r})")
         if self.target not in TARGETS:
             raise bad(f"target {self.target!r} not in {TARGETS}")
         if not self.class_names:
@@ -144,7 +160,10 @@ class Manifest:
             raise bad(f"model file {self.model_file!r} is not listed in files")
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        data = dataclasses.asdict(self)
+        if data["explain"] == "mask":
+            del data["explain"]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "manifest") -> "Manifest":
@@ -382,6 +401,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "CUSTOM_DOMAIN",
+    "EXPLAIN",
     "Manifest",
     "Bundle",
     "load_bundle",

@@ -1,6 +1,7 @@
 """Payload codec: exact lossless round trips, lossy bounds, paper mode, bad input."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -60,6 +61,21 @@ def test_paper_mode_is_one_png_of_the_mixed_image():
     image, keep, meta = decode(encode(frame, mask, block=4, mode="paper"))
     assert keep is None and meta.mode == "paper" and list(meta.codecs) == ["mixed"]
     assert np.array_equal(image, mixed_image(frame, mask, 4))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_simplified_mode_sends_the_image_itself(channels):
+    """Mode "simplified" (SimpleBits): no mask; PNG is exact, JPEG/WebP close; blocks/paper need a mask."""
+    rng = np.random.default_rng(6)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (30, 44, channels), dtype=np.uint8), (0, 0), 3).reshape(30, 44, channels)
+    out, keep, meta = decode(encode(image, mode="simplified", label=4, name="four", roi=(0, 2, 44, 26), source_size=(88, 52)))
+    assert keep is None and np.array_equal(out, image)
+    assert (meta.mode, meta.codecs, meta.label, meta.name, meta.roi, meta.total_blocks) == ("simplified", {"simplified": "png"}, 4, "four", (0, 2, 44, 26), 0)
+    for codec in ("jpeg", "webp") if channels == 3 else ("jpeg",):
+        lossy, _, meta = decode(encode(image, mode="simplified", codec=codec, quality=85))
+        assert meta.codecs == {"simplified": codec} and 10 * np.log10(255**2 / np.mean((lossy - image.astype(float)) ** 2)) > 30
+    with pytest.raises(InputError, match="needs a mask"):
+        encode(image, mode="paper", block=2)
 
 
 def test_result_object_fields_are_used():

@@ -28,6 +28,8 @@ def _payloads() -> list[bytes]:
         encode(frame, mask, block=8, codec="webp", background="webp"),
         encode(frame, mask, block=3, mode="paper"),
         encode(frame[:, :, :1], mask, block=5),
+        encode(frame, mode="simplified", label=2, name="two"),
+        encode(frame[:, :, :1], mode="simplified", codec="jpeg", quality=60),
     ]
 
 
@@ -106,17 +108,18 @@ def _inflating_bomb() -> bytes:
     return _resign(head + payload[pos + SECTION.size + mlen:])
 
 
-def _png_bomb() -> bytes:
-    """A paper payload whose PNG's IHDR claims 12000×12000 pixels."""
+def _png_bomb(index: int = 3, tag: int = 4) -> bytes:
+    """A one-image payload (paper: ``_payloads()[3]``, tag 4 mixed; simplified: ``[5]``, tag 5)
+    whose PNG's IHDR claims 12000×12000 pixels."""
     buf = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buf, format="PNG")
     png = bytearray(buf.getvalue())
     png[16:24] = struct.pack(">II", 12000, 12000)  # IHDR width, height
     png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
-    payload = _payloads()[3]
+    payload = _payloads()[index]
     name_len = HEADER.unpack_from(payload)[-2]
     pos = HEADER.size + name_len
-    return _resign(payload[:pos] + SECTION.pack(4, 1, 0, 0, len(png)) + bytes(png) + bytes(CRC.size))
+    return _resign(payload[:pos] + SECTION.pack(tag, 1, 0, 0, len(png)) + bytes(png) + bytes(CRC.size))
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -133,6 +136,8 @@ def _png_bomb() -> bytes:
         (lambda p: _with_header(p, x0=30), "box"),
         (lambda p: _inflating_bomb(), "inflates"),
         (lambda p: _png_bomb(), "header says"),
+        (lambda p: _png_bomb(5, 5), "header says"),
+        (lambda p: _with_header(_payloads()[5], mode=0), "sections"),
     ],
 )
 def test_crafted_headers_are_bounded(make, reason):

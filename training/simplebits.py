@@ -278,38 +278,49 @@ def load_simplebits(path: str | Path) -> tuple[torch.nn.Module, Normalized, dict
 
 
 class SimplifierGraph(torch.nn.Module):
-    """The exportable SimpleBits stage: [0, 1] image → (``logits`` of the simplified image,
-    ``simplified``), i.e. what replaces the explain stage of the runtime pipeline."""
+    """The exportable SimpleBits stage: image → (``logits`` of the simplified image,
+    ``simplified``), what replaces the explain stage of the runtime pipeline.
 
-    def __init__(self, simplifier: torch.nn.Module, classifier: torch.nn.Module):
+    ``input_dtype="float32"``: N×C×H×W on [0, 1] in and out; ``"uint8"``: N×H×W×C pixels
+    0..255 in, ``simplified`` N×H×W×C float on 0..255 out (the bundle conventions of
+    ``docs/bundle.md``). The classifier normalises inside (:class:`Normalized`).
+    """
+
+    def __init__(self, simplifier: torch.nn.Module, classifier: torch.nn.Module, input_dtype: str = "float32"):
         super().__init__()
         self.simplifier, self.classifier = simplifier, classifier
+        self.nhwc = input_dtype == "uint8"
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        simplified = self.simplifier(image)
-        return self.classifier(simplified), simplified
+        x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0 if self.nhwc else image
+        simplified = self.simplifier(x)
+        logits = self.classifier(simplified)
+        return logits, (simplified * 255.0).permute(0, 2, 3, 1) if self.nhwc else simplified
 
 
 def export_simplifier_onnx(checkpoint: str | Path, out: str | Path, tol: float = 1e-4) -> dict[str, Any]:
-    """Export a ``simplebits`` checkpoint to ONNX (input ``image`` float N×C×H×W in [0, 1],
-    dynamic batch; outputs ``logits``, ``simplified``) and check it against torch with
-    ONNX Runtime; returns the max abs differences. Raises :class:`InputError` beyond ``tol``."""
-    import onnxruntime as ort
+    """Export a ``simplebits`` checkpoint to a bare ONNX graph (input ``image`` float N×C×H×W
+    in [0, 1], dynamic batch; outputs ``logits``, ``simplified``) and check it against torch
+    with ONNX Runtime; returns the max abs differences. Raises :class:`InputError` beyond ``tol``.
+    For the runtime, export a model bundle instead: ``keepbits.export.export_onnx``."""
+    from keepbits.export.onnx_export import compare_outputs, trace_to_onnx
 
     simplifier, classifier, record = load_simplebits(checkpoint)
     graph = SimplifierGraph(simplifier, classifier).eval()
     c, h, w = record["input_shape"]
     example = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))
+    model = trace_to_onnx(graph, example, output_names=["logits", "simplified"], dynamo=False)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # the TorchScript exporter: the dynamo one takes minutes on this U-Net on a loaded CPU
-    torch.onnx.export(graph, (example,), str(out), dynamo=False, input_names=["image"], output_names=["logits", "simplified"],
-                      dynamic_axes={name: {0: "batch"} for name in ("image", "logits", "simplified")}, opset_version=17)
+    out.write_bytes(model.SerializeToString())
     test = torch.rand(3, c, h, w, generator=torch.Generator().manual_seed(1))
+    import onnxruntime as ort
+
     with torch.no_grad():
         ref = [t.numpy() for t in graph(test)]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": test.numpy()})
-    diffs = {name: float(np.abs(a - b).max()) for name, a, b in zip(("logits", "simplified"), ref, got)}
+    report = compare_outputs(ref, got, names=("logits", "simplified"))
+    diffs = {name: report[f"{name}_max_abs"] for name in ("logits", "simplified")}
     if max(diffs.values()) > tol:
         raise InputError(f"{out}: ONNX output differs from torch by {diffs} (tolerance {tol})")
     return {"onnx": str(out), "max_abs_diff": diffs}

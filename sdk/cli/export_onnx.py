@@ -1,4 +1,4 @@
-"""``keepbits export onnx``: a NICE checkpoint -> a model bundle (``model.onnx`` + ``manifest.json``)."""
+"""``keepbits export onnx``: a NICE or SimpleBits checkpoint -> a model bundle (``model.onnx`` + ``manifest.json``)."""
 from __future__ import annotations
 
 import argparse
@@ -6,16 +6,18 @@ import json
 
 from keepbits.cli._common import command_line, existing_path
 
-HELP = "export a NICE checkpoint to a model bundle (ONNX graph image -> logits, mask, mixed; docs/bundle.md)"
+HELP = ("export a NICE or SimpleBits checkpoint to a model bundle (ONNX graph image -> logits, mask, mixed; "
+        "or logits, simplified; docs/bundle.md)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="nice checkpoint (.pt) written by `keepbits train nice`")
+    p.add_argument("checkpoint", help="nice or simplebits checkpoint (.pt) written by `keepbits train nice` / `train simplebits`")
     p.add_argument("--out", required=True, help="bundle folder, or a .zip file for a one-file bundle")
     p.add_argument("--input", dest="input_dtype", choices=["uint8", "float32"], default="uint8",
                    help="uint8: N×H×W×C pixels 0..255 (default); float32: N×C×H×W on 0..1")
-    p.add_argument("--classify-on", choices=["original", "mixed"], default="original",
-                   help="feed the classifier the original image (default) or the mixed-resolution image x̃")
+    p.add_argument("--classify-on", choices=["original", "mixed"], default=None,
+                   help="NICE: feed the classifier the original image (default) or the mixed-resolution image x̃ "
+                        "(a SimpleBits classifier always sees the simplified image)")
     p.add_argument("--unfused", action="store_true", help="emit HardConcreteMask + MixedResCompose instead of the fused MaskCompose")
     p.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                    help="tensorrt: custom nodes without ONNX function bodies (TensorRT plugins replace them)")
@@ -34,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
     )
     m = bundle.manifest
     print(json.dumps({"bundle": str(bundle.source), "digest": bundle.digest, "input": f"{m.input_layout} {m.input_dtype}",
-                      "dynamic_size": m.dynamic_size, "custom_ops": m.custom_ops, "target": m.target}, indent=2))
+                      "explain": m.explain, "dynamic_size": m.dynamic_size, "custom_ops": m.custom_ops, "target": m.target}, indent=2))
     return 0

@@ -1,5 +1,8 @@
 """``keepbits run``: a model bundle on a stream: predict, explain, compress, send.
 
+NICE bundles send the mask and x̃ (``--mode blocks`` or ``paper``); SimpleBits bundles
+(``explain: "simplify"``) send the simplified image (``--mode simplified``, the default for them).
+
 Example:
     keepbits run --model bundle.zip --source video.mp4 --sink files:out --sink video:out.mp4 --max-frames 100
 """
@@ -20,9 +23,11 @@ HELP = "run a model bundle on a video/camera/URL/folder: predict, explain, compr
 
 def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
     """Codec options shared by ``run`` and ``demo``."""
-    parser.add_argument("--mode", choices=["blocks", "paper"], default="blocks",
-                        help="blocks: background means + mask + kept blocks; paper: x̃ as one PNG (NICE protocol)")
-    parser.add_argument("--codec", choices=["png", "jpeg", "webp"], default="png", help="kept blocks (png = lossless)")
+    parser.add_argument("--mode", choices=["blocks", "paper", "simplified"], default=None,
+                        help="blocks (default for NICE bundles): background means + mask + kept blocks; paper: x̃ as one "
+                             "PNG (NICE protocol); simplified (SimpleBits bundles, their default): the simplified image")
+    parser.add_argument("--codec", choices=["png", "jpeg", "webp"], default="png",
+                        help="kept blocks, or the simplified image (png = lossless)")
     parser.add_argument("--background", choices=["raw", "png", "jpeg", "webp"], default="raw", help="block means (raw/png = lossless)")
     parser.add_argument("--quality", type=int, default=90, help="jpeg/webp quality 1..100")
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
@@ -49,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def codec_options(args: argparse.Namespace) -> dict[str, Any]:
     if not 1 <= args.quality <= 100:
         raise InputError(f"--quality must be 1..100, got {args.quality}")
-    return {"mode": args.mode, "codec": args.codec, "background": args.background, "quality": args.quality}
+    options = {"codec": args.codec, "background": args.background, "quality": args.quality}
+    return options if args.mode is None else {"mode": args.mode, **options}
 
 
 class ProgressLine:

@@ -1,9 +1,12 @@
-"""Encode a frame and its NICE mask into the payload that crosses the link, and back.
+"""Encode a frame and its NICE mask (or a SimpleBits simplified image) into the payload
+that crosses the link, and back.
 
 The sender's mixed-resolution image x̃ (NICE Eq. 12) uses the *hard* mask
 m = ẑ > threshold and the b×b block means rounded to uint8, so that the receiver can
 rebuild it bit-exactly: x̃ = x where m, round(x_b) elsewhere (:func:`mixed_image`).
 Frames are uint8 H×W (grey) or H×W×3 in **RGB** order (JPEG/WebP chroma assumes it).
+Mode ``"simplified"`` sends the frame itself as one image, no mask: the output of a
+SimpleBits simplifier (bundles with ``explain: "simplify"``).
 
 Example:
     >>> import numpy as np
@@ -29,8 +32,8 @@ import numpy as np
 
 from keepbits.codec.container import (
     CODEC_BITS, CODEC_JPEG, CODEC_NAMES, CODEC_PNG, CODEC_RAW, CODEC_WEBP, MAX_SIDE, MODE_BLOCKS,
-    MODE_PAPER, MODES, TAG_BACKGROUND, TAG_FOREGROUND, TAG_MASK, TAG_MIXED, VERSION, Header, Section,
-    pack, unpack,
+    MODE_PAPER, MODE_SIMPLIFIED, MODES, TAG_BACKGROUND, TAG_FOREGROUND, TAG_MASK, TAG_MIXED, TAG_SIMPLIFIED,
+    VERSION, Header, Section, pack, unpack,
 )
 from keepbits.core import block_means
 from keepbits.errors import DecodeError, InputError
@@ -40,7 +43,11 @@ DEFAULT_MAX_PIXELS = 1 << 25
 IMAGE_CODECS = {"png": CODEC_PNG, "jpeg": CODEC_JPEG, "webp": CODEC_WEBP}
 BACKGROUND_CODECS = {"raw": CODEC_RAW, **IMAGE_CODECS}
 _PIL_FORMATS = {CODEC_PNG: "PNG", CODEC_JPEG: "JPEG", CODEC_WEBP: "WEBP"}
-_TAG_NAMES = {TAG_BACKGROUND: "background", TAG_MASK: "mask", TAG_FOREGROUND: "foreground", TAG_MIXED: "mixed"}
+_TAG_NAMES = {TAG_BACKGROUND: "background", TAG_MASK: "mask", TAG_FOREGROUND: "foreground", TAG_MIXED: "mixed",
+              TAG_SIMPLIFIED: "simplified"}
+_MODE_NAMES = {v: k for k, v in MODES.items()}
+#: The sections each mode must carry (blocks may add a foreground).
+_MODE_SECTIONS = {MODE_BLOCKS: {TAG_BACKGROUND, TAG_MASK}, MODE_PAPER: {TAG_MIXED}, MODE_SIMPLIFIED: {TAG_SIMPLIFIED}}
 
 
 @dataclass
@@ -222,27 +229,33 @@ def encode(
     ``timestamp``, ``roi``, ``source_size`` (a :class:`keepbits.runtime.Result`); keywords
     override it. ``mode="blocks"`` sends background means + mask + kept blocks (``codec``
     png = lossless, jpeg/webp at ``quality``; ``background`` raw/png = lossless);
-    ``mode="paper"`` sends x̃ as one PNG (the NICE protocol).
+    ``mode="paper"`` sends x̃ as one PNG (the NICE protocol); ``mode="simplified"`` sends
+    ``frame`` itself (a SimpleBits simplified image) as one ``codec`` image and needs no mask.
 
     Example:
         >>> import numpy as np
         >>> from keepbits.codec import encode
         >>> len(encode(np.zeros((16, 16, 3), np.uint8), np.ones((16, 16)), block=4)) > 0
         True
+        >>> len(encode(np.zeros((16, 16, 3), np.uint8), mode="simplified", codec="webp", quality=80)) > 0
+        True
     """
     x = _check_frame(frame)
     h, w, c = x.shape
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
     if isinstance(result, np.ndarray):
         mask = result if mask is None else mask
         result = None
-    mask = _field(result, "mask", None) if mask is None else mask
-    if mask is None:
-        raise InputError("encode needs a mask (pass the mask array or a result with .mask)")
-    block = int(block if block is not None else _field(result, "block", 0) or 0)
-    if not 1 <= block <= MAX_SIDE:
-        raise InputError(f"block size must be 1..{MAX_SIDE}, got {block}")
-    if mode not in MODES:
-        raise InputError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
+    if mode == "simplified":
+        block = 1
+    else:
+        mask = _field(result, "mask", None) if mask is None else mask
+        if mask is None:
+            raise InputError(f"{mode} mode needs a mask (pass the mask array or a result with .mask)")
+        block = int(block if block is not None else _field(result, "block", 0) or 0)
+        if not 1 <= block <= MAX_SIDE:
+            raise InputError(f"block size must be 1..{MAX_SIDE}, got {block}")
     if codec not in IMAGE_CODECS or background not in BACKGROUND_CODECS:
         raise InputError(f"unknown codec {codec!r}/{background!r}; codecs {sorted(IMAGE_CODECS)}, backgrounds {sorted(BACKGROUND_CODECS)}")
     if c == 1 and CODEC_WEBP in (IMAGE_CODECS[codec], BACKGROUND_CODECS[background]):
@@ -265,6 +278,10 @@ def encode(
         source_size=tuple(source_size or _field(result, "source_size", None) or (w, h)),
         name=str(name),
     )
+    if mode == "simplified":
+        img_codec = IMAGE_CODECS[codec]
+        section_quality = 0 if img_codec == CODEC_PNG else quality
+        return pack(header, [(TAG_SIMPLIFIED, img_codec, section_quality, _encode_image(x, img_codec, quality, png_level))])
     keep = _hard_mask(mask, (h, w), threshold)
     bh, bw, th, tw = _grid(h, w, block)
     grid = _grid_means(x, block)
@@ -294,7 +311,7 @@ def encode(
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray | None, PayloadMeta]:
-    """Rebuild ``(image H×W×C uint8, mask H×W bool or None in paper mode, meta)``.
+    """Rebuild ``(image H×W×C uint8, mask H×W bool or None in paper and simplified modes, meta)``.
 
     Every size is checked against the header and ``max_pixels`` before anything is
     allocated; malformed input raises :class:`keepbits.errors.DecodeError` with the reason.
@@ -309,19 +326,21 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.nda
     h, w, c, b = header.height, header.width, header.channels, header.block
     bh, bw, th, tw = _grid(h, w, b)
     meta = PayloadMeta(
-        version=VERSION, mode="paper" if header.mode == MODE_PAPER else "blocks", height=h, width=w,
+        version=VERSION, mode=_MODE_NAMES[header.mode], height=h, width=w,
         channels=c, block=b, label=None if header.label < 0 else header.label, name=header.name,
         score=None if math.isnan(header.score) else header.score, sequence=header.sequence,
         timestamp=header.timestamp, roi=header.roi, source_size=header.source_size,
         codecs={_TAG_NAMES[t]: CODEC_NAMES[s.codec] for t, s in sections.items() if t in _TAG_NAMES},
         section_bytes={_TAG_NAMES[t]: len(s.data) for t, s in sections.items() if t in _TAG_NAMES},
-        total_bytes=len(data), total_blocks=bh * bw,
+        total_bytes=len(data), total_blocks=0 if header.mode == MODE_SIMPLIFIED else bh * bw,
     )
-    expected = {TAG_MIXED} if header.mode == MODE_PAPER else {TAG_BACKGROUND, TAG_MASK}
+    expected = _MODE_SECTIONS[header.mode]
     if not expected <= set(sections) or set(sections) - expected - ({TAG_FOREGROUND} if header.mode == MODE_BLOCKS else set()):
         raise DecodeError(f"{meta.mode} payload has sections {sorted(sections)}, expected {sorted(expected)}")
     if header.mode == MODE_PAPER:
         return _decode_section(sections[TAG_MIXED], (h, w, c), "mixed image"), None, meta
+    if header.mode == MODE_SIMPLIFIED:
+        return _decode_section(sections[TAG_SIMPLIFIED], (h, w, c), "simplified image"), None, meta
     mask_sec = sections[TAG_MASK]
     if mask_sec.codec != CODEC_BITS:
         raise DecodeError(f"mask uses codec {CODEC_NAMES[mask_sec.codec]}, expected bits")

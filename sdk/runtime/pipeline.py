@@ -5,6 +5,10 @@ thread-safe, so one pipeline may serve several threads. Each call allocates one
 model-size batch (the results' ``image`` arrays are views into it) and nothing per frame
 beyond the outputs it returns.
 
+Bundles with ``explain: "simplify"`` (SimpleBits, ``docs/simplebits.md``) replace the mask
+by the simplifier's image: results carry ``simplified`` (``mask`` is None) and payloads use
+the codec's ``"simplified"`` mode.
+
 Frames: numpy uint8 H×W×3 in ``color`` order (``"rgb"`` default; ``"bgr"`` for OpenCV
 frames), H×W grey, or PIL images. They are letterboxed (aspect kept, centred, zero
 padding) to the model size; :class:`Letterbox` records the mapping back.
@@ -74,22 +78,34 @@ class Letterbox:
 
     def mask_to_source(self, mask: np.ndarray) -> np.ndarray:
         """A model-size mask cropped to the roi and resized to the source frame (nearest)."""
+        return self.image_to_source(np.asarray(mask, np.float32), cv2.INTER_NEAREST)
+
+    def image_to_source(self, image: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+        """A model-size image (or mask) cropped to the roi and resized to the source frame.
+
+        Example:
+            >>> import numpy as np
+            >>> from keepbits.runtime import Letterbox
+            >>> Letterbox.fit((64, 32), (32, 32)).image_to_source(np.zeros((32, 32, 3), np.uint8)).shape
+            (32, 64, 3)
+        """
         x0, y0, w, h = self.roi
-        crop = np.ascontiguousarray(mask[y0:y0 + h, x0:x0 + w], dtype=np.float32)
-        return cv2.resize(crop, self.source_size, interpolation=cv2.INTER_NEAREST)
+        return cv2.resize(np.ascontiguousarray(image[y0:y0 + h, x0:x0 + w]), self.source_size, interpolation=interpolation)
 
 
 @dataclass
 class Result:
-    """One processed frame. ``mask`` is ẑ (model size, float32 in [0, 1]); ``image`` is
-    the letterboxed uint8 frame the model saw (RGB); ``timings`` are milliseconds per stage
-    (preprocess and model are shared by a batch: the batch's time divided by its size)."""
+    """One processed frame. ``mask`` is ẑ (model size, float32 in [0, 1]), None for a
+    SimpleBits bundle, whose ``simplified`` is the simplifier's image (model size, uint8 RGB,
+    the graph output rounded); ``image`` is the letterboxed uint8 frame the model saw (RGB);
+    ``timings`` are milliseconds per stage (preprocess and model are shared by a batch: the
+    batch's time divided by its size)."""
 
     label: str
     label_index: int
     score: float
     probabilities: np.ndarray
-    mask: np.ndarray
+    mask: np.ndarray | None
     image: np.ndarray
     letterbox: Letterbox
     block: int
@@ -98,6 +114,7 @@ class Result:
     timestamp: float
     payload: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    simplified: np.ndarray | None = None
 
     @property
     def roi(self) -> tuple[int, int, int, int]:
@@ -108,15 +125,18 @@ class Result:
         return self.letterbox.source_size
 
     @property
-    def kept_fraction(self) -> float:
-        """Share of pixels the hard mask keeps at full resolution."""
-        return float((self.mask > self.threshold).mean())
+    def kept_fraction(self) -> float | None:
+        """Share of pixels the hard mask keeps at full resolution (None without a mask)."""
+        return None if self.mask is None else float((self.mask > self.threshold).mean())
 
     @property
     def mixed(self) -> np.ndarray:
-        """The transmitted x̃ (hard mask, uint8 block means): what a lossless receiver rebuilds."""
+        """The transmitted image, what a lossless receiver rebuilds: x̃ (hard mask, uint8 block
+        means), or the simplified image for a SimpleBits bundle."""
         from keepbits.codec import mixed_image
 
+        if self.mask is None:
+            return self.simplified
         return mixed_image(self.image, self.mask, self.block, self.threshold)
 
 
@@ -203,10 +223,16 @@ class Pipeline:
         self.channels, self.height, self.width = m.input_shape
         self.class_names = list(m.class_names)
         self.block, self.threshold = m.block_size, float(m.mask_threshold)
+        self.explain = m.explain
         self.compress_enabled = compress
         self.codec_options = dict(codec_options or {})
+        # the payload mode follows the explain stage: a mask (blocks/paper) or the simplified image
+        mode = self.codec_options.setdefault("mode", "simplified" if self.explain == "simplify" else "blocks")
+        if (mode == "simplified") != (self.explain == "simplify"):
+            raise InputError(f"{bundle.source}: codec mode {mode!r} does not fit a bundle with explain {self.explain!r} "
+                             f"({'simplified' if self.explain == 'simplify' else 'blocks or paper'})")
         self.providers = self.session.get_providers()
-        self._outputs = ["logits", "mask"]
+        self._outputs = ["logits", m.output_names[1]]
         self._counter = itertools.count()
         self._lock = threading.Lock()
 
@@ -278,7 +304,7 @@ class Pipeline:
         return box
 
     def predict(self, frames: Sequence[Any], *, color: str = "rgb", timestamps: Sequence[float] | None = None) -> list[Result]:
-        """Classify and explain a batch (no payload yet); see :meth:`compress`.
+        """Classify and explain (mask, or simplified image) a batch (no payload yet); see :meth:`compress`.
 
         Example:
             >>> import numpy as np, tempfile
@@ -296,10 +322,18 @@ class Pipeline:
         boxes = [self._fit(as_rgb(f, color), batch[i]) for i, f in enumerate(frames)]
         feed = batch if self.manifest.input_layout == "NHWC" else batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
         t1 = time.perf_counter()
-        logits, masks = self.session.run(self._outputs, {self.manifest.input_name: feed})
+        logits, explained = self.session.run(self._outputs, {self.manifest.input_name: feed})
         t2 = time.perf_counter()
         probs = _softmax(np.asarray(logits, np.float32).reshape(n, -1))
-        masks = np.asarray(masks, np.float32).reshape(n, self.height, self.width)
+        masks: list[np.ndarray | None] = [None] * n
+        simplified: list[np.ndarray | None] = [None] * n
+        if self.explain == "simplify":
+            pixels = np.asarray(explained, np.float32) * (255.0 / self.manifest.pixel_scale)
+            if self.manifest.input_layout == "NCHW":
+                pixels = pixels.transpose(0, 2, 3, 1)
+            simplified = list(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+        else:
+            masks = list(np.asarray(explained, np.float32).reshape(n, self.height, self.width))
         with self._lock:
             sequences = [next(self._counter) for _ in range(n)]
         now = time.time()
@@ -310,7 +344,7 @@ class Pipeline:
                 label=self.class_names[k] if k < len(self.class_names) else str(k), label_index=k,
                 score=float(probs[i, k]), probabilities=probs[i], mask=masks[i], image=batch[i],
                 letterbox=boxes[i], block=self.block, threshold=self.threshold, sequence=sequences[i],
-                timestamp=timestamps[i] if timestamps is not None else now,
+                timestamp=timestamps[i] if timestamps is not None else now, simplified=simplified[i],
             ))
         t3 = time.perf_counter()
         for r in results:
@@ -318,11 +352,13 @@ class Pipeline:
         return results
 
     def compress(self, result: Result) -> Result:
-        """Fill ``result.payload`` with :func:`keepbits.codec.encode` and time it (``timings['encode']``)."""
+        """Fill ``result.payload`` with :func:`keepbits.codec.encode` and time it (``timings['encode']``):
+        the frame and its mask, or (SimpleBits bundles) the simplified image in mode ``"simplified"``."""
         from keepbits.codec import encode
 
         t0 = time.perf_counter()
-        result.payload = encode(result.image, result, **self.codec_options)
+        frame = result.image if result.simplified is None else result.simplified
+        result.payload = encode(frame, result, **self.codec_options)
         result.timings["encode"] = (time.perf_counter() - t0) * 1e3
         return result
 
@@ -351,8 +387,8 @@ class Pipeline:
         return {
             "bundle": str(self.bundle.source), "digest": self.bundle.digest,
             "input": [self.channels, self.height, self.width], "classes": len(self.class_names),
-            "block": self.block, "threshold": self.threshold, "providers": self.providers,
-            "codec": {"mode": "blocks", "codec": "png", "background": "raw", "quality": 90, **self.codec_options},
+            "explain": self.explain, "block": self.block, "threshold": self.threshold, "providers": self.providers,
+            "codec": {"codec": "png", "background": "raw", "quality": 90, **self.codec_options},
         }
 
 

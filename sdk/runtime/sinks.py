@@ -2,7 +2,8 @@
 ``close() -> stats``; ``record`` is the frame's JSON metadata (see :mod:`keepbits.runtime.stream`).
 
 * ``files:DIR``: ``DIR/payloads/<sequence>.kbit`` + ``DIR/frames.jsonl`` (one line per frame).
-* ``video:OUT.mp4``: the source frames annotated with the mask, label, score and bytes.
+* ``video:OUT.mp4``: the source frames annotated with the mask (or, for SimpleBits bundles,
+  the simplified image), label, score and bytes.
 * ``tcp:HOST:PORT``: length-prefixed payloads to ``keepbits receive`` (:mod:`keepbits.runtime.net`).
 
 Example:
@@ -51,7 +52,9 @@ class FilesSink:
 
 
 def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: int = 0) -> np.ndarray:
-    """BGR frame: dropped pixels dimmed, kept region outlined, label/score/bytes printed.
+    """BGR frame: dropped pixels dimmed, kept region outlined, label/score/bytes printed; for a
+    result without a mask (SimpleBits) the simplified image in place of ``image``, mapped back
+    to the source frame.
 
     Example:
         >>> import numpy as np, tempfile
@@ -62,8 +65,12 @@ def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: i
         >>> annotate(np.zeros((20, 30, 3), np.uint8), r, {"payload_bytes": 10}, min_side=60).shape
         (60, 90, 3)
     """
-    bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR if image.ndim == 2 else cv2.COLOR_RGB2BGR)
-    keep = (result.letterbox.mask_to_source(result.mask) > result.threshold).astype(np.uint8)
+    if result.mask is None:
+        image = result.letterbox.image_to_source(result.simplified)
+        keep = np.ones(image.shape[:2], np.uint8)
+    else:
+        keep = (result.letterbox.mask_to_source(result.mask) > result.threshold).astype(np.uint8)
+    bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR if image.ndim == 2 or image.shape[2] == 1 else cv2.COLOR_RGB2BGR)
     up = max(1, -(-min_side // min(bgr.shape[:2]))) if min_side else 1
     if up > 1:
         bgr = cv2.resize(bgr, None, fx=up, fy=up, interpolation=cv2.INTER_NEAREST)

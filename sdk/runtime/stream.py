@@ -101,13 +101,16 @@ class _Stats:
         self.bytes = collections.Counter()
         self.labels: collections.Counter[str] = collections.Counter()
         self.kept = 0.0
+        self.masked = 0  # frames with a mask (SimpleBits results have none): the kept-fraction mean is over these
         self.latency: dict[str, collections.deque[float]] = collections.defaultdict(lambda: collections.deque(maxlen=LATENCY_WINDOW))
 
     def add(self, record: dict[str, Any], timings: dict[str, float]) -> None:
         with self.lock:
             self.written += 1
             self.labels[record["label"]] += 1
-            self.kept += record["kept_fraction"]
+            if record["kept_fraction"] is not None:
+                self.kept += record["kept_fraction"]
+                self.masked += 1
             for key in ("payload_bytes", "jpeg_bytes", "png_bytes", "paper_bytes", "lossless_bytes"):
                 if record.get(key) is not None:
                     self.bytes[key] += record[key]
@@ -123,13 +126,14 @@ class _Stats:
 def _record(frame: Frame, r: Result, compare: Sequence[str], jpeg_quality: int) -> dict[str, Any]:
     bgr = np.ascontiguousarray(r.image[:, :, ::-1]) if r.image.shape[2] == 3 else r.image
     sizes = reference_sizes(bgr, [c for c in compare if c in ("jpeg", "png")], jpeg_quality)
-    if "paper" in compare:
+    if "paper" in compare and r.mask is not None:
         sizes["paper_bytes"] = len(encode(r.image, r, mode="paper"))
     if "lossless" in compare:
-        sizes["lossless_bytes"] = len(encode(r.image, r))
+        sizes["lossless_bytes"] = len(encode(r.image, r) if r.mask is not None else encode(r.simplified, r, mode="simplified"))
+    kept = r.kept_fraction
     return {
         "sequence": r.sequence, "source_index": frame.index, "timestamp": r.timestamp, "label": r.label,
-        "label_index": r.label_index, "score": round(r.score, 5), "kept_fraction": round(r.kept_fraction, 5),
+        "label_index": r.label_index, "score": round(r.score, 5), "kept_fraction": None if kept is None else round(kept, 5),
         "payload_bytes": None if r.payload is None else len(r.payload), **sizes,
         "timings_ms": {k: round(v, 3) for k, v in r.timings.items()},
     }
@@ -174,8 +178,9 @@ def run_stream(
     """Process ``source`` until it ends, ``max_frames`` or ``stop``; returns the JSON summary.
 
     ``compare`` lists references whose sizes are recorded per frame for the compression
-    ratios: ``jpeg``/``png`` of the whole model-size frame, ``paper`` (x̃ as one PNG),
-    ``lossless`` (the blocks payload with lossless codecs, when the pipeline's is lossy);
+    ratios: ``jpeg``/``png`` of the whole model-size frame, ``paper`` (x̃ as one PNG; skipped
+    for SimpleBits results, which have no mask), ``lossless`` (the blocks payload, or the
+    simplified image as PNG, with lossless codecs, when the pipeline's is lossy);
     ``progress(snapshot)`` is called every ``progress_interval`` seconds. Sinks are closed before returning.
     """
     unknown = set(compare) - set(COMPARE)
@@ -226,14 +231,14 @@ def run_stream(
 
 def _snapshot(stats: _Stats, source: Source, accepted: int, elapsed: float) -> dict[str, Any]:
     with stats.lock:
-        written, b, kept, errors = stats.written, dict(stats.bytes), stats.kept, stats.errors
+        written, b, kept, masked, errors = stats.written, dict(stats.bytes), stats.kept, stats.masked, stats.errors
     payload = b.get("payload_bytes", 0)
     snap: dict[str, Any] = {
         "frames": accepted, "written": written, "errors": errors, "seconds": round(elapsed, 3),
         "fps": round(written / elapsed, 3) if elapsed > 0 else 0.0,
         "payload_bytes": payload, "payload_bytes_per_frame": round(payload / written, 1) if written else None,
         "kbit_per_s": round(payload * 8 / 1000 / elapsed, 3) if elapsed > 0 else 0.0,
-        "kept_fraction_mean": round(kept / written, 5) if written else None,
+        "kept_fraction_mean": round(kept / masked, 5) if masked else None,
         "source": source.stats(),
     }
     for key in ("jpeg_bytes", "png_bytes", "paper_bytes", "lossless_bytes"):
