@@ -19,7 +19,8 @@ import torch
 from keepbits.benchmarking import default_data_dir, results_dir, write_result
 from keepbits.data import load_dataset
 from keepbits.training.checkpoint import load_checkpoint
-from keepbits.training.nice import NiceConfig, benchmark_nice, load_nice, train_nice
+from keepbits.training.data import TensorImages
+from keepbits.training.nice import NiceConfig, backselect_ranks, benchmark_nice, load_nice, train_nice
 from nice_common import best_codec_at, ensure_classifier, plot_curves
 
 TRAIN_B = 16
@@ -45,6 +46,7 @@ def main() -> int:
     p.add_argument("--qualities", type=int, nargs="+", default=[5, 10, 20, 30, 50, 70, 90])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sis-k", type=int, default=16, help="SIS baseline: gradient BackSelect, K pixels per iteration (0: off)")
     args = p.parse_args()
     if args.data is None or not (args.data / "cifar10").is_dir():
         p.error(f"data folder not found: {args.data} (pass --data)")
@@ -54,7 +56,7 @@ def main() -> int:
     clf_path = ensure_classifier(data, "resnet20", args.runs / "cifar10_resnet20", args.classifier, epochs=args.classifier_epochs,
                                  optimizer="sgd", lr=0.1, val_fraction=0.0, seed=args.seed)
     test = load_dataset(data, "test")
-    test = test.subset(np.arange(min(args.max_test, len(test))))
+    test = test.sample(args.max_test, args.seed)
 
     runs, series_acc, series_bytes = {}, {}, {}
     for mode in args.modes:
@@ -67,7 +69,9 @@ def main() -> int:
         t0 = time.time()
         summary = train_nice(cfg)
         gen, clf, record = load_nice(summary["checkpoint"])
-        result = benchmark_nice(gen, clf, record, test, EVAL_B, args.qualities, seed=args.seed)
+        norm = record["normalization"]
+        ranks = backselect_ranks(clf, TensorImages(test, norm["mean"], norm["std"]), args.sis_k) if args.sis_k else None
+        result = benchmark_nice(gen, clf, record, test, EVAL_B, args.qualities, seed=args.seed, sis_ranks=ranks)
         for row in result["per_block_size"]:
             acc = row["nice"]["accuracy"]
             row["original_matching"] = {c: best_codec_at(result["original"]["codecs"], acc, c) for c in ("png", "jpeg", "webp")}
@@ -87,6 +91,7 @@ def main() -> int:
             "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs, "train_blocks_finetuned": args.train_blocks,
             "seed": args.seed, "classifier": clf_path,
             "matching": "smallest original-image JPEG/WebP (qualities listed) whose accuracy reaches NICE's at that b",
+            "baselines": f"random, gradient saliency top-k and SIS (gradient BackSelect, k = {args.sis_k}) at ẑ's per-image pixel count",
         },
         "classifier_metrics": {k: v for k, v in load_checkpoint(clf_path)["metrics"].items() if k != "history"},
         "runs": runs,

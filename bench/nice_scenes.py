@@ -22,7 +22,8 @@ import torch
 
 from keepbits.benchmarking import default_data_dir, results_dir, write_result
 from keepbits.data import load_dataset
-from keepbits.training.nice import NiceConfig, benchmark_nice, load_nice, train_nice
+from keepbits.training.data import TensorImages
+from keepbits.training.nice import NiceConfig, backselect_ranks, benchmark_nice, load_nice, train_nice
 from nice_common import best_codec_at, ensure_classifier, plot_curves
 
 SCENE, OBJECT = 256, 64
@@ -68,6 +69,7 @@ def main() -> int:
     p.add_argument("--qualities", type=int, nargs="+", default=[5, 10, 20, 30, 50, 70, 90])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sis-k", type=int, default=2048, help="SIS baseline: gradient BackSelect, K pixels per iteration (0: off)")
     args = p.parse_args()
     if args.data is None or not (args.data / "kodak").is_dir() or not (args.data / "cifar10").is_dir():
         p.error(f"data folder with kodak/ and cifar10/ not found: {args.data} (pass --data)")
@@ -81,7 +83,7 @@ def main() -> int:
     clf_path = ensure_classifier(scenes, args.arch, args.runs / f"scenes_{args.arch}", args.classifier, epochs=args.classifier_epochs,
                                  optimizer="adamw", lr=1e-3, weight_decay=5e-4, val_fraction=0.0, seed=args.seed)
     test = load_dataset(scenes, "test")
-    rows = []
+    rows, ranks = [], None
     for lam in args.lambdas:
         out = args.runs / f"scenes_{args.generator}_l{lam:g}"
         cfg = NiceConfig(data=str(scenes), classifier=clf_path, out=str(out), generator=args.generator, block_size=args.block_size,
@@ -89,7 +91,10 @@ def main() -> int:
                          seed=args.seed, progress=False, command=" ".join(sys.argv))
         summary = train_nice(cfg)
         gen, clf, record = load_nice(summary["checkpoint"])
-        result = benchmark_nice(gen, clf, record, test, [args.block_size], args.qualities, seed=args.seed)
+        if args.sis_k and ranks is None:  # the classifier is fixed: one ranking serves every λ1
+            norm = record["normalization"]
+            ranks = backselect_ranks(clf, TensorImages(test, norm["mean"], norm["std"]), args.sis_k)
+        result = benchmark_nice(gen, clf, record, test, [args.block_size], args.qualities, seed=args.seed, sis_ranks=ranks)
         row = result["per_block_size"][0]
         acc = row["nice"]["accuracy"]
         original = result["original"]
@@ -106,7 +111,8 @@ def main() -> int:
                      "accuracy_loss_points": 100 * (original["accuracy"] - acc), "scene_png_bytes": png,
                      "png_ratio": png / nice_best["bytes_per_image"] if nice_best else None, "matched_original_lossy": matched,
                      "lossy_ratio": (best_lossy / nice_best["bytes_per_image"]) if best_lossy and nice_best else None,
-                     "saliency_topk": row["saliency_topk"], "random": row["random"], "training_history": summary["history"]})
+                     "saliency_topk": row["saliency_topk"], "random": row["random"], "sis_backselect": row.get("sis_backselect"),
+                     "training_history": summary["history"]})
         print(f"λ1={lam:g}: kept {result['kept_fraction']:.3f} acc {acc:.3f} (scene {original['accuracy']:.3f}) bytes {row['nice']['png_bytes_per_image']:.0f} vs PNG {png:.0f}", flush=True)
     codecs = original["codecs"]
     plot_curves(results_dir() / "nice_scenes_rate.png", {

@@ -85,7 +85,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     root = Path(args.data) / args.dataset
     train, test = load_dataset(root, "train"), load_dataset(root, "test")
-    train, test = train.subset(np.arange(args.max_train)), test.subset(np.arange(args.max_test))
+    train, test = train.sample(args.max_train), test.sample(args.max_test)
     xtr, ytr = images_to_unit(train.x), torch.from_numpy(train.y)
     xte, yte = images_to_unit(test.x), torch.from_numpy(test.y)
     mean, std = channel_stats(train.x)

@@ -9,7 +9,7 @@ import torch
 
 from keepbits import registry
 from keepbits.cli import main
-from keepbits.data import channel_stats, load_dataset
+from keepbits.data import ImageDataset, channel_stats, load_dataset
 from keepbits.errors import InputError
 from keepbits.training.checkpoint import load_checkpoint, model_entry, save_checkpoint
 from keepbits.training.nice import NiceConfig, evaluate_nice, load_nice, nice_loss, topk_mask, train_nice
@@ -166,6 +166,21 @@ def test_topk_mask_counts():
     assert mask.flatten(1).sum(1).tolist() == [0.0, 4.0, 35.0]
 
 
+def test_backselect_ranks_put_the_sufficient_pixels_last():
+    from keepbits.training.data import TensorImages
+    from keepbits.training.nice import backselect_ranks
+
+    class CornerReader(torch.nn.Module):  # class 0's logit is pixel (0, 0); every other pixel is ignored
+        def forward(self, x):
+            return torch.stack([3 * x[:, 0, 0, 0], torch.zeros(len(x))], 1)
+
+    ds = ImageDataset(np.full((2, 4, 5, 1), 255, np.uint8), np.zeros(2, np.int64), ["a", "b"])
+    ranks = backselect_ranks(CornerReader(), TensorImages(ds, [0.0], [1.0]), k=3)
+    assert ranks.shape == (2, 4, 5)
+    assert sorted(ranks[0].flatten().tolist()) == list(range(20))
+    assert (ranks[:, 0, 0] == 19).all()  # masking the one pixel the model reads is always left to the end
+
+
 def test_bad_settings_raise_input_error(tiny_npz, tmp_path):
     clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz)
     for bad in (dict(block_size=0), dict(mode="frozen"), dict(target_fraction=1.5), dict(generator="nope"), dict(optimizer="rmsprop")):
@@ -186,12 +201,12 @@ def test_cli_train_and_bench(tiny_npz, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["checkpoint"].endswith("nice.pt")
     report = tmp_path / "bench.json"
     code = main(["-q", "bench", "nice", "--checkpoint", str(out / "nice.pt"), "--data", str(tiny_npz), "-b", "1", "4", "16",
-                 "--qualities", "50", "--max-images", "12", "--out", str(report)])
+                 "--qualities", "50", "--max-images", "12", "--sis-k", "16", "--out", str(report)])
     assert code == 0
     result = json.loads(report.read_text())
     assert [row["block_size"] for row in result["per_block_size"]] == [1, 4, 16]
     row = result["per_block_size"][1]
-    assert {"nice", "random", "saliency_topk"} <= set(row)
+    assert {"nice", "random", "saliency_topk", "sis_backselect"} <= set(row)
     assert row["nice"]["png_bytes_per_image"] > 0 and 0 <= row["nice"]["accuracy"] <= 1
     assert result["num_images"] == 12
 

@@ -111,7 +111,7 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
     train = load_dataset(cfg.data, "train")
     test = load_dataset(cfg.data, "test") if has_split(cfg.data, "test") else None
     if cfg.max_train:
-        train = train.subset(np.arange(min(cfg.max_train, len(train))), "[:max_train]")
+        train = train.sample(cfg.max_train, cfg.seed)
     channels, size = _flow_shape(train, cfg)
     kwargs = {"in_channels": channels, "image_size": list(size), "levels": cfg.levels, "depth": cfg.depth, "hidden": cfg.hidden}
     flow = registry.build("glow", kind="density", **kwargs)

@@ -78,6 +78,7 @@ class NiceConfig:
 
     ``optimizer='adam'``: Adam, lr ×0.1 every ``step_epochs`` epochs (NICE, MNIST);
     ``'sgd'``: SGD momentum 0.9 with a cosine schedule (NICE, natural images).
+    ``max_train`` / ``max_test``: seeded samples of that many images (``seed``), not the first N.
     """
 
     data: str
@@ -192,9 +193,9 @@ def _load_data(cfg: NiceConfig, record: dict[str, Any]) -> tuple[TensorImages, T
         if split is not None and split.num_classes > len(record["class_names"]):
             raise InputError(f"{cfg.data}: {split.num_classes} classes, the classifier knows {len(record['class_names'])}")
     if cfg.max_train:
-        train = train.subset(np.arange(min(cfg.max_train, len(train))))
+        train = train.sample(cfg.max_train, cfg.seed)
     if test is not None and cfg.max_test:
-        test = test.subset(np.arange(min(cfg.max_test, len(test))))
+        test = test.sample(cfg.max_test, cfg.seed)
     mean, std = record["normalization"]["mean"], record["normalization"]["std"]
     return TensorImages(train, mean, std), (TensorImages(test, mean, std) if test is not None else None)
 
@@ -423,6 +424,22 @@ def topk_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (rank < counts.view(n, 1)).float().view(n, 1, *scores.shape[-2:])
 
 
+def backselect_ranks(classifier: torch.nn.Module, data: TensorImages, k: int, batch_size: int = 256) -> torch.Tensor:
+    """Per-pixel importance (N×H×W) from Batched Gradient BackSelect (Carter et al. 2021, §3.2;
+    ``k`` pixels per iteration): the step at which a pixel is masked, so the pixels masked last
+    (the sufficient input subset) rank highest."""
+    from keepbits.audit import gradient_backselect
+
+    ranks = []
+    for x, _ in data.batches(batch_size):
+        n, c, h, w = x.shape
+        for result in gradient_backselect(classifier, x.numpy(), k=k, batch_size=batch_size, input_shape=(c, h, w)):
+            rank = np.empty(h * w, np.float32)
+            rank[result.order] = np.arange(len(result.order), dtype=np.float32)
+            ranks.append(torch.from_numpy(rank.reshape(h, w)))
+    return torch.stack(ranks)
+
+
 def benchmark_nice(
     generator: torch.nn.Module,
     classifier: torch.nn.Module,
@@ -432,14 +449,16 @@ def benchmark_nice(
     qualities: Sequence[int] = (10, 30, 50, 75, 90),
     seed: int = 0,
     batch_size: int = 256,
+    sis_ranks: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Rate and accuracy of NICE and of same-budget baselines on ``dataset``, per block size.
 
     For every b: NICE x̃ built with ẑ (Eq. 11, 12), quantised to uint8, its accuracy and
     bytes as PNG and as JPEG/WebP at ``qualities``; random-pixel and gradient-saliency
     top-k masks keeping, per image, as many pixels as ẑ > 0.5 does, composed the same
-    way (PNG bytes, accuracy). Once: the original image as PNG and JPEG/WebP at
-    ``qualities`` (bytes, accuracy). Accuracies are measured on the decoded images.
+    way (PNG bytes, accuracy); with ``sis_ranks`` (N×H×W, :func:`backselect_ranks` of the
+    same classifier and images), also the SIS baseline: the pixels BackSelect masks last. Once: the original image as PNG and JPEG/WebP at ``qualities`` (bytes, accuracy).
+    Accuracies are measured on the decoded images.
     """
     mean, std = record["normalization"]["mean"], record["normalization"]["std"]
     data = TensorImages(dataset, mean, std)
@@ -456,6 +475,11 @@ def benchmark_nice(
     counts = (z_hat > MASK_THRESHOLD).flatten(1).sum(1)
     rand = topk_mask(torch.rand(sal.shape, generator=torch.Generator().manual_seed(seed)), counts)
     sal_mask = topk_mask(sal, counts)
+    baselines = {"random": rand, "saliency_topk": sal_mask}
+    if sis_ranks is not None:
+        if tuple(sis_ranks.shape) != tuple(sal.shape):
+            raise InputError(f"sis_ranks must be {tuple(sal.shape)} (N×H×W of the images), got {tuple(sis_ranks.shape)}")
+        baselines["sis_backselect"] = topk_mask(sis_ranks, counts)
 
     def accuracy(images: np.ndarray) -> float:
         return float((classify_uint8(classifier, images, mean, std) == labels).mean())
@@ -485,7 +509,7 @@ def benchmark_nice(
     for b in block_sizes:
         nice_images = composed(z_hat, b)
         row: dict[str, Any] = {"block_size": int(b), "nice": {"accuracy": accuracy(nice_images), "codecs": codec_rows(nice_images)}}
-        for name, mask in (("random", rand), ("saliency_topk", sal_mask)):
+        for name, mask in baselines.items():
             images = composed(mask, b)
             sizes, _ = encode_images(images, "png")
             row[name] = {"accuracy": accuracy(images), "png_bytes_per_image": float(sizes.mean())}

@@ -128,7 +128,7 @@ class SimpleBitsConfig:
 
 def _load_split(path: str, split: str, limit: int | None) -> ImageDataset:
     ds = load_dataset(path, split)
-    return ds.subset(np.arange(min(limit, len(ds)))) if limit else ds
+    return ds.sample(limit)
 
 
 def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: Sequence[int], mean, std) -> tuple[Normalized, dict]:

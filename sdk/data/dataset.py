@@ -55,6 +55,25 @@ class ImageDataset:
     def subset(self, index: np.ndarray, source_suffix: str = "") -> "ImageDataset":
         return ImageDataset(self.x[index], self.y[index], list(self.class_names), self.source + source_suffix, dict(self.meta))
 
+    def sample(self, count: int | None, seed: int = 0) -> "ImageDataset":
+        """``count`` images drawn without replacement by a seeded permutation, kept in file order
+        (all of them when ``count`` is None or ≥ the size). Use this instead of the first N:
+        files such as CIFAR-10's are sorted by class.
+
+        Example:
+            >>> import numpy as np
+            >>> from keepbits.data import ImageDataset
+            >>> ds = ImageDataset(np.zeros((10, 2, 2, 1), np.uint8), np.repeat([0, 1], 5), ["a", "b"])
+            >>> sorted(set(ds.sample(4).y.tolist()))
+            [0, 1]
+        """
+        if count is None or count >= len(self):
+            return self
+        if count < 0:
+            raise InputError(f"sample size must be >= 0, got {count}")
+        index = np.sort(np.random.default_rng(seed).permutation(len(self))[:count])
+        return self.subset(index, f"[sample {count}, seed {seed}]")
+
 
 def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic shuffled split of ``range(n)`` into (train, val) index arrays."""
