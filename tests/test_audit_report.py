@@ -1,5 +1,6 @@
 """Shared audit machinery: report writer, model adapters, explainer base."""
 import json
+import os
 import subprocess
 import sys
 
@@ -76,3 +77,16 @@ def test_torch_and_onnx_adapters_agree(tmp_path):
 def test_import_audit_is_torch_free():
     code = "import sys, keepbits.audit; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_written_files_get_the_umask_permissions_not_0600(tmp_path):
+    from keepbits.training.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        paths = Report("perm").write(tmp_path)
+        paths.append(save_checkpoint(tmp_path / "c.pt", {"kind": "classifier"}))
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in paths] == ["0o644"] * 3
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from keepbits import registry
+from keepbits._fs import sibling_temp
 from keepbits.errors import CheckpointError
 
 FORMAT = "keepbits-checkpoint"
@@ -35,8 +35,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"format": FORMAT, "version": VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    tmp = sibling_temp(path)
     try:
         torch.save(record, tmp)
         os.replace(tmp, path)

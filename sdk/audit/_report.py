@@ -25,11 +25,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from keepbits._fs import sibling_temp
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 _STYLE = """
@@ -258,9 +259,8 @@ class Report:
         paths = []
         for suffix, text in ((".html", self.html()), (".json", json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")):
             path = out / f"{name}{suffix}"
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
+            tmp = sibling_temp(path)
+            tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
             paths.append(path)
         return paths
