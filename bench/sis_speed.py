@@ -1,20 +1,23 @@
 """Exact SIS speed (issue 6): incremental BackSelect vs the reference algorithm, same model and inputs.
 
 The reference algorithm (as in the public SIS code): at every BackSelect step, one batched
-float32 forward pass over all remaining single-pixel maskings, ``argmax`` picks the pixel
-(lowest index on exact ties). keepbits' incremental BackSelect evaluates only the boxes a
-one-pixel change reaches, reuses unaffected candidates between steps and computes in
-float64 (its order equals a plain float64 BackSelect: tests/test_sis.py).
+forward pass over all remaining single-pixel maskings, ``argmax`` picks the pixel. It runs
+twice on every image:
+
+* float32 softmax confidences, as the public code: the **speed baseline**. Once the model is
+  confident, float32 confidences round to exactly 1.0 for many candidates and ``argmax``
+  takes the lowest index among them, so its order is partly decided by rounding;
+* float64 target margins with keepbits' tie rule (``sis.select``): the same algorithm in
+  exact-enough arithmetic (``f = σ(margin)``, no saturation), the **identity reference**.
+
+keepbits' incremental BackSelect evaluates only the boxes a one-pixel change reaches and
+reuses unaffected candidates between steps (float64 margins). The JSON records per-image
+times, the ratios, and whether the orders and the SIS at several τ equal each reference's.
 
 Model: a small MNIST CNN (conv 32@3×3, conv 64@3×3, max-pool 2, fc 128, fc 10; the Keras
-MNIST example architecture), trained here for one epoch on real MNIST. Both methods run in
-this process on the same images for the first ``--steps`` BackSelect steps (default: all
-784). The reference runs twice: in float32 (as the public code; the speed baseline) and in
-float64 (the incremental scorer's arithmetic, so the orders must be identical; float32
-confidences saturate to exact ties and can then pick another pixel). The JSON records
-per-image times, both ratios, and whether the orders and the SIS are identical.
+MNIST example architecture), trained here for one epoch on real MNIST.
 
-    nice -n 5 python bench/sis_speed.py --images 2 --steps 40
+    nice -n 5 python bench/sis_speed.py --images 3
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ import torch
 from torch import nn
 
 from keepbits.audit import TorchAdapter, backselect, find_sis
-from keepbits.audit._sis_incremental import IncrementalScorer
-from keepbits.audit.sis import select
+from keepbits.audit.sis import BackSelectResult, select, target_margin
+from keepbits.core import sigmoid
 from keepbits.benchmarking import default_data_dir, write_result
 from keepbits.data import channel_stats, load_dataset
 
@@ -57,53 +60,60 @@ def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: i
     net.eval()
 
 
-def reference_steps(net: nn.Module, x: np.ndarray, target: int, steps: int, dtype: type = np.float32) -> tuple[list[int], float]:
-    """The reference algorithm: one batched call over all remaining candidates per step (in
-    ``dtype``; ``net`` must hold the same dtype), ``argmax`` of the softmax confidence (lowest
-    index on exact ties). Returns (order, seconds)."""
+def reference_steps(net: nn.Module, x: np.ndarray, target: int, exact: bool) -> tuple[BackSelectResult, float]:
+    """The reference algorithm, one batched call over all remaining candidates per step:
+    float32 softmax + ``argmax`` (``exact=False``, as the public code; ``net`` float32) or
+    float64 target margins + keepbits' tie rule (``exact=True``; ``net`` float64)."""
     started = time.perf_counter()
+    dtype = np.float64 if exact else np.float32
     c, h, w = x.shape
     current = x.astype(dtype).copy()
-    remaining, order = np.arange(h * w), []
-    for _ in range(min(steps, h * w)):
+
+    def confidences(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            logits = net(torch.from_numpy(batch))
+        return target_margin(logits.numpy(), target) if exact else torch.softmax(logits, 1)[:, target].numpy()
+
+    remaining, order, scores = np.arange(h * w), [], [confidences(current[None])[0]]
+    for _ in range(h * w):
         batch = np.repeat(current[None], len(remaining), axis=0)
         batch[np.arange(len(remaining)), :, remaining // w, remaining % w] = 0.0
-        with torch.inference_mode():
-            f = torch.softmax(net(torch.from_numpy(batch)), 1)[:, target].numpy()
-        k = int(np.argmax(f))
+        f = confidences(batch)
+        k = select(f) if exact else int(np.argmax(f))
         pixel = int(remaining[k])
         current[:, pixel // w, pixel % w] = 0.0
         order.append(pixel)
+        scores.append(f[k])
         remaining = np.delete(remaining, k)
-    return order, time.perf_counter() - started
+    scores = sigmoid(np.asarray(scores, np.float64)) if exact else np.asarray(scores, np.float64)
+    return BackSelectResult(np.asarray(order), scores, target, (h, w)), time.perf_counter() - started
 
 
-def incremental_steps(net: nn.Module, x: np.ndarray, target: int, steps: int) -> tuple[list[int], float]:
-    """keepbits' incremental BackSelect loop (as in :func:`keepbits.audit.backselect`), first ``steps`` steps."""
+def compare(reference: BackSelectResult, ours: BackSelectResult) -> dict:
+    """Order identity (first differing step) and SIS identity at every τ in THRESHOLDS."""
+    same = reference.order == ours.order
+    sis = {}
+    for t in THRESHOLDS:
+        a, b = find_sis(reference, t), find_sis(ours, t)
+        sis[str(t)] = (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+    return {"order_identical": bool(same.all()), "first_difference_step": None if same.all() else int(np.argmin(same)) + 1,
+            "sis_identical": sis}
+
+
+def incremental(adapter: TorchAdapter, x: np.ndarray, target: int) -> tuple[BackSelectResult, float]:
+    """keepbits' incremental BackSelect (:func:`keepbits.audit.backselect`, method "incremental")."""
     started = time.perf_counter()
-    c, h, w = x.shape
-    scorer = IncrementalScorer(net, (c, h, w))
-    scorer.reset(x, np.zeros(c), target)
-    remaining, order, last = np.arange(h * w), [], None
-    for _ in range(min(steps, h * w)):
-        k = select(scorer.scores(remaining, last))
-        last = int(remaining[k])
-        scorer.mask(last)
-        order.append(last)
-        remaining = np.delete(remaining, k)
-    return order, time.perf_counter() - started
+    result = backselect(adapter, x, target, method="incremental")
+    return result, time.perf_counter() - started
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding mnist/ (default ../shared/data)")
-    parser.add_argument("--images", type=int, default=2, help="test images run with both methods")
-    parser.add_argument("--steps", type=int, default=784, help="BackSelect steps timed per image (784: the whole order)")
-    parser.add_argument("--full", action="store_true", help="also run the whole incremental BackSelect and FindSIS per image")
+    parser.add_argument("--images", type=int, default=2, help="test images run with all three methods")
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--float64-reference", action="store_true", help="also run the reference in float64 (identity check)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for training and the reference (the incremental scorer uses 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training and the references (the incremental scorer uses 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.data is None or not (args.data / "mnist").is_dir():
@@ -125,39 +135,32 @@ def main() -> int:
     for i in range(args.images):
         x = xte[i]
         target = int(adapter.probabilities(x[None]).argmax(1)[0])
-        ref_order, ref_s = reference_steps(net, x, target, args.steps)
-        inc_order, inc_s = incremental_steps(net, x, target, args.steps)
-        same = np.asarray(ref_order) == np.asarray(inc_order)
-        row = {"image": i, "label": int(test_set.y[i]), "target": target, "steps": len(ref_order),
-               "reference_s": round(ref_s, 3), "incremental_s": round(inc_s, 3), "ratio": round(ref_s / inc_s, 2),
-               "order_identical": bool(same.all()), "first_difference_step": None if same.all() else int(np.argmin(same)) + 1}
-        if args.float64_reference:
-            ref64_order, ref64_s = reference_steps(net64, x, target, args.steps, np.float64)
-            same64 = np.asarray(ref64_order) == np.asarray(inc_order)
-            row.update(reference_float64_s=round(ref64_s, 3), ratio_vs_float64=round(ref64_s / inc_s, 2),
-                       order_identical_float64=bool(same64.all()),
-                       first_difference_step_float64=None if same64.all() else int(np.argmin(same64)) + 1)
-        if args.full:
-            full = backselect(adapter, x, method="incremental")
-            row["incremental_full_image_s"] = round(full.seconds, 2)
-            row["sis_size"] = {str(t): (None if (s := find_sis(full, t)) is None else len(s)) for t in THRESHOLDS}
+        ours, inc_s = incremental(adapter, x, target)
+        ref32, ref32_s = reference_steps(net, x, target, exact=False)
+        ref64, ref64_s = reference_steps(net64, x, target, exact=True)
+        row = {"image": i, "label": int(test_set.y[i]), "target": target, "steps": len(ours.order),
+               "incremental_s": round(inc_s, 3), "reference_float32_s": round(ref32_s, 3), "ratio": round(ref32_s / inc_s, 2),
+               "reference_float64_margin_s": round(ref64_s, 3), "ratio_vs_float64_margin": round(ref64_s / inc_s, 2),
+               "vs_float64_margin_reference": compare(ref64, ours), "vs_float32_reference": compare(ref32, ours),
+               "sis_size": {str(t): (None if (s := find_sis(ours, t)) is None else len(s)) for t in THRESHOLDS}}
         rows.append(row)
         print(row, file=sys.stderr)
+    exact = [r["vs_float64_margin_reference"] for r in rows]
     payload = {
         "model": f"small MNIST CNN (conv32-conv64-maxpool-fc128-fc10), 1 epoch on the first {args.train_images} MNIST train images",
         "model_test_accuracy_first_1000": accuracy,
         "pixels": 784,
-        "measured": f"the first {args.steps} BackSelect steps of each image (784 down to {784 - args.steps + 1} candidates per step), "
-                    "both methods, same process, same model and inputs",
-        "torch_threads_reference": torch.get_num_threads(),
-        "torch_threads_incremental": 1,
+        "measured": "whole BackSelect orders (784 steps) of each image, three methods, same process, same model and inputs",
+        "torch_threads": torch.get_num_threads(),
         "images": rows,
-        "reference_s_total": round(sum(r["reference_s"] for r in rows), 3),
         "incremental_s_total": round(sum(r["incremental_s"] for r in rows), 3),
-        "speedup": round(sum(r["reference_s"] for r in rows) / sum(r["incremental_s"] for r in rows), 2),
-        "orders_identical_float32": all(r["order_identical"] for r in rows),
-        **({"speedup_vs_float64_reference": round(sum(r["reference_float64_s"] for r in rows) / sum(r["incremental_s"] for r in rows), 2),
-            "orders_identical_float64": all(r["order_identical_float64"] for r in rows)} if args.float64_reference else {}),
+        "reference_float32_s_total": round(sum(r["reference_float32_s"] for r in rows), 3),
+        "speedup_vs_float32_reference": round(sum(r["reference_float32_s"] for r in rows) / sum(r["incremental_s"] for r in rows), 2),
+        "speedup_vs_float64_margin_reference": round(sum(r["reference_float64_margin_s"] for r in rows)
+                                                     / sum(r["incremental_s"] for r in rows), 2),
+        "orders_identical_to_float64_margin_reference": all(e["order_identical"] for e in exact),
+        "sis_identical_to_float64_margin_reference": all(all(e["sis_identical"].values()) for e in exact),
+        "orders_identical_to_float32_reference": all(r["vs_float32_reference"]["order_identical"] for r in rows),
         "load_average_at_end": [float(v) for v in open("/proc/loadavg").read().split()[:3]],
     }
     print(write_result("sis_speed", payload))

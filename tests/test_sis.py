@@ -46,9 +46,11 @@ def plain_backselect(net, x, target):
     c, h, w = x.shape
     cur = torch.as_tensor(x, dtype=torch.float64).clone()
 
-    def score(images):
+    def score(images):  # target margin z_t - logsumexp of the other logits: softmax_t = sigmoid(margin)
         with torch.no_grad():
-            return torch.log_softmax(net(images), 1)[:, target].tolist()
+            z = net(images)
+            others = torch.cat([z[:, :target], z[:, target + 1 :]], 1)
+            return (z[:, target] - torch.logsumexp(others, 1)).tolist()
 
     remaining, order, scores = list(range(h * w)), [], score(cur[None])
     while remaining:
@@ -62,7 +64,7 @@ def plain_backselect(net, x, target):
         cur[:, p // w, p % w] = 0.0
         order.append(p)
         scores.append(s[k])
-    return np.array(order), np.exp(scores)
+    return np.array(order), 1.0 / (1.0 + np.exp(-np.array(scores)))
 
 
 @pytest.mark.parametrize("arch", range(3))
@@ -81,6 +83,24 @@ def test_incremental_equals_plain(arch):
             plain_sis = find_sis(type(fast)(order, scores, fast.target, fast.shape), tau)
             fast_sis = find_sis(fast, tau)
             assert (plain_sis is None and fast_sis is None) or np.array_equal(plain_sis, fast_sis)
+
+
+@pytest.mark.parametrize("method", ["incremental", "plain"])
+def test_backselect_ranks_saturated_confidences(method):
+    """A confident model: f rounds to 1.0 for every candidate (and log f to 0), yet BackSelect
+    still masks first the pixel whose loss lowers the target's margin least, as exact math does."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 3)).eval()
+    with torch.no_grad():
+        net[3].bias.copy_(torch.tensor([80.0, 0.0, 0.0]))  # margin ~80 nats: softmax saturates in float64
+    x = np.random.default_rng(4).normal(size=(1, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        full = torch.softmax(net.double()(torch.as_tensor(x[None], dtype=torch.float64)), 1)[0, 0].item()
+    assert full == 1.0  # the confidence itself cannot rank the candidates
+    res = backselect(TorchAdapter(net, (1, 6, 6)), x, target=0, method=method)
+    order, _ = plain_backselect(net, x, 0)
+    assert np.array_equal(res.order, order)
+    assert res.order[:3].tolist() != [0, 1, 2]  # not the lowest indices of an all-way tie
 
 
 def test_incremental_equals_plain_larger_image():

@@ -12,9 +12,9 @@ Between steps only candidates whose receptive field holds the pixel masked last 
 recomputed; every other candidate's linear-layer change is reused, because neither its
 box values nor the base values under its box have changed.
 
-Scores are target-class log-probabilities in float64; they agree with a plain float64
-forward pass to rounding (~1e-15), which the shared tie rule in :mod:`keepbits.audit.sis`
-absorbs. Models outside this structure raise :class:`Unsupported` (callers fall back to
+Scores are float64 target margins (:func:`keepbits.audit.sis.target_margin`); they agree
+with a plain float64 forward pass to rounding (~1e-13), which the shared tie rule in
+:mod:`keepbits.audit.sis` absorbs. Models outside this structure raise :class:`Unsupported` (callers fall back to
 batched full forward passes).
 """
 from __future__ import annotations
@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from keepbits.audit.sis import target_margin
 
 _ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardtanh,
@@ -160,7 +162,7 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 class IncrementalScorer:
-    """Target log-probabilities of "image with one more pixel masked", for all candidates.
+    """Target margins of "image with one more pixel masked", for all candidates.
 
     ``threads`` torch threads are used while scoring (default 1: the work is many small ops).
 
@@ -241,8 +243,8 @@ class IncrementalScorer:
             self._base_lin = self.linear(last.mean(dim=(2, 3)) if self.gap else last.flatten(1))
 
     @torch.inference_mode()
-    def base_log_prob(self) -> float:
-        return float(torch.log_softmax(self.net(self.base[None]), 1)[0, self.target])
+    def base_margin(self) -> float:
+        return float(target_margin(self.net(self.base[None]).numpy(), self.target)[0])
 
     def mask(self, pixel: int) -> None:
         """Mask ``pixel`` in the base image (the step's choice) and update the base activations
@@ -305,7 +307,7 @@ class IncrementalScorer:
         return out
 
     def scores(self, candidates: np.ndarray, last_masked: int | None) -> np.ndarray:
-        """Log-probability of the target with each candidate pixel masked (on top of the base);
+        """Target margin with each candidate pixel masked (on top of the base);
         only candidates whose receptive field holds ``last_masked`` are recomputed."""
         with _threads(self.threads), torch.inference_mode():
             return self._scores(np.asarray(candidates), last_masked)
@@ -326,4 +328,4 @@ class IncrementalScorer:
         hidden = self._base_lin + torch.as_tensor(self._cache[candidates])
         for fn in self.head:
             hidden = fn(hidden)
-        return torch.log_softmax(hidden, dim=1)[:, self.target].numpy()
+        return target_margin(hidden.numpy(), self.target)

@@ -18,9 +18,12 @@
 target). Masked pixels take ``mask_value`` in normalised space; the default 0 is the
 per-channel training mean, as in the paper.
 
-Exact BackSelect computes scores as float64 log-probabilities. Two candidates tie when their
-scores are within :data:`TIE_TOLERANCE` of the step's best; the lowest pixel index among
-the tied wins. Both evaluation methods (``"plain"``: every candidate image through the
+Exact BackSelect ranks candidates by the float64 target margin
+``m = z_t − log Σ_{j≠t} exp z_j`` (:func:`target_margin`), for which ``f = σ(m)`` exactly:
+the same order as ``f`` itself, but without the saturation of ``f`` (or of ``log f``) to
+exactly 1 (0) once the model is confident, where every candidate would tie. Two candidates
+tie when their margins are within :data:`TIE_TOLERANCE` of the step's best; the lowest
+pixel index among the tied wins. Both evaluation methods (``"plain"``: every candidate image through the
 model; ``"incremental"``: only the boxes of each layer a one-pixel change reaches, see
 :mod:`keepbits.audit._sis_incremental`) apply that rule, so they return the same order.
 
@@ -43,11 +46,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from keepbits.audit._base import Explainer, ModelAdapter, load_model
+from keepbits.core import sigmoid
 from keepbits.errors import InputError
 
 log = logging.getLogger("keepbits")
 
-#: Scores (float64 log-probabilities) closer than this to a step's best count as tied.
+#: Scores (float64 target margins, nats) closer than this to a step's best count as tied.
 TIE_TOLERANCE = 1e-9
 METHODS = ("auto", "incremental", "plain")
 
@@ -91,10 +95,20 @@ def _mask_value(model: ModelAdapter, mask_value: Any) -> np.ndarray:
     return value
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
+def target_margin(logits: np.ndarray, target: int) -> np.ndarray:
+    """Per row, ``m = z_t − log Σ_{j≠t} exp z_j`` in float64; the softmax confidence of the
+    target is ``σ(m)`` exactly, and ``m`` keeps ranking inputs where that confidence has
+    rounded to 1.
+
+    Example:
+        >>> import numpy as np
+        >>> target_margin(np.array([[50.0, 0.0, 0.0], [60.0, 0.0, 0.0]]), 0).round(3).tolist()
+        [49.307, 59.307]
+    """
     z = np.asarray(logits, dtype=np.float64)
-    m = z.max(axis=1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+    others = np.delete(z, target, axis=1)
+    top = others.max(axis=1)
+    return z[:, target] - top - np.log(np.exp(others - top[:, None]).sum(axis=1))
 
 
 class _PlainScorer:
@@ -115,20 +129,19 @@ class _PlainScorer:
         w = self.base.shape[2]
         self.base[:, pixel // w, pixel % w] = self.mask_value
 
-    def log_probs(self, x: np.ndarray) -> np.ndarray:
+    def margins(self, x: np.ndarray) -> np.ndarray:
         if self._net is None:
-            return log_softmax(self.model.logits(x.astype(np.float32), self.batch_size))[:, self.target]
+            return target_margin(self.model.logits(x.astype(np.float32), self.batch_size), self.target)
         import torch
 
         out = []
         with torch.inference_mode():
             for i in range(0, len(x), self.batch_size):
-                logits = self._net(torch.as_tensor(x[i : i + self.batch_size], dtype=torch.float64))
-                out.append(torch.log_softmax(logits, 1)[:, self.target].numpy())
-        return np.concatenate(out)
+                out.append(self._net(torch.as_tensor(x[i : i + self.batch_size], dtype=torch.float64)).numpy())
+        return target_margin(np.concatenate(out), self.target)
 
-    def base_log_prob(self) -> float:
-        return float(self.log_probs(self.base[None])[0])
+    def base_margin(self) -> float:
+        return float(self.margins(self.base[None])[0])
 
     def scores(self, candidates: np.ndarray, last_masked: int | None) -> np.ndarray:
         c, h, w = self.base.shape
@@ -137,7 +150,7 @@ class _PlainScorer:
             part = candidates[i : i + self.batch_size]
             batch = np.repeat(self.base[None], len(part), axis=0)
             batch[np.arange(len(part)), :, part // w, part % w] = self.mask_value
-            out.append(self.log_probs(batch))
+            out.append(self.margins(batch))
         return np.concatenate(out)
 
 
@@ -167,17 +180,17 @@ def _run_backselect(scorer: Any, method: str, x: np.ndarray, target: int, mask_v
     x[:, initially_masked // w, initially_masked % w] = mask_value[:, None]
     scorer.reset(x, mask_value, target)
     remaining = np.setdiff1d(np.arange(h * w), initially_masked)
-    order, scores = [], [scorer.base_log_prob()]
+    order, margins = [], [scorer.base_margin()]
     last = None
     while len(remaining):
         s = scorer.scores(remaining, last)
         k = select(s)
         last = int(remaining[k])
         order.append(last)
-        scores.append(float(s[k]))
+        margins.append(float(s[k]))
         scorer.mask(last)
         remaining = np.delete(remaining, k)
-    return BackSelectResult(np.asarray(order, np.int64), np.exp(np.asarray(scores)), int(target), (h, w), initially_masked,
+    return BackSelectResult(np.asarray(order, np.int64), sigmoid(np.asarray(margins)), int(target), (h, w), initially_masked,
                             time.perf_counter() - started, method)
 
 

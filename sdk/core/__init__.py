@@ -8,6 +8,7 @@ from keepbits.core.hard_concrete import (
     ZETA,
     deterministic_mask,
     expected_gate,
+    sigmoid,
 )
 from keepbits.core.compose import block_average, block_means, mixed_resolution
 
@@ -17,6 +18,7 @@ __all__ = [
     "ZETA",
     "deterministic_mask",
     "expected_gate",
+    "sigmoid",
     "block_average",
     "block_means",
     "mixed_resolution",

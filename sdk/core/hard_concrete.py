@@ -28,8 +28,8 @@ ZETA = 1.1
 LOG_RATIO = math.log(-GAMMA / ZETA)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # Split by sign so that exp never overflows.
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function, split by sign so that exp never overflows (no warnings at ±1000)."""
     x = np.asarray(x)
     out = np.empty_like(x, dtype=np.result_type(x.dtype, np.float32))
     pos = x >= 0
@@ -41,10 +41,10 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def deterministic_mask(log_alpha: np.ndarray, beta: float = BETA) -> np.ndarray:
     """Test-time mask ẑ of NICE Eq. 11 (σ(log α / β)), in [0, 1] with exact 0 and 1 reachable."""
-    stretched = _sigmoid(np.asarray(log_alpha) / beta) * (ZETA - GAMMA) + GAMMA
+    stretched = sigmoid(np.asarray(log_alpha) / beta) * (ZETA - GAMMA) + GAMMA
     return np.clip(stretched, 0.0, 1.0)
 
 
 def expected_gate(log_alpha: np.ndarray, beta: float = BETA) -> np.ndarray:
     """P(z > 0) = σ(log α − β log(−γ/ζ)) (NICE Eq. 9); sums to the L0 term of Eq. 6."""
-    return _sigmoid(np.asarray(log_alpha) - beta * LOG_RATIO)
+    return sigmoid(np.asarray(log_alpha) - beta * LOG_RATIO)
