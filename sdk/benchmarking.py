@@ -51,6 +51,10 @@ def _commit() -> str:
         return "unknown"
 
 
+#: The checkout the benchmark started from (a long run may see later commits by the time it writes).
+_COMMIT_AT_START = _commit()
+
+
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in ("numpy", "torch", "onnx", "onnxruntime", "cv2", "PIL"):
@@ -79,12 +83,14 @@ def write_result(name: str, payload: dict) -> Path:
     record = {
         "benchmark": name,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "commit": _commit(),
+        "commit": _COMMIT_AT_START,
         "command": shlex.join([os.path.relpath(sys.argv[0], project_root()) if sys.argv[0].endswith(".py") else sys.argv[0], *sys.argv[1:]]),
         "machine": machine(),
         "versions": _versions(),
         **payload,
     }
+    if (now := _commit()) != _COMMIT_AT_START:
+        record["commit_at_write"] = now
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(record, indent=2, default=float) + "\n")
     return path
