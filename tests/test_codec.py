@@ -125,3 +125,41 @@ def test_max_pixels_is_enforced():
     payload = encode(np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64)), block=8)
     with pytest.raises(DecodeError, match="max_pixels"):
         decode(payload, max_pixels=1000)
+
+
+def test_png_settings_change_bytes_not_pixels():
+    """Default PNG (zlib RLE + Paeth) and any explicit ``png_level`` decode to the same x̃; all
+    kept blocks on an exact grid (the mosaic is the frame itself) and partial masks included."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:64, 0:64]
+    smooth = np.stack([(xx * 3) % 256, (yy * 2) % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    cases = [(smooth, np.ones((64, 64))), (smooth, (rng.random((64, 64)) < 0.97).astype(float)),
+             (rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), rng.random((40, 56))),
+             (rng.integers(0, 256, (37, 45, 1), dtype=np.uint8), np.ones((37, 45)))]
+    for frame, mask in cases:
+        ref = mixed_image(frame, mask, 8)
+        for level in (None, 0, 1, 6, 9):
+            for mode in ("blocks", "paper"):
+                image, _, _ = decode(encode(frame, mask, block=8, mode=mode, png_level=level))
+                assert np.array_equal(image, ref), (frame.shape, level, mode)
+
+
+def test_fast_grid_means_equal_core_block_means():
+    """The exact-tiling shortcut rounds the same block means as ``keepbits.core.block_means``."""
+    from keepbits.codec.payload import _grid_means
+    from keepbits.core import block_means
+
+    rng = np.random.default_rng(8)
+    for h, w, b, c in [(224, 224, 8, 3), (32, 48, 4, 1), (64, 64, 16, 3), (30, 30, 2, 3), (256, 256, 256, 1)]:
+        frame = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+        frame[:b, :b] = 255  # block sums at their maximum
+        ref = np.rint(block_means(frame.transpose(2, 0, 1), b)).astype(np.uint8).transpose(1, 2, 0)
+        assert np.array_equal(_grid_means(frame, b), ref), (h, w, b, c)
+
+
+def test_default_png_stays_close_to_level_6_on_periodic_content():
+    """The fast default stays within 12 % of zlib level 6, also on long-range repeats (where RLE fails)."""
+    yy, xx = np.mgrid[0:128, 0:128].astype(np.float32)
+    frame = np.clip(np.stack([128 + 60 * np.sin(xx / 9), 128 + 60 * np.cos(yy / 13), (xx + yy) / 2], -1), 0, 255).astype(np.uint8)
+    fast, slow = encode(frame, np.ones((128, 128)), block=8), encode(frame, np.ones((128, 128)), block=8, png_level=6)
+    assert len(fast) <= 1.12 * len(slow), (len(fast), len(slow))

@@ -116,3 +116,28 @@ def test_bad_inputs_raise_clear_errors(bundle, pipe, tmp_path):
         pipe(np.zeros((8, 8, 5), np.uint8))
     with pytest.raises(InputError, match="color"):
         pipe(_frame(), color="hsv")
+
+
+def test_letterbox_writes_into_a_dirty_buffer_and_zeroes_only_padding(pipe):
+    """``_fit`` resizes straight into the batch buffer: padding is zero, the roi is the resized frame."""
+    import cv2
+
+    for h, w in [(48, 64), (64, 48), (32, 32), (10, 100), (33, 31)]:
+        frame = _frame(h=h, w=w)
+        out = np.full((32, 32, 3), 77, np.uint8)
+        box = pipe._fit(frame, out)
+        x0, y0, bw, bh = box.roi
+        expected = np.zeros_like(out)
+        resized = frame if (bw, bh) == (w, h) else cv2.resize(frame, (bw, bh), interpolation=cv2.INTER_AREA if box.scale < 1 else cv2.INTER_LINEAR)
+        expected[y0:y0 + bh, x0:x0 + bw] = resized
+        assert np.array_equal(out, expected), (h, w)
+
+
+def test_session_options_threads_and_spinning(bundle):
+    from keepbits.runtime.pipeline import session_options
+
+    assert session_options(3).intra_op_num_threads == 3
+    assert session_options(None, True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    described = Pipeline.from_bundle(bundle, threads=1, spinning=True).describe()
+    assert (described["threads"], described["spinning"]) == (1, True)

@@ -255,3 +255,44 @@ def test_tcp_sink_without_receiver_fails_clearly():
     with pytest.raises(InputError, match="cannot send"):
         sink.send(b"x")
     assert sink.close()["errors"] == 1
+
+
+class _OrderSink:
+    def __init__(self):
+        self.sequences, self.threads = [], set()
+
+    def write(self, frame, result, record):
+        self.sequences.append(result.sequence)
+        self.threads.add(threading.current_thread().name)
+        assert decode(result.payload)[2].sequence == result.sequence
+
+    def close(self):
+        return {"frames": len(self.sequences)}
+
+
+def test_encode_worker_overlaps_inference_and_keeps_order(tmp_path):
+    """Payloads are encoded in the writer thread while the model loop runs ahead (bounded by the
+    queue), and sinks see every frame once, in sequence order, also with batches."""
+    for batch in (1, 3):
+        pipe = Pipeline.from_bundle(toy_bundle(tmp_path / f"toy{batch}", size=32, block=4))
+        predict, compress = pipe.predict, pipe.compress
+        predicted, ahead, encoders = [-1], [], set()
+
+        def counting_predict(frames, **kwargs):
+            results = predict(frames, **kwargs)
+            predicted[0] = results[-1].sequence
+            return results
+
+        def slow_compress(result):
+            encoders.add(threading.current_thread().name)
+            time.sleep(0.005)
+            ahead.append(predicted[0] - result.sequence)  # frames the model loop is ahead of the encoder
+            return compress(result)
+
+        pipe.predict, pipe.compress = counting_predict, slow_compress
+        sink = _OrderSink()
+        summary = run_stream(pipe, open_source(_frames(40)), [sink], batch_size=batch, queue_size=4)
+        assert summary["written"] == 40 and sink.sequences == list(range(40))
+        assert sink.threads == {"keepbits-writer"} and encoders == {"keepbits-writer"}
+        # ran ahead; at most the queued batches, the one being written and the one waiting to be queued
+        assert 1 <= max(ahead) <= (4 + 2) * batch - 1, (batch, max(ahead))

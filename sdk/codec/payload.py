@@ -104,7 +104,17 @@ def _grid(h: int, w: int, b: int) -> tuple[int, int, int, int]:
 
 
 def _grid_means(frame: np.ndarray, b: int) -> np.ndarray:
-    """Rounded b×b block means x_b of an H×W×C uint8 frame, one per block (⌈H/b⌉×⌈W/b⌉×C uint8)."""
+    """Rounded b×b block means x_b of an H×W×C uint8 frame, one per block (⌈H/b⌉×⌈W/b⌉×C uint8).
+
+    Exact integer block sums divided in float64 and rounded half to even, as
+    :func:`keepbits.core.block_means`; frames that tile exactly take a faster route to the same sums.
+    """
+    h, w, c = frame.shape
+    if b <= min(h, w) and h % b == 0 and w % b == 0 and b <= 256:
+        # uint16 holds b ≤ 256 rows of uint8 (≤ 65280); the second sum is exact in uint32
+        rows = frame.reshape(h // b, b, w * c).sum(axis=1, dtype=np.uint16)
+        sums = rows.reshape(h // b, w // b, b, c).sum(axis=2, dtype=np.uint32)
+        return np.rint(sums / float(b * b)).astype(np.uint8)
     return np.rint(block_means(frame.transpose(2, 0, 1), b)).astype(np.uint8).transpose(1, 2, 0)
 
 
@@ -128,22 +138,29 @@ def mixed_image(frame: Any, mask: Any, block: int, threshold: float = 0.5) -> np
     return np.where(keep[:, :, None], x, _upsample(_grid_means(x, block), *x.shape[:2], th, tw))
 
 
-def _encode_image(img: np.ndarray, codec: int, quality: int, png_level: int) -> bytes:
+#: The default PNG setting (``png_level=None``): zlib level 4 after the Paeth filter. About 3×
+#: faster than level 6 with adaptive filters; within ~10 % of its size on camera frames, mosaics
+#: and synthetic images (zlib's RLE strategy is faster still but misses long-range repeats).
+_PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 4, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
+
+
+def _encode_image(img: np.ndarray, codec: int, quality: int, png_level: int | None) -> bytes:
+    img = np.ascontiguousarray(img)
     if img.shape[2] == 3:
-        img = img[:, :, ::-1]  # OpenCV writes BGR
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
     if codec == CODEC_PNG:
-        params = [cv2.IMWRITE_PNG_COMPRESSION, png_level]
+        params = _PNG_FAST if png_level is None else [cv2.IMWRITE_PNG_COMPRESSION, png_level]
     elif codec == CODEC_JPEG:
         params = [cv2.IMWRITE_JPEG_QUALITY, quality]
     else:
         params = [cv2.IMWRITE_WEBP_QUALITY, quality]
-    ok, buf = cv2.imencode({CODEC_PNG: ".png", CODEC_JPEG: ".jpg", CODEC_WEBP: ".webp"}[codec], np.ascontiguousarray(img), params)
+    ok, buf = cv2.imencode({CODEC_PNG: ".png", CODEC_JPEG: ".jpg", CODEC_WEBP: ".webp"}[codec], img, params)
     if not ok:
         raise InputError(f"OpenCV could not encode a {img.shape} image as {CODEC_NAMES[codec]}")
     return buf.tobytes()
 
 
-def _encode_section(img: np.ndarray, codec: int, quality: int, png_level: int) -> bytes:
+def _encode_section(img: np.ndarray, codec: int, quality: int, png_level: int | None) -> bytes:
     if codec == CODEC_RAW:
         return zlib.compress(img.tobytes(), 6)
     return _encode_image(img, codec, quality, png_level)
@@ -198,6 +215,31 @@ def _mosaic_shape(k: int, th: int, tw: int, c: int) -> tuple[int, int, int]:
     return math.ceil(k / cols) * th, cols * tw, c
 
 
+def _mosaic(x: np.ndarray, keep: np.ndarray, grid: np.ndarray, kept: np.ndarray, k: int, th: int, tw: int) -> np.ndarray:
+    """The K kept tiles of x̃ (x where ``keep``, else the block mean) laid out row-major in
+    ``⌈√K⌉`` columns (``docs/codec.md``). When every block is kept and the mosaic has the
+    frame's own block grid, the mosaic *is* x̃ (or ``x`` itself, no copy, when every pixel is kept)."""
+    h, w, c = x.shape
+    bh, bw = kept.shape
+    mh, mw, _ = _mosaic_shape(k, th, tw, c)
+    rows, cols = mh // th, mw // tw
+    exact = (bh * th, bw * tw) == (h, w)
+    if exact and (rows, cols) == (bh, bw):  # implies k == bh * bw: the layout is the frame's
+        if keep.all():
+            return x
+        return np.where(keep[:, :, None], x, _upsample(grid, h, w, th, tw))
+    pad = ((0, bh * th - h), (0, bw * tw - w))
+    xp = x if exact else np.pad(x, (*pad, (0, 0)), mode="edge")
+    kp = keep if exact else np.pad(keep, pad)
+    mosaic = np.zeros((rows * cols, th, tw, c), np.uint8)
+    tiles = mosaic[:k]
+    tiles[...] = xp.reshape(bh, th, bw, tw, c).transpose(0, 2, 1, 3, 4)[kept]
+    tile_drop = ~kp.reshape(bh, th, bw, tw).transpose(0, 2, 1, 3)[kept]
+    if tile_drop.any():
+        np.copyto(tiles, np.broadcast_to(grid[kept][:, None, None, :], tiles.shape), where=tile_drop[..., None])
+    return mosaic.reshape(rows, cols, th, tw, c).transpose(0, 2, 1, 3, 4).reshape(mh, mw, c)
+
+
 def _field(result: Any, name: str, default: Any) -> Any:
     return getattr(result, name, default) if result is not None else default
 
@@ -220,7 +262,7 @@ def encode(
     timestamp: float | None = None,
     roi: tuple[int, int, int, int] | None = None,
     source_size: tuple[int, int] | None = None,
-    png_level: int = 6,
+    png_level: int | None = None,
 ) -> bytes:
     """Pack ``frame`` (uint8 RGB/grey) and its mask into a versioned payload.
 
@@ -231,6 +273,9 @@ def encode(
     png = lossless, jpeg/webp at ``quality``; ``background`` raw/png = lossless);
     ``mode="paper"`` sends x̃ as one PNG (the NICE protocol); ``mode="simplified"`` sends
     ``frame`` itself (a SimpleBits simplified image) as one ``codec`` image and needs no mask.
+    ``png_level`` None (default) codes PNGs at zlib level 4 after the Paeth filter (~3× faster
+    than level 6, within ~10 % of its size); 0–9 uses that zlib level with OpenCV's adaptive
+    filters. Either way the PNG decodes to the same pixels.
 
     Example:
         >>> import numpy as np
@@ -296,16 +341,7 @@ def encode(
     kept = _kept_blocks(keep, block)
     k = int(kept.sum())
     if k:
-        # x̃ only inside the kept blocks: x where the mask keeps a pixel, else its block mean
-        pad = ((0, bh * th - h), (0, bw * tw - w))
-        tiles = np.pad(x, (*pad, (0, 0)), mode="edge").reshape(bh, th, bw, tw, c).transpose(0, 2, 1, 3, 4)[kept]
-        tile_keep = np.pad(keep, pad).reshape(bh, th, bw, tw).transpose(0, 2, 1, 3)[kept]
-        tiles = np.where(tile_keep[..., None], tiles, grid[kept][:, None, None, :])
-        mh, mw, _ = _mosaic_shape(k, th, tw, c)
-        cols = mw // tw
-        mosaic = np.zeros((mh // th * cols, th, tw, c), np.uint8)
-        mosaic[:k] = tiles
-        mosaic = mosaic.reshape(mh // th, cols, th, tw, c).transpose(0, 2, 1, 3, 4).reshape(mh, mw, c)
+        mosaic = _mosaic(x, keep, grid, kept, k, th, tw)
         sections.append((TAG_FOREGROUND, fg_codec, quality, _encode_image(mosaic, fg_codec, quality, png_level)))
     return pack(header, sections)
 

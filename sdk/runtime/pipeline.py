@@ -199,6 +199,28 @@ def _providers(backend: str, providers: Sequence[Any] | None) -> list[Any]:
     return ["CPUExecutionProvider"]
 
 
+def session_options(threads: int | None = None, spinning: bool = False) -> Any:
+    """ONNX Runtime session options as the runtime uses them: ``threads`` intra-op threads
+    (None: ORT's choice, one per core) and spinning off unless ``spinning``.
+
+    Spinning intra-op threads busy-wait between operators; next to the stream's writer and
+    grabber threads (or other processes) they take the cores those need and are themselves
+    preempted inside parallel operators, so the runtime turns spinning off by default.
+
+    Example:
+        >>> from keepbits.runtime.pipeline import session_options
+        >>> session_options(2).intra_op_num_threads
+        2
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
 class Pipeline:
     """A loaded bundle plus codec settings; call it on a frame or use :meth:`process_batch`."""
 
@@ -209,6 +231,7 @@ class Pipeline:
         backend: str = "auto",
         providers: Sequence[Any] | None = None,
         threads: int | None = None,
+        spinning: bool = False,
         compress: bool = True,
         codec_options: dict[str, Any] | None = None,
     ):
@@ -217,7 +240,7 @@ class Pipeline:
         if isinstance(bundle, _TorchSession):
             self.session, bundle = bundle, bundle.bundle
         else:
-            self.session = self._ort_session(bundle, backend, providers, threads)
+            self.session = self._ort_session(bundle, backend, providers, threads, spinning)
         m = self.manifest = bundle.manifest
         self.bundle = bundle
         self.channels, self.height, self.width = m.input_shape
@@ -235,14 +258,13 @@ class Pipeline:
         self._outputs = ["logits", m.output_names[1]]
         self._counter = itertools.count()
         self._lock = threading.Lock()
+        self.threads, self.spinning = threads, spinning
 
     @staticmethod
-    def _ort_session(bundle: Any, backend: str, providers: Sequence[Any] | None, threads: int | None) -> Any:
+    def _ort_session(bundle: Any, backend: str, providers: Sequence[Any] | None, threads: int | None, spinning: bool) -> Any:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(threads, spinning)
         if bundle.manifest.custom_ops:  # native kernels when built; else the graph's ONNX function bodies
             from keepbits import native
 
@@ -261,6 +283,7 @@ class Pipeline:
         providers: Sequence[Any] | None = None,
         *,
         threads: int | None = None,
+        spinning: bool = False,
         compress: bool = True,
         expected_digest: str | None = None,
         **codec_options: Any,
@@ -269,6 +292,8 @@ class Pipeline:
 
         ``backend="torch"`` runs a NICE checkpoint (``.pt`` from ``keepbits train nice``)
         eagerly in torch instead, with the exported graph's semantics (needs torch).
+        ``threads`` sets ONNX Runtime's intra-op threads; ``spinning`` lets them busy-wait
+        between operators (off by default, see :func:`session_options`).
 
         Example:
             >>> import tempfile
@@ -285,22 +310,36 @@ class Pipeline:
             loaded: Any = _TorchSession(Path(path))
         else:
             loaded = load_bundle(path, expected_digest)
-        return cls(loaded, backend=backend, providers=providers, threads=threads, compress=compress, codec_options=codec_options)
+        return cls(loaded, backend=backend, providers=providers, threads=threads, spinning=spinning, compress=compress,
+                   codec_options=codec_options)
 
     # -- stages ------------------------------------------------------------------------
     def _fit(self, image: np.ndarray, out: np.ndarray) -> Letterbox:
-        """Letterbox ``image`` into ``out`` (H×W×C of the model) and return the mapping."""
+        """Letterbox ``image`` into ``out`` (H×W×C of the model) and return the mapping.
+
+        The frame is resized straight into its roi of ``out`` and only the padding bands are
+        zeroed: no intermediate copy of the resized frame.
+        """
         if self.channels == 1 and image.ndim == 3:
             image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         elif self.channels == 3 and image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
         box = Letterbox.fit((image.shape[1], image.shape[0]), (self.width, self.height))
         x0, y0, w, h = box.roi
-        if (w, h) != (image.shape[1], image.shape[0]):
-            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if box.scale < 1 else cv2.INTER_LINEAR)
         if (w, h) != (self.width, self.height):
-            out[:] = 0
-        out[y0:y0 + h, x0:x0 + w] = image.reshape(h, w, self.channels)
+            out[:y0] = 0
+            out[y0 + h:] = 0
+            out[y0:y0 + h, :x0] = 0
+            out[y0:y0 + h, x0 + w:] = 0
+        dst = out[y0:y0 + h, x0:x0 + w]
+        if self.channels == 1:
+            dst, image = dst[:, :, 0], image.reshape(image.shape[0], image.shape[1])
+        if (w, h) == (image.shape[1], image.shape[0]):
+            dst[...] = image
+        else:
+            resized = cv2.resize(image, (w, h), dst=dst, interpolation=cv2.INTER_AREA if box.scale < 1 else cv2.INTER_LINEAR)
+            if not np.shares_memory(resized, dst):  # OpenCV had to allocate (should not happen): copy it in
+                dst[...] = resized
         return box
 
     def predict(self, frames: Sequence[Any], *, color: str = "rgb", timestamps: Sequence[float] | None = None) -> list[Result]:
@@ -388,8 +427,9 @@ class Pipeline:
             "bundle": str(self.bundle.source), "digest": self.bundle.digest,
             "input": [self.channels, self.height, self.width], "classes": len(self.class_names),
             "explain": self.explain, "block": self.block, "threshold": self.threshold, "providers": self.providers,
-            "codec": {"codec": "png", "background": "raw", "quality": 90, **self.codec_options},
+            "threads": self.threads, "spinning": self.spinning,
+            "codec": {"codec": "png", "background": "raw", "quality": 90, "png_level": None, **self.codec_options},
         }
 
 
-__all__ = ["Letterbox", "Pipeline", "Result", "BACKENDS"]
+__all__ = ["Letterbox", "Pipeline", "Result", "BACKENDS", "session_options"]
