@@ -122,6 +122,15 @@ def test_channel_stats_known_values():
     assert std == pytest.approx([0.5, 1.0, 1.0])  # zero std is replaced by 1
 
 
+def test_channel_stats_chunked_equals_direct():
+    x = np.random.default_rng(0).integers(0, 256, size=(7, 5, 6, 3), dtype=np.uint8)
+    direct = x.astype(np.float64) / 255.0
+    for chunk in (1, 90, 1 << 24):  # one value (clamped to one image), one image, everything
+        mean, std = channel_stats(x, chunk_values=chunk)
+        assert mean == pytest.approx(direct.mean(axis=(0, 1, 2)).tolist(), abs=1e-12)
+        assert std == pytest.approx(direct.std(axis=(0, 1, 2)).tolist(), abs=1e-12)
+
+
 def test_dataset_accepts_gray_nhw():
     ds = ImageDataset(np.zeros((3, 5, 5), np.uint8), np.array([0, 1, 1]), [])
     assert ds.x.shape == (3, 5, 5, 1) and ds.num_classes == 2

@@ -84,10 +84,28 @@ def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def channel_stats(x: np.ndarray, max_images: int = 20000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale."""
-    sample = x[: max_images].astype(np.float64) / 255.0
-    mean = sample.mean(axis=(0, 1, 2))
-    std = sample.std(axis=(0, 1, 2))
+def channel_stats(x: np.ndarray, max_images: int = 20000, chunk_values: int = 1 << 24) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale, from the first
+    ``max_images`` images. Sums run over chunks of at most ``chunk_values`` values (exact
+    integer sums in float64), so memory stays bounded for large images.
+
+    Example:
+        >>> import numpy as np
+        >>> channel_stats(np.array([[[[0, 255]], [[255, 255]]]], np.uint8))
+        ([0.5, 1.0], [0.5, 1.0])
+    """
+    sample = x[:max_images]
+    channels = sample.shape[-1]
+    per_image = max(1, sample[0].size if len(sample) else 1)
+    step = max(1, chunk_values // per_image)
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    for start in range(0, len(sample), step):
+        part = sample[start : start + step].reshape(-1, channels).astype(np.float64)
+        total += part.sum(axis=0)
+        squares += np.square(part).sum(axis=0)
+    count = max(1, len(sample) * per_image // channels)
+    mean = total / count / 255.0
+    std = np.sqrt(np.maximum(squares / count / 255.0**2 - mean**2, 0.0))
     std = np.where(std < 1e-6, 1.0, std)
     return [float(v) for v in mean], [float(v) for v in std]
