@@ -275,11 +275,11 @@ def test_encode_worker_overlaps_inference_and_keeps_order(tmp_path):
     queue), and sinks see every frame once, in sequence order, also with batches."""
     for batch in (1, 3):
         pipe = Pipeline.from_bundle(toy_bundle(tmp_path / f"toy{batch}", size=32, block=4))
-        predict, compress = pipe.predict, pipe.compress
+        infer, compress = pipe.infer, pipe.compress
         predicted, ahead, encoders = [-1], [], set()
 
-        def counting_predict(frames, **kwargs):
-            results = predict(frames, **kwargs)
+        def counting_infer(prepared, **kwargs):
+            results = infer(prepared, **kwargs)
             predicted[0] = results[-1].sequence
             return results
 
@@ -289,10 +289,31 @@ def test_encode_worker_overlaps_inference_and_keeps_order(tmp_path):
             ahead.append(predicted[0] - result.sequence)  # frames the model loop is ahead of the encoder
             return compress(result)
 
-        pipe.predict, pipe.compress = counting_predict, slow_compress
+        pipe.infer, pipe.compress = counting_infer, slow_compress
         sink = _OrderSink()
         summary = run_stream(pipe, open_source(_frames(40)), [sink], batch_size=batch, queue_size=4)
         assert summary["written"] == 40 and sink.sequences == list(range(40))
         assert sink.threads == {"keepbits-writer"} and encoders == {"keepbits-writer"}
         # ran ahead; at most the queued batches, the one being written and the one waiting to be queued
-        assert 1 <= max(ahead) <= (4 + 2) * batch - 1, (batch, max(ahead))
+        # (+1 batch: the one inferred but not yet queued while the next is letterboxed)
+        assert 1 <= max(ahead) <= (4 + 3) * batch - 1, (batch, max(ahead))
+
+
+def test_live_source_results_are_not_held_back_waiting_for_the_next_frame(pipe):
+    """With no next frame waiting, batch t goes to the writer at once (no added latency)."""
+    written = threading.Event()
+
+    class _Sink:
+        def write(self, frame, result, record):
+            written.set()
+
+        def close(self):
+            return {}
+
+    def slow():
+        yield _frames(1)[0]
+        assert written.wait(5.0), "frame 0 was not written before frame 1 arrived"
+        yield _frames(2)[1]
+
+    summary = run_stream(pipe, open_source(slow(), live=True), [_Sink()], max_frames=2)
+    assert summary["written"] == 2

@@ -140,6 +140,15 @@ class Result:
         return mixed_image(self.image, self.mask, self.block, self.threshold)
 
 
+@dataclass
+class Prepared:
+    """A letterboxed batch (N×H×W×C uint8), its :class:`Letterbox` per frame and the time it took (ms)."""
+
+    batch: np.ndarray
+    boxes: list[Letterbox]
+    preprocess_ms: float
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     np.exp(z, out=z)
@@ -342,23 +351,29 @@ class Pipeline:
                 dst[...] = resized
         return box
 
-    def predict(self, frames: Sequence[Any], *, color: str = "rgb", timestamps: Sequence[float] | None = None) -> list[Result]:
-        """Classify and explain (mask, or simplified image) a batch (no payload yet); see :meth:`compress`.
+    def prepare(self, frames: Sequence[Any], *, color: str = "rgb") -> "Prepared":
+        """Letterbox a batch into one model-size uint8 buffer: the first half of :meth:`predict`.
 
         Example:
             >>> import numpy as np, tempfile
             >>> from keepbits.runtime import Pipeline
             >>> from keepbits.runtime.synthetic import toy_bundle
-            >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b"))
-            >>> [r.label for r in pipe.predict([np.full((8, 8, 3), 250, np.uint8)])]
-            ['bright']
+            >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b", size=32))
+            >>> prepared = pipe.prepare([np.zeros((48, 64, 3), np.uint8)])
+            >>> prepared.batch.shape, [r.label for r in pipe.infer(prepared)]
+            ((1, 32, 32, 3), ['dark'])
         """
-        if not len(frames):
-            return []
         t0 = time.perf_counter()
-        n = len(frames)
-        batch = np.empty((n, self.height, self.width, self.channels), np.uint8)
+        batch = np.empty((len(frames), self.height, self.width, self.channels), np.uint8)
         boxes = [self._fit(as_rgb(f, color), batch[i]) for i, f in enumerate(frames)]
+        return Prepared(batch, boxes, (time.perf_counter() - t0) * 1e3)
+
+    def infer(self, prepared: "Prepared", *, timestamps: Sequence[float] | None = None) -> list[Result]:
+        """Run the model on a :meth:`prepare`-d batch and build the results (no payload): the
+        second half of :meth:`predict`. Sequence numbers are drawn here, in call order."""
+        n, batch, boxes = len(prepared.boxes), prepared.batch, prepared.boxes
+        if not n:
+            return []
         feed = batch if self.manifest.input_layout == "NHWC" else batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
         t1 = time.perf_counter()
         logits, explained = self.session.run(self._outputs, {self.manifest.input_name: feed})
@@ -387,8 +402,23 @@ class Pipeline:
             ))
         t3 = time.perf_counter()
         for r in results:
-            r.timings.update(preprocess=(t1 - t0) * 1e3 / n, model=(t2 - t1) * 1e3 / n, postprocess=(t3 - t2) * 1e3 / n)
+            r.timings.update(preprocess=prepared.preprocess_ms / n, model=(t2 - t1) * 1e3 / n, postprocess=(t3 - t2) * 1e3 / n)
         return results
+
+    def predict(self, frames: Sequence[Any], *, color: str = "rgb", timestamps: Sequence[float] | None = None) -> list[Result]:
+        """Classify and explain (mask, or simplified image) a batch (no payload yet); see :meth:`compress`.
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from keepbits.runtime import Pipeline
+            >>> from keepbits.runtime.synthetic import toy_bundle
+            >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b"))
+            >>> [r.label for r in pipe.predict([np.full((8, 8, 3), 250, np.uint8)])]
+            ['bright']
+        """
+        if not len(frames):
+            return []
+        return self.infer(self.prepare(frames, color=color), timestamps=timestamps)
 
     def compress(self, result: Result) -> Result:
         """Fill ``result.payload`` with :func:`keepbits.codec.encode` and time it (``timings['encode']``):
@@ -432,4 +462,4 @@ class Pipeline:
         }
 
 
-__all__ = ["Letterbox", "Pipeline", "Result", "BACKENDS", "session_options"]
+__all__ = ["Letterbox", "Pipeline", "Prepared", "Result", "BACKENDS", "session_options"]

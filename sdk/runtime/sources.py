@@ -160,6 +160,10 @@ class Source:
             return frame
         return None
 
+    def ready(self) -> bool:
+        """Whether a frame is waiting, so that :meth:`get` would return without blocking."""
+        return len(self._queue) > 0
+
     def stats(self) -> dict[str, Any]:
         """Counters: read, delivered, dropped, stale, reconnects, errors (+ last_error)."""
         return {**self._counts, "dropped": self._queue.dropped, "last_error": self.last_error}

@@ -2,7 +2,10 @@
 
 Threads: the source's grabber → this thread (letterbox + model) → a bounded queue
 (policy ``block``, ``queue_size`` batches) → one writer thread (encode, compare sizes,
-sinks). Encoding overlaps the next frame's inference. A slow sink fills the queue and
+sinks). When the next frames are already waiting, this thread letterboxes batch t+1 before
+it queues batch t, so the writer encodes t while the model runs t+1 (ONNX Runtime, OpenCV
+and zlib release the GIL) rather than while this thread letterboxes: throughput is set by
+the slower stage. Batch t is never held back waiting for input. Results reach the writer, and the sinks, in sequence order. A slow sink fills the queue and
 back-pressures the model loop; a live source then drops frames at its input (counted),
 a file source simply waits: memory stays bounded either way.
 
@@ -193,12 +196,16 @@ def run_stream(
                               name="keepbits-writer", daemon=True)
     batch_size = 1 if source.live else max(1, batch_size)
     accepted, start, last_report = 0, time.perf_counter(), 0.0
+    pending: tuple[list[Frame], list[Result]] | None = None  # inferred, not yet handed to the writer
     writer.start()
     try:
         source.start()
         while not stop.is_set() and (max_frames is None or accepted < max_frames):
             frames: list[Frame] = []
             while len(frames) < min(batch_size, (max_frames or 1 << 62) - accepted):
+                if pending is not None and not source.ready():  # never hold batch t back waiting for input
+                    queue.put(pending)
+                    pending = None
                 frame = source.get(stop)
                 if frame is None:
                     break
@@ -206,13 +213,20 @@ def run_stream(
             if not frames:
                 break
             accepted += len(frames)
-            results = pipeline.predict([f.image for f in frames], timestamps=[f.timestamp for f in frames])
-            queue.put((frames, results))
+            # letterbox batch t+1 before handing batch t to the writer: the writer then encodes t
+            # while the model runs t+1 (GIL released), not while this thread letterboxes
+            prepared = pipeline.prepare([f.image for f in frames])
+            if pending is not None:
+                queue.put(pending)
+                pending = None
+            pending = (frames, pipeline.infer(prepared, timestamps=[f.timestamp for f in frames]))
             now = time.perf_counter()
             if progress is not None and now - last_report >= progress_interval:
                 last_report = now
                 progress(_snapshot(stats, source, accepted, now - start))
     finally:
+        if pending is not None:
+            queue.put(pending)
         queue.close()
         writer.join()
         source.close()
