@@ -5,9 +5,10 @@ Threads: the source's grabber → this thread (letterbox + model) → a bounded 
 sinks). When the next frames are already waiting, this thread letterboxes batch t+1 before
 it queues batch t, so the writer encodes t while the model runs t+1 (ONNX Runtime, OpenCV
 and zlib release the GIL) rather than while this thread letterboxes: throughput is set by
-the slower stage. Batch t is never held back waiting for input. Results reach the writer, and the sinks, in sequence order. A slow sink fills the queue and
-back-pressures the model loop; a live source then drops frames at its input (counted),
-a file source simply waits: memory stays bounded either way.
+the slower stage. Batch t is never held back waiting for input. Results reach the writer,
+and the sinks, in sequence order. A slow sink fills the queue and back-pressures the model
+loop; a live source then drops frames at its input (counted), a file source simply waits:
+memory stays bounded either way.
 
 Shutdown: setting ``stop`` (SIGINT/SIGTERM under :func:`handle_signals`) stops taking
 new frames; every frame already taken from the source is encoded and written, sinks are
