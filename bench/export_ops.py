@@ -5,12 +5,17 @@ all in one process and run; ratios are computed from the same run. ONNX Runtime 
 binding to preallocated output arrays, so the numbers measure the graphs, not the conversion
 of fresh outputs to numpy (which costs the same for both and page-faults on every run).
 
-    python bench/export_ops.py [--threads 1] [--repeat 60] [--burst 10]
-    python bench/export_ops.py --burst 1 --name export_ops_interleaved   # cold-cache variant
+    python bench/export_ops.py [--threads 1] [--repeat 60] [--burst 50]
+    python bench/export_ops.py --burst 1 --name export_ops_interleaved   # cold variant
 
-Default timing is steady state: each variant runs in bursts of consecutive calls, as the op
-runs in a deployed graph right after the generator that wrote its input. ``--burst 1``
-interleaves single calls, so each call meets caches the previous variant filled: the
+Default timing is steady state: each variant runs in bursts of 50 consecutive calls, as the op
+runs in a deployed graph right after the generator that wrote its input. Bursts of 10 were too
+short: after other work (the standard-op graph, torch, Python) the native op's first calls are
+up to ~2.8× slower and recover only over ~10 calls (~3 ms), consistent with a warm-up of the
+vector units / power state, not with cache eviction (touching 64 MB between calls does not
+reproduce it), so at
+8×3×224×224 10-call bursts had not reached steady state. ``--burst 1`` interleaves single
+calls, so each call meets caches and a core state that the previous variant left: the
 memory-bound native kernel loses most there. Writes ``bench/results/NAME.json``.
 Target: native fused ≥ 5× the standard-op graph.
 """
@@ -63,7 +68,7 @@ def torch_fn(op: str, block_size: int) -> Callable[[dict[str, torch.Tensor]], ob
     return lambda f: KF.mixed_resolution(f["x"], KF.deterministic_mask(f["log_alpha"]), block_size)
 
 
-def timed(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 3, burst: int = 10) -> dict[str, dict[str, float]]:
+def timed(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 3, burst: int = 50) -> dict[str, dict[str, float]]:
     """Round-robin timing: each round runs every variant ``burst`` times in a row, so that load
     changes on a shared machine hit every variant alike, while each variant meets the caches as a
     pipeline leaves them for it (the round-robin with single calls measured each op just after
@@ -96,7 +101,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op and torch threads (same for all)")
     parser.add_argument("--repeat", type=int, default=60, help="timed calls per variant")
-    parser.add_argument("--burst", type=int, default=10, help="consecutive calls of one variant per round")
+    parser.add_argument("--burst", type=int, default=50, help="consecutive calls of one variant per round (1: interleaved single calls)")
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--name", default="export_ops", help="result name (bench/results/NAME.json)")
     args = parser.parse_args()
