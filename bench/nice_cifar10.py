@@ -2,7 +2,7 @@
 evaluated at b ∈ {1, 2, 4, 8, 16, 32}: accuracy and bytes vs b, next to PNG/JPEG/WebP of the
 original image at the quality whose accuracy matches NICE's.
 
-Writes ``bench/results/nice_cifar10.json`` and ``nice_cifar10_b.png``.
+Writes ``bench/results/nice_cifar10<tag>.json`` and ``nice_cifar10<tag>_b_accuracy.png`` / ``_b_bytes.png``.
 
     nice -n 5 python bench/nice_cifar10.py --classifier runs/nice/cifar10_resnet20/last.pt
 """
@@ -46,6 +46,7 @@ def main() -> int:
     p.add_argument("--qualities", type=int, nargs="+", default=[5, 10, 20, 30, 50, 70, 90])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="", help="suffix of the result names (nice_cifar10<tag>.json / .png)")
     p.add_argument("--sis-k", type=int, default=16, help="SIS baseline: gradient BackSelect, K pixels per iteration (0: off)")
     args = p.parse_args()
     if args.data is None or not (args.data / "cifar10").is_dir():
@@ -82,8 +83,8 @@ def main() -> int:
         print(mode, [(r["block_size"], round(r["nice"]["accuracy"], 4), round(r["nice"]["png_bytes_per_image"], 1)) for r in result["per_block_size"]], flush=True)
 
     out_dir = results_dir()
-    plot_curves(out_dir / "nice_cifar10_b_accuracy.png", series_acc, "block size b", "test accuracy", f"CIFAR-10 ResNet-20, trained at b={TRAIN_B}", logx=True)
-    plot_curves(out_dir / "nice_cifar10_b_bytes.png", series_bytes, "block size b", "bytes per image", f"CIFAR-10, PNG of x̃ ({len(test)} test images)", logx=True)
+    plot_curves(out_dir / f"nice_cifar10{args.tag}_b_accuracy.png", series_acc, "block size b", "test accuracy", f"CIFAR-10 ResNet-20, trained at b={TRAIN_B}", logx=True)
+    plot_curves(out_dir / f"nice_cifar10{args.tag}_b_bytes.png", series_bytes, "block size b", "bytes per image", f"CIFAR-10, PNG of x̃ ({len(test)} test images)", logx=True)
     payload = {
         "protocol": {
             "data": str(data), "train_images": args.max_train, "test_images": len(test), "train_block_size": TRAIN_B,
@@ -97,7 +98,7 @@ def main() -> int:
         "runs": runs,
         "wall_time_s": round(time.time() - started, 1),
     }
-    print(write_result("nice_cifar10", payload))
+    print(write_result(f"nice_cifar10{args.tag}", payload))
     return 0
 
 
