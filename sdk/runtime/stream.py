@@ -219,7 +219,6 @@ def run_stream(
             prepared = pipeline.prepare([f.image for f in frames])
             if pending is not None:
                 queue.put(pending)
-                pending = None
             pending = (frames, pipeline.infer(prepared, timestamps=[f.timestamp for f in frames]))
             now = time.perf_counter()
             if progress is not None and now - last_report >= progress_interval:
