@@ -6,7 +6,9 @@ tested on the transformed test images; bpd under the same density model).
 
     OMP_WAIT_POLICY=PASSIVE nice -n 5 .venv/bin/python bench/simplebits_sweep.py --dataset mnist
 
-Writes ``bench/results/simplebits_sweep_<dataset>.json`` after every run (partial results survive).
+Writes ``bench/results/simplebits_sweep_<dataset>.json`` after every run (partial results survive),
+``..._images.png`` (the same test images after each transform) and ``..._curve.png`` (Fig. 5:
+accuracy vs bpd per mode).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, write_result  # noqa: E402
+from _results import default_data_dir, results_dir, save_image_rows, write_result  # noqa: E402
 
 
 def gaussian_blur(x, sigma: float):
@@ -50,6 +52,26 @@ def jpeg(x, quality: int):
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
 
 
+def plot_curve(rows: list[dict], path: Path) -> None:
+    """Fig. 5-style plot: test accuracy vs mean bpd, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        pts = sorted((r["bpd"], r["accuracy"]) for r in rows if r["mode"] == mode)
+        ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "o", label=mode)
+    ax.set_xlabel("bits per dimension of the test images (density model)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(default_data_dir() or "../shared/data"))
@@ -69,6 +91,7 @@ def main() -> None:
     p.add_argument("--jpeg-qualities", type=int, nargs="*", default=[])
     p.add_argument("--mse-lambdas", type=float, nargs="*", default=[], help="S7 baseline: simplifier trained on MSE + λ·bpd")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
 
     import torch
@@ -93,10 +116,15 @@ def main() -> None:
     c, h, w = train.shape_chw
     work = Path(tempfile.mkdtemp(prefix="simplebits_sweep_"))
     rows: list[dict] = []
-    name = f"simplebits_sweep_{args.dataset}"
+    name = f"simplebits_sweep_{args.dataset}{'_' + args.tag if args.tag else ''}"
 
-    def record(row: dict) -> None:
+    strips: list[tuple[str, np.ndarray]] = []
+
+    def record(row: dict, shown: torch.Tensor) -> None:
         rows.append(row)
+        strips.append((" ".join(f"{v:g}" if isinstance(v, float) else str(v) for k, v in row.items() if k in ("mode", "lambda_sim", "sigma", "quality")), shown[:10].numpy()))
+        save_image_rows(strips, results_dir() / f"{name}_images.png")
+        plot_curve(rows, results_dir() / f"{name}_curve.png")
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         write_result(name, {"settings": vars(args), "sizes": {"train": len(train), "test": len(test)}, "rows": rows,
                             "protocol": "accuracy on simplified/transformed test images; bpd = mean test bpd under the density model"})
@@ -108,7 +136,7 @@ def main() -> None:
 
     t0 = time.time()
     base = fresh_fit(xtr)
-    record({"mode": "original", "bpd": mean_bpd(flow, xte), "accuracy": accuracy(base, xte, yte), "wall_s": time.time() - t0})
+    record({"mode": "original", "bpd": mean_bpd(flow, xte), "accuracy": accuracy(base, xte, yte), "wall_s": time.time() - t0}, xte)
     pretrained = work / "pretrained.pt"
     save_checkpoint(pretrained, {"kind": "classifier", "models": {"classifier": model_entry(args.arch, {"in_channels": c, "num_classes": train.num_classes, "image_size": [h, w]}, base.net)},
                                  "normalization": {"mean": mean, "std": std}, "class_names": train.class_names})
@@ -117,12 +145,12 @@ def main() -> None:
         t0 = time.time()
         clf = fresh_fit(gaussian_blur(xtr, sigma))
         xb = gaussian_blur(xte, sigma)
-        record({"mode": "blur", "sigma": sigma, "bpd": mean_bpd(flow, xb), "accuracy": accuracy(clf, xb, yte), "wall_s": time.time() - t0})
+        record({"mode": "blur", "sigma": sigma, "bpd": mean_bpd(flow, xb), "accuracy": accuracy(clf, xb, yte), "wall_s": time.time() - t0}, xb)
     for q in args.jpeg_qualities:
         t0 = time.time()
         clf = fresh_fit(jpeg(xtr, q))
         xj = jpeg(xte, q)
-        record({"mode": "jpeg", "quality": q, "bpd": mean_bpd(flow, xj), "accuracy": accuracy(clf, xj, yte), "wall_s": time.time() - t0})
+        record({"mode": "jpeg", "quality": q, "bpd": mean_bpd(flow, xj), "accuracy": accuracy(clf, xj, yte), "wall_s": time.time() - t0}, xj)
     for lam in args.mse_lambdas:
         t0 = time.time()
         torch.manual_seed(0)
@@ -130,7 +158,7 @@ def main() -> None:
         sim = train_mse_simplifier(sim, flow, xtr, lam, args.steps, args.batch_size, lr=args.sim_lr)
         clf = fresh_fit(simplify(sim, xtr))
         xs = simplify(sim, xte)
-        record({"mode": "mse_bpd", "lambda_sim": lam, "bpd": mean_bpd(flow, xs), "accuracy": accuracy(clf, xs, yte), "wall_s": time.time() - t0})
+        record({"mode": "mse_bpd", "lambda_sim": lam, "bpd": mean_bpd(flow, xs), "accuracy": accuracy(clf, xs, yte), "wall_s": time.time() - t0}, xs)
 
     for lam in args.lambdas:
         for mode in [m for m in ("joint", "finetune") if m in args.modes or (m == "joint" and "retrain" in args.modes)]:
@@ -141,14 +169,15 @@ def main() -> None:
                                    max_train=args.max_train, max_test=args.max_test, threads=args.threads,
                                    classifier=str(pretrained) if mode == "finetune" else None)
             m = train_simplebits(cfg)["metrics"]
+            simplifier, _, _ = load_simplebits(out)
             if mode in args.modes:
-                record({"mode": mode, "lambda_sim": lam, "bpd": m["bpd_sim"], "accuracy": m["acc_sim"], "acc_orig": m["acc_orig"], "wall_s": time.time() - t0})
+                record({"mode": mode, "lambda_sim": lam, "bpd": m["bpd_sim"], "accuracy": m["acc_sim"], "acc_orig": m["acc_orig"], "wall_s": time.time() - t0},
+                       simplify(simplifier, xte[:10]))
             if mode == "joint" and "retrain" in args.modes:
                 t0 = time.time()
-                simplifier, _, _ = load_simplebits(out)
                 clf = fresh_fit(simplify(simplifier, xtr))
                 xs = simplify(simplifier, xte)
-                record({"mode": "retrain", "lambda_sim": lam, "bpd": mean_bpd(flow, xs), "accuracy": accuracy(clf, xs, yte), "wall_s": time.time() - t0})
+                record({"mode": "retrain", "lambda_sim": lam, "bpd": mean_bpd(flow, xs), "accuracy": accuracy(clf, xs, yte), "wall_s": time.time() - t0}, xs)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,11 @@ def test_simplifier_is_identity_at_init():
     torch.manual_seed(0)
     for c, size in ((1, 28), (3, 32)):
         sim = registry.build("simplebits_unet", kind="simplifier", in_channels=c, base=4)
-        x = torch.rand(2, c, size, size)
+        x = torch.rand(2, c, size, size).clamp(0.5 / 256, 1 - 0.5 / 256)
         assert torch.allclose(sim(x), x, atol=1e-5)
+        pixels = torch.randint(0, 256, (2, c, size, size))
+        pixels[0, 0, 0, :2] = torch.tensor([0, 255])  # the clamped extremes round back exactly
+        assert torch.equal((sim(pixels / 255.0) * 255).round().long(), pixels)
 
 
 def test_unrolled_step_equals_manual_sgd_step():

@@ -45,6 +45,21 @@ def test_resume_refuses_another_arch(tmp_path):
         train_classifier(_cfg(tmp_path, arch="resnet20", resume=True))
 
 
+def test_init_starts_from_another_checkpoints_weights_and_normalisation(tmp_path):
+    train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
+    first = load_checkpoint(tmp_path / "run" / "last.pt", "classifier")
+    fake = dict(first, normalization={"mean": [0.5], "std": [0.25]})
+    save_checkpoint(tmp_path / "init.pt", fake)
+    # lr 0: the weights stay what --init gave, so they must equal the init checkpoint's
+    train_classifier(_cfg(tmp_path, out=str(tmp_path / "second"), epochs=1, max_train=64, lr=0.0, init=str(tmp_path / "init.pt")))
+    second = load_checkpoint(tmp_path / "second" / "last.pt", "classifier")
+    assert second["normalization"] == {"mean": [0.5], "std": [0.25]}
+    for name, tensor in first["models"]["classifier"]["state_dict"].items():
+        assert torch.equal(second["models"]["classifier"]["state_dict"][name], tensor), name
+    with pytest.raises(CheckpointError, match="do not fit"):
+        train_classifier(_cfg(tmp_path, out=str(tmp_path / "third"), arch="resnet20", init=str(tmp_path / "init.pt")))
+
+
 def test_checkpoint_loading_is_weights_only(tmp_path):
     class Evil:
         def __reduce__(self):

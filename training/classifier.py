@@ -60,6 +60,7 @@ class ClassifierConfig:
     max_train: int | None = None
     seed: int = 0
     resume: bool = False
+    init: str | None = None
     threads: int | None = None
     progress: bool = True
     command: str = ""
@@ -157,6 +158,19 @@ def _prepare_data(cfg: ClassifierConfig) -> tuple[ImageDataset, ImageDataset | N
     return full.subset(train_idx, "[train]"), val, test
 
 
+def _load_init(model: torch.nn.Module, path: str, mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
+    """Load a classifier checkpoint's weights into ``model`` (same names and shapes); the
+    normalisation those weights were trained with replaces the data's own."""
+    record = load_checkpoint(path, "classifier")
+    try:
+        model.load_state_dict(record["models"]["classifier"]["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit this architecture: {str(exc).splitlines()[0]}") from None
+    norm = record.get("normalization") or {"mean": mean, "std": std}
+    log.info("initialised from %s (%s)", path, record["models"]["classifier"]["arch"])
+    return list(norm["mean"]), list(norm["std"])
+
+
 def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     """Train ``cfg.arch`` on ``cfg.data``; write ``last.pt``/``best.pt`` into ``cfg.out``; return metrics."""
     if cfg.optimizer not in ("sgd", "adamw"):
@@ -178,7 +192,10 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     c, h, w = train_set.shape_chw
     kwargs = {"in_channels": c, "num_classes": train_set.num_classes, "image_size": [h, w]}
     # channels-last convolutions are ~1.5x faster on CPU (oneDNN) and as fast on GPU
-    model = registry.build(cfg.arch, **kwargs).to(dist.device, memory_format=torch.channels_last)
+    model = registry.build(cfg.arch, **kwargs)
+    if cfg.init:
+        mean, std = _load_init(model, cfg.init, mean, std)
+    model = model.to(dist.device, memory_format=torch.channels_last)
     train_t = TensorImages(train_set, mean, std)
     val_t = TensorImages(val_set, mean, std) if val_set is not None else None
     test_t = TensorImages(test_set, mean, std) if test_set is not None else None

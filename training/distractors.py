@@ -77,9 +77,9 @@ def write_distractor_npz(kind: str, data_root: str | Path, out: str | Path, n_tr
     root = Path(data_root)
     arrays = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        mn = load_dataset(root / "mnist", split)
-        cf = load_dataset(root / "cifar10", split)
-        x, y, target, distractor = build_distractor(kind, mn.x[:n], mn.y[:n], cf.x[: 4 * n], seed + (split == "test"))
+        mn = load_dataset(root / "mnist", split).sample(n, seed)
+        cf = load_dataset(root / "cifar10", split).sample(4 * n, seed)  # CIFAR-10 files are sorted by class
+        x, y, target, distractor = build_distractor(kind, mn.x, mn.y, cf.x, seed + (split == "test"))
         arrays |= {f"x_{split}": x, f"y_{split}": y, f"target_{split}": target, f"distractor_{split}": distractor}
     names = ["horizontal", "vertical"] if kind == "cifar_stripes" else [str(i) for i in range(10)]
     out = Path(out)

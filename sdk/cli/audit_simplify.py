@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder for report.html / report.json")
     p.add_argument("--density", default=None, help="density checkpoint (default: the shipped CIFAR-10 Glow)")
     p.add_argument("--split", choices=["train", "test"], default="test")
-    p.add_argument("--num-images", type=int, default=4, help="simplify the first N images")
+    p.add_argument("--num-images", type=int, default=4, help="simplify N images drawn by a seeded permutation (--seed), kept in file order; files such as CIFAR-10's are sorted by class")
     p.add_argument("--steps", type=int, default=100, help="Adam steps on the Glow latent per image")
     p.add_argument("--lambda-sim", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=0.05)
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    images = load_dataset(args.images, split=args.split).x[: args.num_images]
+    images = load_dataset(args.images, split=args.split).sample(args.num_images, args.seed).x
     paths = audit_simplify(args.model, images, args.out, density=args.density, steps=args.steps, lambda_sim=args.lambda_sim,
                            lr=args.lr, kl_tolerance=args.kl_tolerance, seed=args.seed)
     print(json.dumps({"report": [str(p) for p in paths]}, indent=2))

@@ -7,7 +7,7 @@ import os
 
 from keepbits.cli._common import command_line, existing_path
 
-HELP = "train a classifier (lenet5, resnet18, resnet20, vgg16_bn, nf_wrn16_2); runs under torchrun too"
+HELP = "train a registered classifier (lenet5, resnet20, resnet20_scan, resnet18, vgg16_bn, nf_wrn16_2, convnet3); runs under torchrun too"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,11 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training images (after the split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--init", default=None, help="start from this classifier checkpoint's weights and normalisation "
+                   "(same parameter names and shapes, e.g. a CIFAR-10 resnet20 for resnet20_scan)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
 
 
 def run(args: argparse.Namespace) -> int:
     existing_path(args.data, "data path")
+    if args.init:
+        existing_path(args.init, "--init checkpoint")
     from keepbits.training.classifier import ClassifierConfig, train_classifier
 
     cfg = ClassifierConfig(
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, augment=args.augment,
         crop_padding=args.crop_padding, val_fraction=args.val_fraction,
         image_size=tuple(args.image_size), resize_policy=args.resize_policy, max_train=args.max_train,
-        seed=args.seed, resume=args.resume, threads=args.threads, progress=not args.quiet, command=command_line(),
+        seed=args.seed, resume=args.resume, init=args.init, threads=args.threads, progress=not args.quiet, command=command_line(),
     )
     summary = train_classifier(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports

@@ -31,6 +31,24 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
+class ConvNet(nn.Module):
+    """Dataset-condensation ConvNet (Zhao et al.): ``depth`` × [conv 3×3, instance norm, ReLU,
+    avg-pool 2], then one linear layer. Instance norm keeps it free of batch statistics, so a
+    batch of one synthetic image per class trains it the same as a real batch."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int], width: int = 128, depth: int = 3):
+        super().__init__()
+        layers, cin, (h, w) = [], in_channels, image_size
+        for _ in range(depth):
+            layers += [nn.Conv2d(cin, width, 3, 1, 1), nn.GroupNorm(width, width, affine=True), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            cin, h, w = width, h // 2, w // 2
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(width * h * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -77,6 +95,28 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ScanningResNet(ResNet):
+    """A CIFAR ResNet-20 slid over a larger image, for small objects in clutter (NICE run 3).
+
+    The image is average-pooled by ``downsample`` (so a 64-px object becomes CIFAR-sized), the
+    ResNet trunk gives a feature map at ¼ of that, the classifier's linear layer scores every
+    position, the scores are averaged over ``window``×``window`` positions (one CIFAR-sized crop,
+    what the global average pool sees in a 32×32 image) and each class takes its highest window.
+    Parameter names equal ``resnet20``'s, so CIFAR-10 weights load unchanged (``init``)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, downsample: int = 2, window: int = 8):
+        super().__init__((16, 32, 64), (3, 3, 3), in_channels, num_classes, stem="cifar")
+        self.downsample, self.window = downsample, window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample > 1:
+            x = F.avg_pool2d(x, self.downsample, ceil_mode=True)
+        features = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        scores = F.conv2d(features, self.fc.weight[:, :, None, None], self.fc.bias)
+        k = min(self.window, scores.shape[2], scores.shape[3])
+        return F.avg_pool2d(scores, k, stride=1).amax(dim=(2, 3))
 
 
 class VGG(nn.Module):
@@ -174,6 +214,12 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: tuple[int, i
     return LeNet5(in_channels, num_classes, tuple(image_size))
 
 
+@register("convnet3", "classifier")
+def convnet3(in_channels: int = 3, num_classes: int = 10, image_size: tuple[int, int] = (32, 32), width: int = 128) -> nn.Module:
+    """ConvNet-3 of dataset condensation (Zhao et al.; SimpleBits S4.3), ``width`` filters per layer."""
+    return ConvNet(in_channels, num_classes, tuple(image_size), width)
+
+
 @register("resnet18", "classifier")
 def resnet18(in_channels: int = 3, num_classes: int = 10, image_size=None) -> nn.Module:
     """ResNet-18, ImageNet-style stem, for larger images (≥ 64 px)."""
@@ -191,6 +237,13 @@ def resnet20_large(in_channels: int = 3, num_classes: int = 10, image_size=None)
     """ResNet-20 adapted to large inputs (e.g. 256 px scenes): ImageNet stem (7×7/2 + max-pool,
     ¼ resolution), then ResNet-20's three stages; ~4× ResNet-20's FLOPs at 4× its side."""
     return ResNet((16, 32, 64), (3, 3, 3), in_channels, num_classes, stem="imagenet")
+
+
+@register("resnet20_scan", "classifier")
+def resnet20_scan(in_channels: int = 3, num_classes: int = 10, image_size=None) -> nn.Module:
+    """ResNet-20 slid over ½-resolution input, best 32-px window per class (:class:`ScanningResNet`);
+    start it from CIFAR-10 ResNet-20 weights (``keepbits train classifier --init``)."""
+    return ScanningResNet(in_channels, num_classes)
 
 
 @register("vgg16_bn", "classifier")
