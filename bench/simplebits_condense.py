@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--net-steps", type=int, default=5)
     p.add_argument("--real-batch", type=int, default=64)
     p.add_argument("--lr-images", type=float, default=0.1)
+    p.add_argument("--image-optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--max-train", type=int, default=10000, help="real training images to condense from")
     p.add_argument("--max-test", type=int, default=2000)
     p.add_argument("--eval-steps", type=int, default=300, help="AdamW steps of each fresh evaluation classifier")
@@ -55,7 +57,7 @@ def main() -> None:
     mean, std = channel_stats(train.x)
     flow = load_density(args.density)
     c, h, w = train.shape_chw
-    name = f"simplebits_condense_{args.dataset}"
+    name = f"simplebits_condense_{args.dataset}{'_' + args.tag if args.tag else ''}"
     rows: list[dict] = []
     strips: list[tuple[str, np.ndarray]] = []
 
@@ -87,7 +89,8 @@ def main() -> None:
         for lam in args.lambdas:
             t0 = time.time()
             cfg = CondensationConfig(images_per_class=ipc, lambda_sim=lam, outer_loops=args.outer, inner_loops=args.inner,
-                                     net_steps=args.net_steps, real_batch=args.real_batch, lr_images=args.lr_images)
+                                     net_steps=args.net_steps, real_batch=args.real_batch, lr_images=args.lr_images,
+                                     image_optimizer=args.image_optimizer)
             torch.manual_seed(0)
             x_syn, y_syn = condense(xtr, ytr, train.num_classes, make_net, cfg, bpd=flow.bpd)
             wall = time.time() - t0

@@ -39,3 +39,18 @@ def test_condense_shapes_range_and_errors():
     assert y_syn.tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(InputError, match="density"):
         condense(x, y, 3, _net, CondensationConfig(lambda_sim=1.0))
+
+
+def test_adam_moves_saturated_binary_images_that_sgd_barely_moves():
+    torch.manual_seed(0)
+    x, y = (torch.rand(30, 1, 8, 8) > 0.5).float(), torch.arange(30) % 3  # 0/1 pixels, like MNIST
+    change = {}
+    for opt in ("sgd", "adam"):
+        cfg = CondensationConfig(images_per_class=2, outer_loops=1, inner_loops=3, net_steps=1, real_batch=4,
+                                 image_optimizer=opt, lr_images=0.1)
+        start, _ = condense(x, y, 3, _net, CondensationConfig(images_per_class=2, outer_loops=0))
+        syn, _ = condense(x, y, 3, _net, cfg)
+        change[opt] = float((syn - start).abs().mean())
+    assert change["adam"] > 10 * change["sgd"]
+    with pytest.raises(InputError, match="image optimizer"):
+        condense(x, y, 3, _net, CondensationConfig(images_per_class=2, image_optimizer="lbfgs"))

@@ -64,6 +64,7 @@ class CondensationConfig:
     net_steps: int = 5
     real_batch: int = 64
     lr_images: float = 0.1
+    image_optimizer: str = "sgd"
     lr_net: float = 0.01
     seed: int = 0
 
@@ -87,7 +88,11 @@ def condense(
     init = torch.cat([x[idx[torch.randperm(len(idx), generator=gen)[: cfg.images_per_class]]] for idx in by_class])
     logits = torch.logit(init.clamp(0.01, 0.99)).clone().requires_grad_(True)
     y_syn = torch.arange(num_classes).repeat_interleave(cfg.images_per_class)
-    opt_img = torch.optim.SGD([logits], lr=cfg.lr_images, momentum=0.5)
+    if cfg.image_optimizer not in ("sgd", "adam"):
+        raise InputError(f"image optimizer must be 'sgd' or 'adam', got {cfg.image_optimizer!r}")
+    # Adam's per-pixel step does not shrink where σ saturates (MNIST's 0/1 pixels start at σ' ≈ 0.01)
+    opt_img = (torch.optim.SGD([logits], lr=cfg.lr_images, momentum=0.5) if cfg.image_optimizer == "sgd"
+               else torch.optim.Adam([logits], lr=cfg.lr_images))
     start = time.time()
     for outer in range(cfg.outer_loops):
         net = make_net()
