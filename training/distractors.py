@@ -15,10 +15,10 @@ elsewhere), so a simplified image can be compared with both parts.
 Example:
     >>> import numpy as np
     >>> from keepbits.training.distractors import build_distractor, removal_scores
-    >>> mnist = np.zeros((4, 28, 28, 1), np.uint8); cifar = np.full((4, 32, 32, 3), 200, np.uint8)
-    >>> x, y, target, distractor = build_distractor("cifar_stripes", mnist, np.arange(4), cifar, seed=0)
+    >>> mnist = np.zeros((16, 28, 28, 1), np.uint8); cifar = np.full((4, 32, 32, 3), 200, np.uint8)
+    >>> x, y, target, distractor = build_distractor("cifar_stripes", mnist, np.arange(16), cifar, seed=0)
     >>> x.shape, sorted(set(y.tolist()))
-    ((4, 32, 32, 3), [0, 1])
+    ((16, 32, 32, 3), [0, 1])
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ class NiceConfig:
     data: str
     classifier: str
     out: str
-    generator: str = "nice_unet"
+    generator: str = "auto"
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
     mode: str = "fixed"
     train_blocks: list[str] = field(default_factory=list)
@@ -225,6 +225,22 @@ def nice_loss(
     return loss, {"ce": l_d.item(), "l0": l_c.item(), "smooth": l_s.item()}
 
 
+#: ``generator="auto"`` picks the full-resolution ``nice_unet`` up to this shorter image side
+#: (MNIST, CIFAR: pixel-exact masks matter, the U-Net is cheap there) and ``nice_fast`` above
+#: it (camera frames: ``nice_unet`` costs as much as ResNet-18 at 224×224, ``nice_fast`` ~0.5 %).
+FULL_RES_GENERATOR_MAX_SIDE = 64
+
+
+def default_generator(height: int, width: int) -> str:
+    """The registry name ``generator="auto"`` resolves to for H×W inputs.
+
+    Example:
+        >>> default_generator(28, 28), default_generator(224, 224)
+        ('nice_unet', 'nice_fast')
+    """
+    return "nice_unet" if min(height, width) <= FULL_RES_GENERATOR_MAX_SIDE else "nice_fast"
+
+
 def train_nice(cfg: NiceConfig) -> dict[str, Any]:
     """Train a NICE generator against ``cfg.classifier``; write ``cfg.out/nice.pt``; return metrics."""
     cfg.validate()
@@ -238,8 +254,9 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
     train_t, test_t = _load_data(cfg, clf_record)
     c, h, w = clf_record["input_shape"]
     gen_kwargs = {"in_channels": c, **cfg.generator_kwargs}
+    gen_name = default_generator(h, w) if cfg.generator == "auto" else cfg.generator
     try:
-        generator = registry.build(cfg.generator, "generator", **gen_kwargs)
+        generator = registry.build(gen_name, "generator", **gen_kwargs)
     except TypeError as exc:
         raise InputError(f"generator {cfg.generator}: bad options {cfg.generator_kwargs} ({exc})") from None
 
@@ -279,7 +296,7 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
         return {
             "kind": "nice",
             "models": {
-                "generator": model_entry(cfg.generator, gen_kwargs, generator),
+                "generator": model_entry(gen_name, gen_kwargs, generator),
                 "classifier": model_entry(clf_record["models"]["classifier"]["arch"], clf_record["models"]["classifier"]["kwargs"], classifier),
             },
             "input_shape": [c, h, w],

@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data set the classifier was trained on (.npz, split folder, ...)")
     p.add_argument("--classifier", required=True, help="classifier checkpoint (from `keepbits train classifier`)")
     p.add_argument("--out", required=True, help="output folder; the checkpoint is OUT/nice.pt")
-    p.add_argument("--generator", default="nice_unet", help="nice_unet (default), nice_fast (cheapest, for deployment), nice_mnist or nice_caltech")
+    p.add_argument("--generator", default="auto", help="auto (default: nice_unet up to 64 px, nice_fast above), nice_unet, "
+                   "nice_fast (cheapest, for deployment), nice_mnist or nice_caltech")
     p.add_argument("--generator-kwargs", default="{}", help='JSON options of the generator, e.g. \'{"widths": [8, 16, 32]}\'')
     p.add_argument("--mode", choices=["fixed", "finetuned"], default="fixed", help="fixed: classifier frozen; finetuned: --train-blocks train too")
     p.add_argument("--train-blocks", nargs="*", default=[], help="finetuned mode: classifier modules to train (e.g. layer3 fc); default all")
