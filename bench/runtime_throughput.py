@@ -25,7 +25,7 @@ They alternate in rounds (order rotated each round) on the same frames, in the s
 process; throughput is the median over rounds, and each round's ratios come from that round.
 Process CPU time per frame (all threads) is recorded too: on a shared machine it is steadier
 than wall time. Thread settings are recorded in the JSON. The soak loops the video through ``run_stream`` and samples RSS.
-Writes ``bench/results/runtime_throughput.json``.
+Writes ``bench/results/runtime_throughput[_GENERATOR][_int8].json``.
 """
 from __future__ import annotations
 
@@ -93,11 +93,33 @@ class ClassifierOnly(torch.nn.Module):
         return self.classifier((x - self.mean) / self.std)
 
 
-def classifier_sessions(classifier: torch.nn.Module, path: Path, threads: int | None) -> dict[str, ort.InferenceSession]:
-    """The classifier-only graph with the pipeline's thread count, ORT spinning off and on."""
+def export_classifier_only(classifier: torch.nn.Module, path: Path) -> Path:
     example = torch.zeros(1, SIZE, SIZE, 3, dtype=torch.uint8)
     torch.onnx.export(ClassifierOnly(classifier).eval(), (example,), str(path), input_names=["image"], output_names=["logits"],
-                      dynamo=False, opset_version=18)
+                      dynamo=False, opset_version=18, dynamic_axes={"image": {0: "batch"}})
+    return path
+
+
+def quantize_both(bundle: Path, classifier_onnx: Path, calibration: np.ndarray, work: Path) -> tuple[Path, Path, dict]:
+    """INT8 (ORT static, QDQ, per channel) bundle and classifier-only graph, calibrated on the
+    same letterboxed frames; returns their paths and the bundle's fp32-vs-int8 comparison."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from keepbits.export.quantize import QUANTIZED_OPS, CalibrationReader, quantize_bundle
+
+    npz = work / "calibration.npz"
+    zeros = np.zeros(len(calibration), np.int64)
+    np.savez(npz, x_train=calibration, y_train=zeros, x_test=calibration, y_test=zeros)
+    bundle_int8, report = quantize_bundle(bundle, work / "bundle_int8", npz, calibration_images=len(calibration),
+                                          eval_images=len(calibration))
+    classifier_int8 = work / "classifier_int8.onnx"
+    quantize_static(str(classifier_onnx), str(classifier_int8), CalibrationReader("image", calibration, 16), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=QUANTIZED_OPS)
+    return bundle_int8.source, classifier_int8, report
+
+
+def classifier_sessions(path: Path, threads: int | None) -> dict[str, ort.InferenceSession]:
+    """The classifier-only graph with the pipeline's thread count, ORT spinning off and on."""
     return {name: ort.InferenceSession(str(path), session_options(threads, spin), providers=["CPUExecutionProvider"])
             for name, spin in (("no_spin", False), ("spin", True))}
 
@@ -185,6 +207,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op / torch threads (default: library choice)")
     p.add_argument("--soak-seconds", type=float, default=600.0, help="0 skips the soak")
     p.add_argument("--generator", default="nice_unet", help="registered generator (nice_unet, nice_fast, nice_caltech)")
+    p.add_argument("--int8", action="store_true", help="INT8 bundle and INT8 classifier-only graph (ORT static quantisation, "
+                   "calibrated on --calibration-frames later frames of the video); the naive loop stays torch float32")
+    p.add_argument("--calibration-frames", type=int, default=64)
     args = p.parse_args()
     if args.data is None:
         p.error("--data is required (no ../shared/data here)")
@@ -194,9 +219,19 @@ def main() -> None:
     load_at_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="kb-bench-"))
     generator, classifier = build_models(args.generator)
-    pipe = Pipeline.from_bundle(make_bundle(generator, classifier, work, args.generator), backend="onnxruntime", threads=args.threads)
-    sessions = classifier_sessions(classifier, work / "classifier.onnx", args.threads)
-    frames = load_frames(video, args.frames)
+    bundle = make_bundle(generator, classifier, work, args.generator)
+    classifier_onnx = export_classifier_only(classifier, work / "classifier.onnx")
+    pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
+    frames = load_frames(video, args.frames + (args.calibration_frames if args.int8 else 0))
+    frames, calibration_frames = frames[: args.frames], frames[args.frames :]
+    quantization = None
+    if args.int8:
+        calibration = np.empty((len(calibration_frames), SIZE, SIZE, 3), np.uint8)
+        for f, slot in zip(calibration_frames, calibration):
+            pipe._fit(f, slot)
+        bundle, classifier_onnx, quantization = quantize_both(bundle, classifier_onnx, calibration, work)
+        pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
+    sessions = classifier_sessions(classifier_onnx, args.threads)
     run_pipeline(pipe, frames[:4]), run_naive(generator, classifier, frames[:2])  # warm-up
     for session in sessions.values():
         run_session(session, ["logits"], pipe, frames[:4])
@@ -239,6 +274,8 @@ def main() -> None:
               for stage in rounds[0]["latency_ms"]}
     result = {
         "model": {"classifier": "resnet18 (ImageNet stem, 1000 classes, untrained)", "generator": f"{args.generator} (untrained)",
+                  "precision": "int8 (bundle and classifier-only; naive float32)" if args.int8 else "float32",
+                  "int8_vs_float32_on_calibration_frames": quantization,
                   "input": [3, SIZE, SIZE], "block": BLOCK, "providers": pipe.providers, "custom_ops": pipe.manifest.custom_ops},
         "codec": pipe.describe()["codec"],
         "threads": {
@@ -267,7 +304,7 @@ def main() -> None:
         result["soak"] = soak(pipe, video, args.soak_seconds)
         print(f"soak: {result['soak']['frames']} frames in {result['soak']['seconds']:.0f} s, RSS {result['soak']['rss_mb_first_fifth_mean']} -> "
               f"{result['soak']['rss_mb_last_fifth_mean']} MB (max {result['soak']['rss_mb_max']})", flush=True)
-    name = "runtime_throughput" if args.generator == "nice_unet" else f"runtime_throughput_{args.generator}"
+    name = "runtime_throughput" + ("" if args.generator == "nice_unet" else f"_{args.generator}") + ("_int8" if args.int8 else "")
     print(write_result(name, result))
 
 
