@@ -37,14 +37,18 @@ def main() -> None:
     p.add_argument("--lambda-sim", type=float, default=3.0)
     p.add_argument("--sim-lr", type=float, default=2e-3)
     p.add_argument("--unet-base", type=int, default=8)
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="first train the classifier alone for this many AdamW steps and finetune it jointly (0: joint from scratch)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
 
     import torch
 
-    from keepbits.data import load_dataset
+    from keepbits.data import channel_stats, load_dataset
+    from keepbits.training.checkpoint import model_entry, save_checkpoint
+    from keepbits.training.density import images_to_unit
     from keepbits.training.distractors import removal_scores, write_distractor_npz
-    from keepbits.training.simplebits import SimpleBitsConfig, load_simplebits, simplify, train_simplebits
+    from keepbits.training.simplebits import SimpleBitsConfig, build_classifier, fit_classifier, load_simplebits, simplify, train_simplebits
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="simplebits_distractors_"))
@@ -54,7 +58,19 @@ def main() -> None:
     for kind in args.kinds:
         t0 = time.time()
         npz = write_distractor_npz(kind, args.data, work / f"{kind}.npz", args.n_train, args.n_test)
+        pretrained = None
+        if args.pretrain_steps:
+            train = load_dataset(npz, "train")
+            mean, std = channel_stats(train.x)
+            c, h, w = train.shape_chw
+            torch.manual_seed(0)
+            clf, kwargs = build_classifier(args.arch, c, train.num_classes, (h, w), mean, std)
+            fit_classifier(clf, images_to_unit(train.x), torch.from_numpy(train.y), args.pretrain_steps, args.batch_size)
+            pretrained = save_checkpoint(work / f"{kind}_classifier.pt", {
+                "kind": "classifier", "models": {"classifier": model_entry(args.arch, kwargs, clf.net)},
+                "normalization": {"mean": mean, "std": std}, "class_names": train.class_names})
         cfg = SimpleBitsConfig(data=str(npz), out=str(work / f"{kind}.pt"), density=args.density, arch=args.arch,
+                               classifier=str(pretrained) if pretrained else None,
                                lambda_sim=args.lambda_sim, steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr,
                                unet_base=args.unet_base, max_test=None, threads=args.threads)
         metrics = train_simplebits(cfg)["metrics"]
