@@ -5,7 +5,7 @@ backgrounds and CIFAR test objects. A classifier and a NICE generator are traine
 scenes; the rate–accuracy curve (λ1 sweep; x̃ as PNG, JPEG and WebP) is compared with PNG of the scene and
 the best JPEG/WebP of the scene reaching the same accuracy.
 
-Writes ``bench/results/nice_scenes.json`` and ``nice_scenes_rate.png``; the generated scene
+Writes ``bench/results/nice_scenes[_TAG].json`` and ``nice_scenes[_TAG]_rate.png``; the generated scene
 sets go to ``--runs`` (never committed).
 
     nice -n 5 python bench/nice_scenes.py --num-train 4000 --num-test 500
@@ -66,21 +66,25 @@ def main() -> int:
     p.add_argument("--classifier-epochs", type=int, default=10)
     p.add_argument("--generator", default="nice_fast")
     p.add_argument("--block-size", type=int, default=256, help="b (256 = dropped pixels become the scene mean)")
-    p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 3.0, 10.0])
+    p.add_argument("--lambdas", type=float, nargs="*", default=[1.0, 3.0, 10.0])
     p.add_argument("--target-fractions", type=float, nargs="*", default=[],
-                   help="also train in target-sparsity mode for these kept fractions (λ1 adapted from the first --lambdas value)")
+                   help="also train in target-sparsity mode for these kept fractions (λ1 adapted, starting at --target-lambda0)")
+    p.add_argument("--target-lambda0", type=float, default=1.0)
     p.add_argument("--classifier-init", default=None, help="start the scene classifier from this checkpoint (e.g. CIFAR-10 resnet20 for resnet20_scan)")
     p.add_argument("--lambda-smooth", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--nice-max-train", type=int, default=None, help="train each generator on a seeded sample of this many scenes")
     p.add_argument("--qualities", type=int, nargs="+", default=[5, 10, 20, 30, 50, 70, 90])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sis-k", type=int, default=2048, help="SIS baseline: gradient BackSelect, K pixels per iteration (0: off)")
     args = p.parse_args()
     if args.data is None or not (args.data / "kodak").is_dir() or not (args.data / "cifar10").is_dir():
         p.error(f"data folder with kodak/ and cifar10/ not found: {args.data} (pass --data)")
+    name = f"nice_scenes{'_' + args.tag if args.tag else ''}"
     torch.set_num_threads(args.threads)
     started = time.time()
     scenes = args.runs / f"scenes_{args.num_train}_{args.num_test}_s{args.seed}"
@@ -93,11 +97,11 @@ def main() -> int:
                                  init=args.classifier_init)
     test = load_dataset(scenes, "test")
     rows, ranks = [], None
-    settings = [(lam, None) for lam in args.lambdas] + [(args.lambdas[0], t) for t in args.target_fractions]
+    settings = [(lam, None) for lam in args.lambdas] + [(args.target_lambda0, t) for t in args.target_fractions]
     for lam, target in settings:
         out = args.runs / (f"scenes_{args.generator}_l{lam:g}" if target is None else f"scenes_{args.generator}_t{target:g}")
         cfg = NiceConfig(data=str(scenes), classifier=clf_path, out=str(out), generator=args.generator, block_size=args.block_size,
-                         lambda_l0=lam, target_fraction=target, lambda_smooth=args.lambda_smooth, lr=args.lr, epochs=args.epochs, batch_size=32, max_train=args.nice_max_train,
+                         lambda_l0=lam, target_fraction=target, lambda_smooth=args.lambda_smooth, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_train=args.nice_max_train,
                          seed=args.seed, progress=False, command=" ".join(sys.argv))
         summary = train_nice(cfg)
         gen, clf, record = load_nice(summary["checkpoint"])
@@ -125,7 +129,7 @@ def main() -> int:
                      "training_history": summary["history"]})
         print(f"λ1={lam:g} target={target}: kept {result['kept_fraction']:.3f} acc {acc:.3f} (scene {original['accuracy']:.3f}) bytes {row['nice']['png_bytes_per_image']:.0f} vs PNG {png:.0f}", flush=True)
     codecs = original["codecs"]
-    plot_curves(results_dir() / "nice_scenes_rate.png", {
+    plot_curves(results_dir() / f"{name}_rate.png", {
         **{f"NICE {_setting(r)} ({codec} of x̃)": ([c["bytes_per_image"] for c in r["nice_codecs"] if c["codec"] == codec],
                                                     [c["accuracy"] for c in r["nice_codecs"] if c["codec"] == codec])
            for r in rows for codec in ("jpeg", "webp")},
@@ -147,7 +151,7 @@ def main() -> int:
                    "met_by": [_setting(r) for r in ok]},
         "wall_time_s": round(time.time() - started, 1),
     }
-    print(write_result("nice_scenes", payload))
+    print(write_result(name, payload))
     return 0
 
 
