@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lambda-sim", type=float, default=3.0)
     p.add_argument("--sim-lr", type=float, default=2e-3)
+    p.add_argument("--inner-lr", type=float, default=0.01, help="SGD learning rate of the unrolled classifier step")
     p.add_argument("--unet-base", type=int, default=8)
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="first train the classifier alone for this many AdamW steps and finetune it jointly (0: joint from scratch)")
@@ -71,7 +72,7 @@ def main() -> None:
                 "normalization": {"mean": mean, "std": std}, "class_names": train.class_names})
         cfg = SimpleBitsConfig(data=str(npz), out=str(work / f"{kind}.pt"), density=args.density, arch=args.arch,
                                classifier=str(pretrained) if pretrained else None,
-                               lambda_sim=args.lambda_sim, steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr,
+                               lambda_sim=args.lambda_sim, steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr, inner_lr=args.inner_lr,
                                unet_base=args.unet_base, max_test=None, threads=args.threads)
         metrics = train_simplebits(cfg)["metrics"]
         simplifier, _, _ = load_simplebits(cfg.out)

@@ -87,6 +87,7 @@ def main() -> None:
                    help="whose simplifier's images the 'retrain' mode trains a fresh classifier on (the paper: joint)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sim-lr", type=float, default=5e-3)
+    p.add_argument("--inner-lr", type=float, default=0.01, help="SGD learning rate of the unrolled classifier step")
     p.add_argument("--unet-base", type=int, default=8)
     p.add_argument("--classifier-steps", type=int, default=150, help="plain AdamW steps for baseline / retrained classifiers")
     p.add_argument("--blur-sigmas", type=float, nargs="*", default=[])
@@ -167,7 +168,7 @@ def main() -> None:
             t0 = time.time()
             out = work / f"{mode}_{lam}.pt"
             cfg = SimpleBitsConfig(data=str(root), out=str(out), density=args.density, arch=args.arch, lambda_sim=lam,
-                                   steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr, unet_base=args.unet_base,
+                                   steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr, inner_lr=args.inner_lr, unet_base=args.unet_base,
                                    max_train=args.max_train, max_test=args.max_test, threads=args.threads,
                                    classifier=str(pretrained) if mode == "finetune" else None)
             m = train_simplebits(cfg)["metrics"]

@@ -111,7 +111,7 @@ class SimpleBitsConfig:
     arch: str = "nf_wrn16_2"
     classifier: str | None = None
     lambda_sim: float = 1.0
-    inner_lr: float = 0.1
+    inner_lr: float = 0.01
     lr: float = 5e-4
     sim_lr: float | None = None
     weight_decay: float = 1e-5
