@@ -5,7 +5,7 @@ distractor part, before and after simplification).
 
     OMP_WAIT_POLICY=PASSIVE nice -n 5 .venv/bin/python bench/simplebits_distractors.py --kinds mnist_cifar cifar_stripes
 
-Writes ``bench/results/simplebits_distractors.json`` after every data set and
+Writes ``bench/results/simplebits_distractors[_TAG].json`` after every data set and
 ``..._images.png`` (per set: original, simplified, target part, distractor part).
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="first train the classifier alone for this many AdamW steps and finetune it jointly (0: joint from scratch)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
 
     import torch
@@ -53,6 +54,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="simplebits_distractors_"))
+    name = f"simplebits_distractors{'_' + args.tag if args.tag else ''}"
     rows: list[dict] = []
     strips: list[tuple[str, np.ndarray]] = []
     to_chw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0  # noqa: E731
@@ -86,8 +88,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         for title, imgs in (("original", to_chw(x)), ("simplified", sim), ("target part", to_chw(target)), ("distractor part", to_chw(distractor))):
             strips.append((f"{kind}: {title}", imgs[:8].numpy()))
-        save_image_rows(strips, results_dir() / "simplebits_distractors_images.png", per_row=8)
-        write_result("simplebits_distractors", {
+        save_image_rows(strips, results_dir() / f"{name}_images.png", per_row=8)
+        write_result(name, {
             "settings": vars(args), "rows": rows,
             "protocol": ("joint SimpleBits training on the distractor set's train split; scores on its test split: "
                          "mean per-image Pearson correlation of the (simplified) images with the target part and "
