@@ -9,13 +9,13 @@ import numpy as np
 from keepbits.training.checkpoint import load_checkpoint
 
 
-def test_two_cpu_ranks_agree(tmp_path, tiny_npz):
+def test_two_cpu_ranks_agree(tmp_path, tiny_npz, free_port):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port),
            "-m", "keepbits", "-q", "train", "classifier", "--data", str(tiny_npz), "--arch", "lenet5",
            "--out", str(tmp_path / "ddp"), "--epochs", "2", "--batch-size", "8", "--optimizer", "adamw", "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-1500:]
     record = load_checkpoint(tmp_path / "ddp" / "last.pt", "classifier")
     digests = record["metrics"]["rank_parameter_digests"]
     assert record["metrics"]["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]

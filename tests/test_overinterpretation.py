@@ -1,7 +1,6 @@
 """Overinterpretation pipeline, sharded/resumable orders (torchrun, 2 processes), CLI reports."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -37,12 +36,6 @@ MODEL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _orders(folder):
     out = []
     for name in sorted(os.listdir(folder)):
@@ -51,11 +44,11 @@ def _orders(folder):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume(tmp_path, monkeypatch):
+def test_two_processes_match_one_and_resume(tmp_path, monkeypatch, free_port):
     script = tmp_path / "orders_script.py"
     script.write_text(MODEL_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
                     str(script), str(tmp_path / "multi")], check=True, env=env, capture_output=True)
     monkeypatch.syspath_prepend(str(tmp_path))
     from orders_script import setup
