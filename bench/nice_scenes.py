@@ -82,6 +82,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sis-k", type=int, default=2048, help="SIS baseline: gradient BackSelect, K pixels per iteration (0: off)")
     args = p.parse_args()
+    if not args.lambdas and not args.target_fractions:
+        p.error("give at least one --lambdas value or --target-fractions value")
     if args.data is None or not (args.data / "kodak").is_dir() or not (args.data / "cifar10").is_dir():
         p.error(f"data folder with kodak/ and cifar10/ not found: {args.data} (pass --data)")
     name = f"nice_scenes{'_' + args.tag if args.tag else ''}"

@@ -12,8 +12,8 @@ its worst case, every block kept). Frames: ``videos/bottle-detection.mp4`` (640�
 letterboxed to 224×224.
 
 * classifier only: the same letterbox + an ONNX Runtime session of the bundle's own graph cut
-  down to image → logits (normalise + ResNet-18; since this session, before it was a separate
-  TorchScript export), with the same intra-op thread count as the pipeline, measured with ORT's spinning on *and* off;
+  down to image → logits (normalise + ResNet-18), with the same intra-op thread count as the
+  pipeline, measured with ORT's spinning on *and* off;
   the faster of the two is the baseline of each round (the pipeline runs with spinning off,
   its default).
 * graph only: the same letterbox + the bundle's session (generator + classifier), no codec:
@@ -197,8 +197,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op / torch threads (default: library choice)")
     p.add_argument("--soak-seconds", type=float, default=600.0, help="0 skips the soak")
     p.add_argument("--generator", default="nice_unet", help="registered generator (nice_unet, nice_fast, nice_caltech)")
-    p.add_argument("--int8", action="store_true", help="INT8 bundle and INT8 classifier-only graph (ORT static quantisation, "
-                   "calibrated on --calibration-frames later frames of the video); the naive loop stays torch float32")
+    p.add_argument("--int8", action="store_true", help="quantise the bundle to INT8 (ORT static quantisation, calibrated on --calibration-frames "
+                   "later frames of the video); classifier-only is cut from it, the naive loop stays torch float32")
     p.add_argument("--calibration-frames", type=int, default=64)
     args = p.parse_args()
     if args.data is None:

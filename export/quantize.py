@@ -44,7 +44,7 @@ def bundle_inputs(manifest: Manifest, images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
-class CalibrationReader:
+class _Reader:
     """onnxruntime.quantization CalibrationDataReader over batches of one array."""
 
     def __init__(self, name: str, x: np.ndarray, batch: int):
@@ -104,7 +104,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
     logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization warns about pre-processing on root
     with tempfile.TemporaryDirectory() as tmp:
         quantized = Path(tmp) / "model.onnx"
-        quantize_static(str(source.model_path), str(quantized), CalibrationReader(m.input_name, bundle_inputs(m, calib), 16),
+        quantize_static(str(source.model_path), str(quantized), _Reader(m.input_name, bundle_inputs(m, calib), 16),
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         per_channel=per_channel, op_types_to_quantize=QUANTIZED_OPS)
         provenance = dict(m.provenance)
