@@ -4,7 +4,7 @@ bundle on the test split: accuracy, argmax and mask agreement, ẑ / x̃ deviati
 
     nice -n 5 python bench/export_int8.py --checkpoint runs/nice/nice.pt --data ../shared/data/mnist
 
-Writes ``bench/results/export_int8.json``.
+Writes ``bench/results/export_int8[_TAG].json``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from keepbits.benchmarking import default_data_dir, write_result
 from keepbits.bundle import sha256_file
 from keepbits.data import load_dataset
 from keepbits.export import export_onnx
-from keepbits.export.quantize import bundle_inputs, quantize_bundle
+from keepbits.export.quantize import ACTIVATION_TYPES, bundle_inputs, quantize_bundle
 from keepbits.native import make_session
 
 
@@ -47,12 +47,15 @@ def main() -> int:
     parser.add_argument("--calibration-images", type=int, default=256)
     parser.add_argument("--eval-images", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--activations", choices=ACTIVATION_TYPES, default="uint8")
+    parser.add_argument("--tag", default="", help="suffix of the result file")
     args = parser.parse_args()
     if args.data is None or not args.data.exists():
         parser.error(f"data not found: {args.data} (pass --data)")
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(args.checkpoint, Path(tmp) / "fp32")
-        int8, report = quantize_bundle(fp32.source, Path(tmp) / "int8", args.data, args.calibration_images, args.eval_images)
+        int8, report = quantize_bundle(fp32.source, Path(tmp) / "int8", args.data, args.calibration_images, args.eval_images,
+                                      activations=args.activations)
         m = fp32.manifest
         image = bundle_inputs(m, load_dataset(args.data, "test", size=tuple(m.input_shape[1:])).x[:1])
         latency = latency_ms({"fp32": fp32.model_path, "int8": int8.model_path}, image, m.input_name, args.repeat)
@@ -61,13 +64,14 @@ def main() -> int:
         "checkpoint": {"path": str(args.checkpoint), "sha256": sha256_file(args.checkpoint), "generator": m.generator,
                        "classifier": m.classifier, "block_size": m.block_size, "input_shape": m.input_shape},
         "data": str(args.data),
-        "settings": {"calibration_images": args.calibration_images, "eval_images": args.eval_images, "repeat": args.repeat},
+        "settings": {"calibration_images": args.calibration_images, "eval_images": args.eval_images, "repeat": args.repeat,
+                     "activations": args.activations},
         "int8_vs_fp32": report,
         "latency_batch1_ms": latency,
         "model_bytes": sizes,
     }
     print(payload)
-    print(f"wrote {write_result('export_int8', payload)}")
+    print(f"wrote {write_result('export_int8' + (f'_{args.tag}' if args.tag else ''), payload)}")
     return 0
 
 

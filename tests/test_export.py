@@ -190,3 +190,9 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path):
     assert q["calibration_images"] == 32 and q["source_bundle_digest"] == bundle_a[1].digest
     assert report["images"] == 24 and 0.0 <= report["mask_agreement"] <= 1.0 and "accuracy_candidate" in report
     assert q["evaluation_vs_fp32"] == report
+    # activations default to uint8 (x86 ORT's fused QLinearConv path); int8 on request; anything else refused
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    activation_types = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}  # weights have no Q node
+    assert activation_types == {onnx.TensorProto.UINT8} and "uint8 activations" in q["method"]
+    with pytest.raises(InputError, match="activations"):
+        quantize_bundle(bundle_a[1].source, tmp_path / "bad", data, calibration_images=8, activations="int4")
