@@ -72,6 +72,9 @@ def main() -> int:
     p.add_argument("--target-lambda0", type=float, default=1.0)
     p.add_argument("--classifier-init", default=None, help="start the scene classifier from this checkpoint (e.g. CIFAR-10 resnet20 for resnet20_scan)")
     p.add_argument("--lambda-smooth", type=float, default=1.0)
+    p.add_argument("--warmup-steps", type=int, default=0, help="saliency warm start steps (NiceConfig.warmup_steps)")
+    p.add_argument("--warmup-fraction", type=float, default=None)
+    p.add_argument("--warmup-smooth", type=int, default=9)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
@@ -101,9 +104,11 @@ def main() -> int:
     rows, ranks = [], None
     settings = [(lam, None) for lam in args.lambdas] + [(args.target_lambda0, t) for t in args.target_fractions]
     for lam, target in settings:
-        out = args.runs / (f"scenes_{args.generator}_l{lam:g}" if target is None else f"scenes_{args.generator}_t{target:g}")
+        out = args.runs / ((f"scenes_{args.generator}_l{lam:g}" if target is None else f"scenes_{args.generator}_t{target:g}")
+                           + (f"_w{args.warmup_steps}" if args.warmup_steps else ""))
         cfg = NiceConfig(data=str(scenes), classifier=clf_path, out=str(out), generator=args.generator, block_size=args.block_size,
-                         lambda_l0=lam, target_fraction=target, lambda_smooth=args.lambda_smooth, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_train=args.nice_max_train,
+                         lambda_l0=lam, target_fraction=target, lambda_smooth=args.lambda_smooth, lr=args.lr,
+                         warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth, epochs=args.epochs, batch_size=args.batch_size, max_train=args.nice_max_train,
                          seed=args.seed, progress=False, command=" ".join(sys.argv))
         summary = train_nice(cfg)
         gen, clf, record = load_nice(summary["checkpoint"])
@@ -146,7 +151,8 @@ def main() -> int:
                      "backgrounds": "kodim01-16 train, kodim17-24 test, random 256x256 crops",
                      "objects": "CIFAR-10 train_20k (train) / test (test), bilinear x2 to 64x64, random position",
                      "classifier": f"{args.arch} ({clf_path})", "generator": args.generator, "block_size": args.block_size,
-                     "lambda_smooth": args.lambda_smooth, "epochs": args.epochs, "lr": args.lr},
+                     "lambda_smooth": args.lambda_smooth, "epochs": args.epochs, "lr": args.lr,
+                     "warm_start": {"steps": args.warmup_steps, "fraction": args.warmup_fraction, "smooth_px": args.warmup_smooth}},
         "sweep": rows,
         "target": {"rule": "NICE's cheapest coding of x̃ within 1 point of the scene accuracy: >= 5x fewer bytes than scene PNG, "
                            ">= 2x fewer than the scene's cheapest JPEG/WebP reaching the same accuracy",

@@ -12,7 +12,7 @@ from keepbits.cli import main
 from keepbits.data import ImageDataset, channel_stats, load_dataset
 from keepbits.errors import InputError
 from keepbits.training.checkpoint import load_checkpoint, model_entry, save_checkpoint
-from keepbits.training.nice import NiceConfig, evaluate_nice, load_nice, nice_loss, topk_mask, train_nice
+from keepbits.training.nice import NiceConfig, evaluate_nice, load_nice, nice_loss, saliency_target, topk_mask, train_nice
 
 
 @pytest.fixture(autouse=True)
@@ -145,6 +145,32 @@ def test_target_sparsity_reaches_requested_fraction(tiny_npz, tmp_path):
     assert abs(summary["final"]["kept_fraction"] - target) < 0.1
     assert summary["lambda_l0_final"] > 0.1  # λ1 rose from its start value to remove pixels
     assert load_checkpoint(summary["checkpoint"])["settings"]["target_fraction"] == target
+
+
+def test_saliency_target_keeps_the_pixels_the_classifier_reads():
+    class CornerReader(torch.nn.Module):  # class 1's logit reads the top-left 2×2 pixels only
+        def forward(self, x):
+            return torch.stack([torch.zeros(len(x)), x[:, :, :2, :2].sum((1, 2, 3))], 1)
+
+    x = torch.rand(2, 3, 6, 5)
+    target = saliency_target(CornerReader(), x, torch.tensor([1, 1]), fraction=4 / 30, smooth=1)
+    expected = torch.zeros(6, 5)
+    expected[:2, :2] = 1
+    assert torch.equal(target[:, 0], expected.expand(2, 6, 5))
+    smoothed = saliency_target(CornerReader(), x, torch.tensor([1, 1]), fraction=4 / 30, smooth=3)
+    assert smoothed[:, 0, :3, :3].sum().item() == 8  # smoothing keeps the kept pixels beside the read ones
+
+
+def test_warm_start_fits_the_requested_fraction_then_trains(tiny_npz, tmp_path):
+    clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz, train_steps=40)
+    summary = train_nice(_config(tiny_npz, tmp_path, clf, generator="nice_unet", generator_kwargs={"widths": [4, 8]},
+                                 lr=0.01, epochs=1, warmup_steps=60, warmup_fraction=0.25, warmup_smooth=3))
+    warm, first = summary["history"]
+    assert warm["epoch"] == 0 and first["epoch"] == 1 and warm["warmup_fraction"] == 0.25
+    assert abs(warm["warmup_train_kept"] - 0.25) < 0.1  # started from every pixel kept (INIT_LOG_ALPHA)
+    assert warm["warmup_bce"] < 0.5
+    with pytest.raises(InputError, match="warm-up"):
+        train_nice(_config(tiny_npz, tmp_path, clf, warmup_steps=-1))
 
 
 def test_evaluate_uses_deterministic_mask(tiny_npz, tmp_path):

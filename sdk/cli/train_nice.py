@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda-smooth", type=float, default=0.0, help="λ2, weight of the smoothness loss per pixel")
     p.add_argument("--target-fraction", type=float, default=None, help="adapt λ1 during training so ẑ > 0.5 keeps this fraction of pixels")
     p.add_argument("--target-rate", type=float, default=0.05, help="η of the dual update λ1 += η·(kept − target)/target in target mode")
+    p.add_argument("--warmup-steps", type=int, default=0, help="saliency warm start: fit the mask to the classifier's most salient "
+                   "pixels for this many steps before NICE training (0: off)")
+    p.add_argument("--warmup-fraction", type=float, default=None, help="fraction of pixels the warm start keeps (default: "
+                   "--target-fraction, else 0.1)")
+    p.add_argument("--warmup-smooth", type=int, default=9, help="box filter (px) on the saliency map of the warm start")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam: lr ×0.1 every --step-epochs; sgd: momentum 0.9, cosine")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--classifier-lr", type=float, default=None, help="finetuned mode (default --lr)")
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, classifier=args.classifier, out=args.out, generator=args.generator, generator_kwargs=gen_kwargs,
         mode=args.mode, train_blocks=args.train_blocks, block_size=args.block_size, lambda_l0=args.lambda_l0,
         lambda_smooth=args.lambda_smooth, target_fraction=args.target_fraction, target_rate=args.target_rate,
-        optimizer=args.optimizer, lr=args.lr, classifier_lr=args.classifier_lr, step_epochs=args.step_epochs,
+        warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth, optimizer=args.optimizer, lr=args.lr, classifier_lr=args.classifier_lr, step_epochs=args.step_epochs,
         epochs=args.epochs, batch_size=args.batch_size, max_train=args.max_train, max_test=args.max_test,
         seed=args.seed, threads=args.threads, progress=not args.quiet, command=command_line(),
     )
