@@ -7,9 +7,13 @@ vs a naive loop, per-stage latency, and memory over a long looped run.
 Model: a ResNet-18 (ImageNet stem) at 224×224 with a NICE generator, b = 8: ``--generator``,
 default ``nice_unet`` (the default of ``keepbits train nice``); ``nice_fast`` is the cheap
 deployment generator. Exported to a bundle with ``keepbits.export`` (untrained weights:
-compute is the same; the generator's initial bias keeps ~every pixel, so the codec runs
-its worst case, every block kept). Frames: ``videos/bottle-detection.mp4`` (640×360),
-letterboxed to 224×224.
+the model's compute is the same). The generator's initial bias keeps every pixel, so by
+default the codec runs its worst case, every block kept. ``--kept-fraction F`` measures an
+operating point of a sparse mask instead: the generator's 1×1 head gets seeded random
+weights and a bias set so that ẑ > 0.5 (⇔ log α > 0, Eq. 11) on a fraction F of the pixels
+of the calibration frames; the mask then follows the frame's content through the untrained
+features (a stand-in for a trained mask's sparsity, not its semantics). Frames:
+``videos/bottle-detection.mp4`` (640×360), letterboxed to 224×224.
 
 * classifier only: the same letterbox + an ONNX Runtime session of the bundle's own graph cut
   down to image → logits (normalise + ResNet-18), with the same intra-op thread count as the
@@ -66,6 +70,21 @@ def build_models(generator_name: str, seed: int = 0) -> tuple[torch.nn.Module, t
     classifier = registry.build("resnet18", in_channels=3, num_classes=1000).eval()
     generator = registry.build(generator_name, in_channels=3).eval()
     return generator, classifier
+
+
+def sparsify_head(generator: torch.nn.Module, images: np.ndarray, fraction: float, seed: int = 0) -> dict:
+    """Give the generator's last 1-channel convolution seeded random weights and the bias that
+    makes log α > 0 (ẑ > 0.5) on ``fraction`` of the pixels of ``images`` (uint8 N×H×W×3)."""
+    head = [m for m in generator.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 1][-1]
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) / head.weight[0].numel() ** 0.5)
+        head.bias.zero_()
+        log_alpha = generator(x)
+        head.bias.fill_(-float(torch.quantile(log_alpha.flatten()[:: max(1, log_alpha.numel() // 2**24)], 1 - fraction)))
+        kept = float((functional.deterministic_mask(generator(x)) > 0.5).float().mean())
+    return {"requested": fraction, "kept_on_calibration_frames": kept, "head_seed": seed}
 
 
 def make_bundle(generator, classifier, folder: Path, generator_name: str) -> Path:
@@ -200,7 +219,11 @@ def main() -> None:
     p.add_argument("--int8", action="store_true", help="quantise the bundle to INT8 (ORT static quantisation, calibrated on --calibration-frames "
                    "later frames of the video); classifier-only is cut from it, the naive loop stays torch float32")
     p.add_argument("--calibration-frames", type=int, default=64)
+    p.add_argument("--kept-fraction", type=float, default=None,
+                   help="sparse-mask operating point (see above); default: untrained head, every pixel kept")
     args = p.parse_args()
+    if args.kept_fraction is not None and not 0 < args.kept_fraction < 1:
+        p.error("--kept-fraction must be in (0, 1)")
     if args.data is None:
         p.error("--data is required (no ../shared/data here)")
     video = args.data / "videos" / "bottle-detection.mp4"
@@ -211,13 +234,18 @@ def main() -> None:
     generator, classifier = build_models(args.generator)
     bundle = make_bundle(generator, classifier, work, args.generator)
     pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
-    frames = load_frames(video, args.frames + (args.calibration_frames if args.int8 else 0))
+    needs_calibration = args.int8 or args.kept_fraction is not None
+    frames = load_frames(video, args.frames + (args.calibration_frames if needs_calibration else 0))
     frames, calibration_frames = frames[: args.frames], frames[args.frames :]
-    quantization = None
+    calibration = np.empty((len(calibration_frames), SIZE, SIZE, 3), np.uint8)
+    for f, slot in zip(calibration_frames, calibration):
+        pipe._fit(f, slot)
+    quantization = sparsity = None
+    if args.kept_fraction is not None:
+        sparsity = sparsify_head(generator, calibration, args.kept_fraction)
+        bundle = make_bundle(generator, classifier, work / "sparse", args.generator)
+        pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     if args.int8:
-        calibration = np.empty((len(calibration_frames), SIZE, SIZE, 3), np.uint8)
-        for f, slot in zip(calibration_frames, calibration):
-            pipe._fit(f, slot)
         bundle, quantization = quantize(bundle, calibration, work)
         pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     sessions = classifier_sessions(classifier_only_graph(bundle, work / "classifier_only.onnx"), args.threads)
@@ -262,7 +290,9 @@ def main() -> None:
     stages = {stage: {q: statistics.median(x["latency_ms"][stage][q] for x in rounds) for q in ("p50", "p99")}
               for stage in rounds[0]["latency_ms"]}
     result = {
-        "model": {"classifier": "resnet18 (ImageNet stem, 1000 classes, untrained)", "generator": f"{args.generator} (untrained)",
+        "model": {"classifier": "resnet18 (ImageNet stem, 1000 classes, untrained)",
+                  "generator": f"{args.generator} (untrained" + (", head set to a sparse operating point)" if sparsity else ")"),
+                  "mask_operating_point": sparsity or "untrained head: every pixel kept (the codec's worst case)",
                   "precision": "int8 (bundle, hence classifier-only; naive float32)" if args.int8 else "float32",
                   "classifier_only": "the bundle's graph cut to image -> logits (onnx.utils.extract_model)",
                   "int8_vs_float32_on_calibration_frames": quantization,
@@ -294,7 +324,8 @@ def main() -> None:
         result["soak"] = soak(pipe, video, args.soak_seconds)
         print(f"soak: {result['soak']['frames']} frames in {result['soak']['seconds']:.0f} s, RSS {result['soak']['rss_mb_first_fifth_mean']} -> "
               f"{result['soak']['rss_mb_last_fifth_mean']} MB (max {result['soak']['rss_mb_max']})", flush=True)
-    name = "runtime_throughput" + ("" if args.generator == "nice_unet" else f"_{args.generator}") + ("_int8" if args.int8 else "")
+    name = ("runtime_throughput" + ("" if args.generator == "nice_unet" else f"_{args.generator}") + ("_int8" if args.int8 else "")
+            + (f"_kept{args.kept_fraction:g}" if sparsity else ""))
     print(write_result(name, result))
 
 
