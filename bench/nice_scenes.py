@@ -75,6 +75,7 @@ def main() -> int:
     p.add_argument("--warmup-steps", type=int, default=0, help="saliency warm start steps (NiceConfig.warmup_steps)")
     p.add_argument("--warmup-fraction", type=float, default=None)
     p.add_argument("--warmup-smooth", type=int, default=9)
+    p.add_argument("--warmup-lr", type=float, default=1e-2)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
@@ -108,7 +109,7 @@ def main() -> int:
                            + (f"_w{args.warmup_steps}" if args.warmup_steps else ""))
         cfg = NiceConfig(data=str(scenes), classifier=clf_path, out=str(out), generator=args.generator, block_size=args.block_size,
                          lambda_l0=lam, target_fraction=target, lambda_smooth=args.lambda_smooth, lr=args.lr,
-                         warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth, epochs=args.epochs, batch_size=args.batch_size, max_train=args.nice_max_train,
+                         warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth, warmup_lr=args.warmup_lr, epochs=args.epochs, batch_size=args.batch_size, max_train=args.nice_max_train,
                          seed=args.seed, progress=False, command=" ".join(sys.argv))
         summary = train_nice(cfg)
         gen, clf, record = load_nice(summary["checkpoint"])
@@ -152,7 +153,7 @@ def main() -> int:
                      "objects": "CIFAR-10 train_20k (train) / test (test), bilinear x2 to 64x64, random position",
                      "classifier": f"{args.arch} ({clf_path})", "generator": args.generator, "block_size": args.block_size,
                      "lambda_smooth": args.lambda_smooth, "epochs": args.epochs, "lr": args.lr,
-                     "warm_start": {"steps": args.warmup_steps, "fraction": args.warmup_fraction, "smooth_px": args.warmup_smooth}},
+                     "warm_start": {"steps": args.warmup_steps, "fraction": args.warmup_fraction, "smooth_px": args.warmup_smooth, "lr": args.warmup_lr}},
         "sweep": rows,
         "target": {"rule": "NICE's cheapest coding of x̃ within 1 point of the scene accuracy: >= 5x fewer bytes than scene PNG, "
                            ">= 2x fewer than the scene's cheapest JPEG/WebP reaching the same accuracy",

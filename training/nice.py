@@ -26,7 +26,7 @@ Saliency warm start (``warmup_steps`` > 0; not in the paper): before Eq. 10 trai
 generator is fitted for that many steps to a localisation the classifier already has: per
 image, the ``warmup_fraction`` of pixels with the highest gradient saliency |∂logit_y/∂x|
 (channels summed, box-smoothed over ``warmup_smooth`` px), as a binary cross-entropy on
-log α/β, so ẑ > 0.5 (⇔ log α > 0, Eq. 11) on exactly those pixels. Eq. 10 training then
+log α/β at learning rate ``warmup_lr`` (a supervised fit; Eq. 10's lr is too slow for it), so ẑ > 0.5 (⇔ log α > 0, Eq. 11) on exactly those pixels. Eq. 10 training then
 refines the mask. It helps where the generator would otherwise have to discover *where* the
 object is from the weak L_D gradient alone (small objects in large scenes); the test-set
 accuracy and kept fraction after the warm start are recorded as history row ``epoch 0``.
@@ -106,6 +106,7 @@ class NiceConfig:
     warmup_steps: int = 0
     warmup_fraction: float | None = None
     warmup_smooth: int = 9
+    warmup_lr: float = 1e-2
     optimizer: str = "adam"
     lr: float = 1e-3
     classifier_lr: float | None = None
@@ -132,8 +133,8 @@ class NiceConfig:
             raise InputError(f"λ1 and λ2 must be >= 0, got {self.lambda_l0} and {self.lambda_smooth}")
         if self.target_fraction is not None and not 0.0 < self.target_fraction < 1.0:
             raise InputError(f"target fraction must be in (0, 1), got {self.target_fraction}")
-        if self.warmup_steps < 0 or self.warmup_smooth < 1:
-            raise InputError(f"warm-up steps must be >= 0 and smoothing >= 1 px, got {self.warmup_steps} and {self.warmup_smooth}")
+        if self.warmup_steps < 0 or self.warmup_smooth < 1 or self.warmup_lr <= 0:
+            raise InputError(f"warm-up steps must be >= 0, smoothing >= 1 px and lr > 0, got {self.warmup_steps}, {self.warmup_smooth}, {self.warmup_lr}")
         if self.warmup_fraction is not None and not 0.0 < self.warmup_fraction < 1.0:
             raise InputError(f"warm-up fraction must be in (0, 1), got {self.warmup_fraction}")
         if self.mode == "fixed" and self.train_blocks:
@@ -282,6 +283,8 @@ def _warm_start(cfg: NiceConfig, generator: torch.nn.Module, classifier: torch.n
     fraction = cfg.warmup_fraction or cfg.target_fraction or 0.1
     generator.train()
     classifier.eval()
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    optimizer.param_groups[0]["lr"] = cfg.warmup_lr  # group 0 is the generator's
     step, last = 0, {}
     while step < cfg.warmup_steps:
         order = torch.randperm(len(train_t), generator=torch.Generator().manual_seed(cfg.seed * 1000 - 1 - step))
@@ -296,6 +299,8 @@ def _warm_start(cfg: NiceConfig, generator: torch.nn.Module, classifier: torch.n
             if step == cfg.warmup_steps:
                 last = {"warmup_bce": loss.item(), "warmup_train_kept": (log_alpha > 0).float().mean().item()}
                 break
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
     return {"warmup_fraction": fraction, **last}
 
 

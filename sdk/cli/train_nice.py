@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-fraction", type=float, default=None, help="fraction of pixels the warm start keeps (default: "
                    "--target-fraction, else 0.1)")
     p.add_argument("--warmup-smooth", type=int, default=9, help="box filter (px) on the saliency map of the warm start")
+    p.add_argument("--warmup-lr", type=float, default=1e-2, help="Adam learning rate of the warm start")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam: lr ×0.1 every --step-epochs; sgd: momentum 0.9, cosine")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--classifier-lr", type=float, default=None, help="finetuned mode (default --lr)")
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, classifier=args.classifier, out=args.out, generator=args.generator, generator_kwargs=gen_kwargs,
         mode=args.mode, train_blocks=args.train_blocks, block_size=args.block_size, lambda_l0=args.lambda_l0,
         lambda_smooth=args.lambda_smooth, target_fraction=args.target_fraction, target_rate=args.target_rate,
-        warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth, optimizer=args.optimizer, lr=args.lr, classifier_lr=args.classifier_lr, step_epochs=args.step_epochs,
+        warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth,
+        warmup_lr=args.warmup_lr, optimizer=args.optimizer, lr=args.lr, classifier_lr=args.classifier_lr, step_epochs=args.step_epochs,
         epochs=args.epochs, batch_size=args.batch_size, max_train=args.max_train, max_test=args.max_test,
         seed=args.seed, threads=args.threads, progress=not args.quiet, command=command_line(),
     )
