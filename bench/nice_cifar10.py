@@ -40,6 +40,7 @@ def main() -> int:
     p.add_argument("--lambda-smooth", type=float, default=0.5)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--classifier-lr", type=float, default=None, help="finetuned mode: the classifier blocks' lr (default --lr)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-train", type=int, default=20000)
     p.add_argument("--max-test", type=int, default=2000)
@@ -64,7 +65,7 @@ def main() -> int:
         out = args.runs / f"cifar10_{args.generator}_{mode}"
         cfg = NiceConfig(data=str(data), classifier=clf_path, out=str(out), generator=args.generator, mode=mode,
                          train_blocks=args.train_blocks if mode == "finetuned" else [], block_size=TRAIN_B,
-                         lambda_l0=args.lambda_l0, lambda_smooth=args.lambda_smooth, optimizer=args.optimizer, lr=args.lr,
+                         lambda_l0=args.lambda_l0, lambda_smooth=args.lambda_smooth, optimizer=args.optimizer, lr=args.lr, classifier_lr=args.classifier_lr,
                          epochs=args.epochs, max_train=args.max_train, max_test=args.max_test, seed=args.seed,
                          progress=False, command=" ".join(sys.argv))
         t0 = time.time()
@@ -89,7 +90,7 @@ def main() -> int:
         "protocol": {
             "data": str(data), "train_images": args.max_train, "test_images": len(test), "train_block_size": TRAIN_B,
             "eval_block_sizes": list(EVAL_B), "generator": args.generator, "lambda_l0": args.lambda_l0, "lambda_smooth": args.lambda_smooth,
-            "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs, "train_blocks_finetuned": args.train_blocks,
+            "optimizer": args.optimizer, "lr": args.lr, "classifier_lr": args.classifier_lr, "epochs": args.epochs, "train_blocks_finetuned": args.train_blocks,
             "seed": args.seed, "classifier": clf_path,
             "matching": "smallest original-image JPEG/WebP (qualities listed) whose accuracy reaches NICE's at that b",
             "baselines": f"random, gradient saliency top-k and SIS (gradient BackSelect, k = {args.sis_k}) at ẑ's per-image pixel count",

@@ -106,7 +106,7 @@ def main() -> int:
     settings = [(lam, None) for lam in args.lambdas] + [(args.target_lambda0, t) for t in args.target_fractions]
     for lam, target in settings:
         out = args.runs / ((f"scenes_{args.generator}_l{lam:g}" if target is None else f"scenes_{args.generator}_t{target:g}")
-                           + (f"_w{args.warmup_steps}" if args.warmup_steps else ""))
+                           + (f"_w{args.warmup_steps}" if args.warmup_steps else "") + (f"_{args.tag}" if args.tag else ""))
         cfg = NiceConfig(data=str(scenes), classifier=clf_path, out=str(out), generator=args.generator, block_size=args.block_size,
                          lambda_l0=lam, target_fraction=target, lambda_smooth=args.lambda_smooth, lr=args.lr,
                          warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth, warmup_lr=args.warmup_lr, epochs=args.epochs, batch_size=args.batch_size, max_train=args.nice_max_train,

@@ -171,6 +171,10 @@ def test_warm_start_fits_the_requested_fraction_then_trains(tiny_npz, tmp_path):
     assert warm["warmup_bce"] < 0.5
     with pytest.raises(InputError, match="warm-up"):
         train_nice(_config(tiny_npz, tmp_path, clf, warmup_steps=-1))
+    only = train_nice(_config(tiny_npz, tmp_path, clf, out=str(tmp_path / "warm_only"), epochs=0, warmup_steps=3))
+    assert [row["epoch"] for row in only["history"]] == [0] and load_nice(only["checkpoint"])[2]["settings"]["epochs"] == 0
+    with pytest.raises(InputError, match="epochs"):
+        train_nice(_config(tiny_npz, tmp_path, clf, epochs=0))
 
 
 def test_evaluate_uses_deterministic_mask(tiny_npz, tmp_path):

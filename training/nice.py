@@ -29,7 +29,8 @@ image, the ``warmup_fraction`` of pixels with the highest gradient saliency |∂
 log α/β at learning rate ``warmup_lr`` (a supervised fit; Eq. 10's lr is too slow for it), so ẑ > 0.5 (⇔ log α > 0, Eq. 11) on exactly those pixels. Eq. 10 training then
 refines the mask. It helps where the generator would otherwise have to discover *where* the
 object is from the weak L_D gradient alone (small objects in large scenes); the test-set
-accuracy and kept fraction after the warm start are recorded as history row ``epoch 0``.
+accuracy and kept fraction after the warm start are recorded as history row ``epoch 0``;
+``epochs=0`` stops there (the warm-started generator alone, for comparison).
 
 Example:
     >>> import tempfile
@@ -127,8 +128,8 @@ class NiceConfig:
             raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.block_size < 1:
             raise InputError(f"block size b must be >= 1, got {self.block_size}")
-        if self.epochs < 1 or self.batch_size < 1 or self.step_epochs < 1:
-            raise InputError("epochs, batch size and step epochs must be positive")
+        if self.epochs < (0 if self.warmup_steps else 1) or self.batch_size < 1 or self.step_epochs < 1:
+            raise InputError("epochs (0 allowed only after a warm start), batch size and step epochs must be positive")
         if self.lambda_l0 < 0 or self.lambda_smooth < 0:
             raise InputError(f"λ1 and λ2 must be >= 0, got {self.lambda_l0} and {self.lambda_smooth}")
         if self.target_fraction is not None and not 0.0 < self.target_fraction < 1.0:
@@ -429,7 +430,7 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
     else:
         final = evaluate_nice(generator, classifier, train_t, cfg.block_size)
     metrics = {"history": history, "final": final, "final_split": split, "lambda_l0_final": lambda_l0}
-    save_checkpoint(path, snapshot(metrics, cfg.epochs - 1))
+    save_checkpoint(path, snapshot(metrics, max(cfg.epochs - 1, 0)))
     return {**metrics, "checkpoint": str(path), "wall_time_s": round(time.time() - started, 1)}
 
 
