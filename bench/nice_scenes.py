@@ -84,6 +84,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="evaluate existing generator checkpoints under --runs instead of retraining")
     p.add_argument("--sis-k", type=int, default=2048, help="SIS baseline: gradient BackSelect, K pixels per iteration (0: off)")
     args = p.parse_args()
     if not args.lambdas and not args.target_fractions:
@@ -111,7 +112,11 @@ def main() -> int:
                          lambda_l0=lam, target_fraction=target, lambda_smooth=args.lambda_smooth, lr=args.lr,
                          warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth, warmup_lr=args.warmup_lr, epochs=args.epochs, batch_size=args.batch_size, max_train=args.nice_max_train,
                          seed=args.seed, progress=False, command=" ".join(sys.argv))
-        summary = train_nice(cfg)
+        if args.reuse and (out / "nice.pt").exists():
+            summary = {"checkpoint": str(out / "nice.pt")}
+            summary["history"] = load_nice(summary["checkpoint"])[2]["metrics"]["history"]
+        else:
+            summary = train_nice(cfg)
         gen, clf, record = load_nice(summary["checkpoint"])
         if args.sis_k and ranks is None:  # the classifier is fixed: one ranking serves every λ1
             norm = record["normalization"]
@@ -122,10 +127,13 @@ def main() -> int:
         original = result["original"]
         png = best_codec_at(original["codecs"], 0.0, "png")["bytes_per_image"]
         # NICE's cheapest coding of x̃ (PNG, JPEG or WebP) within 1 point of the scene's accuracy,
-        # then the scene's cheapest JPEG/WebP reaching that same accuracy
-        within = [c for c in row["nice"]["codecs"] if c["accuracy"] >= original["accuracy"] - 0.01]
+        # then the scene's cheapest JPEG/WebP reaching that same accuracy, capped at the band's floor:
+        # a scene coding within 1 point of the lossless scene counts as the same accuracy (the
+        # tolerance NICE gets; without the cap, an x̃ more accurate than the scene has no match)
+        floor = original["accuracy"] - 0.01
+        within = [c for c in row["nice"]["codecs"] if c["accuracy"] >= floor]
         nice_best = min(within, key=lambda c: c["bytes_per_image"]) if within else None
-        matched = {c: best_codec_at(original["codecs"], nice_best["accuracy"], c) for c in ("jpeg", "webp")} if nice_best else {}
+        matched = {c: best_codec_at(original["codecs"], min(nice_best["accuracy"], floor), c) for c in ("jpeg", "webp")} if nice_best else {}
         best_lossy = min((m["bytes_per_image"] for m in matched.values() if m), default=None)
         rows.append({"lambda_l0": lam, "target_fraction": target, "kept_fraction": result["kept_fraction"], "nice_accuracy": acc,
                      "nice_png_bytes": row["nice"]["png_bytes_per_image"], "nice_codecs": row["nice"]["codecs"],
@@ -155,8 +163,9 @@ def main() -> int:
                      "lambda_smooth": args.lambda_smooth, "epochs": args.epochs, "lr": args.lr,
                      "warm_start": {"steps": args.warmup_steps, "fraction": args.warmup_fraction, "smooth_px": args.warmup_smooth, "lr": args.warmup_lr}},
         "sweep": rows,
+        "scene_codecs": codecs,
         "target": {"rule": "NICE's cheapest coding of x̃ within 1 point of the scene accuracy: >= 5x fewer bytes than scene PNG, "
-                           ">= 2x fewer than the scene's cheapest JPEG/WebP reaching the same accuracy",
+                           ">= 2x fewer than the scene's cheapest JPEG/WebP reaching the same accuracy (capped at the 1-point band)",
                    "met_by": [_setting(r) for r in ok]},
         "wall_time_s": round(time.time() - started, 1),
     }
