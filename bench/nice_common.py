@@ -28,6 +28,20 @@ def best_codec_at(rows: list[dict[str, Any]], accuracy: float, codec: str) -> di
     return min(ok, key=lambda r: r["bytes_per_image"]) if ok else None
 
 
+def masks_and_mixed(generator: Any, record: dict[str, Any], images: Any, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """ẑ (N×H×W) and x̃ (uint8 N×H×W×C) of a small ``ImageDataset`` under a trained generator."""
+    import torch
+
+    from keepbits.training.data import TensorImages
+    from keepbits.training.nice import mask_and_mix, to_uint8
+
+    mean, std = record["normalization"]["mean"], record["normalization"]["std"]
+    x, _ = next(TensorImages(images, mean, std).batches(len(images)))
+    with torch.no_grad():
+        z_hat, mixed = mask_and_mix(generator, x, block)
+    return z_hat[:, 0].numpy(), to_uint8(mixed, mean, std)
+
+
 def plot_masks(path: Path, images: np.ndarray, masks: list[np.ndarray], mixed: list[np.ndarray], titles: list[str]) -> None:
     """A grid like NICE Fig. 2: originals, then ẑ and x̃ for each setting (rows: images)."""
     import matplotlib

@@ -20,9 +20,9 @@ import torch
 from keepbits.benchmarking import default_data_dir, results_dir, write_result
 from keepbits.data import load_dataset
 from keepbits.training.checkpoint import build_model, load_checkpoint
-from keepbits.training.nice import NiceConfig, backselect_ranks, benchmark_nice, load_nice, mask_and_mix, to_uint8, train_nice
+from keepbits.training.nice import NiceConfig, backselect_ranks, benchmark_nice, load_nice, train_nice
 from keepbits.training.data import TensorImages
-from nice_common import ensure_classifier, plot_curves, plot_masks
+from nice_common import ensure_classifier, masks_and_mixed, plot_curves, plot_masks
 
 BLOCK = 28
 
@@ -92,12 +92,9 @@ def main() -> int:
         sis = f"  SIS {row['sis_backselect']['accuracy']:.4f}" if ranks is not None else ""
         print(f"λ1={lam:g}: kept {result['kept_fraction']:.3f}  NICE {row['nice']['accuracy']:.4f}  saliency {row['saliency_topk']['accuracy']:.4f}  "
               f"random {row['random']['accuracy']:.4f}{sis}", flush=True)
-        tensors = TensorImages(test.subset(np.arange(8)), record["normalization"]["mean"], record["normalization"]["std"])
-        x, _ = next(tensors.batches(8))
-        with torch.no_grad():
-            z_hat, mixed = mask_and_mix(gen, x, BLOCK)
-        figure["masks"].append(z_hat[:, 0].numpy())
-        figure["mixed"].append(to_uint8(mixed, record["normalization"]["mean"], record["normalization"]["std"]))
+        z_hat, mixed = masks_and_mixed(gen, record, test.subset(np.arange(8)), BLOCK)
+        figure["masks"].append(z_hat)
+        figure["mixed"].append(mixed)
         figure["titles"].append(f"λ1={lam:g}")
 
     out_dir = results_dir()

@@ -5,7 +5,8 @@ backgrounds and CIFAR test objects. A classifier and a NICE generator are traine
 scenes; the rate–accuracy curve (λ1 sweep; x̃ as PNG, JPEG and WebP) is compared with PNG of the scene and
 the best JPEG/WebP of the scene reaching the same accuracy.
 
-Writes ``bench/results/nice_scenes[_TAG].json`` and ``nice_scenes[_TAG]_rate.png``; the generated scene
+Writes ``bench/results/nice_scenes[_TAG].json``, ``nice_scenes[_TAG]_rate.png`` and
+``nice_scenes[_TAG]_masks.png`` (first test scenes: x, ẑ, x̃ per setting); the generated scene
 sets go to ``--runs`` (never committed).
 
     nice -n 5 python bench/nice_scenes.py --num-train 4000 --num-test 500
@@ -24,9 +25,10 @@ from keepbits.benchmarking import default_data_dir, results_dir, write_result
 from keepbits.data import load_dataset
 from keepbits.training.data import TensorImages
 from keepbits.training.nice import NiceConfig, backselect_ranks, benchmark_nice, load_nice, train_nice
-from nice_common import best_codec_at, ensure_classifier, plot_curves
+from nice_common import best_codec_at, ensure_classifier, masks_and_mixed, plot_curves, plot_masks
 
 SCENE, OBJECT = 256, 64
+FIGURE_SCENES = 6
 
 
 def make_scenes(kodak: Path, cifar: Path, split: str, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -103,7 +105,7 @@ def main() -> int:
                                  optimizer="adamw", lr=1e-3, weight_decay=5e-4, val_fraction=0.0, seed=args.seed,
                                  init=args.classifier_init)
     test = load_dataset(scenes, "test")
-    rows, ranks = [], None
+    rows, ranks, figure = [], None, {"masks": [], "mixed": [], "titles": []}
     settings = [(lam, None) for lam in args.lambdas] + [(args.target_lambda0, t) for t in args.target_fractions]
     for lam, target in settings:
         out = args.runs / ((f"scenes_{args.generator}_l{lam:g}" if target is None else f"scenes_{args.generator}_t{target:g}")
@@ -122,6 +124,8 @@ def main() -> int:
             norm = record["normalization"]
             ranks = backselect_ranks(clf, TensorImages(test, norm["mean"], norm["std"]), args.sis_k)
         result = benchmark_nice(gen, clf, record, test, [args.block_size], args.qualities, seed=args.seed, sis_ranks=ranks)
+        z_hat, mixed = masks_and_mixed(gen, record, test.subset(np.arange(FIGURE_SCENES)), args.block_size)
+        figure["masks"].append(z_hat), figure["mixed"].append(mixed), figure["titles"].append(_setting({"lambda_l0": lam, "target_fraction": target}))
         row = result["per_block_size"][0]
         acc = row["nice"]["accuracy"]
         original = result["original"]
@@ -154,6 +158,7 @@ def main() -> int:
         "scene WebP": ([c["bytes_per_image"] for c in codecs if c["codec"] == "webp"], [c["accuracy"] for c in codecs if c["codec"] == "webp"]),
         "scene PNG": ([codecs[0]["bytes_per_image"]], [codecs[0]["accuracy"]]),
     }, "bytes per image", "test accuracy", f"Kodak+CIFAR scenes, {len(test)} test scenes", logx=True)
+    plot_masks(results_dir() / f"{name}_masks.png", test.x[:FIGURE_SCENES], figure["masks"], figure["mixed"], figure["titles"])
     ok = [r for r in rows if r["nice_best_within_1pt"] and r["png_ratio"] >= 5 and (r["lossy_ratio"] or 0) >= 2]
     payload = {
         "protocol": {"scenes": f"{args.num_train} train / {args.num_test} test, seeds {args.seed}/{args.seed + 1}",
