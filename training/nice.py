@@ -26,8 +26,9 @@ Saliency warm start (``warmup_steps`` > 0; not in the paper): before Eq. 10 trai
 generator is fitted for that many steps to a localisation the classifier already has: per
 image, the ``warmup_fraction`` of pixels with the highest gradient saliency |∂logit_y/∂x|
 (channels summed, box-smoothed over ``warmup_smooth`` px), as a binary cross-entropy on
-log α/β at learning rate ``warmup_lr`` (a supervised fit; Eq. 10's lr is too slow for it), so ẑ > 0.5 (⇔ log α > 0, Eq. 11) on exactly those pixels. Eq. 10 training then
-refines the mask. It helps where the generator would otherwise have to discover *where* the
+log α/β at learning rate ``warmup_lr`` (a supervised fit; Eq. 10's lr is too slow for it),
+so ẑ > 0.5 (⇔ log α > 0, Eq. 11) on exactly those pixels. Eq. 10 training then refines the
+mask. It helps where the generator would otherwise have to discover *where* the
 object is from the weak L_D gradient alone (small objects in large scenes); the test-set
 accuracy and kept fraction after the warm start are recorded as history row ``epoch 0``;
 ``epochs=0`` stops there (the warm-started generator alone, for comparison).
@@ -60,11 +61,11 @@ import torch
 import torch.nn.functional as F
 
 from keepbits import registry
+from keepbits.core.hard_concrete import BETA
 from keepbits.data import ImageDataset, has_split, load_dataset
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
 from keepbits.training.data import TensorImages
-from keepbits.core.hard_concrete import BETA
 from keepbits.training.functional import (
     deterministic_mask,
     expected_gate,
