@@ -74,6 +74,7 @@ class _Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this run called init_process_group, so it tears the group down
 
     @property
     def main(self) -> bool:
@@ -87,7 +88,8 @@ def _init_distributed() -> _Dist:
     import torch.distributed as dist
 
     use_cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank = dist.get_rank()
     device = torch.device("cpu")
@@ -95,7 +97,7 @@ def _init_distributed() -> _Dist:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-    return _Dist(rank, dist.get_world_size(), device)
+    return _Dist(rank, dist.get_world_size(), device, owns_group)
 
 
 def load_classifier(path: str | Path, expected_arch: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -310,6 +312,10 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         import torch.distributed as tdist
 
         tdist.barrier()  # rank 0's checkpoints are on disk before any rank returns
+        if dist.owns_group:
+            # explicit teardown on every rank: left to interpreter exit, a rank's gloo threads
+            # could outlive rank 0's store and abort ("terminate called without an active exception")
+            tdist.destroy_process_group()
     return {
         "epochs_run": cfg.epochs - start_epoch,
         "history": history,
