@@ -125,7 +125,9 @@ def main() -> int:
             ranks = backselect_ranks(clf, TensorImages(test, norm["mean"], norm["std"]), args.sis_k)
         result = benchmark_nice(gen, clf, record, test, [args.block_size], args.qualities, seed=args.seed, sis_ranks=ranks)
         z_hat, mixed = masks_and_mixed(gen, record, test.subset(np.arange(FIGURE_SCENES)), args.block_size)
-        figure["masks"].append(z_hat), figure["mixed"].append(mixed), figure["titles"].append(_setting({"lambda_l0": lam, "target_fraction": target}))
+        figure["masks"].append(z_hat)
+        figure["mixed"].append(mixed)
+        figure["titles"].append(_setting({"lambda_l0": lam, "target_fraction": target}))
         row = result["per_block_size"][0]
         acc = row["nice"]["accuracy"]
         original = result["original"]

@@ -63,6 +63,7 @@ from keepbits.training.checkpoint import model_entry, save_checkpoint  # noqa: E
 
 SIZE, BLOCK = 224, 8
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+MEAN_T, STD_T = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
 
 
 def build_models(generator_name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -77,7 +78,7 @@ def sparsify_head(generator: torch.nn.Module, images: np.ndarray, fraction: floa
     makes log α > 0 (ẑ > 0.5) on ``fraction`` of the pixels of ``images`` (uint8 N×H×W×3)."""
     head = [m for m in generator.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 1][-1]
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - MEAN_T) / STD_T
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=gen) / head.weight[0].numel() ** 0.5)
         head.bias.zero_()
@@ -157,7 +158,6 @@ def run_pipeline(pipe: Pipeline, frames) -> tuple[float, dict]:
 
 
 def run_naive(generator, classifier, frames) -> float:
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     start = time.perf_counter()
     with torch.no_grad():
         for f in frames:
@@ -166,7 +166,7 @@ def run_naive(generator, classifier, frames) -> float:
             canvas = Image.new("RGB", (SIZE, SIZE))
             canvas.paste(img, ((SIZE - img.width) // 2, (SIZE - img.height) // 2))
             x = torch.from_numpy(np.array(canvas)).permute(2, 0, 1)[None].float() / 255
-            xn = (x - mean) / std
+            xn = (x - MEAN_T) / STD_T
             mask = functional.deterministic_mask(generator(xn))
             mixed = functional.mixed_resolution(x, mask, BLOCK)
             classifier(xn).argmax(1)
