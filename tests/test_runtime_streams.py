@@ -317,3 +317,50 @@ def test_live_source_results_are_not_held_back_waiting_for_the_next_frame(pipe):
 
     summary = run_stream(pipe, open_source(slow(), live=True), [_Sink()], max_frames=2)
     assert summary["written"] == 2
+
+
+def test_workers_finish_out_of_order_sinks_see_sequence_order(tmp_path):
+    """Several model threads: batches that finish early wait for earlier ones; every frame
+    reaches the sinks once, in sequence order, with the sequence its source position gave it."""
+    pipe = Pipeline.from_bundle(toy_bundle(tmp_path / "toy", size=32, block=4), threads=1)
+    infer, delays = pipe.infer, iter(np.random.default_rng(0).uniform(0, 0.01, 1000))
+    finished = []
+
+    def jittery_infer(prepared, **kwargs):
+        time.sleep(next(delays))
+        results = infer(prepared, **kwargs)
+        finished.append(results[0].sequence)
+        return results
+
+    pipe.infer = jittery_infer
+    frames, pairs = _frames(60), []
+
+    class _PairSink(_OrderSink):
+        def write(self, frame, result, record):
+            super().write(frame, result, record)
+            pairs.append((frame.index, result.sequence, result.image.copy()))
+
+    sink = _PairSink()
+    summary = run_stream(pipe, open_source(frames), [sink], workers=3, batch_size=2)
+    assert summary["written"] == 60 and summary["workers"] == 3
+    assert sink.sequences == list(range(60))
+    assert finished != sorted(finished)  # the workers did overtake each other
+    for index, sequence, image in pairs:  # each result belongs to the frame at its source position
+        assert index == sequence
+        assert np.array_equal(image, pipe.prepare([frames[index]]).batch[0])
+
+
+def test_worker_error_is_raised_after_the_accepted_frames_are_written(tmp_path):
+    pipe = Pipeline.from_bundle(toy_bundle(tmp_path / "toy", size=32, block=4), threads=1)
+    infer = pipe.infer
+
+    def failing_infer(prepared, **kwargs):
+        if prepared.sequences[0] == 10:
+            raise RuntimeError("model failed on frame 10")
+        return infer(prepared, **kwargs)
+
+    pipe.infer = failing_infer
+    sink = _OrderSink()
+    with pytest.raises(RuntimeError, match="frame 10"):
+        run_stream(pipe, open_source(_frames(40)), [sink], workers=2)
+    assert sink.sequences[:10] == list(range(10)) and 10 not in sink.sequences

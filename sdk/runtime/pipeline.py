@@ -142,11 +142,13 @@ class Result:
 
 @dataclass
 class Prepared:
-    """A letterboxed batch (N×H×W×C uint8), its :class:`Letterbox` per frame and the time it took (ms)."""
+    """A letterboxed batch (N×H×W×C uint8), its :class:`Letterbox` and sequence number per frame
+    (drawn in :meth:`Pipeline.prepare` call order) and the time it took (ms)."""
 
     batch: np.ndarray
     boxes: list[Letterbox]
     preprocess_ms: float
+    sequences: list[int]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -366,11 +368,13 @@ class Pipeline:
         t0 = time.perf_counter()
         batch = np.empty((len(frames), self.height, self.width, self.channels), np.uint8)
         boxes = [self._fit(as_rgb(f, color), batch[i]) for i, f in enumerate(frames)]
-        return Prepared(batch, boxes, (time.perf_counter() - t0) * 1e3)
+        with self._lock:
+            sequences = [next(self._counter) for _ in frames]
+        return Prepared(batch, boxes, (time.perf_counter() - t0) * 1e3, sequences)
 
     def infer(self, prepared: "Prepared", *, timestamps: Sequence[float] | None = None) -> list[Result]:
         """Run the model on a :meth:`prepare`-d batch and build the results (no payload): the
-        second half of :meth:`predict`. Sequence numbers are drawn here, in call order."""
+        second half of :meth:`predict`. Safe to call from several threads at once."""
         n, batch, boxes = len(prepared.boxes), prepared.batch, prepared.boxes
         if not n:
             return []
@@ -388,8 +392,6 @@ class Pipeline:
             simplified = list(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
         else:
             masks = list(np.asarray(explained, np.float32).reshape(n, self.height, self.width))
-        with self._lock:
-            sequences = [next(self._counter) for _ in range(n)]
         now = time.time()
         results = []
         for i in range(n):
@@ -397,7 +399,7 @@ class Pipeline:
             results.append(Result(
                 label=self.class_names[k] if k < len(self.class_names) else str(k), label_index=k,
                 score=float(probs[i, k]), probabilities=probs[i], mask=masks[i], image=batch[i],
-                letterbox=boxes[i], block=self.block, threshold=self.threshold, sequence=sequences[i],
+                letterbox=boxes[i], block=self.block, threshold=self.threshold, sequence=prepared.sequences[i],
                 timestamp=timestamps[i] if timestamps is not None else now, simplified=simplified[i],
             ))
         t3 = time.perf_counter()

@@ -1,11 +1,11 @@
 """Run a :class:`Pipeline` over a :class:`Source` into sinks, with bounded queues.
 
-Threads: the source's grabber → this thread (letterbox + model) → a bounded queue
-(policy ``block``, ``queue_size`` batches) → one writer thread (encode, compare sizes,
-sinks). When the next frames are already waiting, this thread letterboxes batch t+1 before
-it queues batch t, so the writer encodes t while the model runs t+1 (ONNX Runtime, OpenCV
-and zlib release the GIL) rather than while this thread letterboxes: throughput is set by
-the slower stage. Batch t is never held back waiting for input. Results reach the writer,
+Threads: the source's grabber → ``workers`` model threads (each takes the next batch in
+source order, letterboxes it and runs the model) → a bounded queue (policy ``block``,
+``queue_size`` batches) → one writer thread (encode, compare sizes, sinks). The writer
+encodes batch t while the model runs t+1 (ONNX Runtime, OpenCV and zlib release the GIL):
+throughput is set by the slower stage. A batch goes to the writer as soon as it and every
+earlier batch are inferred (never held back waiting for input); results reach the writer,
 and the sinks, in sequence order. A slow sink fills the queue and back-pressures the model
 loop; a live source then drops frames at its input (counted), a file source simply waits:
 memory stays bounded either way.
@@ -128,8 +128,11 @@ class _Stats:
 
 
 def _record(frame: Frame, r: Result, compare: Sequence[str], jpeg_quality: int) -> dict[str, Any]:
-    bgr = np.ascontiguousarray(r.image[:, :, ::-1]) if r.image.shape[2] == 3 else r.image
-    sizes = reference_sizes(bgr, [c for c in compare if c in ("jpeg", "png")], jpeg_quality)
+    references = [c for c in compare if c in ("jpeg", "png")]
+    sizes = {}
+    if references:
+        bgr = np.ascontiguousarray(r.image[:, :, ::-1]) if r.image.shape[2] == 3 else r.image
+        sizes = reference_sizes(bgr, references, jpeg_quality)
     if "paper" in compare and r.mask is not None:
         sizes["paper_bytes"] = len(encode(r.image, r, mode="paper"))
     if "lossless" in compare:
@@ -165,6 +168,23 @@ def _writer(queue: BoundedQueue, pipeline: Pipeline, sinks: Sequence[Sink], stat
                 log.warning("frame %d: %s: %s", r.sequence, type(exc).__name__, exc)
 
 
+class _InOrder:
+    """Hands batches to the writer's queue in ticket order, whatever order the model workers
+    finish them in; a failed batch's ticket is released with ``None`` so later ones still flow."""
+
+    def __init__(self, queue: BoundedQueue):
+        self.queue, self.next, self.done, self.lock = queue, 0, {}, threading.Lock()
+
+    def put(self, ticket: int, item: Any) -> None:
+        with self.lock:  # held while a full queue blocks: back-pressure for every worker alike
+            self.done[ticket] = item
+            while self.next in self.done:
+                ready = self.done.pop(self.next)
+                self.next += 1
+                if ready is not None:
+                    self.queue.put(ready)
+
+
 def run_stream(
     pipeline: Pipeline,
     source: Source,
@@ -173,6 +193,7 @@ def run_stream(
     max_frames: int | None = None,
     batch_size: int = 1,
     queue_size: int = 8,
+    workers: int = 1,
     compare: Sequence[str] = ("jpeg",),
     jpeg_quality: int = 90,
     stop: threading.Event | None = None,
@@ -181,62 +202,102 @@ def run_stream(
 ) -> dict[str, Any]:
     """Process ``source`` until it ends, ``max_frames`` or ``stop``; returns the JSON summary.
 
+    ``workers`` model threads each take a batch (in source order), letterbox it and run the
+    model; results reach the writer in sequence order. One worker with ONNX Runtime's
+    intra-op threads on every core is the low-latency setting; on CPUs, ``workers`` = cores
+    with a one-thread session (``Pipeline.from_bundle(..., threads=1)``) gives more frames per
+    second (no thread-pool hand-offs inside the small operators), at one frame's latency more.
     ``compare`` lists references whose sizes are recorded per frame for the compression
     ratios: ``jpeg``/``png`` of the whole model-size frame, ``paper`` (x̃ as one PNG; skipped
     for SimpleBits results, which have no mask), ``lossless`` (the blocks payload, or the
     simplified image as PNG, with lossless codecs, when the pipeline's is lossy);
-    ``progress(snapshot)`` is called every ``progress_interval`` seconds. Sinks are closed before returning.
+    ``progress(snapshot)`` is called every ``progress_interval`` seconds. Sinks are closed before
+    returning. An error in the model stage (after every frame already accepted is written) is
+    raised again here.
     """
     unknown = set(compare) - set(COMPARE)
     if unknown:
         raise ValueError(f"compare formats {sorted(unknown)} not in {COMPARE}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     stop = stop or threading.Event()
     stats = _Stats()
     queue = BoundedQueue(queue_size, "block")
     writer = threading.Thread(target=_writer, args=(queue, pipeline, sinks, stats, compare, jpeg_quality),
                               name="keepbits-writer", daemon=True)
     batch_size = 1 if source.live else max(1, batch_size)
-    accepted, start, last_report = 0, time.perf_counter(), 0.0
-    pending: tuple[list[Frame], list[Result]] | None = None  # inferred, not yet handed to the writer
+    limit = max_frames if max_frames is not None else 1 << 62
+    in_order = _InOrder(queue)
+    take_lock = threading.Lock()
+    shared: dict[str, Any] = {"accepted": 0, "tickets": 0, "error": None}
+
+    def take() -> tuple[int, list[Frame], Any] | None:
+        """Under ``take_lock``: the next batch from the source, letterboxed, with its ticket."""
+        frames: list[Frame] = []
+        while not stop.is_set() and shared["error"] is None and len(frames) < min(batch_size, limit - shared["accepted"]):
+            frame = source.get(stop)
+            if frame is None:
+                break
+            frames.append(frame)
+        if not frames:
+            return None
+        shared["accepted"] += len(frames)
+        ticket, shared["tickets"] = shared["tickets"], shared["tickets"] + 1
+        try:
+            return ticket, frames, pipeline.prepare([f.image for f in frames])
+        except BaseException:
+            in_order.put(ticket, None)
+            raise
+
+    def work() -> None:
+        try:
+            while True:
+                with take_lock:
+                    taken = take()
+                if taken is None:
+                    return
+                ticket, frames, prepared = taken
+                try:
+                    results = pipeline.infer(prepared, timestamps=[f.timestamp for f in frames])
+                except BaseException:
+                    in_order.put(ticket, None)
+                    raise
+                in_order.put(ticket, (frames, results))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run_stream once the accepted frames are written
+            with take_lock:
+                shared["error"] = shared["error"] or exc
+
+    threads = [threading.Thread(target=work, name=f"keepbits-model-{i}", daemon=True) for i in range(workers)]
+    start = time.perf_counter()
     writer.start()
     try:
         source.start()
-        while not stop.is_set() and (max_frames is None or accepted < max_frames):
-            frames: list[Frame] = []
-            while len(frames) < min(batch_size, (max_frames or 1 << 62) - accepted):
-                if pending is not None and not source.ready():  # never hold batch t back waiting for input
-                    queue.put(pending)
-                    pending = None
-                frame = source.get(stop)
-                if frame is None:
-                    break
-                frames.append(frame)
-            if not frames:
-                break
-            accepted += len(frames)
-            # letterbox batch t+1 before handing batch t to the writer: the writer then encodes t
-            # while the model runs t+1 (GIL released), not while this thread letterboxes
-            prepared = pipeline.prepare([f.image for f in frames])
-            if pending is not None:
-                queue.put(pending)
-            pending = (frames, pipeline.infer(prepared, timestamps=[f.timestamp for f in frames]))
-            now = time.perf_counter()
-            if progress is not None and now - last_report >= progress_interval:
-                last_report = now
-                progress(_snapshot(stats, source, accepted, now - start))
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(max(progress_interval, 0.005))
+                if progress is not None:
+                    progress(_snapshot(stats, source, shared["accepted"], time.perf_counter() - start))
+    except BaseException:
+        stop.set()  # interrupted here: the workers finish the batches they took and take no more
+        raise
     finally:
-        if pending is not None:
-            queue.put(pending)
+        for t in threads:
+            if t.ident is not None:
+                t.join()
         queue.close()
         writer.join()
         source.close()
         sink_stats = [sink.close() for sink in sinks]
+    if shared["error"] is not None:
+        raise shared["error"]
     elapsed = time.perf_counter() - start
-    summary = _snapshot(stats, source, accepted, elapsed)
+    summary = _snapshot(stats, source, shared["accepted"], elapsed)
     summary.update(
         interrupted=stop.is_set(), latency_ms=stats.latency_summary(), labels=dict(stats.labels.most_common()),
         sinks=sink_stats, queue={"size": queue_size, "policy": queue.policy, "high_water": queue.high_water},
-        pipeline=pipeline.describe(),
+        workers=workers, pipeline=pipeline.describe(),
     )
     if progress is not None:
         progress(summary)
