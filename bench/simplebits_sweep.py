@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--arch", default="nf_wrn16_2")
     p.add_argument("--max-train", type=int, default=2000)
     p.add_argument("--max-test", type=int, default=500)
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    p.add_argument("--lambdas", type=float, nargs="*", default=[0.3, 1.0, 3.0], help="λ_sim values (none: baselines only)")
     p.add_argument("--modes", nargs="+", default=["joint", "retrain", "finetune"], choices=["joint", "retrain", "finetune"])
     p.add_argument("--steps", type=int, default=60, help="joint / finetune steps per λ")
     p.add_argument("--retrain-from", choices=["joint", "finetune"], default="joint",
