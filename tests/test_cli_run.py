@@ -55,6 +55,17 @@ def test_run_writes_sinks_and_prints_summary(bundle, tmp_path, capsys):
     assert (tmp_path / "ann.mp4").stat().st_size > 0
 
 
+def test_run_with_model_workers_keeps_source_order(bundle, tmp_path, capsys):
+    video = _video(tmp_path / "in.mp4", 12)
+    rc = main(["-q", "run", "--model", str(bundle), "--source", video, "--sink", f"files:{tmp_path / 'out'}",
+               "--workers", "2", "--threads", "1"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["written"] == 12 and summary["workers"] == 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
+    assert [r["sequence"] for r in records] == [r["source_index"] for r in records] == list(range(12))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -62,6 +73,7 @@ def test_run_writes_sinks_and_prints_summary(bundle, tmp_path, capsys):
         (["--sink", "tcp:nohostport"], "HOST:PORT"),
         (["--max-frames", "0"], "max-frames"),
         (["--quality", "0"], "quality"),
+        (["--workers", "0"], "--workers"),
         (["--source", "missing.mp4"], "source not found"),
     ],
 )
