@@ -122,10 +122,13 @@ def main() -> None:
     name = f"simplebits_sweep_{args.dataset}{'_' + args.tag if args.tag else ''}"
 
     strips: list[tuple[str, np.ndarray]] = []
+    shown_idx = torch.linspace(0, len(xte) - 1, 10).long()  # spread over the (class-ordered) test subset
 
-    def record(row: dict, shown: torch.Tensor) -> None:
+    def record(row: dict, images: torch.Tensor) -> None:
+        """``images``: the transformed test set, or just its ``shown_idx`` images."""
         rows.append(row)
-        strips.append((" ".join(f"{v:g}" if isinstance(v, float) else str(v) for k, v in row.items() if k in ("mode", "lambda_sim", "sigma", "quality")), shown[:10].numpy()))
+        shown = images[shown_idx] if len(images) == len(xte) else images
+        strips.append((" ".join(f"{v:g}" if isinstance(v, float) else str(v) for k, v in row.items() if k in ("mode", "lambda_sim", "sigma", "quality")), shown.numpy()))
         save_image_rows(strips, results_dir() / f"{name}_images.png")
         plot_curve(rows, results_dir() / f"{name}_curve.png")
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
@@ -175,7 +178,7 @@ def main() -> None:
             simplifier, _, _ = load_simplebits(out)
             if mode in args.modes:
                 record({"mode": mode, "lambda_sim": lam, "bpd": m["bpd_sim"], "accuracy": m["acc_sim"], "acc_orig": m["acc_orig"], "wall_s": time.time() - t0},
-                       simplify(simplifier, xte[:10]))
+                       simplify(simplifier, xte[shown_idx]))
             if mode == args.retrain_from and "retrain" in args.modes:
                 t0 = time.time()
                 clf = fresh_fit(simplify(simplifier, xtr))
