@@ -27,7 +27,8 @@ def merged_rows(inputs: list[str]) -> list[dict]:
         for row in json.loads(Path(path).read_text())["rows"]:
             if row["mode"] == "original" and any(r["mode"] == "original" for r in rows):
                 continue
-            mode = row["mode"] if row["mode"] == "original" or not label else f"{row['mode']} ({label})"
+            mode = f"retrain on {row['simplifier_from']} images" if "simplifier_from" in row else row["mode"]
+            mode = mode if mode == "original" or not label else f"{mode} ({label})"
             rows.append({**row, "mode": mode, "file": Path(path).name})
     return rows
 
