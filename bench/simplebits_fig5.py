@@ -4,8 +4,8 @@
         bench/results/simplebits_sweep_cifar10_cifar_a.json bench/results/simplebits_sweep_cifar10_cifar_ft.json \
         "bench/results/simplebits_sweep_cifar10_mse.json"
 
-Each input may carry a label (``FILE=LABEL``) appended to its rows' modes, e.g. to tell two
-simplifier learning rates apart. The "original" row is taken from the first file that has
+Each input may carry a label (``FILE=LABEL``) appended to its SimpleBits rows' modes (joint,
+finetune, retrain), e.g. to tell two simplifier learning rates apart. The "original" row is taken from the first file that has
 one. Writes ``bench/results/simplebits_fig5_<name>.png`` and prints the merged rows.
 """
 from __future__ import annotations
@@ -20,6 +20,10 @@ from _results import results_dir  # noqa: E402
 from simplebits_sweep import plot_curve  # noqa: E402
 
 
+#: Rows a FILE=LABEL label applies to (baselines and the original are the same whatever the label).
+SIMPLEBITS_MODES = ("joint", "finetune", "retrain")
+
+
 def merged_rows(inputs: list[str]) -> list[dict]:
     rows: list[dict] = []
     for spec in inputs:
@@ -28,7 +32,7 @@ def merged_rows(inputs: list[str]) -> list[dict]:
             if row["mode"] == "original" and any(r["mode"] == "original" for r in rows):
                 continue
             mode = f"retrain on {row['simplifier_from']} images" if "simplifier_from" in row else row["mode"]
-            mode = mode if mode == "original" or not label else f"{mode} ({label})"
+            mode = f"{mode} ({label})" if label and row["mode"] in SIMPLEBITS_MODES else mode
             rows.append({**row, "mode": mode, "file": Path(path).name})
     return rows
 

@@ -59,7 +59,8 @@ def plot_curve(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for mode in dict.fromkeys(r["mode"] for r in rows):
         pts = sorted((r["bpd"], r["accuracy"]) for r in rows if r["mode"] == mode)
         ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "o", label=mode)
