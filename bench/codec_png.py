@@ -1,0 +1,115 @@
+"""PNG settings for payload sections: time and bytes per image on real content.
+
+    python bench/codec_png.py --data ../shared/data --repeats 5
+
+Compares the codec's default (``png_level=None``: Paeth filter + zlib run-length strategy)
+with zlib level 4 after Paeth (the default before), level 1 after Paeth, and level 6 with
+OpenCV's adaptive filters, on: letterboxed 224×224 frames of ``videos/bottle-detection.mp4``
+(what the runtime encodes), foreground mosaics of those frames under a disc mask (kept blocks
+only, ``docs/codec.md``), Kodak photographs, a 256×256 grid of CIFAR-10 test images, a 224×224
+grid of MNIST digits (grey), the bundled demo stream's frames and a periodic synthetic pattern
+(long-range repeats). One thread; times are medians over ``--repeats`` passes. Writes
+``bench/results/codec_png.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import default_data_dir, write_result  # noqa: E402
+
+from keepbits.codec import payload  # noqa: E402
+from keepbits.data import load_dataset  # noqa: E402
+from keepbits.runtime import Pipeline, open_source  # noqa: E402
+from keepbits.runtime.synthetic import toy_bundle  # noqa: E402
+
+PAETH = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
+SETTINGS = {
+    "default (Paeth + zlib RLE)": None,  # the codec's own parameters
+    "zlib level 4 + Paeth (previous default)": [cv2.IMWRITE_PNG_COMPRESSION, 4, *PAETH],
+    "zlib level 1 + Paeth": [cv2.IMWRITE_PNG_COMPRESSION, 1, *PAETH],
+    "zlib level 6, adaptive filters (png_level=6)": [cv2.IMWRITE_PNG_COMPRESSION, 6],
+}
+
+
+def video_frames(path: Path, count: int, step: int) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    with open_source(path) as src:
+        for i, frame in enumerate(iter(src.get, None)):
+            if len(out) == count:
+                break
+            if i % step == 0:
+                out.append(frame.image)
+    return out
+
+
+def image_sets(data: Path, work: Path) -> dict[str, list[np.ndarray]]:
+    """RGB (or grey) uint8 images per content kind."""
+    pipe = Pipeline.from_bundle(toy_bundle(work / "toy", size=224))  # only its letterbox is used
+    letterboxed = [pipe.prepare([f]).batch[0] for f in video_frames(data / "videos" / "bottle-detection.mp4", 10, 20)]
+    yy, xx = np.mgrid[:224, :224]
+    disc = (yy - 112) ** 2 + (xx - 100) ** 2 < 60 ** 2
+    mosaics = []
+    for img in letterboxed:
+        grid, kept = payload._grid_means(img, 8), payload._kept_blocks(disc, 8)
+        mosaics.append(payload._mosaic(img, disc, grid, kept, int(kept.sum()), 8, 8))
+    kodak = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted((data / "kodak").glob("*.png"))[:8]]
+    cifar = load_dataset(data / "cifar10", "test").sample(64).x
+    mnist = load_dataset(data / "mnist", "test").sample(64).x[..., 0]
+    yy, xx = np.mgrid[:128, :128].astype(np.float32)
+    periodic = np.clip(np.stack([128 + 60 * np.sin(xx / 9), 128 + 60 * np.cos(yy / 13), (xx + yy) / 2], -1), 0, 255)
+    demo = Path(payload.__file__).resolve().parents[1] / "assets" / "demo_stream.mp4"
+    return {
+        "camera frames, letterboxed 224x224 (bottle-detection.mp4)": letterboxed,
+        "foreground mosaics of those frames (disc mask, b = 8)": mosaics,
+        "Kodak photographs 768x512": kodak,
+        "CIFAR-10 test images, 8x8 grid (256x256)": [cifar.reshape(8, 8, 32, 32, 3).transpose(0, 2, 1, 3, 4).reshape(256, 256, 3)],
+        "MNIST test digits, 8x8 grid (224x224, grey)": [mnist.reshape(8, 8, 28, 28).transpose(0, 2, 1, 3).reshape(224, 224)],
+        "demo stream frames 96x96": video_frames(demo, 10, 5),
+        "periodic synthetic pattern 128x128": [periodic.astype(np.uint8)],
+    }
+
+
+def encode(img: np.ndarray, params: list[int] | None) -> bytes:
+    if params is None:
+        return payload._encode_image(img[..., None] if img.ndim == 2 else img, payload.CODEC_PNG, 0, None)
+    bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img
+    return cv2.imencode(".png", bgr, params)[1].tobytes()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=default_data_dir())
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    if args.data is None:
+        p.error("--data is required (no ../shared/data here)")
+    cv2.setNumThreads(1)
+    import tempfile
+
+    sets = image_sets(args.data, Path(tempfile.mkdtemp(prefix="kb-png-")))
+    rows = []
+    for kind, images in sets.items():
+        for name, params in SETTINGS.items():
+            sizes = [len(encode(img, params)) for img in images]
+            passes = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                for img in images:
+                    encode(img, params)
+                passes.append((time.perf_counter() - start) * 1e3 / len(images))
+            rows.append({"content": kind, "setting": name, "images": len(images), "bytes_mean": statistics.mean(sizes),
+                         "ms_per_image_median": statistics.median(passes)})
+            print(f"{kind:58s} {name:46s} {rows[-1]['bytes_mean']:10.0f} B {rows[-1]['ms_per_image_median']:7.3f} ms", flush=True)
+    print(write_result("codec_png", {"rows": rows, "repeats": args.repeats, "threads": 1}))
+
+
+if __name__ == "__main__":
+    main()
