@@ -1,11 +1,11 @@
-"""Bookkeeping for bench scripts (it lives in :mod:`keepbits.benchmarking`) and one figure helper."""
+"""Bookkeeping for bench scripts (it lives in :mod:`keepbits.benchmarking`), a figure helper and a frame reader."""
 from pathlib import Path
 
 import numpy as np
 
 from keepbits.benchmarking import default_data_dir, machine, results_dir, write_result
 
-__all__ = ["default_data_dir", "machine", "results_dir", "save_image_rows", "write_result"]
+__all__ = ["default_data_dir", "machine", "results_dir", "save_image_rows", "video_frames", "write_result"]
 
 
 def save_image_rows(rows: list[tuple[str, np.ndarray]], path: Path, per_row: int = 10) -> None:
@@ -24,3 +24,17 @@ def save_image_rows(rows: list[tuple[str, np.ndarray]], path: Path, per_row: int
     width = max(s.shape[1] for s in strips)
     grid = np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in strips], 0)
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+
+
+def video_frames(path: Path, count: int, step: int = 1) -> list[np.ndarray]:
+    """Every ``step``-th frame of a video (RGB uint8, via :func:`keepbits.runtime.open_source`), ``count`` at most."""
+    from keepbits.runtime import open_source
+
+    frames: list[np.ndarray] = []
+    with open_source(path) as src:
+        for i, frame in enumerate(iter(src.get, None)):
+            if len(frames) == count:
+                break
+            if i % step == 0:
+                frames.append(frame.image)
+    return frames

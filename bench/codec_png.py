@@ -23,11 +23,11 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, write_result  # noqa: E402
+from _results import default_data_dir, video_frames, write_result  # noqa: E402
 
 from keepbits.codec import payload  # noqa: E402
 from keepbits.data import load_dataset  # noqa: E402
-from keepbits.runtime import Pipeline, open_source  # noqa: E402
+from keepbits.runtime import Pipeline  # noqa: E402
 from keepbits.runtime.synthetic import toy_bundle  # noqa: E402
 
 PAETH = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
@@ -37,17 +37,6 @@ SETTINGS = {
     "zlib level 1 + Paeth": [cv2.IMWRITE_PNG_COMPRESSION, 1, *PAETH],
     "zlib level 6, adaptive filters (png_level=6)": [cv2.IMWRITE_PNG_COMPRESSION, 6],
 }
-
-
-def video_frames(path: Path, count: int, step: int) -> list[np.ndarray]:
-    out: list[np.ndarray] = []
-    with open_source(path) as src:
-        for i, frame in enumerate(iter(src.get, None)):
-            if len(out) == count:
-                break
-            if i % step == 0:
-                out.append(frame.image)
-    return out
 
 
 def image_sets(data: Path, work: Path) -> dict[str, list[np.ndarray]]:

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from keepbits.benchmarking import default_data_dir, results_dir, write_result

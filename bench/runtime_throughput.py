@@ -60,7 +60,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, write_result  # noqa: E402
+from _results import default_data_dir, video_frames, write_result  # noqa: E402
 
 from keepbits import registry  # noqa: E402
 from keepbits.export import export_onnx  # noqa: E402
@@ -156,14 +156,6 @@ def classifier_sessions(path: Path, threads: int | None) -> dict[str, ort.Infere
     """The classifier-only graph with the pipeline's thread count, ORT spinning off and on."""
     return {name: ort.InferenceSession(str(path), session_options(threads, spin), providers=["CPUExecutionProvider"])
             for name, spin in (("no_spin", False), ("spin", True))}
-
-
-def load_frames(video: Path, n: int) -> list[np.ndarray]:
-    frames: list[np.ndarray] = []
-    with open_source(video) as src:
-        while len(frames) < n and (f := src.get()) is not None:
-            frames.append(f.image)
-    return frames
 
 
 def run_session(session, outputs: list[str], pipe: Pipeline, frames) -> float:
@@ -280,7 +272,7 @@ def main() -> None:
     bundle = make_bundle(generator, classifier, work, args.generator, normalization)
     pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     needs_calibration = args.int8 or args.kept_fraction is not None
-    frames = load_frames(video, args.frames + (args.calibration_frames if needs_calibration else 0))
+    frames = video_frames(video, args.frames + (args.calibration_frames if needs_calibration else 0))
     frames, calibration_frames = frames[: args.frames], frames[args.frames :]
     calibration = np.empty((len(calibration_frames), SIZE, SIZE, 3), np.uint8)
     for f, slot in zip(calibration_frames, calibration):
@@ -295,7 +287,7 @@ def main() -> None:
         pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     classifier_graph = classifier_only_graph(bundle, work / "classifier_only.onnx")
     sessions = classifier_sessions(classifier_graph, args.threads)
-    sessions["workers"] = classifier_sessions(classifier_graph, 1)["no_spin"]
+    sessions["workers"] = ort.InferenceSession(str(classifier_graph), session_options(1), providers=["CPUExecutionProvider"])
     pipe_workers = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=1)
     run_pipeline(pipe, frames[:4]), run_pipeline(pipe_workers, frames[:4], args.workers)  # warm-up
     run_naive(generator, classifier, frames[:2], mean_t, std_t)
