@@ -2,9 +2,10 @@
 
     python bench/codec_png.py --data ../shared/data --repeats 5
 
-Compares the codec's default (``png_level=None``: Paeth filter + zlib run-length strategy)
-with zlib level 4 after Paeth (the default before), level 1 after Paeth, and level 6 with
-OpenCV's adaptive filters, on: letterboxed 224×224 frames of ``videos/bottle-detection.mp4``
+Compares the codec's default (``png_level=None``: :func:`keepbits.codec.png.encode_png`, Paeth
+filter + run-length deflate, with zlib-ng and with the standard library's zlib) with OpenCV's
+encoder at the same filter and strategy (the default before), zlib level 4 after Paeth (the
+default before that), level 1 after Paeth, and level 6 with OpenCV's adaptive filters, on: letterboxed 224×224 frames of ``videos/bottle-detection.mp4``
 (what the runtime encodes), foreground mosaics of those frames under a disc mask (kept blocks
 only, ``docs/codec.md``), Kodak photographs, a 256×256 grid of CIFAR-10 test images, a 224×224
 grid of MNIST digits (grey), the bundled demo stream's frames and a periodic synthetic pattern
@@ -17,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -25,15 +27,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import default_data_dir, video_frames, write_result  # noqa: E402
 
-from keepbits.codec import payload  # noqa: E402
+from keepbits.codec import payload, png  # noqa: E402
 from keepbits.data import load_dataset  # noqa: E402
 from keepbits.runtime import Pipeline  # noqa: E402
 from keepbits.runtime.synthetic import toy_bundle  # noqa: E402
 
 PAETH = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
 SETTINGS = {
-    "default (Paeth + zlib RLE)": None,  # the codec's own parameters
-    "zlib level 4 + Paeth (previous default)": [cv2.IMWRITE_PNG_COMPRESSION, 4, *PAETH],
+    "default (keepbits PNG writer: Paeth + RLE deflate, zlib-ng)": None,  # the codec's own writer
+    "default writer with the standard library's zlib": "stdlib",
+    "OpenCV, Paeth + zlib RLE (previous default)": [cv2.IMWRITE_PNG_COMPRESSION, 1, *PAETH,
+                                                     cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE],
+    "zlib level 4 + Paeth (the default before that)": [cv2.IMWRITE_PNG_COMPRESSION, 4, *PAETH],
     "zlib level 1 + Paeth": [cv2.IMWRITE_PNG_COMPRESSION, 1, *PAETH],
     "zlib level 6, adaptive filters (png_level=6)": [cv2.IMWRITE_PNG_COMPRESSION, 6],
 }
@@ -66,9 +71,15 @@ def image_sets(data: Path, work: Path) -> dict[str, list[np.ndarray]]:
     }
 
 
-def encode(img: np.ndarray, params: list[int] | None) -> bytes:
+def encode(img: np.ndarray, params: list[int] | str | None) -> bytes:
     if params is None:
         return payload._encode_image(img[..., None] if img.ndim == 2 else img, payload.CODEC_PNG, 0, None)
+    if params == "stdlib":
+        fast, png._deflate = png._deflate, zlib
+        try:
+            return png.encode_png(img)
+        finally:
+            png._deflate = fast
     bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img
     return cv2.imencode(".png", bgr, params)[1].tobytes()
 
@@ -97,7 +108,7 @@ def main() -> None:
             rows.append({"content": kind, "setting": name, "images": len(images), "bytes_mean": statistics.mean(sizes),
                          "ms_per_image_median": statistics.median(passes)})
             print(f"{kind:58s} {name:46s} {rows[-1]['bytes_mean']:10.0f} B {rows[-1]['ms_per_image_median']:7.3f} ms", flush=True)
-    print(write_result("codec_png", {"rows": rows, "repeats": args.repeats, "threads": 1}))
+    print(write_result("codec_png", {"rows": rows, "repeats": args.repeats, "threads": 1, "deflate": png.deflate_name()}))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ _COMMIT_AT_START = _commit()
 
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for name in ("numpy", "torch", "onnx", "onnxruntime", "cv2", "PIL"):
+    for name in ("numpy", "torch", "onnx", "onnxruntime", "cv2", "PIL", "zlib_ng"):
         module = sys.modules.get(name)
         if module is not None:
             versions[name] = getattr(module, "__version__", "?")

@@ -150,7 +150,8 @@ def test_fast_grid_means_equal_core_block_means():
     from keepbits.core import block_means
 
     rng = np.random.default_rng(8)
-    for h, w, b, c in [(224, 224, 8, 3), (32, 48, 4, 1), (64, 64, 16, 3), (30, 30, 2, 3), (256, 256, 256, 1)]:
+    for h, w, b, c in [(224, 224, 8, 3), (32, 48, 4, 1), (64, 64, 16, 3), (30, 30, 2, 3), (256, 256, 256, 1),
+                       (2912, 2912, 32, 1)]:  # sum over the frame beyond int32: the general route
         frame = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
         frame[:b, :b] = 255  # block sums at their maximum
         ref = np.rint(block_means(frame.transpose(2, 0, 1), b)).astype(np.uint8).transpose(1, 2, 0)

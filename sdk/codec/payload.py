@@ -35,6 +35,7 @@ from keepbits.codec.container import (
     MODE_PAPER, MODE_SIMPLIFIED, MODES, TAG_BACKGROUND, TAG_FOREGROUND, TAG_MASK, TAG_MIXED, TAG_SIMPLIFIED,
     VERSION, Header, Section, pack, unpack,
 )
+from keepbits.codec.png import encode_png
 from keepbits.core import block_means
 from keepbits.errors import DecodeError, InputError
 
@@ -107,14 +108,14 @@ def _grid_means(frame: np.ndarray, b: int) -> np.ndarray:
     """Rounded b×b block means x_b of an H×W×C uint8 frame, one per block (⌈H/b⌉×⌈W/b⌉×C uint8).
 
     Exact integer block sums divided in float64 and rounded half to even, as
-    :func:`keepbits.core.block_means`; frames that tile exactly take a faster route to the same sums.
+    :func:`keepbits.core.block_means`; frames that tile exactly and whose total fits int32 take a
+    faster route to the same sums: differences of OpenCV's integral image.
     """
     h, w, c = frame.shape
-    if b <= min(h, w) and h % b == 0 and w % b == 0 and b <= 256:
-        # uint16 holds b ≤ 256 rows of uint8 (≤ 65280); the second sum is exact in uint32
-        rows = frame.reshape(h // b, b, w * c).sum(axis=1, dtype=np.uint16)
-        sums = rows.reshape(h // b, w // b, b, c).sum(axis=2, dtype=np.uint32)
-        return np.rint(sums / float(b * b)).astype(np.uint8)
+    if b <= min(h, w) and h % b == 0 and w % b == 0 and 255 * h * w < 1 << 31:
+        integral = cv2.integral(frame)  # (H+1)×(W+1)×C int32 prefix sums
+        sums = integral[b::b, b::b] - integral[:-b:b, b::b] - integral[b::b, :-b:b] + integral[:-b:b, :-b:b]
+        return np.rint(sums.reshape(h // b, w // b, c) / float(b * b)).astype(np.uint8)
     return np.rint(block_means(frame.transpose(2, 0, 1), b)).astype(np.uint8).transpose(1, 2, 0)
 
 
@@ -138,21 +139,18 @@ def mixed_image(frame: Any, mask: Any, block: int, threshold: float = 0.5) -> np
     return np.where(keep[:, :, None], x, _upsample(_grid_means(x, block), *x.shape[:2], th, tw))
 
 
-#: The default PNG setting (``png_level=None``): the Paeth filter, then zlib's run-length strategy
-#: (matches only at distance 1). On camera frames and foreground mosaics it is both faster and
-#: smaller than zlib level 4 (224×224 letterboxed camera frame: 0.8 vs 1.2 ms, 18.1 vs 20.3 kB);
-#: on content with long-range repeats (synthetic patterns, screens) LZ77 wins by up to ~10×,
-#: and ``png_level`` selects it (``docs/codec.md``).
-_PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH,
-             cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
-
-
 def _encode_image(img: np.ndarray, codec: int, quality: int, png_level: int | None) -> bytes:
+    """One image section. PNG with ``png_level`` None (default): :func:`keepbits.codec.png.encode_png`
+    (Paeth + run-length deflate: on camera frames and foreground mosaics both faster and smaller
+    than zlib's LZ77 levels; ``docs/codec.md``); a ``png_level`` 0–9 uses that zlib level (LZ77)
+    with OpenCV's adaptive filters, better on long-range repeats (synthetic patterns, screens)."""
     img = np.ascontiguousarray(img)
+    if codec == CODEC_PNG and png_level is None:
+        return encode_png(img)
     if img.shape[2] == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
     if codec == CODEC_PNG:
-        params = _PNG_FAST if png_level is None else [cv2.IMWRITE_PNG_COMPRESSION, png_level]
+        params = [cv2.IMWRITE_PNG_COMPRESSION, png_level]
     elif codec == CODEC_JPEG:
         params = [cv2.IMWRITE_JPEG_QUALITY, quality]
     else:

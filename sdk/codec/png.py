@@ -1,0 +1,134 @@
+"""The codec's default lossless image writer: PNG, Paeth-filtered, run-length deflated.
+
+The file is an ordinary PNG (8-bit grey or RGB, no interlace; any decoder reads it): the
+signature, IHDR, one IDAT and IEND. Every scanline uses filter type 4 (Paeth: each byte minus
+whichever of left, up and upper-left is nearest to left + up − upper-left); the filtered bytes
+are deflated at level 1 with the run-length strategy (matches at distance 1 only), on Paeth
+residuals of camera content the fastest and the smallest of zlib's settings. The filter runs
+on the whole image at once in OpenCV's vectorised int16 arithmetic, in per-thread scratch
+memory (no per-frame temporaries). Deflate comes from `zlib-ng <https://pypi.org/project/zlib-ng/>`_
+(a declared dependency, ~3× faster than zlib at this setting) or, where it is missing, from
+the standard library's zlib; both write standard zlib streams and the pixels decoded are the
+same. ``bench/codec_png.py``: letterboxed 224×224 camera frames 0.58 ms, 0.93 ms with the
+standard library, against 1.12 ms for OpenCV's encoder with the same filter and strategy, at
+the same size (18.1 kB).
+
+Example:
+    >>> import io
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from keepbits.codec.png import encode_png
+    >>> img = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    >>> bool((np.asarray(Image.open(io.BytesIO(encode_png(img)))) == img).all())
+    True
+"""
+from __future__ import annotations
+
+import math
+import struct
+import threading
+import zlib
+
+import cv2
+import numpy as np
+
+try:  # the same zlib streams, faster; optional so that the runtime never depends on it to work
+    from zlib_ng import zlib_ng as _deflate
+except ImportError:  # pragma: no cover - exercised by forcing the fallback in the tests
+    _deflate = zlib
+
+_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PAETH = 4
+_COLOR_TYPE = {1: 0, 3: 2}  # channels -> PNG colour type (grey, truecolour)
+
+
+def deflate_name() -> str:
+    """Which deflate implementation :func:`encode_png` uses: ``"zlib-ng"`` or ``"zlib"``.
+
+    Example:
+        >>> from keepbits.codec.png import deflate_name
+        >>> deflate_name() in ("zlib-ng", "zlib")
+        True
+    """
+    return "zlib" if _deflate is zlib else "zlib-ng"
+
+
+class _Scratch(threading.local):
+    """Per-thread flat buffers that grow to the largest image seen: frames and mosaics change
+    size, and fresh multi-100 kB temporaries per frame cost page faults (the allocator maps
+    and unmaps them), more than the arithmetic itself."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        size = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self.buffers[name] = np.empty(size, dtype)
+        return buf[:size].reshape(shape)
+
+
+_scratch = _Scratch()
+
+
+def _paeth_scanlines(image: np.ndarray) -> np.ndarray:
+    """PNG scanlines of a uint8 H×W×C image with filter type 4 (Paeth), H×(1 + W·C) uint8, in
+    this thread's scratch memory (valid until its next call).
+
+    The predictor of byte x is whichever of a (left, C bytes back), b (up) and c (upper-left)
+    is nearest to p = a + b − c, ties to a then b; outside the image they are 0. All bytes at
+    once in int16 with OpenCV's vectorised arithmetic: |p − a| = |b − c|, |p − b| = |a − c|,
+    |p − c| = |(b − c) + (a − c)|; the residual x − predictor is stored modulo 256.
+    """
+    h, w, c = image.shape
+    row = w * c
+    padded = _scratch.take("padded", (h + 1, row + c), np.int16)  # a zero row above, c zero bytes on the left
+    padded[0] = 0
+    padded[:, :c] = 0
+    padded[1:, c:] = image.reshape(h, row)
+    x, a, b, up_left = padded[1:, c:], padded[1:, :-c], padded[:-1, c:], padded[:-1, :-c]
+    dist_a, dist_b, dist_c, predictor = (_scratch.take(f"i16_{i}", (h, row), np.int16) for i in range(4))
+    near_a, near_b, near_c = (_scratch.take(f"u8_{i}", (h, row), np.uint8) for i in range(3))
+    cv2.subtract(b, up_left, dst=dist_a)  # p - a
+    cv2.subtract(a, up_left, dst=dist_b)  # p - b
+    cv2.add(dist_a, dist_b, dst=dist_c)  # p - c
+    for dist in (dist_a, dist_b, dist_c):
+        np.abs(dist, out=dist)
+    np.copyto(predictor, up_left)
+    cv2.copyTo(b, cv2.compare(dist_b, dist_c, cv2.CMP_LE, dst=near_b), predictor)
+    cv2.compare(dist_a, dist_b, cv2.CMP_LE, dst=near_a)
+    cv2.bitwise_and(near_a, cv2.compare(dist_a, dist_c, cv2.CMP_LE, dst=near_c), dst=near_a)
+    cv2.copyTo(a, near_a, predictor)
+    out = _scratch.take("scanlines", (h, 1 + row), np.uint8)
+    out[:, 0] = _PAETH
+    np.copyto(out[:, 1:], cv2.subtract(x, predictor, dst=dist_a), casting="unsafe")  # int16 -> uint8 wraps modulo 256
+    return out
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A PNG of a uint8 H×W (grey), H×W×1 or H×W×3 (RGB) image: Paeth scanlines, RLE deflate.
+
+    Example:
+        >>> import numpy as np
+        >>> from keepbits.codec.png import encode_png
+        >>> encode_png(np.zeros((4, 4), np.uint8))[:8]
+        b'\\x89PNG\\r\\n\\x1a\\n'
+    """
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in _COLOR_TYPE or min(img.shape[:2]) < 1:
+        raise ValueError(f"encode_png needs a non-empty uint8 H×W or H×W×{{1,3}} image, got {img.dtype} {img.shape}")
+    h, w, c = img.shape
+    packer = _deflate.compressobj(1, _deflate.DEFLATED, 15, 9, _deflate.Z_RLE)
+    data = packer.compress(_paeth_scanlines(img)) + packer.flush()
+    header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_TYPE[c], 0, 0, 0)
+    return _SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+__all__ = ["deflate_name", "encode_png"]

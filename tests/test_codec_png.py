@@ -1,0 +1,73 @@
+"""keepbits.codec.png: the default lossless writer is a standard PNG with Paeth scanlines."""
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keepbits.codec import png
+
+
+def paeth_reference(image: np.ndarray) -> np.ndarray:
+    """Filter type 4 byte by byte, as the PNG specification states it."""
+    h, w, c = image.shape
+    rows = image.reshape(h, w * c).astype(int)
+    out = np.zeros((h, 1 + w * c), np.uint8)
+    out[:, 0] = 4
+    for y in range(h):
+        for i in range(w * c):
+            a = rows[y, i - c] if i >= c else 0
+            b = rows[y - 1, i] if y else 0
+            up_left = rows[y - 1, i - c] if y and i >= c else 0
+            p = a + b - up_left
+            pa, pb, pc = abs(p - a), abs(p - b), abs(p - up_left)
+            pred = a if pa <= pb and pa <= pc else b if pb <= pc else up_left
+            out[y, 1 + i] = (rows[y, i] - pred) % 256
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 9, 1), (7, 1, 3), (5, 6, 3), (6, 5, 1), (13, 11, 3)])
+def test_paeth_scanlines_match_the_specification(shape):
+    rng = np.random.default_rng(sum(shape))
+    for image in (rng.integers(0, 256, shape, dtype=np.uint8),  # random: every tie rule and wrap occurs
+                  np.cumsum(rng.integers(0, 3, shape), axis=1).clip(0, 255).astype(np.uint8)):  # smooth ramps
+        assert np.array_equal(png._paeth_scanlines(image), paeth_reference(image)), shape
+
+
+def _decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+        return np.asarray(im)
+
+
+@pytest.mark.parametrize("deflate", ["default", "stdlib"])
+def test_encode_png_decodes_to_the_same_pixels(monkeypatch, deflate):
+    """Grey, grey with a channel axis, RGB, odd sizes; with zlib-ng and with the standard library."""
+    if deflate == "stdlib":
+        monkeypatch.setattr(png, "_deflate", zlib)
+        assert png.deflate_name() == "zlib"
+    rng = np.random.default_rng(3)
+    for shape in [(1, 1), (1, 300, 3), (300, 1, 3), (37, 53), (37, 53, 1), (64, 48, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        image[: shape[0] // 2] //= 16  # some compressible content too
+        decoded = _decode(png.encode_png(image))
+        assert np.array_equal(decoded, image.reshape(decoded.shape)) and decoded.shape == image.shape[:2] + (
+            (3,) if len(shape) == 3 and shape[2] == 3 else ()), shape
+
+
+def test_encode_png_sizes_change_between_calls_in_one_thread():
+    """Scratch buffers are reused across sizes: a small image after a large one is unaffected."""
+    rng = np.random.default_rng(5)
+    large, small = rng.integers(0, 256, (80, 90, 3), dtype=np.uint8), rng.integers(0, 256, (9, 4, 3), dtype=np.uint8)
+    png.encode_png(large)
+    assert np.array_equal(_decode(png.encode_png(small)), small)
+    assert np.array_equal(_decode(png.encode_png(large)), large)
+
+
+def test_flat_content_compresses_and_bad_input_is_refused():
+    assert len(png.encode_png(np.full((200, 200, 3), 7, np.uint8))) < 1000
+    for bad in (np.zeros((4, 4, 3), np.float32), np.zeros((4, 4, 2), np.uint8), np.zeros((0, 4), np.uint8)):
+        with pytest.raises(ValueError, match="encode_png needs"):
+            png.encode_png(bad)
