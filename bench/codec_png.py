@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import default_data_dir, video_frames, write_result  # noqa: E402
 
-from keepbits.codec import payload, png  # noqa: E402
+from keepbits.codec import deflate, payload, png  # noqa: E402
 from keepbits.data import load_dataset  # noqa: E402
 from keepbits.runtime import Pipeline  # noqa: E402
 from keepbits.runtime.synthetic import toy_bundle  # noqa: E402
@@ -75,11 +75,11 @@ def encode(img: np.ndarray, params: list[int] | str | None) -> bytes:
     if params is None:
         return payload._encode_image(img[..., None] if img.ndim == 2 else img, payload.CODEC_PNG, 0, None)
     if params == "stdlib":
-        fast, png._deflate = png._deflate, zlib
+        fast, deflate._impl = deflate._impl, zlib
         try:
             return png.encode_png(img)
         finally:
-            png._deflate = fast
+            deflate._impl = fast
     bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img
     return cv2.imencode(".png", bgr, params)[1].tobytes()
 
@@ -108,7 +108,7 @@ def main() -> None:
             rows.append({"content": kind, "setting": name, "images": len(images), "bytes_mean": statistics.mean(sizes),
                          "ms_per_image_median": statistics.median(passes)})
             print(f"{kind:58s} {name:46s} {rows[-1]['bytes_mean']:10.0f} B {rows[-1]['ms_per_image_median']:7.3f} ms", flush=True)
-    print(write_result("codec_png", {"rows": rows, "repeats": args.repeats, "threads": 1, "deflate": png.deflate_name()}))
+    print(write_result("codec_png", {"rows": rows, "repeats": args.repeats, "threads": 1, "deflate": deflate.name()}))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from keepbits.codec.container import (
     MODE_PAPER, MODE_SIMPLIFIED, MODES, TAG_BACKGROUND, TAG_FOREGROUND, TAG_MASK, TAG_MIXED, TAG_SIMPLIFIED,
     VERSION, Header, Section, pack, unpack,
 )
+from keepbits.codec import deflate
 from keepbits.codec.png import encode_png
 from keepbits.core import block_means
 from keepbits.errors import DecodeError, InputError
@@ -163,7 +164,7 @@ def _encode_image(img: np.ndarray, codec: int, quality: int, png_level: int | No
 
 def _encode_section(img: np.ndarray, codec: int, quality: int, png_level: int | None) -> bytes:
     if codec == CODEC_RAW:
-        return zlib.compress(img.tobytes(), 6)
+        return deflate.compress(img.tobytes(), 6)
     return _encode_image(img, codec, quality, png_level)
 
 
@@ -340,7 +341,7 @@ def encode(
     bg_codec, fg_codec = BACKGROUND_CODECS[background], IMAGE_CODECS[codec]
     sections = [
         (TAG_BACKGROUND, bg_codec, quality, _encode_section(grid, bg_codec, quality, png_level)),
-        (TAG_MASK, CODEC_BITS, 0, zlib.compress(np.packbits(keep).tobytes(), 6)),
+        (TAG_MASK, CODEC_BITS, 0, deflate.compress(np.packbits(keep).tobytes(), 6)),
     ]
     kept = _kept_blocks(keep, block)
     k = int(kept.sum())

@@ -5,11 +5,9 @@ signature, IHDR, one IDAT and IEND. Every scanline uses filter type 4 (Paeth: ea
 whichever of left, up and upper-left is nearest to left + up − upper-left); the filtered bytes
 are deflated at level 1 with the run-length strategy (matches at distance 1 only), on Paeth
 residuals of camera content the fastest and the smallest of zlib's settings. The filter runs
-on the whole image at once in OpenCV's vectorised int16 arithmetic, in per-thread scratch
-memory (no per-frame temporaries). Deflate comes from `zlib-ng <https://pypi.org/project/zlib-ng/>`_
-(a declared dependency, ~3× faster than zlib at this setting) or, where it is missing, from
-the standard library's zlib; both write standard zlib streams and the pixels decoded are the
-same. ``bench/codec_png.py``: letterboxed 224×224 camera frames 0.58 ms, 0.93 ms with the
+on the whole image at once in OpenCV's vectorised uint8 arithmetic, in per-thread scratch
+memory (no per-frame temporaries). Deflate is :mod:`keepbits.codec.deflate`'s: zlib-ng, or the
+standard library's zlib where it is missing; the pixels decoded are the same. ``bench/codec_png.py``: letterboxed 224×224 camera frames 0.58 ms, 0.93 ms with the
 standard library, against 1.12 ms for OpenCV's encoder with the same filter and strategy, at
 the same size (18.1 kB).
 
@@ -32,25 +30,11 @@ import zlib
 import cv2
 import numpy as np
 
-try:  # the same zlib streams, faster; optional so that the runtime never depends on it to work
-    from zlib_ng import zlib_ng as _deflate
-except ImportError:  # pragma: no cover - exercised by forcing the fallback in the tests
-    _deflate = zlib
+from keepbits.codec import deflate
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PAETH = 4
 _COLOR_TYPE = {1: 0, 3: 2}  # channels -> PNG colour type (grey, truecolour)
-
-
-def deflate_name() -> str:
-    """Which deflate implementation :func:`encode_png` uses: ``"zlib-ng"`` or ``"zlib"``.
-
-    Example:
-        >>> from keepbits.codec.png import deflate_name
-        >>> deflate_name() in ("zlib-ng", "zlib")
-        True
-    """
-    return "zlib" if _deflate is zlib else "zlib-ng"
 
 
 class _Scratch(threading.local):
@@ -78,31 +62,33 @@ def _paeth_scanlines(image: np.ndarray) -> np.ndarray:
 
     The predictor of byte x is whichever of a (left, C bytes back), b (up) and c (upper-left)
     is nearest to p = a + b − c, ties to a then b; outside the image they are 0. All bytes at
-    once in int16 with OpenCV's vectorised arithmetic: |p − a| = |b − c|, |p − b| = |a − c|,
-    |p − c| = |(b − c) + (a − c)|; the residual x − predictor is stored modulo 256.
+    once in uint8 with OpenCV's vectorised arithmetic: |p − a| = |b − c|, |p − b| = |a − c|,
+    and |p − c| = |(b − c) + (a − c)| is their sum where the two differences share a sign and
+    their difference otherwise; the sum saturates at 255, which changes no comparison (both
+    distances it is compared with are ≤ 255). The residual x − predictor wraps modulo 256.
     """
     h, w, c = image.shape
     row = w * c
-    padded = _scratch.take("padded", (h + 1, row + c), np.int16)  # a zero row above, c zero bytes on the left
+    padded = _scratch.take("padded", (h + 1, row + c), np.uint8)  # a zero row above, c zero bytes on the left
     padded[0] = 0
     padded[:, :c] = 0
     padded[1:, c:] = image.reshape(h, row)
     x, a, b, up_left = padded[1:, c:], padded[1:, :-c], padded[:-1, c:], padded[:-1, :-c]
-    dist_a, dist_b, dist_c, predictor = (_scratch.take(f"i16_{i}", (h, row), np.int16) for i in range(4))
-    near_a, near_b, near_c = (_scratch.take(f"u8_{i}", (h, row), np.uint8) for i in range(3))
-    cv2.subtract(b, up_left, dst=dist_a)  # p - a
-    cv2.subtract(a, up_left, dst=dist_b)  # p - b
-    cv2.add(dist_a, dist_b, dst=dist_c)  # p - c
-    for dist in (dist_a, dist_b, dist_c):
-        np.abs(dist, out=dist)
+    dist_a, dist_b, dist_c, predictor, flag, flag2 = (_scratch.take(f"plane{i}", (h, row), np.uint8) for i in range(6))
+    cv2.absdiff(b, up_left, dst=dist_a)
+    cv2.absdiff(a, up_left, dst=dist_b)
+    cv2.absdiff(dist_a, dist_b, dst=dist_c)  # opposite signs
+    cv2.compare(cv2.compare(b, up_left, cv2.CMP_GE, dst=flag), cv2.compare(a, up_left, cv2.CMP_GE, dst=flag2),
+                cv2.CMP_EQ, dst=flag)
+    cv2.copyTo(cv2.add(dist_a, dist_b, dst=predictor), flag, dist_c)  # same sign: the saturating sum
     np.copyto(predictor, up_left)
-    cv2.copyTo(b, cv2.compare(dist_b, dist_c, cv2.CMP_LE, dst=near_b), predictor)
-    cv2.compare(dist_a, dist_b, cv2.CMP_LE, dst=near_a)
-    cv2.bitwise_and(near_a, cv2.compare(dist_a, dist_c, cv2.CMP_LE, dst=near_c), dst=near_a)
-    cv2.copyTo(a, near_a, predictor)
+    cv2.copyTo(b, cv2.compare(dist_b, dist_c, cv2.CMP_LE, dst=flag), predictor)
+    cv2.bitwise_and(cv2.compare(dist_a, dist_b, cv2.CMP_LE, dst=flag), cv2.compare(dist_a, dist_c, cv2.CMP_LE, dst=flag2),
+                    dst=flag)
+    cv2.copyTo(a, flag, predictor)
     out = _scratch.take("scanlines", (h, 1 + row), np.uint8)
     out[:, 0] = _PAETH
-    np.copyto(out[:, 1:], cv2.subtract(x, predictor, dst=dist_a), casting="unsafe")  # int16 -> uint8 wraps modulo 256
+    np.subtract(x, predictor, out=out[:, 1:])  # uint8: wraps modulo 256
     return out
 
 
@@ -125,10 +111,9 @@ def encode_png(image: np.ndarray) -> bytes:
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in _COLOR_TYPE or min(img.shape[:2]) < 1:
         raise ValueError(f"encode_png needs a non-empty uint8 H×W or H×W×{{1,3}} image, got {img.dtype} {img.shape}")
     h, w, c = img.shape
-    packer = _deflate.compressobj(1, _deflate.DEFLATED, 15, 9, _deflate.Z_RLE)
-    data = packer.compress(_paeth_scanlines(img)) + packer.flush()
+    data = deflate.compress_rle(_paeth_scanlines(img))
     header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_TYPE[c], 0, 0, 0)
     return _SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 
-__all__ = ["deflate_name", "encode_png"]
+__all__ = ["encode_png"]

@@ -1,0 +1,47 @@
+"""Deflate for the payload's sections: zlib-ng when installed, the standard library otherwise.
+
+`zlib-ng <https://pypi.org/project/zlib-ng/>`_ (a declared dependency) writes standard zlib
+streams 2–3× faster than the standard library's zlib at the settings the codec uses; where it
+is missing (a platform without its wheels) the standard library takes over and payloads
+decode the same.
+
+Example:
+    >>> import zlib
+    >>> from keepbits.codec import deflate
+    >>> zlib.decompress(deflate.compress(b"keepbits " * 8, 6)) == b"keepbits " * 8
+    True
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+try:
+    from zlib_ng import zlib_ng as _impl
+except ImportError:  # pragma: no cover - exercised by forcing the fallback in the tests
+    _impl = zlib
+
+
+def name() -> str:
+    """``"zlib-ng"`` or ``"zlib"``: the implementation in use.
+
+    Example:
+        >>> from keepbits.codec import deflate
+        >>> deflate.name() in ("zlib-ng", "zlib")
+        True
+    """
+    return "zlib" if _impl is zlib else "zlib-ng"
+
+
+def compress(data: Any, level: int) -> bytes:
+    """A zlib stream of ``data`` (bytes or a contiguous buffer) at ``level`` (LZ77, default strategy)."""
+    return _impl.compress(data, level)
+
+
+def compress_rle(data: Any) -> bytes:
+    """A zlib stream of ``data`` at level 1 with the run-length strategy (matches at distance 1 only)."""
+    packer = _impl.compressobj(1, _impl.DEFLATED, 15, 9, _impl.Z_RLE)
+    return packer.compress(data) + packer.flush()
+
+
+__all__ = ["compress", "compress_rle", "name"]
