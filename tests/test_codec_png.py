@@ -72,3 +72,25 @@ def test_flat_content_compresses_and_bad_input_is_refused():
     for bad in (np.zeros((4, 4, 3), np.float32), np.zeros((4, 4, 2), np.uint8), np.zeros((0, 4), np.uint8)):
         with pytest.raises(ValueError, match="encode_png needs"):
             png.encode_png(bad)
+
+
+def test_codec_works_without_zlib_ng():
+    """A platform without zlib-ng wheels: keepbits falls back to the standard library's zlib."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'zlib_ng':\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from keepbits.codec import decode, deflate, encode, mixed_image\n"
+        "frame = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)\n"
+        "mask = np.zeros((24, 40)); mask[4:12, 8:30] = 1\n"
+        "image, _, _ = decode(encode(frame, mask, block=4))\n"
+        "print(deflate.name(), bool((image == mixed_image(frame, mask, 4)).all()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["zlib", "True"]

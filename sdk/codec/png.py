@@ -7,9 +7,10 @@ are deflated at level 1 with the run-length strategy (matches at distance 1 only
 residuals of camera content the fastest and the smallest of zlib's settings. The filter runs
 on the whole image at once in OpenCV's vectorised uint8 arithmetic, in per-thread scratch
 memory (no per-frame temporaries). Deflate is :mod:`keepbits.codec.deflate`'s: zlib-ng, or the
-standard library's zlib where it is missing; the pixels decoded are the same. ``bench/codec_png.py``: letterboxed 224×224 camera frames 0.58 ms, 0.93 ms with the
-standard library, against 1.12 ms for OpenCV's encoder with the same filter and strategy, at
-the same size (18.1 kB).
+standard library's zlib where it is missing; the pixels decoded are the same.
+``bench/codec_png.py``: letterboxed 224×224 camera frames 0.51 ms (0.78 ms with the standard
+library), against 0.96 ms for OpenCV's encoder with the same filter and strategy, at the same
+size (18.1 kB).
 
 Example:
     >>> import io
