@@ -30,12 +30,16 @@ def paeth_reference(image: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("band_bytes", [png.BAND_BYTES, 1, 40])
 @pytest.mark.parametrize("shape", [(1, 1, 3), (1, 9, 1), (7, 1, 3), (5, 6, 3), (6, 5, 1), (13, 11, 3)])
-def test_paeth_scanlines_match_the_specification(shape):
+def test_paeth_scanlines_match_the_specification(monkeypatch, shape, band_bytes):
+    """Whole image in one band, one row per band, and bands of a few rows: the same scanlines."""
+    monkeypatch.setattr(png, "BAND_BYTES", band_bytes)
     rng = np.random.default_rng(sum(shape))
     for image in (rng.integers(0, 256, shape, dtype=np.uint8),  # random: every tie rule and wrap occurs
                   np.cumsum(rng.integers(0, 3, shape), axis=1).clip(0, 255).astype(np.uint8)):  # smooth ramps
-        assert np.array_equal(png._paeth_scanlines(image), paeth_reference(image)), shape
+        scanlines = np.concatenate([band.copy() for band in png._paeth_bands(image)])
+        assert np.array_equal(scanlines, paeth_reference(image)), shape
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -58,13 +62,15 @@ def test_encode_png_decodes_to_the_same_pixels(monkeypatch, deflate):
             (3,) if len(shape) == 3 and shape[2] == 3 else ()), shape
 
 
-def test_encode_png_sizes_change_between_calls_in_one_thread():
-    """Scratch buffers are reused across sizes: a small image after a large one is unaffected."""
+def test_encode_png_sizes_change_between_calls_in_one_thread_and_scratch_stays_bounded():
+    """Scratch buffers are reused across sizes (a small image after a large one is unaffected)
+    and never exceed a band, however large the image."""
     rng = np.random.default_rng(5)
-    large, small = rng.integers(0, 256, (80, 90, 3), dtype=np.uint8), rng.integers(0, 256, (9, 4, 3), dtype=np.uint8)
+    large, small = rng.integers(0, 256, (900, 700, 3), dtype=np.uint8), rng.integers(0, 256, (9, 4, 3), dtype=np.uint8)
     png.encode_png(large)
     assert np.array_equal(_decode(png.encode_png(small)), small)
     assert np.array_equal(_decode(png.encode_png(large)), large)
+    assert max(buf.nbytes for buf in png._scratch.buffers.values()) <= png.BAND_BYTES + 2 * 700 * 3 + 3
 
 
 def test_flat_content_compresses_and_bad_input_is_refused():

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Iterable
 
 try:
     from zlib_ng import zlib_ng as _impl
@@ -38,10 +38,19 @@ def compress(data: Any, level: int) -> bytes:
     return _impl.compress(data, level)
 
 
-def compress_rle(data: Any) -> bytes:
-    """A zlib stream of ``data`` at level 1 with the run-length strategy (matches at distance 1 only)."""
+def compress_rle(chunks: Iterable[Any]) -> bytes:
+    """One zlib stream of the concatenated ``chunks`` (bytes or contiguous buffers, each free to
+    be reused once the next is asked for) at level 1 with the run-length strategy (matches at
+    distance 1 only).
+
+    Example:
+        >>> import zlib
+        >>> from keepbits.codec import deflate
+        >>> zlib.decompress(deflate.compress_rle([b"aaaa", b"abab"]))
+        b'aaaaabab'
+    """
     packer = _impl.compressobj(1, _impl.DEFLATED, 15, 9, _impl.Z_RLE)
-    return packer.compress(data) + packer.flush()
+    return b"".join([*(packer.compress(chunk) for chunk in chunks), packer.flush()])
 
 
 __all__ = ["compress", "compress_rle", "name"]
