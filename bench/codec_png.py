@@ -5,11 +5,12 @@
 Compares the codec's default (``png_level=None``: :func:`keepbits.codec.png.encode_png`, Paeth
 filter + run-length deflate, with zlib-ng and with the standard library's zlib) with OpenCV's
 encoder at the same filter and strategy (the default before), zlib level 4 after Paeth (the
-default before that), level 1 after Paeth, and level 6 with OpenCV's adaptive filters, on: letterboxed 224×224 frames of ``videos/bottle-detection.mp4``
-(what the runtime encodes), foreground mosaics of those frames under a disc mask (kept blocks
-only, ``docs/codec.md``), Kodak photographs, a 256×256 grid of CIFAR-10 test images, a 224×224
-grid of MNIST digits (grey), the bundled demo stream's frames and a periodic synthetic pattern
-(long-range repeats). One thread; times are medians over ``--repeats`` passes. Writes
+default before that), level 1 after Paeth, and level 6 with OpenCV's adaptive filters, on:
+letterboxed 224×224 frames of ``videos/bottle-detection.mp4`` (what the runtime encodes),
+foreground mosaics of those frames under a disc mask (kept blocks only, ``docs/codec.md``),
+Kodak photographs, a 256×256 grid of CIFAR-10 test images, a 224×224 grid of MNIST digits
+(grey), the bundled demo stream's frames and a periodic synthetic pattern (long-range
+repeats). One thread; times are medians over ``--repeats`` passes. Writes
 ``bench/results/codec_png.json``.
 """
 from __future__ import annotations
