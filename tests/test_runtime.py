@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keepbits.codec import decode
+from keepbits.codec import decode, deflate
 from keepbits.errors import BundleError, InputError
 from keepbits.runtime import Letterbox, Pipeline
 from keepbits.runtime.synthetic import toy_bundle
@@ -141,3 +141,4 @@ def test_session_options_threads_and_spinning(bundle):
     assert session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     described = Pipeline.from_bundle(bundle, threads=1, spinning=True).describe()
     assert (described["threads"], described["spinning"]) == (1, True)
+    assert described["codec"]["deflate"] == deflate.name()

@@ -454,13 +454,17 @@ class Pipeline:
         return self.process_batch([frame], color=color)[0]
 
     def describe(self) -> dict[str, Any]:
-        """Model size, classes, block size, providers and codec settings, for summaries."""
+        """Model size, classes, block size, providers and codec settings (with the deflate
+        implementation in use, :mod:`keepbits.codec.deflate`), for summaries."""
+        from keepbits.codec import deflate
+
         return {
             "bundle": str(self.bundle.source), "digest": self.bundle.digest,
             "input": [self.channels, self.height, self.width], "classes": len(self.class_names),
             "explain": self.explain, "block": self.block, "threshold": self.threshold, "providers": self.providers,
             "threads": self.threads, "spinning": self.spinning,
-            "codec": {"codec": "png", "background": "raw", "quality": 90, "png_level": None, **self.codec_options},
+            "codec": {"codec": "png", "background": "raw", "quality": 90, "png_level": None, **self.codec_options,
+                      "deflate": deflate.name()},
         }
 
 
