@@ -364,3 +364,37 @@ def test_worker_error_is_raised_after_the_accepted_frames_are_written(tmp_path):
     with pytest.raises(RuntimeError, match="frame 10"):
         run_stream(pipe, open_source(_frames(40)), [sink], workers=2)
     assert sink.sequences[:10] == list(range(10)) and 10 not in sink.sequences
+
+
+def test_opencv_thread_pool_is_set_for_the_run_and_restored(pipe):
+    """Model workers and the writer see OpenCV's pool at ``opencv_threads``; the caller's
+    setting comes back afterwards, also when the model stage fails; None leaves it alone."""
+    before = cv2.getNumThreads()
+    seen = []
+
+    class _Sink:
+        def write(self, frame, result, record):
+            seen.append(cv2.getNumThreads())
+
+        def close(self):
+            return {}
+
+    cv2.setNumThreads(3)
+    try:
+        summary = run_stream(pipe, open_source(_frames(4)), [_Sink()], workers=2)
+        assert seen == [1] * 4 and summary["opencv_threads"] == 1 and cv2.getNumThreads() == 3
+        seen.clear()
+        assert run_stream(pipe, open_source(_frames(2)), [_Sink()], opencv_threads=None)["opencv_threads"] == 3
+        assert seen == [3, 3]
+        infer = pipe.infer
+        pipe.infer = lambda prepared, **kwargs: (_ for _ in ()).throw(RuntimeError("model failed"))
+        try:
+            with pytest.raises(RuntimeError, match="model failed"):
+                run_stream(pipe, open_source(_frames(2)), [], opencv_threads=2)
+        finally:
+            pipe.infer = infer
+        assert cv2.getNumThreads() == 3
+        with pytest.raises(ValueError, match="opencv_threads"):
+            run_stream(pipe, open_source(_frames(1)), [], opencv_threads=0)
+    finally:
+        cv2.setNumThreads(before)

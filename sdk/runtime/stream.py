@@ -199,6 +199,7 @@ def run_stream(
     stop: threading.Event | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     progress_interval: float = 0.5,
+    opencv_threads: int | None = 1,
 ) -> dict[str, Any]:
     """Process ``source`` until it ends, ``max_frames`` or ``stop``; returns the JSON summary.
 
@@ -211,15 +212,20 @@ def run_stream(
     ratios: ``jpeg``/``png`` of the whole model-size frame, ``paper`` (x̃ as one PNG; skipped
     for SimpleBits results, which have no mask), ``lossless`` (the blocks payload, or the
     simplified image as PNG, with lossless codecs, when the pipeline's is lossy);
-    ``progress(snapshot)`` is called every ``progress_interval`` seconds. Sinks are closed before
-    returning. An error in the model stage (after every frame already accepted is written) is
-    raised again here.
+    ``progress(snapshot)`` is called every ``progress_interval`` seconds. ``opencv_threads`` sets
+    OpenCV's own thread pool (process-wide, restored on return; None leaves it): the stream
+    already runs letterboxing and encoding in parallel threads, and with OpenCV's pool as well
+    its idle workers spin for CPU the model threads need (``docs/runtime.md``). Sinks are
+    closed before returning. An error in the model stage (after every frame already accepted
+    is written) is raised again here.
     """
     unknown = set(compare) - set(COMPARE)
     if unknown:
         raise ValueError(f"compare formats {sorted(unknown)} not in {COMPARE}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if opencv_threads is not None and opencv_threads < 1:
+        raise ValueError(f"opencv_threads must be >= 1 or None, got {opencv_threads}")
     stop = stop or threading.Event()
     stats = _Stats()
     queue = BoundedQueue(queue_size, "block")
@@ -268,6 +274,9 @@ def run_stream(
                 shared["error"] = shared["error"] or exc
 
     threads = [threading.Thread(target=work, name=f"keepbits-model-{i}", daemon=True) for i in range(workers)]
+    opencv_before = cv2.getNumThreads()
+    if opencv_threads is not None:
+        cv2.setNumThreads(opencv_threads)
     start = time.perf_counter()
     writer.start()
     try:
@@ -288,6 +297,7 @@ def run_stream(
                 t.join()
         queue.close()
         writer.join()
+        cv2.setNumThreads(opencv_before)
         source.close()
         sink_stats = [sink.close() for sink in sinks]
     if shared["error"] is not None:
@@ -297,7 +307,8 @@ def run_stream(
     summary.update(
         interrupted=stop.is_set(), latency_ms=stats.latency_summary(), labels=dict(stats.labels.most_common()),
         sinks=sink_stats, queue={"size": queue_size, "policy": queue.policy, "high_water": queue.high_water},
-        workers=workers, pipeline=pipeline.describe(),
+        workers=workers, opencv_threads=cv2.getNumThreads() if opencv_threads is None else opencv_threads,
+        pipeline=pipeline.describe(),
     )
     if progress is not None:
         progress(summary)
