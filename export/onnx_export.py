@@ -33,7 +33,8 @@ from torch import nn
 
 from keepbits._version import __version__
 from keepbits.bundle import (
-    EXPLAIN_CLASSIFY_ON, EXPLAIN_OUTPUTS, INPUT_DTYPES, TARGETS, Bundle, Manifest, load_bundle, sha256_file, write_bundle,
+    EXPLAIN_CLASSIFY_ON, EXPLAIN_OUTPUTS, INPUT_DTYPES, OPTIONAL_OUTPUTS, TARGETS, Bundle, Manifest, load_bundle, sha256_file,
+    write_bundle,
 )
 from keepbits.errors import BundleError, InputError
 from keepbits.export import ops
@@ -48,15 +49,17 @@ PIXEL_OUTPUTS = ("mixed", "simplified")
 class NiceGraph(nn.Module):
     """The exported computation: normalise, generate log α, mask + compose, classify.
 
-    ``forward(image)`` returns ``(logits, mask, mixed)``; eager mode is the torch reference
-    of the ONNX graph.
+    ``forward(image)`` returns ``(logits, mask, mixed)``, or ``(logits, mask)`` without
+    ``mixed_output`` (then a classifier of the original image needs no compose at all); eager
+    mode is the torch reference of the ONNX graph.
     """
 
     def __init__(self, generator: nn.Module, classifier: nn.Module, mean: list[float], std: list[float],
-                 block_size: int, input_dtype: str = "uint8", classify_on: str = "original", fused: bool = True):
+                 block_size: int, input_dtype: str = "uint8", classify_on: str = "original", fused: bool = True,
+                 mixed_output: bool = True):
         super().__init__()
         self.generator, self.classifier = generator.eval(), classifier.eval()
-        self.block_size, self.classify_on, self.fused = int(block_size), classify_on, fused
+        self.block_size, self.classify_on, self.fused, self.mixed_output = int(block_size), classify_on, fused, mixed_output
         self.nhwc = input_dtype == "uint8"
         scale = 255.0 if self.nhwc else 1.0
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -69,11 +72,16 @@ class NiceGraph(nn.Module):
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.norm_mul + self.norm_add
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = image.permute(0, 3, 1, 2).to(torch.float32) if self.nhwc else image
         xn = self.normalise(x)
-        mask, mixed = ops.mask_and_compose(self.generator(xn), x, self.block_size, self.fused)
+        log_alpha = self.generator(xn)
+        if not self.mixed_output and self.classify_on == "original":
+            return self.classifier(xn), ops.hard_concrete_mask(log_alpha)
+        mask, mixed = ops.mask_and_compose(log_alpha, x, self.block_size, self.fused)
         logits = self.classifier(xn if self.classify_on == "original" else self.normalise(mixed))
+        if not self.mixed_output:
+            return logits, mask
         if self.nhwc:
             mixed = mixed.permute(0, 2, 3, 1)
         return logits, mask, mixed
@@ -218,14 +226,15 @@ def compare_outputs(
 EXPLAIN_OF_KIND = {"nice": "mask", "simplebits": "simplify"}
 
 
-def _nice_graph(record: dict[str, Any], checkpoint: Path, input_dtype: str, classify_on: str, fused: bool) -> tuple[nn.Module, dict[str, Any]]:
+def _nice_graph(record: dict[str, Any], checkpoint: Path, input_dtype: str, classify_on: str, fused: bool,
+                mixed_output: bool) -> tuple[nn.Module, dict[str, Any]]:
     """NiceGraph of a ``nice`` record and its manifest fields."""
     settings = dict(record.get("settings") or {})
     if "block_size" not in settings:
         raise InputError(f"{checkpoint}: settings lack block_size (b)")
     norm = record["normalization"]
     graph = NiceGraph(build_model(record, "generator"), build_model(record, "classifier"), list(norm["mean"]), list(norm["std"]),
-                      int(settings["block_size"]), input_dtype, classify_on, fused)
+                      int(settings["block_size"]), input_dtype, classify_on, fused, mixed_output)
     return graph, {"block_size": int(settings["block_size"]), "mask_threshold": float(settings.get("mask_threshold", 0.5)),
                    "generator": record["models"]["generator"]["arch"]}
 
@@ -246,6 +255,7 @@ def export_onnx(
     input_dtype: str = "uint8",
     classify_on: str | None = None,
     fused: bool = True,
+    mixed_output: bool = True,
     target: str = "onnxruntime",
     opset: int = MIN_OPSET,
     archive: bool | None = None,
@@ -256,7 +266,11 @@ def export_onnx(
     """Export a ``nice`` or ``simplebits`` checkpoint to a bundle at ``out`` (a folder, or a ``.zip``); returns it loaded.
 
     ``classify_on`` (NICE only): ``"original"`` (default) or ``"mixed"``; a SimpleBits
-    classifier sees the simplified image (``"simplified"``). ``target='tensorrt'`` leaves the
+    classifier sees the simplified image (``"simplified"``). ``mixed_output=False`` (NICE only)
+    leaves x̃ out of the outputs: the runtime reads the logits and ẑ alone (its codec rebuilds x̃
+    from the hard mask), and ONNX Runtime runs every node of a graph whether its outputs are
+    asked for or not, so a deployment bundle skips the compose (a classifier of the original
+    image then needs only ``HardConcreteMask``). ``target='tensorrt'`` leaves the
     custom nodes without function bodies (TensorRT's parser expands local functions before it
     looks for plugins). ``verify`` runs the bundle in ONNX Runtime (function bodies) on a random
     batch against the torch graph and fails on a mismatch (ẑ, x̃/scale or the simplified
@@ -287,11 +301,13 @@ def export_onnx(
     if missing:
         raise InputError(f"{checkpoint}: checkpoint lacks {', '.join(missing)}")
     if explain == "mask":
-        graph, fields = _nice_graph(record, checkpoint, input_dtype, classify_on, fused)
+        graph, fields = _nice_graph(record, checkpoint, input_dtype, classify_on, fused, mixed_output)
+    elif not mixed_output:
+        raise InputError(f"{checkpoint}: mixed_output=False applies to NICE checkpoints (a SimpleBits bundle has no x̃ output)")
     else:
         graph, fields = _simplify_graph(checkpoint, input_dtype)
     dynamo = explain == "mask"
-    output_names = EXPLAIN_OUTPUTS[explain]
+    output_names = EXPLAIN_OUTPUTS[explain] if mixed_output else [n for n in EXPLAIN_OUTPUTS[explain] if n not in OPTIONAL_OUTPUTS]
     shape = [int(v) for v in record["input_shape"]]
     norm = record["normalization"]
     example = _example_input(shape, input_dtype)

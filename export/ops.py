@@ -55,20 +55,27 @@ def mask_and_compose(log_alpha: torch.Tensor, x: torch.Tensor, block_size: int, 
     if not torch.onnx.is_in_onnx_export():
         mask = KF.deterministic_mask(log_alpha)
         return mask, KF.mixed_resolution(x, mask, block_size)
-    attrs = gate_attrs()
     if fused:
         mask, mixed = torch.onnx.ops.symbolic_multi_out(
-            f"{DOMAIN}::MaskCompose", (log_alpha, x), {**attrs, "block_size": int(block_size)},
+            f"{DOMAIN}::MaskCompose", (log_alpha, x), {**gate_attrs(), "block_size": int(block_size)},
             dtypes=(torch.float32, torch.float32), shapes=(log_alpha.shape, x.shape), version=DOMAIN_VERSION,
         )
         return mask, mixed
-    mask = torch.onnx.ops.symbolic(
-        f"{DOMAIN}::HardConcreteMask", (log_alpha,), attrs, dtype=torch.float32, shape=log_alpha.shape, version=DOMAIN_VERSION
-    )
+    mask = hard_concrete_mask(log_alpha)
     mixed = torch.onnx.ops.symbolic(
         f"{DOMAIN}::MixedResCompose", (x, mask), {"block_size": int(block_size)}, dtype=torch.float32, shape=x.shape, version=DOMAIN_VERSION
     )
     return mask, mixed
+
+
+def hard_concrete_mask(log_alpha: torch.Tensor) -> torch.Tensor:
+    """ẑ (Eq. 11) of the gate logits ``log_alpha`` (N×1×H×W): eager via
+    :mod:`keepbits.training.functional`, one ``HardConcreteMask`` node under ``torch.onnx.export``."""
+    if not torch.onnx.is_in_onnx_export():
+        return KF.deterministic_mask(log_alpha)
+    return torch.onnx.ops.symbolic(
+        f"{DOMAIN}::HardConcreteMask", (log_alpha,), gate_attrs(), dtype=torch.float32, shape=log_alpha.shape, version=DOMAIN_VERSION
+    )
 
 
 def _ref(name: str, attr_type: int, ref: str) -> AttributeProto:

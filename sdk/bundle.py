@@ -63,6 +63,8 @@ TARGETS = ("onnxruntime", "tensorrt")
 EXPLAIN = ("mask", "simplify")
 #: Graph outputs and the ``classify_on`` values each explain stage allows.
 EXPLAIN_OUTPUTS = {"mask": ["logits", "mask", "mixed"], "simplify": ["logits", "simplified"]}
+#: Outputs a bundle may leave out: x̃, which the runtime never reads (its codec rebuilds x̃ from the hard mask).
+OPTIONAL_OUTPUTS = ("mixed",)
 EXPLAIN_CLASSIFY_ON = {"mask": ("original", "mixed"), "simplify": ("simplified",)}
 
 
@@ -145,8 +147,10 @@ class Manifest:
             raise bad(f"explain {self.explain!r} not in {EXPLAIN}")
         if self.classify_on not in EXPLAIN_CLASSIFY_ON[self.explain]:
             raise bad(f"classify_on {self.classify_on!r} not in {EXPLAIN_CLASSIFY_ON[self.explain]} (explain {self.explain!r})")
-        if self.output_names != EXPLAIN_OUTPUTS[self.explain]:
-            raise bad(f"output_names {self.output_names} are not {EXPLAIN_OUTPUTS[self.explain]} (explain {self.explain!r})")
+        full = EXPLAIN_OUTPUTS[self.explain]
+        if self.output_names not in (full, [n for n in full if n not in OPTIONAL_OUTPUTS]):
+            raise bad(f"output_names {self.output_names} are not {full} (explain {self.explain!r}; "
+                      f"{', '.join(OPTIONAL_OUTPUTS)} may be left out)")
         if self.target not in TARGETS:
             raise bad(f"target {self.target!r} not in {TARGETS}")
         if not self.class_names:

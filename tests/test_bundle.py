@@ -111,6 +111,9 @@ def test_bad_manifest_fields(tmp_path):
         write_bundle(tmp_path / "b", _manifest(block_size=0), {"model.onnx": _model_bytes()})
     with pytest.raises(BundleError, match="mean/std"):
         write_bundle(tmp_path / "b", _manifest(mean=[0.5]), {"model.onnx": _model_bytes()})
+    with pytest.raises(BundleError, match="output_names"):  # x̃ may be left out, the mask may not
+        write_bundle(tmp_path / "b", _manifest(output_names=["logits", "mixed"]), {"model.onnx": _model_bytes()})
+    assert _manifest(output_names=["logits", "mask"]).output_names == ["logits", "mask"]
     out = write_bundle(tmp_path / "b", _manifest(), {"model.onnx": _model_bytes()})
     manifest = json.loads((out / "manifest.json").read_text())
     for patch, msg in [({"format_version": 99}, "version 99"), ({"surprise": 1}, "unknown manifest fields")]:

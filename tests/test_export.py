@@ -18,8 +18,10 @@ from torch import nn
 from keepbits import native, registry
 from keepbits.bundle import load_bundle
 from keepbits.cli import main
+from keepbits.codec import decode
 from keepbits.errors import InputError
 from keepbits.export import NiceGraph, compare_outputs, export_onnx
+from keepbits.runtime import Pipeline
 from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
 
 SEED = int(np.random.SeedSequence().entropy % (1 << 32))
@@ -128,6 +130,32 @@ def test_parity_uint8_fused(bundle_a):
 
 def test_parity_float_unfused_classify_mixed(bundle_b):
     _check_parity(*bundle_b)
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_deployment_bundle_without_mixed_output(bundle_a, bundle_b, tmp_path, which):
+    """``--no-mixed-output``: outputs logits and ẑ only, the same values as the full bundle's; a
+    classifier of the original image then needs no compose node, one of x̃ still computes it."""
+    ckpt, full = bundle_a if which == "a" else bundle_b
+    m = full.manifest
+    args = ["--input", m.input_dtype, "--classify-on", m.classify_on] + ([] if m.custom_ops == ["MaskCompose"] else ["--unfused"])
+    assert main(["export", "onnx", ckpt, "--out", str(tmp_path / "lean"), "--no-mixed-output", *args]) == 0
+    lean = load_bundle(tmp_path / "lean")
+    assert lean.manifest.output_names == ["logits", "mask"]
+    assert [o.name for o in onnx.load(str(lean.model_path)).graph.output] == ["logits", "mask"]
+    assert lean.manifest.custom_ops == (["HardConcreteMask"] if which == "a" else ["HardConcreteMask", "MixedResCompose"])
+    image = _batch(np.random.default_rng(SEED), m, 3, 37, 29)
+    for use_native in (False, True) if native.library_path() is not None else (False,):
+        got = native.make_session(lean.model_path, native=use_native).run(None, {m.input_name: image})
+        want = native.make_session(full.model_path, native=use_native).run(None, {m.input_name: image})[:2]
+        assert len(got) == 2 and np.array_equal(got[1], want[1]), (which, use_native, SEED)
+        assert np.allclose(got[0], want[0], atol=1e-5), (which, use_native, SEED)
+    if which == "a":
+        frame = np.random.default_rng(SEED).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+        r_lean, r_full = Pipeline.from_bundle(lean.source)(frame), Pipeline.from_bundle(full.source)(frame)
+        assert r_lean.label == r_full.label and np.array_equal(r_lean.mask, r_full.mask)
+        (img_lean, keep_lean, _), (img_full, keep_full, _) = decode(r_lean.payload), decode(r_full.payload)
+        assert np.array_equal(img_lean, img_full) and np.array_equal(keep_lean, keep_full)
 
 
 def test_round_trip_and_tamper(bundle_a, tmp_path):

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="NICE: feed the classifier the original image (default) or the mixed-resolution image x̃ "
                         "(a SimpleBits classifier always sees the simplified image)")
     p.add_argument("--unfused", action="store_true", help="emit HardConcreteMask + MixedResCompose instead of the fused MaskCompose")
+    p.add_argument("--no-mixed-output", action="store_true",
+                   help="NICE: outputs logits and mask only, for deployment (the runtime never reads x̃; ONNX Runtime would "
+                        "compute it on every frame anyway)")
     p.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                    help="tensorrt: custom nodes without ONNX function bodies (TensorRT plugins replace them)")
     p.add_argument("--opset", type=int, default=18, help="default-domain opset (>= 18)")
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     bundle = export_onnx(
         args.checkpoint, args.out, input_dtype=args.input_dtype, classify_on=args.classify_on, fused=not args.unfused,
-        target=args.target, opset=args.opset, overwrite=args.force, verify=not args.no_verify, command=command_line(),
+        mixed_output=not args.no_mixed_output, target=args.target, opset=args.opset, overwrite=args.force, verify=not args.no_verify, command=command_line(),
     )
     m = bundle.manifest
     print(json.dumps({"bundle": str(bundle.source), "digest": bundle.digest, "input": f"{m.input_layout} {m.input_dtype}",

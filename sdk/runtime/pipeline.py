@@ -184,7 +184,7 @@ class _TorchSession:
 
     def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         with self._torch.inference_mode():
-            logits, mask, _ = self.graph(self._torch.from_numpy(next(iter(feed.values()))))
+            logits, mask = self.graph(self._torch.from_numpy(next(iter(feed.values()))))[:2]
         named = {"logits": logits, "mask": mask}
         return [named[name].numpy() for name in outputs]
 
