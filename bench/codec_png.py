@@ -3,7 +3,8 @@
     python bench/codec_png.py --data ../shared/data --repeats 5
 
 Compares the codec's default (``png_level=None``: :func:`keepbits.codec.png.encode_png`, Paeth
-filter + run-length deflate, with zlib-ng and with the standard library's zlib) with OpenCV's
+filter + run-length deflate, with zlib-ng and with the standard library's zlib, with the native
+library's filter and with the OpenCV one used without it) with OpenCV's
 encoder at the same filter and strategy (the default before), zlib level 4 after Paeth (the
 default before that), level 1 after Paeth, and level 6 with OpenCV's adaptive filters, on:
 letterboxed 224×224 frames of ``videos/bottle-detection.mp4`` (what the runtime encodes),
@@ -37,6 +38,7 @@ PAETH = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
 SETTINGS = {
     "default (keepbits PNG writer: Paeth + RLE deflate, zlib-ng)": None,  # the codec's own writer
     "default writer with the standard library's zlib": "stdlib",
+    "default writer, OpenCV filter (no native library)": "opencv_filter",
     "OpenCV, Paeth + zlib RLE (previous default)": [cv2.IMWRITE_PNG_COMPRESSION, 1, *PAETH,
                                                      cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE],
     "zlib level 4 + Paeth (the default before that)": [cv2.IMWRITE_PNG_COMPRESSION, 4, *PAETH],
@@ -81,6 +83,12 @@ def encode(img: np.ndarray, params: list[int] | str | None) -> bytes:
             return png.encode_png(img)
         finally:
             deflate._impl = fast
+    if params == "opencv_filter":
+        native_filter, png._native_paeth = png._native_filter(), None
+        try:
+            return png.encode_png(img)
+        finally:
+            png._native_paeth = native_filter
     bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img
     return cv2.imencode(".png", bgr, params)[1].tobytes()
 
@@ -109,7 +117,8 @@ def main() -> None:
             rows.append({"content": kind, "setting": name, "images": len(images), "bytes_mean": statistics.mean(sizes),
                          "ms_per_image_median": statistics.median(passes)})
             print(f"{kind:58s} {name:46s} {rows[-1]['bytes_mean']:10.0f} B {rows[-1]['ms_per_image_median']:7.3f} ms", flush=True)
-    print(write_result("codec_png", {"rows": rows, "repeats": args.repeats, "threads": 1, "deflate": deflate.name()}))
+    print(write_result("codec_png", {"rows": rows, "repeats": args.repeats, "threads": 1, "deflate": deflate.name(),
+                                     "native_filter": png._native_filter() is not None}))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Bundles carry ONNX function bodies for ``HardConcreteMask``, ``MixedResCompose``
 of ``native/`` registered, ONNX Runtime runs the vectorised kernels instead. The library
 is looked up in ``$KEEPBITS_NATIVE_LIB``, then ``native/build/`` of a source checkout
 (``native/build.sh`` builds it); ``KEEPBITS_NATIVE=0`` disables it. When it is missing
-(or fails to load) keepbits logs once and uses the function bodies. Torch-free.
+(or fails to load) keepbits logs once and uses the function bodies. The same library exports
+C helpers of the codec (:func:`c_function`); without it the codec runs its numpy/OpenCV
+path, with the same output. Torch-free.
 
 Example:
     >>> from keepbits import native
@@ -108,4 +110,30 @@ def make_session(model: str | os.PathLike | bytes, native: bool = True, provider
                                 providers=list(providers) if providers else ["CPUExecutionProvider"])
 
 
-__all__ = ["LIBRARY_NAME", "library_path", "register", "available", "session_options", "make_session"]
+def c_function(name: str, restype: Any, argtypes: Sequence[Any]) -> Any | None:
+    """A C function the native library exports (the codec's helpers, ``native/cpu/codec_kernels.cc``)
+    as a ``ctypes`` function, or None when the library is absent, does not load or lacks it
+    (then the caller uses its numpy/OpenCV path). ``ctypes`` releases the GIL during the call.
+
+    Example:
+        >>> import ctypes
+        >>> from keepbits import native
+        >>> fn = native.c_function("keepbits_png_paeth", ctypes.c_int, [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p])
+        >>> fn is None or callable(fn)
+        True
+    """
+    import ctypes
+
+    path = library_path()
+    if path is None:
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(str(path)), name)
+    except (OSError, AttributeError) as exc:
+        _warn_once(f"c:{path}:{name}", f"native keepbits library at {path}: no {name} ({exc}); using the Python path")
+        return None
+    fn.restype, fn.argtypes = restype, list(argtypes)
+    return fn
+
+
+__all__ = ["LIBRARY_NAME", "library_path", "register", "available", "session_options", "make_session", "c_function"]

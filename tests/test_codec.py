@@ -144,13 +144,21 @@ def test_png_settings_change_bytes_not_pixels():
                 assert np.array_equal(image, ref), (frame.shape, level, mode)
 
 
-def test_fast_grid_means_equal_core_block_means():
-    """The exact-tiling shortcut rounds the same block means as ``keepbits.core.block_means``."""
+@pytest.mark.parametrize("route", ["native", "python"])
+def test_fast_grid_means_equal_core_block_means(monkeypatch, route):
+    """The native library's pass and the integral-image shortcut round the same block means as
+    ``keepbits.core.block_means`` (ties to even at b = 2; partial edge blocks; b beyond the frame)."""
+    from keepbits.codec import payload
     from keepbits.codec.payload import _grid_means
     from keepbits.core import block_means
 
+    if route == "native" and payload._native_block_means() is None:
+        pytest.skip("native library not built (native/build.sh)")
+    if route == "python":
+        monkeypatch.setattr(payload, "_native_means", None)
     rng = np.random.default_rng(8)
     for h, w, b, c in [(224, 224, 8, 3), (32, 48, 4, 1), (64, 64, 16, 3), (30, 30, 2, 3), (256, 256, 256, 1),
+                       (37, 53, 8, 3), (5, 300, 8, 1), (7, 9, 16, 3), (1, 1, 1, 3),
                        (2912, 2912, 32, 1)]:  # sum over the frame beyond int32: the general route
         frame = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
         frame[:b, :b] = 255  # block sums at their maximum

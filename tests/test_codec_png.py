@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import zlib
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,16 +31,42 @@ def paeth_reference(image: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.fixture(params=["native", "opencv"])
+def paeth_filter(request, monkeypatch):
+    """Both filter implementations: the native library's C loop (built by ``make test``) and
+    the OpenCV path every install has."""
+    if request.param == "native" and png._native_filter() is None:
+        pytest.skip("native library not built (native/build.sh)")
+    if request.param == "opencv":
+        monkeypatch.setattr(png, "_native_paeth", None)
+    return request.param
+
+
 @pytest.mark.parametrize("band_bytes", [png.BAND_BYTES, 1, 40])
 @pytest.mark.parametrize("shape", [(1, 1, 3), (1, 9, 1), (7, 1, 3), (5, 6, 3), (6, 5, 1), (13, 11, 3)])
-def test_paeth_scanlines_match_the_specification(monkeypatch, shape, band_bytes):
+def test_paeth_scanlines_match_the_specification(monkeypatch, paeth_filter, shape, band_bytes):
     """Whole image in one band, one row per band, and bands of a few rows: the same scanlines."""
     monkeypatch.setattr(png, "BAND_BYTES", band_bytes)
     rng = np.random.default_rng(sum(shape))
     for image in (rng.integers(0, 256, shape, dtype=np.uint8),  # random: every tie rule and wrap occurs
                   np.cumsum(rng.integers(0, 3, shape), axis=1).clip(0, 255).astype(np.uint8)):  # smooth ramps
         scanlines = np.concatenate([band.copy() for band in png._paeth_bands(image)])
-        assert np.array_equal(scanlines, paeth_reference(image)), shape
+        assert np.array_equal(scanlines, paeth_reference(image)), (paeth_filter, shape)
+    strided = np.random.default_rng(1).integers(0, 256, (shape[0], 2 * shape[1], shape[2]), dtype=np.uint8)[:, ::2]
+    scanlines = np.concatenate([band.copy() for band in png._paeth_bands(strided)])  # a non-contiguous view
+    assert np.array_equal(scanlines, paeth_reference(strided)), (paeth_filter, shape)
+
+
+def test_native_and_opencv_filters_write_the_same_png(monkeypatch):
+    """Camera-like content at a real frame size: byte-identical files from both paths."""
+    if png._native_filter() is None:
+        pytest.skip("native library not built (native/build.sh)")
+    rng = np.random.default_rng(2)
+    frame = cv2.GaussianBlur(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), (7, 7), 2)
+    frame[:40] = 0  # letterbox band
+    native_bytes = png.encode_png(frame)
+    monkeypatch.setattr(png, "_native_paeth", None)
+    assert png.encode_png(frame) == native_bytes and np.array_equal(_decode(native_bytes), frame)
 
 
 def _decode(data: bytes) -> np.ndarray:

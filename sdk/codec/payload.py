@@ -20,6 +20,7 @@ Example:
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import math
 import time
@@ -105,14 +106,36 @@ def _grid(h: int, w: int, b: int) -> tuple[int, int, int, int]:
     return -(-h // b), -(-w // b), min(b, h), min(b, w)
 
 
+_UNRESOLVED = object()
+_native_means: Any = _UNRESOLVED
+
+
+def _native_block_means() -> Any:
+    """``keepbits_block_means`` of the native library (``native/cpu/codec_kernels.cc``), or None."""
+    global _native_means
+    if _native_means is _UNRESOLVED:
+        from keepbits import native
+
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        _native_means = native.c_function("keepbits_block_means", ctypes.c_int, [pointer, size, size, size, size, pointer])
+    return _native_means
+
+
 def _grid_means(frame: np.ndarray, b: int) -> np.ndarray:
     """Rounded b×b block means x_b of an H×W×C uint8 frame, one per block (⌈H/b⌉×⌈W/b⌉×C uint8).
 
     Exact integer block sums divided in float64 and rounded half to even, as
-    :func:`keepbits.core.block_means`; frames that tile exactly and whose total fits int32 take a
-    faster route to the same sums: differences of OpenCV's integral image.
+    :func:`keepbits.core.block_means`. The native library computes the same in one pass; without
+    it, frames that tile exactly and whose total fits int32 take a faster route to the same sums:
+    differences of OpenCV's integral image.
     """
     h, w, c = frame.shape
+    native_means = _native_block_means()
+    if native_means is not None and min(b, h) <= 1 << 24:
+        frame = np.ascontiguousarray(frame)
+        out = np.empty((-(-h // b), -(-w // b), c), np.uint8)
+        if native_means(frame.ctypes.data, h, w, c, b, out.ctypes.data) == 0:
+            return out
     if b <= min(h, w) and h % b == 0 and w % b == 0 and 255 * h * w < 1 << 31:
         integral = cv2.integral(frame)  # (H+1)×(W+1)×C int32 prefix sums
         sums = integral[b::b, b::b] - integral[:-b:b, b::b] - integral[b::b, :-b:b] + integral[:-b:b, :-b:b]

@@ -4,9 +4,10 @@ The file is an ordinary PNG (8-bit grey or RGB, no interlace; any decoder reads 
 signature, IHDR, one IDAT and IEND. Every scanline uses filter type 4 (Paeth: each byte minus
 whichever of left, up and upper-left is nearest to left + up − upper-left); the filtered bytes
 are deflated at level 1 with the run-length strategy (matches at distance 1 only), on Paeth
-residuals of camera content the fastest and the smallest of zlib's settings. The filter is
-vectorised (OpenCV's uint8 arithmetic over whole bands of rows, ~256 kB each) and works in
-per-thread scratch memory: no per-frame temporaries, and bounded whatever the image size.
+residuals of camera content the fastest and the smallest of zlib's settings. The filter runs
+over bands of rows (~256 kB each) in per-thread scratch memory (no per-frame temporaries, and
+bounded whatever the image size): a C loop of the native library when it is built
+(:mod:`keepbits.native`), else OpenCV's vectorised uint8 arithmetic; the bytes are the same.
 Deflate is :mod:`keepbits.codec.deflate`'s: zlib-ng, or the standard library's zlib where it
 is missing; the pixels decoded are the same.
 ``bench/codec_png.py``: letterboxed 224×224 camera frames 0.51 ms (0.78 ms with the standard
@@ -24,11 +25,12 @@ Example:
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import struct
 import threading
 import zlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -65,13 +67,29 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+_UNRESOLVED = object()
+_native_paeth: Any = _UNRESOLVED
+
+
+def _native_filter() -> Any:
+    """``keepbits_png_paeth`` of the native library (``native/cpu/codec_kernels.cc``), or None."""
+    global _native_paeth
+    if _native_paeth is _UNRESOLVED:
+        from keepbits import native
+
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        _native_paeth = native.c_function("keepbits_png_paeth", ctypes.c_int, [pointer, pointer, size, size, size, pointer])
+    return _native_paeth
+
+
 def _paeth_bands(image: np.ndarray) -> Iterator[np.ndarray]:
     """PNG scanlines of a uint8 H×W×C image with filter type 4 (Paeth), band by band: each
     n×(1 + W·C) uint8 band lives in this thread's scratch memory until the next is made.
 
     The predictor of byte x is whichever of a (left, C bytes back), b (up) and c (upper-left)
-    is nearest to p = a + b − c, ties to a then b; outside the image they are 0. All bytes of a
-    band at once in uint8 with OpenCV's vectorised arithmetic: |p − a| = |b − c|,
+    is nearest to p = a + b − c, ties to a then b; outside the image they are 0. With the
+    native library, one C loop per band (the same bytes, without the planes below). Otherwise
+    all bytes of a band at once in uint8 with OpenCV's vectorised arithmetic: |p − a| = |b − c|,
     |p − b| = |a − c|, and |p − c| = |(b − c) + (a − c)| is their sum where the two differences
     share a sign and their difference otherwise; the sum saturates at 255, which changes no
     comparison (both distances it is compared with are ≤ 255). The residual x − predictor wraps
@@ -79,10 +97,17 @@ def _paeth_bands(image: np.ndarray) -> Iterator[np.ndarray]:
     """
     h, w, c = image.shape
     row = w * c
-    rows = image.reshape(h, row)
+    native_paeth = _native_filter()
+    rows = np.ascontiguousarray(image).reshape(h, row)
     step = max(1, BAND_BYTES // (row + c))
     for top in range(0, h, step):
         n = min(step, h - top)
+        out = _scratch.take("scanlines", (n, 1 + row), np.uint8)
+        if native_paeth is not None:
+            if native_paeth(rows[top].ctypes.data, rows[top - 1].ctypes.data if top else None, n, row, c, out.ctypes.data):
+                raise ValueError(f"native Paeth filter refused a {image.shape} image")
+            yield out
+            continue
         padded = _scratch.take("padded", (n + 1, row + c), np.uint8)  # the row above, c zero bytes on the left
         padded[:, :c] = 0
         padded[0, c:] = rows[top - 1] if top else 0
@@ -100,7 +125,6 @@ def _paeth_bands(image: np.ndarray) -> Iterator[np.ndarray]:
         cv2.bitwise_and(cv2.compare(dist_a, dist_b, cv2.CMP_LE, dst=flag), cv2.compare(dist_a, dist_c, cv2.CMP_LE, dst=flag2),
                         dst=flag)
         cv2.copyTo(a, flag, predictor)
-        out = _scratch.take("scanlines", (n, 1 + row), np.uint8)
         out[:, 0] = _PAETH
         np.subtract(x, predictor, out=out[:, 1:])  # uint8: wraps modulo 256
         yield out

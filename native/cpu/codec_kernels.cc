@@ -1,0 +1,86 @@
+// Codec helpers of keepbits.codec, exported with C linkage and called through ctypes (the
+// ONNX Runtime kernels of this library are registered separately, see keepbits_ort.cc).
+//
+// keepbits_block_means: the rounded b×b block means x_b of a uint8 image (NICE Eq. 12's
+// background), edge blocks averaging the pixels they hold, exactly as keepbits.core.block_means
+// followed by numpy's rint (integer sums, ties to even).
+//
+// keepbits_png_paeth: PNG filter type 4 (Paeth) of n scanlines. For every byte x with left
+// neighbour a (channels bytes back), upper b and upper-left c (0 outside the image), the
+// predictor is whichever of a, b, c is nearest to p = a + b − c, ties to a then b, and the
+// output is x − predictor modulo 256. |p − a| = |b − c|, |p − b| = |a − c| and
+// |p − c| = |a + b − 2c|, so no intermediate leaves 16-bit range and the loop vectorises.
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline uint8_t PaethByte(int x, int a, int b, int c) {
+  int da = b - c, db = a - c, dc = a + b - 2 * c;
+  da = da < 0 ? -da : da;
+  db = db < 0 ? -db : db;
+  dc = dc < 0 ? -dc : dc;
+  int predictor = (da <= db && da <= dc) ? a : (db <= dc ? b : c);
+  return static_cast<uint8_t>(x - predictor);
+}
+
+}  // namespace
+
+extern "C" {
+
+// image: h × w × channels bytes, contiguous; out: ⌈h/b⌉ × ⌈w/b⌉ × channels bytes. Per block row,
+// column sums over its rows (a loop over contiguous bytes that vectorises), then per block the
+// sum of its columns. Returns 0, or -1 on bad sizes.
+__attribute__((visibility("default"))) int keepbits_block_means(const uint8_t* image, int64_t h, int64_t w, int64_t channels,
+                                                                 int64_t b, uint8_t* out) {
+  if (h < 1 || w < 1 || channels < 1 || b < 1 || (b > h ? h : b) > (int64_t{1} << 24)) return -1;  // 32-bit column sums
+  const int64_t row = w * channels, bw = (w + b - 1) / b;
+  std::vector<uint32_t> columns(static_cast<size_t>(row));
+  for (int64_t top = 0; top < h; top += b) {
+    const int64_t rows = h - top < b ? h - top : b;
+    const uint8_t* src = image + top * row;
+    for (int64_t i = 0; i < row; ++i) columns[i] = src[i];
+    for (int64_t y = 1; y < rows; ++y) {
+      const uint8_t* r = src + y * row;
+      for (int64_t i = 0; i < row; ++i) columns[i] += r[i];
+    }
+    uint8_t* dst = out + (top / b) * bw * channels;
+    for (int64_t bx = 0; bx < bw; ++bx) {
+      const int64_t x0 = bx * b, cols = w - x0 < b ? w - x0 : b;
+      const uint64_t count = static_cast<uint64_t>(rows * cols);
+      for (int64_t ch = 0; ch < channels; ++ch) {
+        uint64_t sum = 0;
+        for (int64_t x = x0; x < x0 + cols; ++x) sum += columns[x * channels + ch];
+        uint64_t q = sum / count, r = sum % count;
+        if (2 * r > count || (2 * r == count && (q & 1))) ++q;  // round half to even
+        dst[bx * channels + ch] = static_cast<uint8_t>(q);
+      }
+    }
+  }
+  return 0;
+}
+
+// rows: n rows of row_bytes bytes, contiguous; above: the row before rows[0], or null for the
+// first row of the image; out: n × (1 + row_bytes) bytes, each row its filter-type byte (4)
+// and the filtered bytes. Returns 0, or -1 on bad sizes.
+__attribute__((visibility("default"))) int keepbits_png_paeth(const uint8_t* rows, const uint8_t* above, int64_t n,
+                                                               int64_t row_bytes, int64_t channels, uint8_t* out) {
+  if (n < 0 || row_bytes < 0 || channels < 1 || (row_bytes > 0 && row_bytes < channels)) return -1;
+  for (int64_t y = 0; y < n; ++y) {
+    const uint8_t* x = rows + y * row_bytes;
+    const uint8_t* up = y ? x - row_bytes : above;
+    uint8_t* o = out + y * (row_bytes + 1);
+    *o++ = 4;
+    if (up == nullptr) {  // first image row: b = c = 0, so the predictor is a
+      for (int64_t i = 0; i < channels && i < row_bytes; ++i) o[i] = x[i];
+      for (int64_t i = channels; i < row_bytes; ++i) o[i] = static_cast<uint8_t>(x[i] - x[i - channels]);
+      continue;
+    }
+    for (int64_t i = 0; i < channels && i < row_bytes; ++i) o[i] = static_cast<uint8_t>(x[i] - up[i]);  // a = c = 0
+    for (int64_t i = channels; i < row_bytes; ++i) o[i] = PaethByte(x[i], x[i - channels], up[i], up[i - channels]);
+  }
+  return 0;
+}
+
+}  // extern "C"
