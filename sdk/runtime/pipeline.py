@@ -127,7 +127,7 @@ class Result:
     @property
     def kept_fraction(self) -> float | None:
         """Share of pixels the hard mask keeps at full resolution (None without a mask)."""
-        return None if self.mask is None else float((self.mask > self.threshold).mean())
+        return None if self.mask is None else np.count_nonzero(self.mask > self.threshold) / self.mask.size
 
     @property
     def mixed(self) -> np.ndarray:
