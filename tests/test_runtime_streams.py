@@ -368,7 +368,7 @@ def test_worker_error_is_raised_after_the_accepted_frames_are_written(tmp_path):
 
 def test_opencv_thread_pool_is_set_for_the_run_and_restored(pipe):
     """Model workers and the writer see OpenCV's pool at ``opencv_threads``; the caller's
-    setting comes back afterwards, also when the model stage fails; None leaves it alone."""
+    setting comes back afterwards, also when the model stage fails; None (default) leaves it."""
     before = cv2.getNumThreads()
     seen = []
 
@@ -381,10 +381,10 @@ def test_opencv_thread_pool_is_set_for_the_run_and_restored(pipe):
 
     cv2.setNumThreads(3)
     try:
-        summary = run_stream(pipe, open_source(_frames(4)), [_Sink()], workers=2)
+        summary = run_stream(pipe, open_source(_frames(4)), [_Sink()], workers=2, opencv_threads=1)
         assert seen == [1] * 4 and summary["opencv_threads"] == 1 and cv2.getNumThreads() == 3
         seen.clear()
-        assert run_stream(pipe, open_source(_frames(2)), [_Sink()], opencv_threads=None)["opencv_threads"] == 3
+        assert run_stream(pipe, open_source(_frames(2)), [_Sink()])["opencv_threads"] == 3  # default: left alone
         assert seen == [3, 3]
         infer = pipe.infer
         pipe.infer = lambda prepared, **kwargs: (_ for _ in ()).throw(RuntimeError("model failed"))

@@ -199,7 +199,7 @@ def run_stream(
     stop: threading.Event | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     progress_interval: float = 0.5,
-    opencv_threads: int | None = 1,
+    opencv_threads: int | None = None,
 ) -> dict[str, Any]:
     """Process ``source`` until it ends, ``max_frames`` or ``stop``; returns the JSON summary.
 
@@ -213,9 +213,9 @@ def run_stream(
     for SimpleBits results, which have no mask), ``lossless`` (the blocks payload, or the
     simplified image as PNG, with lossless codecs, when the pipeline's is lossy);
     ``progress(snapshot)`` is called every ``progress_interval`` seconds. ``opencv_threads`` sets
-    OpenCV's own thread pool (process-wide, restored on return; None leaves it): the stream
-    already runs letterboxing and encoding in parallel threads, and with OpenCV's pool as well
-    its idle workers spin for CPU the model threads need (``docs/runtime.md``). Sinks are
+    OpenCV's own thread pool for the run (process-wide, restored on return); None (default)
+    leaves it: with keepbits' native library the pool only parallelises the letterbox resize,
+    and that helped (``docs/runtime.md``); 1 keeps OpenCV to the calling threads. Sinks are
     closed before returning. An error in the model stage (after every frame already accepted
     is written) is raised again here.
     """
