@@ -61,21 +61,24 @@ class _Reader:
 
 
 def compare(reference: Bundle, candidate: Bundle, images: np.ndarray, labels: np.ndarray | None, batch: int = 64) -> dict[str, float]:
-    """Accuracy, argmax / mask agreement and max ẑ, x̃/scale deviation of ``candidate`` vs ``reference``."""
+    """Accuracy, argmax / mask agreement and max ẑ, x̃/scale deviation of ``candidate`` vs
+    ``reference`` (``mixed_max_abs`` None for bundles without the x̃ output)."""
     m = reference.manifest
     sessions = [make_session(b.model_path) for b in (reference, candidate)]
     logits: list[list[np.ndarray]] = [[], []]
     agree = kept = 0.0
-    mask_dev = mixed_dev = 0.0
+    mask_dev = 0.0
+    mixed_dev = 0.0 if "mixed" in m.output_names else None
     x = bundle_inputs(m, images)
     for i in range(0, len(x), batch):
-        (l0, z0, x0), (l1, z1, x1) = (s.run(None, {m.input_name: x[i:i + batch]}) for s in sessions)
+        (l0, z0, *x0), (l1, z1, *x1) = (s.run(m.output_names, {m.input_name: x[i:i + batch]}) for s in sessions)
         logits[0].append(l0)
         logits[1].append(l1)
         agree += float(((z0 > m.mask_threshold) == (z1 > m.mask_threshold)).sum())
         kept += float((z0 > m.mask_threshold).sum())
         mask_dev = max(mask_dev, float(np.abs(z0 - z1).max()))
-        mixed_dev = max(mixed_dev, float(np.abs(x0 - x1).max()) / m.pixel_scale)
+        if mixed_dev is not None:
+            mixed_dev = max(mixed_dev, float(np.abs(x0[0] - x1[0]).max()) / m.pixel_scale)
     pred = [np.concatenate(l).argmax(1) for l in logits]
     pixels = len(x) * int(np.prod(z0.shape[1:]))
     report = {

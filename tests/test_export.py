@@ -156,6 +156,15 @@ def test_deployment_bundle_without_mixed_output(bundle_a, bundle_b, tmp_path, wh
         assert r_lean.label == r_full.label and np.array_equal(r_lean.mask, r_full.mask)
         (img_lean, keep_lean, _), (img_full, keep_full, _) = decode(r_lean.payload), decode(r_full.payload)
         assert np.array_equal(img_lean, img_full) and np.array_equal(keep_lean, keep_full)
+        from keepbits.export.quantize import quantize_bundle
+
+        rng = np.random.default_rng(SEED)
+        data = tmp_path / "data.npz"
+        np.savez(data, x_train=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 4, 8),
+                 x_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 4, 8))
+        int8, report = quantize_bundle(lean.source, tmp_path / "lean_int8", data, calibration_images=8)
+        assert int8.manifest.output_names == ["logits", "mask"] and report["mixed_max_abs"] is None
+        assert report["images"] == 8 and 0.0 <= report["mask_agreement"] <= 1.0
 
 
 def test_round_trip_and_tamper(bundle_a, tmp_path):
