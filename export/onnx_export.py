@@ -70,7 +70,13 @@ class NiceGraph(nn.Module):
         self.eval()
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.norm_mul + self.norm_add
+        """(x/scale − mean)/std per channel, on an N×C×(H·W) view: the reshape keeps ONNX
+        Runtime's layout pass from moving the input's NHWC→NCHW transpose below this multiply-add
+        (it does so in INT8 graphs, whose convolutions run NHWC), where a per-channel constant
+        broadcasts along the innermost axis, ONNX Runtime's slow case."""
+        n, c, h, w = x.shape
+        flat = x.reshape(n, c, h * w)
+        return (flat * self.norm_mul.reshape(1, c, 1) + self.norm_add.reshape(1, c, 1)).reshape(n, c, h, w)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = image.permute(0, 3, 1, 2).to(torch.float32) if self.nhwc else image

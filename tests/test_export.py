@@ -165,6 +165,16 @@ def test_deployment_bundle_without_mixed_output(bundle_a, bundle_b, tmp_path, wh
         int8, report = quantize_bundle(lean.source, tmp_path / "lean_int8", data, calibration_images=8)
         assert int8.manifest.output_names == ["logits", "mask"] and report["mixed_max_abs"] is None
         assert report["images"] == 8 and 0.0 <= report["mask_agreement"] <= 1.0
+        # ONNX Runtime's optimised INT8 graph still transposes the NHWC input before normalising it:
+        # the multiply-add must not move into NHWC, where its per-channel broadcast is slow
+        import onnxruntime as ort
+
+        options = native.session_options()
+        options.optimized_model_filepath, options.log_severity_level = str(tmp_path / "optimised.onnx"), 3
+        ort.InferenceSession(str(int8.model_path), options, providers=["CPUExecutionProvider"])
+        optimised = onnx.load(str(tmp_path / "optimised.onnx"))
+        consumers = {n.op_type for n in optimised.graph.node if m.input_name in n.input} - {"Shape"}
+        assert consumers == {"Transpose"}, consumers
 
 
 def test_round_trip_and_tamper(bundle_a, tmp_path):
