@@ -2,7 +2,7 @@
 
 `zlib-ng <https://pypi.org/project/zlib-ng/>`_ (a declared dependency) writes standard zlib
 streams faster than the standard library's zlib (``bench/codec_png.py``: the PNG writer on a
-224×224 camera frame takes 0.51 ms with zlib-ng, 0.78 ms with the standard library). Where it
+224×224 camera frame takes 0.44 ms with zlib-ng, 0.67 ms with the standard library). Where it
 is missing (a platform without its wheels) the standard library takes over and payloads
 decode the same.
 

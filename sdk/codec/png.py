@@ -10,9 +10,9 @@ bounded whatever the image size): a C loop of the native library when it is buil
 (:mod:`keepbits.native`), else OpenCV's vectorised uint8 arithmetic; the bytes are the same.
 Deflate is :mod:`keepbits.codec.deflate`'s: zlib-ng, or the standard library's zlib where it
 is missing; the pixels decoded are the same.
-``bench/codec_png.py``: letterboxed 224×224 camera frames 0.51 ms (0.78 ms with the standard
-library), against 0.96 ms for OpenCV's encoder with the same filter and strategy, at the same
-size (18.1 kB).
+``bench/codec_png.py``: letterboxed 224×224 camera frames 0.44 ms (0.56 ms with the OpenCV
+filter, 0.67 ms with the standard library's zlib), against 0.92 ms for OpenCV's encoder with the
+same filter and strategy, at the same size (18.1 kB).
 
 Example:
     >>> import io

@@ -214,8 +214,8 @@ def run_stream(
     simplified image as PNG, with lossless codecs, when the pipeline's is lossy);
     ``progress(snapshot)`` is called every ``progress_interval`` seconds. ``opencv_threads`` sets
     OpenCV's own thread pool for the run (process-wide, restored on return); None (default)
-    leaves it: with keepbits' native library the pool only parallelises the letterbox resize,
-    and that helped (``docs/runtime.md``); 1 keeps OpenCV to the calling threads. Sinks are
+    leaves it; 1 keeps OpenCV to the calling threads (``bench/runtime_throughput.py`` measures
+    both: no consistent difference on 2 cores, ``docs/runtime.md``). Sinks are
     closed before returning. An error in the model stage (after every frame already accepted
     is written) is raised again here.
     """
