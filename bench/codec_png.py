@@ -84,11 +84,11 @@ def encode(img: np.ndarray, params: list[int] | str | None) -> bytes:
         finally:
             deflate._impl = fast
     if params == "opencv_filter":
-        native_filter, png._native_paeth = png._native_filter(), None
+        native_filter, png._native_filter = png._native_filter, lambda: None
         try:
             return png.encode_png(img)
         finally:
-            png._native_paeth = native_filter
+            png._native_filter = native_filter
     bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img
     return cv2.imencode(".png", bgr, params)[1].tobytes()
 

@@ -17,6 +17,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -110,20 +111,29 @@ def make_session(model: str | os.PathLike | bytes, native: bool = True, provider
                                 providers=list(providers) if providers else ["CPUExecutionProvider"])
 
 
-def c_function(name: str, restype: Any, argtypes: Sequence[Any]) -> Any | None:
-    """A C function the native library exports (the codec's helpers, ``native/cpu/codec_kernels.cc``)
-    as a ``ctypes`` function, or None when the library is absent, does not load or lacks it
-    (then the caller uses its numpy/OpenCV path). ``ctypes`` releases the GIL during the call.
+#: The codec's C helpers (``native/cpu/codec_kernels.cc``): name -> (argument kinds), all returning int.
+_C_SIGNATURES = {
+    "keepbits_png_paeth": ("ptr", "ptr", "int64", "int64", "int64", "ptr"),
+    "keepbits_block_means": ("ptr", "int64", "int64", "int64", "int64", "ptr"),
+}
+
+
+@functools.cache
+def c_function(name: str) -> Any | None:
+    """One of the codec's C helpers of the native library (``native/cpu/codec_kernels.cc``) as a
+    ``ctypes`` function, or None when the library is absent, does not load or lacks it (the
+    caller then uses its numpy/OpenCV path). Looked up once per process; ``ctypes`` releases
+    the GIL during the call.
 
     Example:
-        >>> import ctypes
         >>> from keepbits import native
-        >>> fn = native.c_function("keepbits_png_paeth", ctypes.c_int, [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p])
+        >>> fn = native.c_function("keepbits_png_paeth")
         >>> fn is None or callable(fn)
         True
     """
     import ctypes
 
+    kinds = {"ptr": ctypes.c_void_p, "int64": ctypes.c_int64}
     path = library_path()
     if path is None:
         return None
@@ -132,7 +142,7 @@ def c_function(name: str, restype: Any, argtypes: Sequence[Any]) -> Any | None:
     except (OSError, AttributeError) as exc:
         _warn_once(f"c:{path}:{name}", f"native keepbits library at {path}: no {name} ({exc}); using the Python path")
         return None
-    fn.restype, fn.argtypes = restype, list(argtypes)
+    fn.restype, fn.argtypes = ctypes.c_int, [kinds[k] for k in _C_SIGNATURES[name]]
     return fn
 
 

@@ -20,7 +20,6 @@ Example:
 """
 from __future__ import annotations
 
-import ctypes
 import io
 import math
 import time
@@ -106,19 +105,11 @@ def _grid(h: int, w: int, b: int) -> tuple[int, int, int, int]:
     return -(-h // b), -(-w // b), min(b, h), min(b, w)
 
 
-_UNRESOLVED = object()
-_native_means: Any = _UNRESOLVED
-
-
 def _native_block_means() -> Any:
     """``keepbits_block_means`` of the native library (``native/cpu/codec_kernels.cc``), or None."""
-    global _native_means
-    if _native_means is _UNRESOLVED:
-        from keepbits import native
+    from keepbits import native
 
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        _native_means = native.c_function("keepbits_block_means", ctypes.c_int, [pointer, size, size, size, size, pointer])
-    return _native_means
+    return native.c_function("keepbits_block_means")
 
 
 def _grid_means(frame: np.ndarray, b: int) -> np.ndarray:

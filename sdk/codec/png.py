@@ -25,7 +25,6 @@ Example:
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import struct
 import threading
@@ -67,19 +66,11 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-_UNRESOLVED = object()
-_native_paeth: Any = _UNRESOLVED
-
-
 def _native_filter() -> Any:
     """``keepbits_png_paeth`` of the native library (``native/cpu/codec_kernels.cc``), or None."""
-    global _native_paeth
-    if _native_paeth is _UNRESOLVED:
-        from keepbits import native
+    from keepbits import native
 
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        _native_paeth = native.c_function("keepbits_png_paeth", ctypes.c_int, [pointer, pointer, size, size, size, pointer])
-    return _native_paeth
+    return native.c_function("keepbits_png_paeth")
 
 
 def _paeth_bands(image: np.ndarray) -> Iterator[np.ndarray]:
