@@ -33,7 +33,7 @@ from torch import nn
 
 from keepbits._version import __version__
 from keepbits.bundle import (
-    EXPLAIN_CLASSIFY_ON, EXPLAIN_OUTPUTS, INPUT_DTYPES, OPTIONAL_OUTPUTS, TARGETS, Bundle, Manifest, load_bundle, sha256_file,
+    EXPLAIN_CLASSIFY_ON, EXPLAIN_OUTPUTS, INPUT_DTYPES, TARGETS, Bundle, Manifest, explain_outputs, load_bundle, sha256_file,
     write_bundle,
 )
 from keepbits.errors import BundleError, InputError
@@ -313,7 +313,7 @@ def export_onnx(
     else:
         graph, fields = _simplify_graph(checkpoint, input_dtype)
     dynamo = explain == "mask"
-    output_names = EXPLAIN_OUTPUTS[explain] if mixed_output else [n for n in EXPLAIN_OUTPUTS[explain] if n not in OPTIONAL_OUTPUTS]
+    output_names = explain_outputs(explain, optional=mixed_output)
     shape = [int(v) for v in record["input_shape"]]
     norm = record["normalization"]
     example = _example_input(shape, input_dtype)

@@ -68,6 +68,17 @@ OPTIONAL_OUTPUTS = ("mixed",)
 EXPLAIN_CLASSIFY_ON = {"mask": ("original", "mixed"), "simplify": ("simplified",)}
 
 
+def explain_outputs(explain: str, optional: bool = True) -> list[str]:
+    """The graph outputs of an explain stage, with or without :data:`OPTIONAL_OUTPUTS`.
+
+    Example:
+        >>> from keepbits.bundle import explain_outputs
+        >>> explain_outputs("mask", optional=False)
+        ['logits', 'mask']
+    """
+    return [n for n in EXPLAIN_OUTPUTS[explain] if optional or n not in OPTIONAL_OUTPUTS]
+
+
 @dataclass
 class Manifest:
     """Everything a runtime needs to feed ``model.onnx`` and read its outputs.
@@ -147,8 +158,8 @@ class Manifest:
             raise bad(f"explain {self.explain!r} not in {EXPLAIN}")
         if self.classify_on not in EXPLAIN_CLASSIFY_ON[self.explain]:
             raise bad(f"classify_on {self.classify_on!r} not in {EXPLAIN_CLASSIFY_ON[self.explain]} (explain {self.explain!r})")
-        full = EXPLAIN_OUTPUTS[self.explain]
-        if self.output_names not in (full, [n for n in full if n not in OPTIONAL_OUTPUTS]):
+        full = explain_outputs(self.explain)
+        if self.output_names not in (full, explain_outputs(self.explain, optional=False)):
             raise bad(f"output_names {self.output_names} are not {full} (explain {self.explain!r}; "
                       f"{', '.join(OPTIONAL_OUTPUTS)} may be left out)")
         if self.target not in TARGETS:
@@ -411,4 +422,5 @@ __all__ = [
     "load_bundle",
     "write_bundle",
     "sha256_file",
+    "explain_outputs",
 ]

@@ -35,6 +35,7 @@ from keepbits.codec.container import (
     MODE_PAPER, MODE_SIMPLIFIED, MODES, TAG_BACKGROUND, TAG_FOREGROUND, TAG_MASK, TAG_MIXED, TAG_SIMPLIFIED,
     VERSION, Header, Section, pack, unpack,
 )
+from keepbits import native
 from keepbits.codec import deflate
 from keepbits.codec.png import encode_png
 from keepbits.core import block_means
@@ -107,8 +108,6 @@ def _grid(h: int, w: int, b: int) -> tuple[int, int, int, int]:
 
 def _native_block_means() -> Any:
     """``keepbits_block_means`` of the native library (``native/cpu/codec_kernels.cc``), or None."""
-    from keepbits import native
-
     return native.c_function("keepbits_block_means")
 
 
@@ -122,7 +121,7 @@ def _grid_means(frame: np.ndarray, b: int) -> np.ndarray:
     """
     h, w, c = frame.shape
     native_means = _native_block_means()
-    if native_means is not None and min(b, h) <= 1 << 24:
+    if native_means is not None:  # it refuses (non-zero) sizes beyond its 32-bit column sums
         frame = np.ascontiguousarray(frame)
         out = np.empty((-(-h // b), -(-w // b), c), np.uint8)
         if native_means(frame.ctypes.data, h, w, c, b, out.ctypes.data) == 0:

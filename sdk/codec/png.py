@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import cv2
 import numpy as np
 
+from keepbits import native
 from keepbits.codec import deflate
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -68,8 +69,6 @@ _scratch = _Scratch()
 
 def _native_filter() -> Any:
     """``keepbits_png_paeth`` of the native library (``native/cpu/codec_kernels.cc``), or None."""
-    from keepbits import native
-
     return native.c_function("keepbits_png_paeth")
 
 
