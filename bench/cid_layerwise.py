@@ -64,7 +64,9 @@ def main() -> None:
 
     import torch
 
-    from keepbits.audit.cid import CIDConfig, DecoderConfig, cid_report, layerwise_cid
+    from keepbits.audit.cid import CIDConfig
+    from keepbits.audit.cid_report import cid_report, layerwise_cid
+    from keepbits.audit.cid_ru import DecoderConfig
     from keepbits.data import load_dataset
     from keepbits.training.checkpoint import load_checkpoint
 

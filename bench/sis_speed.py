@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from keepbits.audit import TorchAdapter, backselect, find_sis
-from keepbits.audit.sis import BackSelectResult, select, target_margin
+from keepbits.audit.sis import BackSelectResult, select
+from keepbits.core import target_margin
 from keepbits.core import sigmoid
 from keepbits.benchmarking import default_data_dir, write_result
 from keepbits.data import channel_stats, load_dataset

@@ -36,8 +36,8 @@ def test_registry_lists_every_classifier_and_rejects_unknown():
         registry.spec("resnet9000", "classifier")
 
 
-def test_wheel_maps_the_three_source_folders(tmp_path):
-    """`pip install .` must give the same imports as the editable install."""
+def test_wheel_holds_every_layer(tmp_path):
+    """`pip install .` (src/ layout) must give the same imports as the editable install."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
         check=True, capture_output=True,
@@ -45,5 +45,6 @@ def test_wheel_maps_the_three_source_folders(tmp_path):
     (wheel,) = tmp_path.glob("keepbits-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("keepbits/__init__.py", "keepbits/training/classifier.py", "keepbits/export/__init__.py",
-                   "keepbits/core/compose.py", "keepbits/assets/mnist_sample.npz"):
+                   "keepbits/core/compose.py", "keepbits/runtime/pipeline.py", "keepbits/audit/cid_report.py",
+                   "keepbits/assets/mnist_sample.npz", "keepbits/assets/demo_bundle.zip"):
         assert module in names, module

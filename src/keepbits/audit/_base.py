@@ -1,0 +1,247 @@
+"""Shared audit machinery: model adapters and the explainer base class.
+
+Every audit (SIS, CID, SimpleBits) sees a model through a :class:`ModelAdapter`: a
+batched ``probabilities(x)`` callable on *normalised* float N×C×H×W inputs, plus the
+normalisation that maps uint8 N×H×W×C images into that space. Adapters wrap a torch
+``nn.Module``, a keepbits checkpoint, a plain ``.onnx`` classifier or a keepbits model
+bundle (ONNX Runtime forward passes only). torch is imported lazily.
+
+Example:
+    >>> import numpy as np
+    >>> from keepbits.audit import FunctionAdapter
+    >>> model = FunctionAdapter(lambda x: x.reshape(len(x), -1)[:, :2], input_shape=(1, 2, 1))
+    >>> model.probabilities(np.zeros((3, 1, 2, 1), np.float32)).round(2).tolist()
+    [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from keepbits.core import softmax
+from keepbits.errors import InputError
+
+
+
+class ModelAdapter:
+    """A classifier seen as "logits / probabilities of normalised N×C×H×W inputs".
+
+    Subclasses implement :meth:`logits`. ``mean``/``std`` are per-channel on the [0, 1]
+    scale; ``input_shape`` is (C, H, W); ``torch_module`` is the ``nn.Module`` (float32,
+    eval mode) when the model is a torch model, else ``None`` (gradient audits need it).
+    """
+
+    torch_module: Any = None
+
+    def __init__(self, input_shape: Sequence[int], mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 class_names: Sequence[str] | None = None, source: str = "<memory>"):
+        c = int(input_shape[0])
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.mean = np.asarray(mean if mean is not None else [0.0] * c, dtype=np.float64)
+        self.std = np.asarray(std if std is not None else [1.0] * c, dtype=np.float64)
+        if self.mean.shape != (c,) or self.std.shape != (c,):
+            raise InputError(f"{source}: normalisation needs {c} means and stds, got {self.mean.tolist()} / {self.std.tolist()}")
+        self.class_names = [str(n) for n in class_names] if class_names else None
+        self.source = source
+
+    def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Logits (float64, N×K) of normalised float N×C×H×W inputs."""
+        raise NotImplementedError
+
+    def probabilities(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Softmax probabilities (float64, N×K) of normalised float N×C×H×W inputs."""
+        return softmax(self.logits(x, batch_size))
+
+    __call__ = probabilities
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 N×H×W×C (or H×W×C) images → normalised float32 N×C×H×W."""
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4:
+            raise InputError(f"images must be N×H×W×C, got shape {images.shape}")
+        x = images.astype(np.float64).transpose(0, 3, 1, 2) / 255.0
+        x = (x - self.mean[:, None, None]) / self.std[:, None, None]
+        return x.astype(np.float32)
+
+    def denormalize(self, x: np.ndarray) -> np.ndarray:
+        """Normalised float N×C×H×W → uint8 N×H×W×C (rounded and clipped), for display."""
+        img = np.asarray(x, dtype=np.float64) * self.std[:, None, None] + self.mean[:, None, None]
+        return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+    def prepare(self, inputs: Any) -> np.ndarray:
+        """Explainer inputs → normalised float32 N×C×H×W: uint8 images (N×H×W×C) are
+        normalised, float arrays / tensors are taken as already normalised N×C×H×W."""
+        if hasattr(inputs, "detach"):
+            inputs = inputs.detach().cpu().numpy()
+        x = np.asarray(inputs)
+        if x.dtype == np.uint8:
+            x = self.normalize(x)
+        elif np.issubdtype(x.dtype, np.floating):
+            x = x[None] if x.ndim == 3 else x
+            x = x.astype(np.float32)
+        else:
+            raise InputError(f"inputs must be uint8 N×H×W×C images or normalised float N×C×H×W, got {x.dtype}")
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise InputError(f"{self.source}: model expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        return x
+
+
+class FunctionAdapter(ModelAdapter):
+    """Any numpy function ``logits_fn(x: N×C×H×W float32) -> N×K`` as a model (tests, custom models)."""
+
+    def __init__(self, logits_fn: Callable[[np.ndarray], np.ndarray], input_shape: Sequence[int], **kwargs: Any):
+        super().__init__(input_shape, **kwargs)
+        self._fn = logits_fn
+
+    def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        out = [np.asarray(self._fn(x[i : i + batch_size]), dtype=np.float64) for i in range(0, len(x), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+class TorchAdapter(ModelAdapter):
+    """A torch classifier (normalised float N×C×H×W → logits), evaluated in float32 on CPU."""
+
+    def __init__(self, module: Any, input_shape: Sequence[int], **kwargs: Any):
+        super().__init__(input_shape, **kwargs)
+        self.torch_module = module.float().eval()
+
+    def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        import torch
+
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(x), batch_size):
+                outs.append(self.torch_module(x[i : i + batch_size]).double().numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, 0))
+
+
+class OnnxAdapter(ModelAdapter):
+    """An ONNX classifier run with ONNX Runtime (CPU), output ``logits`` (else the first).
+
+    ``feed`` says what the graph takes: ``"normalized"`` (plain classifiers: normalised
+    float N×C×H×W), ``"uint8-nhwc"`` (bundles: 0..255 N×H×W×C, inputs are de-normalised and
+    rounded first) or ``"float-nchw"`` (bundles: 0..1 N×C×H×W). A plain ``.onnx`` file may
+    carry ``mean``/``std``/``class_names``/``input_shape`` as JSON metadata properties.
+    """
+
+    FEEDS = ("normalized", "uint8-nhwc", "float-nchw")
+
+    def __init__(self, model_path: str | Path, feed: str = "normalized", input_shape: Sequence[int] | None = None, **kwargs: Any):
+        import onnxruntime as ort
+
+        if feed not in self.FEEDS:
+            raise InputError(f"feed must be one of {self.FEEDS}, got {feed!r}")
+        path = Path(model_path)
+        try:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise InputError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
+        inp = self.session.get_inputs()[0]
+        self._input_name, self._feed = inp.name, feed
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._output = "logits" if "logits" in outputs else outputs[0]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        for key in ("mean", "std", "class_names"):
+            if key in meta and key not in kwargs:
+                kwargs[key] = json.loads(meta[key])
+        if input_shape is None and "input_shape" in meta:
+            input_shape = json.loads(meta["input_shape"])
+        if input_shape is None:
+            dims = inp.shape[1:]
+            if len(dims) != 3 or not all(isinstance(d, int) for d in dims):
+                raise InputError(f"{path}: input shape {inp.shape} is dynamic; pass input_shape=(C, H, W)")
+            input_shape = (dims[2], dims[0], dims[1]) if feed == "uint8-nhwc" else tuple(dims)
+        super().__init__(input_shape, source=str(path), **kwargs)
+
+    def _pixels(self, x: np.ndarray) -> np.ndarray:
+        if self._feed == "normalized":
+            return x
+        if self._feed == "uint8-nhwc":
+            return self.denormalize(x)
+        return (x * self.std[:, None, None] + self.mean[:, None, None]).astype(np.float32)
+
+    def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        outs = []
+        for i in range(0, len(x), batch_size):
+            feed = self._pixels(np.asarray(x[i : i + batch_size], dtype=np.float32))
+            outs.append(np.asarray(self.session.run([self._output], {self._input_name: feed})[0], dtype=np.float64))
+        return np.concatenate(outs) if outs else np.zeros((0, 0))
+
+
+def load_model(model: Any, **kwargs: Any) -> ModelAdapter:
+    """A :class:`ModelAdapter` for ``model``: an adapter (returned as is), a torch
+    ``nn.Module`` (pass ``input_shape`` and optionally ``mean``/``std``), a keepbits
+    checkpoint (``.pt``; normalisation read from it), a plain ``.onnx`` classifier, or a
+    keepbits bundle folder / ``.zip`` (:mod:`keepbits.bundle`, run with ONNX Runtime)."""
+    if isinstance(model, ModelAdapter):
+        return model
+    if hasattr(model, "forward") and hasattr(model, "parameters"):
+        if "input_shape" not in kwargs:
+            raise InputError("a torch module needs input_shape=(C, H, W)")
+        return TorchAdapter(model, **kwargs)
+    path = Path(model)
+    if not path.exists():
+        raise InputError(f"model not found: {path}")
+    if path.suffix == ".pt":
+        from keepbits.training.checkpoint import build_model, load_checkpoint
+
+        record = load_checkpoint(path)
+        if "classifier" not in record.get("models", {}):
+            raise InputError(f"{path}: holds no classifier (kind {record.get('kind')})")
+        norm = record.get("normalization") or {}
+        return TorchAdapter(build_model(record, "classifier"), record["input_shape"], mean=norm.get("mean"), std=norm.get("std"),
+                            class_names=record.get("class_names"), source=str(path))
+    if path.suffix == ".onnx":
+        return OnnxAdapter(path, **kwargs)
+    from keepbits.bundle import load_bundle
+
+    bundle = load_bundle(path)
+    m = bundle.manifest
+    feed = "uint8-nhwc" if m.input_dtype == "uint8" else "float-nchw"
+    if m.input_layout != ("NHWC" if feed == "uint8-nhwc" else "NCHW"):
+        raise InputError(f"{path}: bundles with {m.input_dtype} {m.input_layout} input are not supported by the audits")
+    return OnnxAdapter(bundle.model_path, feed=feed, input_shape=m.input_shape, mean=m.mean, std=m.std, class_names=m.class_names)
+
+
+def as_targets(target: Any, n: int, default: np.ndarray) -> np.ndarray:
+    """``target`` (None → ``default``, an int, or N ints) as an int64 vector of length ``n``."""
+    if target is None:
+        return np.asarray(default, dtype=np.int64)
+    t = np.asarray(target, dtype=np.int64)
+    if t.ndim == 0:
+        return np.full(n, int(t), dtype=np.int64)
+    if t.shape != (n,):
+        raise InputError(f"target must be None, an int or {n} ints, got shape {t.shape}")
+    return t
+
+
+class Explainer:
+    """Base class of the audits: ``explain(inputs, target=None, batch_size=...)``, batch first.
+
+    ``inputs`` are uint8 N×H×W×C images or normalised float N×C×H×W arrays; ``target`` is
+    ``None`` (the predicted class), an int or N ints. Subclasses implement
+    :meth:`_explain` on prepared inputs and return one result per image.
+    """
+
+    def __init__(self, model: Any, **model_kwargs: Any):
+        self.model = load_model(model, **model_kwargs)
+
+    def explain(self, inputs: Any, target: Any = None, batch_size: int = 256) -> list[Any]:
+        x = self.model.prepare(inputs)
+        if batch_size < 1:
+            raise InputError(f"batch_size must be positive, got {batch_size}")
+        predicted = self.model.probabilities(x, batch_size).argmax(1) if target is None else None
+        targets = as_targets(target, len(x), predicted)
+        return self._explain(x, targets, batch_size)
+
+    def _explain(self, x: np.ndarray, targets: np.ndarray, batch_size: int) -> list[Any]:
+        raise NotImplementedError

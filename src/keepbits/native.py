@@ -1,0 +1,153 @@
+"""Find and register the native ONNX Runtime kernels of the ``keepbits`` custom ops.
+
+Bundles carry ONNX function bodies for ``HardConcreteMask``, ``MixedResCompose`` and
+``MaskCompose`` (NICE Eqs. 11–12), so they run on any ONNX runtime. With the C++ library
+of ``native/`` registered, ONNX Runtime runs the vectorised kernels instead. The library
+is looked up in ``$KEEPBITS_NATIVE_LIB``, then ``native/build/`` of a source checkout
+(``native/build.sh`` builds it); ``KEEPBITS_NATIVE=0`` disables it. When it is missing
+(or fails to load) keepbits logs once and uses the function bodies. The same library exports
+C helpers of the codec (:func:`c_function`); without it the codec runs its numpy/OpenCV
+path, with the same output. Torch-free.
+
+Example:
+    >>> from keepbits import native
+    >>> so = native.session_options()        # registers the kernels when present
+    >>> isinstance(native.available(), bool)
+    True
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from keepbits.errors import InputError
+
+LIBRARY_NAME = "libkeepbits_ort.so"
+_ENV_PATH = "KEEPBITS_NATIVE_LIB"
+_ENV_SWITCH = "KEEPBITS_NATIVE"
+_log = logging.getLogger("keepbits.native")
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        _log.warning(message)
+
+
+def library_path() -> Path | None:
+    """Path of the native library, or None (disabled with ``KEEPBITS_NATIVE=0`` or not built).
+
+    ``$KEEPBITS_NATIVE_LIB`` naming a missing file is an :class:`InputError`.
+    """
+    if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    explicit = os.environ.get(_ENV_PATH)
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise InputError(f"{_ENV_PATH}={explicit}: no such file")
+        return path
+    package = Path(__file__).resolve().parent
+    # a wheel may ship the library inside the package; a source checkout builds it in native/build (src/ layout)
+    for candidate in (package / "_native" / LIBRARY_NAME, package.parents[1] / "native" / "build" / LIBRARY_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def register(options: Any) -> bool:
+    """Register the native kernels on an ``onnxruntime.SessionOptions``; True when registered.
+
+    Falls back (returns False, logs once why) when the library is absent or does not load.
+    """
+    path = library_path()
+    if path is None:
+        _warn_once("missing", "native keepbits kernels not found (build them with native/build.sh); "
+                   "ONNX Runtime runs the ONNX function bodies of the keepbits ops instead")
+        return False
+    try:
+        options.register_custom_ops_library(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/RuntimeError types
+        _warn_once(f"load:{path}", f"native keepbits kernels at {path} did not load ({str(exc).splitlines()[0]}); "
+                   "using the ONNX function bodies")
+        return False
+    return True
+
+
+def available() -> bool:
+    """True when the native library exists and registers into this onnxruntime."""
+    import onnxruntime as ort
+
+    return library_path() is not None and register(ort.SessionOptions())
+
+
+def session_options(native: bool = True, threads: int | None = None) -> Any:
+    """A fresh ``onnxruntime.SessionOptions``, with the native kernels when ``native`` and present.
+
+    ``threads`` sets the intra-op thread count (default: ONNX Runtime's choice).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    if native:
+        register(options)
+    return options
+
+
+def make_session(model: str | os.PathLike | bytes, native: bool = True, providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> Any:
+    """An ``onnxruntime.InferenceSession`` for ``model`` (path or bytes), native kernels when present.
+
+    Example:
+        >>> from keepbits.native import make_session
+        >>> # session = make_session(load_bundle("b").model_path)
+    """
+    import onnxruntime as ort
+
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=session_options(native, threads),
+                                providers=list(providers) if providers else ["CPUExecutionProvider"])
+
+
+#: The codec's C helpers (``native/cpu/codec_kernels.cc``): name -> (argument kinds), all returning int.
+_C_SIGNATURES = {
+    "keepbits_png_paeth": ("ptr", "ptr", "int64", "int64", "int64", "ptr"),
+    "keepbits_block_means": ("ptr", "int64", "int64", "int64", "int64", "ptr"),
+}
+
+
+@functools.cache
+def c_function(name: str) -> Any | None:
+    """One of the codec's C helpers of the native library (``native/cpu/codec_kernels.cc``) as a
+    ``ctypes`` function, or None when the library is absent, does not load or lacks it (the
+    caller then uses its numpy/OpenCV path). Looked up once per process; ``ctypes`` releases
+    the GIL during the call.
+
+    Example:
+        >>> from keepbits import native
+        >>> fn = native.c_function("keepbits_png_paeth")
+        >>> fn is None or callable(fn)
+        True
+    """
+    import ctypes
+
+    kinds = {"ptr": ctypes.c_void_p, "int64": ctypes.c_int64}
+    path = library_path()
+    if path is None:
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(str(path)), name)
+    except (OSError, AttributeError) as exc:
+        _warn_once(f"c:{path}:{name}", f"native keepbits library at {path}: no {name} ({exc}); using the Python path")
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int, [kinds[k] for k in _C_SIGNATURES[name]]
+    return fn
+
+
+__all__ = ["LIBRARY_NAME", "library_path", "register", "available", "session_options", "make_session", "c_function"]

@@ -1,0 +1,429 @@
+"""predict → explain → compress: run a model bundle on frames and pack the payload.
+
+One ONNX Runtime session per :class:`Pipeline`, created once; ``session.run`` is
+thread-safe, so one pipeline may serve several threads. Each call allocates one
+model-size batch (the results' ``image`` arrays are views into it) and nothing per frame
+beyond the outputs it returns.
+
+Bundles with ``explain: "simplify"`` (SimpleBits, ``docs/simplebits.md``) replace the mask
+by the simplifier's image: results carry ``simplified`` (``mask`` is None) and payloads use
+the codec's ``"simplified"`` mode.
+
+Frames: numpy uint8 H×W×3 in ``color`` order (``"rgb"`` default; ``"bgr"`` for OpenCV
+frames), H×W grey, or PIL images. They are letterboxed (aspect kept, centred, zero
+padding) to the model size; :class:`Letterbox` records the mapping back.
+
+Example:
+    >>> import numpy as np, tempfile
+    >>> from keepbits.runtime import Pipeline
+    >>> from keepbits.runtime.synthetic import toy_bundle
+    >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b", size=32))
+    >>> r = pipe(np.zeros((48, 64, 3), np.uint8))
+    >>> r.label, r.mask.shape, r.letterbox.roi, len(r.payload) > 0
+    ('dark', (32, 32), (0, 4, 32, 24), True)
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from keepbits.core import softmax
+from keepbits.errors import InputError
+from keepbits.runtime.sources import as_rgb
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Source frame (``source_size`` W×H) scaled by ``scale`` into the model image at ``roi`` (x0, y0, w, h)."""
+
+    source_size: tuple[int, int]
+    model_size: tuple[int, int]
+    scale: float
+    roi: tuple[int, int, int, int]
+
+    @classmethod
+    def fit(cls, source_size: tuple[int, int], model_size: tuple[int, int]) -> "Letterbox":
+        """The centred aspect-preserving fit of ``source_size`` into ``model_size`` (both W×H).
+
+        Example:
+            >>> from keepbits.runtime import Letterbox
+            >>> Letterbox.fit((640, 360), (224, 224)).roi
+            (0, 49, 224, 126)
+        """
+        (sw, sh), (mw, mh) = source_size, model_size
+        scale = min(mw / sw, mh / sh)
+        w, h = max(1, min(mw, round(sw * scale))), max(1, min(mh, round(sh * scale)))
+        return cls(source_size, model_size, scale, ((mw - w) // 2, (mh - h) // 2, w, h))
+
+    def to_source(self, points: Any) -> np.ndarray:
+        """Map model-image (x, y) points (…×2) to source-frame coordinates.
+
+        Example:
+            >>> from keepbits.runtime import Letterbox
+            >>> Letterbox.fit((640, 360), (224, 224)).to_source([112, 112]).round(1).tolist()
+            [320.0, 180.0]
+        """
+        x0, y0, w, h = self.roi
+        p = np.asarray(points, np.float64)
+        sx, sy = self.source_size[0] / w, self.source_size[1] / h
+        return np.stack([(p[..., 0] - x0) * sx, (p[..., 1] - y0) * sy], -1)
+
+    def mask_to_source(self, mask: np.ndarray) -> np.ndarray:
+        """A model-size mask cropped to the roi and resized to the source frame (nearest)."""
+        return self.image_to_source(np.asarray(mask, np.float32), cv2.INTER_NEAREST)
+
+    def image_to_source(self, image: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+        """A model-size image (or mask) cropped to the roi and resized to the source frame.
+
+        Example:
+            >>> import numpy as np
+            >>> from keepbits.runtime import Letterbox
+            >>> Letterbox.fit((64, 32), (32, 32)).image_to_source(np.zeros((32, 32, 3), np.uint8)).shape
+            (32, 64, 3)
+        """
+        x0, y0, w, h = self.roi
+        return cv2.resize(np.ascontiguousarray(image[y0:y0 + h, x0:x0 + w]), self.source_size, interpolation=interpolation)
+
+
+@dataclass
+class Result:
+    """One processed frame. ``mask`` is ẑ (model size, float32 in [0, 1]), None for a
+    SimpleBits bundle, whose ``simplified`` is the simplifier's image (model size, uint8 RGB,
+    the graph output rounded); ``image`` is the letterboxed uint8 frame the model saw (RGB);
+    ``timings`` are milliseconds per stage (preprocess and model are shared by a batch: the
+    batch's time divided by its size)."""
+
+    label: str
+    label_index: int
+    score: float
+    probabilities: np.ndarray
+    mask: np.ndarray | None
+    image: np.ndarray
+    letterbox: Letterbox
+    block: int
+    threshold: float
+    sequence: int
+    timestamp: float
+    payload: bytes | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    simplified: np.ndarray | None = None
+
+    @property
+    def roi(self) -> tuple[int, int, int, int]:
+        return self.letterbox.roi
+
+    @property
+    def source_size(self) -> tuple[int, int]:
+        return self.letterbox.source_size
+
+    @property
+    def kept_fraction(self) -> float | None:
+        """Share of pixels the hard mask keeps at full resolution (None without a mask)."""
+        return None if self.mask is None else np.count_nonzero(self.mask > self.threshold) / self.mask.size
+
+    @property
+    def mixed(self) -> np.ndarray:
+        """The transmitted image, what a lossless receiver rebuilds: x̃ (hard mask, uint8 block
+        means), or the simplified image for a SimpleBits bundle."""
+        from keepbits.codec import mixed_image
+
+        if self.mask is None:
+            return self.simplified
+        return mixed_image(self.image, self.mask, self.block, self.threshold)
+
+
+@dataclass
+class Prepared:
+    """A letterboxed batch (N×H×W×C uint8), its :class:`Letterbox` and sequence number per frame
+    (drawn in :meth:`Pipeline.prepare` call order) and the time it took (ms)."""
+
+    batch: np.ndarray
+    boxes: list[Letterbox]
+    preprocess_ms: float
+    sequences: list[int]
+
+
+def _providers(backend: str, providers: Sequence[Any] | None) -> list[Any]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers:
+        missing = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
+        if missing:
+            raise InputError(f"ONNX Runtime providers {missing} are not available here (have {available})")
+        return list(providers)
+    if backend == "tensorrt":
+        if "TensorrtExecutionProvider" not in available:
+            raise InputError(f"backend 'tensorrt' needs onnxruntime-gpu with TensorRT (have {available})")
+        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    if backend == "auto" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None, spinning: bool = False) -> Any:
+    """ONNX Runtime session options as the runtime uses them: ``threads`` intra-op threads
+    (None: ORT's choice, one per core) and spinning off unless ``spinning``.
+
+    Spinning intra-op threads busy-wait between operators; next to the stream's writer and
+    grabber threads (or other processes) they take the cores those need and are themselves
+    preempted inside parallel operators, so the runtime turns spinning off by default.
+
+    Example:
+        >>> from keepbits.runtime.pipeline import session_options
+        >>> session_options(2).intra_op_num_threads
+        2
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
+class Pipeline:
+    """A loaded bundle plus codec settings; call it on a frame or use :meth:`process_batch`.
+
+    ``session`` replaces the ONNX Runtime session by any object with ONNX Runtime's
+    ``run(output_names, feed)`` and ``get_providers()`` (e.g. the eager torch twin of the
+    graph, :func:`keepbits.export.torch_pipeline`); ``bundle`` then only supplies the manifest.
+    """
+
+    def __init__(
+        self,
+        bundle: Any,
+        *,
+        session: Any = None,
+        backend: str = "auto",
+        providers: Sequence[Any] | None = None,
+        threads: int | None = None,
+        spinning: bool = False,
+        compress: bool = True,
+        codec_options: dict[str, Any] | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.session = session if session is not None else self._ort_session(bundle, backend, providers, threads, spinning)
+        m = self.manifest = bundle.manifest
+        self.bundle = bundle
+        self.channels, self.height, self.width = m.input_shape
+        self.class_names = list(m.class_names)
+        self.block, self.threshold = m.block_size, float(m.mask_threshold)
+        self.explain = m.explain
+        self.compress_enabled = compress
+        self.codec_options = dict(codec_options or {})
+        # the payload mode follows the explain stage: a mask (blocks/paper) or the simplified image
+        mode = self.codec_options.setdefault("mode", "simplified" if self.explain == "simplify" else "blocks")
+        if (mode == "simplified") != (self.explain == "simplify"):
+            raise InputError(f"{bundle.source}: codec mode {mode!r} does not fit a bundle with explain {self.explain!r} "
+                             f"({'simplified' if self.explain == 'simplify' else 'blocks or paper'})")
+        self.providers = self.session.get_providers()
+        self._outputs = ["logits", m.output_names[1]]
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+        self.threads, self.spinning = threads, spinning
+
+    @staticmethod
+    def _ort_session(bundle: Any, backend: str, providers: Sequence[Any] | None, threads: int | None, spinning: bool) -> Any:
+        import onnxruntime as ort
+
+        options = session_options(threads, spinning)
+        if bundle.manifest.custom_ops:  # native kernels when built; else the graph's ONNX function bodies
+            from keepbits import native
+
+            native.register(options)
+        chosen = _providers(backend, providers)
+        try:
+            return ort.InferenceSession(str(bundle.model_path), options, providers=chosen)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own error types
+            raise InputError(f"{bundle.source}: ONNX Runtime cannot load the model ({exc})") from None
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | Path,
+        backend: str = "auto",
+        providers: Sequence[Any] | None = None,
+        *,
+        threads: int | None = None,
+        spinning: bool = False,
+        compress: bool = True,
+        expected_digest: str | None = None,
+        **codec_options: Any,
+    ) -> "Pipeline":
+        """Load and verify a bundle folder or ``.zip``; ``codec_options`` go to :func:`keepbits.codec.encode`.
+
+        ``threads`` sets ONNX Runtime's intra-op threads; ``spinning`` lets them busy-wait
+        between operators (off by default, see :func:`session_options`).
+
+        Example:
+            >>> import tempfile
+            >>> from keepbits.runtime import Pipeline
+            >>> from keepbits.runtime.synthetic import toy_bundle
+            >>> Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b"), codec="jpeg", quality=80).providers
+            ['CPUExecutionProvider']
+        """
+        from keepbits.bundle import load_bundle
+
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} "
+                             "(a NICE checkpoint runs eagerly through keepbits.export.torch_pipeline)")
+        return cls(load_bundle(path, expected_digest), backend=backend, providers=providers, threads=threads, spinning=spinning, compress=compress,
+                   codec_options=codec_options)
+
+    # -- stages ------------------------------------------------------------------------
+    def _fit(self, image: np.ndarray, out: np.ndarray) -> Letterbox:
+        """Letterbox ``image`` into ``out`` (H×W×C of the model) and return the mapping.
+
+        The frame is resized straight into its roi of ``out`` and only the padding bands are
+        zeroed: no intermediate copy of the resized frame.
+        """
+        if self.channels == 1 and image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        elif self.channels == 3 and image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+        box = Letterbox.fit((image.shape[1], image.shape[0]), (self.width, self.height))
+        x0, y0, w, h = box.roi
+        if (w, h) != (self.width, self.height):
+            out[:y0] = 0
+            out[y0 + h:] = 0
+            out[y0:y0 + h, :x0] = 0
+            out[y0:y0 + h, x0 + w:] = 0
+        dst = out[y0:y0 + h, x0:x0 + w]
+        if self.channels == 1:
+            dst, image = dst[:, :, 0], image.reshape(image.shape[0], image.shape[1])
+        if (w, h) == (image.shape[1], image.shape[0]):
+            dst[...] = image
+        else:
+            resized = cv2.resize(image, (w, h), dst=dst, interpolation=cv2.INTER_AREA if box.scale < 1 else cv2.INTER_LINEAR)
+            if not np.shares_memory(resized, dst):  # OpenCV had to allocate (should not happen): copy it in
+                dst[...] = resized
+        return box
+
+    def prepare(self, frames: Sequence[Any], *, color: str = "rgb") -> "Prepared":
+        """Letterbox a batch into one model-size uint8 buffer: the first half of :meth:`predict`.
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from keepbits.runtime import Pipeline
+            >>> from keepbits.runtime.synthetic import toy_bundle
+            >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b", size=32))
+            >>> prepared = pipe.prepare([np.zeros((48, 64, 3), np.uint8)])
+            >>> prepared.batch.shape, [r.label for r in pipe.infer(prepared)]
+            ((1, 32, 32, 3), ['dark'])
+        """
+        t0 = time.perf_counter()
+        batch = np.empty((len(frames), self.height, self.width, self.channels), np.uint8)
+        boxes = [self._fit(as_rgb(f, color), batch[i]) for i, f in enumerate(frames)]
+        with self._lock:
+            sequences = [next(self._counter) for _ in frames]
+        return Prepared(batch, boxes, (time.perf_counter() - t0) * 1e3, sequences)
+
+    def infer(self, prepared: "Prepared", *, timestamps: Sequence[float] | None = None) -> list[Result]:
+        """Run the model on a :meth:`prepare`-d batch and build the results (no payload): the
+        second half of :meth:`predict`. Safe to call from several threads at once."""
+        n, batch, boxes = len(prepared.boxes), prepared.batch, prepared.boxes
+        if not n:
+            return []
+        feed = batch if self.manifest.input_layout == "NHWC" else batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        t1 = time.perf_counter()
+        logits, explained = self.session.run(self._outputs, {self.manifest.input_name: feed})
+        t2 = time.perf_counter()
+        probs = softmax(np.asarray(logits).reshape(n, -1), np.float32)
+        masks: list[np.ndarray | None] = [None] * n
+        simplified: list[np.ndarray | None] = [None] * n
+        if self.explain == "simplify":
+            pixels = np.asarray(explained, np.float32) * (255.0 / self.manifest.pixel_scale)
+            if self.manifest.input_layout == "NCHW":
+                pixels = pixels.transpose(0, 2, 3, 1)
+            simplified = list(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+        else:
+            masks = list(np.asarray(explained, np.float32).reshape(n, self.height, self.width))
+        now = time.time()
+        results = []
+        for i in range(n):
+            k = int(probs[i].argmax())
+            results.append(Result(
+                label=self.class_names[k] if k < len(self.class_names) else str(k), label_index=k,
+                score=float(probs[i, k]), probabilities=probs[i], mask=masks[i], image=batch[i],
+                letterbox=boxes[i], block=self.block, threshold=self.threshold, sequence=prepared.sequences[i],
+                timestamp=timestamps[i] if timestamps is not None else now, simplified=simplified[i],
+            ))
+        t3 = time.perf_counter()
+        for r in results:
+            r.timings.update(preprocess=prepared.preprocess_ms / n, model=(t2 - t1) * 1e3 / n, postprocess=(t3 - t2) * 1e3 / n)
+        return results
+
+    def predict(self, frames: Sequence[Any], *, color: str = "rgb", timestamps: Sequence[float] | None = None) -> list[Result]:
+        """Classify and explain (mask, or simplified image) a batch (no payload yet); see :meth:`compress`.
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from keepbits.runtime import Pipeline
+            >>> from keepbits.runtime.synthetic import toy_bundle
+            >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b"))
+            >>> [r.label for r in pipe.predict([np.full((8, 8, 3), 250, np.uint8)])]
+            ['bright']
+        """
+        if not len(frames):
+            return []
+        return self.infer(self.prepare(frames, color=color), timestamps=timestamps)
+
+    def compress(self, result: Result) -> Result:
+        """Fill ``result.payload`` with :func:`keepbits.codec.encode` and time it (``timings['encode']``):
+        the frame and its mask, or (SimpleBits bundles) the simplified image in mode ``"simplified"``."""
+        from keepbits.codec import encode
+
+        t0 = time.perf_counter()
+        frame = result.image if result.simplified is None else result.simplified
+        result.payload = encode(frame, result, **self.codec_options)
+        result.timings["encode"] = (time.perf_counter() - t0) * 1e3
+        return result
+
+    def process_batch(self, frames: Sequence[Any], *, color: str = "rgb") -> list[Result]:
+        """:meth:`predict` then (unless ``compress=False``) :meth:`compress` each result.
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from keepbits.runtime import Pipeline
+            >>> from keepbits.runtime.synthetic import toy_bundle
+            >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b"))
+            >>> len(pipe.process_batch([np.zeros((8, 8, 3), np.uint8)] * 2))
+            2
+        """
+        results = self.predict(frames, color=color)
+        if self.compress_enabled:
+            for r in results:
+                self.compress(r)
+        return results
+
+    def __call__(self, frame: Any, *, color: str = "rgb") -> Result:
+        return self.process_batch([frame], color=color)[0]
+
+    def describe(self) -> dict[str, Any]:
+        """Model size, classes, block size, providers and codec settings (with the deflate
+        implementation in use, :mod:`keepbits.codec.deflate`), for summaries."""
+        from keepbits.codec import deflate
+
+        return {
+            "bundle": str(self.bundle.source), "digest": self.bundle.digest,
+            "input": [self.channels, self.height, self.width], "classes": len(self.class_names),
+            "explain": self.explain, "block": self.block, "threshold": self.threshold, "providers": self.providers,
+            "threads": self.threads, "spinning": self.spinning,
+            "codec": {"codec": "png", "background": "raw", "quality": 90, "png_level": None, **self.codec_options,
+                      "deflate": deflate.name()},
+        }
+
+
+__all__ = ["Letterbox", "Pipeline", "Prepared", "Result", "BACKENDS", "session_options"]

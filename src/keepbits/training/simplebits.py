@@ -1,0 +1,277 @@
+"""SimpleBits per-instance simplification during training (Schirrmeister et al., S2.2, S3).
+
+A simplifier ``g`` (identity at init) and a classifier ``f_θ`` are trained jointly. Each
+step takes one unrolled SGD step of the classifier on the simplified batch,
+
+    θ' = θ − α ∇_θ l(f_θ(X_sim)),   X_sim = g(X_orig),
+
+and minimises (AdamW, lr 5e-4, weight decay 1e-5, both networks; ``sim_lr`` can raise the
+simplifier's rate for short CPU runs)
+
+    L = λ_sim·L_sim + L_cls,   L_cls = 10·l(f_θ'(X_orig)) + l(f_θ(X_sim)) + l(f_θ'(X_sim))   (S3)
+
+where ``L_sim`` is the bpd of X_sim under a frozen Glow (:mod:`keepbits.training.density`),
+switched off for an example while l(f_θ'(x_orig)) > 0.1. ``l`` is cross-entropy. The
+gradient of L reaches ``g`` through the unrolled step (second-order, ``create_graph``).
+
+Classifiers take normalised input: ``f(x) = net((x − mean)/std)`` for [0, 1] images ``x``.
+
+Example:
+    >>> import tempfile
+    >>> from keepbits.data import sample_mnist_path
+    >>> from keepbits.training.simplebits import SimpleBitsConfig, train_simplebits
+    >>> import keepbits.training.density as d
+    >>> dens = tempfile.mkdtemp() + "/d.pt"
+    >>> _ = d.train_density(d.DensityConfig(data=str(sample_mnist_path()), out=dens, levels=2, depth=1, hidden=8, steps=1, batch_size=4, eval_images=4))
+    >>> cfg = SimpleBitsConfig(data=str(sample_mnist_path()), out=tempfile.mkdtemp() + "/s.pt", density=dens,
+    ...                        arch="lenet5", unet_base=4, steps=2, batch_size=8, max_test=16)
+    >>> sorted(train_simplebits(cfg)["metrics"])
+    ['acc_orig', 'acc_sim', 'bpd_orig', 'bpd_sim', 'steps', 'wall_time_s']
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from keepbits import registry
+from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset
+from keepbits.errors import InputError
+from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+from keepbits.training.density import images_to_unit, load_density
+
+log = logging.getLogger("keepbits")
+
+Params = dict[str, torch.Tensor]
+
+#: L_sim is switched off for an example while l(f'(x_orig)) exceeds this (S3).
+LOSS_GATE = 0.1
+
+
+class Normalized(torch.nn.Module):
+    """``net((x − mean)/std)`` for [0, 1] inputs, so simplifier and classifier share one scale."""
+
+    def __init__(self, net: torch.nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def unrolled_step(model: torch.nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, lr: float) -> Params:
+    """θ' = θ − lr·∇_θ CE(f_θ(x), y), differentiable w.r.t. θ and x (one unrolled SGD step)."""
+    names = list(params)
+    loss = F.cross_entropy(functional_call(model, dict(params), (x,)), y)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
+    return {n: params[n] if g is None else params[n] - lr * g for n, g in zip(names, grads)}
+
+
+def simplebits_loss(
+    classifier: torch.nn.Module,
+    simplifier: torch.nn.Module,
+    bpd: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lambda_sim: float,
+    inner_lr: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The SimpleBits objective L = λ_sim·L_sim + L_cls (S3) on one batch of [0, 1] images."""
+    params = dict(classifier.named_parameters())
+    x_sim = simplifier(x)
+    logits_sim = functional_call(classifier, params, (x_sim,))
+    fast = unrolled_step(classifier, params, x_sim, y, inner_lr)
+    ce_orig_after = F.cross_entropy(functional_call(classifier, fast, (x,)), y, reduction="none")
+    ce_sim_after = F.cross_entropy(functional_call(classifier, fast, (x_sim,)), y)
+    l_cls = 10.0 * ce_orig_after.mean() + F.cross_entropy(logits_sim, y) + ce_sim_after
+    bits = bpd(x_sim)
+    gate = (ce_orig_after.detach() <= LOSS_GATE).float()
+    l_sim = (gate * bits).mean()
+    loss = lambda_sim * l_sim + l_cls
+    stats = {"loss": loss.item(), "l_cls": l_cls.item(), "bpd_sim": bits.mean().item(), "gate": gate.mean().item()}
+    return loss, stats
+
+
+@dataclass
+class SimpleBitsConfig:
+    """Settings of ``keepbits train simplebits``."""
+
+    data: str
+    out: str
+    density: str | None = None
+    arch: str = "nf_wrn16_2"
+    classifier: str | None = None
+    lambda_sim: float = 1.0
+    inner_lr: float = 0.01
+    lr: float = 5e-4
+    sim_lr: float | None = None
+    weight_decay: float = 1e-5
+    steps: int = 500
+    batch_size: int = 32
+    unet_base: int = 16
+    max_train: int | None = None
+    max_test: int | None = 1000
+    seed: int = 0
+    threads: int | None = None
+    log_every: int = 25
+    command: str = ""
+
+
+def _load_split(path: str, split: str, limit: int | None) -> ImageDataset:
+    ds = load_dataset(path, split)
+    return ds.sample(limit)
+
+
+def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: Sequence[int], mean, std) -> tuple[Normalized, dict]:
+    """A registered classifier wrapped in :class:`Normalized`; returns it and its build kwargs."""
+    kwargs = {"in_channels": in_channels, "num_classes": num_classes, "image_size": list(image_size)}
+    return Normalized(registry.build(arch, kind="classifier", **kwargs), mean, std), kwargs
+
+
+@torch.no_grad()
+def simplify(simplifier: torch.nn.Module, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Simplified versions of [0, 1] images ``x`` (N×C×H×W), in batches."""
+    simplifier.eval()
+    return torch.cat([simplifier(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def accuracy(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``classifier`` on [0, 1] images."""
+    classifier.eval()
+    hits = sum(int((classifier(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
+    return hits / max(len(x), 1)
+
+
+@torch.no_grad()
+def mean_bpd(flow: torch.nn.Module, x: torch.Tensor, batch_size: int = 128, seed: int = 0) -> float:
+    """Mean bpd of [0, 1] images under ``flow`` (fixed dequantisation noise seed)."""
+    from keepbits.training.density import evaluate_bpd
+
+    return evaluate_bpd(flow, x, batch_size, seed)
+
+
+def fit_classifier(
+    classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int = 64,
+    lr: float = 5e-4, weight_decay: float = 1e-5, seed: int = 0,
+) -> torch.nn.Module:
+    """Plain AdamW training of ``classifier`` on [0, 1] images (retraining / evaluation protocol)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
+    classifier.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)
+        loss = F.cross_entropy(classifier(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return classifier.eval()
+
+
+def train_mse_simplifier(
+    simplifier: torch.nn.Module, flow: torch.nn.Module, x: torch.Tensor, lambda_sim: float, steps: int,
+    batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
+) -> torch.nn.Module:
+    """S7 baseline: a simplifier trained without classifier on L = MSE(x_sim, x) + λ_sim·bpd(x_sim)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(simplifier.parameters(), lr=lr, weight_decay=1e-5)
+    simplifier.train()
+    for _ in range(steps):
+        batch = x[torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)]
+        x_sim = simplifier(batch)
+        loss = F.mse_loss(x_sim, batch) + lambda_sim * flow.bpd(x_sim).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return simplifier.eval()
+
+
+def train_simplebits(cfg: SimpleBitsConfig) -> dict[str, Any]:
+    """Jointly train simplifier and classifier (see module doc); write ``cfg.out``
+    (kind ``simplebits``: roles ``simplifier``, ``classifier``, ``density`` path in settings)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.lambda_sim < 0 or cfg.inner_lr <= 0 or cfg.steps < 0:
+        raise InputError(f"need lambda_sim >= 0, inner_lr > 0, steps >= 0 (got {cfg.lambda_sim}, {cfg.inner_lr}, {cfg.steps})")
+    torch.manual_seed(cfg.seed)
+    train = _load_split(cfg.data, "train", cfg.max_train)
+    test = _load_split(cfg.data, "test", cfg.max_test) if has_split(cfg.data, "test") else None
+    c, h, w = train.shape_chw
+    flow = load_density(cfg.density)
+    if cfg.classifier:  # finetuning a pretrained classifier (Fig. 5, "finetuning")
+        record = load_checkpoint(cfg.classifier)
+        net = build_model(record, "classifier")
+        clf_kwargs = record["models"]["classifier"]["kwargs"]
+        arch = record["models"]["classifier"]["arch"]
+        norm = record.get("normalization") or {"mean": [0.0] * c, "std": [1.0] * c}
+        classifier = Normalized(net, norm["mean"], norm["std"])
+    else:
+        arch = cfg.arch
+        mean, std = channel_stats(train.x)
+        norm = {"mean": mean, "std": std}
+        classifier, clf_kwargs = build_classifier(arch, c, train.num_classes, (h, w), mean, std)
+    sim_kwargs = {"in_channels": c, "base": cfg.unet_base}
+    simplifier = registry.build("simplebits_unet", kind="simplifier", **sim_kwargs)
+    groups = [{"params": list(simplifier.parameters()), "lr": cfg.sim_lr or cfg.lr}, {"params": list(classifier.parameters())}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    images, labels = torch.from_numpy(np.ascontiguousarray(train.x)), torch.from_numpy(train.y)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, recent = time.time(), []
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
+        simplifier.train(), classifier.train()
+        loss, stats = simplebits_loss(classifier, simplifier, flow.bpd, images_to_unit(images[idx]), labels[idx], cfg.lambda_sim, cfg.inner_lr)
+        if not torch.isfinite(loss):
+            raise InputError(f"simplebits training diverged at step {step}; lower --lr or --inner-lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        recent.append(stats)
+        if step % cfg.log_every == 0:
+            avg = {k: float(np.mean([s[k] for s in recent])) for k in recent[0]}
+            log.info("simplebits step %d/%d  L %.3f  L_cls %.3f  bpd_sim %.3f  gate %.2f  (%.0f s)", step, cfg.steps, avg["loss"], avg["l_cls"], avg["bpd_sim"], avg["gate"], time.time() - start)
+            recent = []
+    metrics = evaluate_simplebits(classifier, simplifier, flow, test if test is not None else train)
+    metrics["steps"], metrics["wall_time_s"] = cfg.steps, time.time() - start
+    save_checkpoint(cfg.out, {
+        "kind": "simplebits",
+        "models": {"simplifier": model_entry("simplebits_unet", sim_kwargs, simplifier),
+                   "classifier": model_entry(arch, clf_kwargs, classifier.net)},
+        "input_shape": [c, h, w],
+        "normalization": norm,
+        "class_names": train.class_names,
+        "settings": asdict(cfg),
+        "command": cfg.command,
+        "metrics": metrics,
+        "epoch": 0,
+    })
+    log.info("simplebits: %s -> %s", {k: round(v, 4) for k, v in metrics.items()}, cfg.out)
+    return {"metrics": metrics, "checkpoint": str(cfg.out)}
+
+
+def evaluate_simplebits(classifier: torch.nn.Module, simplifier: torch.nn.Module, flow: torch.nn.Module, data: ImageDataset) -> dict[str, float]:
+    """Accuracy on original and simplified images, mean bpd of both (the Fig. 5 axes)."""
+    x, y = images_to_unit(data.x), torch.from_numpy(data.y)
+    x_sim = simplify(simplifier, x)
+    return {
+        "bpd_orig": mean_bpd(flow, x), "bpd_sim": mean_bpd(flow, x_sim),
+        "acc_orig": accuracy(classifier, x, y), "acc_sim": accuracy(classifier, x_sim, y),
+    }
+
+
+def load_simplebits(path: str | Path) -> tuple[torch.nn.Module, Normalized, dict[str, Any]]:
+    """(simplifier, normalised classifier, record) of a ``simplebits`` checkpoint, eval mode."""
+    record = load_checkpoint(path, kind="simplebits")
+    simplifier = build_model(record, "simplifier").eval()
+    norm = record["normalization"]
+    classifier = Normalized(build_model(record, "classifier"), norm["mean"], norm["std"]).eval()
+    return simplifier, classifier, record

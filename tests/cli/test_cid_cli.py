@@ -1,0 +1,64 @@
+"""RU decoders (Eq. 7), their cache, and ``keepbits audit cid`` end to end on the bundled MNIST sample."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from keepbits import registry  # noqa: E402
+from keepbits.audit.cid import CIDConfig  # noqa: E402
+from keepbits.audit.cid_ru import DecoderConfig, reconstruction_uncertainty, train_decoder  # noqa: E402
+from keepbits.cli import main  # noqa: E402
+from keepbits.data import sample_mnist_path  # noqa: E402
+
+
+def test_ru_is_high_where_the_layer_cannot_rebuild_the_input(tmp_path):
+    # a layer that zeroes the left half: its decoder cannot rebuild that half
+    class HalfBlind(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.cat([torch.zeros_like(x[..., :4]), x[..., 4:]], -1))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(HalfBlind())
+    x = torch.randn(64, 1, 8, 8)
+    cfg = DecoderConfig(epochs=3, width=8, blocks=1, batch_size=16)
+    dec, info = train_decoder(net, "0", x, cfg, cache_dir=tmp_path)
+    assert not info["cached"] and np.isfinite(info["val_mse"])
+    again, info2 = train_decoder(net, "0", x, cfg, cache_dir=tmp_path)
+    assert info2["cached"] and len(list(tmp_path.glob("*.pt"))) == 1
+    ru, fit = reconstruction_uncertainty(net, "0", again, x[:2], CIDConfig(max_steps=60, min_steps=20))
+    assert ru.shape == (2, 8, 8) and np.isfinite(ru).all()
+    assert ru[:, :, :4].mean() > ru[:, :, 4:].mean() + 0.5
+    assert fit["ratio"].shape == (2,)
+
+
+def test_audit_cid_command_writes_the_report(tmp_path):
+    from keepbits.training.checkpoint import model_entry, save_checkpoint
+
+    torch.manual_seed(0)
+    net = registry.build("lenet5")
+    ckpt = save_checkpoint(tmp_path / "lenet" / "best.pt", {
+        "kind": "classifier", "models": {"classifier": model_entry("lenet5", {}, net)}, "input_shape": [1, 28, 28],
+        "normalization": {"mean": [0.13], "std": [0.31]}, "class_names": [str(i) for i in range(10)],
+    })
+    (tmp_path / "boxes.csv").write_text("index,x0,y0,x1,y1\n0,4,4,24,24\n")
+    args = ["audit", "cid", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--layers", "features.1", "classifier.3",
+            "--out", str(tmp_path / "out"), "--num-images", "2", "--max-steps", "30", "--min-steps", "10", "--ru",
+            "--ru-train-images", "40", "--decoder-epochs", "1", "--decoder-width", "8", "--decoder-blocks", "1",
+            "--cache", str(tmp_path / "cache"), "--boxes", str(tmp_path / "boxes.csv")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    summary = report["data"]["lenet/best"]["summary"]
+    assert summary["layer"] == ["features.1", "classifier.3"]
+    assert len(summary["ru_mean"]) == 2 and summary["concentration"][0] is not None
+    assert "<svg" in (tmp_path / "out" / "report.html").read_text()
+    assert main(["audit", "cid", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--layers", "nope",
+                 "--out", str(tmp_path / "o2")]) == 2

@@ -1,0 +1,77 @@
+"""The device layer runs without torch and onnx: every runtime, codec, core, data and bundle
+module imports, the shipped bundle runs through Pipeline, payloads round-trip through the codec,
+and ``keepbits demo`` writes its outputs, all in an interpreter where torch and onnx cannot be imported."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+BLOCKED = ("torch", "torchvision", "onnx", "onnxscript", "onnx2torch", "matplotlib")
+
+SCRIPT = textwrap.dedent("""
+    import importlib, importlib.abc, json, pkgutil, sys, tempfile
+    from pathlib import Path
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    import keepbits
+    import numpy as np
+
+    imported = []
+    for package in ("keepbits.core", "keepbits.codec", "keepbits.data", "keepbits.runtime"):
+        pkg = importlib.import_module(package)
+        for info in pkgutil.walk_packages(pkg.__path__, package + "."):
+            importlib.import_module(info.name)
+            imported.append(info.name)
+    for module in ("keepbits.bundle", "keepbits.native", "keepbits.errors", "keepbits.registry", "keepbits.cli"):
+        importlib.import_module(module)
+        imported.append(module)
+
+    from keepbits.cli.demo import DEMO_BUNDLE
+    from keepbits.codec import decode
+    from keepbits.runtime import Pipeline
+
+    pipe = Pipeline.from_bundle(DEMO_BUNDLE)
+    frame = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    result = pipe(frame)
+    image, mask, meta = decode(result.payload)
+    assert image.shape == result.image.shape and mask.shape == result.mask.shape
+    assert np.array_equal(image, result.mixed), "lossless payload must rebuild x̃ exactly"
+
+    from keepbits.cli import main
+    out = Path(tempfile.mkdtemp()) / "demo"
+    code = main(["-q", "demo", "--out", str(out), "--max-frames", "4"])
+    summary = json.loads((out / "summary.json").read_text())
+    payloads = sorted((out / "payloads").iterdir())
+    for path in payloads:
+        decode(path.read_bytes())
+    print(json.dumps({"imported": len(imported), "demo_exit": code, "written": summary["written"],
+                      "payloads": len(payloads), "torch": "torch" in sys.modules, "onnx": "onnx" in sys.modules}))
+""")
+
+
+def test_runtime_and_demo_run_with_torch_and_onnx_unimportable():
+    code = f"BLOCKED = {BLOCKED!r}\n" + SCRIPT
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["imported"] >= 15
+    assert report["demo_exit"] == 0 and report["written"] == 4 and report["payloads"] == 4
+    assert not report["torch"] and not report["onnx"]
+
+
+def test_cli_names_the_missing_extra():
+    """A command that needs torch says which install set provides it, in one line, exit 2."""
+    code = (f"BLOCKED = ('torch',)\n" + SCRIPT.split("import keepbits\n")[0]
+            + "from keepbits.cli import main\nsys.exit(main(['train', 'classifier', '--data', '.', '--arch', 'lenet5', '--out', '/tmp/x']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "keepbits[train]" in lines[0] and "Traceback" not in done.stderr
