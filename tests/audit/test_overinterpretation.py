@@ -97,7 +97,7 @@ def test_cli_sis_report(tmp_path):
 
     ckpt = _checkpoint(tmp_path / "m.pt")
     rc = main(["-q", "audit", "sis", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--out", str(tmp_path / "r"),
-               "--images", "3", "--method", "gradient", "--k", "98", "--threshold", "0.1", "--thresholds", "0.1", "0.2"])
+               "--num-images", "3", "--method", "gradient", "--k", "98", "--threshold", "0.1", "--thresholds", "0.1", "0.2"])
     assert rc == 0
     html = (tmp_path / "r" / "report.html").read_text()
     data = json.loads((tmp_path / "r" / "report.json").read_text())["data"]

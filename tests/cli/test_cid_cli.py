@@ -49,10 +49,11 @@ def test_audit_cid_command_writes_the_report(tmp_path):
         "kind": "classifier", "models": {"classifier": model_entry("lenet5", {}, net)}, "input_shape": [1, 28, 28],
         "normalization": {"mean": [0.13], "std": [0.31]}, "class_names": [str(i) for i in range(10)],
     })
-    (tmp_path / "boxes.csv").write_text("index,x0,y0,x1,y1\n0,4,4,24,24\n")
+    # a box for every test image: the audited ones are a seeded sample of the split
+    (tmp_path / "boxes.csv").write_text("index,x0,y0,x1,y1\n" + "".join(f"{i},4,4,24,24\n" for i in range(500)))
     args = ["audit", "cid", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--layers", "features.1", "classifier.3",
             "--out", str(tmp_path / "out"), "--num-images", "2", "--max-steps", "30", "--min-steps", "10", "--ru",
-            "--ru-train-images", "40", "--decoder-epochs", "1", "--decoder-width", "8", "--decoder-blocks", "1",
+            "--num-decoder-images", "40", "--decoder-epochs", "1", "--decoder-width", "8", "--decoder-blocks", "1",
             "--cache", str(tmp_path / "cache"), "--boxes", str(tmp_path / "boxes.csv")]
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -55,7 +55,7 @@ def _checkpoint(path, block_size: int) -> str:
 def bundle_a(tmp_path_factory):
     root = tmp_path_factory.mktemp("a")
     ckpt = _checkpoint(root / "nice.pt", 2)
-    assert main(["export", "onnx", ckpt, "--out", str(root / "bundle")]) == 0
+    assert main(["export", "onnx", "--model", ckpt, "--out", str(root / "bundle")]) == 0
     return ckpt, load_bundle(root / "bundle")
 
 
@@ -139,7 +139,7 @@ def test_deployment_bundle_without_mixed_output(bundle_a, bundle_b, tmp_path, wh
     ckpt, full = bundle_a if which == "a" else bundle_b
     m = full.manifest
     args = ["--input", m.input_dtype, "--classify-on", m.classify_on] + ([] if m.custom_ops == ["MaskCompose"] else ["--unfused"])
-    assert main(["export", "onnx", ckpt, "--out", str(tmp_path / "lean"), "--no-mixed-output", *args]) == 0
+    assert main(["export", "onnx", "--model", ckpt, "--out", str(tmp_path / "lean"), "--no-mixed-output", *args]) == 0
     lean = load_bundle(tmp_path / "lean")
     assert lean.manifest.output_names == ["logits", "mask"]
     assert [o.name for o in onnx.load(str(lean.model_path)).graph.output] == ["logits", "mask"]
@@ -218,18 +218,20 @@ def test_bad_inputs(tmp_path, bundle_a):
         export_onnx(ckpt, tmp_path / "x", opset=13)
     with pytest.raises(InputError, match="not found"):
         export_onnx(tmp_path / "missing.pt", tmp_path / "x")
-    assert main(["export", "onnx", ckpt, "--out", str(bundle_a[1].source)]) == 2  # exists, no --force
+    assert main(["export", "onnx", "--model", ckpt, "--out", str(bundle_a[1].source)]) == 2  # exists, no --force
     print(json.dumps({"seed": SEED}))
 
 
-def test_int8_quantisation_reports_agreement(bundle_a, tmp_path):
-    from keepbits.export.quantize import quantize_bundle
-
+def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
+    """``keepbits export int8`` end to end (``keepbits.export.quantize``)."""
     rng = np.random.default_rng(SEED)
     data = tmp_path / "data.npz"
     np.savez(data, x_train=rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 4, 48),
              x_test=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 4, 24))
-    bundle, report = quantize_bundle(bundle_a[1].source, tmp_path / "int8", data, calibration_images=32)
+    assert main(["export", "int8", "--model", str(bundle_a[1].source), "--data", str(data), "--out", str(tmp_path / "int8"),
+                 "--num-images", "32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    bundle = load_bundle(report.pop("bundle"), expected_digest=report.pop("digest"))
     model = onnx.load(str(bundle.model_path))
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert any(n.op_type == "MaskCompose" for n in model.graph.node) and len(model.functions) >= 1
@@ -241,5 +243,6 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path):
     inits = {t.name: t.data_type for t in model.graph.initializer}
     activation_types = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}  # weights have no Q node
     assert activation_types == {onnx.TensorProto.UINT8} and "uint8 activations" in q["method"]
-    with pytest.raises(InputError, match="activations"):
-        quantize_bundle(bundle_a[1].source, tmp_path / "bad", data, calibration_images=8, activations="int4")
+    assert main(["export", "int8", "--model", str(bundle_a[1].source), "--data", str(data), "--out", str(tmp_path / "bad"),
+                 "--num-images", "8", "--activations", "int4"]) == 2
+    assert "activations must be one of" in capsys.readouterr().err

@@ -230,8 +230,8 @@ def test_cli_train_and_bench(tiny_npz, tmp_path, capsys):
     assert code == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"].endswith("nice.pt")
     report = tmp_path / "bench.json"
-    code = main(["-q", "bench", "nice", "--checkpoint", str(out / "nice.pt"), "--data", str(tiny_npz), "-b", "1", "4", "16",
-                 "--qualities", "50", "--max-images", "12", "--sis-k", "16", "--out", str(report)])
+    code = main(["-q", "bench", "nice", "--model", str(out / "nice.pt"), "--data", str(tiny_npz), "-b", "1", "4", "16",
+                 "--qualities", "50", "--num-images", "12", "--sis-k", "16", "--out", str(report)])
     assert code == 0
     result = json.loads(report.read_text())
     assert [row["block_size"] for row in result["per_block_size"]] == [1, 4, 16]
@@ -247,5 +247,5 @@ def test_cli_bad_input_exits_2(tiny_npz, tmp_path, capsys):
     clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz)
     assert main(["train", "nice", "--data", str(tiny_npz), "--classifier", str(clf), "--out", str(tmp_path), "--generator-kwargs", "{x"]) == 2
     assert "not JSON" in capsys.readouterr().err
-    assert main(["bench", "nice", "--checkpoint", str(clf), "--data", str(tiny_npz)]) == 2  # a classifier, not a nice checkpoint
+    assert main(["bench", "nice", "--model", str(clf), "--data", str(tiny_npz)]) == 2  # a classifier, not a nice checkpoint
     assert "expected nice" in capsys.readouterr().err

@@ -83,7 +83,7 @@ def test_l_sim_is_gated_per_example_by_the_unrolled_loss():
 def test_train_simplebits_cli_roundtrip(tmp_path, tiny_density):
     out = tmp_path / "sb.pt"
     rc = main(["-q", "train", "simplebits", "--data", str(sample_mnist_path()), "--out", str(out), "--density", str(tiny_density),
-               "--arch", "lenet5", "--unet-base", "4", "--steps", "2", "--batch-size", "4", "--max-test", "8"])
+               "--arch", "lenet5", "--unet-base", "4", "--steps", "2", "--batch-size", "4", "--num-test-images", "8"])
     assert rc == 0
     simplifier, classifier, record = load_simplebits(out)
     assert set(record["metrics"]) >= {"acc_orig", "acc_sim", "bpd_orig", "bpd_sim"}

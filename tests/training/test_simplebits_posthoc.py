@@ -53,14 +53,14 @@ def test_audit_simplify_cli_writes_report(tmp_path):
     dkw = {"in_channels": 1, "image_size": [28, 28], "levels": 2, "depth": 1, "hidden": 4}
     save_checkpoint(tmp_path / "d.pt", {"kind": "density", "models": {"density": model_entry("glow", dkw, registry.build("glow", **dkw))}})
     out = tmp_path / "report"
-    rc = main(["-q", "audit", "simplify", "--model", str(tmp_path / "clf.pt"), "--images", str(sample_mnist_path()), "--out", str(out),
+    rc = main(["-q", "audit", "simplify", "--model", str(tmp_path / "clf.pt"), "--data", str(sample_mnist_path()), "--out", str(out),
                "--density", str(tmp_path / "d.pt"), "--num-images", "1", "--steps", "2"])
     assert rc == 0
     html = (out / "report.html").read_text()
     assert "Before / after" in html and "data:image/png;base64" in html
     data = json.loads((out / "report.json").read_text())
     assert len(data["data"]["per_image"]) == 1
-    assert main(["-q", "audit", "simplify", "--model", str(tmp_path / "nope.pt"), "--images", str(sample_mnist_path()), "--out", str(out)]) == 2
+    assert main(["-q", "audit", "simplify", "--model", str(tmp_path / "nope.pt"), "--data", str(sample_mnist_path()), "--out", str(out)]) == 2
 
 
 def test_onnx_models_are_refused():

@@ -154,7 +154,7 @@ def _free_port() -> int:
 
 def test_cli_export_run_and_receive(checkpoint, tmp_path, capsys):
     out = tmp_path / "cli.bundle"
-    assert main(["-q", "export", "onnx", str(checkpoint), "--out", str(out)]) == 0
+    assert main(["-q", "export", "onnx", "--model", str(checkpoint), "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["explain"] == "simplify"
     src = tmp_path / "frames"
     src.mkdir()

@@ -33,6 +33,15 @@ def test_trains_above_chance_and_records_everything(tmp_path):
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
 
 
+def test_max_train_is_a_class_balanced_sample_of_class_sorted_data(tmp_path):
+    from keepbits.training.classifier import _prepare_data
+
+    labels = np.repeat(np.arange(4), 50)  # stored sorted by class: the first 40 would all be class 0
+    np.savez(tmp_path / "sorted.npz", x=np.zeros((200, 8, 8, 1), np.uint8), y=labels)
+    train, val, _ = _prepare_data(_cfg(tmp_path, data=str(tmp_path / "sorted.npz"), max_train=40, val_fraction=0.2))
+    assert np.bincount(train.y, minlength=4).tolist() == [10, 10, 10, 10] and len(val) == 40
+
+
 def test_resume_continues_where_it_stopped(tmp_path):
     train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
     summary = train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=64))
@@ -81,7 +90,7 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
 
 def test_cli_trains_and_prints_summary(tmp_path, capsys):
     code = main(["-q", "train", "classifier", "--data", str(sample_mnist_path()), "--arch", "lenet5", "--out", str(tmp_path / "c"),
-                 "--epochs", "1", "--optimizer", "adamw", "--max-train", "300"])
+                 "--epochs", "1", "--optimizer", "adamw", "--num-train-images", "300"])
     assert code == 0
     assert "best.pt" in json.loads(capsys.readouterr().out)["checkpoints"]["best"]
 

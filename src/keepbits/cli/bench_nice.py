@@ -5,26 +5,27 @@ import argparse
 import json
 from pathlib import Path
 
-from keepbits.cli._common import existing_path
+from keepbits.cli._common import add_argument, existing_path
 from keepbits.errors import InputError
 
 HELP = "evaluate a NICE checkpoint: accuracy, kept fraction, PNG/JPEG/WebP bytes, random, saliency and SIS baselines"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="NICE checkpoint (from `keepbits train nice`)")
+    add_argument(p, "--model", required=True, deprecated=["--checkpoint"], help="NICE checkpoint (from `keepbits train nice`)")
     p.add_argument("--data", required=True, help="data set; its test split is used when present")
     p.add_argument("--block-sizes", "-b", type=int, nargs="+", default=None, help="b values to evaluate (default: the trained b)")
     p.add_argument("--qualities", type=int, nargs="+", default=[10, 30, 50, 75, 90], help="JPEG/WebP qualities")
-    p.add_argument("--max-images", type=int, default=None, help="evaluate N images (seeded sample, --seed)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-pixel baseline")
+    add_argument(p, "--num-images", type=int, default=None, deprecated=["--max-images"],
+                 help="evaluate a random class-balanced sample of N images (seed --seed; default or 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image sample and the random-pixel baseline")
     p.add_argument("--sis-k", type=int, default=None,
                    help="add the SIS baseline: Batched Gradient BackSelect masking K pixels per iteration (off by default)")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
 
 
 def run(args: argparse.Namespace) -> int:
-    existing_path(args.checkpoint, "NICE checkpoint")
+    existing_path(args.model, "NICE checkpoint")
     existing_path(args.data, "data path")
     if any(b < 1 for b in args.block_sizes or []):
         raise InputError(f"block sizes must be >= 1, got {args.block_sizes}")
@@ -36,19 +37,18 @@ def run(args: argparse.Namespace) -> int:
     from keepbits.training.data import TensorImages
     from keepbits.training.nice import backselect_ranks, benchmark_nice, load_nice
 
-    generator, classifier, record = load_nice(args.checkpoint)
+    generator, classifier, record = load_nice(args.model)
     dataset = load_dataset(args.data, "test" if has_split(args.data, "test") else "train")
     if list(dataset.shape_chw) != list(record["input_shape"]):
         raise InputError(f"{args.data}: images are {list(dataset.shape_chw)} (C,H,W), the checkpoint expects {record['input_shape']}")
-    if args.max_images:
-        dataset = dataset.sample(args.max_images, args.seed)
+    dataset = dataset.sample(args.num_images or None, args.seed)
     block_sizes = args.block_sizes or [record["settings"]["block_size"]]
     ranks = None
     if args.sis_k:
         norm = record["normalization"]
         ranks = backselect_ranks(classifier, TensorImages(dataset, norm["mean"], norm["std"]), args.sis_k)
     result = benchmark_nice(generator, classifier, record, dataset, block_sizes, args.qualities, seed=args.seed, sis_ranks=ranks)
-    result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "settings": record["settings"], **result}
+    result = {"checkpoint": str(args.model), "data": str(args.data), "settings": record["settings"], **result}
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

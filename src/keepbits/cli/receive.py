@@ -18,10 +18,10 @@ HELP = "receive payloads over TCP (from keepbits run --sink tcp:...) and decode 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on, e.g. 127.0.0.1:9000")
     parser.add_argument("--out", required=True, type=Path, help="folder for decoded PNGs and frames.jsonl")
-    parser.add_argument("--video", type=Path, help="also write the decoded frames as this MP4")
+    parser.add_argument("--video", type=Path, help="also write the decoded frames as this MP4 (default: none)")
     parser.add_argument("--fps", type=float, default=25.0, help="frame rate of --video")
     parser.add_argument("--no-images", action="store_true", help="do not write one PNG per frame")
-    parser.add_argument("--max-frames", type=int, default=None)
+    parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames (default: no limit)")
     parser.add_argument("--idle-timeout", type=float, default=30.0, help="stop after this many seconds without data")
     parser.add_argument("--once", action="store_true", help="stop when the first sender disconnects")
     parser.add_argument("--max-payload", type=int, default=64 << 20, help="largest payload accepted (bytes)")

@@ -30,7 +30,8 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kept blocks, or the simplified image (png = lossless)")
     parser.add_argument("--background", choices=["raw", "png", "jpeg", "webp"], default="raw", help="block means (raw/png = lossless)")
     parser.add_argument("--quality", type=int, default=90, help="jpeg/webp quality 1..100")
-    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
+                        help="ONNX Runtime providers: auto (CUDA when available, else CPU), onnxruntime (CPU) or tensorrt")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
 
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, help="video file, image folder, camera index (0) or rtsp/http URL")
     parser.add_argument("--sink", action="append", default=[], metavar="KIND:ARG",
                         help="files:DIR, video:OUT.mp4 or tcp:HOST:PORT (repeatable)")
-    parser.add_argument("--max-frames", type=int, default=None)
+    parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames (default: the whole source)")
     parser.add_argument("--loop", action="store_true", help="loop a video file")
     parser.add_argument("--batch-size", type=int, default=1, help="frames per model call (file sources)")
     parser.add_argument("--queue-size", type=int, default=8, help="bounded queue between model and writer")

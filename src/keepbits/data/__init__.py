@@ -6,7 +6,7 @@ Example:
     >>> ds.x.shape[1:], ds.num_classes
     ((28, 28, 1), 10)
 """
-from keepbits.data.dataset import ImageDataset, channel_stats, train_val_split
+from keepbits.data.dataset import ImageDataset, channel_stats, sample_indices, train_val_split
 from keepbits.data.loaders import (
     has_split,
     load_dataset,
@@ -19,6 +19,7 @@ from keepbits.data.loaders import (
 __all__ = [
     "ImageDataset",
     "channel_stats",
+    "sample_indices",
     "train_val_split",
     "has_split",
     "load_dataset",

@@ -6,7 +6,7 @@ products (QDQ, int8 weights, per channel; uint8 activations by default, int8 on 
 comparison with the float bundle on test images: classifier accuracy, argmax agreement,
 mask agreement (ẑ > mask_threshold, NICE Eq. 11) and the largest ẑ / x̃ deviations.
 
-    python -m keepbits.export.quantize BUNDLE --data DATA --out BUNDLE_INT8
+    keepbits export int8 --model BUNDLE --data DATA --out BUNDLE_INT8
 
 Example:
     >>> from keepbits.export.quantize import quantize_bundle
@@ -14,11 +14,8 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +24,7 @@ import numpy as np
 
 from keepbits.bundle import Bundle, Manifest, load_bundle, write_bundle
 from keepbits.data import ImageDataset, has_split, load_dataset
-from keepbits.errors import InputError, KeepbitsError
+from keepbits.errors import InputError
 from keepbits.native import make_session
 
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
@@ -98,7 +95,9 @@ def compare(reference: Bundle, candidate: Bundle, images: np.ndarray, labels: np
 def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, calibration_images: int = 256,
                     eval_images: int = 1000, per_channel: bool = True, overwrite: bool = False,
                     activations: str = "uint8") -> tuple[Bundle, dict]:
-    """Quantise ``bundle_path`` to INT8 (calibration: ``data`` train split) and compare on the test split;
+    """Quantise ``bundle_path`` to INT8 (calibration: ``calibration_images`` of the ``data`` train
+    split) and compare on ``eval_images`` of the test split (the train split when there is none);
+    both are seeded class-balanced samples (:func:`keepbits.data.sample_indices`, seed 0).
     ``activations`` is one of :data:`ACTIVATION_TYPES`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -112,9 +111,8 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
     size = None if m.dynamic_size else tuple(m.input_shape[1:])
     train = load_dataset(data, "train", size=size or (m.input_shape[1], m.input_shape[2]))
     test: ImageDataset = load_dataset(data, "test", size=size or (m.input_shape[1], m.input_shape[2])) if has_split(data, "test") else train
-    rng = np.random.default_rng(0)
-    calib = train.x[rng.permutation(len(train))[:calibration_images]]
-    evaluation = test.subset(np.sort(rng.permutation(len(test))[:eval_images]))  # seeded sample: splits may be class-sorted
+    calib = train.sample(calibration_images, seed=0).x
+    evaluation = test.sample(eval_images, seed=0)
     logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization warns about pre-processing on root
     with tempfile.TemporaryDirectory() as tmp:
         quantized = Path(tmp) / "model.onnx"
@@ -135,29 +133,3 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
         bundle = load_bundle(write_bundle(out, dataclasses.replace(manifest, provenance=provenance), {m.model_file: quantized},
                                           overwrite=overwrite))
     return bundle, report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keepbits.export.quantize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle")
-    parser.add_argument("--data", required=True, help="data set with a train split (calibration) and ideally a test split")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--calibration-images", type=int, default=256)
-    parser.add_argument("--eval-images", type=int, default=1000)
-    parser.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
-    parser.add_argument("--activations", choices=ACTIVATION_TYPES, default="uint8",
-                        help="activation type (uint8: ONNX Runtime's fast x86 path; int8: TensorRT/ARM)")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        bundle, report = quantize_bundle(args.bundle, args.out, args.data, args.calibration_images, args.eval_images,
-                                         not args.per_tensor, args.force, args.activations)
-    except KeepbitsError as exc:
-        print(f"keepbits: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"bundle": str(bundle.source), "digest": bundle.digest, **report}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

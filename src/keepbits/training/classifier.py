@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from keepbits import registry
-from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset, train_val_split
+from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset, sample_indices, train_val_split
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
 from keepbits.training.data import TensorImages
@@ -36,7 +36,8 @@ log = logging.getLogger("keepbits")
 
 @dataclass
 class ClassifierConfig:
-    """Settings of one classifier training run (the CLI flags of ``keepbits train classifier``)."""
+    """Settings of one classifier training run (the CLI flags of ``keepbits train classifier``);
+    ``max_train``: a seeded class-balanced sample of that many training images (``seed``), not the first N."""
 
     data: str
     arch: str
@@ -154,8 +155,8 @@ def _prepare_data(cfg: ClassifierConfig) -> tuple[ImageDataset, ImageDataset | N
     if test is not None and (test.x.shape[1:] != full.x.shape[1:] or test.num_classes > full.num_classes):
         raise InputError(f"{cfg.data}: test split has images {test.x.shape[1:]} / {test.num_classes} classes, train has {full.x.shape[1:]} / {full.num_classes}")
     train_idx, val_idx = train_val_split(len(full), cfg.val_fraction, cfg.seed)
-    if cfg.max_train:
-        train_idx = train_idx[: cfg.max_train]
+    if cfg.max_train:  # a class-balanced sample, not the first N: files such as CIFAR-10's are sorted by class
+        train_idx = train_idx[sample_indices(full.y[train_idx], cfg.max_train, cfg.seed)]
     val = full.subset(val_idx, "[val]") if len(val_idx) else None
     return full.subset(train_idx, "[train]"), val, test
 

@@ -34,7 +34,8 @@ log = logging.getLogger("keepbits")
 
 @dataclass
 class DensityConfig:
-    """Settings of ``keepbits train density``."""
+    """Settings of ``keepbits train density``; ``max_train`` and ``eval_images`` are seeded
+    class-balanced samples (``seed``), not the first N."""
 
     data: str
     out: str
@@ -144,7 +145,7 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
             log.info("density step %d/%d  train bpd %.3f  (%.0f s)", step, cfg.steps, float(np.mean(recent)), time.time() - start)
             recent = []
     eval_set = test if test is not None else train
-    eval_x = images_to_unit(eval_set.x[: cfg.eval_images])
+    eval_x = images_to_unit(eval_set.sample(cfg.eval_images, cfg.seed).x)  # class-balanced, not the first N
     test_bpd = evaluate_bpd(flow, eval_x)
     wall = time.time() - start
     metrics = {"test_bpd" if test is not None else "train_bpd": test_bpd, "eval_images": len(eval_x), "steps_run": step, "wall_time_s": wall}
