@@ -1,7 +1,7 @@
 """One-shot GPU check (issue 24): build and verify every CUDA path of keepbits in one short run.
 
     bench/gpu_check.sh OUT_DIR                                  # the GPU machine, repository root
-    python bench/gpu_check.py --out DIR [--dry-run] [--tiny] [--deadline-s 420]
+    python bench/gpu_check.py --out DIR [--dry-run] [--tiny] [--deadline-s 420] [--only STEP,...]
 
 Steps, in this order, each in a process of its own with a time budget, under one global
 deadline (``--deadline-s``); ``OUT/gpu_check.json`` is rewritten after every step, so a step that
@@ -38,6 +38,8 @@ Without a CUDA device (or with ``--dry-run``) every GPU part is recorded as ``sk
 the CPU references still run (at ``--tiny`` sizes in seconds). Entries carry ``status``: ``ok``,
 ``skipped: <reason>`` or ``failed: <first line of the error>``. Models are random-initialised and
 data synthetic: no data set or weights are needed on the machine. Exit code 1 when a step failed.
+``--only`` reruns chosen steps (the probe always runs; without ``build`` among them, the
+libraries an earlier run left in ``--build-dir`` are used).
 """
 from __future__ import annotations
 
@@ -65,7 +67,6 @@ from typing import Any, Callable
 from keepbits.benchmarking import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = "gpu_check"
 #: max abs error of the CUDA kernels against keepbits.core (as tests/test_native.py for the CPU kernels)
 KERNEL_TOL = 1e-5
 #: CPU vs CUDA, float32 with TF32 off: relative error of the NICE loss and of the generator gradient
@@ -98,7 +99,7 @@ def takes_device(obj: Any) -> bool:
 
 
 def lacks_device(where: str) -> str:
-    return f"skipped: api lacks device= ({where} has no 'device' parameter)"
+    return f"skipped: api lacks device= ({where} takes no 'device' argument)"
 
 
 def run_group(cmd: list[str], log: Any, timeout: float, env: dict[str, str] | None = None) -> int | None:
@@ -242,21 +243,29 @@ class CudaKernels:
 
 
 def cuda_times_ms(fn: Callable[[int], Any], sets: int, warmup: int, reps: int) -> dict[str, float]:
-    """Per-call CUDA-event times of ``fn(i % sets)`` after ``warmup`` calls: median, p10, p90 (ms)."""
+    """CUDA-event times of ``fn(i % sets)`` after ``warmup`` calls: per call (median, p10, p90 of
+    ``reps``; includes any wait for the host to enqueue), and the mean over a burst of ``reps``
+    back-to-back calls between one pair of events (ms)."""
     import torch
 
     for i in range(warmup):
         fn(i % sets)
     torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for i, (start, stop) in enumerate(events):
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps + 1)]
+    for i, (start, stop) in enumerate(events[:reps]):
         start.record()
         fn(i % sets)
         stop.record()
+    burst_start, burst_stop = events[reps]
+    burst_start.record()
+    for i in range(reps):
+        fn(i % sets)
+    burst_stop.record()
     torch.cuda.synchronize()
-    times = sorted(start.elapsed_time(stop) for start, stop in events)
+    times = sorted(start.elapsed_time(stop) for start, stop in events[:reps])
     return {"median_ms": round(statistics.median(times), 4), "p10_ms": round(times[len(times) // 10], 4),
-            "p90_ms": round(times[(9 * len(times)) // 10], 4), "reps": reps}
+            "p90_ms": round(times[(9 * len(times)) // 10], 4), "burst_mean_ms": round(burst_start.elapsed_time(burst_stop) / reps, 4),
+            "reps": reps}
 
 
 def compare_orders(cpu: Any, gpu: Any) -> dict[str, Any]:
@@ -515,6 +524,7 @@ def step_kernel_speed(ctx: dict, entry: dict, save: Callable[[], None]) -> None:
         entry[key] = {
             "input_sets": sets, "fused": first, "fused_again": second, "torch_ops": ops,
             "ratio_torch_over_fused": round(ops["median_ms"] / first["median_ms"], 2),
+            "ratio_torch_over_fused_burst": round(ops["burst_mean_ms"] / first["burst_mean_ms"], 2),
             "fused_gb_per_s": round(bytes_min / (first["median_ms"] * 1e-3) / 1e9, 1), "bytes_min": bytes_min,
             "max_abs_fused_vs_torch": agree,
         }
@@ -539,23 +549,42 @@ def nice_models(size: int, seed: int) -> tuple[Any, Any, str, str]:
     return generator, classifier, arch, gen_name
 
 
-def nice_step(generator: Any, classifier: Any, x: Any, y: Any, block: int, device: str) -> tuple[dict[str, Any], Any]:
-    """One NICE loss (Eq. 10, λ1 = 1, λ2 = 0.1, deterministic ẑ) + backward on ``device``:
-    (loss parts, flattened generator gradient as float64 on the CPU)."""
-    import torch
+class NiceStep:
+    """One NICE loss (Eq. 10, λ1 = 1, λ2 = 0.1, deterministic ẑ) + backward of fixed weights and
+    one batch, on one device (models and batch copied there once)."""
 
-    from keepbits.training.functional import deterministic_mask, mixed_resolution
-    from keepbits.training.nice import nice_loss
+    def __init__(self, generator: Any, classifier: Any, x: Any, y: Any, block: int, device: str):
+        self.gen = copy.deepcopy(generator).to(device).train()
+        self.clf = copy.deepcopy(classifier).to(device).eval()
+        self.x, self.y, self.block = x.to(device), y.to(device), block
 
-    gen = copy.deepcopy(generator).to(device).train()
-    clf = copy.deepcopy(classifier).to(device).eval()
-    xd, yd = x.to(device), y.to(device)
-    log_alpha = gen(xd)
-    logits = clf(mixed_resolution(xd, deterministic_mask(log_alpha), block))
-    loss, parts = nice_loss(log_alpha, logits, yd, 1.0, 0.1)
-    loss.backward()
-    grad = torch.cat([p.grad.flatten() for p in gen.parameters() if p.grad is not None]).double().cpu()
-    return {"loss": loss.item(), **parts}, grad
+    def __call__(self) -> tuple[dict[str, Any], Any]:
+        """(loss parts, flattened generator gradient as float64 on the CPU)."""
+        import torch
+
+        from keepbits.training.functional import deterministic_mask, mixed_resolution
+        from keepbits.training.nice import nice_loss
+
+        self.gen.zero_grad(set_to_none=True)
+        log_alpha = self.gen(self.x)
+        logits = self.clf(mixed_resolution(self.x, deterministic_mask(log_alpha), self.block))
+        loss, parts = nice_loss(log_alpha, logits, self.y, 1.0, 0.1)
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in self.gen.parameters() if p.grad is not None]).double().cpu()
+        return {"loss": loss.item(), **parts}, grad
+
+    def seconds_per_step(self, steps: int) -> float:
+        """Wall time per step after two warm-up steps (cuDNN / oneDNN set-up), synchronised."""
+        import torch
+
+        def run(count: int) -> None:
+            for _ in range(count):
+                self()
+            if self.x.is_cuda:
+                torch.cuda.synchronize()
+
+        run(2)
+        return timed(lambda: run(steps))[1] / steps
 
 
 def set_tf32(enabled: bool) -> None:
@@ -568,39 +597,33 @@ def set_tf32(enabled: bool) -> None:
 def step_nice_first_step(ctx: dict, entry: dict, save: Callable[[], None]) -> None:
     import torch
 
-    size, batch, block = (32, 4, 8) if ctx["tiny"] else (224, 64, 8)
+    size, batch, block, steps = (32, 4, 8, 1) if ctx["tiny"] else (224, 64, 8, 10)
     generator, classifier, arch, gen_name = nice_models(size, ctx["seed"])
     g = torch.Generator().manual_seed(ctx["seed"])
     x, y = torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g)
     entry.update(classifier=arch, generator=gen_name, image_size=size, batch=batch, block_size=block,
                  gate="deterministic ẑ (Eq. 11) in place of the sampled z (Eq. 7), whose uniform noise each device draws itself")
-    cpu, cpu_grad = nice_step(generator, classifier, x, y, block, "cpu")
-    _, cpu_s = timed(lambda: nice_step(generator, classifier, x, y, block, "cpu"))  # the second step: no first-call set-up
+    on_cpu = NiceStep(generator, classifier, x, y, block, "cpu")
+    cpu, cpu_grad = on_cpu()
+    cpu_s = on_cpu.seconds_per_step(1 if ctx["tiny"] else 2)
     entry["cpu"] = {"status": "ok", **cpu, "seconds_per_step": round(cpu_s, 3), "images_per_s": round(batch / cpu_s, 1),
                     "torch_threads": torch.get_num_threads()}
     save()
     if ctx["cuda_reason"]:
         entry["status"] = f"skipped: {ctx['cuda_reason']} (CPU reference computed)"
         return
-    results = {}
+    on_gpu = NiceStep(generator, classifier, x, y, block, "cuda")
     for label, tf32 in (("cuda_fp32", False), ("cuda_tf32", True)):
         set_tf32(tf32)
-        gpu, gpu_grad = nice_step(generator, classifier, x, y, block, "cuda")
-        results[label] = {**gpu, "loss_rel_diff": abs(gpu["loss"] - cpu["loss"]) / abs(cpu["loss"]),
-                          "grad_rel_diff": float((gpu_grad - cpu_grad).norm() / cpu_grad.norm())}
-    steps = 2 if ctx["tiny"] else 10
-
-    def cuda_steps(count: int) -> None:
-        for _ in range(count):
-            nice_step(generator, classifier, x, y, block, "cuda")
-        torch.cuda.synchronize()
-
-    cuda_steps(2)  # warm-up (cuDNN algorithm choice)
-    _, seconds = timed(lambda: cuda_steps(steps))
-    results["cuda_tf32"].update(seconds_per_step=round(seconds / steps, 4), images_per_s=round(batch * steps / seconds, 1),
-                                speedup_vs_cpu=round(cpu_s / (seconds / steps), 1))
-    entry.update(results, tolerance={"loss_rel": LOSS_RTOL, "grad_rel": GRAD_RTOL, "applies_to": "cuda_fp32"})
-    strict = results["cuda_fp32"]
+        gpu, gpu_grad = on_gpu()
+        part = {**gpu, "loss_rel_diff": abs(gpu["loss"] - cpu["loss"]) / abs(cpu["loss"]),
+                "grad_rel_diff": float((gpu_grad - cpu_grad).norm() / cpu_grad.norm())}
+        seconds = on_gpu.seconds_per_step(steps)
+        part.update(seconds_per_step=round(seconds, 4), images_per_s=round(batch / seconds, 1), speedup_vs_cpu=round(cpu_s / seconds, 1))
+        entry[label] = part
+        save()
+    entry["tolerance"] = {"loss_rel": LOSS_RTOL, "grad_rel": GRAD_RTOL, "applies_to": "cuda_fp32"}
+    strict = entry["cuda_fp32"]
     if strict["loss_rel_diff"] > LOSS_RTOL or strict["grad_rel_diff"] > GRAD_RTOL:
         raise CheckFailed(f"CPU vs CUDA (TF32 off): loss rel {strict['loss_rel_diff']:.3g}, gradient rel {strict['grad_rel_diff']:.3g}")
 
@@ -858,8 +881,8 @@ def figure(name: str, entry: dict[str, Any]) -> str:
         return f"max abs mask {entry['vs_numpy']['mask_max_abs']:.2g}, x̃ {entry['vs_numpy']['mixed_max_abs']:.2g}"
     if name == "kernel_speed":
         return ", ".join(f"{k}: {v['ratio_torch_over_fused']}x" for k, v in entry.items() if isinstance(v, dict) and "ratio_torch_over_fused" in v)
-    if name == "nice_first_step" and "cuda_fp32" in entry:
-        return f"loss rel {entry['cuda_fp32']['loss_rel_diff']:.2g}, {entry['cuda_tf32'].get('images_per_s')} img/s"
+    if name == "nice_first_step" and "cuda_tf32" in entry:
+        return f"loss rel {entry['cuda_fp32']['loss_rel_diff']:.2g}, {entry['cuda_tf32']['images_per_s']} img/s (TF32)"
     if name in ("train_classifier", "train_nice") and "images_per_s_after_epoch_1" in entry:
         return f"{entry['images_per_s_after_epoch_1']} img/s"
     if name == "probe":
@@ -879,14 +902,17 @@ def orchestrate(args: argparse.Namespace) -> int:
                            "work": str(work), "cuda_arch": args.cuda_arch, "build_dir": str(Path(args.build_dir).resolve()),
                            "cuda_reason": "dry run (--dry-run)" if args.dry_run else None,
                            "nvcc_reason": "dry run (--dry-run): nothing is built" if args.dry_run else None}
+    only = set(args.only.split(",")) if args.only else {n for n, *_ in STEPS}
+    if "build" not in only:  # a rerun of some steps uses what an earlier run built
+        ctx["artifacts"] = {n: str(Path(ctx["build_dir"]) / n) for n in ARTIFACTS if (Path(ctx["build_dir"]) / n).is_file()}
     result: dict[str, Any] = {"mode": "dry run (CPU only)" if args.dry_run else "auto", "sizes": "tiny" if args.tiny else "full",
                               "deadline_s": args.deadline_s, "steps": {}}
-    path = write_result(NAME, result, out)
+    path = write_result(args.name, result, out)
     print(f"gpu_check: writing {path}; work folder {work}", flush=True)
     for name, _, budget, needs in STEPS:
         remaining = deadline - time.monotonic() - RESERVE_S
         entry: dict[str, Any]
-        reason = blocked(needs, ctx)
+        reason = blocked(needs, ctx) if name == "probe" or name in only else "skipped: not selected (--only)"
         if reason:
             entry = {"status": reason}
         elif remaining < MIN_STEP_S:
@@ -894,16 +920,16 @@ def orchestrate(args: argparse.Namespace) -> int:
         else:
             entry = run_child(name, ctx, work, out, min(budget, remaining))
         ctx.update(entry.pop("context", {}))
-        if name == "probe":
-            result["mode"] = "dry run (CPU only)" if args.dry_run else ("GPU" if ctx.get("torch_cuda") else "CPU only (no CUDA device)")
-            if not args.dry_run and not ctx.get("torch_cuda"):
-                ctx["cuda_reason"] = "no CUDA device (torch.cuda.is_available() is False)" if "torch_cuda" in ctx else \
-                    "probe failed: CUDA state unknown"
-            if not args.dry_run and not ctx.get("nvcc"):
-                ctx["nvcc_reason"] = "nvcc not found on PATH"
+        if name == "probe" and not args.dry_run:
+            probed = "torch_cuda" in ctx
+            result["mode"] = "GPU" if ctx.get("torch_cuda") else "CPU only (no CUDA device)" if probed else "unknown (probe failed)"
+            if not ctx.get("torch_cuda"):
+                ctx["cuda_reason"] = "no CUDA device (torch.cuda.is_available() is False)" if probed else "the probe failed"
+            if not ctx.get("nvcc"):
+                ctx["nvcc_reason"] = "nvcc not found on PATH" if probed else "the probe failed"
         result["steps"][name] = entry
         result["elapsed_s"] = round(time.monotonic() - started, 1)
-        write_result(NAME, result, out)
+        write_result(args.name, result, out)
         print(f"[{result['elapsed_s']:6.1f} s] {name}: {entry['status']}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     width = max(len(n) for n, *_ in STEPS)
@@ -925,6 +951,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-dir", default=str(ROOT / "native" / "build" / "gpu-check"), help="CMake build folder of the build step")
     p.add_argument("--reps", type=int, default=100, help="timed calls per kernel variant (>= 50)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", help="comma-separated steps to run (the probe always runs), e.g. for a rerun of failed steps")
+    p.add_argument("--name", default="gpu_check", help="JSON name: OUT/NAME.json (e.g. gpu_check_rerun)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--context", help=argparse.SUPPRESS)
     p.add_argument("--entry", help=argparse.SUPPRESS)
@@ -935,6 +963,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--out is required")
     if args.reps < 50 and not args.tiny:
         p.error("--reps must be >= 50 (median of at least 50 timed calls)")
+    unknown = set(args.only.split(",")) - {n for n, *_ in STEPS} if args.only else set()
+    if unknown:
+        p.error(f"--only: unknown steps {', '.join(sorted(unknown))}; steps: {', '.join(n for n, *_ in STEPS)}")
     return orchestrate(args)
 
 
