@@ -412,7 +412,7 @@ def step_compile_check(ctx: dict, entry: dict, save: Callable[[], None]) -> None
     if any(s.startswith("failed") for s in statuses):
         raise CheckFailed("a compile check failed")
     if all(s.startswith("skipped") for s in statuses):
-        entry["status"] = "skipped: " + "; ".join(s.split(": ", 1)[1] for s in statuses)
+        entry["status"] = "skipped: " + "; ".join(f"{n}: {s.split(': ', 1)[1]}" for n, s in zip(COMPILE_ONLY, statuses))
 
 
 def kernel_cases(rng: Any, tiny: bool) -> list[tuple[int, int, int, int, int]]:
