@@ -30,10 +30,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -43,7 +44,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")
 #: Largest picture or video frame decoded (pixels), checked from the header before decoding.
 MAX_PIXELS = 40_000_000
-#: Images per work unit of an ``.npz`` (units are what worker processes share out).
+#: Images per work unit of an uncompressed ``.npz`` (units are what worker processes share out).
 NPZ_CHUNK = 256
 
 _log = logging.getLogger(__name__)
@@ -91,36 +92,47 @@ class Counts:
             return dict(zip(self.FIELDS, (int(v) for v in self._values)))
 
 
-def _npz_header(zf: zipfile.ZipFile, member: str, path: Path) -> tuple[tuple[int, ...], np.dtype, "zipfile.ZipExtFile"]:
-    fh = zf.open(member)
+def _npy_header(fh: BinaryIO, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the ``.npy`` array whose header starts at ``fh``'s position."""
     try:
         version = np.lib.format.read_magic(fh)
         shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(fh)
     except ValueError as exc:
-        fh.close()
-        raise InputError(f"{path}: {member} is not a .npy array ({exc})") from None
+        raise InputError(f"{path}: 'x' is not a .npy array ({exc})") from None
     if fortran or dtype.hasobject:
-        fh.close()
-        raise InputError(f"{path}: {member} must be a C-ordered array of numbers")
-    return shape, dtype, fh
+        raise InputError(f"{path}: 'x' must be a C-ordered array of numbers")
+    return shape, dtype
 
 
-def _npz_images_shape(path: Path, max_pixels: int) -> tuple[tuple[int, ...], bool]:
-    """Shape of the ``x`` images of an ``.npz`` (from its header only) and whether it has ``y``."""
+def _stored_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """File offset of an uncompressed zip member's data (after its local header)."""
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise InputError(f"{path}: damaged zip entry {info.filename}")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def _npz_images(path: Path, max_pixels: int) -> tuple[tuple[int, ...], bool, bool]:
+    """Shape of the ``x`` images of an ``.npz`` (from its header only), whether it has ``y``,
+    and whether ``x`` is stored uncompressed (``np.savez``: any image can be read directly)."""
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
             if "x.npy" not in names:
                 raise InputError(f"{path}: expected an array 'x' of images, found {sorted(n[:-4] for n in names)}")
-            shape, dtype, fh = _npz_header(zf, "x.npy", path)
-            fh.close()
+            stored = zf.getinfo("x.npy").compress_type == zipfile.ZIP_STORED
+            with zf.open("x.npy") as fh:
+                shape, dtype = _npy_header(fh, path)
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise InputError(f"{path}: not a readable .npz file ({exc})") from None
     if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
         raise InputError(f"{path}: 'x' must be uint8 N×H×W or N×H×W×C (C = 1 or 3), got {dtype} {shape}")
     if shape[1] * shape[2] > max_pixels:
         raise InputError(f"{path}: images of {shape[2]}×{shape[1]} exceed the {max_pixels} pixel limit")
-    return shape, "y.npy" in names
+    return shape, "y.npy" in names, stored
 
 
 def discover(paths: Sequence[str | os.PathLike], *, class_folders: Sequence[str] | None = None,
@@ -128,8 +140,10 @@ def discover(paths: Sequence[str | os.PathLike], *, class_folders: Sequence[str]
     """Work units of every image, video and ``.npz`` file in ``paths`` (files, or folders
     searched at any depth), in sorted path order. With ``class_folders``, an image's label is
     the index of its top-level folder (relative to the folder given) in that list.
-    An ``.npz`` that cannot be read is an :class:`InputError` here (its header is read to
-    split it into chunks); pictures and videos are checked only when read.
+    An uncompressed ``.npz`` (``np.savez``) is split into units of ``npz_chunk`` images, each
+    read by seeking; a compressed one is one unit, decompressed in order. An ``.npz`` that
+    cannot be read is an :class:`InputError` here (its header is read); pictures and videos
+    are checked only when read.
     """
     index = {name: i for i, name in enumerate(class_folders)} if class_folders is not None else None
     units: list[Unit] = []
@@ -150,9 +164,10 @@ def discover(paths: Sequence[str | os.PathLike], *, class_folders: Sequence[str]
                 units.append(Unit(str(file), "image", label=label, labelled=index is not None))
             elif suffix in VIDEO_SUFFIXES:
                 units.append(Unit(str(file), "video"))
-            elif suffix == ".npz":
-                shape, labelled = _npz_images_shape(file, max_pixels)
-                units += [Unit(str(file), "npz", s, min(s + npz_chunk, shape[0]), labelled=labelled) for s in range(0, shape[0], npz_chunk)]
+            elif suffix == ".npz":  # uncompressed: chunks read by seeking; compressed: one unit, read in order
+                shape, labelled, stored = _npz_images(file, max_pixels)
+                step = npz_chunk if stored else max(shape[0], 1)
+                units += [Unit(str(file), "npz", s, min(s + step, shape[0]), labelled=labelled) for s in range(0, shape[0], step)]
             elif root.is_file():
                 raise InputError(f"{file}: unsupported file (images {', '.join(IMAGE_SUFFIXES)}, videos "
                                  f"{', '.join(VIDEO_SUFFIXES)}, .npz)")
@@ -257,12 +272,19 @@ class Footage:
                 if unit.labelled:
                     with zf.open("y.npy") as fy:
                         labels = np.lib.format.read_array(fy, allow_pickle=False)
-                shape, _, fh = _npz_header(zf, "x.npy", path)
+                info = zf.getinfo("x.npy")
+                if info.compress_type == zipfile.ZIP_STORED:
+                    fh: BinaryIO = open(path, "rb")
+                    fh.seek(_stored_offset(path, info))
+                else:
+                    fh = zf.open(info)
                 with fh:
+                    shape, _ = _npy_header(fh, path)
                     if labels is not None and (labels.shape != (shape[0],) or not np.issubdtype(labels.dtype, np.integer)):
                         raise InputError(f"{path}: 'y' must hold one integer label per image, got {labels.dtype} {labels.shape}")
                     per_image = int(np.prod(shape[1:]))
-                    fh.seek(fh.tell() + unit.start * per_image)
+                    if unit.start:  # only uncompressed members are split, so this seek is direct
+                        fh.seek(fh.tell() + unit.start * per_image)
                     for position in range(unit.start, unit.stop):
                         raw = fh.read(per_image)
                         if len(raw) != per_image:

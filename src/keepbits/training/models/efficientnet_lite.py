@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -186,9 +188,11 @@ def package_weights_path() -> Path:
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from ``path`` (tensors only: ``weights_only=True``)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: cannot read weights ({str(exc).strip().splitlines()[0]})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
