@@ -7,8 +7,8 @@ Data: ``imagenet_samples/<wnid>/<file>.jpg`` (one image per class; the label is 
 index in keepbits' shipped class list), read with :class:`keepbits.data.Footage`.
 Preprocessing: the model's own :data:`keepbits.training.models.efficientnet_lite.PREPROCESSING`
 (short side to 256, centre 224×224 crop, ImageNet mean/std), the same input for both models.
-Reported on a seeded class-balanced sample of ``--sample`` images (one image per class, so a
-seeded draw of classes), on all images, and on the evaluation split (classes whose index is a
+Reported on seeded class-balanced samples of ``--sample`` images (one image per class, so a
+seeded draw of classes; one per ``--seeds``), on all images, and on the evaluation split (classes whose index is a
 multiple of 5: measured, never tuned on) and the rest. Also: top-1 agreement and the largest
 logit difference between the two models, and (``--symmetric-padding``) the port with
 symmetric instead of TensorFlow-``SAME`` padding, to check which one the weights expect.
@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding imagenet_samples/ (default ../shared/data)")
     parser.add_argument("--sample", type=int, default=500, help="size of the seeded class-balanced sample")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the class-balanced samples")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--symmetric-padding", action="store_true", help="also measure the port with symmetric padding")
@@ -79,11 +79,10 @@ def main() -> None:
     images, labels = load_images(root)
     # one image per class: a class-balanced sample is a seeded draw of classes
     per_class = np.bincount(labels, minlength=1000)
-    chosen = np.sort(np.random.default_rng(args.seed).permutation(1000)[:args.sample])
-    sample = np.flatnonzero(np.isin(labels, chosen))
+    samples = {f"sample_seed{seed}": np.flatnonzero(np.isin(labels, np.random.default_rng(seed).permutation(1000)[:args.sample]))
+               for seed in args.seeds}
     evaluation = labels % 5 == 0
-    subsets = {"sample": sample, "all": np.arange(len(labels)), "evaluation_split": np.flatnonzero(evaluation),
-               "rest": np.flatnonzero(~evaluation)}
+    subsets = {**samples, "all": np.arange(len(labels)), "evaluation_split": np.flatnonzero(evaluation), "rest": np.flatnonzero(~evaluation)}
 
     models = {"keepbits_port": registry.build("efficientnet_lite0", pretrained=True)}
     try:
@@ -101,7 +100,7 @@ def main() -> None:
     accuracy = {name: {subset: round(float((out[index].argmax(1) == labels[index]).mean() * 100), 2) for subset, index in subsets.items()}
                 for name, out in logits.items()}
     payload = {
-        "images": int(len(labels)), "classes_with_images": int((per_class > 0).sum()), "sample_seed": args.seed,
+        "images": int(len(labels)), "classes_with_images": int((per_class > 0).sum()), "sample_size": args.sample,
         "subset_sizes": {k: int(len(v)) for k, v in subsets.items()},
         "preprocessing": lite.PREPROCESSING.to_dict() | {"class_names": f"{len(lite.PREPROCESSING.class_names)} ImageNet classes"},
         "top1_percent": accuracy, "threads": args.threads, "wall_s": round(time.time() - started, 1),
