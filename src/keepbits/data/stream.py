@@ -189,15 +189,17 @@ def decode_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, gray: bo
         >>> decode_image(path).shape, decode_image(path, gray=True).shape
         ((4, 5, 3), (4, 5, 1))
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
             if img.width * img.height > max_pixels:
                 raise InputError(f"{path}: {img.width}×{img.height} image exceeds the {max_pixels} pixel limit")
             arr = np.asarray(img.convert("L" if gray else "RGB"), np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path}: unreadable or corrupt image ({exc})") from None
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on corrupt input
+        raise InputError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc})") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
