@@ -68,7 +68,7 @@ from _results import default_data_dir, video_frames, write_result  # noqa: E402
 from keepbits import registry  # noqa: E402
 from keepbits.export import export_onnx  # noqa: E402
 from keepbits.runtime import Pipeline, open_source  # noqa: E402
-from keepbits.runtime.pipeline import session_options  # noqa: E402
+from keepbits.native import session_options  # noqa: E402
 from keepbits.runtime.stream import run_stream  # noqa: E402
 from keepbits.training import functional  # noqa: E402
 from keepbits.training.checkpoint import model_entry, save_checkpoint  # noqa: E402
@@ -157,7 +157,7 @@ def quantize(bundle: Path, calibration: np.ndarray, work: Path) -> tuple[Path, d
 
 def classifier_sessions(path: Path, threads: int | None) -> dict[str, ort.InferenceSession]:
     """The classifier-only graph with the pipeline's thread count, ORT spinning off and on."""
-    return {name: ort.InferenceSession(str(path), session_options(threads, spin), providers=["CPUExecutionProvider"])
+    return {name: ort.InferenceSession(str(path), session_options(threads, native=False, spinning=spin), providers=["CPUExecutionProvider"])
             for name, spin in (("no_spin", False), ("spin", True))}
 
 
@@ -300,7 +300,7 @@ def main() -> None:
         pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     classifier_graph = classifier_only_graph(bundle, work / "classifier_only.onnx")
     sessions = classifier_sessions(classifier_graph, args.threads)
-    sessions["workers"] = ort.InferenceSession(str(classifier_graph), session_options(1), providers=["CPUExecutionProvider"])
+    sessions["workers"] = ort.InferenceSession(str(classifier_graph), session_options(1, native=False), providers=["CPUExecutionProvider"])
     pipe_workers = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=1)
     run_pipeline(pipe, frames[:4]), run_pipeline(pipe_workers, frames[:4], args.workers)  # warm-up
     run_naive(generator, classifier, frames[:2], mean_t, std_t)
