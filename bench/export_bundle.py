@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from keepbits import native, registry
-from keepbits.benchmarking import write_result
+from _results import write_result
 from keepbits.export import export_onnx
 from keepbits.training.checkpoint import model_entry, save_checkpoint
 

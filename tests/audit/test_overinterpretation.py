@@ -10,19 +10,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from keepbits.audit.overinterpretation import (  # noqa: E402
-    backselect_subsets,
-    compute_orders,
-    mean_ci,
-    random_subsets,
-    sis_size_stats,
-)
+from keepbits.audit.overinterpretation import backselect_subsets, mean_ci, random_subsets, sis_size_stats  # noqa: E402
 from keepbits.audit.sis import BackSelectResult  # noqa: E402
+from keepbits.audit.sis_orders import compute_orders  # noqa: E402
 
 MODEL_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch
     from keepbits.audit import TorchAdapter
-    from keepbits.audit.overinterpretation import compute_orders
+    from keepbits.audit.sis_orders import compute_orders
 
     def setup():
         torch.manual_seed(0)
@@ -81,13 +76,13 @@ def test_subsets_and_stats():
 
 def _checkpoint(path):
     from keepbits import registry
-    from keepbits.training.checkpoint import model_entry, save_checkpoint
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 
     torch.manual_seed(0)
     net = registry.build("lenet5", in_channels=1, num_classes=10, image_size=[28, 28])
     kwargs = {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
-    save_checkpoint(path, {"kind": "classifier", "models": {"classifier": model_entry("lenet5", kwargs, net)}, "input_shape": [1, 28, 28],
-                           "normalization": {"mean": [0.13], "std": [0.31]}, "class_names": [str(i) for i in range(10)]})
+    save_checkpoint(path, Checkpoint(kind="classifier", models={"classifier": ModelEntry.of("lenet5", kwargs, net)}, input_shape=[1, 28, 28],
+                                     normalization=Normalization([0.13], [0.31]), class_names=[str(i) for i in range(10)]))
     return path
 
 

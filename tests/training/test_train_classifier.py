@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import torch
 from keepbits.cli import main
 from keepbits.data import sample_mnist_path
 from keepbits.errors import CheckpointError
-from keepbits.training.checkpoint import load_checkpoint, save_checkpoint
+from keepbits.training.checkpoint import Normalization, load_checkpoint, save_checkpoint
 from keepbits.training.classifier import ClassifierConfig, load_classifier, train_classifier
 
 
@@ -24,11 +25,12 @@ def _cfg(tmp_path, **kw):
 def test_trains_above_chance_and_records_everything(tmp_path):
     summary = train_classifier(_cfg(tmp_path))
     assert summary["history"][-1]["test_accuracy"] > 0.6  # 10 classes: chance is 0.1
-    record = load_checkpoint(tmp_path / "run" / "best.pt", "classifier")
-    assert record["models"]["classifier"]["arch"] == "lenet5"
-    assert record["input_shape"] == [1, 28, 28] and len(record["class_names"]) == 10
-    assert record["normalization"]["mean"][0] == pytest.approx(0.13, abs=0.02)
-    assert record["metrics"]["history"][0]["epoch"] == 1
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt", "classifier")
+    assert ckpt.models["classifier"].arch == "lenet5"
+    assert ckpt.input_shape == [1, 28, 28] and len(ckpt.class_names) == 10
+    assert ckpt.normalization.mean[0] == pytest.approx(0.13, abs=0.02)
+    assert ckpt.metrics["history"][0]["epoch"] == 1 and ckpt.optimizer is not None
+    assert ckpt.preprocessing == {}  # an .npz: no resize
     model, _ = load_classifier(tmp_path / "run" / "best.pt", expected_arch="lenet5")
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
 
@@ -48,14 +50,13 @@ def test_resume_refuses_another_arch(tmp_path):
 def test_init_starts_from_another_checkpoints_weights_and_normalisation(tmp_path):
     train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
     first = load_checkpoint(tmp_path / "run" / "last.pt", "classifier")
-    fake = dict(first, normalization={"mean": [0.5], "std": [0.25]})
-    save_checkpoint(tmp_path / "init.pt", fake)
+    save_checkpoint(tmp_path / "init.pt", dataclasses.replace(first, normalization=Normalization([0.5], [0.25])))
     # lr 0: the weights stay what --init gave, so they must equal the init checkpoint's
     train_classifier(_cfg(tmp_path, out=str(tmp_path / "second"), epochs=1, max_train=64, lr=0.0, init=str(tmp_path / "init.pt")))
     second = load_checkpoint(tmp_path / "second" / "last.pt", "classifier")
-    assert second["normalization"] == {"mean": [0.5], "std": [0.25]}
-    for name, tensor in first["models"]["classifier"]["state_dict"].items():
-        assert torch.equal(second["models"]["classifier"]["state_dict"][name], tensor), name
+    assert second.normalization == Normalization([0.5], [0.25])
+    for name, tensor in first.models["classifier"].state_dict.items():
+        assert torch.equal(second.models["classifier"].state_dict[name], tensor), name
     with pytest.raises(CheckpointError, match="do not fit"):
         train_classifier(_cfg(tmp_path, out=str(tmp_path / "third"), arch="resnet20", init=str(tmp_path / "init.pt")))
 
@@ -75,8 +76,9 @@ def test_checkpoint_loading_is_weights_only(tmp_path):
 
 
 def test_atomic_save_leaves_no_temp_files(tmp_path):
-    save_checkpoint(tmp_path / "a.pt", {"kind": "classifier", "w": torch.ones(2)})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+    train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
+    save_checkpoint(tmp_path / "a" / "a.pt", load_checkpoint(tmp_path / "run" / "last.pt"))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["a.pt"]
 
 
 def test_cli_trains_and_prints_summary(tmp_path, capsys):
@@ -125,6 +127,6 @@ def test_cli_image_folder_with_explicit_size_and_policy(tmp_path):
     code = main(["-q", "train", "classifier", "--data", str(tmp_path / "tree"), "--arch", "lenet5", "--out", str(tmp_path / "r"),
                  "--epochs", "1", "--image-size", "28", "24", "--resize-policy", "letterbox", "--val-fraction", "0"])
     assert code == 0
-    record = load_checkpoint(tmp_path / "r" / "last.pt", "classifier")
-    assert record["input_shape"] == [3, 28, 24] and record["class_names"] == ["cat", "dog"]
-    assert record["settings"]["resize_policy"] == "letterbox"
+    ckpt = load_checkpoint(tmp_path / "r" / "last.pt", "classifier")
+    assert ckpt.input_shape == [3, 28, 24] and ckpt.class_names == ["cat", "dog"]
+    assert ckpt.settings["resize_policy"] == "letterbox" and ckpt.preprocessing == {"resize_policy": "letterbox"}
