@@ -92,7 +92,7 @@ class ModelEntry:
 
     def check(self, role: str) -> None:
         """Raise :class:`CheckpointError` naming ``models[role]`` and the first bad field."""
-        where = f"models[{role!r}]"
+        where = f"models[{role}]"
         if not isinstance(self.arch, str) or not self.arch:
             raise _bad(f"{where}.arch", f"must be a registry name, got {self.arch!r}")
         self.kwargs = _str_keyed_dict(f"{where}.kwargs", self.kwargs)
@@ -141,11 +141,12 @@ class Checkpoint:
         missing = [r for r in KINDS[self.kind] if r not in self.models]
         if missing:
             raise _bad("models", f"of a {self.kind} checkpoint needs the roles {list(KINDS[self.kind])}, has {sorted(self.models)}")
+        unknown = [role for role in self.models if role not in ROLES]
+        if unknown:
+            raise _bad("models", f"has an unknown role {unknown[0]!r} (roles: {list(ROLES)})")
         for role, entry in self.models.items():
-            if role not in ROLES:
-                raise _bad("models", f"has an unknown role {role!r} (roles: {list(ROLES)})")
             if not isinstance(entry, ModelEntry):
-                raise _bad(f"models[{role!r}]", f"must be a ModelEntry, got {_kind_of(entry)}")
+                raise _bad(f"models[{role}]", f"must be a ModelEntry, got {_kind_of(entry)}")
             entry.check(role)
         shape = self.input_shape
         if (not isinstance(shape, (list, tuple)) or len(shape) != 3
@@ -217,9 +218,9 @@ class Checkpoint:
             models = _str_keyed_dict("models", values["models"])
             entries = {}
             for role, entry in models.items():
-                entry = _str_keyed_dict(f"models[{role!r}]", entry)
+                entry = _str_keyed_dict(f"models[{role}]", entry)
                 if set(entry) != {"arch", "kwargs", "state_dict"}:
-                    raise _bad(f"models[{role!r}]", f"must have arch, kwargs and state_dict, has {sorted(entry)}")
+                    raise _bad(f"models[{role}]", f"must have arch, kwargs and state_dict, has {sorted(entry)}")
                 entries[role] = ModelEntry(**entry)
             values["models"] = entries
             if values.get("normalization") is not None:
