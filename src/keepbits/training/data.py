@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from keepbits.data import ImageDataset
+from keepbits.errors import InputError
 
 
 class TensorArrays:
@@ -24,7 +25,7 @@ class TensorArrays:
         self.images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         if self.images.ndim != 4 or len(self.images) != len(self.labels):
-            raise ValueError(f"need N×C×H×W images and N labels, got {tuple(self.images.shape)} and {tuple(self.labels.shape)}")
+            raise InputError(f"need N×C×H×W images and N labels, got {tuple(self.images.shape)} and {tuple(self.labels.shape)}")
 
     def __len__(self) -> int:
         return len(self.labels)
