@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-
 from keepbits.training.checkpoint import load_checkpoint
 
 

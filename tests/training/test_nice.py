@@ -9,7 +9,7 @@ import torch
 
 from keepbits import registry
 from keepbits.cli import main
-from keepbits.data import ImageDataset, channel_stats, load_dataset
+from keepbits.data import channel_stats, load_dataset
 from keepbits.errors import InputError
 from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, load_checkpoint, save_checkpoint
 from keepbits.training.classifier import FitConfig, fit_classifier
