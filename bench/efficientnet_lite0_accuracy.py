@@ -29,6 +29,7 @@ from _results import default_data_dir, write_result  # noqa: E402
 
 from keepbits import registry  # noqa: E402
 from keepbits.data import Footage, imagenet_wnids  # noqa: E402
+from keepbits.training.checkpoint import read_state_dict  # noqa: E402
 from keepbits.training.models import efficientnet_lite as lite  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def main() -> None:
         from efficientnet_lite_pytorch import EfficientNet
 
         reference = EfficientNet.from_name("efficientnet-lite0")
-        reference.load_state_dict(lite.read_weights(lite.package_weights_path()))
+        reference.load_state_dict(read_state_dict(lite.package_weights_path()))
         models["package_model"] = reference
     except ImportError:
         print("efficientnet-lite-pytorch not installed: measuring the port only")

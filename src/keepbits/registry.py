@@ -37,6 +37,7 @@ PROVIDERS = (
     "keepbits.training.models.simplifiers",
     "keepbits.training.models.density",
     "keepbits.training.models.efficientnet_lite",
+    "keepbits.training.models.onnx_classifier",
 )
 #: Entry-point group of installed plugin packages, and the environment variable naming plugin modules.
 PLUGIN_GROUP, PLUGIN_ENV = "keepbits.models", "KEEPBITS_PLUGINS"

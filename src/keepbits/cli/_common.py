@@ -1,8 +1,10 @@
 """Helpers shared by CLI commands: the help formatter, old option names kept for one release,
-paths that must exist, the command line for provenance records."""
+paths that must exist, the command line for provenance records, the options that name a
+classifier brought by its user (spec, weights, kwargs, preprocessing) and ``--device``."""
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -72,3 +74,74 @@ def existing_path(value: str | Path, what: str = "path") -> Path:
 def command_line() -> str:
     """The command as typed, for provenance records."""
     return shlex.join(["keepbits", *sys.argv[1:]])
+
+
+#: What a classifier SPEC may be (help text of --classifier / --model).
+CLASSIFIER_SPEC_HELP = ("a keepbits checkpoint (.pt), a registry name (e.g. efficientnet_lite0, pretrained when it can be), "
+                        "package.module:factory (imported and called; weights from --classifier-weights) or an .onnx file "
+                        "(converted with onnx2torch: pip install 'keepbits[onnx2torch]')")
+
+
+def add_classifier_options(p: argparse.ArgumentParser) -> None:
+    """``--classifier-weights``, ``--classifier-kwargs`` and the preprocessing overrides of a
+    classifier SPEC (``--image-size``, ``--mean``, ``--std``, ``--resize-policy``,
+    ``--crop-fraction``, ``--class-names``)."""
+    from keepbits.data import RESIZE_POLICIES
+
+    p.add_argument("--classifier-weights", default=None, help="state dict file for a registry name or package.module:factory "
+                   "(read with torch.load(weights_only=True); default: pretrained=True where the builder takes it)")
+    p.add_argument("--classifier-kwargs", default="{}", help="JSON keyword arguments of the registry builder or factory")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="classifier input size (default: what the classifier records or declares)")
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean on the 0..1 scale (default: recorded)")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std on the 0..1 scale (default: recorded)")
+    p.add_argument("--resize-policy", choices=RESIZE_POLICIES, default=None,
+                   help="how frames reach the input size: stretch, crop the middle, pad black (default: recorded)")
+    p.add_argument("--crop-fraction", type=float, default=None,
+                   help="center-crop: share of the scaled short side kept (ImageNet: 0.875; default: recorded)")
+    p.add_argument("--class-names", default=None, help="JSON list or text file (one name a line) of the classifier's classes, "
+                   "or 'imagenet' for the 1,000 ImageNet names (default: recorded, else 0..K-1)")
+
+
+def json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{flag} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{flag} must be a JSON object")
+    return value
+
+
+def _class_names(value: str) -> tuple[str, ...]:
+    if value == "imagenet":
+        from keepbits.data import imagenet_class_names
+
+        return tuple(imagenet_class_names())
+    text = existing_path(value, "--class-names file").read_text(encoding="utf-8")
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
+        raise InputError(f"--class-names {value}: expected a JSON list of strings or one name a line")
+    return tuple(names)
+
+
+def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``weights``, ``kwargs`` and ``preprocessing`` overrides for
+    :func:`keepbits.training.byo.resolve_classifier` from :func:`add_classifier_options`' flags."""
+    if args.classifier_weights is not None:
+        existing_path(args.classifier_weights, "--classifier-weights file")
+    overrides = {"input_size": tuple(args.image_size) if args.image_size else None,
+                 "mean": tuple(args.mean) if args.mean else None, "std": tuple(args.std) if args.std else None,
+                 "resize_policy": args.resize_policy, "crop_fraction": args.crop_fraction,
+                 "class_names": _class_names(args.class_names) if args.class_names else None}
+    return {"weights": args.classifier_weights, "kwargs": json_object(args.classifier_kwargs, "--classifier-kwargs"),
+            "preprocessing": {k: v for k, v in overrides.items() if v is not None}}
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda`` of the trainers and gradient audits."""
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where torch runs: auto takes CUDA when torch sees a GPU")

@@ -79,10 +79,11 @@ def load_idx(images_path: str | Path, labels_path: str | Path) -> ImageDataset:
 
 
 def load_image_folder(
-    root: str | Path, size: tuple[int, int] = (224, 224), policy: str = "center-crop", gray: bool = False
+    root: str | Path, size: tuple[int, int] = (224, 224), policy: str = "center-crop", gray: bool = False,
+    crop_fraction: float = 1.0,
 ) -> ImageDataset:
     """Images under ``root/<class>/*``; classes sorted by name; every image made ``size`` (H, W)
-    by :func:`keepbits.data.fit_into` under ``policy``."""
+    by :func:`keepbits.data.fit_into` under ``policy`` (``crop_fraction``: center-crop only)."""
     root = Path(root)
     if policy not in RESIZE_POLICIES:
         raise InputError(f"unknown resize policy {policy!r}; choose one of {RESIZE_POLICIES}")
@@ -95,9 +96,10 @@ def load_image_folder(
         raise InputError(f"{root}: class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
     x = np.empty((len(files), size[0], size[1], 1 if gray else 3), np.uint8)
     for i, (_, file) in enumerate(files):
-        fit_into(decode_image(file, gray=gray), x[i], policy)
+        fit_into(decode_image(file, gray=gray), x[i], policy, crop_fraction)
     ds = ImageDataset(x, np.array([label for label, _ in files]), classes, source=str(root))
     ds.meta["resize_policy"] = policy
+    ds.meta["crop_fraction"] = crop_fraction
     return ds
 
 
@@ -112,7 +114,8 @@ def _find_idx(root: Path, split: str) -> tuple[Path, Path] | None:
 
 
 def load_dataset(
-    path: str | Path, split: str = "train", size: tuple[int, int] | None = None, policy: str = "center-crop"
+    path: str | Path, split: str = "train", size: tuple[int, int] | None = None, policy: str = "center-crop",
+    crop_fraction: float = 1.0,
 ) -> ImageDataset:
     """Read ``path`` (file or folder) and return the ``split`` ("train" or "test").
 
@@ -141,9 +144,9 @@ def load_dataset(
         return load_idx(*idx)
     split_dir = path / split
     if split_dir.is_dir():
-        return load_dataset(split_dir, split, size, policy)
+        return load_dataset(split_dir, split, size, policy, crop_fraction)
     if any(p.is_dir() for p in path.iterdir()):
-        return load_image_folder(path, size or (224, 224), policy)
+        return load_image_folder(path, size or (224, 224), policy, crop_fraction=crop_fraction)
     raise InputError(f"{path}: no {split} data found (looked for {split}.npz, idx files, {split}/ and class folders)")
 
 

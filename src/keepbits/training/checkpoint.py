@@ -6,15 +6,19 @@ tensors, numbers, strings, lists and dicts, nothing pickled (format version 1):
 
     format: "keepbits-checkpoint", version: 1,
     kind: "classifier" | "nice" | "simplebits" | "density",
-    models: {role: {"arch": registry name, "kwargs": {...}, "state_dict": {...}}},
+    models: {role: {"arch": registry name or "package.module:factory", "kwargs": {...}, "state_dict": {...}}},
     input_shape: [C, H, W], normalization: {"mean": [...], "std": [...]} (not for density),
     class_names: [...], preprocessing: {...} (optional), settings: {...}, command: str,
     metrics: {...}, epoch: int, optimizer: state (optional), scheduler: state (optional)
 
 ``models`` holds every network of the run by role (``classifier``, ``generator``,
 ``simplifier``, ``density``) so one checkpoint restores a whole NICE or SimpleBits model.
-``preprocessing`` records how raw images became ``input_shape`` (the classifier trainer
-writes the resize policy of class-folder data); readers of older files get ``{}``.
+``preprocessing`` records how raw images became ``input_shape``: ``resize_policy`` and
+``crop_fraction`` (the classifier trainer writes the policy of class-folder data; NICE and
+SimpleBits copy their classifier's); :meth:`Checkpoint.preprocessing_record` gives the whole
+:class:`keepbits.data.Preprocessing`. Readers of older files get ``{}`` (letterbox).
+``arch`` is a registry name or ``package.module:factory`` (a classifier brought by its user,
+:mod:`keepbits.training.byo`).
 
 Example:
     >>> import tempfile
@@ -46,7 +50,8 @@ import torch
 
 from keepbits import registry
 from keepbits._fs import sibling_temp
-from keepbits.errors import CheckpointError
+from keepbits.data import Preprocessing
+from keepbits.errors import CheckpointError, InputError
 
 FORMAT = "keepbits-checkpoint"
 VERSION = 1
@@ -183,6 +188,20 @@ class Checkpoint:
             if getattr(self, name) is not None:
                 setattr(self, name, _str_keyed_dict(name, getattr(self, name)))
 
+    def preprocessing_record(self) -> Preprocessing:
+        """How the classifier sees an image, as a :class:`keepbits.data.Preprocessing`: input size,
+        mean/std and class names from their own fields, the resize policy and crop fraction from
+        ``preprocessing`` (``letterbox`` for files that do not record one, what the runtime
+        applied to them)."""
+        if self.normalization is None:
+            raise CheckpointError(f"a {self.kind} checkpoint has no classifier preprocessing")
+        extra = {k: v for k, v in self.preprocessing.items() if k in ("resize_policy", "crop_fraction")}
+        try:
+            return Preprocessing(input_size=tuple(self.input_shape[1:]), mean=tuple(self.normalization.mean),
+                                 std=tuple(self.normalization.std), class_names=tuple(self.class_names), **extra)
+        except InputError as exc:
+            raise _bad("preprocessing", f"does not describe the classifier's input: {exc}") from None
+
     def to_dict(self) -> dict[str, Any]:
         """The on-disk dict (module doc); optional fields only when set."""
         record: dict[str, Any] = {"format": FORMAT, "version": VERSION, "kind": self.kind,
@@ -268,14 +287,55 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
     return checkpoint
 
 
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict (names -> tensors) from a weights file, read with ``weights_only=True``; a
+    ``{"state_dict": ...}`` wrapper is unwrapped. :class:`CheckpointError` naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the weights-only unpickler raises many types on foreign bytes
+        raise CheckpointError(f"{path}: cannot read weights ({next(iter(str(exc).strip().splitlines()), '') or type(exc).__name__})") from None
+    if isinstance(state, Mapping) and state.get("format") == FORMAT:
+        raise CheckpointError(f"{path}: is a keepbits checkpoint, not a weights file; pass it as the model itself")
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: expected a state dict (names -> tensors)")
+    return dict(state)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load the weights file ``path`` (:func:`read_state_dict`) into ``model``, every name and shape matching."""
+    try:
+        model.load_state_dict(read_state_dict(path))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit {type(model).__name__}: {str(exc).strip().splitlines()[0]}") from None
+    return model
+
+
 def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = None) -> torch.nn.Module:
-    """Rebuild and load ``checkpoint.models[role]``; a clear error if the arch or shapes differ."""
+    """Rebuild and load ``checkpoint.models[role]``; a clear error if the arch or shapes differ.
+
+    ``arch`` is a registry name or a ``package.module:factory`` (:func:`keepbits.registry.resolve`);
+    one that cannot be imported is a one-line :class:`CheckpointError`. A builder whose structure
+    lives in its weights (an ONNX graph) names the state-dict entries it is built from in its
+    attribute ``state_dict_args``; they are passed to it as keyword arguments."""
     entry = checkpoint.models.get(role)
     if entry is None:
         raise CheckpointError(f"{checkpoint.kind} checkpoint has no {role} model (has: {', '.join(checkpoint.models)})")
     if expected_arch is not None and entry.arch != expected_arch:
         raise CheckpointError(f"checkpoint {role} is a {entry.arch}, not a {expected_arch}")
-    model = registry.build(entry.arch, **entry.kwargs)
+    try:
+        builder = registry.resolve(entry.arch)
+    except InputError as exc:
+        raise CheckpointError(f"cannot rebuild the {role} of this {checkpoint.kind} checkpoint: {exc}") from None
+    from_weights = {name: entry.state_dict[name] for name in getattr(builder, "state_dict_args", ()) if name in entry.state_dict}
+    try:
+        model = builder(**entry.kwargs, **from_weights)
+    except TypeError as exc:
+        raise CheckpointError(f"{role} {entry.arch} cannot be built with {sorted(entry.kwargs)}: {exc}") from None
     try:
         model.load_state_dict(entry.state_dict)
     except RuntimeError as exc:
@@ -284,4 +344,4 @@ def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = N
 
 
 __all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "load_checkpoint",
-           "save_checkpoint"]
+           "load_weights", "read_state_dict", "save_checkpoint"]

@@ -39,6 +39,33 @@ class Dist:
         return self.rank == 0
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"cpu"`` or ``"cuda"`` for a trainer's ``--device``: ``auto`` takes CUDA when torch sees a
+    GPU; ``cuda`` without one is an :class:`keepbits.errors.InputError`.
+
+    Example:
+        >>> from keepbits.training.distributed import resolve_device
+        >>> resolve_device("cpu")
+        'cpu'
+    """
+    from keepbits.errors import InputError
+
+    if device not in DEVICES:
+        raise InputError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise InputError("device 'cuda' asked for, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return "cpu"
+
+
 def init_distributed(use_cuda: bool | None = None) -> Dist:
     """Join (or create) the ``torchrun`` process group; the single-process :class:`Dist` when
     ``WORLD_SIZE`` is unset or 1. ``use_cuda``: NCCL on ``cuda:<LOCAL_RANK>`` (default: when
@@ -110,4 +137,4 @@ def shutdown(dist: Dist) -> None:
             tdist.destroy_process_group()
 
 
-__all__ = ["Dist", "all_gather", "all_reduce_sum", "barrier", "broadcast_buffers", "init_distributed", "shutdown"]
+__all__ = ["DEVICES", "Dist", "all_gather", "all_reduce_sum", "barrier", "broadcast_buffers", "init_distributed", "resolve_device", "shutdown"]

