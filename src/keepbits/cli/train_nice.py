@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier-lr", type=float, default=None, help="learning rate of the classifier in finetuned mode (default: --lr)")
     p.add_argument("--step-epochs", type=int, default=5, help="adam: lr ×0.1 every N epochs")
     p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch in which this much wall time has passed "
+                   "(the lr schedule still spans --epochs; default: no limit)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step and process")
     add_argument(p, "--num-train-images", type=int, default=None, deprecated=["--max-train"],
                  help="--data: train on a random class-balanced sample of N training images (seed --seed; default: all)")
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         lambda_smooth=args.lambda_smooth, target_fraction=args.target_fraction, target_rate=args.target_rate,
         warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth,
         warmup_lr=args.warmup_lr, optimizer=args.optimizer, lr=args.lr, classifier_lr=args.classifier_lr, step_epochs=args.step_epochs,
-        epochs=args.epochs, batch_size=args.batch_size, max_train=args.num_train_images, max_test=args.num_test_images,
+        epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, max_train=args.num_train_images, max_test=args.num_test_images,
         seed=args.seed, device=args.device, precision=args.precision, resume=args.resume, threads=args.threads,
         progress=not args.quiet, command=command_line(),
     )

@@ -116,6 +116,8 @@ class NiceConfig:
     ``device``: ``auto`` | ``cpu`` | ``cuda``; ``precision``: ``auto`` (bf16 autocast of the
     networks' forward passes on CUDA, float32 on the CPU), ``fp32`` or ``bf16`` (CUDA only);
     losses, gates and the λ1 update are always float32. ``resume`` continues from ``out/last.pt``.
+    ``max_minutes`` ends the run after the epoch in which that much wall time has passed (the
+    learning-rate schedule still spans ``epochs``).
     """
 
     out: str
@@ -149,6 +151,7 @@ class NiceConfig:
     classifier_lr: float | None = None
     step_epochs: int = 5
     epochs: int = 10
+    max_minutes: float | None = None
     batch_size: int = 64
     max_train: int | None = None
     max_test: int | None = None
@@ -182,6 +185,8 @@ class NiceConfig:
             raise InputError(f"block size b must be >= 1, got {self.block_size}")
         if self.epochs < (0 if self.warmup_steps else 1) or self.batch_size < 1 or self.step_epochs < 1:
             raise InputError("epochs (0 allowed only after a warm start), batch size and step epochs must be positive")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise InputError(f"max minutes must be positive, got {self.max_minutes}")
         if self.lambda_l0 < 0 or self.lambda_smooth < 0:
             raise InputError(f"λ1 and λ2 must be >= 0, got {self.lambda_l0} and {self.lambda_smooth}")
         if self.target_fraction is not None and not 0.0 < self.target_fraction < 1.0:
@@ -287,7 +292,9 @@ class _ArrayData:
     :func:`keepbits.training.classifier.fit_classifier` does: one seeded permutation, padded to a
     multiple of the world size, every ``world``-th image from ``rank`` on."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None):
+    labelled = True
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels
 
     def __len__(self) -> int:
@@ -298,19 +305,19 @@ class _ArrayData:
         order = torch.cat([order, order[: (-len(order)) % dist.world]])[dist.rank :: dist.world]
         for start in range(0, len(order), cfg.batch_size):
             index = order[start : start + cfg.batch_size]
-            yield self.images[index], None if self.labels is None else self.labels[index]
+            yield self.images[index], self.labels[index]
 
 
 class _FootageData:
     """Footage streamed by worker processes (:class:`keepbits.training.footage.FootageDataset`)."""
 
-    def __init__(self, paths: Sequence[str], pre: Preprocessing, cfg: NiceConfig, dist: Dist, augment: bool, labels: bool):
+    def __init__(self, paths: Sequence[str], pre: Preprocessing, cfg: NiceConfig, dist: Dist, augment: bool):
         from keepbits.data import Footage
         from keepbits.training.footage import FootageDataset
 
         self.footage = Footage(paths, frame_step=cfg.frame_step)
         self.labelled = self.footage.labelled
-        self.dataset = FootageDataset(self.footage, pre, augment=augment, labels=labels and self.labelled,
+        self.dataset = FootageDataset(self.footage, pre, augment=augment, labels=self.labelled,
                                       min_crop_area=cfg.min_crop_area, seed=cfg.seed, shuffle=cfg.shuffle_buffer if augment else 0,
                                       shard=(dist.rank, dist.world) if augment else (0, 1))
         self.workers, self.batch_size, self.pin = cfg.workers, cfg.batch_size, dist.device != "cpu"
@@ -323,12 +330,14 @@ class _FootageData:
             yield (item[0], item[1]) if self.dataset.labels else (item, None)
 
 
-def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, want_labels: bool) -> tuple[Any, Any]:
-    """(train, evaluation or None) sources of uint8 batches at the classifier's input size."""
+def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, true_labels: bool) -> tuple[Any, Any]:
+    """(train, evaluation or None) sources of uint8 batches at the classifier's input size, with
+    labels where the data has them (``true_labels``: they are L_D's targets, so they must name the
+    classifier's classes)."""
     pre = clf.preprocessing
     if cfg.footage:
-        train = _FootageData(cfg.footage, pre, cfg, dist, augment=True, labels=want_labels)
-        val = _FootageData(cfg.val_footage, pre, cfg, dist, augment=False, labels=want_labels) if cfg.val_footage else None
+        train = _FootageData(cfg.footage, pre, cfg, dist, augment=True)
+        val = _FootageData(cfg.val_footage, pre, cfg, dist, augment=False) if cfg.val_footage else None
         return train, val
     size, policy = pre.input_size, pre.resize_policy
     splits = [load_dataset(cfg.data, "train", size, policy, pre.crop_fraction)]
@@ -336,7 +345,7 @@ def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, want_labels: bool) 
     for split in splits:
         if split is not None and list(split.shape_chw) != clf.input_shape:
             raise InputError(f"{cfg.data}: images are {list(split.shape_chw)} (C,H,W) but the classifier expects {clf.input_shape}")
-        if split is not None and want_labels and split.num_classes > len(clf.class_names):
+        if split is not None and true_labels and split.num_classes > len(clf.class_names):
             raise InputError(f"{cfg.data}: {split.num_classes} classes, the classifier knows {len(clf.class_names)}")
     train, test = splits
     if cfg.max_train:
@@ -346,7 +355,7 @@ def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, want_labels: bool) 
 
     def tensors(ds: Any) -> _ArrayData:
         images = torch.from_numpy(np.ascontiguousarray(ds.x.transpose(0, 3, 1, 2)))
-        return _ArrayData(images, torch.as_tensor(ds.y, dtype=torch.int64) if want_labels else None)
+        return _ArrayData(images, torch.as_tensor(ds.y, dtype=torch.int64))
 
     return tensors(train), (tensors(test) if test is not None else None)
 
@@ -570,10 +579,10 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
         generator.load_state_dict(resumed.models["generator"].state_dict)
         classifier_net.load_state_dict(resumed.models["classifier"].state_dict)
     predicted = cfg.labels == "predicted"
-    train, test = _load_data(cfg, clf, dist, want_labels=cfg.labels != "predicted")
-    if cfg.labels == "auto" and cfg.footage and not train.labelled:
+    train, test = _load_data(cfg, clf, dist, true_labels=cfg.labels != "predicted")
+    if cfg.labels == "auto" and not train.labelled:
         predicted = True  # unlabelled footage: the classifier's own decisions are the targets
-    if cfg.labels == "true" and cfg.footage and not train.labelled:
+    if cfg.labels == "true" and not train.labelled:
         raise InputError("labels 'true' asked for, but the footage is unlabelled (use --labels predicted)")
     generator.to(dist.device)
     classifier_net.to(dist.device)
@@ -594,7 +603,7 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
     nets: torch.nn.Module = _NiceNets(generator, classifier_net, cfg.block_size)
     if dist.world > 1:
         nets = torch.nn.parallel.DistributedDataParallel(
-            nets, device_ids=[torch.device(dist.device).index] if dist.device != "cpu" else None, broadcast_buffers=False,
+            nets, device_ids=[torch.device(dist.device).index] if dist.device != "cpu" else None,
             find_unused_parameters=cfg.mode == "finetuned" and cfg.warmup_steps > 0)
     if cfg.optimizer == "adam":
         optimizer: torch.optim.Optimizer = torch.optim.Adam(groups)
@@ -648,6 +657,7 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
                                                          dist, optimizer, amp)}
         broadcast_buffers(dist, generator)
         end_epoch(row0, 0)
+    last_epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs):
         generator.train()
         _set_train_modes(classifier_net, cfg.train_blocks, cfg.mode)
@@ -693,6 +703,11 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
         row["train_images"] = int(sums[6])
         row["lambda_l0"] = lambda_l0
         end_epoch(row, epoch + 1)
+        last_epoch = epoch
+        out_of_time = cfg.max_minutes is not None and time.time() - started > 60.0 * cfg.max_minutes
+        if int(all_reduce_sum(dist, torch.tensor([float(out_of_time)], device=dist.device)).item()):  # every rank stops together
+            log.info("nice: time budget of %.1f min reached after epoch %d", cfg.max_minutes, epoch + 1)
+            break
 
     summary: dict[str, Any] = {}
     if dist.main:
@@ -704,8 +719,9 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
         metrics = {"history": history, "final": final, "final_split": split, "lambda_l0_final": lambda_l0}
         if isinstance(train, _FootageData):
             metrics["footage"] = train.footage.counts.as_dict()
-        save_checkpoint(path, snapshot(metrics, max(cfg.epochs - 1, 0), with_optimizer=False))
+        save_checkpoint(path, snapshot(metrics, max(last_epoch, 0), with_optimizer=False))
         summary = {**metrics, "checkpoint": str(path), "wall_time_s": round(time.time() - started, 1), "world_size": dist.world,
                    "device": dist.device, "precision": precision}
+    del nets  # DistributedDataParallel lets go of the process group before it is destroyed
     shutdown(dist)
     return summary
