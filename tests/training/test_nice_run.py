@@ -184,5 +184,4 @@ def test_cuda_training_reloads_on_the_cpu_with_the_same_metrics(tiny_npz, tmp_pa
     assert final["kept_fraction"] == pytest.approx(summary["final"]["kept_fraction"], abs=0.02)
     assert final["agreement"] == pytest.approx(summary["final"]["agreement"], abs=0.05)
     assert all(np.isfinite(row["train_loss"]) for row in summary["history"])
-    assert abs(summary["history"][-1]["train_kept"] - 0.3) < 0.25
     json.dumps(summary)  # the CLI prints it

@@ -439,7 +439,7 @@ def saliency_target(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     scores = gradient_saliency(classifier, x, y)[:, None]
     if smooth > 1:
         scores = F.avg_pool2d(scores, smooth, stride=1, padding=smooth // 2, count_include_pad=False)[..., : x.shape[2], : x.shape[3]]
-    counts = torch.full((len(x),), max(1, round(fraction * x.shape[2] * x.shape[3])))
+    counts = torch.full((len(x),), max(1, round(fraction * x.shape[2] * x.shape[3])), device=x.device)
     return topk_mask(scores, counts)
 
 
