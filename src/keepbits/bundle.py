@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from keepbits.data.preprocess import RESIZE_POLICIES
 from keepbits.errors import BundleError
 
 FORMAT = "keepbits-bundle"
@@ -91,6 +92,10 @@ class Manifest:
     ``explain="simplify"`` (a SimpleBits model): ``logits`` of the simplified image and
     ``simplified`` in pixel space like ``mixed``; ``block_size``/``mask_threshold`` are unused
     (1 and 0.5) and ``generator`` names the simplifier.
+
+    Frames reach ``input_shape`` by ``resize_policy`` (``resize``, ``center-crop`` with
+    ``crop_fraction``, ``letterbox``: :func:`keepbits.data.fit_into`), the classifier's own
+    preprocessing; bundles that do not record one are letterboxed.
     """
 
     input_shape: list[int]
@@ -118,6 +123,11 @@ class Manifest:
     #: ``"mask"`` (NICE: ẑ and x̃) or ``"simplify"`` (SimpleBits: the simplified image).
     #: Written only when not ``"mask"``, so NICE bundles stay readable by older keepbits.
     explain: str = "mask"
+    #: How frames reach the model size (:data:`keepbits.data.RESIZE_POLICIES`) and, for
+    #: ``center-crop``, the share of the scaled short side kept. Written only when not the
+    #: defaults (``letterbox``, 1.0), so such bundles stay readable by older keepbits.
+    resize_policy: str = "letterbox"
+    crop_fraction: float = 1.0
     #: Checkpoint sha256, command, settings, metrics, keepbits version, export time.
     provenance: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
@@ -156,6 +166,12 @@ class Manifest:
             raise bad(f"mask_threshold must be in [0, 1], got {self.mask_threshold}")
         if self.explain not in EXPLAIN:
             raise bad(f"explain {self.explain!r} not in {EXPLAIN}")
+        if self.resize_policy not in RESIZE_POLICIES:
+            raise bad(f"resize_policy {self.resize_policy!r} not in {RESIZE_POLICIES}")
+        if isinstance(self.crop_fraction, bool) or not isinstance(self.crop_fraction, (int, float)) or not 0.0 < self.crop_fraction <= 1.0:
+            raise bad(f"crop_fraction must be a number in (0, 1], got {self.crop_fraction!r}")
+        if self.crop_fraction != 1.0 and self.resize_policy != "center-crop":
+            raise bad(f"crop_fraction {self.crop_fraction} applies to the center-crop policy only, not {self.resize_policy!r}")
         if self.classify_on not in EXPLAIN_CLASSIFY_ON[self.explain]:
             raise bad(f"classify_on {self.classify_on!r} not in {EXPLAIN_CLASSIFY_ON[self.explain]} (explain {self.explain!r})")
         full = explain_outputs(self.explain)
@@ -176,8 +192,9 @@ class Manifest:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        if data["explain"] == "mask":
-            del data["explain"]
+        for name, default in (("explain", "mask"), ("resize_policy", "letterbox"), ("crop_fraction", 1.0)):
+            if data[name] == default:
+                del data[name]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod

@@ -1,5 +1,5 @@
 """Preprocessing: validation and round trip, the three resize policies and their geometry, and
-the letterbox path as a drop-in for the runtime's Letterbox.fit + Pipeline._fit."""
+the runtime applying exactly the bundle's policy through fit_into."""
 import json
 
 import cv2
@@ -17,24 +17,19 @@ def _frame(h, w, c=3, seed=0):
 
 @pytest.mark.parametrize("shape", [(48, 64, 3), (360, 640, 3), (100, 30, 3), (32, 32, 3), (7, 300, 3), (20, 24, 0), (33, 17, 0)])
 @pytest.mark.parametrize("channels", [3, 1])
-def test_letterbox_is_a_drop_in_for_the_runtime(tmp_path, shape, channels):
-    from keepbits.runtime import Letterbox, Pipeline
+@pytest.mark.parametrize("policy, crop", [("letterbox", 1.0), ("center-crop", 0.875), ("center-crop", 1.0), ("resize", 1.0)])
+def test_the_runtime_applies_the_bundles_policy(tmp_path, shape, channels, policy, crop):
+    from keepbits.runtime import Pipeline
     from keepbits.runtime.synthetic import toy_bundle
 
-    pipe = Pipeline.from_bundle(toy_bundle(tmp_path / "b", size=32, channels=channels))
+    pipe = Pipeline.from_bundle(toy_bundle(tmp_path / "b", size=32, channels=channels, resize_policy=policy, crop_fraction=crop))
     frame = _frame(*shape)
     prepared = pipe.prepare([frame])
     out = np.full((32, 32, channels), 77, np.uint8)  # stale content: padding must be zeroed
-    fit = fit_into(frame, out, "letterbox")
-    box = prepared.boxes[0]
-    assert np.array_equal(out, prepared.batch[0])
-    assert fit.roi == box.roi and fit.source_size == box.source_size == (shape[1], shape[0]) and fit.model_size == box.model_size
-    assert box == Letterbox.fit(fit.source_size, fit.model_size)
-    points = np.array([[0, 0], [5.5, 20.25], [31, 31]])
-    assert np.allclose(fit.to_source(points), box.to_source(points))
-    mask = (out[..., 0] > 128).astype(np.float32)
-    assert np.array_equal(fit.mask_to_source(mask), box.mask_to_source(mask))
-    assert np.array_equal(fit.image_to_source(out), box.image_to_source(out))
+    fit = fit_into(frame, out, policy, crop)
+    assert np.array_equal(out, prepared.batch[0]) and prepared.boxes[0] == fit
+    result = pipe.infer(prepared)[0]
+    assert result.source_size == (fit.crop[2], fit.crop[3]) and result.roi == fit.roi
 
 
 def test_fit_writes_into_the_given_buffer_only():

@@ -101,7 +101,7 @@ def test_pipeline_results_and_lossless_payload(bundle):
         image, mask, meta = decode(r.payload)
         assert mask is None and np.array_equal(image, r.simplified) and np.array_equal(image, r.mixed)
         assert (meta.mode, meta.codecs, meta.label, meta.name, meta.sequence) == ("simplified", {"simplified": "png"}, r.label_index, r.label, r.sequence)
-        assert meta.roi == r.letterbox.roi and meta.source_size == (frame.shape[1], frame.shape[0])
+        assert meta.roi == r.fit.roi and meta.source_size == (frame.shape[1], frame.shape[0])
     assert pipe.describe()["explain"] == "simplify" and pipe.describe()["codec"]["mode"] == "simplified"
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
-from keepbits.cli._common import add_argument, existing_path
+from keepbits.cli._common import CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, classifier_options, existing_path
 
 HELP = "SIS audit (BackSelect/FindSIS): which pixels alone keep the prediction; writes report.html + report.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="keepbits checkpoint (.pt), plain .onnx classifier, or model bundle")
+    p.add_argument("--model", required=True, help=f"the classifier: {CLASSIFIER_SPEC_HELP}; or a model bundle (an .onnx file "
+                   "runs in ONNX Runtime here)")
+    add_classifier_options(p)
     p.add_argument("--data", required=True, help="data set path (as for training: .npz, idx folder, split folder, class folders)")
     p.add_argument("--out", required=True, help="output folder (report.html, report.json, orders/ for resuming)")
     p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the audited images")
@@ -28,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    existing_path(args.model, "model")
     existing_path(args.data, "data path")
+    from keepbits.audit import load_model
     from keepbits.audit.sis_report import sis_audit
     from keepbits.data import load_dataset
     from keepbits.errors import InputError
@@ -38,8 +41,18 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--threshold must be in (0, 1], got {args.threshold}")
     if args.num_images < 0:
         raise InputError(f"--num-images must be >= 0, got {args.num_images}")
-    ds = load_dataset(args.data, args.split).sample(args.num_images or None, args.seed)
-    data = sis_audit(args.model, ds.x, ds.y, args.out, args.threshold, args.thresholds, args.method, args.k,
+    options = classifier_options(args)
+    if args.model.endswith(".onnx") or (Path(args.model).exists() and not args.model.endswith(".pt")):
+        if options["weights"] or options["kwargs"] or options["preprocessing"]:
+            raise InputError("--classifier-weights/--classifier-kwargs and preprocessing options apply to checkpoints, registry names "
+                             "and package.module:factory, not to .onnx files or bundles")
+        model = load_model(args.model)
+    else:
+        model = load_model(args.model, **options)
+    pre = model.preprocessing
+    size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction) if pre is not None else {}
+    ds = load_dataset(args.data, args.split, **size).sample(args.num_images or None, args.seed)
+    data = sis_audit(model, ds.x, ds.y, args.out, args.threshold, args.thresholds, args.method, args.k,
                      args.batch_size, args.show, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({**data["summary"], "report": os.path.join(args.out, "report.html")}, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from keepbits.cli._common import add_argument, command_line, existing_path
+from keepbits.cli._common import add_argument, add_device_option, command_line, existing_path
 
 HELP = "train a Glow density model (bits per dimension, SimpleBits L_sim)"
 
@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_argument(p, "--num-test-images", type=int, default=2000, deprecated=["--eval-images"],
                  help="final bpd on a random class-balanced sample of N test images (seed --seed; the train split when there is no test split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image samples, initialisation and batches")
+    add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, levels=args.levels, depth=args.depth, hidden=args.hidden, gray=args.gray,
         image_size=args.image_size, steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
         lr=args.lr, warmup_steps=args.warmup_steps, max_train=args.num_train_images, eval_images=args.num_test_images,
-        seed=args.seed, threads=args.threads, log_every=50, command=command_line(),
+        seed=args.seed, device=args.device, threads=args.threads, log_every=50, command=command_line(),
     )
     print(json.dumps(train_density(cfg), indent=2))
     return 0

@@ -175,7 +175,8 @@ def checkpoint_manifest(ckpt: Checkpoint, checkpoint: Path, *, input_dtype: str 
                         opset: int = MIN_OPSET, command: str = "") -> Manifest:
     """The bundle manifest of a ``nice`` or ``simplebits`` :class:`Checkpoint` read from ``checkpoint``:
     the one mapping from checkpoint fields to manifest fields (export and the torch backend share
-    it). Graph facts (``custom_ops``, ``dynamic_size``) keep their defaults until the graph is traced."""
+    it), the classifier's preprocessing (resize policy, crop fraction) included. Graph facts
+    (``custom_ops``, ``dynamic_size``) keep their defaults until the graph is traced."""
     explain = EXPLAIN_OF_KIND.get(ckpt.kind)
     if explain is None:
         raise InputError(f"{checkpoint}: holds a {ckpt.kind} checkpoint; export takes {' or '.join(EXPLAIN_OF_KIND)} checkpoints")
@@ -196,8 +197,10 @@ def checkpoint_manifest(ckpt: Checkpoint, checkpoint: Path, *, input_dtype: str 
                   "generator": ckpt.models["generator"].arch}
     else:
         fields = {"block_size": 1, "mask_threshold": 0.5, "generator": ckpt.models["simplifier"].arch}
+    preprocessing = ckpt.preprocessing_record()
     return Manifest(
         input_shape=list(ckpt.input_shape), input_dtype=input_dtype,
+        resize_policy=preprocessing.resize_policy, crop_fraction=preprocessing.crop_fraction,
         input_layout="NHWC" if input_dtype == "uint8" else "NCHW",
         mean=list(ckpt.normalization.mean), std=list(ckpt.normalization.std),
         class_names=list(ckpt.class_names), classifier=ckpt.models["classifier"].arch,

@@ -10,8 +10,10 @@ by the simplifier's image: results carry ``simplified`` (``mask`` is None) and p
 the codec's ``"simplified"`` mode.
 
 Frames: numpy uint8 H×W×3 in ``color`` order (``"rgb"`` default; ``"bgr"`` for OpenCV
-frames), H×W grey, or PIL images. They are letterboxed (aspect kept, centred, zero
-padding) to the model size; :class:`Letterbox` records the mapping back.
+frames), H×W grey, or PIL images. They reach the model size by the bundle's resize policy
+(``manifest.resize_policy``: the classifier's own preprocessing, letterbox for bundles that
+record none) through :func:`keepbits.data.fit_into`; its :class:`keepbits.data.ImageFit`
+(``Result.fit``) records the mapping back to the frame.
 
 Example:
     >>> import numpy as np, tempfile
@@ -19,7 +21,7 @@ Example:
     >>> from keepbits.runtime.synthetic import toy_bundle
     >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b", size=32))
     >>> r = pipe(np.zeros((48, 64, 3), np.uint8))
-    >>> r.label, r.mask.shape, r.letterbox.roi, len(r.payload) > 0
+    >>> r.label, r.mask.shape, r.fit.roi, len(r.payload) > 0
     ('dark', (32, 32), (0, 4, 32, 24), True)
 """
 from __future__ import annotations
@@ -31,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import cv2
 import numpy as np
 
 from keepbits.core import softmax
+from keepbits.data import ImageFit, fit_into
 from keepbits.errors import InputError
 from keepbits.runtime.sources import as_rgb
 
@@ -44,64 +46,12 @@ if TYPE_CHECKING:
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
-@dataclass(frozen=True)
-class Letterbox:
-    """Source frame (``source_size`` W×H) scaled by ``scale`` into the model image at ``roi`` (x0, y0, w, h)."""
-
-    source_size: tuple[int, int]
-    model_size: tuple[int, int]
-    scale: float
-    roi: tuple[int, int, int, int]
-
-    @classmethod
-    def fit(cls, source_size: tuple[int, int], model_size: tuple[int, int]) -> "Letterbox":
-        """The centred aspect-preserving fit of ``source_size`` into ``model_size`` (both W×H).
-
-        Example:
-            >>> from keepbits.runtime import Letterbox
-            >>> Letterbox.fit((640, 360), (224, 224)).roi
-            (0, 49, 224, 126)
-        """
-        (sw, sh), (mw, mh) = source_size, model_size
-        scale = min(mw / sw, mh / sh)
-        w, h = max(1, min(mw, round(sw * scale))), max(1, min(mh, round(sh * scale)))
-        return cls(source_size, model_size, scale, ((mw - w) // 2, (mh - h) // 2, w, h))
-
-    def to_source(self, points: Any) -> np.ndarray:
-        """Map model-image (x, y) points (…×2) to source-frame coordinates.
-
-        Example:
-            >>> from keepbits.runtime import Letterbox
-            >>> Letterbox.fit((640, 360), (224, 224)).to_source([112, 112]).round(1).tolist()
-            [320.0, 180.0]
-        """
-        x0, y0, w, h = self.roi
-        p = np.asarray(points, np.float64)
-        sx, sy = self.source_size[0] / w, self.source_size[1] / h
-        return np.stack([(p[..., 0] - x0) * sx, (p[..., 1] - y0) * sy], -1)
-
-    def mask_to_source(self, mask: np.ndarray) -> np.ndarray:
-        """A model-size mask cropped to the roi and resized to the source frame (nearest)."""
-        return self.image_to_source(np.asarray(mask, np.float32), cv2.INTER_NEAREST)
-
-    def image_to_source(self, image: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
-        """A model-size image (or mask) cropped to the roi and resized to the source frame.
-
-        Example:
-            >>> import numpy as np
-            >>> from keepbits.runtime import Letterbox
-            >>> Letterbox.fit((64, 32), (32, 32)).image_to_source(np.zeros((32, 32, 3), np.uint8)).shape
-            (32, 64, 3)
-        """
-        x0, y0, w, h = self.roi
-        return cv2.resize(np.ascontiguousarray(image[y0:y0 + h, x0:x0 + w]), self.source_size, interpolation=interpolation)
-
-
 @dataclass
 class Result:
     """One processed frame. ``mask`` is ẑ (model size, float32 in [0, 1]), None for a
     SimpleBits bundle, whose ``simplified`` is the simplifier's image (model size, uint8 RGB,
-    the graph output rounded); ``image`` is the letterboxed uint8 frame the model saw (RGB);
+    the graph output rounded); ``image`` is the model-size uint8 frame the model saw (RGB), and
+    ``fit`` where it came from in the source frame (:class:`keepbits.data.ImageFit`);
     ``timings`` are milliseconds per stage (preprocess and model are shared by a batch: the
     batch's time divided by its size)."""
 
@@ -111,7 +61,7 @@ class Result:
     probabilities: np.ndarray
     mask: np.ndarray | None
     image: np.ndarray
-    letterbox: Letterbox
+    fit: ImageFit
     block: int
     threshold: float
     sequence: int
@@ -122,11 +72,14 @@ class Result:
 
     @property
     def roi(self) -> tuple[int, int, int, int]:
-        return self.letterbox.roi
+        """Where the source region lies in the model image (x0, y0, w, h)."""
+        return self.fit.roi
 
     @property
     def source_size(self) -> tuple[int, int]:
-        return self.letterbox.source_size
+        """(width, height) of the source region the model image shows: the whole frame, or the
+        centre crop under the ``center-crop`` policy (what a receiver can map the roi back to)."""
+        return self.fit.crop[2], self.fit.crop[3]
 
     @property
     def kept_fraction(self) -> float | None:
@@ -154,11 +107,11 @@ class Result:
 
 @dataclass
 class Prepared:
-    """A letterboxed batch (N×H×W×C uint8), its :class:`Letterbox` and sequence number per frame
-    (drawn in :meth:`Pipeline.prepare` call order) and the time it took (ms)."""
+    """A model-size batch (N×H×W×C uint8), its :class:`keepbits.data.ImageFit` and sequence number per
+    frame (drawn in :meth:`Pipeline.prepare` call order) and the time it took (ms)."""
 
     batch: np.ndarray
-    boxes: list[Letterbox]
+    boxes: list[ImageFit]
     preprocess_ms: float
     sequences: list[int]
 
@@ -209,6 +162,7 @@ class Pipeline:
         self.channels, self.height, self.width = m.input_shape
         self.class_names = list(m.class_names)
         self.block, self.threshold = m.block_size, float(m.mask_threshold)
+        self.resize_policy, self.crop_fraction = m.resize_policy, float(m.crop_fraction)
         self.explain = m.explain
         self.compress_enabled = compress
         self.codec_options = dict(codec_options or {})
@@ -271,36 +225,13 @@ class Pipeline:
                    codec_options=codec_options)
 
     # -- stages ------------------------------------------------------------------------
-    def _fit(self, image: np.ndarray, out: np.ndarray) -> Letterbox:
-        """Letterbox ``image`` into ``out`` (H×W×C of the model) and return the mapping.
-
-        The frame is resized straight into its roi of ``out`` and only the padding bands are
-        zeroed: no intermediate copy of the resized frame.
-        """
-        if self.channels == 1 and image.ndim == 3:
-            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        elif self.channels == 3 and image.ndim == 2:
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-        box = Letterbox.fit((image.shape[1], image.shape[0]), (self.width, self.height))
-        x0, y0, w, h = box.roi
-        if (w, h) != (self.width, self.height):
-            out[:y0] = 0
-            out[y0 + h:] = 0
-            out[y0:y0 + h, :x0] = 0
-            out[y0:y0 + h, x0 + w:] = 0
-        dst = out[y0:y0 + h, x0:x0 + w]
-        if self.channels == 1:
-            dst, image = dst[:, :, 0], image.reshape(image.shape[0], image.shape[1])
-        if (w, h) == (image.shape[1], image.shape[0]):
-            dst[...] = image
-        else:
-            resized = cv2.resize(image, (w, h), dst=dst, interpolation=cv2.INTER_AREA if box.scale < 1 else cv2.INTER_LINEAR)
-            if not np.shares_memory(resized, dst):  # OpenCV had to allocate (should not happen): copy it in
-                dst[...] = resized
-        return box
+    def _fit(self, image: np.ndarray, out: np.ndarray) -> ImageFit:
+        """Bring ``image`` to the model size in ``out`` (H×W×C) by the bundle's resize policy
+        (:func:`keepbits.data.fit_into`: only the visible region is resized, straight into ``out``)."""
+        return fit_into(image, out, self.resize_policy, self.crop_fraction)
 
     def prepare(self, frames: Sequence[Any], *, color: str = "rgb") -> "Prepared":
-        """Letterbox a batch into one model-size uint8 buffer: the first half of :meth:`predict`.
+        """Fit a batch into one model-size uint8 buffer: the first half of :meth:`predict`.
 
         Example:
             >>> import numpy as np, tempfile
@@ -345,7 +276,7 @@ class Pipeline:
             results.append(Result(
                 label=self.class_names[k] if k < len(self.class_names) else str(k), label_index=k,
                 score=float(probs[i, k]), probabilities=probs[i], mask=masks[i], image=batch[i],
-                letterbox=boxes[i], block=self.block, threshold=self.threshold, sequence=prepared.sequences[i],
+                fit=boxes[i], block=self.block, threshold=self.threshold, sequence=prepared.sequences[i],
                 timestamp=timestamps[i] if timestamps is not None else now, simplified=simplified[i],
             ))
         t3 = time.perf_counter()
@@ -407,6 +338,7 @@ class Pipeline:
         return {
             "bundle": str(self.bundle.source), "digest": self.bundle.digest,
             "input": [self.channels, self.height, self.width], "classes": len(self.class_names),
+            "resize_policy": self.resize_policy, "crop_fraction": self.crop_fraction,
             "explain": self.explain, "block": self.block, "threshold": self.threshold, "providers": self.providers,
             "threads": self.threads, "spinning": self.spinning,
             "codec": {"codec": "png", "background": "raw", "quality": 90, "png_level": None, **self.codec_options,
@@ -414,4 +346,4 @@ class Pipeline:
         }
 
 
-__all__ = ["Letterbox", "Pipeline", "Prepared", "Result", "BACKENDS"]
+__all__ = ["Pipeline", "Prepared", "Result", "BACKENDS"]

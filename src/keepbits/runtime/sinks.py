@@ -66,10 +66,10 @@ def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: i
         (60, 90, 3)
     """
     if result.mask is None:
-        image = result.letterbox.image_to_source(result.simplified)
+        image = result.fit.image_to_source(result.simplified)
         keep = np.ones(image.shape[:2], np.uint8)
     else:
-        keep = (result.letterbox.mask_to_source(result.mask) > result.threshold).astype(np.uint8)
+        keep = (result.fit.mask_to_source(result.mask) > result.threshold).astype(np.uint8)
     bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR if image.ndim == 2 or image.shape[2] == 1 else cv2.COLOR_RGB2BGR)
     up = max(1, -(-min_side // min(bgr.shape[:2]))) if min_side else 1
     if up > 1:

@@ -32,7 +32,7 @@ from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset, 
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
 from keepbits.training.data import TensorArrays, TensorImages
-from keepbits.training.distributed import Dist, all_gather, all_reduce_sum, broadcast_buffers, init_distributed, shutdown
+from keepbits.training.distributed import Dist, all_gather, all_reduce_sum, broadcast_buffers, init_distributed, resolve_device, shutdown
 
 log = logging.getLogger("keepbits")
 
@@ -81,7 +81,8 @@ class FitConfig:
 @dataclass(kw_only=True)
 class ClassifierConfig(FitConfig):
     """Settings of one classifier training run (the CLI flags of ``keepbits train classifier``);
-    ``max_train``: a seeded class-balanced sample of that many training images (``seed``), not the first N."""
+    ``max_train``: a seeded class-balanced sample of that many training images (``seed``), not the first N;
+    ``device``: ``auto`` | ``cpu`` | ``cuda`` (under ``torchrun``: ``cuda:<local rank>``)."""
 
     data: str
     arch: str
@@ -92,6 +93,7 @@ class ClassifierConfig(FitConfig):
     max_train: int | None = None
     resume: bool = False
     init: str | None = None
+    device: str = "auto"
     threads: int | None = None
     command: str = ""
 
@@ -283,7 +285,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     """Train ``cfg.arch`` on ``cfg.data``; write ``last.pt``/``best.pt`` into ``cfg.out``; return metrics."""
     cfg.validate()
     registry.spec(cfg.arch, "classifier")
-    dist = init_distributed()
+    dist = init_distributed(use_cuda=resolve_device(cfg.device) == "cuda")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -29,13 +29,14 @@ import torch
 from keepbits.data import ImageDataset, has_split, load_dataset
 from keepbits.errors import InputError
 from keepbits.training.checkpoint import Checkpoint, ModelEntry, build_model, load_checkpoint, save_checkpoint
+from keepbits.training.distributed import resolve_device
 
 log = logging.getLogger("keepbits")
 
 @dataclass
 class DensityConfig:
     """Settings of ``keepbits train density``; ``max_train`` and ``eval_images`` are seeded
-    class-balanced samples (``seed``), not the first N."""
+    class-balanced samples (``seed``), not the first N; ``device``: ``auto`` | ``cpu`` | ``cuda``."""
 
     data: str
     out: str
@@ -52,6 +53,7 @@ class DensityConfig:
     max_train: int | None = None
     eval_images: int = 2000
     seed: int = 0
+    device: str = "auto"
     threads: int | None = None
     log_every: int = 50
     command: str = ""
@@ -96,7 +98,8 @@ def evaluate_bpd(flow: torch.nn.Module, images: torch.Tensor, batch_size: int = 
     torch.manual_seed(seed)
     try:
         flow.eval()
-        total = sum(float(flow.bpd(images[i : i + batch_size]).sum()) for i in range(0, len(images), batch_size))
+        device = next(flow.parameters()).device
+        total = sum(float(flow.bpd(images[i : i + batch_size].to(device)).sum()) for i in range(0, len(images), batch_size))
     finally:
         torch.random.set_rng_state(state)
     return total / max(len(images), 1)
@@ -115,12 +118,13 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
         train = train.sample(cfg.max_train, cfg.seed)
     channels, size = _flow_shape(train, cfg)
     kwargs = {"in_channels": channels, "image_size": list(size), "levels": cfg.levels, "depth": cfg.depth, "hidden": cfg.hidden}
-    flow = registry.build("glow", kind="density", **kwargs)
+    device = resolve_device(cfg.device)
+    flow = registry.build("glow", kind="density", **kwargs).to(device)
     images = torch.from_numpy(np.ascontiguousarray(train.x))  # uint8 NHWC, converted per batch
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def batch(n: int) -> torch.Tensor:
-        return images_to_unit(images[torch.randint(0, len(images), (n,), generator=gen)])
+        return images_to_unit(images[torch.randint(0, len(images), (n,), generator=gen)]).to(device)
 
     flow.initialize(flow.to_flow_range(batch(max(cfg.batch_size, 256))))
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -43,11 +43,13 @@ from torch.func import functional_call
 
 from keepbits import registry
 from keepbits.core import accuracy
-from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset
+from keepbits.data import ImageDataset, Preprocessing, channel_stats, has_split, load_dataset
 from keepbits.errors import InputError
+from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
 from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
 from keepbits.training.classifier import FitConfig, predict_logits
 from keepbits.training.density import images_to_unit, load_density
+from keepbits.training.distributed import resolve_device
 
 log = logging.getLogger("keepbits")
 
@@ -105,13 +107,20 @@ def simplebits_loss(
 
 @dataclass
 class SimpleBitsConfig:
-    """Settings of ``keepbits train simplebits``."""
+    """Settings of ``keepbits train simplebits``. ``classifier`` (optional) names a classifier to
+    finetune (:func:`keepbits.training.byo.resolve_classifier`: a checkpoint, registry name,
+    ``package.module:factory`` with ``classifier_weights``/``classifier_kwargs``, or ``.onnx``),
+    else ``arch`` trains from scratch; ``preprocessing`` overrides fields of its preprocessing.
+    ``device``: ``auto`` | ``cpu`` | ``cuda``."""
 
     data: str
     out: str
     density: str | None = None
     arch: str = "nf_wrn16_2"
     classifier: str | None = None
+    classifier_weights: str | None = None
+    classifier_kwargs: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
     lambda_sim: float = 1.0
     inner_lr: float = 0.01
     lr: float = 5e-4
@@ -123,14 +132,15 @@ class SimpleBitsConfig:
     max_train: int | None = None
     max_test: int | None = 1000
     seed: int = 0
+    device: str = "auto"
     threads: int | None = None
     log_every: int = 25
     command: str = ""
 
 
-def _load_split(path: str, split: str, limit: int | None) -> ImageDataset:
-    ds = load_dataset(path, split)
-    return ds.sample(limit)
+def _load_split(path: str, split: str, limit: int | None, pre: Preprocessing | None = None) -> ImageDataset:
+    size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction) if pre is not None else {}
+    return load_dataset(path, split, **size).sample(limit)
 
 
 def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: Sequence[int], mean, std) -> tuple[Normalized, dict]:
@@ -143,7 +153,8 @@ def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: 
 def simplify(simplifier: torch.nn.Module, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     """Simplified versions of [0, 1] images ``x`` (N×C×H×W), in batches."""
     simplifier.eval()
-    return torch.cat([simplifier(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    device = next(simplifier.parameters()).device
+    return torch.cat([simplifier(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
@@ -185,39 +196,51 @@ def train_mse_simplifier(
     return simplifier.eval()
 
 
-def train_simplebits(cfg: SimpleBitsConfig) -> dict[str, Any]:
+def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Module | None = None,
+                     preprocessing: Preprocessing | None = None) -> dict[str, Any]:
     """Jointly train simplifier and classifier (see module doc); write ``cfg.out``
-    (kind ``simplebits``: roles ``simplifier``, ``classifier``, ``density`` path in settings)."""
+    (kind ``simplebits``: roles ``simplifier``, ``classifier``, ``density`` path in settings).
+    ``classifier`` (a :class:`keepbits.training.byo.Classifier`, or an ``nn.Module`` with its
+    ``preprocessing``) is finetuned instead of the one ``cfg`` names or ``cfg.arch`` from scratch."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.lambda_sim < 0 or cfg.inner_lr <= 0 or cfg.steps < 0:
         raise InputError(f"need lambda_sim >= 0, inner_lr > 0, steps >= 0 (got {cfg.lambda_sim}, {cfg.inner_lr}, {cfg.steps})")
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    train = _load_split(cfg.data, "train", cfg.max_train)
-    test = _load_split(cfg.data, "test", cfg.max_test) if has_split(cfg.data, "test") else None
+    own: Classifier | None = None
+    if classifier is not None:
+        own = as_classifier(classifier, preprocessing or cfg.preprocessing or None)
+    elif cfg.classifier:  # finetuning a pretrained classifier (Fig. 5, "finetuning")
+        own = resolve_classifier(cfg.classifier, weights=cfg.classifier_weights, kwargs=cfg.classifier_kwargs,
+                                 preprocessing=cfg.preprocessing or None)
+    pre = own.preprocessing if own is not None else None
+    train = _load_split(cfg.data, "train", cfg.max_train, pre)
+    test = _load_split(cfg.data, "test", cfg.max_test, pre) if has_split(cfg.data, "test") else None
     c, h, w = train.shape_chw
-    flow = load_density(cfg.density)
-    if cfg.classifier:  # finetuning a pretrained classifier (Fig. 5, "finetuning")
-        pretrained = load_checkpoint(cfg.classifier)
-        net = build_model(pretrained, "classifier")
-        clf_kwargs, arch = pretrained.models["classifier"].kwargs, pretrained.models["classifier"].arch
-        norm = pretrained.normalization
-        classifier = Normalized(net, norm.mean, norm.std)
+    if own is not None and [c, h, w] != own.input_shape:
+        raise InputError(f"{cfg.data}: images are {[c, h, w]} (C,H,W) but the classifier expects {own.input_shape}")
+    flow = load_density(cfg.density).to(device)
+    if own is not None:
+        arch, clf_kwargs, norm = own.arch, own.kwargs, own.normalization
+        classifier_net = Normalized(own.module, norm.mean, norm.std)
     else:
         arch = cfg.arch
         norm = Normalization(*channel_stats(train.x))
-        classifier, clf_kwargs = build_classifier(arch, c, train.num_classes, (h, w), norm.mean, norm.std)
+        classifier_net, clf_kwargs = build_classifier(arch, c, train.num_classes, (h, w), norm.mean, norm.std)
     sim_kwargs = {"in_channels": c, "base": cfg.unet_base}
     simplifier = registry.build("simplebits_unet", kind="simplifier", **sim_kwargs)
-    groups = [{"params": list(simplifier.parameters()), "lr": cfg.sim_lr or cfg.lr}, {"params": list(classifier.parameters())}]
+    simplifier.to(device), classifier_net.to(device)
+    groups = [{"params": list(simplifier.parameters()), "lr": cfg.sim_lr or cfg.lr}, {"params": list(classifier_net.parameters())}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, labels = torch.from_numpy(np.ascontiguousarray(train.x)), torch.from_numpy(train.y)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, recent = time.time(), []
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-        simplifier.train(), classifier.train()
-        loss, stats = simplebits_loss(classifier, simplifier, flow.bpd, images_to_unit(images[idx]), labels[idx], cfg.lambda_sim, cfg.inner_lr)
+        simplifier.train(), classifier_net.train()
+        loss, stats = simplebits_loss(classifier_net, simplifier, flow.bpd, images_to_unit(images[idx]).to(device), labels[idx].to(device),
+                                      cfg.lambda_sim, cfg.inner_lr)
         if not torch.isfinite(loss):
             raise InputError(f"simplebits training diverged at step {step}; lower --lr or --inner-lr")
         opt.zero_grad(set_to_none=True)
@@ -228,13 +251,14 @@ def train_simplebits(cfg: SimpleBitsConfig) -> dict[str, Any]:
             avg = {k: float(np.mean([s[k] for s in recent])) for k in recent[0]}
             log.info("simplebits step %d/%d  L %.3f  L_cls %.3f  bpd_sim %.3f  gate %.2f  (%.0f s)", step, cfg.steps, avg["loss"], avg["l_cls"], avg["bpd_sim"], avg["gate"], time.time() - start)
             recent = []
-    metrics = evaluate_simplebits(classifier, simplifier, flow, test if test is not None else train)
+    metrics = evaluate_simplebits(classifier_net, simplifier, flow, test if test is not None else train)
     metrics["steps"], metrics["wall_time_s"] = cfg.steps, time.time() - start
     save_checkpoint(cfg.out, Checkpoint(
         kind="simplebits",
-        models={"simplifier": ModelEntry.of("simplebits_unet", sim_kwargs, simplifier), "classifier": ModelEntry.of(arch, clf_kwargs, classifier.net)},
-        input_shape=[c, h, w], normalization=Normalization(list(norm.mean), list(norm.std)), class_names=train.class_names,
-        settings=asdict(cfg), command=cfg.command, metrics=metrics,
+        models={"simplifier": ModelEntry.of("simplebits_unet", sim_kwargs, simplifier), "classifier": ModelEntry.of(arch, clf_kwargs, classifier_net.net)},
+        input_shape=[c, h, w], normalization=Normalization(list(norm.mean), list(norm.std)),
+        class_names=own.class_names if own is not None else train.class_names,
+        preprocessing=own.checkpoint_preprocessing() if own is not None else {}, settings=asdict(cfg), command=cfg.command, metrics=metrics,
     ))
     log.info("simplebits: %s -> %s", {k: round(v, 4) for k, v in metrics.items()}, cfg.out)
     return {"metrics": metrics, "checkpoint": str(cfg.out)}
