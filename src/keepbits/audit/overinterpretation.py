@@ -403,7 +403,7 @@ def _cached_model(path: Path, build: Callable[[], Any], arch: str, shape: Sequen
 
 def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, Any], heatmaps: dict[str, np.ndarray],
                   images: np.ndarray, orders: Sequence[BackSelectResult], original: ModelAdapter, pct: str) -> None:
-    from keepbits.audit._report import Report, overlay
+    from keepbits.report import Report, overlay
 
     acc = result["accuracy"]
     report = Report("Overinterpretation audit", meta={"data": cfg.data, "model": cfg.model or f"{cfg.arch} trained here ({cfg.epochs} epochs)",
