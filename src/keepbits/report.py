@@ -195,7 +195,7 @@ class _PlotFrame:
     """Axis ranges, ticks and the data → pixel mapping of one line plot (shared by the SVG and PNG
     drawers): the finite points of every series and their ± error bars fit the plot area."""
 
-    left, right, top, bottom = 60, 130, 28, 42
+    left, right, top, bottom = 64, 170, 28, 42
 
     def __init__(self, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], width: int, height: int,
                  errors: Mapping[str, Sequence[float]], log_x: bool):
@@ -271,18 +271,24 @@ def plot_png(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlab
         >>> plot_png({"a": ([1, 2, 3], [0.5, 0.7, 0.9])}, "bytes", "accuracy")[:4]
         b'\x89PNG'
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     f = _PlotFrame(series, width, height, {}, log_x)
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=12)
     draw.rectangle([f.left, f.top, f.left + f.pw, f.top + f.ph], outline="#888888")
-    draw.text((f.left + f.pw / 2, 8), title, fill="black", anchor="mt")
-    draw.text((f.left + f.pw / 2, height - 6), xlabel, fill="black", anchor="md")
-    draw.text((4, f.top - 14), ylabel, fill="black")
+    draw.text((f.left + f.pw / 2, 4), title, fill="black", anchor="mt", font=ImageFont.load_default(size=14))
+    draw.text((f.left + f.pw / 2, height - 4), xlabel, fill="black", anchor="md", font=font)
+    if ylabel:  # drawn horizontally, then turned a quarter left
+        box = draw.textbbox((0, 0), ylabel, font=font)
+        label = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
+        ImageDraw.Draw(label).text((1, 1), ylabel, fill="black", font=font)
+        label = label.rotate(90, expand=True)
+        image.paste(label, (4, max(0, int(f.top + f.ph / 2 - label.height / 2))))
     for x, y, xl, yl in f.ticks() if not f.empty else ():
-        draw.text((f.left - 4, y), yl, fill="black", anchor="rm")
-        draw.text((x, f.top + f.ph + 4), xl, fill="black", anchor="mt")
+        draw.text((f.left - 4, y), yl, fill="black", anchor="rm", font=font)
+        draw.text((x, f.top + f.ph + 4), xl, fill="black", anchor="mt", font=font)
     for k, (name, good) in enumerate(f.curves.items()):
         color = _PALETTE[k % len(_PALETTE)]
         points = [(f.px(x), f.py(y)) for x, y in good]
@@ -292,7 +298,7 @@ def plot_png(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlab
             draw.ellipse([px_ - 3, py_ - 3, px_ + 3, py_ + 3], fill=color)
         ly = f.top + 16 * k
         draw.rectangle([width - f.right + 10, ly, width - f.right + 20, ly + 10], fill=color)
-        draw.text((width - f.right + 24, ly), str(name), fill="black")
+        draw.text((width - f.right + 24, ly - 1), str(name), fill="black", font=font)
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=True)
     return buf.getvalue()

@@ -30,6 +30,11 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kept blocks, or the simplified image (png = lossless)")
     parser.add_argument("--background", choices=["raw", "png", "jpeg", "webp"], default="raw", help="block means (raw/png = lossless)")
     parser.add_argument("--quality", type=int, default=90, help="jpeg/webp quality 1..100")
+    add_backend_arguments(parser)
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """ONNX Runtime options shared by the commands that run a bundle."""
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
                         help="ONNX Runtime providers: auto (CUDA when available, else CPU), onnxruntime (CPU) or tensorrt")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")

@@ -3,8 +3,8 @@
 Wire format: on connect the sender writes ``PREAMBLE`` (``b"KBST"`` + version byte 1);
 then each payload as a 4-byte big-endian length followed by that many bytes. The
 receiver refuses lengths above ``max_payload``, times out idle reads, decodes each
-payload with :func:`keepbits.codec.decode` (bad payloads are counted and skipped) and
-writes PNG images (cropped to the source box), ``frames.jsonl`` and optionally a video.
+payload with :class:`keepbits.runtime.receiver.PayloadWriter` (bad payloads are counted and
+skipped) into PNG images (cropped to the source box), ``frames.jsonl`` and optionally a video.
 
 Example:
     >>> import threading, tempfile, numpy as np
@@ -21,7 +21,6 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import struct
@@ -30,10 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
-
-from keepbits.codec import decode
 from keepbits.errors import DecodeError, InputError
+from keepbits.runtime.receiver import PayloadWriter
 
 log = logging.getLogger(__name__)
 
@@ -110,41 +107,6 @@ def _recv_exact(conn: socket.socket, n: int, idle_timeout: float, stop: threadin
     return bytes(buf)
 
 
-class _Writer:
-    """Decoded frames to PNG files, JSONL and an optional video."""
-
-    def __init__(self, out: Path, video: str | Path | None, fps: float, images: bool):
-        self.out, self.images = out, images
-        out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out / "frames.jsonl", "w", encoding="utf-8")
-        self.video_path, self.fps = video, fps
-        self.video: cv2.VideoWriter | None = None
-        self.size: tuple[int, int] | None = None
-
-    def write(self, payload: bytes) -> None:
-        image, mask, meta = decode(payload)
-        x0, y0, w, h = meta.roi
-        crop = image[y0:y0 + h, x0:x0 + w] if w and h else image
-        bgr = cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR if crop.shape[2] == 1 else cv2.COLOR_RGB2BGR)
-        if self.images:
-            cv2.imwrite(str(self.out / f"{meta.sequence:08d}.png"), bgr)
-        if self.video_path is not None:
-            if self.video is None:
-                self.size = (bgr.shape[1], bgr.shape[0])
-                self.video = cv2.VideoWriter(str(self.video_path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
-            self.video.write(cv2.resize(bgr, self.size) if (bgr.shape[1], bgr.shape[0]) != self.size else bgr)
-        record = {"sequence": meta.sequence, "timestamp": meta.timestamp, "label": meta.label, "name": meta.name,
-                  "score": meta.score, "bytes": meta.total_bytes, "kept_blocks": meta.kept_blocks,
-                  "total_blocks": meta.total_blocks, "mode": meta.mode, "kept_pixels": None if mask is None else int(mask.sum())}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-
-    def close(self) -> None:
-        self.jsonl.close()
-        if self.video is not None:
-            self.video.release()
-
-
 def receive(
     host: str,
     port: int,
@@ -167,7 +129,7 @@ def receive(
     when ``stop`` is set. ``ready`` (if given) is set once listening, with ``ready.port``.
     """
     stop = stop or threading.Event()
-    writer = _Writer(Path(out), video, fps, images)
+    writer = PayloadWriter(out, video=video, fps=fps, images=images, masks=False)
     stats: dict[str, Any] = {"frames": 0, "bytes": 0, "bad_payloads": 0, "protocol_errors": 0, "connections": 0}
     try:
         server = socket.create_server((host, port))
@@ -199,7 +161,7 @@ def receive(
     return stats
 
 
-def _serve(conn: socket.socket, peer: Any, writer: _Writer, stats: dict[str, Any], max_frames: int | None,
+def _serve(conn: socket.socket, peer: Any, writer: PayloadWriter, stats: dict[str, Any], max_frames: int | None,
            max_payload: int, idle_timeout: float, stop: threading.Event) -> None:
     def read(n: int) -> bytes | None:
         return _recv_exact(conn, n, idle_timeout, stop)

@@ -3,7 +3,7 @@
 
 * ``files:DIR``: ``DIR/payloads/<sequence>.kbit`` + ``DIR/frames.jsonl`` (one line per frame).
 * ``video:OUT.mp4``: the source frames annotated with the mask (or, for SimpleBits bundles,
-  the simplified image), label, score and bytes.
+  the simplified image), label, score and bytes; H.264 when the OpenCV build writes it, else mp4v.
 * ``tcp:HOST:PORT``: length-prefixed payloads to ``keepbits receive`` (:mod:`keepbits.runtime.net`).
 
 Example:
@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from keepbits.errors import InputError
+from keepbits.runtime.video import even_size, open_video_writer
 
 
 class Sink(Protocol):
@@ -91,7 +92,8 @@ def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: i
 
 
 class VideoSink:
-    """Annotated source frames as an MP4 (``mp4v``); small frames are upscaled to ``min_side``."""
+    """Annotated source frames as an MP4 (H.264 when OpenCV writes it, else ``mp4v``:
+    :func:`keepbits.runtime.video.open_video_writer`); small frames are upscaled to ``min_side``."""
 
     def __init__(self, path: str | Path, fps: float | None = None, min_side: int = 360):
         self.path = Path(path)
@@ -104,10 +106,8 @@ class VideoSink:
     def write(self, frame: Any, result: Any, record: dict[str, Any]) -> None:
         out = annotate(frame.image, result, record, self.min_side)
         if self._writer is None:
-            self._size = (out.shape[1], out.shape[0])
-            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self._size)
-            if not self._writer.isOpened():
-                raise InputError(f"cannot write video {self.path} (OpenCV has no mp4v encoder?)")
+            self._size = even_size(out.shape[1], out.shape[0])
+            self._writer = open_video_writer(self.path, self.fps, self._size)
         if (out.shape[1], out.shape[0]) != self._size:
             out = cv2.resize(out, self._size, interpolation=cv2.INTER_AREA)
         self._writer.write(out)
