@@ -64,6 +64,7 @@ OPTIONAL_MODULES = {
     "onnx": "pip install 'keepbits[train]'",
     "onnxscript": "pip install 'keepbits[train]'",
     "onnxruntime": "pip install onnxruntime (or 'keepbits[gpu]' for onnxruntime-gpu, see docs/install.md)",
+    "paho": "pip install 'keepbits[mqtt]'",
 }
 
 

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model bundle folder or .zip (keepbits export onnx)")
     parser.add_argument("--source", required=True, help="video file, image folder, camera index (0) or rtsp/http URL")
     parser.add_argument("--sink", action="append", default=[], metavar="KIND:ARG",
-                        help="files:DIR, video:OUT.mp4 or tcp:HOST:PORT (repeatable)")
+                        help="files:DIR, video:OUT.mp4, tcp:HOST:PORT or mqtt://HOST:PORT/TOPIC[?qos=1&queue=100...] "
+                             "(repeatable; MQTT options: docs/runtime.md)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames (default: the whole source)")
     parser.add_argument("--loop", action="store_true", help="loop a video file")
     parser.add_argument("--batch-size", type=int, default=1, help="frames per model call (file sources)")

@@ -95,7 +95,7 @@ def look(pipeline: Pipeline, image: Any, name: str = "image", top: int = 3) -> L
         name=name, label=result.label, label_index=result.label_index, score=result.score,
         top=[{"label": names[k] if k < len(names) else str(k), "index": int(k), "probability": float(result.probabilities[k])}
              for k in order],
-        kept_fraction=result.kept_fraction, payload_bytes=meta.total_bytes, frame=frame, mask=mask, keep=keep,
+        kept_fraction=None if result.kept_fraction is None else float(result.kept_fraction), payload_bytes=meta.total_bytes, frame=frame, mask=mask, keep=keep,
         mixed=mixed,
     )
 

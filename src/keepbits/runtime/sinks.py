@@ -5,6 +5,7 @@
 * ``video:OUT.mp4``: the source frames annotated with the mask (or, for SimpleBits bundles,
   the simplified image), label, score and bytes; H.264 when the OpenCV build writes it, else mp4v.
 * ``tcp:HOST:PORT``: length-prefixed payloads to ``keepbits receive`` (:mod:`keepbits.runtime.net`).
+* ``mqtt://HOST:PORT/TOPIC``: one MQTT message per payload (:mod:`keepbits.runtime.mqtt`, ``keepbits[mqtt]``).
 
 Example:
     >>> import tempfile
@@ -134,10 +135,10 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 
 def open_sink(spec: str, *, fps: float | None = None) -> Sink:
-    """A sink from ``files:DIR``, ``video:OUT.mp4`` or ``tcp:HOST:PORT``."""
+    """A sink from ``files:DIR``, ``video:OUT.mp4``, ``tcp:HOST:PORT`` or ``mqtt://HOST:PORT/TOPIC``."""
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
-        raise InputError(f"sink {spec!r}: expected files:DIR, video:OUT.mp4 or tcp:HOST:PORT")
+        raise InputError(f"sink {spec!r}: expected files:DIR, video:OUT.mp4, tcp:HOST:PORT or mqtt://HOST:PORT/TOPIC")
     if kind == "files":
         return FilesSink(arg)
     if kind == "video":
@@ -146,4 +147,8 @@ def open_sink(spec: str, *, fps: float | None = None) -> Sink:
         from keepbits.runtime.net import TcpSink
 
         return TcpSink(*parse_hostport(arg))
-    raise InputError(f"unknown sink kind {kind!r} in {spec!r} (files, video, tcp)")
+    if kind == "mqtt":
+        from keepbits.runtime.mqtt import MqttSink
+
+        return MqttSink(spec)
+    raise InputError(f"unknown sink kind {kind!r} in {spec!r} (files, video, tcp, mqtt)")
