@@ -43,12 +43,15 @@ def default_data_dir() -> Path | None:
 
 
 def _commit() -> str:
+    """HEAD of the checkout (``+dirty`` with uncommitted changes); where git or the repository is
+    missing (a copied working tree), ``$KEEPBITS_COMMIT`` as given by whoever copied it."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_root(), capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        given = os.environ.get("KEEPBITS_COMMIT", "").strip()
+        return f"{given} (from KEEPBITS_COMMIT)" if given else "unknown"
 
 
 #: The checkout the benchmark started from (a long run may see later commits by the time it writes).
@@ -76,9 +79,10 @@ def machine() -> dict[str, object]:
     return info
 
 
-def write_result(name: str, payload: dict) -> Path:
-    """Write ``<results>/<name>.json`` with provenance around ``payload``; returns the path."""
-    out_dir = results_dir()
+def write_result(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``<results>/<name>.json`` (or ``<out_dir>/<name>.json``) with provenance around
+    ``payload``; returns the path."""
+    out_dir = Path(out_dir) if out_dir is not None else results_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
