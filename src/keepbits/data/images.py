@@ -4,7 +4,7 @@
 Labelled: anything :func:`keepbits.data.load_dataset` reads (``.npz``, idx files, class
 folders; its test split when it has one), class folders made the model's size by ``policy``.
 Unlabelled: image files directly in a folder (any sizes; the runtime letterboxes them), or one
-file. ``num_images`` draws a seeded sample with :func:`keepbits.data.sample_indices`
+file, read by :func:`keepbits.data.decode_image` (RGB, pixel count bounded). ``num_images`` draws a seeded sample with :func:`keepbits.data.sample_indices`
 (class-balanced when labelled), before unlabelled files are read.
 
 Example:
@@ -23,12 +23,13 @@ import numpy as np
 
 from keepbits.data.dataset import sample_indices
 from keepbits.data.loaders import IMAGE_SUFFIXES, has_split, load_dataset
+from keepbits.data.stream import decode_image
 from keepbits.errors import InputError
 
 
 @dataclass
 class ImageSet:
-    """``images``: uint8 H×W×C (C = 1 or 3, RGB), sizes may differ; ``names``: one per image
+    """``images``: uint8 H×W×C (C = 1 or 3, RGB; image files are read as RGB), sizes may differ; ``names``: one per image
     (file name, or the index in the data set); ``labels`` int64 or None; ``source`` says what was
     read and which sample was drawn."""
 
@@ -46,17 +47,6 @@ class ImageSet:
         return self.labels is not None
 
 
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("L" if img.mode in ("L", "1", "I", "F", "I;16") else "RGB"), np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable or corrupt image ({exc})") from None
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
 def load_images(path: str | Path, *, num_images: int | None = None, seed: int = 0, split: str = "test",
                 size: tuple[int, int] | None = None, policy: str = "letterbox") -> ImageSet:
     """Images at ``path`` (see the module docstring); a labelled set uses its ``split`` when it
@@ -66,13 +56,13 @@ def load_images(path: str | Path, *, num_images: int | None = None, seed: int = 
         raise InputError(f"data path not found: {path}")
     sample = "" if num_images is None else f" [sample {num_images}, seed {seed}]"
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        return ImageSet([_read_image(path)], [path.name], None, [], str(path))
+        return ImageSet([decode_image(path)], [path.name], None, [], str(path))
     if path.is_dir() and not any(p.is_dir() for p in path.iterdir()) and not has_split(path, split) and not has_split(path, "train"):
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) and no data set")
         chosen = sample_indices(np.zeros(len(files), np.int64), num_images, seed)
-        return ImageSet([_read_image(files[i]) for i in chosen], [files[i].name for i in chosen], None, [], f"{path}{sample}")
+        return ImageSet([decode_image(files[i]) for i in chosen], [files[i].name for i in chosen], None, [], f"{path}{sample}")
     dataset = load_dataset(path, split if has_split(path, split) else "train", size=size, policy=policy)
     chosen = sample_indices(dataset.y, num_images, seed)
     return ImageSet([dataset.x[i] for i in chosen], [str(int(i)) for i in chosen], dataset.y[chosen],
