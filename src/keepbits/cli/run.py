@@ -42,7 +42,9 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model bundle folder or .zip (keepbits export onnx)")
-    parser.add_argument("--source", required=True, help="video file, image folder, camera index (0) or rtsp/http URL")
+    parser.add_argument("--source", required=True,
+                        help="video file, image folder, camera index (0) or device (/dev/video0), rtsp/http URL, or a GStreamer "
+                             "pipeline ('... ! appsink', needs OpenCV with GStreamer)")
     parser.add_argument("--sink", action="append", default=[], metavar="KIND:ARG",
                         help="files:DIR, video:OUT.mp4, tcp:HOST:PORT or mqtt://HOST:PORT/TOPIC[?qos=1&queue=100...] "
                              "(repeatable; MQTT options: docs/runtime.md)")
@@ -53,7 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="model threads; on CPUs --workers N --threads 1 (N = cores) gives the most frames/s, "
                              "1 worker with all cores the lowest latency")
-    parser.add_argument("--read-timeout", type=float, default=5.0, help="seconds before a live read counts as stale")
+    parser.add_argument("--read-timeout", type=float, default=5.0,
+                        help="seconds before a live read counts as stale; also FFmpeg's open and read timeout of cameras and URLs")
+    parser.add_argument("--rtsp-transport", choices=["tcp", "udp"], default=None,
+                        help="RTSP transport of rtsp:// sources (default: FFmpeg's, UDP then TCP)")
     parser.add_argument("--compare", nargs="*", choices=["jpeg", "png", "paper", "lossless"], default=["jpeg"],
                         help="references to compare payload bytes with: JPEG q90 / PNG of the same frame, "
                              "paper mode (x̃ as one PNG), the lossless blocks payload; give no value for none")
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--batch-size, --queue-size and --workers must be >= 1")
     pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend,
                                     threads=args.threads, **codec_options(args))
-    source = open_source(args.source, loop=args.loop, read_timeout=args.read_timeout)
+    source = open_source(args.source, loop=args.loop, read_timeout=args.read_timeout, rtsp_transport=args.rtsp_transport)
     sinks = [open_sink(spec, fps=source.fps) for spec in args.sink]
     with handle_signals(threading.Event()) as stop:
         summary = run_stream(pipeline, source, sinks, max_frames=args.max_frames, batch_size=args.batch_size,

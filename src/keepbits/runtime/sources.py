@@ -1,12 +1,13 @@
-"""Frame sources: video files, cameras, RTSP/HTTP URLs, image folders, Python iterators.
+"""Frame sources: video files, cameras (indices, ``/dev/video*`` devices), RTSP/HTTP URLs,
+GStreamer pipelines, image folders, Python iterators.
 
 Every source reads in its own grabber thread into a :class:`BoundedQueue`:
 
 * **files, folders, iterators** (``live=False``): policy ``block``, nothing is lost; a read
   error ends the stream (counted in ``errors``).
-* **cameras, URLs, live iterators** (``live=True``): policy ``drop_oldest`` with room for one
-  frame, so the consumer always gets the newest one; frames overwritten unseen count as
-  ``dropped``. A wait longer than ``read_timeout`` counts as ``stale``; a source silent for
+* **cameras, devices, URLs, GStreamer pipelines, live iterators** (``live=True``): policy
+  ``drop_oldest`` with room for one frame, so the consumer always gets the newest one; frames
+  overwritten unseen count as ``dropped``. A wait longer than ``read_timeout`` counts as ``stale``; a source silent for
   ``stall_timeout`` ends the stream. A read that fails, raises or ends reconnects with
   exponential backoff (``reconnects``); ``max_reconnects`` consecutive reconnects without
   a frame end the stream (None: retry for ever).
@@ -23,6 +24,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +42,11 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
+#: FFmpeg's RTSP transports: TCP (interleaved on the RTSP connection: passes NAT and firewalls,
+#: no packet loss) or UDP (lower latency; lost packets show as broken frames).
+RTSP_TRANSPORTS = ("tcp", "udp")
+_FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+_FFMPEG_OPTIONS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -210,9 +218,23 @@ class Source:
             self._queue.close()
 
 
-def _capture(target: str | int, timeout_ms: int) -> cv2.VideoCapture:
+def _capture(target: str | int, timeout_ms: int, api: int = cv2.CAP_ANY, ffmpeg_options: str | None = None) -> cv2.VideoCapture:
+    """An opened OpenCV capture; ``ffmpeg_options`` (``key;value|key;value``) go to FFmpeg through
+    ``OPENCV_FFMPEG_CAPTURE_OPTIONS``, which OpenCV reads when a capture opens."""
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
-    cap = cv2.VideoCapture(target, cv2.CAP_ANY, params)
+    if ffmpeg_options is None:
+        cap = cv2.VideoCapture(target, api, params)
+    else:
+        with _FFMPEG_OPTIONS_LOCK:
+            before = os.environ.get(_FFMPEG_OPTIONS)
+            os.environ[_FFMPEG_OPTIONS] = ffmpeg_options
+            try:
+                cap = cv2.VideoCapture(target, api, params)
+            finally:
+                if before is None:
+                    del os.environ[_FFMPEG_OPTIONS]
+                else:
+                    os.environ[_FFMPEG_OPTIONS] = before
     if not cap.isOpened():
         cap.release()
         raise InputError(f"cannot open video source {target!r} (missing, corrupt, or no codec/driver)")
@@ -267,6 +289,25 @@ def _folder(path: Path) -> Callable[[], Iterator[np.ndarray]]:
     return frames
 
 
+def is_gstreamer_pipeline(spec: Any) -> bool:
+    """Whether ``spec`` reads as a GStreamer pipeline (elements joined by ``!``).
+
+    Example:
+        >>> from keepbits.runtime.sources import is_gstreamer_pipeline
+        >>> is_gstreamer_pipeline("videotestsrc ! videoconvert ! appsink"), is_gstreamer_pipeline("clip.mp4")
+        (True, False)
+    """
+    return isinstance(spec, str) and " ! " in spec and "://" not in spec.split(" ! ", 1)[0]
+
+
+def _is_device(path: Path) -> bool:
+    """A character device (``/dev/video0``, or a link to one): a camera, read live."""
+    try:
+        return stat.S_ISCHR(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 def open_source(
     spec: Any,
     *,
@@ -276,11 +317,17 @@ def open_source(
     read_timeout: float = 5.0,
     stall_timeout: float = 30.0,
     max_reconnects: int | None = None,
+    rtsp_transport: str | None = None,
 ) -> Source:
-    """A :class:`Source` for a video file, image folder, camera index (``0``), URL or iterable.
+    """A :class:`Source` for a video file, image folder, camera (index ``0`` or device
+    ``/dev/video0``), URL, GStreamer pipeline or iterable.
 
     ``color`` is the channel order of frames an iterable yields (OpenCV sources are handled).
-    ``live`` overrides the policy (cameras and URLs are live; files, folders, iterables not).
+    ``live`` overrides the policy (cameras, devices, URLs and GStreamer pipelines are live;
+    files, folders, iterables not). ``read_timeout`` bounds opening and each read of OpenCV
+    sources (FFmpeg's open and read timeouts). ``rtsp_transport`` (``"tcp"`` or ``"udp"``) sets
+    FFmpeg's RTSP transport for ``rtsp://`` URLs (default: FFmpeg's, UDP then TCP). A GStreamer
+    pipeline needs an OpenCV built with GStreamer (:class:`InputError` naming it otherwise).
 
     Example:
         >>> from keepbits.runtime import open_source
@@ -290,6 +337,8 @@ def open_source(
     """
     if isinstance(spec, Source):
         return spec
+    if rtsp_transport not in (None, *RTSP_TRANSPORTS):
+        raise InputError(f"rtsp_transport must be one of {RTSP_TRANSPORTS}, got {rtsp_transport!r}")
     timeout_ms = int(read_timeout * 1000)
     common = {"read_timeout": read_timeout, "stall_timeout": stall_timeout, "max_reconnects": max_reconnects}
     if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
@@ -297,12 +346,24 @@ def open_source(
         return Source(lambda: _capture_frames(_capture(index, timeout_ms), True), name=f"camera{index}",
                       live=True if live is None else live, color="bgr", **common)
     if isinstance(spec, str) and spec.lower().startswith(LIVE_SCHEMES):
-        return Source(lambda: _capture_frames(_capture(spec, timeout_ms), True), name=spec.split("@")[-1],
+        options = f"rtsp_transport;{rtsp_transport}" if rtsp_transport and spec.lower().startswith(("rtsp://", "rtsps://")) else None
+        return Source(lambda: _capture_frames(_capture(spec, timeout_ms, ffmpeg_options=options), True), name=spec.split("@")[-1],
+                      live=True if live is None else live, color="bgr", **common)
+    if is_gstreamer_pipeline(spec):
+        from keepbits.runtime.video import has_backend
+
+        if not has_backend("GSTREAMER"):
+            raise InputError(f"{spec!r} is a GStreamer pipeline, but this OpenCV build has no GStreamer back-end "
+                             "(keepbits doctor shows its video back-ends); use an OpenCV built with GStreamer, or a file, URL or camera")
+        return Source(lambda: _capture_frames(_capture(spec, timeout_ms, cv2.CAP_GSTREAMER), True), name=spec.split(" ! ", 1)[0],
                       live=True if live is None else live, color="bgr", **common)
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         if not path.exists():
             raise InputError(f"source not found: {path}")
+        if _is_device(path):  # a V4L2 camera: live, reopened after a disconnect
+            return Source(lambda: _capture_frames(_capture(str(path), timeout_ms), True), name=path.name,
+                          live=True if live is None else live, color="bgr", **common)
         if path.is_dir():
             return Source(_folder(path), name=path.name, live=bool(live), color="bgr", **common)
         cap = _capture(str(path), timeout_ms)
