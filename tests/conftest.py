@@ -40,7 +40,7 @@ class Broker:
     def __init__(self, binary: str, folder, port: int):
         self.binary, self.port = binary, port
         self.config = folder / "mosquitto.conf"
-        self.config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_type all\n")
         self.log = folder / "mosquitto.log"
         self.process = None
 
@@ -59,6 +59,17 @@ class Broker:
                     break
                 time.sleep(0.05)
         raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log.read_text()[-500:]}")
+
+    def logged(self, text: str, timeout: float = 10.0) -> bool:
+        """Wait until the broker's log holds ``text`` (e.g. ``"Received SUBSCRIBE"``)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
