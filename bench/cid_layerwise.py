@@ -92,14 +92,14 @@ def main() -> None:
     run = layerwise_cid(args.model, images, layers, config, name=args.task, foreground=foreground, ru_images=ru_images,
                         ru_layers=ru_layers or None, decoder=decoder, cache_dir=None, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
-    record = load_checkpoint(args.model)
+    ckpt = load_checkpoint(args.model)
     out = results_dir() / f"cid_{args.task}"
     cid_report([run], out, meta={"task": args.task, "model": args.model})
     s = run["summary"]
     path = write_result(f"cid_{args.task}", {
-        "task": args.task, "model": args.model, "model_metrics": record.get("metrics", {}).get("best"),
-        "model_settings": {k: record.get("settings", {}).get(k) for k in ("epochs", "max_train", "optimizer", "arch")},
-        "model_epochs_completed": int(record.get("epoch", -1)) + 1,
+        "task": args.task, "model": args.model, "model_metrics": ckpt.metrics.get("best"),
+        "model_settings": {k: ckpt.settings.get(k) for k in ("epochs", "max_train", "optimizer", "arch")},
+        "model_epochs_completed": ckpt.epoch + 1,
         "images": len(images), "test_indices": picked.tolist(), "data": str(root / folder), "cid_config": run["config"], "decoder": {**asdict(decoder), "train_images": len(ru_images) if ru_layers else 0},
         "ru_layers": ru_layers, "seconds": seconds, "threads": args.threads,
         "per_layer": [{k: (s[k][l] if isinstance(s[k], list) else None) for k in

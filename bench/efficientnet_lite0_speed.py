@@ -57,13 +57,13 @@ def timed(run: Callable[[], None], images: int, repeats: int) -> dict[str, float
 def onnx_session(model: torch.nn.Module, threads: int):
     import onnxruntime as ort
 
-    from keepbits.runtime.pipeline import session_options
+    from keepbits.native import session_options
 
     for name in ("onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.WARNING)
     program = torch.onnx.export(model, (torch.zeros(2, 3, 224, 224),), dynamo=True, input_names=["image"], output_names=["logits"],
                                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False, verbose=False)
-    return ort.InferenceSession(program.model_proto.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(program.model_proto.SerializeToString(), session_options(threads, native=False), providers=["CPUExecutionProvider"])
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keepbits.benchmarking import default_data_dir, write_result
+from _results import default_data_dir, write_result
 from keepbits.bundle import sha256_file
 from keepbits.data import load_dataset
 from keepbits.export import export_onnx

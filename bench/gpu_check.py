@@ -64,7 +64,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from keepbits.benchmarking import write_result
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_results when imported as a module too
+from _results import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: max abs error of the CUDA kernels against keepbits.core (as tests/test_native.py for the CPU kernels)
@@ -169,16 +170,16 @@ def random_classifier_checkpoint(path: Path, arch: str, size: int, classes: int 
     import torch
 
     from keepbits import registry
-    from keepbits.training.checkpoint import model_entry, save_checkpoint
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 
     torch.manual_seed(seed)
     kwargs = {"in_channels": 3, "num_classes": classes, "image_size": [size, size]}
     model = registry.build(arch, **kwargs)
-    save_checkpoint(path, {
-        "kind": "classifier", "models": {"classifier": model_entry(arch, kwargs, model)}, "input_shape": [3, size, size],
-        "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "class_names": [str(i) for i in range(classes)],
-        "settings": {}, "metrics": {}, "command": "bench/gpu_check.py (random initialisation)", "epoch": 0,
-    })
+    save_checkpoint(path, Checkpoint(
+        kind="classifier", models={"classifier": ModelEntry.of(arch, kwargs, model)}, input_shape=[3, size, size],
+        normalization=Normalization([0.5] * 3, [0.25] * 3), class_names=[str(i) for i in range(classes)],
+        command="bench/gpu_check.py (random initialisation)", epoch=0,
+    ))
     return path
 
 
@@ -655,7 +656,7 @@ def step_train_classifier(ctx: dict, entry: dict, save: Callable[[], None]) -> N
     entry.update(exit_code=rc, seconds_total=seconds)
     if rc != 0:
         raise RuntimeError(f"torchrun exited with {rc} (steps.log)")
-    metrics = load_checkpoint(out / "last.pt", "classifier")["metrics"]
+    metrics = load_checkpoint(out / "last.pt", "classifier").metrics
     entry.update(world_size=metrics["world_size"], **epoch_rates(metrics["history"], count), note="per-epoch wall time of the trainer: CPU-side batching and "
                  "augmentation, transfer, step and checkpoint; epoch 1 includes CUDA/cuDNN start-up. "
                  "WORLD_SIZE=1 starts no process group, so the nccl backend itself is not exercised (one GPU cannot host two nccl ranks)")

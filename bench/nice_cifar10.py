@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from keepbits.benchmarking import default_data_dir, results_dir, write_result
+from _results import default_data_dir, results_dir, write_result
 from keepbits.data import load_dataset
 from keepbits.training.checkpoint import load_checkpoint
 from keepbits.training.data import TensorImages
-from keepbits.training.nice import NiceConfig, backselect_ranks, benchmark_nice, load_nice, train_nice
+from keepbits.training.nice import NiceConfig, load_nice, train_nice
+from keepbits.training.nice_eval import backselect_ranks, benchmark_nice
 from nice_common import best_codec_at, ensure_classifier, plot_curves
 
 TRAIN_B = 16
@@ -69,10 +70,10 @@ def main() -> int:
                          progress=False, command=" ".join(sys.argv))
         t0 = time.time()
         summary = train_nice(cfg)
-        gen, clf, record = load_nice(summary["checkpoint"])
-        norm = record["normalization"]
-        ranks = backselect_ranks(clf, TensorImages(test, norm["mean"], norm["std"]), args.sis_k) if args.sis_k else None
-        result = benchmark_nice(gen, clf, record, test, EVAL_B, args.qualities, seed=args.seed, sis_ranks=ranks)
+        gen, clf, ckpt = load_nice(summary["checkpoint"])
+        norm = ckpt.normalization
+        ranks = backselect_ranks(clf, TensorImages(test, norm.mean, norm.std), args.sis_k) if args.sis_k else None
+        result = benchmark_nice(gen, clf, ckpt, test, EVAL_B, args.qualities, seed=args.seed, sis_ranks=ranks)
         for row in result["per_block_size"]:
             acc = row["nice"]["accuracy"]
             row["original_matching"] = {c: best_codec_at(result["original"]["codecs"], acc, c) for c in ("png", "jpeg", "webp")}
@@ -94,7 +95,7 @@ def main() -> int:
             "matching": "smallest original-image JPEG/WebP (qualities listed) whose accuracy reaches NICE's at that b",
             "baselines": f"random, gradient saliency top-k and SIS (gradient BackSelect, k = {args.sis_k}) at ẑ's per-image pixel count",
         },
-        "classifier_metrics": {k: v for k, v in load_checkpoint(clf_path)["metrics"].items() if k != "history"},
+        "classifier_metrics": {k: v for k, v in load_checkpoint(clf_path).metrics.items() if k != "history"},
         "runs": runs,
         "wall_time_s": round(time.time() - started, 1),
     }

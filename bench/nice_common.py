@@ -28,14 +28,15 @@ def best_codec_at(rows: list[dict[str, Any]], accuracy: float, codec: str) -> di
     return min(ok, key=lambda r: r["bytes_per_image"]) if ok else None
 
 
-def masks_and_mixed(generator: Any, record: dict[str, Any], images: Any, block: int) -> tuple[np.ndarray, np.ndarray]:
+def masks_and_mixed(generator: Any, checkpoint: Any, images: Any, block: int) -> tuple[np.ndarray, np.ndarray]:
     """ẑ (N×H×W) and x̃ (uint8 N×H×W×C) of a small ``ImageDataset`` under a trained generator."""
     import torch
 
     from keepbits.training.data import TensorImages
-    from keepbits.training.nice import mask_and_mix, to_uint8
+    from keepbits.training.nice import mask_and_mix
+    from keepbits.training.nice_eval import to_uint8
 
-    mean, std = record["normalization"]["mean"], record["normalization"]["std"]
+    mean, std = checkpoint.normalization.mean, checkpoint.normalization.std
     x, _ = next(TensorImages(images, mean, std).batches(len(images)))
     with torch.no_grad():
         z_hat, mixed = mask_and_mix(generator, x, block)

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keepbits.benchmarking import default_data_dir, results_dir, write_result
+from _results import default_data_dir, results_dir, write_result
 from keepbits.data import load_dataset
 from keepbits.training.checkpoint import build_model, load_checkpoint
-from keepbits.training.nice import NiceConfig, backselect_ranks, benchmark_nice, load_nice, train_nice
+from keepbits.training.nice import NiceConfig, load_nice, train_nice
+from keepbits.training.nice_eval import backselect_ranks, benchmark_nice
 from keepbits.training.data import TensorImages
 from nice_common import ensure_classifier, masks_and_mixed, plot_curves, plot_masks
 
@@ -54,15 +55,15 @@ def main() -> int:
     started = time.time()
     clf_path = ensure_classifier(data, "lenet5", args.runs / "mnist_lenet5", args.classifier, epochs=2, optimizer="adamw", lr=1e-3,
                                  weight_decay=0.0, val_fraction=0.0, augment="none", seed=args.seed)
-    clf_record = load_checkpoint(clf_path)
-    clf_metrics = clf_record["metrics"]
+    clf_ckpt = load_checkpoint(clf_path)
+    clf_metrics = clf_ckpt.metrics
     test = load_dataset(data, "test")
     test = test.sample(args.max_test, args.seed)
 
     ranks = None
     if args.sis_k:
-        norm = clf_record["normalization"]
-        ranks = backselect_ranks(build_model(clf_record, "classifier").eval(), TensorImages(test, norm["mean"], norm["std"]), args.sis_k)
+        norm = clf_ckpt.normalization
+        ranks = backselect_ranks(build_model(clf_ckpt, "classifier").eval(), TensorImages(test, norm.mean, norm.std), args.sis_k)
     rows, figure = [], {"masks": [], "mixed": [], "titles": []}
     for lam in args.lambdas:
         out = args.runs / f"mnist_{args.generator}{args.tag}_l{lam:g}"
@@ -73,12 +74,12 @@ def main() -> int:
                          command=" ".join(sys.argv))
         t0 = time.time()
         if args.reuse and (out / "nice.pt").exists():
-            summary = {"checkpoint": str(out / "nice.pt"), **load_checkpoint(out / "nice.pt")["metrics"]}
+            summary = {"checkpoint": str(out / "nice.pt"), **load_checkpoint(out / "nice.pt").metrics}
         else:
             summary = train_nice(cfg)
         train_s = time.time() - t0
-        gen, clf, record = load_nice(summary["checkpoint"])
-        result = benchmark_nice(gen, clf, record, test, [BLOCK], args.qualities, seed=args.seed, sis_ranks=ranks)
+        gen, clf, ckpt = load_nice(summary["checkpoint"])
+        result = benchmark_nice(gen, clf, ckpt, test, [BLOCK], args.qualities, seed=args.seed, sis_ranks=ranks)
         row = result["per_block_size"][0]
         rows.append({
             "lambda_l0": lam, "lambda_l0_final": summary["lambda_l0_final"], "train_wall_s": round(train_s, 1), "kept_fraction": result["kept_fraction"], "mean_mask": result["mean_mask"],
@@ -92,7 +93,7 @@ def main() -> int:
         sis = f"  SIS {row['sis_backselect']['accuracy']:.4f}" if ranks is not None else ""
         print(f"λ1={lam:g}: kept {result['kept_fraction']:.3f}  NICE {row['nice']['accuracy']:.4f}  saliency {row['saliency_topk']['accuracy']:.4f}  "
               f"random {row['random']['accuracy']:.4f}{sis}", flush=True)
-        z_hat, mixed = masks_and_mixed(gen, record, test.subset(np.arange(8)), BLOCK)
+        z_hat, mixed = masks_and_mixed(gen, ckpt, test.subset(np.arange(8)), BLOCK)
         figure["masks"].append(z_hat)
         figure["mixed"].append(mixed)
         figure["titles"].append(f"λ1={lam:g}")

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keepbits.benchmarking import default_data_dir, results_dir, write_result
+from _results import default_data_dir, results_dir, write_result
 from keepbits.data import load_dataset
 from keepbits.training.data import TensorImages
-from keepbits.training.nice import NiceConfig, backselect_ranks, benchmark_nice, load_nice, train_nice
+from keepbits.training.nice import NiceConfig, load_nice, train_nice
+from keepbits.training.nice_eval import backselect_ranks, benchmark_nice
 from nice_common import best_codec_at, ensure_classifier, masks_and_mixed, plot_curves, plot_masks
 
 SCENE, OBJECT = 256, 64
@@ -116,15 +117,15 @@ def main() -> int:
                          seed=args.seed, progress=False, command=" ".join(sys.argv))
         if args.reuse and (out / "nice.pt").exists():
             summary = {"checkpoint": str(out / "nice.pt")}
-            summary["history"] = load_nice(summary["checkpoint"])[2]["metrics"]["history"]
+            summary["history"] = load_nice(summary["checkpoint"])[2].metrics["history"]
         else:
             summary = train_nice(cfg)
-        gen, clf, record = load_nice(summary["checkpoint"])
+        gen, clf, ckpt = load_nice(summary["checkpoint"])
         if args.sis_k and ranks is None:  # the classifier is fixed: one ranking serves every λ1
-            norm = record["normalization"]
-            ranks = backselect_ranks(clf, TensorImages(test, norm["mean"], norm["std"]), args.sis_k)
-        result = benchmark_nice(gen, clf, record, test, [args.block_size], args.qualities, seed=args.seed, sis_ranks=ranks)
-        z_hat, mixed = masks_and_mixed(gen, record, test.subset(np.arange(FIGURE_SCENES)), args.block_size)
+            norm = ckpt.normalization
+            ranks = backselect_ranks(clf, TensorImages(test, norm.mean, norm.std), args.sis_k)
+        result = benchmark_nice(gen, clf, ckpt, test, [args.block_size], args.qualities, seed=args.seed, sis_ranks=ranks)
+        z_hat, mixed = masks_and_mixed(gen, ckpt, test.subset(np.arange(FIGURE_SCENES)), args.block_size)
         figure["masks"].append(z_hat)
         figure["mixed"].append(mixed)
         figure["titles"].append(_setting({"lambda_l0": lam, "target_fraction": target}))

@@ -47,6 +47,7 @@ Writes ``bench/results/runtime_throughput[_GENERATOR][_int8][_keptF][_trained][_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import statistics
@@ -68,10 +69,10 @@ from _results import default_data_dir, video_frames, write_result  # noqa: E402
 from keepbits import registry  # noqa: E402
 from keepbits.export import export_onnx  # noqa: E402
 from keepbits.runtime import Pipeline, open_source  # noqa: E402
-from keepbits.runtime.pipeline import session_options  # noqa: E402
+from keepbits.native import session_options  # noqa: E402
 from keepbits.runtime.stream import run_stream  # noqa: E402
 from keepbits.training import functional  # noqa: E402
-from keepbits.training.checkpoint import model_entry, save_checkpoint  # noqa: E402
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint  # noqa: E402
 
 SIZE, BLOCK = 224, 8
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -83,7 +84,7 @@ def norm_tensors(normalization: dict | None) -> tuple[torch.Tensor, torch.Tensor
 
 
 def build_models(generator_name: str, seed: int = 0, generator_checkpoint: Path | None = None
-                 ) -> tuple[torch.nn.Module, torch.nn.Module, dict | None]:
+                 ) -> tuple[torch.nn.Module, torch.nn.Module, Normalization | None]:
     """Untrained ResNet-18 and generator, or the trained generator of a NICE checkpoint (its
     architecture must be ``generator_name``); returns the checkpoint's normalisation too."""
     torch.manual_seed(seed)
@@ -92,11 +93,11 @@ def build_models(generator_name: str, seed: int = 0, generator_checkpoint: Path 
         return registry.build(generator_name, in_channels=3).eval(), classifier, None
     from keepbits.training.nice import load_nice
 
-    generator, _, record = load_nice(generator_checkpoint)
-    arch = record["models"]["generator"]["arch"]
+    generator, _, ckpt = load_nice(generator_checkpoint)
+    arch = ckpt.models["generator"].arch
     if arch != generator_name:
         raise SystemExit(f"{generator_checkpoint}: generator is {arch}, not --generator {generator_name}")
-    return generator, classifier, record["normalization"]
+    return generator, classifier, ckpt.normalization
 
 
 def sparsify_head(generator: torch.nn.Module, images: np.ndarray, fraction: float, seed: int = 0) -> dict:
@@ -115,15 +116,15 @@ def sparsify_head(generator: torch.nn.Module, images: np.ndarray, fraction: floa
     return {"requested": fraction, "kept_on_calibration_frames": kept, "head_seed": seed}
 
 
-def make_bundle(generator, classifier, folder: Path, generator_name: str, normalization: dict | None = None) -> Path:
-    ckpt = save_checkpoint(folder / "nice.pt", {
-        "kind": "nice",
-        "models": {"generator": model_entry(generator_name, {"in_channels": 3}, generator),
-                   "classifier": model_entry("resnet18", {"in_channels": 3, "num_classes": 1000}, classifier)},
-        "input_shape": [3, SIZE, SIZE], "normalization": normalization or {"mean": MEAN, "std": STD},
-        "class_names": [f"class{i}" for i in range(1000)], "settings": {"block_size": BLOCK, "mask_threshold": 0.5},
-        "command": "bench/runtime_throughput.py (untrained weights)", "metrics": {}, "epoch": 0,
-    })
+def make_bundle(generator, classifier, folder: Path, generator_name: str, normalization: Normalization | None = None) -> Path:
+    ckpt = save_checkpoint(folder / "nice.pt", Checkpoint(
+        kind="nice",
+        models={"generator": ModelEntry.of(generator_name, {"in_channels": 3}, generator),
+                "classifier": ModelEntry.of("resnet18", {"in_channels": 3, "num_classes": 1000}, classifier)},
+        input_shape=[3, SIZE, SIZE], normalization=normalization or Normalization(MEAN, STD),
+        class_names=[f"class{i}" for i in range(1000)], settings={"block_size": BLOCK, "mask_threshold": 0.5},
+        command="bench/runtime_throughput.py (untrained weights)",
+    ))
     return export_onnx(ckpt, folder / "bundle", mixed_output=False, verify=False).source
 
 
@@ -157,7 +158,7 @@ def quantize(bundle: Path, calibration: np.ndarray, work: Path) -> tuple[Path, d
 
 def classifier_sessions(path: Path, threads: int | None) -> dict[str, ort.InferenceSession]:
     """The classifier-only graph with the pipeline's thread count, ORT spinning off and on."""
-    return {name: ort.InferenceSession(str(path), session_options(threads, spin), providers=["CPUExecutionProvider"])
+    return {name: ort.InferenceSession(str(path), session_options(threads, native=False, spinning=spin), providers=["CPUExecutionProvider"])
             for name, spin in (("no_spin", False), ("spin", True))}
 
 
@@ -300,7 +301,7 @@ def main() -> None:
         pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     classifier_graph = classifier_only_graph(bundle, work / "classifier_only.onnx")
     sessions = classifier_sessions(classifier_graph, args.threads)
-    sessions["workers"] = ort.InferenceSession(str(classifier_graph), session_options(1), providers=["CPUExecutionProvider"])
+    sessions["workers"] = ort.InferenceSession(str(classifier_graph), session_options(1, native=False), providers=["CPUExecutionProvider"])
     pipe_workers = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=1)
     run_pipeline(pipe, frames[:4]), run_pipeline(pipe_workers, frames[:4], args.workers)  # warm-up
     run_naive(generator, classifier, frames[:2], mean_t, std_t)
@@ -372,7 +373,7 @@ def main() -> None:
                                 f"{args.generator} (untrained" + (", head set to a sparse operating point)" if sparsity else ")")),
                   "mask_operating_point": (sparsity or ("the trained generator's own masks on these frames" if trained else
                                                         "untrained head: every pixel kept (the codec's worst case)")),
-                  "normalization": normalization or {"mean": MEAN, "std": STD},
+                  "normalization": dataclasses.asdict(normalization) if normalization else {"mean": MEAN, "std": STD},
                   "precision": "int8 (bundle, hence classifier-only; naive float32)" if args.int8 else "float32",
                   "bundle_outputs": pipe.manifest.output_names,
                   "classifier_only": "the bundle's graph cut to image -> logits (onnx.utils.extract_model)",

@@ -47,7 +47,10 @@ def main() -> None:
     from keepbits.data import channel_stats, load_dataset
     from keepbits.training.condensation import CondensationConfig, condense
     from keepbits.training.density import images_to_unit, load_density
-    from keepbits.training.simplebits import accuracy, build_classifier, fit_classifier, mean_bpd
+    from keepbits.core import accuracy
+    from keepbits.training.classifier import fit_classifier, predict_logits
+    from keepbits.training.data import TensorArrays
+    from keepbits.training.simplebits import build_classifier, mean_bpd, retrain_config
 
     torch.set_num_threads(args.threads)
     root = Path(args.data) / args.dataset
@@ -68,8 +71,8 @@ def main() -> None:
         accs = []
         for seed in range(args.eval_seeds):
             torch.manual_seed(seed)
-            clf = fit_classifier(make_net(), x_syn, y_syn, args.eval_steps, batch_size=256, lr=1e-3, seed=seed)
-            accs.append(accuracy(clf, xte, yte))
+            clf = fit_classifier(make_net(), TensorArrays(x_syn, y_syn), retrain_config(args.eval_steps, batch_size=256, lr=1e-3, seed=seed))
+            accs.append(accuracy(predict_logits(clf, xte), yte))
         return float(np.mean(accs)), float(np.std(accs))
 
     def record(row: dict, title: str, images: torch.Tensor) -> None:

@@ -47,10 +47,12 @@ def main() -> None:
     import torch
 
     from keepbits.data import channel_stats, load_dataset
-    from keepbits.training.checkpoint import model_entry, save_checkpoint
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
+    from keepbits.training.classifier import fit_classifier
+    from keepbits.training.data import TensorArrays
     from keepbits.training.density import images_to_unit
     from keepbits.training.distractors import removal_scores, write_distractor_npz
-    from keepbits.training.simplebits import SimpleBitsConfig, build_classifier, fit_classifier, load_simplebits, simplify, train_simplebits
+    from keepbits.training.simplebits import SimpleBitsConfig, build_classifier, load_simplebits, retrain_config, simplify, train_simplebits
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="simplebits_distractors_"))
@@ -68,10 +70,10 @@ def main() -> None:
             c, h, w = train.shape_chw
             torch.manual_seed(0)
             clf, kwargs = build_classifier(args.arch, c, train.num_classes, (h, w), mean, std)
-            fit_classifier(clf, images_to_unit(train.x), torch.from_numpy(train.y), args.pretrain_steps, args.batch_size)
-            pretrained = save_checkpoint(work / f"{kind}_classifier.pt", {
-                "kind": "classifier", "models": {"classifier": model_entry(args.arch, kwargs, clf.net)},
-                "normalization": {"mean": mean, "std": std}, "class_names": train.class_names})
+            fit_classifier(clf, TensorArrays(images_to_unit(train.x), train.y), retrain_config(args.pretrain_steps, args.batch_size))
+            pretrained = save_checkpoint(work / f"{kind}_classifier.pt", Checkpoint(
+                kind="classifier", models={"classifier": ModelEntry.of(args.arch, kwargs, clf.net)}, input_shape=[c, h, w],
+                normalization=Normalization(mean, std), class_names=train.class_names))
         cfg = SimpleBitsConfig(data=str(npz), out=str(work / f"{kind}.pt"), density=args.density, arch=args.arch,
                                classifier=str(pretrained) if pretrained else None,
                                lambda_sim=args.lambda_sim, steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr, inner_lr=args.inner_lr,

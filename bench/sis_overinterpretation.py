@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from keepbits.audit.overinterpretation import OverinterpretationConfig, run_overinterpretation
-from keepbits.benchmarking import default_data_dir, write_result
+from _results import default_data_dir, write_result
 
 
 def main() -> int:

@@ -35,7 +35,7 @@ from keepbits.audit import TorchAdapter, backselect, find_sis
 from keepbits.audit.sis import BackSelectResult, select
 from keepbits.core import target_margin
 from keepbits.core import sigmoid
-from keepbits.benchmarking import default_data_dir, write_result
+from _results import default_data_dir, write_result
 from keepbits.data import channel_stats, load_dataset
 
 THRESHOLDS = (0.5, 0.7, 0.9, 0.99)

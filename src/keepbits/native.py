@@ -122,16 +122,26 @@ def status() -> dict[str, Any]:
             "reason": None if error is None else f"ONNX Runtime {ort.__version__} cannot load it: {error}"}
 
 
-def session_options(native: bool = True, threads: int | None = None) -> Any:
-    """A fresh ``onnxruntime.SessionOptions``, with the native kernels when ``native`` and present.
+def session_options(threads: int | None = None, *, native: bool = True, spinning: bool = False) -> Any:
+    """A fresh ``onnxruntime.SessionOptions`` as keepbits uses them: ``threads`` intra-op threads
+    (None: ONNX Runtime's choice, one per core), the native kernels registered when ``native``
+    and present, and spinning off unless ``spinning``.
 
-    ``threads`` sets the intra-op thread count (default: ONNX Runtime's choice).
+    Spinning intra-op threads busy-wait between operators; next to a stream's writer and
+    grabber threads (or other processes) they take the cores those need and are themselves
+    preempted inside parallel operators, so keepbits turns spinning off by default.
+
+    Example:
+        >>> from keepbits.native import session_options
+        >>> session_options(2, native=False).intra_op_num_threads
+        2
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if threads is not None:
+    if threads:
         options.intra_op_num_threads = int(threads)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if native:
         register(options)
     return options
@@ -148,7 +158,7 @@ def make_session(model: str | os.PathLike | bytes, native: bool = True, provider
     import onnxruntime as ort
 
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=session_options(native, threads),
+    return ort.InferenceSession(source, sess_options=session_options(threads, native=native),
                                 providers=list(providers) if providers else ["CPUExecutionProvider"])
 
 

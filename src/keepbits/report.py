@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -33,6 +32,7 @@ import numpy as np
 
 from keepbits._fs import sibling_temp
 from keepbits._json import jsonable
+from keepbits.codec.images import encode_image
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 _STYLE = """
@@ -46,21 +46,14 @@ th{background:#f3f3f3}.grid{display:flex;flex-wrap:wrap;gap:10px}.cell{text-alig
 
 
 def to_png(image: np.ndarray, scale: int = 1) -> bytes:
-    """PNG bytes of a uint8 H×W, H×W×1 or H×W×3 image (float images in [0, 1] are scaled), enlarged ``scale``×."""
-    from PIL import Image
-
+    """PNG bytes (:func:`keepbits.codec.encode_image`, zlib level 9) of a uint8 H×W, H×W×1 or H×W×3
+    image (float images in [0, 1] are scaled), enlarged ``scale``×."""
     img = np.asarray(image)
     if img.dtype != np.uint8:
         img = np.clip(np.rint(np.nan_to_num(img.astype(np.float64)) * 255.0), 0, 255).astype(np.uint8)
-    if img.ndim == 3 and img.shape[-1] == 1:
-        img = img[..., 0]
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (3, 4)):
-        raise ValueError(f"cannot encode an image of shape {img.shape}")
     if scale > 1:
         img = img.repeat(scale, axis=0).repeat(scale, axis=1)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
+    return encode_image(img, "png", png_level=9)
 
 
 #: Colour maps as 17 evenly spaced anchors (matplotlib's viridis and magma), linearly interpolated.
@@ -299,9 +292,7 @@ def plot_png(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlab
         ly = f.top + 16 * k
         draw.rectangle([width - f.right + 10, ly, width - f.right + 20, ly + 10], fill=color)
         draw.text((width - f.right + 24, ly - 1), str(name), fill="black", font=font)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
+    return to_png(np.asarray(image))
 
 
 class Report:

@@ -1,69 +1,13 @@
-"""Overinterpretation pipeline, sharded/resumable orders (torchrun, 2 processes), CLI reports."""
+"""Overinterpretation pipeline: subsets, statistics, the whole audit (models cached and resumed), CLI reports."""
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from keepbits.audit.overinterpretation import (  # noqa: E402
-    backselect_subsets,
-    compute_orders,
-    mean_ci,
-    random_subsets,
-    sis_size_stats,
-)
+from keepbits.audit.overinterpretation import backselect_subsets, mean_ci, random_subsets, sis_size_stats  # noqa: E402
 from keepbits.audit.sis import BackSelectResult  # noqa: E402
-
-MODEL_SCRIPT = textwrap.dedent("""
-    import sys, numpy as np, torch
-    from keepbits.audit import TorchAdapter
-    from keepbits.audit.overinterpretation import compute_orders
-
-    def setup():
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
-        return TorchAdapter(net, (1, 6, 6)), np.random.default_rng(0).normal(size=(7, 1, 6, 6)).astype(np.float32)
-
-    if __name__ == "__main__":
-        model, x = setup()
-        for method in ("gradient", "incremental"):
-            compute_orders(model, x, f"{sys.argv[1]}/{method}", method, k=5, chunk=2, progress=False)
-""")
-
-
-def _orders(folder):
-    out = []
-    for name in sorted(os.listdir(folder)):
-        out += [(r["order"], r["scores"]) for r in json.loads((folder / name).read_text())["results"]]
-    return out
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_and_resume(tmp_path, monkeypatch, free_port):
-    script = tmp_path / "orders_script.py"
-    script.write_text(MODEL_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-                    str(script), str(tmp_path / "multi")], check=True, env=env, capture_output=True)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from orders_script import setup
-
-    model, x = setup()
-    for method in ("gradient", "incremental"):
-        single = compute_orders(model, x, tmp_path / "single" / method, method, k=5, chunk=2, progress=False)
-        assert len(single) == 7 and _orders(tmp_path / "single" / method) == _orders(tmp_path / "multi" / method)
-    # resume: a deleted chunk is recomputed, the others are reused untouched
-    folder = tmp_path / "multi" / "incremental"
-    kept = folder / "chunk_0000002.json"
-    stamp = kept.stat().st_mtime_ns
-    (folder / "chunk_0000004.json").unlink()
-    compute_orders(model, x, folder, "incremental", k=5, chunk=2, progress=False)
-    assert kept.stat().st_mtime_ns == stamp and _orders(folder) == _orders(tmp_path / "single" / "incremental")
 
 
 def test_subsets_and_stats():
@@ -81,13 +25,13 @@ def test_subsets_and_stats():
 
 def _checkpoint(path):
     from keepbits import registry
-    from keepbits.training.checkpoint import model_entry, save_checkpoint
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 
     torch.manual_seed(0)
     net = registry.build("lenet5", in_channels=1, num_classes=10, image_size=[28, 28])
     kwargs = {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
-    save_checkpoint(path, {"kind": "classifier", "models": {"classifier": model_entry("lenet5", kwargs, net)}, "input_shape": [1, 28, 28],
-                           "normalization": {"mean": [0.13], "std": [0.31]}, "class_names": [str(i) for i in range(10)]})
+    save_checkpoint(path, Checkpoint(kind="classifier", models={"classifier": ModelEntry.of("lenet5", kwargs, net)}, input_shape=[1, 28, 28],
+                                     normalization=Normalization([0.13], [0.31]), class_names=[str(i) for i in range(10)]))
     return path
 
 

@@ -41,14 +41,14 @@ def test_ru_is_high_where_the_layer_cannot_rebuild_the_input(tmp_path):
 
 
 def test_audit_cid_command_writes_the_report(tmp_path):
-    from keepbits.training.checkpoint import model_entry, save_checkpoint
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 
     torch.manual_seed(0)
     net = registry.build("lenet5")
-    ckpt = save_checkpoint(tmp_path / "lenet" / "best.pt", {
-        "kind": "classifier", "models": {"classifier": model_entry("lenet5", {}, net)}, "input_shape": [1, 28, 28],
-        "normalization": {"mean": [0.13], "std": [0.31]}, "class_names": [str(i) for i in range(10)],
-    })
+    ckpt = save_checkpoint(tmp_path / "lenet" / "best.pt", Checkpoint(
+        kind="classifier", models={"classifier": ModelEntry.of("lenet5", {}, net)}, input_shape=[1, 28, 28],
+        normalization=Normalization([0.13], [0.31]), class_names=[str(i) for i in range(10)],
+    ))
     # a box for every test image: the audited ones are a seeded sample of the split
     (tmp_path / "boxes.csv").write_text("index,x0,y0,x1,y1\n" + "".join(f"{i},4,4,24,24\n" for i in range(500)))
     args = ["audit", "cid", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--layers", "features.1", "classifier.3",

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from keepbits.codec import decode, encode, mixed_image
+from keepbits.codec import FrameRecord, decode, encode, mixed_image
 from keepbits.core import mixed_resolution
 from keepbits.errors import DecodeError, InputError
 
@@ -94,21 +94,32 @@ def test_simplified_mode_sends_the_image_itself(channels):
         encode(image, mode="paper", block=2)
 
 
-def test_result_object_fields_are_used():
-    class R:
+def _record(**changes):
+    fields = dict(mask=np.ones((8, 8)), block=4, threshold=0.5, label_index=2, label="two", score=0.75, sequence=11,
+                  timestamp=123.5, roi=(0, 1, 8, 6), source_size=(16, 12))
+    return FrameRecord(**{**fields, **changes})
+
+
+def test_frame_record_fields_are_written():
+    _, keep, meta = decode(encode(np.zeros((8, 8, 3), np.uint8), _record()))
+    assert (meta.label, meta.name, meta.sequence, meta.timestamp, meta.block) == (2, "two", 11, 123.5, 4)
+    assert meta.roi == (0, 1, 8, 6) and meta.source_size == (16, 12) and meta.score == pytest.approx(0.75) and keep.all()
+    # keywords override the record; a zero timestamp is kept, not replaced by the clock
+    _, _, meta = decode(encode(np.zeros((8, 8, 3), np.uint8), _record(timestamp=0.0), label=5, name="five"))
+    assert (meta.label, meta.name, meta.timestamp) == (5, "five", 0.0)
+
+
+def test_frame_record_is_required_not_any_object():
+    class Duck:  # what encode once read by attribute name, with defaults for whatever was missing
         mask = np.ones((8, 8))
         block = 4
-        label_index = 2
-        label = "two"
-        score = 0.75
-        sequence = 11
-        timestamp = 123.5
-        roi = (0, 1, 8, 6)
-        source_size = (16, 12)
+        label = 2
 
-    _, _, meta = decode(encode(np.zeros((8, 8, 3), np.uint8), R()))
-    assert (meta.label, meta.name, meta.sequence, meta.timestamp) == (2, "two", 11, 123.5)
-    assert meta.roi == (0, 1, 8, 6) and meta.source_size == (16, 12) and meta.score == pytest.approx(0.75)
+    with pytest.raises(TypeError, match="FrameRecord"):
+        encode(np.zeros((8, 8, 3), np.uint8), Duck())
+    with pytest.raises(TypeError, match="label_index"):
+        FrameRecord(mask=None, block=1, threshold=0.5, label=0, score=1.0, sequence=0, timestamp=0.0, roi=(0, 0, 1, 1),
+                    source_size=(1, 1))
 
 
 def test_all_background_sends_no_foreground_and_is_small():

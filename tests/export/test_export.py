@@ -22,7 +22,7 @@ from keepbits.codec import decode
 from keepbits.errors import InputError
 from keepbits.export import NiceGraph, compare_outputs, export_onnx
 from keepbits.runtime import Pipeline
-from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
 
 SEED = int(np.random.SeedSequence().entropy % (1 << 32))
 TOL = 1e-5
@@ -41,13 +41,13 @@ def _checkpoint(path, block_size: int) -> str:
     with torch.no_grad():  # a generator that keeps some pixels and drops others
         gen.head.weight.normal_(0, 2.0)
         gen.head.bias.zero_()
-    save_checkpoint(path, {
-        "kind": "nice",
-        "models": {"generator": model_entry("nice_unet", gen_kwargs, gen), "classifier": model_entry("test_export_fcn", clf_kwargs, clf)},
-        "input_shape": [3, 32, 32], "normalization": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},
-        "class_names": ["a", "b", "c", "d"], "settings": {"block_size": block_size, "mask_threshold": 0.5, "mode": "fixed"},
-        "metrics": {"test_acc": 0.25}, "command": "keepbits train nice (test)", "epoch": 1,
-    })
+    save_checkpoint(path, Checkpoint(
+        kind="nice",
+        models={"generator": ModelEntry.of("nice_unet", gen_kwargs, gen), "classifier": ModelEntry.of("test_export_fcn", clf_kwargs, clf)},
+        input_shape=[3, 32, 32], normalization=Normalization([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]),
+        class_names=["a", "b", "c", "d"], settings={"block_size": block_size, "mask_threshold": 0.5, "mode": "fixed"},
+        metrics={"test_acc": 0.25}, command="keepbits train nice (test)", epoch=1,
+    ))
     return str(path)
 
 
@@ -67,8 +67,8 @@ def bundle_b(tmp_path_factory):
 
 
 def _torch_graph(ckpt: str, manifest) -> NiceGraph:
-    record = load_checkpoint(ckpt, "nice")
-    return NiceGraph(build_model(record, "generator"), build_model(record, "classifier"), manifest.mean, manifest.std,
+    checkpoint = load_checkpoint(ckpt, "nice")
+    return NiceGraph(build_model(checkpoint, "generator"), build_model(checkpoint, "classifier"), manifest.mean, manifest.std,
                      manifest.block_size, manifest.input_dtype, manifest.classify_on, fused=True)
 
 
@@ -195,12 +195,12 @@ def test_round_trip_and_tamper(bundle_a, tmp_path):
 def test_tensorrt_target_fixed_size_lenet(tmp_path):
     """--target tensorrt: plugin nodes without function bodies; LeNet-5 pins the size (dynamic_size false)."""
     gen, clf = registry.build("nice_mnist", in_channels=1), registry.build("lenet5", in_channels=1, num_classes=10)
-    save_checkpoint(tmp_path / "mnist.pt", {
-        "kind": "nice", "models": {"generator": model_entry("nice_mnist", {"in_channels": 1}, gen),
-                                   "classifier": model_entry("lenet5", {"in_channels": 1, "num_classes": 10}, clf)},
-        "input_shape": [1, 28, 28], "normalization": {"mean": [0.13], "std": [0.31]}, "class_names": list("0123456789"),
-        "settings": {"block_size": 4, "mask_threshold": 0.5}, "metrics": {}, "command": "test",
-    })
+    save_checkpoint(tmp_path / "mnist.pt", Checkpoint(
+        kind="nice", models={"generator": ModelEntry.of("nice_mnist", {"in_channels": 1}, gen),
+                             "classifier": ModelEntry.of("lenet5", {"in_channels": 1, "num_classes": 10}, clf)},
+        input_shape=[1, 28, 28], normalization=Normalization([0.13], [0.31]), class_names=list("0123456789"),
+        settings={"block_size": 4, "mask_threshold": 0.5}, command="test",
+    ))
     bundle = export_onnx(tmp_path / "mnist.pt", tmp_path / "trt", target="tensorrt")
     m = bundle.manifest
     assert (m.target, m.function_bodies, m.dynamic_size, m.custom_ops) == ("tensorrt", False, False, ["MaskCompose"])

@@ -134,11 +134,26 @@ def test_letterbox_writes_into_a_dirty_buffer_and_zeroes_only_padding(pipe):
 
 
 def test_session_options_threads_and_spinning(bundle):
-    from keepbits.runtime.pipeline import session_options
+    from keepbits.native import session_options
 
     assert session_options(3).intra_op_num_threads == 3
-    assert session_options(None, True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert session_options(None, spinning=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     described = Pipeline.from_bundle(bundle, threads=1, spinning=True).describe()
     assert (described["threads"], described["spinning"]) == (1, True)
     assert described["codec"]["deflate"] == deflate.name()
+
+
+def test_result_frame_record_carries_every_field_by_name(bundle):
+    """The codec's FrameRecord fields are Result attributes of the same name and value: renaming
+    one on Result breaks frame_record() (and compress) loudly instead of writing a default."""
+    import dataclasses
+
+    from keepbits.codec import FrameRecord
+
+    result = Pipeline.from_bundle(bundle)(np.full((20, 30, 3), 200, np.uint8))
+    record = result.frame_record()
+    for f in dataclasses.fields(FrameRecord):
+        assert getattr(record, f.name) is getattr(result, f.name) or getattr(record, f.name) == getattr(result, f.name), f.name
+    image, _, meta = decode(result.payload)
+    assert (meta.label, meta.name, meta.sequence, meta.roi) == (result.label_index, result.label, result.sequence, result.roi)

@@ -8,7 +8,7 @@ from torch import nn
 from keepbits import registry
 from keepbits.cli import main
 from keepbits.data import sample_mnist_path
-from keepbits.training.checkpoint import model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 from keepbits.export import export_simplifier_onnx
 from keepbits.training.simplebits import LOSS_GATE, load_simplebits, simplebits_loss, unrolled_step
 
@@ -29,7 +29,7 @@ def tiny_density(tmp_path):
     kwargs = {"in_channels": 1, "image_size": [28, 28], "levels": 2, "depth": 1, "hidden": 4}
     flow = registry.build("glow", kind="density", **kwargs)
     path = tmp_path / "density.pt"
-    save_checkpoint(path, {"kind": "density", "models": {"density": model_entry("glow", kwargs, flow)}})
+    save_checkpoint(path, Checkpoint(kind="density", models={"density": ModelEntry.of("glow", kwargs, flow)}, input_shape=[1, 28, 28]))
     return path
 
 
@@ -85,8 +85,8 @@ def test_train_simplebits_cli_roundtrip(tmp_path, tiny_density):
     rc = main(["-q", "train", "simplebits", "--data", str(sample_mnist_path()), "--out", str(out), "--density", str(tiny_density),
                "--arch", "lenet5", "--unet-base", "4", "--steps", "2", "--batch-size", "4", "--num-test-images", "8"])
     assert rc == 0
-    simplifier, classifier, record = load_simplebits(out)
-    assert set(record["metrics"]) >= {"acc_orig", "acc_sim", "bpd_orig", "bpd_sim"}
+    simplifier, classifier, ckpt = load_simplebits(out)
+    assert set(ckpt.metrics) >= {"acc_orig", "acc_sim", "bpd_orig", "bpd_sim"}
     x = torch.rand(2, 1, 28, 28)
     assert simplifier(x).shape == x.shape and classifier(x).shape == (2, 10)
     assert main(["-q", "train", "simplebits", "--data", str(sample_mnist_path()), "--out", str(out), "--density", str(tmp_path / "nope.pt")]) == 2
@@ -98,8 +98,8 @@ def test_onnx_export_matches_torch(tmp_path):
     sim_kw, clf_kw = {"in_channels": 1, "base": 4}, {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
     sim = registry.build("simplebits_unet", **sim_kw)
     sim.weight.data.fill_(0.3)  # off the identity, so the U-Net is exercised
-    save_checkpoint(tmp_path / "sb.pt", {"kind": "simplebits", "input_shape": [1, 28, 28], "normalization": {"mean": [0.13], "std": [0.31]},
-                                         "models": {"simplifier": model_entry("simplebits_unet", sim_kw, sim),
-                                                    "classifier": model_entry("lenet5", clf_kw, registry.build("lenet5", **clf_kw))}})
+    save_checkpoint(tmp_path / "sb.pt", Checkpoint(
+        kind="simplebits", input_shape=[1, 28, 28], normalization=Normalization([0.13], [0.31]), class_names=list("0123456789"),
+        models={"simplifier": ModelEntry.of("simplebits_unet", sim_kw, sim), "classifier": ModelEntry.of("lenet5", clf_kw, registry.build("lenet5", **clf_kw))}))
     exported = export_simplifier_onnx(tmp_path / "sb.pt", tmp_path / "simplifier.onnx")
     assert max(exported["max_abs_diff"].values()) < 1e-4

@@ -11,7 +11,7 @@ from keepbits import registry
 from keepbits.cli import main
 from keepbits.data import sample_mnist_path
 from keepbits.errors import InputError
-from keepbits.training.checkpoint import model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 from keepbits.training.posthoc import PosthocConfig, forgetting_gradients, posthoc_loss, simplify_posthoc
 
 
@@ -47,11 +47,12 @@ def test_audit_simplify_cli_writes_report(tmp_path):
     kwargs = {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
     torch.manual_seed(0)
     clf = registry.build("lenet5", **kwargs)
-    save_checkpoint(tmp_path / "clf.pt", {"kind": "classifier", "models": {"classifier": model_entry("lenet5", kwargs, clf)},
-                                          "input_shape": [1, 28, 28], "normalization": {"mean": [0.13], "std": [0.31]},
-                                          "class_names": [str(i) for i in range(10)]})
+    save_checkpoint(tmp_path / "clf.pt", Checkpoint(kind="classifier", models={"classifier": ModelEntry.of("lenet5", kwargs, clf)},
+                                                    input_shape=[1, 28, 28], normalization=Normalization([0.13], [0.31]),
+                                                    class_names=[str(i) for i in range(10)]))
     dkw = {"in_channels": 1, "image_size": [28, 28], "levels": 2, "depth": 1, "hidden": 4}
-    save_checkpoint(tmp_path / "d.pt", {"kind": "density", "models": {"density": model_entry("glow", dkw, registry.build("glow", **dkw))}})
+    save_checkpoint(tmp_path / "d.pt", Checkpoint(kind="density", models={"density": ModelEntry.of("glow", dkw, registry.build("glow", **dkw))},
+                                                  input_shape=[1, 28, 28]))
     out = tmp_path / "report"
     rc = main(["-q", "audit", "simplify", "--model", str(tmp_path / "clf.pt"), "--data", str(sample_mnist_path()), "--out", str(out),
                "--density", str(tmp_path / "d.pt"), "--num-images", "1", "--steps", "2"])

@@ -24,7 +24,7 @@ from keepbits.errors import BundleError, DecodeError, InputError
 from keepbits.export import export_onnx
 from keepbits.runtime import Pipeline
 from keepbits.runtime.synthetic import toy_bundle
-from keepbits.training.checkpoint import model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 from keepbits.export import SimplifierGraph
 from keepbits.training.simplebits import load_simplebits
 
@@ -40,12 +40,12 @@ def checkpoint(tmp_path_factory):
     sim = registry.build("simplebits_unet", **sim_kw)
     sim.weight.data.fill_(0.3)  # off the identity, so the U-Net is exercised
     path = tmp_path_factory.mktemp("sb") / "sb.pt"
-    save_checkpoint(path, {
-        "kind": "simplebits", "input_shape": [3, SIZE, SIZE], "class_names": ["cat", "dog", "owl"],
-        "normalization": {"mean": [0.45, 0.4, 0.35], "std": [0.25, 0.24, 0.26]},
-        "models": {"simplifier": model_entry("simplebits_unet", sim_kw, sim),
-                   "classifier": model_entry("lenet5", clf_kw, registry.build("lenet5", **clf_kw))},
-    })
+    save_checkpoint(path, Checkpoint(
+        kind="simplebits", input_shape=[3, SIZE, SIZE], class_names=["cat", "dog", "owl"],
+        normalization=Normalization([0.45, 0.4, 0.35], [0.25, 0.24, 0.26]),
+        models={"simplifier": ModelEntry.of("simplebits_unet", sim_kw, sim),
+                "classifier": ModelEntry.of("lenet5", clf_kw, registry.build("lenet5", **clf_kw))},
+    ))
     return path
 
 

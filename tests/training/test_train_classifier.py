@@ -1,5 +1,5 @@
+import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -9,8 +9,8 @@ import torch
 
 from keepbits.cli import main
 from keepbits.data import sample_mnist_path
-from keepbits.errors import CheckpointError
-from keepbits.training.checkpoint import load_checkpoint, save_checkpoint
+from keepbits.errors import CheckpointError, InputError
+from keepbits.training.checkpoint import Normalization, load_checkpoint, save_checkpoint
 from keepbits.training.classifier import ClassifierConfig, load_classifier, train_classifier
 
 
@@ -24,11 +24,12 @@ def _cfg(tmp_path, **kw):
 def test_trains_above_chance_and_records_everything(tmp_path):
     summary = train_classifier(_cfg(tmp_path))
     assert summary["history"][-1]["test_accuracy"] > 0.6  # 10 classes: chance is 0.1
-    record = load_checkpoint(tmp_path / "run" / "best.pt", "classifier")
-    assert record["models"]["classifier"]["arch"] == "lenet5"
-    assert record["input_shape"] == [1, 28, 28] and len(record["class_names"]) == 10
-    assert record["normalization"]["mean"][0] == pytest.approx(0.13, abs=0.02)
-    assert record["metrics"]["history"][0]["epoch"] == 1
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt", "classifier")
+    assert ckpt.models["classifier"].arch == "lenet5"
+    assert ckpt.input_shape == [1, 28, 28] and len(ckpt.class_names) == 10
+    assert ckpt.normalization.mean[0] == pytest.approx(0.13, abs=0.02)
+    assert ckpt.metrics["history"][0]["epoch"] == 1 and ckpt.optimizer is not None
+    assert ckpt.preprocessing == {}  # an .npz: no resize
     model, _ = load_classifier(tmp_path / "run" / "best.pt", expected_arch="lenet5")
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
 
@@ -57,35 +58,15 @@ def test_resume_refuses_another_arch(tmp_path):
 def test_init_starts_from_another_checkpoints_weights_and_normalisation(tmp_path):
     train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
     first = load_checkpoint(tmp_path / "run" / "last.pt", "classifier")
-    fake = dict(first, normalization={"mean": [0.5], "std": [0.25]})
-    save_checkpoint(tmp_path / "init.pt", fake)
+    save_checkpoint(tmp_path / "init.pt", dataclasses.replace(first, normalization=Normalization([0.5], [0.25])))
     # lr 0: the weights stay what --init gave, so they must equal the init checkpoint's
     train_classifier(_cfg(tmp_path, out=str(tmp_path / "second"), epochs=1, max_train=64, lr=0.0, init=str(tmp_path / "init.pt")))
     second = load_checkpoint(tmp_path / "second" / "last.pt", "classifier")
-    assert second["normalization"] == {"mean": [0.5], "std": [0.25]}
-    for name, tensor in first["models"]["classifier"]["state_dict"].items():
-        assert torch.equal(second["models"]["classifier"]["state_dict"][name], tensor), name
+    assert second.normalization == Normalization([0.5], [0.25])
+    for name, tensor in first.models["classifier"].state_dict.items():
+        assert torch.equal(second.models["classifier"].state_dict[name], tensor), name
     with pytest.raises(CheckpointError, match="do not fit"):
         train_classifier(_cfg(tmp_path, out=str(tmp_path / "third"), arch="resnet20", init=str(tmp_path / "init.pt")))
-
-
-def test_checkpoint_loading_is_weights_only(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
-    path = tmp_path / "evil.pt"
-    torch.save({"format": "keepbits-checkpoint", "x": Evil()}, path)
-    with pytest.raises(CheckpointError, match="not a readable keepbits checkpoint"):
-        load_checkpoint(path)
-    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04broken")
-    with pytest.raises(CheckpointError):
-        load_checkpoint(tmp_path / "trunc.pt")
-
-
-def test_atomic_save_leaves_no_temp_files(tmp_path):
-    save_checkpoint(tmp_path / "a.pt", {"kind": "classifier", "w": torch.ones(2)})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
 
 
 def test_cli_trains_and_prints_summary(tmp_path, capsys):
@@ -134,6 +115,28 @@ def test_cli_image_folder_with_explicit_size_and_policy(tmp_path):
     code = main(["-q", "train", "classifier", "--data", str(tmp_path / "tree"), "--arch", "lenet5", "--out", str(tmp_path / "r"),
                  "--epochs", "1", "--image-size", "28", "24", "--resize-policy", "letterbox", "--val-fraction", "0"])
     assert code == 0
-    record = load_checkpoint(tmp_path / "r" / "last.pt", "classifier")
-    assert record["input_shape"] == [3, 28, 24] and record["class_names"] == ["cat", "dog"]
-    assert record["settings"]["resize_policy"] == "letterbox"
+    ckpt = load_checkpoint(tmp_path / "r" / "last.pt", "classifier")
+    assert ckpt.input_shape == [3, 28, 24] and ckpt.class_names == ["cat", "dog"]
+    assert ckpt.settings["resize_policy"] == "letterbox" and ckpt.preprocessing == {"resize_policy": "letterbox"}
+
+
+def test_fit_classifier_on_arrays_learns_and_honours_a_step_budget():
+    """The in-memory entry point of the one trainer: float arrays, exactly ``steps`` optimizer steps."""
+    from keepbits.core import accuracy
+    from keepbits.training.classifier import FitConfig, fit_classifier, predict_logits
+    from keepbits.training.data import TensorArrays
+
+    rng = np.random.default_rng(0)
+    y = np.arange(96) % 2
+    x = rng.normal(size=(96, 1, 4, 4)).astype(np.float32) + (2 * y - 1)[:, None, None, None].astype(np.float32)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    steps = []
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    rows = []
+    cfg = FitConfig(steps=7, batch_size=32, optimizer="sgd", lr=0.1, augment="none", progress=False)
+    fit_classifier(net, TensorArrays(x, y), cfg, optimizer=optimizer, after_epoch=lambda epoch, row: rows.append(row))
+    assert len(steps) == 7 and [r["epoch"] for r in rows] == [1, 2, 3]  # 3 steps per epoch: 3 + 3 + 1
+    assert accuracy(predict_logits(net, x), y) > 0.9
+    with pytest.raises(InputError, match="augment"):
+        fit_classifier(net, TensorArrays(x, y), FitConfig(augment="mirror"))

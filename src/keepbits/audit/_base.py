@@ -194,12 +194,11 @@ def load_model(model: Any, **kwargs: Any) -> ModelAdapter:
     if path.suffix == ".pt":
         from keepbits.training.checkpoint import build_model, load_checkpoint
 
-        record = load_checkpoint(path)
-        if "classifier" not in record.get("models", {}):
-            raise InputError(f"{path}: holds no classifier (kind {record.get('kind')})")
-        norm = record.get("normalization") or {}
-        return TorchAdapter(build_model(record, "classifier"), record["input_shape"], mean=norm.get("mean"), std=norm.get("std"),
-                            class_names=record.get("class_names"), source=str(path))
+        ckpt = load_checkpoint(path)
+        if "classifier" not in ckpt.models:
+            raise InputError(f"{path}: holds no classifier (kind {ckpt.kind})")
+        return TorchAdapter(build_model(ckpt, "classifier"), ckpt.input_shape, mean=ckpt.normalization.mean, std=ckpt.normalization.std,
+                            class_names=ckpt.class_names, source=str(path))
     if path.suffix == ".onnx":
         return OnnxAdapter(path, **kwargs)
     from keepbits.bundle import load_bundle

@@ -14,8 +14,11 @@ Pipeline (§3–4):
 4. Mitigations (§4.5): an ensemble (mean logits) and input dropout (keep ``p`` at train and
    test time), with their SIS sizes and accuracies.
 
-Per-image orders are sharded over ``torchrun`` processes (gloo on CPU), saved chunk by chunk
-as they finish (a killed run resumes where it stopped) and merged in image order.
+Per-image orders come from :func:`keepbits.audit.sis_orders.compute_orders` (sharded over
+``torchrun`` processes, cached chunk by chunk, resumable). Models are trained once (rank 0)
+by the one classifier trainer, :func:`keepbits.training.classifier.fit_classifier` (SGD with
+Nesterov momentum, 15% warm-up then cosine decay, flips for colour images), and cached as
+keepbits checkpoints that resumed runs and the other ranks load.
 
 Example:
     >>> from keepbits.audit.overinterpretation import random_subsets
@@ -25,21 +28,20 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from keepbits.audit._base import ModelAdapter, TorchAdapter, load_model
-from keepbits.audit.sis import METHODS, BackSelectResult, backselect, find_sis, gradient_backselect
+from keepbits.audit.sis import BackSelectResult, find_sis
+from keepbits.audit.sis_orders import compute_orders
+from keepbits.core import accuracy
 from keepbits.errors import InputError
-
+from keepbits.training.distributed import Dist, barrier, init_distributed
 
 
 def keep_count(pixels: int, fraction: float) -> int:
@@ -65,166 +67,6 @@ def random_subsets(x: np.ndarray, fraction: float, seed: int, mask_value: float 
     for i in range(n):
         keep[i, np.random.default_rng([seed, i]).choice(h * w, k, replace=False)] = True
     return np.where(keep.reshape(n, 1, h, w), x, np.float32(mask_value)).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- models
-
-def _torch_modules():
-    import torch
-    from torch import nn
-
-    class Ensemble(nn.Module):
-        """Mean logits of several classifiers (§4.5)."""
-
-        def __init__(self, members: Sequence[nn.Module]):
-            super().__init__()
-            self.members = nn.ModuleList(members)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.stack([m(x) for m in self.members]).mean(0)
-
-    class InputDropout(nn.Module):
-        """Input dropout (§4.5): each pixel (all channels) kept with probability ``keep``, else
-        set to the mask value 0 (the mean). Training draws fresh masks; evaluation averages the
-        logits over ``samples`` masks drawn from a fixed seed, so ``f`` is deterministic."""
-
-        def __init__(self, net: nn.Module, keep: float = 0.8, samples: int = 4, seed: int = 0):
-            super().__init__()
-            self.net, self.keep, self.samples, self.seed = net, keep, samples, seed
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            n, c, h, w = x.shape
-            if self.training:
-                return self.net(x * (torch.rand(n, 1, h, w) < self.keep).to(x.dtype))
-            gen = torch.Generator().manual_seed(self.seed)
-            masks = (torch.rand(self.samples, 1, 1, h, w, generator=gen) < self.keep).to(x.dtype)
-            return torch.stack([self.net(x * m) for m in masks]).mean(0)
-
-    return Ensemble, InputDropout
-
-
-def train_classifier_arrays(arch: str, x: np.ndarray, y: np.ndarray, num_classes: int, epochs: int, seed: int = 0,
-                            batch_size: int = 128, lr: float = 0.05, input_dropout: float | None = None,
-                            progress: bool = False, dropout_samples: int = 4) -> Any:
-    """Train a fresh registry classifier on normalised float N×C×H×W arrays (SGD + Nesterov,
-    cosine schedule, horizontal flips for colour images); returns the model in eval mode."""
-    import torch
-    import torch.nn.functional as F
-
-    from keepbits import registry
-
-    torch.manual_seed(seed)
-    c, h, w = x.shape[1:]
-    net = registry.build(arch, in_channels=c, num_classes=num_classes, image_size=[h, w])
-    if input_dropout is not None:
-        net = _torch_modules()[1](net, keep=input_dropout, samples=dropout_samples, seed=seed)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, np.int64))
-    steps = epochs * math.ceil(len(xt) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    gen = torch.Generator().manual_seed(seed)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, desc=f"train {arch}", disable=not progress, leave=False)
-    net.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), batch_size):
-            idx = perm[i : i + batch_size]
-            xb = xt[idx]
-            if c == 3:
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(-1), xb)
-            loss = F.cross_entropy(net(xb), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-    bar.close()
-    return net.eval()
-
-
-def accuracy(model: ModelAdapter, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
-    return float((model.logits(x, batch_size).argmax(1) == np.asarray(y)).mean()) if len(x) else float("nan")
-
-
-# ----------------------------------------------------------------------------- sharded orders
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-
-
-def _dist() -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as tdist
-
-    if not tdist.is_initialized():
-        tdist.init_process_group("gloo")
-    return _Dist(tdist.get_rank(), tdist.get_world_size())
-
-
-def _barrier(dist: _Dist) -> None:
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.barrier()
-
-
-def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, method: str = "gradient", k: int = 16,
-                   chunk: int | None = None, batch_size: int = 64, progress: bool = True) -> list[BackSelectResult]:
-    """BackSelect orders of every image of ``x`` (target: the predicted class; ``method``:
-    ``"gradient"`` with ``k`` pixels per step, or exact ``"exact"``/``"incremental"``/``"plain"``), saved per chunk
-    of ``chunk`` images (default 32 for gradient, 1 for exact) to ``folder/chunk_<start>.json`` as each finishes. Under ``torchrun``
-    ranks take chunks round-robin; existing chunk files are reused (resume after a kill).
-    Chunk files carry a fingerprint of their images and settings; others are recomputed.
-    Every rank returns the merged list in image order."""
-    if method not in ("gradient", "exact") + METHODS:
-        raise InputError(f"method must be one of {('gradient', 'exact') + METHODS}, got {method!r}")
-    chunk = chunk or (32 if method == "gradient" else 1)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    dist = _dist()
-    starts = list(range(0, len(x), chunk))
-    mine = [s for i, s in enumerate(starts) if i % dist.world == dist.rank]
-    from tqdm.auto import tqdm
-
-    def fingerprint(s: int) -> str:
-        return hashlib.sha256(np.ascontiguousarray(x[s : s + chunk]).tobytes() + f"{method}/{k}".encode()).hexdigest()[:20]
-
-    def done(s: int) -> bool:
-        path = folder / f"chunk_{s:07d}.json"
-        return path.exists() and json.loads(path.read_text()).get("fingerprint") == fingerprint(s)
-
-    todo = [s for s in mine if not done(s)]
-    bar = tqdm(total=sum(len(x[s : s + chunk]) for s in mine),
-               initial=sum(len(x[s : s + chunk]) for s in mine if s not in todo),
-               desc=f"backselect {folder.name} [rank {dist.rank}]", disable=not progress, leave=False)
-    for s in todo:
-        part = x[s : s + chunk]
-        if method == "gradient":
-            results = gradient_backselect(model, part, None, k, None, batch_size)
-        else:
-            results = [backselect(model, xi, method="auto" if method == "exact" else method) for xi in part]
-        path = folder / f"chunk_{s:07d}.json"
-        tmp = path.with_suffix(f".tmp{dist.rank}")
-        tmp.write_text(json.dumps({"start": s, "fingerprint": fingerprint(s), "method": method, "k": k,
-                                   "results": [r.to_dict() for r in results]}))
-        os.replace(tmp, path)
-        bar.update(len(part))
-    bar.close()
-    _barrier(dist)
-    merged: list[BackSelectResult] = []
-    for s in starts:
-        record = json.loads((folder / f"chunk_{s:07d}.json").read_text())
-        merged += [BackSelectResult.from_dict(d) for d in record["results"]]
-    if len(merged) != len(x):
-        raise InputError(f"{folder}: holds {len(merged)} results for {len(x)} images")
-    return merged
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -307,8 +149,6 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
         >>> sorted(run_overinterpretation(cfg)["accuracy"])[:2]
         ['ensemble_full', 'input_dropout_full']
     """
-    import torch
-
     from keepbits.data import channel_stats, has_split, load_dataset
 
     started = time.time()
@@ -322,18 +162,16 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
     # random subsets (seeded, sorted): data sets stored by class must not give one-class subsets
     te_idx = np.sort(rng.permutation(len(test_set))[: cfg.test_images]) if cfg.test_images else np.arange(len(test_set))
     out = Path(cfg.out)
-    dist = _dist()
-    classes = train_set.num_classes
+    dist = init_distributed(use_cuda=False)
+    classes = train_set.class_names
     retrain_epochs = cfg.retrain_epochs or cfg.epochs
     if cfg.model:
         original = load_model(cfg.model)
     else:
         mean, std = channel_stats(train_set.x)
-        shape = train_set.shape_chw
-        norm = TorchAdapter(torch.nn.Identity(), shape, mean=mean, std=std)
-        original = _cached_model(out / "models" / "original.pt", lambda: train_classifier_arrays(
-            cfg.arch, norm.normalize(train_set.x[tr_idx]), train_set.y[tr_idx], classes, cfg.epochs, cfg.seed, cfg.batch_size, cfg.lr,
-            progress=cfg.progress), cfg.arch, shape, classes, mean, std, dist)
+        norm = ModelAdapter(train_set.shape_chw, mean=mean, std=std)
+        original = _trained(out / "models" / "original.pt", cfg, norm.normalize(train_set.x[tr_idx]), train_set.y[tr_idx], classes,
+                            mean, std, cfg.epochs, cfg.seed, dist)
     if original.torch_module is None and cfg.method == "gradient":
         raise InputError(f"{cfg.model}: gradient BackSelect needs a torch checkpoint (use --method exact for ONNX)")
     xtr, ytr = original.normalize(train_set.x[tr_idx]), train_set.y[tr_idx]
@@ -346,13 +184,12 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
     shape, mean, std = original.input_shape, original.mean.tolist(), original.std.tolist()
 
     def trained(name: str, x: np.ndarray, y: np.ndarray, seed: int, keep: float | None = None) -> TorchAdapter:
-        return _cached_model(out / "models" / f"{name}.pt", lambda: train_classifier_arrays(
-            cfg.arch, x, y, classes, retrain_epochs, seed, cfg.batch_size, cfg.lr, keep, cfg.progress, cfg.dropout_samples),
-            cfg.arch, shape, classes, mean, std, dist, keep, cfg.dropout_samples)
+        return _trained(out / "models" / f"{name}.pt", cfg, x, y, classes, mean, std, retrain_epochs, seed, dist, keep)
 
     retrained_bs = trained("retrained_backselect", bs_tr, ytr, cfg.seed + 10)
     retrained_rnd = trained("retrained_random", rnd_tr, ytr, cfg.seed + 20)
-    Ensemble, _ = _torch_modules()
+    from keepbits.audit._mitigations import Ensemble
+
     members = [original.torch_module] + [trained(f"ensemble_member_{i}", xtr, ytr, cfg.seed + 100 + i).torch_module for i in range(1, cfg.ensemble)]
     ensemble = TorchAdapter(Ensemble(members), shape, mean=mean, std=std)
     dropout = trained("input_dropout", xtr, ytr, cfg.seed + 30, cfg.keep_prob)
@@ -361,13 +198,13 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
 
     pct = f"{cfg.fraction:.0%}"
     acc = {
-        "original_full": accuracy(original, xte, yte),
-        "original_backselect": accuracy(original, bs_te, yte),
-        "original_random": accuracy(original, rnd_te, yte),
-        "retrained_backselect": accuracy(retrained_bs, bs_te, yte),
-        "retrained_random": accuracy(retrained_rnd, rnd_te, yte),
-        "ensemble_full": accuracy(ensemble, xte, yte),
-        "input_dropout_full": accuracy(dropout, xte, yte),
+        "original_full": accuracy(original.logits(xte), yte),
+        "original_backselect": accuracy(original.logits(bs_te), yte),
+        "original_random": accuracy(original.logits(rnd_te), yte),
+        "retrained_backselect": accuracy(retrained_bs.logits(bs_te), yte),
+        "retrained_random": accuracy(retrained_rnd.logits(rnd_te), yte),
+        "ensemble_full": accuracy(ensemble.logits(xte), yte),
+        "input_dropout_full": accuracy(dropout.logits(xte), yte),
     }
     sizes = {name: sis_size_stats(o, yte, cfg.thresholds) for name, o in
              (("original", orders_te), ("ensemble", orders_ens), ("input_dropout", orders_drop))}
@@ -383,21 +220,34 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
     return result
 
 
-def _cached_model(path: Path, build: Callable[[], Any], arch: str, shape: Sequence[int], classes: int, mean: Sequence[float],
-                  std: Sequence[float], dist: _Dist, keep: float | None = None, samples: int = 4) -> TorchAdapter:
-    """Train once (rank 0) and save a keepbits checkpoint; other ranks and resumed runs load it."""
-    from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+def _trained(path: Path, cfg: OverinterpretationConfig, x: np.ndarray, y: np.ndarray, class_names: Sequence[str], mean: Sequence[float],
+             std: Sequence[float], epochs: int, seed: int, dist: Dist, keep: float | None = None) -> TorchAdapter:
+    """A fresh ``cfg.arch`` trained on normalised N×C×H×W ``x`` (with input dropout ``keep``, §4.5)
+    by the one classifier trainer, once (rank 0), saved as a classifier checkpoint at ``path``;
+    other ranks and resumed runs load it."""
+    import torch
 
-    if dist.rank == 0 and not path.exists():
-        net = build()
-        inner = net.net if keep is not None else net
-        save_checkpoint(path, {"kind": "classifier", "models": {"classifier": model_entry(arch, {"in_channels": shape[0], "num_classes": classes,
-                        "image_size": list(shape[1:])}, inner)}, "input_shape": list(shape), "normalization": {"mean": list(mean), "std": list(std)},
-                        "class_names": [str(i) for i in range(classes)], "settings": {"input_dropout_keep": keep}})
-    _barrier(dist)
+    from keepbits import registry
+    from keepbits.audit._mitigations import InputDropout
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
+    from keepbits.training.classifier import FitConfig, fit_classifier
+    from keepbits.training.data import TensorArrays
+
+    shape = list(x.shape[1:])
+    if dist.main and not path.exists():
+        torch.manual_seed(seed)
+        kwargs = {"in_channels": shape[0], "num_classes": len(class_names), "image_size": shape[1:]}
+        net = registry.build(cfg.arch, **kwargs)
+        fit = FitConfig(epochs=epochs, batch_size=cfg.batch_size, optimizer="sgd", lr=cfg.lr, momentum=0.9, weight_decay=5e-4,
+                        schedule="cosine", warmup_epochs=0.15 * epochs, augment="auto", crop_padding=0, seed=seed, progress=cfg.progress)
+        fit_classifier(net if keep is None else InputDropout(net, keep, cfg.dropout_samples, seed), TensorArrays(x, y), fit)
+        save_checkpoint(path, Checkpoint(kind="classifier", models={"classifier": ModelEntry.of(cfg.arch, kwargs, net)}, input_shape=shape,
+                                         normalization=Normalization(list(mean), list(std)), class_names=list(class_names),
+                                         settings={**asdict(fit), "input_dropout_keep": keep}, epoch=epochs - 1))
+    barrier(dist)
     net = build_model(load_checkpoint(path, "classifier"), "classifier").eval()
     if keep is not None:
-        net = _torch_modules()[1](net, keep=keep, samples=samples).eval()
+        net = InputDropout(net, keep, cfg.dropout_samples).eval()
     return TorchAdapter(net, shape, mean=mean, std=std)
 
 

@@ -31,24 +31,24 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"block sizes must be >= 1, got {args.block_sizes}")
     if args.sis_k is not None and args.sis_k < 1:
         raise InputError(f"--sis-k must be >= 1, got {args.sis_k}")
-    if any(not 0 <= q <= 100 for q in args.qualities):
-        raise InputError(f"qualities must be in [0, 100], got {args.qualities}")
+    if any(not 1 <= q <= 100 for q in args.qualities):
+        raise InputError(f"qualities must be in [1, 100], got {args.qualities}")
     from keepbits.data import has_split, load_dataset
     from keepbits.training.data import TensorImages
-    from keepbits.training.nice import backselect_ranks, benchmark_nice, load_nice
+    from keepbits.training.nice import load_nice
+    from keepbits.training.nice_eval import backselect_ranks, benchmark_nice
 
-    generator, classifier, record = load_nice(args.model)
+    generator, classifier, ckpt = load_nice(args.model)
     dataset = load_dataset(args.data, "test" if has_split(args.data, "test") else "train")
-    if list(dataset.shape_chw) != list(record["input_shape"]):
-        raise InputError(f"{args.data}: images are {list(dataset.shape_chw)} (C,H,W), the checkpoint expects {record['input_shape']}")
+    if list(dataset.shape_chw) != ckpt.input_shape:
+        raise InputError(f"{args.data}: images are {list(dataset.shape_chw)} (C,H,W), the checkpoint expects {ckpt.input_shape}")
     dataset = dataset.sample(args.num_images or None, args.seed)
-    block_sizes = args.block_sizes or [record["settings"]["block_size"]]
+    block_sizes = args.block_sizes or [ckpt.settings["block_size"]]
     ranks = None
     if args.sis_k:
-        norm = record["normalization"]
-        ranks = backselect_ranks(classifier, TensorImages(dataset, norm["mean"], norm["std"]), args.sis_k)
-    result = benchmark_nice(generator, classifier, record, dataset, block_sizes, args.qualities, seed=args.seed, sis_ranks=ranks)
-    result = {"checkpoint": str(args.model), "data": str(args.data), "settings": record["settings"], **result}
+        ranks = backselect_ranks(classifier, TensorImages(dataset, ckpt.normalization.mean, ckpt.normalization.std), args.sis_k)
+    result = benchmark_nice(generator, classifier, ckpt, dataset, block_sizes, args.qualities, seed=args.seed, sis_ranks=ranks)
+    result = {"checkpoint": str(args.model), "data": str(args.data), "settings": ckpt.settings, **result}
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -32,17 +32,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import cv2
 import numpy as np
 
-from keepbits.codec import decode, encode
+from keepbits.codec import decode, decode_image, encode, encode_image
+from keepbits.codec.images import FORMATS
 from keepbits.errors import InputError
 from keepbits.report import Report, plot_png
 from keepbits.runtime.explain import Look
 from keepbits.runtime.pipeline import Pipeline, Result
 
-#: Foreground / whole-frame image formats.
-FORMATS = ("png", "jpeg", "webp")
+#: The lossy ones of the image formats (:data:`keepbits.codec.images.FORMATS`): swept over qualities.
 LOSSY = ("jpeg", "webp")
 
 
@@ -68,9 +67,8 @@ class OperatingPoint:
         """The payload of ``result`` at this point."""
         quality = {"quality": self.quality} if self.quality is not None else {}
         if self.mode == "simplified":
-            return encode(result.simplified, result, mode="simplified", codec=self.codec, **quality)
-        return encode(result.image, result, mask=result.mask, threshold=self.threshold, block=self.block,
-                      codec=self.codec, **quality)
+            return encode(result.simplified, result.frame_record(), mode="simplified", codec=self.codec, **quality)
+        return encode(result.image, result.frame_record(), threshold=self.threshold, block=self.block, codec=self.codec, **quality)
 
 
 def operating_points(pipeline: Pipeline, thresholds: Sequence[float] | None = None, block_sizes: Sequence[int] | None = None,
@@ -134,16 +132,11 @@ def _check_formats(formats: Sequence[str], qualities: Sequence[int]) -> None:
 
 
 def whole_frame(image: np.ndarray, fmt: str, quality: int | None) -> tuple[int, np.ndarray]:
-    """Bytes of ``image`` (uint8 H×W×C, RGB or grey) as one ``fmt`` file and its decoded pixels:
-    the codec's own image encoder (the image section of a ``simplified`` payload, header not
-    counted); a grey image goes into WebP as RGB and comes back grey."""
-    grey = image.ndim == 2 or image.shape[2] == 1
-    rgb = grey and fmt == "webp"
-    data = encode(cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if rgb else image, mode="simplified", codec=fmt, quality=quality or 90)
-    decoded, _, meta = decode(data)
-    if rgb:
-        decoded = cv2.cvtColor(decoded, cv2.COLOR_RGB2GRAY)[:, :, None]
-    return meta.section_bytes["simplified"], decoded
+    """Bytes of ``image`` (uint8 H×W×C, RGB or grey) as one ``fmt`` file and its decoded pixels,
+    by the codec's image encoder (:func:`keepbits.codec.encode_image`, as the runtime's reference
+    sizes and the NICE benchmark; PNG with its default writer), decoded with as many channels."""
+    data = encode_image(image, fmt, quality or 90)
+    return len(data), decode_image(data, fmt, channels=image.shape[2] if image.ndim == 3 else 1)
 
 
 class _Tally:
@@ -306,5 +299,5 @@ def write_report(result: dict[str, Any], out: str | Path, *, title: str, meta: d
     return report.data
 
 
-__all__ = ["FORMATS", "OperatingPoint", "curves", "map_labels", "operating_points", "rate_accuracy", "smallest_within", "whole_frame",
+__all__ = ["OperatingPoint", "curves", "map_labels", "operating_points", "rate_accuracy", "smallest_within", "whole_frame",
            "write_report"]

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import cv2
 import numpy as np
@@ -37,6 +37,9 @@ import numpy as np
 from keepbits.core import softmax
 from keepbits.errors import InputError
 from keepbits.runtime.sources import as_rgb
+
+if TYPE_CHECKING:
+    from keepbits.codec import FrameRecord
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -130,6 +133,14 @@ class Result:
         """Share of pixels the hard mask keeps at full resolution (None without a mask)."""
         return None if self.mask is None else np.count_nonzero(self.mask > self.threshold) / self.mask.size
 
+    def frame_record(self) -> "FrameRecord":
+        """The fields :func:`keepbits.codec.encode` writes besides the pixels."""
+        from keepbits.codec import FrameRecord
+
+        return FrameRecord(mask=self.mask, block=self.block, threshold=self.threshold, label_index=self.label_index,
+                           label=self.label, score=self.score, sequence=self.sequence, timestamp=self.timestamp,
+                           roi=self.roi, source_size=self.source_size)
+
     @property
     def mixed(self) -> np.ndarray:
         """The transmitted image, what a lossless receiver rebuilds: x̃ (hard mask, uint8 block
@@ -168,28 +179,6 @@ def _providers(backend: str, providers: Sequence[Any] | None) -> list[Any]:
     if backend == "auto" and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
-
-
-def session_options(threads: int | None = None, spinning: bool = False) -> Any:
-    """ONNX Runtime session options as the runtime uses them: ``threads`` intra-op threads
-    (None: ORT's choice, one per core) and spinning off unless ``spinning``.
-
-    Spinning intra-op threads busy-wait between operators; next to the stream's writer and
-    grabber threads (or other processes) they take the cores those need and are themselves
-    preempted inside parallel operators, so the runtime turns spinning off by default.
-
-    Example:
-        >>> from keepbits.runtime.pipeline import session_options
-        >>> session_options(2).intra_op_num_threads
-        2
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return options
 
 
 class Pipeline:
@@ -238,11 +227,10 @@ class Pipeline:
     def _ort_session(bundle: Any, backend: str, providers: Sequence[Any] | None, threads: int | None, spinning: bool) -> Any:
         import onnxruntime as ort
 
-        options = session_options(threads, spinning)
-        if bundle.manifest.custom_ops:  # native kernels when built; else the graph's ONNX function bodies
-            from keepbits import native
+        from keepbits import native
 
-            native.register(options)
+        # native kernels when built (and the graph has custom ops); else the graph's ONNX function bodies
+        options = native.session_options(threads, native=bool(bundle.manifest.custom_ops), spinning=spinning)
         chosen = _providers(backend, providers)
         try:
             return ort.InferenceSession(str(bundle.model_path), options, providers=chosen)
@@ -265,7 +253,7 @@ class Pipeline:
         """Load and verify a bundle folder or ``.zip``; ``codec_options`` go to :func:`keepbits.codec.encode`.
 
         ``threads`` sets ONNX Runtime's intra-op threads; ``spinning`` lets them busy-wait
-        between operators (off by default, see :func:`session_options`).
+        between operators (off by default, see :func:`keepbits.native.session_options`).
 
         Example:
             >>> import tempfile
@@ -387,7 +375,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         frame = result.image if result.simplified is None else result.simplified
-        result.payload = encode(frame, result, **self.codec_options)
+        result.payload = encode(frame, result.frame_record(), **self.codec_options)
         result.timings["encode"] = (time.perf_counter() - t0) * 1e3
         return result
 
@@ -426,4 +414,4 @@ class Pipeline:
         }
 
 
-__all__ = ["Letterbox", "Pipeline", "Prepared", "Result", "BACKENDS", "session_options"]
+__all__ = ["Letterbox", "Pipeline", "Prepared", "Result", "BACKENDS"]

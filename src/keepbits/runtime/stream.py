@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import cv2
 import numpy as np
 
-from keepbits.codec import encode
+from keepbits.codec import encode, encode_image
 from keepbits.runtime.pipeline import Pipeline, Result
 from keepbits.runtime.queues import BoundedQueue, QueueClosed
 from keepbits.runtime.sinks import Sink
@@ -80,7 +80,8 @@ def handle_signals(stop: threading.Event) -> Iterator[threading.Event]:
 
 
 def reference_sizes(image: np.ndarray, formats: Sequence[str], jpeg_quality: int = 90) -> dict[str, int]:
-    """Bytes of ``image`` as a whole-frame JPEG (``jpeg_quality``) and/or PNG (OpenCV defaults).
+    """Bytes of ``image`` (RGB) as a whole-frame JPEG (``jpeg_quality``) and/or PNG (the codec's
+    default PNG writer), by :func:`keepbits.codec.encode_image`.
 
     Example:
         >>> import numpy as np
@@ -88,11 +89,7 @@ def reference_sizes(image: np.ndarray, formats: Sequence[str], jpeg_quality: int
         >>> sorted(reference_sizes(np.zeros((8, 8, 3), np.uint8), ["jpeg", "png"]))
         ['jpeg_bytes', 'png_bytes']
     """
-    out = {}
-    for fmt in formats:
-        params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if fmt == "jpeg" else []
-        out[f"{fmt}_bytes"] = len(cv2.imencode(".jpg" if fmt == "jpeg" else ".png", image, params)[1])
-    return out
+    return {f"{fmt}_bytes": len(encode_image(image, fmt, jpeg_quality)) for fmt in formats}
 
 
 class _Stats:
@@ -131,12 +128,12 @@ def _record(frame: Frame, r: Result, compare: Sequence[str], jpeg_quality: int) 
     references = [c for c in compare if c in ("jpeg", "png")]
     sizes = {}
     if references:
-        bgr = np.ascontiguousarray(r.image[:, :, ::-1]) if r.image.shape[2] == 3 else r.image
-        sizes = reference_sizes(bgr, references, jpeg_quality)
+        sizes = reference_sizes(r.image, references, jpeg_quality)
     if "paper" in compare and r.mask is not None:
-        sizes["paper_bytes"] = len(encode(r.image, r, mode="paper"))
+        sizes["paper_bytes"] = len(encode(r.image, r.frame_record(), mode="paper"))
     if "lossless" in compare:
-        sizes["lossless_bytes"] = len(encode(r.image, r) if r.mask is not None else encode(r.simplified, r, mode="simplified"))
+        sizes["lossless_bytes"] = len(encode(r.image, r.frame_record()) if r.mask is not None
+                                      else encode(r.simplified, r.frame_record(), mode="simplified"))
     kept = r.kept_fraction
     return {
         "sequence": r.sequence, "source_index": frame.index, "timestamp": r.timestamp, "label": r.label,

@@ -28,7 +28,7 @@ import torch
 
 from keepbits.data import ImageDataset, has_split, load_dataset
 from keepbits.errors import InputError
-from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, build_model, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("keepbits")
 
@@ -149,15 +149,7 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
     test_bpd = evaluate_bpd(flow, eval_x)
     wall = time.time() - start
     metrics = {"test_bpd" if test is not None else "train_bpd": test_bpd, "eval_images": len(eval_x), "steps_run": step, "wall_time_s": wall}
-    save_checkpoint(cfg.out, {
-        "kind": "density",
-        "models": {"density": model_entry("glow", kwargs, flow)},
-        "input_shape": [channels, *size],
-        "class_names": [],
-        "settings": asdict(cfg),
-        "command": cfg.command,
-        "metrics": metrics,
-        "epoch": 0,
-    })
+    save_checkpoint(cfg.out, Checkpoint(kind="density", models={"density": ModelEntry.of("glow", kwargs, flow)}, input_shape=[channels, *size],
+                                        settings=asdict(cfg), command=cfg.command, metrics=metrics))
     log.info("density: %s bpd %.3f on %d images, %d steps, %.0f s -> %s", "test" if test is not None else "train", test_bpd, len(eval_x), step, wall, cfg.out)
     return {"test_bpd": test_bpd, "steps_run": step, "wall_time_s": wall, "checkpoint": str(cfg.out)}

@@ -1,4 +1,5 @@
-"""NICE training and evaluation (Li & Ji, "Neural Image Compression and Explanation").
+"""NICE training (Li & Ji, "Neural Image Compression and Explanation"); the rate/accuracy
+benchmark of trained models is :mod:`keepbits.training.nice_eval`.
 
 A generator maps the normalised image x to gate logits log α (N×1×H×W). Training samples
 hard-concrete gates z (Eq. 7), builds the mixed-resolution image x̃ = x⊙z + x_b⊙(1−z)
@@ -48,13 +49,12 @@ Example:
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -62,9 +62,9 @@ import torch.nn.functional as F
 
 from keepbits import registry
 from keepbits.core.hard_concrete import BETA
-from keepbits.data import ImageDataset, has_split, load_dataset
+from keepbits.data import has_split, load_dataset
 from keepbits.errors import CheckpointError, InputError
-from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
 from keepbits.training.data import TensorImages
 from keepbits.training.functional import (
     deterministic_mask,
@@ -150,10 +150,10 @@ def mask_and_mix(generator: torch.nn.Module, x: torch.Tensor, block_size: int) -
     return z_hat, mixed_resolution(x, z_hat, block_size)
 
 
-def load_nice(path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
-    """(generator, classifier, record) of a ``nice`` checkpoint, both networks in eval mode."""
-    record = load_checkpoint(path, "nice")
-    return build_model(record, "generator").eval(), build_model(record, "classifier").eval(), record
+def load_nice(path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module, Checkpoint]:
+    """(generator, classifier, checkpoint) of a ``nice`` checkpoint, both networks in eval mode."""
+    ckpt = load_checkpoint(path, "nice")
+    return build_model(ckpt, "generator").eval(), build_model(ckpt, "classifier").eval(), ckpt
 
 
 @torch.no_grad()
@@ -203,20 +203,19 @@ def _set_train_modes(classifier: torch.nn.Module, blocks: Sequence[str], mode: s
                 module.train()
 
 
-def _load_data(cfg: NiceConfig, record: dict[str, Any]) -> tuple[TensorImages, TensorImages | None]:
+def _load_data(cfg: NiceConfig, clf: Checkpoint) -> tuple[TensorImages, TensorImages | None]:
     train = load_dataset(cfg.data, "train")
     test = load_dataset(cfg.data, "test") if has_split(cfg.data, "test") else None
-    expected = list(record["input_shape"])
     for split in (train, test):
-        if split is not None and list(split.shape_chw) != expected:
-            raise InputError(f"{cfg.data}: images are {list(split.shape_chw)} (C,H,W) but the classifier expects {expected}")
-        if split is not None and split.num_classes > len(record["class_names"]):
-            raise InputError(f"{cfg.data}: {split.num_classes} classes, the classifier knows {len(record['class_names'])}")
+        if split is not None and list(split.shape_chw) != clf.input_shape:
+            raise InputError(f"{cfg.data}: images are {list(split.shape_chw)} (C,H,W) but the classifier expects {clf.input_shape}")
+        if split is not None and split.num_classes > len(clf.class_names):
+            raise InputError(f"{cfg.data}: {split.num_classes} classes, the classifier knows {len(clf.class_names)}")
     if cfg.max_train:
         train = train.sample(cfg.max_train, cfg.seed)
     if test is not None and cfg.max_test:
         test = test.sample(cfg.max_test, cfg.seed)
-    mean, std = record["normalization"]["mean"], record["normalization"]["std"]
+    mean, std = clf.normalization.mean, clf.normalization.std
     return TensorImages(train, mean, std), (TensorImages(test, mean, std) if test is not None else None)
 
 
@@ -259,6 +258,31 @@ def default_generator(height: int, width: int) -> str:
         ('nice_unet', 'nice_fast')
     """
     return "nice_unet" if min(height, width) <= FULL_RES_GENERATOR_MAX_SIDE else "nice_fast"
+
+
+def gradient_saliency(classifier: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """|∂ logit_t / ∂x| summed over channels (N×H×W); t = ``target``, default the predicted class."""
+    classifier.eval()
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = classifier(x)
+        t = logits.argmax(1) if target is None else target
+        (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x)
+    return grad.abs().sum(1)
+
+
+def topk_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Binary N×1×H×W mask keeping the ``counts[i]`` highest-scoring pixels of image i.
+
+    Example:
+        >>> import torch
+        >>> topk_mask(torch.tensor([[[0.1, 0.9], [0.5, 0.2]]]), torch.tensor([2]))[0, 0].tolist()
+        [[0.0, 1.0], [1.0, 0.0]]
+    """
+    n = scores.shape[0]
+    flat = scores.reshape(n, -1)
+    rank = flat.argsort(1, descending=True).argsort(1)
+    return (rank < counts.view(n, 1)).float().view(n, 1, *scores.shape[-2:])
 
 
 def saliency_target(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fraction: float, smooth: int) -> torch.Tensor:
@@ -312,12 +336,12 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    clf_record = load_checkpoint(cfg.classifier)
-    if "classifier" not in clf_record.get("models", {}):
-        raise CheckpointError(f"{cfg.classifier}: holds no classifier (kind {clf_record.get('kind')})")
-    classifier = build_model(clf_record, "classifier")
-    train_t, test_t = _load_data(cfg, clf_record)
-    c, h, w = clf_record["input_shape"]
+    clf = load_checkpoint(cfg.classifier)
+    if "classifier" not in clf.models:
+        raise CheckpointError(f"{cfg.classifier}: holds no classifier (kind {clf.kind})")
+    classifier = build_model(clf, "classifier")
+    train_t, test_t = _load_data(cfg, clf)
+    c, h, w = clf.input_shape
     gen_kwargs = {"in_channels": c, **cfg.generator_kwargs}
     gen_name = default_generator(h, w) if cfg.generator == "auto" else cfg.generator
     try:
@@ -348,7 +372,7 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
     started = time.time()
     from tqdm.auto import tqdm
 
-    def snapshot(metrics: dict[str, Any], epoch: int) -> dict[str, Any]:
+    def snapshot(metrics: dict[str, Any], epoch: int) -> Checkpoint:
         settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "command", "threads")}
         settings.update(
             block_size=int(cfg.block_size),
@@ -358,20 +382,14 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
             lambda_smooth=float(cfg.lambda_smooth),
             classifier_checkpoint=str(cfg.classifier),
         )
-        return {
-            "kind": "nice",
-            "models": {
-                "generator": model_entry(gen_name, gen_kwargs, generator),
-                "classifier": model_entry(clf_record["models"]["classifier"]["arch"], clf_record["models"]["classifier"]["kwargs"], classifier),
-            },
-            "input_shape": [c, h, w],
-            "normalization": {"mean": list(clf_record["normalization"]["mean"]), "std": list(clf_record["normalization"]["std"])},
-            "class_names": list(clf_record["class_names"]),
-            "settings": settings,
-            "metrics": metrics,
-            "command": cfg.command,
-            "epoch": epoch,
-        }
+        clf_entry = clf.models["classifier"]
+        return Checkpoint(
+            kind="nice",
+            models={"generator": ModelEntry.of(gen_name, gen_kwargs, generator), "classifier": ModelEntry.of(clf_entry.arch, clf_entry.kwargs, classifier)},
+            input_shape=[c, h, w], normalization=Normalization(list(clf.normalization.mean), list(clf.normalization.std)),
+            class_names=list(clf.class_names), preprocessing=dict(clf.preprocessing), settings=settings, metrics=metrics,
+            command=cfg.command, epoch=epoch,
+        )
 
     if cfg.warmup_steps:
         row0: dict[str, Any] = {"epoch": 0, **_warm_start(cfg, generator, classifier, train_t, optimizer)}
@@ -433,177 +451,3 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
     metrics = {"history": history, "final": final, "final_split": split, "lambda_l0_final": lambda_l0}
     save_checkpoint(path, snapshot(metrics, max(cfg.epochs - 1, 0)))
     return {**metrics, "checkpoint": str(path), "wall_time_s": round(time.time() - started, 1)}
-
-
-# --------------------------------------------------------------------------- benchmark
-CODECS = ("png", "jpeg", "webp")
-
-
-def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Normalised N×C×H×W → uint8 N×H×W×C (round to nearest, clip): what a codec receives."""
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    pixels = ((x * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def encode_images(images: np.ndarray, codec: str, quality: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Encode each uint8 N×H×W×C image with PIL; returns (bytes per image, decoded images).
-
-    PNG is lossless (compress level 9); JPEG and WebP use ``quality`` (0–100).
-
-    Example:
-        >>> import numpy as np
-        >>> sizes, decoded = encode_images(np.zeros((2, 8, 8, 1), np.uint8), "png")
-        >>> sizes.shape, decoded.shape
-        ((2,), (2, 8, 8, 1))
-    """
-    from PIL import Image
-
-    if codec not in CODECS:
-        raise InputError(f"codec must be one of {CODECS}, got {codec!r}")
-    options = {"png": {"compress_level": 9}, "jpeg": {"quality": quality}, "webp": {"quality": quality}}[codec]
-    sizes = np.zeros(len(images), dtype=np.int64)
-    decoded = np.empty_like(images)
-    gray = images.shape[-1] == 1
-    for i, image in enumerate(images):
-        buf = io.BytesIO()
-        Image.fromarray(image[..., 0] if gray else image).save(buf, format=codec.upper(), **options)
-        sizes[i] = buf.tell()
-        buf.seek(0)
-        with Image.open(buf) as img:
-            arr = np.asarray(img.convert("L" if gray else "RGB"))
-        decoded[i] = arr[..., None] if gray else arr
-    return sizes, decoded
-
-
-@torch.no_grad()
-def classify_uint8(classifier: torch.nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float], batch_size: int = 256) -> np.ndarray:
-    """Predicted labels for uint8 N×H×W×C images (normalised as in training)."""
-    classifier.eval()
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    preds = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).float() / 255.0
-        preds.append(classifier((x - m) / s).argmax(1))
-    return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
-
-
-def gradient_saliency(classifier: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-    """|∂ logit_t / ∂x| summed over channels (N×H×W); t = ``target``, default the predicted class."""
-    classifier.eval()
-    x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        logits = classifier(x)
-        t = logits.argmax(1) if target is None else target
-        (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x)
-    return grad.abs().sum(1)
-
-
-def topk_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Binary N×1×H×W mask keeping the ``counts[i]`` highest-scoring pixels of image i.
-
-    Example:
-        >>> import torch
-        >>> topk_mask(torch.tensor([[[0.1, 0.9], [0.5, 0.2]]]), torch.tensor([2]))[0, 0].tolist()
-        [[0.0, 1.0], [1.0, 0.0]]
-    """
-    n = scores.shape[0]
-    flat = scores.reshape(n, -1)
-    rank = flat.argsort(1, descending=True).argsort(1)
-    return (rank < counts.view(n, 1)).float().view(n, 1, *scores.shape[-2:])
-
-
-def backselect_ranks(classifier: torch.nn.Module, data: TensorImages, k: int, batch_size: int = 256) -> torch.Tensor:
-    """Per-pixel importance (N×H×W) from Batched Gradient BackSelect (Carter et al. 2021, §3.2;
-    ``k`` pixels per iteration): the step at which a pixel is masked, so the pixels masked last
-    (the sufficient input subset) rank highest."""
-    from keepbits.audit import gradient_backselect
-
-    ranks = []
-    for x, _ in data.batches(batch_size):
-        n, c, h, w = x.shape
-        for result in gradient_backselect(classifier, x.numpy(), k=k, batch_size=batch_size, input_shape=(c, h, w)):
-            rank = np.empty(h * w, np.float32)
-            rank[result.order] = np.arange(len(result.order), dtype=np.float32)
-            ranks.append(torch.from_numpy(rank.reshape(h, w)))
-    return torch.stack(ranks)
-
-
-def benchmark_nice(
-    generator: torch.nn.Module,
-    classifier: torch.nn.Module,
-    record: dict[str, Any],
-    dataset: ImageDataset,
-    block_sizes: Iterable[int],
-    qualities: Sequence[int] = (10, 30, 50, 75, 90),
-    seed: int = 0,
-    batch_size: int = 256,
-    sis_ranks: torch.Tensor | None = None,
-) -> dict[str, Any]:
-    """Rate and accuracy of NICE and of same-budget baselines on ``dataset``, per block size.
-
-    For every b: NICE x̃ built with ẑ (Eq. 11, 12), quantised to uint8, its accuracy and
-    bytes as PNG and as JPEG/WebP at ``qualities``; random-pixel and gradient-saliency
-    top-k masks keeping, per image, as many pixels as ẑ > 0.5 does, composed the same
-    way (PNG bytes, accuracy); with ``sis_ranks`` (N×H×W, :func:`backselect_ranks` of the
-    same classifier and images), also the SIS baseline: the pixels BackSelect masks last. Once: the original image as PNG and JPEG/WebP at ``qualities`` (bytes, accuracy).
-    Accuracies are measured on the decoded images.
-    """
-    mean, std = record["normalization"]["mean"], record["normalization"]["std"]
-    data = TensorImages(dataset, mean, std)
-    labels = dataset.y
-    generator.eval()
-    classifier.eval()
-    z_hats, saliency = [], []
-    for x, _ in data.batches(batch_size):
-        with torch.no_grad():
-            z_hats.append(deterministic_mask(generator(x)))
-        saliency.append(gradient_saliency(classifier, x))
-    z_hat = torch.cat(z_hats)
-    sal = torch.cat(saliency)
-    counts = (z_hat > MASK_THRESHOLD).flatten(1).sum(1)
-    rand = topk_mask(torch.rand(sal.shape, generator=torch.Generator().manual_seed(seed)), counts)
-    sal_mask = topk_mask(sal, counts)
-    baselines = {"random": rand, "saliency_topk": sal_mask}
-    if sis_ranks is not None:
-        if tuple(sis_ranks.shape) != tuple(sal.shape):
-            raise InputError(f"sis_ranks must be {tuple(sal.shape)} (N×H×W of the images), got {tuple(sis_ranks.shape)}")
-        baselines["sis_backselect"] = topk_mask(sis_ranks, counts)
-
-    def accuracy(images: np.ndarray) -> float:
-        return float((classify_uint8(classifier, images, mean, std) == labels).mean())
-
-    def composed(mask: torch.Tensor, b: int) -> np.ndarray:
-        parts, start = [], 0
-        for x, _ in data.batches(batch_size):
-            parts.append(to_uint8(mixed_resolution(x, mask[start : start + len(x)], b), mean, std))
-            start += len(x)
-        return np.concatenate(parts)
-
-    def codec_rows(images: np.ndarray) -> list[dict[str, Any]]:
-        rows = []
-        for codec, quality in [("png", None)] + [(c, q) for c in ("jpeg", "webp") for q in qualities]:
-            sizes, decoded = encode_images(images, codec, quality)
-            rows.append({"codec": codec, "quality": quality, "bytes_per_image": float(sizes.mean()), "accuracy": accuracy(decoded)})
-        return rows
-
-    original = dataset.x
-    result: dict[str, Any] = {
-        "num_images": len(dataset),
-        "kept_fraction": float((z_hat > MASK_THRESHOLD).float().mean()),
-        "mean_mask": float(z_hat.mean()),
-        "original": {"accuracy": accuracy(original), "codecs": codec_rows(original)},
-        "per_block_size": [],
-    }
-    for b in block_sizes:
-        nice_images = composed(z_hat, b)
-        row: dict[str, Any] = {"block_size": int(b), "nice": {"accuracy": accuracy(nice_images), "codecs": codec_rows(nice_images)}}
-        for name, mask in baselines.items():
-            images = composed(mask, b)
-            sizes, _ = encode_images(images, "png")
-            row[name] = {"accuracy": accuracy(images), "png_bytes_per_image": float(sizes.mean())}
-        row["nice"]["png_bytes_per_image"] = row["nice"]["codecs"][0]["bytes_per_image"]
-        result["per_block_size"].append(row)
-    return result

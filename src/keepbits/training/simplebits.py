@@ -42,9 +42,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from keepbits import registry
+from keepbits.core import accuracy
 from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset
 from keepbits.errors import InputError
-from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
+from keepbits.training.classifier import FitConfig, predict_logits
 from keepbits.training.density import images_to_unit, load_density
 
 log = logging.getLogger("keepbits")
@@ -145,14 +147,6 @@ def simplify(simplifier: torch.nn.Module, x: torch.Tensor, batch_size: int = 128
 
 
 @torch.no_grad()
-def accuracy(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``classifier`` on [0, 1] images."""
-    classifier.eval()
-    hits = sum(int((classifier(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
-    return hits / max(len(x), 1)
-
-
-@torch.no_grad()
 def mean_bpd(flow: torch.nn.Module, x: torch.Tensor, batch_size: int = 128, seed: int = 0) -> float:
     """Mean bpd of [0, 1] images under ``flow`` (fixed dequantisation noise seed)."""
     from keepbits.training.density import evaluate_bpd
@@ -160,21 +154,17 @@ def mean_bpd(flow: torch.nn.Module, x: torch.Tensor, batch_size: int = 128, seed
     return evaluate_bpd(flow, x, batch_size, seed)
 
 
-def fit_classifier(
-    classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int = 64,
-    lr: float = 5e-4, weight_decay: float = 1e-5, seed: int = 0,
-) -> torch.nn.Module:
-    """Plain AdamW training of ``classifier`` on [0, 1] images (retraining / evaluation protocol)."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
-    classifier.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)
-        loss = F.cross_entropy(classifier(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return classifier.eval()
+def retrain_config(steps: int, batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 1e-5, seed: int = 0) -> FitConfig:
+    """Settings of a fresh classifier trained on (simplified, condensed) [0, 1] images, the
+    retraining / evaluation protocol: ``steps`` AdamW steps at the joint training's lr and weight
+    decay, constant lr, no augmentation. Train with :func:`keepbits.training.classifier.fit_classifier`.
+
+    Example:
+        >>> retrain_config(300, batch_size=256, lr=1e-3).optimizer
+        'adamw'
+    """
+    return FitConfig(steps=steps, batch_size=batch_size, optimizer="adamw", lr=lr, weight_decay=weight_decay, schedule="none",
+                     augment="none", seed=seed, progress=False)
 
 
 def train_mse_simplifier(
@@ -208,17 +198,15 @@ def train_simplebits(cfg: SimpleBitsConfig) -> dict[str, Any]:
     c, h, w = train.shape_chw
     flow = load_density(cfg.density)
     if cfg.classifier:  # finetuning a pretrained classifier (Fig. 5, "finetuning")
-        record = load_checkpoint(cfg.classifier)
-        net = build_model(record, "classifier")
-        clf_kwargs = record["models"]["classifier"]["kwargs"]
-        arch = record["models"]["classifier"]["arch"]
-        norm = record.get("normalization") or {"mean": [0.0] * c, "std": [1.0] * c}
-        classifier = Normalized(net, norm["mean"], norm["std"])
+        pretrained = load_checkpoint(cfg.classifier)
+        net = build_model(pretrained, "classifier")
+        clf_kwargs, arch = pretrained.models["classifier"].kwargs, pretrained.models["classifier"].arch
+        norm = pretrained.normalization
+        classifier = Normalized(net, norm.mean, norm.std)
     else:
         arch = cfg.arch
-        mean, std = channel_stats(train.x)
-        norm = {"mean": mean, "std": std}
-        classifier, clf_kwargs = build_classifier(arch, c, train.num_classes, (h, w), mean, std)
+        norm = Normalization(*channel_stats(train.x))
+        classifier, clf_kwargs = build_classifier(arch, c, train.num_classes, (h, w), norm.mean, norm.std)
     sim_kwargs = {"in_channels": c, "base": cfg.unet_base}
     simplifier = registry.build("simplebits_unet", kind="simplifier", **sim_kwargs)
     groups = [{"params": list(simplifier.parameters()), "lr": cfg.sim_lr or cfg.lr}, {"params": list(classifier.parameters())}]
@@ -242,18 +230,12 @@ def train_simplebits(cfg: SimpleBitsConfig) -> dict[str, Any]:
             recent = []
     metrics = evaluate_simplebits(classifier, simplifier, flow, test if test is not None else train)
     metrics["steps"], metrics["wall_time_s"] = cfg.steps, time.time() - start
-    save_checkpoint(cfg.out, {
-        "kind": "simplebits",
-        "models": {"simplifier": model_entry("simplebits_unet", sim_kwargs, simplifier),
-                   "classifier": model_entry(arch, clf_kwargs, classifier.net)},
-        "input_shape": [c, h, w],
-        "normalization": norm,
-        "class_names": train.class_names,
-        "settings": asdict(cfg),
-        "command": cfg.command,
-        "metrics": metrics,
-        "epoch": 0,
-    })
+    save_checkpoint(cfg.out, Checkpoint(
+        kind="simplebits",
+        models={"simplifier": ModelEntry.of("simplebits_unet", sim_kwargs, simplifier), "classifier": ModelEntry.of(arch, clf_kwargs, classifier.net)},
+        input_shape=[c, h, w], normalization=Normalization(list(norm.mean), list(norm.std)), class_names=train.class_names,
+        settings=asdict(cfg), command=cfg.command, metrics=metrics,
+    ))
     log.info("simplebits: %s -> %s", {k: round(v, 4) for k, v in metrics.items()}, cfg.out)
     return {"metrics": metrics, "checkpoint": str(cfg.out)}
 
@@ -264,14 +246,13 @@ def evaluate_simplebits(classifier: torch.nn.Module, simplifier: torch.nn.Module
     x_sim = simplify(simplifier, x)
     return {
         "bpd_orig": mean_bpd(flow, x), "bpd_sim": mean_bpd(flow, x_sim),
-        "acc_orig": accuracy(classifier, x, y), "acc_sim": accuracy(classifier, x_sim, y),
+        "acc_orig": accuracy(predict_logits(classifier, x), y), "acc_sim": accuracy(predict_logits(classifier, x_sim), y),
     }
 
 
-def load_simplebits(path: str | Path) -> tuple[torch.nn.Module, Normalized, dict[str, Any]]:
-    """(simplifier, normalised classifier, record) of a ``simplebits`` checkpoint, eval mode."""
-    record = load_checkpoint(path, kind="simplebits")
-    simplifier = build_model(record, "simplifier").eval()
-    norm = record["normalization"]
-    classifier = Normalized(build_model(record, "classifier"), norm["mean"], norm["std"]).eval()
-    return simplifier, classifier, record
+def load_simplebits(path: str | Path) -> tuple[torch.nn.Module, Normalized, Checkpoint]:
+    """(simplifier, normalised classifier, checkpoint) of a ``simplebits`` checkpoint, eval mode."""
+    ckpt = load_checkpoint(path, kind="simplebits")
+    simplifier = build_model(ckpt, "simplifier").eval()
+    classifier = Normalized(build_model(ckpt, "classifier"), ckpt.normalization.mean, ckpt.normalization.std).eval()
+    return simplifier, classifier, ckpt
