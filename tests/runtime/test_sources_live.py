@@ -116,6 +116,7 @@ class RtspCamera:
                         return  # the camera goes away
 
     def close(self) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread, which then ends
         self.server.close()
 
 
