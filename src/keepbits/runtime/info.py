@@ -62,11 +62,8 @@ def bundle_info(path: str | Path, expected_digest: str | None = None) -> dict[st
     bundle = load_bundle(path, expected_digest)
     m = bundle.manifest
     ops = custom_op_status(m.custom_ops, m.function_bodies)
-    options = ort.SessionOptions()
-    if m.custom_ops and ops["runs_with"] == "native kernels":
-        native.register(options)
     try:
-        session = ort.InferenceSession(str(bundle.model_path), options, providers=["CPUExecutionProvider"])
+        session = native.make_session(bundle.model_path, native=ops["runs_with"] == "native kernels")
     except Exception as exc:  # noqa: BLE001 - ORT raises its own error types
         raise InputError(f"{path}: ONNX Runtime {ort.__version__} cannot load {m.model_file} here "
                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); custom ops: {ops['runs_with']}") from None
