@@ -10,8 +10,9 @@ decoded and classified the same way. With labels: top-1 accuracy of each point a
 frame; always: agreement with the full-frame prediction (the metric for unlabelled images).
 
 Operating points: thresholds × block sizes × (foreground codec, quality); the codec accepts any
-block size, whatever the bundle was trained with. A bundle with ``classify_on: "mixed"``
-classifies its own x̃ of whatever it is given, so its score on a decoded x̃ is that of x̃ remixed.
+block size, whatever the bundle was trained with. The bundle classifies what it is given the
+way it always does: one with ``classify_on: "mixed"`` classifies its own x̃ of the decoded x̃,
+a SimpleBits bundle its simplification of the decoded simplified image.
 
 Everything runs in batches: memory holds one batch of frames, masks and decoded images.
 
