@@ -9,6 +9,6 @@ Example:
     ((32, 32, 3), 0, 16)
 """
 from keepbits.codec.container import MAGIC, VERSION
-from keepbits.codec.payload import DEFAULT_MAX_PIXELS, PayloadMeta, decode, encode, mixed_image
+from keepbits.codec.payload import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_PER_BYTE, PayloadMeta, decode, encode, mixed_image
 
-__all__ = ["MAGIC", "VERSION", "DEFAULT_MAX_PIXELS", "PayloadMeta", "decode", "encode", "mixed_image"]
+__all__ = ["MAGIC", "VERSION", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_PIXELS_PER_BYTE", "PayloadMeta", "decode", "encode", "mixed_image"]
