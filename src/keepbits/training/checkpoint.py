@@ -15,8 +15,6 @@ Layout (a plain dict of tensors, numbers, strings, lists and dicts, nothing pick
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +50,9 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable keepbits checkpoint ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - torch's weights-only unpickler raises any type (IndexError, KeyError, ...) on foreign bytes
+        reason = next(iter(str(exc).splitlines()), "") or type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable keepbits checkpoint ({reason})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a keepbits checkpoint")
     if record.get("version") != VERSION:
