@@ -197,7 +197,7 @@ class Source:
                 self._counts["stale"] += 1
                 waited += self.read_timeout
                 if waited >= self.stall_timeout:
-                    self.last_error = f"no frame for {waited:.1f} s"
+                    self.last_error = f"no frame for {waited:.1f} s" + (f"; last error: {self.last_error}" if self.last_error else "")
                     log.warning("source %s stalled (%s); ending the stream", self.name, self.last_error)
                     self.close(timeout=0)
                     return None
