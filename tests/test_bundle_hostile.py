@@ -122,8 +122,8 @@ def _manifest_dict(good: Path) -> dict:
 @pytest.mark.parametrize("patch, field", [
     ({"input_shape": 5}, "input_shape"),
     ({"input_shape": [3, 100000, 100000]}, "input_shape"),
-    ({"input_shape": [3, 8192, 8192]}, "input_shape"),         # sides fine, pixels over the bound
-    ({"input_shape": [4, 8, 8], "mean": [0.5] * 4, "std": [0.25] * 4}, "channels"),
+    ({"input_shape": [3, 8192, 8192]}, "input_shape"),         # sides fine, C*H*W over the bound
+    ({"input_shape": [100000, 64, 64], "mean": [0.5] * 100000, "std": [0.25] * 100000}, "input_shape"),
     ({"mean": 5}, "mean"),
     ({"mean": [float("nan")] * 3}, "mean"),
     ({"std": ["a", "b", "c"]}, "std"),
@@ -249,6 +249,13 @@ def test_manifest_that_disagrees_with_the_graph(tmp_path, patch, message):
     Pipeline.from_bundle(bundle)  # the unedited bundle runs
     with pytest.raises(BundleError, match=message):
         Pipeline.from_bundle(_edit_manifest(bundle, **patch))
+
+
+def test_runtime_takes_one_or_three_channels(tmp_path):
+    """Bundles for the audits may hold any channel count; the runtime and the payload take 1 or 3."""
+    folder = toy_bundle(tmp_path / "toy", size=16)
+    with pytest.raises(BundleError, match="2 channels"):
+        Pipeline.from_bundle(_edit_manifest(folder, input_shape=[2, 16, 16], mean=[0.0] * 2, std=[1.0] * 2))
 
 
 def test_dynamic_graph_mismatch_is_caught_by_the_first_frame_at_load(tmp_path):

@@ -59,11 +59,11 @@ CUSTOM_OPS = ("HardConcreteMask", "MixedResCompose", "MaskCompose")
 MAX_ARCHIVE_BYTES = 8 << 30
 #: Largest ``manifest.json`` read (bytes).
 MAX_MANIFEST_BYTES = 1 << 20
-#: Bounds of the manifest's numbers: model side and pixels (a uint8 frame of the model size
+#: Bounds of the manifest's numbers: model side and values C·H·W (a frame of the model size
 #: is allocated per batch item), block size (the payload's u16 field), classes (the payload's
 #: i16 class index), listed files, and characters of any name.
 MAX_INPUT_SIDE = 0xFFFF
-MAX_INPUT_PIXELS = 1 << 24
+MAX_INPUT_VALUES = 3 << 24
 MAX_BLOCK_SIZE = 0xFFFF
 MAX_CLASSES = 1 << 15
 MAX_FILES = 1024
@@ -180,10 +180,8 @@ class Manifest:
         if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) and v > 0 for v in shape)):
             raise bad(f"input_shape must be [C, H, W] positive ints, got {_show(shape)}")
         channels, height, width = shape
-        if channels not in (1, 3):
-            raise bad(f"input_shape: {channels} channels; the runtime and the payload take 1 (grey) or 3 (RGB)")
-        if max(height, width) > MAX_INPUT_SIDE or height * width > MAX_INPUT_PIXELS:
-            raise bad(f"input_shape {height}x{width} exceeds the bounds (sides <= {MAX_INPUT_SIDE}, H*W <= {MAX_INPUT_PIXELS})")
+        if max(height, width) > MAX_INPUT_SIDE or channels * height * width > MAX_INPUT_VALUES:
+            raise bad(f"input_shape {shape} exceeds the bounds (H, W <= {MAX_INPUT_SIDE}, C*H*W <= {MAX_INPUT_VALUES})")
         if self.input_dtype not in INPUT_DTYPES:
             raise bad(f"input_dtype {self.input_dtype!r} not in {INPUT_DTYPES}")
         if self.input_layout not in INPUT_LAYOUTS:

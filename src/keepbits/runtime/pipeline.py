@@ -214,6 +214,11 @@ class Pipeline:
     ):
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if bundle.manifest.input_shape[0] not in (1, 3):
+            from keepbits.errors import BundleError
+
+            raise BundleError(f"{bundle.source}: input_shape has {bundle.manifest.input_shape[0]} channels; the runtime "
+                              "and the payload take 1 (grey) or 3 (RGB)")
         self.session = session if session is not None else self._ort_session(bundle, backend, providers, threads, spinning)
         m = self.manifest = bundle.manifest
         self.bundle = bundle
