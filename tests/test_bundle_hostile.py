@@ -123,7 +123,7 @@ def _manifest_dict(good: Path) -> dict:
     ({"input_shape": 5}, "input_shape"),
     ({"input_shape": [3, 100000, 100000]}, "input_shape"),
     ({"input_shape": [3, 8192, 8192]}, "input_shape"),         # sides fine, C*H*W over the bound
-    ({"input_shape": [100000, 64, 64], "mean": [0.5] * 100000, "std": [0.25] * 100000}, "input_shape"),
+    ({"input_shape": [20000, 64, 64], "mean": [0.5] * 20000, "std": [0.25] * 20000}, "input_shape"),
     ({"mean": 5}, "mean"),
     ({"mean": [float("nan")] * 3}, "mean"),
     ({"std": ["a", "b", "c"]}, "std"),
