@@ -243,26 +243,6 @@ class _Writer:
             self.video.release()
 
 
-def _recv_exact(conn: socket.socket, n: int, idle_timeout: float, stop: threading.Event) -> bytes | None:
-    """Exactly ``n`` bytes; None on a clean close before the first byte; OSError on a
-    close mid-way, on ``stop`` or after ``idle_timeout`` s without progress."""
-    buf = bytearray(n)
-    view, got, last = memoryview(buf), 0, time.monotonic()
-    while got < n:
-        try:
-            k = conn.recv_into(view[got:])
-        except socket.timeout:
-            if stop.is_set() or time.monotonic() - last > idle_timeout:
-                raise TimeoutError(f"no data for {time.monotonic() - last:.1f} s") from None
-            continue
-        if k == 0:
-            if got == 0:
-                return None
-            raise ConnectionError(f"connection closed after {got} of {n} bytes")
-        got, last = got + k, time.monotonic()
-    return bytes(buf)
-
-
 def receive(
     host: str,
     port: int,
