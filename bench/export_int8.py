@@ -23,7 +23,7 @@ from keepbits.data import load_dataset
 from keepbits.export import export_onnx
 from keepbits.export.quantize import ACTIVATION_TYPES, quantize_bundle
 from keepbits.native import make_session
-from keepbits.runtime.parity import bundle_inputs
+from keepbits.runtime.pipeline import bundle_inputs
 
 
 def latency_ms(paths: dict[str, Path], image: np.ndarray, name: str, repeat: int) -> dict[str, float]:

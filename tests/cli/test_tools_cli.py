@@ -45,7 +45,7 @@ def _run(argv, capsys):
 def test_info(bundle, capsys):
     code, info, err = _run(["info", "--model", str(bundle)], capsys)
     assert code == 0 and info["verified"] and info["input"]["shape"] == [3, 32, 32] and "verified" in err
-    code, _, err = _run(["info", "--model", str(bundle), "--expected-digest", "ab" * 32], capsys)
+    code, _, err = _run(["info", "--model", str(bundle), "--expect-digest", "ab" * 32], capsys)
     assert code == 2 and err.count("\n") == 1 and "does not match" in err
 
 

@@ -100,7 +100,9 @@ def test_stream_to_receiver_through_the_broker(pipe, mosquitto, tmp_path):
     sink = summary["sinks"][0]
     assert sink["kind"] == "mqtt" and sink["published"] == sink["delivered"] == 8 and sink["dropped"] == 0 and sink["pending_at_close"] == 0
     assert stats["frames"] == 8 and stats["bad_payloads"] == 0 and stats["dropped"] == 0 and stats["connects"] == 1
-    first = cv2.imread(str(tmp_path / "rx" / "00000000.png"))[:, :, ::-1]
+    records = [json.loads(line) for line in (tmp_path / "rx" / "frames.jsonl").read_text().splitlines()]
+    assert {r["topic"] for r in records} == {"cams/1/kbit"} and records[0]["image"] == "cams_1_kbit-0-00000000.png"
+    first = cv2.imread(str(tmp_path / "rx" / records[0]["image"]))[:, :, ::-1]
     ref = pipe(frames[0])
     x0, y0, w, h = ref.roi
     assert np.array_equal(first, ref.mixed[y0:y0 + h, x0:x0 + w])
@@ -200,6 +202,19 @@ def test_slow_receiver_drops_oldest_and_counts(mosquitto, tmp_path):
     assert box["dropped"] > 0 and box["frames"] + box["dropped"] == 60 and box["bad_payloads"] == 0
     sequences = _sequences(tmp_path / "rx")
     assert sequences == sorted(sequences) and sequences[-1] == 59  # the newest frames survive
+
+
+def test_a_restarted_sender_starts_a_new_session_of_file_names(mosquitto, tmp_path):
+    receiver = _Receiver(f"{mosquitto.url}/cams/+?{FAST}", tmp_path / "rx", idle_timeout=30)
+    for topic in ("cams/a", "cams/b"):
+        sink = MqttSink(f"{mosquitto.url}/{topic}?qos=1&{FAST}")
+        for k in (0, 1, 0, 1):  # a sender that restarts after two frames
+            sink.send(_payload(k))
+        sink.close()
+    assert _until(lambda: len(_sequences(tmp_path / "rx")) == 8)
+    receiver.stop()
+    names = sorted(p.name for p in (tmp_path / "rx").glob("*.png"))
+    assert names == [f"cams_{t}-{s}-0000000{k}.png" for t in "ab" for s in (0, 1) for k in (0, 1)]
 
 
 def test_receiver_counts_bad_and_oversize_payloads(mosquitto, tmp_path):

@@ -18,14 +18,14 @@ HELP = "show what is inside a model bundle: manifest, provenance, input/outputs,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model bundle folder or .zip")
-    parser.add_argument("--expected-digest", default=None,
-                        help="sha256 of manifest.json the bundle must have (default: not pinned; see docs/bundle.md)")
+    parser.add_argument("--expect-digest", metavar="SHA256", default=None,
+                        help="refuse the bundle unless the sha256 of its manifest.json is this (default: not pinned; docs/bundle.md)")
 
 
 def run(args: argparse.Namespace) -> int:
     from keepbits.runtime.info import bundle_info
 
-    info = bundle_info(args.model, args.expected_digest)
+    info = bundle_info(args.model, args.expect_digest)
     if not args.quiet:
         i, ops = info["input"], info["custom_ops"]
         print(f"keepbits: {info['bundle']}: {info['explain']} bundle ({info['generator']} + {info['classifier']}), "

@@ -26,7 +26,8 @@ from keepbits.bundle import Bundle, load_bundle, write_bundle
 from keepbits.data import ImageDataset, has_split, load_dataset
 from keepbits.errors import InputError
 from keepbits.native import make_session
-from keepbits.runtime.parity import Parity, bundle_inputs
+from keepbits.runtime.parity import Parity
+from keepbits.runtime.pipeline import bundle_inputs
 
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 #: Activation types. ORT 1.32's x86 CPU kernels fuse DQ→Conv→Q into QLinearConv for uint8

@@ -31,21 +31,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 import threading
 import time
 import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from keepbits.codec import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_PER_BYTE, PayloadMeta
 from keepbits.errors import DecodeError, InputError
+from keepbits.runtime.net import MAX_PAYLOAD
 from keepbits.runtime.queues import BoundedQueue, QueueClosed
 from keepbits.runtime.receiver import PayloadWriter
 
 log = logging.getLogger(__name__)
 
-#: Largest payload the receiver decodes by default (bytes); larger messages are counted and skipped.
-MAX_PAYLOAD = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +172,7 @@ class MqttSink:
         if self._state.get("closing"):
             return
         self.stats["disconnects"] += 1
+        self._state["last_error"] = f"disconnected ({reason})"
         with self._lock:  # QoS 0 messages not yet written are gone; QoS 1/2 ones are resent on reconnect
             lost = [mid for mid, qos in self._pending.items() if qos == 0]
             for mid in lost:
@@ -197,6 +200,7 @@ class MqttSink:
         with self._lock:
             if info is None or not (info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and a.qos > 0)):
                 self.stats["dropped"] += 1
+                self._state["last_error"] = f"dropped: {a.queue} messages waiting" if info is None else f"dropped: {info.rc.name}"
                 return False
             self.stats["published"] += 1
             self.stats["bytes"] += len(payload)
@@ -216,15 +220,38 @@ class MqttSink:
             return len(self._pending)
 
     def close(self) -> dict[str, Any]:
-        """Wait up to ``flush_timeout`` for pending messages, disconnect; returns the counters
-        (``pending_at_close``: messages the broker never acknowledged)."""
+        """Wait up to ``flush_timeout`` for pending messages, disconnect; returns the counters:
+        ``pending_at_close`` (messages the broker never acknowledged) and, for the run's status
+        (:data:`keepbits.runtime.stream.STATUSES`), ``undelivered`` = ``unsent`` (dropped + lost)
+        + ``unconfirmed`` (pending at close), with ``last_error``."""
         deadline = time.monotonic() + self.address.flush_timeout
         while self.pending() and time.monotonic() < deadline:
             time.sleep(0.02)
         self._state["closing"] = True
         self.client.disconnect()
         self.client.loop_stop()
-        return {**self.stats, "pending_at_close": self.pending()}
+        pending = self.pending()
+        unsent = self.stats["dropped"] + self.stats["lost"]
+        return {**self.stats, "pending_at_close": pending, "unsent": unsent, "unconfirmed": pending,
+                "undelivered": unsent + pending, "last_error": self._state.get("last_error")}
+
+
+def _file_names() -> Callable[[str], Callable[[PayloadMeta], str]]:
+    """Names of received frames: ``<topic>-<session>-<sequence>`` (topic with ``/`` as ``_``); a
+    sequence number not above the last one of its topic starts the next session, so a restarted
+    sender never overwrites earlier frames."""
+    last: dict[str, tuple[int, int]] = {}
+
+    def for_topic(topic: str) -> Callable[[PayloadMeta], str]:
+        def name(meta: PayloadMeta) -> str:
+            session, previous = last.get(topic, (0, -1))
+            session += meta.sequence <= previous
+            last[topic] = (session, meta.sequence)
+            return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', topic)}-{session}-{meta.sequence:08d}"
+
+        return name
+
+    return for_topic
 
 
 def receive_mqtt(
@@ -237,6 +264,8 @@ def receive_mqtt(
     fps: float = 25.0,
     images: bool = True,
     max_payload: int = MAX_PAYLOAD,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels_per_byte: int | None = DEFAULT_MAX_PIXELS_PER_BYTE,
     writer: PayloadWriter | None = None,
     ready: threading.Event | None = None,
     stop: threading.Event | None = None,
@@ -244,12 +273,19 @@ def receive_mqtt(
     """Subscribe to ``address``'s topic (re-subscribing after every reconnect) and decode each
     message into ``out`` with a :class:`PayloadWriter` (or ``writer``); returns counters.
 
-    Messages wait in a queue of ``queue`` (the address option) between paho's network thread
-    and the decoder; when the decoder falls behind the oldest are dropped and counted. Returns
-    after ``max_frames``, after ``idle_timeout`` s without a message, or when ``stop`` is set;
-    ``ready`` is set once subscribed. Bad and oversize payloads are counted and skipped.
+    Frames are named ``<topic>-<session>-<sequence>`` (:func:`_file_names`), ``frames.jsonl`` is
+    appended to (each line with its ``topic``). Messages wait in a queue of ``queue`` (the
+    address option) between paho's network thread and the decoder; when the decoder falls behind
+    the oldest are dropped and counted. Returns after ``max_frames``, after ``idle_timeout`` s
+    without a message, or when ``stop`` is set; ``ready`` is set once subscribed. Bad payloads
+    and those over ``max_payload`` bytes are counted and skipped; ``max_pixels`` and
+    ``max_pixels_per_byte`` bound :func:`keepbits.codec.decode`.
     """
     address = parse_address(address) if isinstance(address, str) else address
+    if not (isinstance(idle_timeout, (int, float)) and math.isfinite(idle_timeout) and idle_timeout > 0):
+        raise InputError(f"idle_timeout must be a positive number, got {idle_timeout!r}")
+    if not (isinstance(max_payload, int) and max_payload >= 1):
+        raise InputError(f"max_payload must be an int >= 1, got {max_payload!r}")
     stop = stop or threading.Event()
     queue = BoundedQueue(address.queue, "drop_oldest")
     connected = threading.Event()
@@ -277,14 +313,16 @@ def receive_mqtt(
 
     def on_message(client: Any, userdata: Any, message: Any) -> None:
         try:
-            queue.put(message.payload)
+            queue.put((message.topic, message.payload))
         except QueueClosed:
             pass
 
+    own_writer = writer is None
+    writer = writer or PayloadWriter(out, video=video, fps=fps, images=images, masks=False, append=True, what="receive --out",
+                                     max_pixels=max_pixels, max_pixels_per_byte=max_pixels_per_byte)
     client = _client(address, on_connect, on_disconnect)
     client.on_subscribe, client.on_message = on_subscribe, on_message
-    own_writer = writer is None
-    writer = writer or PayloadWriter(out, video=video, fps=fps, images=images, masks=False)
+    names = _file_names()
     try:
         _start(client, address, connected, state)
         if ready is not None:
@@ -292,7 +330,7 @@ def receive_mqtt(
         idle_since = time.monotonic()
         while not stop.is_set() and (max_frames is None or stats["frames"] < max_frames):
             try:
-                payload = queue.get(timeout=0.2)
+                topic, payload = queue.get(timeout=0.2)
             except TimeoutError:
                 if time.monotonic() - idle_since > idle_timeout:
                     break
@@ -301,14 +339,14 @@ def receive_mqtt(
             stats["bytes"] += len(payload)
             if len(payload) > max_payload:
                 stats["oversize"] += 1
-                log.warning("%s: message of %d bytes exceeds max_payload=%d; skipped", address, len(payload), max_payload)
+                log.warning("%s: message of %d bytes on %s exceeds max_payload=%d; skipped", address, len(payload), topic, max_payload)
                 continue
             try:
-                writer.write(payload)
+                writer.write(payload, names(topic), topic=topic)
                 stats["frames"] += 1
             except DecodeError as exc:
                 stats["bad_payloads"] += 1
-                log.warning("%s: bad payload skipped (%s)", address, exc)
+                log.warning("%s: bad payload on %s skipped (%s)", address, topic, exc)
     finally:
         state["closing"] = True
         queue.close()
@@ -320,4 +358,4 @@ def receive_mqtt(
     return stats
 
 
-__all__ = ["MAX_PAYLOAD", "MqttAddress", "MqttSink", "parse_address", "receive_mqtt"]
+__all__ = ["MqttAddress", "MqttSink", "parse_address", "receive_mqtt"]

@@ -24,9 +24,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from keepbits import native
-from keepbits.bundle import EXPLAIN_OUTPUTS, Manifest, load_bundle
+from keepbits.bundle import EXPLAIN_OUTPUTS, load_bundle
 from keepbits.errors import InputError
-from keepbits.runtime.pipeline import Pipeline
+from keepbits.runtime.pipeline import Pipeline, bundle_inputs
 
 #: Graph outputs in pixel space (0..255 for uint8 input): compared after dividing by the pixel scale.
 PIXEL_OUTPUTS = ("mixed", "simplified")
@@ -34,17 +34,6 @@ PIXEL_OUTPUTS = ("mixed", "simplified")
 #: CUDA when available), ``functions`` (CPU, the ONNX function bodies), ``native`` (CPU, the
 #: native kernels, required), ``cuda`` and ``tensorrt`` (those ONNX Runtime providers, required).
 BUNDLE_BACKENDS = ("auto", "functions", "native", "cuda", "tensorrt")
-
-
-def bundle_inputs(manifest: Manifest, images: np.ndarray) -> np.ndarray:
-    """uint8 N×H×W×C images in the bundle's input format (NHWC uint8 or NCHW float 0..1)."""
-    if images.shape[-1] != manifest.input_shape[0]:
-        raise InputError(f"images have {images.shape[-1]} channels, the bundle expects {manifest.input_shape[0]}")
-    if not manifest.dynamic_size and list(images.shape[1:3]) != manifest.input_shape[1:]:
-        raise InputError(f"images are {images.shape[1]}×{images.shape[2]}, the bundle accepts {manifest.input_shape[1]}×{manifest.input_shape[2]} only")
-    if manifest.input_dtype == "uint8":
-        return np.ascontiguousarray(images)
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
 class Parity:
@@ -209,5 +198,5 @@ def _session_outputs(pipeline: Pipeline) -> list[str]:
     return [o.name for o in outputs()] if outputs is not None else ["logits", "mask"]
 
 
-__all__ = ["BUNDLE_BACKENDS", "PIXEL_OUTPUTS", "Parity", "Tolerances", "bundle_inputs", "bundle_pipeline", "check",
+__all__ = ["BUNDLE_BACKENDS", "PIXEL_OUTPUTS", "Parity", "Tolerances", "bundle_pipeline", "check",
            "compare_outputs", "compare_pipelines", "run_outputs"]

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
 
-from keepbits.codec import DEFAULT_MAX_PIXELS, decode
+from keepbits.codec import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_PER_BYTE, PayloadMeta, decode
 from keepbits.errors import DecodeError, InputError
-from keepbits.runtime.video import even_size, open_video_writer
+from keepbits.runtime.video import even_size, open_video_writer, video_codecs
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +42,42 @@ def _crop(image: np.ndarray, roi: tuple[int, int, int, int]) -> np.ndarray:
 
 
 class PayloadWriter:
-    """Decode payloads into ``out``: PNGs (``images``), mask PNGs (``masks``), ``frames.jsonl``,
-    and ``video`` (a path) at ``fps``; frames of another size than the first are resized to it."""
+    """Decode payloads into ``out``: PNGs (``images``), mask PNGs (``masks``), ``frames.jsonl``
+    (``append``: added to an existing one), and ``video`` (a path) at ``fps``; frames of another
+    size than the first are resized to it. ``max_pixels`` and ``max_pixels_per_byte`` bound
+    :func:`keepbits.codec.decode`. Safe to call from several threads (one per sender); ``what``
+    names ``out`` in errors."""
 
     def __init__(self, out: str | Path, *, video: str | Path | None = None, fps: float = 25.0, images: bool = True,
-                 masks: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.out, self.images, self.masks, self.max_pixels = Path(out), images, masks, max_pixels
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.out / "frames.jsonl", "w", encoding="utf-8")
+                 masks: bool = True, append: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_pixels_per_byte: int | None = DEFAULT_MAX_PIXELS_PER_BYTE, what: str = "--out"):
+        self.out, self.images, self.masks = Path(out), images, masks
+        self.limits = {"max_pixels": max_pixels, "max_pixels_per_byte": max_pixels_per_byte}
+        if video is not None:
+            try:
+                video_codecs(video)
+            except InputError as exc:
+                raise InputError(f"video {video}: {exc}") from None
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"{what} {out}: exists and is not a folder")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(self.out / "frames.jsonl", "a" if append else "w", encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"{what} {out}: cannot write there ({exc.strerror or exc})") from None
         self.video_path, self.fps = video, fps
         self.video: Any = None
         self.size: tuple[int, int] | None = None
         self.frames = 0
+        self._lock = threading.Lock()
 
-    def write(self, payload: bytes, name: str | None = None, **extra: Any) -> dict[str, Any]:
-        """Decode ``payload`` and write its files under ``name`` (default: its sequence number,
-        8 digits); ``extra`` goes into its JSONL record, which is returned."""
-        image, mask, meta = decode(payload, max_pixels=self.max_pixels)
-        name = name or f"{meta.sequence:08d}"
+    def write(self, payload: bytes, name: str | Callable[[PayloadMeta], str] | None = None, *, prefix: str = "",
+              **extra: Any) -> dict[str, Any]:
+        """Decode ``payload`` and write its files under ``name`` (a function of the payload's
+        :class:`keepbits.codec.PayloadMeta`, or default: ``prefix`` and its sequence number, 8
+        digits); ``extra`` goes first into its JSONL record, which is returned."""
+        image, mask, meta = decode(payload, **self.limits)
+        name = name(meta) if callable(name) else name or f"{prefix}{meta.sequence:08d}"
         crop = _crop(image, meta.roi)
         bgr = cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR if crop.shape[2] == 1 else cv2.COLOR_RGB2BGR)
         record = {**extra, "sequence": meta.sequence, "timestamp": meta.timestamp, "label": meta.label, "name": meta.name,
@@ -71,14 +90,15 @@ class PayloadWriter:
         if self.masks and mask is not None:
             cv2.imwrite(str(self.out / f"{name}_mask.png"), _crop(mask, meta.roi).astype(np.uint8) * 255)
             record["mask"] = f"{name}_mask.png"
-        if self.video_path is not None:
-            if self.video is None:
-                self.size = even_size(bgr.shape[1], bgr.shape[0])
-                self.video = open_video_writer(self.video_path, self.fps, self.size)
-            self.video.write(cv2.resize(bgr, self.size) if (bgr.shape[1], bgr.shape[0]) != self.size else bgr)
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        self.frames += 1
+        with self._lock:
+            if self.video_path is not None:
+                if self.video is None:
+                    self.size = even_size(bgr.shape[1], bgr.shape[0])
+                    self.video = open_video_writer(self.video_path, self.fps, self.size)
+                self.video.write(cv2.resize(bgr, self.size) if (bgr.shape[1], bgr.shape[0]) != self.size else bgr)
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+            self.frames += 1
         return record
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
 """What this OpenCV build can do with video: its capture back-ends (FFmpeg, GStreamer, V4L2),
-its Video I/O build lines, and MP4 writers that prefer H.264.
+its Video I/O build lines, and video writers that prefer H.264.
 
-Annotated and decoded videos are written as H.264 (``avc1``, which browsers play) when the
-OpenCV build has an H.264 encoder, else as MPEG-4 Part 2 (``mp4v``) with a one-line notice.
+Annotated and decoded videos (``.mp4``, ``.mov``) are written as H.264 (``avc1``, which browsers
+play) when the OpenCV build has an H.264 encoder, else as MPEG-4 Part 2 (``mp4v``) with a
+one-line notice; ``.avi`` as Motion JPEG.
 The pip wheels of OpenCV carry FFmpeg without an H.264 software encoder, so ``mp4v`` is what
 they write.
 
@@ -114,20 +115,43 @@ def even_size(width: int, height: int) -> tuple[int, int]:
     return max(2, width - width % 2), max(2, height - height % 2)
 
 
-def open_video_writer(path: str | Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
-    """An MP4 writer of ``size`` (W, H; :func:`even_size`) BGR frames: H.264 (``avc1``) when this
-    OpenCV writes it, else ``mp4v`` with a one-line notice (once per process); :class:`InputError`
-    when neither opens."""
+#: Video containers keepbits writes, by suffix, with the codecs tried in order: H.264 first where
+#: the container holds it (used only when this OpenCV writes it, :func:`h264_available`).
+VIDEO_CONTAINERS = {".mp4": ("avc1", "mp4v"), ".mov": ("avc1", "mp4v"), ".avi": ("MJPG",)}
+
+
+def video_codecs(path: str | Path) -> tuple[str, ...]:
+    """The codecs (FourCC) tried for a video at ``path``, by its suffix; :class:`InputError` for
+    a container keepbits does not write.
+
+    Example:
+        >>> from keepbits.runtime.video import video_codecs
+        >>> video_codecs("out.avi")
+        ('MJPG',)
+    """
     path = Path(path)
-    if h264_available():
-        writer = _writer(path, "avc1", fps, size, quiet=True)
+    codecs = VIDEO_CONTAINERS.get(path.suffix.lower())
+    if codecs is None:
+        raise InputError(f"unknown video container {path.suffix or '(no suffix)'!r} (use {', '.join(VIDEO_CONTAINERS)})")
+    return codecs
+
+
+def open_video_writer(path: str | Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
+    """A writer of ``size`` (W, H; :func:`even_size`) BGR frames into ``path``'s container
+    (:data:`VIDEO_CONTAINERS`): for MP4 and MOV H.264 (``avc1``) when this OpenCV writes it,
+    else ``mp4v`` with a one-line notice (once per process); :class:`InputError` when no codec
+    of the container opens."""
+    path = Path(path)
+    codecs = video_codecs(path)
+    for fourcc in codecs:
+        if fourcc == "avc1" and not h264_available():
+            continue
+        writer = _writer(path, fourcc, fps, size, quiet=fourcc != codecs[-1])
         if writer is not None:
+            if fourcc == "mp4v":
+                _notice_mp4v()
             return writer
-    _notice_mp4v()
-    writer = _writer(path, "mp4v", fps, size, quiet=False)
-    if writer is None:
-        raise InputError(f"cannot write video {path} (this OpenCV build has neither an H.264 nor an mp4v encoder)")
-    return writer
+    raise InputError(f"cannot write video {path} at {size[0]}x{size[1]} (this OpenCV build opens none of {', '.join(codecs)})")
 
 
 @functools.cache
@@ -136,4 +160,4 @@ def _notice_mp4v() -> None:
                 "an H.264 (avc1) writer")
 
 
-__all__ = ["build_video_io", "even_size", "h264_available", "has_backend", "open_video_writer"]
+__all__ = ["VIDEO_CONTAINERS", "build_video_io", "even_size", "h264_available", "has_backend", "open_video_writer", "video_codecs"]
