@@ -123,6 +123,23 @@ def test_run_to_receive_over_mqtt(bundle, mosquitto, tmp_path, capsys):
     assert [json.loads(x)["sequence"] for x in lines] == list(range(8))
 
 
+def test_mqtt_sink_to_a_broker_that_freezes_exits_5_undelivered(bundle, mosquitto, tmp_path, capsys):
+    url = f"{mosquitto.url}/t?qos=1&queue=2&flush_timeout=0.3"
+    argv = ["-q", "run", "--model", str(bundle), "--source", _video(tmp_path / "in.mp4", 6), "--loop", "--max-frames", "300",
+            "--sink", url]
+    freezer = threading.Thread(target=lambda: mosquitto.logged("New client connected") and mosquitto.pause())
+    freezer.start()  # the broker freezes once the sink has connected
+    try:
+        rc = main(argv)
+    finally:
+        freezer.join(10)
+        mosquitto.resume()
+    out, err = capsys.readouterr()
+    sink = json.loads(out)["sinks"][0]
+    assert rc == 5 and sink["undelivered"] > 0 and sink["undelivered"] == sink["dropped"] + sink["unconfirmed"]
+    assert sink["delivered"] + sink["undelivered"] == 300 and "undelivered: mqtt sink" in err
+
+
 def test_mqtt_sink_without_a_broker_or_without_paho_exits_2(bundle, tmp_path, capsys):
     pytest.importorskip("paho.mqtt")
     rc = main(["run", "--model", str(bundle), "--source", _video(tmp_path / "in.mp4", 2),
