@@ -158,6 +158,7 @@ def test_unimportable_factory_in_a_checkpoint_is_one_line_exit_2(tiny_npz, tmp_p
     summary = train_nice(_base(tiny_npz, tmp_path, epochs=1))
     (tinynets / "tinynets.py").unlink()
     monkeypatch.delitem(sys.modules, "tinynets")
+    capsys.readouterr()
     code = main(["export", "onnx", "--model", summary["checkpoint"], "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cannot import 'tinynets'" in err[0], err

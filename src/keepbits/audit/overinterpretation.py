@@ -253,7 +253,7 @@ def _trained(path: Path, cfg: OverinterpretationConfig, x: np.ndarray, y: np.nda
 
 def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, Any], heatmaps: dict[str, np.ndarray],
                   images: np.ndarray, orders: Sequence[BackSelectResult], original: ModelAdapter, pct: str) -> None:
-    from keepbits.audit._report import Report, overlay
+    from keepbits.report import Report, overlay
 
     acc = result["accuracy"]
     report = Report("Overinterpretation audit", meta={"data": cfg.data, "model": cfg.model or f"{cfg.arch} trained here ({cfg.epochs} epochs)",
