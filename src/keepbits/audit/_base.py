@@ -216,8 +216,9 @@ def load_model(model: Any, **kwargs: Any) -> ModelAdapter:
     if m.input_layout != ("NHWC" if feed == "uint8-nhwc" else "NCHW"):
         raise InputError(f"{path}: bundles with {m.input_dtype} {m.input_layout} input are not supported by the audits")
     adapter = OnnxAdapter(bundle.model_path, feed=feed, input_shape=m.input_shape, mean=m.mean, std=m.std, class_names=m.class_names)
-    adapter.preprocessing = Preprocessing(tuple(m.input_shape[1:]), tuple(m.mean), tuple(m.std), m.resize_policy, m.crop_fraction,
-                                          tuple(m.class_names))
+    if m.input_shape[0] in (1, 3):  # a Preprocessing describes grey or colour images (audit bundles may have other channels)
+        adapter.preprocessing = Preprocessing(tuple(m.input_shape[1:]), tuple(m.mean), tuple(m.std), m.resize_policy, m.crop_fraction,
+                                              tuple(m.class_names))
     return adapter
 
 

@@ -93,9 +93,9 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
     m = source.manifest
     if not m.function_bodies:
         raise InputError(f"{bundle_path}: a {m.target} bundle without function bodies cannot be calibrated in ONNX Runtime")
-    size = None if m.dynamic_size else tuple(m.input_shape[1:])
-    train = load_dataset(data, "train", size=size or (m.input_shape[1], m.input_shape[2]))
-    test: ImageDataset = load_dataset(data, "test", size=size or (m.input_shape[1], m.input_shape[2])) if has_split(data, "test") else train
+    fit = dict(size=(m.input_shape[1], m.input_shape[2]), policy=m.resize_policy, crop_fraction=m.crop_fraction)  # class folders
+    train = load_dataset(data, "train", **fit)
+    test: ImageDataset = load_dataset(data, "test", **fit) if has_split(data, "test") else train
     calib = train.sample(calibration_images, seed=0).x
     evaluation = test.sample(eval_images, seed=0)
     logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization warns about pre-processing on root

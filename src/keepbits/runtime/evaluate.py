@@ -1,11 +1,11 @@
 """Rate–accuracy of a bundle on the user's images through the real payload (``keepbits eval``).
 
-Protocol. Each image is letterboxed to the model size and classified as a whole (the *full
-frame* prediction). At every operating point, the frame and its mask ẑ are packed by
+Protocol. Each image is brought to the model size by the bundle's resize policy and classified
+as a whole (the *full frame* prediction). At every operating point, the frame and its mask ẑ are packed by
 :func:`keepbits.codec.encode` (hard mask ẑ > threshold, b×b block means, kept blocks in the
 foreground codec at its quality; NICE Eqs. 11–12), the bytes are counted, :func:`keepbits.codec.decode`
-rebuilds x̃, and the bundle classifies the decoded x̃ (a SimpleBits bundle: the simplified image
-in that codec). Baselines: the same model-size frame as one PNG, JPEG or WebP file at each quality,
+rebuilds x̃, and the bundle classifies the decoded x̃ as it is (a model-size image: no second
+resize; a SimpleBits bundle: the simplified image in that codec). Baselines: the same model-size frame as one PNG, JPEG or WebP file at each quality,
 decoded and classified the same way. With labels: top-1 accuracy of each point and of the full
 frame; always: agreement with the full-frame prediction (the metric for unlabelled images).
 
@@ -168,7 +168,8 @@ def _batches(n: int, size: int) -> Iterator[slice]:
 
 
 def _classify(pipeline: Pipeline, images: Sequence[np.ndarray]) -> np.ndarray:
-    return np.array([r.label_index for r in pipeline.predict(list(images))], np.int64)
+    """The bundle's classes of model-size ``images`` (decoded payloads and files), fed as they are."""
+    return np.array([r.label_index for r in pipeline.predict(list(images), fitted=True)], np.int64)
 
 
 def rate_accuracy(
@@ -253,6 +254,29 @@ def smallest_within(result: dict[str, Any], tolerance: float = 0.01) -> dict[str
             "baseline_over_payload": ratio}
 
 
+def matched_baselines(result: dict[str, Any], row: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """Per whole-frame format, the smallest baseline row that scores at least as well as the
+    payload ``row`` (accuracy when labelled, else agreement with the full-frame prediction): the
+    comparison at matched prediction quality. None where no quality of that format reaches it.
+
+    Example:
+        >>> from keepbits.runtime.evaluate import matched_baselines
+        >>> r = {"labelled": False, "baselines": [{"format": "jpeg", "bytes_per_image": 900, "agreement": 0.97},
+        ...                                      {"format": "jpeg", "bytes_per_image": 500, "agreement": 0.9}]}
+        >>> matched_baselines(r, {"agreement": 0.95})["jpeg"]["bytes_per_image"]
+        900
+    """
+    metric = "accuracy" if result["labelled"] else "agreement"
+    found: dict[str, dict[str, Any] | None] = {}
+    for base in result["baselines"]:
+        current = found.get(base["format"])
+        if base[metric] is not None and base[metric] >= row[metric] and (current is None or base["bytes_per_image"] < current["bytes_per_image"]):
+            found[base["format"]] = base
+        else:
+            found.setdefault(base["format"], None)
+    return found
+
+
 def curves(result: dict[str, Any]) -> dict[str, tuple[list[float], list[float]]]:
     """``{series: (bytes per image, score)}`` of the payload and baseline rows, sorted by bytes,
     and the full frame's score as a flat line across them."""
@@ -300,5 +324,5 @@ def write_report(result: dict[str, Any], out: str | Path, *, title: str, meta: d
     return report.data
 
 
-__all__ = ["OperatingPoint", "curves", "map_labels", "operating_points", "rate_accuracy", "smallest_within", "whole_frame",
-           "write_report"]
+__all__ = ["OperatingPoint", "curves", "map_labels", "matched_baselines", "operating_points", "rate_accuracy", "smallest_within",
+           "whole_frame", "write_report"]

@@ -304,8 +304,19 @@ class Pipeline:
         (:func:`keepbits.data.fit_into`: only the visible region is resized, straight into ``out``)."""
         return fit_into(image, out, self.resize_policy, self.crop_fraction)
 
-    def prepare(self, frames: Sequence[Any], *, color: str = "rgb") -> "Prepared":
+    def _place(self, image: np.ndarray, out: np.ndarray) -> ImageFit:
+        """Copy a model-size image into ``out`` (the identity fit); :class:`InputError` for another size."""
+        image = image.reshape(*image.shape[:2], -1)
+        if image.shape != out.shape:
+            raise InputError(f"a fitted frame must be {out.shape[1]}×{out.shape[0]}×{out.shape[2]} (the model size), got "
+                             f"{image.shape[1]}×{image.shape[0]}×{image.shape[2]}")
+        out[...] = image
+        return ImageFit.plan((self.width, self.height), (self.width, self.height), "resize")
+
+    def prepare(self, frames: Sequence[Any], *, color: str = "rgb", fitted: bool = False) -> "Prepared":
         """Fit a batch into one model-size uint8 buffer: the first half of :meth:`predict`.
+        ``fitted=True``: the frames are model images already (e.g. a decoded payload's x̃) and go
+        in as they are; the resize policy is not applied a second time.
 
         Example:
             >>> import numpy as np, tempfile
@@ -318,7 +329,7 @@ class Pipeline:
         """
         t0 = time.perf_counter()
         batch = np.empty((len(frames), self.height, self.width, self.channels), np.uint8)
-        boxes = [self._fit(as_rgb(f, color), batch[i]) for i, f in enumerate(frames)]
+        boxes = [self._place(as_rgb(f, color), batch[i]) if fitted else self._fit(as_rgb(f, color), batch[i]) for i, f in enumerate(frames)]
         with self._lock:
             sequences = [next(self._counter) for _ in frames]
         return Prepared(batch, boxes, (time.perf_counter() - t0) * 1e3, sequences)
@@ -358,7 +369,8 @@ class Pipeline:
             r.timings.update(preprocess=prepared.preprocess_ms / n, model=(t2 - t1) * 1e3 / n, postprocess=(t3 - t2) * 1e3 / n)
         return results
 
-    def predict(self, frames: Sequence[Any], *, color: str = "rgb", timestamps: Sequence[float] | None = None) -> list[Result]:
+    def predict(self, frames: Sequence[Any], *, color: str = "rgb", timestamps: Sequence[float] | None = None,
+                fitted: bool = False) -> list[Result]:
         """Classify and explain (mask, or simplified image) a batch (no payload yet); see :meth:`compress`.
 
         Example:
@@ -371,7 +383,7 @@ class Pipeline:
         """
         if not len(frames):
             return []
-        return self.infer(self.prepare(frames, color=color), timestamps=timestamps)
+        return self.infer(self.prepare(frames, color=color, fitted=fitted), timestamps=timestamps)
 
     def compress(self, result: Result) -> Result:
         """Fill ``result.payload`` with :func:`keepbits.codec.encode` and time it (``timings['encode']``):
