@@ -34,7 +34,7 @@ CREDIT = "clip: Intel IoT DevKit sample videos (bottle-detection.mp4, frames 400
 DEMO_BUNDLE = ASSETS / "demo_bundle.zip"
 DEMO_STREAM = ASSETS / "demo_stream.mp4"
 #: Payload settings of the flagship demo (kept blocks as WebP) and the qualities the whole-frame files are swept over.
-FLAGSHIP_CODEC = {"codec": "webp", "quality": 75}
+FLAGSHIP_CODEC = {"codec": "webp", "quality": 75, "background": "webp"}
 BASELINE_QUALITIES = (10, 25, 40, 55, 70, 85, 95)
 
 
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default=None, help="stream (default: the bundled clip)")
     parser.add_argument("--no-compare", action="store_true", help="skip the JPEG/WebP comparison at matched agreement")
     add_codec_arguments(parser)
-    parser.set_defaults(codec=None, quality=None)
+    parser.set_defaults(codec=None, quality=None, background=None)
 
 
 def _matched(pipeline: Any, frames: list, codec: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def _matched(pipeline: Any, frames: list, codec: dict[str, Any]) -> dict[str, An
     smallest file of each format that agrees at least as often as the payload."""
     from keepbits.runtime.evaluate import matched_baselines, rate_accuracy
 
-    result = rate_accuracy(pipeline, frames, None, codecs=[codec["codec"]], qualities=[codec["quality"]],
+    result = rate_accuracy(pipeline, frames, None, codecs=[codec["codec"]], qualities=[codec["quality"]], backgrounds=[codec["background"]],
                            baselines=("jpeg", "webp"), baseline_qualities=BASELINE_QUALITIES)
     payload = result["payload"][0]
     matched = matched_baselines(result, payload)
@@ -73,7 +73,8 @@ def _report(summary: dict, out: Path, comparison: dict | None) -> str:
     lines = [
         f"keepbits demo: {summary['written']} frames in {summary['seconds']:.1f} s ({summary['fps']:.1f} fps, "
         f"{', '.join(p['providers'])}), model input {p['input'][2]}x{p['input'][1]} ({p['resize_policy']}), block {p['block']}",
-        f"  payload ({codec['mode']}, kept blocks {codec['codec']} q{codec['quality']}): {per['payload']:7.0f} B/frame, "
+        f"  payload ({codec['mode']}, kept blocks {codec['codec']} q{codec['quality']}, block means {codec['background']}): "
+        f"{per['payload']:7.0f} B/frame, "
         f"pixels kept at full resolution: {100 * (summary['kept_fraction_mean'] or 0):.1f}%",
         f"  lossless payload (blocks, PNG):      {per['lossless']:7.0f} B/frame; PNG of the model-size frame {per['png']:7.0f} B/frame",
     ]
@@ -107,9 +108,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"demo bundle not found: {model} (docs/real_models.md shows how to build it)")
     if args.max_frames is not None and args.max_frames < 1:
         raise InputError(f"--max-frames must be >= 1, got {args.max_frames}")
-    defaults = FLAGSHIP_CODEC if flagship else {"codec": "webp", "quality": 90}
+    defaults = FLAGSHIP_CODEC if flagship else {"codec": "webp", "quality": 90, "background": "raw"}
     args.codec = args.codec or defaults["codec"]
     args.quality = args.quality or defaults["quality"]
+    args.background = args.background or defaults["background"]
     pipeline = Pipeline.from_bundle(model, backend=args.backend, threads=args.threads, **codec_options(args))
     stream = open_source(source)
     sinks = [FilesSink(args.out), VideoSink(args.out / "annotated.mp4", stream.fps)]
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_compare and pipeline.explain == "mask" and summary["written"]:
         with open_source(source) as again:  # the same frames once more, for the files of the comparison
             frames = [frame.image for frame, _ in zip(again, range(summary["written"]))]
-        comparison = _matched(pipeline, frames, {"codec": args.codec, "quality": args.quality})
+        comparison = _matched(pipeline, frames, {"codec": args.codec, "quality": args.quality, "background": args.background})
         summary["matched_agreement"] = comparison
     if flagship and args.source is None:
         summary["credit"] = CREDIT

@@ -49,34 +49,40 @@ LOSSY = ("jpeg", "webp")
 @dataclasses.dataclass(frozen=True)
 class OperatingPoint:
     """One payload setting: ``mode`` (``blocks`` or ``simplified``), hard-mask ``threshold`` and
-    ``block`` (None for simplified), foreground ``codec`` and its ``quality`` (None for PNG)."""
+    ``block`` (None for simplified), foreground ``codec`` and its ``quality`` (None for PNG), and
+    the ``background`` codec of the block means (``raw`` lossless; a lossy one at ``quality``)."""
 
     mode: str
     threshold: float | None
     block: int | None
     codec: str
     quality: int | None
+    background: str = "raw"
 
     @property
     def series(self) -> str:
         """The curve this point belongs to (points of one curve differ in quality only)."""
         if self.mode == "simplified":
             return f"simplified {self.codec}"
-        return f"payload {self.codec} t={self.threshold:g} b={self.block}"
+        return f"payload {self.codec} t={self.threshold:g} b={self.block}" + ("" if self.background == "raw" else f" bg={self.background}")
 
     def encode(self, result: Result) -> bytes:
         """The payload of ``result`` at this point."""
         quality = {"quality": self.quality} if self.quality is not None else {}
         if self.mode == "simplified":
             return encode(result.simplified, result.frame_record(), mode="simplified", codec=self.codec, **quality)
-        return encode(result.image, result.frame_record(), threshold=self.threshold, block=self.block, codec=self.codec, **quality)
+        return encode(result.image, result.frame_record(), threshold=self.threshold, block=self.block, codec=self.codec,
+                      background=self.background, **quality)
 
 
 def operating_points(pipeline: Pipeline, thresholds: Sequence[float] | None = None, block_sizes: Sequence[int] | None = None,
-                     codecs: Sequence[str] = FORMATS, qualities: Sequence[int] = (50, 75, 90)) -> list[OperatingPoint]:
+                     codecs: Sequence[str] = FORMATS, qualities: Sequence[int] = (50, 75, 90),
+                     backgrounds: Sequence[str] = ("raw",)) -> list[OperatingPoint]:
     """Every combination; thresholds and block sizes default to the bundle's (a SimpleBits bundle
     has neither). PNG is lossless: one point per threshold and block, no quality. WebP needs
-    colour frames: it is left out for grey bundles.
+    colour frames: it is left out for grey bundles. ``backgrounds``: codecs of the block means
+    (``raw``, ``png``, ``jpeg``, ``webp``; a lossy one takes the point's quality, and is paired
+    with lossy foregrounds only).
 
     Example:
         >>> import tempfile
@@ -101,7 +107,8 @@ def operating_points(pipeline: Pipeline, thresholds: Sequence[float] | None = No
         raise InputError(f"mask thresholds must be in [0, 1), got {thresholds}")
     if any(b < 1 for b in block_sizes):
         raise InputError(f"block sizes must be >= 1, got {block_sizes}")
-    return [OperatingPoint("blocks", float(t), int(b), c, q) for t in thresholds for b in block_sizes for c, q in coded]
+    return [OperatingPoint("blocks", float(t), int(b), c, q, bg) for t in thresholds for b in block_sizes for c, q in coded
+            for bg in backgrounds if bg in ("raw", "png") or q is not None]
 
 
 def map_labels(labels: np.ndarray, data_classes: Sequence[str], model_classes: Sequence[str]) -> tuple[np.ndarray, str]:
@@ -184,6 +191,7 @@ def rate_accuracy(
     baselines: Sequence[str] = FORMATS,
     baseline_qualities: Sequence[int] = (10, 30, 50, 75, 90),
     batch_size: int = 32,
+    backgrounds: Sequence[str] = ("raw",),
 ) -> dict[str, Any]:
     """The protocol of the module docstring on ``images`` (uint8 H×W×C RGB or grey, any size);
     ``labels`` are indices into the bundle's classes, or None. Returns ``full_frame``,
@@ -197,7 +205,7 @@ def rate_accuracy(
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     _check_formats(baselines or ["png"], baseline_qualities)
-    points = operating_points(pipeline, thresholds, block_sizes, codecs, qualities)
+    points = operating_points(pipeline, thresholds, block_sizes, codecs, qualities, backgrounds)
     plain = [(f, None) for f in baselines if f == "png"] + [(f, q) for f in baselines if f in LOSSY for q in baseline_qualities]
     full = _Tally()
     payload_rows = [_Tally(**dataclasses.asdict(p), series=p.series) for p in points]
