@@ -183,9 +183,14 @@ def test_sigint_flushes_every_accepted_frame(bundle, tmp_path):
 
 def test_demo_runs_on_the_bundled_assets(tmp_path, capsys):
     assert DEMO_BUNDLE.is_file() and DEMO_STREAM.is_file()
-    assert main(["-q", "demo", "--out", str(tmp_path), "--max-frames", "12"]) == 0
+    assert main(["-q", "demo", "--out", str(tmp_path), "--max-frames", "6"]) == 0
     report = capsys.readouterr().out
-    assert "JPEG" in report and "PNG" in report
+    assert "JPEG at matched agreement" in report or "JPEG: no quality" in report
+    assert "Intel IoT DevKit sample videos" in report
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["written"] == 12 and summary["ratio_vs_jpeg"] > 0 and summary["ratio_vs_png"] > 0
+    assert summary["written"] == 6 and summary["ratio_vs_jpeg"] > 0 and summary["ratio_vs_png"] > 0
+    comparison = summary["matched_agreement"]
+    assert comparison["frames"] == 6 and set(comparison["matched"]) == {"jpeg", "webp"}
+    assert all(row is None or row["agreement"] >= comparison["payload"]["agreement"] for row in comparison["matched"].values())
+    assert "Intel IoT DevKit sample videos" in summary["credit"]
     assert (tmp_path / "annotated.mp4").stat().st_size > 0 and len(list((tmp_path / "payloads").iterdir())) == 12

@@ -27,9 +27,10 @@ def test_info_of_a_plain_and_of_the_demo_bundle(tmp_path):
     assert [o["name"] for o in info["outputs"]["onnxruntime"]] == ["logits", "mask", "mixed"]
     assert info["files"]["model.onnx"]["bytes"] == (tmp_path / "toy" / "model.onnx").stat().st_size
     demo = bundle_info(DEMO_BUNDLE)
-    assert demo["custom_ops"]["ops"] == ["MaskCompose"] and demo["archive_bytes"] == DEMO_BUNDLE.stat().st_size
+    assert demo["custom_ops"]["ops"] == ["HardConcreteMask"] and demo["archive_bytes"] == DEMO_BUNDLE.stat().st_size
     assert demo["custom_ops"]["runs_with"] == ("native kernels" if native.available() else "ONNX function bodies")
-    assert demo["provenance"] and demo["input"]["dynamic_size"] is False
+    assert demo["provenance"] and demo["input"]["resize"].startswith("center-crop (crop fraction 0.875)")
+    assert demo["classes"]["count"] == 1000 and demo["outputs"]["names"] == ["logits", "mask"]
     json.dumps(demo)
 
 

@@ -8,7 +8,7 @@ classified, masked and packed into a payload; the demo writes the annotated vide
 pixels over the objects, the ImageNet label), the payloads and a summary that compares the
 payload's bytes with JPEG and WebP files of the same model-size frames at matched prediction
 agreement (each file and each payload decoded and classified again, ``keepbits.runtime.evaluate``).
-``--mnist`` runs the earlier demo instead (MNIST digits over Kodak photographs, LeNet-5).
+The earlier MNIST demo's assets made room for these (``docs/runtime.md`` still builds them).
 
 Example:
     keepbits demo --out keepbits-demo
@@ -27,14 +27,12 @@ from keepbits.errors import InputError
 HELP = "run the bundled EfficientNet-Lite0 + NICE model on a bundled real clip: annotated video, payloads, bytes vs JPEG/WebP"
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-FLAGSHIP_BUNDLE = ASSETS / "lite0_nice_bundle.zip"
-FLAGSHIP_CLIP = ASSETS / "bottle_clip.mp4"
+DEMO_BUNDLE = ASSETS / "lite0_nice_bundle.zip"
+DEMO_STREAM = ASSETS / "bottle_clip.mp4"
 #: Credit the clip's license asks for, printed with the results and stored in the summary.
 CREDIT = "clip: Intel IoT DevKit sample videos (bottle-detection.mp4, frames 400-549), CC-BY 4.0 (keepbits/assets/LICENSE-CC-BY-4.0)"
-DEMO_BUNDLE = ASSETS / "demo_bundle.zip"
-DEMO_STREAM = ASSETS / "demo_stream.mp4"
-#: Payload settings of the flagship demo (kept blocks as WebP) and the qualities the whole-frame files are swept over.
-FLAGSHIP_CODEC = {"codec": "webp", "quality": 75, "background": "webp"}
+#: Payload settings of the demo (kept blocks and block means as WebP) and the qualities the whole-frame files are swept over.
+DEMO_CODEC = {"codec": "webp", "quality": 75, "background": "webp"}
 BASELINE_QUALITIES = (10, 25, 40, 55, 70, 85, 95)
 
 
@@ -43,7 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--out", type=Path, default=Path("keepbits-demo"), help="output folder")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames (default: the whole clip)")
-    parser.add_argument("--mnist", action="store_true", help="the earlier demo: MNIST digits over Kodak photographs, LeNet-5 + NICE")
     parser.add_argument("--model", type=Path, default=None, help="model bundle (default: the bundled EfficientNet-Lite0 + NICE model)")
     parser.add_argument("--source", default=None, help="stream (default: the bundled clip)")
     parser.add_argument("--no-compare", action="store_true", help="skip the JPEG/WebP comparison at matched agreement")
@@ -101,17 +98,15 @@ def run(args: argparse.Namespace) -> int:
     from keepbits.runtime.sinks import FilesSink, VideoSink
     from keepbits.runtime.stream import handle_signals, run_stream
 
-    flagship = not args.mnist
-    model = args.model or (FLAGSHIP_BUNDLE if flagship else DEMO_BUNDLE)
-    source = args.source or str(FLAGSHIP_CLIP if flagship else DEMO_STREAM)
+    model = args.model or DEMO_BUNDLE
+    source = args.source or str(DEMO_STREAM)
     if not Path(model).exists():
         raise InputError(f"demo bundle not found: {model} (docs/real_models.md shows how to build it)")
     if args.max_frames is not None and args.max_frames < 1:
         raise InputError(f"--max-frames must be >= 1, got {args.max_frames}")
-    defaults = FLAGSHIP_CODEC if flagship else {"codec": "webp", "quality": 90, "background": "raw"}
-    args.codec = args.codec or defaults["codec"]
-    args.quality = args.quality or defaults["quality"]
-    args.background = args.background or defaults["background"]
+    args.codec = args.codec or DEMO_CODEC["codec"]
+    args.quality = args.quality or DEMO_CODEC["quality"]
+    args.background = args.background or DEMO_CODEC["background"]
     pipeline = Pipeline.from_bundle(model, backend=args.backend, threads=args.threads, **codec_options(args))
     stream = open_source(source)
     sinks = [FilesSink(args.out), VideoSink(args.out / "annotated.mp4", stream.fps)]
@@ -124,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             frames = [frame.image for frame, _ in zip(again, range(summary["written"]))]
         comparison = _matched(pipeline, frames, {"codec": args.codec, "quality": args.quality, "background": args.background})
         summary["matched_agreement"] = comparison
-    if flagship and args.source is None:
+    if args.source is None:
         summary["credit"] = CREDIT
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(_report(summary, args.out, comparison), file=sys.stdout)

@@ -148,7 +148,7 @@ def _self_test() -> dict[str, Any]:
     from keepbits.codec import decode
     from keepbits.runtime import Pipeline
 
-    bundle = Path(__file__).resolve().parent.parent / "assets" / "demo_bundle.zip"
+    bundle = Path(__file__).resolve().parent.parent / "assets" / "lite0_nice_bundle.zip"  # keepbits.cli.demo.DEMO_BUNDLE
     try:
         pipe = Pipeline.from_bundle(bundle, backend="onnxruntime")
         frame = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
