@@ -8,7 +8,7 @@ and ``int8.zip`` per trained run) the rate–accuracy protocol of :mod:`keepbits
 (the real payload bytes through :mod:`keepbits.codec`, decoded and classified again by the
 bundle): top-1 and agreement with the full-image prediction against payload bytes at each
 operating point (the run's target kept fraction, block size b (trained and ``--block-sizes``),
-foreground codec and quality), float32 and INT8; the whole frame (the 224×224 model image) as
+foreground codec and quality, codec of the block means), float32 and INT8; the whole frame (the 224×224 model image) as
 JPEG, WebP and PNG at a quality sweep. Equal-budget baselines (float32 bundle, the trained b,
 ``--baseline-codec``): per image, binary masks keeping exactly as many pixels as the NICE hard
 mask ẑ > 0.5 keeps, chosen by NICE itself, at random (seeded), by gradient saliency |∂logit/∂x|
@@ -59,7 +59,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
 
     Example:
         >>> [round(v, 3) for v in wilson(156, 200)]
-        [0.718, 0.833]
+        [0.718, 0.832]
     """
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -167,7 +167,7 @@ def plot(results: dict[str, Any], budget: list[dict[str, Any]], tag: str) -> lis
                 continue
             series: dict[str, list] = {}
             for row in res["payload"]:
-                series.setdefault(f"{run} b={row['block']} {row['codec']}", []).append((row["bytes_per_image"], 100 * row["accuracy"]))
+                series.setdefault(f"{run} b={row['block']} {row['codec']} bg={row['background']}", []).append((row["bytes_per_image"], 100 * row["accuracy"]))
             for name, pts in series.items():
                 pts.sort()
                 ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=name)
@@ -217,11 +217,12 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=default_data_dir())
     p.add_argument("--bundles", type=Path, required=True, help="folder of run folders with float32.zip / int8.zip (bench/flagship.py bundle)")
     p.add_argument("--runs", type=Path, required=True, help="folder of the same run folders with nice.pt (the classifier for saliency)")
-    p.add_argument("--block-sizes", type=int, nargs="*", default=[8, 16], help="b values besides each run's trained b")
+    p.add_argument("--block-sizes", type=int, nargs="*", default=[], help="b values besides each run's trained b")
     p.add_argument("--codecs", nargs="+", default=["jpeg", "webp", "png"], help="foreground codecs of the payload points")
     p.add_argument("--qualities", type=int, nargs="+", default=[50, 75, 90], help="foreground qualities")
+    p.add_argument("--backgrounds", nargs="+", default=["raw", "webp"], help="codecs of the block means (raw: lossless; lossy at the point's quality)")
     p.add_argument("--baseline-qualities", type=int, nargs="+", default=[10, 30, 50, 70, 80, 90, 95], help="whole-image JPEG/WebP qualities")
-    p.add_argument("--baseline-codec", default="webp:75", help="CODEC:QUALITY of the equal-budget baselines")
+    p.add_argument("--baseline-codec", default="webp:75:webp", help="CODEC:QUALITY:BACKGROUND of the equal-budget baselines")
     p.add_argument("--budget-runs", nargs="*", default=None, help="runs that get the equal-budget baselines (default: all)")
     p.add_argument("--smoothgrad-samples", type=int, default=16)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime / torch threads")
@@ -246,7 +247,7 @@ def main() -> None:
                 continue
             pipe = Pipeline.from_bundle(bundle, threads=args.threads, compress=False)
             blocks = sorted({pipe.block, *args.block_sizes})
-            res = rate_accuracy(pipe, images, labels, block_sizes=blocks, codecs=args.codecs, qualities=args.qualities,
+            res = rate_accuracy(pipe, images, labels, block_sizes=blocks, codecs=args.codecs, qualities=args.qualities, backgrounds=args.backgrounds,
                                 baselines=() if precision in baselines_done else ("jpeg", "webp", "png"),
                                 baseline_qualities=args.baseline_qualities)
             baselines_done.add(precision)
@@ -262,11 +263,12 @@ def main() -> None:
                   "payload": [dict(row, run=run) for run, per in results.items() if precision in per for row in per[precision]["payload"]],
                   "baselines": baselines}
         targets[precision] = target_check(pooled)
-    codec_name, quality = args.baseline_codec.split(":")
+    codec_name, quality, background = args.baseline_codec.split(":")
     budget = []
     for run in runs:
         if args.budget_runs is None or run.name in args.budget_runs:
-            budget.append(budget_baselines(run / "float32.zip", args.runs / run.name / "nice.pt", images, labels, {"codec": codec_name, "quality": int(quality)}, args.smoothgrad_samples))
+            budget.append(budget_baselines(run / "float32.zip", args.runs / run.name / "nice.pt", images, labels, {"codec": codec_name, "quality": int(quality), "background": background},
+                                           args.smoothgrad_samples))
             print(f"{run.name} equal budget: " + "; ".join(f"{k} {v['accuracy']:.3f} ({v['bytes_per_image']:.0f} B)"
                                                           for k, v in budget[-1]["methods"].items()), flush=True)
     tag = f"_{args.tag}" if args.tag else ""
