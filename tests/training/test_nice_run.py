@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from keepbits import registry
 from keepbits.cli import main
 from keepbits.data import Preprocessing, load_dataset
 from keepbits.errors import InputError
