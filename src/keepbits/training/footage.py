@@ -12,7 +12,6 @@ labelled); unlabelled footage yields images only.
 Example:
     >>> import numpy as np, tempfile
     >>> from keepbits.data import Footage, Preprocessing
-from keepbits.data.stream import WORKER_START_METHOD
     >>> from keepbits.training.footage import FootageDataset, footage_loader
     >>> path = tempfile.mkdtemp() + "/f.npz"
     >>> np.savez(path, x=np.zeros((5, 40, 60, 3), np.uint8))
