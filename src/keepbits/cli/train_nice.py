@@ -41,7 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="train on a random class-balanced sample of N training images (seed --seed; default: all)")
     add_argument(p, "--num-test-images", type=int, default=None, deprecated=["--max-test"],
                  help="evaluate on a random class-balanced sample of N test images (seed --seed; default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image samples, initialisation and batches")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation split held out of the training data "
+                   "(seed --seed; pass the classifier's own --val-fraction and --seed): evaluated every epoch, the split to "
+                   "choose settings on; the test split is evaluated once, after training")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the image samples, initialisation and batches")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         lambda_smooth=args.lambda_smooth, target_fraction=args.target_fraction, target_rate=args.target_rate,
         warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth,
         warmup_lr=args.warmup_lr, optimizer=args.optimizer, lr=args.lr, classifier_lr=args.classifier_lr, step_epochs=args.step_epochs,
-        epochs=args.epochs, batch_size=args.batch_size, max_train=args.num_train_images, max_test=args.num_test_images,
+        epochs=args.epochs, batch_size=args.batch_size, max_train=args.num_train_images, max_test=args.num_test_images, val_fraction=args.val_fraction,
         seed=args.seed, threads=args.threads, progress=not args.quiet, command=command_line(),
     )
     summary = train_nice(cfg)

@@ -30,7 +30,7 @@ image, the ``warmup_fraction`` of pixels with the highest gradient saliency |∂
 log α/β at learning rate ``warmup_lr`` (a supervised fit; Eq. 10's lr is too slow for it),
 so ẑ > 0.5 (⇔ log α > 0, Eq. 11) on exactly those pixels. Eq. 10 training then refines the
 mask. It helps where the generator would otherwise have to discover *where* the
-object is from the weak L_D gradient alone (small objects in large scenes); the test-set
+object is from the weak L_D gradient alone (small objects in large scenes); the validation
 accuracy and kept fraction after the warm start are recorded as history row ``epoch 0``;
 ``epochs=0`` stops there (the warm-started generator alone, for comparison).
 
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from keepbits import registry
 from keepbits.core.hard_concrete import BETA
-from keepbits.data import has_split, load_dataset
+from keepbits.data import has_split, load_dataset, train_val_split
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
 from keepbits.training.data import TensorImages
@@ -91,6 +91,11 @@ class NiceConfig:
     ``optimizer='adam'``: Adam, lr ×0.1 every ``step_epochs`` epochs (NICE, MNIST);
     ``'sgd'``: SGD momentum 0.9 with a cosine schedule (NICE, natural images).
     ``max_train`` / ``max_test``: seeded samples of that many images (``seed``), not the first N.
+    ``val_fraction``: the stratified validation split held out of the training data
+    (:func:`keepbits.data.train_val_split`, ``seed``; give the classifier's own ``val_fraction``
+    and ``seed`` so it holds images the classifier never trained on). Every epoch is evaluated
+    on it, and choices (λ1, learning rates) are made on it; the test split is evaluated once,
+    after training (``metrics["final"]``).
     """
 
     data: str
@@ -117,6 +122,7 @@ class NiceConfig:
     batch_size: int = 64
     max_train: int | None = None
     max_test: int | None = None
+    val_fraction: float = 0.1
     seed: int = 0
     threads: int | None = None
     progress: bool = True
@@ -203,7 +209,8 @@ def _set_train_modes(classifier: torch.nn.Module, blocks: Sequence[str], mode: s
                 module.train()
 
 
-def _load_data(cfg: NiceConfig, clf: Checkpoint) -> tuple[TensorImages, TensorImages | None]:
+def _load_data(cfg: NiceConfig, clf: Checkpoint) -> tuple[TensorImages, TensorImages | None, TensorImages | None]:
+    """(train, validation, test) of ``cfg.data`` as the classifier's tensors; validation carved from train."""
     train = load_dataset(cfg.data, "train")
     test = load_dataset(cfg.data, "test") if has_split(cfg.data, "test") else None
     for split in (train, test):
@@ -211,12 +218,15 @@ def _load_data(cfg: NiceConfig, clf: Checkpoint) -> tuple[TensorImages, TensorIm
             raise InputError(f"{cfg.data}: images are {list(split.shape_chw)} (C,H,W) but the classifier expects {clf.input_shape}")
         if split is not None and split.num_classes > len(clf.class_names):
             raise InputError(f"{cfg.data}: {split.num_classes} classes, the classifier knows {len(clf.class_names)}")
+    train_idx, val_idx = train_val_split(train.y, cfg.val_fraction, cfg.seed)
+    val = train.subset(val_idx, "[val]") if len(val_idx) else None
+    train = train.subset(train_idx, "[train]")
     if cfg.max_train:
         train = train.sample(cfg.max_train, cfg.seed)
     if test is not None and cfg.max_test:
         test = test.sample(cfg.max_test, cfg.seed)
     mean, std = clf.normalization.mean, clf.normalization.std
-    return TensorImages(train, mean, std), (TensorImages(test, mean, std) if test is not None else None)
+    return tuple(TensorImages(d, mean, std) if d is not None else None for d in (train, val, test))  # type: ignore[return-value]
 
 
 def _lr_factor(cfg: NiceConfig, progress: float) -> float:
@@ -340,7 +350,7 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
     if "classifier" not in clf.models:
         raise CheckpointError(f"{cfg.classifier}: holds no classifier (kind {clf.kind})")
     classifier = build_model(clf, "classifier")
-    train_t, test_t = _load_data(cfg, clf)
+    train_t, val_t, test_t = _load_data(cfg, clf)
     c, h, w = clf.input_shape
     gen_kwargs = {"in_channels": c, **cfg.generator_kwargs}
     gen_name = default_generator(h, w) if cfg.generator == "auto" else cfg.generator
@@ -393,8 +403,8 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
 
     if cfg.warmup_steps:
         row0: dict[str, Any] = {"epoch": 0, **_warm_start(cfg, generator, classifier, train_t, optimizer)}
-        if test_t is not None:
-            row0.update({f"test_{k}": v for k, v in evaluate_nice(generator, classifier, test_t, cfg.block_size).items()})
+        if val_t is not None:
+            row0.update({f"val_{k}": v for k, v in evaluate_nice(generator, classifier, val_t, cfg.block_size).items()})
         row0["elapsed_s"] = round(time.time() - started, 1)
         history.append(row0)
         log.info("nice warm start  %s", "  ".join(f"{k}={v:.4g}" for k, v in row0.items() if isinstance(v, float) and k != "elapsed_s"))
@@ -436,18 +446,15 @@ def train_nice(cfg: NiceConfig) -> dict[str, Any]:
         row: dict[str, Any] = {"epoch": epoch + 1, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items() if k != "correct"}}
         row["train_accuracy_sampled"] = sums["correct"] / max(seen, 1)
         row["lambda_l0"] = lambda_l0
-        if test_t is not None:
-            row.update({f"test_{k}": v for k, v in evaluate_nice(generator, classifier, test_t, cfg.block_size).items()})
+        if val_t is not None:
+            row.update({f"val_{k}": v for k, v in evaluate_nice(generator, classifier, val_t, cfg.block_size).items()})
         row["elapsed_s"] = round(time.time() - started, 1)
         history.append(row)
         log.info("nice epoch %d/%d  %s", epoch + 1, cfg.epochs, "  ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "elapsed_s"))
         save_checkpoint(path, snapshot({"history": history}, epoch))
 
-    split = "test" if test_t is not None else "train"
-    if test_t is not None:  # the last epoch's test evaluation is the final one
-        final = {k[len("test_") :]: v for k, v in history[-1].items() if k.startswith("test_")}
-    else:
-        final = evaluate_nice(generator, classifier, train_t, cfg.block_size)
+    split, final_t = next((name, t) for name, t in (("test", test_t), ("val", val_t), ("train", train_t)) if t is not None)
+    final = evaluate_nice(generator, classifier, final_t, cfg.block_size)  # the one test evaluation, after training
     metrics = {"history": history, "final": final, "final_split": split, "lambda_l0_final": lambda_l0}
     save_checkpoint(path, snapshot(metrics, max(cfg.epochs - 1, 0)))
     return {**metrics, "checkpoint": str(path), "wall_time_s": round(time.time() - started, 1)}
