@@ -73,6 +73,15 @@ def summarise_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def choose(pilots: list[dict[str, Any]], max_kept: float) -> dict[str, Any] | None:
+    """The selection rule of the NICE benches, fixed before a run: among pilots (rows with
+    ``kept_fraction`` and ``val``, a ``benchmark_nice`` row on validation images) keeping at most
+    ``max_kept`` of the pixels, the one with the highest validation accuracy of binary NICE
+    (ties: fewer pixels); None when no pilot qualifies."""
+    eligible = [q for q in pilots if q["kept_fraction"] <= max_kept]
+    return max(eligible, key=lambda q: (q["val"]["nice"]["accuracy"], -q["kept_fraction"])) if eligible else None
+
+
 def best_codec_at(rows: list[dict[str, Any]], accuracy: float, codec: str) -> dict[str, Any] | None:
     """The smallest ``codec`` row (bytes) whose accuracy reaches ``accuracy``; None if none does."""
     ok = [r for r in rows if r["codec"] == codec and r["accuracy"] >= accuracy]

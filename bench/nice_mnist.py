@@ -32,7 +32,7 @@ from keepbits.training.checkpoint import build_model, load_checkpoint
 from keepbits.training.data import TensorImages
 from keepbits.training.nice import NiceConfig, load_nice, train_nice
 from keepbits.training.nice_eval import backselect_ranks, benchmark_nice
-from nice_common import ensure_classifier, masks_and_mixed, plot_curves, plot_masks, summarise_runs, validation_images
+from nice_common import choose, ensure_classifier, masks_and_mixed, plot_curves, plot_masks, summarise_runs, validation_images
 
 BLOCK = 28
 
@@ -101,8 +101,8 @@ def main() -> int:
         pilots.append({"lambda_l0": lam, "kept_fraction": row["kept_fraction"], "mean_mask": row["mean_mask"], "val": r, **info})
         print(f"pilot λ1={lam:g}: val kept {row['kept_fraction']:.3f}  NICE {r['nice']['accuracy']:.4f} (soft {r['nice_soft']['accuracy']:.4f})  "
               + "  ".join(f"{m} {r[m]['accuracy']:.4f}" for m in ("sis_backselect", "saliency_topk", "random") if m in r), flush=True)
-    eligible = [q for q in pilots if q["kept_fraction"] <= args.max_kept]
-    chosen = max(eligible, key=lambda q: (q["val"]["nice"]["accuracy"], -q["kept_fraction"]))["lambda_l0"] if eligible else None
+    best = choose(pilots, args.max_kept)
+    chosen = best["lambda_l0"] if best else None
     print(f"chosen on validation: λ1 = {chosen}", flush=True)
 
     # 2. the chosen λ1, every seed, tested once
