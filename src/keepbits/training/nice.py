@@ -270,15 +270,26 @@ def default_generator(height: int, width: int) -> str:
     return "nice_unet" if min(height, width) <= FULL_RES_GENERATOR_MAX_SIDE else "nice_fast"
 
 
-def gradient_saliency(classifier: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-    """|∂ logit_t / ∂x| summed over channels (N×H×W); t = ``target``, default the predicted class."""
+def gradient_saliency(classifier: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None, smooth: int = 1) -> torch.Tensor:
+    """|∂ logit_t / ∂x| summed over channels (N×H×W); t = ``target``, default the predicted class;
+    ``smooth`` > 1: box-filtered over ``smooth`` px (the warm start's map, and its test-time control).
+
+    Example:
+        >>> import torch
+        >>> clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(9, 2))
+        >>> gradient_saliency(clf, torch.randn(2, 1, 3, 3), smooth=3).shape
+        torch.Size([2, 3, 3])
+    """
     classifier.eval()
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = classifier(x)
         t = logits.argmax(1) if target is None else target
         (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x)
-    return grad.abs().sum(1)
+    scores = grad.abs().sum(1)
+    if smooth > 1:
+        scores = F.avg_pool2d(scores[:, None], smooth, stride=1, padding=smooth // 2, count_include_pad=False)[:, 0, : x.shape[2], : x.shape[3]]
+    return scores
 
 
 def topk_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -305,9 +316,7 @@ def saliency_target(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
         >>> saliency_target(clf, torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 0]), 0.25, 1).sum((1, 2, 3)).tolist()
         [4.0, 4.0, 4.0]
     """
-    scores = gradient_saliency(classifier, x, y)[:, None]
-    if smooth > 1:
-        scores = F.avg_pool2d(scores, smooth, stride=1, padding=smooth // 2, count_include_pad=False)[..., : x.shape[2], : x.shape[3]]
+    scores = gradient_saliency(classifier, x, y, smooth)
     counts = torch.full((len(x),), max(1, round(fraction * x.shape[2] * x.shape[3])))
     return topk_mask(scores, counts)
 

@@ -113,25 +113,86 @@ def equal_budget_masks(z_hat: torch.Tensor, scores: Mapping[str, torch.Tensor]) 
     return masks
 
 
-def payload_rows(frames: np.ndarray, masks: torch.Tensor, block_size: int, qualities: Sequence[int],
-                 score: Any) -> list[dict[str, Any]]:
-    """Bytes per image of the payloads keepbits sends (:func:`keepbits.codec.encode`, blocks mode)
-    for uint8 N×H×W×C ``frames`` and binary N×1×H×W ``masks`` at ``block_size``: lossless (PNG
-    kept blocks, raw background) and JPEG/WebP kept blocks at ``qualities`` (WebP: colour
-    only); each row with ``score(decoded images)``, the accuracy on what the receiver decodes."""
-    keep = masks[:, 0].numpy() > MASK_THRESHOLD
-    settings = [("png", 90)] + [(c, q) for c in ("jpeg", "webp") if c != "webp" or frames.shape[-1] == 3 for q in qualities]
-    rows = []
-    for codec, quality in settings:
+class Evaluation:
+    """The pieces of the NICE benchmark on one data set, computed once: ẑ of every image, the
+    classifier's gradient saliency, the equal-budget binary masks (:func:`equal_budget_masks`
+    of random scores, saliency, ``sis_ranks`` and any ``extra_scores``), x̃ for a mask and b,
+    per-image correctness on decoded images (for CIs and paired comparisons), whole-image and
+    payload coding. :func:`benchmark_nice` is its standard report; benches with their own
+    protocol (cluttered scenes) use it directly."""
+
+    def __init__(self, generator: torch.nn.Module, classifier: torch.nn.Module, checkpoint: Checkpoint, dataset: ImageDataset,
+                 seed: int = 0, batch_size: int = 256, sis_ranks: torch.Tensor | None = None,
+                 extra_scores: Mapping[str, torch.Tensor] | None = None):
+        self.classifier, self.dataset, self.batch_size = classifier.eval(), dataset, batch_size
+        self.mean, self.std = checkpoint.normalization.mean, checkpoint.normalization.std
+        self.data = TensorImages(dataset, self.mean, self.std)
+        generator.eval()
+        z_hats, saliency = [], []
+        for x, _ in self.data.batches(batch_size):
+            with torch.no_grad():
+                z_hats.append(deterministic_mask(generator(x)))
+            saliency.append(gradient_saliency(classifier, x))
+        self.z_hat = torch.cat(z_hats)
+        sal = torch.cat(saliency)
+        self.scores = {"random": torch.rand(sal.shape, generator=torch.Generator().manual_seed(seed)), "saliency_topk": sal}
+        if sis_ranks is not None:
+            self.scores["sis_backselect"] = sis_ranks
+        self.scores.update(extra_scores or {})
+        self.masks = equal_budget_masks(self.z_hat, self.scores)
+
+    def correct(self, images: np.ndarray) -> np.ndarray:
+        """Per image: does the classifier get uint8 N×H×W×C ``images`` right?"""
+        data = TensorImages(dataclasses.replace(self.dataset, x=images), self.mean, self.std)
+        return predict_logits(self.classifier, data, self.batch_size).argmax(1) == self.dataset.y
+
+    def accuracy(self, images: np.ndarray) -> float:
+        return accuracy(predict_logits(self.classifier, TensorImages(dataclasses.replace(self.dataset, x=images), self.mean, self.std),
+                                       self.batch_size), self.dataset.y)
+
+    def composed(self, mask: torch.Tensor, block_size: int) -> np.ndarray:
+        """x̃ (Eq. 12) of every image with ``mask`` (N×1×H×W, binary or soft) at b, as uint8."""
+        parts, start = [], 0
+        for x, _ in self.data.batches(self.batch_size):
+            parts.append(to_uint8(mixed_resolution(x, mask[start : start + len(x)], block_size), self.mean, self.std))
+            start += len(x)
+        return np.concatenate(parts)
+
+    def codec_rows(self, images: np.ndarray, qualities: Sequence[int]) -> list[dict[str, Any]]:
+        """Whole images as PNG and JPEG/WebP at ``qualities``: bytes per image, accuracy on the decoded images."""
+        rows = []
+        for fmt, quality in [("png", None)] + [(f, q) for f in FORMATS if f != "png" for q in qualities]:
+            sizes, decoded = code_images(images, fmt, quality)
+            rows.append({"codec": fmt, "quality": quality, "bytes_per_image": float(sizes.mean()), "accuracy": self.accuracy(decoded)})
+        return rows
+
+    def payload(self, mask: torch.Tensor, block_size: int, codec: str = "png", quality: int = 90) -> tuple[np.ndarray, np.ndarray]:
+        """The payloads keepbits sends (:func:`keepbits.codec.encode`, blocks mode: ``codec`` png =
+        lossless kept blocks and raw background, jpeg/webp at ``quality``) for the original images
+        and a binary N×1×H×W ``mask`` at b: (bytes per image, what the receiver decodes)."""
+        frames, keep = self.dataset.x, mask[:, 0].numpy() > MASK_THRESHOLD
         sizes = np.zeros(len(frames), np.int64)
         decoded = np.empty_like(frames)
-        for i, (frame, mask) in enumerate(zip(frames, keep)):
-            data = encode(frame, mask, block=block_size, codec=codec, quality=quality, timestamp=0.0)
+        for i, (frame, kept) in enumerate(zip(frames, keep)):
+            data = encode(frame, kept, block=block_size, codec=codec, quality=quality, timestamp=0.0)
             sizes[i] = len(data)
             decoded[i] = decode(data)[0].reshape(frame.shape)
-        rows.append({"codec": codec, "quality": None if codec == "png" else quality, "bytes_per_image": float(sizes.mean()),
-                     "accuracy": score(decoded)})
-    return rows
+        return sizes, decoded
+
+    def payload_rows(self, mask: torch.Tensor, block_size: int, qualities: Sequence[int]) -> list[dict[str, Any]]:
+        """:meth:`payload` lossless and with JPEG/WebP kept blocks at ``qualities`` (WebP: colour
+        only): bytes per image and accuracy on the decoded images."""
+        settings = [("png", None)] + [(c, q) for c in ("jpeg", "webp") if c != "webp" or self.dataset.x.shape[-1] == 3 for q in qualities]
+        rows = []
+        for codec, quality in settings:
+            sizes, decoded = self.payload(mask, block_size, codec, quality or 90)
+            rows.append({"codec": codec, "quality": quality, "bytes_per_image": float(sizes.mean()), "accuracy": self.accuracy(decoded)})
+        return rows
+
+    def png_row(self, mask: torch.Tensor, block_size: int) -> dict[str, float]:
+        """Accuracy and whole-image PNG bytes of x̃ with ``mask`` at b."""
+        images = self.composed(mask, block_size)
+        return {"accuracy": self.accuracy(images), "png_bytes_per_image": float(code_images(images, "png")[0].mean())}
 
 
 def benchmark_nice(
@@ -149,7 +210,7 @@ def benchmark_nice(
 
     For every b: ``nice`` is x̃ of the binary mask ẑ > 0.5 (Eq. 11, 12) quantised to uint8, with
     its accuracy, its bytes as a whole PNG and as JPEG/WebP at ``qualities`` (``codecs``) and the
-    bytes of keepbits payloads (``payloads``, :func:`payload_rows`); ``random``,
+    bytes of keepbits payloads (``payloads``, :meth:`Evaluation.payload_rows`); ``random``,
     ``saliency_topk`` and, with ``sis_ranks`` (N×H×W, :func:`backselect_ranks` of the same
     classifier and images), ``sis_backselect`` are binary masks at the same per-image pixel
     count (:func:`equal_budget_masks`), composed the same way (accuracy, PNG bytes);
@@ -157,63 +218,27 @@ def benchmark_nice(
     is not at that budget. Once: the original image as PNG and JPEG/WebP at ``qualities``.
     Accuracies are measured on the decoded images.
     """
-    mean, std = checkpoint.normalization.mean, checkpoint.normalization.std
-    data = TensorImages(dataset, mean, std)
-    generator.eval()
-    classifier.eval()
-    z_hats, saliency = [], []
-    for x, _ in data.batches(batch_size):
-        with torch.no_grad():
-            z_hats.append(deterministic_mask(generator(x)))
-        saliency.append(gradient_saliency(classifier, x))
-    z_hat = torch.cat(z_hats)
-    sal = torch.cat(saliency)
-    scores = {"random": torch.rand(sal.shape, generator=torch.Generator().manual_seed(seed)), "saliency_topk": sal}
-    if sis_ranks is not None:
-        scores["sis_backselect"] = sis_ranks
-    masks = equal_budget_masks(z_hat, scores)
-
-    def accuracy_on(images: np.ndarray) -> float:
-        return accuracy(predict_logits(classifier, TensorImages(dataclasses.replace(dataset, x=images), mean, std), batch_size), dataset.y)
-
-    def composed(mask: torch.Tensor, b: int) -> np.ndarray:
-        parts, start = [], 0
-        for x, _ in data.batches(batch_size):
-            parts.append(to_uint8(mixed_resolution(x, mask[start : start + len(x)], b), mean, std))
-            start += len(x)
-        return np.concatenate(parts)
-
-    def codec_rows(images: np.ndarray) -> list[dict[str, Any]]:
-        rows = []
-        for fmt, quality in [("png", None)] + [(f, q) for f in FORMATS if f != "png" for q in qualities]:
-            sizes, decoded = code_images(images, fmt, quality)
-            rows.append({"codec": fmt, "quality": quality, "bytes_per_image": float(sizes.mean()), "accuracy": accuracy_on(decoded)})
-        return rows
-
-    def png_row(images: np.ndarray) -> dict[str, float]:
-        return {"accuracy": accuracy_on(images), "png_bytes_per_image": float(code_images(images, "png")[0].mean())}
-
-    original = dataset.x
+    ev = Evaluation(generator, classifier, checkpoint, dataset, seed, batch_size, sis_ranks)
     result: dict[str, Any] = {
         "num_images": len(dataset),
-        "kept_fraction": float(masks["nice"].mean()),
-        "mean_mask": float(z_hat.mean()),
+        "kept_fraction": float(ev.masks["nice"].mean()),
+        "mean_mask": float(ev.z_hat.mean()),
         "budget": "nice, random, saliency_topk, sis_backselect: binary masks keeping per image the pixels ẑ > 0.5 keeps; "
                   "nice_soft: x̃ of the soft ẑ (Eq. 11), not at that budget",
-        "original": {"accuracy": accuracy_on(original), "codecs": codec_rows(original)},
+        "original": {"accuracy": ev.accuracy(dataset.x), "codecs": ev.codec_rows(dataset.x, qualities)},
         "per_block_size": [],
     }
     for b in block_sizes:
-        nice_images = composed(masks["nice"], b)
-        codecs = codec_rows(nice_images)
+        nice_images = ev.composed(ev.masks["nice"], b)
+        codecs = ev.codec_rows(nice_images, qualities)
         row: dict[str, Any] = {"block_size": int(b), "nice": {
-            "accuracy": accuracy_on(nice_images), "png_bytes_per_image": codecs[0]["bytes_per_image"], "codecs": codecs,
-            "payloads": payload_rows(original, masks["nice"], int(b), qualities, accuracy_on)}}
-        for name in scores:
-            row[name] = png_row(composed(masks[name], b))
-        row["nice_soft"] = png_row(composed(z_hat, b))
+            "accuracy": ev.accuracy(nice_images), "png_bytes_per_image": codecs[0]["bytes_per_image"], "codecs": codecs,
+            "payloads": ev.payload_rows(ev.masks["nice"], int(b), qualities)}}
+        for name in ev.scores:
+            row[name] = ev.png_row(ev.masks[name], b)
+        row["nice_soft"] = ev.png_row(ev.z_hat, b)
         result["per_block_size"].append(row)
     return result
 
 
-__all__ = ["PNG_LEVEL", "backselect_ranks", "benchmark_nice", "code_images", "equal_budget_masks", "payload_rows", "to_uint8"]
+__all__ = ["Evaluation", "PNG_LEVEL", "backselect_ranks", "benchmark_nice", "code_images", "equal_budget_masks", "to_uint8"]
