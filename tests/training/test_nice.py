@@ -239,3 +239,15 @@ def test_cli_bad_input_exits_2(tiny_npz, tmp_path, capsys):
     assert "not JSON" in capsys.readouterr().err
     assert main(["bench", "nice", "--model", str(clf), "--data", str(tiny_npz)]) == 2  # a classifier, not a nice checkpoint
     assert "expected nice" in capsys.readouterr().err
+
+
+def test_cli_train_nice_default_generator(tiny_npz, tmp_path, capsys):
+    """Without --generator the default ``auto`` resolves from the input size (16 px: nice_unet);
+    the config's validation must not look ``auto`` up in the registry (issue 20, item 11)."""
+    clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz)
+    out = tmp_path / "run"
+    code = main(["-q", "train", "nice", "--data", str(tiny_npz), "--classifier", str(clf), "--out", str(out),
+                 "--generator-kwargs", '{"widths": [4, 8]}', "-b", "4", "--epochs", "1", "--batch-size", "32"])
+    assert code == 0, capsys.readouterr().err
+    assert load_checkpoint(out / "nice.pt", "nice").models["generator"].arch == "nice_unet"
+    NiceConfig(data="d", classifier="c", out="o").validate()  # the default config validates

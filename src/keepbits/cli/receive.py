@@ -24,7 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames (default: no limit)")
     parser.add_argument("--idle-timeout", type=float, default=30.0, help="stop after this many seconds without data")
     parser.add_argument("--once", action="store_true", help="stop when the first sender disconnects")
-    parser.add_argument("--max-payload", type=int, default=64 << 20, help="largest payload accepted (bytes)")
+    parser.add_argument("--max-payload", type=int, default=None, help="largest payload accepted (bytes; default 16 MiB)")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="senders served at once (default 4); more wait until one disconnects")
+    parser.add_argument("--max-pixels", type=int, default=None, help="largest decoded frame in pixels (default 2**22 = 2048x2048)")
+    parser.add_argument("--max-pixels-per-byte", type=int, default=None,
+                        help="frames over 1 MP may declare at most this many pixels per payload byte (default 1024; 0: no bound)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,10 +38,18 @@ def run(args: argparse.Namespace) -> int:
     from keepbits.runtime.stream import handle_signals
 
     host, port = parse_hostport(args.listen)
-    if args.idle_timeout <= 0 or args.max_payload < 1:
-        raise InputError("--idle-timeout and --max-payload must be positive")
+    limits = {name: value for name, value in (("max_payload", args.max_payload), ("max_connections", args.max_connections))
+              if value is not None}
+    if args.max_pixels is not None:
+        if args.max_pixels < 1:
+            raise InputError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+        limits["max_pixels"] = args.max_pixels
+    if args.max_pixels_per_byte is not None:
+        if args.max_pixels_per_byte < 0:
+            raise InputError(f"--max-pixels-per-byte must be >= 0, got {args.max_pixels_per_byte}")
+        limits["max_pixels_per_byte"] = args.max_pixels_per_byte or None
     with handle_signals(threading.Event()) as stop:
         stats = receive(host, port, args.out, max_frames=args.max_frames, idle_timeout=args.idle_timeout, once=args.once,
-                        video=args.video, fps=args.fps, images=not args.no_images, max_payload=args.max_payload, stop=stop)
+                        video=args.video, fps=args.fps, images=not args.no_images, stop=stop, **limits)
     print(json.dumps(stats, indent=2))
     return 0

@@ -30,8 +30,9 @@ from keepbits.errors import DecodeError, InputError
 
 #: Image formats, by the names the payload, the runtime and the benchmarks use.
 FORMATS = ("png", "jpeg", "webp")
-#: Largest image :func:`decode_image` decodes by default (pixels).
-DEFAULT_MAX_PIXELS = 1 << 25
+#: Largest image :func:`decode_image`, and frame :func:`keepbits.codec.decode`, accept by default
+#: (pixels: 2048×2048, an edge device's budget); pass ``max_pixels`` to change it.
+DEFAULT_MAX_PIXELS = 1 << 22
 _EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _MODES = {1: "L", 3: "RGB"}

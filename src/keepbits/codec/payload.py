@@ -40,6 +40,9 @@ from keepbits.codec.images import DEFAULT_MAX_PIXELS, decode_image, encode_image
 from keepbits.core import block_means
 from keepbits.errors import DecodeError, InputError
 
+#: Beyond :data:`keepbits.codec.container.RATIO_FLOOR_PIXELS` (1 MP), :func:`decode` accepts by default
+#: at most this many declared pixels per payload byte; pass ``max_pixels_per_byte`` (None: off).
+DEFAULT_MAX_PIXELS_PER_BYTE = 1024
 IMAGE_CODECS = {"png": CODEC_PNG, "jpeg": CODEC_JPEG, "webp": CODEC_WEBP}
 BACKGROUND_CODECS = {"raw": CODEC_RAW, **IMAGE_CODECS}
 _TAG_NAMES = {TAG_BACKGROUND: "background", TAG_MASK: "mask", TAG_FOREGROUND: "foreground", TAG_MIXED: "mixed",
@@ -355,11 +358,15 @@ def encode(
     return pack(header, sections)
 
 
-def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray | None, PayloadMeta]:
+def decode(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_pixels_per_byte: int | None = DEFAULT_MAX_PIXELS_PER_BYTE,
+) -> tuple[np.ndarray, np.ndarray | None, PayloadMeta]:
     """Rebuild ``(image H×W×C uint8, mask H×W bool or None in paper and simplified modes, meta)``.
 
-    Every size is checked against the header and ``max_pixels`` before anything is
-    allocated; malformed input raises :class:`keepbits.errors.DecodeError` with the reason.
+    Every size is checked against the header, ``max_pixels`` and (frames over 1 MP)
+    ``max_pixels_per_byte`` before anything is allocated; malformed input raises
+    :class:`keepbits.errors.DecodeError` with the reason. A blocks payload is rebuilt in one
+    output-size buffer plus the H×W mask (``docs/codec.md``, "Decoder safety", states the bound).
 
     Example:
         >>> from keepbits.codec import decode
@@ -367,7 +374,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.nda
         Traceback (most recent call last):
         keepbits.errors.DecodeError: truncated payload: 13 bytes, the header alone needs 54
     """
-    header, sections = unpack(data, max_pixels)
+    header, sections = unpack(data, max_pixels, max_pixels_per_byte)
     h, w, c, b = header.height, header.width, header.channels, header.block
     bh, bw, th, tw = _grid(h, w, b)
     meta = PayloadMeta(
@@ -389,21 +396,29 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.nda
     mask_sec = sections[TAG_MASK]
     if mask_sec.codec != CODEC_BITS:
         raise DecodeError(f"mask uses codec {CODEC_NAMES[mask_sec.codec]}, expected bits")
-    keep = np.unpackbits(_inflate(mask_sec.data, -(-h * w // 8), "mask"), count=h * w).reshape(h, w).astype(bool)
+    keep = np.unpackbits(_inflate(mask_sec.data, -(-h * w // 8), "mask"), count=h * w).view(bool).reshape(h, w)
     grid = _decode_section(sections[TAG_BACKGROUND], (bh, bw, c), "background")
     kept = _kept_blocks(keep, b)
     k = meta.kept_blocks = int(kept.sum())
-    blocks = np.broadcast_to(grid[:, :, None, None, :], (bh, bw, th, tw, c)).copy()
+    # x̃ built in place, block-major (bh, th, bw, tw, C) over the frame padded to whole tiles:
+    # the block means first, then the kept pixels of the kept blocks; no other frame-size buffer
+    canvas = np.empty((bh, th, bw, tw, c), np.uint8)
+    canvas[...] = grid[:, None, :, None, :]
     if k:
         if TAG_FOREGROUND not in sections:
             raise DecodeError(f"mask keeps {k} blocks but the payload has no foreground section")
         mh, mw, _ = _mosaic_shape(k, th, tw, c)
-        mosaic = _decode_section(sections[TAG_FOREGROUND], (mh, mw, c), "foreground")
-        tiles = mosaic.reshape(mh // th, th, mw // tw, tw, c).transpose(0, 2, 1, 3, 4).reshape(-1, th, tw, c)
-        blocks[kept] = tiles[:k]
+        tiles = _decode_section(sections[TAG_FOREGROUND], (mh, mw, c), "foreground")
+        tiles = tiles.reshape(mh // th, th, mw // tw, tw, c).transpose(0, 2, 1, 3, 4).reshape(-1, th, tw, c)[:k]
+        if not tiles.flags.writeable:  # one row or column of tiles: the reshapes were views of the decoded image
+            tiles = tiles.copy()
+        padded = keep
+        if (bh * th, bw * tw) != (h, w):
+            padded = np.zeros((bh * th, bw * tw), bool)
+            padded[:h, :w] = keep
+        tile_drop = ~padded.reshape(bh, th, bw, tw).transpose(0, 2, 1, 3)[kept]
+        np.copyto(tiles, np.broadcast_to(grid[kept][:, None, None, :], tiles.shape), where=tile_drop[..., None])
+        canvas.transpose(0, 2, 1, 3, 4)[kept] = tiles
     elif TAG_FOREGROUND in sections:
         raise DecodeError("mask keeps no block but the payload has a foreground section")
-    canvas = blocks.transpose(0, 2, 1, 3, 4).reshape(bh * th, bw * tw, c)[:h, :w]
-    background = np.repeat(np.repeat(grid, th, axis=0), tw, axis=1)[:h, :w]
-    return np.where(keep[:, :, None], canvas, background), keep, meta
-
+    return canvas.reshape(bh * th, bw * tw, c)[:h, :w], keep, meta

@@ -203,6 +203,11 @@ class Pipeline:
     ):
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if bundle.manifest.input_shape[0] not in (1, 3):
+            from keepbits.errors import BundleError
+
+            raise BundleError(f"{bundle.source}: input_shape has {bundle.manifest.input_shape[0]} channels; the runtime "
+                              "and the payload take 1 (grey) or 3 (RGB)")
         self.session = session if session is not None else self._ort_session(bundle, backend, providers, threads, spinning)
         m = self.manifest = bundle.manifest
         self.bundle = bundle
@@ -222,6 +227,48 @@ class Pipeline:
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self.threads, self.spinning = threads, spinning
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """Check the graph against the manifest at load, so that a mismatch is a :class:`BundleError`
+        here and not an ONNX Runtime error on the first frame: the session's inputs and outputs
+        (:func:`keepbits.bundle.check_graph_io`, when it describes them), then one model-size
+        zero frame through the model, whose outputs must have the shapes the manifest implies."""
+        from keepbits.bundle import check_graph_io
+        from keepbits.errors import BundleError
+
+        where = str(self.bundle.source)
+        if hasattr(self.session, "get_inputs") and hasattr(self.session, "get_outputs"):
+            check_graph_io(self.manifest, self.session.get_inputs(), self.session.get_outputs(), where)
+        c, h, w = self.channels, self.height, self.width
+        try:
+            outputs = self.session.run(self._outputs, {self.manifest.input_name: self._feed(np.zeros((1, h, w, c), np.uint8))})
+        except Exception as exc:  # noqa: BLE001 - ORT and substitute sessions raise their own error types
+            message = next(iter(str(exc).splitlines()), "") or type(exc).__name__
+            raise BundleError(f"{where}: the model fails on a {w}x{h} frame of the manifest's input_shape ({message})") from None
+        image = (1, h, w, c) if self.manifest.input_layout == "NHWC" else (1, c, h, w)
+        expected = {"logits": (1, len(self.class_names)), "mask": (1, 1, h, w), "mixed": image, "simplified": image}
+        for name, value in zip(self._outputs, outputs):
+            if np.shape(value) != expected[name]:
+                raise BundleError(f"{where}: on one {w}x{h} frame the model's {name!r} is {np.shape(value)}, the manifest "
+                                  f"implies {expected[name]} (input_shape, input_layout, class_names)")
+
+    def _feed(self, batch: np.ndarray) -> np.ndarray:
+        """The model input for an N×H×W×C uint8 batch: itself (uint8 NHWC) or float NCHW in 0..1."""
+        return batch if self.manifest.input_layout == "NHWC" else batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+    def close(self) -> None:
+        """Release the bundle: the unpacked copy of a ``.zip`` bundle is removed (the session
+        keeps the model it loaded; the pipeline still runs)."""
+        close = getattr(self.bundle, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @staticmethod
     def _ort_session(bundle: Any, backend: str, providers: Sequence[Any] | None, threads: int | None, spinning: bool) -> Any:
@@ -267,8 +314,13 @@ class Pipeline:
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} "
                              "(a NICE checkpoint runs eagerly through keepbits.export.torch_pipeline)")
-        return cls(load_bundle(path, expected_digest), backend=backend, providers=providers, threads=threads, spinning=spinning, compress=compress,
-                   codec_options=codec_options)
+        bundle = load_bundle(path, expected_digest)
+        try:
+            return cls(bundle, backend=backend, providers=providers, threads=threads, spinning=spinning, compress=compress,
+                       codec_options=codec_options)
+        except BaseException:
+            bundle.close()
+            raise
 
     # -- stages ------------------------------------------------------------------------
     def _fit(self, image: np.ndarray, out: np.ndarray) -> Letterbox:
@@ -324,7 +376,7 @@ class Pipeline:
         n, batch, boxes = len(prepared.boxes), prepared.batch, prepared.boxes
         if not n:
             return []
-        feed = batch if self.manifest.input_layout == "NHWC" else batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        feed = self._feed(batch)
         t1 = time.perf_counter()
         logits, explained = self.session.run(self._outputs, {self.manifest.input_name: feed})
         t2 = time.perf_counter()

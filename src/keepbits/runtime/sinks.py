@@ -2,8 +2,8 @@
 ``close() -> stats``; ``record`` is the frame's JSON metadata (see :mod:`keepbits.runtime.stream`).
 
 * ``files:DIR``: ``DIR/payloads/<sequence>.kbit`` + ``DIR/frames.jsonl`` (one line per frame).
-* ``video:OUT.mp4``: the source frames annotated with the mask (or, for SimpleBits bundles,
-  the simplified image), label, score and bytes.
+* ``video:OUT.mp4`` (``.mov``, ``.avi``): the source frames annotated with the mask (or, for
+  SimpleBits bundles, the simplified image), label, score and bytes.
 * ``tcp:HOST:PORT``: length-prefixed payloads to ``keepbits receive`` (:mod:`keepbits.runtime.net`).
 
 Example:
@@ -31,12 +31,18 @@ class Sink(Protocol):
 
 
 class FilesSink:
-    """Payload files plus JSONL metadata, flushed per frame."""
+    """Payload files plus JSONL metadata, flushed per frame; the folder is created (and checked
+    writable) when the sink opens."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        (self.folder / "payloads").mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.folder / "frames.jsonl", "w", encoding="utf-8")
+        if self.folder.exists() and not self.folder.is_dir():
+            raise InputError(f"sink files:{folder}: {folder} exists and is not a folder")
+        try:
+            (self.folder / "payloads").mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.folder / "frames.jsonl", "w", encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"sink files:{folder}: cannot write there ({exc.strerror or exc})") from None
         self.frames = 0
 
     def write(self, frame: Any, result: Any, record: dict[str, Any]) -> None:
@@ -90,12 +96,33 @@ def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: i
     return out
 
 
+#: Video containers the video sink writes, by suffix, with the OpenCV codec used for each.
+VIDEO_CONTAINERS = {".mp4": "mp4v", ".mov": "mp4v", ".avi": "MJPG"}
+
+
 class VideoSink:
-    """Annotated source frames as an MP4 (``mp4v``); small frames are upscaled to ``min_side``."""
+    """Annotated source frames as a video (``.mp4``/``.mov`` mp4v, ``.avi`` MJPEG); small frames
+    are upscaled to ``min_side``. The container and the path are checked when the sink opens
+    (a probe writer is opened there and removed), so a sink that cannot write fails before the run."""
 
     def __init__(self, path: str | Path, fps: float | None = None, min_side: int = 360):
+        from keepbits._fs import writable_file
+
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fourcc = VIDEO_CONTAINERS.get(self.path.suffix.lower())
+        if fourcc is None:
+            raise InputError(f"sink video:{path}: unknown video container {self.path.suffix or '(no suffix)'!r} "
+                             f"(use {', '.join(VIDEO_CONTAINERS)})")
+        writable_file(self.path, "video sink")
+        self._fourcc = cv2.VideoWriter_fourcc(*fourcc)
+        existed = self.path.exists()
+        probe = cv2.VideoWriter(str(self.path), self._fourcc, 25.0, (16, 16))
+        opened = probe.isOpened()
+        probe.release()
+        if not existed and self.path.exists():
+            self.path.unlink()
+        if not opened:
+            raise InputError(f"sink video:{path}: OpenCV cannot write {self.path.suffix} video there (no {fourcc} encoder?)")
         self.fps, self.min_side = fps or 25.0, min_side
         self._writer: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None
@@ -104,10 +131,11 @@ class VideoSink:
     def write(self, frame: Any, result: Any, record: dict[str, Any]) -> None:
         out = annotate(frame.image, result, record, self.min_side)
         if self._writer is None:
-            self._size = (out.shape[1], out.shape[0])
-            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self._size)
-            if not self._writer.isOpened():
-                raise InputError(f"cannot write video {self.path} (OpenCV has no mp4v encoder?)")
+            size = (out.shape[1], out.shape[0])
+            writer = cv2.VideoWriter(str(self.path), self._fourcc, self.fps, size)
+            if not writer.isOpened():
+                raise InputError(f"cannot write video {self.path} at {size[0]}x{size[1]}")
+            self._writer, self._size = writer, size
         if (out.shape[1], out.shape[0]) != self._size:
             out = cv2.resize(out, self._size, interpolation=cv2.INTER_AREA)
         self._writer.write(out)
@@ -134,7 +162,9 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 
 def open_sink(spec: str, *, fps: float | None = None) -> Sink:
-    """A sink from ``files:DIR``, ``video:OUT.mp4`` or ``tcp:HOST:PORT``."""
+    """A sink from ``files:DIR``, ``video:OUT.mp4`` or ``tcp:HOST:PORT``; paths are checked
+    here (:class:`InputError` for a file where a folder belongs, an unwritable place, an
+    unknown video container)."""
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
         raise InputError(f"sink {spec!r}: expected files:DIR, video:OUT.mp4 or tcp:HOST:PORT")

@@ -147,7 +147,8 @@ class NiceConfig:
             raise InputError(f"warm-up fraction must be in (0, 1), got {self.warmup_fraction}")
         if self.mode == "fixed" and self.train_blocks:
             raise InputError("train blocks are only used in finetuned mode")
-        registry.spec(self.generator, "generator")
+        if self.generator != "auto":  # "auto" is resolved from the input size in train_nice
+            registry.spec(self.generator, "generator")
 
 
 def mask_and_mix(generator: torch.nn.Module, x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
