@@ -227,7 +227,8 @@ def _load_data(cfg: NiceConfig, clf: Checkpoint) -> tuple[TensorImages, TensorIm
     if test is not None and cfg.max_test:
         test = test.sample(cfg.max_test, cfg.seed)
     mean, std = clf.normalization.mean, clf.normalization.std
-    return tuple(TensorImages(d, mean, std) if d is not None else None for d in (train, val, test))  # type: ignore[return-value]
+    val_t = TensorImages(val, mean, std) if val is not None else None
+    return TensorImages(train, mean, std), val_t, (TensorImages(test, mean, std) if test is not None else None)
 
 
 def _lr_factor(cfg: NiceConfig, progress: float) -> float:
