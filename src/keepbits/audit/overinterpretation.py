@@ -49,7 +49,6 @@ import numpy as np
 from keepbits.audit._base import ModelAdapter, TorchAdapter, load_model
 from keepbits.audit.sis import BackSelectResult, find_sis
 from keepbits.audit.sis_orders import compute_orders
-from keepbits.core import accuracy
 from keepbits.errors import InputError
 from keepbits.training.distributed import Dist, barrier, init_distributed
 

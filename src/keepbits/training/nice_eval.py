@@ -30,7 +30,6 @@ import torch
 
 from keepbits.codec import decode, encode
 from keepbits.codec.images import FORMATS, decode_image, encode_image
-from keepbits.core import accuracy
 from keepbits.data import ImageDataset
 from keepbits.errors import InputError
 from keepbits.training.checkpoint import Checkpoint
@@ -147,8 +146,8 @@ class Evaluation:
         return predict_logits(self.classifier, data, self.batch_size).argmax(1) == self.dataset.y
 
     def accuracy(self, images: np.ndarray) -> float:
-        return accuracy(predict_logits(self.classifier, TensorImages(dataclasses.replace(self.dataset, x=images), self.mean, self.std),
-                                       self.batch_size), self.dataset.y)
+        """Accuracy of the classifier on uint8 N×H×W×C ``images`` (the data set's labels)."""
+        return float(np.mean(self.correct(images))) if len(images) else float("nan")
 
     def composed(self, mask: torch.Tensor, block_size: int) -> np.ndarray:
         """x̃ (Eq. 12) of every image with ``mask`` (N×1×H×W, binary or soft) at b, as uint8."""
