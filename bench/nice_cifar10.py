@@ -61,6 +61,7 @@ def main() -> int:
     p.add_argument("--max-val", type=int, default=1000)
     p.add_argument("--max-test", type=int, default=2000)
     p.add_argument("--qualities", type=int, nargs="+", default=[5, 10, 20, 30, 50, 70, 90])
+    p.add_argument("--coded-b", type=int, nargs="+", default=[TRAIN_B], help="b values that get JPEG/WebP and payload rows (others: accuracy, PNG)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="", help="suffix of the result names (nice_cifar10<tag>.json / .png)")
     p.add_argument("--sis-k", type=int, default=16, help="SIS baseline: gradient BackSelect, K pixels per iteration (0: off)")
@@ -107,7 +108,7 @@ def main() -> int:
             gen, clf, ckpt = load_nice(path)
             norm = ckpt.normalization
             ranks = fixed_ranks if mode == "fixed" else (backselect_ranks(clf, TensorImages(test, norm.mean, norm.std), args.sis_k) if args.sis_k else None)
-            result = benchmark_nice(gen, clf, ckpt, test, EVAL_B, args.qualities, seed=seed, sis_ranks=ranks)
+            result = benchmark_nice(gen, clf, ckpt, test, EVAL_B, args.qualities, seed=seed, sis_ranks=ranks, coded_block_sizes=args.coded_b)
             for row in result["per_block_size"]:
                 row["original_matching"] = {c: best_codec_at(result["original"]["codecs"], row["nice"]["accuracy"], c) for c in ("png", "jpeg", "webp")}
             runs.append({"seed": seed, **info, **result})

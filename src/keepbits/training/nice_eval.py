@@ -204,6 +204,7 @@ def benchmark_nice(
     seed: int = 0,
     batch_size: int = 256,
     sis_ranks: torch.Tensor | None = None,
+    coded_block_sizes: Iterable[int] | None = None,
 ) -> dict[str, Any]:
     """Rate and accuracy of NICE and of equal-budget baselines on ``dataset``, per block size.
 
@@ -215,7 +216,8 @@ def benchmark_nice(
     count (:func:`equal_budget_masks`), composed the same way (accuracy, PNG bytes);
     ``nice_soft`` is x̃ of the soft ẑ as trained (accuracy, PNG bytes), reported apart since it
     is not at that budget. Once: the original image as PNG and JPEG/WebP at ``qualities``.
-    Accuracies are measured on the decoded images.
+    Accuracies are measured on the decoded images. ``coded_block_sizes`` (default: all): the b
+    values that get the JPEG/WebP and payload rows (the others: accuracy and PNG bytes).
     """
     ev = Evaluation(generator, classifier, checkpoint, dataset, seed, batch_size, sis_ranks)
     result: dict[str, Any] = {
@@ -227,12 +229,14 @@ def benchmark_nice(
         "original": {"accuracy": ev.accuracy(dataset.x), "codecs": ev.codec_rows(dataset.x, qualities)},
         "per_block_size": [],
     }
+    block_sizes = [int(b) for b in block_sizes]
+    coded = set(block_sizes if coded_block_sizes is None else coded_block_sizes)
     for b in block_sizes:
         nice_images = ev.composed(ev.masks["nice"], b)
-        codecs = ev.codec_rows(nice_images, qualities)
-        row: dict[str, Any] = {"block_size": int(b), "nice": {
+        codecs = ev.codec_rows(nice_images, qualities if b in coded else ())
+        row: dict[str, Any] = {"block_size": b, "nice": {
             "accuracy": ev.accuracy(nice_images), "png_bytes_per_image": codecs[0]["bytes_per_image"], "codecs": codecs,
-            "payloads": ev.payload_rows(ev.masks["nice"], int(b), qualities)}}
+            "payloads": ev.payload_rows(ev.masks["nice"], b, qualities if b in coded else ())}}
         for name in ev.scores:
             row[name] = ev.png_row(ev.masks[name], b)
         row["nice_soft"] = ev.png_row(ev.z_hat, b)
