@@ -150,6 +150,7 @@ def main() -> int:
         "protocol": {
             "data": str(data), "classifier": clf_path, "train_images": args.max_train, "val_fraction": args.val_fraction,
             "validation_images": len(val), "test_images": len(test), "train_block_size": TRAIN_B, "eval_block_sizes": list(EVAL_B),
+            "coded_block_sizes": args.coded_b,
             "generator": args.generator, "lambda_smooth": args.lambda_smooth, "optimizer": "adam", "lr": args.lr, "epochs": args.epochs,
             "train_blocks_finetuned": args.train_blocks, "seeds_fixed": args.seeds, "seeds_finetuned": args.finetune_seeds,
             "selection": f"highest validation accuracy of NICE (ẑ > 0.5) at b = {TRAIN_B} among pilots keeping <= {args.max_kept} of the pixels "

@@ -104,3 +104,5 @@ def test_benchmark_scores_nice_with_the_binary_mask_and_reports_the_soft_one_apa
     lossless = row["nice"]["payloads"][0]
     assert lossless["accuracy"] == 0.5 and lossless["bytes_per_image"] > 0
     assert {"random", "saliency_topk"} <= set(row) and "sis_backselect" not in row
+    rows = benchmark_nice(FixedMask(), CornerReader(), ckpt, ds, [4, 2], qualities=[50], coded_block_sizes=[4])["per_block_size"]
+    assert [len(r["nice"]["payloads"]) for r in rows] == [2, 1] and [len(r["nice"]["codecs"]) for r in rows] == [3, 1]  # b = 2: PNG only
