@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", type=int, default=3, help="ensemble size: N identically trained replicates of the audited recipe")
     p.add_argument("--keep-prob", type=float, default=0.8, help="input dropout keep probability (train and test)")
     p.add_argument("--dropout-samples", type=int, default=4, help="input dropout masks averaged at test time (fixed seed)")
-    p.add_argument("--exact-images", type=int, default=0, help="also run exact BackSelect on a class-balanced sample of N test "
+    p.add_argument("--num-exact-images", type=int, default=0, help="also run exact BackSelect on a class-balanced sample of N test "
                    "images and compare it with the gradient orders (0: off)")
     p.add_argument("--batch-size", type=int, default=128, help="training and BackSelect batch size")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (SGD, one-cycle schedule) of the models trained here")
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = OverinterpretationConfig(
         data=args.data, out=args.out, model=args.model, arch=args.arch, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
         audit_images=args.num_audit_images, train_images=args.num_train_images, test_images=args.num_test_images, fraction=args.fraction, method=args.method, k=args.k,
-        thresholds=args.thresholds, ensemble=args.ensemble, keep_prob=args.keep_prob, dropout_samples=args.dropout_samples, exact_images=args.exact_images, batch_size=args.batch_size, lr=args.lr,
+        thresholds=args.thresholds, ensemble=args.ensemble, keep_prob=args.keep_prob, dropout_samples=args.dropout_samples,
+        exact_images=args.num_exact_images, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, progress=not args.quiet,
     )
     result = run_overinterpretation(cfg)
