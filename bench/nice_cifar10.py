@@ -78,7 +78,14 @@ def main() -> int:
     val = validation_images(data, args.val_fraction, seed0, args.max_val)
     test = load_dataset(data, "test").sample(args.max_test, seed0)
 
+    done: dict[tuple, tuple[str, dict]] = {}  # the first seed's pilot of a chosen setting is reused for the test
+
     def trained(mode: str, lam: float, clr: float | None, seed: int) -> tuple[str, dict]:
+        if (mode, lam, clr, seed) not in done:
+            done[mode, lam, clr, seed] = train_once(mode, lam, clr, seed)
+        return done[mode, lam, clr, seed]
+
+    def train_once(mode: str, lam: float, clr: float | None, seed: int) -> tuple[str, dict]:
         out = args.runs / (f"cifar10_{args.generator}{args.tag}_{mode}_l{lam:g}" + (f"_clr{clr:g}" if clr else "") + f"_s{seed}")
         if args.reuse and (out / "nice.pt").exists():
             return str(out / "nice.pt"), {"history": load_checkpoint(out / "nice.pt").metrics["history"], "train_wall_s": None}
