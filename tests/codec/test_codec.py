@@ -41,6 +41,22 @@ def test_lossless_round_trip_exact_on_random_sizes_and_blocks(background):
         assert meta.total_bytes == len(payload)
 
 
+def test_every_kept_block_count_round_trips_on_an_exact_grid():
+    """32×32 at b = 4 is an 8×8 block grid; K kept blocks in 57..63 also make an 8×8 mosaic,
+    which must still be the K kept tiles, not the frame's own layout."""
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    order = rng.permutation(64)
+    for k in range(65):
+        blocks = np.zeros(64, bool)
+        blocks[order[:k]] = True
+        mask = np.repeat(np.repeat(blocks.reshape(8, 8), 4, 0), 4, 1).astype(np.float32)
+        mask[0, 0] = 0.0  # a kept block with a dropped pixel
+        image, keep, meta = decode(encode(frame, mask, block=4))
+        assert np.array_equal(image, mixed_image(frame, mask, 4)), k
+        assert meta.kept_blocks == k
+
+
 @pytest.mark.parametrize("codec", ["jpeg", "webp"])
 def test_lossy_codecs_stay_close_and_keep_the_mask_exact(codec):
     yy, xx = np.mgrid[0:96, 0:128]

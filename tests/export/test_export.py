@@ -246,3 +246,31 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
     assert main(["export", "int8", "--model", str(bundle_a[1].source), "--data", str(data), "--out", str(tmp_path / "bad"),
                  "--num-images", "8", "--activations", "int4"]) == 2
     assert "activations must be one of" in capsys.readouterr().err
+
+
+def test_compare_checkpoint_bundle_backends_and_int8(bundle_a, tmp_path, capsys):
+    """``keepbits compare``: the torch checkpoint, the bundle on the function bodies and on the
+    native kernels agree within the default tolerances (exit 0); the INT8 bundle misses the
+    float tolerances (exit 1) and passes loose ones."""
+    from keepbits.export.quantize import quantize_bundle
+
+    ckpt, bundle = bundle_a
+    rng = np.random.default_rng(SEED)
+    data = tmp_path / "data.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 4, 16),
+             x_test=rng.integers(0, 256, (12, 40, 36, 3), dtype=np.uint8), y_test=rng.integers(0, 4, 12))
+    models = [ckpt, f"{bundle.source}@functions", str(bundle.source)] + ([f"{bundle.source}@native"] if native.available() else [])
+    assert main(["compare", *sum((["--model", m] for m in models), []), "--data", str(data), "--mask-atol", "1e-4"]) == 0, SEED
+    report = json.loads(capsys.readouterr().out)
+    assert report["reference"] == ckpt and len(report["comparisons"]) == len(models) - 1 and report["images"] == 12
+    for row in report["comparisons"]:
+        assert row["outputs"] == ["logits", "mask"] and row["metrics"]["argmax_agree"] == 1.0, (row, SEED)
+    int8, _ = quantize_bundle(bundle.source, tmp_path / "int8", data, calibration_images=16)
+    strict = ["compare", "--model", str(bundle.source), "--model", str(int8.source), "--data", str(data), "--logits-atol", "1e-6"]
+    assert main(strict) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["passed"] and report["comparisons"][0]["metrics"]["logits_max_abs"] > 1e-6
+    loose = ["compare", "--model", str(bundle.source), "--model", str(int8.source), "--data", str(data), "--logits-atol", "none",
+             "--mask-atol", "none", "--pixels-atol", "none", "--min-argmax-agree", "0", "--min-mask-agree", "0"]
+    assert main(loose) == 0
+    assert json.loads(capsys.readouterr().out)["passed"]

@@ -182,3 +182,24 @@ def test_cli_export_run_and_receive(checkpoint, tmp_path, capsys):
         assert decode(payload.read_bytes())[2].mode == "simplified"
     received = [json.loads(x) for x in (tmp_path / "rx" / "frames.jsonl").read_text().splitlines()]
     assert [r["mode"] for r in received] == ["simplified"] * 4 and len(list((tmp_path / "rx").glob("*.png"))) == 4
+
+
+def test_eval_explain_and_decode_of_a_simplebits_bundle(bundle, tmp_path):
+    """keepbits eval sweeps the codec of the simplified image, explain shows it, decode writes no mask."""
+    from keepbits.runtime.evaluate import rate_accuracy
+    from keepbits.runtime.explain import look
+    from keepbits.runtime.receiver import decode_files
+
+    pipe = Pipeline.from_bundle(bundle.source)
+    frames = _frames(4)
+    result = rate_accuracy(pipe, frames, None, codecs=["png", "webp"], qualities=[60], baselines=["png"])
+    assert [r["series"] for r in result["payload"]] == ["simplified png", "simplified webp"]
+    lossless = result["payload"][0]
+    assert lossless["mode"] == "simplified" and lossless["threshold"] is None and "kept_fraction" not in lossless
+    seen = look(pipe, frames[0])
+    assert seen.mask is None and seen.keep is None and set(seen.panels()) == {"mixed"} and seen.mixed.shape == frames[0].shape
+    (tmp_path / "p").mkdir()
+    for i, r in enumerate(pipe.process_batch(frames)):
+        (tmp_path / "p" / f"{i}.kbit").write_bytes(r.payload)
+    summary = decode_files([tmp_path / "p"], tmp_path / "out")
+    assert summary["decoded"] == 4 and not list((tmp_path / "out").glob("*_mask.png"))

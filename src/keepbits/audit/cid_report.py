@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keepbits.audit._report import Report, colorize
+from keepbits.report import Report, colorize
 from keepbits.audit.cid import CIDConfig, CIDExplainer, concentration
 from keepbits.audit.cid_ru import DecoderConfig, reconstruction_uncertainty, train_decoder
 from keepbits.errors import InputError

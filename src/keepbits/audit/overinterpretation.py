@@ -379,7 +379,7 @@ def _pm(stat: dict[str, float]) -> str:
 
 def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, Any], heatmaps: dict[str, np.ndarray],
                   images: np.ndarray, orders: Sequence[BackSelectResult], original: ModelAdapter) -> None:
-    from keepbits.audit._report import Report, overlay
+    from keepbits.report import Report, overlay
 
     pct = f"{cfg.fraction:.0%}"
     acc = {k: {"mean": v, "ci95": result["accuracy_ci95"][k]} for k, v in result["accuracy"].items()}

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from keepbits.audit._base import Explainer
-from keepbits.audit._report import Report
+from keepbits.report import Report
 from keepbits.errors import InputError
 
 

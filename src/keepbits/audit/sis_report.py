@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from keepbits.audit._base import load_model
-from keepbits.audit._report import Report, overlay
+from keepbits.report import Report, overlay
 from keepbits.audit.overinterpretation import location_frequency, sis_size_stats
 from keepbits.audit.sis import find_sis
 from keepbits.audit.sis_orders import compute_orders

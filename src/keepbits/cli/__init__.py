@@ -39,6 +39,12 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     },
     "run": "keepbits.cli.run",
     "receive": "keepbits.cli.receive",
+    "info": "keepbits.cli.info",
+    "decode": "keepbits.cli.decode",
+    "compare": "keepbits.cli.compare",
+    "eval": "keepbits.cli.eval",
+    "explain": "keepbits.cli.explain",
+    "doctor": "keepbits.cli.doctor",
     "audit": {
         "sis": "keepbits.cli.audit_sis",
         "overinterpretation": "keepbits.cli.audit_overinterpretation",
@@ -58,6 +64,7 @@ OPTIONAL_MODULES = {
     "onnx": "pip install 'keepbits[train]'",
     "onnxscript": "pip install 'keepbits[train]'",
     "onnxruntime": "pip install onnxruntime (or 'keepbits[gpu]' for onnxruntime-gpu, see docs/install.md)",
+    "paho": "pip install 'keepbits[mqtt]'",
 }
 
 

@@ -30,7 +30,7 @@ EXIT_CODES = {
                          "ended on a read error"),
     "frame_errors": (4, "frames failed in the model, the encoder or a sink (the summary's errors)"),
     "undelivered": (5, "a sink could not deliver frames it was given (TCP: unsent, or sent on a connection the "
-                       "receiver never confirmed)"),
+                       "receiver never confirmed; MQTT: dropped, lost at a disconnect, or never acknowledged by the broker)"),
 }
 EXIT_HELP = ("exit codes (the JSON summary's status and reason say the same): "
              + "; ".join(f"{code} {status}: {meaning}" for status, (code, meaning) in EXIT_CODES.items())
@@ -47,6 +47,11 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kept blocks, or the simplified image (png = lossless)")
     parser.add_argument("--background", choices=["raw", "png", "jpeg", "webp"], default="raw", help="block means (raw/png = lossless)")
     parser.add_argument("--quality", type=int, default=90, help="jpeg/webp quality 1..100")
+    add_backend_arguments(parser)
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """ONNX Runtime options shared by the commands that run a bundle."""
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
                         help="ONNX Runtime providers: auto (CUDA when available, else CPU), onnxruntime (CPU) or tensorrt")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
@@ -57,9 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model bundle folder or .zip (keepbits export onnx)")
     parser.add_argument("--expect-digest", metavar="SHA256", default=None,
                         help="refuse the bundle unless the sha256 of its manifest.json is this (pins one bundle)")
-    parser.add_argument("--source", required=True, help="video file, image folder, camera index (0) or rtsp/http URL")
+    parser.add_argument("--source", required=True,
+                        help="video file, image folder, camera index (0) or device (/dev/video0), rtsp/http URL, or a GStreamer "
+                             "pipeline ('... ! appsink', needs OpenCV with GStreamer)")
     parser.add_argument("--sink", action="append", default=[], metavar="KIND:ARG",
-                        help="files:DIR, video:OUT.mp4 or tcp:HOST:PORT (repeatable)")
+                        help="files:DIR, video:OUT.mp4, tcp:HOST:PORT or mqtt://HOST:PORT/TOPIC[?qos=1&queue=100...] "
+                             "(repeatable; MQTT options: docs/runtime.md)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames (default: the whole source)")
     parser.add_argument("--loop", action="store_true", help="loop a video file")
     parser.add_argument("--batch-size", type=int, default=1, help="frames per model call (file sources)")
@@ -67,7 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="model threads; on CPUs --workers N --threads 1 (N = cores) gives the most frames/s, "
                              "1 worker with all cores the lowest latency")
-    parser.add_argument("--read-timeout", type=float, default=5.0, help="seconds before a read counts as stale (> 0)")
+    parser.add_argument("--read-timeout", type=float, default=5.0,
+                        help="seconds before a read counts as stale (> 0); also FFmpeg's open and read timeout of cameras and URLs")
+    parser.add_argument("--rtsp-transport", choices=["tcp", "udp"], default=None,
+                        help="RTSP transport of rtsp:// sources (default: FFmpeg's, UDP then TCP)")
     parser.add_argument("--stall-timeout", type=float, default=30.0,
                         help="seconds without a frame (or for a file to open) before the stream ends (> 0)")
     parser.add_argument("--max-pixels", type=int, default=None,
@@ -129,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                               expected_digest=args.expect_digest, **codec_options(args)) as pipeline, \
             handle_signals(threading.Event()) as stop:
         source = open_source(args.source, loop=args.loop, read_timeout=args.read_timeout, stall_timeout=args.stall_timeout,
-                             **source_options)
+                             rtsp_transport=args.rtsp_transport, **source_options)
         try:
             source.start(stop)  # a file source opens here (its errors are bad input); its fps is then known
             sinks = [open_sink(spec, fps=source.fps) for spec in args.sink]

@@ -232,7 +232,7 @@ def _mosaic(x: np.ndarray, keep: np.ndarray, grid: np.ndarray, kept: np.ndarray,
     mh, mw, _ = _mosaic_shape(k, th, tw, c)
     rows, cols = mh // th, mw // tw
     exact = (bh * th, bw * tw) == (h, w)
-    if exact and (rows, cols) == (bh, bw):  # implies k == bh * bw: the layout is the frame's
+    if exact and k == bh * bw and (rows, cols) == (bh, bw):  # every block kept, in the frame's own layout
         if keep.all():
             return x
         return np.where(keep[:, :, None], x, _upsample(grid, h, w, th, tw))

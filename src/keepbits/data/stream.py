@@ -74,14 +74,20 @@ class Sample:
     position: int
 
 
+#: How reader processes start: from a fork server (a clean process), never by forking a caller that
+#: may already run threads (a forked child can inherit a lock some thread held and wait forever).
+WORKER_START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 class Counts:
     """Counters shared by every process that reads the same :class:`Footage` (shared memory,
-    passed to worker processes when they start): images and video frames read, files skipped."""
+    passed to worker processes started with :data:`WORKER_START_METHOD`): images and video frames
+    read, files skipped."""
 
     FIELDS = ("images", "frames", "skipped")
 
     def __init__(self) -> None:
-        self._values = multiprocessing.Array("q", len(self.FIELDS))
+        self._values = multiprocessing.get_context(WORKER_START_METHOD).Array("q", len(self.FIELDS))
 
     def add(self, field: str, count: int = 1) -> None:
         with self._values.get_lock():

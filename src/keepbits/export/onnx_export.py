@@ -26,7 +26,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -40,12 +39,11 @@ from keepbits.bundle import (
 from keepbits.errors import BundleError, InputError
 from keepbits.export import ops
 from keepbits.export.graphs import NiceGraph, SimplifierGraph
+from keepbits.runtime.parity import compare_outputs
 from keepbits.training.checkpoint import Checkpoint, build_model, load_checkpoint
 
 _log = logging.getLogger("keepbits.export")
 MIN_OPSET = ops.BODY_OPSET
-#: Graph outputs in pixel space (0..255 for uint8 input): compared after dividing by the pixel scale.
-PIXEL_OUTPUTS = ("mixed", "simplified")
 
 
 def _example_input(shape: list[int], input_dtype: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -139,31 +137,6 @@ def check_model(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise BundleError(f"exported graph is not valid ONNX: {exc}") from None
-
-
-def compare_outputs(
-    reference: tuple[np.ndarray, ...],
-    candidate: tuple[np.ndarray, ...],
-    pixel_scale: float = 1.0,
-    names: tuple[str, ...] | list[str] = tuple(EXPLAIN_OUTPUTS["mask"]),
-) -> dict[str, float]:
-    """Parity numbers: ``<name>_max_abs`` of every output (pixel-space ones, x̃ and the
-    simplified image, divided by ``pixel_scale``) and ``argmax_agree`` of the logits.
-
-    Example:
-        >>> import numpy as np
-        >>> from keepbits.export import compare_outputs
-        >>> a = (np.eye(2), np.full((2, 1), 255.0))
-        >>> compare_outputs(a, (np.eye(2), np.zeros((2, 1))), 255.0, names=("logits", "simplified"))["simplified_max_abs"]
-        1.0
-    """
-    report = {}
-    for name, ref, got in zip(names, reference, candidate):
-        diff = np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64)).max(initial=0.0)
-        report[f"{name}_max_abs"] = float(diff / pixel_scale if name in PIXEL_OUTPUTS else diff)
-    ref_logits, logits = np.asarray(reference[0]), np.asarray(candidate[0])
-    report["argmax_agree"] = float(np.mean(logits.argmax(1) == ref_logits.argmax(1))) if len(logits) else 1.0
-    return report
 
 
 #: Checkpoint kind -> the bundle's explain stage.

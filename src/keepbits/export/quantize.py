@@ -22,10 +22,12 @@ from typing import Iterator
 
 import numpy as np
 
-from keepbits.bundle import Bundle, Manifest, load_bundle, write_bundle
+from keepbits.bundle import Bundle, load_bundle, write_bundle
 from keepbits.data import ImageDataset, has_split, load_dataset
 from keepbits.errors import InputError
 from keepbits.native import make_session
+from keepbits.runtime.parity import Parity
+from keepbits.runtime.pipeline import bundle_inputs
 
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 #: Activation types. ORT 1.32's x86 CPU kernels fuse DQ→Conv→Q into QLinearConv for uint8
@@ -34,17 +36,6 @@ QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 #: ORT's profiler on a 2-core AVX-512 VNNI EPYC). int8 suits runtimes whose int8 kernels are
 #: the fast path (e.g. TensorRT, ARM).
 ACTIVATION_TYPES = ("uint8", "int8")
-
-
-def bundle_inputs(manifest: Manifest, images: np.ndarray) -> np.ndarray:
-    """uint8 N×H×W×C images in the bundle's input format (NHWC uint8 or NCHW float 0..1)."""
-    if images.shape[-1] != manifest.input_shape[0]:
-        raise InputError(f"images have {images.shape[-1]} channels, the bundle expects {manifest.input_shape[0]}")
-    if not manifest.dynamic_size and list(images.shape[1:3]) != manifest.input_shape[1:]:
-        raise InputError(f"images are {images.shape[1]}×{images.shape[2]}, the bundle accepts {manifest.input_shape[1]}×{manifest.input_shape[2]} only")
-    if manifest.input_dtype == "uint8":
-        return np.ascontiguousarray(images)
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
 class _Reader:
@@ -59,36 +50,30 @@ class _Reader:
 
 def compare(reference: Bundle, candidate: Bundle, images: np.ndarray, labels: np.ndarray | None, batch: int = 64) -> dict[str, float]:
     """Accuracy, argmax / mask agreement and max ẑ, x̃/scale deviation of ``candidate`` vs
-    ``reference`` (``mixed_max_abs`` None for bundles without the x̃ output)."""
+    ``reference`` (``mixed_max_abs`` None for bundles without the x̃ output), by
+    :class:`keepbits.runtime.parity.Parity`."""
     m = reference.manifest
     sessions = [make_session(b.model_path) for b in (reference, candidate)]
-    logits: list[list[np.ndarray]] = [[], []]
-    agree = kept = 0.0
-    mask_dev = 0.0
-    mixed_dev = 0.0 if "mixed" in m.output_names else None
+    parity = Parity(m.output_names, m.pixel_scale, m.mask_threshold)
+    predictions: list[list[np.ndarray]] = [[], []]
     x = bundle_inputs(m, images)
     for i in range(0, len(x), batch):
-        (l0, z0, *x0), (l1, z1, *x1) = (s.run(m.output_names, {m.input_name: x[i:i + batch]}) for s in sessions)
-        logits[0].append(l0)
-        logits[1].append(l1)
-        agree += float(((z0 > m.mask_threshold) == (z1 > m.mask_threshold)).sum())
-        kept += float((z0 > m.mask_threshold).sum())
-        mask_dev = max(mask_dev, float(np.abs(z0 - z1).max()))
-        if mixed_dev is not None:
-            mixed_dev = max(mixed_dev, float(np.abs(x0[0] - x1[0]).max()) / m.pixel_scale)
-    pred = [np.concatenate(l).argmax(1) for l in logits]
-    pixels = len(x) * int(np.prod(z0.shape[1:]))
+        outputs = [s.run(m.output_names, {m.input_name: x[i:i + batch]}) for s in sessions]
+        parity.add(*outputs)
+        for k, out in enumerate(outputs):
+            predictions[k].append(out[0].argmax(1))
+    r = parity.report()
     report = {
         "images": len(x),
-        "argmax_agreement": float(np.mean(pred[0] == pred[1])),
-        "mask_agreement": agree / pixels,
-        "kept_fraction_reference": kept / pixels,
-        "mask_max_abs": mask_dev,
-        "mixed_max_abs": mixed_dev,
+        "argmax_agreement": r["argmax_agree"],
+        "mask_agreement": r["mask_agree"],
+        "kept_fraction_reference": r["kept_fraction_reference"],
+        "mask_max_abs": r["mask_max_abs"],
+        "mixed_max_abs": r.get("mixed_max_abs"),
     }
     if labels is not None:
-        report["accuracy_reference"] = float(np.mean(pred[0] == labels))
-        report["accuracy_candidate"] = float(np.mean(pred[1] == labels))
+        report["accuracy_reference"] = float(np.mean(np.concatenate(predictions[0]) == labels))
+        report["accuracy_candidate"] = float(np.mean(np.concatenate(predictions[1]) == labels))
     return report
 
 

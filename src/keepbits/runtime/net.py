@@ -5,9 +5,9 @@ then each payload as a 4-byte big-endian length followed by that many bytes. At 
 sender shuts its side down and waits for the receiver to close: that confirms the receiver
 read everything. The receiver serves up to ``max_connections`` senders at once, refuses
 lengths above ``max_payload``, times out idle reads, decodes each payload with
-:func:`keepbits.codec.decode` (bad payloads are counted and skipped) and writes PNG images
-(cropped to the source box, named per sender session: a restarted sender never overwrites
-earlier frames), ``frames.jsonl`` (appended) and optionally a video.
+:class:`keepbits.runtime.receiver.PayloadWriter` (bad payloads are counted and skipped) into PNG
+images (cropped to the source box, named per sender session: a restarted sender never
+overwrites earlier frames), ``frames.jsonl`` (appended) and optionally a video.
 
 Example:
     >>> import threading, tempfile, numpy as np
@@ -24,7 +24,6 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -35,10 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
-
-from keepbits.codec import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_PER_BYTE, decode
+from keepbits.codec import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_PER_BYTE
 from keepbits.errors import DecodeError, InputError
+from keepbits.runtime.receiver import PayloadWriter
 
 log = logging.getLogger(__name__)
 
@@ -199,50 +197,6 @@ def _session_name(peer: Any) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{re.sub(r'[^A-Za-z0-9.]+', '_', str(host))}-{port}"
 
 
-class _Writer:
-    """Decoded frames to PNG files (``<session>-<sequence>.png``), JSONL (appended) and an
-    optional video; safe to call from several connection threads."""
-
-    def __init__(self, out: Path, video: str | Path | None, fps: float, images: bool, limits: dict[str, Any]):
-        self.out, self.images, self.limits = out, images, limits
-        if out.exists() and not out.is_dir():
-            raise InputError(f"receive --out {out}: exists and is not a folder")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(out / "frames.jsonl", "a", encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"receive --out {out}: cannot write there ({exc.strerror or exc})") from None
-        self.video_path, self.fps = video, fps
-        self.video: cv2.VideoWriter | None = None
-        self.size: tuple[int, int] | None = None
-        self.lock = threading.Lock()
-
-    def write(self, payload: bytes, session: str, sender: str) -> None:
-        image, mask, meta = decode(payload, **self.limits)
-        x0, y0, w, h = meta.roi
-        crop = image[y0:y0 + h, x0:x0 + w] if w and h else image
-        bgr = cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR if crop.shape[2] == 1 else cv2.COLOR_RGB2BGR)
-        if self.images:
-            cv2.imwrite(str(self.out / f"{session}-{meta.sequence:08d}.png"), bgr)
-        record = {"session": session, "sender": sender, "sequence": meta.sequence, "timestamp": meta.timestamp,
-                  "label": meta.label, "name": meta.name, "score": meta.score, "bytes": meta.total_bytes,
-                  "kept_blocks": meta.kept_blocks, "total_blocks": meta.total_blocks, "mode": meta.mode,
-                  "kept_pixels": None if mask is None else int(mask.sum())}
-        with self.lock:
-            if self.video_path is not None:
-                if self.video is None:
-                    self.size = (bgr.shape[1], bgr.shape[0])
-                    self.video = cv2.VideoWriter(str(self.video_path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
-                self.video.write(cv2.resize(bgr, self.size) if (bgr.shape[1], bgr.shape[0]) != self.size else bgr)
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-
-    def close(self) -> None:
-        self.jsonl.close()
-        if self.video is not None:
-            self.video.release()
-
-
 def receive(
     host: str,
     port: int,
@@ -274,7 +228,8 @@ def receive(
         if not (isinstance(value, int) and value >= 1):
             raise InputError(f"{name} must be an int >= 1, got {value!r}")
     stop = stop or threading.Event()
-    writer = _Writer(Path(out), video, fps, images, {"max_pixels": max_pixels, "max_pixels_per_byte": max_pixels_per_byte})
+    writer = PayloadWriter(out, video=video, fps=fps, images=images, masks=False, append=True, what="receive --out",
+                           max_pixels=max_pixels, max_pixels_per_byte=max_pixels_per_byte)
     stats: dict[str, Any] = {"frames": 0, "bytes": 0, "bad_payloads": 0, "protocol_errors": 0, "connections": 0, "sessions": []}
     try:
         server = socket.create_server((host, port), backlog=max(8, max_connections))
@@ -339,7 +294,7 @@ def receive(
     return stats
 
 
-def _serve(conn: socket.socket, peer: Any, writer: _Writer, stats: dict[str, Any], shared: dict[str, Any],
+def _serve(conn: socket.socket, peer: Any, writer: PayloadWriter, stats: dict[str, Any], shared: dict[str, Any],
            max_payload: int, idle_timeout: float, halt: threading.Event) -> None:
     def read(n: int) -> bytes | None:
         data = _recv_exact(conn, n, idle_timeout, halt)
@@ -374,7 +329,7 @@ def _serve(conn: socket.socket, peer: Any, writer: _Writer, stats: dict[str, Any
                 raise ConnectionError("connection closed mid-frame")
             count("bytes", n)
             try:
-                writer.write(payload, session, sender)
+                writer.write(payload, prefix=f"{session}-", session=session, sender=sender)
             except DecodeError as exc:
                 count("bad_payloads")
                 log.warning("%s: bad payload skipped (%s)", sender, exc)

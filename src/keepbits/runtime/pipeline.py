@@ -163,6 +163,28 @@ class Prepared:
     sequences: list[int]
 
 
+def bundle_inputs(manifest: Any, images: np.ndarray) -> np.ndarray:
+    """uint8 N×H×W×C images in the bundle's input format (NHWC uint8 or NCHW float 0..1): what
+    the pipeline, ``keepbits compare`` and INT8 calibration feed a model.
+
+    Example:
+        >>> import numpy as np
+        >>> from keepbits.runtime.pipeline import bundle_inputs
+        >>> from keepbits.runtime.synthetic import toy_bundle
+        >>> from keepbits.bundle import load_bundle
+        >>> import tempfile
+        >>> bundle_inputs(load_bundle(toy_bundle(tempfile.mkdtemp() + "/b")).manifest, np.zeros((2, 5, 7, 3), np.uint8)).shape
+        (2, 5, 7, 3)
+    """
+    if images.shape[-1] != manifest.input_shape[0]:
+        raise InputError(f"images have {images.shape[-1]} channels, the bundle expects {manifest.input_shape[0]}")
+    if not manifest.dynamic_size and list(images.shape[1:3]) != manifest.input_shape[1:]:
+        raise InputError(f"images are {images.shape[1]}×{images.shape[2]}, the bundle accepts {manifest.input_shape[1]}×{manifest.input_shape[2]} only")
+    if manifest.input_dtype == "uint8":
+        return np.ascontiguousarray(images)
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+
+
 def _providers(backend: str, providers: Sequence[Any] | None) -> list[Any]:
     import onnxruntime as ort
 
@@ -255,7 +277,7 @@ class Pipeline:
 
     def _feed(self, batch: np.ndarray) -> np.ndarray:
         """The model input for an N×H×W×C uint8 batch: itself (uint8 NHWC) or float NCHW in 0..1."""
-        return batch if self.manifest.input_layout == "NHWC" else batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        return bundle_inputs(self.manifest, batch)
 
     def close(self) -> None:
         """Release the bundle: the unpacked copy of a ``.zip`` bundle is removed (the session
@@ -466,4 +488,4 @@ class Pipeline:
         }
 
 
-__all__ = ["Letterbox", "Pipeline", "Prepared", "Result", "BACKENDS"]
+__all__ = ["Letterbox", "Pipeline", "Prepared", "Result", "BACKENDS", "bundle_inputs"]

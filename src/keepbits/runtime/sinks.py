@@ -3,8 +3,10 @@
 
 * ``files:DIR``: ``DIR/payloads/<sequence>.kbit`` + ``DIR/frames.jsonl`` (one line per frame).
 * ``video:OUT.mp4`` (``.mov``, ``.avi``): the source frames annotated with the mask (or, for
-  SimpleBits bundles, the simplified image), label, score and bytes.
+  SimpleBits bundles, the simplified image), label, score and bytes; H.264 when the OpenCV
+  build writes it, else mp4v (``.avi``: Motion JPEG).
 * ``tcp:HOST:PORT``: length-prefixed payloads to ``keepbits receive`` (:mod:`keepbits.runtime.net`).
+* ``mqtt://HOST:PORT/TOPIC``: one MQTT message per payload (:mod:`keepbits.runtime.mqtt`, ``keepbits[mqtt]``).
 
 Example:
     >>> import tempfile
@@ -22,6 +24,7 @@ import cv2
 import numpy as np
 
 from keepbits.errors import InputError
+from keepbits.runtime.video import even_size, open_video_writer, video_codecs
 
 
 class Sink(Protocol):
@@ -96,33 +99,29 @@ def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: i
     return out
 
 
-#: Video containers the video sink writes, by suffix, with the OpenCV codec used for each.
-VIDEO_CONTAINERS = {".mp4": "mp4v", ".mov": "mp4v", ".avi": "MJPG"}
-
-
 class VideoSink:
-    """Annotated source frames as a video (``.mp4``/``.mov`` mp4v, ``.avi`` MJPEG); small frames
-    are upscaled to ``min_side``. The container and the path are checked when the sink opens
-    (a probe writer is opened there and removed), so a sink that cannot write fails before the run."""
+    """Annotated source frames as a video (``.mp4``/``.mov``: H.264 when OpenCV writes it, else
+    mp4v; ``.avi``: MJPEG; :func:`keepbits.runtime.video.open_video_writer`); small frames are
+    upscaled to ``min_side``. The container and the path are checked when the sink opens (a probe
+    writer is opened there and removed), so a sink that cannot write fails before the run."""
 
     def __init__(self, path: str | Path, fps: float | None = None, min_side: int = 360):
         from keepbits._fs import writable_file
 
         self.path = Path(path)
-        fourcc = VIDEO_CONTAINERS.get(self.path.suffix.lower())
-        if fourcc is None:
-            raise InputError(f"sink video:{path}: unknown video container {self.path.suffix or '(no suffix)'!r} "
-                             f"(use {', '.join(VIDEO_CONTAINERS)})")
+        try:
+            codecs = video_codecs(self.path)
+        except InputError as exc:
+            raise InputError(f"sink video:{path}: {exc}") from None
         writable_file(self.path, "video sink")
-        self._fourcc = cv2.VideoWriter_fourcc(*fourcc)
         existed = self.path.exists()
-        probe = cv2.VideoWriter(str(self.path), self._fourcc, 25.0, (16, 16))
+        probe = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*codecs[-1]), 25.0, (16, 16))  # the container's baseline codec
         opened = probe.isOpened()
         probe.release()
         if not existed and self.path.exists():
             self.path.unlink()
         if not opened:
-            raise InputError(f"sink video:{path}: OpenCV cannot write {self.path.suffix} video there (no {fourcc} encoder?)")
+            raise InputError(f"sink video:{path}: OpenCV cannot write {self.path.suffix} video there (no {codecs[-1]} encoder?)")
         self.fps, self.min_side = fps or 25.0, min_side
         self._writer: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None
@@ -131,11 +130,8 @@ class VideoSink:
     def write(self, frame: Any, result: Any, record: dict[str, Any]) -> None:
         out = annotate(frame.image, result, record, self.min_side)
         if self._writer is None:
-            size = (out.shape[1], out.shape[0])
-            writer = cv2.VideoWriter(str(self.path), self._fourcc, self.fps, size)
-            if not writer.isOpened():
-                raise InputError(f"cannot write video {self.path} at {size[0]}x{size[1]}")
-            self._writer, self._size = writer, size
+            self._size = even_size(out.shape[1], out.shape[0])
+            self._writer = open_video_writer(self.path, self.fps, self._size)
         if (out.shape[1], out.shape[0]) != self._size:
             out = cv2.resize(out, self._size, interpolation=cv2.INTER_AREA)
         self._writer.write(out)
@@ -162,12 +158,12 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 
 def open_sink(spec: str, *, fps: float | None = None) -> Sink:
-    """A sink from ``files:DIR``, ``video:OUT.mp4`` or ``tcp:HOST:PORT``; paths are checked
-    here (:class:`InputError` for a file where a folder belongs, an unwritable place, an
-    unknown video container)."""
+    """A sink from ``files:DIR``, ``video:OUT.mp4``, ``tcp:HOST:PORT`` or ``mqtt://HOST:PORT/TOPIC``;
+    paths are checked here (:class:`InputError` for a file where a folder belongs, an unwritable
+    place, an unknown video container)."""
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
-        raise InputError(f"sink {spec!r}: expected files:DIR, video:OUT.mp4 or tcp:HOST:PORT")
+        raise InputError(f"sink {spec!r}: expected files:DIR, video:OUT.mp4, tcp:HOST:PORT or mqtt://HOST:PORT/TOPIC")
     if kind == "files":
         return FilesSink(arg)
     if kind == "video":
@@ -176,4 +172,8 @@ def open_sink(spec: str, *, fps: float | None = None) -> Sink:
         from keepbits.runtime.net import TcpSink
 
         return TcpSink(*parse_hostport(arg))
-    raise InputError(f"unknown sink kind {kind!r} in {spec!r} (files, video, tcp)")
+    if kind == "mqtt":
+        from keepbits.runtime.mqtt import MqttSink
+
+        return MqttSink(spec)
+    raise InputError(f"unknown sink kind {kind!r} in {spec!r} (files, video, tcp, mqtt)")

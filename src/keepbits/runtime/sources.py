@@ -1,4 +1,5 @@
-"""Frame sources: video files, cameras, RTSP/HTTP URLs, image folders, Python iterators.
+"""Frame sources: video files, cameras (indices, ``/dev/video*`` devices), RTSP/HTTP URLs,
+GStreamer pipelines, image folders, Python iterators.
 
 Every source opens and reads in its own grabber thread into a :class:`BoundedQueue` (the
 caller's thread never blocks in OpenCV, so signals are always handled):
@@ -7,11 +8,11 @@ caller's thread never blocks in OpenCV, so signals are always handled):
   error ends the stream (counted in ``errors``). :meth:`Source.start` waits up to
   ``stall_timeout`` for the source to open (a FIFO whose writer stalls never does): open
   errors raise there; a source that has not opened by then ends at once (``last_error``).
-* **cameras, URLs, live iterators** (``live=True``): policy ``drop_oldest`` with room for one
-  frame, so the consumer always gets the newest one; frames overwritten unseen count as
-  ``dropped``. A read that fails, raises or ends reconnects with exponential backoff
-  (``reconnects``); ``max_reconnects`` consecutive reconnects without a frame end the
-  stream (None: retry for ever).
+* **cameras, devices, URLs, GStreamer pipelines, live iterators** (``live=True``): policy
+  ``drop_oldest`` with room for one frame, so the consumer always gets the newest one; frames
+  overwritten unseen count as ``dropped``. A read that fails, raises or ends reconnects with
+  exponential backoff (``reconnects``); ``max_reconnects`` consecutive reconnects without a
+  frame end the stream (None: retry for ever).
 
 Either kind: a wait longer than ``read_timeout`` counts as ``stale``; a source silent for
 ``stall_timeout`` ends the stream. Both timeouts must be positive (no busy-waiting). A frame
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +51,11 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
+#: FFmpeg's RTSP transports: TCP (interleaved on the RTSP connection: passes NAT and firewalls,
+#: no packet loss) or UDP (lower latency; lost packets show as broken frames).
+RTSP_TRANSPORTS = ("tcp", "udp")
+_FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+_FFMPEG_OPTIONS_LOCK = threading.Lock()
 #: Largest source frame by default (pixels, 8192×4096): image files are checked from their
 #: header before decoding, videos and cameras when opened.
 DEFAULT_MAX_PIXELS = 1 << 25
@@ -274,9 +282,25 @@ class Source:
             self._queue.close()
 
 
-def _capture(target: str | int, timeout_ms: int, max_pixels: int) -> cv2.VideoCapture:
+def _capture(target: str | int, timeout_ms: int, max_pixels: int, api: int = cv2.CAP_ANY,
+             ffmpeg_options: str | None = None) -> cv2.VideoCapture:
+    """An opened OpenCV capture of frames of at most ``max_pixels``; ``ffmpeg_options``
+    (``key;value|key;value``) go to FFmpeg through ``OPENCV_FFMPEG_CAPTURE_OPTIONS``, which OpenCV
+    reads when a capture opens."""
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
-    cap = cv2.VideoCapture(target, cv2.CAP_ANY, params)
+    if ffmpeg_options is None:
+        cap = cv2.VideoCapture(target, api, params)
+    else:
+        with _FFMPEG_OPTIONS_LOCK:
+            before = os.environ.get(_FFMPEG_OPTIONS)
+            os.environ[_FFMPEG_OPTIONS] = ffmpeg_options
+            try:
+                cap = cv2.VideoCapture(target, api, params)
+            finally:
+                if before is None:
+                    del os.environ[_FFMPEG_OPTIONS]
+                else:
+                    os.environ[_FFMPEG_OPTIONS] = before
     if not cap.isOpened():
         cap.release()
         raise InputError(f"cannot open video source {target!r} (missing, corrupt, or no codec/driver)")
@@ -358,6 +382,25 @@ def _folder(path: Path, max_pixels: int) -> Callable[[], Iterator[np.ndarray | S
     return frames
 
 
+def is_gstreamer_pipeline(spec: Any) -> bool:
+    """Whether ``spec`` reads as a GStreamer pipeline (elements joined by ``!``).
+
+    Example:
+        >>> from keepbits.runtime.sources import is_gstreamer_pipeline
+        >>> is_gstreamer_pipeline("videotestsrc ! videoconvert ! appsink"), is_gstreamer_pipeline("clip.mp4")
+        (True, False)
+    """
+    return isinstance(spec, str) and " ! " in spec and "://" not in spec.split(" ! ", 1)[0]
+
+
+def _is_device(path: Path) -> bool:
+    """A character device (``/dev/video0``, or a link to one): a camera, read live."""
+    try:
+        return stat.S_ISCHR(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 def open_source(
     spec: Any,
     *,
@@ -368,13 +411,19 @@ def open_source(
     stall_timeout: float = 30.0,
     max_reconnects: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    rtsp_transport: str | None = None,
 ) -> Source:
-    """A :class:`Source` for a video file, image folder, camera index (``0``), URL or iterable.
+    """A :class:`Source` for a video file, image folder, camera (index ``0`` or device
+    ``/dev/video0``), URL, GStreamer pipeline or iterable.
 
     ``color`` is the channel order of frames an iterable yields (OpenCV sources are handled).
-    ``live`` overrides the policy (cameras and URLs are live; files, folders, iterables not).
-    Nothing is opened here: the source's thread opens it (:meth:`Source.start`).
-    ``max_pixels`` bounds the frames of files, folders, cameras and URLs.
+    ``live`` overrides the policy (cameras, devices, URLs and GStreamer pipelines are live;
+    files, folders, iterables not). Nothing is opened here: the source's thread opens it
+    (:meth:`Source.start`). ``max_pixels`` bounds the frames of files, folders, cameras and URLs.
+    ``read_timeout`` bounds opening and each read of OpenCV sources (FFmpeg's open and read
+    timeouts). ``rtsp_transport`` (``"tcp"`` or ``"udp"``) sets FFmpeg's RTSP transport for
+    ``rtsp://`` URLs (default: FFmpeg's, UDP then TCP). A GStreamer pipeline needs an OpenCV
+    built with GStreamer (:class:`InputError` naming it otherwise).
 
     Example:
         >>> from keepbits.runtime import open_source
@@ -386,6 +435,8 @@ def open_source(
         return spec
     if not (isinstance(max_pixels, int) and max_pixels > 0):
         raise InputError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    if rtsp_transport not in (None, *RTSP_TRANSPORTS):
+        raise InputError(f"rtsp_transport must be one of {RTSP_TRANSPORTS}, got {rtsp_transport!r}")
     common = {"read_timeout": read_timeout, "stall_timeout": stall_timeout, "max_reconnects": max_reconnects}
     timeout_ms = max(1, int(read_timeout * 1000)) if isinstance(read_timeout, (int, float)) and math.isfinite(read_timeout) else 0
     if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
@@ -393,12 +444,24 @@ def open_source(
         return Source(lambda: _capture_frames(_capture(index, timeout_ms, max_pixels), True), name=f"camera{index}",
                       live=True if live is None else live, color="bgr", **common)
     if isinstance(spec, str) and spec.lower().startswith(LIVE_SCHEMES):
-        return Source(lambda: _capture_frames(_capture(spec, timeout_ms, max_pixels), True), name=spec.split("@")[-1],
-                      live=True if live is None else live, color="bgr", **common)
+        options = f"rtsp_transport;{rtsp_transport}" if rtsp_transport and spec.lower().startswith(("rtsp://", "rtsps://")) else None
+        return Source(lambda: _capture_frames(_capture(spec, timeout_ms, max_pixels, ffmpeg_options=options), True),
+                      name=spec.split("@")[-1], live=True if live is None else live, color="bgr", **common)
+    if is_gstreamer_pipeline(spec):
+        from keepbits.runtime.video import has_backend
+
+        if not has_backend("GSTREAMER"):
+            raise InputError(f"{spec!r} is a GStreamer pipeline, but this OpenCV build has no GStreamer back-end "
+                             "(keepbits doctor shows its video back-ends); use an OpenCV built with GStreamer, or a file, URL or camera")
+        return Source(lambda: _capture_frames(_capture(spec, timeout_ms, max_pixels, cv2.CAP_GSTREAMER), True),
+                      name=spec.split(" ! ", 1)[0], live=True if live is None else live, color="bgr", **common)
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         if not path.exists():
             raise InputError(f"source not found: {path}")
+        if _is_device(path):  # a V4L2 camera: live, reopened after a disconnect
+            return Source(lambda: _capture_frames(_capture(str(path), timeout_ms, max_pixels), True), name=path.name,
+                          live=True if live is None else live, color="bgr", **common)
         if path.is_dir():
             return Source(_folder(path, max_pixels), name=path.name, live=bool(live), color="bgr", **common)
         return Source(lambda: _VideoFrames(path, loop, timeout_ms, max_pixels), name=path.name, live=bool(live),

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from keepbits.data import Footage, Preprocessing
+from keepbits.data.stream import WORKER_START_METHOD
 from keepbits.errors import InputError
 
 
@@ -97,7 +98,12 @@ def _worker_init(_: int) -> None:
 
 def footage_loader(dataset: FootageDataset, batch_size: int, num_workers: int = 0, **kwargs: Any) -> DataLoader:
     """A ``DataLoader`` over ``dataset`` with ``num_workers`` worker processes (each with one
-    OpenCV and one torch thread); ``kwargs`` go to ``DataLoader`` (e.g. ``pin_memory``)."""
+    OpenCV and one torch thread); ``kwargs`` go to ``DataLoader`` (e.g. ``pin_memory``).
+
+    Workers start with :data:`keepbits.data.stream.WORKER_START_METHOD`, not by forking the caller:
+    a process that already runs threads (ONNX Runtime or OpenCV pools, stream readers, sockets) can
+    hand a forked child a lock that some thread held at the fork, and the child waits on it forever."""
     if num_workers:
         kwargs.setdefault("worker_init_fn", _worker_init)
+        kwargs.setdefault("multiprocessing_context", WORKER_START_METHOD)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, **kwargs)

@@ -1,13 +1,14 @@
-"""Self-contained HTML + JSON audit reports (no torch; PNGs via Pillow, plots as inline SVG).
+"""Self-contained HTML + JSON reports (no torch, no matplotlib; PNGs via Pillow, plots as inline
+SVG or as PNG files): the audits' reports and ``keepbits eval``'s rate–accuracy report.
 
 A :class:`Report` is a list of sections; each section holds text, tables, image grids,
-heatmaps and line plots. :meth:`Report.write` produces ``report.html`` (every image embedded
-as base64 PNG, readable offline without Python) and ``report.json`` (the same numbers,
-plus whatever was put into :attr:`Report.data`).
+heatmaps, line plots and PNG figures. :meth:`Report.write` produces ``report.html`` (every image
+embedded as base64 PNG, readable offline without Python) and ``report.json`` (the same numbers,
+plus whatever was put into :attr:`Report.data`). :func:`plot_png` draws a line plot as a PNG file.
 
 Example:
     >>> import numpy as np, tempfile
-    >>> from keepbits.audit import Report
+    >>> from keepbits.report import Report
     >>> r = Report("demo")
     >>> s = r.section("Images", "Two random images and a heatmap.")
     >>> s.image_grid([np.zeros((8, 8, 3), np.uint8), np.full((8, 8), 255, np.uint8)], titles=["a", "b"])
@@ -69,7 +70,7 @@ def colorize(values: np.ndarray, cmap: str = "viridis", vmin: float | None = Non
 
     Example:
         >>> import numpy as np
-        >>> from keepbits.audit import colorize
+        >>> from keepbits.report import colorize
         >>> colorize(np.array([[0.0, 1.0, np.nan]])).tolist()
         [[[68, 1, 84], [253, 231, 37], [255, 255, 255]]]
     """
@@ -173,57 +174,125 @@ class Section:
                                      "series": {k: {"x": jsonable(list(x)), "y": jsonable(list(y))} for k, (x, y) in series.items()},
                                      "errors": jsonable(dict(errors or {}))})
 
+    def figure(self, png: bytes, caption: str = "") -> None:
+        """A ready PNG (e.g. :func:`plot_png`) embedded as it is."""
+        cap = f'<p class="note">{html.escape(caption)}</p>' if caption else ""
+        self.blocks.append(f'<div class="cell"><img src="{_data_uri(png)}" alt="{html.escape(caption)}"></div>{cap}')
+        self.record["figures"].append({"kind": "png", "caption": caption})
+
     def html(self) -> str:
         return f"<h2>{html.escape(self.title)}</h2>\n" + "\n".join(self.blocks)
 
 
+class _PlotFrame:
+    """Axis ranges, ticks and the data → pixel mapping of one line plot (shared by the SVG and PNG
+    drawers): the finite points of every series and their ± error bars fit the plot area."""
+
+    left, right, top, bottom = 64, 170, 28, 42
+
+    def __init__(self, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], width: int, height: int,
+                 errors: Mapping[str, Sequence[float]], log_x: bool):
+        self.width, self.height, self.log_x = width, height, log_x
+        self.curves = {name: [(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(float(y))]
+                       for name, (xs, ys) in series.items()}
+        self.errors = {name: [float(e) for y, e in zip(series[name][1], errors.get(name, ())) if math.isfinite(float(y))]
+                       for name in series}
+        pts = [p for curve in self.curves.values() for p in curve]
+        self.empty = not pts
+        xs = [self._tx(x) for x, _ in pts] or [0.0]
+        ys = [y for _, y in pts] or [0.0]
+        for name, curve in self.curves.items():
+            ys += [y + s * e for (_, y), e in zip(curve, self.errors[name]) if math.isfinite(e) for s in (-1, 1)]
+        self.x0, self.y0 = min(xs), min(ys)
+        self.x1 = max(xs) if max(xs) > self.x0 else self.x0 + 1
+        self.y1 = max(ys) if max(ys) > self.y0 else self.y0 + 1
+        self.pw, self.ph = width - self.left - self.right, height - self.top - self.bottom
+
+    def _tx(self, v: float) -> float:
+        return math.log10(v) if self.log_x else v
+
+    def px(self, v: float) -> float:
+        return self.left + (self._tx(v) - self.x0) / (self.x1 - self.x0) * self.pw
+
+    def py(self, v: float) -> float:
+        return self.top + (1 - (v - self.y0) / (self.y1 - self.y0)) * self.ph
+
+    def ticks(self, n: int = 5) -> list[tuple[float, float, str, str]]:
+        """``n`` ticks per axis: (x pixel, y pixel, x label, y label)."""
+        out = []
+        for i in range(n):
+            xv = self.x0 + (self.x1 - self.x0) * i / (n - 1)
+            yv = self.y0 + (self.y1 - self.y0) * i / (n - 1)
+            out.append((self.left + (xv - self.x0) / (self.x1 - self.x0) * self.pw, self.py(yv),
+                        _fmt(10 ** xv if self.log_x else xv), _fmt(yv)))
+        return out
+
+
 def _svg_plot(series, xlabel, ylabel, title, width, height, errors, log_x) -> str:
-    left, right, top, bottom = 60, 130, 28, 42
-    pts = [(float(x), float(y)) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(float(y))]
-    tx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
-    if not pts:
+    f = _PlotFrame(series, width, height, errors, log_x)
+    if f.empty:
         return f"<p class='note'>{html.escape(title)}: no data</p>"
-    xs = [tx(p[0]) for p in pts]
-    ys = [p[1] for p in pts]
-    for name, (sx, sy) in series.items():
-        for y, e in zip(sy, errors.get(name, ())):
-            if math.isfinite(float(y)) and math.isfinite(float(e)):
-                ys += [float(y) - float(e), float(y) + float(e)]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    pw, ph = width - left - right, height - top - bottom
-
-    def px(v: float) -> float:
-        return left + (tx(v) - x0) / (x1 - x0) * pw
-
-    def py(v: float) -> float:
-        return top + (1 - (v - y0) / (y1 - y0)) * ph
-
+    left, top, pw, ph = f.left, f.top, f.pw, f.ph
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" font-family="sans-serif">',
            f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>',
            f'<text x="{left + pw / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
            f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>',
            f'<text x="14" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">{html.escape(ylabel)}</text>']
-    for i in range(5):
-        yv = y0 + (y1 - y0) * i / 4
-        xv = x0 + (x1 - x0) * i / 4
-        xlabel_v = 10 ** xv if log_x else xv
-        out.append(f'<text x="{left - 4}" y="{py(yv) + 4:.1f}" text-anchor="end">{_fmt(yv)}</text>')
-        out.append(f'<text x="{left + (xv - x0) / (x1 - x0) * pw:.1f}" y="{top + ph + 14}" text-anchor="middle">{_fmt(xlabel_v)}</text>')
-    for k, (name, (xs_, ys_)) in enumerate(series.items()):
+    for x, y, xl, yl in f.ticks():
+        out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{yl}</text>')
+        out.append(f'<text x="{x:.1f}" y="{top + ph + 14}" text-anchor="middle">{xl}</text>')
+    for k, (name, good) in enumerate(f.curves.items()):
         color = _PALETTE[k % len(_PALETTE)]
-        good = [(float(x), float(y)) for x, y in zip(xs_, ys_) if math.isfinite(float(y))]
-        path = " ".join(f"{'M' if i == 0 else 'L'}{px(x):.1f},{py(y):.1f}" for i, (x, y) in enumerate(good))
+        path = " ".join(f"{'M' if i == 0 else 'L'}{f.px(x):.1f},{f.py(y):.1f}" for i, (x, y) in enumerate(good))
         out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
-        for (x, y), e in zip(good, errors.get(name, [0] * len(good))):
-            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>')
-            if e and math.isfinite(float(e)):
-                out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{py(y - float(e)):.1f}" y2="{py(y + float(e)):.1f}" stroke="{color}"/>')
-        out.append(f'<rect x="{width - right + 10}" y="{top + 16 * k}" width="10" height="10" fill="{color}"/>'
-                   f'<text x="{width - right + 24}" y="{top + 16 * k + 9}">{html.escape(str(name))}</text>')
+        for (x, y), e in zip(good, f.errors[name] or [0.0] * len(good)):
+            out.append(f'<circle cx="{f.px(x):.1f}" cy="{f.py(y):.1f}" r="2.5" fill="{color}"/>')
+            if e and math.isfinite(e):
+                out.append(f'<line x1="{f.px(x):.1f}" x2="{f.px(x):.1f}" y1="{f.py(y - e):.1f}" y2="{f.py(y + e):.1f}" stroke="{color}"/>')
+        out.append(f'<rect x="{width - f.right + 10}" y="{top + 16 * k}" width="10" height="10" fill="{color}"/>'
+                   f'<text x="{width - f.right + 24}" y="{top + 16 * k + 9}">{html.escape(str(name))}</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def plot_png(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str = "", ylabel: str = "", title: str = "",
+             width: int = 640, height: int = 400, log_x: bool = False) -> bytes:
+    """A line plot of ``{name: (xs, ys)}`` as PNG bytes (Pillow's default font; no matplotlib).
+
+    Example:
+        >>> from keepbits.report import plot_png
+        >>> plot_png({"a": ([1, 2, 3], [0.5, 0.7, 0.9])}, "bytes", "accuracy")[:4]
+        b'\x89PNG'
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    f = _PlotFrame(series, width, height, {}, log_x)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=12)
+    draw.rectangle([f.left, f.top, f.left + f.pw, f.top + f.ph], outline="#888888")
+    draw.text((f.left + f.pw / 2, 4), title, fill="black", anchor="mt", font=ImageFont.load_default(size=14))
+    draw.text((f.left + f.pw / 2, height - 4), xlabel, fill="black", anchor="md", font=font)
+    if ylabel:  # drawn horizontally, then turned a quarter left
+        box = draw.textbbox((0, 0), ylabel, font=font)
+        label = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
+        ImageDraw.Draw(label).text((1, 1), ylabel, fill="black", font=font)
+        label = label.rotate(90, expand=True)
+        image.paste(label, (4, max(0, int(f.top + f.ph / 2 - label.height / 2))))
+    for x, y, xl, yl in f.ticks() if not f.empty else ():
+        draw.text((f.left - 4, y), yl, fill="black", anchor="rm", font=font)
+        draw.text((x, f.top + f.ph + 4), xl, fill="black", anchor="mt", font=font)
+    for k, (name, good) in enumerate(f.curves.items()):
+        color = _PALETTE[k % len(_PALETTE)]
+        points = [(f.px(x), f.py(y)) for x, y in good]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for px_, py_ in points:
+            draw.ellipse([px_ - 3, py_ - 3, px_ + 3, py_ + 3], fill=color)
+        ly = f.top + 16 * k
+        draw.rectangle([width - f.right + 10, ly, width - f.right + 20, ly + 10], fill=color)
+        draw.text((width - f.right + 24, ly - 1), str(name), fill="black", font=font)
+    return to_png(np.asarray(image))
 
 
 class Report:
