@@ -104,13 +104,18 @@ def test_corrupt_image_names_the_file(tmp_path):
         load_image_folder(tmp_path, size=(16, 16))
 
 
-def test_split_is_deterministic_and_disjoint():
-    a_train, a_val = train_val_split(100, 0.2, seed=3)
-    b_train, b_val = train_val_split(100, 0.2, seed=3)
-    c_train, _ = train_val_split(100, 0.2, seed=4)
+def test_split_is_deterministic_disjoint_and_stratified():
+    labels = np.repeat(np.arange(4), 25)  # class-sorted, like CIFAR-10's files
+    a_train, a_val = train_val_split(labels, 0.2, seed=3)
+    b_train, b_val = train_val_split(labels, 0.2, seed=3)
+    c_train, _ = train_val_split(labels, 0.2, seed=4)
     assert np.array_equal(a_train, b_train) and np.array_equal(a_val, b_val)
     assert not np.array_equal(a_train, c_train)
     assert len(a_val) == 20 and not set(a_train) & set(a_val) and len(set(a_train) | set(a_val)) == 100
+    assert np.bincount(labels[a_val]).tolist() == [5, 5, 5, 5]
+    assert len(train_val_split(labels, 0.0, seed=0)[1]) == 0
+    with pytest.raises(InputError, match="validation fraction"):
+        train_val_split(labels, 1.0, seed=0)
 
 
 def _first_n(labels, count, seed):

@@ -139,7 +139,8 @@ def test_target_sparsity_reaches_requested_fraction(tiny_npz, tmp_path):
     clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz, train_steps=40)
     target = 0.3  # b = 16: the dropped pixels become the image mean, so the bright quadrant (1/4) must be kept
     summary = train_nice(_config(tiny_npz, tmp_path, clf, generator="nice_unet", generator_kwargs={"widths": [4, 8]},
-                                 block_size=16, epochs=10, batch_size=8, lr=0.01, lambda_l0=0.1, target_fraction=target, target_rate=0.05))
+                                 block_size=16, epochs=10, batch_size=8, lr=0.01, lambda_l0=0.1, target_fraction=target, target_rate=0.05,
+                                 val_fraction=0.0))  # all 60 images train; the final evaluation is on them
     assert abs(summary["final"]["kept_fraction"] - target) < 0.1
     assert summary["lambda_l0_final"] > 0.1  # λ1 rose from its start value to remove pixels
     assert load_checkpoint(summary["checkpoint"]).settings["target_fraction"] == target
@@ -175,16 +176,24 @@ def test_warm_start_fits_the_requested_fraction_then_trains(tiny_npz, tmp_path):
         train_nice(_config(tiny_npz, tmp_path, clf, epochs=0))
 
 
-def test_evaluate_uses_deterministic_mask(tiny_npz, tmp_path):
-    clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz)
-    summary = train_nice(_config(tiny_npz, tmp_path, clf, epochs=1))
-    gen, classifier, ckpt = load_nice(summary["checkpoint"])
+def test_evaluate_uses_deterministic_mask_on_the_held_out_validation_split(tiny_npz, tmp_path):
+    from keepbits.data import train_val_split
     from keepbits.training.data import TensorImages
 
-    data = TensorImages(load_dataset(tiny_npz), ckpt.normalization.mean, ckpt.normalization.std)
+    clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz)
+    summary = train_nice(_config(tiny_npz, tmp_path, clf, epochs=1, val_fraction=0.2))
+    gen, classifier, ckpt = load_nice(summary["checkpoint"])
+    ds = load_dataset(tiny_npz)
+    _, val_idx = train_val_split(ds.y, 0.2, seed=0)
+    data = TensorImages(ds.subset(val_idx), ckpt.normalization.mean, ckpt.normalization.std)
     first = evaluate_nice(gen, classifier, data, 4)
     assert first == evaluate_nice(gen, classifier, data, 4)  # no sampling at evaluation
-    assert first == pytest.approx(summary["final"], abs=1e-5)  # the trainer normalises as one multiply-add
+    # no test split in this file: the final evaluation is the validation split's, as every epoch's row
+    # (the trainer normalises as one multiply-add, hence the tolerance)
+    assert summary["final_split"] == "val" and first == pytest.approx(summary["final"], abs=1e-5)
+    val_row = {k[len("val_"):]: v for k, v in summary["history"][-1].items() if k.startswith("val_")}
+    assert val_row == pytest.approx(first, abs=1e-5)
+    assert not any(k.startswith("test_") for row in summary["history"] for k in row)
 
 
 def test_topk_mask_counts():

@@ -43,6 +43,34 @@ def test_max_train_is_a_class_balanced_sample_of_class_sorted_data(tmp_path):
     assert np.bincount(train.y, minlength=4).tolist() == [10, 10, 10, 10] and len(val) == 40
 
 
+def test_best_is_selected_on_the_validation_split_never_on_test(tmp_path, monkeypatch):
+    """Per-epoch scores are faked so validation and test disagree: best.pt must follow validation;
+    without a validation split nothing is selected (no best.pt), however good test looks."""
+    import keepbits.training.classifier as classifier
+
+    fake = {"val": iter([0.2, 0.9, 0.5]), "test": iter([0.95, 0.1, 0.3])}
+    monkeypatch.setattr(classifier, "evaluate", lambda model, data, **kw: {"accuracy": next(fake["test" if len(data) == 500 else "val"]), "loss": 0.0})
+    summary = train_classifier(_cfg(tmp_path, epochs=3, max_train=64, val_fraction=0.2))
+    assert summary["best"]["epoch"] == 2 and summary["best"]["selected_by"] == "val_accuracy"
+    assert summary["best"]["val_accuracy"] == 0.9 and summary["best"]["test_accuracy"] == 0.1  # test is recorded, not used
+    assert load_checkpoint(tmp_path / "run" / "best.pt", "classifier").epoch == 1
+
+    fake["test"] = iter([0.95, 0.1])
+    summary = train_classifier(_cfg(tmp_path, out=str(tmp_path / "noval"), epochs=2, max_train=64, val_fraction=0.0))
+    assert summary["best"] is None and summary["checkpoints"]["best"] is None
+    assert not (tmp_path / "noval" / "best.pt").exists() and (tmp_path / "noval" / "last.pt").exists()
+    assert [h["test_accuracy"] for h in summary["history"]] == [0.95, 0.1]
+
+
+def test_validation_split_is_stratified_on_class_sorted_data(tmp_path):
+    from keepbits.training.classifier import _prepare_data
+
+    labels = np.repeat(np.arange(4), [80, 40, 40, 40])  # stored sorted by class
+    np.savez(tmp_path / "sorted.npz", x=np.zeros((200, 8, 8, 1), np.uint8), y=labels)
+    train, val, _ = _prepare_data(_cfg(tmp_path, data=str(tmp_path / "sorted.npz"), max_train=None, val_fraction=0.25))
+    assert np.bincount(val.y, minlength=4).tolist() == [20, 10, 10, 10] and len(train) == 150
+
+
 def test_resume_continues_where_it_stopped(tmp_path):
     train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
     summary = train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=64))

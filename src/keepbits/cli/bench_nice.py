@@ -8,7 +8,8 @@ from pathlib import Path
 from keepbits.cli._common import add_argument, existing_path
 from keepbits.errors import InputError
 
-HELP = "evaluate a NICE checkpoint: accuracy, kept fraction, PNG/JPEG/WebP bytes, random, saliency and SIS baselines"
+HELP = ("evaluate a NICE checkpoint: binary mask (ẑ > 0.5) vs random, saliency and SIS pixels at the same per-image count, "
+        "the soft ẑ apart, PNG/JPEG/WebP and keepbits payload bytes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

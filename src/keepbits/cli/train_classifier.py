@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="size images in class-folder trees are brought to (arrays keep their size)")
     p.add_argument("--resize-policy", choices=["resize", "center-crop", "letterbox"], default="center-crop",
                    help="how class-folder images reach --image-size: stretch, crop the middle, or pad black")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held out of the train split, by --seed")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation split held out of the train split "
+                   "(seed --seed): best.pt is the epoch best on it, never on test; 0: no selection, no best.pt")
     add_argument(p, "--num-train-images", type=int, default=None, deprecated=["--max-train"],
                  help="train on a random class-balanced sample of N training images (seed --seed), drawn after the "
                       "validation hold-out (default: all)")

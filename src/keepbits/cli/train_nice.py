@@ -60,7 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="--data: train on a random class-balanced sample of N training images (seed --seed; default: all)")
     add_argument(p, "--num-test-images", type=int, default=None, deprecated=["--max-test"],
                  help="--data: evaluate on a random class-balanced sample of N test images (seed --seed; default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image samples, initialisation, batches, crops and gates")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="--data: stratified validation split held out of the training data "
+                   "(seed --seed; pass the classifier's own --val-fraction and --seed): evaluated every epoch, the split to "
+                   "choose settings on; the test split is evaluated once, after training")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split, image samples, initialisation, batches, crops and gates")
     add_device_option(p)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast of the forward passes on CUDA, float32 on the CPU (losses always float32)")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth,
         warmup_lr=args.warmup_lr, optimizer=args.optimizer, lr=args.lr, classifier_lr=args.classifier_lr, step_epochs=args.step_epochs,
         epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, max_train=args.num_train_images, max_test=args.num_test_images,
-        seed=args.seed, device=args.device, precision=args.precision, resume=args.resume, threads=args.threads,
+        val_fraction=args.val_fraction, seed=args.seed, device=args.device, precision=args.precision, resume=args.resume, threads=args.threads,
         progress=not args.quiet, command=command_line(),
     )
     summary = train_nice(cfg)

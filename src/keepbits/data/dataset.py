@@ -101,13 +101,30 @@ def sample_indices(labels: np.ndarray, count: int | None, seed: int = 0) -> np.n
     return np.sort(order[first])
 
 
-def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic shuffled split of ``range(n)`` into (train, val) index arrays."""
+def train_val_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, stratified split of the indices of ``labels`` into (train, val) index arrays, both
+    in file order: each class gives round(``val_fraction`` × its size) items, drawn at random, to
+    the validation split, so val has the classes' proportions (class-sorted files included). Model
+    selection (``best.pt``, λ1 pilots) reads this split, never the test set.
+
+    Example:
+        >>> import numpy as np
+        >>> labels = np.repeat([0, 1], [8, 2])  # sorted by class, 80 % / 20 %
+        >>> train, val = train_val_split(labels, 0.5, seed=0)
+        >>> np.bincount(labels[val]).tolist(), len(train)
+        ([4, 1], 5)
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * val_fraction))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise InputError(f"labels must be a vector, got shape {labels.shape}")
+    order = np.random.default_rng(seed).permutation(len(labels))
+    shuffled = labels[order]
+    val = [order[shuffled == c][: int(round(val_fraction * np.count_nonzero(shuffled == c)))] for c in np.unique(labels)]
+    is_val = np.zeros(len(labels), bool)
+    is_val[np.concatenate(val) if val else np.zeros(0, np.int64)] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def channel_stats(x: np.ndarray, max_images: int = 20000, chunk_values: int = 1 << 24) -> tuple[list[float], list[float]]:

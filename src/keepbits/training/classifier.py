@@ -2,7 +2,11 @@
 SGD (Nesterov) or AdamW, cosine or step schedule, crop/flip augmentation, DistributedDataParallel
 under ``torchrun`` through :mod:`keepbits.training.distributed`), its in-memory entry point for
 arrays (audits, SimpleBits retraining) and the data-set entry point :func:`train_classifier`
-(per-epoch evaluation, atomic resumable checkpoints ``last.pt``/``best.pt``).
+(per-epoch evaluation, atomic resumable checkpoints ``last.pt``/``best.pt``). ``best.pt`` is the
+epoch with the highest accuracy on the validation split carved from the training data
+(:func:`keepbits.data.train_val_split`, seeded, stratified); the test split is evaluated and
+recorded every epoch but never selects anything. Without a validation split
+(``val_fraction=0``) there is no selection and no ``best.pt``: ``last.pt`` is the model.
 
 Example:
     >>> from keepbits.data import sample_mnist_path
@@ -82,6 +86,8 @@ class FitConfig:
 class ClassifierConfig(FitConfig):
     """Settings of one classifier training run (the CLI flags of ``keepbits train classifier``);
     ``max_train``: a seeded class-balanced sample of that many training images (``seed``), not the first N;
+    ``val_fraction``: the stratified validation split (``seed``) held out of the training data
+    before that sample, the only split ``best.pt`` is selected on (0: no selection, no ``best.pt``);
     ``device``: ``auto`` | ``cpu`` | ``cuda`` (under ``torchrun``: ``cuda:<local rank>``)."""
 
     data: str
@@ -261,7 +267,7 @@ def _prepare_data(cfg: ClassifierConfig) -> tuple[ImageDataset, ImageDataset | N
     test = load_dataset(cfg.data, "test", size, policy) if has_split(cfg.data, "test") else None
     if test is not None and (test.x.shape[1:] != full.x.shape[1:] or test.num_classes > full.num_classes):
         raise InputError(f"{cfg.data}: test split has images {test.x.shape[1:]} / {test.num_classes} classes, train has {full.x.shape[1:]} / {full.num_classes}")
-    train_idx, val_idx = train_val_split(len(full), cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = train_val_split(full.y, cfg.val_fraction, cfg.seed)
     if cfg.max_train:  # a class-balanced sample, not the first N: files such as CIFAR-10's are sorted by class
         train_idx = train_idx[sample_indices(full.y[train_idx], cfg.max_train, cfg.seed)]
     val = full.subset(val_idx, "[val]") if len(val_idx) else None
@@ -306,7 +312,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
 
     out = Path(cfg.out)
     last_path, best_path = out / "last.pt", out / "best.pt"
-    start_epoch, history, best = 0, [], {"val_accuracy": -1.0}
+    start_epoch, history, best = 0, [], None
     if cfg.resume and last_path.exists():
         previous = load_checkpoint(last_path, "classifier")
         entry = previous.models["classifier"]
@@ -319,7 +325,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         model.load_state_dict(entry.state_dict)
         optimizer.load_state_dict(previous.optimizer)
         start_epoch, history = previous.epoch + 1, previous.metrics["history"]
-        best = previous.metrics.get("best", best)
+        best = previous.metrics.get("best")
         log.info("resuming %s from epoch %d", last_path, start_epoch)
 
     def snapshot(epoch: int, metrics: dict[str, Any]) -> Checkpoint:
@@ -340,10 +346,10 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             row["test_accuracy"] = evaluate(model, test_t, dist=dist)["accuracy"]
         row["elapsed_s"] = round(time.time() - started, 1)
         history.append(row)
-        score = row.get("val_accuracy", row.get("test_accuracy", row["train_accuracy"]))
-        improved = score > best["val_accuracy"]
+        # selection reads the validation split only (never test); without one, nothing is selected
+        improved = val_t is not None and (best is None or row["val_accuracy"] > best["val_accuracy"])
         if improved:
-            best = {"epoch": epoch + 1, "val_accuracy": score, **{k: v for k, v in row.items() if k.endswith("accuracy")}}
+            best = {"epoch": epoch + 1, "selected_by": "val_accuracy", **{k: v for k, v in row.items() if k.endswith("accuracy")}}
         metrics: dict[str, Any] = {"history": history, "best": best, "world_size": dist.world}
         if dist.world > 1 and epoch == cfg.epochs - 1:  # record that every rank ends on the same weights
             metrics["rank_parameter_digests"] = all_gather(dist, _param_digest(model))
@@ -353,6 +359,8 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             if improved:
                 save_checkpoint(best_path, snapshot(epoch, metrics))
 
+    if val_t is None and dist.main:
+        log.warning("no validation split (val_fraction 0): nothing is selected, no best.pt is written; use last.pt")
     fit_classifier(model, train_t, cfg, dist=dist, optimizer=optimizer, start_epoch=start_epoch, after_epoch=after_epoch)
     shutdown(dist)  # rank 0's checkpoints are on disk before any rank returns
     return {
@@ -361,5 +369,5 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         "best": best,
         "world_size": dist.world,
         "wall_time_s": round(time.time() - started, 1),
-        "checkpoints": {"last": str(last_path), "best": str(best_path)},
+        "checkpoints": {"last": str(last_path), "best": str(best_path) if best is not None else None},
     }

@@ -30,7 +30,7 @@ image, the ``warmup_fraction`` of pixels with the highest gradient saliency |∂
 log α/β at learning rate ``warmup_lr`` (a supervised fit; Eq. 10's lr is too slow for it),
 so ẑ > 0.5 (⇔ log α > 0, Eq. 11) on exactly those pixels. Eq. 10 training then refines the
 mask. It helps where the generator would otherwise have to discover *where* the
-object is from the weak L_D gradient alone (small objects in large scenes); the test-set
+object is from the weak L_D gradient alone (small objects in large scenes); the validation
 accuracy and kept fraction after the warm start are recorded as history row ``epoch 0``;
 ``epochs=0`` stops there (the warm-started generator alone, for comparison).
 
@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from keepbits import registry
 from keepbits.core.hard_concrete import BETA
-from keepbits.data import Preprocessing, has_split, load_dataset
+from keepbits.data import Preprocessing, has_split, load_dataset, train_val_split
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
 from keepbits.training.checkpoint import Checkpoint, ModelEntry, build_model, load_checkpoint, save_checkpoint
@@ -118,6 +118,12 @@ class NiceConfig:
     losses, gates and the λ1 update are always float32. ``resume`` continues from ``out/last.pt``.
     ``max_minutes`` ends the run after the epoch in which that much wall time has passed (the
     learning-rate schedule still spans ``epochs``).
+    ``val_fraction``: the stratified validation split held out of ``data``'s training split
+    (:func:`keepbits.data.train_val_split`, ``seed``; give the classifier's own ``val_fraction``
+    and ``seed`` so it holds images the classifier never trained on); with footage,
+    ``val_footage`` is the validation split. Every epoch is evaluated on it, and choices
+    (λ1, learning rates) are made on it; the test split is evaluated once, after training
+    (``metrics["final"]``).
     """
 
     out: str
@@ -155,6 +161,7 @@ class NiceConfig:
     batch_size: int = 64
     max_train: int | None = None
     max_test: int | None = None
+    val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -177,7 +184,7 @@ class NiceConfig:
         if bool(self.data) == bool(self.footage):
             raise InputError("give either data (a data set read into memory) or footage (paths streamed from disk), not both or neither")
         if self.val_footage and not self.footage:
-            raise InputError("val footage goes with footage; a data set is evaluated on its test split")
+            raise InputError("val footage goes with footage; a data set's validation split is --val-fraction of its training split")
         if self.frame_step < 1 or self.workers < 0 or self.shuffle_buffer < 0 or not 0.0 < self.min_crop_area <= 1.0:
             raise InputError(f"frame step must be >= 1, workers and shuffle buffer >= 0, min crop area in (0, 1]; got "
                              f"{self.frame_step}, {self.workers}, {self.shuffle_buffer}, {self.min_crop_area}")
@@ -330,15 +337,15 @@ class _FootageData:
             yield (item[0], item[1]) if self.dataset.labels else (item, None)
 
 
-def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, true_labels: bool) -> tuple[Any, Any]:
-    """(train, evaluation or None) sources of uint8 batches at the classifier's input size, with
-    labels where the data has them (``true_labels``: they are L_D's targets, so they must name the
-    classifier's classes)."""
+def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, true_labels: bool) -> tuple[Any, Any, Any]:
+    """(train, validation or None, test or None) sources of uint8 batches at the classifier's input
+    size, with labels where the data has them (``true_labels``: they are L_D's targets, so they must
+    name the classifier's classes); a data set's validation split is carved from its training split."""
     pre = clf.preprocessing
     if cfg.footage:
         train = _FootageData(cfg.footage, pre, cfg, dist, augment=True)
         val = _FootageData(cfg.val_footage, pre, cfg, dist, augment=False) if cfg.val_footage else None
-        return train, val
+        return train, val, None
     size, policy = pre.input_size, pre.resize_policy
     splits = [load_dataset(cfg.data, "train", size, policy, pre.crop_fraction)]
     splits.append(load_dataset(cfg.data, "test", size, policy, pre.crop_fraction) if has_split(cfg.data, "test") else None)
@@ -348,6 +355,9 @@ def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, true_labels: bool) 
         if split is not None and true_labels and split.num_classes > len(clf.class_names):
             raise InputError(f"{cfg.data}: {split.num_classes} classes, the classifier knows {len(clf.class_names)}")
     train, test = splits
+    train_index, val_index = train_val_split(train.y, cfg.val_fraction, cfg.seed)
+    val = train.subset(val_index, "[val]") if len(val_index) else None
+    train = train.subset(train_index, "[train]")
     if cfg.max_train:
         train = train.sample(cfg.max_train, cfg.seed)
     if test is not None and cfg.max_test:
@@ -357,7 +367,7 @@ def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, true_labels: bool) 
         images = torch.from_numpy(np.ascontiguousarray(ds.x.transpose(0, 3, 1, 2)))
         return _ArrayData(images, torch.as_tensor(ds.y, dtype=torch.int64))
 
-    return tensors(train), (tensors(test) if test is not None else None)
+    return tensors(train), *(tensors(split) if split is not None else None for split in (val, test))
 
 
 def _lr_factor(cfg: NiceConfig, progress: float) -> float:
@@ -401,15 +411,26 @@ def default_generator(height: int, width: int) -> str:
     return "nice_unet" if min(height, width) <= FULL_RES_GENERATOR_MAX_SIDE else "nice_fast"
 
 
-def gradient_saliency(classifier: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-    """|∂ logit_t / ∂x| summed over channels (N×H×W); t = ``target``, default the predicted class."""
+def gradient_saliency(classifier: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None, smooth: int = 1) -> torch.Tensor:
+    """|∂ logit_t / ∂x| summed over channels (N×H×W); t = ``target``, default the predicted class;
+    ``smooth`` > 1: box-filtered over ``smooth`` px (the warm start's map, and its test-time control).
+
+    Example:
+        >>> import torch
+        >>> clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(9, 2))
+        >>> gradient_saliency(clf, torch.randn(2, 1, 3, 3), smooth=3).shape
+        torch.Size([2, 3, 3])
+    """
     classifier.eval()
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = classifier(x)
         t = logits.argmax(1) if target is None else target
         (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x)
-    return grad.abs().sum(1)
+    scores = grad.abs().sum(1)
+    if smooth > 1:
+        scores = F.avg_pool2d(scores[:, None], smooth, stride=1, padding=smooth // 2, count_include_pad=False)[:, 0, : x.shape[2], : x.shape[3]]
+    return scores
 
 
 def topk_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -436,9 +457,7 @@ def saliency_target(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
         >>> saliency_target(clf, torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 0]), 0.25, 1).sum((1, 2, 3)).tolist()
         [4.0, 4.0, 4.0]
     """
-    scores = gradient_saliency(classifier, x, y)[:, None]
-    if smooth > 1:
-        scores = F.avg_pool2d(scores, smooth, stride=1, padding=smooth // 2, count_include_pad=False)[..., : x.shape[2], : x.shape[3]]
+    scores = gradient_saliency(classifier, x, y, smooth)[:, None]
     counts = torch.full((len(x),), max(1, round(fraction * x.shape[2] * x.shape[3])), device=x.device)
     return topk_mask(scores, counts)
 
@@ -579,7 +598,7 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
         generator.load_state_dict(resumed.models["generator"].state_dict)
         classifier_net.load_state_dict(resumed.models["classifier"].state_dict)
     predicted = cfg.labels == "predicted"
-    train, test = _load_data(cfg, clf, dist, true_labels=cfg.labels != "predicted")
+    train, val, test = _load_data(cfg, clf, dist, true_labels=cfg.labels != "predicted")
     if cfg.labels == "auto" and not train.labelled:
         predicted = True  # unlabelled footage: the classifier's own decisions are the targets
     if cfg.labels == "true" and not train.labelled:
@@ -644,8 +663,8 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
 
     def end_epoch(row: dict[str, Any], epoch: int) -> None:
         if dist.main:
-            if test is not None:
-                row.update({f"test_{k}": v for k, v in evaluate_on(test).items()})
+            if val is not None:
+                row.update({f"val_{k}": v for k, v in evaluate_on(val).items()})
             row["elapsed_s"] = round(time.time() - started, 1)
             history.append(row)
             log.info("nice epoch %d/%d  %s", epoch, cfg.epochs, "  ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "elapsed_s"))
@@ -711,11 +730,8 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
 
     summary: dict[str, Any] = {}
     if dist.main:
-        split = "test" if test is not None else "train"
-        if test is not None:  # the last epoch's evaluation is the final one
-            final = {k[len("test_") :]: v for k, v in history[-1].items() if k.startswith("test_")}
-        else:
-            final = evaluate_on(train)
+        split, final_data = next((name, data) for name, data in (("test", test), ("val", val), ("train", train)) if data is not None)
+        final = evaluate_on(final_data)  # the one test evaluation, after training
         metrics = {"history": history, "final": final, "final_split": split, "lambda_l0_final": lambda_l0}
         if isinstance(train, _FootageData):
             metrics["footage"] = train.footage.counts.as_dict()
