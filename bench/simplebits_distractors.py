@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lambda-sim", type=float, default=3.0)
     p.add_argument("--sim-lr", type=float, default=2e-3)
-    p.add_argument("--inner-lr", type=float, default=0.01, help="SGD learning rate of the unrolled classifier step")
+    p.add_argument("--inner-lr", type=float, default=None, help="lr of the unrolled AdamW step of the classifier (default: the classifier's lr, as in the paper)")
     p.add_argument("--unet-base", type=int, default=8)
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="first train the classifier alone for this many AdamW steps and finetune it jointly (0: joint from scratch)")

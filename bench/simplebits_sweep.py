@@ -83,7 +83,7 @@ def main() -> None:
                    help="whose simplifier's images the 'retrain' mode trains a fresh classifier on (the paper: joint)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sim-lr", type=float, default=5e-4, help="simplifier AdamW lr (the paper's 5e-4; 2e-3 diverged in joint training, docs/simplebits.md)")
-    p.add_argument("--inner-lr", type=float, default=0.01, help="SGD learning rate of the unrolled classifier step")
+    p.add_argument("--inner-lr", type=float, default=None, help="lr of the unrolled AdamW step of the classifier (default: the classifier's lr, as in the paper)")
     p.add_argument("--unet-base", type=int, default=8)
     p.add_argument("--classifier-steps", type=int, default=150, help="plain AdamW steps for baseline / retrained classifiers")
     p.add_argument("--blur-sigmas", type=float, nargs="*", default=[])
