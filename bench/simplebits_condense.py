@@ -45,7 +45,7 @@ def main() -> None:
     import torch
 
     from keepbits.data import channel_stats, load_dataset
-    from keepbits.training.condensation import CondensationConfig, condense
+    from keepbits.training.condensation import CondensationConfig, condense, initial_indices
     from keepbits.training.density import images_to_unit, load_density
     from keepbits.core import accuracy
     from keepbits.training.classifier import fit_classifier, predict_logits
@@ -85,8 +85,7 @@ def main() -> None:
         save_image_rows(strips, results_dir() / f"{name}_images.png")
 
     for ipc in args.ipc:
-        gen = torch.Generator().manual_seed(0)
-        pick = torch.cat([torch.nonzero(ytr == k).flatten()[torch.randperm(int((ytr == k).sum()), generator=gen)[:ipc]] for k in range(train.num_classes)])
+        pick = initial_indices(ytr, train.num_classes, ipc, seed=0)  # the real images condensation starts from
         acc, sd = evaluate(xtr[pick], ytr[pick])
         record({"method": "random real", "ipc": ipc, "bpd": mean_bpd(flow, xtr[pick]), "accuracy": acc, "accuracy_sd": sd}, f"real ipc={ipc}", xtr[pick])
         for lam in args.lambdas:

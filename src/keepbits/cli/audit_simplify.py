@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100, help="Adam steps on the Glow latent per image")
     p.add_argument("--lambda-sim", type=float, default=1.0, help="weight of the bits per dimension of the simplified image in the loss (Alg. 1)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the Glow latent")
-    p.add_argument("--kl-tolerance", type=float, default=0.1, help="largest KL(original ‖ simplified) accepted on the path")
+    p.add_argument("--kl-tolerance", type=float, default=0.1, help="largest KL(original ‖ simplified) for an image to count as 'kept' (with the same arg-max)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample and the optimisation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
