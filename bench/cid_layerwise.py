@@ -60,6 +60,9 @@ def main() -> None:
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="", help="suffix of the result name")
+    p.add_argument("--write-subset", default=None, metavar="DIR",
+                   help="only write the sampled test and decoder images to DIR/<data set>/{test,train}.npz (with their indices in "
+                        "the full files) and exit: --data DIR then runs the same protocol where the full files are not at hand")
     args = p.parse_args()
 
     import dataclasses
@@ -84,7 +87,18 @@ def main() -> None:
     images = test.x[picked]
     foreground = {i: b for i, img in enumerate(images) if (b := ink_box(img)) is not None} if folder == "mnist" else None
     ru_layers = layers if args.ru_layers is None else args.ru_layers
-    ru_images = load_dataset(root / folder, split="train").sample(args.num_decoder_images, args.seed + 1).x if ru_layers else None
+    train = load_dataset(root / folder, split="train") if ru_layers else None
+    decoder_idx = sample_indices(train.y, args.num_decoder_images, args.seed + 1) if ru_layers else None
+    ru_images = train.x[decoder_idx] if ru_layers else None
+    if args.write_subset:
+        out_dir = Path(args.write_subset) / folder
+        out_dir.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out_dir / "test.npz", x=images, y=test.y[picked], class_names=np.array(test.class_names), index=picked)
+        if ru_layers:
+            np.savez_compressed(out_dir / "train.npz", x=ru_images, y=train.y[decoder_idx], class_names=np.array(train.class_names), index=decoder_idx)
+        print(out_dir)
+        return
+    picked = _original_indices(root / folder / "test.npz", picked)  # a subset written by --write-subset knows the full file's indices
     config = CIDConfig(beta=args.beta, max_steps=args.max_steps, min_steps=args.min_steps, seed=args.seed, device=args.device)
     decoder = DecoderConfig(epochs=args.decoder_epochs, width=args.decoder_width, seed=args.seed)
     cache = tempfile.mkdtemp(prefix="cid_decoders_")  # the reference run reuses the decoders
@@ -143,6 +157,15 @@ def main() -> None:
     if convergence:
         print("reference |Δ CID|:", [None if v is None else round(v, 4) for v in convergence["cid_abs_change"]])
         print("reference |Δ RU| :", [None if v is None else round(v, 4) for v in convergence["ru_abs_change"]])
+
+
+def _original_indices(path: Path, picked: np.ndarray) -> np.ndarray:
+    """``picked`` mapped through the ``index`` array of a subset file, or unchanged."""
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            if "index" in f.files:
+                return f["index"][picked]
+    return picked
 
 
 def write_rows(s: dict) -> list[str]:

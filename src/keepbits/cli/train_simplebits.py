@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="evaluate on a random class-balanced sample of N test images (seed 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (the image samples use seed 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="torch device of the training, e.g. cuda (default: cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, density=args.density, arch=args.arch, classifier=args.classifier,
         lambda_sim=args.lambda_sim, inner_lr=args.inner_lr, lr=args.lr, sim_lr=args.sim_lr, weight_decay=args.weight_decay,
         steps=args.steps, batch_size=args.batch_size, unet_base=args.unet_base, max_train=args.num_train_images,
-        max_test=args.num_test_images, seed=args.seed, threads=args.threads, command=command_line(),
+        max_test=args.num_test_images, seed=args.seed, threads=args.threads, device=args.device, command=command_line(),
     )
     print(json.dumps(train_simplebits(cfg), indent=2))
     return 0

@@ -97,7 +97,8 @@ def per_image_bpd(flow: torch.nn.Module, images: torch.Tensor, batch_size: int =
     torch.manual_seed(seed)
     try:
         flow.eval()
-        parts = [flow.bpd(images[i : i + batch_size]).double().cpu().numpy() for i in range(0, len(images), batch_size)]
+        device = next(flow.parameters(), torch.zeros(0)).device
+        parts = [flow.bpd(images[i : i + batch_size].to(device)).double().cpu().numpy() for i in range(0, len(images), batch_size)]
     finally:
         torch.random.set_rng_state(state)
     return np.concatenate(parts) if parts else np.zeros(0)

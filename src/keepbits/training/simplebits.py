@@ -183,6 +183,7 @@ class SimpleBitsConfig:
     max_test: int | None = 1000
     seed: int = 0
     threads: int | None = None
+    device: str | None = None
     log_every: int = 25
     command: str = ""
 
@@ -203,7 +204,8 @@ def simplify(simplifier: torch.nn.Module, x: torch.Tensor, batch_size: int = 128
     """Simplified versions of [0, 1] images ``x`` (N×C×H×W), in batches, rounded to 8 bits
     (:func:`quantize_8bit`: what is scored, stored and retrained on)."""
     simplifier.eval()
-    return torch.cat([quantize_8bit(simplifier(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+    device = next(simplifier.parameters(), torch.zeros(0)).device
+    return torch.cat([quantize_8bit(simplifier(x[i : i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
@@ -234,10 +236,11 @@ def train_mse_simplifier(
     """S7 baseline: a simplifier trained without classifier on L = MSE(x_sim, x) + λ_sim·bpd(x_sim),
     x_sim rounded to 8 bits (straight-through) as in joint training."""
     gen = torch.Generator().manual_seed(seed)
+    simplifier = simplifier.to(next(flow.parameters(), torch.zeros(0)).device)  # where the density model is
     opt = torch.optim.AdamW(simplifier.parameters(), lr=lr, weight_decay=1e-5)
     simplifier.train()
     for _ in range(steps):
-        batch = x[torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)]
+        batch = x[torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)].to(next(simplifier.parameters()).device)
         x_sim = quantize_8bit(simplifier(batch))
         loss = F.mse_loss(x_sim, batch) + lambda_sim * flow.bpd(x_sim).mean()
         opt.zero_grad(set_to_none=True)
@@ -270,6 +273,8 @@ def train_simplebits(cfg: SimpleBitsConfig) -> dict[str, Any]:
         classifier, clf_kwargs = build_classifier(arch, c, train.num_classes, (h, w), norm.mean, norm.std)
     sim_kwargs = {"in_channels": c, "base": cfg.unet_base}
     simplifier = registry.build("simplebits_unet", kind="simplifier", **sim_kwargs)
+    device = torch.device(cfg.device or "cpu")
+    classifier, simplifier, flow = classifier.to(device), simplifier.to(device), flow.to(device)
     opt_sim = torch.optim.AdamW(simplifier.parameters(), lr=cfg.sim_lr or cfg.lr, weight_decay=cfg.weight_decay)
     opt_clf = torch.optim.AdamW(classifier.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, labels = torch.from_numpy(np.ascontiguousarray(train.x)), torch.from_numpy(train.y)
@@ -278,7 +283,7 @@ def train_simplebits(cfg: SimpleBitsConfig) -> dict[str, Any]:
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         simplifier.train(), classifier.train()
-        stats = simplebits_step(classifier, simplifier, flow.bpd, images_to_unit(images[idx]), labels[idx], cfg.lambda_sim,
+        stats = simplebits_step(classifier, simplifier, flow.bpd, images_to_unit(images[idx]).to(device), labels[idx].to(device), cfg.lambda_sim,
                                 opt_clf, opt_sim, cfg.inner_lr)
         recent.append(stats)
         if step % cfg.log_every == 0:
@@ -288,6 +293,7 @@ def train_simplebits(cfg: SimpleBitsConfig) -> dict[str, Any]:
             recent = []
     metrics = evaluate_simplebits(classifier, simplifier, flow, test if test is not None else train)
     metrics["steps"], metrics["wall_time_s"] = cfg.steps, time.time() - start
+    classifier, simplifier = classifier.cpu(), simplifier.cpu()
     save_checkpoint(cfg.out, Checkpoint(
         kind="simplebits",
         models={"simplifier": ModelEntry.of("simplebits_unet", sim_kwargs, simplifier), "classifier": ModelEntry.of(arch, clf_kwargs, classifier.net)},
