@@ -112,14 +112,15 @@ def condense(
     bpd: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Condense [0, 1] images ``x`` (N×C×H×W) with labels ``y`` into ``images_per_class``
-    synthetic images per class; returns (images in [0, 1], labels)."""
+    synthetic images per class; returns (images in [0, 1], labels), on ``x``'s device (where
+    the classifiers are trained too)."""
     if cfg.lambda_sim > 0 and bpd is None:
         raise InputError("condensation with lambda_sim > 0 needs a density model (bpd)")
     gen = torch.Generator().manual_seed(cfg.seed)
     by_class = [torch.nonzero(y == c).flatten() for c in range(num_classes)]
     init = x[initial_indices(y, num_classes, cfg.images_per_class, cfg.seed)]
     logits = torch.logit(init.clamp(0.01, 0.99)).clone().requires_grad_(True)
-    y_syn = torch.arange(num_classes).repeat_interleave(cfg.images_per_class)
+    y_syn = torch.arange(num_classes, device=x.device).repeat_interleave(cfg.images_per_class)
     if cfg.image_optimizer not in ("sgd", "adam"):
         raise InputError(f"image optimizer must be 'sgd' or 'adam', got {cfg.image_optimizer!r}")
     # Adam's per-pixel step does not shrink where σ saturates (MNIST's 0/1 pixels start at σ' ≈ 0.01)
@@ -127,7 +128,7 @@ def condense(
                else torch.optim.Adam([logits], lr=cfg.lr_images))
     start = time.time()
     for outer in range(cfg.outer_loops):
-        net = make_net()
+        net = make_net().to(x.device)
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
         for _ in range(cfg.inner_loops):
             loss = logits.new_zeros(())
