@@ -107,7 +107,33 @@ def main() -> None:
                         ru_layers=ru_layers or None, decoder=decoder, cache_dir=cache, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     s = run["summary"]
-    convergence = None
+    ckpt = load_checkpoint(args.model)
+    name = f"cid_{args.task}{'_' + args.tag if args.tag else ''}"
+    out = results_dir() / name
+    cid_report([run], out, meta={"task": args.task, "model": args.model})
+
+    def save(convergence: dict | None) -> Path:
+        return write_result(name, {
+            "task": args.task, "model": args.model, "model_metrics": ckpt.metrics.get("best"),
+            "model_settings": {k: ckpt.settings.get(k) for k in ("epochs", "max_train", "optimizer", "arch", "val_fraction", "seed")},
+            "model_epochs_completed": ckpt.epoch + 1,
+            "protocol": "audited images: a seeded class-balanced sample of the test split; decoder images: a seeded class-balanced "
+                        "sample of the train split (a seeded tenth held out for R²); CID and RU fitted until their ratio is on target "
+                        "and their entropy on a plateau at the smallest lr (CIDConfig); the first K images rerun with long reference settings",
+            "images": len(images), "test_indices": picked.tolist(), "data": str(root / folder), "cid_config": run["config"],
+            "decoder": {**asdict(decoder), "train_images": len(ru_images) if ru_layers else 0},
+            "ru_layers": ru_layers, "seconds": seconds, "threads": args.threads, "device": args.device or "cpu",
+            "per_layer": [{k: (s[k][l] if isinstance(s[k], list) else None) for k in
+                           ("layer", "cid_mean", "cid_mean_std", "cid_sum", "ratio_over_beta", "reached", "converged", "steps_mean",
+                            "saturated", "ru_mean", "ru_mean_std", "ru_floor_mean", "concentration", "trace")}
+                          | {"decoder": run["decoders"].get(layer)} for l, layer in enumerate(run["layers"])],
+            "convergence": convergence if convergence is not None else "pending (reference run not finished)",
+            "report": str(out / "report.html"),
+        })
+
+    print(save(None))  # the main run survives a reference run cut short
+    for row in write_rows(s):
+        print(row, flush=True)
     if args.reference_images > 0:
         k = min(args.reference_images, len(images))
         low, high, every = args.reference_steps
@@ -117,10 +143,14 @@ def main() -> None:
                             decoder=decoder, cache_dir=cache, batch_size=args.batch_size)
         same = {key: [float(np.mean([p[key][l] for p in run["per_image"][:k]])) if run["per_image"][0].get(key) and run["per_image"][0][key][l] is not None
                       else None for l in range(len(layers))] for key in ("mean", "ru_mean")}
-        def diff(a, b):
+
+        def diff(a: list, b: list) -> list:
             return [None if x is None or y is None else abs(x - y) for x, y in zip(a, b)]
+
+        def adjacent(v: list) -> list:
+            return [None if v[l] is None or v[l + 1] is None else abs(v[l + 1] - v[l]) for l in range(len(v) - 1)]
+
         cid_ref = [float(np.mean([p["mean"][l] for p in ref["per_image"]])) for l in range(len(layers))]
-        adjacent = lambda v: [None if v[l] is None or v[l + 1] is None else abs(v[l + 1] - v[l]) for l in range(len(v) - 1)]  # noqa: E731
         convergence = {
             "images": k, "reference_config": dataclasses.asdict(reference), "seconds": time.perf_counter() - t0,
             "cid_mean": same["mean"], "cid_mean_reference": cid_ref, "cid_abs_change": diff(same["mean"], cid_ref),
@@ -130,31 +160,7 @@ def main() -> None:
             "adjacent_layer_cid_differences_full_sample": adjacent(s["cid_mean"]),
             "adjacent_layer_ru_differences_full_sample": adjacent(s["ru_mean"]) if s["ru_mean"] else None,
         }
-    ckpt = load_checkpoint(args.model)
-    name = f"cid_{args.task}{'_' + args.tag if args.tag else ''}"
-    out = results_dir() / name
-    cid_report([run], out, meta={"task": args.task, "model": args.model})
-    path = write_result(name, {
-        "task": args.task, "model": args.model, "model_metrics": ckpt.metrics.get("best"),
-        "model_settings": {k: ckpt.settings.get(k) for k in ("epochs", "max_train", "optimizer", "arch", "val_fraction", "seed")},
-        "model_epochs_completed": ckpt.epoch + 1,
-        "protocol": "audited images: a seeded class-balanced sample of the test split; decoder images: a seeded class-balanced "
-                    "sample of the train split (a seeded tenth held out for R²); CID and RU fitted until their ratio is on target "
-                    "and their entropy on a plateau at the smallest lr (CIDConfig); the first K images rerun with long reference settings",
-        "images": len(images), "test_indices": picked.tolist(), "data": str(root / folder), "cid_config": run["config"],
-        "decoder": {**asdict(decoder), "train_images": len(ru_images) if ru_layers else 0},
-        "ru_layers": ru_layers, "seconds": seconds, "threads": args.threads, "device": args.device or "cpu",
-        "per_layer": [{k: (s[k][l] if isinstance(s[k], list) else None) for k in
-                       ("layer", "cid_mean", "cid_mean_std", "cid_sum", "ratio_over_beta", "reached", "converged", "steps_mean",
-                        "saturated", "ru_mean", "ru_mean_std", "ru_floor_mean", "concentration", "trace")}
-                      | {"decoder": run["decoders"].get(layer)} for l, layer in enumerate(run["layers"])],
-        "convergence": convergence,
-        "report": str(out / "report.html"),
-    })
-    print(path)
-    for row in write_rows(s):
-        print(row)
-    if convergence:
+        print(save(convergence))
         print("reference |Δ CID|:", [None if v is None else round(v, 4) for v in convergence["cid_abs_change"]])
         print("reference |Δ RU| :", [None if v is None else round(v, 4) for v in convergence["ru_abs_change"]])
 
