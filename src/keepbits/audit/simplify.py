@@ -88,10 +88,12 @@ def simplify_report(results: Sequence[dict], class_names: Sequence[str] | None =
     return report
 
 
-def audit_simplify(model: Any, images: np.ndarray, out_dir: str | Path, density: Any = None, **settings: Any) -> list[Path]:
-    """Run :class:`SimplifyExplainer` on uint8 N×H×W×C ``images`` and write report.html/json."""
+def audit_simplify(model: Any, images: np.ndarray, out_dir: str | Path, density: Any = None, meta: dict | None = None,
+                   **settings: Any) -> list[Path]:
+    """Run :class:`SimplifyExplainer` on uint8 N×H×W×C ``images`` and write report.html/json
+    (``meta``: extra provenance for the report, e.g. the data and the command line)."""
     explainer = SimplifyExplainer(model, density=density, **settings)
     results = explainer.explain(images)
     meta = {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-            "density": str(density or "shipped density_cifar10.pt"), **explainer.settings}
+            "density": str(density or "shipped density_cifar10.pt"), **explainer.settings, **(meta or {})}
     return simplify_report(results, explainer.model.class_names, meta).write(out_dir)
