@@ -123,13 +123,14 @@ def main() -> int:
     mean, std = channel_stats(train_set.x)
     net = small_cnn()
     adapter = TorchAdapter(net, (1, 28, 28), mean=mean, std=std)
-    xtr = torch.from_numpy(adapter.normalize(train_set.x[: args.train_images]))
+    train_sample, test_sample = train_set.sample(args.train_images, args.seed), test_set.sample(1000, args.seed)  # seeded, class-balanced
+    xtr = torch.from_numpy(adapter.normalize(train_sample.x))
     t0 = time.perf_counter()
-    train(net, xtr, torch.from_numpy(train_set.y[: args.train_images]), 1, args.seed)
+    train(net, xtr, torch.from_numpy(train_sample.y), 1, args.seed)
     train_s = time.perf_counter() - t0
     net64 = copy.deepcopy(net).double()
-    xte = adapter.normalize(test_set.x[:1000])
-    accuracy = float((adapter.probabilities(xte).argmax(1) == test_set.y[:1000]).mean())
+    xte = adapter.normalize(test_sample.x)
+    accuracy = float((adapter.probabilities(xte).argmax(1) == test_sample.y).mean())
     print(f"model trained in {train_s:.0f}s, test accuracy {accuracy:.4f}", file=sys.stderr)
 
     rows = []
@@ -139,7 +140,7 @@ def main() -> int:
         ours, inc_s = incremental(adapter, x, target)
         ref32, ref32_s = reference_steps(net, x, target, exact=False)
         ref64, ref64_s = reference_steps(net64, x, target, exact=True)
-        row = {"image": i, "label": int(test_set.y[i]), "target": target, "steps": len(ours.order),
+        row = {"image": i, "label": int(test_sample.y[i]), "target": target, "steps": len(ours.order),
                "incremental_s": round(inc_s, 3), "reference_float32_s": round(ref32_s, 3), "ratio": round(ref32_s / inc_s, 2),
                "reference_float64_margin_s": round(ref64_s, 3), "ratio_vs_float64_margin": round(ref64_s / inc_s, 2),
                "vs_float64_margin_reference": compare(ref64, ours), "vs_float32_reference": compare(ref32, ours),

@@ -1,4 +1,4 @@
-"""RU decoders (Eq. 7), their cache, and ``keepbits audit cid`` end to end on the bundled MNIST sample."""
+"""RU decoders, their cache, and ``keepbits audit cid`` end to end on the bundled MNIST sample."""
 from __future__ import annotations
 
 import json
@@ -16,8 +16,8 @@ from keepbits.cli import main  # noqa: E402
 from keepbits.data import sample_mnist_path  # noqa: E402
 
 
-def test_ru_is_high_where_the_layer_cannot_rebuild_the_input(tmp_path):
-    # a layer that zeroes the left half: its decoder cannot rebuild that half
+def test_ru_decoders_are_cached_and_give_finite_maps(tmp_path):
+    # the RU values themselves are checked against analytic answers in tests/audit/test_cid_ru.py
     class HalfBlind(nn.Module):
         def __init__(self):
             super().__init__()
@@ -36,8 +36,7 @@ def test_ru_is_high_where_the_layer_cannot_rebuild_the_input(tmp_path):
     assert info2["cached"] and len(list(tmp_path.glob("*.pt"))) == 1
     ru, fit = reconstruction_uncertainty(net, "0", again, x[:2], CIDConfig(max_steps=60, min_steps=20))
     assert ru.shape == (2, 8, 8) and np.isfinite(ru).all()
-    assert ru[:, :, :4].mean() > ru[:, :, 4:].mean() + 0.5
-    assert fit["ratio"].shape == (2,)
+    assert fit["ratio"].shape == (2,) and fit["floor"].shape == (2, 8, 8)
 
 
 def test_audit_cid_command_writes_the_report(tmp_path):

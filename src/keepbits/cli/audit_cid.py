@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "for the concentration (Eq. 5); boxes of images outside the sample are ignored")
     p.add_argument("--beta", type=float, default=1.5e-4, help="target E|f'-f|^2 / delta_f^2 (Eq. 4)")
     p.add_argument("--block", type=int, default=1, help="sigma shared by block x block pixels")
-    p.add_argument("--max-steps", type=int, default=300, help="budget of forward-backward passes per map")
-    p.add_argument("--min-steps", type=int, default=60, help="forward-backward passes before a map may stop early (once its ratio is on target and settled)")
+    p.add_argument("--max-steps", type=int, default=1000, help="budget of forward-backward passes per map (maps still moving then are reported as not converged)")
+    p.add_argument("--min-steps", type=int, default=100, help="forward-backward passes before a map may stop (once its ratio is on target and its entropy on a plateau at the smallest lr)")
     p.add_argument("--samples", type=int, default=2, help="noise draws per step")
     p.add_argument("--batch-size", type=int, default=16, help="(image, layer) maps optimised together")
     p.add_argument("--ru", action="store_true", help="also reconstruction uncertainty (trains one decoder per layer, cached)")
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default="default", help="decoder cache folder ('default': ~/.cache/keepbits/cid-decoders); 'none' disables")
     p.add_argument("--seed", type=int, default=0, help="seed of the image samples, the noise and the decoders")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="torch device of the fits, e.g. cuda (default: cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{args.data}: only {len(ru_images)} images left to train the RU decoders (need ≥ 20)")
     boxes = load_boxes(args.boxes) if args.boxes else {}
     config = CIDConfig(beta=args.beta, block=args.block, max_steps=args.max_steps, min_steps=args.min_steps,
-                       samples=args.samples, seed=args.seed)
+                       samples=args.samples, seed=args.seed, device=args.device)
     decoder = DecoderConfig(blocks=args.decoder_blocks, width=args.decoder_width, epochs=args.decoder_epochs, seed=args.seed)
     layers = None if args.layers == ["auto"] else args.layers
     runs = []

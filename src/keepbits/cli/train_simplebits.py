@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{CLASSIFIER_SPEC_HELP} (default: from scratch)")
     add_classifier_options(p)
     p.add_argument("--lambda-sim", type=float, default=1.0, help="weight of L_sim (bpd of the simplified image)")
-    p.add_argument("--inner-lr", type=float, default=0.01, help="SGD learning rate of the unrolled classifier step (0.1 wrecks a trained NF-WRN in one step, docs/simplebits.md)")
+    p.add_argument("--inner-lr", type=float, default=None, help="learning rate of the unrolled step of the classifier's AdamW "
+                   "(default: the classifier's --lr, as in the paper)")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (both networks)")
     p.add_argument("--sim-lr", type=float, default=None, help="AdamW learning rate of the simplifier (default: --lr, as in the paper)")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay")

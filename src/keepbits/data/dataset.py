@@ -128,8 +128,9 @@ def train_val_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple
 
 
 def channel_stats(x: np.ndarray, max_images: int = 20000, chunk_values: int = 1 << 24) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale, from the first
-    ``max_images`` images. Sums run over chunks of at most ``chunk_values`` values (exact
+    """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale, from all images or,
+    above ``max_images``, a seeded uniform sample of that many (never the first N: files may be
+    sorted by class). Sums run over chunks of at most ``chunk_values`` values (exact
     integer sums in float64), so memory stays bounded for large images.
 
     Example:
@@ -137,7 +138,7 @@ def channel_stats(x: np.ndarray, max_images: int = 20000, chunk_values: int = 1 
         >>> channel_stats(np.array([[[[0, 255]], [[255, 255]]]], np.uint8))
         ([0.5, 1.0], [0.5, 1.0])
     """
-    sample = x[:max_images]
+    sample = x if len(x) <= max_images else x[np.sort(np.random.default_rng(0).choice(len(x), max_images, replace=False))]
     channels = sample.shape[-1]
     per_image = max(1, sample[0].size if len(sample) else 1)
     step = max(1, chunk_values // per_image)

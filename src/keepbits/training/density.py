@@ -92,17 +92,24 @@ def _flow_shape(ds: ImageDataset, cfg: DensityConfig) -> tuple[int, tuple[int, i
 
 
 @torch.no_grad()
-def evaluate_bpd(flow: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, seed: int = 0) -> float:
-    """Mean bpd (with dequantisation noise from a fixed seed) of [0, 1] images N×C×H×W."""
+def per_image_bpd(flow: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, seed: int = 0) -> np.ndarray:
+    """bpd of each [0, 1] image of N×C×H×W ``images`` (dequantisation noise from a fixed seed,
+    so repeated calls agree); float64 vector of length N."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         flow.eval()
-        device = next(flow.parameters()).device
-        total = sum(float(flow.bpd(images[i : i + batch_size].to(device)).sum()) for i in range(0, len(images), batch_size))
+        device = next(flow.parameters(), torch.zeros(0)).device
+        parts = [flow.bpd(images[i : i + batch_size].to(device)).double().cpu().numpy() for i in range(0, len(images), batch_size)]
     finally:
         torch.random.set_rng_state(state)
-    return total / max(len(images), 1)
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def evaluate_bpd(flow: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, seed: int = 0) -> float:
+    """Mean of :func:`per_image_bpd` (0 for no images)."""
+    bits = per_image_bpd(flow, images, batch_size, seed)
+    return float(bits.mean()) if len(bits) else 0.0
 
 
 def train_density(cfg: DensityConfig) -> dict[str, Any]:

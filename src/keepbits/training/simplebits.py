@@ -1,18 +1,22 @@
 """SimpleBits per-instance simplification during training (Schirrmeister et al., S2.2, S3).
 
-A simplifier ``g`` (identity at init) and a classifier ``f_θ`` are trained jointly. Each
-step takes one unrolled SGD step of the classifier on the simplified batch,
+A simplifier ``g`` (identity at init) and a classifier ``f_θ`` are trained jointly. Every
+step, on a batch X_orig with X_sim = Q(g(X_orig)) (``Q``: rounding to 8 bits, straight-through
+for the gradient, so no sub-quantisation detail can carry information):
 
-    θ' = θ − α ∇_θ l(f_θ(X_sim)),   X_sim = g(X_orig),
+1. simplifier update: one *differentiable* step of the classifier's own optimiser (AdamW
+   with its current moment estimates, as the paper's unrolled update through the optimiser)
+   on the simplified batch, ``θ' = AdamW_step(θ, ∇_θ l(f_θ(X_sim)))``, then
 
-and minimises (AdamW, lr 5e-4, weight decay 1e-5, both networks; ``sim_lr`` can raise the
-simplifier's rate for short CPU runs)
+       L = λ_sim·L_sim + 10·l(f_θ'(X_orig)) + l(f_θ(X_sim)) + l(f_θ'(X_sim))   (S3)
 
-    L = λ_sim·L_sim + L_cls,   L_cls = 10·l(f_θ'(X_orig)) + l(f_θ(X_sim)) + l(f_θ'(X_sim))   (S3)
-
-where ``L_sim`` is the bpd of X_sim under a frozen Glow (:mod:`keepbits.training.density`),
-switched off for an example while l(f_θ'(x_orig)) > 0.1. ``l`` is cross-entropy. The
-gradient of L reaches ``g`` through the unrolled step (second-order, ``create_graph``).
+   where ``L_sim`` is the bpd of X_sim under a frozen Glow (:mod:`keepbits.training.density`),
+   switched off for an example while l(f_θ'(x_orig)) > 0.1; ``l`` is cross-entropy. Only
+   ``g`` is updated with L (AdamW, lr 5e-4, weight decay 1e-5; ``sim_lr`` can change its
+   rate); its gradient reaches ``g`` through X_sim and through θ' (second order).
+2. classifier update: X_sim is recomputed with the updated ``g`` (no gradient to ``g``) and
+   the classifier takes one AdamW step on l(f_θ(X_sim)) alone: it learns from the simplified
+   images only, never from the originals.
 
 Classifiers take normalised input: ``f(x) = net((x − mean)/std)`` for [0, 1] images ``x``.
 
@@ -31,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,12 +77,43 @@ class Normalized(torch.nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def unrolled_step(model: torch.nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, lr: float) -> Params:
-    """θ' = θ − lr·∇_θ CE(f_θ(x), y), differentiable w.r.t. θ and x (one unrolled SGD step)."""
-    names = list(params)
-    loss = F.cross_entropy(functional_call(model, dict(params), (x,)), y)
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images rounded to the 256 levels k/255; the gradient passes straight through.
+
+    Example:
+        >>> x = torch.tensor([0.1234, 0.5], requires_grad=True)
+        >>> q = quantize_8bit(x)
+        >>> (q * 255).tolist() == [31.0, 128.0], torch.autograd.grad(q.sum(), x)[0].tolist()
+        (True, [1.0, 1.0])
+    """
+    return x + ((x.clamp(0.0, 1.0) * 255.0).round() / 255.0 - x).detach()
+
+
+def unrolled_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                  lr: float | None = None) -> tuple[Params, torch.Tensor]:
+    """One differentiable step of ``optimizer`` (AdamW, with its current state) on
+    CE(f_θ(x), y): returns θ' (differentiable w.r.t. θ and ``x``) and the loss at θ. The
+    step equals what ``optimizer.step()`` would do (decoupled weight decay, bias-corrected
+    moments); ``lr`` overrides the groups' learning rates."""
+    params = dict(model.named_parameters())
+    loss = F.cross_entropy(functional_call(model, params, (x,)), y)
+    names = [n for n, p in params.items() if p.requires_grad]
     grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
-    return {n: params[n] if g is None else params[n] - lr * g for n, g in zip(names, grads)}
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    fast = dict(params)
+    for name, grad in zip(names, grads):
+        p = params[name]
+        if grad is None:
+            continue
+        group, state = group_of[id(p)], optimizer.state.get(p, {})
+        beta1, beta2 = group["betas"]
+        step = float(state.get("step", 0)) + 1
+        m = beta1 * state["exp_avg"] + (1 - beta1) * grad if state else (1 - beta1) * grad
+        v = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad if state else (1 - beta2) * grad * grad
+        rate = group["lr"] if lr is None else lr
+        denom = v.clamp_min(1e-30).sqrt() / math.sqrt(1 - beta2**step) + group["eps"]
+        fast[name] = p * (1 - rate * group["weight_decay"]) - (rate / (1 - beta1**step)) * m / denom
+    return fast, loss
 
 
 def simplebits_loss(
@@ -87,22 +123,45 @@ def simplebits_loss(
     x: torch.Tensor,
     y: torch.Tensor,
     lambda_sim: float,
-    inner_lr: float,
+    optimizer: torch.optim.Optimizer,
+    inner_lr: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The SimpleBits objective L = λ_sim·L_sim + L_cls (S3) on one batch of [0, 1] images."""
-    params = dict(classifier.named_parameters())
-    x_sim = simplifier(x)
-    logits_sim = functional_call(classifier, params, (x_sim,))
-    fast = unrolled_step(classifier, params, x_sim, y, inner_lr)
+    """The simplifier's objective L = λ_sim·L_sim + L_cls (S3) on one batch of [0, 1] images,
+    with θ' one differentiable step of the classifier's ``optimizer`` on the simplified batch."""
+    x_sim = quantize_8bit(simplifier(x))
+    fast, ce_sim_before = unrolled_step(classifier, x_sim, y, optimizer, inner_lr)
     ce_orig_after = F.cross_entropy(functional_call(classifier, fast, (x,)), y, reduction="none")
     ce_sim_after = F.cross_entropy(functional_call(classifier, fast, (x_sim,)), y)
-    l_cls = 10.0 * ce_orig_after.mean() + F.cross_entropy(logits_sim, y) + ce_sim_after
+    l_cls = 10.0 * ce_orig_after.mean() + ce_sim_before + ce_sim_after
     bits = bpd(x_sim)
     gate = (ce_orig_after.detach() <= LOSS_GATE).float()
     l_sim = (gate * bits).mean()
     loss = lambda_sim * l_sim + l_cls
     stats = {"loss": loss.item(), "l_cls": l_cls.item(), "bpd_sim": bits.mean().item(), "gate": gate.mean().item()}
     return loss, stats
+
+
+def simplebits_step(classifier: torch.nn.Module, simplifier: torch.nn.Module, bpd: Callable[[torch.Tensor], torch.Tensor],
+                    x: torch.Tensor, y: torch.Tensor, lambda_sim: float, opt_classifier: torch.optim.Optimizer,
+                    opt_simplifier: torch.optim.Optimizer, inner_lr: float | None = None) -> dict[str, float]:
+    """One joint training step (module doc): the simplifier on L through the unrolled step,
+    then the classifier on the simplified batch of the updated simplifier. Leaves each
+    network's gradient of its own update in ``.grad``."""
+    loss, stats = simplebits_loss(classifier, simplifier, bpd, x, y, lambda_sim, opt_classifier, inner_lr)
+    if not torch.isfinite(loss):
+        raise InputError("simplebits training diverged (non-finite loss); lower --lr or --sim-lr")
+    sim_params = [p for p in simplifier.parameters() if p.requires_grad]
+    for p, g in zip(sim_params, torch.autograd.grad(loss, sim_params, allow_unused=True)):
+        p.grad = g
+    opt_simplifier.step()
+    with torch.no_grad():
+        x_sim = quantize_8bit(simplifier(x))
+    ce = F.cross_entropy(classifier(x_sim), y)
+    opt_classifier.zero_grad(set_to_none=True)
+    ce.backward()
+    opt_classifier.step()
+    stats["ce_classifier_update"] = ce.item()
+    return stats
 
 
 @dataclass
@@ -122,7 +181,7 @@ class SimpleBitsConfig:
     classifier_kwargs: dict[str, Any] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     lambda_sim: float = 1.0
-    inner_lr: float = 0.01
+    inner_lr: float | None = None
     lr: float = 5e-4
     sim_lr: float | None = None
     weight_decay: float = 1e-5
@@ -151,10 +210,11 @@ def build_classifier(arch: str, in_channels: int, num_classes: int, image_size: 
 
 @torch.no_grad()
 def simplify(simplifier: torch.nn.Module, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """Simplified versions of [0, 1] images ``x`` (N×C×H×W), in batches."""
+    """Simplified versions of [0, 1] images ``x`` (N×C×H×W), in batches, rounded to 8 bits
+    (:func:`quantize_8bit`: what is scored, stored and retrained on)."""
     simplifier.eval()
-    device = next(simplifier.parameters()).device
-    return torch.cat([simplifier(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    device = next(simplifier.parameters(), torch.zeros(0)).device
+    return torch.cat([quantize_8bit(simplifier(x[i : i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
@@ -182,13 +242,15 @@ def train_mse_simplifier(
     simplifier: torch.nn.Module, flow: torch.nn.Module, x: torch.Tensor, lambda_sim: float, steps: int,
     batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
 ) -> torch.nn.Module:
-    """S7 baseline: a simplifier trained without classifier on L = MSE(x_sim, x) + λ_sim·bpd(x_sim)."""
+    """S7 baseline: a simplifier trained without classifier on L = MSE(x_sim, x) + λ_sim·bpd(x_sim),
+    x_sim rounded to 8 bits (straight-through) as in joint training."""
     gen = torch.Generator().manual_seed(seed)
+    simplifier = simplifier.to(next(flow.parameters(), torch.zeros(0)).device)  # where the density model is
     opt = torch.optim.AdamW(simplifier.parameters(), lr=lr, weight_decay=1e-5)
     simplifier.train()
     for _ in range(steps):
-        batch = x[torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)]
-        x_sim = simplifier(batch)
+        batch = x[torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)].to(next(simplifier.parameters()).device)
+        x_sim = quantize_8bit(simplifier(batch))
         loss = F.mse_loss(x_sim, batch) + lambda_sim * flow.bpd(x_sim).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -204,7 +266,7 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     ``preprocessing``) is finetuned instead of the one ``cfg`` names or ``cfg.arch`` from scratch."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.lambda_sim < 0 or cfg.inner_lr <= 0 or cfg.steps < 0:
+    if cfg.lambda_sim < 0 or (cfg.inner_lr is not None and cfg.inner_lr <= 0) or cfg.steps < 0:
         raise InputError(f"need lambda_sim >= 0, inner_lr > 0, steps >= 0 (got {cfg.lambda_sim}, {cfg.inner_lr}, {cfg.steps})")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -231,28 +293,25 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     sim_kwargs = {"in_channels": c, "base": cfg.unet_base}
     simplifier = registry.build("simplebits_unet", kind="simplifier", **sim_kwargs)
     simplifier.to(device), classifier_net.to(device)
-    groups = [{"params": list(simplifier.parameters()), "lr": cfg.sim_lr or cfg.lr}, {"params": list(classifier_net.parameters())}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_sim = torch.optim.AdamW(simplifier.parameters(), lr=cfg.sim_lr or cfg.lr, weight_decay=cfg.weight_decay)
+    opt_clf = torch.optim.AdamW(classifier_net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, labels = torch.from_numpy(np.ascontiguousarray(train.x)), torch.from_numpy(train.y)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, recent = time.time(), []
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         simplifier.train(), classifier_net.train()
-        loss, stats = simplebits_loss(classifier_net, simplifier, flow.bpd, images_to_unit(images[idx]).to(device), labels[idx].to(device),
-                                      cfg.lambda_sim, cfg.inner_lr)
-        if not torch.isfinite(loss):
-            raise InputError(f"simplebits training diverged at step {step}; lower --lr or --inner-lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        stats = simplebits_step(classifier_net, simplifier, flow.bpd, images_to_unit(images[idx]).to(device), labels[idx].to(device),
+                                cfg.lambda_sim, opt_clf, opt_sim, cfg.inner_lr)
         recent.append(stats)
         if step % cfg.log_every == 0:
             avg = {k: float(np.mean([s[k] for s in recent])) for k in recent[0]}
-            log.info("simplebits step %d/%d  L %.3f  L_cls %.3f  bpd_sim %.3f  gate %.2f  (%.0f s)", step, cfg.steps, avg["loss"], avg["l_cls"], avg["bpd_sim"], avg["gate"], time.time() - start)
+            log.info("simplebits step %d/%d  L %.3f  L_cls %.3f  bpd_sim %.3f  gate %.2f  CE(f(X_sim)) %.3f  (%.0f s)", step, cfg.steps,
+                     avg["loss"], avg["l_cls"], avg["bpd_sim"], avg["gate"], avg["ce_classifier_update"], time.time() - start)
             recent = []
     metrics = evaluate_simplebits(classifier_net, simplifier, flow, test if test is not None else train)
     metrics["steps"], metrics["wall_time_s"] = cfg.steps, time.time() - start
+    classifier_net, simplifier = classifier_net.cpu(), simplifier.cpu()
     save_checkpoint(cfg.out, Checkpoint(
         kind="simplebits",
         models={"simplifier": ModelEntry.of("simplebits_unet", sim_kwargs, simplifier), "classifier": ModelEntry.of(arch, clf_kwargs, classifier_net.net)},
