@@ -184,7 +184,7 @@ def _fit(decoder: Any, tap: LayerTap, layer: str, x: Any, cfg: DecoderConfig) ->
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_idx, val_idx = train_val_split(len(x), max(0.1, 1.0 / len(x)), cfg.seed)  # seeded: the images may be sorted by class
+    train_idx, val_idx = train_val_split(np.zeros(len(x), np.int64), max(0.1, 1.0 / len(x)), cfg.seed)  # seeded (one class): the images may be sorted by class
     train, val = x[torch.as_tensor(train_idx)], x[torch.as_tensor(val_idx)]
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
