@@ -106,3 +106,29 @@ def mosquitto(tmp_path, free_port):
     broker = Broker(binary, tmp_path, free_port).start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: tiny models only lose time to thread hand-offs on a busy machine."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def plugin_module(tmp_path, monkeypatch):
+    """``write(name, source)``: a Python module importable by this process and by the
+    subprocesses it starts (``sys.path`` and ``PYTHONPATH``), as a user's own model module is."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
+
+    def write(name: str, source: str):
+        (folder / f"{name}.py").write_text(source)
+        return folder
+
+    return write

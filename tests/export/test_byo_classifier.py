@@ -4,7 +4,6 @@ preprocessing travels checkpoint → manifest → runtime, and the runtime's acc
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 
 import numpy as np
@@ -38,13 +37,12 @@ PRE = Preprocessing((16, 16), mean=(0.3, 0.3, 0.3), std=(0.25, 0.25, 0.25), resi
                     class_names=("a", "b", "c"))
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture
-def tinynets(tmp_path, monkeypatch):
-    folder = tmp_path / "plugins"
-    folder.mkdir()
-    (folder / "byo_nets.py").write_text(TINY_MODULE)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
+def tinynets(plugin_module, tmp_path):
+    plugin_module("byo_nets", TINY_MODULE)
     import byo_nets
 
     torch.manual_seed(0)
@@ -52,14 +50,6 @@ def tinynets(tmp_path, monkeypatch):
     weights = tmp_path / "weights.pt"
     torch.save(net.state_dict(), weights)
     return net, weights
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _frames(n: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:

@@ -17,13 +17,7 @@ from keepbits.training.data import TensorArrays
 from keepbits.training.nice import NiceConfig, evaluate_nice, load_nice, nice_loss, saliency_target, topk_mask, train_nice
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these tiny models only lose time to thread hand-offs on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _classifier_checkpoint(path, data_path, arch="lenet5", seed=0, train_steps=0):

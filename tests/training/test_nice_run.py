@@ -39,22 +39,12 @@ TINY_MODULE = textwrap.dedent("""
 """)
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture
-def tinynets(tmp_path, monkeypatch):
-    folder = tmp_path / "plugins"
-    folder.mkdir()
-    (folder / "tinynets.py").write_text(TINY_MODULE)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tinynets(plugin_module):
+    return plugin_module("tinynets", TINY_MODULE)
 
 
 def _base(tiny_npz, tmp_path, **overrides):
