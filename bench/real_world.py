@@ -165,24 +165,27 @@ def plot(results: dict[str, Any], budget: list[dict[str, Any]], tag: str) -> lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
+    colours = {run: plt.get_cmap("tab10")(i % 10) for i, run in enumerate(results)}
+    styles, markers = {"jpeg": "-", "webp": "--", "png": ""}, {"raw": "o", "webp": "^", "png": "s", "jpeg": "v"}
     for ax, precision in zip(axes, ("float32", "int8")):
         for run, per in results.items():
             res = per.get(precision)
             if res is None:
                 continue
-            series: dict[str, list] = {}
+            series: dict[tuple, list] = {}
             for row in res["payload"]:
-                series.setdefault(f"{run} b={row['block']} {row['codec']} bg={row['background']}", []).append((row["bytes_per_image"], 100 * row["accuracy"]))
-            for name, pts in series.items():
+                series.setdefault((row["block"], row["codec"], row["background"]), []).append((row["bytes_per_image"], 100 * row["accuracy"]))
+            for (_, codec, background), pts in series.items():
                 pts.sort()
-                ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=name)
+                ax.plot(*zip(*pts), ls=styles[codec], marker=markers[background], ms=4, lw=1, color=colours[run])
         base = next((per[precision] for per in results.values() if per.get(precision) and per[precision]["baselines"]), None)
         if base is not None:
             for fmt in ("jpeg", "webp", "png"):
                 pts = sorted((b["bytes_per_image"], 100 * b["accuracy"]) for b in base["baselines"] if b["format"] == fmt)
-                ax.plot(*zip(*pts), marker="s", ms=4, lw=2, color="k" if fmt == "jpeg" else "0.5" if fmt == "webp" else "r",
-                        label=f"whole image {fmt}")
+                ax.plot(*zip(*pts), marker="s", ms=4, lw=2, color="k" if fmt == "jpeg" else "0.5" if fmt == "webp" else "r")
             full = 100 * base["full_frame"]["accuracy"]
             ax.axhline(full, color="k", ls=":", lw=1)
             ax.axhspan(full - 1, full, color="g", alpha=0.1)
@@ -191,9 +194,14 @@ def plot(results: dict[str, Any], budget: list[dict[str, Any]], tag: str) -> lis
         ax.set_title(f"EfficientNet-Lite0 {precision}, 200 held-out ImageNet images")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%)")
-    axes[1].legend(fontsize=6, loc="lower right")
+    handles = ([Line2D([], [], color=c, lw=2, label=f"payload {run}") for run, c in colours.items()]
+               + [Line2D([], [], color="0.3", ls=ls or "none", marker="o" if not ls else None, label=f"foreground {codec}" + (" (lossless)" if not ls else " q50/75/90"))
+                  for codec, ls in styles.items()]
+               + [Line2D([], [], color="0.3", ls="none", marker=m, label=f"block means {bg}") for bg, m in markers.items() if bg in ("raw", "webp")]
+               + [Line2D([], [], color=c, lw=2, marker="s", label=f"whole image {fmt}") for fmt, c in (("jpeg", "k"), ("webp", "0.5"), ("png", "r"))])
+    fig.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(0.82, 0.5))
     rate = results_dir() / f"real_world{tag}_rate.png"
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.81, 1))
     fig.savefig(rate, dpi=110)
     plt.close(fig)
     files = [rate.name]
