@@ -53,6 +53,10 @@ def test_payload_points_are_encoded_decoded_and_classified(pipe):
     assert png["bytes_per_image"] == pytest.approx(np.mean(sizes)) and png["kept_fraction"] == pytest.approx(np.mean(kept))
     assert png["agreement"] == pytest.approx(np.mean(np.array(predicted) == full))
     assert png["accuracy"] == pytest.approx(np.mean(np.array(predicted) == labels))
+    # the discordant pairs with the full frame, for the paired comparison
+    right, full_right = np.array(predicted) == labels, full == labels
+    assert png["gained"] == int((right & ~full_right).sum()) and png["lost"] == int((full_right & ~right).sum())
+    assert png["accuracy"] - result["full_frame"]["accuracy"] == pytest.approx((png["gained"] - png["lost"]) / len(frames))
     lossless = next(r for r in result["baselines"] if r["format"] == "png")
     assert lossless["agreement"] == 1.0 and lossless["accuracy"] == result["full_frame"]["accuracy"]
     strict = next(r for r in result["payload"] if r["codec"] == "png" and r["threshold"] == 0.9)
@@ -66,6 +70,7 @@ def test_unlabelled_images_score_agreement(pipe):
     result = rate_accuracy(pipe, frames, None, codecs=["webp"], qualities=[80], baselines=[])
     assert not result["labelled"] and result["full_frame"]["accuracy"] is None
     assert result["payload"][0]["accuracy"] is None and 0.0 <= result["payload"][0]["agreement"] <= 1.0
+    assert "gained" not in result["payload"][0]
     assert result["baselines"] == []
 
 

@@ -148,22 +148,31 @@ def whole_frame(image: np.ndarray, fmt: str, quality: int | None) -> tuple[int, 
 
 
 class _Tally:
-    """Running sums of one row: bytes, correct, agreeing, kept fraction, images."""
+    """Running sums of one row: bytes, correct, agreeing, kept fraction, images; with labels also
+    the images the row gets right and the full frame wrong (``gained``) and the reverse (``lost``),
+    the discordant pairs of a paired comparison with the full frame."""
 
     def __init__(self, **key: Any):
         self.key, self.n, self.bytes, self.correct, self.agree, self.kept = key, 0, 0, 0, 0, 0.0
+        self.gained = self.lost = 0
 
     def add(self, sizes: Sequence[int], predicted: np.ndarray, full: np.ndarray, labels: np.ndarray | None,
             kept: Sequence[float] = ()) -> None:
         self.n += len(sizes)
         self.bytes += int(sum(sizes))
         self.agree += int((predicted == full).sum())
-        self.correct += 0 if labels is None else int((predicted == labels).sum())
         self.kept += float(sum(kept))
+        if labels is not None:
+            right, full_right = predicted == labels, full == labels
+            self.correct += int(right.sum())
+            self.gained += int((right & ~full_right).sum())
+            self.lost += int((full_right & ~right).sum())
 
     def row(self, labelled: bool, kept: bool = False) -> dict[str, Any]:
         row = {**self.key, "bytes_per_image": self.bytes / max(self.n, 1), "agreement": self.agree / max(self.n, 1),
                "accuracy": self.correct / max(self.n, 1) if labelled else None}
+        if labelled:
+            row.update(gained=self.gained, lost=self.lost)
         if kept:
             row["kept_fraction"] = self.kept / max(self.n, 1)
         return row
@@ -196,8 +205,9 @@ def rate_accuracy(
     """The protocol of the module docstring on ``images`` (uint8 H×W×C RGB or grey, any size);
     ``labels`` are indices into the bundle's classes, or None. Returns ``full_frame``,
     ``payload`` (one row per :class:`OperatingPoint`) and ``baselines`` rows with bytes per
-    image, agreement with the full-frame prediction, accuracy (None without labels) and, for
-    payloads with a mask, the kept fraction."""
+    image, agreement with the full-frame prediction, accuracy (None without labels; with labels
+    also ``gained`` / ``lost``: the images right here and wrong on the full frame, and the
+    reverse) and, for payloads with a mask, the kept fraction."""
     if not len(images):
         raise InputError("no images to evaluate")
     if labels is not None and len(labels) != len(images):

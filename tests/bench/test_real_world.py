@@ -1,0 +1,58 @@
+"""bench/real_world.py's statistics: the paired interval of a row against the full image from its
+discordant counts, the Wilson interval and the target check, on hand-made rows (the benchmark
+itself needs the ImageNet samples and the trained bundles)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def rw():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("real_world", ROOT / "bench" / "real_world.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_paired_interval_from_discordant_counts_equals_the_per_image_one(rw):
+    rng = np.random.default_rng(0)
+    full = rng.random(50) < 0.8
+    row_right = full.copy()
+    row_right[:9] = ~row_right[:9]  # change the outcome of 9 images
+    gained, lost = int((row_right & ~full).sum()), int((full & ~row_right).sum())
+    result = {"full_frame": {"accuracy": full.mean()},
+              "payload": [{"accuracy": row_right.mean(), "gained": gained, "lost": lost}], "baselines": []}
+    row = rw.with_intervals(result, 50)["payload"][0]
+    direct = rw.paired_difference(row_right, full)
+    assert row["vs_full_image"]["difference"] == pytest.approx(direct["difference"])
+    assert row["vs_full_image"]["ci95"] == pytest.approx(direct["ci95"])
+    assert row["accuracy_loss_points"] == pytest.approx(100 * (full.mean() - row_right.mean()))
+    low, high = row["accuracy_ci95"]
+    assert low < row["accuracy"] < high
+
+
+def test_target_check_compares_with_jpeg_and_webp_only(rw):
+    base = {"labelled": True, "full_frame": {"accuracy": 0.80},
+            "payload": [{"bytes_per_image": 4000, "accuracy": 0.795}, {"bytes_per_image": 1000, "accuracy": 0.70}],
+            "baselines": [{"format": "png", "bytes_per_image": 5000, "accuracy": 0.80},
+                          {"format": "jpeg", "bytes_per_image": 9000, "accuracy": 0.80},
+                          {"format": "webp", "bytes_per_image": 7000, "accuracy": 0.79}]}
+    check = rw.target_check(base)
+    # smallest payload within 1 point: 4000 B; smallest JPEG/WebP within 1 point: WebP 7000 B (PNG ignored)
+    assert check["ratio"] == pytest.approx(7000 / 4000) and not check["met"]
+    base["payload"][0]["bytes_per_image"] = 3000
+    assert rw.target_check(base)["met"]
+    base["payload"] = [{"bytes_per_image": 1000, "accuracy": 0.70}]
+    check = rw.target_check(base)
+    assert not check["met"] and check["note"] == "no payload point within 1 point"
