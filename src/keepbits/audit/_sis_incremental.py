@@ -41,7 +41,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from keepbits.audit._sis_torch import float32_copy
+from keepbits.audit._sis_torch import float32_copy, max_pool2d
 
 # node kinds: how a batch of candidates is represented at a node
 STATIC, META, BOX, FLAT, DELTA, DENSE = "static", "meta", "box", "flat", "delta", "dense"
@@ -58,9 +58,12 @@ _BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
                      torch.maximum, torch.minimum}
 _BINARY_METHODS = {"add", "sub", "mul", "div", "maximum", "minimum"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+_MAX_POOLS = (F.max_pool2d, torch.max_pool2d, max_pool2d)
 _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul, operator.itruediv: operator.truediv}
 #: elements of the largest per-chunk tensor (sets the default candidate chunk)
 CHUNK_ELEMENTS = 1 << 22
+#: linear changes by one batched product with gathered weights up to this many weight elements, else per box position
+GATHER_ELEMENTS = 1 << 23
 
 
 class Unsupported(Exception):
@@ -89,7 +92,7 @@ class _Local:
         if self.kind == "conv":
             return F.conv2d(window, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         if self.kind == "max":
-            return F.max_pool2d(window, self.kernel, self.stride, 0, self.dilation)
+            return max_pool2d(window, self.kernel, self.stride, 0, self.dilation)
         return F.avg_pool2d(window, self.kernel, self.stride, 0, False, True, self.divisor)
 
 
@@ -110,8 +113,46 @@ class _Node:
     scale: float = 1.0  # global pool: 1/(H·W) (mean) or 1 (sum)
     weight: torch.Tensor | None = None  # linear after a flatten: out × C × H × W
     reads: list[tuple[np.ndarray, int, np.ndarray, int]] = field(default_factory=list)  # base regions read (rows, bh, cols, bw)
-    inside: bool = True  # local op: the input box always lies inside the window
-    t: dict[str, torch.Tensor] = field(default_factory=dict)  # device index tables
+    gathers: dict[Node, "_Gather"] = field(default_factory=dict)  # base windows / boxes read, per operand
+    writes: dict[Node, "_Write"] = field(default_factory=dict)  # where an operand's box goes in that window
+    t: dict[str, torch.Tensor] = field(default_factory=dict)  # device index tables (rows, cols)
+
+
+@dataclass
+class _Map:
+    """A node's base map, padded, as rows of C values (NHWC order, B·Hp·Wp rows), rebuilt every step."""
+
+    node: Node
+    shape: tuple[int, int, int]  # C, H, W (flat nodes: of their box layout)
+    pads: tuple[int, int, int, int]
+    value: float
+
+    @property
+    def size(self) -> tuple[int, int]:
+        c, h, w = self.shape
+        t, b, l, r = self.pads
+        return h + t + b, w + l + r
+
+
+@dataclass
+class _Gather:
+    """Which ``kh×kw`` window of a map each candidate reads: its row offsets (in map rows of
+    width Wp) and columns, by input pixel row / column."""
+
+    key: tuple
+    rows: torch.Tensor  # input pixel row -> kh window rows × Wp
+    cols: torch.Tensor  # input pixel column -> kw window columns
+
+
+@dataclass
+class _Write:
+    """Where a candidate's box (``bh×bw``) goes inside a ``lh×lw`` window: window row / column per box row / column."""
+
+    rows: torch.Tensor  # input pixel row -> bh window rows
+    cols: torch.Tensor  # input pixel column -> bw window columns
+    lh: int
+    lw: int
+    inside: bool  # every box cell lands inside the window
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -209,6 +250,7 @@ class GraphScreen:
         example = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0)).to(self.device)
         with torch.inference_mode():
             values = self._forward(example)
+        self._example = values
         self.plan: dict[Node, _Node] = {}
         for n in nodes:
             if n.op == "output":
@@ -226,11 +268,7 @@ class GraphScreen:
             p.kind == DENSE and any(self.plan[a].kind in (BOX, FLAT) for a in p.node.all_input_nodes) for p in self.plan.values())
         self.local_nodes = sum(p.op == "local" for p in self.plan.values())
         self._overlap_tables()
-        for p in self.plan.values():
-            for key in ("rows", "cols"):
-                arr = getattr(p, key)
-                if arr is not None:
-                    p.t[key] = torch.as_tensor(arr, device=self.device)
+        self._index_tables(values)
 
     def _classify(self, n: Node, values: dict[Node, Any]) -> _Node:
         c, h, w = self.shape
@@ -362,8 +400,8 @@ class GraphScreen:
                 p = _pair(padding)
                 pads = (p[0], p[0], p[1], p[1])
             local = _Local("conv", k, _pair(stride), d, pads, weight.detach(), None if bias is None else bias.detach(), int(groups))
-        elif isinstance(target, (nn.MaxPool2d, nn.AvgPool2d)) or target in (F.max_pool2d, F.avg_pool2d):
-            is_max = isinstance(target, nn.MaxPool2d) or target is F.max_pool2d
+        elif isinstance(target, (nn.MaxPool2d, nn.AvgPool2d)) or target in (*_MAX_POOLS, F.avg_pool2d):
+            is_max = isinstance(target, nn.MaxPool2d) or target in _MAX_POOLS
             get = (lambda key, default: getattr(target, key, default)) if isinstance(target, nn.Module) else kw.get
             if get("return_indices", False):
                 return None
@@ -419,25 +457,22 @@ class GraphScreen:
         p = self.plan.get(n)
         if p is None or p.kind != STATIC:
             return None
-        return self._static_cache[n]
+        return self._example[n]
 
     def _local_node(self, n: Node, src: _Node, local: _Local, shape: tuple[int, ...]) -> _Node | None:
         rows, bh = _local_box(src.rows, src.bh, local, 0, shape[1])
         cols, bw = _local_box(src.cols, src.bw, local, 1, shape[2])
         if bh == shape[1] and bw == shape[2]:
             return None  # the change covers the whole map: dense from here
-        lh = (bh - 1) * local.stride[0] + local.dilation[0] * (local.kernel[0] - 1) + 1
-        lw = (bw - 1) * local.stride[1] + local.dilation[1] * (local.kernel[1] - 1) + 1
+        lh, lw = self._window(local, bh, bw)
         t, _, l, _ = local.pads
-        # window in the source's coordinates (may start in the padding)
-        src.reads.append((rows * local.stride[0] - t, lh, cols * local.stride[1] - l, lw))
-        node = _Node(n, BOX, "local", shape, rows, cols, bh, bw, source=src, local=local)
-        node.t["win_r"] = torch.as_tensor(rows[:, None] * local.stride[0] + np.arange(lh), device=self.device)
-        node.t["win_c"] = torch.as_tensor(cols[:, None] * local.stride[1] + np.arange(lw), device=self.device)
-        rel_r, rel_c = src.rows + t - rows * local.stride[0], src.cols + l - cols * local.stride[1]
-        node.t["rel_r"], node.t["rel_c"] = torch.as_tensor(rel_r, device=self.device), torch.as_tensor(rel_c, device=self.device)
-        node.inside = bool((rel_r >= 0).all() and (rel_r + src.bh <= lh).all() and (rel_c >= 0).all() and (rel_c + src.bw <= lw).all())
-        return node
+        src.reads.append((rows * local.stride[0] - t, lh, cols * local.stride[1] - l, lw))  # window, source coordinates
+        return _Node(n, BOX, "local", shape, rows, cols, bh, bw, source=src, local=local)
+
+    @staticmethod
+    def _window(local: _Local, bh: int, bw: int) -> tuple[int, int]:
+        return ((bh - 1) * local.stride[0] + local.dilation[0] * (local.kernel[0] - 1) + 1,
+                (bw - 1) * local.stride[1] + local.dilation[1] * (local.kernel[1] - 1) + 1)
 
     def _global_pool(self, n: Node, module: Any, x: torch.Tensor, y: torch.Tensor) -> float | None:
         """1/(H·W) for a global average pool (any spelling), 1 for a spatial sum, else None."""
@@ -474,6 +509,63 @@ class GraphScreen:
             return weight.detach() if isinstance(weight, torch.Tensor) else None
         return None
 
+    def _index_tables(self, values: dict[Node, Any]) -> None:
+        """Device tables: box starts, the base windows each op gathers and where boxes go in them."""
+        dev = self.device
+        self.maps: dict[tuple, _Map] = {}
+
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64, device=dev)
+
+        def gather(node: Node, shape: tuple[int, int, int], kh: int, kw: int, sh: int, sw: int, pads: tuple[int, int, int, int],
+                   value: float, pos_r: np.ndarray, pos_c: np.ndarray) -> _Gather:
+            key = (node, pads, value)
+            self.maps.setdefault(key, _Map(node, shape, pads, value))
+            wp = self.maps[key].size[1]
+            return _Gather(key, tensor((pos_r[:, None] * sh + np.arange(kh)) * wp), tensor(pos_c[:, None] * sw + np.arange(kw)))
+
+        def write(box: _Node, rel_r: np.ndarray, rel_c: np.ndarray, lh: int, lw: int) -> _Write:
+            rows, cols = rel_r[:, None] + np.arange(box.bh), rel_c[:, None] + np.arange(box.bw)
+            inside = bool((rows >= 0).all() and (rows < lh).all() and (cols >= 0).all() and (cols < lw).all())
+            return _Write(tensor(rows), tensor(cols), lh, lw, inside)
+
+        for p in self.plan.values():
+            if p.rows is not None:
+                p.t["rows"], p.t["cols"] = tensor(p.rows), tensor(p.cols)
+            if p.op == "local":
+                src, local = p.source, p.local
+                lh, lw = self._window(local, p.bh, p.bw)
+                t, _, l, _ = local.pads
+                p.gathers[src.node] = gather(src.node, src.shape, lh, lw, *local.stride, local.pads, local.pad_value, p.rows, p.cols)
+                p.writes[src.node] = write(src, src.rows + t - p.rows * local.stride[0], src.cols + l - p.cols * local.stride[1], lh, lw)
+            elif p.op in ("binary", "cat"):
+                args = p.node.args[0] if p.op == "cat" else (*p.node.args, *p.node.kwargs.values())
+                for a in args:
+                    q = self.plan.get(a) if isinstance(a, Node) else None
+                    if q is not None and q.kind == BOX and not self._same_geometry(q, p):
+                        p.gathers[a] = gather(a, q.shape, p.bh, p.bw, 1, 1, (0, 0, 0, 0), 0.0, p.rows, p.cols)
+                        p.writes[a] = write(q, q.rows - p.rows, q.cols - p.cols, p.bh, p.bw)
+            elif p.op in ("gap", "linear"):
+                src = p.source
+                arg = p.node.args[0] if p.node.args else p.node.kwargs["input"]
+                p.gathers[arg] = gather(arg, src.shape, src.bh, src.bw, 1, 1, (0, 0, 0, 0), 0.0, src.rows, src.cols)
+                if p.op == "linear":
+                    self._linear_blocks(p)
+
+    @staticmethod
+    def _same_geometry(q: _Node, p: _Node) -> bool:
+        return q.bh == p.bh and q.bw == p.bw and np.array_equal(q.rows, p.rows) and np.array_equal(q.cols, p.cols)
+
+    def _linear_blocks(self, p: _Node) -> None:
+        """Weights under every box position of a linear layer after a flatten, as (positions, bh·bw·C, out) in NHWC order."""
+        src, weight = p.source, p.weight
+        c, h, w = src.shape
+        nr, nc = h - src.bh + 1, w - src.bw + 1
+        blocks = weight.unfold(2, src.bh, 1).unfold(3, src.bw, 1)  # out, C, nr, nc, bh, bw
+        p.t["blocks"] = blocks.permute(2, 3, 4, 5, 1, 0).reshape(nr * nc, src.bh * src.bw * c, weight.shape[0]).contiguous()
+        p.t["key_r"] = torch.as_tensor(src.rows * nc, device=self.device)
+        p.t["key_c"] = torch.as_tensor(src.cols, device=self.device)
+
     def _overlap_tables(self) -> None:
         """Per boxed node: does masking a pixel in row r (column c) change base values that
         a candidate in row r' (column c') reads? A candidate is recomputed when some node
@@ -499,9 +591,9 @@ class GraphScreen:
         return (self._ov_r[:, r, :][:, :, None] & self._ov_c[:, c, :][:, None, :]).any(0).reshape(-1)
 
     def _default_chunk(self) -> int:
-        per = [int(np.prod(p.shape)) if p.kind in (DENSE, DELTA) else p.shape[0] * p.bh * p.bw for p in self.plan.values()
-               if p.kind in (BOX, FLAT, DENSE, DELTA) and p.shape]
-        per += [p.source.shape[0] * int(p.t["win_r"].shape[1] * p.t["win_c"].shape[1]) for p in self.plan.values() if p.op == "local"]
+        per = [int(np.prod(p.shape)) if p.kind in (DENSE, DELTA) else (p.source or p).shape[0] * p.bh * p.bw
+               for p in self.plan.values() if p.kind in (BOX, FLAT, DENSE, DELTA) and p.shape]
+        per += [int(g.rows.shape[1] * g.cols.shape[1]) * self.maps[g.key].shape[0] for p in self.plan.values() for g in p.gathers.values()]
         return int(np.clip(CHUNK_ELEMENTS // max(per + [1]), 16, 4096))
 
     def _check(self) -> None:
@@ -546,7 +638,6 @@ class GraphScreen:
                 env[n] = x
                 continue
             env[n] = self._call(n, map_arg(n.args, env.__getitem__), map_arg(n.kwargs, env.__getitem__))
-        self._static_cache = env
         return env
 
     # ------------------------------------------------------------------ state
@@ -564,23 +655,23 @@ class GraphScreen:
         w = self.shape[2]
         img, pix = np.asarray(img, np.int64), np.asarray(pix, np.int64)
         self.base[torch.as_tensor(img), :, torch.as_tensor(pix // w), torch.as_tensor(pix % w)] = self.mask_value
-        for i, p in zip(img, pix):
-            self.valid[i] &= ~self.affected(p)
+        if self.cacheable:
+            for i, p in zip(img, pix):
+                self.valid[i] &= ~self.affected(p)
         self._refresh()
 
     def _refresh(self) -> None:
+        """Base activations of every node (one dense pass) and the padded maps the candidates read."""
         with torch.inference_mode():
-            env = self._forward(self.base)
-        self.values = env
-        self.nhwc: dict[Node, torch.Tensor] = {}
-        self.padded: dict[Node, torch.Tensor] = {}
-        for p in self.plan.values():
-            if p.kind in (BOX, FLAT):
-                box = p.source if p.kind == FLAT else p
-                self.nhwc[p.node] = env[p.node].reshape(len(self.base), *box.shape).permute(0, 2, 3, 1).contiguous()
-            if p.op == "local":
-                t, b, l, r = p.local.pads
-                self.padded[p.node] = F.pad(env[p.source.node], (l, r, t, b), value=p.local.pad_value).permute(0, 2, 3, 1).contiguous()
+            self.values = self._forward(self.base)
+            self.rows: dict[tuple, torch.Tensor] = {}
+            b = len(self.base)
+            for key, m in self.maps.items():
+                x = self.values[m.node].reshape(b, *m.shape)
+                t, bottom, l, r = m.pads
+                if t or bottom or l or r:
+                    x = F.pad(x, (l, r, t, bottom), value=m.value)
+                self.rows[key] = x.permute(0, 2, 3, 1).reshape(-1, m.shape[0])
 
     def base_logits(self) -> np.ndarray:
         return self.values[self.output].double().cpu().numpy()
@@ -609,97 +700,75 @@ class GraphScreen:
     def _candidates(self, img: np.ndarray, pix: np.ndarray) -> torch.Tensor:
         if self.cacheable:
             ii, pp = torch.as_tensor(img, device=self.device), torch.as_tensor(pix, device=self.device)
-            env = {p.node: self.cache[p.node][ii, pp] for p in self.deltas}
-            env = self._dense(img, env)
+            env = self._dense(img, {p.node: self.cache[p.node][ii, pp] for p in self.deltas})
         else:
             env = self._dense(img, self._boxes(img, pix))
-        return env[self.output] if self.plan[self.output].kind == DENSE else self._delta_value(img, self.output, env)
-
-    def _delta_value(self, img: np.ndarray, n: Node, env: dict) -> torch.Tensor:
-        return self.values[n][torch.as_tensor(img, device=self.device)] + env[n]
+        if self.plan[self.output].kind == DENSE:
+            return env[self.output]
+        return self.values[self.output][torch.as_tensor(img, device=self.device)] + env[self.output]
 
     def _boxes(self, img: np.ndarray, pix: np.ndarray) -> dict[Node, Any]:
-        """Boxed values (and linear changes) of the candidates; keys: nodes, values: patches N×C×bh×bw."""
+        """Boxed values (N×C×bh×bw) and linear changes of the candidates, per node."""
         w = self.shape[2]
-        env: dict[Node, Any] = {}
-        self._ctx = (torch.as_tensor(img, device=self.device), torch.as_tensor(pix // w, device=self.device),
-                     torch.as_tensor(pix % w, device=self.device))
-        ii, pr, pc = self._ctx
+        dev = self.device
+        self._ctx = (torch.as_tensor(img, device=dev), torch.as_tensor(pix // w, device=dev), torch.as_tensor(pix % w, device=dev))
         n_cand = len(img)
+        env: dict[Node, Any] = {}
         for p in self.plan.values():
             if p.kind not in (BOX, FLAT, DELTA):
                 continue
             if p.op == "input":
                 env[p.node] = self.mask_value.view(1, -1, 1, 1).expand(n_cand, -1, 1, 1)
-            elif p.op in ("unary", "collapse"):
-                env[p.node] = self._run_unary(p, env) if p.op == "unary" else env[p.node.args[0]]
+            elif p.op == "collapse":
+                env[p.node] = env[p.node.args[0]]
+            elif p.op == "unary":
+                n = p.node
+                env[n] = self._call(n, (env[n.args[0]], *map_arg(n.args[1:], self.static.__getitem__)),
+                                    map_arg(n.kwargs, self.static.__getitem__))
             elif p.op == "local":
-                env[p.node] = self._run_local(p, env)
+                window = self._window_with(p, p.source.node, env)
+                env[p.node] = p.local.run(window.permute(0, 3, 1, 2))
             elif p.op in ("binary", "cat"):
                 env[p.node] = self._run_union(p, env)
-            elif p.op == "gap":
-                src = p.source
-                delta = self._patch_nhwc(env[src.node]) - self._base_box(src.node, src)
-                env[p.node] = (delta.sum((1, 2)) * p.scale).view(n_cand, *p.shape)
-            elif p.op == "linear":
-                env[p.node] = self._run_linear(p, env)
+            else:
+                arg = p.node.args[0] if p.node.args else p.node.kwargs["input"]
+                box = p.source
+                delta = (env[arg].reshape(n_cand, box.shape[0], box.bh, box.bw).permute(0, 2, 3, 1)
+                         - self._gather(p.gathers[arg]))  # N × bh × bw × C
+                if p.op == "gap":
+                    env[p.node] = (delta.sum((1, 2)) * p.scale).view(n_cand, *p.shape)
+                else:
+                    env[p.node] = self._linear(p, delta.reshape(n_cand, -1))
         return env
 
-    def _patch_nhwc(self, patch: torch.Tensor) -> torch.Tensor:
-        return patch.permute(0, 2, 3, 1)
-
-    def _box_index(self, box: _Node) -> tuple[torch.Tensor, torch.Tensor]:
-        _, pr, pc = self._ctx
-        rows = box.t["rows"][pr][:, None] + torch.arange(box.bh, device=self.device)
-        cols = box.t["cols"][pc][:, None] + torch.arange(box.bw, device=self.device)
-        return rows, cols
-
-    def _base_box(self, n: Node, box: _Node) -> torch.Tensor:
-        """Base values of node ``n`` (NHWC) under each candidate's ``box``: N×bh×bw×C."""
-        ii = self._ctx[0]
-        rows, cols = self._box_index(box)
-        return self.nhwc[n][ii[:, None, None], rows[:, :, None], cols[:, None, :]]
-
-    def _run_unary(self, p: _Node, env: dict) -> torch.Tensor:
-        n = p.node
-        patch = env[n.args[0]]
-        args = (patch,) + tuple(self._static_arg(a) for a in n.args[1:])
-        kwargs = {k: self._static_arg(v) for k, v in n.kwargs.items()}
-        return self._call(n, args, kwargs)
-
-    def _static_arg(self, a: Any) -> Any:
-        return map_arg(a, lambda x: self._static_cache_value(x))
-
-    def _static_cache_value(self, x: Node) -> Any:
-        if self.plan[x].kind != STATIC:
-            raise Unsupported(f"{x} is not static")
-        return self.static[x]
-
-    def _run_local(self, p: _Node, env: dict) -> torch.Tensor:
+    def _gather(self, g: _Gather) -> torch.Tensor:
+        """Base windows of the candidates, N × kh × kw × C."""
         ii, pr, pc = self._ctx
-        src = p.source
-        win_r, win_c = p.t["win_r"][pr], p.t["win_c"][pc]
-        window = self.padded[p.node][ii[:, None, None], win_r[:, :, None], win_c[:, None, :]]
-        self._write(window, env[src.node], p.t["rel_r"][pr], p.t["rel_c"][pc], p.inside)
-        return p.local.run(window.permute(0, 3, 1, 2))
+        m = self.maps[g.key]
+        hp, wp = m.size
+        rows, cols = g.rows[pr], g.cols[pc]
+        index = (ii * (hp * wp))[:, None, None] + rows[:, :, None] + cols[:, None, :]
+        return self.rows[g.key].index_select(0, index.view(-1)).view(len(ii), rows.shape[1], cols.shape[1], m.shape[0])
 
-    def _write(self, window: torch.Tensor, patch: torch.Tensor, rel_r: torch.Tensor, rel_c: torch.Tensor, inside: bool) -> None:
-        """Write ``patch`` (N×C×bh×bw) into ``window`` (N×Lh×Lw×C) at offsets (rel_r, rel_c)."""
-        n, _, bh, bw = patch.shape
-        rows = rel_r[:, None] + torch.arange(bh, device=self.device)
-        cols = rel_c[:, None] + torch.arange(bw, device=self.device)
-        values = patch.permute(0, 2, 3, 1).expand(n, bh, bw, window.shape[3])
-        idx = torch.arange(n, device=self.device)
-        if inside:
-            window[idx[:, None, None], rows[:, :, None], cols[:, None, :]] = values
-            return
-        ok = ((rows >= 0) & (rows < window.shape[1]))[:, :, None] & ((cols >= 0) & (cols < window.shape[2]))[:, None, :]
-        a, i, j = ok.nonzero(as_tuple=True)
-        window[a, rows[a, i], cols[a, j]] = values[a, i, j]
+    def _window_with(self, p: _Node, a: Node, env: dict) -> torch.Tensor:
+        """The base window operand ``a`` of node ``p`` reads, with the candidates' boxes of ``a`` written in (N × lh × lw × C)."""
+        _, pr, pc = self._ctx
+        window = self._gather(p.gathers[a])
+        wr = p.writes[a]
+        n, c = len(window), window.shape[3]
+        rows, cols = wr.rows[pr], wr.cols[pc]
+        bh, bw = rows.shape[1], cols.shape[1]
+        values = env[a].permute(0, 2, 3, 1).expand(n, bh, bw, c).reshape(n * bh * bw, c)
+        index = (torch.arange(n, device=self.device)[:, None, None] * (wr.lh * wr.lw) + rows[:, :, None] * wr.lw + cols[:, None, :])
+        index = index.view(-1)
+        if not wr.inside:
+            ok = (((rows >= 0) & (rows < wr.lh))[:, :, None] & ((cols >= 0) & (cols < wr.lw))[:, None, :]).view(-1)
+            index, values = index[ok], values[ok]
+        window.view(n * wr.lh * wr.lw, c).index_copy_(0, index, values)
+        return window
 
     def _run_union(self, p: _Node, env: dict) -> torch.Tensor:
         n = p.node
-        ii = self._ctx[0]
 
         def operand(a: Any) -> Any:
             if not isinstance(a, Node):
@@ -708,41 +777,30 @@ class GraphScreen:
             if q.kind == STATIC:
                 value = self.static[a]
                 if isinstance(value, torch.Tensor) and value.dim() == 4 and tuple(value.shape[2:]) == p.shape[1:] and p.shape[1:] != (1, 1):
-                    rows, cols = self._box_index(p)
+                    _, pr, pc = self._ctx
+                    rows = p.t["rows"][pr][:, None] + torch.arange(p.bh, device=self.device)
+                    cols = p.t["cols"][pc][:, None] + torch.arange(p.bw, device=self.device)
                     return value[0][:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
                 return value
-            if q.bh == p.bh and q.bw == p.bw and np.array_equal(q.rows, p.rows) and np.array_equal(q.cols, p.cols):
+            if a not in p.gathers:
                 return env[a]
-            window = self._base_box(a, p)
-            _, pr, pc = self._ctx
-            rel_r = q.t["rows"][pr] - p.t["rows"][pr]
-            rel_c = q.t["cols"][pc] - p.t["cols"][pc]
-            self._write(window, env[a], rel_r, rel_c, True)
-            return window.permute(0, 3, 1, 2)
+            return self._window_with(p, a, env).permute(0, 3, 1, 2)
 
         if p.op == "cat":
-            tensors = [operand(a) for a in n.args[0]]
-            return torch.cat(tensors, 1)
-        args = tuple(operand(a) for a in n.args)
-        kwargs = {k: operand(v) for k, v in n.kwargs.items()}
-        return self._call(n, args, kwargs)
+            return torch.cat([operand(a) for a in n.args[0]], 1)
+        return self._call(n, tuple(operand(a) for a in n.args), {k: operand(v) for k, v in n.kwargs.items()})
 
-    def _run_linear(self, p: _Node, env: dict) -> torch.Tensor:
-        src, flat = p.source, p.node.args[0]
-        patch = env[flat]
-        delta = self._patch_nhwc(patch) - self._base_box(flat, src)
-        delta = delta.permute(0, 3, 1, 2).reshape(len(patch), -1)
+    def _linear(self, p: _Node, delta: torch.Tensor) -> torch.Tensor:
+        """Change of a linear layer's output from box changes ``delta`` (N × bh·bw·C, NHWC order)."""
         _, pr, pc = self._ctx
-        r0, c0 = src.t["rows"][pr], src.t["cols"][pc]
-        key = r0 * (src.shape[2] - src.bw + 1) + c0
+        key = p.t["key_r"][pr] + p.t["key_c"][pc]
+        blocks = p.t["blocks"]
+        if len(delta) * blocks.shape[1] * blocks.shape[2] <= GATHER_ELEMENTS:
+            return torch.bmm(delta[:, None, :], blocks.index_select(0, key)).squeeze(1)
         order = torch.argsort(key, stable=True)
         keys, counts = torch.unique_consecutive(key[order], return_counts=True)
-        out = torch.empty(len(patch), p.weight.shape[0], device=self.device, dtype=delta.dtype)
-        pieces = []
-        for part, k in zip(torch.split(delta[order], counts.tolist()), keys.tolist()):
-            r, c = divmod(k, src.shape[2] - src.bw + 1)
-            pieces.append(part @ p.weight[:, :, r : r + src.bh, c : c + src.bw].reshape(p.weight.shape[0], -1).T)
-        out[order] = torch.cat(pieces)
+        out = torch.empty(len(delta), blocks.shape[2], device=self.device, dtype=delta.dtype)
+        out[order] = torch.cat([part @ blocks[k] for part, k in zip(torch.split(delta[order], counts.tolist()), keys.tolist())])
         return out
 
     def _dense(self, img: np.ndarray, env: dict) -> dict:
@@ -767,9 +825,7 @@ class GraphScreen:
 
         def meta_value(a: Node) -> Any:
             q = self.plan[a]
-            if q.kind == STATIC:
-                return self.static[a]
-            if q.kind == META:
+            if q.kind in (STATIC, META):
                 return value(a)
             base = self.values[a]
             return torch.empty((n_cand, *base.shape[1:]), device="meta", dtype=base.dtype)
@@ -782,11 +838,13 @@ class GraphScreen:
 
     def _materialize(self, q: _Node, patch: torch.Tensor) -> torch.Tensor:
         """Full maps of a boxed node for the candidates (base with each box written in)."""
-        ii = self._ctx[0]
+        ii, pr, pc = self._ctx
         box = q.source if q.kind == FLAT else q
         c, h, w = box.shape
-        full = self.values[box.node if q.kind == FLAT else q.node][ii].reshape(len(ii), c, h, w).clone()
-        rows, cols = self._box_index(box)
-        full.permute(0, 2, 3, 1)[torch.arange(len(ii), device=self.device)[:, None, None], rows[:, :, None], cols[:, None, :]] = \
-            patch.reshape(len(ii), c, box.bh, box.bw).permute(0, 2, 3, 1)
-        return full.reshape(len(ii), *q.shape)
+        n = len(ii)
+        full = self.values[q.node][ii].reshape(n, c, h, w).clone()
+        rows = box.t["rows"][pr][:, None] + torch.arange(box.bh, device=self.device)
+        cols = box.t["cols"][pc][:, None] + torch.arange(box.bw, device=self.device)
+        full.permute(0, 2, 3, 1)[torch.arange(n, device=self.device)[:, None, None], rows[:, :, None], cols[:, None, :]] = \
+            patch.reshape(n, c, box.bh, box.bw).permute(0, 2, 3, 1)
+        return full.reshape(n, *q.shape)

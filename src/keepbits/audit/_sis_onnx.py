@@ -1,8 +1,9 @@
 """BackSelect evaluation of ONNX models (plain ``.onnx`` classifiers and keepbits bundles).
 
 :class:`OnnxScreen` runs candidate batches with ONNX Runtime in the graph's own input space
-(uint8 NHWC for bundles), built by one gather and one scatter per chunk and fed through I/O
-binding; :class:`OnnxFloat64` is the exact evaluator: the same graph with every float
+(uint8 NHWC for bundles), built by one gather and one scatter per chunk (on CUDA the output
+stays on the device through I/O binding; on the CPU plain ``run`` measured faster);
+:class:`OnnxFloat64` is the exact evaluator: the same graph with every float
 tensor made float64, run by the ONNX reference evaluator (``onnx.reference``; ONNX Runtime
 has no float64 convolution). It is slow, so :mod:`keepbits.audit.sis` calls it only when
 float32 rounding leaves more than one candidate in the running for a step.
@@ -53,6 +54,7 @@ class OnnxScreen:
         self.adapter, self.feed = adapter, _Feed(adapter, np.float32)
         self.session = adapter.session
         kind = str(device or "cpu").split(":")[0]
+        self.cuda = kind == "cuda"
         if kind == "cuda":
             import onnxruntime as ort
 
@@ -71,7 +73,7 @@ class OnnxScreen:
         self.feed.reset(x, mask_value)
         if self.chunk is None:
             probe = np.repeat(self.feed.base[:1], CHUNK_SIZES[-1], 0)
-            self.chunk = tune_chunk(lambda size: self._run(probe[:size]))
+            self.chunk = tune_chunk(lambda size: self._run(probe[:size]), CHUNK_SIZES[:-1])[0]
 
     def mask(self, img: np.ndarray, pix: np.ndarray) -> None:
         self.feed.mask(img, pix)
@@ -80,9 +82,12 @@ class OnnxScreen:
         n = len(batch)
         if self.fixed and n < self.fixed:  # a graph with a fixed batch size: pad the last chunk
             batch = np.concatenate([batch, np.repeat(batch[-1:], self.fixed - n, 0)])
+        batch = np.ascontiguousarray(batch)
+        if not self.cuda:  # on the CPU I/O binding measured slower than run() for large batches
+            return np.asarray(self.session.run([self.adapter._output], {self.adapter._input_name: batch})[0][:n], np.float64)
         binding = self.session.io_binding()
-        binding.bind_cpu_input(self.adapter._input_name, np.ascontiguousarray(batch))
-        binding.bind_output(self.adapter._output)
+        binding.bind_cpu_input(self.adapter._input_name, batch)
+        binding.bind_output(self.adapter._output, "cuda")
         self.session.run_with_iobinding(binding)
         return np.asarray(binding.copy_outputs_to_cpu()[0][:n], np.float64)
 
@@ -92,6 +97,31 @@ class OnnxScreen:
 
     def base_logits(self) -> np.ndarray:
         return np.concatenate([self._run(self.feed.base[i : i + 1]) for i in range(len(self.feed.base))])
+
+
+def _fast_max_pool() -> type:
+    """The reference evaluator's MaxPool (a Python loop over windows) as a separable maximum
+    over strided numpy views for 2-D pooling without ``auto_pad``/``ceil_mode`` (same values)."""
+    from onnx.reference.ops.op_max_pool import MaxPool as ReferenceMaxPool
+
+    class MaxPool(ReferenceMaxPool):
+        op_domain = ""
+
+        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None, storage_order=None,
+                 strides=None):
+            if len(self.output) > 1 or (auto_pad not in (None, "NOTSET")) or ceil_mode or len(kernel_shape) != 2:
+                return super()._run(x, auto_pad, ceil_mode, dilations, kernel_shape, pads, storage_order, strides)
+            k, s, d = kernel_shape, strides or (1, 1), dilations or (1, 1)
+            p = pads or (0, 0, 0, 0)
+            x = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])), constant_values=-np.inf)
+            for axis in (2, 3):
+                i = axis - 2
+                out = (x.shape[axis] - d[i] * (k[i] - 1) - 1) // s[i] + 1
+                taps = [np.take(x, np.arange(t * d[i], t * d[i] + (out - 1) * s[i] + 1, s[i]), axis=axis) for t in range(k[i])]
+                x = np.maximum.reduce(taps)
+            return (x,)
+
+    return MaxPool
 
 
 def _float64_model(path: Any) -> Any:
@@ -138,7 +168,7 @@ class OnnxFloat64:
     :func:`create` returns ``None`` (with a log line) when the graph does not convert or its
     float64 outputs disagree with ONNX Runtime's (custom operators, say)."""
 
-    rescore_single = False  # slow: used only to break float32 near-ties
+    path_scores = False  # slow: used only to break float32 near-ties
 
     def __init__(self, adapter: OnnxAdapter, evaluator: Any):
         self.adapter, self.evaluator, self.feed = adapter, evaluator, _Feed(adapter, np.float64)
@@ -148,7 +178,7 @@ class OnnxFloat64:
         try:
             from onnx.reference import ReferenceEvaluator
 
-            evaluator = ReferenceEvaluator(_float64_model(adapter.model_path))
+            evaluator = ReferenceEvaluator(_float64_model(adapter.model_path), new_ops=[_fast_max_pool()])
             exact = cls(adapter, evaluator)
             exact.feed.reset(probe, np.zeros(probe.shape[1]))
             got = exact.base_logits()

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from keepbits.audit._sis_eval import CHUNK_SIZES, tune_chunk
@@ -30,24 +31,94 @@ def model_device(module: nn.Module, device: Any = None) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[-1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _pool_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+    return out - 1 if ceil_mode and (out - 1) * s >= size + p else out
+
+
+def max_pool2d(input: torch.Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+               ceil_mode: bool = False, return_indices: bool = False) -> torch.Tensor:
+    """:func:`torch.nn.functional.max_pool2d` as a separable maximum over strided views: the
+    same values (a maximum rounds nothing), without torch's slow NCHW CPU kernel.
+
+    Example:
+        >>> x = torch.randn(2, 3, 9, 7)
+        >>> bool(torch.equal(max_pool2d(x, 3, 2, 1, ceil_mode=True), F.max_pool2d(x, 3, 2, 1, ceil_mode=True)))
+        True
+    """
+    if return_indices:
+        return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, True)
+    k = _pair(kernel_size)
+    s = _pair(stride) if stride not in (None, (), []) else k
+    p, d = _pair(padding), _pair(dilation)
+    size = input.shape[-2:]
+    out = [_pool_size(size[i], k[i], s[i], p[i], d[i], ceil_mode) for i in range(2)]
+    need = [(out[i] - 1) * s[i] + d[i] * (k[i] - 1) + 1 for i in range(2)]
+    extra = [need[i] - size[i] - p[i] for i in range(2)]
+    if p != (0, 0) or max(extra) > 0:
+        input = F.pad(input, (p[1], max(extra[1], 0), p[0], max(extra[0], 0)), value=-float("inf"))
+    for axis, i in ((-2, 0), (-1, 1)):
+        span = (out[i] - 1) * s[i] + 1
+        taps = [input.narrow(axis, t * d[i], span) for t in range(k[i])]
+        taps = [v[..., :: s[i], :] if axis == -2 else v[..., :: s[i]] for v in taps]
+        result = taps[0]
+        for v in taps[1:]:
+            result = torch.maximum(result, v)
+        input = result
+    return input
+
+
+def _fast_pools(gm: Any) -> Any:
+    """Max pooling of a traced graph by :func:`max_pool2d` (same values)."""
+    modules = dict(gm.named_modules())
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and isinstance(modules[n.target], nn.MaxPool2d) and not modules[n.target].return_indices:
+            m = modules[n.target]
+            with gm.graph.inserting_after(n):
+                fast = gm.graph.call_function(max_pool2d, n.args, {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                                                                     "dilation": m.dilation, "ceil_mode": m.ceil_mode})
+            n.replace_all_uses_with(fast)
+            gm.graph.erase_node(n)
+        elif n.op == "call_function" and n.target in (F.max_pool2d, torch.max_pool2d):
+            n.target = max_pool2d
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def float32_copy(module: nn.Module) -> nn.Module:
-    """Float32 eval copy, batch norm folded into the convolutions before it where torch.fx traces the model
-    (a screen only: folding changes float32 rounding, which the float64 re-scoring absorbs)."""
+    """Float32 eval copy for screening: batch norm folded into the convolutions before it and
+    max pooling by :func:`max_pool2d`, where torch.fx traces the model (folding changes float32
+    rounding, which the float64 re-scoring absorbs)."""
     module = copy.deepcopy(module).float().eval()
     try:
         from torch.fx.experimental.optimization import fuse
 
-        return fuse(module)
+        return _fast_pools(fuse(module))
     except Exception:  # models torch.fx cannot trace keep their modules
+        return module
+
+
+def float64_copy(module: nn.Module) -> nn.Module:
+    """Float64 eval copy, the model's own arithmetic (max pooling by :func:`max_pool2d`, the same values, where traceable)."""
+    module = copy.deepcopy(module).double().eval()
+    try:
+        return _fast_pools(torch.fx.symbolic_trace(module))
+    except Exception:  # untraceable models run as they are
         return module
 
 
 class DenseTorch:
     """Logits of candidate images (base image ``img[i]`` with pixel ``pix[i]`` masked).
 
-    ``dtype=torch.float64``: the exact evaluator (a float64 copy of the model, unchanged);
-    ``torch.float32``: the screen (batch norm folded). ``chunk`` candidates per forward pass;
-    ``None`` times the model once (cached per model and device).
+    ``dtype=torch.float64``: the exact evaluator (:func:`float64_copy`); ``torch.float32``: the
+    screen (:func:`float32_copy`). ``chunk`` candidates per forward pass; ``None``: the screen
+    times chunk sizes and memory layouts (NCHW, channels-last) once per model and device.
 
     Example:
         >>> import numpy as np, torch
@@ -58,27 +129,46 @@ class DenseTorch:
         (2, 2)
     """
 
-    rescore_single = True  # as the exact evaluator: cheap enough to give every step's winner its float64 score
+    path_scores = True  # as the exact evaluator: scores the chosen path (see image_logits)
 
     def __init__(self, module: nn.Module, input_shape: tuple[int, int, int], dtype: torch.dtype = torch.float32,
                  device: Any = None, chunk: int | None = None):
         self.device, self.dtype = model_device(module, device), dtype
         self.shape = tuple(int(v) for v in input_shape)
-        net = copy.deepcopy(module).eval() if dtype == torch.float64 else float32_copy(module)
-        self.net = net.to(device=self.device, dtype=dtype)
-        self.chunk = chunk or self._tuned_chunk(module)
+        net = float64_copy(module) if dtype == torch.float64 else float32_copy(module)
+        self.net = net.to(device=self.device)
+        self.channels_last = False
+        if dtype == torch.float64:
+            self.chunk = chunk or 128
+        else:
+            self.chunk, self.channels_last = self._tuned(module, chunk)
+            if self.channels_last:
+                self.net = self.net.to(memory_format=torch.channels_last)
 
-    def _tuned_chunk(self, module: nn.Module) -> int:
-        key = (str(self.device), str(self.dtype), self.shape)
+    def _tuned(self, module: nn.Module, chunk: int | None) -> tuple[int, bool]:
+        """(chunk, channels-last?) with the lowest CPU time per candidate (cached per model, device and shape)."""
+        key = (str(self.device), self.shape, chunk)
         cache = _tuned.setdefault(module, {})
         if key not in cache:
             if self.device.type == "cuda":  # a GPU wants the largest batches
-                cache[key] = CHUNK_SIZES[-1]
+                cache[key] = (chunk or CHUNK_SIZES[-1], False)
             else:
-                probe = torch.zeros(CHUNK_SIZES[-1], *self.shape, dtype=self.dtype, device=self.device)
-                with torch.inference_mode():
-                    cache[key] = tune_chunk(lambda size: self.net(probe[:size]))
+                probe = torch.randn(CHUNK_SIZES[-1], *self.shape, generator=torch.Generator().manual_seed(0))
+                options = []
+                for last in (False, True):
+                    net = copy.deepcopy(self.net).to(memory_format=torch.channels_last) if last else self.net
+                    data = probe.contiguous(memory_format=torch.channels_last) if last else probe
+                    with torch.inference_mode():
+                        size, rate = tune_chunk(lambda n: net(data[:n]), (chunk,) if chunk else CHUNK_SIZES[:-1])
+                    options.append((rate, size, last))
+                _, size, last = min(options)
+                cache[key] = (size, last)
         return cache[key]
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return self.net(batch).double().cpu()
 
     def reset(self, x: np.ndarray, mask_value: np.ndarray) -> None:
         """Start runs on the B normalised images ``x`` (B×C×H×W)."""
@@ -92,7 +182,14 @@ class DenseTorch:
 
     @torch.inference_mode()
     def base_logits(self) -> np.ndarray:
-        return self.net(self.base).double().cpu().numpy()
+        return self._run(self.base).numpy()
+
+    @torch.inference_mode()
+    def image_logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits of normalised N×C×H×W ``images`` (BackSelect's path: the base after every step)."""
+        out = [self._run(torch.as_tensor(images[i : i + self.chunk], dtype=self.dtype, device=self.device))
+               for i in range(0, len(images), self.chunk)]
+        return torch.cat(out).numpy()
 
     @torch.inference_mode()
     def logits(self, img: np.ndarray, pix: np.ndarray) -> np.ndarray:
@@ -104,5 +201,5 @@ class DenseTorch:
             pp = torch.as_tensor(pix[i : i + self.chunk], device=self.device)
             batch = self.base[ii]
             batch[torch.arange(len(ii), device=self.device), :, pp // w, pp % w] = self.mask_value
-            out.append(self.net(batch).double().cpu())
+            out.append(self._run(batch))
         return torch.cat(out).numpy() if out else np.zeros((0, 0))

@@ -169,30 +169,62 @@ def _evaluators(model: ModelAdapter, method: str, batch_size: int | None, device
 
 
 def _torch_evaluators(module: Any, shape: tuple[int, int, int], method: str, batch_size: int | None, device: Any) -> tuple[Any, Any, str]:
+    """Screen and float64 evaluator of a torch model. ``auto`` takes the incremental screen
+    when its per-candidate cache applies (only candidates near the masked pixel are
+    recomputed), else whichever screen spends less CPU time on one batch of candidates."""
     import torch
 
     from keepbits.audit._sis_incremental import GraphScreen, Unsupported
     from keepbits.audit._sis_torch import DenseTorch
 
     exact = DenseTorch(module, shape, torch.float64, device, batch_size)
-    if method != "plain":
-        try:
-            screen = GraphScreen(module, shape, device, batch_size)
-            if method == "incremental" or screen.local_nodes:
-                return screen, exact, "incremental"
-            log.info("incremental BackSelect: no local op carries a box in this model; using full forward passes")
-        except Unsupported as exc:
-            if method == "incremental":
-                raise InputError(f"incremental BackSelect does not support this model: {exc}") from None
-            log.info("incremental BackSelect unavailable (%s); using full forward passes", exc)
-    return DenseTorch(module, shape, torch.float32, device, batch_size), exact, "plain"
+    plain = None if method == "incremental" else DenseTorch(module, shape, torch.float32, device, batch_size)
+    if method == "plain":
+        return plain, exact, "plain"
+    try:
+        screen = GraphScreen(module, shape, device, batch_size)
+    except Unsupported as exc:
+        if method == "incremental":
+            raise InputError(f"incremental BackSelect does not support this model: {exc}") from None
+        log.info("incremental BackSelect unavailable (%s); using full forward passes", exc)
+        return plain, exact, "plain"
+    if method == "incremental" or (screen.local_nodes and screen.cacheable):
+        return screen, exact, "incremental"
+    if screen.local_nodes and _cpu_seconds(screen, shape) < _cpu_seconds(plain, shape):
+        return screen, exact, "incremental"
+    return plain, exact, "plain"
+
+
+def _cpu_seconds(screen: Any, shape: tuple[int, int, int], candidates: int = 256) -> float:
+    """CPU seconds ``screen`` takes for ``candidates`` candidates of a random image (best of two)."""
+    c, h, w = shape
+    screen.reset(np.random.default_rng(0).normal(size=(1, c, h, w)), np.zeros(c))
+    img, pix = np.zeros(min(candidates, h * w), np.int64), np.linspace(0, h * w - 1, min(candidates, h * w)).astype(np.int64)
+    screen.logits(img, pix)
+    best = float("inf")
+    for _ in range(2):
+        started = time.process_time()
+        screen.logits(img, pix)
+        best = min(best, time.process_time() - started)
+    return best
+
+
+@dataclass
+class _Pick:
+    """One image's step: winner position in the remaining list, its margin (float64 when
+    re-scored, else float32-screened), the bound ε the step used, and whether it was re-scored."""
+
+    position: int
+    margin: float
+    bound: float = 0.0
+    rescored: bool = True
 
 
 def _step_winners(exact: Any, active: list[int], remaining: list[np.ndarray], screened: list[np.ndarray], targets: np.ndarray,
-                  error: float, calibrate: bool) -> tuple[list[tuple[int, float]], float]:
-    """Per active image, (position in ``remaining``, float64 margin) of the step's winner from
-    float32 ``screened`` margins: the winner set (see the module docstring) re-scored in
-    float64 and decided by :func:`select`; ``error`` (largest |float32 − float64| seen)
+                  error: float, calibrate: bool) -> tuple[list[_Pick], float]:
+    """Every active image's winner of one step from float32 ``screened`` margins: the winner
+    set (see the module docstring) is re-scored in float64 when it holds more than one
+    candidate and decided by :func:`select`; ``error`` (largest |float32 − float64| seen)
     grows with every re-scored candidate, and the step is decided again when ε grows."""
     known: list[dict[int, float]] = [{} for _ in active]
     used: list[float] = [-1.0] * len(active)
@@ -203,7 +235,7 @@ def _step_winners(exact: Any, active: list[int], remaining: list[np.ndarray], sc
             best = float(s.max())
             used[j] = max(SCREEN_SAFETY * error, SCREEN_FLOOR * (1.0 + abs(best)))
             sets[j] = np.flatnonzero(s >= best - 2 * used[j] - TIE_TOLERANCE)
-            want = sets[j] if (len(sets[j]) > 1 or exact.rescore_single) else sets[j][:0]
+            want = sets[j] if len(sets[j]) > 1 else sets[j][:0]
             if calibrate:
                 want = np.union1d(want, np.linspace(0, len(s) - 1, min(CALIBRATION, len(s))).astype(np.int64))
             need += [(j, int(k)) for k in want if int(k) not in known[j]]
@@ -221,51 +253,82 @@ def _step_winners(exact: Any, active: list[int], remaining: list[np.ndarray], sc
     picks = []
     for j, s in enumerate(screened):
         win = sets[j]
-        if len(win) == 1:
-            k = int(win[0])
-        else:
-            k = int(win[select(np.array([known[j][int(i)] for i in win]))])
-        picks.append((k, known[j].get(k, float(s[k]))))
+        k = int(win[0]) if len(win) == 1 else int(win[select(np.array([known[j][int(i)] for i in win]))])
+        picks.append(_Pick(k, known[j].get(k, float(s[k])), used[j], k in known[j]))
     return picks, error
+
+
+def _path_images(x: np.ndarray, order: np.ndarray, mask_value: np.ndarray) -> np.ndarray:
+    """``x`` with the first ``i`` pixels of ``order`` masked, for i = 0 … len(order)."""
+    c, h, w = x.shape
+    rank = np.full(h * w, len(order) + 1)
+    rank[order] = np.arange(len(order))
+    masked = np.arange(len(order) + 1)[:, None] > rank[None, :]
+    return np.where(masked.reshape(-1, 1, h, w), mask_value[None, :, None, None], x[None])
+
+
+def _lockstep(screen: Any, exact: Any, x: np.ndarray, targets: np.ndarray, mask_value: np.ndarray, remaining: list[np.ndarray],
+              error: float) -> tuple[np.ndarray, list[list[int]], list[list[_Pick]], float]:
+    """BackSelect of B images in lockstep (one batch of candidates per step for all of them):
+    (margins of the unmasked bases, orders, picks, largest float32 error seen)."""
+    screen.reset(x, mask_value)
+    if exact is not None:
+        exact.reset(x, mask_value)
+    base = _margins((exact or screen).base_logits(), targets)
+    remaining = [r.copy() for r in remaining]
+    orders: list[list[int]] = [[] for _ in x]
+    picks: list[list[_Pick]] = [[] for _ in x]
+    calibrate = True
+    while True:
+        active = [b for b in range(len(x)) if len(remaining[b])]
+        if not active:
+            return base, orders, picks, error
+        img = np.concatenate([np.full(len(remaining[b]), b) for b in active])
+        pix = np.concatenate([remaining[b] for b in active])
+        screened = np.split(_margins(screen.logits(img, pix), targets[img]), np.cumsum([len(remaining[b]) for b in active])[:-1])
+        if exact is None:
+            step = [_Pick(k, float(s[k])) for s in screened for k in [select(s)]]
+        else:
+            step, error = _step_winners(exact, active, remaining, screened, targets, error, calibrate)
+            calibrate = False
+        for b, pick in zip(active, step):
+            orders[b].append(int(remaining[b][pick.position]))
+            picks[b].append(pick)
+            remaining[b] = np.delete(remaining[b], pick.position)
+        chosen = np.array([orders[b][-1] for b in active])
+        screen.mask(np.array(active), chosen)
+        if exact is not None:
+            exact.mask(np.array(active), chosen)
 
 
 def _run_backselect(screen: Any, exact: Any, method: str, x: np.ndarray, targets: np.ndarray, mask_value: np.ndarray,
                     initially_masked: Sequence[np.ndarray]) -> list[BackSelectResult]:
-    """BackSelect of B images in lockstep (one batch of candidates per step for all of them)."""
+    """BackSelect of B images in lockstep. With a float64 evaluator that scores whole paths
+    (torch), the scores of the chosen path are computed in float64 at the end, and every
+    winner's float32 margin is checked against them: a step whose winner differs by more
+    than its ε reruns the images with ε grown to cover it."""
     started = time.perf_counter()
     n, c, h, w = x.shape
     x = np.array(x, dtype=np.float64)
     initial = [np.unique(np.asarray(m, dtype=np.int64)) for m in initially_masked]
     for b, m in enumerate(initial):
         x[b][:, m // w, m % w] = mask_value[:, None]
-    screen.reset(x, mask_value)
-    if exact is not None:
-        exact.reset(x, mask_value)
-    base = _margins((exact or screen).base_logits(), targets)
     remaining = [np.setdiff1d(np.arange(h * w), m) for m in initial]
-    orders: list[list[int]] = [[] for _ in range(n)]
-    margins = [[float(base[b])] for b in range(n)]
-    error, calibrate = 0.0, True
+    error = 0.0
     while True:
-        active = [b for b in range(n) if len(remaining[b])]
-        if not active:
-            break
-        img = np.concatenate([np.full(len(remaining[b]), b) for b in active])
-        pix = np.concatenate([remaining[b] for b in active])
-        screened = np.split(_margins(screen.logits(img, pix), targets[img]), np.cumsum([len(remaining[b]) for b in active])[:-1])
-        if exact is None:
-            picks = [(k, float(s[k])) for s in screened for k in [select(s)]]
+        base, orders, picks, error = _lockstep(screen, exact, x, targets, mask_value, remaining, error)
+        if exact is not None and exact.path_scores:
+            margins = [_margins(exact.image_logits(_path_images(x[b], np.asarray(orders[b], np.int64), mask_value)),
+                                np.full(len(orders[b]) + 1, targets[b])) for b in range(n)]
+            worst = max((abs(p.margin - m) - p.bound for b in range(n) for p, m in zip(picks[b], margins[b][1:]) if not p.rescored),
+                        default=0.0)
+            if worst <= 0:
+                break
+            error = max(error, max(abs(p.margin - m) for b in range(n) for p, m in zip(picks[b], margins[b][1:])))
+            log.warning("BackSelect: a float32 margin missed its error bound; rerunning with ε = %.3g", SCREEN_SAFETY * error)
         else:
-            picks, error = _step_winners(exact, active, remaining, screened, targets, error, calibrate)
-            calibrate = False
-        for b, (k, m) in zip(active, picks):
-            orders[b].append(int(remaining[b][k]))
-            margins[b].append(m)
-            remaining[b] = np.delete(remaining[b], k)
-        chosen = np.array([orders[b][-1] for b in active])
-        screen.mask(np.array(active), chosen)
-        if exact is not None:
-            exact.mask(np.array(active), chosen)
+            margins = [np.array([base[b]] + [p.margin for p in picks[b]]) for b in range(n)]
+            break
     seconds = (time.perf_counter() - started) / max(n, 1)
     return [BackSelectResult(np.asarray(orders[b], np.int64), sigmoid(np.asarray(margins[b])), int(targets[b]), (h, w), initial[b],
                              seconds, method) for b in range(n)]
