@@ -60,10 +60,18 @@ _BINARY_METHODS = {"add", "sub", "mul", "div", "maximum", "minimum"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _MAX_POOLS = (F.max_pool2d, torch.max_pool2d, max_pool2d)
 _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul, operator.itruediv: operator.truediv}
+#: argument names after the input, in order, of the functional ops read by name
+_SIGNATURES = (
+    ((F.conv2d, torch.conv2d), ("weight", "bias", "stride", "padding", "dilation", "groups")),
+    (_MAX_POOLS, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    ((F.avg_pool2d,), ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")),
+    ((F.adaptive_avg_pool2d, F.adaptive_max_pool2d), ("output_size",)),
+    ((F.linear, torch._C._nn.linear), ("weight", "bias")),
+)
+#: cached boxed values of all candidates of all images kept at most (elements), else no cache
+CACHE_ELEMENTS = 1 << 26
 #: elements of the largest per-chunk tensor (sets the default candidate chunk)
 CHUNK_ELEMENTS = 1 << 22
-#: linear changes by one batched product with gathered weights up to this many weight elements, else per box position
-GATHER_ELEMENTS = 1 << 23
 
 
 class Unsupported(Exception):
@@ -112,7 +120,7 @@ class _Node:
     local: _Local | None = None
     scale: float = 1.0  # global pool: 1/(H·W) (mean) or 1 (sum)
     weight: torch.Tensor | None = None  # linear after a flatten: out × C × H × W
-    reads: list[tuple[np.ndarray, int, np.ndarray, int]] = field(default_factory=list)  # base regions read (rows, bh, cols, bw)
+    reads: list[tuple[Node, np.ndarray, int, np.ndarray, int]] = field(default_factory=list)  # base regions read: (node, rows, bh, cols, bw)
     gathers: dict[Node, "_Gather"] = field(default_factory=dict)  # base windows / boxes read, per operand
     writes: dict[Node, "_Write"] = field(default_factory=dict)  # where an operand's box goes in that window
     t: dict[str, torch.Tensor] = field(default_factory=dict)  # device index tables (rows, cols)
@@ -261,7 +269,6 @@ class GraphScreen:
             raise Unsupported("the model output is not one N×K tensor depending on the input")
         self.output = out
         self.static = {n: values[n] for n, p in self.plan.items() if p.kind == STATIC}
-        self.boxed = [p for p in self.plan.values() if p.kind in (BOX, FLAT)]
         self.deltas = [p for p in self.plan.values() if p.kind == DELTA]
         # caching needs every change to reach the output through a linear change (no dense write-out of a box)
         self.cacheable = bool(self.deltas) and not any(
@@ -310,12 +317,17 @@ class GraphScreen:
                 return self._local_node(n, src, local, shape) or dense
             scale = self._global_pool(n, module, values[first], value)
             if scale is not None:
-                return _Node(n, DELTA, "gap", shape, source=src, scale=scale)
+                node = _Node(n, DELTA, "gap", shape, source=src, scale=scale)
+                node.reads.append((src.node, src.rows, src.bh, src.cols, src.bw))
+                return node
             if value.dim() == 2 and shape[0] == int(np.prod(src.shape)) and self._is_reshape(n, module):
                 return self._same_box(n, src, "collapse", shape, FLAT)
         elif self._linear_weight(n, module) is not None:
             weight = self._linear_weight(n, module)
-            return _Node(n, DELTA, "linear", shape, source=src.source, weight=weight.view(weight.shape[0], *src.source.shape))
+            box = src.source
+            node = _Node(n, DELTA, "linear", shape, source=box, weight=weight.view(weight.shape[0], *box.shape))
+            node.reads.append((first, box.rows, box.bh, box.cols, box.bw))
+            return node
         return dense
 
     def _static_args(self, n: Node, first: Node) -> bool:
@@ -355,9 +367,9 @@ class GraphScreen:
         cols, bw = _union_box([(b.cols, b.bw) for b in boxes], shape[2])
         if bh == shape[1] and bw == shape[2]:
             return _Node(n, DENSE, shape=shape)
-        for b in boxes:
-            b.reads.append((rows, bh, cols, bw))
-        return _Node(n, BOX, op, shape, rows, cols, bh, bw)
+        node = _Node(n, BOX, op, shape, rows, cols, bh, bw)
+        node.reads = [(b.node, rows, bh, cols, bw) for b in boxes if not self._same_geometry(b, node)]
+        return node
 
     @staticmethod
     def _broadcastable(value: Any, shape: tuple[int, ...]) -> bool:
@@ -440,17 +452,14 @@ class GraphScreen:
         return local
 
     def _kwargs(self, n: Node) -> dict[str, Any] | None:
+        """Arguments after the input of a functional local op / linear layer, by name (static values), or None."""
         if n.op == "call_module":
             return {}
-        if n.op != "call_function":
+        names = next((v for k, v in _SIGNATURES if n.op == "call_function" and n.target in k), None)
+        if names is None or len(n.args) - 1 > len(names):
             return None
-        try:
-            pair = n.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)
-        except Exception:
-            pair = None
-        if pair is None:
-            return None
-        return {k: (self.static_value(v) if isinstance(v, Node) else v) for k, v in pair.kwargs.items() if k != "input"}
+        bound = dict(zip(names, n.args[1:]), **{k: v for k, v in n.kwargs.items() if k != "input"})
+        return {k: (self.static_value(v) if isinstance(v, Node) else v) for k, v in bound.items()}
 
     def static_value(self, n: Node) -> Any:
         """Value of a node that does not depend on the input (parameters, constants)."""
@@ -466,8 +475,9 @@ class GraphScreen:
             return None  # the change covers the whole map: dense from here
         lh, lw = self._window(local, bh, bw)
         t, _, l, _ = local.pads
-        src.reads.append((rows * local.stride[0] - t, lh, cols * local.stride[1] - l, lw))  # window, source coordinates
-        return _Node(n, BOX, "local", shape, rows, cols, bh, bw, source=src, local=local)
+        node = _Node(n, BOX, "local", shape, rows, cols, bh, bw, source=src, local=local)
+        node.reads.append((src.node, rows * local.stride[0] - t, lh, cols * local.stride[1] - l, lw))  # the window
+        return node
 
     @staticmethod
     def _window(local: _Local, bh: int, bw: int) -> tuple[int, int]:
@@ -482,7 +492,7 @@ class GraphScreen:
         target = module if module is not None else n.target
         if isinstance(target, nn.AdaptiveAvgPool2d) or target is F.adaptive_avg_pool2d:
             return 1.0 / (h * w)
-        if isinstance(target, nn.AvgPool2d) or target is F.avg_pool2d:
+        if isinstance(target, nn.AvgPool2d) or target in (F.avg_pool2d,):
             kw = vars(target) if isinstance(target, nn.Module) else (self._kwargs(n) or {"padding": 1})
             whole = _pair(kw.get("kernel_size", 0)) == (h, w) and _pair(kw.get("padding", 0)) == (0, 0)
             return 1.0 / (h * w) if whole and not kw.get("divisor_override") else None
@@ -503,7 +513,7 @@ class GraphScreen:
     def _linear_weight(self, n: Node, module: Any) -> torch.Tensor | None:
         if isinstance(module, nn.Linear):
             return module.weight.detach()
-        if n.op == "call_function" and n.target is F.linear and len(n.all_input_nodes) >= 2:
+        if n.op == "call_function" and n.target in (F.linear, torch._C._nn.linear) and len(n.all_input_nodes) >= 2:
             kw = self._kwargs(n) or {}
             weight = kw.get("weight")
             return weight.detach() if isinstance(weight, torch.Tensor) else None
@@ -557,7 +567,7 @@ class GraphScreen:
         return q.bh == p.bh and q.bw == p.bw and np.array_equal(q.rows, p.rows) and np.array_equal(q.cols, p.cols)
 
     def _linear_blocks(self, p: _Node) -> None:
-        """Weights under every box position of a linear layer after a flatten, as (positions, bh·bw·C, out) in NHWC order."""
+        """Weights of a linear layer after a flatten under every box position, (positions, bh·bw·C, out), NHWC order."""
         src, weight = p.source, p.weight
         c, h, w = src.shape
         nr, nc = h - src.bh + 1, w - src.bw + 1
@@ -567,31 +577,48 @@ class GraphScreen:
         p.t["key_c"] = torch.as_tensor(src.cols, device=self.device)
 
     def _overlap_tables(self) -> None:
-        """Per boxed node: does masking a pixel in row r (column c) change base values that
-        a candidate in row r' (column c') reads? A candidate is recomputed when some node
-        answers yes for both its row and its column."""
+        """Per cached node: does masking a pixel in row r (column c) change base values the node
+        reads for a candidate in row r' (column c')? Masking changes each node's base within
+        that pixel's box. ``self.inputs``: the boxed inputs of each node (flatten resolved)."""
         c, h, w = self.shape
-        ov_r, ov_c = [], []
-        for p in self.boxed:
-            for r0, bh, c0, bw in p.reads:
-                changed_r0, changed_c0 = p.rows, p.cols
-                ov_r.append((changed_r0[:, None] <= r0[None] + bh - 1) & (r0[None] <= changed_r0[:, None] + p.bh - 1))
-                ov_c.append((changed_c0[:, None] <= c0[None] + bw - 1) & (c0[None] <= changed_c0[:, None] + p.bw - 1))
-        for p in self.deltas:  # the base box under the candidate's box
-            s = p.source
-            ov_r.append((s.rows[:, None] <= s.rows[None] + s.bh - 1) & (s.rows[None] <= s.rows[:, None] + s.bh - 1))
-            ov_c.append((s.cols[:, None] <= s.cols[None] + s.bw - 1) & (s.cols[None] <= s.cols[:, None] + s.bw - 1))
-        self._ov_r = np.stack(ov_r) if ov_r else np.zeros((0, h, h), bool)
-        self._ov_c = np.stack(ov_c) if ov_c else np.zeros((0, w, w), bool)
+        self.cached = [p for p in self.plan.values() if p.kind in (BOX, FLAT, DELTA) and p.op not in ("input", "collapse")]
+        self.inputs: dict[Node, list[Node]] = {}
+        self._ov: dict[Node, tuple[np.ndarray, np.ndarray]] = {}
+        for p in self.cached:
+            self.inputs[p.node] = [self._resolve(a) for a in p.node.all_input_nodes if self.plan[a].kind in (BOX, FLAT)]
+            ov_r, ov_c = [np.zeros((h, h), bool)], [np.zeros((w, w), bool)]
+            for a, r0, bh, c0, bw in p.reads:
+                q = self.plan[self._resolve(a)]
+                ov_r.append((q.rows[:, None] <= r0[None] + bh - 1) & (r0[None] <= q.rows[:, None] + q.bh - 1))
+                ov_c.append((q.cols[:, None] <= c0[None] + bw - 1) & (c0[None] <= q.cols[:, None] + q.bw - 1))
+            self._ov[p.node] = (np.stack(ov_r), np.stack(ov_c))
 
-    def affected(self, pixel: int) -> np.ndarray:
-        """Pixels (flat) whose cached change may differ once ``pixel`` is masked."""
-        w = self.shape[2]
-        r, c = divmod(int(pixel), w)
-        return (self._ov_r[:, r, :][:, :, None] & self._ov_c[:, c, :][:, None, :]).any(0).reshape(-1)
+    @staticmethod
+    def _channels(p: _Node) -> int:
+        """Channels of a boxed node's values (a flat node: of the map it came from)."""
+        return p.source.shape[0] if p.kind == FLAT else p.shape[0]
+
+    def _resolve(self, a: Node) -> Node:
+        """The node whose values a flatten passes on (itself for others)."""
+        while self.plan[a].op == "collapse":
+            a = a.args[0]
+        return a
+
+    def affected(self, rows: np.ndarray, cols: np.ndarray) -> dict[Node, np.ndarray]:
+        """Per cached node, which candidates (B × H·W, one row per masked pixel at ``rows``,
+        ``cols``) hold values that may change: those it reads for them, or its inputs' changes."""
+        out: dict[Node, np.ndarray] = {}
+        for p in self.cached:
+            ov_r, ov_c = self._ov[p.node]
+            hit = (ov_r[:, rows, :][:, :, :, None] & ov_c[:, cols, :][:, :, None, :]).any(0).reshape(len(rows), -1)
+            for a in self.inputs[p.node]:
+                if a in out:
+                    hit |= out[a]
+            out[p.node] = hit
+        return out
 
     def _default_chunk(self) -> int:
-        per = [int(np.prod(p.shape)) if p.kind in (DENSE, DELTA) else (p.source or p).shape[0] * p.bh * p.bw
+        per = [int(np.prod(p.shape)) if p.kind in (DENSE, DELTA) else self._channels(p) * p.bh * p.bw
                for p in self.plan.values() if p.kind in (BOX, FLAT, DENSE, DELTA) and p.shape]
         per += [int(g.rows.shape[1] * g.cols.shape[1]) * self.maps[g.key].shape[0] for p in self.plan.values() for g in p.gathers.values()]
         return int(np.clip(CHUNK_ELEMENTS // max(per + [1]), 16, 4096))
@@ -646,8 +673,10 @@ class GraphScreen:
         self.base = torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.device).clone()
         self.mask_value = torch.as_tensor(np.asarray(mask_value, np.float64), dtype=torch.float32, device=self.device)
         b, (c, h, w) = len(self.base), self.shape
-        self.cache = {p.node: torch.zeros(b, h * w, *p.shape, device=self.device) for p in self.deltas} if self.cacheable else {}
-        self.valid = np.zeros((b, h * w), bool)
+        shapes = {p.node: (p.shape if p.kind == DELTA else (p.bh, p.bw, self._channels(p))) for p in self.cached}  # boxes NHWC
+        self.caching = self.cacheable and b * h * w * sum(int(np.prod(v)) for v in shapes.values()) <= CACHE_ELEMENTS
+        self.cache = {n: torch.zeros(b * h * w, *shape, device=self.device) for n, shape in shapes.items()} if self.caching else {}
+        self.valid = {n: np.zeros((b, h * w), bool) for n in self.cache}
         self._refresh()
 
     def mask(self, img: np.ndarray, pix: np.ndarray) -> None:
@@ -655,9 +684,9 @@ class GraphScreen:
         w = self.shape[2]
         img, pix = np.asarray(img, np.int64), np.asarray(pix, np.int64)
         self.base[torch.as_tensor(img), :, torch.as_tensor(pix // w), torch.as_tensor(pix % w)] = self.mask_value
-        if self.cacheable:
-            for i, p in zip(img, pix):
-                self.valid[i] &= ~self.affected(p)
+        if self.caching:
+            for n, hit in self.affected(pix // w, pix % w).items():
+                self.valid[n][img] &= ~hit
         self._refresh()
 
     def _refresh(self) -> None:
@@ -682,64 +711,79 @@ class GraphScreen:
         img, pix = np.asarray(img, np.int64), np.asarray(pix, np.int64)
         out = []
         with torch.inference_mode():
-            if self.cacheable:
-                stale = np.flatnonzero(~self.valid[img, pix])
-                for i in range(0, len(stale), self.chunk):
-                    part = stale[i : i + self.chunk]
-                    env = self._boxes(img[part], pix[part])
-                    ii, pp = torch.as_tensor(img[part], device=self.device), torch.as_tensor(pix[part], device=self.device)
-                    for p in self.deltas:
-                        self.cache[p.node][ii, pp] = env[p.node]
-                self.valid[img[stale], pix[stale]] = True
-            step = max(self.chunk, 4096) if self.cacheable else self.chunk
+            if self.caching:
+                self._update_cache(img, pix)
+            step = max(self.chunk, 4096) if self.caching else self.chunk
             for i in range(0, len(img), step):
                 out.append(self._candidates(img[i : i + step], pix[i : i + step]).double().cpu().numpy())
         k = int(self.values[self.output].shape[1])
         return np.concatenate(out) if out else np.zeros((0, k))
 
+    def _update_cache(self, img: np.ndarray, pix: np.ndarray) -> None:
+        """Recompute, node by node, the cached values that masked pixels made stale."""
+        hw = self.shape[1] * self.shape[2]
+        for p in self.cached:
+            stale = np.flatnonzero(~self.valid[p.node][img, pix])
+            for i in range(0, len(stale), self.chunk):
+                part = stale[i : i + self.chunk]
+                self._context(img[part], pix[part])
+                rows = torch.as_tensor(img[part] * hw + pix[part], device=self.device)
+                env = {a: self._cached(a, rows) for a in self.inputs[p.node]}
+                values = self._compute(p, env)
+                self.cache[p.node].index_copy_(0, rows, values if p.kind == DELTA else values.permute(0, 2, 3, 1))
+            self.valid[p.node][img[stale], pix[stale]] = True
+
+    def _cached(self, a: Node, rows: torch.Tensor) -> torch.Tensor:
+        if self.plan[a].op == "input":
+            return self.mask_value.view(1, -1, 1, 1).expand(len(rows), -1, 1, 1)
+        return self.cache[a].index_select(0, rows).permute(0, 3, 1, 2)
+
     def _candidates(self, img: np.ndarray, pix: np.ndarray) -> torch.Tensor:
-        if self.cacheable:
-            ii, pp = torch.as_tensor(img, device=self.device), torch.as_tensor(pix, device=self.device)
-            env = self._dense(img, {p.node: self.cache[p.node][ii, pp] for p in self.deltas})
+        if self.caching:
+            rows = torch.as_tensor(img * (self.shape[1] * self.shape[2]) + pix, device=self.device)
+            env = self._dense(img, {p.node: self.cache[p.node].index_select(0, rows) for p in self.deltas})
         else:
             env = self._dense(img, self._boxes(img, pix))
         if self.plan[self.output].kind == DENSE:
             return env[self.output]
         return self.values[self.output][torch.as_tensor(img, device=self.device)] + env[self.output]
 
-    def _boxes(self, img: np.ndarray, pix: np.ndarray) -> dict[Node, Any]:
-        """Boxed values (N×C×bh×bw) and linear changes of the candidates, per node."""
-        w = self.shape[2]
-        dev = self.device
+    def _context(self, img: np.ndarray, pix: np.ndarray) -> None:
+        w, dev = self.shape[2], self.device
         self._ctx = (torch.as_tensor(img, device=dev), torch.as_tensor(pix // w, device=dev), torch.as_tensor(pix % w, device=dev))
-        n_cand = len(img)
+
+    def _boxes(self, img: np.ndarray, pix: np.ndarray) -> dict[Node, Any]:
+        """Boxed values (N×C×bh×bw) and linear changes of the candidates, every node."""
+        self._context(img, pix)
         env: dict[Node, Any] = {}
         for p in self.plan.values():
-            if p.kind not in (BOX, FLAT, DELTA):
-                continue
             if p.op == "input":
-                env[p.node] = self.mask_value.view(1, -1, 1, 1).expand(n_cand, -1, 1, 1)
+                env[p.node] = self.mask_value.view(1, -1, 1, 1).expand(len(img), -1, 1, 1)
             elif p.op == "collapse":
                 env[p.node] = env[p.node.args[0]]
-            elif p.op == "unary":
-                n = p.node
-                env[n] = self._call(n, (env[n.args[0]], *map_arg(n.args[1:], self.static.__getitem__)),
-                                    map_arg(n.kwargs, self.static.__getitem__))
-            elif p.op == "local":
-                window = self._window_with(p, p.source.node, env)
-                env[p.node] = p.local.run(window.permute(0, 3, 1, 2))
-            elif p.op in ("binary", "cat"):
-                env[p.node] = self._run_union(p, env)
-            else:
-                arg = p.node.args[0] if p.node.args else p.node.kwargs["input"]
-                box = p.source
-                delta = (env[arg].reshape(n_cand, box.shape[0], box.bh, box.bw).permute(0, 2, 3, 1)
-                         - self._gather(p.gathers[arg]))  # N × bh × bw × C
-                if p.op == "gap":
-                    env[p.node] = (delta.sum((1, 2)) * p.scale).view(n_cand, *p.shape)
-                else:
-                    env[p.node] = self._linear(p, delta.reshape(n_cand, -1))
+            elif p.kind in (BOX, FLAT, DELTA):
+                env[p.node] = self._compute(p, env)
         return env
+
+    def _compute(self, p: _Node, env: dict[Node, Any]) -> torch.Tensor:
+        """Values of node ``p`` for the candidates in the context, from its inputs' values in ``env``."""
+        n = p.node
+        n_cand = len(self._ctx[0])
+        if p.op == "unary":
+            arg = self._resolve(n.args[0])
+            return self._call(n, (env[arg], *map_arg(n.args[1:], self.static.__getitem__)), map_arg(n.kwargs, self.static.__getitem__))
+        if p.op == "local":
+            window = self._window_with(p, p.source.node, env)
+            return p.local.run(window.permute(0, 3, 1, 2))
+        if p.op in ("binary", "cat"):
+            return self._run_union(p, env)
+        arg = n.args[0] if n.args else n.kwargs["input"]
+        box = p.source
+        delta = (env[self._resolve(arg)].reshape(n_cand, box.shape[0], box.bh, box.bw).permute(0, 2, 3, 1)
+                 - self._gather(p.gathers[arg]))  # N × bh × bw × C
+        if p.op == "gap":
+            return (delta.sum((1, 2)) * p.scale).view(n_cand, *p.shape)
+        return self._linear(p, delta.reshape(n_cand, -1))
 
     def _gather(self, g: _Gather) -> torch.Tensor:
         """Base windows of the candidates, N × kh × kw × C."""
@@ -791,12 +835,11 @@ class GraphScreen:
         return self._call(n, tuple(operand(a) for a in n.args), {k: operand(v) for k, v in n.kwargs.items()})
 
     def _linear(self, p: _Node, delta: torch.Tensor) -> torch.Tensor:
-        """Change of a linear layer's output from box changes ``delta`` (N × bh·bw·C, NHWC order)."""
+        """Change of a linear layer's output from box changes ``delta`` (N × bh·bw·C, NHWC
+        order): one matrix product per box position (measured faster than gathering weights per candidate)."""
         _, pr, pc = self._ctx
         key = p.t["key_r"][pr] + p.t["key_c"][pc]
         blocks = p.t["blocks"]
-        if len(delta) * blocks.shape[1] * blocks.shape[2] <= GATHER_ELEMENTS:
-            return torch.bmm(delta[:, None, :], blocks.index_select(0, key)).squeeze(1)
         order = torch.argsort(key, stable=True)
         keys, counts = torch.unique_consecutive(key[order], return_counts=True)
         out = torch.empty(len(delta), blocks.shape[2], device=self.device, dtype=delta.dtype)

@@ -121,15 +121,6 @@ def _mask_value(model: ModelAdapter, mask_value: Any) -> np.ndarray:
     return value
 
 
-def _margins(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Target margin of every row, row ``i`` for class ``targets[i]``."""
-    out = np.empty(len(logits))
-    for t in np.unique(targets):
-        rows = targets == t
-        out[rows] = target_margin(logits[rows], int(t))
-    return out
-
-
 _EVALUATORS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -243,7 +234,7 @@ def _step_winners(exact: Any, active: list[int], remaining: list[np.ndarray], sc
             break
         img = np.array([active[j] for j, _ in need])
         pix = np.array([remaining[active[j]][k] for j, k in need])
-        exact_m = _margins(exact.logits(img, pix), targets[img])
+        exact_m = target_margin(exact.logits(img, pix), targets[img])
         for (j, k), m in zip(need, exact_m):
             known[j][k] = float(m)
         error = max(error, float(np.abs(exact_m - np.array([screened[j][k] for j, k in need])).max()))
@@ -274,7 +265,7 @@ def _lockstep(screen: Any, exact: Any, x: np.ndarray, targets: np.ndarray, mask_
     screen.reset(x, mask_value)
     if exact is not None:
         exact.reset(x, mask_value)
-    base = _margins((exact or screen).base_logits(), targets)
+    base = target_margin((exact or screen).base_logits(), targets)
     remaining = [r.copy() for r in remaining]
     orders: list[list[int]] = [[] for _ in x]
     picks: list[list[_Pick]] = [[] for _ in x]
@@ -285,7 +276,7 @@ def _lockstep(screen: Any, exact: Any, x: np.ndarray, targets: np.ndarray, mask_
             return base, orders, picks, error
         img = np.concatenate([np.full(len(remaining[b]), b) for b in active])
         pix = np.concatenate([remaining[b] for b in active])
-        screened = np.split(_margins(screen.logits(img, pix), targets[img]), np.cumsum([len(remaining[b]) for b in active])[:-1])
+        screened = np.split(target_margin(screen.logits(img, pix), targets[img]), np.cumsum([len(remaining[b]) for b in active])[:-1])
         if exact is None:
             step = [_Pick(k, float(s[k])) for s in screened for k in [select(s)]]
         else:
@@ -318,7 +309,7 @@ def _run_backselect(screen: Any, exact: Any, method: str, x: np.ndarray, targets
     while True:
         base, orders, picks, error = _lockstep(screen, exact, x, targets, mask_value, remaining, error)
         if exact is not None and exact.path_scores:
-            margins = [_margins(exact.image_logits(_path_images(x[b], np.asarray(orders[b], np.int64), mask_value)),
+            margins = [target_margin(exact.image_logits(_path_images(x[b], np.asarray(orders[b], np.int64), mask_value)),
                                 np.full(len(orders[b]) + 1, targets[b])) for b in range(n)]
             worst = max((abs(p.margin - m) - p.bound for b in range(n) for p, m in zip(picks[b], margins[b][1:]) if not p.rescored),
                         default=0.0)
