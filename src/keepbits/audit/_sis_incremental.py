@@ -577,17 +577,29 @@ class GraphScreen:
         p.t["key_c"] = torch.as_tensor(src.cols, device=self.device)
 
     def _overlap_tables(self) -> None:
-        """Per cached node: does masking a pixel in row r (column c) change base values the node
+        """Cached nodes and their segments (a node whose only user is element-wise is computed
+        with that user, not cached), the boxed inputs of each segment (flatten resolved), and
+        per segment: does masking a pixel in row r (column c) change base values the segment
         reads for a candidate in row r' (column c')? Masking changes each node's base within
-        that pixel's box. ``self.inputs``: the boxed inputs of each node (flatten resolved)."""
+        that pixel's box."""
         c, h, w = self.shape
-        self.cached = [p for p in self.plan.values() if p.kind in (BOX, FLAT, DELTA) and p.op not in ("input", "collapse")]
+        boxed = [p for p in self.plan.values() if p.kind in (BOX, FLAT, DELTA) and p.op not in ("input", "collapse")]
+        inline = {p.node for p in boxed if len(p.node.users) == 1 and p.kind != DELTA
+                  and self.plan[next(iter(p.node.users))].op == "unary" and p.node is not self.output}
+        self.cached = [p for p in boxed if p.node not in inline]
+        self.segments: dict[Node, list[_Node]] = {}
         self.inputs: dict[Node, list[Node]] = {}
         self._ov: dict[Node, tuple[np.ndarray, np.ndarray]] = {}
         for p in self.cached:
-            self.inputs[p.node] = [self._resolve(a) for a in p.node.all_input_nodes if self.plan[a].kind in (BOX, FLAT)]
+            members = [p]
+            while members[0].op == "unary" and self._resolve(members[0].node.args[0]) in inline:
+                members.insert(0, self.plan[self._resolve(members[0].node.args[0])])
+            self.segments[p.node] = members
+            inside = {m.node for m in members}
+            self.inputs[p.node] = list(dict.fromkeys(self._resolve(a) for m in members for a in m.node.all_input_nodes
+                                                     if self.plan[a].kind in (BOX, FLAT) and self._resolve(a) not in inside))
             ov_r, ov_c = [np.zeros((h, h), bool)], [np.zeros((w, w), bool)]
-            for a, r0, bh, c0, bw in p.reads:
+            for a, r0, bh, c0, bw in (r for m in members for r in m.reads):
                 q = self.plan[self._resolve(a)]
                 ov_r.append((q.rows[:, None] <= r0[None] + bh - 1) & (r0[None] <= q.rows[:, None] + q.bh - 1))
                 ov_c.append((q.cols[:, None] <= c0[None] + bw - 1) & (c0[None] <= q.cols[:, None] + q.bw - 1))
@@ -729,7 +741,9 @@ class GraphScreen:
                 self._context(img[part], pix[part])
                 rows = torch.as_tensor(img[part] * hw + pix[part], device=self.device)
                 env = {a: self._cached(a, rows) for a in self.inputs[p.node]}
-                values = self._compute(p, env)
+                for member in self.segments[p.node]:
+                    env[member.node] = self._compute(member, env)
+                values = env[p.node]
                 self.cache[p.node].index_copy_(0, rows, values if p.kind == DELTA else values.permute(0, 2, 3, 1))
             self.valid[p.node][img[stale], pix[stale]] = True
 

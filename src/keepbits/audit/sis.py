@@ -201,52 +201,59 @@ def _cpu_seconds(screen: Any, shape: tuple[int, int, int], candidates: int = 256
 
 
 @dataclass
-class _Pick:
-    """One image's step: winner position in the remaining list, its margin (float64 when
-    re-scored, else float32-screened), the bound ε the step used, and whether it was re-scored."""
+class _Steps:
+    """Steps of a lockstep run, one entry per (step, running image): the image, the pixel it
+    masked, the margin (float64 where re-scored, else the float32 screen's), the bound ε the
+    step used, and whether the winner was re-scored."""
 
-    position: int
-    margin: float
-    bound: float = 0.0
-    rescored: bool = True
+    images: np.ndarray
+    pixels: np.ndarray
+    margins: np.ndarray
+    bounds: np.ndarray
+    rescored: np.ndarray
+
+    def of(self, image: int) -> "_Steps":
+        keep = self.images == image
+        return _Steps(*(a[keep] for a in (self.images, self.pixels, self.margins, self.bounds, self.rescored)))
 
 
-def _step_winners(exact: Any, active: list[int], remaining: list[np.ndarray], screened: list[np.ndarray], targets: np.ndarray,
-                  error: float, calibrate: bool) -> tuple[list[_Pick], float]:
-    """Every active image's winner of one step from float32 ``screened`` margins: the winner
-    set (see the module docstring) is re-scored in float64 when it holds more than one
-    candidate and decided by :func:`select`; ``error`` (largest |float32 − float64| seen)
+def _winners(grid: np.ndarray, active: np.ndarray, targets: np.ndarray, exact: Any, error: float, calibrate: bool) -> tuple[_Steps, float]:
+    """Every running image's winner of one step. ``grid``: float32-screened margins, image ×
+    pixel (−inf: not a candidate). Without a float64 evaluator, :func:`select` on the screened
+    margins. Else the winner set of each image (see the module docstring) is re-scored in
+    float64 when it holds more than one candidate (at the first step also :data:`CALIBRATION`
+    candidates) and decided by :func:`select`; ``error`` (largest |float32 − float64| seen)
     grows with every re-scored candidate, and the step is decided again when ε grows."""
-    known: list[dict[int, float]] = [{} for _ in active]
-    used: list[float] = [-1.0] * len(active)
-    sets: list[np.ndarray] = [np.zeros(0, np.int64)] * len(active)
+    g = grid[active]
+    known: dict[tuple[int, int], float] = {}
     while True:
-        need: list[tuple[int, int]] = []
-        for j, s in enumerate(screened):
-            best = float(s.max())
-            used[j] = max(SCREEN_SAFETY * error, SCREEN_FLOOR * (1.0 + abs(best)))
-            sets[j] = np.flatnonzero(s >= best - 2 * used[j] - TIE_TOLERANCE)
-            want = sets[j] if len(sets[j]) > 1 else sets[j][:0]
-            if calibrate:
-                want = np.union1d(want, np.linspace(0, len(s) - 1, min(CALIBRATION, len(s))).astype(np.int64))
-            need += [(j, int(k)) for k in want if int(k) not in known[j]]
+        best = g.max(1)
+        bounds = np.maximum(SCREEN_SAFETY * error, SCREEN_FLOOR * (1.0 + np.abs(best))) if exact is not None else np.zeros(len(g))
+        member = g >= (best - 2 * bounds - TIE_TOLERANCE)[:, None]
+        if exact is None:
+            break
+        want = member & (member.sum(1) > 1)[:, None]
+        if calibrate:
+            for j in range(len(g)):
+                candidates = np.flatnonzero(np.isfinite(g[j]))
+                want[j, candidates[np.linspace(0, len(candidates) - 1, min(CALIBRATION, len(candidates))).astype(np.int64)]] = True
+            calibrate = False
+        need = [(j, p) for j, p in zip(*np.nonzero(want)) if (j, p) not in known]
         if not need:
             break
-        img = np.array([active[j] for j, _ in need])
-        pix = np.array([remaining[active[j]][k] for j, k in need])
-        exact_m = target_margin(exact.logits(img, pix), targets[img])
-        for (j, k), m in zip(need, exact_m):
-            known[j][k] = float(m)
-        error = max(error, float(np.abs(exact_m - np.array([screened[j][k] for j, k in need])).max()))
-        calibrate = False
-        if all(max(SCREEN_SAFETY * error, SCREEN_FLOOR * (1.0 + abs(float(s.max())))) <= u for s, u in zip(screened, used)):
+        rows, pixels = np.array([j for j, _ in need]), np.array([p for _, p in need])
+        exact_m = target_margin(exact.logits(active[rows], pixels), targets[active[rows]])
+        known.update(zip(need, exact_m.tolist()))
+        error = max(error, float(np.abs(exact_m - g[rows, pixels]).max()))
+        if (np.maximum(SCREEN_SAFETY * error, SCREEN_FLOOR * (1.0 + np.abs(best))) <= bounds).all():
             break
-    picks = []
-    for j, s in enumerate(screened):
-        win = sets[j]
-        k = int(win[0]) if len(win) == 1 else int(win[select(np.array([known[j][int(i)] for i in win]))])
-        picks.append(_Pick(k, known[j].get(k, float(s[k])), used[j], k in known[j]))
-    return picks, error
+    pixels = member.argmax(1)  # the only member, or the lowest (exact None: the tie rule itself)
+    for j in np.flatnonzero(member.sum(1) > 1) if exact is not None else ():
+        members = np.flatnonzero(member[j])
+        pixels[j] = members[select(np.array([known[(j, p)] for p in members]))]
+    margins = np.array([known.get((j, p), g[j, p]) for j, p in enumerate(pixels)])
+    rescored = np.array([(j, p) in known for j, p in enumerate(pixels)], bool)
+    return _Steps(active, pixels, margins, bounds, rescored), error
 
 
 def _path_images(x: np.ndarray, order: np.ndarray, mask_value: np.ndarray) -> np.ndarray:
@@ -258,38 +265,34 @@ def _path_images(x: np.ndarray, order: np.ndarray, mask_value: np.ndarray) -> np
     return np.where(masked.reshape(-1, 1, h, w), mask_value[None, :, None, None], x[None])
 
 
-def _lockstep(screen: Any, exact: Any, x: np.ndarray, targets: np.ndarray, mask_value: np.ndarray, remaining: list[np.ndarray],
-              error: float) -> tuple[np.ndarray, list[list[int]], list[list[_Pick]], float]:
-    """BackSelect of B images in lockstep (one batch of candidates per step for all of them):
-    (margins of the unmasked bases, orders, picks, largest float32 error seen)."""
+def _lockstep(screen: Any, exact: Any, x: np.ndarray, targets: np.ndarray, mask_value: np.ndarray, remaining: np.ndarray,
+              error: float) -> tuple[np.ndarray, _Steps, float]:
+    """BackSelect of B images in lockstep, one batch of candidates per step for all of them;
+    ``remaining``: image × pixel, True for candidates. Returns the margins of the unmasked
+    bases, every step, and the largest float32 error seen."""
     screen.reset(x, mask_value)
     if exact is not None:
         exact.reset(x, mask_value)
     base = target_margin((exact or screen).base_logits(), targets)
-    remaining = [r.copy() for r in remaining]
-    orders: list[list[int]] = [[] for _ in x]
-    picks: list[list[_Pick]] = [[] for _ in x]
+    remaining = remaining.copy()
+    steps: list[_Steps] = []
     calibrate = True
     while True:
-        active = [b for b in range(len(x)) if len(remaining[b])]
-        if not active:
-            return base, orders, picks, error
-        img = np.concatenate([np.full(len(remaining[b]), b) for b in active])
-        pix = np.concatenate([remaining[b] for b in active])
-        screened = np.split(target_margin(screen.logits(img, pix), targets[img]), np.cumsum([len(remaining[b]) for b in active])[:-1])
-        if exact is None:
-            step = [_Pick(k, float(s[k])) for s in screened for k in [select(s)]]
-        else:
-            step, error = _step_winners(exact, active, remaining, screened, targets, error, calibrate)
-            calibrate = False
-        for b, pick in zip(active, step):
-            orders[b].append(int(remaining[b][pick.position]))
-            picks[b].append(pick)
-            remaining[b] = np.delete(remaining[b], pick.position)
-        chosen = np.array([orders[b][-1] for b in active])
-        screen.mask(np.array(active), chosen)
+        img, pix = np.nonzero(remaining)
+        if not len(img):
+            break
+        grid = np.full(remaining.shape, -np.inf)
+        grid[img, pix] = target_margin(screen.logits(img, pix), targets[img])
+        step, error = _winners(grid, np.unique(img), targets, exact, error, calibrate)
+        calibrate = False
+        steps.append(step)
+        remaining[step.images, step.pixels] = False
+        screen.mask(step.images, step.pixels)
         if exact is not None:
-            exact.mask(np.array(active), chosen)
+            exact.mask(step.images, step.pixels)
+    merged = _Steps(*(np.concatenate([getattr(t, k) for t in steps]) if steps else np.zeros(0)
+                      for k in ("images", "pixels", "margins", "bounds", "rescored")))
+    return base, merged, error
 
 
 def _run_backselect(screen: Any, exact: Any, method: str, x: np.ndarray, targets: np.ndarray, mask_value: np.ndarray,
@@ -302,27 +305,27 @@ def _run_backselect(screen: Any, exact: Any, method: str, x: np.ndarray, targets
     n, c, h, w = x.shape
     x = np.array(x, dtype=np.float64)
     initial = [np.unique(np.asarray(m, dtype=np.int64)) for m in initially_masked]
+    remaining = np.ones((n, h * w), bool)
     for b, m in enumerate(initial):
         x[b][:, m // w, m % w] = mask_value[:, None]
-    remaining = [np.setdiff1d(np.arange(h * w), m) for m in initial]
+        remaining[b, m] = False
     error = 0.0
     while True:
-        base, orders, picks, error = _lockstep(screen, exact, x, targets, mask_value, remaining, error)
-        if exact is not None and exact.path_scores:
-            margins = [target_margin(exact.image_logits(_path_images(x[b], np.asarray(orders[b], np.int64), mask_value)),
-                                np.full(len(orders[b]) + 1, targets[b])) for b in range(n)]
-            worst = max((abs(p.margin - m) - p.bound for b in range(n) for p, m in zip(picks[b], margins[b][1:]) if not p.rescored),
-                        default=0.0)
-            if worst <= 0:
-                break
-            error = max(error, max(abs(p.margin - m) for b in range(n) for p, m in zip(picks[b], margins[b][1:])))
-            log.warning("BackSelect: a float32 margin missed its error bound; rerunning with ε = %.3g", SCREEN_SAFETY * error)
-        else:
-            margins = [np.array([base[b]] + [p.margin for p in picks[b]]) for b in range(n)]
+        base, steps, error = _lockstep(screen, exact, x, targets, mask_value, remaining, error)
+        runs = [steps.of(b) for b in range(n)]
+        if exact is None or not exact.path_scores:
+            margins = [np.concatenate([[base[b]], r.margins]) for b, r in enumerate(runs)]
             break
+        margins = [target_margin(exact.image_logits(_path_images(x[b], r.pixels.astype(np.int64), mask_value)), targets[b])
+                   for b, r in enumerate(runs)]
+        missed = [np.abs(r.margins - m[1:]) - np.where(r.rescored, np.inf, r.bounds) for r, m in zip(runs, margins)]
+        if max((float(v.max()) for v in missed if len(v)), default=0.0) <= 0:
+            break
+        error = max(error, max(float(np.abs(r.margins - m[1:]).max()) for r, m in zip(runs, margins) if len(r.margins)))
+        log.warning("BackSelect: a float32 margin missed its error bound; rerunning with ε = %.3g", SCREEN_SAFETY * error)
     seconds = (time.perf_counter() - started) / max(n, 1)
-    return [BackSelectResult(np.asarray(orders[b], np.int64), sigmoid(np.asarray(margins[b])), int(targets[b]), (h, w), initial[b],
-                             seconds, method) for b in range(n)]
+    return [BackSelectResult(r.pixels.astype(np.int64), sigmoid(m), int(targets[b]), (h, w), initial[b], seconds, method)
+            for b, (r, m) in enumerate(zip(runs, margins))]
 
 
 def backselect_batch(model: Any, x: Any, target: Any = None, mask_value: Any = None, method: str = "auto",
