@@ -16,15 +16,17 @@ activation (one dense forward pass of the base per step). Per node of the traced
   the box is the union of the operands' boxes;
 * flatten / view / reshape to ``(N, C·H·W)``: the box keeps its layout; a linear layer
   after it turns it into a *change* of its output (weights under the box only); a global
-  average pool turns it into the change of the pooled vector. These changes are linear in
-  the box, so they are cached per candidate and stay valid until a masked pixel reaches a
-  region the candidate reads;
+  average pool turns it into the change of the pooled vector;
 * anything else (and any op whose box would cover its whole output): the boxed operands are
   written into full maps and the op runs densely, for that node and everything after it.
 
+When every change reaches the output through such linear changes (no dense write-out), each
+candidate's box values are cached per node and recomputed only where a masked pixel's box
+meets what the node reads for that candidate, or its inputs changed.
+
 Candidates of several images run in one batch (``img`` indexes the image of each). The
 results are float32 logits, used as a *screen*: :mod:`keepbits.audit.sis` re-scores in
-float64 every candidate that float32 rounding could put on top (see ``_winner_sets``), so
+float64 every candidate that float32 rounding could put on top (its ``_winners``), so
 the order equals a float64 run. :class:`Unsupported` is raised for models that do not trace
 or whose output is not an ``N×K`` tensor (callers use plain forward passes).
 """
@@ -459,9 +461,9 @@ class GraphScreen:
         if names is None or len(n.args) - 1 > len(names):
             return None
         bound = dict(zip(names, n.args[1:]), **{k: v for k, v in n.kwargs.items() if k != "input"})
-        return {k: (self.static_value(v) if isinstance(v, Node) else v) for k, v in bound.items()}
+        return {k: (self._static_value(v) if isinstance(v, Node) else v) for k, v in bound.items()}
 
-    def static_value(self, n: Node) -> Any:
+    def _static_value(self, n: Node) -> Any:
         """Value of a node that does not depend on the input (parameters, constants)."""
         p = self.plan.get(n)
         if p is None or p.kind != STATIC:

@@ -33,7 +33,9 @@ the float64 margins of that set decide the step with :func:`select`. When
 :data:`SCREEN_SAFETY` times the largest ``|m32 − m64|`` observed in the run (on
 :data:`CALIBRATION` candidates per image at the first step and on every winner set
 after), at least :data:`SCREEN_FLOOR` · (1 + |best margin|); a step whose winner set shows a
-larger difference widens ``ε`` and is decided again. Screens: ``"incremental"`` (torch
+larger difference widens ``ε`` and is decided again; for torch models the scores of the
+chosen path are computed in float64 in one pass at the end and every winner's float32 margin
+is checked against its step's ``ε`` (a miss reruns the images with a wider ``ε``). Screens: ``"incremental"`` (torch
 models: only the boxes of each feature map a one-pixel change reaches, from the traced
 graph, see :mod:`keepbits.audit._sis_incremental`) and ``"plain"`` (every candidate image
 through the model; ONNX models through ONNX Runtime). Float64 re-scoring: a float64 copy of
@@ -63,7 +65,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from keepbits.audit._base import Explainer, ModelAdapter, as_targets, load_model
-from keepbits.audit._sis_eval import AdapterEvaluator
+from keepbits.audit._sis_eval import AdapterEvaluator, Evaluator
 from keepbits.core import sigmoid, target_margin
 from keepbits.errors import InputError
 
@@ -169,18 +171,18 @@ def _torch_evaluators(module: Any, shape: tuple[int, int, int], method: str, bat
     from keepbits.audit._sis_torch import DenseTorch
 
     exact = DenseTorch(module, shape, torch.float64, device, batch_size)
-    plain = None if method == "incremental" else DenseTorch(module, shape, torch.float32, device, batch_size)
     if method == "plain":
-        return plain, exact, "plain"
+        return DenseTorch(module, shape, torch.float32, device, batch_size), exact, "plain"
     try:
         screen = GraphScreen(module, shape, device, batch_size)
     except Unsupported as exc:
         if method == "incremental":
             raise InputError(f"incremental BackSelect does not support this model: {exc}") from None
         log.info("incremental BackSelect unavailable (%s); using full forward passes", exc)
-        return plain, exact, "plain"
+        return DenseTorch(module, shape, torch.float32, device, batch_size), exact, "plain"
     if method == "incremental" or (screen.local_nodes and screen.cacheable):
         return screen, exact, "incremental"
+    plain = DenseTorch(module, shape, torch.float32, device, batch_size)
     if screen.local_nodes and _cpu_seconds(screen, shape) < _cpu_seconds(plain, shape):
         return screen, exact, "incremental"
     return plain, exact, "plain"
@@ -265,7 +267,7 @@ def _path_images(x: np.ndarray, order: np.ndarray, mask_value: np.ndarray) -> np
     return np.where(masked.reshape(-1, 1, h, w), mask_value[None, :, None, None], x[None])
 
 
-def _lockstep(screen: Any, exact: Any, x: np.ndarray, targets: np.ndarray, mask_value: np.ndarray, remaining: np.ndarray,
+def _lockstep(screen: Evaluator, exact: Any, x: np.ndarray, targets: np.ndarray, mask_value: np.ndarray, remaining: np.ndarray,
               error: float) -> tuple[np.ndarray, _Steps, float]:
     """BackSelect of B images in lockstep, one batch of candidates per step for all of them;
     ``remaining``: image × pixel, True for candidates. Returns the margins of the unmasked
@@ -295,7 +297,7 @@ def _lockstep(screen: Any, exact: Any, x: np.ndarray, targets: np.ndarray, mask_
     return base, merged, error
 
 
-def _run_backselect(screen: Any, exact: Any, method: str, x: np.ndarray, targets: np.ndarray, mask_value: np.ndarray,
+def _run_backselect(screen: Evaluator, exact: Any, method: str, x: np.ndarray, targets: np.ndarray, mask_value: np.ndarray,
                     initially_masked: Sequence[np.ndarray]) -> list[BackSelectResult]:
     """BackSelect of B images in lockstep. With a float64 evaluator that scores whole paths
     (torch), the scores of the chosen path are computed in float64 at the end, and every
