@@ -698,10 +698,50 @@ class GraphScreen:
         w = self.shape[2]
         img, pix = np.asarray(img, np.int64), np.asarray(pix, np.int64)
         self.base[torch.as_tensor(img), :, torch.as_tensor(pix // w), torch.as_tensor(pix % w)] = self.mask_value
-        if self.caching:
-            for n, hit in self.affected(pix // w, pix % w).items():
-                self.valid[n][img] &= ~hit
-        self._refresh()
+        if not self.caching:
+            self._refresh()
+            return
+        known = all(self.valid[p.node][img, pix].all() for p in self.cached)
+        if known:  # the chosen pixels' boxes are the new base values there
+            with torch.inference_mode():
+                self._write_chosen(img, pix)
+        for n, hit in self.affected(pix // w, pix % w).items():
+            self.valid[n][img] &= ~hit
+        if not known:
+            self._refresh()
+
+    def _write_chosen(self, img: np.ndarray, pix: np.ndarray) -> None:
+        """Update the base activations and padded maps in place from the cached boxes of the
+        masked pixels (as candidates they were evaluated on the current bases), then rerun the
+        nodes after the boxes (linear changes, head) densely."""
+        self._context(img, pix)
+        ii, pr, pc = self._ctx
+        b, hw = len(self.base), self.shape[1] * self.shape[2]
+        rows = torch.as_tensor(img * hw + pix, device=self.device)
+        patches = {p.node: self.cache[p.node].index_select(0, rows) for p in self.cached if p.kind != DELTA}
+        patches[self.input] = self.mask_value.view(1, 1, 1, -1).expand(len(img), 1, 1, -1)
+        for n, patch in patches.items():
+            box = self.plan[n].source if self.plan[n].kind == FLAT else self.plan[n]
+            r, c = self._box_index(box)
+            if n is not self.input:
+                base = self.values[n].view(b, *box.shape).permute(0, 2, 3, 1)
+                base[ii[:, None, None], r[:, :, None], c[:, None, :]] = patch
+        for key, m in self.maps.items():
+            box = self.plan[m.node].source if self.plan[m.node].kind == FLAT else self.plan[m.node]
+            r, c = self._box_index(box)
+            hp, wp = m.size
+            index = (ii * (hp * wp))[:, None, None] + ((r + m.pads[0]) * wp)[:, :, None] + (c + m.pads[2])[:, None, :]
+            patch = patches[self._resolve(m.node)].expand(len(img), box.bh, box.bw, -1)
+            self.rows[key].index_copy_(0, index.view(-1), patch.reshape(-1, m.shape[0]))
+        for n in self.gm.graph.nodes:
+            if n.op != "output" and (self.plan[n].kind in (DELTA, DENSE, META) or self.plan[n].op == "collapse"):
+                self.values[n] = self._call(n, map_arg(n.args, self.values.__getitem__), map_arg(n.kwargs, self.values.__getitem__))
+
+    def _box_index(self, box: _Node) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows and columns of each context candidate's box at a node: N × bh, N × bw."""
+        _, pr, pc = self._ctx
+        return (box.t["rows"][pr][:, None] + torch.arange(box.bh, device=self.device),
+                box.t["cols"][pc][:, None] + torch.arange(box.bw, device=self.device))
 
     def _refresh(self) -> None:
         """Base activations of every node (one dense pass) and the padded maps the candidates read."""
