@@ -178,9 +178,10 @@ def torch_scores(net: nn.Module, target: int, exact: bool, dtype: torch.dtype) -
 
 def run_model(name: str, model, net64: nn.Module, naive_score: Callable[[int], Callable], images: np.ndarray, labels: np.ndarray,
               feed: Callable[[np.ndarray], np.ndarray], mask_pixel: np.ndarray, channels_last: bool, log: Callable,
-              reference_images: int | None = None, single: bool = True) -> dict:
+              reference_images: int | None = None, single: bool = True, progress: Callable[[dict], None] = lambda row: None) -> dict:
     """keepbits (batched, then one image alone), the naive algorithm and (on the first
-    ``reference_images``, default all) the float64 reference on ``images``."""
+    ``reference_images``, default all) the float64 reference on ``images``; ``progress``
+    receives the summary after every image (saved, so a long run can be cut)."""
     x = model.prepare(images)
     targets = model.probabilities(x).argmax(1)
     (_, _, method), setup_wall, setup_cpu = timed(lambda: sis_evaluators(model, "auto", None, None))  # plan, trace, timing
@@ -190,7 +191,31 @@ def run_model(name: str, model, net64: nn.Module, naive_score: Callable[[int], C
     log(f"{name}: keepbits {ours[0].method} {wall / len(images):.2f} s/image wall, {cpu / len(images):.2f} s CPU (batched)")
     rows = []
     h, w = x.shape[2:]
-    for i in range(len(images)):
+    n = len(images)
+
+    def summary() -> dict:
+        done = [r for r in rows if "naive_cpu_s" in r]
+        naive_wall, naive_cpu = (sum(r["naive_wall_s"] for r in done) / len(done), sum(r["naive_cpu_s"] for r in done) / len(done)) if done else (0.0, 0.0)
+        exact = [r["vs_float64_reference"] for r in rows if "vs_float64_reference" in r]
+        out = {"model": name, "method": ours[0].method, "images": n, "naive_images_done": len(done), "pixels": int(h * w),
+               "naive_s_per_image": {"wall": round(naive_wall, 3), "cpu": round(naive_cpu, 3)},
+               "keepbits_setup_s": {"wall": round(setup_wall, 3), "cpu": round(setup_cpu, 3),
+                                    "what": "tracing, planning, self-check and timing of the screens, once per model (cached)"},
+               "keepbits_batched_s_per_image": {"wall": round(wall / n, 3), "cpu": round(cpu / n, 3)},
+               "ratio_batched": {"wall": round(naive_wall / (wall / n), 2), "cpu": round(naive_cpu / (cpu / n), 2)},
+               "ratio_batched_with_setup": {"wall": round(naive_wall / ((wall + setup_wall) / n), 2),
+                                            "cpu": round(naive_cpu / ((cpu + setup_cpu) / n), 2)},
+               "images_checked_against_float64_reference": len(exact),
+               "orders_identical_to_float64_reference": all(e["order_identical"] for e in exact),
+               "sis_identical_to_float64_reference": all(all(e["sis_identical"].values()) for e in exact),
+               "max_score_difference_to_float64_reference": max((e["max_score_difference"] for e in exact), default=None),
+               "per_image": rows}
+        if single and done:
+            out["keepbits_single_image_s"] = {"wall": round(single_wall, 3), "cpu": round(single_cpu, 3)}
+            out["ratio_single_image"] = {"wall": round(rows[0]["naive_wall_s"] / single_wall, 2), "cpu": round(rows[0]["naive_cpu_s"] / single_cpu, 2)}
+        return out
+
+    for i in range(n):
         t = int(targets[i])
         (order32, scores32), n_wall, n_cpu = timed(lambda: naive_backselect(naive_score(t), feed(images[i]), mask_pixel, channels_last, False))
         row = {"image": i, "label": int(labels[i]), "target": t, "confidence": float(ours[i].scores[0]), "steps": len(ours[i].order),
@@ -201,7 +226,8 @@ def run_model(name: str, model, net64: nn.Module, naive_score: Callable[[int], C
             row["single_image_identical_to_batched"] = bool(np.array_equal(one.order, ours[0].order))
         rows.append(row)
         log(f"{name} image {i}: naive {n_cpu:.1f} s CPU")
-    for i in range(len(images) if reference_images is None else min(reference_images, len(images))):
+        progress(summary())
+    for i in range(n if reference_images is None else min(reference_images, n)):
         t, image = int(targets[i]), feed(images[i])
         image = image if image.dtype == np.uint8 else image.astype(np.float64)
         (order64, scores64), r_wall, r_cpu = timed(lambda: naive_backselect(torch_scores(net64, t, True, torch.float64), image, mask_pixel,
@@ -209,29 +235,8 @@ def run_model(name: str, model, net64: nn.Module, naive_score: Callable[[int], C
         rows[i]["float64_reference_cpu_s"] = round(r_cpu, 3)
         rows[i]["vs_float64_reference"] = compare(BackSelectResult(order64, scores64, t, (h, w)), ours[i])
         log(f"{name} image {i}: float64 reference {r_cpu:.1f} s CPU; identical: {rows[i]['vs_float64_reference']['order_identical']}")
-    n = len(images)
-    naive_wall, naive_cpu = sum(r["naive_wall_s"] for r in rows) / n, sum(r["naive_cpu_s"] for r in rows) / n
-    exact = [r["vs_float64_reference"] for r in rows if "vs_float64_reference" in r]
-    alone = {}
-    if single:
-        alone = {"keepbits_single_image_s": {"wall": round(single_wall, 3), "cpu": round(single_cpu, 3)},
-                 "ratio_single_image": {"wall": round(rows[0]["naive_wall_s"] / single_wall, 2),
-                                        "cpu": round(rows[0]["naive_cpu_s"] / single_cpu, 2)}}
-    return {**alone,
-        "model": name, "method": ours[0].method, "images": n, "pixels": int(x.shape[2] * x.shape[3]),
-        "naive_s_per_image": {"wall": round(naive_wall, 3), "cpu": round(naive_cpu, 3)},
-        "keepbits_setup_s": {"wall": round(setup_wall, 3), "cpu": round(setup_cpu, 3),
-                             "what": "tracing, planning, self-check and timing of the screens, once per model (cached)"},
-        "keepbits_batched_s_per_image": {"wall": round(wall / n, 3), "cpu": round(cpu / n, 3)},
-        "ratio_batched_with_setup": {"wall": round(naive_wall / ((wall + setup_wall) / n), 2),
-                                     "cpu": round(naive_cpu / ((cpu + setup_cpu) / n), 2)},
-        "ratio_batched": {"wall": round(naive_wall / (wall / n), 2), "cpu": round(naive_cpu / (cpu / n), 2)},
-        "images_checked_against_float64_reference": len(exact),
-        "orders_identical_to_float64_reference": all(e["order_identical"] for e in exact),
-        "sis_identical_to_float64_reference": all(all(e["sis_identical"].values()) for e in exact),
-        "max_score_difference_to_float64_reference": max(e["max_score_difference"] for e in exact),
-        "per_image": rows,
-    }
+        progress(summary())
+    return summary()
 
 
 def main() -> int:
@@ -267,6 +272,10 @@ def main() -> int:
         payload["wall_s"] = round(time.time() - started, 1)
         print(write_result(results_name, payload), file=sys.stderr)
 
+    def progress(row: dict) -> None:
+        payload["models"][row["model"]] = row
+        save()
+
     mnist_tr, mnist_te = load_dataset(args.data / "mnist", "train"), load_dataset(args.data / "mnist", "test")
     mean, std = channel_stats(mnist_tr.x)
     pick = balanced_sample(mnist_te.y, args.images, args.seed)
@@ -288,7 +297,7 @@ def main() -> int:
             accuracy = float((model.logits(model.normalize(cifar.x[:2000])).argmax(1) == cifar.y[:2000]).mean())
             row = run_model(name, model, copy.deepcopy(net).double().eval(), lambda t: torch_scores(net, t, False, torch.float32),
                             cifar.x[p], cifar.y[p], lambda im: model.normalize(im)[0], np.zeros(3, np.float32), False, log,
-                            args.resnet_reference_images, single=False)
+                            args.resnet_reference_images, single=False, progress=progress)
             row["checkpoint"] = str(args.resnet20)
             row["test_accuracy_first_2000"] = accuracy
         elif name == "onnx-bundle":
@@ -313,7 +322,7 @@ def main() -> int:
 
             mask_pixel = model.denormalize(np.zeros((1, 1, 1, 1)))[0, 0, 0]
             row = run_model(name, model, copy.deepcopy(graph).double().eval(), onnx_scores, images, labels, lambda im: im.copy(),
-                            mask_pixel, True, log)
+                            mask_pixel, True, log, progress=progress)
             row["float64_reference"] = "the exported torch graph in float64 on the same uint8 candidates"
         else:
             if name == "lenet5":
@@ -327,10 +336,10 @@ def main() -> int:
             model = TorchAdapter(net, (1, 28, 28), mean=mean, std=std)
             accuracy = float((model.logits(xte_acc).argmax(1) == mnist_te.y[:2000]).mean())
             row = run_model(name, model, copy.deepcopy(net).double().eval(), lambda t: torch_scores(net, t, False, torch.float32),
-                            images, labels, lambda im: model.normalize(im)[0], np.zeros(1, np.float32), False, log)
+                            images, labels, lambda im: model.normalize(im)[0], np.zeros(1, np.float32), False, log, progress=progress)
             row["trained"] = f"1 epoch (Adam 1e-3, batch 64) on the first {args.train_images} MNIST training images"
             row["test_accuracy_first_2000"] = accuracy
-        payload["models"][name] = row
+        progress(row)
         log(json.dumps({k: row.get(k) for k in ("method", "ratio_batched", "ratio_single_image", "orders_identical_to_float64_reference",
                                                  "sis_identical_to_float64_reference")}))
         save()
