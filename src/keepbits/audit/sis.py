@@ -164,7 +164,8 @@ def _evaluators(model: ModelAdapter, method: str, batch_size: int | None, device
 def _torch_evaluators(module: Any, shape: tuple[int, int, int], method: str, batch_size: int | None, device: Any) -> tuple[Any, Any, str]:
     """Screen and float64 evaluator of a torch model. ``auto`` takes the incremental screen
     when its per-candidate cache applies (only candidates near the masked pixel are
-    recomputed), else whichever screen spends less CPU time on one batch of candidates."""
+    recomputed), else on the CPU whichever screen spends less CPU time on one batch of
+    candidates, on a GPU the plain one (large dense batches)."""
     import torch
 
     from keepbits.audit._sis_incremental import GraphScreen, Unsupported
@@ -183,7 +184,7 @@ def _torch_evaluators(module: Any, shape: tuple[int, int, int], method: str, bat
     if method == "incremental" or (screen.local_nodes and screen.cacheable):
         return screen, exact, "incremental"
     plain = DenseTorch(module, shape, torch.float32, device, batch_size)
-    if screen.local_nodes and _cpu_seconds(screen, shape) < _cpu_seconds(plain, shape):
+    if screen.local_nodes and screen.device.type == "cpu" and _cpu_seconds(screen, shape) < _cpu_seconds(plain, shape):
         return screen, exact, "incremental"
     return plain, exact, "plain"
 
