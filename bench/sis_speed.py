@@ -243,7 +243,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding mnist/ and cifar10/ (default ../shared/data)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--images", type=int, default=8, help="test images per MNIST model")
+    parser.add_argument("--images", type=int, default=8, help="test images per MNIST model (run in lockstep by keepbits)")
+    parser.add_argument("--reference-images", type=int, default=None, help="MNIST images also run by the float64 reference (default all)")
     parser.add_argument("--resnet-images", type=int, default=3, help="test images for resnet20")
     parser.add_argument("--resnet-reference-images", type=int, default=1,
                         help="resnet20 images also run by the float64 reference (float64 convolutions are slow: ~80 CPU-minutes each)")
@@ -322,7 +323,7 @@ def main() -> int:
 
             mask_pixel = model.denormalize(np.zeros((1, 1, 1, 1)))[0, 0, 0]
             row = run_model(name, model, copy.deepcopy(graph).double().eval(), onnx_scores, images, labels, lambda im: im.copy(),
-                            mask_pixel, True, log, progress=progress)
+                            mask_pixel, True, log, args.reference_images, progress=progress)
             row["float64_reference"] = "the exported torch graph in float64 on the same uint8 candidates"
         else:
             if name == "lenet5":
@@ -336,7 +337,8 @@ def main() -> int:
             model = TorchAdapter(net, (1, 28, 28), mean=mean, std=std)
             accuracy = float((model.logits(xte_acc).argmax(1) == mnist_te.y[:2000]).mean())
             row = run_model(name, model, copy.deepcopy(net).double().eval(), lambda t: torch_scores(net, t, False, torch.float32),
-                            images, labels, lambda im: model.normalize(im)[0], np.zeros(1, np.float32), False, log, progress=progress)
+                            images, labels, lambda im: model.normalize(im)[0], np.zeros(1, np.float32), False, log,
+                            args.reference_images, progress=progress)
             row["trained"] = f"1 epoch (Adam 1e-3, batch 64) on the first {args.train_images} MNIST training images"
             row["test_accuracy_first_2000"] = accuracy
         progress(row)
