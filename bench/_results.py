@@ -1,11 +1,92 @@
-"""Bookkeeping for bench scripts (it lives in :mod:`keepbits.benchmarking`), a figure helper and a frame reader."""
+"""Bookkeeping for the bench scripts: every result JSON records commit, machine, versions and
+command (:func:`write_result`, into ``bench/results/``); plus a figure helper and a frame reader."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from keepbits.benchmarking import default_data_dir, machine, results_dir, write_result
-
 __all__ = ["default_data_dir", "machine", "results_dir", "save_image_rows", "video_frames", "write_result"]
+
+
+#: The source checkout holding this ``bench/`` folder.
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def results_dir() -> Path:
+    """``bench/results/`` of this checkout."""
+    return ROOT / "bench" / "results"
+
+
+def default_data_dir() -> Path | None:
+    """``../shared/data`` beside the checkout, when present."""
+    candidate = ROOT.parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+def _commit() -> str:
+    """HEAD of the checkout (``+dirty`` with uncommitted changes); where git or the repository is
+    missing (a copied working tree), ``$KEEPBITS_COMMIT`` as given by whoever copied it."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        given = os.environ.get("KEEPBITS_COMMIT", "").strip()
+        return f"{given} (from KEEPBITS_COMMIT)" if given else "unknown"
+
+
+#: The checkout the benchmark started from (a long run may see later commits by the time it writes).
+_COMMIT_AT_START = _commit()
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("numpy", "torch", "onnx", "onnxruntime", "cv2", "PIL", "zlib_ng"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return versions
+
+
+def machine() -> dict[str, object]:
+    info: dict[str, object] = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def write_result(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``<results>/<name>.json`` (or ``<out_dir>/<name>.json``) with provenance around
+    ``payload``; returns the path."""
+    out_dir = Path(out_dir) if out_dir is not None else results_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": name,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": _COMMIT_AT_START,
+        "command": shlex.join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0].endswith(".py") else sys.argv[0], *sys.argv[1:]]),
+        "machine": machine(),
+        "versions": _versions(),
+        **payload,
+    }
+    if (now := _commit()) != _COMMIT_AT_START:
+        record["commit_at_write"] = now
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    return path
 
 
 def save_image_rows(rows: list[tuple[str, np.ndarray]], path: Path, per_row: int = 10) -> None:

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from keepbits.benchmarking import default_data_dir, write_result
+from _results import default_data_dir, write_result
 from keepbits.training.classifier import ClassifierConfig, train_classifier
 
 TASKS = {

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from keepbits import native, registry
-from keepbits.benchmarking import write_result
+from _results import write_result
 from keepbits.export import export_onnx
-from keepbits.training.checkpoint import model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 
 SIZE = 224
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -104,14 +104,13 @@ def main() -> int:
                                            providers=["CPUExecutionProvider"])
         for name in args.generators.split(","):
             generator = registry.build(name, in_channels=3).eval()
-            ckpt = save_checkpoint(tmp / f"{name}.pt", {
-                "kind": "nice",
-                "models": {"generator": model_entry(name, {"in_channels": 3}, generator),
-                           "classifier": model_entry("resnet18", {"in_channels": 3, "num_classes": 10}, classifier)},
-                "input_shape": [3, SIZE, SIZE], "normalization": {"mean": MEAN, "std": STD},
-                "class_names": [str(i) for i in range(10)],
-                "settings": {"block_size": args.block_size, "mask_threshold": 0.5}, "metrics": {}, "command": "bench",
-            })
+            ckpt = save_checkpoint(tmp / f"{name}.pt", Checkpoint(
+                kind="nice",
+                models={"generator": ModelEntry.of(name, {"in_channels": 3}, generator),
+                        "classifier": ModelEntry.of("resnet18", {"in_channels": 3, "num_classes": 10}, classifier)},
+                input_shape=[3, SIZE, SIZE], normalization=Normalization(MEAN, STD), class_names=[str(i) for i in range(10)],
+                settings={"block_size": args.block_size, "mask_threshold": 0.5}, command="bench",
+            ))
             bundle = export_onnx(ckpt, tmp / f"{name}.bundle")
             native_s = native.make_session(bundle.model_path, threads=args.threads)
             std_s = native.make_session(bundle.model_path, native=False, threads=args.threads)

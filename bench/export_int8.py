@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from keepbits.benchmarking import default_data_dir, write_result
+from _results import default_data_dir, write_result
 from keepbits.bundle import sha256_file
 from keepbits.data import load_dataset
 from keepbits.export import export_onnx
-from keepbits.export.quantize import ACTIVATION_TYPES, bundle_inputs, quantize_bundle
+from keepbits.export.quantize import ACTIVATION_TYPES, quantize_bundle
 from keepbits.native import make_session
+from keepbits.runtime.pipeline import bundle_inputs
 
 
 def latency_ms(paths: dict[str, Path], image: np.ndarray, name: str, repeat: int) -> dict[str, float]:

@@ -33,7 +33,7 @@ import torch
 from onnx import TensorProto, helper
 
 from keepbits import native
-from keepbits.benchmarking import write_result
+from _results import write_result
 from keepbits.export import ops
 from keepbits.training import functional as KF
 

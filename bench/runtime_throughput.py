@@ -35,6 +35,12 @@ Two settings, each measured for the classifier alone and for the pipeline:
   graph, lossless payload encode in the writer thread), no sinks;
 * naive: torch eager generator+classifier, mask + mixed image in torch, PIL PNG of x̃.
 
+``--model NICE_CHECKPOINT`` measures a whole trained model instead (its own classifier, generator,
+normalisation, block size and preprocessing; e.g. EfficientNet-Lite0 with a trained ``nice_fast``):
+the bundle is exported from the checkpoint, frames reach the model size by its resize policy, and
+the naive loop applies the same policy with PIL (center-crop: resize so the short side is
+size / crop fraction, crop the centre; letterbox: thumbnail and paste; resize: stretch).
+
 The headline ratio is the best pipeline setting over the best classifier-only setting;
 the ratio within each setting is recorded too. ``--generator-checkpoint`` swaps in a trained
 generator (a real mask operating point instead of the untrained keep-everything head).
@@ -42,11 +48,13 @@ They alternate in rounds (order rotated each round) on the same frames, in the s
 process; throughput is the median over rounds, and each round's ratios come from that round.
 Process CPU time per frame (all threads) is recorded too: on a shared machine it is steadier
 than wall time. Thread settings are recorded in the JSON. The soak loops the video through ``run_stream`` and samples RSS.
-Writes ``bench/results/runtime_throughput[_GENERATOR][_int8][_keptF][_trained][_TAG].json``.
+Writes ``bench/results/runtime_throughput[_GENERATOR][_int8][_keptF][_trained][_TAG].json``
+(``--model``: ``runtime_throughput_<checkpoint folder>[_int8][_TAG].json``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import statistics
@@ -68,10 +76,10 @@ from _results import default_data_dir, video_frames, write_result  # noqa: E402
 from keepbits import registry  # noqa: E402
 from keepbits.export import export_onnx  # noqa: E402
 from keepbits.runtime import Pipeline, open_source  # noqa: E402
-from keepbits.runtime.pipeline import session_options  # noqa: E402
+from keepbits.native import session_options  # noqa: E402
 from keepbits.runtime.stream import run_stream  # noqa: E402
 from keepbits.training import functional  # noqa: E402
-from keepbits.training.checkpoint import model_entry, save_checkpoint  # noqa: E402
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint  # noqa: E402
 
 SIZE, BLOCK = 224, 8
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -83,7 +91,7 @@ def norm_tensors(normalization: dict | None) -> tuple[torch.Tensor, torch.Tensor
 
 
 def build_models(generator_name: str, seed: int = 0, generator_checkpoint: Path | None = None
-                 ) -> tuple[torch.nn.Module, torch.nn.Module, dict | None]:
+                 ) -> tuple[torch.nn.Module, torch.nn.Module, Normalization | None]:
     """Untrained ResNet-18 and generator, or the trained generator of a NICE checkpoint (its
     architecture must be ``generator_name``); returns the checkpoint's normalisation too."""
     torch.manual_seed(seed)
@@ -92,11 +100,11 @@ def build_models(generator_name: str, seed: int = 0, generator_checkpoint: Path 
         return registry.build(generator_name, in_channels=3).eval(), classifier, None
     from keepbits.training.nice import load_nice
 
-    generator, _, record = load_nice(generator_checkpoint)
-    arch = record["models"]["generator"]["arch"]
+    generator, _, ckpt = load_nice(generator_checkpoint)
+    arch = ckpt.models["generator"].arch
     if arch != generator_name:
         raise SystemExit(f"{generator_checkpoint}: generator is {arch}, not --generator {generator_name}")
-    return generator, classifier, record["normalization"]
+    return generator, classifier, ckpt.normalization
 
 
 def sparsify_head(generator: torch.nn.Module, images: np.ndarray, fraction: float, seed: int = 0) -> dict:
@@ -115,15 +123,15 @@ def sparsify_head(generator: torch.nn.Module, images: np.ndarray, fraction: floa
     return {"requested": fraction, "kept_on_calibration_frames": kept, "head_seed": seed}
 
 
-def make_bundle(generator, classifier, folder: Path, generator_name: str, normalization: dict | None = None) -> Path:
-    ckpt = save_checkpoint(folder / "nice.pt", {
-        "kind": "nice",
-        "models": {"generator": model_entry(generator_name, {"in_channels": 3}, generator),
-                   "classifier": model_entry("resnet18", {"in_channels": 3, "num_classes": 1000}, classifier)},
-        "input_shape": [3, SIZE, SIZE], "normalization": normalization or {"mean": MEAN, "std": STD},
-        "class_names": [f"class{i}" for i in range(1000)], "settings": {"block_size": BLOCK, "mask_threshold": 0.5},
-        "command": "bench/runtime_throughput.py (untrained weights)", "metrics": {}, "epoch": 0,
-    })
+def make_bundle(generator, classifier, folder: Path, generator_name: str, normalization: Normalization | None = None) -> Path:
+    ckpt = save_checkpoint(folder / "nice.pt", Checkpoint(
+        kind="nice",
+        models={"generator": ModelEntry.of(generator_name, {"in_channels": 3}, generator),
+                "classifier": ModelEntry.of("resnet18", {"in_channels": 3, "num_classes": 1000}, classifier)},
+        input_shape=[3, SIZE, SIZE], normalization=normalization or Normalization(MEAN, STD),
+        class_names=[f"class{i}" for i in range(1000)], settings={"block_size": BLOCK, "mask_threshold": 0.5},
+        command="bench/runtime_throughput.py (untrained weights)",
+    ))
     return export_onnx(ckpt, folder / "bundle", mixed_output=False, verify=False).source
 
 
@@ -157,7 +165,7 @@ def quantize(bundle: Path, calibration: np.ndarray, work: Path) -> tuple[Path, d
 
 def classifier_sessions(path: Path, threads: int | None) -> dict[str, ort.InferenceSession]:
     """The classifier-only graph with the pipeline's thread count, ORT spinning off and on."""
-    return {name: ort.InferenceSession(str(path), session_options(threads, spin), providers=["CPUExecutionProvider"])
+    return {name: ort.InferenceSession(str(path), session_options(threads, native=False, spinning=spin), providers=["CPUExecutionProvider"])
             for name, spin in (("no_spin", False), ("spin", True))}
 
 
@@ -198,15 +206,28 @@ def with_opencv_threads(threads: int, run, *args):
         cv2.setNumThreads(before)
 
 
-def run_naive(generator, classifier, frames, mean_t: torch.Tensor, std_t: torch.Tensor) -> float:
+def pil_fit(frame: np.ndarray, policy: str = "letterbox", crop_fraction: float = 1.0) -> Image.Image:
+    """The frame at SIZE×SIZE by ``policy``, the way a plain PIL loop would do it."""
+    img = Image.fromarray(frame)
+    if policy == "resize":
+        return img.resize((SIZE, SIZE), Image.BILINEAR)
+    if policy == "center-crop":
+        scale = SIZE / crop_fraction / min(img.size)
+        img = img.resize((max(SIZE, round(img.width * scale)), max(SIZE, round(img.height * scale))), Image.BILINEAR)
+        left, top = (img.width - SIZE) // 2, (img.height - SIZE) // 2
+        return img.crop((left, top, left + SIZE, top + SIZE))
+    img.thumbnail((SIZE, SIZE))
+    canvas = Image.new("RGB", (SIZE, SIZE))
+    canvas.paste(img, ((SIZE - img.width) // 2, (SIZE - img.height) // 2))
+    return canvas
+
+
+def run_naive(generator, classifier, frames, mean_t: torch.Tensor, std_t: torch.Tensor, policy: str = "letterbox",
+              crop_fraction: float = 1.0) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         for f in frames:
-            img = Image.fromarray(f)
-            img.thumbnail((SIZE, SIZE))
-            canvas = Image.new("RGB", (SIZE, SIZE))
-            canvas.paste(img, ((SIZE - img.width) // 2, (SIZE - img.height) // 2))
-            x = torch.from_numpy(np.array(canvas)).permute(2, 0, 1)[None].float() / 255
+            x = torch.from_numpy(np.array(pil_fit(f, policy, crop_fraction))).permute(2, 0, 1)[None].float() / 255
             xn = (x - mean_t) / std_t
             mask = functional.deterministic_mask(generator(xn))
             mixed = functional.mixed_resolution(x, mask, BLOCK)
@@ -265,6 +286,9 @@ def main() -> None:
     p.add_argument("--generator-checkpoint", type=Path, default=None,
                    help="a NICE checkpoint whose trained generator (architecture --generator) replaces the untrained one; "
                         "the bundle takes its normalisation (the classifier stays the untrained ResNet-18)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a trained NICE checkpoint measured as a whole (its classifier, generator, b and preprocessing) instead "
+                        "of the untrained ResNet-18 with --generator")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="model threads of the throughput setting (one-thread sessions); default: one per CPU")
     p.add_argument("--tag", default="", help="suffix of the result file")
@@ -273,6 +297,8 @@ def main() -> None:
         p.error("--kept-fraction must be in (0, 1)")
     if args.kept_fraction is not None and args.generator_checkpoint is not None:
         p.error("--kept-fraction sets an untrained head; it does not combine with --generator-checkpoint")
+    if args.model is not None and (args.kept_fraction is not None or args.generator_checkpoint is not None):
+        p.error("--model measures a whole trained model; it does not combine with --kept-fraction or --generator-checkpoint")
     if args.data is None:
         p.error("--data is required (no ../shared/data here)")
     video = args.data / "videos" / "bottle-detection.mp4"
@@ -280,9 +306,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="kb-bench-"))
-    generator, classifier, normalization = build_models(args.generator, generator_checkpoint=args.generator_checkpoint)
-    mean_t, std_t = norm_tensors(normalization)
-    bundle = make_bundle(generator, classifier, work, args.generator, normalization)
+    global SIZE, BLOCK
+    policy, crop_fraction, described = "letterbox", 1.0, None
+    if args.model is not None:
+        from keepbits.training.nice import load_nice
+
+        generator, classifier, ckpt = load_nice(args.model)
+        normalization, pre = ckpt.normalization, ckpt.preprocessing_record()
+        SIZE, BLOCK = pre.input_size[0], int(ckpt.settings["block_size"])
+        policy, crop_fraction = pre.resize_policy, pre.crop_fraction
+        described = {"classifier": f"{ckpt.models['classifier'].arch} (trained)", "generator": f"{ckpt.models['generator'].arch}, trained: {args.model}"}
+        bundle = export_onnx(args.model, work / "bundle", mixed_output=False, verify=False).source
+    else:
+        generator, classifier, normalization = build_models(args.generator, generator_checkpoint=args.generator_checkpoint)
+        bundle = make_bundle(generator, classifier, work, args.generator, normalization)
+    mean_t, std_t = norm_tensors(dataclasses.asdict(normalization) if normalization else None)
     pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     needs_calibration = args.int8 or args.kept_fraction is not None
     frames = video_frames(video, args.frames + (args.calibration_frames if needs_calibration else 0))
@@ -300,10 +338,10 @@ def main() -> None:
         pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     classifier_graph = classifier_only_graph(bundle, work / "classifier_only.onnx")
     sessions = classifier_sessions(classifier_graph, args.threads)
-    sessions["workers"] = ort.InferenceSession(str(classifier_graph), session_options(1), providers=["CPUExecutionProvider"])
+    sessions["workers"] = ort.InferenceSession(str(classifier_graph), session_options(1, native=False), providers=["CPUExecutionProvider"])
     pipe_workers = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=1)
     run_pipeline(pipe, frames[:4]), run_pipeline(pipe_workers, frames[:4], args.workers)  # warm-up
-    run_naive(generator, classifier, frames[:2], mean_t, std_t)
+    run_naive(generator, classifier, frames[:2], mean_t, std_t, policy, crop_fraction)
     for session in sessions.values():
         run_session(session, ["logits"], pipe, frames[:4])
     naive_frames = frames[:args.naive_frames]
@@ -317,7 +355,7 @@ def main() -> None:
         "pipeline_workers": (lambda: run_pipeline(pipe_workers, frames, args.workers), len(frames)),
         "pipeline_workers_opencv1": (lambda: run_pipeline(pipe_workers, frames, args.workers, opencv_threads=1), len(frames)),
         "graph_only": (lambda: run_session(pipe.session, ["logits", "mask"], pipe, frames), len(frames)),
-        "naive": (lambda: run_naive(generator, classifier, naive_frames, mean_t, std_t), len(naive_frames)),
+        "naive": (lambda: run_naive(generator, classifier, naive_frames, mean_t, std_t, policy, crop_fraction), len(naive_frames)),
     }
     rounds = []
     for r in range(args.rounds):
@@ -365,14 +403,15 @@ def main() -> None:
         values = [x[key] for x in rounds]
         return {"median_of_rounds": statistics.median(values), "range_of_rounds": [min(values), max(values)]}
 
-    trained = args.generator_checkpoint is not None
+    trained = args.generator_checkpoint is not None or args.model is not None
     result = {
-        "model": {"classifier": "resnet18 (ImageNet stem, 1000 classes, untrained)",
-                  "generator": (f"{args.generator}, trained: {args.generator_checkpoint}" if trained else
-                                f"{args.generator} (untrained" + (", head set to a sparse operating point)" if sparsity else ")")),
+        "model": {**({"classifier": "resnet18 (ImageNet stem, 1000 classes, untrained)"} if described is None else described),
+                  "resize_policy": f"{policy} (crop fraction {crop_fraction:g})",
+                  **({} if described else {"generator": (f"{args.generator}, trained: {args.generator_checkpoint}" if trained else
+                                f"{args.generator} (untrained" + (", head set to a sparse operating point)" if sparsity else ")"))}),
                   "mask_operating_point": (sparsity or ("the trained generator's own masks on these frames" if trained else
                                                         "untrained head: every pixel kept (the codec's worst case)")),
-                  "normalization": normalization or {"mean": MEAN, "std": STD},
+                  "normalization": dataclasses.asdict(normalization) if normalization else {"mean": MEAN, "std": STD},
                   "precision": "int8 (bundle, hence classifier-only; naive float32)" if args.int8 else "float32",
                   "bundle_outputs": pipe.manifest.output_names,
                   "classifier_only": "the bundle's graph cut to image -> logits (onnx.utils.extract_model)",
@@ -419,8 +458,11 @@ def main() -> None:
         result["soak"] = soak(pipe_workers if workers_win else pipe, video, args.soak_seconds, args.workers if workers_win else 1)
         print(f"soak: {result['soak']['frames']} frames in {result['soak']['seconds']:.0f} s, RSS {result['soak']['rss_mb_first_fifth_mean']} -> "
               f"{result['soak']['rss_mb_last_fifth_mean']} MB (max {result['soak']['rss_mb_max']})", flush=True)
-    name = ("runtime_throughput" + ("" if args.generator == "nice_unet" else f"_{args.generator}") + ("_int8" if args.int8 else "")
-            + (f"_kept{args.kept_fraction:g}" if sparsity else "") + ("_trained" if trained else "") + (f"_{args.tag}" if args.tag else ""))
+    if args.model is not None:
+        name = f"runtime_throughput_{args.model.parent.name}" + ("_int8" if args.int8 else "") + (f"_{args.tag}" if args.tag else "")
+    else:
+        name = ("runtime_throughput" + ("" if args.generator == "nice_unet" else f"_{args.generator}") + ("_int8" if args.int8 else "")
+                + (f"_kept{args.kept_fraction:g}" if sparsity else "") + ("_trained" if trained else "") + (f"_{args.tag}" if args.tag else ""))
     print(write_result(name, result))
 
 

@@ -40,14 +40,18 @@ def main() -> None:
     p.add_argument("--eval-steps", type=int, default=300, help="AdamW steps of each fresh evaluation classifier")
     p.add_argument("--eval-seeds", type=int, default=3, help="fresh classifiers per setting (mean ± sd)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default=None, help="torch device of the condensation, e.g. cuda (fresh classifiers use CUDA when present)")
     args = p.parse_args()
 
     import torch
 
     from keepbits.data import channel_stats, load_dataset
-    from keepbits.training.condensation import CondensationConfig, condense
+    from keepbits.training.condensation import CondensationConfig, condense, initial_indices
     from keepbits.training.density import images_to_unit, load_density
-    from keepbits.training.simplebits import accuracy, build_classifier, fit_classifier, mean_bpd
+    from keepbits.core import accuracy
+    from keepbits.training.classifier import fit_classifier, predict_logits
+    from keepbits.training.data import TensorArrays
+    from keepbits.training.simplebits import build_classifier, mean_bpd, retrain_config
 
     torch.set_num_threads(args.threads)
     root = Path(args.data) / args.dataset
@@ -55,8 +59,9 @@ def main() -> None:
     xtr, ytr = images_to_unit(train.x), torch.from_numpy(train.y).long()
     xte, yte = images_to_unit(test.x), torch.from_numpy(test.y).long()
     mean, std = channel_stats(train.x)
-    flow = load_density(args.density)
+    flow = load_density(args.density).to(args.device or "cpu")
     c, h, w = train.shape_chw
+    flow_device = args.device or "cpu"
     name = f"simplebits_condense_{args.dataset}{'_' + args.tag if args.tag else ''}"
     rows: list[dict] = []
     strips: list[tuple[str, np.ndarray]] = []
@@ -68,8 +73,8 @@ def main() -> None:
         accs = []
         for seed in range(args.eval_seeds):
             torch.manual_seed(seed)
-            clf = fit_classifier(make_net(), x_syn, y_syn, args.eval_steps, batch_size=256, lr=1e-3, seed=seed)
-            accs.append(accuracy(clf, xte, yte))
+            clf = fit_classifier(make_net(), TensorArrays(x_syn, y_syn), retrain_config(args.eval_steps, batch_size=256, lr=1e-3, seed=seed))
+            accs.append(accuracy(predict_logits(clf, xte), yte))
         return float(np.mean(accs)), float(np.std(accs))
 
     def record(row: dict, title: str, images: torch.Tensor) -> None:
@@ -82,8 +87,7 @@ def main() -> None:
         save_image_rows(strips, results_dir() / f"{name}_images.png")
 
     for ipc in args.ipc:
-        gen = torch.Generator().manual_seed(0)
-        pick = torch.cat([torch.nonzero(ytr == k).flatten()[torch.randperm(int((ytr == k).sum()), generator=gen)[:ipc]] for k in range(train.num_classes)])
+        pick = initial_indices(ytr, train.num_classes, ipc, seed=0)  # the real images condensation starts from
         acc, sd = evaluate(xtr[pick], ytr[pick])
         record({"method": "random real", "ipc": ipc, "bpd": mean_bpd(flow, xtr[pick]), "accuracy": acc, "accuracy_sd": sd}, f"real ipc={ipc}", xtr[pick])
         for lam in args.lambdas:
@@ -92,7 +96,8 @@ def main() -> None:
                                      net_steps=args.net_steps, real_batch=args.real_batch, lr_images=args.lr_images,
                                      image_optimizer=args.image_optimizer)
             torch.manual_seed(0)
-            x_syn, y_syn = condense(xtr, ytr, train.num_classes, make_net, cfg, bpd=flow.bpd)
+            x_syn, y_syn = condense(xtr.to(flow_device), ytr.to(flow_device), train.num_classes, make_net, cfg, bpd=flow.bpd)
+            x_syn, y_syn = x_syn.cpu(), y_syn.cpu()
             wall = time.time() - t0
             acc, sd = evaluate(x_syn, y_syn)
             record({"method": "condensed", "ipc": ipc, "lambda_sim": lam, "bpd": mean_bpd(flow, x_syn), "accuracy": acc,

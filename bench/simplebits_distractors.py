@@ -36,21 +36,25 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lambda-sim", type=float, default=3.0)
     p.add_argument("--sim-lr", type=float, default=2e-3)
-    p.add_argument("--inner-lr", type=float, default=0.01, help="SGD learning rate of the unrolled classifier step")
+    p.add_argument("--inner-lr", type=float, default=None, help="lr of the unrolled AdamW step of the classifier (default: the classifier's lr, as in the paper)")
     p.add_argument("--unet-base", type=int, default=8)
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="first train the classifier alone for this many AdamW steps and finetune it jointly (0: joint from scratch)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seed of the classifiers' and the simplifier's initialisation and batches")
+    p.add_argument("--device", default=None, help="torch device of the SimpleBits training, e.g. cuda")
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
 
     import torch
 
     from keepbits.data import channel_stats, load_dataset
-    from keepbits.training.checkpoint import model_entry, save_checkpoint
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
+    from keepbits.training.classifier import fit_classifier
+    from keepbits.training.data import TensorArrays
     from keepbits.training.density import images_to_unit
     from keepbits.training.distractors import removal_scores, write_distractor_npz
-    from keepbits.training.simplebits import SimpleBitsConfig, build_classifier, fit_classifier, load_simplebits, simplify, train_simplebits
+    from keepbits.training.simplebits import SimpleBitsConfig, build_classifier, load_simplebits, retrain_config, simplify, train_simplebits
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="simplebits_distractors_"))
@@ -66,16 +70,17 @@ def main() -> None:
             train = load_dataset(npz, "train")
             mean, std = channel_stats(train.x)
             c, h, w = train.shape_chw
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             clf, kwargs = build_classifier(args.arch, c, train.num_classes, (h, w), mean, std)
-            fit_classifier(clf, images_to_unit(train.x), torch.from_numpy(train.y), args.pretrain_steps, args.batch_size)
-            pretrained = save_checkpoint(work / f"{kind}_classifier.pt", {
-                "kind": "classifier", "models": {"classifier": model_entry(args.arch, kwargs, clf.net)},
-                "normalization": {"mean": mean, "std": std}, "class_names": train.class_names})
+            fit_classifier(clf, TensorArrays(images_to_unit(train.x), train.y), retrain_config(args.pretrain_steps, args.batch_size, seed=args.seed))
+            clf = clf.cpu()
+            pretrained = save_checkpoint(work / f"{kind}_classifier.pt", Checkpoint(
+                kind="classifier", models={"classifier": ModelEntry.of(args.arch, kwargs, clf.net)}, input_shape=[c, h, w],
+                normalization=Normalization(mean, std), class_names=train.class_names))
         cfg = SimpleBitsConfig(data=str(npz), out=str(work / f"{kind}.pt"), density=args.density, arch=args.arch,
                                classifier=str(pretrained) if pretrained else None,
                                lambda_sim=args.lambda_sim, steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr, inner_lr=args.inner_lr,
-                               unet_base=args.unet_base, max_test=None, threads=args.threads)
+                               unet_base=args.unet_base, max_test=None, threads=args.threads, seed=args.seed, device=args.device)
         metrics = train_simplebits(cfg)["metrics"]
         simplifier, _, _ = load_simplebits(cfg.out)
         with np.load(npz) as f:

@@ -13,7 +13,6 @@ accuracy vs bpd per mode).
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 import time
@@ -39,16 +38,12 @@ def gaussian_blur(x, sigma: float):
 
 
 def jpeg(x, quality: int):
-    """JPEG round trip (PIL) of N×C×H×W [0, 1] images at ``quality``."""
+    """JPEG round trip (:func:`keepbits.codec.encode_image`) of N×C×H×W [0, 1] images at ``quality``."""
     import torch
-    from PIL import Image
 
-    out = []
-    for img in (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8):
-        buf = io.BytesIO()
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="JPEG", quality=quality)
-        dec = np.asarray(Image.open(io.BytesIO(buf.getvalue())))
-        out.append(dec[..., None] if dec.ndim == 2 else dec)
+    from keepbits.codec import decode_image, encode_image
+
+    out = [decode_image(encode_image(img, "jpeg", quality), "jpeg") for img in (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)]
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -88,24 +83,28 @@ def main() -> None:
                    help="whose simplifier's images the 'retrain' mode trains a fresh classifier on (the paper: joint)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sim-lr", type=float, default=5e-4, help="simplifier AdamW lr (the paper's 5e-4; 2e-3 diverged in joint training, docs/simplebits.md)")
-    p.add_argument("--inner-lr", type=float, default=0.01, help="SGD learning rate of the unrolled classifier step")
+    p.add_argument("--inner-lr", type=float, default=None, help="lr of the unrolled AdamW step of the classifier (default: the classifier's lr, as in the paper)")
     p.add_argument("--unet-base", type=int, default=8)
     p.add_argument("--classifier-steps", type=int, default=150, help="plain AdamW steps for baseline / retrained classifiers")
     p.add_argument("--blur-sigmas", type=float, nargs="*", default=[])
     p.add_argument("--jpeg-qualities", type=int, nargs="*", default=[])
     p.add_argument("--mse-lambdas", type=float, nargs="*", default=[], help="S7 baseline: simplifier trained on MSE + λ·bpd")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seed of every initialisation and batch order (the data samples stay seed 0)")
+    p.add_argument("--device", default=None, help="torch device of the SimpleBits training, e.g. cuda (fresh classifiers use CUDA when present)")
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
 
     import torch
 
     from keepbits.data import channel_stats, load_dataset
-    from keepbits.training.checkpoint import model_entry, save_checkpoint
+    from keepbits.core import accuracy
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
+    from keepbits.training.classifier import fit_classifier, predict_logits
+    from keepbits.training.data import TensorArrays
     from keepbits.training.density import images_to_unit, load_density
     from keepbits.training.simplebits import (
-        SimpleBitsConfig, accuracy, build_classifier, fit_classifier, load_simplebits, mean_bpd, simplify, train_mse_simplifier,
-        train_simplebits,
+        SimpleBitsConfig, build_classifier, load_simplebits, mean_bpd, retrain_config, simplify, train_mse_simplifier, train_simplebits,
     )
     from keepbits import registry
 
@@ -116,7 +115,7 @@ def main() -> None:
     xtr, ytr = images_to_unit(train.x), torch.from_numpy(train.y)
     xte, yte = images_to_unit(test.x), torch.from_numpy(test.y)
     mean, std = channel_stats(train.x)
-    flow = load_density(args.density)
+    flow = load_density(args.density).to(args.device or "cpu")
     c, h, w = train.shape_chw
     work = Path(tempfile.mkdtemp(prefix="simplebits_sweep_"))
     rows: list[dict] = []
@@ -137,35 +136,36 @@ def main() -> None:
                             "protocol": "accuracy on simplified/transformed test images; bpd = mean test bpd under the density model"})
 
     def fresh_fit(x_train) -> torch.nn.Module:
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         clf, _ = build_classifier(args.arch, c, train.num_classes, (h, w), mean, std)
-        return fit_classifier(clf, x_train, ytr, args.classifier_steps, args.batch_size)
+        return fit_classifier(clf, TensorArrays(x_train, ytr), retrain_config(args.classifier_steps, args.batch_size, seed=args.seed))
 
     t0 = time.time()
     base = fresh_fit(xtr)
-    record({"mode": "original", "bpd": mean_bpd(flow, xte), "accuracy": accuracy(base, xte, yte), "wall_s": time.time() - t0}, xte)
+    record({"mode": "original", "bpd": mean_bpd(flow, xte), "accuracy": accuracy(predict_logits(base, xte), yte), "wall_s": time.time() - t0}, xte)
     pretrained = work / "pretrained.pt"
-    save_checkpoint(pretrained, {"kind": "classifier", "models": {"classifier": model_entry(args.arch, {"in_channels": c, "num_classes": train.num_classes, "image_size": [h, w]}, base.net)},
-                                 "normalization": {"mean": mean, "std": std}, "class_names": train.class_names})
+    save_checkpoint(pretrained, Checkpoint(
+        kind="classifier", models={"classifier": ModelEntry.of(args.arch, {"in_channels": c, "num_classes": train.num_classes, "image_size": [h, w]}, base.net.cpu())},
+        input_shape=[c, h, w], normalization=Normalization(mean, std), class_names=train.class_names))
 
     for sigma in args.blur_sigmas:
         t0 = time.time()
         clf = fresh_fit(gaussian_blur(xtr, sigma))
         xb = gaussian_blur(xte, sigma)
-        record({"mode": "blur", "sigma": sigma, "bpd": mean_bpd(flow, xb), "accuracy": accuracy(clf, xb, yte), "wall_s": time.time() - t0}, xb)
+        record({"mode": "blur", "sigma": sigma, "bpd": mean_bpd(flow, xb), "accuracy": accuracy(predict_logits(clf, xb), yte), "wall_s": time.time() - t0}, xb)
     for q in args.jpeg_qualities:
         t0 = time.time()
         clf = fresh_fit(jpeg(xtr, q))
         xj = jpeg(xte, q)
-        record({"mode": "jpeg", "quality": q, "bpd": mean_bpd(flow, xj), "accuracy": accuracy(clf, xj, yte), "wall_s": time.time() - t0}, xj)
+        record({"mode": "jpeg", "quality": q, "bpd": mean_bpd(flow, xj), "accuracy": accuracy(predict_logits(clf, xj), yte), "wall_s": time.time() - t0}, xj)
     for lam in args.mse_lambdas:
         t0 = time.time()
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         sim = registry.build("simplebits_unet", kind="simplifier", in_channels=c, base=args.unet_base)
-        sim = train_mse_simplifier(sim, flow, xtr, lam, args.steps, args.batch_size, lr=args.sim_lr)
+        sim = train_mse_simplifier(sim, flow, xtr, lam, args.steps, args.batch_size, lr=args.sim_lr, seed=args.seed)
         clf = fresh_fit(simplify(sim, xtr))
         xs = simplify(sim, xte)
-        record({"mode": "mse_bpd", "lambda_sim": lam, "bpd": mean_bpd(flow, xs), "accuracy": accuracy(clf, xs, yte), "wall_s": time.time() - t0}, xs)
+        record({"mode": "mse_bpd", "lambda_sim": lam, "bpd": mean_bpd(flow, xs), "accuracy": accuracy(predict_logits(clf, xs), yte), "wall_s": time.time() - t0}, xs)
 
     for lam in args.lambdas:
         for mode in [m for m in ("joint", "finetune") if m in args.modes or (m == args.retrain_from and "retrain" in args.modes)]:
@@ -173,7 +173,7 @@ def main() -> None:
             out = work / f"{mode}_{lam}.pt"
             cfg = SimpleBitsConfig(data=str(root), out=str(out), density=args.density, arch=args.arch, lambda_sim=lam,
                                    steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr, inner_lr=args.inner_lr, unet_base=args.unet_base,
-                                   max_train=args.max_train, max_test=args.max_test, threads=args.threads,
+                                   max_train=args.max_train, max_test=args.max_test, threads=args.threads, seed=args.seed, device=args.device,
                                    classifier=str(pretrained) if mode == "finetune" else None)
             m = train_simplebits(cfg)["metrics"]
             simplifier, _, _ = load_simplebits(out)
@@ -184,7 +184,7 @@ def main() -> None:
                 t0 = time.time()
                 clf = fresh_fit(simplify(simplifier, xtr))
                 xs = simplify(simplifier, xte)
-                record({"mode": "retrain", "simplifier_from": mode, "lambda_sim": lam, "bpd": mean_bpd(flow, xs), "accuracy": accuracy(clf, xs, yte),
+                record({"mode": "retrain", "simplifier_from": mode, "lambda_sim": lam, "bpd": mean_bpd(flow, xs), "accuracy": accuracy(predict_logits(clf, xs), yte),
                         "wall_s": time.time() - t0}, xs)
 
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from _results import default_data_dir, write_result
-from sis_speed import balanced_sample
-from keepbits.data import load_dataset
+from keepbits.data import load_dataset, sample_indices
 
 
 def audit_command(model: Path, data: Path, out: Path, threshold: float, processes: int) -> list[str]:
@@ -53,7 +52,7 @@ def main() -> int:
     if args.data is None or not (args.data / "cifar10").is_dir():
         parser.error(f"CIFAR-10 not found under {args.data} (pass --data)")
     test = load_dataset(args.data / "cifar10", "test")
-    pick = balanced_sample(test.y, args.images, args.seed)
+    pick = sample_indices(test.y, args.images, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     sample = args.out / "images.npz"
     np.savez(sample, x=test.x[pick], y=test.y[pick], class_names=np.array(test.class_names))

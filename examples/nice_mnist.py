@@ -19,7 +19,8 @@ import torch
 from keepbits.data import load_dataset, sample_mnist_path
 from keepbits.training.classifier import ClassifierConfig, train_classifier
 from keepbits.training.data import TensorImages
-from keepbits.training.nice import NiceConfig, load_nice, mask_and_mix, to_uint8, train_nice
+from keepbits.training.nice import NiceConfig, load_nice, mask_and_mix, train_nice
+from keepbits.training.nice_eval import to_uint8
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
 
@@ -40,12 +41,13 @@ def main() -> None:
                                  block_size=28, lambda_l0=args.lambda_l0, lr=1e-2, epochs=1, max_train=args.max_train))
     print("NICE on the test set:", nice["final"])
 
-    generator, _, record = load_nice(nice["checkpoint"])
+    generator, _, ckpt = load_nice(nice["checkpoint"])
+    norm = ckpt.normalization
     test = load_dataset(args.data, "test")
-    x, _ = next(TensorImages(test.subset(np.arange(8)), record["normalization"]["mean"], record["normalization"]["std"]).batches(8))
+    x, _ = next(TensorImages(test.subset(np.arange(8)), norm.mean, norm.std).batches(8))
     with torch.no_grad():
         z_hat, mixed = mask_and_mix(generator, x, 28)
-    mixed = to_uint8(mixed, record["normalization"]["mean"], record["normalization"]["std"])
+    mixed = to_uint8(mixed, norm.mean, norm.std)
 
     import matplotlib
 

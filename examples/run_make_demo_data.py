@@ -3,7 +3,7 @@ real photographs (Kodak). Training frames use MNIST-train digits on kodim01–20
 split and the shipped stream use MNIST-test digits on the held-out kodim21–24.
 
     python examples/run_make_demo_data.py --data ../shared/data --out demo-data \
-        --stream src/keepbits/assets/demo_stream.mp4
+        --stream demo_stream.mp4
 
 Writes ``OUT/train.npz`` and ``OUT/test.npz`` (``x`` N×size×size×3 RGB at the model size,
 ``y``, ``class_names``) for ``keepbits train classifier/nice``, and the stream video

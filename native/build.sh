@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the keepbits native kernels into native/build/.
 #
-#   native/build.sh [--optional] [--cuda]
+#   native/build.sh [--optional] [--cuda] [--offline]
 #
 # ONNX Runtime's C API headers come from, in order: $ONNXRUNTIME_INCLUDE_DIR, the system
 # (/usr/include/onnxruntime, /usr/local/include/onnxruntime), native/.cache (a previous
@@ -9,8 +9,12 @@
 # (pinned 1.21 .deb checked by sha256, else `apt-get download` from a private trixie list).
 # --optional: exit 0 with a message when no compiler, cmake or headers are available
 #             (keepbits then runs the ONNX function bodies).
-# --cuda:     also build native/cuda (CUDA kernels, ORT CUDA ops; TensorRT plugin when
-#             TENSORRT_INCLUDE_DIR holds NvInfer.h).
+# --cuda:     also build native/cuda (CUDA kernels, their C entry points, ORT CUDA ops; TensorRT
+#             plugin when TENSORRT_INCLUDE_DIR holds NvInfer.h). Architectures: $CUDAARCHS
+#             (e.g. CUDAARCHS=90), default 80;90.
+# --offline:  never fetch the headers; with --cuda and no headers found, build only what needs
+#             none (the CUDA kernels, keepbits_cuda_test, libkeepbits_cuda_c.so).
+# $KEEPBITS_NATIVE_BUILD_DIR: build folder (default native/build).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,11 +22,13 @@ cache="$here/.cache"
 build="${KEEPBITS_NATIVE_BUILD_DIR:-$here/build}"
 optional=0
 cuda=OFF
+offline=0
 for arg in "$@"; do
   case "$arg" in
     --optional) optional=1 ;;
     --cuda) cuda=ON ;;
-    *) echo "usage: $0 [--optional] [--cuda]" >&2; exit 2 ;;
+    --offline) offline=1 ;;
+    *) echo "usage: $0 [--optional] [--cuda] [--offline]" >&2; exit 2 ;;
   esac
 done
 
@@ -79,13 +85,18 @@ include=""
 for dir in "${ONNXRUNTIME_INCLUDE_DIR:-}" /usr/include/onnxruntime /usr/local/include/onnxruntime "$cache/ort/usr/include/onnxruntime"; do
   if [ -n "$dir" ] && [ -f "$dir/onnxruntime_c_api.h" ]; then include="$dir"; break; fi
 done
-if [ -z "$include" ]; then
+ort=ON
+if [ -z "$include" ] && [ "$offline" = 1 ]; then
+  [ "$cuda" = ON ] || give_up "ONNX Runtime headers not found (--offline: not fetched); set ONNXRUNTIME_INCLUDE_DIR"
+  echo "keepbits native: no ONNX Runtime headers (--offline): building the CUDA kernels only, no ORT libraries" >&2
+  ort=OFF
+elif [ -z "$include" ]; then
   echo "keepbits native: fetching ONNX Runtime headers (Debian libonnxruntime-dev) into $cache" >&2
   fetch_headers || give_up "ONNX Runtime headers not found and could not be fetched; set ONNXRUNTIME_INCLUDE_DIR"
   include="$cache/ort/usr/include/onnxruntime"
 fi
 
-cmake -S "$here" -B "$build" -DCMAKE_BUILD_TYPE=Release -DONNXRUNTIME_INCLUDE_DIR="$include" \
+cmake -S "$here" -B "$build" -DCMAKE_BUILD_TYPE=Release -DKEEPBITS_ORT="$ort" ${include:+-DONNXRUNTIME_INCLUDE_DIR="$include"} \
   -DKEEPBITS_CUDA="$cuda" ${TENSORRT_INCLUDE_DIR:+-DTENSORRT_INCLUDE_DIR="$TENSORRT_INCLUDE_DIR"} >/dev/null \
   || give_up "cmake configure failed"
 cmake --build "$build" -j "${KEEPBITS_BUILD_JOBS:-2}" || give_up "build failed"

@@ -88,12 +88,22 @@ def test_symlink_refused(tmp_path):
 
 
 def test_zip_slip_refused(tmp_path):
-    bad = tmp_path / "bad.zip"
-    with zipfile.ZipFile(bad, "w") as zf:
-        zf.writestr("manifest.json", "{}")
-        zf.writestr("../escape.txt", "x")
-    with pytest.raises(BundleError, match="outside the bundle"):
-        load_bundle(bad)
+    """A manifest listing ``../escape.txt`` is refused; an unlisted member of that name is never read."""
+    good = write_bundle(tmp_path / "good.zip", _manifest(), {"model.onnx": _model_bytes()})
+    with zipfile.ZipFile(good) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    for listed in (True, False):
+        bad = tmp_path / f"bad{listed}.zip"
+        with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as zf:
+            zf.writestr("manifest.json", json.dumps({**manifest, "files": {**manifest["files"], "../escape.txt": "0" * 64}})
+                        if listed else src.read("manifest.json"))
+            zf.writestr("model.onnx", src.read("model.onnx"))
+            zf.writestr("../escape.txt", "x")
+        if listed:
+            with pytest.raises(BundleError, match="outside the bundle"):
+                load_bundle(bad)
+        else:
+            assert not (load_bundle(bad).root / ".." / "escape.txt").exists()
     assert not (tmp_path.parent / "escape.txt").exists()
 
 
@@ -109,7 +119,7 @@ def test_external_data_outside_refused(tmp_path):
 def test_bad_manifest_fields(tmp_path):
     with pytest.raises(BundleError, match="block_size"):
         write_bundle(tmp_path / "b", _manifest(block_size=0), {"model.onnx": _model_bytes()})
-    with pytest.raises(BundleError, match="mean/std"):
+    with pytest.raises(BundleError, match="mean must be 3"):
         write_bundle(tmp_path / "b", _manifest(mean=[0.5]), {"model.onnx": _model_bytes()})
     with pytest.raises(BundleError, match="output_names"):  # x̃ may be left out, the mask may not
         write_bundle(tmp_path / "b", _manifest(output_names=["logits", "mixed"]), {"model.onnx": _model_bytes()})

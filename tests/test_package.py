@@ -46,5 +46,6 @@ def test_wheel_holds_every_layer(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("keepbits/__init__.py", "keepbits/training/classifier.py", "keepbits/export/__init__.py",
                    "keepbits/core/compose.py", "keepbits/runtime/pipeline.py", "keepbits/audit/cid_report.py",
-                   "keepbits/assets/mnist_sample.npz", "keepbits/assets/demo_bundle.zip"):
+                   "keepbits/assets/mnist_sample.npz", "keepbits/assets/lite0_nice_bundle.zip",
+                   "keepbits/assets/bottle_clip.mp4", "keepbits/assets/LICENSE-CC-BY-4.0"):
         assert module in names, module

@@ -1,9 +1,12 @@
 // GPU check of nice_kernels.cu against the CPU kernels (cpu/nice_kernels.h, themselves tested
 // against keepbits.core): random log α and x, batch 1–8, odd sizes, b ∈ {1, 2, 8, size}, both
-// the fused and the unfused path. Prints the worst errors; exit code 1 above 1e-5.
+// the fused and the unfused path. Prints the worst errors and how many values differ from the
+// CPU kernels' in any bit (b = 1 must give x̃ = x exactly, as the CPU kernels do); exit code 1
+// above 1e-5 or when a b = 1 x̃ differs from x.
 //   native/build/keepbits_cuda_test [seed]
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <random>
 #include <vector>
@@ -39,12 +42,19 @@ static double max_diff(const std::vector<float>& a, const std::vector<float>& b)
   return worst;
 }
 
+static int64_t bits_differ(const std::vector<float>& a, const std::vector<float>& b) {
+  int64_t count = 0;
+  for (size_t i = 0; i < a.size(); ++i) count += std::memcmp(&a[i], &b[i], sizeof(float)) != 0;
+  return count;
+}
+
 int main(int argc, char** argv) {
   const unsigned seed = argc > 1 ? unsigned(std::strtoul(argv[1], nullptr, 10)) : std::random_device{}();
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
   double worst_mask = 0.0, worst_mixed = 0.0;
+  int64_t mask_values = 0, mixed_values = 0, mask_differ = 0, mixed_differ = 0, b1_not_x = 0;
   const int sizes[][2] = {{37, 51}, {1, 1}, {224, 224}, {int(rng() % 60) + 1, int(rng() % 60) + 1}};
   for (const auto& hw : sizes) {
     const int64_t h = hw[0], w = hw[1], n = int64_t(rng() % 8) + 1, c = 3;
@@ -74,13 +84,22 @@ int main(int argc, char** argv) {
           CHECK(keepbits::cuda::mixed_res(d_x, d_mask, d_mixed, cs, ws, 0));
         }
         CHECK(cudaDeviceSynchronize());
-        worst_mask = std::fmax(worst_mask, max_diff(to_host(d_mask, la.size()), ref_mask));
-        worst_mixed = std::fmax(worst_mixed, max_diff(to_host(d_mixed, x.size()), ref_mixed));
+        const std::vector<float> mask = to_host(d_mask, la.size()), mixed = to_host(d_mixed, x.size());
+        worst_mask = std::fmax(worst_mask, max_diff(mask, ref_mask));
+        worst_mixed = std::fmax(worst_mixed, max_diff(mixed, ref_mixed));
+        mask_values += int64_t(mask.size());
+        mixed_values += int64_t(mixed.size());
+        mask_differ += bits_differ(mask, ref_mask);
+        mixed_differ += bits_differ(mixed, ref_mixed);
+        if (b == 1) b1_not_x += bits_differ(mixed, x);
       }
       for (void* p : {static_cast<void*>(d_la), static_cast<void*>(d_x), static_cast<void*>(d_mask), static_cast<void*>(d_mixed), ws})
         CHECK(cudaFree(p));
     }
   }
-  std::printf("{\"seed\": %u, \"mask_max_abs\": %.3g, \"mixed_max_abs\": %.3g}\n", seed, worst_mask, worst_mixed);
-  return worst_mask <= 1e-5 && worst_mixed <= 1e-5 ? 0 : 1;
+  std::printf("{\"seed\": %u, \"mask_max_abs\": %.3g, \"mixed_max_abs\": %.3g, \"mask_values\": %lld, "
+              "\"mask_bits_differ\": %lld, \"mixed_values\": %lld, \"mixed_bits_differ\": %lld, \"b1_mixed_not_x\": %lld}\n",
+              seed, worst_mask, worst_mixed, (long long)mask_values, (long long)mask_differ, (long long)mixed_values,
+              (long long)mixed_differ, (long long)b1_not_x);
+  return worst_mask <= 1e-5 && worst_mixed <= 1e-5 && b1_not_x == 0 ? 0 : 1;
 }

@@ -19,3 +19,45 @@ def sibling_temp(path: str | Path) -> Path:
     """
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def writable_file(path: str | Path, what: str = "output") -> Path:
+    """``path`` as a file this process can write, checked before any work: not a folder, its
+    folder created, a probe file written (and removed) next to it; :class:`InputError` if not.
+
+    Example:
+        >>> import tempfile
+        >>> from keepbits._fs import writable_file
+        >>> writable_file(tempfile.mkdtemp(), "summary")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        keepbits.errors.InputError: summary /tmp/tmpabcd is a folder, not a file
+    """
+    from keepbits.errors import InputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = sibling_temp(path)
+        with open(probe, "x"):
+            pass
+        probe.unlink()
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as exc:
+        raise InputError(f"cannot write {what} {path} ({exc.strerror or exc})") from None
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a sibling temp file, then ``os.replace``)."""
+    path = Path(path)
+    tmp = sibling_temp(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -59,6 +59,15 @@ def library_path() -> Path | None:
     return None
 
 
+def _load_error(options: Any, path: Path) -> str | None:
+    """Register the library at ``path`` on ``options``; None, or why ONNX Runtime refused it."""
+    try:
+        options.register_custom_ops_library(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/RuntimeError types
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
 def register(options: Any) -> bool:
     """Register the native kernels on an ``onnxruntime.SessionOptions``; True when registered.
 
@@ -69,11 +78,9 @@ def register(options: Any) -> bool:
         _warn_once("missing", "native keepbits kernels not found (build them with native/build.sh); "
                    "ONNX Runtime runs the ONNX function bodies of the keepbits ops instead")
         return False
-    try:
-        options.register_custom_ops_library(str(path))
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/RuntimeError types
-        _warn_once(f"load:{path}", f"native keepbits kernels at {path} did not load ({str(exc).splitlines()[0]}); "
-                   "using the ONNX function bodies")
+    error = _load_error(options, path)
+    if error is not None:
+        _warn_once(f"load:{path}", f"native keepbits kernels at {path} did not load ({error}); using the ONNX function bodies")
         return False
     return True
 
@@ -85,16 +92,56 @@ def available() -> bool:
     return library_path() is not None and register(ort.SessionOptions())
 
 
-def session_options(native: bool = True, threads: int | None = None) -> Any:
-    """A fresh ``onnxruntime.SessionOptions``, with the native kernels when ``native`` and present.
+def status() -> dict[str, Any]:
+    """Whether the native library was found and loads into this ONNX Runtime, and if not, why
+    (for ``keepbits doctor`` and ``keepbits info``): ``path``, ``found``, ``loaded``, ``reason``
+    and ``requested`` (True when ``$KEEPBITS_NATIVE_LIB`` names a library: then a failure is an
+    error, not the fallback).
 
-    ``threads`` sets the intra-op thread count (default: ONNX Runtime's choice).
+    Example:
+        >>> from keepbits import native
+        >>> s = native.status()
+        >>> s["loaded"] == native.available(), s["loaded"] or bool(s["reason"])
+        (True, True)
+    """
+    import onnxruntime as ort
+
+    requested = bool(os.environ.get(_ENV_PATH))
+    report: dict[str, Any] = {"path": None, "found": False, "loaded": False, "reason": None, "requested": requested}
+    if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return {**report, "reason": f"disabled by {_ENV_SWITCH}={os.environ[_ENV_SWITCH]}"}
+    try:
+        path = library_path()
+    except InputError as exc:
+        return {**report, "reason": str(exc)}
+    if path is None:
+        return {**report, "reason": f"{LIBRARY_NAME} not found: not in the package and not built in native/build "
+                                    f"(native/build.sh builds it; {_ENV_PATH} names one)"}
+    error = _load_error(ort.SessionOptions(), path)
+    return {**report, "path": str(path), "found": True, "loaded": error is None,
+            "reason": None if error is None else f"ONNX Runtime {ort.__version__} cannot load it: {error}"}
+
+
+def session_options(threads: int | None = None, *, native: bool = True, spinning: bool = False) -> Any:
+    """A fresh ``onnxruntime.SessionOptions`` as keepbits uses them: ``threads`` intra-op threads
+    (None: ONNX Runtime's choice, one per core), the native kernels registered when ``native``
+    and present, and spinning off unless ``spinning``.
+
+    Spinning intra-op threads busy-wait between operators; next to a stream's writer and
+    grabber threads (or other processes) they take the cores those need and are themselves
+    preempted inside parallel operators, so keepbits turns spinning off by default.
+
+    Example:
+        >>> from keepbits.native import session_options
+        >>> session_options(2, native=False).intra_op_num_threads
+        2
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if threads is not None:
+    if threads:
         options.intra_op_num_threads = int(threads)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if native:
         register(options)
     return options
@@ -111,7 +158,7 @@ def make_session(model: str | os.PathLike | bytes, native: bool = True, provider
     import onnxruntime as ort
 
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=session_options(native, threads),
+    return ort.InferenceSession(source, sess_options=session_options(threads, native=native),
                                 providers=list(providers) if providers else ["CPUExecutionProvider"])
 
 
@@ -150,4 +197,4 @@ def c_function(name: str) -> Any | None:
     return fn
 
 
-__all__ = ["LIBRARY_NAME", "library_path", "register", "available", "session_options", "make_session", "c_function"]
+__all__ = ["LIBRARY_NAME", "library_path", "register", "available", "status", "session_options", "make_session", "c_function"]

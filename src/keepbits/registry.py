@@ -5,6 +5,13 @@ Providers register builders with :func:`register`; the registry imports provider
 (which need torch) only when a model is listed or built, so ``import keepbits`` stays
 torch-free.
 
+Third-party models (plugins) register the same way, from a module keepbits imports before
+it lists or builds models: a module named in the environment variable ``KEEPBITS_PLUGINS``
+(comma-separated), one passed to :func:`load_plugins`, or one an installed package declares
+as an entry point in the group ``keepbits.models`` (``[project.entry-points."keepbits.models"]``
+``mymodels = "mypkg.models"``). :func:`resolve` also takes ``package.module:factory``, a
+callable that returns the model, without registering it.
+
 Example:
     >>> from keepbits import registry
     >>> "lenet5" in registry.names("classifier")
@@ -13,8 +20,10 @@ Example:
 from __future__ import annotations
 
 import importlib
+import os
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from keepbits.errors import InputError
 
@@ -27,7 +36,11 @@ PROVIDERS = (
     "keepbits.training.models.fast_generators",
     "keepbits.training.models.simplifiers",
     "keepbits.training.models.density",
+    "keepbits.training.models.efficientnet_lite",
+    "keepbits.training.models.onnx_classifier",
 )
+#: Entry-point group of installed plugin packages, and the environment variable naming plugin modules.
+PLUGIN_GROUP, PLUGIN_ENV = "keepbits.models", "KEEPBITS_PLUGINS"
 
 
 @dataclass(frozen=True)
@@ -42,31 +55,73 @@ _MODELS: dict[str, ModelSpec] = {}
 _loaded = False
 
 
+def _same_builder(a: Callable, b: Callable) -> bool:
+    """One builder, or the same function defined again (its module imported a second time)."""
+    return a is b or (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == \
+        (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+
+
 def register(name: str, kind: str, description: str = "") -> Callable:
-    """Decorator registering ``builder(**kwargs) -> torch.nn.Module`` under ``name``."""
+    """Decorator registering ``builder(**kwargs) -> torch.nn.Module`` under ``name``.
+
+    Registering the same builder again (a module imported twice) replaces it; a different
+    builder under a taken name is a :class:`ValueError`.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
 
     def wrap(builder: Callable) -> Callable:
-        if name in _MODELS and _MODELS[name].builder is not builder:
-            raise ValueError(f"model name {name!r} is registered twice")
+        taken = _MODELS.get(name)
+        if taken is not None and not (taken.kind == kind and _same_builder(taken.builder, builder)):
+            where = f"{getattr(taken.builder, '__module__', '?')}.{getattr(taken.builder, '__qualname__', '?')}"
+            raise ValueError(f"model name {name!r} is already registered by {where}")
         _MODELS[name] = ModelSpec(name, kind, builder, description or (builder.__doc__ or "").strip().split("\n")[0])
         return builder
 
     return wrap
 
 
+def _import(module: str, what: str) -> Any:
+    """Import ``module``; one-line :class:`InputError` naming ``what`` asked for it when that fails."""
+    if not module or not all(part.isidentifier() for part in module.split(".")):
+        raise InputError(f"{what}: {module!r} is not a module name")
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - third-party code may fail at import in any way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"{what}: cannot import {module!r} ({type(exc).__name__}: {first})") from None
+
+
+def load_plugins(modules: Iterable[str]) -> None:
+    """Import the plugin ``modules`` (each registers its models at import); :class:`InputError`
+    naming the first that cannot be imported."""
+    for module in modules:
+        _import(module.strip(), "plugin")
+
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=PLUGIN_GROUP):
+        try:
+            point.load()
+        except Exception as exc:  # noqa: BLE001 - an installed plugin that is broken must not stop keepbits
+            warnings.warn(f"keepbits plugin {point.name!r} ({point.value}) failed to load: {type(exc).__name__}: {exc}", stacklevel=2)
+
+
 def _load_providers() -> None:
     global _loaded
-    if _loaded:
-        return
-    for module in PROVIDERS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:  # a provider that exists but fails to import is a bug
-                raise
-    _loaded = True
+    if not _loaded:
+        for module in PROVIDERS:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name != module:  # a provider that exists but fails to import is a bug
+                    raise
+        _loaded = True  # before the plugins: a plugin that lists models at import must not recurse
+        _load_entry_points()
+    # every time (an imported module is a dictionary look-up): a failing one keeps failing loudly
+    load_plugins(m for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip())
 
 
 def names(kind: str | None = None) -> list[str]:
@@ -87,3 +142,28 @@ def spec(name: str, kind: str | None = None) -> ModelSpec:
 def build(name: str, kind: str | None = None, **kwargs: Any) -> Any:
     """Build the registered model ``name`` with ``kwargs`` (e.g. ``in_channels``, ``num_classes``)."""
     return spec(name, kind).builder(**kwargs)
+
+
+def resolve(name_or_factory: str, kind: str | None = None) -> Callable[..., Any]:
+    """The builder of a registered model name, or the callable ``package.module:factory``
+    (imported; a dotted attribute path after the colon is followed). :class:`InputError` (one
+    line) when the name is unknown or the module or attribute cannot be imported.
+
+    Example:
+        >>> from keepbits import registry
+        >>> registry.resolve("lenet5") is registry.spec("lenet5").builder
+        True
+        >>> registry.resolve("collections:OrderedDict")()
+        OrderedDict()
+    """
+    if ":" not in name_or_factory:
+        return spec(name_or_factory, kind).builder
+    module_name, _, attribute = name_or_factory.partition(":")
+    target: Any = _import(module_name, f"model factory {name_or_factory!r}")
+    for part in attribute.split("."):
+        if not part.isidentifier() or not hasattr(target, part):
+            raise InputError(f"model factory {name_or_factory!r}: {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise InputError(f"model factory {name_or_factory!r} is a {type(target).__name__}, not a callable")
+    return target

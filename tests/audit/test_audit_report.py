@@ -80,12 +80,16 @@ def test_import_audit_is_torch_free():
 
 
 def test_written_files_get_the_umask_permissions_not_0600(tmp_path):
-    from keepbits.training.checkpoint import save_checkpoint
+    from keepbits import registry
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
+
+    entry = ModelEntry.of("lenet5", {}, registry.build("lenet5"))
 
     old = os.umask(0o022)
     try:
         paths = Report("perm").write(tmp_path)
-        paths.append(save_checkpoint(tmp_path / "c.pt", {"kind": "classifier"}))
+        paths.append(save_checkpoint(tmp_path / "c.pt", Checkpoint(kind="classifier", models={"classifier": entry}, input_shape=[1, 28, 28],
+                                                                   normalization=Normalization([0.1], [0.3]), class_names=list("0123456789"))))
     finally:
         os.umask(old)
     assert [oct(p.stat().st_mode & 0o777) for p in paths] == ["0o644"] * 3

@@ -1,9 +1,5 @@
-"""Overinterpretation pipeline, sharded/resumable orders (torchrun, 2 processes), CLI reports."""
+"""Overinterpretation pipeline: subsets, statistics, the whole audit (models cached and resumed), CLI reports."""
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -11,59 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from keepbits.audit.overinterpretation import (  # noqa: E402
-    backselect_subsets,
-    compute_orders,
-    mean_ci,
-    random_subsets,
-    sis_size_stats,
+    backselect_subsets, common_sis_sizes, difference_ci, mean_ci, random_subsets, sis_size_stats, split_halves, subset_overlap,
 )
 from keepbits.audit.sis import BackSelectResult  # noqa: E402
-
-MODEL_SCRIPT = textwrap.dedent("""
-    import sys, numpy as np, torch
-    from keepbits.audit import TorchAdapter
-    from keepbits.audit.overinterpretation import compute_orders
-
-    def setup():
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
-        return TorchAdapter(net, (1, 6, 6)), np.random.default_rng(0).normal(size=(7, 1, 6, 6)).astype(np.float32)
-
-    if __name__ == "__main__":
-        model, x = setup()
-        for method in ("gradient", "incremental"):
-            compute_orders(model, x, f"{sys.argv[1]}/{method}", method, k=5, chunk=2, progress=False)
-""")
-
-
-def _orders(folder):
-    out = []
-    for name in sorted(os.listdir(folder)):
-        out += [(r["order"], r["scores"]) for r in json.loads((folder / name).read_text())["results"]]
-    return out
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_and_resume(tmp_path, monkeypatch, free_port):
-    script = tmp_path / "orders_script.py"
-    script.write_text(MODEL_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-                    str(script), str(tmp_path / "multi")], check=True, env=env, capture_output=True)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from orders_script import setup
-
-    model, x = setup()
-    for method in ("gradient", "incremental"):
-        single = compute_orders(model, x, tmp_path / "single" / method, method, k=5, chunk=2, progress=False)
-        assert len(single) == 7 and _orders(tmp_path / "single" / method) == _orders(tmp_path / "multi" / method)
-    # resume: a deleted chunk is recomputed, the others are reused untouched
-    folder = tmp_path / "multi" / "incremental"
-    kept = folder / "chunk_0000002.json"
-    stamp = kept.stat().st_mtime_ns
-    (folder / "chunk_0000004.json").unlink()
-    compute_orders(model, x, folder, "incremental", k=5, chunk=2, progress=False)
-    assert kept.stat().st_mtime_ns == stamp and _orders(folder) == _orders(tmp_path / "single" / "incremental")
 
 
 def test_subsets_and_stats():
@@ -76,18 +22,53 @@ def test_subsets_and_stats():
     assert np.array_equal(r1[:1], r2) and (r1.reshape(2, -1) != 0).sum(1).tolist() == [3, 3]
     stats = sis_size_stats(orders, np.array([0, 0]), [0.5])[0]
     assert stats["images_at_threshold"] == 2 and stats["size_correct"]["n"] == 1 and stats["size_wrong"]["n"] == 1
+    assert stats["wrong_minus_correct"]["direction"] == "too few images"
     assert mean_ci([1.0, 1.0])["ci95"] == 0.0
+    assert subset_overlap(orders, orders, 0.1)["mean"] == 1.0 and subset_overlap(orders, orders[::-1], 0.1)["mean"] == 0.0
+
+
+def test_difference_ci_states_the_direction_only_when_the_interval_excludes_zero():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(0.05, 0.01, 200), rng.normal(0.07, 0.01, 200)
+    assert difference_ci(small, large)["direction"] == "lower" and difference_ci(large, small)["direction"] == "higher"
+    same = difference_ci(rng.normal(0.05, 0.01, 30), rng.normal(0.05, 0.01, 30))
+    assert abs(same["difference"]) < 0.01 and (same["direction"] == "no difference") == (abs(same["difference"]) <= same["ci95"])
+
+
+def _order(target, f_at_sizes, pixels=10):
+    """A BackSelectResult whose SIS at τ is the smallest size whose f (``f_at_sizes[size]``) reaches τ."""
+    scores = np.array([f_at_sizes.get(pixels - i, 0.0) for i in range(pixels + 1)])
+    return BackSelectResult(np.arange(pixels), scores, target, (1, pixels))
+
+
+def test_common_sis_sizes_compare_models_on_the_same_confident_images():
+    # model a: confident on images 0 and 1 (SIS 2 and 4 pixels); model b: only on image 1 (SIS 6 pixels)
+    a = [_order(0, {10: 0.95, 2: 0.95}), _order(1, {10: 0.95, 4: 0.95}), _order(0, {10: 0.5})]
+    b = [_order(0, {10: 0.7}), _order(1, {10: 0.95, 6: 0.95}), _order(1, {10: 0.99, 1: 0.99})]
+    row = common_sis_sizes({"a": a, "b": b}, np.array([0, 0, 1]), [0.9], reference="a")[0]
+    assert row["common_images"] == 1  # image 1 alone: image 0 is below τ for b, image 2 for a
+    assert row["models"]["a"]["size"]["mean"] == pytest.approx(0.4) and row["models"]["b"]["size"]["mean"] == pytest.approx(0.6)
+    assert row["models"]["b"]["minus_a"]["mean"] == pytest.approx(0.2) and row["models"]["a"]["accuracy_on_common"]["mean"] == 0.0
+
+
+def test_split_halves_are_disjoint_stratified_and_sampled():
+    labels = np.repeat(np.arange(4), 50)  # class-sorted
+    audit, retrain = split_halves(labels, 40, 20, seed=1)
+    assert not set(audit) & set(retrain)
+    assert np.bincount(labels[audit]).tolist() == [10] * 4 and np.bincount(labels[retrain]).tolist() == [5] * 4
+    full_audit, full_retrain = split_halves(labels, None, None, seed=1)
+    assert len(full_audit) == len(full_retrain) == 100 and set(audit) <= set(full_audit) and set(retrain) <= set(full_retrain)
 
 
 def _checkpoint(path):
     from keepbits import registry
-    from keepbits.training.checkpoint import model_entry, save_checkpoint
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 
     torch.manual_seed(0)
     net = registry.build("lenet5", in_channels=1, num_classes=10, image_size=[28, 28])
     kwargs = {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
-    save_checkpoint(path, {"kind": "classifier", "models": {"classifier": model_entry("lenet5", kwargs, net)}, "input_shape": [1, 28, 28],
-                           "normalization": {"mean": [0.13], "std": [0.31]}, "class_names": [str(i) for i in range(10)]})
+    save_checkpoint(path, Checkpoint(kind="classifier", models={"classifier": ModelEntry.of("lenet5", kwargs, net)}, input_shape=[1, 28, 28],
+                                     normalization=Normalization([0.13], [0.31]), class_names=[str(i) for i in range(10)]))
     return path
 
 
@@ -97,7 +78,7 @@ def test_cli_sis_report(tmp_path):
 
     ckpt = _checkpoint(tmp_path / "m.pt")
     rc = main(["-q", "audit", "sis", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--out", str(tmp_path / "r"),
-               "--images", "3", "--method", "gradient", "--k", "98", "--threshold", "0.1", "--thresholds", "0.1", "0.2"])
+               "--num-images", "3", "--method", "gradient", "--k", "98", "--threshold", "0.1", "--thresholds", "0.1", "0.2"])
     assert rc == 0
     html = (tmp_path / "r" / "report.html").read_text()
     data = json.loads((tmp_path / "r" / "report.json").read_text())["data"]
@@ -109,12 +90,48 @@ def test_cli_sis_report(tmp_path):
 def test_pipeline_end_to_end_tiny(tmp_path):
     from keepbits.audit.overinterpretation import OverinterpretationConfig, run_overinterpretation
     from keepbits.data import sample_mnist_path
+    from keepbits.training.checkpoint import load_checkpoint
 
-    cfg = OverinterpretationConfig(str(sample_mnist_path()), str(tmp_path), arch="lenet5", epochs=1, train_images=32, test_images=16,
-                                   k=196, ensemble=2, dropout_samples=2, batch_size=16, progress=False)
+    cfg = OverinterpretationConfig(str(sample_mnist_path()), str(tmp_path), arch="lenet5", epochs=1, audit_images=48, train_images=32,
+                                   test_images=16, k=196, ensemble=2, dropout_samples=2, exact_images=0, batch_size=16, progress=False)
     result = run_overinterpretation(cfg)
-    assert set(result["accuracy"]) >= {"original_full", "original_backselect", "original_random", "retrained_backselect", "retrained_random"}
-    assert result["kept_pixels"] == 40 and len(result["sis_sizes"]["ensemble"]) == 5
-    assert (tmp_path / "report.html").exists() and (tmp_path / "models" / "input_dropout.pt").exists()
+    assert set(result["accuracy"]) >= {"original_full", "original_backselect", "original_random", "retrained_backselect", "retrained_random",
+                                       "control_full", "single_full", "ensemble_full", "input_dropout_full"}
+    assert result["kept_pixels"] == 40 and len(result["sis_sizes"]["ensemble"]) == 5 and result["retraining_images_unseen_by_audited_model"]
+    assert len(result["mitigations_common_images"]) == 5 and set(result["mitigations_common_images"][0]["models"]) == {"single", "ensemble", "input_dropout"}
+    models = tmp_path / "models"
+    assert (tmp_path / "report.html").exists() and (models / "input_dropout.pt").exists() and (models / "control_full.pt").exists()
+    # one recipe per role: replicates alike (audit half, flips allowed), retraining without augmentation on the other half
+    rep = [load_checkpoint(models / f"replicate_{i}.pt").settings for i in range(2)]
+    assert rep[0]["images"] == rep[1]["images"] == 48 and rep[0]["epochs"] == rep[1]["epochs"] and rep[0]["seed"] != rep[1]["seed"]
+    for name in ("retrained_backselect", "retrained_random", "control_full"):
+        settings = load_checkpoint(models / f"{name}.pt").settings
+        assert settings["augment"] == "none" and settings["images"] == 32
     again = run_overinterpretation(cfg)  # resumes: models and orders are reused
     assert again["accuracy"] == result["accuracy"]
+
+
+def test_exact_backselect_sample_is_compared_with_the_gradient_orders(tmp_path, monkeypatch):
+    """A linear two-class model: masking a pixel changes the logit margin by its own contribution,
+    so exact and gradient BackSelect mask pixels in the same order (same subsets), and the
+    gradient SIS, a whole number of k-pixel iterations, is never smaller than the exact one."""
+    import keepbits.registry as registry
+    from keepbits.audit.overinterpretation import OverinterpretationConfig, run_overinterpretation
+
+    rng = np.random.default_rng(0)
+    y = np.arange(80) % 2
+    x = (rng.integers(0, 80, (80, 6, 6, 1)) + 120 * y[:, None, None, None]).astype(np.uint8)
+    np.savez(tmp_path / "train.npz", x=x[:60], y=y[:60])
+    np.savez(tmp_path / "test.npz", x=x[60:], y=y[60:])
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))  # the test's model leaves the registry as it was
+    registry.register("_tiny_linear", "classifier")(
+        lambda in_channels=1, num_classes=2, image_size=(6, 6): torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36 * in_channels, num_classes)))
+    cfg = OverinterpretationConfig(str(tmp_path), str(tmp_path / "out"), arch="_tiny_linear", epochs=2, k=6, ensemble=2, dropout_samples=1,
+                                   test_images=10, exact_images=4, fraction=0.25, thresholds=[0.6, 0.8], batch_size=8, progress=False)
+    e = run_overinterpretation(cfg)["exact_vs_gradient"]
+    assert e["images"] == 4 and e["gradient_size_step"] == pytest.approx(6 / 36) and e["seconds_per_image_exact"] > 0
+    assert e["subset_overlap"]["mean"] == pytest.approx(1.0)
+    for exact, gradient in zip(e["sis_sizes"]["exact"], e["sis_sizes"]["gradient"]):
+        assert exact["images_at_threshold"] == gradient["images_at_threshold"]
+        if exact["images_at_threshold"]:
+            assert gradient["size"]["mean"] >= exact["size"]["mean"] - 1e-9

@@ -1,4 +1,4 @@
-"""RU decoders (Eq. 7), their cache, and ``keepbits audit cid`` end to end on the bundled MNIST sample."""
+"""RU decoders, their cache, and ``keepbits audit cid`` end to end on the bundled MNIST sample."""
 from __future__ import annotations
 
 import json
@@ -16,8 +16,8 @@ from keepbits.cli import main  # noqa: E402
 from keepbits.data import sample_mnist_path  # noqa: E402
 
 
-def test_ru_is_high_where_the_layer_cannot_rebuild_the_input(tmp_path):
-    # a layer that zeroes the left half: its decoder cannot rebuild that half
+def test_ru_decoders_are_cached_and_give_finite_maps(tmp_path):
+    # the RU values themselves are checked against analytic answers in tests/audit/test_cid_ru.py
     class HalfBlind(nn.Module):
         def __init__(self):
             super().__init__()
@@ -36,23 +36,23 @@ def test_ru_is_high_where_the_layer_cannot_rebuild_the_input(tmp_path):
     assert info2["cached"] and len(list(tmp_path.glob("*.pt"))) == 1
     ru, fit = reconstruction_uncertainty(net, "0", again, x[:2], CIDConfig(max_steps=60, min_steps=20))
     assert ru.shape == (2, 8, 8) and np.isfinite(ru).all()
-    assert ru[:, :, :4].mean() > ru[:, :, 4:].mean() + 0.5
-    assert fit["ratio"].shape == (2,)
+    assert fit["ratio"].shape == (2,) and fit["floor"].shape == (2, 8, 8)
 
 
 def test_audit_cid_command_writes_the_report(tmp_path):
-    from keepbits.training.checkpoint import model_entry, save_checkpoint
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 
     torch.manual_seed(0)
     net = registry.build("lenet5")
-    ckpt = save_checkpoint(tmp_path / "lenet" / "best.pt", {
-        "kind": "classifier", "models": {"classifier": model_entry("lenet5", {}, net)}, "input_shape": [1, 28, 28],
-        "normalization": {"mean": [0.13], "std": [0.31]}, "class_names": [str(i) for i in range(10)],
-    })
-    (tmp_path / "boxes.csv").write_text("index,x0,y0,x1,y1\n0,4,4,24,24\n")
+    ckpt = save_checkpoint(tmp_path / "lenet" / "best.pt", Checkpoint(
+        kind="classifier", models={"classifier": ModelEntry.of("lenet5", {}, net)}, input_shape=[1, 28, 28],
+        normalization=Normalization([0.13], [0.31]), class_names=[str(i) for i in range(10)],
+    ))
+    # a box for every test image: the audited ones are a seeded sample of the split
+    (tmp_path / "boxes.csv").write_text("index,x0,y0,x1,y1\n" + "".join(f"{i},4,4,24,24\n" for i in range(500)))
     args = ["audit", "cid", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--layers", "features.1", "classifier.3",
             "--out", str(tmp_path / "out"), "--num-images", "2", "--max-steps", "30", "--min-steps", "10", "--ru",
-            "--ru-train-images", "40", "--decoder-epochs", "1", "--decoder-width", "8", "--decoder-blocks", "1",
+            "--num-decoder-images", "40", "--decoder-epochs", "1", "--decoder-width", "8", "--decoder-blocks", "1",
             "--cache", str(tmp_path / "cache"), "--boxes", str(tmp_path / "boxes.csv")]
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -105,6 +105,59 @@ def test_run_to_receive_over_loopback(bundle, tmp_path, capsys):
     assert [json.loads(x)["sequence"] for x in lines] == list(range(8))
 
 
+def test_run_to_receive_over_mqtt(bundle, mosquitto, tmp_path, capsys):
+    url = f"{mosquitto.url}/cams/1/kbit?qos=1"
+    rx = threading.Thread(target=main, args=(["-q", "receive", "--mqtt", f"{mosquitto.url}/cams/+/kbit", "--out", str(tmp_path / "rx"),
+                                              "--max-frames", "8", "--idle-timeout", "30"],))
+    rx.start()
+    assert mosquitto.logged("Received SUBSCRIBE")
+    rc = main(["-q", "run", "--model", str(bundle), "--source", _video(tmp_path / "in.mp4", 8), "--sink", url])
+    rx.join(30)
+    assert rc == 0 and not rx.is_alive()
+    printed = [json.loads(block) for block in capsys.readouterr().out.replace("}\n{", "}\n\x00{").split("\x00")]
+    run_summary = next(p for p in printed if "sinks" in p)  # the receiver may finish printing first
+    receive_summary = next(p for p in printed if "sinks" not in p)
+    sink = run_summary["sinks"][0]
+    assert sink["kind"] == "mqtt" and sink["delivered"] == 8 and receive_summary["frames"] == 8
+    lines = (tmp_path / "rx" / "frames.jsonl").read_text().splitlines()
+    assert [json.loads(x)["sequence"] for x in lines] == list(range(8))
+
+
+def test_mqtt_sink_to_a_broker_that_freezes_exits_5_undelivered(bundle, mosquitto, tmp_path, capsys):
+    url = f"{mosquitto.url}/t?qos=1&queue=2&flush_timeout=0.3"
+    argv = ["-q", "run", "--model", str(bundle), "--source", _video(tmp_path / "in.mp4", 6), "--loop", "--max-frames", "300",
+            "--sink", url]
+    freezer = threading.Thread(target=lambda: mosquitto.logged("New client connected") and mosquitto.pause())
+    freezer.start()  # the broker freezes once the sink has connected
+    try:
+        rc = main(argv)
+    finally:
+        freezer.join(10)
+        mosquitto.resume()
+    out, err = capsys.readouterr()
+    sink = json.loads(out)["sinks"][0]
+    assert rc == 5 and sink["undelivered"] > 0 and sink["undelivered"] == sink["dropped"] + sink["unconfirmed"]
+    assert sink["delivered"] + sink["undelivered"] == 300 and "undelivered: mqtt sink" in err
+
+
+def test_mqtt_sink_without_a_broker_or_without_paho_exits_2(bundle, tmp_path, capsys):
+    pytest.importorskip("paho.mqtt")
+    rc = main(["run", "--model", str(bundle), "--source", _video(tmp_path / "in.mp4", 2),
+               "--sink", f"mqtt://127.0.0.1:{_free_port()}/t?connect_timeout=0.5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot reach the MQTT broker" in err and "Traceback" not in err
+    blocked = ("import importlib.abc, sys\n"
+               "class B(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] == 'paho':\n"
+               "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+               "sys.meta_path.insert(0, B())\n"
+               "from keepbits.cli import main\n"
+               f"sys.exit(main(['receive', '--mqtt', 'mqtt://127.0.0.1:1/t', '--out', {str(tmp_path / 'rx')!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "keepbits[mqtt]" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 def test_sigint_flushes_every_accepted_frame(bundle, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "keepbits", "-q", "run", "--model", str(bundle), "--source", _video(tmp_path / "in.mp4", 50),
@@ -130,9 +183,14 @@ def test_sigint_flushes_every_accepted_frame(bundle, tmp_path):
 
 def test_demo_runs_on_the_bundled_assets(tmp_path, capsys):
     assert DEMO_BUNDLE.is_file() and DEMO_STREAM.is_file()
-    assert main(["-q", "demo", "--out", str(tmp_path), "--max-frames", "12"]) == 0
+    assert main(["-q", "demo", "--out", str(tmp_path), "--max-frames", "6"]) == 0
     report = capsys.readouterr().out
-    assert "JPEG" in report and "PNG" in report
+    assert "JPEG at matched agreement" in report or "JPEG: no quality" in report
+    assert "Intel IoT DevKit sample videos" in report
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["written"] == 12 and summary["ratio_vs_jpeg"] > 0 and summary["ratio_vs_png"] > 0
-    assert (tmp_path / "annotated.mp4").stat().st_size > 0 and len(list((tmp_path / "payloads").iterdir())) == 12
+    assert summary["written"] == 6 and summary["ratio_vs_jpeg"] > 0 and summary["ratio_vs_png"] > 0
+    comparison = summary["matched_agreement"]
+    assert comparison["frames"] == 6 and set(comparison["matched"]) == {"jpeg", "webp"}
+    assert all(row is None or row["agreement"] >= comparison["payload"]["agreement"] for row in comparison["matched"].values())
+    assert "Intel IoT DevKit sample videos" in summary["credit"]
+    assert (tmp_path / "annotated.mp4").stat().st_size > 0 and len(list((tmp_path / "payloads").iterdir())) == 6

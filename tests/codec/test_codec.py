@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from keepbits.codec import decode, encode, mixed_image
+from keepbits.codec import FrameRecord, decode, encode, mixed_image
 from keepbits.core import mixed_resolution
 from keepbits.errors import DecodeError, InputError
 
@@ -39,6 +39,22 @@ def test_lossless_round_trip_exact_on_random_sizes_and_blocks(background):
         assert np.array_equal(keep, mask > 0.5)
         assert (meta.height, meta.width, meta.channels, meta.block, meta.sequence) == (h, w, c, b, 7)
         assert meta.total_bytes == len(payload)
+
+
+def test_every_kept_block_count_round_trips_on_an_exact_grid():
+    """32×32 at b = 4 is an 8×8 block grid; K kept blocks in 57..63 also make an 8×8 mosaic,
+    which must still be the K kept tiles, not the frame's own layout."""
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    order = rng.permutation(64)
+    for k in range(65):
+        blocks = np.zeros(64, bool)
+        blocks[order[:k]] = True
+        mask = np.repeat(np.repeat(blocks.reshape(8, 8), 4, 0), 4, 1).astype(np.float32)
+        mask[0, 0] = 0.0  # a kept block with a dropped pixel
+        image, keep, meta = decode(encode(frame, mask, block=4))
+        assert np.array_equal(image, mixed_image(frame, mask, 4)), k
+        assert meta.kept_blocks == k
 
 
 @pytest.mark.parametrize("codec", ["jpeg", "webp"])
@@ -78,21 +94,32 @@ def test_simplified_mode_sends_the_image_itself(channels):
         encode(image, mode="paper", block=2)
 
 
-def test_result_object_fields_are_used():
-    class R:
+def _record(**changes):
+    fields = dict(mask=np.ones((8, 8)), block=4, threshold=0.5, label_index=2, label="two", score=0.75, sequence=11,
+                  timestamp=123.5, roi=(0, 1, 8, 6), source_size=(16, 12))
+    return FrameRecord(**{**fields, **changes})
+
+
+def test_frame_record_fields_are_written():
+    _, keep, meta = decode(encode(np.zeros((8, 8, 3), np.uint8), _record()))
+    assert (meta.label, meta.name, meta.sequence, meta.timestamp, meta.block) == (2, "two", 11, 123.5, 4)
+    assert meta.roi == (0, 1, 8, 6) and meta.source_size == (16, 12) and meta.score == pytest.approx(0.75) and keep.all()
+    # keywords override the record; a zero timestamp is kept, not replaced by the clock
+    _, _, meta = decode(encode(np.zeros((8, 8, 3), np.uint8), _record(timestamp=0.0), label=5, name="five"))
+    assert (meta.label, meta.name, meta.timestamp) == (5, "five", 0.0)
+
+
+def test_frame_record_is_required_not_any_object():
+    class Duck:  # what encode once read by attribute name, with defaults for whatever was missing
         mask = np.ones((8, 8))
         block = 4
-        label_index = 2
-        label = "two"
-        score = 0.75
-        sequence = 11
-        timestamp = 123.5
-        roi = (0, 1, 8, 6)
-        source_size = (16, 12)
+        label = 2
 
-    _, _, meta = decode(encode(np.zeros((8, 8, 3), np.uint8), R()))
-    assert (meta.label, meta.name, meta.sequence, meta.timestamp) == (2, "two", 11, 123.5)
-    assert meta.roi == (0, 1, 8, 6) and meta.source_size == (16, 12) and meta.score == pytest.approx(0.75)
+    with pytest.raises(TypeError, match="FrameRecord"):
+        encode(np.zeros((8, 8, 3), np.uint8), Duck())
+    with pytest.raises(TypeError, match="label_index"):
+        FrameRecord(mask=None, block=1, threshold=0.5, label=0, score=1.0, sequence=0, timestamp=0.0, roi=(0, 0, 1, 1),
+                    source_size=(1, 1))
 
 
 def test_all_background_sends_no_foreground_and_is_small():

@@ -7,7 +7,7 @@ from PIL import Image
 
 from keepbits.data import (
     ImageDataset, channel_stats, has_split, load_dataset, load_idx, load_image_folder, load_npz,
-    sample_mnist_path, train_val_split,
+    sample_indices, sample_mnist_path, train_val_split,
 )
 from keepbits.errors import InputError
 
@@ -104,13 +104,46 @@ def test_corrupt_image_names_the_file(tmp_path):
         load_image_folder(tmp_path, size=(16, 16))
 
 
-def test_split_is_deterministic_and_disjoint():
-    a_train, a_val = train_val_split(100, 0.2, seed=3)
-    b_train, b_val = train_val_split(100, 0.2, seed=3)
-    c_train, _ = train_val_split(100, 0.2, seed=4)
+def test_split_is_deterministic_disjoint_and_stratified():
+    labels = np.repeat(np.arange(4), 25)  # class-sorted, like CIFAR-10's files
+    a_train, a_val = train_val_split(labels, 0.2, seed=3)
+    b_train, b_val = train_val_split(labels, 0.2, seed=3)
+    c_train, _ = train_val_split(labels, 0.2, seed=4)
     assert np.array_equal(a_train, b_train) and np.array_equal(a_val, b_val)
     assert not np.array_equal(a_train, c_train)
     assert len(a_val) == 20 and not set(a_train) & set(a_val) and len(set(a_train) | set(a_val)) == 100
+    assert np.bincount(labels[a_val]).tolist() == [5, 5, 5, 5]
+    assert len(train_val_split(labels, 0.0, seed=0)[1]) == 0
+    with pytest.raises(InputError, match="validation fraction"):
+        train_val_split(labels, 1.0, seed=0)
+
+
+def _first_n(labels, count, seed):
+    return np.arange(count)
+
+
+@pytest.mark.parametrize("sampler", [sample_indices, pytest.param(_first_n, marks=pytest.mark.xfail(strict=True, reason="first N of class-sorted data"))])
+def test_sample_is_class_balanced_on_class_sorted_data(sampler):
+    labels = np.repeat(np.arange(10), 40)  # stored sorted by class, like CIFAR-10's files
+    for count in (10, 30, 57):
+        for seed in (0, 1, 2):
+            index = sampler(labels, count, seed)
+            counts = np.bincount(labels[index], minlength=10)
+            assert len(np.unique(index)) == count and counts.max() - counts.min() <= 1, (count, seed, counts)
+            assert np.all(np.diff(index) > 0)  # file order
+
+
+def test_sample_is_seeded_and_fills_up_from_larger_classes():
+    labels = np.array([0] * 2 + [1] * 50 + [2] * 50)
+    index = sample_indices(labels, 22, seed=4)
+    assert np.bincount(labels[index]).tolist() == [2, 10, 10]
+    assert np.array_equal(index, sample_indices(labels, 22, seed=4))
+    assert not np.array_equal(index, sample_indices(labels, 22, seed=5))
+    assert np.array_equal(sample_indices(labels, None), np.arange(102)) and len(sample_indices(labels, 500)) == 102
+    with pytest.raises(InputError, match=">= 0"):
+        sample_indices(labels, -1)
+    ds = ImageDataset(np.zeros((102, 2, 2, 1), np.uint8), labels, ["a", "b", "c"])
+    assert np.array_equal(ds.sample(22, seed=4).y, labels[index])
 
 
 def test_channel_stats_known_values():

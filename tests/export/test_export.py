@@ -22,7 +22,7 @@ from keepbits.codec import decode
 from keepbits.errors import InputError
 from keepbits.export import NiceGraph, compare_outputs, export_onnx
 from keepbits.runtime import Pipeline
-from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
 
 SEED = int(np.random.SeedSequence().entropy % (1 << 32))
 TOL = 1e-5
@@ -41,13 +41,13 @@ def _checkpoint(path, block_size: int) -> str:
     with torch.no_grad():  # a generator that keeps some pixels and drops others
         gen.head.weight.normal_(0, 2.0)
         gen.head.bias.zero_()
-    save_checkpoint(path, {
-        "kind": "nice",
-        "models": {"generator": model_entry("nice_unet", gen_kwargs, gen), "classifier": model_entry("test_export_fcn", clf_kwargs, clf)},
-        "input_shape": [3, 32, 32], "normalization": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},
-        "class_names": ["a", "b", "c", "d"], "settings": {"block_size": block_size, "mask_threshold": 0.5, "mode": "fixed"},
-        "metrics": {"test_acc": 0.25}, "command": "keepbits train nice (test)", "epoch": 1,
-    })
+    save_checkpoint(path, Checkpoint(
+        kind="nice",
+        models={"generator": ModelEntry.of("nice_unet", gen_kwargs, gen), "classifier": ModelEntry.of("test_export_fcn", clf_kwargs, clf)},
+        input_shape=[3, 32, 32], normalization=Normalization([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]),
+        class_names=["a", "b", "c", "d"], settings={"block_size": block_size, "mask_threshold": 0.5, "mode": "fixed"},
+        metrics={"test_acc": 0.25}, command="keepbits train nice (test)", epoch=1,
+    ))
     return str(path)
 
 
@@ -55,7 +55,7 @@ def _checkpoint(path, block_size: int) -> str:
 def bundle_a(tmp_path_factory):
     root = tmp_path_factory.mktemp("a")
     ckpt = _checkpoint(root / "nice.pt", 2)
-    assert main(["export", "onnx", ckpt, "--out", str(root / "bundle")]) == 0
+    assert main(["export", "onnx", "--model", ckpt, "--out", str(root / "bundle")]) == 0
     return ckpt, load_bundle(root / "bundle")
 
 
@@ -67,8 +67,8 @@ def bundle_b(tmp_path_factory):
 
 
 def _torch_graph(ckpt: str, manifest) -> NiceGraph:
-    record = load_checkpoint(ckpt, "nice")
-    return NiceGraph(build_model(record, "generator"), build_model(record, "classifier"), manifest.mean, manifest.std,
+    checkpoint = load_checkpoint(ckpt, "nice")
+    return NiceGraph(build_model(checkpoint, "generator"), build_model(checkpoint, "classifier"), manifest.mean, manifest.std,
                      manifest.block_size, manifest.input_dtype, manifest.classify_on, fused=True)
 
 
@@ -139,7 +139,7 @@ def test_deployment_bundle_without_mixed_output(bundle_a, bundle_b, tmp_path, wh
     ckpt, full = bundle_a if which == "a" else bundle_b
     m = full.manifest
     args = ["--input", m.input_dtype, "--classify-on", m.classify_on] + ([] if m.custom_ops == ["MaskCompose"] else ["--unfused"])
-    assert main(["export", "onnx", ckpt, "--out", str(tmp_path / "lean"), "--no-mixed-output", *args]) == 0
+    assert main(["export", "onnx", "--model", ckpt, "--out", str(tmp_path / "lean"), "--no-mixed-output", *args]) == 0
     lean = load_bundle(tmp_path / "lean")
     assert lean.manifest.output_names == ["logits", "mask"]
     assert [o.name for o in onnx.load(str(lean.model_path)).graph.output] == ["logits", "mask"]
@@ -195,12 +195,12 @@ def test_round_trip_and_tamper(bundle_a, tmp_path):
 def test_tensorrt_target_fixed_size_lenet(tmp_path):
     """--target tensorrt: plugin nodes without function bodies; LeNet-5 pins the size (dynamic_size false)."""
     gen, clf = registry.build("nice_mnist", in_channels=1), registry.build("lenet5", in_channels=1, num_classes=10)
-    save_checkpoint(tmp_path / "mnist.pt", {
-        "kind": "nice", "models": {"generator": model_entry("nice_mnist", {"in_channels": 1}, gen),
-                                   "classifier": model_entry("lenet5", {"in_channels": 1, "num_classes": 10}, clf)},
-        "input_shape": [1, 28, 28], "normalization": {"mean": [0.13], "std": [0.31]}, "class_names": list("0123456789"),
-        "settings": {"block_size": 4, "mask_threshold": 0.5}, "metrics": {}, "command": "test",
-    })
+    save_checkpoint(tmp_path / "mnist.pt", Checkpoint(
+        kind="nice", models={"generator": ModelEntry.of("nice_mnist", {"in_channels": 1}, gen),
+                             "classifier": ModelEntry.of("lenet5", {"in_channels": 1, "num_classes": 10}, clf)},
+        input_shape=[1, 28, 28], normalization=Normalization([0.13], [0.31]), class_names=list("0123456789"),
+        settings={"block_size": 4, "mask_threshold": 0.5}, command="test",
+    ))
     bundle = export_onnx(tmp_path / "mnist.pt", tmp_path / "trt", target="tensorrt")
     m = bundle.manifest
     assert (m.target, m.function_bodies, m.dynamic_size, m.custom_ops) == ("tensorrt", False, False, ["MaskCompose"])
@@ -218,18 +218,20 @@ def test_bad_inputs(tmp_path, bundle_a):
         export_onnx(ckpt, tmp_path / "x", opset=13)
     with pytest.raises(InputError, match="not found"):
         export_onnx(tmp_path / "missing.pt", tmp_path / "x")
-    assert main(["export", "onnx", ckpt, "--out", str(bundle_a[1].source)]) == 2  # exists, no --force
+    assert main(["export", "onnx", "--model", ckpt, "--out", str(bundle_a[1].source)]) == 2  # exists, no --force
     print(json.dumps({"seed": SEED}))
 
 
-def test_int8_quantisation_reports_agreement(bundle_a, tmp_path):
-    from keepbits.export.quantize import quantize_bundle
-
+def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
+    """``keepbits export int8`` end to end (``keepbits.export.quantize``)."""
     rng = np.random.default_rng(SEED)
     data = tmp_path / "data.npz"
     np.savez(data, x_train=rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 4, 48),
              x_test=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 4, 24))
-    bundle, report = quantize_bundle(bundle_a[1].source, tmp_path / "int8", data, calibration_images=32)
+    assert main(["export", "int8", "--model", str(bundle_a[1].source), "--data", str(data), "--out", str(tmp_path / "int8"),
+                 "--num-images", "32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    bundle = load_bundle(report.pop("bundle"), expected_digest=report.pop("digest"))
     model = onnx.load(str(bundle.model_path))
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert any(n.op_type == "MaskCompose" for n in model.graph.node) and len(model.functions) >= 1
@@ -241,5 +243,34 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path):
     inits = {t.name: t.data_type for t in model.graph.initializer}
     activation_types = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}  # weights have no Q node
     assert activation_types == {onnx.TensorProto.UINT8} and "uint8 activations" in q["method"]
-    with pytest.raises(InputError, match="activations"):
-        quantize_bundle(bundle_a[1].source, tmp_path / "bad", data, calibration_images=8, activations="int4")
+    assert main(["export", "int8", "--model", str(bundle_a[1].source), "--data", str(data), "--out", str(tmp_path / "bad"),
+                 "--num-images", "8", "--activations", "int4"]) == 2
+    assert "activations must be one of" in capsys.readouterr().err
+
+
+def test_compare_checkpoint_bundle_backends_and_int8(bundle_a, tmp_path, capsys):
+    """``keepbits compare``: the torch checkpoint, the bundle on the function bodies and on the
+    native kernels agree within the default tolerances (exit 0); the INT8 bundle misses the
+    float tolerances (exit 1) and passes loose ones."""
+    from keepbits.export.quantize import quantize_bundle
+
+    ckpt, bundle = bundle_a
+    rng = np.random.default_rng(SEED)
+    data = tmp_path / "data.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 4, 16),
+             x_test=rng.integers(0, 256, (12, 40, 36, 3), dtype=np.uint8), y_test=rng.integers(0, 4, 12))
+    models = [ckpt, f"{bundle.source}@functions", str(bundle.source)] + ([f"{bundle.source}@native"] if native.available() else [])
+    assert main(["compare", *sum((["--model", m] for m in models), []), "--data", str(data), "--mask-atol", "1e-4"]) == 0, SEED
+    report = json.loads(capsys.readouterr().out)
+    assert report["reference"] == ckpt and len(report["comparisons"]) == len(models) - 1 and report["images"] == 12
+    for row in report["comparisons"]:
+        assert row["outputs"] == ["logits", "mask"] and row["metrics"]["argmax_agree"] == 1.0, (row, SEED)
+    int8, _ = quantize_bundle(bundle.source, tmp_path / "int8", data, calibration_images=16)
+    strict = ["compare", "--model", str(bundle.source), "--model", str(int8.source), "--data", str(data), "--logits-atol", "1e-6"]
+    assert main(strict) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["passed"] and report["comparisons"][0]["metrics"]["logits_max_abs"] > 1e-6
+    loose = ["compare", "--model", str(bundle.source), "--model", str(int8.source), "--data", str(data), "--logits-atol", "none",
+             "--mask-atol", "none", "--pixels-atol", "none", "--min-argmax-agree", "0", "--min-mask-agree", "0"]
+    assert main(loose) == 0
+    assert json.loads(capsys.readouterr().out)["passed"]

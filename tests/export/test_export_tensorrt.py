@@ -33,7 +33,7 @@ def test_missing_tensorrt_is_one_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if not installed, even where it is
     with pytest.raises(InputError, match="TensorRT is not installed"):
         import_tensorrt()
-    assert main(["export", "tensorrt", str(bundle.source)]) == 2
+    assert main(["export", "tensorrt", "--model", str(bundle.source)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TensorRT is not installed" in err[0]
 

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 from keepbits import registry  # noqa: E402
 from keepbits.errors import InputError  # noqa: E402
 from keepbits.export import torch_pipeline  # noqa: E402
-from keepbits.training.checkpoint import model_entry, save_checkpoint  # noqa: E402
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint  # noqa: E402
 from keepbits.training.nice import load_nice, mask_and_mix  # noqa: E402
 
 
@@ -20,12 +20,12 @@ def checkpoint(tmp_path_factory):
     generator, classifier = registry.build("nice_mnist", **gen_kw), registry.build("lenet5", **cls_kw)
     with torch.no_grad():
         generator.conv.bias.fill_(0.0)  # a mask that varies over the image
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "nice.pt", {
-        "kind": "nice", "input_shape": [3, 28, 28], "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3},
-        "class_names": ["a", "b", "c", "d"], "settings": {"block_size": 4},
-        "models": {"generator": model_entry("nice_mnist", gen_kw, generator), "classifier": model_entry("lenet5", cls_kw, classifier)},
-        "command": "test", "metrics": {}, "epoch": 0,
-    })
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "nice.pt", Checkpoint(
+        kind="nice", input_shape=[3, 28, 28], normalization=Normalization([0.5] * 3, [0.25] * 3),
+        class_names=["a", "b", "c", "d"], settings={"block_size": 4},
+        models={"generator": ModelEntry.of("nice_mnist", gen_kw, generator), "classifier": ModelEntry.of("lenet5", cls_kw, classifier)},
+        command="test",
+    ))
 
 
 def test_torch_backend_matches_the_training_reference(checkpoint):

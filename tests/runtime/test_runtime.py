@@ -1,4 +1,4 @@
-"""Runtime pipeline: letterbox, colour orders, batches, payloads, thread safety, errors."""
+"""Runtime pipeline: frame fit, colour orders, batches, payloads, thread safety, errors."""
 from __future__ import annotations
 
 import threading
@@ -9,7 +9,8 @@ from PIL import Image
 
 from keepbits.codec import decode, deflate
 from keepbits.errors import BundleError, InputError
-from keepbits.runtime import Letterbox, Pipeline
+from keepbits.data import ImageFit
+from keepbits.runtime import Pipeline
 from keepbits.runtime.synthetic import toy_bundle
 
 
@@ -31,11 +32,11 @@ def _frame(seed: int = 0, h: int = 48, w: int = 64) -> np.ndarray:
 
 
 def test_letterbox_mapping_round_trips():
-    box = Letterbox.fit((640, 360), (224, 224))
+    box = ImageFit.plan((640, 360), (224, 224))
     assert box.roi == (0, 49, 224, 126)
     x0, y0, w, h = box.roi
     assert np.allclose(box.to_source([[x0, y0], [x0 + w, y0 + h]]), [[0, 0], [640, 360]])
-    tall = Letterbox.fit((100, 400), (64, 64))
+    tall = ImageFit.plan((100, 400), (64, 64))
     assert tall.roi == (24, 0, 16, 64)
 
 
@@ -44,7 +45,7 @@ def test_result_fields_and_payload_is_the_mixed_image(pipe):
     assert r.label in ("dark", "bright") and 0 <= r.score <= 1
     assert r.probabilities.shape == (2,) and np.isclose(r.probabilities.sum(), 1)
     assert r.mask.shape == (32, 32) and r.image.shape == (32, 32, 3)
-    assert r.letterbox.roi == (0, 4, 32, 24) and r.source_size == (64, 48)
+    assert r.fit.roi == (0, 4, 32, 24) and r.source_size == (64, 48)
     assert set(r.timings) == {"preprocess", "model", "postprocess", "encode"}
     image, keep, meta = decode(r.payload)
     assert np.array_equal(image, r.mixed) and np.array_equal(keep, r.mask > 0.5)
@@ -128,17 +129,32 @@ def test_letterbox_writes_into_a_dirty_buffer_and_zeroes_only_padding(pipe):
         box = pipe._fit(frame, out)
         x0, y0, bw, bh = box.roi
         expected = np.zeros_like(out)
-        resized = frame if (bw, bh) == (w, h) else cv2.resize(frame, (bw, bh), interpolation=cv2.INTER_AREA if box.scale < 1 else cv2.INTER_LINEAR)
+        resized = frame if (bw, bh) == (w, h) else cv2.resize(frame, (bw, bh), interpolation=cv2.INTER_AREA if box.scale[0] < 1 else cv2.INTER_LINEAR)
         expected[y0:y0 + bh, x0:x0 + bw] = resized
         assert np.array_equal(out, expected), (h, w)
 
 
 def test_session_options_threads_and_spinning(bundle):
-    from keepbits.runtime.pipeline import session_options
+    from keepbits.native import session_options
 
     assert session_options(3).intra_op_num_threads == 3
-    assert session_options(None, True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert session_options(None, spinning=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     described = Pipeline.from_bundle(bundle, threads=1, spinning=True).describe()
     assert (described["threads"], described["spinning"]) == (1, True)
     assert described["codec"]["deflate"] == deflate.name()
+
+
+def test_result_frame_record_carries_every_field_by_name(bundle):
+    """The codec's FrameRecord fields are Result attributes of the same name and value: renaming
+    one on Result breaks frame_record() (and compress) loudly instead of writing a default."""
+    import dataclasses
+
+    from keepbits.codec import FrameRecord
+
+    result = Pipeline.from_bundle(bundle)(np.full((20, 30, 3), 200, np.uint8))
+    record = result.frame_record()
+    for f in dataclasses.fields(FrameRecord):
+        assert getattr(record, f.name) is getattr(result, f.name) or getattr(record, f.name) == getattr(result, f.name), f.name
+    image, _, meta = decode(result.payload)
+    assert (meta.label, meta.name, meta.sequence, meta.roi) == (result.label_index, result.label, result.sequence, result.roi)

@@ -1,6 +1,7 @@
 """The device layer runs without torch and onnx: every runtime, codec, core, data and bundle
 module imports, the shipped bundle runs through Pipeline, payloads round-trip through the codec,
-and ``keepbits demo`` writes its outputs, all in an interpreter where torch and onnx cannot be imported."""
+``keepbits demo`` writes its outputs and ``keepbits info``, ``decode``, ``eval``, ``explain``,
+``compare`` (bundles) and ``doctor`` run, all in an interpreter where torch and onnx cannot be imported."""
 from __future__ import annotations
 
 import json
@@ -52,8 +53,32 @@ SCRIPT = textwrap.dedent("""
     payloads = sorted((out / "payloads").iterdir())
     for path in payloads:
         decode(path.read_bytes())
+
+    import contextlib, io, cv2
+    photos = out.parent / "photos"
+    photos.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(photos / f"p{i}.png"), np.random.default_rng(i).integers(0, 256, (40 + i, 50, 3), dtype=np.uint8))
+    commands = {
+        "info": ["info", "--model", str(DEMO_BUNDLE)],
+        "decode": ["decode", "--payloads", str(out / "payloads"), "--out", str(out.parent / "decoded")],
+        "eval": ["eval", "--model", str(DEMO_BUNDLE), "--data", str(photos), "--codecs", "png",
+                 "--baselines", "jpeg", "--baseline-qualities", "50", "--out", str(out.parent / "eval")],
+        "explain": ["explain", "--model", str(DEMO_BUNDLE), "--data", str(photos), "--out", str(out.parent / "look")],
+        "compare": ["compare", "--model", str(DEMO_BUNDLE) + "@functions", "--model", str(DEMO_BUNDLE), "--data", str(photos)],
+        "doctor": ["doctor"],
+    }
+    codes, outputs = {}, {}
+    for name, argv in commands.items():
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            codes[name] = main(["-q", *argv])
+        outputs[name] = json.loads(stdout.getvalue())
+    doctor = outputs["doctor"]["checks"]
     print(json.dumps({"imported": len(imported), "demo_exit": code, "written": summary["written"],
-                      "payloads": len(payloads), "torch": "torch" in sys.modules, "onnx": "onnx" in sys.modules}))
+                      "payloads": len(payloads), "torch": "torch" in sys.modules, "onnx": "onnx" in sys.modules,
+                      "codes": codes, "decoded": outputs["decode"]["decoded"], "eval_images": outputs["eval"]["num_images"],
+                      "problems": sorted(k for k, c in doctor.items() if c["status"] == "problem"),
+                      "torch_check": doctor["torch"]["detail"], "self_test": doctor["self_test"]["status"]}))
 """)
 
 
@@ -65,6 +90,12 @@ def test_runtime_and_demo_run_with_torch_and_onnx_unimportable():
     assert report["imported"] >= 15
     assert report["demo_exit"] == 0 and report["written"] == 4 and report["payloads"] == 4
     assert not report["torch"] and not report["onnx"]
+    # info, decode, eval, explain, compare (bundles) run without torch and onnx; doctor finds the
+    # installed-but-unimportable torch (here: blocked) a broken promise and exits 1, naming it
+    codes = report["codes"]
+    assert {k: codes[k] for k in ("info", "decode", "eval", "explain", "compare")} == dict.fromkeys(("info", "decode", "eval", "explain", "compare"), 0)
+    assert report["decoded"] == 4 and report["eval_images"] == 2 and report["self_test"] == "ok"
+    assert codes["doctor"] == 1 and report["problems"] == ["extras", "torch"] and "blocked" in report["torch_check"]
 
 
 def test_cli_names_the_missing_extra():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from keepbits.errors import InputError
-from keepbits.training.condensation import CondensationConfig, condense, layerwise_cosine_distance, matching_distance
+from keepbits.training.condensation import CondensationConfig, condense, initial_indices, layerwise_cosine_distance, matching_distance
 
 
 def _net():
@@ -24,10 +24,28 @@ def test_matching_loss_is_zero_when_synthetic_equals_real():
     assert other.grad.abs().sum() > 0
 
 
-def test_layerwise_distance_ignores_scale_and_counts_layers():
-    a = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])]
-    assert float(layerwise_cosine_distance(a, [3 * t for t in a])) == pytest.approx(0.0, abs=1e-6)
-    assert float(layerwise_cosine_distance(a, [-t for t in a])) == pytest.approx(4.0)
+def test_gradient_distance_is_per_output_channel_and_skips_biases():
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # 3 output channels
+    bias = torch.tensor([1.0, -1.0, 2.0])
+    # each row rescaled by its own positive factor: cosine 1 per channel, distance 0
+    assert float(layerwise_cosine_distance([w, bias], [w * torch.tensor([[3.0], [0.5], [7.0]]), -bias])) == pytest.approx(0.0, abs=1e-6)
+    # the same per-channel rescaling changes the cosine of the flattened tensor
+    assert float(layerwise_cosine_distance([w], [w * torch.tensor([[3.0], [0.5], [7.0]])], per_output_channel=False)) > 0.05
+    # one channel reversed counts 2, the others 0; a conv weight (out, in, k, k) is split by its first axis
+    flipped = w.clone()
+    flipped[1] *= -1
+    assert float(layerwise_cosine_distance([w], [flipped])) == pytest.approx(2.0)
+    conv = torch.randn(4, 2, 3, 3)
+    assert float(layerwise_cosine_distance([conv], [-conv])) == pytest.approx(8.0)
+
+
+def test_initial_images_are_a_class_balanced_sample_in_class_order():
+    y = torch.arange(3).repeat_interleave(10)  # sorted by class, as CIFAR-10's files
+    idx = initial_indices(y, 3, 4, seed=0)
+    assert y[idx].tolist() == [0] * 4 + [1] * 4 + [2] * 4 and len(set(idx.tolist())) == 12
+    assert idx[:4].tolist() != [0, 1, 2, 3]  # not the first N of each class
+    with pytest.raises(InputError, match="at least 11"):
+        initial_indices(y, 3, 11, seed=0)
 
 
 def test_condense_shapes_range_and_errors():

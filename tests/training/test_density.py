@@ -81,7 +81,7 @@ def test_bad_shapes_raise_input_errors():
 def test_train_density_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "d.pt"
     rc = main(["-q", "train", "density", "--data", str(sample_mnist_path()), "--out", str(out), "--levels", "2",
-               "--depth", "1", "--hidden", "8", "--steps", "3", "--batch-size", "8", "--eval-images", "16", "--gray", "native"])
+               "--depth", "1", "--hidden", "8", "--steps", "3", "--batch-size", "8", "--num-test-images", "16", "--gray", "native"])
     assert rc == 0
     flow = load_density(out)
     assert flow.in_channels == 1 and not any(p.requires_grad for p in flow.parameters())

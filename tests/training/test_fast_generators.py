@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from keepbits import native, registry
 from keepbits.export import NiceGraph, compare_outputs, export_onnx
-from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
 
 TOL = 1e-5
 
@@ -60,13 +60,12 @@ def test_export_parity(tmp_path, input_dtype):
         gen.head.bias.zero_()
         normalised = (torch.rand(4, 3, 32, 32) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         gen.head.bias.copy_(-gen.eval()(normalised).median())
-    ckpt = save_checkpoint(tmp_path / "nice.pt", {
-        "kind": "nice",
-        "models": {"generator": model_entry("nice_fast", gen_kwargs, gen), "classifier": model_entry("test_fast_fcn", clf_kwargs, clf)},
-        "input_shape": [3, 32, 32], "normalization": {"mean": mean, "std": std},
-        "class_names": ["a", "b", "c", "d"], "settings": {"block_size": 4, "mask_threshold": 0.5},
-        "metrics": {}, "command": "test", "epoch": 1,
-    })
+    ckpt = save_checkpoint(tmp_path / "nice.pt", Checkpoint(
+        kind="nice",
+        models={"generator": ModelEntry.of("nice_fast", gen_kwargs, gen), "classifier": ModelEntry.of("test_fast_fcn", clf_kwargs, clf)},
+        input_shape=[3, 32, 32], normalization=Normalization(mean, std),
+        class_names=["a", "b", "c", "d"], settings={"block_size": 4, "mask_threshold": 0.5}, command="test", epoch=1,
+    ))
     bundle = export_onnx(ckpt, tmp_path / "bundle", input_dtype=input_dtype)
     m = bundle.manifest
     assert m.dynamic_size and m.generator == "nice_fast"

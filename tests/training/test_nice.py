@@ -9,9 +9,11 @@ import torch
 
 from keepbits import registry
 from keepbits.cli import main
-from keepbits.data import ImageDataset, channel_stats, load_dataset
+from keepbits.data import channel_stats, load_dataset
 from keepbits.errors import InputError
-from keepbits.training.checkpoint import load_checkpoint, model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, load_checkpoint, save_checkpoint
+from keepbits.training.classifier import FitConfig, fit_classifier
+from keepbits.training.data import TensorArrays
 from keepbits.training.nice import NiceConfig, evaluate_nice, load_nice, nice_loss, saliency_target, topk_mask, train_nice
 
 
@@ -25,7 +27,8 @@ def _one_thread():
 
 
 def _classifier_checkpoint(path, data_path, arch="lenet5", seed=0, train_steps=0):
-    """A classifier checkpoint for ``data_path`` (kind="classifier"), trained ``train_steps`` full-batch Adam steps."""
+    """A classifier checkpoint for ``data_path`` (kind="classifier"), trained ``train_steps`` full-batch Adam steps
+    (AdamW without weight decay, constant lr)."""
     torch.manual_seed(seed)
     ds = load_dataset(data_path)
     c, h, w = ds.shape_chw
@@ -33,16 +36,11 @@ def _classifier_checkpoint(path, data_path, arch="lenet5", seed=0, train_steps=0
     model = registry.build(arch, **kwargs)
     mean, std = channel_stats(ds.x)
     x = (torch.from_numpy(ds.x).permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(train_steps):
-        loss = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(ds.y))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    save_checkpoint(path, {
-        "kind": "classifier", "models": {"classifier": model_entry(arch, kwargs, model)}, "input_shape": [c, h, w],
-        "normalization": {"mean": mean, "std": std}, "class_names": ds.class_names, "settings": {}, "command": "", "metrics": {},
-    })
+    if train_steps:
+        fit_classifier(model, TensorArrays(x, ds.y), FitConfig(steps=train_steps, batch_size=len(ds), optimizer="adamw", lr=1e-3, weight_decay=0.0,
+                                                               schedule="none", augment="none", progress=False))
+    save_checkpoint(path, Checkpoint(kind="classifier", models={"classifier": ModelEntry.of(arch, kwargs, model)}, input_shape=[c, h, w],
+                                     normalization=Normalization(mean, std), class_names=ds.class_names))
     return path
 
 
@@ -103,24 +101,24 @@ def test_l0_decreases_and_checkpoint_contract(tiny_npz, tmp_path):
     summary = train_nice(_config(tiny_npz, tmp_path, clf, epochs=4, lambda_l0=20.0, lambda_smooth=0.5))
     l0 = [row["train_l0"] for row in summary["history"]]
     assert l0[-1] < l0[0] - 0.05
-    record = load_checkpoint(summary["checkpoint"], "nice")
-    assert set(record["models"]) == {"generator", "classifier"}
-    assert record["input_shape"] == [3, 16, 16] and record["class_names"] == ["a", "b", "c"]
-    assert len(record["normalization"]["mean"]) == len(record["normalization"]["std"]) == 3
-    settings = record["settings"]
+    ckpt = load_checkpoint(summary["checkpoint"], "nice")
+    assert set(ckpt.models) == {"generator", "classifier"}
+    assert ckpt.input_shape == [3, 16, 16] and ckpt.class_names == ["a", "b", "c"]
+    assert len(ckpt.normalization.mean) == len(ckpt.normalization.std) == 3
+    settings = ckpt.settings
     assert settings["block_size"] == 4 and isinstance(settings["block_size"], int)
     assert settings["mask_threshold"] == 0.5 and settings["mode"] == "fixed" and settings["target_fraction"] is None
     assert settings["lambda_l0"] == 20.0 and settings["lambda_smooth"] == 0.5
-    assert "final" in record["metrics"] and "command" in record
+    assert "final" in ckpt.metrics and ckpt.command == ""
     gen, classifier, _ = load_nice(summary["checkpoint"])
     assert tuple(gen(torch.zeros(1, 3, 16, 16)).shape) == (1, 1, 16, 16)
 
 
 def test_fixed_mode_leaves_classifier_unchanged(tiny_npz, tmp_path):
     clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz, arch="resnet20")  # has batch-norm buffers
-    before = load_checkpoint(clf)["models"]["classifier"]["state_dict"]
+    before = load_checkpoint(clf).models["classifier"].state_dict
     summary = train_nice(_config(tiny_npz, tmp_path, clf, epochs=1, lambda_l0=1.0))
-    after = load_checkpoint(summary["checkpoint"])["models"]["classifier"]["state_dict"]
+    after = load_checkpoint(summary["checkpoint"]).models["classifier"].state_dict
     assert before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key], after[key]), key
@@ -128,9 +126,9 @@ def test_fixed_mode_leaves_classifier_unchanged(tiny_npz, tmp_path):
 
 def test_finetuned_mode_trains_only_the_chosen_blocks(tiny_npz, tmp_path):
     clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz, arch="resnet20")
-    before = load_checkpoint(clf)["models"]["classifier"]["state_dict"]
+    before = load_checkpoint(clf).models["classifier"].state_dict
     summary = train_nice(_config(tiny_npz, tmp_path, clf, epochs=1, mode="finetuned", train_blocks=["fc"], classifier_lr=0.1))
-    after = load_checkpoint(summary["checkpoint"])["models"]["classifier"]["state_dict"]
+    after = load_checkpoint(summary["checkpoint"]).models["classifier"].state_dict
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"fc.weight", "fc.bias"}
     with pytest.raises(InputError, match="no block"):
@@ -141,10 +139,11 @@ def test_target_sparsity_reaches_requested_fraction(tiny_npz, tmp_path):
     clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz, train_steps=40)
     target = 0.3  # b = 16: the dropped pixels become the image mean, so the bright quadrant (1/4) must be kept
     summary = train_nice(_config(tiny_npz, tmp_path, clf, generator="nice_unet", generator_kwargs={"widths": [4, 8]},
-                                 block_size=16, epochs=10, batch_size=8, lr=0.01, lambda_l0=0.1, target_fraction=target, target_rate=0.05))
+                                 block_size=16, epochs=10, batch_size=8, lr=0.01, lambda_l0=0.1, target_fraction=target, target_rate=0.05,
+                                 val_fraction=0.0))  # all 60 images train; the final evaluation is on them
     assert abs(summary["final"]["kept_fraction"] - target) < 0.1
     assert summary["lambda_l0_final"] > 0.1  # λ1 rose from its start value to remove pixels
-    assert load_checkpoint(summary["checkpoint"])["settings"]["target_fraction"] == target
+    assert load_checkpoint(summary["checkpoint"]).settings["target_fraction"] == target
 
 
 def test_saliency_target_keeps_the_pixels_the_classifier_reads():
@@ -172,21 +171,29 @@ def test_warm_start_fits_the_requested_fraction_then_trains(tiny_npz, tmp_path):
     with pytest.raises(InputError, match="warm-up"):
         train_nice(_config(tiny_npz, tmp_path, clf, warmup_steps=-1))
     only = train_nice(_config(tiny_npz, tmp_path, clf, out=str(tmp_path / "warm_only"), epochs=0, warmup_steps=3))
-    assert [row["epoch"] for row in only["history"]] == [0] and load_nice(only["checkpoint"])[2]["settings"]["epochs"] == 0
+    assert [row["epoch"] for row in only["history"]] == [0] and load_nice(only["checkpoint"])[2].settings["epochs"] == 0
     with pytest.raises(InputError, match="epochs"):
         train_nice(_config(tiny_npz, tmp_path, clf, epochs=0))
 
 
-def test_evaluate_uses_deterministic_mask(tiny_npz, tmp_path):
-    clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz)
-    summary = train_nice(_config(tiny_npz, tmp_path, clf, epochs=1))
-    gen, classifier, record = load_nice(summary["checkpoint"])
+def test_evaluate_uses_deterministic_mask_on_the_held_out_validation_split(tiny_npz, tmp_path):
+    from keepbits.data import train_val_split
     from keepbits.training.data import TensorImages
 
-    data = TensorImages(load_dataset(tiny_npz), record["normalization"]["mean"], record["normalization"]["std"])
+    clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz)
+    summary = train_nice(_config(tiny_npz, tmp_path, clf, epochs=1, val_fraction=0.2))
+    gen, classifier, ckpt = load_nice(summary["checkpoint"])
+    ds = load_dataset(tiny_npz)
+    _, val_idx = train_val_split(ds.y, 0.2, seed=0)
+    data = TensorImages(ds.subset(val_idx), ckpt.normalization.mean, ckpt.normalization.std)
     first = evaluate_nice(gen, classifier, data, 4)
     assert first == evaluate_nice(gen, classifier, data, 4)  # no sampling at evaluation
-    assert first == summary["final"]
+    # no test split in this file: the final evaluation is the validation split's, as every epoch's row
+    # (the trainer normalises as one multiply-add, hence the tolerance)
+    assert summary["final_split"] == "val" and first == pytest.approx(summary["final"], abs=1e-5)
+    val_row = {k[len("val_"):]: v for k, v in summary["history"][-1].items() if k.startswith("val_")}
+    assert val_row == pytest.approx(first, abs=1e-5)
+    assert not any(k.startswith("test_") for row in summary["history"] for k in row)
 
 
 def test_topk_mask_counts():
@@ -194,21 +201,6 @@ def test_topk_mask_counts():
     mask = topk_mask(scores, torch.tensor([0, 4, 35]))
     assert mask.shape == (3, 1, 5, 7)
     assert mask.flatten(1).sum(1).tolist() == [0.0, 4.0, 35.0]
-
-
-def test_backselect_ranks_put_the_sufficient_pixels_last():
-    from keepbits.training.data import TensorImages
-    from keepbits.training.nice import backselect_ranks
-
-    class CornerReader(torch.nn.Module):  # class 0's logit is pixel (0, 0); every other pixel is ignored
-        def forward(self, x):
-            return torch.stack([3 * x[:, 0, 0, 0], torch.zeros(len(x))], 1)
-
-    ds = ImageDataset(np.full((2, 4, 5, 1), 255, np.uint8), np.zeros(2, np.int64), ["a", "b"])
-    ranks = backselect_ranks(CornerReader(), TensorImages(ds, [0.0], [1.0]), k=3)
-    assert ranks.shape == (2, 4, 5)
-    assert sorted(ranks[0].flatten().tolist()) == list(range(20))
-    assert (ranks[:, 0, 0] == 19).all()  # masking the one pixel the model reads is always left to the end
 
 
 def test_bad_settings_raise_input_error(tiny_npz, tmp_path):
@@ -230,8 +222,8 @@ def test_cli_train_and_bench(tiny_npz, tmp_path, capsys):
     assert code == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"].endswith("nice.pt")
     report = tmp_path / "bench.json"
-    code = main(["-q", "bench", "nice", "--checkpoint", str(out / "nice.pt"), "--data", str(tiny_npz), "-b", "1", "4", "16",
-                 "--qualities", "50", "--max-images", "12", "--sis-k", "16", "--out", str(report)])
+    code = main(["-q", "bench", "nice", "--model", str(out / "nice.pt"), "--data", str(tiny_npz), "-b", "1", "4", "16",
+                 "--qualities", "50", "--num-images", "12", "--sis-k", "16", "--out", str(report)])
     assert code == 0
     result = json.loads(report.read_text())
     assert [row["block_size"] for row in result["per_block_size"]] == [1, 4, 16]
@@ -243,9 +235,21 @@ def test_cli_train_and_bench(tiny_npz, tmp_path, capsys):
 
 def test_cli_bad_input_exits_2(tiny_npz, tmp_path, capsys):
     assert main(["train", "nice", "--data", str(tiny_npz), "--classifier", str(tmp_path / "missing.pt"), "--out", str(tmp_path)]) == 2
-    assert "classifier checkpoint not found" in capsys.readouterr().err
+    assert "classifier not found" in capsys.readouterr().err
     clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz)
     assert main(["train", "nice", "--data", str(tiny_npz), "--classifier", str(clf), "--out", str(tmp_path), "--generator-kwargs", "{x"]) == 2
     assert "not JSON" in capsys.readouterr().err
-    assert main(["bench", "nice", "--checkpoint", str(clf), "--data", str(tiny_npz)]) == 2  # a classifier, not a nice checkpoint
+    assert main(["bench", "nice", "--model", str(clf), "--data", str(tiny_npz)]) == 2  # a classifier, not a nice checkpoint
     assert "expected nice" in capsys.readouterr().err
+
+
+def test_cli_train_nice_default_generator(tiny_npz, tmp_path, capsys):
+    """Without --generator the default ``auto`` resolves from the input size (16 px: nice_unet);
+    the config's validation must not look ``auto`` up in the registry (issue 20, item 11)."""
+    clf = _classifier_checkpoint(tmp_path / "clf.pt", tiny_npz)
+    out = tmp_path / "run"
+    code = main(["-q", "train", "nice", "--data", str(tiny_npz), "--classifier", str(clf), "--out", str(out),
+                 "--generator-kwargs", '{"widths": [4, 8]}', "-b", "4", "--epochs", "1", "--batch-size", "32"])
+    assert code == 0, capsys.readouterr().err
+    assert load_checkpoint(out / "nice.pt", "nice").models["generator"].arch == "nice_unet"
+    NiceConfig(data="d", classifier="c", out="o").validate()  # the default config validates

@@ -11,8 +11,8 @@ from keepbits import registry
 from keepbits.cli import main
 from keepbits.data import sample_mnist_path
 from keepbits.errors import InputError
-from keepbits.training.checkpoint import model_entry, save_checkpoint
-from keepbits.training.posthoc import PosthocConfig, forgetting_gradients, posthoc_loss, simplify_posthoc
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
+from keepbits.training.posthoc import PosthocConfig, forgetting_gradients, interpolate, posthoc_loss, simplify_posthoc
 
 
 def _glow(c=1, size=8):
@@ -34,33 +34,63 @@ def test_forgetting_gradients_and_loss_vanish_for_the_original():
     assert stats["l_grad"] == pytest.approx(0.0, abs=1e-5) and stats["l_pred"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_simplify_keeps_the_prediction_and_never_adds_bits():
+def test_classifier_terms_use_the_interpolated_image_and_bpd_the_simplified_one():
+    net, flow, x = _net(), _glow(), torch.rand(1, 1, 8, 8)
+    scales = {n: torch.full(p.shape, 0.9, requires_grad=True) for n, p in net.named_parameters()}
+    x_sim = torch.rand(1, 1, 8, 8, requires_grad=True)
+    # x_α = x_orig: L_grad and L_pred vanish although x_sim is a different image; its bpd still counts
+    loss, stats = posthoc_loss(net, flow, x, x_sim, scales, lambda_sim=1.0, x_interp=x.clone())
+    assert stats["l_grad"] == pytest.approx(0.0, abs=1e-5) and stats["l_pred"] == pytest.approx(0.0, abs=1e-6)
+    assert stats["bpd"] == pytest.approx(float(flow.bpd(x_sim.detach(), dequantize=False)), rel=1e-5)
+    _, moved = posthoc_loss(net, flow, x, x_sim, scales, lambda_sim=1.0)
+    assert moved["l_pred"] > 1e-4  # without x_interp the classifier terms see x_sim
+
+
+def test_latent_interpolation_path():
+    flow = _glow()
+    x = 0.25 + 0.5 * torch.rand(1, 1, 8, 8)
+    with torch.no_grad():
+        zs, _ = flow.encode(flow.to_flow_range(x, dequantize=False))
+    deltas = [0.05 * torch.randn_like(z) for z in zs]  # G(z + α·δ) stays inside [0, 1] (no clamping)
+    assert torch.allclose(interpolate(flow, zs, deltas, 0.0, x.shape), x, atol=1e-4)  # α = 0: the original
+    half = interpolate(flow, zs, deltas, 0.5, x.shape)
+    with torch.no_grad():
+        z_half, _ = flow.encode(flow.to_flow_range(half, dequantize=False))
+    for z, d, zh in zip(zs, deltas, z_half):
+        assert torch.allclose(zh, z + 0.5 * d, atol=1e-3)  # α = ½: halfway in the latent, not in pixels
+
+
+def test_simplify_draws_alpha_and_returns_the_simplified_image():
     net, flow = _net(), _glow()
-    out = simplify_posthoc(net, flow, torch.rand(2, 1, 8, 8), PosthocConfig(steps=4, lr=0.2, path_points=5))
+    out = simplify_posthoc(net, flow, torch.rand(2, 1, 8, 8), PosthocConfig(steps=6, lr=0.2, path_points=5))
     for r in out:
-        assert r["label_sim"] == r["label"] and r["bpd_sim"] <= r["bpd_orig"] + 1e-6
-        assert r["path"][0]["t"] == 0.0 and r["path"][-1]["t"] == 1.0 and len(r["history"]) == 4
-        assert r["simplified"].shape == (1, 1, 8, 8)
+        alphas = [h["alpha"] for h in r["history"]]
+        assert len(alphas) == 6 and all(0.0 < a <= 1.0 for a in alphas) and len(set(alphas)) == 6
+        assert r["path"][0]["t"] == 0.0 and r["path"][-1]["t"] == 1.0
+        assert r["simplified"].shape == (1, 1, 8, 8) and torch.equal(r["simplified"] * 255, (r["simplified"] * 255).round())
+        assert r["path"][-1]["bpd"] == pytest.approx(r["bpd_sim"], abs=0.05)  # t = 1 is the result (before 8-bit rounding)
+        assert r["kept"] == (r["label_sim"] == r["label"] and r["kl"] <= 0.1)
 
 
 def test_audit_simplify_cli_writes_report(tmp_path):
     kwargs = {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
     torch.manual_seed(0)
     clf = registry.build("lenet5", **kwargs)
-    save_checkpoint(tmp_path / "clf.pt", {"kind": "classifier", "models": {"classifier": model_entry("lenet5", kwargs, clf)},
-                                          "input_shape": [1, 28, 28], "normalization": {"mean": [0.13], "std": [0.31]},
-                                          "class_names": [str(i) for i in range(10)]})
+    save_checkpoint(tmp_path / "clf.pt", Checkpoint(kind="classifier", models={"classifier": ModelEntry.of("lenet5", kwargs, clf)},
+                                                    input_shape=[1, 28, 28], normalization=Normalization([0.13], [0.31]),
+                                                    class_names=[str(i) for i in range(10)]))
     dkw = {"in_channels": 1, "image_size": [28, 28], "levels": 2, "depth": 1, "hidden": 4}
-    save_checkpoint(tmp_path / "d.pt", {"kind": "density", "models": {"density": model_entry("glow", dkw, registry.build("glow", **dkw))}})
+    save_checkpoint(tmp_path / "d.pt", Checkpoint(kind="density", models={"density": ModelEntry.of("glow", dkw, registry.build("glow", **dkw))},
+                                                  input_shape=[1, 28, 28]))
     out = tmp_path / "report"
-    rc = main(["-q", "audit", "simplify", "--model", str(tmp_path / "clf.pt"), "--images", str(sample_mnist_path()), "--out", str(out),
+    rc = main(["-q", "audit", "simplify", "--model", str(tmp_path / "clf.pt"), "--data", str(sample_mnist_path()), "--out", str(out),
                "--density", str(tmp_path / "d.pt"), "--num-images", "1", "--steps", "2"])
     assert rc == 0
     html = (out / "report.html").read_text()
     assert "Before / after" in html and "data:image/png;base64" in html
     data = json.loads((out / "report.json").read_text())
     assert len(data["data"]["per_image"]) == 1
-    assert main(["-q", "audit", "simplify", "--model", str(tmp_path / "nope.pt"), "--images", str(sample_mnist_path()), "--out", str(out)]) == 2
+    assert main(["-q", "audit", "simplify", "--model", str(tmp_path / "nope.pt"), "--data", str(sample_mnist_path()), "--out", str(out)]) == 2
 
 
 def test_onnx_models_are_refused():

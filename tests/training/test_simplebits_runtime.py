@@ -24,7 +24,7 @@ from keepbits.errors import BundleError, DecodeError, InputError
 from keepbits.export import export_onnx
 from keepbits.runtime import Pipeline
 from keepbits.runtime.synthetic import toy_bundle
-from keepbits.training.checkpoint import model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 from keepbits.export import SimplifierGraph
 from keepbits.training.simplebits import load_simplebits
 
@@ -40,12 +40,12 @@ def checkpoint(tmp_path_factory):
     sim = registry.build("simplebits_unet", **sim_kw)
     sim.weight.data.fill_(0.3)  # off the identity, so the U-Net is exercised
     path = tmp_path_factory.mktemp("sb") / "sb.pt"
-    save_checkpoint(path, {
-        "kind": "simplebits", "input_shape": [3, SIZE, SIZE], "class_names": ["cat", "dog", "owl"],
-        "normalization": {"mean": [0.45, 0.4, 0.35], "std": [0.25, 0.24, 0.26]},
-        "models": {"simplifier": model_entry("simplebits_unet", sim_kw, sim),
-                   "classifier": model_entry("lenet5", clf_kw, registry.build("lenet5", **clf_kw))},
-    })
+    save_checkpoint(path, Checkpoint(
+        kind="simplebits", input_shape=[3, SIZE, SIZE], class_names=["cat", "dog", "owl"],
+        normalization=Normalization([0.45, 0.4, 0.35], [0.25, 0.24, 0.26]),
+        models={"simplifier": ModelEntry.of("simplebits_unet", sim_kw, sim),
+                "classifier": ModelEntry.of("lenet5", clf_kw, registry.build("lenet5", **clf_kw))},
+    ))
     return path
 
 
@@ -101,7 +101,7 @@ def test_pipeline_results_and_lossless_payload(bundle):
         image, mask, meta = decode(r.payload)
         assert mask is None and np.array_equal(image, r.simplified) and np.array_equal(image, r.mixed)
         assert (meta.mode, meta.codecs, meta.label, meta.name, meta.sequence) == ("simplified", {"simplified": "png"}, r.label_index, r.label, r.sequence)
-        assert meta.roi == r.letterbox.roi and meta.source_size == (frame.shape[1], frame.shape[0])
+        assert meta.roi == r.fit.roi and meta.source_size == (frame.shape[1], frame.shape[0])
     assert pipe.describe()["explain"] == "simplify" and pipe.describe()["codec"]["mode"] == "simplified"
 
 
@@ -154,7 +154,7 @@ def _free_port() -> int:
 
 def test_cli_export_run_and_receive(checkpoint, tmp_path, capsys):
     out = tmp_path / "cli.bundle"
-    assert main(["-q", "export", "onnx", str(checkpoint), "--out", str(out)]) == 0
+    assert main(["-q", "export", "onnx", "--model", str(checkpoint), "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["explain"] == "simplify"
     src = tmp_path / "frames"
     src.mkdir()
@@ -182,3 +182,24 @@ def test_cli_export_run_and_receive(checkpoint, tmp_path, capsys):
         assert decode(payload.read_bytes())[2].mode == "simplified"
     received = [json.loads(x) for x in (tmp_path / "rx" / "frames.jsonl").read_text().splitlines()]
     assert [r["mode"] for r in received] == ["simplified"] * 4 and len(list((tmp_path / "rx").glob("*.png"))) == 4
+
+
+def test_eval_explain_and_decode_of_a_simplebits_bundle(bundle, tmp_path):
+    """keepbits eval sweeps the codec of the simplified image, explain shows it, decode writes no mask."""
+    from keepbits.runtime.evaluate import rate_accuracy
+    from keepbits.runtime.explain import look
+    from keepbits.runtime.receiver import decode_files
+
+    pipe = Pipeline.from_bundle(bundle.source)
+    frames = _frames(4)
+    result = rate_accuracy(pipe, frames, None, codecs=["png", "webp"], qualities=[60], baselines=["png"])
+    assert [r["series"] for r in result["payload"]] == ["simplified png", "simplified webp"]
+    lossless = result["payload"][0]
+    assert lossless["mode"] == "simplified" and lossless["threshold"] is None and "kept_fraction" not in lossless
+    seen = look(pipe, frames[0])
+    assert seen.mask is None and seen.keep is None and set(seen.panels()) == {"mixed"} and seen.mixed.shape == frames[0].shape
+    (tmp_path / "p").mkdir()
+    for i, r in enumerate(pipe.process_batch(frames)):
+        (tmp_path / "p" / f"{i}.kbit").write_bytes(r.payload)
+    summary = decode_files([tmp_path / "p"], tmp_path / "out")
+    assert summary["decoded"] == 4 and not list((tmp_path / "out").glob("*_mask.png"))

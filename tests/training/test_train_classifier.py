@@ -1,5 +1,5 @@
+import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -9,8 +9,8 @@ import torch
 
 from keepbits.cli import main
 from keepbits.data import sample_mnist_path
-from keepbits.errors import CheckpointError
-from keepbits.training.checkpoint import load_checkpoint, save_checkpoint
+from keepbits.errors import CheckpointError, InputError
+from keepbits.training.checkpoint import Normalization, load_checkpoint, save_checkpoint
 from keepbits.training.classifier import ClassifierConfig, load_classifier, train_classifier
 
 
@@ -24,13 +24,51 @@ def _cfg(tmp_path, **kw):
 def test_trains_above_chance_and_records_everything(tmp_path):
     summary = train_classifier(_cfg(tmp_path))
     assert summary["history"][-1]["test_accuracy"] > 0.6  # 10 classes: chance is 0.1
-    record = load_checkpoint(tmp_path / "run" / "best.pt", "classifier")
-    assert record["models"]["classifier"]["arch"] == "lenet5"
-    assert record["input_shape"] == [1, 28, 28] and len(record["class_names"]) == 10
-    assert record["normalization"]["mean"][0] == pytest.approx(0.13, abs=0.02)
-    assert record["metrics"]["history"][0]["epoch"] == 1
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt", "classifier")
+    assert ckpt.models["classifier"].arch == "lenet5"
+    assert ckpt.input_shape == [1, 28, 28] and len(ckpt.class_names) == 10
+    assert ckpt.normalization.mean[0] == pytest.approx(0.13, abs=0.02)
+    assert ckpt.metrics["history"][0]["epoch"] == 1 and ckpt.optimizer is not None
+    assert ckpt.preprocessing == {}  # an .npz: no resize
     model, _ = load_classifier(tmp_path / "run" / "best.pt", expected_arch="lenet5")
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_max_train_is_a_class_balanced_sample_of_class_sorted_data(tmp_path):
+    from keepbits.training.classifier import _prepare_data
+
+    labels = np.repeat(np.arange(4), 50)  # stored sorted by class: the first 40 would all be class 0
+    np.savez(tmp_path / "sorted.npz", x=np.zeros((200, 8, 8, 1), np.uint8), y=labels)
+    train, val, _ = _prepare_data(_cfg(tmp_path, data=str(tmp_path / "sorted.npz"), max_train=40, val_fraction=0.2))
+    assert np.bincount(train.y, minlength=4).tolist() == [10, 10, 10, 10] and len(val) == 40
+
+
+def test_best_is_selected_on_the_validation_split_never_on_test(tmp_path, monkeypatch):
+    """Per-epoch scores are faked so validation and test disagree: best.pt must follow validation;
+    without a validation split nothing is selected (no best.pt), however good test looks."""
+    import keepbits.training.classifier as classifier
+
+    fake = {"val": iter([0.2, 0.9, 0.5]), "test": iter([0.95, 0.1, 0.3])}
+    monkeypatch.setattr(classifier, "evaluate", lambda model, data, **kw: {"accuracy": next(fake["test" if len(data) == 500 else "val"]), "loss": 0.0})
+    summary = train_classifier(_cfg(tmp_path, epochs=3, max_train=64, val_fraction=0.2))
+    assert summary["best"]["epoch"] == 2 and summary["best"]["selected_by"] == "val_accuracy"
+    assert summary["best"]["val_accuracy"] == 0.9 and summary["best"]["test_accuracy"] == 0.1  # test is recorded, not used
+    assert load_checkpoint(tmp_path / "run" / "best.pt", "classifier").epoch == 1
+
+    fake["test"] = iter([0.95, 0.1])
+    summary = train_classifier(_cfg(tmp_path, out=str(tmp_path / "noval"), epochs=2, max_train=64, val_fraction=0.0))
+    assert summary["best"] is None and summary["checkpoints"]["best"] is None
+    assert not (tmp_path / "noval" / "best.pt").exists() and (tmp_path / "noval" / "last.pt").exists()
+    assert [h["test_accuracy"] for h in summary["history"]] == [0.95, 0.1]
+
+
+def test_validation_split_is_stratified_on_class_sorted_data(tmp_path):
+    from keepbits.training.classifier import _prepare_data
+
+    labels = np.repeat(np.arange(4), [80, 40, 40, 40])  # stored sorted by class
+    np.savez(tmp_path / "sorted.npz", x=np.zeros((200, 8, 8, 1), np.uint8), y=labels)
+    train, val, _ = _prepare_data(_cfg(tmp_path, data=str(tmp_path / "sorted.npz"), max_train=None, val_fraction=0.25))
+    assert np.bincount(val.y, minlength=4).tolist() == [20, 10, 10, 10] and len(train) == 150
 
 
 def test_resume_continues_where_it_stopped(tmp_path):
@@ -48,40 +86,20 @@ def test_resume_refuses_another_arch(tmp_path):
 def test_init_starts_from_another_checkpoints_weights_and_normalisation(tmp_path):
     train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
     first = load_checkpoint(tmp_path / "run" / "last.pt", "classifier")
-    fake = dict(first, normalization={"mean": [0.5], "std": [0.25]})
-    save_checkpoint(tmp_path / "init.pt", fake)
+    save_checkpoint(tmp_path / "init.pt", dataclasses.replace(first, normalization=Normalization([0.5], [0.25])))
     # lr 0: the weights stay what --init gave, so they must equal the init checkpoint's
     train_classifier(_cfg(tmp_path, out=str(tmp_path / "second"), epochs=1, max_train=64, lr=0.0, init=str(tmp_path / "init.pt")))
     second = load_checkpoint(tmp_path / "second" / "last.pt", "classifier")
-    assert second["normalization"] == {"mean": [0.5], "std": [0.25]}
-    for name, tensor in first["models"]["classifier"]["state_dict"].items():
-        assert torch.equal(second["models"]["classifier"]["state_dict"][name], tensor), name
+    assert second.normalization == Normalization([0.5], [0.25])
+    for name, tensor in first.models["classifier"].state_dict.items():
+        assert torch.equal(second.models["classifier"].state_dict[name], tensor), name
     with pytest.raises(CheckpointError, match="do not fit"):
         train_classifier(_cfg(tmp_path, out=str(tmp_path / "third"), arch="resnet20", init=str(tmp_path / "init.pt")))
 
 
-def test_checkpoint_loading_is_weights_only(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
-    path = tmp_path / "evil.pt"
-    torch.save({"format": "keepbits-checkpoint", "x": Evil()}, path)
-    with pytest.raises(CheckpointError, match="not a readable keepbits checkpoint"):
-        load_checkpoint(path)
-    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04broken")
-    with pytest.raises(CheckpointError):
-        load_checkpoint(tmp_path / "trunc.pt")
-
-
-def test_atomic_save_leaves_no_temp_files(tmp_path):
-    save_checkpoint(tmp_path / "a.pt", {"kind": "classifier", "w": torch.ones(2)})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
-
-
 def test_cli_trains_and_prints_summary(tmp_path, capsys):
     code = main(["-q", "train", "classifier", "--data", str(sample_mnist_path()), "--arch", "lenet5", "--out", str(tmp_path / "c"),
-                 "--epochs", "1", "--optimizer", "adamw", "--max-train", "300"])
+                 "--epochs", "1", "--optimizer", "adamw", "--num-train-images", "300"])
     assert code == 0
     assert "best.pt" in json.loads(capsys.readouterr().out)["checkpoints"]["best"]
 
@@ -125,6 +143,28 @@ def test_cli_image_folder_with_explicit_size_and_policy(tmp_path):
     code = main(["-q", "train", "classifier", "--data", str(tmp_path / "tree"), "--arch", "lenet5", "--out", str(tmp_path / "r"),
                  "--epochs", "1", "--image-size", "28", "24", "--resize-policy", "letterbox", "--val-fraction", "0"])
     assert code == 0
-    record = load_checkpoint(tmp_path / "r" / "last.pt", "classifier")
-    assert record["input_shape"] == [3, 28, 24] and record["class_names"] == ["cat", "dog"]
-    assert record["settings"]["resize_policy"] == "letterbox"
+    ckpt = load_checkpoint(tmp_path / "r" / "last.pt", "classifier")
+    assert ckpt.input_shape == [3, 28, 24] and ckpt.class_names == ["cat", "dog"]
+    assert ckpt.settings["resize_policy"] == "letterbox" and ckpt.preprocessing == {"resize_policy": "letterbox"}
+
+
+def test_fit_classifier_on_arrays_learns_and_honours_a_step_budget():
+    """The in-memory entry point of the one trainer: float arrays, exactly ``steps`` optimizer steps."""
+    from keepbits.core import accuracy
+    from keepbits.training.classifier import FitConfig, fit_classifier, predict_logits
+    from keepbits.training.data import TensorArrays
+
+    rng = np.random.default_rng(0)
+    y = np.arange(96) % 2
+    x = rng.normal(size=(96, 1, 4, 4)).astype(np.float32) + (2 * y - 1)[:, None, None, None].astype(np.float32)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    steps = []
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    rows = []
+    cfg = FitConfig(steps=7, batch_size=32, optimizer="sgd", lr=0.1, augment="none", progress=False)
+    fit_classifier(net, TensorArrays(x, y), cfg, optimizer=optimizer, after_epoch=lambda epoch, row: rows.append(row))
+    assert len(steps) == 7 and [r["epoch"] for r in rows] == [1, 2, 3]  # 3 steps per epoch: 3 + 3 + 1
+    assert accuracy(predict_logits(net, x), y) > 0.9
+    with pytest.raises(InputError, match="augment"):
+        fit_classifier(net, TensorArrays(x, y), FitConfig(augment="mirror"))

@@ -19,7 +19,7 @@ from keepbits.audit._base import (
     load_model,
     softmax,
 )
-from keepbits.audit._report import Report, Section, colorize, overlay, to_png
+from keepbits.report import Report, Section, colorize, overlay, to_png
 from keepbits.audit.sis import (
     BackSelectResult,
     SISExplainer,

@@ -35,6 +35,8 @@ class ModelAdapter:
     """
 
     torch_module: Any = None
+    #: how images reach ``input_shape`` (a :class:`keepbits.data.Preprocessing`), where known
+    preprocessing: Any = None
 
     def __init__(self, input_shape: Sequence[int], mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  class_names: Sequence[str] | None = None, source: str = "<memory>"):
@@ -185,38 +187,54 @@ class OnnxAdapter(ModelAdapter):
 
 def load_model(model: Any, **kwargs: Any) -> ModelAdapter:
     """A :class:`ModelAdapter` for ``model``: an adapter (returned as is), a torch
-    ``nn.Module`` (pass ``input_shape`` and optionally ``mean``/``std``), a keepbits
-    checkpoint (``.pt``; normalisation read from it), a plain ``.onnx`` classifier, or a
-    keepbits bundle folder / ``.zip`` (:mod:`keepbits.bundle`, run with ONNX Runtime)."""
+    ``nn.Module`` (pass ``input_shape`` and optionally ``mean``/``std``), a
+    :class:`keepbits.training.byo.Classifier`, a keepbits checkpoint (``.pt``; normalisation read
+    from it), a plain ``.onnx`` classifier (ONNX Runtime), a keepbits bundle folder / ``.zip``
+    (:mod:`keepbits.bundle`, run with ONNX Runtime), or a registry name / ``package.module:factory``
+    (:func:`keepbits.training.byo.resolve_classifier`; ``kwargs``: ``weights``, ``kwargs``,
+    ``preprocessing``). Adapters of checkpoints, classifiers and bundles carry their
+    :class:`keepbits.data.Preprocessing` (``adapter.preprocessing``)."""
     if isinstance(model, ModelAdapter):
         return model
     if hasattr(model, "forward") and hasattr(model, "parameters"):
         if "input_shape" not in kwargs:
             raise InputError("a torch module needs input_shape=(C, H, W)")
         return TorchAdapter(model, **kwargs)
+    if hasattr(model, "preprocessing") and hasattr(model, "module") and hasattr(model, "arch"):  # a byo.Classifier
+        return _classifier_adapter(model)
     path = Path(model)
+    if path.suffix == ".onnx":
+        if not path.exists():
+            raise InputError(f"model not found: {path}")
+        return OnnxAdapter(path, **kwargs)
+    if path.suffix == ".pt" or (not path.exists() and (":" in str(model) or "/" not in str(model))):
+        from keepbits.training.byo import resolve_classifier
+
+        return _classifier_adapter(resolve_classifier(str(model), **kwargs))
     if not path.exists():
         raise InputError(f"model not found: {path}")
-    if path.suffix == ".pt":
-        from keepbits.training.checkpoint import build_model, load_checkpoint
-
-        record = load_checkpoint(path)
-        if "classifier" not in record.get("models", {}):
-            raise InputError(f"{path}: holds no classifier (kind {record.get('kind')})")
-        norm = record.get("normalization") or {}
-        return TorchAdapter(build_model(record, "classifier"), record["input_shape"], mean=norm.get("mean"), std=norm.get("std"),
-                            class_names=record.get("class_names"), source=str(path))
-    if path.suffix == ".onnx":
-        return OnnxAdapter(path, **kwargs)
     from keepbits.bundle import load_bundle
+    from keepbits.data import Preprocessing
 
     bundle = load_bundle(path)
     m = bundle.manifest
     feed = "uint8-nhwc" if m.input_dtype == "uint8" else "float-nchw"
     if m.input_layout != ("NHWC" if feed == "uint8-nhwc" else "NCHW"):
         raise InputError(f"{path}: bundles with {m.input_dtype} {m.input_layout} input are not supported by the audits")
-    return OnnxAdapter(bundle.model_path, feed=feed, input_shape=m.input_shape, mean=m.mean, std=m.std, class_names=m.class_names,
-                       threads=kwargs.get("threads"))
+    adapter = OnnxAdapter(bundle.model_path, feed=feed, input_shape=m.input_shape, mean=m.mean, std=m.std, class_names=m.class_names,
+                          threads=kwargs.get("threads"))
+    if m.input_shape[0] in (1, 3):  # a Preprocessing describes grey or colour images (audit bundles may have other channels)
+        adapter.preprocessing = Preprocessing(tuple(m.input_shape[1:]), tuple(m.mean), tuple(m.std), m.resize_policy, m.crop_fraction,
+                                              tuple(m.class_names))
+    return adapter
+
+
+def _classifier_adapter(classifier: Any) -> "TorchAdapter":
+    pre = classifier.preprocessing
+    adapter = TorchAdapter(classifier.module, classifier.input_shape, mean=pre.mean, std=pre.std, class_names=pre.class_names,
+                           source=classifier.source)
+    adapter.preprocessing = pre
+    return adapter
 
 
 def as_targets(target: Any, n: int, default: np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -42,7 +43,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -61,41 +62,49 @@ class CIDConfig:
     """Settings of the σ optimisation (Eq. 3) and the λ calibration (Eq. 4).
 
     ``beta``: target ``E‖f'−f‖²/δ_f²`` (paper scale 1.5e-4). ``block``: σ shared by
-    ``block``×``block`` pixels. ``max_steps``: budget of forward–backward passes per map;
-    a map stops earlier once, after ``min_steps``, its ratio is within ``tolerance/2`` of
-    β and its mean |Δ log σ| over the last ``check_every`` steps is below ``map_tolerance``.
-    ``samples``: δ draws per step. ``lr``: Adam step on log σ (halved at every check
-    where the ratio is on target, down to ``lr/8``). ``dual_lr``: gain of the per-step
-    log λ update (a fraction of ``log β − log ratio``).
+    ``block``×``block`` pixels. ``samples``: δ draws per step. ``lr``: Adam step on log σ.
+    ``dual_lr``: gain of the per-step log λ update (a fraction of ``log β − log ratio``).
+
+    Stopping rule (per map, checked every ``check_every`` steps on the window just ended):
+    the map is *on target* when the window's mean ratio is within ``tolerance/2`` of β, and
+    *on a plateau* when its mean entropy per pixel moved by less than ``plateau·lr_now/lr``
+    nats from the previous window (drift and noise both scale with the step). On target and
+    on a plateau, the lr and the dual gain are halved, down to ``lr/2**anneal`` (annealing
+    removes the jitter of log σ, which biases the mean entropy low); a plateau at that lr
+    (after ``min_steps``) ends the map. A map still moving at ``max_steps`` is reported with
+    ``converged`` False.
+
     ``xi``: finite-difference scale of δ_f² (checked against ``xi/10``, ``xi_samples``
     draws). ``sigma_max``: cap on σ (normalised scale). ``final_samples``: draws for the
-    reported ratio. ``tolerance``: relative band around β for ``reached``.
+    reported ratio. ``tolerance``: relative band around β for ``reached``. ``device``:
+    torch device of the fit (default: the input's, CPU for numpy input).
     """
 
     beta: float = 1.5e-4
     block: int = 1
-    max_steps: int = 300
-    min_steps: int = 60
+    max_steps: int = 1000
+    min_steps: int = 100
     check_every: int = 20
     samples: int = 2
     lr: float = 0.1
     dual_lr: float = 0.3
+    plateau: float = 0.01
+    anneal: int = 3
     xi: float = 1e-3
-    xi_samples: int = 8
+    xi_samples: int = 64
     sigma_max: float = 10.0
     final_samples: int = 32
     tolerance: float = 0.1
-    map_tolerance: float = 0.05
     seed: int = 0
+    device: str | None = None
 
     def check(self) -> None:
         """:class:`InputError` on settings that cannot work."""
-        positive = {k: getattr(self, k) for k in ("beta", "lr", "dual_lr", "xi", "sigma_max", "tolerance", "map_tolerance")}
+        positive = {k: getattr(self, k) for k in ("beta", "lr", "dual_lr", "xi", "sigma_max", "tolerance", "plateau")}
         bad = [f"{k}={v}" for k, v in positive.items() if not (v > 0 and math.isfinite(v))]
         counts = ("block", "max_steps", "check_every", "samples", "xi_samples", "final_samples")
         bad += [f"{k}={getattr(self, k)}" for k in counts if int(getattr(self, k)) < 1]
-        if self.min_steps < 0:
-            bad.append(f"min_steps={self.min_steps}")
+        bad += [f"{k}={getattr(self, k)}" for k in ("min_steps", "anneal") if getattr(self, k) < 0]
         if not bad and self.sigma_max <= math.sqrt(self.beta):
             bad.append(f"sigma_max={self.sigma_max} (must exceed sqrt(beta))")
         if bad:
@@ -111,7 +120,11 @@ class CIDMaps:
     ``E‖f'−f‖²/δ_f²``; ``reached``: ratio within ``tolerance`` of β; ``steps``:
     forward–backward passes used; ``lam``: final λ; ``delta_f2``: δ_f²;
     ``delta_f2_change``: relative change of δ_f² from ξ to ξ/10 (stability check);
-    ``saturated``: fraction of pixels at ``sigma_max``.
+    ``saturated``: fraction of pixels at ``sigma_max``; ``converged``: the map ended on a
+    plateau (see :class:`CIDConfig`) rather than at ``max_steps``; ``trace``: per layer, one
+    value per ``check_every`` window (NaN after the map stopped) of the mean ``ratio`` over the
+    window, the mean ``entropy`` per pixel, the ``loss`` of Eq. 3 (ratio − λ·ΣH), ``lr`` and
+    ``lam`` at the window's end.
     """
 
     layers: list[str]
@@ -125,12 +138,15 @@ class CIDMaps:
     delta_f2: np.ndarray
     delta_f2_change: np.ndarray
     saturated: np.ndarray
+    converged: np.ndarray
     beta: float
+    trace: dict[str, np.ndarray] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, maps: bool = False) -> dict[str, Any]:
         """Plain-JSON summary (per layer); ``maps=True`` includes the entropy maps."""
-        out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items() if k != "entropy"}
+        out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items() if k not in ("entropy", "trace")}
+        out["trace"] = {k: [[None if not np.isfinite(x) else float(x) for x in row] for row in v] for k, v in self.trace.items()}
         if maps:
             out["entropy"] = self.entropy.tolist()
         return out
@@ -174,7 +190,7 @@ class _Group:
         import torch
 
         self.tap, self.x, self.layer_of = tap, x, layer_of
-        self.rows = {name: torch.tensor([i for i, n in enumerate(layer_of) if n == name]) for name in dict.fromkeys(layer_of)}
+        self.rows = {name: torch.tensor([i for i, n in enumerate(layer_of) if n == name], device=x.device) for name in dict.fromkeys(layer_of)}
         with torch.no_grad():
             outs = tap(x, self.rows)
         self.base = {name: outs[name][rows].detach() for name, rows in self.rows.items()}
@@ -190,44 +206,59 @@ class _Group:
         for name in dict.fromkeys(sub.layer_of):
             rows = [i for i, n in enumerate(sub.layer_of) if n == name]
             parent_rows = self.rows[name].tolist()
-            sub.rows[name] = torch.tensor(rows)
+            sub.rows[name] = torch.tensor(rows, device=self.x.device)
             sub.base[name] = self.base[name][[parent_rows.index(int(index[r])) for r in rows]]
         return sub
 
-    def distortion(self, noise: Any) -> Any:
-        """Mean over the S draws of ``‖h(x + noise) − f‖²`` per replica; ``noise``: S×R×C×H×W."""
+    def distortion(self, noise: Any) -> tuple[Any, dict[str, Any]]:
+        """Mean over the S draws of ``‖h(x + noise) − f‖²`` per replica (``noise``: S×R×C×H×W),
+        and the perturbed features per layer (S × that layer's replicas × feature shape)."""
         s, r = noise.shape[:2]
         outs = self.tap((self.x[None] + noise).reshape(s * r, *self.x.shape[1:]), self.rows)
         d = self.x.new_zeros(r)
+        feats = {}
         for name, rows in self.rows.items():
-            feat = outs[name].reshape(s, r, *outs[name].shape[1:])[:, rows]
-            d = d.index_add(0, rows, (feat - self.base[name][None]).flatten(2).pow(2).sum(2).mean(0))
-        return d
+            feats[name] = outs[name].reshape(s, r, *outs[name].shape[1:])[:, rows]
+            d = d.index_add(0, rows, (feats[name] - self.base[name][None]).flatten(2).pow(2).sum(2).mean(0))
+        return d, feats
 
 
 def _delta_f2(group: _Group, cfg: CIDConfig, gen: Any) -> tuple[Any, Any]:
     """δ_f² by finite differences at ξ, and its relative change at ξ/10 (same ε)."""
     import torch
 
-    eps = torch.randn((cfg.xi_samples, *group.x.shape), generator=gen)
+    eps = torch.randn((cfg.xi_samples, *group.x.shape), generator=gen, device=group.x.device)
     with torch.no_grad():
-        coarse = group.distortion(cfg.xi * eps) / cfg.xi**2
-        fine = group.distortion(cfg.xi / 10 * eps) / (cfg.xi / 10) ** 2
+        coarse = group.distortion(cfg.xi * eps)[0] / cfg.xi**2
+        fine = group.distortion(cfg.xi / 10 * eps)[0] / (cfg.xi / 10) ** 2
     change = (coarse - fine).abs() / fine.clamp_min(1e-30)
     return coarse, change
 
 
-def fit_sigma(tap: LayerTap, x: Any, layer_of: list[str], cfg: CIDConfig) -> dict[str, np.ndarray]:
-    """Optimise log σ for replicas (``x[r]``, layer ``layer_of[r]``) of Eq. 3 with Adam and
-    per-replica dual ascent on log λ (Eq. 4); converged replicas leave the batch.
+#: ``entropy(log_sigma, index, perturbed)`` → Σ over pixels of the entropy each replica maximises
+#: (log_sigma: R×1×H/b×W/b of the replicas ``index``; perturbed: their features per layer).
+EntropyTerm = Callable[[Any, Any, dict[str, Any]], Any]
 
-    Returns numpy arrays per replica: ``log_sigma`` (R×1×H/b×W/b), ``ratio``, ``steps``,
-    ``lam``, ``delta_f2``, ``delta_f2_change``.
+
+def fit_sigma(tap: LayerTap, x: Any, layer_of: list[str], cfg: CIDConfig, entropy: EntropyTerm | None = None) -> dict[str, np.ndarray]:
+    """Optimise log σ for replicas (``x[r]``, layer ``layer_of[r]``) of Eq. 3 with Adam and
+    per-replica dual ascent on log λ (Eq. 4), until the stopping rule of :class:`CIDConfig`
+    (converged replicas leave the batch) or ``max_steps``.
+
+    ``entropy``: the term Eq. 3 maximises; default CID's ``Σ_i H_i`` with
+    ``H_i = log σ_i + ½ log 2πe`` (per channel value, ``block²`` pixels per σ). RU passes the
+    entropy of the reconstruction (:mod:`keepbits.audit.cid_ru`).
+
+    Returns numpy arrays per replica: ``log_sigma`` (R×1×H/b×W/b), ``ratio`` (final, fresh
+    draws), ``steps``, ``lam``, ``delta_f2``, ``delta_f2_change``, ``converged`` and the window
+    traces ``trace_ratio``, ``trace_entropy`` (nats per pixel), ``trace_loss``, ``trace_lr``,
+    ``trace_lam`` (R × max_steps/check_every, NaN after a replica stopped).
     """
     import torch
 
     cfg.check()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    dev = x.device
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     r, c, h, w = x.shape
     b = cfg.block
     if h % b or w % b:
@@ -239,16 +270,24 @@ def fit_sigma(tap: LayerTap, x: Any, layer_of: list[str], cfg: CIDConfig) -> dic
         raise InputError(f"layer(s) {sorted(set(flat))} do not depend on the input here (δ_f² = 0); CID is undefined")
     for i in torch.nonzero(df2_change > 0.05).flatten().tolist():
         log.warning("CID: δ_f² of layer %s changes by %.1f%% between ξ=%g and ξ/10 (non-smooth layer?)", layer_of[i], 100 * float(df2_change[i]), cfg.xi)
+    if entropy is None:
+        def entropy(s: Any, index: Any, perturbed: dict[str, Any]) -> Any:
+            return (b * b) * (s + GAUSS_ENTROPY).flatten(1).sum(1)
 
     log_beta, s_max = math.log(cfg.beta), math.log(cfg.sigma_max)
-    s = torch.full((r, 1, h // b, w // b), 0.5 * log_beta)
-    log_lam = torch.full((r,), math.log(2 * cfg.beta / (h * w)))
+    s = torch.full((r, 1, h // b, w // b), 0.5 * log_beta, device=dev)
+    log_lam = torch.full((r,), math.log(2 * cfg.beta / (h * w)), device=dev)
     m, v = torch.zeros_like(s), torch.zeros_like(s)
-    lr = torch.full((r,), cfg.lr)
-    steps = torch.zeros(r, dtype=torch.long)
-    ema = torch.full((r,), cfg.beta)
-    s_check = s.clone()
-    active = torch.ones(r, dtype=torch.bool)
+    lr = torch.full((r,), cfg.lr, device=dev)
+    lr_min = cfg.lr / 2**cfg.anneal
+    steps = torch.zeros(r, dtype=torch.long, device=dev)
+    ema = torch.full((r,), cfg.beta, device=dev)
+    active = torch.ones(r, dtype=torch.bool, device=dev)
+    converged = torch.zeros(r, dtype=torch.bool, device=dev)
+    window = torch.zeros(3, r, device=dev)  # sums over the current window: ratio, entropy per pixel, loss
+    previous = torch.full((r,), math.nan, device=dev)
+    checks = cfg.max_steps // cfg.check_every
+    trace = {k: torch.full((r, checks), math.nan, device=dev) for k in ("ratio", "entropy", "loss", "lr", "lam")}
     band = math.log1p(cfg.tolerance / 2)
     b1, b2 = 0.9, 0.999
     sub, sub_index = group, None
@@ -259,10 +298,13 @@ def fit_sigma(tap: LayerTap, x: Any, layer_of: list[str], cfg: CIDConfig) -> dic
         if sub_index is None or len(idx) != len(sub_index):
             sub, sub_index = (group, idx) if len(idx) == r else (group.subset(idx), idx)
         sa = s[idx].clone().requires_grad_(True)
-        noise = _upsample(sa.exp(), b)[None] * torch.randn((cfg.samples, len(idx), c, h, w), generator=gen)
-        ratio = sub.distortion(noise) / df2[idx]
-        entropy = (b * b) * (sa + GAUSS_ENTROPY).flatten(1).sum(1)
-        (grad,) = torch.autograd.grad((ratio - log_lam[idx].exp() * entropy).sum(), sa)
+        noise = _upsample(sa.exp(), b)[None] * torch.randn((cfg.samples, len(idx), c, h, w), generator=gen, device=dev)
+        distortion, perturbed = sub.distortion(noise)
+        ratio = distortion / df2[idx]
+        ent = entropy(sa, idx, perturbed)
+        loss = ratio - log_lam[idx].exp() * ent
+        (grad,) = torch.autograd.grad(loss.sum(), sa)
+        window[:, idx] += torch.stack([ratio.detach(), ent.detach() / (h * w), loss.detach()])
         steps[idx] += 1
         k = steps[idx].view(-1, 1, 1, 1).double()
         m[idx] = b1 * m[idx] + (1 - b1) * grad
@@ -272,24 +314,32 @@ def fit_sigma(tap: LayerTap, x: Any, layer_of: list[str], cfg: CIDConfig) -> dic
         ema[idx] = 0.9 * ema[idx] + 0.1 * ratio.detach()
         # dual step on log λ, with the matching shift of log σ (the λ-optimal σ moves by
         # ½ Δlog λ and the ratio by a factor e^Δ for a locally linear layer): no lag
-        dual = cfg.dual_lr * (log_beta - ema[idx].log())
+        dual = cfg.dual_lr * (lr[idx] / cfg.lr) * (log_beta - ema[idx].log())
         log_lam[idx] += dual
         s[idx] = (s[idx] + 0.5 * dual.view(-1, 1, 1, 1)).clamp(max=s_max)
         ema[idx] *= dual.exp()
         if t % cfg.check_every == 0:
-            on_target = (ema[idx].log() - log_beta).abs() < band
-            moved = (s[idx] - s_check[idx]).abs().flatten(1).mean(1)
-            lr[idx] = torch.where(on_target, (lr[idx] / 2).clamp_min(cfg.lr / 8), lr[idx])
-            done = on_target & (moved < cfg.map_tolerance) & (steps[idx] >= cfg.min_steps)
+            mean = window[:, idx] / cfg.check_every
+            col = t // cfg.check_every - 1
+            for key, val in (("ratio", mean[0]), ("entropy", mean[1]), ("loss", mean[2]), ("lr", lr[idx]), ("lam", log_lam[idx].exp())):
+                trace[key][idx, col] = val
+            on_target = (mean[0].log() - log_beta).abs() < band
+            plateau = (mean[1] - previous[idx]).abs() < cfg.plateau * lr[idx] / cfg.lr  # False at the first check (NaN)
+            settle = on_target & plateau
+            done = settle & (lr[idx] <= lr_min * (1 + 1e-6)) & (steps[idx] >= cfg.min_steps)
+            lr[idx] = torch.where(settle & ~done, (lr[idx] / 2).clamp_min(lr_min), lr[idx])
             active[idx[done]] = False
-            s_check[idx] = s[idx]
+            converged[idx[done]] = True
+            previous[idx] = mean[1]
+            window[:, idx] = 0
     with torch.no_grad():
-        noise = _upsample(s.exp(), b)[None] * torch.randn((cfg.final_samples, r, c, h, w), generator=gen)
-        final = group.distortion(noise) / df2
-    return {
-        "log_sigma": s.numpy(), "ratio": final.numpy(), "steps": steps.numpy(), "lam": log_lam.exp().numpy(),
-        "delta_f2": df2.numpy(), "delta_f2_change": df2_change.numpy(),
+        noise = _upsample(s.exp(), b)[None] * torch.randn((cfg.final_samples, r, c, h, w), generator=gen, device=dev)
+        final = group.distortion(noise)[0] / df2
+    out = {
+        "log_sigma": s, "ratio": final, "steps": steps, "lam": log_lam.exp(), "delta_f2": df2, "delta_f2_change": df2_change,
+        "converged": converged, **{f"trace_{k}": val for k, val in trace.items()},
     }
+    return {k: val.detach().cpu().numpy() for k, val in out.items()}
 
 
 class CIDExplainer(Explainer):
@@ -330,22 +380,20 @@ class CIDExplainer(Explainer):
         import torch
 
         n, (_, h, w), nl = len(x), self.model.input_shape, len(self.layers)
-        xt = torch.as_tensor(x)
-        replicas = [(i, l) for l in range(nl) for i in range(n)]
         fitted: dict[tuple[int, int], dict[str, Any]] = {}
-        was_training = self.module.training
-        self.module.eval()
-        tap = LayerTap(self.module, self.layers)
-        try:
-            with torch.enable_grad():
-                for start in range(0, len(replicas), batch_size):
-                    chunk = replicas[start : start + batch_size]
-                    out = fit_sigma(tap, xt[[i for i, _ in chunk]], [self.layers[l] for _, l in chunk], self.config)
-                    for j, key in enumerate(chunk):
-                        fitted[key] = {k: val[j] for k, val in out.items()}
-        finally:
-            tap.remove()
-            self.module.train(was_training)
+        with on_device(self.module, self.config.device) as device:
+            xt = torch.as_tensor(x).to(device)
+            tap = LayerTap(self.module, self.layers)
+            try:
+                with torch.enable_grad():
+                    replicas = [(i, l) for l in range(nl) for i in range(n)]
+                    for start in range(0, len(replicas), batch_size):
+                        chunk = replicas[start : start + batch_size]
+                        out = fit_sigma(tap, xt[[i for i, _ in chunk]], [self.layers[l] for _, l in chunk], self.config)
+                        for j, key in enumerate(chunk):
+                            fitted[key] = {k: val[j] for k, val in out.items()}
+            finally:
+                tap.remove()
         return [self._maps([fitted[(i, l)] for l in range(nl)], h, w) for i in range(n)]
 
     def _maps(self, per_layer: list[dict[str, Any]], h: int, w: int) -> CIDMaps:
@@ -353,15 +401,31 @@ class CIDExplainer(Explainer):
         log_sigma = np.stack([p["log_sigma"][0] for p in per_layer])
         entropy = (log_sigma.repeat(cfg.block, 1).repeat(cfg.block, 2) + GAUSS_ENTROPY).astype(np.float32)
         ratio = np.array([p["ratio"] for p in per_layer], dtype=np.float64)
+        stacked = {k: np.array([p[k] for p in per_layer]) for k in ("steps", "lam", "delta_f2", "delta_f2_change", "converged")}
         return CIDMaps(
             layers=list(self.layers), entropy=entropy, cid=entropy.reshape(len(per_layer), -1).sum(1).astype(np.float64),
             mean=entropy.reshape(len(per_layer), -1).mean(1).astype(np.float64), ratio=ratio,
-            reached=np.abs(ratio / cfg.beta - 1) <= cfg.tolerance, steps=np.array([p["steps"] for p in per_layer]),
-            lam=np.array([p["lam"] for p in per_layer], dtype=np.float64),
-            delta_f2=np.array([p["delta_f2"] for p in per_layer], dtype=np.float64),
-            delta_f2_change=np.array([p["delta_f2_change"] for p in per_layer], dtype=np.float64),
-            saturated=(log_sigma >= math.log(cfg.sigma_max) - 1e-6).reshape(len(per_layer), -1).mean(1), beta=cfg.beta,
+            reached=np.abs(ratio / cfg.beta - 1) <= cfg.tolerance, steps=stacked["steps"], lam=stacked["lam"].astype(np.float64),
+            delta_f2=stacked["delta_f2"].astype(np.float64), delta_f2_change=stacked["delta_f2_change"].astype(np.float64),
+            saturated=(log_sigma >= math.log(cfg.sigma_max) - 1e-6).reshape(len(per_layer), -1).mean(1), converged=stacked["converged"],
+            beta=cfg.beta, trace={k: np.stack([p[f"trace_{k}"] for p in per_layer]).astype(np.float64) for k in ("ratio", "entropy", "loss", "lr", "lam")},
         )
+
+
+@contextlib.contextmanager
+def on_device(module: Any, device: str | None) -> Iterator[Any]:
+    """Run ``module`` in eval mode on ``device`` (default: where its parameters are) for the
+    duration of the block; yields the device, then restores the module's device and mode."""
+    import torch
+
+    home = next(module.parameters(), torch.zeros(0)).device
+    target = torch.device(device) if device else home
+    was_training = module.training
+    module.eval().to(target)
+    try:
+        yield target
+    finally:
+        module.to(home).train(was_training)
 
 
 def concentration(entropy: np.ndarray, foreground: np.ndarray) -> float:
@@ -433,5 +497,5 @@ def load_boxes(path: str | Path) -> dict[int, tuple[float, float, float, float]]
 
 __all__ = [
     "GAUSS_ENTROPY", "CIDConfig", "CIDMaps", "CIDExplainer", "LayerTap", "default_layers", "fit_sigma",
-    "concentration", "box_mask", "load_boxes",
+    "concentration", "box_mask", "load_boxes", "on_device",
 ]

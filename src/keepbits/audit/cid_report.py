@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keepbits.audit._report import Report, colorize
+from keepbits.report import Report, colorize
 from keepbits.audit.cid import CIDConfig, CIDExplainer, concentration
 from keepbits.audit.cid_ru import DecoderConfig, reconstruction_uncertainty, train_decoder
 from keepbits.errors import InputError
@@ -51,20 +51,24 @@ def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, 
     maps = cid.explain(x, batch_size=batch_size)
     entropy = np.stack([m.entropy for m in maps])
     nl = len(cid.layers)
-    ru, decoders = None, {}
+    ru, ru_floor, decoders = None, None, {}
     if ru_images is not None:
         train_x = adapter.prepare(ru_images)
-        ru = np.full_like(entropy, np.nan)
+        ru, ru_floor = np.full_like(entropy, np.nan), np.full_like(entropy, np.nan)
         unknown = sorted(set(ru_layers or []) - set(cid.layers))
         if unknown:
             raise InputError(f"RU layers {unknown} are not among the audited layers {cid.layers}")
         for l, layer in enumerate(cid.layers):
             if ru_layers is not None and layer not in ru_layers:
                 continue
-            dec, info = train_decoder(cid.module, layer, train_x, decoder, cache_dir)
+            dec, info = train_decoder(cid.module, layer, train_x, decoder, cache_dir, cid.config.device)
             decoders[layer] = info
             ru[:, l], fit = reconstruction_uncertainty(cid.module, layer, dec, x, cid.config, batch_size)
+            ru_floor[:, l] = fit["floor"]
             info["ru_ratio_over_beta"] = (fit["ratio"] / cid.config.beta).tolist()
+            info["ru_steps"] = fit["steps"].tolist()
+            info["ru_converged"] = int(fit["converged"].sum())
+            info["ru_trace"] = {k[6:]: _nanmean_rows(fit[k]) for k in fit if k.startswith("trace_")}
     conc = np.full((len(x), nl), np.nan)
     for i, fg in (foreground or {}).items():
         if not 0 <= int(i) < len(x):
@@ -76,6 +80,7 @@ def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, 
         rows["concentration"] = conc[i].tolist()
         if ru is not None:
             rows["ru_mean"] = [float(v) if np.isfinite(v) else None for v in ru[i].reshape(nl, -1).mean(1)]
+            rows["ru_floor_mean"] = [float(v) if np.isfinite(v) else None for v in ru_floor[i].reshape(nl, -1).mean(1)]
         per_image.append(rows)
     summary = {
         "layer": list(cid.layers),
@@ -85,8 +90,12 @@ def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, 
         "ratio_over_beta": [float(np.mean([m.ratio[l] for m in maps]) / cid.config.beta) for l in range(nl)],
         "reached": [int(sum(bool(m.reached[l]) for m in maps)) for l in range(nl)],
         "steps_mean": [float(np.mean([m.steps[l] for m in maps])) for l in range(nl)],
+        "converged": [int(sum(bool(m.converged[l]) for m in maps)) for l in range(nl)],
+        "trace": [{k: _nanmean_rows(np.stack([m.trace[k][l] for m in maps])) for k in maps[0].trace} for l in range(nl)],
         "saturated": [float(np.mean([m.saturated[l] for m in maps])) for l in range(nl)],
         "ru_mean": [float(ru[:, l].mean()) if np.isfinite(ru[:, l]).all() else None for l in range(nl)] if ru is not None else None,
+        "ru_mean_std": [float(ru[:, l].reshape(len(x), -1).mean(1).std()) if np.isfinite(ru[:, l]).all() else None for l in range(nl)] if ru is not None else None,
+        "ru_floor_mean": [float(ru_floor[:, l].mean()) if np.isfinite(ru_floor[:, l]).all() else None for l in range(nl)] if ru is not None else None,
         "concentration": [float(np.nanmean(conc[:, l])) if np.isfinite(conc[:, l]).any() else None for l in range(nl)],
         "images": len(x),
     }
@@ -96,6 +105,17 @@ def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, 
         "decoders": decoders, "config": asdict(cid.config),
         "seconds": time.perf_counter() - start,
     }
+
+
+def _nanmean_rows(rows: np.ndarray) -> list[float | None]:
+    """Column means of a 2-D array over its finite entries (None where a column has none):
+    the mean trace over images, each trace NaN after its map stopped."""
+    rows = np.asarray(rows, dtype=np.float64)
+    out = []
+    for col in rows.T:
+        finite = col[np.isfinite(col)]
+        out.append(float(finite.mean()) if finite.size else None)
+    return out
 
 
 def _heatmap_rows(images: np.ndarray, maps: np.ndarray, layers: list[str], normalise: bool) -> tuple[list[np.ndarray], list[str]]:
@@ -118,15 +138,16 @@ def cid_report(runs: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Map
         raise InputError("no CID runs to report")
     beta = runs[0]["config"].get("beta")
     report = Report("CID audit: layer-wise and pixel-wise information discarding", meta={
-        "method": "Ma, Zhang et al., ICML 2022 (Eq. 3-5, 7)", "beta": beta, "block": runs[0]["config"].get("block"),
+        "method": "Ma, Zhang et al., ICML 2022 (Eq. 3-7)", "beta": beta, "block": runs[0]["config"].get("block"),
         "networks": ", ".join(r["name"] for r in runs), **(meta or {}),
     })
     head = report.section("Layer-wise curves (Fig. 5)", (
         "CID of a layer: mean over pixels and images of H_i = log σ_i + ½ log(2πe) (nats per channel value, on the "
         "classifier's normalised input scale), where σ is the largest input noise keeping E‖f'−f‖² = β δ_f². Higher "
-        "means the layer has discarded more of the input. RU (Eq. 7): ½ log E[(μ_rec − x')²] + ½ log(2πe), with μ_rec the "
-        "reconstruction of a decoder trained on the layer's features and x' the input perturbed by noise fitted, with the same "
-        "β, to keep μ_rec. Concentration (Eq. 5): mean H outside the foreground minus mean H inside."))
+        "means the layer has discarded more of the input. RU (Eq. 6-7): ½ log(2πe E[(g(h(x')) − x)²]) per pixel, with g a "
+        "decoder trained to rebuild the input from the layer's feature and x' = x + σ∘δ with σ chosen to maximise this entropy "
+        "under the same feature constraint (E‖h(x')−f‖² = β δ_f²); 'RU floor' is the same at σ = 0 (the decoder's own error). "
+        "Concentration (Eq. 5): mean H outside the foreground minus mean H inside."))
     for key, label in (("cid_mean", "CID per pixel (nats)"), ("ru_mean", "RU per pixel (nats)"), ("concentration", "concentration (nats)")):
         series, errors = {}, {}
         for r in runs:
@@ -145,10 +166,12 @@ def cid_report(runs: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Map
         rows = []
         for l, layer in enumerate(r["layers"]):
             row = {"layer": layer, "CID/pixel": s["cid_mean"][l], "± (images)": s["cid_mean_std"][l], "CID (sum)": s["cid_sum"][l],
-                   "ratio/β": s["ratio_over_beta"][l], "reached": f"{s['reached'][l]}/{s['images']}", "steps": s["steps_mean"][l],
+                   "ratio/β": s["ratio_over_beta"][l], "reached": f"{s['reached'][l]}/{s['images']}",
+                   "converged": f"{s['converged'][l]}/{s['images']}", "steps": s["steps_mean"][l],
                    "σ at cap": s["saturated"][l]}
             if s["ru_mean"] is not None and s["ru_mean"][l] is not None:
                 row["RU/pixel"] = s["ru_mean"][l]
+                row["RU floor"] = s["ru_floor_mean"][l]
                 row["decoder R²"] = r["decoders"][layer]["val_r2"]
             if s["concentration"][l] is not None:
                 row["concentration"] = s["concentration"][l]
@@ -158,6 +181,10 @@ def cid_report(runs: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Map
         if missed:
             sec.text(f"{len(missed)} map(s) did not reach E‖f'−f‖²/δ_f² within the tolerance of β: "
                      + ", ".join(f"image {i} / {layer}" for i, layer in missed[:20]), note=True)
+        moving = [(i, layer) for i, p in enumerate(r["per_image"]) for l, layer in enumerate(r["layers"]) if not p["converged"][l]]
+        if moving:
+            sec.text(f"{len(moving)} map(s) were still moving at the step budget (no plateau at the smallest lr): "
+                     + ", ".join(f"image {i} / {layer}" for i, layer in moving[:20]), note=True)
         for title, maps in (("CID", r["entropy"]), ("RU", r["ru"])):
             if maps is None:
                 continue

@@ -1,15 +1,30 @@
-"""Reconstruction uncertainty (RU, Ma, Zhang et al. ICML 2022, Eq. 7) of a layer.
+"""Reconstruction uncertainty (RU) of a layer: Ma, Zhang et al., "Quantification and Analysis
+of Layer-wise and Pixel-wise Information Discarding" (ICML 2022, Eq. 6–7; Eq. 8–11 of the
+earlier ICLR submission).
 
-A decoder ``g`` is trained (MSE) to rebuild the normalised input from the layer's feature.
-The CID procedure (Eq. 3–4, same β and λ calibration) then learns σ̂ for the
-*reconstruction* ``μ_rec = g(h(x))`` in place of the feature, and the pixel-wise RU is the
-entropy of a Gaussian with the spread of the perturbed inputs around the reconstruction:
+A decoder ``g`` is trained to rebuild the input from the layer's feature, ``min_g E_x ‖g(h(x)) − x‖²``
+(MSE over training images, Adam). RU then asks how uncertain the *reconstruction* is over the
+inputs the layer cannot tell apart: the input is perturbed, ``x' = x + σ∘δ``, ``δ ~ N(0, I)``,
+under the same feature constraint as CID (Eq. 4: ``E‖h(x') − f‖² = β δ_f²``), and σ is chosen to
+maximise the entropy of the reconstruction ``x̂' = g(h(x'))`` of the perturbed feature (Eq. 6):
 
-    RU_i = ½ log E[(μ_rec,i − x'_i)²] + ½ log(2πe),   x' = x + σ̂∘δ,
+    min_σ  E‖h(x') − f‖² / δ_f²  −  λ Σ_i H(X̂'_i),
 
-the expectation running over δ and the channels of pixel ``i`` (normalised input scale).
-It is high where the decoder cannot rebuild the pixel (large ``x − μ_rec``) or where the
-pixel can change a lot without changing the reconstruction (large σ̂).
+with each reconstructed pixel modelled as a Gaussian around the true input (Eq. 7):
+
+    H(X̂'_i) = ½ log(2πe σ̃_i²),   σ̃_i² = E_δ[(x̂'_i − x_i)²],
+
+and the RU map is ``RU_i = H(X̂'_i)`` at the optimum (nats per channel value, normalised input
+scale). Choices the paper leaves open, made here: σ̃_i² is the mean over the noise draws and the
+channels of pixel ``i`` (log of the mean: the Gaussian entropy; the authors' released code
+averages the log of each draw's squared error instead); σ is per pixel, shared over channels
+(``block`` × ``block`` cells with ``CIDConfig.block``), fitted with CID's optimiser and λ
+calibration (:func:`keepbits.audit.cid.fit_sigma`, same β); the decoder works on the
+normalised input scale; 32 fresh draws (``final_samples``) give the reported map.
+
+RU includes the decoder's own error: with the feature kept exactly (σ = 0) it would be
+``½ log(2πe (x_i − g(h(x))_i)²)``, reported as ``floor`` so that the part due to the
+perturbation can be told apart from the part due to the decoder.
 
 The decoder has one architecture for every layer: an input adapter that brings the
 feature onto a fixed grid of ⌈H/4⌉×⌈W/4⌉ cells (strided conv for larger maps, 1×1 conv and
@@ -26,8 +41,8 @@ Example:
     >>> x = torch.randn(16, 1, 8, 8)
     >>> dec, info = train_decoder(net, "1", x, DecoderConfig(epochs=1, width=8, blocks=1), cache_dir=None)
     >>> ru, fit = reconstruction_uncertainty(net, "1", dec, x[:2], CIDConfig(max_steps=40))
-    >>> ru.shape, fit["ratio"].shape
-    ((2, 8, 8), (2,))
+    >>> ru.shape, fit["ratio"].shape, fit["floor"].shape
+    ((2, 8, 8), (2,), (2, 8, 8))
 """
 from __future__ import annotations
 
@@ -43,7 +58,8 @@ from typing import Any
 import numpy as np
 
 from keepbits.audit._cid_tap import GAUSS_ENTROPY, LayerTap
-from keepbits.audit.cid import CIDConfig, fit_sigma
+from keepbits.audit.cid import CIDConfig, fit_sigma, on_device
+from keepbits.data import train_val_split
 from keepbits.errors import InputError
 
 log = logging.getLogger("keepbits")
@@ -121,23 +137,29 @@ def _fingerprint(module: Any, layer: str, images: Any, cfg: DecoderConfig) -> st
 
 
 def train_decoder(module: Any, layer: str, images: Any, config: DecoderConfig | None = None,
-                  cache_dir: str | Path | None = "default") -> tuple[Any, dict[str, Any]]:
+                  cache_dir: str | Path | None = "default", device: str | None = None) -> tuple[Any, dict[str, Any]]:
     """Train (or load from ``cache_dir``; ``None`` disables the cache) the decoder of
-    ``layer`` on normalised float N×C×H×W ``images`` (numpy or tensor). The last tenth of
-    the images is held out; returns ``(decoder in eval mode, info)`` with train / held-out
-    MSE and the held-out fraction of variance explained."""
+    ``layer`` on normalised float N×C×H×W ``images`` (numpy or tensor): MSE to the input, Adam
+    with a one-cycle schedule. A seeded tenth of the images is held out; returns ``(decoder in eval mode, info)`` with train / held-out
+    MSE and the held-out fraction of variance explained. ``device``: where to train (the
+    decoder is returned on the CPU)."""
     import torch
 
     cfg = config or DecoderConfig()
     x = torch.as_tensor(np.asarray(images, dtype=np.float32)) if not isinstance(images, torch.Tensor) else images.float()
     if x.ndim != 4 or len(x) < 2:
         raise InputError(f"decoder training needs N×C×H×W images with N ≥ 2, got shape {tuple(x.shape)}")
-    was_training = module.training
-    module.eval()
+    with on_device(module, device) as dev:
+        return _train_or_load(module, layer, x, cfg, cache_dir, dev)
+
+
+def _train_or_load(module: Any, layer: str, x: Any, cfg: DecoderConfig, cache_dir: str | Path | None, dev: Any) -> tuple[Any, dict[str, Any]]:
+    import torch
+
     tap = LayerTap(module, [layer])
     try:
         with torch.no_grad():
-            feature_shape = tuple(tap(x[:1])[layer].shape[1:])
+            feature_shape = tuple(tap(x[:1].to(dev))[layer].shape[1:])
         decoder = _build_decoder(feature_shape, tuple(x.shape[1:]), cfg)
         cache = None if cache_dir is None else (default_cache_dir() if cache_dir == "default" else Path(cache_dir))
         path = cache / f"{_fingerprint(module, layer, x, cfg)[:32]}.pt" if cache is not None else None
@@ -145,7 +167,8 @@ def train_decoder(module: Any, layer: str, images: Any, config: DecoderConfig | 
             record = torch.load(path, map_location="cpu", weights_only=True)
             decoder.load_state_dict(record["state_dict"])
             return decoder.eval(), {**record["info"], "cached": True}
-        info = _fit(decoder, tap, layer, x, cfg)
+        info = _fit(decoder.to(dev), tap, layer, x.to(dev), cfg)
+        decoder.cpu()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -154,7 +177,6 @@ def train_decoder(module: Any, layer: str, images: Any, config: DecoderConfig | 
         return decoder.eval(), {**info, "cached": False}
     finally:
         tap.remove()
-        module.train(was_training)
 
 
 def _fit(decoder: Any, tap: LayerTap, layer: str, x: Any, cfg: DecoderConfig) -> dict[str, Any]:
@@ -162,15 +184,15 @@ def _fit(decoder: Any, tap: LayerTap, layer: str, x: Any, cfg: DecoderConfig) ->
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    n_val = max(1, len(x) // 10)
-    train, val = x[: len(x) - n_val], x[len(x) - n_val :]
+    train_idx, val_idx = train_val_split(np.zeros(len(x), np.int64), max(0.1, 1.0 / len(x)), cfg.seed)  # seeded (one class): the images may be sorted by class
+    train, val = x[torch.as_tensor(train_idx)], x[torch.as_tensor(val_idx)]
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, steps))
     decoder.train()
     loss = torch.tensor(float("nan"))
     for _ in range(cfg.epochs):
-        for batch in torch.randperm(len(train), generator=gen).split(cfg.batch_size):
+        for batch in torch.randperm(len(train), generator=gen).to(x.device).split(cfg.batch_size):
             with torch.no_grad():
                 feat = tap(train[batch])[layer]
             loss = F.mse_loss(decoder(feat), train[batch])
@@ -188,50 +210,50 @@ def _fit(decoder: Any, tap: LayerTap, layer: str, x: Any, cfg: DecoderConfig) ->
 
 def reconstruction_uncertainty(module: Any, layer: str, decoder: Any, x: Any, config: Any = None,
                                batch_size: int = 16) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Eq. 7: RU maps (N×H×W, nats) of ``x`` (normalised N×C×H×W) at ``layer``.
+    """RU maps (Eq. 6–7; N×H×W, nats) of ``x`` (normalised N×C×H×W) at ``layer``: σ fitted to
+    maximise the entropy of ``g(h(x + σ∘δ))`` around ``x`` under the feature constraint of CID
+    (same :class:`~keepbits.audit.cid.CIDConfig`), then ``½ log(2πe E[(g(h(x')) − x)²])`` per
+    pixel from ``final_samples`` fresh draws.
 
-    σ̂ is fitted with the CID procedure (Eq. 3–4, same :class:`~keepbits.audit.cid.CIDConfig`)
-    on the reconstruction ``x̂ = g(h(x))`` instead of the feature; then
-    ``RU_i = ½ log E[(μ_rec,i − x'_i)²] + ½ log(2πe)`` with ``μ_rec = g(h(x))`` and
-    ``x' = x + σ̂∘δ``, i.e. ``½ log(mean_c (x − μ_rec)² + σ̂_i²) + ½ log(2πe)``: the spread of
-    the inputs the layer (through its decoder) cannot tell apart, around what it rebuilds.
-    Returns the maps and the fit's per-image ``ratio`` / ``steps`` arrays.
+    Returns the maps and, per image, the fit's ``ratio``, ``steps``, ``converged``, ``log_sigma``
+    (N×1×H/b×W/b), the window traces (``trace_*``) and ``floor`` (N×H×W: the map at σ = 0, i.e.
+    the decoder's own error).
     """
     import torch
-    from torch import nn
-
 
     cfg = config or CIDConfig()
     x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.float()
+    b = cfg.block
+    fits: list[dict[str, np.ndarray]] = []
+    maps, floors = [], []
+    with on_device(module, cfg.device) as device, on_device(decoder, cfg.device):
+        tap = LayerTap(module, [layer])
+        try:
+            for chunk in x.to(device).split(batch_size):
 
-    class Reconstruction(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.decoder = decoder
+                def rebuilt_error(perturbed: Any, target: Any) -> Any:
+                    """Mean over draws and channels of (g(f') − x)² per pixel; ``perturbed``: S×R×feature."""
+                    s, r = perturbed.shape[:2]
+                    rec = decoder(perturbed.reshape(s * r, *perturbed.shape[2:])).reshape(s, r, *target.shape[1:])
+                    return (rec - target[None]).pow(2).mean(dim=(0, 2)).clamp_min(1e-12)
 
-        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-            return self.decoder(inner(inputs)[layer])
+                def entropy(log_sigma: Any, index: Any, perturbed: dict[str, Any]) -> Any:
+                    return (0.5 * rebuilt_error(perturbed[layer], chunk[index]).log() + GAUSS_ENTROPY).flatten(1).sum(1)
 
-    was_training = module.training
-    module.eval()
-    decoder.eval()
-    inner = LayerTap(module, [layer])
-    wrapper = Reconstruction()
-    outer = LayerTap(wrapper, ["decoder"])
-    maps, ratio, steps = [], [], []
-    try:
-        with torch.enable_grad():
-            for chunk in x.split(batch_size):
-                fit = fit_sigma(outer, chunk, ["decoder"] * len(chunk), cfg)
+                with torch.enable_grad():
+                    fit = fit_sigma(tap, chunk, [layer] * len(chunk), cfg, entropy)
                 with torch.no_grad():
-                    rec = outer(chunk)["decoder"]
-                sigma2 = np.exp(2 * fit["log_sigma"][:, 0]).repeat(cfg.block, 1).repeat(cfg.block, 2)
-                err2 = (chunk - rec).pow(2).mean(1).numpy()
-                maps.append(0.5 * np.log(err2 + sigma2) + GAUSS_ENTROPY)
-                ratio.append(fit["ratio"])
-                steps.append(fit["steps"])
-    finally:
-        outer.remove()
-        inner.remove()
-        module.train(was_training)
-    return np.concatenate(maps).astype(np.float32), {"ratio": np.concatenate(ratio), "steps": np.concatenate(steps)}
+                    sigma = torch.as_tensor(fit["log_sigma"], device=device).exp()
+                    sigma = sigma.repeat_interleave(b, 2).repeat_interleave(b, 3)
+                    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+                    noise = sigma[None] * torch.randn((cfg.final_samples, *chunk.shape), generator=gen, device=device)
+                    perturbed = tap((chunk[None] + noise).reshape(-1, *chunk.shape[1:]))[layer]
+                    err2 = rebuilt_error(perturbed.reshape(cfg.final_samples, len(chunk), *perturbed.shape[1:]), chunk)
+                    maps.append((0.5 * err2.log() + GAUSS_ENTROPY).cpu().numpy())
+                    floors.append((0.5 * rebuilt_error(tap(chunk)[layer][None], chunk).log() + GAUSS_ENTROPY).cpu().numpy())
+                fits.append(fit)
+        finally:
+            tap.remove()
+    out = {k: np.concatenate([f[k] for f in fits]) for k in fits[0] if k in ("ratio", "steps", "converged", "log_sigma") or k.startswith("trace_")}
+    out["floor"] = np.concatenate(floors).astype(np.float32)
+    return np.concatenate(maps).astype(np.float32), out

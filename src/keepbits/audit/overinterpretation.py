@@ -1,21 +1,34 @@
 """Overinterpretation audit (Carter et al. 2021, "Overinterpretation reveals image
 classification model pathologies").
 
-Pipeline (§3–4):
+Protocol (§3–4, Table 1):
 
-1. BackSelect orders of train and test images under the original model (Batched Gradient
-   BackSelect, §3.2/S5, or exact BackSelect); keep the top ``fraction`` (default 5%) of
-   pixels per image, mask the rest (§4.1).
-2. Retrain a fresh classifier on the kept subsets and test it on the test subsets; baseline:
-   the same fraction of random pixels per image (fixed per image); the original model is
-   also evaluated on both kinds of subsets (Table 1).
-3. SIS sizes at several τ, sizes of correctly vs wrongly classified images with 95% CIs
-   (§4.4), and pixel-location frequency heatmaps (Fig. 2).
-4. Mitigations (§4.5): an ensemble (mean logits) and input dropout (keep ``p`` at train and
-   test time), with their SIS sizes and accuracies.
+0. The training split is cut in two disjoint halves (:func:`keepbits.data.train_val_split`,
+   seeded, stratified): the audited model trains on the first (``audit_images`` of it), the
+   retraining images (``train_images``) come from the second, so the model that picks their
+   pixels has never seen them.
+1. BackSelect orders of the retraining and test images under the audited model (Batched
+   Gradient BackSelect, §3.2/S5, or exact BackSelect); keep the top ``fraction`` (default 5 %)
+   of pixels per image, mask the rest to the channel mean (§4.1).
+2. Fresh classifiers, one recipe (``retrain_epochs``, no augmentation, as Table 1), trained on
+   the BackSelect subsets, on the same fraction of random pixels (fixed per image), and, the
+   control, on the same images in full; tested on the matching test images. The audited model
+   is also evaluated on both kinds of subsets. Accuracies with 95 % CIs.
+3. SIS sizes at every τ, correctly vs wrongly classified images with 95 % CIs and the CI of
+   their difference (§4.4), pixel-location heatmaps (Fig. 2).
+4. Mitigations (§4.5), compared with a single model of the same recipe: an ensemble of
+   ``ensemble`` identically trained replicates (mean logits) and input dropout (keep ``p`` at
+   train and test time), on the test images that every compared model classifies with
+   confidence ≥ τ, accuracy beside every SIS size.
+5. Optionally (``exact_images``), exact BackSelect on a class-balanced sample of test images
+   against the gradient orders: SIS sizes (gradient ones are whole iterations, multiples of
+   ``k`` pixels) and overlap of the ``fraction`` subsets.
 
-Per-image orders are sharded over ``torchrun`` processes (gloo on CPU), saved chunk by chunk
-as they finish (a killed run resumes where it stopped) and merged in image order.
+Per-image orders come from :func:`keepbits.audit.sis_orders.compute_orders` (sharded over
+``torchrun`` processes, cached chunk by chunk, resumable). Models are trained once (rank 0)
+by the one classifier trainer, :func:`keepbits.training.classifier.fit_classifier` (SGD with
+Nesterov momentum, 15% warm-up then cosine decay), and cached as keepbits checkpoints that
+resumed runs and the other ranks load.
 
 Example:
     >>> from keepbits.audit.overinterpretation import random_subsets
@@ -25,21 +38,19 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from keepbits.audit._base import ModelAdapter, TorchAdapter, load_model
-from keepbits.audit.sis import METHODS, BackSelectResult, backselect, find_sis, gradient_backselect
+from keepbits.audit.sis import BackSelectResult, find_sis
+from keepbits.audit.sis_orders import compute_orders
 from keepbits.errors import InputError
-
+from keepbits.training.distributed import Dist, barrier, init_distributed
 
 
 def keep_count(pixels: int, fraction: float) -> int:
@@ -67,170 +78,16 @@ def random_subsets(x: np.ndarray, fraction: float, seed: int, mask_value: float 
     return np.where(keep.reshape(n, 1, h, w), x, np.float32(mask_value)).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- models
-
-def _torch_modules():
-    import torch
-    from torch import nn
-
-    class Ensemble(nn.Module):
-        """Mean logits of several classifiers (§4.5)."""
-
-        def __init__(self, members: Sequence[nn.Module]):
-            super().__init__()
-            self.members = nn.ModuleList(members)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.stack([m(x) for m in self.members]).mean(0)
-
-    class InputDropout(nn.Module):
-        """Input dropout (§4.5): each pixel (all channels) kept with probability ``keep``, else
-        set to the mask value 0 (the mean). Training draws fresh masks; evaluation averages the
-        logits over ``samples`` masks drawn from a fixed seed, so ``f`` is deterministic."""
-
-        def __init__(self, net: nn.Module, keep: float = 0.8, samples: int = 4, seed: int = 0):
-            super().__init__()
-            self.net, self.keep, self.samples, self.seed = net, keep, samples, seed
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            n, c, h, w = x.shape
-            if self.training:
-                return self.net(x * (torch.rand(n, 1, h, w) < self.keep).to(x.dtype))
-            gen = torch.Generator().manual_seed(self.seed)
-            masks = (torch.rand(self.samples, 1, 1, h, w, generator=gen) < self.keep).to(x.dtype)
-            return torch.stack([self.net(x * m) for m in masks]).mean(0)
-
-    return Ensemble, InputDropout
-
-
-def train_classifier_arrays(arch: str, x: np.ndarray, y: np.ndarray, num_classes: int, epochs: int, seed: int = 0,
-                            batch_size: int = 128, lr: float = 0.05, input_dropout: float | None = None,
-                            progress: bool = False, dropout_samples: int = 4) -> Any:
-    """Train a fresh registry classifier on normalised float N×C×H×W arrays (SGD + Nesterov,
-    cosine schedule, horizontal flips for colour images); returns the model in eval mode."""
-    import torch
-    import torch.nn.functional as F
-
-    from keepbits import registry
-
-    torch.manual_seed(seed)
-    c, h, w = x.shape[1:]
-    net = registry.build(arch, in_channels=c, num_classes=num_classes, image_size=[h, w])
-    if input_dropout is not None:
-        net = _torch_modules()[1](net, keep=input_dropout, samples=dropout_samples, seed=seed)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, np.int64))
-    steps = epochs * math.ceil(len(xt) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    gen = torch.Generator().manual_seed(seed)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, desc=f"train {arch}", disable=not progress, leave=False)
-    net.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), batch_size):
-            idx = perm[i : i + batch_size]
-            xb = xt[idx]
-            if c == 3:
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(-1), xb)
-            loss = F.cross_entropy(net(xb), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-    bar.close()
-    return net.eval()
-
-
-def accuracy(model: ModelAdapter, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
-    return float((model.logits(x, batch_size).argmax(1) == np.asarray(y)).mean()) if len(x) else float("nan")
-
-
-# ----------------------------------------------------------------------------- sharded orders
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-
-
-def _dist() -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as tdist
-
-    if not tdist.is_initialized():
-        tdist.init_process_group("gloo")
-    return _Dist(tdist.get_rank(), tdist.get_world_size())
-
-
-def _barrier(dist: _Dist) -> None:
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.barrier()
-
-
-def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, method: str = "gradient", k: int = 16,
-                   chunk: int | None = None, batch_size: int = 64, progress: bool = True) -> list[BackSelectResult]:
-    """BackSelect orders of every image of ``x`` (target: the predicted class; ``method``:
-    ``"gradient"`` with ``k`` pixels per step, or exact ``"exact"``/``"incremental"``/``"plain"``), saved per chunk
-    of ``chunk`` images (default 32 for gradient, 1 for exact) to ``folder/chunk_<start>.json`` as each finishes. Under ``torchrun``
-    ranks take chunks round-robin; existing chunk files are reused (resume after a kill).
-    Chunk files carry a fingerprint of their images and settings; others are recomputed.
-    Every rank returns the merged list in image order."""
-    if method not in ("gradient", "exact") + METHODS:
-        raise InputError(f"method must be one of {('gradient', 'exact') + METHODS}, got {method!r}")
-    chunk = chunk or (32 if method == "gradient" else 1)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    dist = _dist()
-    starts = list(range(0, len(x), chunk))
-    mine = [s for i, s in enumerate(starts) if i % dist.world == dist.rank]
-    from tqdm.auto import tqdm
-
-    def fingerprint(s: int) -> str:
-        return hashlib.sha256(np.ascontiguousarray(x[s : s + chunk]).tobytes() + f"{method}/{k}".encode()).hexdigest()[:20]
-
-    def done(s: int) -> bool:
-        path = folder / f"chunk_{s:07d}.json"
-        return path.exists() and json.loads(path.read_text()).get("fingerprint") == fingerprint(s)
-
-    todo = [s for s in mine if not done(s)]
-    bar = tqdm(total=sum(len(x[s : s + chunk]) for s in mine),
-               initial=sum(len(x[s : s + chunk]) for s in mine if s not in todo),
-               desc=f"backselect {folder.name} [rank {dist.rank}]", disable=not progress, leave=False)
-    for s in todo:
-        part = x[s : s + chunk]
-        if method == "gradient":
-            results = gradient_backselect(model, part, None, k, None, batch_size)
-        else:
-            results = [backselect(model, xi, method="auto" if method == "exact" else method) for xi in part]
-        path = folder / f"chunk_{s:07d}.json"
-        tmp = path.with_suffix(f".tmp{dist.rank}")
-        tmp.write_text(json.dumps({"start": s, "fingerprint": fingerprint(s), "method": method, "k": k,
-                                   "results": [r.to_dict() for r in results]}))
-        os.replace(tmp, path)
-        bar.update(len(part))
-    bar.close()
-    _barrier(dist)
-    merged: list[BackSelectResult] = []
-    for s in starts:
-        record = json.loads((folder / f"chunk_{s:07d}.json").read_text())
-        merged += [BackSelectResult.from_dict(d) for d in record["results"]]
-    if len(merged) != len(x):
-        raise InputError(f"{folder}: holds {len(merged)} results for {len(x)} images")
-    return merged
-
-
 # ----------------------------------------------------------------------------- statistics
 
 def mean_ci(values: Sequence[float]) -> dict[str, float]:
-    """Mean and 95% normal-approximation confidence half-width (1.96·s/√n)."""
+    """Mean and 95% normal-approximation confidence half-width (1.96·s/√n); for 0/1 values
+    (correct or not) the mean is an accuracy and the half-width its CI.
+
+    Example:
+        >>> mean_ci([1.0, 0.0, 1.0, 1.0])["mean"]
+        0.75
+    """
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return {"mean": float("nan"), "ci95": float("nan"), "n": 0}
@@ -238,22 +95,77 @@ def mean_ci(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "ci95": float(half), "n": int(len(v))}
 
 
+def difference_ci(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """mean(a) − mean(b) of two independent samples with its 95% (Welch, normal) half-width and
+    which way it points: ``"lower"``/``"higher"`` when the CI excludes 0, else ``"no difference"``.
+
+    Example:
+        >>> difference_ci([1.0, 1.2, 0.8], [3.0, 3.1, 2.9])["direction"]
+        'lower'
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return {"difference": float("nan"), "ci95": float("nan"), "direction": "too few images"}
+    diff = float(a.mean() - b.mean())
+    half = float(1.96 * math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+    direction = "no difference" if abs(diff) <= half else ("lower" if diff < 0 else "higher")
+    return {"difference": diff, "ci95": half, "direction": direction}
+
+
+def sis_fractions(orders: Sequence[BackSelectResult], threshold: float) -> np.ndarray:
+    """SIS size (fraction of pixels) of every image at τ; NaN where f(x) < τ."""
+    out = np.full(len(orders), np.nan)
+    for i, r in enumerate(orders):
+        sis = find_sis(r, threshold)
+        if sis is not None:
+            out[i] = len(sis) / (r.shape[0] * r.shape[1])
+    return out
+
+
 def sis_size_stats(orders: Sequence[BackSelectResult], labels: np.ndarray, thresholds: Sequence[float]) -> list[dict[str, Any]]:
-    """Per τ: how many images reach τ, mean SIS size (fraction of pixels), and sizes of
-    correctly vs wrongly classified images with 95% CIs (§4.4)."""
+    """Per τ: how many images reach τ, mean SIS size (fraction of pixels), sizes of correctly
+    vs wrongly classified images with 95% CIs and the CI of wrong − correct (§4.4), so the
+    direction is stated for each τ it holds at."""
+    rows = []
+    correct = np.array([r.target == label for r, label in zip(orders, labels)], bool)
+    for tau in thresholds:
+        sizes = sis_fractions(orders, tau)
+        ok = ~np.isnan(sizes)
+        right, wrong = sizes[ok & correct], sizes[ok & ~correct]
+        rows.append({"threshold": tau, "images_at_threshold": int(ok.sum()), "images": len(orders),
+                     "size": mean_ci(sizes[ok]), "size_correct": mean_ci(right), "size_wrong": mean_ci(wrong),
+                     "wrong_minus_correct": difference_ci(wrong, right)})
+    return rows
+
+
+def common_sis_sizes(orders: dict[str, Sequence[BackSelectResult]], labels: np.ndarray, thresholds: Sequence[float],
+                     reference: str) -> list[dict[str, Any]]:
+    """Per τ, SIS sizes of several models on the same images: those every model classifies with
+    f ≥ τ (each for its own prediction). Per model: mean size with 95% CI, accuracy on those
+    images, and the paired difference from ``reference`` (same images) with its 95% CI."""
     rows = []
     for tau in thresholds:
-        sizes, right, wrong = [], [], []
-        for r, label in zip(orders, labels):
-            sis = find_sis(r, tau)
-            if sis is None:
-                continue
-            frac = len(sis) / (r.shape[0] * r.shape[1])
-            sizes.append(frac)
-            (right if r.target == label else wrong).append(frac)
-        rows.append({"threshold": tau, "images_at_threshold": len(sizes), "images": len(orders),
-                     "size": mean_ci(sizes), "size_correct": mean_ci(right), "size_wrong": mean_ci(wrong)})
+        sizes = {name: sis_fractions(o, tau) for name, o in orders.items()}
+        common = np.logical_and.reduce([~np.isnan(v) for v in sizes.values()])
+        row: dict[str, Any] = {"threshold": tau, "common_images": int(common.sum()), "images": len(labels), "models": {}}
+        for name, o in orders.items():
+            right = [o[i].target == labels[i] for i in np.flatnonzero(common)]
+            entry = {"size": mean_ci(sizes[name][common]), "accuracy_on_common": mean_ci(np.asarray(right, np.float64))}
+            if name != reference:
+                entry["minus_" + reference] = mean_ci(sizes[name][common] - sizes[reference][common])
+            row["models"][name] = entry
+        rows.append(row)
     return rows
+
+
+def subset_overlap(a: Sequence[BackSelectResult], b: Sequence[BackSelectResult], fraction: float) -> dict[str, float]:
+    """Mean fraction of the ``fraction`` subset (last pixels of each order) that two sets of
+    orders of the same images share, with its 95% CI."""
+    shared = []
+    for ra, rb in zip(a, b):
+        k = keep_count(len(ra.order), fraction)
+        shared.append(len(np.intersect1d(ra.order[-k:], rb.order[-k:])) / k)
+    return mean_ci(shared)
 
 
 def location_frequency(orders: Sequence[BackSelectResult], threshold: float) -> np.ndarray:
@@ -272,7 +184,15 @@ def location_frequency(orders: Sequence[BackSelectResult], threshold: float) -> 
 
 @dataclass
 class OverinterpretationConfig:
-    """Settings of ``keepbits audit overinterpretation`` (defaults: the paper's 5% subsets)."""
+    """Settings of ``keepbits audit overinterpretation`` (defaults: the paper's 5% subsets).
+
+    ``audit_images``: sample of the first training half the audited model (and its replicates
+    and the input-dropout model) train on; ``train_images``: sample of the second half whose
+    subsets are retrained on; ``test_images``: test sample; all seeded, class-balanced
+    (:func:`keepbits.data.sample_indices`), None = all. ``epochs``: the audited recipe;
+    ``retrain_epochs``: the retraining recipe (no augmentation). ``ensemble``: replicates of
+    the audited recipe averaged; ``exact_images``: test images also run through exact
+    BackSelect (0: off)."""
 
     data: str
     out: str
@@ -280,6 +200,7 @@ class OverinterpretationConfig:
     arch: str = "resnet20"
     epochs: int = 30
     retrain_epochs: int | None = None
+    audit_images: int | None = None
     train_images: int | None = None
     test_images: int | None = None
     fraction: float = 0.05
@@ -289,10 +210,28 @@ class OverinterpretationConfig:
     ensemble: int = 3
     keep_prob: float = 0.8
     dropout_samples: int = 4
+    exact_images: int = 0
     batch_size: int = 128
     lr: float = 0.05
     seed: int = 0
     progress: bool = True
+
+
+def split_halves(labels: np.ndarray, audit_count: int | None, train_count: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint index sets of a training split: (images the audited model trains on, images
+    whose subsets are retrained on), two stratified halves (:func:`keepbits.data.train_val_split`
+    at 0.5), each then sampled class-balanced to its count (None: the whole half).
+
+    Example:
+        >>> import numpy as np
+        >>> audit, retrain = split_halves(np.repeat([0, 1], 10), 4, None, seed=0)
+        >>> len(audit), len(retrain), bool(set(audit) & set(retrain))
+        (4, 10, False)
+    """
+    from keepbits.data import sample_indices, train_val_split
+
+    audit, retrain = train_val_split(labels, 0.5, seed)
+    return audit[sample_indices(labels[audit], audit_count, seed)], retrain[sample_indices(labels[retrain], train_count, seed)]
 
 
 def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
@@ -303,131 +242,188 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
         >>> from keepbits.data import sample_mnist_path
         >>> from keepbits.audit.overinterpretation import OverinterpretationConfig, run_overinterpretation
         >>> cfg = OverinterpretationConfig(str(sample_mnist_path()), tempfile.mkdtemp(), arch="lenet5", epochs=1,
-        ...     train_images=64, test_images=32, k=98, ensemble=2, progress=False)
-        >>> sorted(run_overinterpretation(cfg)["accuracy"])[:2]
-        ['ensemble_full', 'input_dropout_full']
+        ...     audit_images=64, train_images=64, test_images=32, k=98, ensemble=2, progress=False)
+        >>> sorted(run_overinterpretation(cfg)["accuracy"])[:3]
+        ['control_full', 'ensemble_full', 'input_dropout_full']
     """
-    import torch
-
-    from keepbits.data import channel_stats, has_split, load_dataset
+    from keepbits.data import channel_stats, has_split, load_dataset, sample_indices
 
     started = time.time()
     if not 0 < cfg.fraction < 1:
         raise InputError(f"fraction must be in (0, 1), got {cfg.fraction}")
+    if cfg.ensemble < 2:
+        raise InputError(f"an ensemble needs at least 2 replicates, got {cfg.ensemble}")
     if not has_split(cfg.data, "test"):
         raise InputError(f"{cfg.data}: needs a test split next to the train split")
     train_set, test_set = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
-    rng = np.random.default_rng(cfg.seed)
-    tr_idx = np.sort(rng.permutation(len(train_set))[: cfg.train_images]) if cfg.train_images else np.arange(len(train_set))
-    # random subsets (seeded, sorted): data sets stored by class must not give one-class subsets
-    te_idx = np.sort(rng.permutation(len(test_set))[: cfg.test_images]) if cfg.test_images else np.arange(len(test_set))
+    audit_idx, tr_idx = split_halves(train_set.y, cfg.audit_images, cfg.train_images, cfg.seed)
+    te_idx = sample_indices(test_set.y, cfg.test_images, cfg.seed)
     out = Path(cfg.out)
-    dist = _dist()
-    classes = train_set.num_classes
+    dist = init_distributed(use_cuda=False)
+    classes = train_set.class_names
     retrain_epochs = cfg.retrain_epochs or cfg.epochs
     if cfg.model:
         original = load_model(cfg.model)
+        mean, std = original.mean.tolist(), original.std.tolist()
     else:
-        mean, std = channel_stats(train_set.x)
-        shape = train_set.shape_chw
-        norm = TorchAdapter(torch.nn.Identity(), shape, mean=mean, std=std)
-        original = _cached_model(out / "models" / "original.pt", lambda: train_classifier_arrays(
-            cfg.arch, norm.normalize(train_set.x[tr_idx]), train_set.y[tr_idx], classes, cfg.epochs, cfg.seed, cfg.batch_size, cfg.lr,
-            progress=cfg.progress), cfg.arch, shape, classes, mean, std, dist)
+        mean, std = channel_stats(train_set.x[audit_idx])
+    norm = ModelAdapter(train_set.shape_chw, mean=mean, std=std)
+    xa, ya = norm.normalize(train_set.x[audit_idx]), train_set.y[audit_idx]
+
+    def trained(name: str, x: np.ndarray, y: np.ndarray, seed: int, epochs: int, augment: str, keep: float | None = None) -> TorchAdapter:
+        return _trained(out / "models" / f"{name}.pt", cfg, x, y, classes, mean, std, epochs, seed, dist, augment, keep)
+
+    # the audited recipe (on the audit half): replicates, the first one is the audited model unless one is given
+    replicates = [trained(f"replicate_{i}", xa, ya, cfg.seed + i, cfg.epochs, "auto") for i in range(cfg.ensemble)]
+    original = original if cfg.model else replicates[0]
     if original.torch_module is None and cfg.method == "gradient":
         raise InputError(f"{cfg.model}: gradient BackSelect needs a torch checkpoint (use --method exact for ONNX)")
     xtr, ytr = original.normalize(train_set.x[tr_idx]), train_set.y[tr_idx]
     xte, yte = original.normalize(test_set.x[te_idx]), test_set.y[te_idx]
-    orders_tr = compute_orders(original, xtr, out / "orders" / "original_train", cfg.method, cfg.k, batch_size=cfg.batch_size, progress=cfg.progress)
-    orders_te = compute_orders(original, xte, out / "orders" / "original_test", cfg.method, cfg.k, batch_size=cfg.batch_size, progress=cfg.progress)
+
+    def orders(model: ModelAdapter, x: np.ndarray, name: str, method: str = cfg.method) -> list[BackSelectResult]:
+        return compute_orders(model, x, out / "orders" / name, method, cfg.k, batch_size=cfg.batch_size, progress=cfg.progress)
+
+    orders_tr, orders_te = orders(original, xtr, "original_train"), orders(original, xte, "original_test")
     bs_tr, bs_te = backselect_subsets(xtr, orders_tr, cfg.fraction), backselect_subsets(xte, orders_te, cfg.fraction)
     rnd_tr, rnd_te = random_subsets(xtr, cfg.fraction, cfg.seed), random_subsets(xte, cfg.fraction, cfg.seed + 1)
 
-    shape, mean, std = original.input_shape, original.mean.tolist(), original.std.tolist()
+    # the retraining recipe (on the other half, no augmentation): subsets and the full-image control
+    retrained_bs = trained("retrained_backselect", bs_tr, ytr, cfg.seed + 10, retrain_epochs, "none")
+    retrained_rnd = trained("retrained_random", rnd_tr, ytr, cfg.seed + 20, retrain_epochs, "none")
+    control = trained("control_full", xtr, ytr, cfg.seed + 40, retrain_epochs, "none")
 
-    def trained(name: str, x: np.ndarray, y: np.ndarray, seed: int, keep: float | None = None) -> TorchAdapter:
-        return _cached_model(out / "models" / f"{name}.pt", lambda: train_classifier_arrays(
-            cfg.arch, x, y, classes, retrain_epochs, seed, cfg.batch_size, cfg.lr, keep, cfg.progress, cfg.dropout_samples),
-            cfg.arch, shape, classes, mean, std, dist, keep, cfg.dropout_samples)
+    from keepbits.audit._mitigations import Ensemble
 
-    retrained_bs = trained("retrained_backselect", bs_tr, ytr, cfg.seed + 10)
-    retrained_rnd = trained("retrained_random", rnd_tr, ytr, cfg.seed + 20)
-    Ensemble, _ = _torch_modules()
-    members = [original.torch_module] + [trained(f"ensemble_member_{i}", xtr, ytr, cfg.seed + 100 + i).torch_module for i in range(1, cfg.ensemble)]
-    ensemble = TorchAdapter(Ensemble(members), shape, mean=mean, std=std)
-    dropout = trained("input_dropout", xtr, ytr, cfg.seed + 30, cfg.keep_prob)
-    orders_ens = compute_orders(ensemble, xte, out / "orders" / "ensemble_test", cfg.method, cfg.k, batch_size=cfg.batch_size, progress=cfg.progress)
-    orders_drop = compute_orders(dropout, xte, out / "orders" / "input_dropout_test", cfg.method, cfg.k, batch_size=cfg.batch_size, progress=cfg.progress)
+    shape = original.input_shape
+    ensemble = TorchAdapter(Ensemble([r.torch_module for r in replicates]), shape, mean=mean, std=std)
+    dropout = trained("input_dropout", xa, ya, cfg.seed + 30, cfg.epochs, "auto", cfg.keep_prob)
+    mitigation_orders = {"single": orders(replicates[0], xte, "replicate_0_test") if cfg.model else orders_te,
+                         "ensemble": orders(ensemble, xte, "ensemble_test"), "input_dropout": orders(dropout, xte, "input_dropout_test")}
 
-    pct = f"{cfg.fraction:.0%}"
-    acc = {
-        "original_full": accuracy(original, xte, yte),
-        "original_backselect": accuracy(original, bs_te, yte),
-        "original_random": accuracy(original, rnd_te, yte),
-        "retrained_backselect": accuracy(retrained_bs, bs_te, yte),
-        "retrained_random": accuracy(retrained_rnd, rnd_te, yte),
-        "ensemble_full": accuracy(ensemble, xte, yte),
-        "input_dropout_full": accuracy(dropout, xte, yte),
-    }
-    sizes = {name: sis_size_stats(o, yte, cfg.thresholds) for name, o in
-             (("original", orders_te), ("ensemble", orders_ens), ("input_dropout", orders_drop))}
+    accuracy = {name: acc_on(model, x, yte) for name, model, x in (
+        ("original_full", original, xte), ("original_backselect", original, bs_te), ("original_random", original, rnd_te),
+        ("retrained_backselect", retrained_bs, bs_te), ("retrained_random", retrained_rnd, rnd_te), ("control_full", control, xte),
+        ("single_full", replicates[0], xte), ("ensemble_full", ensemble, xte), ("input_dropout_full", dropout, xte))}
+    sizes = {"original": sis_size_stats(orders_te, yte, cfg.thresholds),
+             **{name: sis_size_stats(o, yte, cfg.thresholds) for name, o in mitigation_orders.items() if name != "single"}}
     heat_tau = cfg.thresholds[len(cfg.thresholds) // 2]
-    heatmaps = {name: location_frequency(o, heat_tau) for name, o in (("original", orders_te), ("ensemble", orders_ens), ("input_dropout", orders_drop))}
+    heatmaps = {name: location_frequency(o, heat_tau) for name, o in (("original", orders_te), ("ensemble", mitigation_orders["ensemble"]),
+                                                                      ("input_dropout", mitigation_orders["input_dropout"]))}
     result = {
-        "settings": asdict(cfg), "train_images": int(len(tr_idx)), "test_images": int(len(te_idx)),
+        "settings": asdict(cfg), "audit_images": int(len(audit_idx)), "train_images": int(len(tr_idx)), "test_images": int(len(te_idx)),
+        "retraining_images_unseen_by_audited_model": not cfg.model,
         "pixels": int(shape[1] * shape[2]), "kept_pixels": keep_count(shape[1] * shape[2], cfg.fraction),
-        "accuracy": acc, "sis_sizes": sizes, "heatmap_threshold": heat_tau, "wall_time_s": round(time.time() - started, 1),
+        "accuracy": {k: v["mean"] for k, v in accuracy.items()}, "accuracy_ci95": {k: v["ci95"] for k, v in accuracy.items()},
+        "sis_sizes": sizes, "mitigations_common_images": common_sis_sizes(mitigation_orders, yte, cfg.thresholds, "single"),
+        "heatmap_threshold": heat_tau,
     }
+    if cfg.exact_images:
+        pick = sample_indices(yte, cfg.exact_images, cfg.seed)
+        exact = orders(original, xte[pick], "original_test_exact", "exact")
+        gradient = [orders_te[i] for i in pick]
+        result["exact_vs_gradient"] = {
+            "images": int(len(pick)), "k": cfg.k, "gradient_size_step": cfg.k / (shape[1] * shape[2]),
+            "subset_overlap": subset_overlap(exact, gradient, cfg.fraction),
+            "sis_sizes": {"exact": sis_size_stats(exact, yte[pick], cfg.thresholds), "gradient": sis_size_stats(gradient, yte[pick], cfg.thresholds)},
+            "original_accuracy_on_subsets": {"exact": acc_on(original, backselect_subsets(xte[pick], exact, cfg.fraction), yte[pick]),
+                                             "gradient": acc_on(original, backselect_subsets(xte[pick], gradient, cfg.fraction), yte[pick])},
+            "seconds_per_image_exact": float(np.mean([r.seconds for r in exact])),
+        }
+    result["wall_time_s"] = round(time.time() - started, 1)
     if dist.rank == 0:
-        _write_report(out, cfg, result, heatmaps, test_set.x[te_idx], orders_te, original, pct)
+        shown = sample_indices(yte, 8, cfg.seed)  # examples across classes (test files are often sorted by class)
+        _write_report(out, cfg, result, heatmaps, test_set.x[te_idx[shown]], [orders_te[i] for i in shown], original)
     return result
 
 
-def _cached_model(path: Path, build: Callable[[], Any], arch: str, shape: Sequence[int], classes: int, mean: Sequence[float],
-                  std: Sequence[float], dist: _Dist, keep: float | None = None, samples: int = 4) -> TorchAdapter:
-    """Train once (rank 0) and save a keepbits checkpoint; other ranks and resumed runs load it."""
-    from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+def acc_on(model: ModelAdapter, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy of ``model`` on normalised ``x`` with its 95% CI."""
+    return mean_ci((model.logits(x).argmax(1) == y).astype(np.float64))
 
-    if dist.rank == 0 and not path.exists():
-        net = build()
-        inner = net.net if keep is not None else net
-        save_checkpoint(path, {"kind": "classifier", "models": {"classifier": model_entry(arch, {"in_channels": shape[0], "num_classes": classes,
-                        "image_size": list(shape[1:])}, inner)}, "input_shape": list(shape), "normalization": {"mean": list(mean), "std": list(std)},
-                        "class_names": [str(i) for i in range(classes)], "settings": {"input_dropout_keep": keep}})
-    _barrier(dist)
+
+def _trained(path: Path, cfg: OverinterpretationConfig, x: np.ndarray, y: np.ndarray, class_names: Sequence[str], mean: Sequence[float],
+             std: Sequence[float], epochs: int, seed: int, dist: Dist, augment: str, keep: float | None = None) -> TorchAdapter:
+    """A fresh ``cfg.arch`` trained on normalised N×C×H×W ``x`` (with input dropout ``keep``, §4.5;
+    ``augment``: ``"auto"`` = flips for colour images, ``"none"``) by the one classifier trainer,
+    once (rank 0), saved as a classifier checkpoint at ``path``; other ranks and resumed runs load it."""
+    import torch
+
+    from keepbits import registry
+    from keepbits.audit._mitigations import InputDropout
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
+    from keepbits.training.classifier import FitConfig, fit_classifier
+    from keepbits.training.data import TensorArrays
+
+    shape = list(x.shape[1:])
+    if dist.main and not path.exists():
+        torch.manual_seed(seed)
+        kwargs = {"in_channels": shape[0], "num_classes": len(class_names), "image_size": shape[1:]}
+        net = registry.build(cfg.arch, **kwargs)
+        fit = FitConfig(epochs=epochs, batch_size=cfg.batch_size, optimizer="sgd", lr=cfg.lr, momentum=0.9, weight_decay=5e-4,
+                        schedule="cosine", warmup_epochs=0.15 * epochs, augment=augment, crop_padding=0, seed=seed, progress=cfg.progress)
+        fit_classifier(net if keep is None else InputDropout(net, keep, cfg.dropout_samples, seed), TensorArrays(x, y), fit)
+        save_checkpoint(path, Checkpoint(kind="classifier", models={"classifier": ModelEntry.of(cfg.arch, kwargs, net)}, input_shape=shape,
+                                         normalization=Normalization(list(mean), list(std)), class_names=list(class_names),
+                                         settings={**asdict(fit), "input_dropout_keep": keep, "images": len(x)}, epoch=epochs - 1))
+    barrier(dist)
     net = build_model(load_checkpoint(path, "classifier"), "classifier").eval()
     if keep is not None:
-        net = _torch_modules()[1](net, keep=keep, samples=samples).eval()
+        net = InputDropout(net, keep, cfg.dropout_samples).eval()
     return TorchAdapter(net, shape, mean=mean, std=std)
 
 
-def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, Any], heatmaps: dict[str, np.ndarray],
-                  images: np.ndarray, orders: Sequence[BackSelectResult], original: ModelAdapter, pct: str) -> None:
-    from keepbits.audit._report import Report, overlay
+def _pm(stat: dict[str, float]) -> str:
+    return f"{stat['mean']:.3f} ± {stat['ci95']:.3f}"
 
-    acc = result["accuracy"]
-    report = Report("Overinterpretation audit", meta={"data": cfg.data, "model": cfg.model or f"{cfg.arch} trained here ({cfg.epochs} epochs)",
-                    "train images": result["train_images"], "test images": result["test_images"], "method": cfg.method,
-                    "k (pixels per gradient step)": cfg.k if cfg.method == "gradient" else "-", "subset": f"{pct} = {result['kept_pixels']} pixels"})
-    s = report.section("Table 1: accuracy on pixel subsets",
-                       f"Top-{pct} BackSelect subsets vs {pct} random pixels (fixed per image), rest masked to the mean.")
+
+def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, Any], heatmaps: dict[str, np.ndarray],
+                  images: np.ndarray, orders: Sequence[BackSelectResult], original: ModelAdapter) -> None:
+    from keepbits.report import Report, overlay
+
+    pct = f"{cfg.fraction:.0%}"
+    acc = {k: {"mean": v, "ci95": result["accuracy_ci95"][k]} for k, v in result["accuracy"].items()}
+    audited = cfg.model or f"{cfg.arch} trained here ({cfg.epochs} epochs, {result['audit_images']} images of the first training half)"
+    report = Report("Overinterpretation audit", meta={
+        "data": cfg.data, "model": audited, "retraining images": f"{result['train_images']} of the second training half"
+        + ("" if result["retraining_images_unseen_by_audited_model"] else " (make sure --model never trained on them)"),
+        "test images": result["test_images"], "method": cfg.method, "k (pixels per gradient step)": cfg.k if cfg.method == "gradient" else "-",
+        "subset": f"{pct} = {result['kept_pixels']} pixels", "retraining recipe": f"{cfg.retrain_epochs or cfg.epochs} epochs, no augmentation"})
+    s = report.section("Table 1: accuracy on pixel subsets (95% CI)",
+                       f"Top-{pct} BackSelect subsets vs {pct} random pixels (fixed per image), rest masked to the mean. Fresh models "
+                       "share one recipe and one set of images: the control trains on those images in full.")
+    retrain = f"{result['train_images']} unseen images"
     s.table([
-        {"model": "original", "trained on": "full images", "tested on": "full images", "accuracy": acc["original_full"]},
-        {"model": "original", "trained on": "full images", "tested on": f"{pct} BackSelect", "accuracy": acc["original_backselect"]},
-        {"model": "original", "trained on": "full images", "tested on": f"{pct} random", "accuracy": acc["original_random"]},
-        {"model": "retrained", "trained on": f"{pct} BackSelect", "tested on": f"{pct} BackSelect", "accuracy": acc["retrained_backselect"]},
-        {"model": "retrained", "trained on": f"{pct} random", "tested on": f"{pct} random", "accuracy": acc["retrained_random"]},
-        {"model": f"ensemble of {cfg.ensemble}", "trained on": "full images", "tested on": "full images", "accuracy": acc["ensemble_full"]},
-        {"model": f"input dropout keep {cfg.keep_prob}", "trained on": "full images", "tested on": "full images", "accuracy": acc["input_dropout_full"]},
+        {"model": "audited", "trained on": "full images", "tested on": "full images", "accuracy": _pm(acc["original_full"])},
+        {"model": "audited", "trained on": "full images", "tested on": f"{pct} BackSelect", "accuracy": _pm(acc["original_backselect"])},
+        {"model": "audited", "trained on": "full images", "tested on": f"{pct} random", "accuracy": _pm(acc["original_random"])},
+        {"model": "fresh", "trained on": f"{retrain}, full (control)", "tested on": "full images", "accuracy": _pm(acc["control_full"])},
+        {"model": "fresh", "trained on": f"{retrain}, {pct} BackSelect", "tested on": f"{pct} BackSelect", "accuracy": _pm(acc["retrained_backselect"])},
+        {"model": "fresh", "trained on": f"{retrain}, {pct} random", "tested on": f"{pct} random", "accuracy": _pm(acc["retrained_random"])},
+        {"model": "single replicate", "trained on": "full images", "tested on": "full images", "accuracy": _pm(acc["single_full"])},
+        {"model": f"ensemble of {cfg.ensemble} replicates", "trained on": "full images", "tested on": "full images", "accuracy": _pm(acc["ensemble_full"])},
+        {"model": f"input dropout keep {cfg.keep_prob}", "trained on": "full images", "tested on": "full images", "accuracy": _pm(acc["input_dropout_full"])},
     ])
-    s = report.section("SIS size vs threshold", "Mean SIS size (fraction of pixels) of test images reaching τ, 95% CI.")
+    s = report.section("SIS size vs threshold", "Mean SIS size (fraction of pixels) of the test images each model classifies with f ≥ τ, 95% CI; "
+                       "wrong − correct with its 95% CI and direction at every τ (§4.4).")
     s.line_plot({name: (cfg.thresholds, [r["size"]["mean"] for r in rows]) for name, rows in result["sis_sizes"].items()},
                 xlabel="threshold τ", ylabel="SIS size (fraction of pixels)",
                 errors={name: [r["size"]["ci95"] for r in rows] for name, rows in result["sis_sizes"].items()})
-    s.table([{"model": name, "τ": r["threshold"], "images ≥ τ": f"{r['images_at_threshold']}/{r['images']}",
-              "size": r["size"]["mean"], "±95%": r["size"]["ci95"], "correct": r["size_correct"]["mean"], "±95% ": r["size_correct"]["ci95"],
-              "wrong": r["size_wrong"]["mean"], "± 95%": r["size_wrong"]["ci95"]}
+    s.table([{"model": name, "τ": r["threshold"], "images ≥ τ": f"{r['images_at_threshold']}/{r['images']}", "size": _pm(r["size"]),
+              "correct": _pm(r["size_correct"]), "wrong": _pm(r["size_wrong"]),
+              "wrong − correct": f"{r['wrong_minus_correct']['difference']:+.4f} ± {r['wrong_minus_correct']['ci95']:.4f} ({r['wrong_minus_correct']['direction']})"}
              for name, rows in result["sis_sizes"].items() for r in rows])
+    s = report.section("Mitigations on common images", "Per τ: the test images every model classifies with f ≥ τ; SIS size (95% CI), "
+                       "paired difference from the single replicate, accuracy on those images.")
+    s.table([{"τ": r["threshold"], "common images": f"{r['common_images']}/{r['images']}", "model": name, "size": _pm(m["size"]),
+              "− single": _pm(m["minus_single"]) if "minus_single" in m else "", "accuracy (common)": _pm(m["accuracy_on_common"])}
+             for r in result["mitigations_common_images"] for name, m in r["models"].items()])
+    if "exact_vs_gradient" in result:
+        e = result["exact_vs_gradient"]
+        s = report.section("Exact vs gradient BackSelect", f"{e['images']} test images; gradient SIS sizes move in steps of k = {e['k']} pixels "
+                           f"({e['gradient_size_step']:.1%}). Shared fraction of the {pct} subsets: {_pm(e['subset_overlap'])}.")
+        s.table([{"τ": a["threshold"], "exact size": _pm(a["size"]), "gradient size": _pm(b["size"])}
+                 for a, b in zip(e["sis_sizes"]["exact"], e["sis_sizes"]["gradient"])])
     s = report.section("Where SIS pixels lie (Fig. 2)", f"Fraction of test images (f ≥ τ = {result['heatmap_threshold']}) whose SIS holds each pixel.")
     for name, heat in heatmaps.items():
         s.heatmap(heat, title=name, cmap="magma")

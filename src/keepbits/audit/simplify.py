@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from keepbits.audit._base import Explainer
-from keepbits.audit._report import Report
+from keepbits.report import Report
 from keepbits.errors import InputError
 
 
@@ -38,7 +38,7 @@ class SimplifyExplainer(Explainer):
     Glow; the remaining keywords are :class:`keepbits.training.posthoc.PosthocConfig` fields.
     ``target`` is ignored: the prediction on the original is what must be preserved.
     Results per image: ``original`` and ``simplified`` (uint8 H×W×C), ``bpd_orig``,
-    ``bpd_sim``, ``t``, ``label``, ``label_sim``, ``path``, ``history``.
+    ``bpd_sim``, ``kl``, ``kept``, ``label``, ``label_sim``, ``path``, ``history``.
     """
 
     def __init__(self, model: Any, density: Any = None, steps: int = 100, lambda_sim: float = 1.0, lr: float = 0.05,
@@ -70,25 +70,30 @@ def simplify_report(results: Sequence[dict], class_names: Sequence[str] | None =
     the interpolation path of Alg. 2 per image."""
     name = (lambda k: class_names[k] if class_names else str(k))  # noqa: E731
     report = Report("SimpleBits post-hoc simplification audit", meta=meta)
-    s = report.section("Before / after", "Each original (left) and its simplified version (right): the lowest-bpd image on the "
-                       "latent interpolation path that keeps the classifier's prediction (Alg. 1 and 2).")
+    s = report.section("Before / after", "Each original (left) and its simplified version (right): G(z + δ), with δ optimised so "
+                       "that every point G(z + α·δ), α ~ U(0, 1], keeps the classifier's prediction and restoring gradients "
+                       "while the simplified image costs few bits (Alg. 1 and 2).")
     images, titles = [], []
     for i, r in enumerate(results):
         images += [r["original"], r["simplified"]]
         titles += [f"#{i} {name(r['label'])} · {r['bpd_orig']:.2f} bpd", f"#{i} {name(r['label_sim'])} · {r['bpd_sim']:.2f} bpd"]
     s.image_grid(images, titles=titles, cols=2)
     s.table([{"image": i, "label": name(r["label"]), "label_sim": name(r["label_sim"]), "bpd_orig": r["bpd_orig"], "bpd_sim": r["bpd_sim"],
-              "bits_saved": r["bpd_orig"] - r["bpd_sim"], "t": r["t"]} for i, r in enumerate(results)], caption="bpd under the density model")
-    p = report.section("Interpolation path", "bpd of G(z + t·δ) for t from 0 (original) to 1 (optimised latent).")
+              "bits_saved": r["bpd_orig"] - r["bpd_sim"], "KL": r["kl"], "kept": r["kept"]} for i, r in enumerate(results)],
+            caption="bpd under the density model; kept: same arg-max and KL within the tolerance")
+    p = report.section("Interpolation path", "bpd of G(z + t·δ) for t from 0 (original) to 1 (the simplified image); "
+                       "report.json has KL and arg-max along the path.")
     p.line_plot({f"#{i}": ([q["t"] for q in r["path"]], [q["bpd"] for q in r["path"]]) for i, r in enumerate(results)}, xlabel="t", ylabel="bpd")
     report.data["per_image"] = [{k: v for k, v in r.items() if k not in ("original", "simplified")} for r in results]
     return report
 
 
-def audit_simplify(model: Any, images: np.ndarray, out_dir: str | Path, density: Any = None, **settings: Any) -> list[Path]:
-    """Run :class:`SimplifyExplainer` on uint8 N×H×W×C ``images`` and write report.html/json."""
+def audit_simplify(model: Any, images: np.ndarray, out_dir: str | Path, density: Any = None, meta: dict | None = None,
+                   **settings: Any) -> list[Path]:
+    """Run :class:`SimplifyExplainer` on uint8 N×H×W×C ``images`` and write report.html/json
+    (``meta``: extra provenance for the report, e.g. the data and the command line)."""
     explainer = SimplifyExplainer(model, density=density, **settings)
     results = explainer.explain(images)
     meta = {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-            "density": str(density or "shipped density_cifar10.pt"), **explainer.settings}
+            "density": str(density or "shipped density_cifar10.pt"), **explainer.settings, **(meta or {})}
     return simplify_report(results, explainer.model.class_names, meta).write(out_dir)

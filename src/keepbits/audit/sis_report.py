@@ -4,7 +4,7 @@ Per image: the original, the SIS overlaid (red) and the SIS-only image the model
 classifies with ``f ≥ τ``; SIS size against τ (SIS Fig. 3 style), a pixel-location
 frequency heatmap (Overinterpretation Fig. 2), sizes of correctly vs wrongly classified
 images with 95% CIs (§4.4), and notes on images whose confidence is below τ (reported, not
-errors). Orders are computed by :func:`keepbits.audit.overinterpretation.compute_orders`
+errors). Orders are computed by :func:`keepbits.audit.sis_orders.compute_orders`
 (sharded under ``torchrun``, resumable).
 
 Example:
@@ -25,9 +25,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from keepbits.audit._base import load_model
-from keepbits.audit._report import Report, overlay
-from keepbits.audit.overinterpretation import _dist, compute_orders, location_frequency, sis_size_stats
+from keepbits.report import Report, overlay
+from keepbits.audit.overinterpretation import location_frequency, sis_size_stats
 from keepbits.audit.sis import find_sis
+from keepbits.audit.sis_orders import compute_orders
+from keepbits.training.distributed import init_distributed
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -101,7 +103,7 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     else:
         sec.text("None: every image reaches τ.", note=True)
     report.data = {"summary": summary, "thresholds": taus, "size_stats": stats, "heatmap": heat, "images": per_image}
-    if _dist().rank == 0:  # under torchrun every rank holds the merged orders; one writes
+    if init_distributed(use_cuda=False).main:  # under torchrun every rank holds the merged orders; one writes
         report.write(out)
     return report.data
 

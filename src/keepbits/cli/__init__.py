@@ -5,6 +5,12 @@ line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules import torch 
 inside ``run``, so ``keepbits --help`` is instant. Errors a user can fix
 (:class:`keepbits.errors.KeepbitsError`) print one line and exit 2; ``--debug`` shows the
 traceback.
+
+One grammar for every command (docs/DEVELOPING.md, "Command line"): ``--model`` the model the
+command acts on, ``--data`` a data set, ``--num-images`` (``--num-train-images``,
+``--num-test-images``) counts drawn by :func:`keepbits.data.sample_indices`, ``--out`` the output;
+``--help`` shows defaults; ``-q`` and ``--debug`` go before or after the command. Renamed options
+keep their old spelling for one release (:func:`keepbits.cli._common.add_argument`).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import sys
 from typing import Sequence
 
 from keepbits._version import __version__
+from keepbits.cli._common import HelpFormatter
 from keepbits.errors import KeepbitsError
 
 #: group -> {subcommand -> module}; a group whose table is a str is a single command.
@@ -27,10 +34,17 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     },
     "export": {
         "onnx": "keepbits.cli.export_onnx",
+        "int8": "keepbits.cli.export_int8",
         "tensorrt": "keepbits.cli.export_tensorrt",
     },
     "run": "keepbits.cli.run",
     "receive": "keepbits.cli.receive",
+    "info": "keepbits.cli.info",
+    "decode": "keepbits.cli.decode",
+    "compare": "keepbits.cli.compare",
+    "eval": "keepbits.cli.eval",
+    "explain": "keepbits.cli.explain",
+    "doctor": "keepbits.cli.doctor",
     "audit": {
         "sis": "keepbits.cli.audit_sis",
         "overinterpretation": "keepbits.cli.audit_overinterpretation",
@@ -38,7 +52,6 @@ COMMANDS: dict[str, str | dict[str, str]] = {
         "simplify": "keepbits.cli.audit_simplify",
     },
     "bench": {
-        "classifier": "keepbits.cli.bench_classifier",
         "nice": "keepbits.cli.bench_nice",
     },
     "demo": "keepbits.cli.demo",
@@ -51,47 +64,43 @@ OPTIONAL_MODULES = {
     "onnx": "pip install 'keepbits[train]'",
     "onnxscript": "pip install 'keepbits[train]'",
     "onnxruntime": "pip install onnxruntime (or 'keepbits[gpu]' for onnxruntime-gpu, see docs/install.md)",
+    "paho": "pip install 'keepbits[mqtt]'",
 }
 
 
-def _import_command(module: str):
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:  # not built yet in this version: leave it out of the CLI
-            return None
-        raise
+def _global_options(default: bool | str) -> argparse.ArgumentParser:
+    """``--debug`` and ``-q``: the top level sets the defaults; every command accepts them too,
+    with ``default=SUPPRESS`` so that leaving them out there keeps the value given before it."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--debug", action="store_true", default=default, help="show full tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars, warnings only")
+    return parser
 
 
-def _add_command(subparsers, name: str, module_name: str) -> None:
-    module = _import_command(module_name)
-    if module is None:
-        return
-    parser = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+def _add_command(subparsers, name: str, module_name: str, common: argparse.ArgumentParser) -> None:
+    module = importlib.import_module(module_name)
+    parser = subparsers.add_parser(name, help=module.HELP, description=module.HELP, parents=[common], formatter_class=HelpFormatter)
     module.add_arguments(parser)
     parser.set_defaults(_run=module.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command in :data:`COMMANDS` (built for one parse)."""
     parser = argparse.ArgumentParser(
-        prog="keepbits",
+        prog="keepbits", parents=[_global_options(False)], formatter_class=HelpFormatter,
         description="Which pixels does your classifier need? Train, export, run and audit.",
     )
     parser.add_argument("--version", action="version", version=f"keepbits {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    common = _global_options(argparse.SUPPRESS)
     groups = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group, table in COMMANDS.items():
         if isinstance(table, str):
-            _add_command(groups, group, table)
+            _add_command(groups, group, table, common)
             continue
-        present = {n: m for n, m in table.items() if _import_command(m) is not None}
-        if not present:
-            continue
-        gp = groups.add_parser(group, help=f"{group} commands: {', '.join(present)}")
+        gp = groups.add_parser(group, help=f"{group} commands: {', '.join(table)}", parents=[common], formatter_class=HelpFormatter)
         sub = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-        for name, module_name in present.items():
-            _add_command(sub, name, module_name)
+        for name, module_name in table.items():
+            _add_command(sub, name, module_name, common)
     return parser
 
 

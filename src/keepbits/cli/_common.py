@@ -1,11 +1,67 @@
-"""Helpers shared by CLI commands: paths that must exist, progress bars."""
+"""Helpers shared by CLI commands: the help formatter, old option names kept for one release,
+paths that must exist, the command line for provenance records, the options that name a
+classifier brought by its user (spec, weights, kwargs, preprocessing) and ``--device``."""
 from __future__ import annotations
 
+import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any, Sequence
 
 from keepbits.errors import InputError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default after its help text, except for flags, for a
+    default of None and where the help text already says what the default means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Deprecated(argparse.Action):
+    """A hidden old spelling of ``replacement``: stores into its destination, says so on stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, replacement: argparse.Action, **kwargs: Any):
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        old = option_string or f"positional {self.dest.upper()}"
+        print(f"keepbits: {old} is deprecated; use {self.replacement.option_strings[-1]}", file=sys.stderr)
+        setattr(namespace, self.replacement.dest, values)
+        self.replacement.required = False  # given under its old name: satisfied for this parse
+
+
+def add_argument(parser: argparse.ArgumentParser, *names: str, deprecated: Sequence[str] = (), **kwargs: Any) -> argparse.Action:
+    """``parser.add_argument(*names, **kwargs)`` that also accepts the old spellings ``deprecated``
+    for one release: hidden from ``--help``, each use prints one line
+    ``keepbits: OLD is deprecated; use NEW`` on stderr. An old name without a leading ``-`` was a
+    positional argument.
+
+    Example:
+        >>> import argparse, contextlib, io
+        >>> p = argparse.ArgumentParser()
+        >>> _ = add_argument(p, "--model", required=True, deprecated=["--checkpoint"], help="model")
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     args = p.parse_args(["--checkpoint", "m.pt"])
+        >>> args.model, err.getvalue()
+        ('m.pt', 'keepbits: --checkpoint is deprecated; use --model\\n')
+    """
+    new = parser.add_argument(*names, **kwargs)
+    same = {k: getattr(new, k) for k in ("type", "choices", "metavar")}
+    for old in deprecated:
+        if old.startswith("-"):
+            parser.add_argument(old, action=_Deprecated, replacement=new, nargs=new.nargs, dest="_deprecated_" + old.lstrip("-").replace("-", "_"),
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS, **same)
+        else:  # one optional positional; absent, it keeps SUPPRESS and stores nothing
+            parser.add_argument(old, action=_Deprecated, replacement=new, nargs="?" if new.nargs is None else "*",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS, **same)
+    return new
 
 
 def existing_path(value: str | Path, what: str = "path") -> Path:
@@ -20,8 +76,72 @@ def command_line() -> str:
     return shlex.join(["keepbits", *sys.argv[1:]])
 
 
-def progress(iterable=None, *, total=None, desc: str = "", disable: bool = False, **kwargs):
-    """A tqdm progress bar on stderr (quiet when not a terminal and under CI is fine too)."""
-    from tqdm.auto import tqdm
+#: What a classifier SPEC may be (help text of --classifier / --model).
+CLASSIFIER_SPEC_HELP = ("a keepbits checkpoint (.pt), a registry name (e.g. efficientnet_lite0, pretrained when it can be), "
+                        "package.module:factory (imported and called; weights from --classifier-weights) or an .onnx file "
+                        "(converted with onnx2torch: pip install 'keepbits[onnx2torch]')")
 
-    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+
+def add_classifier_options(p: argparse.ArgumentParser) -> None:
+    """``--classifier-weights``, ``--classifier-kwargs`` and the preprocessing overrides of a
+    classifier SPEC (``--image-size``, ``--mean``, ``--std``, ``--resize-policy``,
+    ``--crop-fraction``, ``--class-names``)."""
+    from keepbits.data import RESIZE_POLICIES
+
+    p.add_argument("--classifier-weights", default=None, help="state dict file for a registry name or package.module:factory "
+                   "(read with torch.load(weights_only=True); default: pretrained=True where the builder takes it)")
+    p.add_argument("--classifier-kwargs", default="{}", help="JSON keyword arguments of the registry builder or factory")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="classifier input size (default: what the classifier records or declares)")
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean on the 0..1 scale (default: recorded)")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std on the 0..1 scale (default: recorded)")
+    p.add_argument("--resize-policy", choices=RESIZE_POLICIES, default=None,
+                   help="how frames reach the input size: stretch, crop the middle, pad black (default: recorded)")
+    p.add_argument("--crop-fraction", type=float, default=None,
+                   help="center-crop: share of the scaled short side kept (ImageNet: 0.875; default: recorded)")
+    p.add_argument("--class-names", default=None, help="JSON list or text file (one name a line) of the classifier's classes, "
+                   "or 'imagenet' for the 1,000 ImageNet names (default: recorded, else 0..K-1)")
+
+
+def json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{flag} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{flag} must be a JSON object")
+    return value
+
+
+def _class_names(value: str) -> tuple[str, ...]:
+    if value == "imagenet":
+        from keepbits.data import imagenet_class_names
+
+        return tuple(imagenet_class_names())
+    text = existing_path(value, "--class-names file").read_text(encoding="utf-8")
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
+        raise InputError(f"--class-names {value}: expected a JSON list of strings or one name a line")
+    return tuple(names)
+
+
+def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``weights``, ``kwargs`` and ``preprocessing`` overrides for
+    :func:`keepbits.training.byo.resolve_classifier` from :func:`add_classifier_options`' flags."""
+    if args.classifier_weights is not None:
+        existing_path(args.classifier_weights, "--classifier-weights file")
+    overrides = {"input_size": tuple(args.image_size) if args.image_size else None,
+                 "mean": tuple(args.mean) if args.mean else None, "std": tuple(args.std) if args.std else None,
+                 "resize_policy": args.resize_policy, "crop_fraction": args.crop_fraction,
+                 "class_names": _class_names(args.class_names) if args.class_names else None}
+    return {"weights": args.classifier_weights, "kwargs": json_object(args.classifier_kwargs, "--classifier-kwargs"),
+            "preprocessing": {k: v for k, v in overrides.items() if v is not None}}
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda`` of the trainers and gradient audits."""
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where torch runs: auto takes CUDA when torch sees a GPU")

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from keepbits.cli._common import command_line, existing_path
+from keepbits.cli._common import add_argument, command_line, existing_path
 from keepbits.errors import InputError
 
 HELP = "CID audit: per-layer information discarding (CID), reconstruction uncertainty (RU) and concentration; HTML+JSON report"
@@ -18,23 +18,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help=".npz file, idx folder, split folder or class-folder tree")
     p.add_argument("--layers", nargs="+", default=["auto"], help="module names (see the error message for the list); 'auto': block-level layers")
     p.add_argument("--out", required=True, help="output folder for report.html / report.json")
-    p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the audited images (default test)")
-    p.add_argument("--num-images", type=int, default=8, help="audit the first N images of the split")
-    p.add_argument("--boxes", default=None, help="foreground boxes (CSV index,x0,y0,x1,y1 or JSON) for the concentration (Eq. 5)")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the audited images")
+    p.add_argument("--num-images", type=int, default=8, help="audit a random class-balanced sample of N images of the split (seed --seed)")
+    p.add_argument("--boxes", default=None, help="foreground boxes (CSV index,x0,y0,x1,y1 or JSON; index: the image's position in the split) "
+                   "for the concentration (Eq. 5); boxes of images outside the sample are ignored")
     p.add_argument("--beta", type=float, default=1.5e-4, help="target E|f'-f|^2 / delta_f^2 (Eq. 4)")
     p.add_argument("--block", type=int, default=1, help="sigma shared by block x block pixels")
-    p.add_argument("--max-steps", type=int, default=300, help="budget of forward-backward passes per map")
-    p.add_argument("--min-steps", type=int, default=60)
+    p.add_argument("--max-steps", type=int, default=1000, help="budget of forward-backward passes per map (maps still moving then are reported as not converged)")
+    p.add_argument("--min-steps", type=int, default=100, help="forward-backward passes before a map may stop (once its ratio is on target and its entropy on a plateau at the smallest lr)")
     p.add_argument("--samples", type=int, default=2, help="noise draws per step")
     p.add_argument("--batch-size", type=int, default=16, help="(image, layer) maps optimised together")
     p.add_argument("--ru", action="store_true", help="also reconstruction uncertainty (trains one decoder per layer, cached)")
-    p.add_argument("--ru-train-images", type=int, default=2000, help="decoder training images (train split)")
-    p.add_argument("--decoder-epochs", type=int, default=3)
-    p.add_argument("--decoder-width", type=int, default=48)
-    p.add_argument("--decoder-blocks", type=int, default=6)
-    p.add_argument("--cache", default="default", help="decoder cache folder (default ~/.cache/keepbits/cid-decoders); 'none' disables")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_argument(p, "--num-decoder-images", type=int, default=2000, deprecated=["--ru-train-images"],
+                 help="decoder training images for --ru: a random class-balanced sample (seed --seed) of the train split, "
+                      "or of the audited split without the audited images when --split is train or there is no train split")
+    p.add_argument("--decoder-epochs", type=int, default=3, help="epochs of each RU decoder")
+    p.add_argument("--decoder-width", type=int, default=48, help="channels of the RU decoders")
+    p.add_argument("--decoder-blocks", type=int, default=6, help="residual blocks of the RU decoders")
+    p.add_argument("--cache", default="default", help="decoder cache folder ('default': ~/.cache/keepbits/cid-decoders); 'none' disables")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image samples, the noise and the decoders")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="torch device of the fits, e.g. cuda (default: cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,28 +47,31 @@ def run(args: argparse.Namespace) -> int:
         existing_path(model, "model checkpoint")
     if args.num_images < 1:
         raise InputError(f"--num-images must be positive, got {args.num_images}")
+    import numpy as np
     import torch
 
     from keepbits.audit.cid import CIDConfig, load_boxes
     from keepbits.audit.cid_report import cid_report, layerwise_cid
     from keepbits.audit.cid_ru import DecoderConfig
-    from keepbits.data import has_split, load_dataset
+    from keepbits.data import has_split, load_dataset, sample_indices
 
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_dataset(args.data, split=args.split)
-    images = data.x[: args.num_images]
+    audited = sample_indices(data.y, args.num_images, args.seed)
+    images = data.x[audited]
     ru_images = None
     if args.ru:
         if has_split(args.data, "train") and args.split != "train":
-            ru_images = load_dataset(args.data, split="train").x[: args.ru_train_images]
-        else:
-            ru_images = data.x[args.num_images : args.num_images + args.ru_train_images]
+            ru_images = load_dataset(args.data, split="train").sample(args.num_decoder_images, args.seed).x
+        else:  # the same split: the images not audited
+            rest = np.setdiff1d(np.arange(len(data)), audited)
+            ru_images = data.x[rest[sample_indices(data.y[rest], args.num_decoder_images, args.seed)]]
         if len(ru_images) < 20:
             raise InputError(f"{args.data}: only {len(ru_images)} images left to train the RU decoders (need ≥ 20)")
-    boxes = load_boxes(args.boxes) if args.boxes else None
+    boxes = load_boxes(args.boxes) if args.boxes else {}
     config = CIDConfig(beta=args.beta, block=args.block, max_steps=args.max_steps, min_steps=args.min_steps,
-                       samples=args.samples, seed=args.seed)
+                       samples=args.samples, seed=args.seed, device=args.device)
     decoder = DecoderConfig(blocks=args.decoder_blocks, width=args.decoder_width, epochs=args.decoder_epochs, seed=args.seed)
     layers = None if args.layers == ["auto"] else args.layers
     runs = []
@@ -72,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
         path = Path(model)
         runs.append(layerwise_cid(
             str(path), images, layers, config, name=f"{path.parent.name}/{path.stem}", ru_images=ru_images, decoder=decoder,
-            foreground={i: b for i, b in (boxes or {}).items() if i < len(images)},
+            foreground={j: boxes[int(i)] for j, i in enumerate(audited) if int(i) in boxes},
             cache_dir=None if args.cache == "none" else args.cache, batch_size=args.batch_size,
         ))
-    paths = cid_report(runs, args.out, meta={"data": args.data, "split": args.split, "command": command_line()})
+    paths = cid_report(runs, args.out, meta={
+        "data": args.data, "split": args.split, "images": f"{len(audited)} (class-balanced sample, seed {args.seed})",
+        "command": command_line()})
     print(json.dumps({"report": [str(p) for p in paths], "summary": {r["name"]: r["summary"] for r in runs}}, indent=2))
     return 0

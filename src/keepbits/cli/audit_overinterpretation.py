@@ -5,30 +5,39 @@ import argparse
 import json
 import os
 
-from keepbits.cli._common import existing_path
+from keepbits.cli._common import add_argument, existing_path
 
-HELP = "overinterpretation audit: accuracy on 5%% BackSelect vs random pixel subsets, retraining, SIS sizes, mitigations"
+HELP = ("overinterpretation audit: accuracy on 5%% BackSelect vs random pixel subsets, retraining on images the audited model never saw "
+        "(with the full-image control), SIS sizes, mitigations")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data set with train and test splits")
     p.add_argument("--out", required=True, help="output folder (report.html, report.json, models/, orders/; reruns resume)")
-    p.add_argument("--model", default=None, help="classifier checkpoint to audit (default: train --arch here)")
+    p.add_argument("--model", default=None, help="classifier checkpoint to audit (default: train --arch here on the first half of the "
+                   "training split); the retraining images come from the second half, which it must never have seen")
     p.add_argument("--arch", default="resnet20", help="registry classifier for the models trained here")
-    p.add_argument("--epochs", type=int, default=30, help="epochs of the original model and the mitigations")
-    p.add_argument("--retrain-epochs", type=int, default=None, help="epochs of the subset retraining (default --epochs)")
-    p.add_argument("--train-images", type=int, default=None, help="use N random training images (default all)")
-    p.add_argument("--test-images", type=int, default=None, help="use N random test images (default all)")
-    p.add_argument("--fraction", type=float, default=0.05, help="pixel fraction kept per image (default 0.05)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs of the audited recipe (audited model, replicates, input dropout; flips)")
+    p.add_argument("--retrain-epochs", type=int, default=None, help="epochs of the retraining recipe (subsets and the full-image "
+                   "control; no augmentation; default: --epochs)")
+    p.add_argument("--num-audit-images", type=int, default=None, help="images of the first training half the audited recipe trains on "
+                   "(class-balanced sample, seed --seed; default: the whole half)")
+    add_argument(p, "--num-train-images", type=int, default=None, deprecated=["--train-images"],
+                 help="retraining images: a class-balanced sample of the second training half (seed --seed; default: the whole half)")
+    add_argument(p, "--num-test-images", type=int, default=None, deprecated=["--test-images"],
+                 help="use a random sample of N test images (seed --seed; default: all)")
+    p.add_argument("--fraction", type=float, default=0.05, help="pixel fraction kept per image")
     p.add_argument("--method", choices=["gradient", "exact"], default="gradient", help="BackSelect variant")
     p.add_argument("--k", type=int, default=16, help="pixels masked per gradient BackSelect iteration")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
-    p.add_argument("--ensemble", type=int, default=3, help="ensemble size (the original model plus N-1 more)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9], help="τ values of the SIS size statistics")
+    p.add_argument("--ensemble", type=int, default=3, help="ensemble size: N identically trained replicates of the audited recipe")
     p.add_argument("--keep-prob", type=float, default=0.8, help="input dropout keep probability (train and test)")
     p.add_argument("--dropout-samples", type=int, default=4, help="input dropout masks averaged at test time (fixed seed)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-exact-images", type=int, default=0, help="also run exact BackSelect on a class-balanced sample of N test "
+                   "images and compare it with the gradient orders (0: off)")
+    p.add_argument("--batch-size", type=int, default=128, help="training and BackSelect batch size")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (SGD, one-cycle schedule) of the models trained here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image samples and the training runs")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = OverinterpretationConfig(
         data=args.data, out=args.out, model=args.model, arch=args.arch, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
-        train_images=args.train_images, test_images=args.test_images, fraction=args.fraction, method=args.method, k=args.k,
-        thresholds=args.thresholds, ensemble=args.ensemble, keep_prob=args.keep_prob, dropout_samples=args.dropout_samples, batch_size=args.batch_size, lr=args.lr,
+        audit_images=args.num_audit_images, train_images=args.num_train_images, test_images=args.num_test_images, fraction=args.fraction, method=args.method, k=args.k,
+        thresholds=args.thresholds, ensemble=args.ensemble, keep_prob=args.keep_prob, dropout_samples=args.dropout_samples,
+        exact_images=args.num_exact_images, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, progress=not args.quiet,
     )
     result = run_overinterpretation(cfg)

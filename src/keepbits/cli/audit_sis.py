@@ -4,44 +4,55 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
-from keepbits.cli._common import existing_path
+from keepbits.cli._common import CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, classifier_options, existing_path
 
 HELP = "SIS audit (BackSelect/FindSIS): which pixels alone keep the prediction; writes report.html + report.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="keepbits checkpoint (.pt), plain .onnx classifier, or model bundle")
+    p.add_argument("--model", required=True, help=f"the classifier: {CLASSIFIER_SPEC_HELP}; or a model bundle (an .onnx file "
+                   "runs in ONNX Runtime here)")
+    add_classifier_options(p)
     p.add_argument("--data", required=True, help="data set path (as for training: .npz, idx folder, split folder, class folders)")
     p.add_argument("--out", required=True, help="output folder (report.html, report.json, orders/ for resuming)")
-    p.add_argument("--split", choices=["train", "test"], default="test")
-    p.add_argument("--images", type=int, default=16, help="N images of the split, drawn at random with --seed (default 16; 0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", type=float, default=0.9, help="τ for the figures (default 0.9)")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the audited images")
+    add_argument(p, "--num-images", type=int, default=16, deprecated=["--images"],
+                 help="audit a random class-balanced sample of N images of the split (seed --seed; 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image sample")
+    p.add_argument("--threshold", type=float, default=0.9, help="τ for the figures")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99], help="τ values for the size curves")
     p.add_argument("--method", choices=["auto", "incremental", "plain", "gradient"], default="auto",
                    help="exact BackSelect (auto: incremental for torch CNN chains, else plain) or batched gradient BackSelect")
     p.add_argument("--k", type=int, default=16, help="pixels masked per gradient BackSelect iteration")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images (or masked copies) per model call")
     p.add_argument("--show", type=int, default=12, help="images shown in the report")
 
 
 def run(args: argparse.Namespace) -> int:
-    existing_path(args.model, "model")
     existing_path(args.data, "data path")
-    import numpy as np
-
+    from keepbits.audit import load_model
     from keepbits.audit.sis_report import sis_audit
     from keepbits.data import load_dataset
     from keepbits.errors import InputError
 
     if not 0 < args.threshold <= 1:
         raise InputError(f"--threshold must be in (0, 1], got {args.threshold}")
-    ds = load_dataset(args.data, args.split)
-    pick = np.arange(len(ds))
-    if 0 < args.images < len(ds):  # a random sample: data sets are often stored sorted by class
-        pick = np.sort(np.random.default_rng(args.seed).permutation(len(ds))[: args.images])
-    data = sis_audit(args.model, ds.x[pick], ds.y[pick], args.out, args.threshold, args.thresholds, args.method, args.k,
+    if args.num_images < 0:
+        raise InputError(f"--num-images must be >= 0, got {args.num_images}")
+    options = classifier_options(args)
+    if args.model.endswith(".onnx") or (Path(args.model).exists() and not args.model.endswith(".pt")):
+        if options["weights"] or options["kwargs"] or options["preprocessing"]:
+            raise InputError("--classifier-weights/--classifier-kwargs and preprocessing options apply to checkpoints, registry names "
+                             "and package.module:factory, not to .onnx files or bundles")
+        model = load_model(args.model)
+    else:
+        model = load_model(args.model, **options)
+    pre = model.preprocessing
+    size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction) if pre is not None else {}
+    ds = load_dataset(args.data, args.split, **size).sample(args.num_images or None, args.seed)
+    data = sis_audit(model, ds.x, ds.y, args.out, args.threshold, args.thresholds, args.method, args.k,
                      args.batch_size, args.show, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({**data["summary"], "report": os.path.join(args.out, "report.html")}, indent=2))

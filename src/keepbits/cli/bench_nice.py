@@ -5,50 +5,52 @@ import argparse
 import json
 from pathlib import Path
 
-from keepbits.cli._common import existing_path
+from keepbits.cli._common import add_argument, existing_path
 from keepbits.errors import InputError
 
-HELP = "evaluate a NICE checkpoint: accuracy, kept fraction, PNG/JPEG/WebP bytes, random, saliency and SIS baselines"
+HELP = ("evaluate a NICE checkpoint: binary mask (ẑ > 0.5) vs random, saliency and SIS pixels at the same per-image count, "
+        "the soft ẑ apart, PNG/JPEG/WebP and keepbits payload bytes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="NICE checkpoint (from `keepbits train nice`)")
+    add_argument(p, "--model", required=True, deprecated=["--checkpoint"], help="NICE checkpoint (from `keepbits train nice`)")
     p.add_argument("--data", required=True, help="data set; its test split is used when present")
     p.add_argument("--block-sizes", "-b", type=int, nargs="+", default=None, help="b values to evaluate (default: the trained b)")
     p.add_argument("--qualities", type=int, nargs="+", default=[10, 30, 50, 75, 90], help="JPEG/WebP qualities")
-    p.add_argument("--max-images", type=int, default=None, help="evaluate N images (seeded sample, --seed)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-pixel baseline")
+    add_argument(p, "--num-images", type=int, default=None, deprecated=["--max-images"],
+                 help="evaluate a random class-balanced sample of N images (seed --seed; default or 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image sample and the random-pixel baseline")
     p.add_argument("--sis-k", type=int, default=None,
                    help="add the SIS baseline: Batched Gradient BackSelect masking K pixels per iteration (off by default)")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
 
 
 def run(args: argparse.Namespace) -> int:
-    existing_path(args.checkpoint, "NICE checkpoint")
+    existing_path(args.model, "NICE checkpoint")
     existing_path(args.data, "data path")
     if any(b < 1 for b in args.block_sizes or []):
         raise InputError(f"block sizes must be >= 1, got {args.block_sizes}")
     if args.sis_k is not None and args.sis_k < 1:
         raise InputError(f"--sis-k must be >= 1, got {args.sis_k}")
-    if any(not 0 <= q <= 100 for q in args.qualities):
-        raise InputError(f"qualities must be in [0, 100], got {args.qualities}")
+    if any(not 1 <= q <= 100 for q in args.qualities):
+        raise InputError(f"qualities must be in [1, 100], got {args.qualities}")
     from keepbits.data import has_split, load_dataset
     from keepbits.training.data import TensorImages
-    from keepbits.training.nice import backselect_ranks, benchmark_nice, load_nice
+    from keepbits.training.nice import load_nice
+    from keepbits.training.nice_eval import backselect_ranks, benchmark_nice
 
-    generator, classifier, record = load_nice(args.checkpoint)
-    dataset = load_dataset(args.data, "test" if has_split(args.data, "test") else "train")
-    if list(dataset.shape_chw) != list(record["input_shape"]):
-        raise InputError(f"{args.data}: images are {list(dataset.shape_chw)} (C,H,W), the checkpoint expects {record['input_shape']}")
-    if args.max_images:
-        dataset = dataset.sample(args.max_images, args.seed)
-    block_sizes = args.block_sizes or [record["settings"]["block_size"]]
+    generator, classifier, ckpt = load_nice(args.model)
+    pre = ckpt.preprocessing_record()  # class-folder images reach the classifier's size as its preprocessing says
+    dataset = load_dataset(args.data, "test" if has_split(args.data, "test") else "train", pre.input_size, pre.resize_policy, pre.crop_fraction)
+    if list(dataset.shape_chw) != ckpt.input_shape:
+        raise InputError(f"{args.data}: images are {list(dataset.shape_chw)} (C,H,W), the checkpoint expects {ckpt.input_shape}")
+    dataset = dataset.sample(args.num_images or None, args.seed)
+    block_sizes = args.block_sizes or [ckpt.settings["block_size"]]
     ranks = None
     if args.sis_k:
-        norm = record["normalization"]
-        ranks = backselect_ranks(classifier, TensorImages(dataset, norm["mean"], norm["std"]), args.sis_k)
-    result = benchmark_nice(generator, classifier, record, dataset, block_sizes, args.qualities, seed=args.seed, sis_ranks=ranks)
-    result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "settings": record["settings"], **result}
+        ranks = backselect_ranks(classifier, TensorImages(dataset, ckpt.normalization.mean, ckpt.normalization.std), args.sis_k)
+    result = benchmark_nice(generator, classifier, ckpt, dataset, block_sizes, args.qualities, seed=args.seed, sis_ranks=ranks)
+    result = {"checkpoint": str(args.model), "data": str(args.data), "settings": ckpt.settings, **result}
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

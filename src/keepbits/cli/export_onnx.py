@@ -4,17 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from keepbits.cli._common import command_line, existing_path
+from keepbits.cli._common import add_argument, command_line, existing_path
 
 HELP = ("export a NICE or SimpleBits checkpoint to a model bundle (ONNX graph image -> logits, mask, mixed; "
         "or logits, simplified; docs/bundle.md)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="nice or simplebits checkpoint (.pt) written by `keepbits train nice` / `train simplebits`")
+    add_argument(p, "--model", required=True, deprecated=["checkpoint"],
+                 help="nice or simplebits checkpoint (.pt) written by `keepbits train nice` / `train simplebits`")
     p.add_argument("--out", required=True, help="bundle folder, or a .zip file for a one-file bundle")
     p.add_argument("--input", dest="input_dtype", choices=["uint8", "float32"], default="uint8",
-                   help="uint8: N×H×W×C pixels 0..255 (default); float32: N×C×H×W on 0..1")
+                   help="uint8: N×H×W×C pixels 0..255; float32: N×C×H×W on 0..1")
     p.add_argument("--classify-on", choices=["original", "mixed"], default=None,
                    help="NICE: feed the classifier the original image (default) or the mixed-resolution image x̃ "
                         "(a SimpleBits classifier always sees the simplified image)")
@@ -30,11 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    existing_path(args.checkpoint, "checkpoint")
+    existing_path(args.model, "checkpoint")
     from keepbits.export import export_onnx
 
     bundle = export_onnx(
-        args.checkpoint, args.out, input_dtype=args.input_dtype, classify_on=args.classify_on, fused=not args.unfused,
+        args.model, args.out, input_dtype=args.input_dtype, classify_on=args.classify_on, fused=not args.unfused,
         mixed_output=not args.no_mixed_output, target=args.target, opset=args.opset, overwrite=args.force, verify=not args.no_verify, command=command_line(),
     )
     m = bundle.manifest

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import threading
 import time
@@ -21,6 +22,22 @@ from keepbits.errors import InputError
 HELP = "run a model bundle on a video/camera/URL/folder: predict, explain, compress, send payloads"
 
 
+#: Exit codes of ``keepbits run``: the summary's ``status`` (``keepbits.runtime.stream.STATUSES``) ->
+#: (code, meaning); 2 (bad input, before the run) and 130 (aborted) come from ``keepbits.cli.main``.
+EXIT_CODES = {
+    "ok": (0, "every frame taken from the source was written to every sink"),
+    "source_failed": (3, "the source gave no frame (never opened, stalled, nothing decodable) or, a file source, "
+                         "ended on a read error"),
+    "frame_errors": (4, "frames failed in the model, the encoder or a sink (the summary's errors)"),
+    "undelivered": (5, "a sink could not deliver frames it was given (TCP: unsent, or sent on a connection the "
+                       "receiver never confirmed; MQTT: dropped, lost at a disconnect, or never acknowledged by the broker)"),
+}
+EXIT_HELP = ("exit codes (the JSON summary's status and reason say the same): "
+             + "; ".join(f"{code} {status}: {meaning}" for status, (code, meaning) in EXIT_CODES.items())
+             + "; 2: bad input before the run (one line on stderr naming the problem); "
+             "130: aborted by a second SIGINT/SIGTERM.")
+
+
 def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
     """Codec options shared by ``run`` and ``demo``."""
     parser.add_argument("--mode", choices=["blocks", "paper", "simplified"], default=None,
@@ -30,23 +47,42 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kept blocks, or the simplified image (png = lossless)")
     parser.add_argument("--background", choices=["raw", "png", "jpeg", "webp"], default="raw", help="block means (raw/png = lossless)")
     parser.add_argument("--quality", type=int, default=90, help="jpeg/webp quality 1..100")
-    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    add_backend_arguments(parser)
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """ONNX Runtime options shared by the commands that run a bundle."""
+    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
+                        help="ONNX Runtime providers: auto (CUDA when available, else CPU), onnxruntime (CPU) or tensorrt")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_HELP
     parser.add_argument("--model", required=True, help="model bundle folder or .zip (keepbits export onnx)")
-    parser.add_argument("--source", required=True, help="video file, image folder, camera index (0) or rtsp/http URL")
+    parser.add_argument("--expect-digest", metavar="SHA256", default=None,
+                        help="refuse the bundle unless the sha256 of its manifest.json is this (pins one bundle)")
+    parser.add_argument("--source", required=True,
+                        help="video file, image folder, camera index (0) or device (/dev/video0), rtsp/http URL, or a GStreamer "
+                             "pipeline ('... ! appsink', needs OpenCV with GStreamer)")
     parser.add_argument("--sink", action="append", default=[], metavar="KIND:ARG",
-                        help="files:DIR, video:OUT.mp4 or tcp:HOST:PORT (repeatable)")
-    parser.add_argument("--max-frames", type=int, default=None)
+                        help="files:DIR, video:OUT.mp4, tcp:HOST:PORT or mqtt://HOST:PORT/TOPIC[?qos=1&queue=100...] "
+                             "(repeatable; MQTT options: docs/runtime.md)")
+    parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames (default: the whole source)")
     parser.add_argument("--loop", action="store_true", help="loop a video file")
     parser.add_argument("--batch-size", type=int, default=1, help="frames per model call (file sources)")
     parser.add_argument("--queue-size", type=int, default=8, help="bounded queue between model and writer")
     parser.add_argument("--workers", type=int, default=1,
                         help="model threads; on CPUs --workers N --threads 1 (N = cores) gives the most frames/s, "
                              "1 worker with all cores the lowest latency")
-    parser.add_argument("--read-timeout", type=float, default=5.0, help="seconds before a live read counts as stale")
+    parser.add_argument("--read-timeout", type=float, default=5.0,
+                        help="seconds before a read counts as stale (> 0); also FFmpeg's open and read timeout of cameras and URLs")
+    parser.add_argument("--rtsp-transport", choices=["tcp", "udp"], default=None,
+                        help="RTSP transport of rtsp:// sources (default: FFmpeg's, UDP then TCP)")
+    parser.add_argument("--stall-timeout", type=float, default=30.0,
+                        help="seconds without a frame (or for a file to open) before the stream ends (> 0)")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="largest source frame in pixels (images are checked before decoding; default 2**25)")
     parser.add_argument("--compare", nargs="*", choices=["jpeg", "png", "paper", "lossless"], default=["jpeg"],
                         help="references to compare payload bytes with: JPEG q90 / PNG of the same frame, "
                              "paper mode (x̃ as one PNG), the lossless blocks payload; give no value for none")
@@ -85,6 +121,7 @@ class ProgressLine:
 
 
 def run(args: argparse.Namespace) -> int:
+    from keepbits._fs import writable_file, write_text_atomic
     from keepbits.cli._common import existing_path
     from keepbits.runtime import Pipeline, open_source
     from keepbits.runtime.sinks import open_sink
@@ -94,16 +131,29 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-frames must be >= 1, got {args.max_frames}")
     if args.batch_size < 1 or args.queue_size < 1 or args.workers < 1:
         raise InputError("--batch-size, --queue-size and --workers must be >= 1")
-    pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend,
-                                    threads=args.threads, **codec_options(args))
-    source = open_source(args.source, loop=args.loop, read_timeout=args.read_timeout)
-    sinks = [open_sink(spec, fps=source.fps) for spec in args.sink]
-    with handle_signals(threading.Event()) as stop:
+    if args.expect_digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", args.expect_digest):
+        raise InputError(f"--expect-digest must be 64 hex digits (a sha256), got {args.expect_digest!r}")
+    if args.summary:
+        writable_file(args.summary, "--summary")
+    source_options = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    with Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads,
+                              expected_digest=args.expect_digest, **codec_options(args)) as pipeline, \
+            handle_signals(threading.Event()) as stop:
+        source = open_source(args.source, loop=args.loop, read_timeout=args.read_timeout, stall_timeout=args.stall_timeout,
+                             rtsp_transport=args.rtsp_transport, **source_options)
+        try:
+            source.start(stop)  # a file source opens here (its errors are bad input); its fps is then known
+            sinks = [open_sink(spec, fps=source.fps) for spec in args.sink]
+        except BaseException:
+            source.close()
+            raise
         summary = run_stream(pipeline, source, sinks, max_frames=args.max_frames, batch_size=args.batch_size,
-                             queue_size=args.queue_size, workers=args.workers, compare=args.compare, stop=stop, progress=ProgressLine(args.quiet))
+                             queue_size=args.queue_size, workers=args.workers, compare=args.compare, stop=stop,
+                             progress=ProgressLine(args.quiet))
     text = json.dumps(summary, indent=2)
     if args.summary:
-        args.summary.parent.mkdir(parents=True, exist_ok=True)
-        args.summary.write_text(text + "\n")
+        write_text_atomic(args.summary, text + "\n")
     print(text)
-    return 0
+    if summary["reason"]:
+        print(f"keepbits: {summary['status']}: {summary['reason']}", file=sys.stderr)
+    return EXIT_CODES[summary["status"]][0]

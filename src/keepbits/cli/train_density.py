@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from keepbits.cli._common import command_line, existing_path
+from keepbits.cli._common import add_argument, add_device_option, command_line, existing_path
 
 HELP = "train a Glow density model (bits per dimension, SimpleBits L_sim)"
 
@@ -16,16 +16,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=8, help="flow steps per level")
     p.add_argument("--hidden", type=int, default=128, help="channels of the coupling networks")
     p.add_argument("--gray", choices=["replicate", "native"], default="replicate", help="gray images: replicate to 3 channels or train a 1-channel flow")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this square size (e.g. 32 for MNIST with 3 levels)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop earlier after this wall time (steps run are recorded)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--eval-images", type=int, default=2000, help="test images for the final bpd")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this square size (e.g. 32 for MNIST with 3 levels; default: keep)")
+    p.add_argument("--steps", type=int, default=2000, help="Adam steps")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop earlier after this wall time (steps run are recorded; default: no limit)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (drawn with replacement)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate after the warm-up")
+    p.add_argument("--warmup-steps", type=int, default=200, help="steps of linear lr warm-up")
+    add_argument(p, "--num-train-images", type=int, default=None, deprecated=["--max-train"],
+                 help="train on a random class-balanced sample of N training images (seed --seed; default: all)")
+    add_argument(p, "--num-test-images", type=int, default=2000, deprecated=["--eval-images"],
+                 help="final bpd on a random class-balanced sample of N test images (seed --seed; the train split when there is no test split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image samples, initialisation and batches")
+    add_device_option(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = DensityConfig(
         data=args.data, out=args.out, levels=args.levels, depth=args.depth, hidden=args.hidden, gray=args.gray,
         image_size=args.image_size, steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
-        lr=args.lr, warmup_steps=args.warmup_steps, max_train=args.max_train, eval_images=args.eval_images,
-        seed=args.seed, threads=args.threads, log_every=50, command=command_line(),
+        lr=args.lr, warmup_steps=args.warmup_steps, max_train=args.num_train_images, eval_images=args.num_test_images,
+        seed=args.seed, device=args.device, threads=args.threads, log_every=50, command=command_line(),
     )
     print(json.dumps(train_density(cfg), indent=2))
     return 0

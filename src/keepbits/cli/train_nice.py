@@ -1,28 +1,46 @@
-"""``keepbits train nice``: learn a NICE mask generator against a trained classifier."""
+"""``keepbits train nice``: learn a NICE mask generator against a classifier."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
-from keepbits.cli._common import command_line, existing_path
+from keepbits.cli._common import (
+    CLASSIFIER_SPEC_HELP, json_object, add_argument, add_classifier_options, add_device_option, classifier_options, command_line,
+    existing_path,
+)
 from keepbits.errors import InputError
 
-HELP = "train a NICE mask generator (L = L_D + λ1 L0 + λ2 smoothness) against a classifier checkpoint"
+HELP = ("train a NICE mask generator (L = L_D + λ1 L0 + λ2 smoothness) against any classifier, on a data set or on "
+        "unlabelled footage; runs under torchrun too")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="data set the classifier was trained on (.npz, split folder, ...)")
-    p.add_argument("--classifier", required=True, help="classifier checkpoint (from `keepbits train classifier`)")
-    p.add_argument("--out", required=True, help="output folder; the checkpoint is OUT/nice.pt")
-    p.add_argument("--generator", default="auto", help="auto (default: nice_unet up to 64 px, nice_fast above), nice_unet, "
-                   "nice_fast (cheapest, for deployment), nice_mnist or nice_caltech")
+    p.add_argument("--classifier", required=True, help=f"the classifier to explain: {CLASSIFIER_SPEC_HELP} "
+                   "(named by its role, not --model: this command trains a generator)")
+    add_classifier_options(p)
+    p.add_argument("--data", default=None, help="a data set read into memory (.npz, split folder, class folders brought to the "
+                   "classifier's size by its preprocessing); or give --footage")
+    p.add_argument("--footage", nargs="+", default=None, metavar="PATH",
+                   help="footage streamed from disk instead of --data: image folders of any nesting, videos, .npz")
+    p.add_argument("--val-footage", nargs="+", default=[], metavar="PATH",
+                   help="footage evaluated after every epoch (no augmentation; with --footage)")
+    p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
+    p.add_argument("--workers", type=int, default=0, help="footage reader processes (0: read in the training process)")
+    p.add_argument("--min-crop-area", type=float, default=0.25, help="footage: random crops keep at least this share of the frame")
+    p.add_argument("--labels", choices=["auto", "true", "predicted"], default="auto",
+                   help="L_D's target: the data's labels (true), the classifier's prediction on the unmasked image (predicted), "
+                        "or true where the data has labels (auto)")
+    p.add_argument("--out", required=True, help="output folder: OUT/last.pt after every epoch, OUT/nice.pt at the end")
+    p.add_argument("--generator", default="auto", help="auto (nice_unet up to 64 px, nice_fast above), nice_unet, "
+                   "nice_fast (cheapest, for deployment), nice_mnist, nice_caltech or package.module:factory")
     p.add_argument("--generator-kwargs", default="{}", help='JSON options of the generator, e.g. \'{"widths": [8, 16, 32]}\'')
     p.add_argument("--mode", choices=["fixed", "finetuned"], default="fixed", help="fixed: classifier frozen; finetuned: --train-blocks train too")
-    p.add_argument("--train-blocks", nargs="*", default=[], help="finetuned mode: classifier modules to train (e.g. layer3 fc); default all")
+    p.add_argument("--train-blocks", nargs="*", default=[], help="finetuned mode: classifier modules to train (e.g. layer3 fc); none given: all")
     p.add_argument("--block-size", "-b", type=int, default=8, help="b of the mixed-resolution image (NICE Eq. 12)")
     p.add_argument("--lambda-l0", type=float, default=1.0, help="λ1, weight of the expected L0 per pixel (start value with --target-fraction)")
     p.add_argument("--lambda-smooth", type=float, default=0.0, help="λ2, weight of the smoothness loss per pixel")
-    p.add_argument("--target-fraction", type=float, default=None, help="adapt λ1 during training so ẑ > 0.5 keeps this fraction of pixels")
+    p.add_argument("--target-fraction", type=float, default=None, help="adapt λ1 during training so ẑ > 0.5 keeps this fraction of pixels (default: λ1 fixed)")
     p.add_argument("--target-rate", type=float, default=0.05, help="η of the dual update λ1 += η·(kept − target)/target in target mode")
     p.add_argument("--warmup-steps", type=int, default=0, help="saliency warm start: fit the mask to the classifier's most salient "
                    "pixels for this many steps before NICE training (0: off)")
@@ -31,37 +49,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-smooth", type=int, default=9, help="box filter (px) on the saliency map of the warm start")
     p.add_argument("--warmup-lr", type=float, default=1e-2, help="Adam learning rate of the warm start")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam: lr ×0.1 every --step-epochs; sgd: momentum 0.9, cosine")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--classifier-lr", type=float, default=None, help="finetuned mode (default --lr)")
-    p.add_argument("--step-epochs", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-train", type=int, default=None, help="use the first N training images")
-    p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the generator")
+    p.add_argument("--classifier-lr", type=float, default=None, help="learning rate of the classifier in finetuned mode (default: --lr)")
+    p.add_argument("--step-epochs", type=int, default=5, help="adam: lr ×0.1 every N epochs")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch in which this much wall time has passed "
+                   "(the lr schedule still spans --epochs; default: no limit)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step and process")
+    add_argument(p, "--num-train-images", type=int, default=None, deprecated=["--max-train"],
+                 help="--data: train on a random class-balanced sample of N training images (seed --seed; default: all)")
+    add_argument(p, "--num-test-images", type=int, default=None, deprecated=["--max-test"],
+                 help="--data: evaluate on a random class-balanced sample of N test images (seed --seed; default: all)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="--data: stratified validation split held out of the training data "
+                   "(seed --seed; pass the classifier's own --val-fraction and --seed): evaluated every epoch, the split to "
+                   "choose settings on; the test split is evaluated once, after training")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split, image samples, initialisation, batches, crops and gates")
+    add_device_option(p)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast of the forward passes on CUDA, float32 on the CPU (losses always float32)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
-    existing_path(args.data, "data path")
-    existing_path(args.classifier, "classifier checkpoint")
-    try:
-        gen_kwargs = json.loads(args.generator_kwargs)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--generator-kwargs is not JSON: {exc}") from None
-    if not isinstance(gen_kwargs, dict):
-        raise InputError("--generator-kwargs must be a JSON object")
+    if bool(args.data) == bool(args.footage):
+        raise InputError("give --data (a data set) or --footage (paths streamed from disk), one of them")
+    for path in [args.data] if args.data else [*args.footage, *args.val_footage]:
+        existing_path(path, "data path")
+    gen_kwargs = json_object(args.generator_kwargs, "--generator-kwargs")
+    options = classifier_options(args)
     from keepbits.training.nice import NiceConfig, train_nice
 
     cfg = NiceConfig(
-        data=args.data, classifier=args.classifier, out=args.out, generator=args.generator, generator_kwargs=gen_kwargs,
+        out=args.out, classifier=args.classifier, data=args.data or "", footage=list(args.footage or []), frame_step=args.frame_step,
+        workers=args.workers, val_footage=list(args.val_footage), min_crop_area=args.min_crop_area, labels=args.labels,
+        classifier_weights=options["weights"], classifier_kwargs=options["kwargs"], preprocessing=options["preprocessing"],
+        generator=args.generator, generator_kwargs=gen_kwargs,
         mode=args.mode, train_blocks=args.train_blocks, block_size=args.block_size, lambda_l0=args.lambda_l0,
         lambda_smooth=args.lambda_smooth, target_fraction=args.target_fraction, target_rate=args.target_rate,
         warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth,
         warmup_lr=args.warmup_lr, optimizer=args.optimizer, lr=args.lr, classifier_lr=args.classifier_lr, step_epochs=args.step_epochs,
-        epochs=args.epochs, batch_size=args.batch_size, max_train=args.max_train, max_test=args.max_test,
-        seed=args.seed, threads=args.threads, progress=not args.quiet, command=command_line(),
+        epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, max_train=args.num_train_images, max_test=args.num_test_images,
+        val_fraction=args.val_fraction, seed=args.seed, device=args.device, precision=args.precision, resume=args.resume, threads=args.threads,
+        progress=not args.quiet, command=command_line(),
     )
     summary = train_nice(cfg)
-    print(json.dumps({k: summary[k] for k in ("final", "final_split", "lambda_l0_final", "checkpoint", "wall_time_s")}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        keys = ("final", "final_split", "lambda_l0_final", "checkpoint", "wall_time_s", "world_size", "device", "precision", "footage")
+        print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from keepbits.cli._common import command_line, existing_path
+from keepbits.cli._common import (
+    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, classifier_options, command_line, existing_path,
+)
 
 HELP = "train a SimpleBits simplifier jointly with a classifier (L = λ_sim·bpd + L_cls, unrolled step)"
 
@@ -14,33 +16,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output checkpoint (.pt, kind 'simplebits')")
     p.add_argument("--density", default=None, help="density checkpoint for L_sim (default: the shipped CIFAR-10 Glow)")
     p.add_argument("--arch", default="nf_wrn16_2", help="classifier trained from scratch (registry name)")
-    p.add_argument("--classifier", default=None, help="finetune this classifier checkpoint instead of training --arch from scratch")
+    p.add_argument("--classifier", default=None, help=f"finetune this classifier instead of training --arch from scratch: "
+                   f"{CLASSIFIER_SPEC_HELP} (default: from scratch)")
+    add_classifier_options(p)
     p.add_argument("--lambda-sim", type=float, default=1.0, help="weight of L_sim (bpd of the simplified image)")
-    p.add_argument("--inner-lr", type=float, default=0.01, help="SGD learning rate of the unrolled classifier step (0.1 wrecks a trained NF-WRN in one step, docs/simplebits.md)")
+    p.add_argument("--inner-lr", type=float, default=None, help="learning rate of the unrolled step of the classifier's AdamW "
+                   "(default: the classifier's --lr, as in the paper)")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (both networks)")
     p.add_argument("--sim-lr", type=float, default=None, help="AdamW learning rate of the simplifier (default: --lr, as in the paper)")
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay")
+    p.add_argument("--steps", type=int, default=500, help="training steps")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--unet-base", type=int, default=16, help="channels of the U-Net's first level (doubling per downsampling)")
-    p.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--max-test", type=int, default=1000, help="evaluate on the first N test images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_argument(p, "--num-train-images", type=int, default=None, deprecated=["--max-train"],
+                 help="train on a random class-balanced sample of N training images (seed 0; default: all)")
+    add_argument(p, "--num-test-images", type=int, default=1000, deprecated=["--max-test"],
+                 help="evaluate on a random class-balanced sample of N test images (seed 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (the image samples use seed 0)")
+    add_device_option(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
     existing_path(args.data, "data path")
-    for path, what in ((args.density, "density checkpoint"), (args.classifier, "classifier checkpoint")):
-        if path is not None:
-            existing_path(path, what)
+    if args.density is not None:
+        existing_path(args.density, "density checkpoint")
+    options = classifier_options(args)
     from keepbits.training.simplebits import SimpleBitsConfig, train_simplebits
 
     cfg = SimpleBitsConfig(
         data=args.data, out=args.out, density=args.density, arch=args.arch, classifier=args.classifier,
+        classifier_weights=options["weights"], classifier_kwargs=options["kwargs"], preprocessing=options["preprocessing"],
         lambda_sim=args.lambda_sim, inner_lr=args.inner_lr, lr=args.lr, sim_lr=args.sim_lr, weight_decay=args.weight_decay,
-        steps=args.steps, batch_size=args.batch_size, unet_base=args.unet_base, max_train=args.max_train,
-        max_test=args.max_test, seed=args.seed, threads=args.threads, command=command_line(),
+        steps=args.steps, batch_size=args.batch_size, unet_base=args.unet_base, max_train=args.num_train_images,
+        max_test=args.num_test_images, seed=args.seed, device=args.device, threads=args.threads, command=command_line(),
     )
     print(json.dumps(train_simplebits(cfg), indent=2))
     return 0

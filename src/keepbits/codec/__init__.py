@@ -9,6 +9,10 @@ Example:
     ((32, 32, 3), 0, 16)
 """
 from keepbits.codec.container import MAGIC, VERSION
-from keepbits.codec.payload import DEFAULT_MAX_PIXELS, PayloadMeta, decode, encode, mixed_image
+from keepbits.codec.images import decode_image, encode_image
+from keepbits.codec.payload import (
+    DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_PER_BYTE, FrameRecord, PayloadMeta, decode, encode, mixed_image,
+)
 
-__all__ = ["MAGIC", "VERSION", "DEFAULT_MAX_PIXELS", "PayloadMeta", "decode", "encode", "mixed_image"]
+__all__ = ["MAGIC", "VERSION", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_PIXELS_PER_BYTE", "FrameRecord", "PayloadMeta", "decode",
+           "decode_image", "encode", "encode_image", "mixed_image"]

@@ -41,6 +41,9 @@ CODEC_RAW, CODEC_PNG, CODEC_JPEG, CODEC_WEBP, CODEC_BITS = 0, 1, 2, 3, 4
 CODEC_NAMES = {CODEC_RAW: "raw", CODEC_PNG: "png", CODEC_JPEG: "jpeg", CODEC_WEBP: "webp", CODEC_BITS: "bits"}
 MAX_SECTIONS = 8
 MAX_SIDE = 0xFFFF
+#: Frames up to this many pixels are decoded whatever the payload's size; beyond it a
+#: frame needs at least one payload byte per ``max_pixels_per_byte`` pixels (:func:`unpack`).
+RATIO_FLOOR_PIXELS = 1 << 20
 
 
 @dataclass
@@ -86,8 +89,13 @@ def pack(header: Header, sections: list[tuple[int, int, int, bytes]]) -> bytes:
     return body + CRC.pack(zlib.crc32(body))
 
 
-def unpack(data: bytes, max_pixels: int = 1 << 26) -> tuple[Header, dict[int, Section]]:
-    """Parse and check a payload's framing; :class:`DecodeError` on anything malformed."""
+def unpack(data: bytes, max_pixels: int = 1 << 26, max_pixels_per_byte: int | None = None) -> tuple[Header, dict[int, Section]]:
+    """Parse and check a payload's framing; :class:`DecodeError` on anything malformed.
+
+    Bounds the decoder's work: at most ``max_pixels`` pixels, and, beyond
+    :data:`RATIO_FLOOR_PIXELS`, at most ``max_pixels_per_byte`` pixels per byte of ``data``
+    (None: no ratio bound), so that a few kilobytes cannot declare a frame of hundreds of MB.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError(f"payload must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -110,6 +118,9 @@ def unpack(data: bytes, max_pixels: int = 1 << 26) -> tuple[Header, dict[int, Se
         raise DecodeError(f"bad frame geometry {height}x{width}, block {block}")
     if height * width > max_pixels:
         raise DecodeError(f"frame of {height}x{width} pixels exceeds max_pixels={max_pixels}")
+    if max_pixels_per_byte is not None and height * width > max(RATIO_FLOOR_PIXELS, max_pixels_per_byte * len(data)):
+        raise DecodeError(f"frame of {height}x{width} pixels from a {len(data)}-byte payload exceeds "
+                          f"max_pixels_per_byte={max_pixels_per_byte} (frames over {RATIO_FLOOR_PIXELS} pixels)")
     if x0 + rw > width or y0 + rh > height:
         raise DecodeError(f"source box {(x0, y0, rw, rh)} lies outside the {width}x{height} frame")
     if count > MAX_SECTIONS:

@@ -20,7 +20,6 @@ Example:
 """
 from __future__ import annotations
 
-import io
 import math
 import time
 import zlib
@@ -37,20 +36,40 @@ from keepbits.codec.container import (
 )
 from keepbits import native
 from keepbits.codec import deflate
-from keepbits.codec.png import encode_png
+from keepbits.codec.images import DEFAULT_MAX_PIXELS, decode_image, encode_image
 from keepbits.core import block_means
 from keepbits.errors import DecodeError, InputError
 
-#: Largest frame :func:`decode` accepts by default (pixels); pass ``max_pixels`` to change it.
-DEFAULT_MAX_PIXELS = 1 << 25
+#: Beyond :data:`keepbits.codec.container.RATIO_FLOOR_PIXELS` (1 MP), :func:`decode` accepts by default
+#: at most this many declared pixels per payload byte; pass ``max_pixels_per_byte`` (None: off).
+DEFAULT_MAX_PIXELS_PER_BYTE = 1024
 IMAGE_CODECS = {"png": CODEC_PNG, "jpeg": CODEC_JPEG, "webp": CODEC_WEBP}
 BACKGROUND_CODECS = {"raw": CODEC_RAW, **IMAGE_CODECS}
-_PIL_FORMATS = {CODEC_PNG: "PNG", CODEC_JPEG: "JPEG", CODEC_WEBP: "WEBP"}
 _TAG_NAMES = {TAG_BACKGROUND: "background", TAG_MASK: "mask", TAG_FOREGROUND: "foreground", TAG_MIXED: "mixed",
               TAG_SIMPLIFIED: "simplified"}
 _MODE_NAMES = {v: k for k, v in MODES.items()}
 #: The sections each mode must carry (blocks may add a foreground).
 _MODE_SECTIONS = {MODE_BLOCKS: {TAG_BACKGROUND, TAG_MASK}, MODE_PAPER: {TAG_MIXED}, MODE_SIMPLIFIED: {TAG_SIMPLIFIED}}
+
+
+@dataclass(frozen=True, eq=False)
+class FrameRecord:
+    """What :func:`encode` takes from a processed frame besides its pixels, every field required
+    (:meth:`keepbits.runtime.Result.frame_record` builds it). ``mask`` is ẑ (H×W floats or bool),
+    None for a simplified frame; ``label_index`` −1 and ``label`` "" mean no class."""
+
+    mask: np.ndarray | None
+    block: int
+    threshold: float
+    label_index: int
+    label: str
+    score: float
+    sequence: int
+    timestamp: float
+    #: (x0, y0, w, h): where the source frame lies in the model image (letterbox).
+    roi: tuple[int, int, int, int]
+    #: (width, height) of the source frame.
+    source_size: tuple[int, int]
 
 
 @dataclass
@@ -154,25 +173,10 @@ def mixed_image(frame: Any, mask: Any, block: int, threshold: float = 0.5) -> np
 
 
 def _encode_image(img: np.ndarray, codec: int, quality: int, png_level: int | None) -> bytes:
-    """One image section. PNG with ``png_level`` None (default): :func:`keepbits.codec.png.encode_png`
-    (Paeth + run-length deflate: on camera frames and foreground mosaics both faster and smaller
-    than zlib's LZ77 levels; ``docs/codec.md``); a ``png_level`` 0–9 uses that zlib level (LZ77)
-    with OpenCV's adaptive filters, better on long-range repeats (synthetic patterns, screens)."""
-    img = np.ascontiguousarray(img)
-    if codec == CODEC_PNG and png_level is None:
-        return encode_png(img)
-    if img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
-    if codec == CODEC_PNG:
-        params = [cv2.IMWRITE_PNG_COMPRESSION, png_level]
-    elif codec == CODEC_JPEG:
-        params = [cv2.IMWRITE_JPEG_QUALITY, quality]
-    else:
-        params = [cv2.IMWRITE_WEBP_QUALITY, quality]
-    ok, buf = cv2.imencode({CODEC_PNG: ".png", CODEC_JPEG: ".jpg", CODEC_WEBP: ".webp"}[codec], img, params)
-    if not ok:
-        raise InputError(f"OpenCV could not encode a {img.shape} image as {CODEC_NAMES[codec]}")
-    return buf.tobytes()
+    """One image section (:func:`keepbits.codec.images.encode_image`; PNG with ``png_level`` None:
+    Paeth + run-length deflate, on camera frames and foreground mosaics both faster and smaller
+    than zlib's LZ77 levels, ``docs/codec.md``)."""
+    return encode_image(img, CODEC_NAMES[codec], quality, png_level)
 
 
 def _encode_section(img: np.ndarray, codec: int, quality: int, png_level: int | None) -> bytes:
@@ -186,23 +190,9 @@ def _decode_section(sec: Section, shape: tuple[int, int, int], what: str) -> np.
     h, w, c = shape
     if sec.codec == CODEC_RAW:
         return _inflate(sec.data, h * w * c, what).reshape(h, w, c)
-    if sec.codec not in _PIL_FORMATS:
+    if sec.codec not in (CODEC_PNG, CODEC_JPEG, CODEC_WEBP):
         raise DecodeError(f"{what}: codec {CODEC_NAMES[sec.codec]} is not an image codec")
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(sec.data), formats=[_PIL_FORMATS[sec.codec]]) as im:
-            if im.size != (w, h):
-                raise DecodeError(f"{what}: image is {im.size[0]}x{im.size[1]}, the header says {w}x{h}")
-            if im.mode != ("L" if c == 1 else "RGB"):
-                raise DecodeError(f"{what}: image mode {im.mode} does not match {c} channel(s)")
-            im.load()
-            arr = np.asarray(im)
-    except DecodeError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise DecodeError(f"{what}: corrupt {CODEC_NAMES[sec.codec]} data ({type(exc).__name__}: {exc})") from None
-    return arr.reshape(h, w, c)
+    return decode_image(sec.data, CODEC_NAMES[sec.codec], shape=shape, what=what)
 
 
 def _inflate(data: bytes, size: int, what: str) -> np.ndarray:
@@ -242,7 +232,7 @@ def _mosaic(x: np.ndarray, keep: np.ndarray, grid: np.ndarray, kept: np.ndarray,
     mh, mw, _ = _mosaic_shape(k, th, tw, c)
     rows, cols = mh // th, mw // tw
     exact = (bh * th, bw * tw) == (h, w)
-    if exact and (rows, cols) == (bh, bw):  # implies k == bh * bw: the layout is the frame's
+    if exact and k == bh * bw and (rows, cols) == (bh, bw):  # every block kept, in the frame's own layout
         if keep.all():
             return x
         return np.where(keep[:, :, None], x, _upsample(grid, h, w, th, tw))
@@ -258,13 +248,9 @@ def _mosaic(x: np.ndarray, keep: np.ndarray, grid: np.ndarray, kept: np.ndarray,
     return mosaic.reshape(rows, cols, th, tw, c).transpose(0, 2, 1, 3, 4).reshape(mh, mw, c)
 
 
-def _field(result: Any, name: str, default: Any) -> Any:
-    return getattr(result, name, default) if result is not None else default
-
-
 def encode(
     frame: Any,
-    result: Any = None,
+    record: FrameRecord | np.ndarray | None = None,
     *,
     mask: Any = None,
     block: int | None = None,
@@ -284,10 +270,9 @@ def encode(
 ) -> bytes:
     """Pack ``frame`` (uint8 RGB/grey) and its mask into a versioned payload.
 
-    ``result`` is the mask array itself or an object with ``mask`` and optionally
-    ``block``, ``threshold``, ``label_index``, ``label``, ``score``, ``sequence``,
-    ``timestamp``, ``roi``, ``source_size`` (a :class:`keepbits.runtime.Result`); keywords
-    override it. ``mode="blocks"`` sends background means + mask + kept blocks (``codec``
+    ``record`` is the mask array itself or a :class:`FrameRecord` (from a
+    :class:`keepbits.runtime.Result`: ``result.frame_record()``); keywords override its fields.
+    ``mode="blocks"`` sends background means + mask + kept blocks (``codec``
     png = lossless, jpeg/webp at ``quality``; ``background`` raw/png = lossless);
     ``mode="paper"`` sends x̃ as one PNG (the NICE protocol); ``mode="simplified"`` sends
     ``frame`` itself (a SimpleBits simplified image) as one ``codec`` image and needs no mask.
@@ -307,16 +292,28 @@ def encode(
     h, w, c = x.shape
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
-    if isinstance(result, np.ndarray):
-        mask = result if mask is None else mask
-        result = None
+    if isinstance(record, np.ndarray):
+        mask = record if mask is None else mask
+    elif isinstance(record, FrameRecord):
+        mask = record.mask if mask is None else mask
+        block = record.block if block is None else block
+        threshold = record.threshold if threshold is None else threshold
+        label = record.label_index if label is None else label
+        name = record.label if name is None else name
+        score = record.score if score is None else score
+        sequence = record.sequence if sequence is None else sequence
+        timestamp = record.timestamp if timestamp is None else timestamp
+        roi = record.roi if roi is None else roi
+        source_size = record.source_size if source_size is None else source_size
+    elif record is not None:
+        raise TypeError(f"encode takes a FrameRecord or a mask array, got {type(record).__name__} "
+                        "(from a keepbits.runtime.Result pass result.frame_record())")
     if mode == "simplified":
         block = 1
     else:
-        mask = _field(result, "mask", None) if mask is None else mask
         if mask is None:
-            raise InputError(f"{mode} mode needs a mask (pass the mask array or a result with .mask)")
-        block = int(block if block is not None else _field(result, "block", 0) or 0)
+            raise InputError(f"{mode} mode needs a mask (pass the mask array or a FrameRecord with one)")
+        block = int(block or 0)
         if not 1 <= block <= MAX_SIDE:
             raise InputError(f"block size must be 1..{MAX_SIDE}, got {block}")
     if codec not in IMAGE_CODECS or background not in BACKGROUND_CODECS:
@@ -325,21 +322,18 @@ def encode(
         raise InputError("webp needs 3-channel frames; use png or jpeg for grey frames")
     if not 1 <= quality <= 100:
         raise InputError(f"quality must be 1..100, got {quality}")
-    threshold = float(threshold if threshold is not None else _field(result, "threshold", 0.5))
-    label = label if label is not None else _field(result, "label_index", None)
+    threshold = 0.5 if threshold is None else float(threshold)
     label = -1 if label is None else int(label)
     if not -1 <= label < 1 << 15:
         raise InputError(f"label index must be -1..32767, got {label}")
-    name = name if name is not None else _field(result, "label", None) or ""
-    score = score if score is not None else _field(result, "score", None)
     header = Header(
         mode=MODES[mode], channels=c, height=h, width=w, block=block, label=label,
         score=float("nan") if score is None else float(score),
-        sequence=int(sequence if sequence is not None else _field(result, "sequence", 0) or 0),
-        timestamp=float(timestamp if timestamp is not None else _field(result, "timestamp", None) or time.time()),
-        roi=tuple(roi or _field(result, "roi", None) or (0, 0, w, h)),
-        source_size=tuple(source_size or _field(result, "source_size", None) or (w, h)),
-        name=str(name),
+        sequence=0 if sequence is None else int(sequence),
+        timestamp=time.time() if timestamp is None else float(timestamp),
+        roi=tuple(roi or (0, 0, w, h)),
+        source_size=tuple(source_size or (w, h)),
+        name="" if name is None else str(name),
     )
     if mode == "simplified":
         img_codec = IMAGE_CODECS[codec]
@@ -364,11 +358,15 @@ def encode(
     return pack(header, sections)
 
 
-def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray | None, PayloadMeta]:
+def decode(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_pixels_per_byte: int | None = DEFAULT_MAX_PIXELS_PER_BYTE,
+) -> tuple[np.ndarray, np.ndarray | None, PayloadMeta]:
     """Rebuild ``(image H×W×C uint8, mask H×W bool or None in paper and simplified modes, meta)``.
 
-    Every size is checked against the header and ``max_pixels`` before anything is
-    allocated; malformed input raises :class:`keepbits.errors.DecodeError` with the reason.
+    Every size is checked against the header, ``max_pixels`` and (frames over 1 MP)
+    ``max_pixels_per_byte`` before anything is allocated; malformed input raises
+    :class:`keepbits.errors.DecodeError` with the reason. A blocks payload is rebuilt in one
+    output-size buffer plus the H×W mask (``docs/codec.md``, "Decoder safety", states the bound).
 
     Example:
         >>> from keepbits.codec import decode
@@ -376,7 +374,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.nda
         Traceback (most recent call last):
         keepbits.errors.DecodeError: truncated payload: 13 bytes, the header alone needs 54
     """
-    header, sections = unpack(data, max_pixels)
+    header, sections = unpack(data, max_pixels, max_pixels_per_byte)
     h, w, c, b = header.height, header.width, header.channels, header.block
     bh, bw, th, tw = _grid(h, w, b)
     meta = PayloadMeta(
@@ -398,21 +396,29 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.nda
     mask_sec = sections[TAG_MASK]
     if mask_sec.codec != CODEC_BITS:
         raise DecodeError(f"mask uses codec {CODEC_NAMES[mask_sec.codec]}, expected bits")
-    keep = np.unpackbits(_inflate(mask_sec.data, -(-h * w // 8), "mask"), count=h * w).reshape(h, w).astype(bool)
+    keep = np.unpackbits(_inflate(mask_sec.data, -(-h * w // 8), "mask"), count=h * w).view(bool).reshape(h, w)
     grid = _decode_section(sections[TAG_BACKGROUND], (bh, bw, c), "background")
     kept = _kept_blocks(keep, b)
     k = meta.kept_blocks = int(kept.sum())
-    blocks = np.broadcast_to(grid[:, :, None, None, :], (bh, bw, th, tw, c)).copy()
+    # x̃ built in place, block-major (bh, th, bw, tw, C) over the frame padded to whole tiles:
+    # the block means first, then the kept pixels of the kept blocks; no other frame-size buffer
+    canvas = np.empty((bh, th, bw, tw, c), np.uint8)
+    canvas[...] = grid[:, None, :, None, :]
     if k:
         if TAG_FOREGROUND not in sections:
             raise DecodeError(f"mask keeps {k} blocks but the payload has no foreground section")
         mh, mw, _ = _mosaic_shape(k, th, tw, c)
-        mosaic = _decode_section(sections[TAG_FOREGROUND], (mh, mw, c), "foreground")
-        tiles = mosaic.reshape(mh // th, th, mw // tw, tw, c).transpose(0, 2, 1, 3, 4).reshape(-1, th, tw, c)
-        blocks[kept] = tiles[:k]
+        tiles = _decode_section(sections[TAG_FOREGROUND], (mh, mw, c), "foreground")
+        tiles = tiles.reshape(mh // th, th, mw // tw, tw, c).transpose(0, 2, 1, 3, 4).reshape(-1, th, tw, c)[:k]
+        if not tiles.flags.writeable:  # one row or column of tiles: the reshapes were views of the decoded image
+            tiles = tiles.copy()
+        padded = keep
+        if (bh * th, bw * tw) != (h, w):
+            padded = np.zeros((bh * th, bw * tw), bool)
+            padded[:h, :w] = keep
+        tile_drop = ~padded.reshape(bh, th, bw, tw).transpose(0, 2, 1, 3)[kept]
+        np.copyto(tiles, np.broadcast_to(grid[kept][:, None, None, :], tiles.shape), where=tile_drop[..., None])
+        canvas.transpose(0, 2, 1, 3, 4)[kept] = tiles
     elif TAG_FOREGROUND in sections:
         raise DecodeError("mask keeps no block but the payload has a foreground section")
-    canvas = blocks.transpose(0, 2, 1, 3, 4).reshape(bh * th, bw * tw, c)[:h, :w]
-    background = np.repeat(np.repeat(grid, th, axis=0), tw, axis=1)[:h, :w]
-    return np.where(keep[:, :, None], canvas, background), keep, meta
-
+    return canvas.reshape(bh * th, bw * tw, c)[:h, :w], keep, meta

@@ -1,4 +1,4 @@
-"""The in-memory data set type, validation, deterministic splits and normalisation stats."""
+"""The in-memory data set type, validation, seeded class-balanced samples, deterministic splits and normalisation stats."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -56,37 +56,81 @@ class ImageDataset:
         return ImageDataset(self.x[index], self.y[index], list(self.class_names), self.source + source_suffix, dict(self.meta))
 
     def sample(self, count: int | None, seed: int = 0) -> "ImageDataset":
-        """``count`` images drawn without replacement by a seeded permutation, kept in file order
-        (all of them when ``count`` is None or ≥ the size). Use this instead of the first N:
-        files such as CIFAR-10's are sorted by class.
+        """``count`` images by :func:`sample_indices` (seeded, class-balanced, file order); all of
+        them when ``count`` is None or ≥ the size.
 
         Example:
             >>> import numpy as np
             >>> from keepbits.data import ImageDataset
             >>> ds = ImageDataset(np.zeros((10, 2, 2, 1), np.uint8), np.repeat([0, 1], 5), ["a", "b"])
-            >>> sorted(set(ds.sample(4).y.tolist()))
-            [0, 1]
+            >>> ds.sample(4).y.tolist()
+            [0, 0, 1, 1]
         """
         if count is None or count >= len(self):
             return self
-        if count < 0:
-            raise InputError(f"sample size must be >= 0, got {count}")
-        index = np.sort(np.random.default_rng(seed).permutation(len(self))[:count])
-        return self.subset(index, f"[sample {count}, seed {seed}]")
+        return self.subset(sample_indices(self.y, count, seed), f"[sample {count}, seed {seed}]")
 
 
-def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic shuffled split of ``range(n)`` into (train, val) index arrays."""
+def sample_indices(labels: np.ndarray, count: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of ``count`` items drawn without replacement, as equally from each class as the
+    class sizes allow (per-class counts differ by at most one until a class runs out; which
+    classes get the extra one is random), seeded, returned in file order. Every command that
+    takes a count of images uses this, never the first N: files such as CIFAR-10's are sorted
+    by class. ``count`` None or ≥ the size: all indices.
+
+    Example:
+        >>> import numpy as np
+        >>> labels = np.repeat([0, 1, 2], 4)  # sorted by class: the first 6 would be classes 0 and 1 only
+        >>> np.bincount(labels[sample_indices(labels, 6, seed=1)]).tolist()
+        [2, 2, 2]
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise InputError(f"labels must be a vector, got shape {labels.shape}")
+    if count is None or count >= len(labels):
+        return np.arange(len(labels))
+    if count < 0:
+        raise InputError(f"sample size must be >= 0, got {count}")
+    order = np.random.default_rng(seed).permutation(len(labels))  # random order within each class
+    shuffled = labels[order]
+    by_class = np.argsort(shuffled, kind="stable")
+    grouped = shuffled[by_class]
+    rank = np.empty(len(labels), np.int64)  # position of each shuffled item within its class
+    rank[by_class] = np.arange(len(labels)) - np.searchsorted(grouped, grouped, side="left")
+    first = np.lexsort((np.arange(len(labels)), rank))[:count]  # round by round: rank 0 of every class, then rank 1, ...
+    return np.sort(order[first])
+
+
+def train_val_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, stratified split of the indices of ``labels`` into (train, val) index arrays, both
+    in file order: each class gives round(``val_fraction`` × its size) items, drawn at random, to
+    the validation split, so val has the classes' proportions (class-sorted files included). Model
+    selection (``best.pt``, λ1 pilots) reads this split, never the test set.
+
+    Example:
+        >>> import numpy as np
+        >>> labels = np.repeat([0, 1], [8, 2])  # sorted by class, 80 % / 20 %
+        >>> train, val = train_val_split(labels, 0.5, seed=0)
+        >>> np.bincount(labels[val]).tolist(), len(train)
+        ([4, 1], 5)
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * val_fraction))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise InputError(f"labels must be a vector, got shape {labels.shape}")
+    order = np.random.default_rng(seed).permutation(len(labels))
+    shuffled = labels[order]
+    val = [order[shuffled == c][: int(round(val_fraction * np.count_nonzero(shuffled == c)))] for c in np.unique(labels)]
+    is_val = np.zeros(len(labels), bool)
+    is_val[np.concatenate(val) if val else np.zeros(0, np.int64)] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def channel_stats(x: np.ndarray, max_images: int = 20000, chunk_values: int = 1 << 24) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale, from the first
-    ``max_images`` images. Sums run over chunks of at most ``chunk_values`` values (exact
+    """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale, from all images or,
+    above ``max_images``, a seeded uniform sample of that many (never the first N: files may be
+    sorted by class). Sums run over chunks of at most ``chunk_values`` values (exact
     integer sums in float64), so memory stays bounded for large images.
 
     Example:
@@ -94,7 +138,7 @@ def channel_stats(x: np.ndarray, max_images: int = 20000, chunk_values: int = 1 
         >>> channel_stats(np.array([[[[0, 255]], [[255, 255]]]], np.uint8))
         ([0.5, 1.0], [0.5, 1.0])
     """
-    sample = x[:max_images]
+    sample = x if len(x) <= max_images else x[np.sort(np.random.default_rng(0).choice(len(x), max_images, replace=False))]
     channels = sample.shape[-1]
     per_image = max(1, sample[0].size if len(sample) else 1)
     step = max(1, chunk_values // per_image)

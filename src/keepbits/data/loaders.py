@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from keepbits.data.dataset import ImageDataset
+from keepbits.data.preprocess import RESIZE_POLICIES, fit_into
+from keepbits.data.stream import IMAGE_SUFFIXES, decode_image
 from keepbits.errors import InputError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-RESIZE_POLICIES = ("resize", "center-crop", "letterbox")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _MAX_IDX_ITEMS = 1 << 31
 
@@ -78,54 +78,28 @@ def load_idx(images_path: str | Path, labels_path: str | Path) -> ImageDataset:
     return ImageDataset(images[..., None].copy(), labels.astype(np.int64), [], source=str(images_path))
 
 
-def _fit_image(img, size: tuple[int, int], policy: str):
-    from PIL import Image
-
-    w, h = size[1], size[0]
-    if policy == "resize":
-        return img.resize((w, h), Image.BILINEAR)
-    if policy == "center-crop":
-        scale = max(w / img.width, h / img.height)
-        img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BILINEAR)
-        left, top = (img.width - w) // 2, (img.height - h) // 2
-        return img.crop((left, top, left + w, top + h))
-    scale = min(w / img.width, h / img.height)
-    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
-    canvas = Image.new(img.mode, (w, h))
-    canvas.paste(img, ((w - img.width) // 2, (h - img.height) // 2))
-    return canvas
-
-
 def load_image_folder(
-    root: str | Path, size: tuple[int, int] = (224, 224), policy: str = "center-crop", gray: bool = False
+    root: str | Path, size: tuple[int, int] = (224, 224), policy: str = "center-crop", gray: bool = False,
+    crop_fraction: float = 1.0,
 ) -> ImageDataset:
-    """Images under ``root/<class>/*``; classes sorted by name; every image made ``size`` (H, W)."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Images under ``root/<class>/*``; classes sorted by name; every image made ``size`` (H, W)
+    by :func:`keepbits.data.fit_into` under ``policy`` (``crop_fraction``: center-crop only)."""
     root = Path(root)
     if policy not in RESIZE_POLICIES:
         raise InputError(f"unknown resize policy {policy!r}; choose one of {RESIZE_POLICIES}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise InputError(f"{root}: no class subfolders found")
-    xs, ys = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(file) as img:
-                    img = img.convert("L" if gray else "RGB")
-                    img = _fit_image(img, size, policy)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise InputError(f"{file}: unreadable or corrupt image ({exc})") from None
-            arr = np.asarray(img, dtype=np.uint8)
-            xs.append(arr[..., None] if arr.ndim == 2 else arr)
-            ys.append(label)
-    if not xs:
+    files = [(label, file) for label, name in enumerate(classes) for file in sorted((root / name).iterdir())
+             if file.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
         raise InputError(f"{root}: class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
-    ds = ImageDataset(np.stack(xs), np.array(ys), classes, source=str(root))
+    x = np.empty((len(files), size[0], size[1], 1 if gray else 3), np.uint8)
+    for i, (_, file) in enumerate(files):
+        fit_into(decode_image(file, gray=gray), x[i], policy, crop_fraction)
+    ds = ImageDataset(x, np.array([label for label, _ in files]), classes, source=str(root))
     ds.meta["resize_policy"] = policy
+    ds.meta["crop_fraction"] = crop_fraction
     return ds
 
 
@@ -140,7 +114,8 @@ def _find_idx(root: Path, split: str) -> tuple[Path, Path] | None:
 
 
 def load_dataset(
-    path: str | Path, split: str = "train", size: tuple[int, int] | None = None, policy: str = "center-crop"
+    path: str | Path, split: str = "train", size: tuple[int, int] | None = None, policy: str = "center-crop",
+    crop_fraction: float = 1.0,
 ) -> ImageDataset:
     """Read ``path`` (file or folder) and return the ``split`` ("train" or "test").
 
@@ -169,9 +144,9 @@ def load_dataset(
         return load_idx(*idx)
     split_dir = path / split
     if split_dir.is_dir():
-        return load_dataset(split_dir, split, size, policy)
+        return load_dataset(split_dir, split, size, policy, crop_fraction)
     if any(p.is_dir() for p in path.iterdir()):
-        return load_image_folder(path, size or (224, 224), policy)
+        return load_image_folder(path, size or (224, 224), policy, crop_fraction=crop_fraction)
     raise InputError(f"{path}: no {split} data found (looked for {split}.npz, idx files, {split}/ and class folders)")
 
 

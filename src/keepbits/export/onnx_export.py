@@ -24,9 +24,8 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -40,12 +39,11 @@ from keepbits.bundle import (
 from keepbits.errors import BundleError, InputError
 from keepbits.export import ops
 from keepbits.export.graphs import NiceGraph, SimplifierGraph
-from keepbits.training.checkpoint import build_model, load_checkpoint
+from keepbits.runtime.parity import compare_outputs
+from keepbits.training.checkpoint import Checkpoint, build_model, load_checkpoint
 
 _log = logging.getLogger("keepbits.export")
 MIN_OPSET = ops.BODY_OPSET
-#: Graph outputs in pixel space (0..255 for uint8 input): compared after dividing by the pixel scale.
-PIXEL_OUTPUTS = ("mixed", "simplified")
 
 
 def _example_input(shape: list[int], input_dtype: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -141,79 +139,53 @@ def check_model(model: onnx.ModelProto) -> None:
         raise BundleError(f"exported graph is not valid ONNX: {exc}") from None
 
 
-def compare_outputs(
-    reference: tuple[np.ndarray, ...],
-    candidate: tuple[np.ndarray, ...],
-    pixel_scale: float = 1.0,
-    names: tuple[str, ...] | list[str] = tuple(EXPLAIN_OUTPUTS["mask"]),
-) -> dict[str, float]:
-    """Parity numbers: ``<name>_max_abs`` of every output (pixel-space ones, x̃ and the
-    simplified image, divided by ``pixel_scale``) and ``argmax_agree`` of the logits.
-
-    Example:
-        >>> import numpy as np
-        >>> from keepbits.export import compare_outputs
-        >>> a = (np.eye(2), np.full((2, 1), 255.0))
-        >>> compare_outputs(a, (np.eye(2), np.zeros((2, 1))), 255.0, names=("logits", "simplified"))["simplified_max_abs"]
-        1.0
-    """
-    report = {}
-    for name, ref, got in zip(names, reference, candidate):
-        diff = np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64)).max(initial=0.0)
-        report[f"{name}_max_abs"] = float(diff / pixel_scale if name in PIXEL_OUTPUTS else diff)
-    ref_logits, logits = np.asarray(reference[0]), np.asarray(candidate[0])
-    report["argmax_agree"] = float(np.mean(logits.argmax(1) == ref_logits.argmax(1))) if len(logits) else 1.0
-    return report
-
-
 #: Checkpoint kind -> the bundle's explain stage.
 EXPLAIN_OF_KIND = {"nice": "mask", "simplebits": "simplify"}
 
 
-def checkpoint_manifest(record: Mapping[str, Any], checkpoint: Path, *, input_dtype: str = "uint8",
+def checkpoint_manifest(ckpt: Checkpoint, checkpoint: Path, *, input_dtype: str = "uint8",
                         classify_on: str | None = None, mixed_output: bool = True, target: str = "onnxruntime",
                         opset: int = MIN_OPSET, command: str = "") -> Manifest:
-    """The bundle manifest of a ``nice`` or ``simplebits`` checkpoint record: the one mapping from
-    checkpoint fields to manifest fields (export and the torch backend share it). Graph facts
+    """The bundle manifest of a ``nice`` or ``simplebits`` :class:`Checkpoint` read from ``checkpoint``:
+    the one mapping from checkpoint fields to manifest fields (export and the torch backend share
+    it), the classifier's preprocessing (resize policy, crop fraction) included. Graph facts
     (``custom_ops``, ``dynamic_size``) keep their defaults until the graph is traced."""
-    explain = EXPLAIN_OF_KIND.get(record.get("kind"))
+    explain = EXPLAIN_OF_KIND.get(ckpt.kind)
     if explain is None:
-        raise InputError(f"{checkpoint}: holds a {record.get('kind')} checkpoint; export takes {' or '.join(EXPLAIN_OF_KIND)} checkpoints")
+        raise InputError(f"{checkpoint}: holds a {ckpt.kind} checkpoint; export takes {' or '.join(EXPLAIN_OF_KIND)} checkpoints")
     if input_dtype not in INPUT_DTYPES:
         raise InputError(f"input dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
     if target not in TARGETS:
         raise InputError(f"target must be one of {TARGETS}, got {target!r}")
     classify_on = classify_on or EXPLAIN_CLASSIFY_ON[explain][0]
     if classify_on not in EXPLAIN_CLASSIFY_ON[explain]:
-        raise InputError(f"classify_on must be one of {EXPLAIN_CLASSIFY_ON[explain]} for a {record['kind']} checkpoint, got {classify_on!r}")
+        raise InputError(f"classify_on must be one of {EXPLAIN_CLASSIFY_ON[explain]} for a {ckpt.kind} checkpoint, got {classify_on!r}")
     if explain == "simplify" and not mixed_output:
         raise InputError(f"{checkpoint}: mixed_output=False applies to NICE checkpoints (a SimpleBits bundle has no x̃ output)")
-    missing = [key for key in ("input_shape", "normalization", "class_names") if key not in record]
-    if missing:
-        raise InputError(f"{checkpoint}: checkpoint lacks {', '.join(missing)}")
-    settings = dict(record.get("settings") or {})
+    settings = ckpt.settings
     if explain == "mask":
         if "block_size" not in settings:
             raise InputError(f"{checkpoint}: settings lack block_size (b)")
         fields = {"block_size": int(settings["block_size"]), "mask_threshold": float(settings.get("mask_threshold", 0.5)),
-                  "generator": record["models"]["generator"]["arch"]}
+                  "generator": ckpt.models["generator"].arch}
     else:
-        fields = {"block_size": 1, "mask_threshold": 0.5, "generator": record["models"]["simplifier"]["arch"]}
-    norm = record["normalization"]
+        fields = {"block_size": 1, "mask_threshold": 0.5, "generator": ckpt.models["simplifier"].arch}
+    preprocessing = ckpt.preprocessing_record()
     return Manifest(
-        input_shape=[int(v) for v in record["input_shape"]], input_dtype=input_dtype,
+        input_shape=list(ckpt.input_shape), input_dtype=input_dtype,
+        resize_policy=preprocessing.resize_policy, crop_fraction=preprocessing.crop_fraction,
         input_layout="NHWC" if input_dtype == "uint8" else "NCHW",
-        mean=[float(v) for v in norm["mean"]], std=[float(v) for v in norm["std"]],
-        class_names=[str(c) for c in record["class_names"]], classifier=record["models"]["classifier"]["arch"],
+        mean=list(ckpt.normalization.mean), std=list(ckpt.normalization.std),
+        class_names=list(ckpt.class_names), classifier=ckpt.models["classifier"].arch,
         classify_on=classify_on, explain=explain, output_names=explain_outputs(explain, optional=mixed_output),
         target=target, opset=opset, function_bodies=target == "onnxruntime",
         provenance=jsonable({
             "checkpoint": checkpoint.name,
             "checkpoint_sha256": sha256_file(checkpoint),
-            "training_command": record.get("command", ""),
+            "training_command": ckpt.command,
             "settings": settings,
-            "metrics": record.get("metrics", {}),
-            "epoch": record.get("epoch"),
+            "metrics": ckpt.metrics,
+            "epoch": ckpt.epoch,
             "export_command": command,
             "keepbits_version": __version__,
             "torch_version": torch.__version__,
@@ -224,10 +196,10 @@ def checkpoint_manifest(record: Mapping[str, Any], checkpoint: Path, *, input_dt
     )
 
 
-def _graph(record: Mapping[str, Any], checkpoint: Path, manifest: Manifest, fused: bool) -> nn.Module:
+def _graph(ckpt: Checkpoint, checkpoint: Path, manifest: Manifest, fused: bool) -> nn.Module:
     """The torch twin of the bundle's graph for ``manifest``."""
     if manifest.explain == "mask":
-        return NiceGraph(build_model(record, "generator"), build_model(record, "classifier"), manifest.mean, manifest.std,
+        return NiceGraph(build_model(ckpt, "generator"), build_model(ckpt, "classifier"), manifest.mean, manifest.std,
                          manifest.block_size, manifest.input_dtype, manifest.classify_on, fused,
                          mixed_output="mixed" in manifest.output_names)
     from keepbits.training.simplebits import load_simplebits
@@ -274,10 +246,10 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise InputError(f"opset must be >= {MIN_OPSET}, got {opset}")
     checkpoint = Path(checkpoint)
-    record = load_checkpoint(checkpoint)
-    manifest = checkpoint_manifest(record, checkpoint, input_dtype=input_dtype, classify_on=classify_on,
+    ckpt = load_checkpoint(checkpoint)
+    manifest = checkpoint_manifest(ckpt, checkpoint, input_dtype=input_dtype, classify_on=classify_on,
                                    mixed_output=mixed_output, target=target, opset=opset, command=command)
-    graph = _graph(record, checkpoint, manifest, fused)
+    graph = _graph(ckpt, checkpoint, manifest, fused)
     dynamo = manifest.explain == "mask"
     output_names = manifest.output_names
     shape = manifest.input_shape
@@ -328,9 +300,9 @@ def export_simplifier_onnx(checkpoint: str | Path, out: str | Path, tol: float =
     from keepbits.native import make_session
     from keepbits.training.simplebits import load_simplebits
 
-    simplifier, classifier, record = load_simplebits(checkpoint)
+    simplifier, classifier, ckpt = load_simplebits(checkpoint)
     graph = SimplifierGraph(simplifier, classifier).eval()
-    c, h, w = record["input_shape"]
+    c, h, w = ckpt.input_shape
     example = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(0))
     model = trace_to_onnx(graph, example, output_names=["logits", "simplified"], dynamo=False)
     out = Path(out)

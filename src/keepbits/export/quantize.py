@@ -1,12 +1,13 @@
 """INT8 static quantisation of a bundle with ONNX Runtime's tools, and its cost in accuracy and masks.
 
 ``quantize_bundle`` calibrates on training images, quantises the convolutions and matrix
-products (QDQ, int8 weights, per channel; uint8 activations by default, int8 on request; the
+products with their activations and residual additions (:data:`QUANTIZED_OPS`; QDQ, int8
+weights, per channel; uint8 activations by default, int8 on request; the
 ``keepbits`` nodes stay float32 and keep their function bodies), writes a new bundle whose manifest records the calibration and the
 comparison with the float bundle on test images: classifier accuracy, argmax agreement,
 mask agreement (ẑ > mask_threshold, NICE Eq. 11) and the largest ẑ / x̃ deviations.
 
-    python -m keepbits.export.quantize BUNDLE --data DATA --out BUNDLE_INT8
+    keepbits export int8 --model BUNDLE --data DATA --out BUNDLE_INT8
 
 Example:
     >>> from keepbits.export.quantize import quantize_bundle
@@ -14,40 +15,33 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from keepbits.bundle import Bundle, Manifest, load_bundle, write_bundle
+from keepbits.bundle import Bundle, load_bundle, write_bundle
 from keepbits.data import ImageDataset, has_split, load_dataset
-from keepbits.errors import InputError, KeepbitsError
+from keepbits.errors import InputError
 from keepbits.native import make_session
+from keepbits.runtime.parity import Parity
+from keepbits.runtime.pipeline import bundle_inputs
 
-QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
+#: Operators quantised. The activations (Clip = ReLU6, Relu) and the residual Add are among them
+#: so that ONNX Runtime's QDQ quantiser folds an activation into the convolution before it and
+#: quantises the convolution's output at the activation's range: without them each convolution
+#: output kept its full pre-activation range in 8 bits and EfficientNet-Lite0 fell from 76.0 %
+#: to 62.5 % top-1 (200 validation images; 75.0 % with them, bench/results/flagship_bundle_*.json).
+QUANTIZED_OPS = ["Conv", "MatMul", "Gemm", "Clip", "Relu", "Add"]
 #: Activation types. ORT 1.32's x86 CPU kernels fuse DQ→Conv→Q into QLinearConv for uint8
 #: activations; with int8 activations most convolutions stayed float Conv between
 #: Dequantize/Quantize nodes (ResNet-18 at 224: 10.9 ms vs 4.6 ms per frame, measured with
 #: ORT's profiler on a 2-core AVX-512 VNNI EPYC). int8 suits runtimes whose int8 kernels are
 #: the fast path (e.g. TensorRT, ARM).
 ACTIVATION_TYPES = ("uint8", "int8")
-
-
-def bundle_inputs(manifest: Manifest, images: np.ndarray) -> np.ndarray:
-    """uint8 N×H×W×C images in the bundle's input format (NHWC uint8 or NCHW float 0..1)."""
-    if images.shape[-1] != manifest.input_shape[0]:
-        raise InputError(f"images have {images.shape[-1]} channels, the bundle expects {manifest.input_shape[0]}")
-    if not manifest.dynamic_size and list(images.shape[1:3]) != manifest.input_shape[1:]:
-        raise InputError(f"images are {images.shape[1]}×{images.shape[2]}, the bundle accepts {manifest.input_shape[1]}×{manifest.input_shape[2]} only")
-    if manifest.input_dtype == "uint8":
-        return np.ascontiguousarray(images)
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
 class _Reader:
@@ -62,43 +56,39 @@ class _Reader:
 
 def compare(reference: Bundle, candidate: Bundle, images: np.ndarray, labels: np.ndarray | None, batch: int = 64) -> dict[str, float]:
     """Accuracy, argmax / mask agreement and max ẑ, x̃/scale deviation of ``candidate`` vs
-    ``reference`` (``mixed_max_abs`` None for bundles without the x̃ output)."""
+    ``reference`` (``mixed_max_abs`` None for bundles without the x̃ output), by
+    :class:`keepbits.runtime.parity.Parity`."""
     m = reference.manifest
     sessions = [make_session(b.model_path) for b in (reference, candidate)]
-    logits: list[list[np.ndarray]] = [[], []]
-    agree = kept = 0.0
-    mask_dev = 0.0
-    mixed_dev = 0.0 if "mixed" in m.output_names else None
+    parity = Parity(m.output_names, m.pixel_scale, m.mask_threshold)
+    predictions: list[list[np.ndarray]] = [[], []]
     x = bundle_inputs(m, images)
     for i in range(0, len(x), batch):
-        (l0, z0, *x0), (l1, z1, *x1) = (s.run(m.output_names, {m.input_name: x[i:i + batch]}) for s in sessions)
-        logits[0].append(l0)
-        logits[1].append(l1)
-        agree += float(((z0 > m.mask_threshold) == (z1 > m.mask_threshold)).sum())
-        kept += float((z0 > m.mask_threshold).sum())
-        mask_dev = max(mask_dev, float(np.abs(z0 - z1).max()))
-        if mixed_dev is not None:
-            mixed_dev = max(mixed_dev, float(np.abs(x0[0] - x1[0]).max()) / m.pixel_scale)
-    pred = [np.concatenate(l).argmax(1) for l in logits]
-    pixels = len(x) * int(np.prod(z0.shape[1:]))
+        outputs = [s.run(m.output_names, {m.input_name: x[i:i + batch]}) for s in sessions]
+        parity.add(*outputs)
+        for k, out in enumerate(outputs):
+            predictions[k].append(out[0].argmax(1))
+    r = parity.report()
     report = {
         "images": len(x),
-        "argmax_agreement": float(np.mean(pred[0] == pred[1])),
-        "mask_agreement": agree / pixels,
-        "kept_fraction_reference": kept / pixels,
-        "mask_max_abs": mask_dev,
-        "mixed_max_abs": mixed_dev,
+        "argmax_agreement": r["argmax_agree"],
+        "mask_agreement": r["mask_agree"],
+        "kept_fraction_reference": r["kept_fraction_reference"],
+        "mask_max_abs": r["mask_max_abs"],
+        "mixed_max_abs": r.get("mixed_max_abs"),
     }
     if labels is not None:
-        report["accuracy_reference"] = float(np.mean(pred[0] == labels))
-        report["accuracy_candidate"] = float(np.mean(pred[1] == labels))
+        report["accuracy_reference"] = float(np.mean(np.concatenate(predictions[0]) == labels))
+        report["accuracy_candidate"] = float(np.mean(np.concatenate(predictions[1]) == labels))
     return report
 
 
 def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, calibration_images: int = 256,
                     eval_images: int = 1000, per_channel: bool = True, overwrite: bool = False,
                     activations: str = "uint8") -> tuple[Bundle, dict]:
-    """Quantise ``bundle_path`` to INT8 (calibration: ``data`` train split) and compare on the test split;
+    """Quantise ``bundle_path`` to INT8 (calibration: ``calibration_images`` of the ``data`` train
+    split) and compare on ``eval_images`` of the test split (the train split when there is none);
+    both are seeded class-balanced samples (:func:`keepbits.data.sample_indices`, seed 0).
     ``activations`` is one of :data:`ACTIVATION_TYPES`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -109,12 +99,11 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
     m = source.manifest
     if not m.function_bodies:
         raise InputError(f"{bundle_path}: a {m.target} bundle without function bodies cannot be calibrated in ONNX Runtime")
-    size = None if m.dynamic_size else tuple(m.input_shape[1:])
-    train = load_dataset(data, "train", size=size or (m.input_shape[1], m.input_shape[2]))
-    test: ImageDataset = load_dataset(data, "test", size=size or (m.input_shape[1], m.input_shape[2])) if has_split(data, "test") else train
-    rng = np.random.default_rng(0)
-    calib = train.x[rng.permutation(len(train))[:calibration_images]]
-    evaluation = test.subset(np.sort(rng.permutation(len(test))[:eval_images]))  # seeded sample: splits may be class-sorted
+    fit = dict(size=(m.input_shape[1], m.input_shape[2]), policy=m.resize_policy, crop_fraction=m.crop_fraction)  # class folders
+    train = load_dataset(data, "train", **fit)
+    test: ImageDataset = load_dataset(data, "test", **fit) if has_split(data, "test") else train
+    calib = train.sample(calibration_images, seed=0).x
+    evaluation = test.sample(eval_images, seed=0)
     logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization warns about pre-processing on root
     with tempfile.TemporaryDirectory() as tmp:
         quantized = Path(tmp) / "model.onnx"
@@ -135,29 +124,3 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
         bundle = load_bundle(write_bundle(out, dataclasses.replace(manifest, provenance=provenance), {m.model_file: quantized},
                                           overwrite=overwrite))
     return bundle, report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keepbits.export.quantize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle")
-    parser.add_argument("--data", required=True, help="data set with a train split (calibration) and ideally a test split")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--calibration-images", type=int, default=256)
-    parser.add_argument("--eval-images", type=int, default=1000)
-    parser.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
-    parser.add_argument("--activations", choices=ACTIVATION_TYPES, default="uint8",
-                        help="activation type (uint8: ONNX Runtime's fast x86 path; int8: TensorRT/ARM)")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        bundle, report = quantize_bundle(args.bundle, args.out, args.data, args.calibration_images, args.eval_images,
-                                         not args.per_tensor, args.force, args.activations)
-    except KeepbitsError as exc:
-        print(f"keepbits: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"bundle": str(bundle.source), "digest": bundle.digest, **report}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -200,8 +200,8 @@ def _parity(engine: Any, bundle: Bundle, profile: tuple, samples: int, rng: np.r
     """Run ``samples`` random batches (min, opt, max shapes, then random ones) in TensorRT and ONNX Runtime."""
     import torch  # CUDA buffers for TensorRT
 
-    from keepbits.export.onnx_export import compare_outputs
     from keepbits.native import make_session
+    from keepbits.runtime.parity import compare_outputs
 
     session = make_session(bundle.model_path)
     context = engine.create_execution_context()

@@ -45,8 +45,8 @@ def torch_pipeline(checkpoint: str | Path, **pipeline_options: Any) -> Pipeline:
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise InputError(f"the torch backend needs a NICE checkpoint file (.pt), got {checkpoint}")
-    generator, classifier, record = load_nice(checkpoint)
-    manifest = checkpoint_manifest(record, checkpoint, input_dtype="uint8", mixed_output=False)
+    generator, classifier, ckpt = load_nice(checkpoint)
+    manifest = checkpoint_manifest(ckpt, checkpoint, input_dtype="uint8", mixed_output=False)
     graph = NiceGraph(generator, classifier, manifest.mean, manifest.std, manifest.block_size, mixed_output=False)
     bundle = Bundle(root=checkpoint.parent, manifest=manifest, digest=sha256_file(checkpoint), source=checkpoint)
     return Pipeline(bundle, session=TorchSession(graph), **pipeline_options)

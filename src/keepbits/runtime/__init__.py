@@ -8,8 +8,8 @@ Example:
     >>> pipe(np.full((20, 20, 3), 255, np.uint8)).label
     'bright'
 """
-from keepbits.runtime.pipeline import BACKENDS, Letterbox, Pipeline, Result
+from keepbits.runtime.pipeline import BACKENDS, Pipeline, Result
 from keepbits.runtime.queues import BoundedQueue, QueueClosed
 from keepbits.runtime.sources import Frame, Source, open_source
 
-__all__ = ["BACKENDS", "Letterbox", "Pipeline", "Result", "BoundedQueue", "QueueClosed", "Frame", "Source", "open_source"]
+__all__ = ["BACKENDS", "Pipeline", "Result", "BoundedQueue", "QueueClosed", "Frame", "Source", "open_source"]

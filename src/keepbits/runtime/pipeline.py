@@ -10,8 +10,10 @@ by the simplifier's image: results carry ``simplified`` (``mask`` is None) and p
 the codec's ``"simplified"`` mode.
 
 Frames: numpy uint8 H×W×3 in ``color`` order (``"rgb"`` default; ``"bgr"`` for OpenCV
-frames), H×W grey, or PIL images. They are letterboxed (aspect kept, centred, zero
-padding) to the model size; :class:`Letterbox` records the mapping back.
+frames), H×W grey, or PIL images. They reach the model size by the bundle's resize policy
+(``manifest.resize_policy``: the classifier's own preprocessing, letterbox for bundles that
+record none) through :func:`keepbits.data.fit_into`; its :class:`keepbits.data.ImageFit`
+(``Result.fit``) records the mapping back to the frame.
 
 Example:
     >>> import numpy as np, tempfile
@@ -19,7 +21,7 @@ Example:
     >>> from keepbits.runtime.synthetic import toy_bundle
     >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b", size=32))
     >>> r = pipe(np.zeros((48, 64, 3), np.uint8))
-    >>> r.label, r.mask.shape, r.letterbox.roi, len(r.payload) > 0
+    >>> r.label, r.mask.shape, r.fit.roi, len(r.payload) > 0
     ('dark', (32, 32), (0, 4, 32, 24), True)
 """
 from __future__ import annotations
@@ -29,76 +31,27 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import cv2
 import numpy as np
 
 from keepbits.core import softmax
+from keepbits.data import ImageFit, fit_into
 from keepbits.errors import InputError
 from keepbits.runtime.sources import as_rgb
 
+if TYPE_CHECKING:
+    from keepbits.codec import FrameRecord
+
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
-
-
-@dataclass(frozen=True)
-class Letterbox:
-    """Source frame (``source_size`` W×H) scaled by ``scale`` into the model image at ``roi`` (x0, y0, w, h)."""
-
-    source_size: tuple[int, int]
-    model_size: tuple[int, int]
-    scale: float
-    roi: tuple[int, int, int, int]
-
-    @classmethod
-    def fit(cls, source_size: tuple[int, int], model_size: tuple[int, int]) -> "Letterbox":
-        """The centred aspect-preserving fit of ``source_size`` into ``model_size`` (both W×H).
-
-        Example:
-            >>> from keepbits.runtime import Letterbox
-            >>> Letterbox.fit((640, 360), (224, 224)).roi
-            (0, 49, 224, 126)
-        """
-        (sw, sh), (mw, mh) = source_size, model_size
-        scale = min(mw / sw, mh / sh)
-        w, h = max(1, min(mw, round(sw * scale))), max(1, min(mh, round(sh * scale)))
-        return cls(source_size, model_size, scale, ((mw - w) // 2, (mh - h) // 2, w, h))
-
-    def to_source(self, points: Any) -> np.ndarray:
-        """Map model-image (x, y) points (…×2) to source-frame coordinates.
-
-        Example:
-            >>> from keepbits.runtime import Letterbox
-            >>> Letterbox.fit((640, 360), (224, 224)).to_source([112, 112]).round(1).tolist()
-            [320.0, 180.0]
-        """
-        x0, y0, w, h = self.roi
-        p = np.asarray(points, np.float64)
-        sx, sy = self.source_size[0] / w, self.source_size[1] / h
-        return np.stack([(p[..., 0] - x0) * sx, (p[..., 1] - y0) * sy], -1)
-
-    def mask_to_source(self, mask: np.ndarray) -> np.ndarray:
-        """A model-size mask cropped to the roi and resized to the source frame (nearest)."""
-        return self.image_to_source(np.asarray(mask, np.float32), cv2.INTER_NEAREST)
-
-    def image_to_source(self, image: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
-        """A model-size image (or mask) cropped to the roi and resized to the source frame.
-
-        Example:
-            >>> import numpy as np
-            >>> from keepbits.runtime import Letterbox
-            >>> Letterbox.fit((64, 32), (32, 32)).image_to_source(np.zeros((32, 32, 3), np.uint8)).shape
-            (32, 64, 3)
-        """
-        x0, y0, w, h = self.roi
-        return cv2.resize(np.ascontiguousarray(image[y0:y0 + h, x0:x0 + w]), self.source_size, interpolation=interpolation)
 
 
 @dataclass
 class Result:
     """One processed frame. ``mask`` is ẑ (model size, float32 in [0, 1]), None for a
     SimpleBits bundle, whose ``simplified`` is the simplifier's image (model size, uint8 RGB,
-    the graph output rounded); ``image`` is the letterboxed uint8 frame the model saw (RGB);
+    the graph output rounded); ``image`` is the model-size uint8 frame the model saw (RGB), and
+    ``fit`` where it came from in the source frame (:class:`keepbits.data.ImageFit`);
     ``timings`` are milliseconds per stage (preprocess and model are shared by a batch: the
     batch's time divided by its size)."""
 
@@ -108,7 +61,7 @@ class Result:
     probabilities: np.ndarray
     mask: np.ndarray | None
     image: np.ndarray
-    letterbox: Letterbox
+    fit: ImageFit
     block: int
     threshold: float
     sequence: int
@@ -119,16 +72,27 @@ class Result:
 
     @property
     def roi(self) -> tuple[int, int, int, int]:
-        return self.letterbox.roi
+        """Where the source region lies in the model image (x0, y0, w, h)."""
+        return self.fit.roi
 
     @property
     def source_size(self) -> tuple[int, int]:
-        return self.letterbox.source_size
+        """(width, height) of the source region the model image shows: the whole frame, or the
+        centre crop under the ``center-crop`` policy (what a receiver can map the roi back to)."""
+        return self.fit.crop[2], self.fit.crop[3]
 
     @property
     def kept_fraction(self) -> float | None:
         """Share of pixels the hard mask keeps at full resolution (None without a mask)."""
         return None if self.mask is None else np.count_nonzero(self.mask > self.threshold) / self.mask.size
+
+    def frame_record(self) -> "FrameRecord":
+        """The fields :func:`keepbits.codec.encode` writes besides the pixels."""
+        from keepbits.codec import FrameRecord
+
+        return FrameRecord(mask=self.mask, block=self.block, threshold=self.threshold, label_index=self.label_index,
+                           label=self.label, score=self.score, sequence=self.sequence, timestamp=self.timestamp,
+                           roi=self.roi, source_size=self.source_size)
 
     @property
     def mixed(self) -> np.ndarray:
@@ -143,13 +107,35 @@ class Result:
 
 @dataclass
 class Prepared:
-    """A letterboxed batch (N×H×W×C uint8), its :class:`Letterbox` and sequence number per frame
-    (drawn in :meth:`Pipeline.prepare` call order) and the time it took (ms)."""
+    """A model-size batch (N×H×W×C uint8), its :class:`keepbits.data.ImageFit` and sequence number per
+    frame (drawn in :meth:`Pipeline.prepare` call order) and the time it took (ms)."""
 
     batch: np.ndarray
-    boxes: list[Letterbox]
+    boxes: list[ImageFit]
     preprocess_ms: float
     sequences: list[int]
+
+
+def bundle_inputs(manifest: Any, images: np.ndarray) -> np.ndarray:
+    """uint8 N×H×W×C images in the bundle's input format (NHWC uint8 or NCHW float 0..1): what
+    the pipeline, ``keepbits compare`` and INT8 calibration feed a model.
+
+    Example:
+        >>> import numpy as np
+        >>> from keepbits.runtime.pipeline import bundle_inputs
+        >>> from keepbits.runtime.synthetic import toy_bundle
+        >>> from keepbits.bundle import load_bundle
+        >>> import tempfile
+        >>> bundle_inputs(load_bundle(toy_bundle(tempfile.mkdtemp() + "/b")).manifest, np.zeros((2, 5, 7, 3), np.uint8)).shape
+        (2, 5, 7, 3)
+    """
+    if images.shape[-1] != manifest.input_shape[0]:
+        raise InputError(f"images have {images.shape[-1]} channels, the bundle expects {manifest.input_shape[0]}")
+    if not manifest.dynamic_size and list(images.shape[1:3]) != manifest.input_shape[1:]:
+        raise InputError(f"images are {images.shape[1]}×{images.shape[2]}, the bundle accepts {manifest.input_shape[1]}×{manifest.input_shape[2]} only")
+    if manifest.input_dtype == "uint8":
+        return np.ascontiguousarray(images)
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
 def _providers(backend: str, providers: Sequence[Any] | None) -> list[Any]:
@@ -168,28 +154,6 @@ def _providers(backend: str, providers: Sequence[Any] | None) -> list[Any]:
     if backend == "auto" and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
-
-
-def session_options(threads: int | None = None, spinning: bool = False) -> Any:
-    """ONNX Runtime session options as the runtime uses them: ``threads`` intra-op threads
-    (None: ORT's choice, one per core) and spinning off unless ``spinning``.
-
-    Spinning intra-op threads busy-wait between operators; next to the stream's writer and
-    grabber threads (or other processes) they take the cores those need and are themselves
-    preempted inside parallel operators, so the runtime turns spinning off by default.
-
-    Example:
-        >>> from keepbits.runtime.pipeline import session_options
-        >>> session_options(2).intra_op_num_threads
-        2
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return options
 
 
 class Pipeline:
@@ -214,12 +178,18 @@ class Pipeline:
     ):
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if bundle.manifest.input_shape[0] not in (1, 3):
+            from keepbits.errors import BundleError
+
+            raise BundleError(f"{bundle.source}: input_shape has {bundle.manifest.input_shape[0]} channels; the runtime "
+                              "and the payload take 1 (grey) or 3 (RGB)")
         self.session = session if session is not None else self._ort_session(bundle, backend, providers, threads, spinning)
         m = self.manifest = bundle.manifest
         self.bundle = bundle
         self.channels, self.height, self.width = m.input_shape
         self.class_names = list(m.class_names)
         self.block, self.threshold = m.block_size, float(m.mask_threshold)
+        self.resize_policy, self.crop_fraction = m.resize_policy, float(m.crop_fraction)
         self.explain = m.explain
         self.compress_enabled = compress
         self.codec_options = dict(codec_options or {})
@@ -233,16 +203,57 @@ class Pipeline:
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self.threads, self.spinning = threads, spinning
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """Check the graph against the manifest at load, so that a mismatch is a :class:`BundleError`
+        here and not an ONNX Runtime error on the first frame: the session's inputs and outputs
+        (:func:`keepbits.bundle.check_graph_io`, when it describes them), then one model-size
+        zero frame through the model, whose outputs must have the shapes the manifest implies."""
+        from keepbits.bundle import check_graph_io
+        from keepbits.errors import BundleError
+
+        where = str(self.bundle.source)
+        if hasattr(self.session, "get_inputs") and hasattr(self.session, "get_outputs"):
+            check_graph_io(self.manifest, self.session.get_inputs(), self.session.get_outputs(), where)
+        c, h, w = self.channels, self.height, self.width
+        try:
+            outputs = self.session.run(self._outputs, {self.manifest.input_name: self._feed(np.zeros((1, h, w, c), np.uint8))})
+        except Exception as exc:  # noqa: BLE001 - ORT and substitute sessions raise their own error types
+            message = next(iter(str(exc).splitlines()), "") or type(exc).__name__
+            raise BundleError(f"{where}: the model fails on a {w}x{h} frame of the manifest's input_shape ({message})") from None
+        image = (1, h, w, c) if self.manifest.input_layout == "NHWC" else (1, c, h, w)
+        expected = {"logits": (1, len(self.class_names)), "mask": (1, 1, h, w), "mixed": image, "simplified": image}
+        for name, value in zip(self._outputs, outputs):
+            if np.shape(value) != expected[name]:
+                raise BundleError(f"{where}: on one {w}x{h} frame the model's {name!r} is {np.shape(value)}, the manifest "
+                                  f"implies {expected[name]} (input_shape, input_layout, class_names)")
+
+    def _feed(self, batch: np.ndarray) -> np.ndarray:
+        """The model input for an N×H×W×C uint8 batch: itself (uint8 NHWC) or float NCHW in 0..1."""
+        return bundle_inputs(self.manifest, batch)
+
+    def close(self) -> None:
+        """Release the bundle: the unpacked copy of a ``.zip`` bundle is removed (the session
+        keeps the model it loaded; the pipeline still runs)."""
+        close = getattr(self.bundle, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @staticmethod
     def _ort_session(bundle: Any, backend: str, providers: Sequence[Any] | None, threads: int | None, spinning: bool) -> Any:
         import onnxruntime as ort
 
-        options = session_options(threads, spinning)
-        if bundle.manifest.custom_ops:  # native kernels when built; else the graph's ONNX function bodies
-            from keepbits import native
+        from keepbits import native
 
-            native.register(options)
+        # native kernels when built (and the graph has custom ops); else the graph's ONNX function bodies
+        options = native.session_options(threads, native=bool(bundle.manifest.custom_ops), spinning=spinning)
         chosen = _providers(backend, providers)
         try:
             return ort.InferenceSession(str(bundle.model_path), options, providers=chosen)
@@ -265,7 +276,7 @@ class Pipeline:
         """Load and verify a bundle folder or ``.zip``; ``codec_options`` go to :func:`keepbits.codec.encode`.
 
         ``threads`` sets ONNX Runtime's intra-op threads; ``spinning`` lets them busy-wait
-        between operators (off by default, see :func:`session_options`).
+        between operators (off by default, see :func:`keepbits.native.session_options`).
 
         Example:
             >>> import tempfile
@@ -279,40 +290,33 @@ class Pipeline:
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} "
                              "(a NICE checkpoint runs eagerly through keepbits.export.torch_pipeline)")
-        return cls(load_bundle(path, expected_digest), backend=backend, providers=providers, threads=threads, spinning=spinning, compress=compress,
-                   codec_options=codec_options)
+        bundle = load_bundle(path, expected_digest)
+        try:
+            return cls(bundle, backend=backend, providers=providers, threads=threads, spinning=spinning, compress=compress,
+                       codec_options=codec_options)
+        except BaseException:
+            bundle.close()
+            raise
 
     # -- stages ------------------------------------------------------------------------
-    def _fit(self, image: np.ndarray, out: np.ndarray) -> Letterbox:
-        """Letterbox ``image`` into ``out`` (H×W×C of the model) and return the mapping.
+    def _fit(self, image: np.ndarray, out: np.ndarray) -> ImageFit:
+        """Bring ``image`` to the model size in ``out`` (H×W×C) by the bundle's resize policy
+        (:func:`keepbits.data.fit_into`: only the visible region is resized, straight into ``out``)."""
+        return fit_into(image, out, self.resize_policy, self.crop_fraction)
 
-        The frame is resized straight into its roi of ``out`` and only the padding bands are
-        zeroed: no intermediate copy of the resized frame.
-        """
-        if self.channels == 1 and image.ndim == 3:
-            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        elif self.channels == 3 and image.ndim == 2:
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-        box = Letterbox.fit((image.shape[1], image.shape[0]), (self.width, self.height))
-        x0, y0, w, h = box.roi
-        if (w, h) != (self.width, self.height):
-            out[:y0] = 0
-            out[y0 + h:] = 0
-            out[y0:y0 + h, :x0] = 0
-            out[y0:y0 + h, x0 + w:] = 0
-        dst = out[y0:y0 + h, x0:x0 + w]
-        if self.channels == 1:
-            dst, image = dst[:, :, 0], image.reshape(image.shape[0], image.shape[1])
-        if (w, h) == (image.shape[1], image.shape[0]):
-            dst[...] = image
-        else:
-            resized = cv2.resize(image, (w, h), dst=dst, interpolation=cv2.INTER_AREA if box.scale < 1 else cv2.INTER_LINEAR)
-            if not np.shares_memory(resized, dst):  # OpenCV had to allocate (should not happen): copy it in
-                dst[...] = resized
-        return box
+    def _place(self, image: np.ndarray, out: np.ndarray) -> ImageFit:
+        """Copy a model-size image into ``out`` (the identity fit); :class:`InputError` for another size."""
+        image = image.reshape(*image.shape[:2], -1)
+        if image.shape != out.shape:
+            raise InputError(f"a fitted frame must be {out.shape[1]}×{out.shape[0]}×{out.shape[2]} (the model size), got "
+                             f"{image.shape[1]}×{image.shape[0]}×{image.shape[2]}")
+        out[...] = image
+        return ImageFit.plan((self.width, self.height), (self.width, self.height), "resize")
 
-    def prepare(self, frames: Sequence[Any], *, color: str = "rgb") -> "Prepared":
-        """Letterbox a batch into one model-size uint8 buffer: the first half of :meth:`predict`.
+    def prepare(self, frames: Sequence[Any], *, color: str = "rgb", fitted: bool = False) -> "Prepared":
+        """Fit a batch into one model-size uint8 buffer: the first half of :meth:`predict`.
+        ``fitted=True``: the frames are model images already (e.g. a decoded payload's x̃) and go
+        in as they are; the resize policy is not applied a second time.
 
         Example:
             >>> import numpy as np, tempfile
@@ -325,7 +329,7 @@ class Pipeline:
         """
         t0 = time.perf_counter()
         batch = np.empty((len(frames), self.height, self.width, self.channels), np.uint8)
-        boxes = [self._fit(as_rgb(f, color), batch[i]) for i, f in enumerate(frames)]
+        boxes = [self._place(as_rgb(f, color), batch[i]) if fitted else self._fit(as_rgb(f, color), batch[i]) for i, f in enumerate(frames)]
         with self._lock:
             sequences = [next(self._counter) for _ in frames]
         return Prepared(batch, boxes, (time.perf_counter() - t0) * 1e3, sequences)
@@ -336,7 +340,7 @@ class Pipeline:
         n, batch, boxes = len(prepared.boxes), prepared.batch, prepared.boxes
         if not n:
             return []
-        feed = batch if self.manifest.input_layout == "NHWC" else batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        feed = self._feed(batch)
         t1 = time.perf_counter()
         logits, explained = self.session.run(self._outputs, {self.manifest.input_name: feed})
         t2 = time.perf_counter()
@@ -357,7 +361,7 @@ class Pipeline:
             results.append(Result(
                 label=self.class_names[k] if k < len(self.class_names) else str(k), label_index=k,
                 score=float(probs[i, k]), probabilities=probs[i], mask=masks[i], image=batch[i],
-                letterbox=boxes[i], block=self.block, threshold=self.threshold, sequence=prepared.sequences[i],
+                fit=boxes[i], block=self.block, threshold=self.threshold, sequence=prepared.sequences[i],
                 timestamp=timestamps[i] if timestamps is not None else now, simplified=simplified[i],
             ))
         t3 = time.perf_counter()
@@ -365,7 +369,8 @@ class Pipeline:
             r.timings.update(preprocess=prepared.preprocess_ms / n, model=(t2 - t1) * 1e3 / n, postprocess=(t3 - t2) * 1e3 / n)
         return results
 
-    def predict(self, frames: Sequence[Any], *, color: str = "rgb", timestamps: Sequence[float] | None = None) -> list[Result]:
+    def predict(self, frames: Sequence[Any], *, color: str = "rgb", timestamps: Sequence[float] | None = None,
+                fitted: bool = False) -> list[Result]:
         """Classify and explain (mask, or simplified image) a batch (no payload yet); see :meth:`compress`.
 
         Example:
@@ -378,7 +383,7 @@ class Pipeline:
         """
         if not len(frames):
             return []
-        return self.infer(self.prepare(frames, color=color), timestamps=timestamps)
+        return self.infer(self.prepare(frames, color=color, fitted=fitted), timestamps=timestamps)
 
     def compress(self, result: Result) -> Result:
         """Fill ``result.payload`` with :func:`keepbits.codec.encode` and time it (``timings['encode']``):
@@ -387,7 +392,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         frame = result.image if result.simplified is None else result.simplified
-        result.payload = encode(frame, result, **self.codec_options)
+        result.payload = encode(frame, result.frame_record(), **self.codec_options)
         result.timings["encode"] = (time.perf_counter() - t0) * 1e3
         return result
 
@@ -419,6 +424,7 @@ class Pipeline:
         return {
             "bundle": str(self.bundle.source), "digest": self.bundle.digest,
             "input": [self.channels, self.height, self.width], "classes": len(self.class_names),
+            "resize_policy": self.resize_policy, "crop_fraction": self.crop_fraction,
             "explain": self.explain, "block": self.block, "threshold": self.threshold, "providers": self.providers,
             "threads": self.threads, "spinning": self.spinning,
             "codec": {"codec": "png", "background": "raw", "quality": 90, "png_level": None, **self.codec_options,
@@ -426,4 +432,4 @@ class Pipeline:
         }
 
 
-__all__ = ["Letterbox", "Pipeline", "Prepared", "Result", "BACKENDS", "session_options"]
+__all__ = ["Pipeline", "Prepared", "Result", "BACKENDS", "bundle_inputs"]

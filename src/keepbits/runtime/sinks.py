@@ -2,9 +2,11 @@
 ``close() -> stats``; ``record`` is the frame's JSON metadata (see :mod:`keepbits.runtime.stream`).
 
 * ``files:DIR``: ``DIR/payloads/<sequence>.kbit`` + ``DIR/frames.jsonl`` (one line per frame).
-* ``video:OUT.mp4``: the source frames annotated with the mask (or, for SimpleBits bundles,
-  the simplified image), label, score and bytes.
+* ``video:OUT.mp4`` (``.mov``, ``.avi``): the source frames annotated with the mask (or, for
+  SimpleBits bundles, the simplified image), label, score and bytes; H.264 when the OpenCV
+  build writes it, else mp4v (``.avi``: Motion JPEG).
 * ``tcp:HOST:PORT``: length-prefixed payloads to ``keepbits receive`` (:mod:`keepbits.runtime.net`).
+* ``mqtt://HOST:PORT/TOPIC``: one MQTT message per payload (:mod:`keepbits.runtime.mqtt`, ``keepbits[mqtt]``).
 
 Example:
     >>> import tempfile
@@ -22,6 +24,7 @@ import cv2
 import numpy as np
 
 from keepbits.errors import InputError
+from keepbits.runtime.video import even_size, open_video_writer, video_codecs
 
 
 class Sink(Protocol):
@@ -31,12 +34,18 @@ class Sink(Protocol):
 
 
 class FilesSink:
-    """Payload files plus JSONL metadata, flushed per frame."""
+    """Payload files plus JSONL metadata, flushed per frame; the folder is created (and checked
+    writable) when the sink opens."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        (self.folder / "payloads").mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.folder / "frames.jsonl", "w", encoding="utf-8")
+        if self.folder.exists() and not self.folder.is_dir():
+            raise InputError(f"sink files:{folder}: {folder} exists and is not a folder")
+        try:
+            (self.folder / "payloads").mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.folder / "frames.jsonl", "w", encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"sink files:{folder}: cannot write there ({exc.strerror or exc})") from None
         self.frames = 0
 
     def write(self, frame: Any, result: Any, record: dict[str, Any]) -> None:
@@ -66,10 +75,10 @@ def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: i
         (60, 90, 3)
     """
     if result.mask is None:
-        image = result.letterbox.image_to_source(result.simplified)
+        image = result.fit.image_to_source(result.simplified)
         keep = np.ones(image.shape[:2], np.uint8)
     else:
-        keep = (result.letterbox.mask_to_source(result.mask) > result.threshold).astype(np.uint8)
+        keep = (result.fit.mask_to_source(result.mask) > result.threshold).astype(np.uint8)
     bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR if image.ndim == 2 or image.shape[2] == 1 else cv2.COLOR_RGB2BGR)
     up = max(1, -(-min_side // min(bgr.shape[:2]))) if min_side else 1
     if up > 1:
@@ -91,11 +100,28 @@ def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: i
 
 
 class VideoSink:
-    """Annotated source frames as an MP4 (``mp4v``); small frames are upscaled to ``min_side``."""
+    """Annotated source frames as a video (``.mp4``/``.mov``: H.264 when OpenCV writes it, else
+    mp4v; ``.avi``: MJPEG; :func:`keepbits.runtime.video.open_video_writer`); small frames are
+    upscaled to ``min_side``. The container and the path are checked when the sink opens (a probe
+    writer is opened there and removed), so a sink that cannot write fails before the run."""
 
     def __init__(self, path: str | Path, fps: float | None = None, min_side: int = 360):
+        from keepbits._fs import writable_file
+
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            codecs = video_codecs(self.path)
+        except InputError as exc:
+            raise InputError(f"sink video:{path}: {exc}") from None
+        writable_file(self.path, "video sink")
+        existed = self.path.exists()
+        probe = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*codecs[-1]), 25.0, (16, 16))  # the container's baseline codec
+        opened = probe.isOpened()
+        probe.release()
+        if not existed and self.path.exists():
+            self.path.unlink()
+        if not opened:
+            raise InputError(f"sink video:{path}: OpenCV cannot write {self.path.suffix} video there (no {codecs[-1]} encoder?)")
         self.fps, self.min_side = fps or 25.0, min_side
         self._writer: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None
@@ -104,10 +130,8 @@ class VideoSink:
     def write(self, frame: Any, result: Any, record: dict[str, Any]) -> None:
         out = annotate(frame.image, result, record, self.min_side)
         if self._writer is None:
-            self._size = (out.shape[1], out.shape[0])
-            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self._size)
-            if not self._writer.isOpened():
-                raise InputError(f"cannot write video {self.path} (OpenCV has no mp4v encoder?)")
+            self._size = even_size(out.shape[1], out.shape[0])
+            self._writer = open_video_writer(self.path, self.fps, self._size)
         if (out.shape[1], out.shape[0]) != self._size:
             out = cv2.resize(out, self._size, interpolation=cv2.INTER_AREA)
         self._writer.write(out)
@@ -134,10 +158,12 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 
 def open_sink(spec: str, *, fps: float | None = None) -> Sink:
-    """A sink from ``files:DIR``, ``video:OUT.mp4`` or ``tcp:HOST:PORT``."""
+    """A sink from ``files:DIR``, ``video:OUT.mp4``, ``tcp:HOST:PORT`` or ``mqtt://HOST:PORT/TOPIC``;
+    paths are checked here (:class:`InputError` for a file where a folder belongs, an unwritable
+    place, an unknown video container)."""
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
-        raise InputError(f"sink {spec!r}: expected files:DIR, video:OUT.mp4 or tcp:HOST:PORT")
+        raise InputError(f"sink {spec!r}: expected files:DIR, video:OUT.mp4, tcp:HOST:PORT or mqtt://HOST:PORT/TOPIC")
     if kind == "files":
         return FilesSink(arg)
     if kind == "video":
@@ -146,4 +172,8 @@ def open_sink(spec: str, *, fps: float | None = None) -> Sink:
         from keepbits.runtime.net import TcpSink
 
         return TcpSink(*parse_hostport(arg))
-    raise InputError(f"unknown sink kind {kind!r} in {spec!r} (files, video, tcp)")
+    if kind == "mqtt":
+        from keepbits.runtime.mqtt import MqttSink
+
+        return MqttSink(spec)
+    raise InputError(f"unknown sink kind {kind!r} in {spec!r} (files, video, tcp, mqtt)")

@@ -1,15 +1,24 @@
-"""Frame sources: video files, cameras, RTSP/HTTP URLs, image folders, Python iterators.
+"""Frame sources: video files, cameras (indices, ``/dev/video*`` devices), RTSP/HTTP URLs,
+GStreamer pipelines, image folders, Python iterators.
 
-Every source reads in its own grabber thread into a :class:`BoundedQueue`:
+Every source opens and reads in its own grabber thread into a :class:`BoundedQueue` (the
+caller's thread never blocks in OpenCV, so signals are always handled):
 
 * **files, folders, iterators** (``live=False``): policy ``block``, nothing is lost; a read
-  error ends the stream (counted in ``errors``).
-* **cameras, URLs, live iterators** (``live=True``): policy ``drop_oldest`` with room for one
-  frame, so the consumer always gets the newest one; frames overwritten unseen count as
-  ``dropped``. A wait longer than ``read_timeout`` counts as ``stale``; a source silent for
-  ``stall_timeout`` ends the stream. A read that fails, raises or ends reconnects with
-  exponential backoff (``reconnects``); ``max_reconnects`` consecutive reconnects without
-  a frame end the stream (None: retry for ever).
+  error ends the stream (counted in ``errors``). :meth:`Source.start` waits up to
+  ``stall_timeout`` for the source to open (a FIFO whose writer stalls never does): open
+  errors raise there; a source that has not opened by then ends at once (``last_error``).
+* **cameras, devices, URLs, GStreamer pipelines, live iterators** (``live=True``): policy
+  ``drop_oldest`` with room for one frame, so the consumer always gets the newest one; frames
+  overwritten unseen count as ``dropped``. A read that fails, raises or ends reconnects with
+  exponential backoff (``reconnects``); ``max_reconnects`` consecutive reconnects without a
+  frame end the stream (None: retry for ever).
+
+Either kind: a wait longer than ``read_timeout`` counts as ``stale``; a source silent for
+``stall_timeout`` ends the stream. Both timeouts must be positive (no busy-waiting). A frame
+that cannot be used (an image file of a pixel type other than 8 or 16 bit, larger than
+``max_pixels``, unreadable; an iterator's frame that is no image) is skipped and counted
+(``skipped``); 16-bit images are converted to 8 bit (the high byte).
 
 Frames come out as :class:`Frame` with an RGB (or grey) uint8 image.
 
@@ -23,6 +32,9 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
+import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +51,21 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
+#: FFmpeg's RTSP transports: TCP (interleaved on the RTSP connection: passes NAT and firewalls,
+#: no packet loss) or UDP (lower latency; lost packets show as broken frames).
+RTSP_TRANSPORTS = ("tcp", "udp")
+_FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+_FFMPEG_OPTIONS_LOCK = threading.Lock()
+#: Largest source frame by default (pixels, 8192×4096): image files are checked from their
+#: header before decoding, videos and cameras when opened.
+DEFAULT_MAX_PIXELS = 1 << 25
+
+
+@dataclass
+class Skipped:
+    """What a source's iterator yields for a frame it cannot use: counted, not delivered."""
+
+    reason: str
 
 
 @dataclass
@@ -96,26 +123,53 @@ class Source:
         backoff: tuple[float, float] = (0.5, 8.0),
         max_reconnects: int | None = None,
     ):
-        self.name, self.live, self.color, self.fps = name, live, color, fps
+        for what, value in (("read_timeout", read_timeout), ("stall_timeout", stall_timeout), ("backoff", backoff[0])):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise InputError(f"{what} must be a positive number of seconds, got {value!r}")
+        if backoff[1] < backoff[0]:
+            raise InputError(f"backoff must be (first, most) with most >= first, got {backoff}")
+        self.name, self.live, self.color, self._fps = name, live, color, fps
         self.read_timeout, self.stall_timeout = read_timeout, stall_timeout
         self.backoff, self.max_reconnects = backoff, max_reconnects
         self._open_fn = open_fn
         self._queue = BoundedQueue(queue_size or (1 if live else 4), "drop_oldest" if live else "block")
         self._stop = threading.Event()
+        self._opened = threading.Event()
+        self._open_error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._first: Iterator[Any] | None = None
-        self._counts = {"read": 0, "delivered": 0, "stale": 0, "reconnects": 0, "errors": 0}
+        self._counts = {"read": 0, "delivered": 0, "stale": 0, "reconnects": 0, "errors": 0, "skipped": 0}
         self.last_error: str | None = None
         self._next_index = 0
 
+    @property
+    def fps(self) -> float | None:
+        """The nominal frame rate, if known; a video file's comes from its header when it opens,
+        so asking a non-live source starts it (:meth:`start`)."""
+        if self._fps is None and not self.live:
+            self.start()
+        return self._fps
+
     # -- lifecycle -------------------------------------------------------------------
-    def start(self) -> "Source":
-        """Open (errors of a non-live source's first open raise here) and start grabbing."""
+    def start(self, stop: threading.Event | None = None) -> "Source":
+        """Start the grabber thread, which opens the source and reads it.
+
+        A non-live source is waited for until it has opened, at most ``stall_timeout`` (or
+        until ``stop`` is set): its open errors raise here; if it has not opened by then, the
+        source ends at once (no frames, ``last_error`` says why) and its thread is abandoned.
+        """
         if self._thread is None:
-            if not self.live:
-                self._first = self._open_fn()
             self._thread = threading.Thread(target=self._grab, name=f"keepbits-source-{self.name}", daemon=True)
             self._thread.start()
+            if not self.live:
+                deadline = time.monotonic() + self.stall_timeout
+                while not self._opened.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+                    if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                        self.last_error = f"did not open within {self.stall_timeout:g} s" if time.monotonic() >= deadline else "stopped while opening"
+                        log.warning("source %s %s; ending the stream", self.name, self.last_error)
+                        self.close(timeout=0)
+                        break
+                if self._open_error is not None:
+                    raise self._open_error
         return self
 
     def close(self, timeout: float = 2.0) -> None:
@@ -140,7 +194,7 @@ class Source:
     def get(self, stop: threading.Event | None = None) -> Frame | None:
         """Next frame, or None when the stream has ended, stalled past ``stall_timeout``, or
         ``stop`` is set (checked every ``read_timeout``)."""
-        self.start()
+        self.start(stop)
         waited = 0.0
         while stop is None or not stop.is_set():
             try:
@@ -151,7 +205,7 @@ class Source:
                 self._counts["stale"] += 1
                 waited += self.read_timeout
                 if waited >= self.stall_timeout:
-                    self.last_error = f"no frame for {waited:.1f} s"
+                    self.last_error = f"no frame for {waited:.1f} s" + (f"; last error: {self.last_error}" if self.last_error else "")
                     log.warning("source %s stalled (%s); ending the stream", self.name, self.last_error)
                     self.close(timeout=0)
                     return None
@@ -165,12 +219,22 @@ class Source:
         return len(self._queue) > 0
 
     def stats(self) -> dict[str, Any]:
-        """Counters: read, delivered, dropped, stale, reconnects, errors (+ last_error)."""
-        return {**self._counts, "dropped": self._queue.dropped, "last_error": self.last_error}
+        """Counters: read, delivered, dropped, stale, reconnects, errors, skipped (+ live, last_error)."""
+        return {**self._counts, "dropped": self._queue.dropped, "live": self.live, "last_error": self.last_error}
 
     # -- grabber thread ----------------------------------------------------------------
+    def _skip(self, reason: str) -> None:
+        self._counts["skipped"] += 1
+        self.last_error = reason
+        log.warning("source %s: skipped a frame: %s", self.name, reason)
+
     def _offer(self, item: Any) -> None:
-        frame = Frame(as_rgb(item, self.color), self._next_index, time.time())
+        try:
+            image = as_rgb(item, self.color)
+        except InputError as exc:
+            self._skip(str(exc))
+            return
+        frame = Frame(image, self._next_index, time.time())
         self._next_index += 1
         self._counts["read"] += 1
         while not self._queue.put(frame, timeout=0.1):
@@ -179,13 +243,18 @@ class Source:
 
     def _grab(self) -> None:
         attempt = 0
-        iterator = self._first
         try:
             while not self._stop.is_set():
                 try:
-                    for item in iterator if iterator is not None else self._open_fn():
+                    iterator = self._open_fn()
+                    self._fps = self._fps or getattr(iterator, "fps", None)
+                    self._opened.set()
+                    for item in iterator:
                         if self._stop.is_set():
                             return
+                        if isinstance(item, Skipped):
+                            self._skip(item.reason)
+                            continue
                         self._offer(item)
                         attempt = 0
                     if not self.live:
@@ -194,12 +263,14 @@ class Source:
                 except QueueClosed:  # the consumer closed the source
                     return
                 except Exception as exc:  # noqa: BLE001 - a source may fail any way; count and go on
+                    if not self.live and not self._opened.is_set():
+                        self._open_error = exc  # raised by start()
+                        return
                     self._counts["errors"] += 1
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     log.warning("source %s: %s", self.name, self.last_error)
                     if not self.live:
                         return
-                iterator = None
                 if self.max_reconnects is not None and attempt >= self.max_reconnects:
                     return
                 if self._stop.wait(min(self.backoff[0] * 2**attempt, self.backoff[1])):
@@ -207,15 +278,36 @@ class Source:
                 attempt += 1
                 self._counts["reconnects"] += 1
         finally:
+            self._opened.set()
             self._queue.close()
 
 
-def _capture(target: str | int, timeout_ms: int) -> cv2.VideoCapture:
+def _capture(target: str | int, timeout_ms: int, max_pixels: int, api: int = cv2.CAP_ANY,
+             ffmpeg_options: str | None = None) -> cv2.VideoCapture:
+    """An opened OpenCV capture of frames of at most ``max_pixels``; ``ffmpeg_options``
+    (``key;value|key;value``) go to FFmpeg through ``OPENCV_FFMPEG_CAPTURE_OPTIONS``, which OpenCV
+    reads when a capture opens."""
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
-    cap = cv2.VideoCapture(target, cv2.CAP_ANY, params)
+    if ffmpeg_options is None:
+        cap = cv2.VideoCapture(target, api, params)
+    else:
+        with _FFMPEG_OPTIONS_LOCK:
+            before = os.environ.get(_FFMPEG_OPTIONS)
+            os.environ[_FFMPEG_OPTIONS] = ffmpeg_options
+            try:
+                cap = cv2.VideoCapture(target, api, params)
+            finally:
+                if before is None:
+                    del os.environ[_FFMPEG_OPTIONS]
+                else:
+                    os.environ[_FFMPEG_OPTIONS] = before
     if not cap.isOpened():
         cap.release()
         raise InputError(f"cannot open video source {target!r} (missing, corrupt, or no codec/driver)")
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    if w * h > max_pixels:
+        cap.release()
+        raise InputError(f"video source {target!r}: {w}x{h} frames exceed max_pixels={max_pixels}")
     return cap
 
 
@@ -232,9 +324,13 @@ def _capture_frames(cap: cv2.VideoCapture, live: bool) -> Iterator[np.ndarray]:
         cap.release()
 
 
-def _video_file(path: Path, loop: bool, timeout_ms: int) -> Callable[[], Iterator[np.ndarray]]:
-    def open_fn() -> Iterator[np.ndarray]:
-        cap = _capture(str(path), timeout_ms)
+class _VideoFrames:
+    """The frames of a video file, opened (and its first frame read) on construction; ``fps``
+    from its header; reopened at the end when looping."""
+
+    def __init__(self, path: Path, loop: bool, timeout_ms: int, max_pixels: int):
+        cap = _capture(str(path), timeout_ms, max_pixels)
+        self.fps = cap.get(cv2.CAP_PROP_FPS) or None
         ok, first = cap.read()
         if not ok:
             cap.release()
@@ -244,27 +340,65 @@ def _video_file(path: Path, loop: bool, timeout_ms: int) -> Callable[[], Iterato
             yield first
             yield from _capture_frames(cap, live=False)
             while loop:
-                yield from _capture_frames(_capture(str(path), timeout_ms), live=False)
+                yield from _capture_frames(_capture(str(path), timeout_ms, max_pixels), live=False)
 
-        return frames()
+        self._frames = frames()
 
-    return open_fn
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self._frames
 
 
-def _folder(path: Path) -> Callable[[], Iterator[np.ndarray]]:
+def _read_image(file: Path, max_pixels: int) -> np.ndarray | Skipped:
+    """One image file as uint8 (16-bit converted), or :class:`Skipped`; its size is read from
+    the header (Pillow, with its decompression-bomb guard) and checked before decoding."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            width, height = im.size
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on files it cannot identify
+        return Skipped(f"{file.name}: not a readable image ({type(exc).__name__}: {exc})")
+    if width * height > max_pixels:
+        return Skipped(f"{file.name}: {width}x{height} pixels exceed max_pixels={max_pixels}")
+    image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        return Skipped(f"{file.name}: OpenCV cannot decode it")
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    if image.dtype != np.uint8:
+        return Skipped(f"{file.name}: {image.dtype} pixels (8 or 16 bit integers only)")
+    return image
+
+
+def _folder(path: Path, max_pixels: int) -> Callable[[], Iterator[np.ndarray | Skipped]]:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
 
-    def frames() -> Iterator[np.ndarray]:
+    def frames() -> Iterator[np.ndarray | Skipped]:
         for file in files:
-            image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
-            if image is None:
-                log.warning("skipping unreadable image %s", file)
-                continue
-            yield image
+            yield _read_image(file, max_pixels)
 
     return frames
+
+
+def is_gstreamer_pipeline(spec: Any) -> bool:
+    """Whether ``spec`` reads as a GStreamer pipeline (elements joined by ``!``).
+
+    Example:
+        >>> from keepbits.runtime.sources import is_gstreamer_pipeline
+        >>> is_gstreamer_pipeline("videotestsrc ! videoconvert ! appsink"), is_gstreamer_pipeline("clip.mp4")
+        (True, False)
+    """
+    return isinstance(spec, str) and " ! " in spec and "://" not in spec.split(" ! ", 1)[0]
+
+
+def _is_device(path: Path) -> bool:
+    """A character device (``/dev/video0``, or a link to one): a camera, read live."""
+    try:
+        return stat.S_ISCHR(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def open_source(
@@ -276,11 +410,20 @@ def open_source(
     read_timeout: float = 5.0,
     stall_timeout: float = 30.0,
     max_reconnects: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    rtsp_transport: str | None = None,
 ) -> Source:
-    """A :class:`Source` for a video file, image folder, camera index (``0``), URL or iterable.
+    """A :class:`Source` for a video file, image folder, camera (index ``0`` or device
+    ``/dev/video0``), URL, GStreamer pipeline or iterable.
 
     ``color`` is the channel order of frames an iterable yields (OpenCV sources are handled).
-    ``live`` overrides the policy (cameras and URLs are live; files, folders, iterables not).
+    ``live`` overrides the policy (cameras, devices, URLs and GStreamer pipelines are live;
+    files, folders, iterables not). Nothing is opened here: the source's thread opens it
+    (:meth:`Source.start`). ``max_pixels`` bounds the frames of files, folders, cameras and URLs.
+    ``read_timeout`` bounds opening and each read of OpenCV sources (FFmpeg's open and read
+    timeouts). ``rtsp_transport`` (``"tcp"`` or ``"udp"``) sets FFmpeg's RTSP transport for
+    ``rtsp://`` URLs (default: FFmpeg's, UDP then TCP). A GStreamer pipeline needs an OpenCV
+    built with GStreamer (:class:`InputError` naming it otherwise).
 
     Example:
         >>> from keepbits.runtime import open_source
@@ -290,25 +433,39 @@ def open_source(
     """
     if isinstance(spec, Source):
         return spec
-    timeout_ms = int(read_timeout * 1000)
+    if not (isinstance(max_pixels, int) and max_pixels > 0):
+        raise InputError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    if rtsp_transport not in (None, *RTSP_TRANSPORTS):
+        raise InputError(f"rtsp_transport must be one of {RTSP_TRANSPORTS}, got {rtsp_transport!r}")
     common = {"read_timeout": read_timeout, "stall_timeout": stall_timeout, "max_reconnects": max_reconnects}
+    timeout_ms = max(1, int(read_timeout * 1000)) if isinstance(read_timeout, (int, float)) and math.isfinite(read_timeout) else 0
     if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
         index = int(spec)
-        return Source(lambda: _capture_frames(_capture(index, timeout_ms), True), name=f"camera{index}",
+        return Source(lambda: _capture_frames(_capture(index, timeout_ms, max_pixels), True), name=f"camera{index}",
                       live=True if live is None else live, color="bgr", **common)
     if isinstance(spec, str) and spec.lower().startswith(LIVE_SCHEMES):
-        return Source(lambda: _capture_frames(_capture(spec, timeout_ms), True), name=spec.split("@")[-1],
-                      live=True if live is None else live, color="bgr", **common)
+        options = f"rtsp_transport;{rtsp_transport}" if rtsp_transport and spec.lower().startswith(("rtsp://", "rtsps://")) else None
+        return Source(lambda: _capture_frames(_capture(spec, timeout_ms, max_pixels, ffmpeg_options=options), True),
+                      name=spec.split("@")[-1], live=True if live is None else live, color="bgr", **common)
+    if is_gstreamer_pipeline(spec):
+        from keepbits.runtime.video import has_backend
+
+        if not has_backend("GSTREAMER"):
+            raise InputError(f"{spec!r} is a GStreamer pipeline, but this OpenCV build has no GStreamer back-end "
+                             "(keepbits doctor shows its video back-ends); use an OpenCV built with GStreamer, or a file, URL or camera")
+        return Source(lambda: _capture_frames(_capture(spec, timeout_ms, max_pixels, cv2.CAP_GSTREAMER), True),
+                      name=spec.split(" ! ", 1)[0], live=True if live is None else live, color="bgr", **common)
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         if not path.exists():
             raise InputError(f"source not found: {path}")
+        if _is_device(path):  # a V4L2 camera: live, reopened after a disconnect
+            return Source(lambda: _capture_frames(_capture(str(path), timeout_ms, max_pixels), True), name=path.name,
+                          live=True if live is None else live, color="bgr", **common)
         if path.is_dir():
-            return Source(_folder(path), name=path.name, live=bool(live), color="bgr", **common)
-        cap = _capture(str(path), timeout_ms)
-        fps = cap.get(cv2.CAP_PROP_FPS) or None
-        cap.release()
-        return Source(_video_file(path, loop, timeout_ms), name=path.name, live=bool(live), color="bgr", fps=fps, **common)
+            return Source(_folder(path, max_pixels), name=path.name, live=bool(live), color="bgr", **common)
+        return Source(lambda: _VideoFrames(path, loop, timeout_ms, max_pixels), name=path.name, live=bool(live),
+                      color="bgr", **common)
     if isinstance(spec, Iterable):
         return Source(lambda: iter(spec), name=type(spec).__name__, live=bool(live), color=color, **common)
     raise InputError(f"unsupported source {spec!r}: give a path, folder, camera index, URL or iterable of frames")

@@ -12,7 +12,12 @@ memory stays bounded either way.
 
 Shutdown: setting ``stop`` (SIGINT/SIGTERM under :func:`handle_signals`) stops taking
 new frames; every frame already taken from the source is encoded and written, sinks are
-closed (videos finalised, JSONL flushed) and the summary is returned.
+closed (videos finalised, JSONL flushed) and the summary is returned. A second signal
+aborts: the frames still queued are dropped, threads are given :data:`ABORT_WAIT_S` and
+``KeyboardInterrupt`` is raised.
+
+The summary's ``status`` (one of :data:`STATUSES`) and ``reason`` say whether the frames got
+through; ``keepbits run`` exits with the status's code.
 
 Example:
     >>> import numpy as np, tempfile
@@ -37,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 import cv2
 import numpy as np
 
-from keepbits.codec import encode
+from keepbits.codec import encode, encode_image
 from keepbits.runtime.pipeline import Pipeline, Result
 from keepbits.runtime.queues import BoundedQueue, QueueClosed
 from keepbits.runtime.sinks import Sink
@@ -48,11 +53,18 @@ log = logging.getLogger(__name__)
 #: Latency percentiles are over this many most recent frames (bounded memory on endless streams).
 LATENCY_WINDOW = 10_000
 COMPARE = ("jpeg", "png", "paper", "lossless")
+#: Seconds an aborted run (second signal) waits for its threads before giving up on them.
+ABORT_WAIT_S = 2.0
+#: A run's ``status``, the first that applies in this order: ``source_failed`` (no frame, or a
+#: file source that ended on a read error), ``undelivered`` (a sink reports frames it could not
+#: deliver), ``frame_errors`` (frames failed in the model, the encoder or a sink), else ``ok``.
+#: ``keepbits run`` maps them to exit codes (``keepbits.cli.run.EXIT_CODES``).
+STATUSES = ("ok", "source_failed", "undelivered", "frame_errors")
 
 
 @contextlib.contextmanager
 def handle_signals(stop: threading.Event) -> Iterator[threading.Event]:
-    """While active, SIGINT/SIGTERM set ``stop`` (a second SIGINT interrupts at once).
+    """While active, SIGINT/SIGTERM set ``stop``; a second one (either) raises ``KeyboardInterrupt``.
 
     Example:
         >>> import threading
@@ -66,7 +78,7 @@ def handle_signals(stop: threading.Event) -> Iterator[threading.Event]:
         return
 
     def on_signal(signum: int, _frame: Any) -> None:
-        if stop.is_set() and signum == signal.SIGINT:
+        if stop.is_set():  # the second SIGINT or SIGTERM: abort
             raise KeyboardInterrupt
         log.warning("%s: finishing the frames already accepted (again to abort)", signal.Signals(signum).name)
         stop.set()
@@ -80,7 +92,8 @@ def handle_signals(stop: threading.Event) -> Iterator[threading.Event]:
 
 
 def reference_sizes(image: np.ndarray, formats: Sequence[str], jpeg_quality: int = 90) -> dict[str, int]:
-    """Bytes of ``image`` as a whole-frame JPEG (``jpeg_quality``) and/or PNG (OpenCV defaults).
+    """Bytes of ``image`` (RGB) as a whole-frame JPEG (``jpeg_quality``) and/or PNG (the codec's
+    default PNG writer), by :func:`keepbits.codec.encode_image`.
 
     Example:
         >>> import numpy as np
@@ -88,11 +101,7 @@ def reference_sizes(image: np.ndarray, formats: Sequence[str], jpeg_quality: int
         >>> sorted(reference_sizes(np.zeros((8, 8, 3), np.uint8), ["jpeg", "png"]))
         ['jpeg_bytes', 'png_bytes']
     """
-    out = {}
-    for fmt in formats:
-        params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if fmt == "jpeg" else []
-        out[f"{fmt}_bytes"] = len(cv2.imencode(".jpg" if fmt == "jpeg" else ".png", image, params)[1])
-    return out
+    return {f"{fmt}_bytes": len(encode_image(image, fmt, jpeg_quality)) for fmt in formats}
 
 
 class _Stats:
@@ -102,6 +111,7 @@ class _Stats:
         self.lock = threading.Lock()
         self.written = 0
         self.errors = 0
+        self.last_error: str | None = None
         self.bytes = collections.Counter()
         self.labels: collections.Counter[str] = collections.Counter()
         self.kept = 0.0
@@ -131,12 +141,12 @@ def _record(frame: Frame, r: Result, compare: Sequence[str], jpeg_quality: int) 
     references = [c for c in compare if c in ("jpeg", "png")]
     sizes = {}
     if references:
-        bgr = np.ascontiguousarray(r.image[:, :, ::-1]) if r.image.shape[2] == 3 else r.image
-        sizes = reference_sizes(bgr, references, jpeg_quality)
+        sizes = reference_sizes(r.image, references, jpeg_quality)
     if "paper" in compare and r.mask is not None:
-        sizes["paper_bytes"] = len(encode(r.image, r, mode="paper"))
+        sizes["paper_bytes"] = len(encode(r.image, r.frame_record(), mode="paper"))
     if "lossless" in compare:
-        sizes["lossless_bytes"] = len(encode(r.image, r) if r.mask is not None else encode(r.simplified, r, mode="simplified"))
+        sizes["lossless_bytes"] = len(encode(r.image, r.frame_record()) if r.mask is not None
+                                      else encode(r.simplified, r.frame_record(), mode="simplified"))
     kept = r.kept_fraction
     return {
         "sequence": r.sequence, "source_index": frame.index, "timestamp": r.timestamp, "label": r.label,
@@ -147,8 +157,8 @@ def _record(frame: Frame, r: Result, compare: Sequence[str], jpeg_quality: int) 
 
 
 def _writer(queue: BoundedQueue, pipeline: Pipeline, sinks: Sequence[Sink], stats: _Stats,
-            compare: Sequence[str], jpeg_quality: int) -> None:
-    while True:
+            compare: Sequence[str], jpeg_quality: int, abort: threading.Event) -> None:
+    while not abort.is_set():
         try:
             frames, results = queue.get()
         except QueueClosed:
@@ -165,6 +175,7 @@ def _writer(queue: BoundedQueue, pipeline: Pipeline, sinks: Sequence[Sink], stat
             except Exception as exc:  # noqa: BLE001 - one bad frame or sink must not end the stream
                 with stats.lock:
                     stats.errors += 1
+                    stats.last_error = f"frame {r.sequence}: {type(exc).__name__}: {exc}"
                 log.warning("frame %d: %s: %s", r.sequence, type(exc).__name__, exc)
 
 
@@ -227,9 +238,10 @@ def run_stream(
     if opencv_threads is not None and opencv_threads < 1:
         raise ValueError(f"opencv_threads must be >= 1 or None, got {opencv_threads}")
     stop = stop or threading.Event()
+    abort = threading.Event()
     stats = _Stats()
     queue = BoundedQueue(queue_size, "block")
-    writer = threading.Thread(target=_writer, args=(queue, pipeline, sinks, stats, compare, jpeg_quality),
+    writer = threading.Thread(target=_writer, args=(queue, pipeline, sinks, stats, compare, jpeg_quality, abort),
                               name="keepbits-writer", daemon=True)
     batch_size = 1 if source.live else max(1, batch_size)
     limit = max_frames if max_frames is not None else 1 << 62
@@ -280,7 +292,7 @@ def run_stream(
     start = time.perf_counter()
     writer.start()
     try:
-        source.start()
+        source.start(stop)
         for t in threads:
             t.start()
         for t in threads:
@@ -289,17 +301,22 @@ def run_stream(
                 if progress is not None:
                     progress(_snapshot(stats, source, shared["accepted"], time.perf_counter() - start))
     except BaseException:
-        stop.set()  # interrupted here: the workers finish the batches they took and take no more
+        # aborted (a second signal, or an error here): queued frames are dropped, threads get ABORT_WAIT_S
+        stop.set()
+        abort.set()
+        queue.close()
         raise
     finally:
-        for t in threads:
+        deadline = time.monotonic() + ABORT_WAIT_S if abort.is_set() else None
+        for t in (*threads, writer):
+            if t is writer:
+                queue.close()
             if t.ident is not None:
-                t.join()
-        queue.close()
-        writer.join()
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         cv2.setNumThreads(opencv_before)
         source.close()
-        sink_stats = [sink.close() for sink in sinks]
+        # a sink still in use by a stuck writer is left alone: the run is being abandoned
+        sink_stats = [sink.close() for sink in sinks] if not writer.is_alive() else []
     if shared["error"] is not None:
         raise shared["error"]
     elapsed = time.perf_counter() - start
@@ -310,9 +327,27 @@ def run_stream(
         workers=workers, opencv_threads=cv2.getNumThreads() if opencv_threads is None else opencv_threads,
         pipeline=pipeline.describe(),
     )
+    summary["status"], summary["reason"] = _status(summary, stats.last_error)
     if progress is not None:
         progress(summary)
     return summary
+
+
+def _status(summary: dict[str, Any], last_error: str | None) -> tuple[str, str | None]:
+    """The run's ``status`` (one of :data:`STATUSES`) and the reason when it is not ``ok``."""
+    source = summary["source"]
+    if summary["frames"] == 0:
+        return "source_failed", f"no frame from the source ({source['last_error'] or 'it was empty'})"
+    lost = [s for s in summary["sinks"] if s.get("undelivered")]
+    if lost:
+        return "undelivered", "; ".join(
+            f"{s['kind']} sink {s.get('address') or s.get('path')}: {s['undelivered']} frames not delivered "
+            f"({s.get('unsent', 0)} unsent, {s.get('unconfirmed', 0)} unconfirmed; {s.get('last_error')})" for s in lost)
+    if summary["errors"]:
+        return "frame_errors", f"{summary['errors']} of {summary['frames']} frames failed (last: {last_error})"
+    if not source["live"] and source["errors"]:
+        return "source_failed", f"the source ended on a read error ({source['last_error']})"
+    return "ok", None
 
 
 def _snapshot(stats: _Stats, source: Source, accepted: int, elapsed: float) -> dict[str, Any]:

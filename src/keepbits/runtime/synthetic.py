@@ -80,8 +80,10 @@ def moving_digits(
     return frames, out_labels
 
 
-def toy_bundle(out: str | Path, *, size: int = 16, block: int = 4, channels: int = 3) -> Path:
-    """Write a tiny bundle (no training) honouring the runtime's graph contract.
+def toy_bundle(out: str | Path, *, size: int = 16, block: int = 4, channels: int = 3, resize_policy: str = "letterbox",
+               crop_fraction: float = 1.0) -> Path:
+    """Write a tiny bundle (no training) honouring the runtime's graph contract; frames reach
+    ``size`` by ``resize_policy`` (``crop_fraction``: center-crop).
 
     Classes ``dark``/``bright`` by mean brightness; ẑ = clip((grey − 100)/20, 0, 1);
     ``mixed`` is the input. Input uint8 NHWC of any size. Returns ``out``.
@@ -130,6 +132,6 @@ def toy_bundle(out: str | Path, *, size: int = 16, block: int = 4, channels: int
     manifest = Manifest(
         input_shape=[channels, size, size], input_dtype="uint8", input_layout="NHWC",
         mean=[0.0] * channels, std=[1.0] * channels, class_names=["dark", "bright"], block_size=block,
-        mask_threshold=0.5, generator="toy", classifier="toy",
+        mask_threshold=0.5, generator="toy", classifier="toy", resize_policy=resize_policy, crop_fraction=crop_fraction,
     )
     return write_bundle(out, manifest, {"model.onnx": model.SerializeToString()}, overwrite=True)

@@ -1,88 +1,346 @@
 """Checkpoints: one ``.pt`` file per model, written atomically, read with ``weights_only=True``.
 
-Layout (a plain dict of tensors, numbers, strings, lists and dicts, nothing pickled):
+In memory a checkpoint is a :class:`Checkpoint`, checked field by field when it is built
+(the one constructor every trainer uses) and when it is read. On disk it is a plain dict of
+tensors, numbers, strings, lists and dicts, nothing pickled (format version 1):
 
     format: "keepbits-checkpoint", version: 1,
     kind: "classifier" | "nice" | "simplebits" | "density",
-    models: {role: {"arch": registry name, "kwargs": {...}, "state_dict": {...}}},
-    input_shape: [C, H, W], normalization: {"mean": [...], "std": [...]},
-    class_names: [...], settings: {...}, command: str, metrics: {...},
-    epoch: int, optimizer: state (optional), scheduler: state (optional)
+    models: {role: {"arch": registry name or "package.module:factory", "kwargs": {...}, "state_dict": {...}}},
+    input_shape: [C, H, W], normalization: {"mean": [...], "std": [...]} (not for density),
+    class_names: [...], preprocessing: {...} (optional), settings: {...}, command: str,
+    metrics: {...}, epoch: int, optimizer: state (optional), scheduler: state (optional)
 
 ``models`` holds every network of the run by role (``classifier``, ``generator``,
 ``simplifier``, ``density``) so one checkpoint restores a whole NICE or SimpleBits model.
+``preprocessing`` records how raw images became ``input_shape``: ``resize_policy`` and
+``crop_fraction`` (the classifier trainer writes the policy of class-folder data; NICE and
+SimpleBits copy their classifier's); :meth:`Checkpoint.preprocessing_record` gives the whole
+:class:`keepbits.data.Preprocessing`. Readers of older files get ``{}`` (letterbox).
+``arch`` is a registry name or ``package.module:factory`` (a classifier brought by its user,
+:mod:`keepbits.training.byo`).
+
+Example:
+    >>> import tempfile
+    >>> from keepbits import registry
+    >>> from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
+    >>> kwargs = {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
+    >>> ckpt = Checkpoint(kind="classifier", models={"classifier": ModelEntry.of("lenet5", kwargs, registry.build("lenet5", **kwargs))},
+    ...                   input_shape=[1, 28, 28], normalization=Normalization([0.13], [0.31]), class_names=list("0123456789"))
+    >>> path = save_checkpoint(tempfile.mkdtemp() + "/c.pt", ckpt)
+    >>> type(build_model(load_checkpoint(path, "classifier"), "classifier")).__name__
+    'LeNet5'
+    >>> Checkpoint(kind="classifier", models=ckpt.models, input_shape=[1, 28], normalization=ckpt.normalization, class_names=["a"])
+    Traceback (most recent call last):
+    keepbits.errors.CheckpointError: checkpoint field 'input_shape' must be [C, H, W] positive ints, got [1, 28]
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
 import os
-import pickle
-import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from keepbits import registry
 from keepbits._fs import sibling_temp
-from keepbits.errors import CheckpointError
+from keepbits.data import Preprocessing
+from keepbits.errors import CheckpointError, InputError
 
 FORMAT = "keepbits-checkpoint"
 VERSION = 1
+#: Checkpoint kinds and the model roles each must hold.
+KINDS = {"classifier": ("classifier",), "nice": ("generator", "classifier"), "simplebits": ("simplifier", "classifier"),
+         "density": ("density",)}
+ROLES = ("classifier", "generator", "simplifier", "density")
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (see module doc) atomically: a temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"format": FORMAT, "version": VERSION, **payload}
-    tmp = sibling_temp(path)
-    try:
-        torch.save(record, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def _bad(name: str, message: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint field {name!r} {message}")
 
 
-def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``); check format and, if given, ``kind``."""
+def _kind_of(value: Any) -> str:
+    return type(value).__name__
+
+
+def _str_keyed_dict(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _bad(name, f"must be a dict with string keys, got {_kind_of(value)}")
+    return dict(value)
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise _bad(name, f"must hold finite numbers, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class ModelEntry:
+    """One network of a checkpoint: registry name, the kwargs it is built with, its weights."""
+
+    arch: str
+    kwargs: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, arch: str, kwargs: Mapping[str, Any], model: torch.nn.Module) -> "ModelEntry":
+        """The entry of ``model`` (unwrapped from DistributedDataParallel; weights copied to the CPU)."""
+        model = model.module if hasattr(model, "module") else model
+        return cls(arch, dict(kwargs), {k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+    def check(self, role: str) -> None:
+        """Raise :class:`CheckpointError` naming ``models[role]`` and the first bad field."""
+        where = f"models[{role}]"
+        if not isinstance(self.arch, str) or not self.arch:
+            raise _bad(f"{where}.arch", f"must be a registry name, got {self.arch!r}")
+        self.kwargs = _str_keyed_dict(f"{where}.kwargs", self.kwargs)
+        self.state_dict = _str_keyed_dict(f"{where}.state_dict", self.state_dict)
+        for key, value in self.state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise _bad(f"{where}.state_dict", f"must map names to tensors; {key!r} is a {_kind_of(value)}")
+
+
+@dataclass
+class Normalization:
+    """Per-channel input normalisation ``(x − mean)/std`` of [0, 1] images."""
+
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint record (module doc). Every field is checked when it is built: a bad one
+    raises :class:`CheckpointError` naming it."""
+
+    kind: str
+    models: dict[str, ModelEntry]
+    input_shape: list[int]
+    normalization: Normalization | None = None
+    class_names: list[str] = field(default_factory=list)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check (and normalise to plain lists/floats/ints) every field."""
+        if self.kind not in KINDS:
+            raise _bad("kind", f"must be one of {list(KINDS)}, got {self.kind!r}")
+        if not isinstance(self.models, Mapping):
+            raise _bad("models", f"must be a dict of role -> ModelEntry, got {_kind_of(self.models)}")
+        self.models = dict(self.models)
+        missing = [r for r in KINDS[self.kind] if r not in self.models]
+        if missing:
+            raise _bad("models", f"of a {self.kind} checkpoint needs the roles {list(KINDS[self.kind])}, has {sorted(self.models)}")
+        unknown = [role for role in self.models if role not in ROLES]
+        if unknown:
+            raise _bad("models", f"has an unknown role {unknown[0]!r} (roles: {list(ROLES)})")
+        for role, entry in self.models.items():
+            if not isinstance(entry, ModelEntry):
+                raise _bad(f"models[{role}]", f"must be a ModelEntry, got {_kind_of(entry)}")
+            entry.check(role)
+        shape = self.input_shape
+        if (not isinstance(shape, (list, tuple)) or len(shape) != 3
+                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in shape)):
+            raise _bad("input_shape", f"must be [C, H, W] positive ints, got {shape!r}")
+        self.input_shape = [int(v) for v in shape]
+        norm = self.normalization
+        if norm is None:
+            if self.kind != "density":
+                raise _bad("normalization", f"is required for a {self.kind} checkpoint")
+        else:
+            if not isinstance(norm, Normalization):
+                raise _bad("normalization", f"must be a Normalization, got {_kind_of(norm)}")
+            for name in ("mean", "std"):
+                values = getattr(norm, name)
+                if not isinstance(values, (list, tuple)) or len(values) != self.input_shape[0]:
+                    raise _bad(f"normalization.{name}", f"needs {self.input_shape[0]} values (one per channel), got {values!r}")
+                setattr(norm, name, [_real(f"normalization.{name}", v) for v in values])
+            if any(v <= 0 for v in norm.std):
+                raise _bad("normalization.std", f"must be positive, got {norm.std}")
+        if not isinstance(self.class_names, (list, tuple)) or not all(isinstance(c, str) for c in self.class_names):
+            raise _bad("class_names", f"must be a list of strings, got {self.class_names!r}")
+        self.class_names = list(self.class_names)
+        if not self.class_names and self.kind != "density":
+            raise _bad("class_names", f"is empty; a {self.kind} checkpoint names its classes")
+        for name in ("preprocessing", "settings", "metrics"):
+            setattr(self, name, _str_keyed_dict(name, getattr(self, name)))
+        if not isinstance(self.command, str):
+            raise _bad("command", f"must be a string, got {_kind_of(self.command)}")
+        if not isinstance(self.epoch, numbers.Integral) or isinstance(self.epoch, bool) or self.epoch < 0:
+            raise _bad("epoch", f"must be an int >= 0, got {self.epoch!r}")
+        self.epoch = int(self.epoch)
+        for name in ("optimizer", "scheduler"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _str_keyed_dict(name, getattr(self, name)))
+
+    def preprocessing_record(self) -> Preprocessing:
+        """How the classifier sees an image, as a :class:`keepbits.data.Preprocessing`: input size,
+        mean/std and class names from their own fields, the resize policy and crop fraction from
+        ``preprocessing`` (``letterbox`` for files that do not record one, what the runtime
+        applied to them)."""
+        if self.normalization is None:
+            raise CheckpointError(f"a {self.kind} checkpoint has no classifier preprocessing")
+        extra = {k: v for k, v in self.preprocessing.items() if k in ("resize_policy", "crop_fraction")}
+        try:
+            return Preprocessing(input_size=tuple(self.input_shape[1:]), mean=tuple(self.normalization.mean),
+                                 std=tuple(self.normalization.std), class_names=tuple(self.class_names), **extra)
+        except InputError as exc:
+            raise _bad("preprocessing", f"does not describe the classifier's input: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk dict (module doc); optional fields only when set."""
+        record: dict[str, Any] = {"format": FORMAT, "version": VERSION, "kind": self.kind,
+                                  "models": {role: {"arch": e.arch, "kwargs": e.kwargs, "state_dict": e.state_dict}
+                                             for role, e in self.models.items()},
+                                  "input_shape": list(self.input_shape)}
+        if self.normalization is not None:
+            record["normalization"] = {"mean": list(self.normalization.mean), "std": list(self.normalization.std)}
+        record.update(class_names=list(self.class_names), settings=self.settings, command=self.command, metrics=self.metrics,
+                      epoch=self.epoch)
+        for name in ("preprocessing", "optimizer", "scheduler"):
+            if getattr(self, name):
+                record[name] = getattr(self, name)
+        return record
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "checkpoint") -> "Checkpoint":
+        """Build from the on-disk dict (version 1); unknown or missing required fields and bad values
+        raise :class:`CheckpointError` naming ``where`` and the field."""
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            raise CheckpointError(f"{where}: not a keepbits checkpoint")
+        if data.get("version") != VERSION:
+            raise CheckpointError(f"{where}: checkpoint version {data.get('version')} is not supported (this keepbits reads {VERSION})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields - {"format", "version"})
+        if unknown:
+            raise CheckpointError(f"{where}: unknown checkpoint fields {unknown}")
+        missing = [name for name in ("kind", "models", "input_shape") if name not in data]
+        if missing:
+            raise CheckpointError(f"{where}: checkpoint lacks {', '.join(missing)}")
+        values = {k: v for k, v in data.items() if k in fields}
+        try:
+            models = _str_keyed_dict("models", values["models"])
+            entries = {}
+            for role, entry in models.items():
+                entry = _str_keyed_dict(f"models[{role}]", entry)
+                if set(entry) != {"arch", "kwargs", "state_dict"}:
+                    raise _bad(f"models[{role}]", f"must have arch, kwargs and state_dict, has {sorted(entry)}")
+                entries[role] = ModelEntry(**entry)
+            values["models"] = entries
+            if values.get("normalization") is not None:
+                norm = _str_keyed_dict("normalization", values["normalization"])
+                if set(norm) != {"mean", "std"}:
+                    raise _bad("normalization", f"must have mean and std, has {sorted(norm)}")
+                values["normalization"] = Normalization(**norm)
+            return cls(**values)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (a temp file in the same folder, then rename); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = sibling_temp(path)
+        try:
+            torch.save(self.to_dict(), tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
+    """Write ``checkpoint`` atomically to ``path`` (:meth:`Checkpoint.save`)."""
+    if not isinstance(checkpoint, Checkpoint):
+        raise TypeError(f"save_checkpoint takes a Checkpoint, got {_kind_of(checkpoint)}")
+    return checkpoint.save(path)
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
+    """Read a checkpoint safely (``weights_only=True``) and check every field; and ``kind`` if given."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable keepbits checkpoint ({str(exc).splitlines()[0]})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a keepbits checkpoint")
-    if record.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {record.get('version')} is not supported (expected {VERSION})")
-    if kind is not None and record.get("kind") != kind:
-        raise CheckpointError(f"{path}: holds a {record.get('kind')} checkpoint, expected {kind}")
-    return record
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch's weights-only unpickler raises any type (IndexError, KeyError, ...) on foreign bytes
+        reason = next(iter(str(exc).splitlines()), "") or type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable keepbits checkpoint ({reason})") from None
+    checkpoint = Checkpoint.from_dict(data, str(path))
+    if kind is not None and checkpoint.kind != kind:
+        raise CheckpointError(f"{path}: holds a {checkpoint.kind} checkpoint, expected {kind}")
+    return checkpoint
 
 
-def model_entry(arch: str, kwargs: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
-    """The ``models[role]`` record of a network: registry name, build kwargs, weights."""
-    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-    return {"arch": arch, "kwargs": dict(kwargs), "state_dict": state}
-
-
-def build_model(record: dict[str, Any], role: str, expected_arch: str | None = None) -> torch.nn.Module:
-    """Rebuild and load ``record['models'][role]``; a clear error if the arch or shapes differ."""
-    entry = record.get("models", {}).get(role)
-    if entry is None:
-        raise CheckpointError(f"checkpoint has no {role} model (has: {', '.join(record.get('models', {}))})")
-    if expected_arch is not None and entry["arch"] != expected_arch:
-        raise CheckpointError(f"checkpoint {role} is a {entry['arch']}, not a {expected_arch}")
-    model = registry.build(entry["arch"], **entry["kwargs"])
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict (names -> tensors) from a weights file, read with ``weights_only=True``; a
+    ``{"state_dict": ...}`` wrapper is unwrapped. :class:`CheckpointError` naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
     try:
-        model.load_state_dict(entry["state_dict"])
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the weights-only unpickler raises many types on foreign bytes
+        raise CheckpointError(f"{path}: cannot read weights ({next(iter(str(exc).strip().splitlines()), '') or type(exc).__name__})") from None
+    if isinstance(state, Mapping) and state.get("format") == FORMAT:
+        raise CheckpointError(f"{path}: is a keepbits checkpoint, not a weights file; pass it as the model itself")
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: expected a state dict (names -> tensors)")
+    return dict(state)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load the weights file ``path`` (:func:`read_state_dict`) into ``model``, every name and shape matching."""
+    try:
+        model.load_state_dict(read_state_dict(path))
     except RuntimeError as exc:
-        raise CheckpointError(f"{role} weights do not fit a {entry['arch']} with {entry['kwargs']}: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: weights do not fit {type(model).__name__}: {str(exc).strip().splitlines()[0]}") from None
     return model
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = None) -> torch.nn.Module:
+    """Rebuild and load ``checkpoint.models[role]``; a clear error if the arch or shapes differ.
+
+    ``arch`` is a registry name or a ``package.module:factory`` (:func:`keepbits.registry.resolve`);
+    one that cannot be imported is a one-line :class:`CheckpointError`. A builder whose structure
+    lives in its weights (an ONNX graph) names the state-dict entries it is built from in its
+    attribute ``state_dict_args``; they are passed to it as keyword arguments."""
+    entry = checkpoint.models.get(role)
+    if entry is None:
+        raise CheckpointError(f"{checkpoint.kind} checkpoint has no {role} model (has: {', '.join(checkpoint.models)})")
+    if expected_arch is not None and entry.arch != expected_arch:
+        raise CheckpointError(f"checkpoint {role} is a {entry.arch}, not a {expected_arch}")
+    try:
+        builder = registry.resolve(entry.arch)
+    except InputError as exc:
+        raise CheckpointError(f"cannot rebuild the {role} of this {checkpoint.kind} checkpoint: {exc}") from None
+    from_weights = {name: entry.state_dict[name] for name in getattr(builder, "state_dict_args", ()) if name in entry.state_dict}
+    try:
+        model = builder(**entry.kwargs, **from_weights)
+    except TypeError as exc:
+        raise CheckpointError(f"{role} {entry.arch} cannot be built with {sorted(entry.kwargs)}: {exc}") from None
+    try:
+        model.load_state_dict(entry.state_dict)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{role} weights do not fit a {entry.arch} with {entry.kwargs}: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+__all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "load_checkpoint",
+           "load_weights", "read_state_dict", "save_checkpoint"]

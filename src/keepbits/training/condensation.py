@@ -1,11 +1,14 @@
 """SimpleBits condensation (Schirrmeister et al., S4.3, Eq. 7): dataset condensation by
 gradient matching (Zhao, Mopuri & Bilen, 2021) with a simplicity term.
 
-Synthetic images are ``σ(v)`` of free logits ``v`` (initialised from real images of their
-class). For every class ``c`` the loss is the layer-wise cosine distance between the
-classifier-parameter gradients of a real batch and of the synthetic images of ``c``,
+Synthetic images are ``σ(v)`` of free logits ``v`` (initialised from a seeded class-balanced
+sample of real images, :func:`initial_indices`). For every class ``c`` the loss is Zhao et
+al.'s gradient distance between the classifier-parameter gradients of a real batch and of the
+synthetic images of ``c``: for every weight tensor, reshaped to (output channels × the rest),
+the sum over output channels of one minus the cosine of the two rows; bias and other 1-D
+tensors (normalisation scales) are left out,
 
-    D(∇_θ l(S_c), ∇_θ l(R_c)) = Σ_layers (1 − cos(∇_θℓ l(S_c), ∇_θℓ l(R_c))),
+    D(∇_θ l(S_c), ∇_θ l(R_c)) = Σ_ℓ Σ_i (1 − cos(∇_θℓ,i l(S_c), ∇_θℓ,i l(R_c))),
 
 plus ``λ_sim·bpd(S_c)`` under a frozen density model (Eq. 7). As in Zhao et al. the outer
 loop draws a fresh classifier, and alternates matching steps on ``v`` with SGD steps of
@@ -28,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,12 +40,42 @@ from keepbits.errors import InputError
 log = logging.getLogger("keepbits")
 
 
-def layerwise_cosine_distance(grads_a: list[torch.Tensor], grads_b: list[torch.Tensor]) -> torch.Tensor:
-    """Σ over parameter tensors of 1 − cos(flattened a, flattened b)."""
+def layerwise_cosine_distance(grads_a: list[torch.Tensor], grads_b: list[torch.Tensor], per_output_channel: bool = True) -> torch.Tensor:
+    """Gradient distance of Zhao et al.: for each pair of tensors, Σ over output channels (rows
+    of the tensor reshaped to ``shape[0]`` × the rest) of 1 − cos, skipping 1-D tensors (biases,
+    normalisation scales). ``per_output_channel=False``: one 1 − cos per pair over all entries,
+    no tensor skipped (for gradients already selected into vectors, as in post-hoc Alg. 1).
+
+    Example:
+        >>> a = [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([5.0, 1.0])]
+        >>> b = [torch.tensor([[2.0, 0.0], [1.0, 0.0]]), torch.tensor([-1.0, 0.0])]
+        >>> round(float(layerwise_cosine_distance(a, b)), 3), round(float(layerwise_cosine_distance(a, b, per_output_channel=False)), 3)
+        (1.0, 2.348)
+    """
     total = grads_a[0].new_zeros(())
     for a, b in zip(grads_a, grads_b):
-        total = total + 1.0 - F.cosine_similarity(a.flatten(), b.flatten(), dim=0, eps=1e-8)
+        if per_output_channel:
+            if a.dim() <= 1:
+                continue
+            rows_a, rows_b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        else:
+            rows_a, rows_b = a.reshape(1, -1), b.reshape(1, -1)
+        total = total + (1.0 - F.cosine_similarity(rows_a, rows_b, dim=1, eps=1e-8)).sum()
     return total
+
+
+def initial_indices(y: torch.Tensor, num_classes: int, images_per_class: int, seed: int) -> torch.Tensor:
+    """Indices of the real images a synthetic set starts from: ``images_per_class`` per class by
+    :func:`keepbits.data.sample_indices` (seeded, class-balanced), ordered class by class."""
+    from keepbits.data import sample_indices
+
+    labels = y.cpu().numpy()
+    counts = np.bincount(labels, minlength=num_classes)
+    if (counts < images_per_class).any():
+        raise InputError(f"every class needs at least {images_per_class} real images to initialise the synthetic set "
+                         f"(class sizes {counts.tolist()})")
+    idx = sample_indices(labels, images_per_class * num_classes, seed)
+    return torch.from_numpy(idx[np.argsort(labels[idx], kind="stable")])
 
 
 def matching_distance(net: torch.nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor, x_real: torch.Tensor, y_real: torch.Tensor) -> torch.Tensor:
@@ -78,16 +112,15 @@ def condense(
     bpd: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Condense [0, 1] images ``x`` (N×C×H×W) with labels ``y`` into ``images_per_class``
-    synthetic images per class; returns (images in [0, 1], labels)."""
+    synthetic images per class; returns (images in [0, 1], labels), on ``x``'s device (where
+    the classifiers are trained too)."""
     if cfg.lambda_sim > 0 and bpd is None:
         raise InputError("condensation with lambda_sim > 0 needs a density model (bpd)")
     gen = torch.Generator().manual_seed(cfg.seed)
     by_class = [torch.nonzero(y == c).flatten() for c in range(num_classes)]
-    if any(len(idx) < cfg.images_per_class for idx in by_class):
-        raise InputError(f"every class needs at least {cfg.images_per_class} real images to initialise the synthetic set")
-    init = torch.cat([x[idx[torch.randperm(len(idx), generator=gen)[: cfg.images_per_class]]] for idx in by_class])
+    init = x[initial_indices(y, num_classes, cfg.images_per_class, cfg.seed)]
     logits = torch.logit(init.clamp(0.01, 0.99)).clone().requires_grad_(True)
-    y_syn = torch.arange(num_classes).repeat_interleave(cfg.images_per_class)
+    y_syn = torch.arange(num_classes, device=x.device).repeat_interleave(cfg.images_per_class)
     if cfg.image_optimizer not in ("sgd", "adam"):
         raise InputError(f"image optimizer must be 'sgd' or 'adam', got {cfg.image_optimizer!r}")
     # Adam's per-pixel step does not shrink where σ saturates (MNIST's 0/1 pixels start at σ' ≈ 0.01)
@@ -95,7 +128,7 @@ def condense(
                else torch.optim.Adam([logits], lr=cfg.lr_images))
     start = time.time()
     for outer in range(cfg.outer_loops):
-        net = make_net()
+        net = make_net().to(x.device)
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
         for _ in range(cfg.inner_loops):
             loss = logits.new_zeros(())

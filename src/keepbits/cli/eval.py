@@ -1,0 +1,75 @@
+"""``keepbits eval``: rate–accuracy of a bundle on your images through the real payload.
+
+Every image is classified whole, then at each operating point (mask threshold × block size ×
+foreground codec/quality) encoded, decoded and classified again; baselines are the same
+model-size frame as one PNG/JPEG/WebP file per quality. Labelled data: top-1 accuracy;
+unlabelled images (a folder of files): agreement with the full-frame prediction. Writes
+``rate_accuracy.png``, ``eval.html`` (self-contained) and ``eval.json`` into ``--out`` and prints
+the JSON (protocol: :mod:`keepbits.runtime.evaluate`).
+
+Example:
+    keepbits eval --model bundle.zip --data photos/ --num-images 200 --out eval/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from keepbits.errors import InputError
+
+HELP = "rate–accuracy of a bundle on your images through the real payload, vs JPEG/WebP/PNG of the whole frame"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from keepbits.cli.run import add_backend_arguments
+
+    parser.add_argument("--model", required=True, help="model bundle folder or .zip")
+    parser.add_argument("--data", required=True,
+                        help="labelled data set (.npz, idx, class folders; its test split when present) or a folder of image files")
+    parser.add_argument("--out", required=True, type=Path, help="folder for rate_accuracy.png, eval.html and eval.json")
+    parser.add_argument("--num-images", type=int, default=500,
+                        help="evaluate a random sample of N images (seeded by --seed, class-balanced when labelled); 0: all")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=None, help="mask thresholds (default: the bundle's)")
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=None, help="payload block sizes (default: the bundle's)")
+    parser.add_argument("--codecs", nargs="+", choices=["png", "jpeg", "webp"], default=["png", "jpeg", "webp"],
+                        help="foreground codecs of the payload (webp is left out for grey bundles)")
+    parser.add_argument("--qualities", type=int, nargs="+", default=[50, 75, 90], help="JPEG/WebP qualities of the payload")
+    parser.add_argument("--baselines", nargs="*", choices=["png", "jpeg", "webp"], default=["png", "jpeg", "webp"],
+                        help="whole-frame formats to compare with; give no value for none")
+    parser.add_argument("--baseline-qualities", type=int, nargs="+", default=[10, 30, 50, 75, 90], help="JPEG/WebP qualities of the baselines")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="'smallest within tolerance' in the report: score at least the full frame's minus this")
+    parser.add_argument("--examples", type=int, default=6, help="example images in the report")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    add_backend_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from keepbits._json import jsonable
+    from keepbits.cli._common import command_line, existing_path
+    from keepbits.data.images import load_images
+    from keepbits.runtime import Pipeline
+    from keepbits.runtime.evaluate import map_labels, rate_accuracy, write_report
+    from keepbits.runtime.explain import look
+
+    if args.num_images < 0 or args.examples < 0 or args.batch_size < 1:
+        raise InputError("--num-images and --examples must be >= 0, --batch-size >= 1")
+    pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads)
+    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width))
+    labels, matched = (None, None) if images.labels is None else map_labels(images.labels, images.class_names, pipeline.class_names)
+    result = rate_accuracy(pipeline, images.images, labels, thresholds=args.thresholds, block_sizes=args.block_sizes,
+                           codecs=args.codecs, qualities=args.qualities, baselines=args.baselines,
+                           baseline_qualities=args.baseline_qualities, batch_size=args.batch_size)
+    result.update(data=images.source, labels_matched=matched, command=command_line())
+    examples = [look(pipeline, images.images[i], images.names[i]) for i in range(min(args.examples, len(images)))]
+    written = write_report(result, args.out, title=f"keepbits eval: {Path(args.model).name} on {Path(args.data).name}",
+                 meta={"model": args.model, "digest": pipeline.bundle.digest, "data": images.source, "command": result["command"]},
+                 examples=examples, tolerance=args.tolerance)
+    if not args.quiet:
+        full = result["full_frame"]
+        print(f"keepbits: {len(images)} images, full-frame accuracy {full['accuracy']}; wrote {args.out / 'eval.html'}", file=sys.stderr)
+    print(json.dumps(jsonable(written), indent=2))
+    return 0

@@ -1,0 +1,121 @@
+"""What is inside a model bundle, and how this machine would run it (``keepbits info``).
+
+:func:`bundle_info` loads the bundle (every file's sha256 is checked against the manifest, the
+manifest against ``expected_digest`` when given), opens it in ONNX Runtime as the runtime does
+and reports: the manifest (input size, layout, normalisation, classes, explain stage, block size,
+threshold), the provenance record, the graph's inputs and outputs as ONNX Runtime sees them, the
+custom ops and whether they run on the native kernels or on the graph's ONNX function bodies
+here, and the files with their sizes. Torch-free, onnx-free.
+
+Example:
+    >>> import tempfile
+    >>> from keepbits.runtime.info import bundle_info
+    >>> from keepbits.runtime.synthetic import toy_bundle
+    >>> info = bundle_info(toy_bundle(tempfile.mkdtemp() + "/b", size=16))
+    >>> info["verified"], info["input"]["shape"], info["outputs"]["names"]
+    (True, [3, 16, 16], ['logits', 'mask', 'mixed'])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from keepbits import native
+from keepbits.bundle import MANIFEST_NAME, load_bundle
+from keepbits.errors import InputError
+
+#: How each resize policy of a bundle fits a frame of any size to the model input (keepbits.data.fit_into).
+RESIZE_DESCRIPTIONS = {
+    "letterbox": "aspect kept, scaled to fit, centred, zero padding",
+    "center-crop": "aspect kept, scaled to cover (then by 1 / crop_fraction), centre kept",
+    "resize": "stretched to the model size",
+}
+
+
+def resize_description(policy: str, crop_fraction: float) -> str:
+    """What the runtime does to a frame under a bundle's resize policy.
+
+    Example:
+        >>> from keepbits.runtime.info import resize_description
+        >>> resize_description("center-crop", 0.875)
+        'center-crop (crop fraction 0.875): aspect kept, scaled to cover (then by 1 / crop_fraction), centre kept (keepbits.data.fit_into)'
+    """
+    crop = f" (crop fraction {crop_fraction:g})" if policy == "center-crop" else ""
+    return f"{policy}{crop}: {RESIZE_DESCRIPTIONS[policy]} (keepbits.data.fit_into)"
+
+
+def custom_op_status(custom_ops: list[str], function_bodies: bool) -> dict[str, Any]:
+    """How this machine runs a bundle's custom ops: ``runs_with`` is ``"native kernels"``,
+    ``"ONNX function bodies"``, ``"not needed"`` (a plain graph) or ``"cannot run"``, with the
+    native library's status (:func:`keepbits.native.status`).
+
+    Example:
+        >>> from keepbits.runtime.info import custom_op_status
+        >>> custom_op_status([], True)["runs_with"]
+        'not needed'
+    """
+    status = native.status()
+    if not custom_ops:
+        runs_with = "not needed"
+    elif status["loaded"]:
+        runs_with = "native kernels"
+    elif function_bodies:
+        runs_with = "ONNX function bodies"
+    else:
+        runs_with = "cannot run"
+    return {"ops": list(custom_ops), "function_bodies": function_bodies, "runs_with": runs_with, "native": status}
+
+
+def bundle_info(path: str | Path, expected_digest: str | None = None) -> dict[str, Any]:
+    """The report of ``keepbits info`` for the bundle folder or ``.zip`` at ``path``.
+
+    :class:`keepbits.errors.BundleError` when the bundle is missing, malformed, modified (a file's
+    sha256 differs from the manifest) or not the pinned ``expected_digest``; :class:`InputError`
+    when ONNX Runtime cannot load its model here.
+    """
+    import onnxruntime as ort
+
+    bundle = load_bundle(path, expected_digest)
+    m = bundle.manifest
+    ops = custom_op_status(m.custom_ops, m.function_bodies)
+    try:
+        session = native.make_session(bundle.model_path, native=ops["runs_with"] == "native kernels")
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own error types
+        raise InputError(f"{path}: ONNX Runtime {ort.__version__} cannot load {m.model_file} here "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); custom ops: {ops['runs_with']}") from None
+    files = {name: {"bytes": (bundle.root / name).stat().st_size, "sha256": digest} for name, digest in m.files.items()}
+    source = Path(path)
+    return {
+        "bundle": str(source),
+        "archive_bytes": source.stat().st_size if source.is_file() else None,
+        "digest": bundle.digest,
+        "verified": True,
+        "digest_check": (f"every file's sha256 matches {MANIFEST_NAME}"
+                         + (f"; {MANIFEST_NAME} matches the expected digest" if expected_digest else "; no expected digest given")),
+        "format_version": m.format_version,
+        "explain": m.explain,
+        "generator": m.generator,
+        "classifier": m.classifier,
+        "classes": {"count": len(m.class_names), "names": list(m.class_names)},
+        "input": {
+            "name": m.input_name, "shape": list(m.input_shape), "dtype": m.input_dtype, "layout": m.input_layout,
+            "pixel_scale": m.pixel_scale, "mean": list(m.mean), "std": list(m.std),
+            "normalisation": f"(x / {m.pixel_scale:g} - mean) / std, inside the graph",
+            "dynamic_size": m.dynamic_size, "resize": resize_description(m.resize_policy, m.crop_fraction),
+            "onnxruntime": [{"name": i.name, "shape": list(i.shape), "type": i.type} for i in session.get_inputs()],
+        },
+        "outputs": {
+            "names": list(m.output_names), "classify_on": m.classify_on,
+            "onnxruntime": [{"name": o.name, "shape": list(o.shape), "type": o.type} for o in session.get_outputs()],
+        },
+        "mask": None if m.explain != "mask" else {"block_size": m.block_size, "threshold": float(m.mask_threshold)},
+        "target": m.target,
+        "opset": m.opset,
+        "custom_ops": ops,
+        "files": files,
+        "total_bytes": sum(f["bytes"] for f in files.values()),
+        "provenance": m.provenance,
+    }
+
+
+__all__ = ["RESIZE_DESCRIPTIONS", "bundle_info", "custom_op_status", "resize_description"]

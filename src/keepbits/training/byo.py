@@ -1,0 +1,264 @@
+"""Bring your own classifier: any torch ``nn.Module`` (or an ``.onnx`` file) with its
+:class:`keepbits.data.Preprocessing`, as the classifier NICE, SimpleBits, the audits and export
+work with.
+
+A :class:`Classifier` is the network, how to rebuild it (``arch``: a registry name or
+``package.module:factory``, and its ``kwargs``; this is what a checkpoint records) and its
+preprocessing (input size, mean/std, resize policy, crop fraction, class names), given once.
+:func:`resolve_classifier` makes one from what a user names on the command line (``SPEC``):
+
+* a keepbits checkpoint (``.pt``) holding a classifier: its network, its recorded preprocessing;
+* a registry name (``efficientnet_lite0``, a plugin's model): built with ``kwargs``; weights from
+  ``weights`` (a state dict file, read with ``weights_only=True``), else ``pretrained=True`` when
+  the builder takes it; preprocessing from the builder's ``preprocessing`` attribute;
+* ``package.module:factory``: imported and called with ``kwargs`` (returns an ``nn.Module``);
+  weights and preprocessing as for a registry name;
+* an ``.onnx`` file: converted to torch by ``onnx2torch`` (:mod:`keepbits.training.models.onnx_classifier`;
+  the checkpoint embeds the file and records its sha256); preprocessing from the model's metadata
+  properties (``mean``, ``std``, ``class_names``, ``input_shape``, ``resize_policy``,
+  ``crop_fraction``, JSON values) and its input's static size.
+
+``preprocessing`` overrides (a :class:`Preprocessing`, or a dict of some of its fields) replace
+what the source says; a classifier whose input size nobody gives is an :class:`InputError`.
+
+Example:
+    >>> from keepbits import registry
+    >>> from keepbits.data import Preprocessing
+    >>> from keepbits.training.byo import Classifier
+    >>> kwargs = {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
+    >>> pre = Preprocessing((28, 28), mean=(0.13,), std=(0.31,), resize_policy="resize")
+    >>> clf = Classifier.of(registry.build("lenet5", **kwargs), pre, arch="lenet5", kwargs=kwargs)
+    >>> clf.input_shape, clf.class_names[:3]
+    ([1, 28, 28], ['0', '1', '2'])
+    >>> Classifier.of(registry.build("lenet5", **kwargs), pre, arch="lenet5", kwargs={**kwargs, "num_classes": 3})
+    Traceback (most recent call last):
+    keepbits.errors.InputError: classifier arch 'lenet5' builds a model whose weights differ from the one given (shapes differ at ['classifier.3.bias', 'classifier.3.weight']); pass the factory (and kwargs) that build this network
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from keepbits import registry
+from keepbits.data import Preprocessing
+from keepbits.errors import CheckpointError, InputError
+from keepbits.training.checkpoint import ModelEntry, Normalization, build_model, load_checkpoint, load_weights
+
+log = logging.getLogger("keepbits")
+
+#: Largest ``.onnx`` classifier read (protobuf's own limit).
+MAX_ONNX_BYTES = 2 << 30
+
+
+@dataclass
+class Classifier:
+    """A classifier to explain: ``module`` (eval mode), how a checkpoint rebuilds it (``arch``,
+    ``kwargs``), its :class:`Preprocessing`, and where it came from (``source``, for messages)."""
+
+    module: nn.Module
+    preprocessing: Preprocessing
+    arch: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @classmethod
+    def of(cls, module: nn.Module, preprocessing: Preprocessing, arch: str | None = None,
+           kwargs: Mapping[str, Any] | None = None) -> "Classifier":
+        """A classifier from a network in memory. ``arch`` (default: the module's class,
+        ``package.module:Class``, called with ``kwargs``) must rebuild a network with the same
+        parameter names and shapes; checked here by building one. Empty ``class_names`` become
+        ``"0"``..``"K-1"`` (K from one forward pass)."""
+        if not isinstance(module, nn.Module):
+            raise InputError(f"a classifier must be a torch nn.Module, got {type(module).__name__}")
+        if not isinstance(preprocessing, Preprocessing):
+            raise InputError(f"preprocessing must be a keepbits.data.Preprocessing, got {type(preprocessing).__name__}")
+        kwargs = dict(kwargs or {})
+        if arch is None:
+            kind = type(module)
+            arch = f"{kind.__module__}:{kind.__qualname__}"
+            if kind.__module__ == "__main__" or "<locals>" in kind.__qualname__:
+                raise InputError(f"classifier class {kind.__qualname__} is defined in {kind.__module__} (not importable by "
+                                 "another process); pass arch='package.module:factory' that builds it")
+        _check_rebuilds(module, arch, kwargs)
+        if not preprocessing.class_names:
+            preprocessing = dataclasses.replace(preprocessing, class_names=tuple(str(i) for i in range(_num_outputs(module, preprocessing))))
+        return cls(module.eval(), preprocessing, arch, kwargs, arch)
+
+    @property
+    def input_shape(self) -> list[int]:
+        return [self.preprocessing.channels, *self.preprocessing.input_size]
+
+    @property
+    def normalization(self) -> Normalization:
+        return Normalization(list(self.preprocessing.mean), list(self.preprocessing.std))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.preprocessing.class_names)
+
+    def checkpoint_preprocessing(self) -> dict[str, Any]:
+        """The checkpoint's ``preprocessing`` field (the parts without a field of their own)."""
+        return {"resize_policy": self.preprocessing.resize_policy, "crop_fraction": self.preprocessing.crop_fraction}
+
+    def entry(self, module: nn.Module | None = None) -> ModelEntry:
+        """The checkpoint entry of ``module`` (default: this classifier's, possibly fine-tuned since)."""
+        return ModelEntry.of(self.arch, self.kwargs, self.module if module is None else module)
+
+
+def _num_outputs(module: nn.Module, pre: Preprocessing) -> int:
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        out = module(torch.zeros(1, pre.channels, *pre.input_size, device=device))
+    module.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise InputError(f"a classifier must return N×K logits, got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+    return int(out.shape[1])
+
+
+def _check_rebuilds(module: nn.Module, arch: str, kwargs: Mapping[str, Any]) -> None:
+    """Build ``arch(**kwargs)`` once and compare its state-dict names and shapes with ``module``'s."""
+    builder = registry.resolve(arch)
+    extra = {name: module.state_dict()[name] for name in getattr(builder, "state_dict_args", ())}
+    try:
+        rebuilt = builder(**kwargs, **extra)
+    except TypeError as exc:
+        raise InputError(f"classifier arch {arch!r} cannot be called with {sorted(kwargs)}: {exc}") from None
+    if not isinstance(rebuilt, nn.Module):
+        raise InputError(f"classifier arch {arch!r} returned a {type(rebuilt).__name__}, not a torch nn.Module")
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    new = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if own != new:
+        missing = sorted(set(own) - set(new))
+        unexpected = sorted(set(new) - set(own))
+        shapes = sorted(k for k in set(own) & set(new) if own[k] != new[k])
+        detail = "; ".join(part for part in (f"missing {missing[:3]}" if missing else "", f"extra {unexpected[:3]}" if unexpected else "",
+                                             f"shapes differ at {shapes[:3]}" if shapes else "") if part)
+        raise InputError(f"classifier arch {arch!r} builds a model whose weights differ from the one given ({detail}); "
+                         "pass the factory (and kwargs) that build this network")
+
+
+def merge_preprocessing(base: Preprocessing | None, overrides: Preprocessing | Mapping[str, Any] | None, source: str) -> Preprocessing:
+    """``base`` with the fields of ``overrides`` (None values ignored); :class:`InputError` when no input size is known."""
+    if isinstance(overrides, Preprocessing):
+        return overrides
+    fields = base.to_dict() if base is not None else {}
+    fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if fields.get("resize_policy", "center-crop") != "center-crop" and "crop_fraction" not in (overrides or {}):
+        fields["crop_fraction"] = 1.0
+    if "input_size" not in fields:
+        raise InputError(f"classifier {source}: its preprocessing is unknown; give the input size and how images reach it "
+                         "(CLI: --image-size H W, --mean, --std, --resize-policy, --class-names; Python: preprocessing=Preprocessing(...))")
+    return Preprocessing.from_dict(fields)
+
+
+def onnx_preprocessing(data: bytes, source: str) -> Preprocessing | None:
+    """The preprocessing an ONNX classifier declares: JSON metadata properties ``mean``, ``std``,
+    ``class_names``, ``input_shape``, ``resize_policy``, ``crop_fraction``; the input size from
+    the graph's first input (N×C×H×W) when static. None when no input size is known."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    meta: dict[str, Any] = {}
+    for prop in model.metadata_props:
+        if prop.key in ("mean", "std", "class_names", "input_shape", "resize_policy", "crop_fraction"):
+            try:
+                meta[prop.key] = json.loads(prop.value)
+            except json.JSONDecodeError:
+                meta[prop.key] = prop.value
+    shape = meta.pop("input_shape", None)
+    if shape is None and model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.input[0].type.tensor_type.shape.dim]
+        if len(dims) == 4 and all(dims[1:]):
+            shape = dims[1:]
+    if shape is None:
+        return None
+    channels = int(shape[0])
+    fields = {"input_size": (int(shape[1]), int(shape[2])), "mean": (0.0,) * channels, "std": (1.0,) * channels, **meta}
+    try:
+        return Preprocessing.from_dict(fields)
+    except InputError as exc:
+        raise InputError(f"{source}: metadata does not describe the preprocessing: {exc}") from None
+
+
+def _onnx_classifier(path: Path) -> tuple[nn.Module, str, dict[str, Any], Preprocessing | None]:
+    from keepbits.training.models.onnx_classifier import OnnxClassifier
+
+    if path.stat().st_size > MAX_ONNX_BYTES:
+        raise InputError(f"{path}: larger than {MAX_ONNX_BYTES >> 30} GiB")
+    data = path.read_bytes()
+    module = OnnxClassifier(data, str(path))
+    kwargs = {"onnx_sha256": hashlib.sha256(data).hexdigest(), "source": path.name}
+    return module, "onnx2torch", kwargs, onnx_preprocessing(data, str(path))
+
+
+def resolve_classifier(spec: str, *, weights: str | Path | None = None, kwargs: Mapping[str, Any] | None = None,
+                       preprocessing: Preprocessing | Mapping[str, Any] | None = None) -> Classifier:
+    """The :class:`Classifier` named by ``spec`` (module doc: checkpoint, registry name,
+    ``package.module:factory`` or ``.onnx``), eval mode, on the CPU."""
+    path = Path(spec)
+    kwargs = dict(kwargs or {})
+    if path.suffix.lower() == ".onnx" or path.suffix.lower() in (".pt", ".pth") or path.is_file():
+        if not path.is_file():
+            raise InputError(f"classifier not found: {path}")
+        if weights is not None or kwargs:
+            raise InputError(f"{path}: classifier weights and kwargs apply to a registry name or package.module:factory, not a file")
+        if path.suffix.lower() == ".onnx":
+            module, arch, kwargs, base = _onnx_classifier(path)
+        else:
+            ckpt = load_checkpoint(path)
+            if "classifier" not in ckpt.models:
+                raise CheckpointError(f"{path}: holds no classifier (kind {ckpt.kind})")
+            module, base = build_model(ckpt, "classifier"), ckpt.preprocessing_record()
+            arch, kwargs = ckpt.models["classifier"].arch, dict(ckpt.models["classifier"].kwargs)
+        pre = merge_preprocessing(base, preprocessing, str(path))
+        return Classifier(module.eval(), pre, arch, kwargs, str(path))
+    builder = registry.resolve(spec, None if ":" in spec else "classifier")
+    call = dict(kwargs)
+    takes = inspect.signature(builder).parameters if callable(builder) else {}
+    if weights is None and "pretrained" in takes and "pretrained" not in call:
+        call["pretrained"] = True
+    try:
+        module = builder(**call)
+    except TypeError as exc:
+        raise InputError(f"classifier {spec}: cannot be called with {sorted(call)}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise InputError(f"classifier {spec} returned a {type(module).__name__}, not a torch nn.Module")
+    if weights is not None:
+        load_weights(module, weights)
+    elif "pretrained" not in call:
+        log.warning("classifier %s: no --classifier-weights given; using the weights the factory built", spec)
+    kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}
+    pre = merge_preprocessing(getattr(builder, "preprocessing", None), preprocessing, spec)
+    clf = Classifier.of(module, pre, arch=spec, kwargs=kwargs)
+    clf.source = spec
+    return clf
+
+
+def as_classifier(classifier: Classifier | nn.Module | str, preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+                  **spec_options: Any) -> Classifier:
+    """A :class:`Classifier` from one, from an ``nn.Module`` plus ``preprocessing`` (required), or
+    from a spec string (:func:`resolve_classifier`, ``spec_options``: ``weights``, ``kwargs``)."""
+    if isinstance(classifier, Classifier):
+        return classifier if preprocessing is None else dataclasses.replace(
+            classifier, preprocessing=merge_preprocessing(classifier.preprocessing, preprocessing, classifier.source))
+    if isinstance(classifier, nn.Module):
+        if preprocessing is None:
+            raise InputError("a torch classifier needs its preprocessing: preprocessing=keepbits.data.Preprocessing(...)")
+        pre = merge_preprocessing(None, preprocessing, type(classifier).__name__)
+        return Classifier.of(classifier, pre, spec_options.get("arch"), spec_options.get("kwargs"))
+    return resolve_classifier(str(classifier), preprocessing=preprocessing, **spec_options)
+
+
+__all__ = ["Classifier", "as_classifier", "merge_preprocessing", "onnx_preprocessing", "resolve_classifier"]

@@ -1,0 +1,140 @@
+"""torch.distributed for keepbits: one helper for every trainer and audit started under ``torchrun``.
+
+``init_distributed()`` joins the process group that ``torchrun`` describes in the environment
+(``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``): NCCL with CUDA, gloo on
+CPU. Without ``torchrun`` (``WORLD_SIZE`` unset or 1) it returns the single-process
+:class:`Dist` and every collective below is a no-op returning the local value, so callers
+never branch on the world size themselves. torch is imported only when a group is used
+(``import keepbits.audit`` stays torch-free).
+
+Example:
+    >>> from keepbits.training.distributed import all_gather, barrier, init_distributed
+    >>> dist = init_distributed(use_cuda=False)
+    >>> dist.rank, dist.world, dist.main
+    (0, 1, True)
+    >>> barrier(dist); all_gather(dist, "digest")
+    ['digest']
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the group: ``rank`` of ``world`` processes, its ``device``
+    (``"cpu"`` or ``"cuda:<local rank>"``) and whether it created the group (``owns_group``:
+    then :func:`shutdown` tears it down)."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        """True on rank 0, the process that writes files."""
+        return self.rank == 0
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"cpu"`` or ``"cuda"`` for a trainer's ``--device``: ``auto`` takes CUDA when torch sees a
+    GPU; ``cuda`` without one is an :class:`keepbits.errors.InputError`.
+
+    Example:
+        >>> from keepbits.training.distributed import resolve_device
+        >>> resolve_device("cpu")
+        'cpu'
+    """
+    from keepbits.errors import InputError
+
+    if device not in DEVICES:
+        raise InputError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise InputError("device 'cuda' asked for, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return "cpu"
+
+
+def init_distributed(use_cuda: bool | None = None) -> Dist:
+    """Join (or create) the ``torchrun`` process group; the single-process :class:`Dist` when
+    ``WORLD_SIZE`` is unset or 1. ``use_cuda``: NCCL on ``cuda:<LOCAL_RANK>`` (default: when
+    CUDA is available), else gloo on the CPU. An already initialised group is reused."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if use_cuda is None:
+        import torch
+
+        use_cuda = torch.cuda.is_available()
+    if world <= 1:
+        return Dist(device="cuda" if use_cuda else "cpu")
+    import torch
+    import torch.distributed as tdist
+
+    owns_group = not tdist.is_initialized()
+    if owns_group:
+        tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return Dist(tdist.get_rank(), tdist.get_world_size(), f"cuda:{local}" if use_cuda else "cpu", owns_group)
+
+
+def barrier(dist: Dist) -> None:
+    """Wait until every rank gets here."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+
+def all_gather(dist: Dist, value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    if dist.world <= 1:
+        return [value]
+    import torch.distributed as tdist
+
+    values: list[Any] = [None] * dist.world
+    tdist.all_gather_object(values, value)
+    return values
+
+
+def all_reduce_sum(dist: Dist, tensor: Any) -> Any:
+    """Sum ``tensor`` over the ranks, in place; returns it."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_buffers(dist: Dist, module: Any, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (e.g. batch-norm statistics, which drift per rank) into every rank's ``module``."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        for buffer in module.buffers():
+            tdist.broadcast(buffer, src)
+
+
+def shutdown(dist: Dist) -> None:
+    """Barrier, then destroy the group if this run created it. Explicit teardown on every rank:
+    left to interpreter exit, a rank's gloo threads could outlive rank 0's store and abort."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        if dist.owns_group:
+            tdist.destroy_process_group()
+
+
+__all__ = ["DEVICES", "Dist", "all_gather", "all_reduce_sum", "barrier", "broadcast_buffers", "init_distributed", "resolve_device", "shutdown"]

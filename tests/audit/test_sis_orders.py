@@ -1,0 +1,58 @@
+"""SIS orders sharded over torchrun processes (2 gloo processes match one), cached chunk by chunk, resumable."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from keepbits.audit.sis_orders import compute_orders  # noqa: E402
+
+MODEL_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, torch
+    from keepbits.audit import TorchAdapter
+    from keepbits.audit.sis_orders import compute_orders
+
+    def setup():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+        return TorchAdapter(net, (1, 6, 6)), np.random.default_rng(0).normal(size=(7, 1, 6, 6)).astype(np.float32)
+
+    if __name__ == "__main__":
+        model, x = setup()
+        for method in ("gradient", "incremental"):
+            compute_orders(model, x, f"{sys.argv[1]}/{method}", method, k=5, chunk=2, progress=False)
+""")
+
+
+def _orders(folder):
+    out = []
+    for name in sorted(os.listdir(folder)):
+        out += [(r["order"], r["scores"]) for r in json.loads((folder / name).read_text())["results"]]
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume(tmp_path, monkeypatch, free_port):
+    script = tmp_path / "orders_script.py"
+    script.write_text(MODEL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
+                    str(script), str(tmp_path / "multi")], check=True, env=env, capture_output=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from orders_script import setup
+
+    model, x = setup()
+    for method in ("gradient", "incremental"):
+        single = compute_orders(model, x, tmp_path / "single" / method, method, k=5, chunk=2, progress=False)
+        assert len(single) == 7 and _orders(tmp_path / "single" / method) == _orders(tmp_path / "multi" / method)
+    # resume: a deleted chunk is recomputed, the others are reused untouched
+    folder = tmp_path / "multi" / "incremental"
+    kept = folder / "chunk_0000002.json"
+    stamp = kept.stat().st_mtime_ns
+    (folder / "chunk_0000004.json").unlink()
+    compute_orders(model, x, folder, "incremental", k=5, chunk=2, progress=False)
+    assert kept.stat().st_mtime_ns == stamp and _orders(folder) == _orders(tmp_path / "single" / "incremental")

@@ -1,0 +1,175 @@
+"""Bad input on the command line: one line naming the problem and exit 2, never a traceback;
+and ``keepbits run``'s exit codes when nothing (or not everything) got through (issue 20, items
+2, 4-7, 10). ``docs/cli.md`` lists these cases with what each prints."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+
+import cv2
+import numpy as np
+import pytest
+
+from keepbits.cli import main
+from keepbits.runtime.synthetic import toy_bundle
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    video = root / "in.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (32, 24))
+    for i in range(3):
+        writer.write(np.full((24, 32, 3), 60 * i, np.uint8))
+    writer.release()
+    bundle = toy_bundle(root / "toy.zip", size=16)
+    with zipfile.ZipFile(bundle) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+        model = zf.read("model.onnx")
+    with zipfile.ZipFile(root / "hugeblock.zip", "w") as zf:
+        zf.writestr("manifest.json", json.dumps({**manifest, "block_size": 10**12}))
+        zf.writestr("model.onnx", model)
+    (root / "file.txt").write_text("a file\n")
+    (root / "dir").mkdir()
+    (root / "dir.mp4").mkdir()
+    (root / "text.pt").write_text("some text file\nline 2\n")
+    (root / "empty.pt").write_bytes(b"")
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    rng = np.random.default_rng(0)
+    np.savez(root / "data.npz", x=rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), y=np.arange(12) % 2)
+    return {"bundle": bundle, "video": video, "file": root / "file.txt", "dir": root / "dir", "dirmp4": root / "dir.mp4",
+            "text_pt": root / "text.pt", "empty_pt": root / "empty.pt", "broken": broken, "data": root / "data.npz",
+            "hugeblock": root / "hugeblock.zip", "out": root / "out", "port": _closed_port()}
+
+
+RUN = ["run", "--model", "{bundle}", "--source", "{video}"]
+
+#: (id, arguments, exit code, what stderr says). Paths in braces come from the ``paths`` fixture.
+CASES = [
+    ("sink files: on a file", RUN + ["--sink", "files:{file}"], 2, "exists and is not a folder"),
+    ("sink files: in /proc", RUN + ["--sink", "files:/proc/keepbits-x"], 2, "cannot write there"),
+    ("sink video: unknown container", RUN + ["--sink", "video:{out}/x.xyz"], 2, "unknown video container '.xyz'"),
+    ("sink video: a folder", RUN + ["--sink", "video:{dirmp4}"], 2, "is a folder, not a file"),
+    ("--summary a folder", RUN + ["--summary", "{dir}"], 2, "--summary {dir} is a folder, not a file"),
+    ("--read-timeout 0", RUN + ["--read-timeout", "0"], 2, "read_timeout must be a positive number of seconds, got 0.0"),
+    ("--read-timeout -1", RUN + ["--read-timeout", "-1"], 2, "read_timeout must be a positive number"),
+    ("--stall-timeout nan", RUN + ["--stall-timeout", "nan"], 2, "stall_timeout must be a positive number"),
+    ("--max-pixels 0", RUN + ["--max-pixels", "0"], 2, "max_pixels must be a positive int"),
+    ("--expect-digest mismatch", RUN + ["--expect-digest", "0" * 64], 2, "does not match the expected"),
+    ("--expect-digest malformed", RUN + ["--expect-digest", "abc"], 2, "--expect-digest must be 64 hex digits"),
+    ("--model a text file", ["run", "--model", "{file}", "--source", "{video}"], 2, "not a readable bundle archive"),
+    ("--model block_size 10**12", ["run", "--model", "{hugeblock}", "--source", "{video}"], 2, "block_size must be an int in 1..65535"),
+    ("receive --out a file", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{file}"], 2, "exists and is not a folder"),
+    ("receive --idle-timeout 0", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{out}/rx", "--idle-timeout", "0"], 2,
+     "idle_timeout must be a positive number"),
+    ("export onnx a text file", ["export", "onnx", "{text_pt}", "--out", "{out}/b.zip"], 2, "not a readable keepbits checkpoint"),
+    ("export onnx an empty file", ["export", "onnx", "{empty_pt}", "--out", "{out}/b.zip"], 2, "not a readable keepbits checkpoint"),
+    ("audit sis --model a text .pt", ["audit", "sis", "--model", "{text_pt}", "--data", "{data}", "--out", "{out}/sis"], 2,
+     "not a readable keepbits checkpoint"),
+    ("train nice --classifier an empty file", ["train", "nice", "--data", "{data}", "--classifier", "{empty_pt}", "--out", "{out}/n"], 2,
+     "not a readable keepbits checkpoint"),
+    # the run itself: exit codes by the summary's status
+    ("tcp sink refused", RUN + ["--sink", "tcp:127.0.0.1:{port}"], 5, "undelivered: tcp sink 127.0.0.1:{port}: 3 frames not delivered"),
+    ("camera that never opens", ["run", "--model", "{bundle}", "--source", "99", "--read-timeout", "0.1", "--stall-timeout", "0.5"],
+     3, "source_failed: no frame from the source"),
+    ("RTSP URL that never opens", ["run", "--model", "{bundle}", "--source", "rtsp://127.0.0.1:{port}/x", "--read-timeout", "0.1",
+                                   "--stall-timeout", "0.5"], 3, "source_failed: no frame from the source"),
+    ("folder of unreadable images", ["run", "--model", "{bundle}", "--source", "{broken}"], 3, "a.png: not a readable image"),
+    ("a good run", RUN + ["--sink", "files:{out}/ok"], 0, ""),
+]
+
+
+def _fill(value: str, paths: dict) -> str:
+    return value.format(**{k: str(v) for k, v in paths.items()})
+
+
+@pytest.mark.parametrize("argv, code, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_prints_one_line_and_exits_with_its_code(paths, capsys, argv, code, message):
+    assert main(["-q", *(_fill(a, paths) for a in argv)]) == code
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert _fill(message, paths) in captured.err
+    if argv[0] == "run" and code != 2:
+        summary = json.loads(captured.out)
+        assert summary["status"] == {0: "ok", 3: "source_failed", 4: "frame_errors", 5: "undelivered"}[code]
+        assert (summary["reason"] is None) == (code == 0)
+
+
+def test_summary_folder_is_refused_before_the_run(paths, capsys):
+    """The old CLI ran the whole stream, then lost the summary to IsADirectoryError."""
+    out = paths["out"] / "never"
+    argv = [_fill(a, paths) for a in RUN] + ["--sink", f"files:{out}", "--summary", str(paths["dir"])]
+    assert main(["-q", *argv]) == 2
+    assert not out.exists() and capsys.readouterr().out == ""
+
+
+def test_exit_codes_are_in_the_help_and_cover_every_status(capsys):
+    from keepbits.cli.run import EXIT_CODES
+    from keepbits.runtime.stream import STATUSES
+
+    assert set(EXIT_CODES) == set(STATUSES)
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for status, (code, _) in EXIT_CODES.items():
+        assert f"{code} {status}:" in text
+    assert "2: bad input" in text and "130: aborted" in text
+
+
+def _spawn_run(paths, source, *extra) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "keepbits", "-q", "run", "--model", str(paths["bundle"]), "--source", str(source), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _stalled_fifo(path, opened: threading.Event, box: dict) -> threading.Thread:
+    """A FIFO whose writer sends 100 bytes of a stream header and stalls."""
+    os.mkfifo(path)
+
+    def write():
+        box["fd"] = os.open(path, os.O_WRONLY)
+        os.write(box["fd"], b"RIFF" + bytes(96))
+        opened.set()
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("signal_after_open", [False, True], ids=["stall-timeout", "sigterm"])
+def test_stalled_fifo_source_ends_with_a_summary(paths, tmp_path, signal_after_open):
+    """The old run blocked in OpenCV on the main thread (for ever, deaf to SIGTERM's handler).
+    Now the open gives up after --stall-timeout, or at the first SIGTERM: exit 3 and a summary."""
+    opened, box = threading.Event(), {}
+    writer = _stalled_fifo(tmp_path / "cam.avi", opened, box)
+    proc = _spawn_run(paths, tmp_path / "cam.avi", "--read-timeout", "0.2", "--stall-timeout", "60" if signal_after_open else "1")
+    try:
+        assert opened.wait(60), "the run never opened the FIFO"
+        if signal_after_open:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        writer.join(5)
+        if "fd" in box:
+            os.close(box["fd"])
+    assert proc.returncode == 3, stderr
+    summary = json.loads(stdout)
+    assert summary["status"] == "source_failed" and summary["frames"] == 0
+    assert ("stopped while opening" if signal_after_open else "did not open within 1 s") in summary["reason"]

@@ -1,0 +1,100 @@
+"""One grammar for every command: --help exits 0 and shows defaults, --model/--data/--num-*/--out
+spellings, -q/--debug before or after the command, old spellings as deprecated aliases, no
+phantom commands."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import pytest
+
+from keepbits.cli import COMMANDS, build_parser, main
+from keepbits.errors import InputError
+
+#: (argv of the command, its module) for every command in the table
+LEAVES = [([group, *([name] if name else [])], module) for group, table in COMMANDS.items()
+          for name, module in ({"": table} if isinstance(table, str) else table).items()]
+OLD_SPELLINGS = {"--checkpoint", "--images", "--max-images", "--max-train", "--max-test", "--train-images", "--test-images",
+                 "--eval-images", "--ru-train-images", "--calibration-images"}
+
+
+def _command_parser(path: list[str]) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for name in path:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return parser
+
+
+def _visible(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if a.help is not argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
+
+
+def test_every_listed_command_exists_and_nothing_else():
+    for _, module in LEAVES:
+        m = importlib.import_module(module)  # a phantom entry fails here
+        assert m.HELP and callable(m.add_arguments) and callable(m.run), module
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["bench", "classifier"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("path", [p for p, _ in LEAVES], ids=" ".join)
+def test_help_exits_0_and_shows_every_default(path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*path, "--help"])
+    assert exit_.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # help wraps lines, at spaces and hyphens
+    for action in _visible(_command_parser(path)):
+        assert action.help, f"{' '.join(path)} {action.option_strings}: no help text"
+        if action.default is None or action.nargs == 0 or "default" in action.help:
+            continue
+        shown = "(default:" + "".join(str(action.default).split()) + ")"
+        assert shown in text, f"{' '.join(path)} {action.option_strings}: {shown} missing from --help"
+
+
+@pytest.mark.parametrize("path", [p for p, _ in LEAVES], ids=" ".join)
+def test_one_spelling_per_role(path):
+    for action in _visible(_command_parser(path)):
+        assert action.option_strings, f"{' '.join(path)}: positional {action.dest} (use an option: --model, --data, ...)"
+        assert not OLD_SPELLINGS & set(action.option_strings), (path, action.option_strings)
+        if "images" in action.dest and action.nargs != 0:  # a count of images (not a flag such as --no-images)
+            assert action.option_strings[-1].startswith("--num-"), (path, action.option_strings)
+
+
+@pytest.mark.parametrize("before, after", [([], []), (["-q"], []), ([], ["-q"]), (["--debug"], ["-q"]), ([], ["--debug", "--quiet"])])
+def test_quiet_and_debug_before_or_after_the_command(before, after):
+    args = build_parser().parse_args([*before, "run", "--model", "m.zip", "--source", "v.mp4", *after])
+    given = set(before + after)
+    assert args.quiet == bool(given & {"-q", "--quiet"}) and args.debug == ("--debug" in given)
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path, capsys):
+    argv = ["export", "int8", "--model", str(tmp_path / "missing.zip"), "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"keepbits: error: bundle not found: {tmp_path / 'missing.zip'}\n"
+    with pytest.raises(InputError, match="bundle not found"):
+        main([*argv, "--debug"])
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["bench", "nice", "--checkpoint", "{missing}", "--data", "{tmp}"], "keepbits: --checkpoint is deprecated; use --model"),
+    (["export", "onnx", "{missing}", "--out", "{tmp}/bundle"], "keepbits: positional CHECKPOINT is deprecated; use --model"),
+    (["export", "tensorrt", "{missing}"], "keepbits: positional BUNDLE is deprecated; use --model"),
+])
+def test_old_spelling_still_works_with_one_deprecation_line(argv, line, tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    assert main([a.format(missing=missing, tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.splitlines()
+    # the value reached the new option: the command itself reports the missing file
+    assert err[0] == line and len(err) == 2 and err[1].startswith("keepbits: error: ") and str(missing) in err[1]
+
+
+def test_old_spellings_are_hidden_and_keep_their_meaning(capsys):
+    parse = build_parser().parse_args
+    assert parse(["audit", "sis", "--model", "m", "--data", "d", "--out", "o", "--images", "7"]).num_images == 7  # a count here
+    assert parse(["audit", "simplify", "--model", "m", "--images", "d", "--out", "o"]).data == "d"  # a path here
+    assert parse(["train", "nice", "--data", "d", "--classifier", "c", "--out", "o", "--max-train", "5"]).num_train_images == 5
+    assert capsys.readouterr().err.count("is deprecated") == 3
+    with pytest.raises(SystemExit):
+        main(["bench", "nice", "--help"])
+    assert "--checkpoint" not in capsys.readouterr().out

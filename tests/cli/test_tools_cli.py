@@ -1,0 +1,134 @@
+"""keepbits info / decode / compare / eval / explain / doctor end to end: JSON on stdout, exit
+codes (0 fine, 1 a finding: bad payloads, a tolerance missed, a broken install; 2 input errors,
+one line), on generated data and the shipped demo bundle."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from keepbits.cli import main
+from keepbits.cli.demo import DEMO_BUNDLE
+from keepbits.runtime import open_source
+from keepbits.runtime.sinks import open_sink
+from keepbits.runtime.stream import run_stream
+from keepbits.runtime.synthetic import toy_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return toy_bundle(tmp_path_factory.mktemp("b") / "toy.zip", size=32, block=4)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder of unlabelled image files of different sizes."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        image = rng.integers(0, 90 if i % 2 else 255, (int(rng.integers(24, 60)), int(rng.integers(24, 60)), 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / f"img{i}.{'png' if i % 2 else 'jpg'}"), image)
+    return folder
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, json.loads(out) if out.strip().startswith("{") else out, err
+
+
+def test_info(bundle, capsys):
+    code, info, err = _run(["info", "--model", str(bundle)], capsys)
+    assert code == 0 and info["verified"] and info["input"]["shape"] == [3, 32, 32] and "verified" in err
+    code, _, err = _run(["info", "--model", str(bundle), "--expect-digest", "ab" * 32], capsys)
+    assert code == 2 and err.count("\n") == 1 and "does not match" in err
+
+
+def test_decode_files_sink_output(bundle, tmp_path, capsys):
+    from keepbits.runtime import Pipeline
+
+    frames = [np.full((24, 32, 3), 40 + 20 * i, np.uint8) for i in range(4)]
+    run_stream(Pipeline.from_bundle(bundle), open_source(frames), [open_sink(f"files:{tmp_path / 'sent'}")])
+    code, summary, _ = _run(["-q", "decode", "--payloads", str(tmp_path / "sent"), "--out", str(tmp_path / "dec")], capsys)
+    assert code == 0 and summary["decoded"] == 4 and summary["bad_payloads"] == 0
+    assert len(list((tmp_path / "dec").glob("*_mask.png"))) == 4
+    (tmp_path / "bad.kbit").write_bytes(b"nope")
+    code, summary, err = _run(["decode", "--payloads", str(tmp_path / "sent" / "payloads" / "00000000.kbit"), str(tmp_path / "bad.kbit"),
+                               "--out", str(tmp_path / "dec2"), "--no-masks"], capsys)
+    assert code == 1 and summary["decoded"] == 1 and summary["bad_payloads"] == 1 and "1 bad payloads skipped" in err
+    assert not list((tmp_path / "dec2").glob("*_mask.png"))
+    code, _, err = _run(["decode", "--payloads", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "not found" in err and "Traceback" not in err
+
+
+def test_decode_video_notice_is_one_line(bundle, tmp_path):
+    """The video falls back to mp4v with one notice line where OpenCV has no H.264 writer."""
+    from keepbits.codec import encode
+    from keepbits.runtime.video import h264_available
+
+    (tmp_path / "p").mkdir()
+    for i in range(3):
+        (tmp_path / "p" / f"{i}.kbit").write_bytes(encode(np.full((16, 16, 3), 50 * i, np.uint8), np.ones((16, 16)), block=4, sequence=i))
+    done = subprocess.run([sys.executable, "-m", "keepbits", "decode", "--payloads", str(tmp_path / "p"), "--out", str(tmp_path / "o"),
+                           "--video", str(tmp_path / "o.mp4")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    notices = [line for line in done.stderr.splitlines() if "mp4v" in line]
+    assert len(notices) == (0 if h264_available() else 1)
+    cap = cv2.VideoCapture(str(tmp_path / "o.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    cap.release()
+
+
+def test_eval_labelled_and_unlabelled(tmp_path, photos, capsys):
+    labelled = tmp_path / "labelled"  # class folders named like two of the demo bundle's ImageNet classes
+    for name in ("water bottle", "tench"):
+        (labelled / name).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(labelled / name / f"{i}.png"), np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    code, result, _ = _run(["-q", "eval", "--model", str(DEMO_BUNDLE), "--data", str(labelled), "--num-images", "4",
+                            "--codecs", "png", "webp", "--qualities", "60", "--baseline-qualities", "30", "--out", str(tmp_path / "ev"),
+                            "--examples", "2"], capsys)
+    assert code == 0 and result["labelled"] and result["num_images"] == 4 and result["labels_matched"] == "by name"
+    assert "sample 4, seed 0" in result["data"] and len(result["payload"]) == 2 and len(result["baselines"]) == 3
+    assert {p.name for p in (tmp_path / "ev").iterdir()} == {"eval.html", "eval.json", "rate_accuracy.png"}
+    assert "smallest_within" in result
+    code, result, _ = _run(["-q", "eval", "--model", str(DEMO_BUNDLE), "--data", str(photos), "--codecs", "jpeg", "--qualities", "50",
+                            "--baselines", "--out", str(tmp_path / "ev2")], capsys)
+    assert code == 0 and not result["labelled"] and result["num_images"] == 5 and result["baselines"] == []
+    code, _, err = _run(["eval", "--model", str(DEMO_BUNDLE), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "data path not found" in err
+
+
+def test_explain_one_image_and_a_folder(tmp_path, photos, capsys):
+    code, report, err = _run(["explain", "--model", str(DEMO_BUNDLE), "--data", str(photos / "img0.jpg"), "--out", str(tmp_path / "one")], capsys)
+    assert code == 0 and len(report["images"]) == 1 and report["images"][0]["name"] == "img0" and "img0:" in err
+    assert {p.name for p in (tmp_path / "one").iterdir()} == {"img0_overlay.png", "img0_mask.png", "img0_mixed.png", "explain.json"}
+    h, w = cv2.imread(str(photos / "img0.jpg")).shape[:2]
+    scale = -(-224 // min(h, w))  # small images are enlarged by a whole factor to --min-side
+    assert cv2.imread(str(tmp_path / "one" / "img0_mixed.png")).shape[:2] == (h * scale, w * scale)
+    code, report, _ = _run(["-q", "explain", "--model", str(DEMO_BUNDLE), "--data", str(photos), "--num-images", "3",
+                            "--mode", "paper", "--out", str(tmp_path / "three")], capsys)
+    assert code == 0 and len(report["images"]) == 3 and report["pipeline"]["codec"]["mode"] == "paper"
+
+
+def test_compare_exit_codes(tmp_path, photos, capsys):
+    code, report, err = _run(["compare", "--model", f"{DEMO_BUNDLE}@functions", "--model", str(DEMO_BUNDLE), "--data", str(photos)], capsys)
+    assert code == 0 and report["passed"] and report["images"] == 5 and "pass" in err
+    code, report, err = _run(["compare", "--model", f"{DEMO_BUNDLE}@functions", "--model", str(DEMO_BUNDLE), "--data", str(photos),
+                              "--min-mask-agree", "1.5", "--logits-atol", "none"], capsys)
+    assert code == 1 and not report["passed"] and "FAIL mask_agree" in err
+    assert [c["name"] for c in report["comparisons"][0]["checks"]] == ["mask_max_abs", "argmax_agree", "mask_agree"]  # no x̃ output
+    for argv, message in [([f"{DEMO_BUNDLE}"], "at least two"), ([f"{DEMO_BUNDLE}@torch", str(DEMO_BUNDLE)], "needs a NICE checkpoint"),
+                          ([str(tmp_path / "nope.zip"), str(DEMO_BUNDLE)], "model not found")]:
+        code, _, err = _run(["compare", *sum((["--model", m] for m in argv), []), "--data", str(photos)], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_doctor_json_and_exit_code(capsys):
+    code, report, err = _run(["doctor", "--no-self-test"], capsys)
+    assert code == (1 if report["problems"] else 0) and "self_test" not in report["checks"]
+    assert len(err.strip().splitlines()) == len(report["checks"])

@@ -1,0 +1,85 @@
+"""keepbits info's bundle report, doctor's checks, native.status, OpenCV video facts."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from keepbits import native
+from keepbits.cli.demo import DEMO_BUNDLE
+from keepbits.errors import BundleError
+from keepbits.runtime.doctor import diagnose
+from keepbits.runtime.info import bundle_info
+from keepbits.runtime.synthetic import toy_bundle
+from keepbits.runtime.video import build_video_io, even_size, h264_available, has_backend, open_video_writer
+
+
+def test_info_of_a_plain_and_of_the_demo_bundle(tmp_path):
+    info = bundle_info(toy_bundle(tmp_path / "toy", size=16, block=2))
+    assert info["verified"] and info["input"]["shape"] == [3, 16, 16] and info["mask"] == {"block_size": 2, "threshold": 0.5}
+    assert info["custom_ops"]["runs_with"] == "not needed" and info["classes"]["names"] == ["dark", "bright"]
+    assert [o["name"] for o in info["outputs"]["onnxruntime"]] == ["logits", "mask", "mixed"]
+    assert info["files"]["model.onnx"]["bytes"] == (tmp_path / "toy" / "model.onnx").stat().st_size
+    demo = bundle_info(DEMO_BUNDLE)
+    assert demo["custom_ops"]["ops"] == ["HardConcreteMask"] and demo["archive_bytes"] == DEMO_BUNDLE.stat().st_size
+    assert demo["custom_ops"]["runs_with"] == ("native kernels" if native.available() else "ONNX function bodies")
+    assert demo["provenance"] and demo["input"]["resize"].startswith("center-crop (crop fraction 0.875)")
+    assert demo["classes"]["count"] == 1000 and demo["outputs"]["names"] == ["logits", "mask"]
+    json.dumps(demo)
+
+
+def test_info_refuses_a_modified_bundle_and_a_wrong_pin(tmp_path):
+    path = toy_bundle(tmp_path / "toy")
+    with pytest.raises(BundleError, match="expected"):
+        bundle_info(path, expected_digest="0" * 64)
+    with open(path / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(BundleError, match="modified"):
+        bundle_info(path)
+
+
+def test_native_status_explains_itself(monkeypatch, tmp_path):
+    monkeypatch.setenv("KEEPBITS_NATIVE", "0")
+    assert native.status()["reason"] == "disabled by KEEPBITS_NATIVE=0"
+    monkeypatch.setenv("KEEPBITS_NATIVE", "1")
+    monkeypatch.setenv("KEEPBITS_NATIVE_LIB", str(tmp_path / "missing.so"))
+    assert "no such file" in native.status()["reason"]
+    (tmp_path / "bad.so").write_bytes(b"not a library")
+    monkeypatch.setenv("KEEPBITS_NATIVE_LIB", str(tmp_path / "bad.so"))
+    status = native.status()
+    assert status["found"] and not status["loaded"] and status["requested"] and "cannot load" in status["reason"]
+
+
+def test_doctor_reports_every_check_and_exits_1_on_a_broken_promise(tmp_path):
+    report = diagnose(self_test=True)
+    assert set(report["checks"]) == {"python", "keepbits", "runtime_packages", "onnxruntime", "native", "opencv", "torch",
+                                     "extras", "self_test"}
+    assert report["checks"]["self_test"]["status"] == "ok" and report["checks"]["runtime_packages"]["status"] == "ok"
+    assert report["checks"]["opencv"]["backends"]["FFMPEG"] == has_backend("FFMPEG")
+    (tmp_path / "bad.so").write_bytes(b"not a library")
+    env = {**os.environ, "KEEPBITS_NATIVE_LIB": str(tmp_path / "bad.so")}
+    done = subprocess.run([sys.executable, "-m", "keepbits", "doctor", "--no-self-test"], capture_output=True, text=True, env=env, timeout=120)
+    out = json.loads(done.stdout)
+    assert done.returncode == 1 and out["checks"]["native"]["status"] == "problem" and out["problems"] >= 1
+    assert "problem native" in done.stderr
+
+
+def test_video_facts_and_writer(tmp_path):
+    assert "FFMPEG" in build_video_io() and even_size(31, 1) == (30, 2)
+    with pytest.raises(Exception, match="unknown OpenCV video back-end"):
+        has_backend("QUICKTIME")
+    writer = open_video_writer(tmp_path / "v.mp4", 10, (64, 48))
+    for i in range(3):
+        writer.write(np.full((48, 64, 3), 60 * i, np.uint8))
+    writer.release()
+    cap = cv2.VideoCapture(str(tmp_path / "v.mp4"))
+    fourcc = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode("ascii", "replace")
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    cap.release()
+    assert fourcc.lower() in (("avc1", "h264") if h264_available() else ("mp4v", "fmp4"))  # FFmpeg reads mp4v as FMP4

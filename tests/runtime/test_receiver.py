@@ -1,0 +1,63 @@
+"""The receiver's side for files: payloads back to x̃, masks, JSONL and video; bad ones skipped."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from keepbits.errors import InputError
+from keepbits.runtime import Pipeline, open_source
+from keepbits.runtime.receiver import decode_files, payload_files
+from keepbits.runtime.sinks import open_sink
+from keepbits.runtime.stream import run_stream
+from keepbits.runtime.synthetic import toy_bundle
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return Pipeline.from_bundle(toy_bundle(tmp_path_factory.mktemp("b") / "toy", size=32, block=4))
+
+
+def _frames(n: int) -> list[np.ndarray]:
+    frames = []
+    for i in range(n):
+        f = np.full((24, 40, 3), 30, np.uint8)
+        f[3:15, i + 2:i + 14] = 230
+        frames.append(f)
+    return frames
+
+
+def test_files_sink_payloads_decode_to_the_senders_mixed_image_and_mask(pipe, tmp_path):
+    frames = _frames(5)
+    run_stream(pipe, open_source(frames), [open_sink(f"files:{tmp_path / 'sent'}")])
+    (tmp_path / "sent" / "payloads" / "zz-garbage.kbit").write_bytes(b"KBIT" + bytes(80))
+    (tmp_path / "sent" / "payloads" / "zz-empty.kbit").write_bytes(b"")
+    summary = decode_files([tmp_path / "sent"], tmp_path / "out", video=tmp_path / "out.mp4", fps=5)
+    assert (summary["payloads"], summary["decoded"], summary["bad_payloads"]) == (7, 5, 2)
+    assert {b["file"].rsplit("/", 1)[-1] for b in summary["bad"]} == {"zz-garbage.kbit", "zz-empty.kbit"}
+    records = [json.loads(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
+    assert [r["sequence"] for r in records] == list(range(5)) and all(r["mode"] == "blocks" for r in records)
+    for i, frame in enumerate(frames):
+        ref = pipe(frame)
+        x0, y0, w, h = ref.roi
+        image = cv2.imread(str(tmp_path / "out" / records[i]["image"]))[:, :, ::-1]
+        mask = cv2.imread(str(tmp_path / "out" / records[i]["mask"]), cv2.IMREAD_GRAYSCALE)
+        assert np.array_equal(image, ref.mixed[y0:y0 + h, x0:x0 + w])
+        assert np.array_equal(mask > 0, (ref.mask > ref.threshold)[y0:y0 + h, x0:x0 + w])
+        assert records[i]["kept_pixels"] == int((ref.mask > ref.threshold).sum())
+    cap = cv2.VideoCapture(str(tmp_path / "out.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
+    cap.release()
+
+
+def test_oversize_files_count_as_bad_and_paths_are_checked(tmp_path):
+    (tmp_path / "big.kbit").write_bytes(bytes(200))
+    summary = decode_files([tmp_path / "big.kbit"], tmp_path / "out", max_bytes=100)
+    assert summary["bad_payloads"] == 1 and "larger than" in summary["bad"][0]["error"]
+    with pytest.raises(InputError, match="not found"):
+        payload_files([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no .kbit"):
+        payload_files([tmp_path / "empty"])

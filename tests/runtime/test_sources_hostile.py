@@ -1,0 +1,131 @@
+"""Hostile sources (issue 20, items 6-8): a FIFO whose writer stalls, timeouts that would
+busy-wait, image folders with 16-bit and oversized images."""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from keepbits.errors import InputError
+from keepbits.runtime import open_source
+
+
+def _avi_head(tmp_path, frames: int = 3) -> bytes:
+    """The bytes of a small MJPEG AVI (a format FFmpeg reads from a pipe)."""
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24))
+    for i in range(frames):
+        writer.write(np.full((24, 32, 3), 40 * i, np.uint8))
+    writer.release()
+    return path.read_bytes()
+
+
+class _StalledWriter:
+    """Opens ``fifo`` for writing (blocks until a reader opens it), writes ``data``, then stalls
+    until :meth:`release` (which closes it: the reader sees the end of the stream)."""
+
+    def __init__(self, fifo, data: bytes):
+        self.opened, self.fd = threading.Event(), None
+        self.thread = threading.Thread(target=self._run, args=(fifo, data), daemon=True)
+        self.fifo = fifo
+        self.thread.start()
+
+    def _run(self, fifo, data):
+        self.fd = os.open(fifo, os.O_WRONLY)
+        self.opened.set()
+        os.write(self.fd, data)
+
+    def release(self):
+        if self.fd is None:  # no reader ever came: open our own end so the writer's open returns
+            reader = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+            self.thread.join(5)
+            os.close(reader)
+        self.thread.join(5)
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def test_fifo_whose_writer_stalls_never_blocks_the_caller(tmp_path):
+    """The old source opened the FIFO on the caller's thread (OpenCV blocked there for ever);
+    now start() gives up after stall_timeout, and the stream ends with the reason."""
+    fifo = tmp_path / "stream.avi"
+    os.mkfifo(fifo)
+    writer = _StalledWriter(fifo, _avi_head(tmp_path)[:200])
+    box = {}
+
+    def consume():
+        src = open_source(fifo, read_timeout=0.1, stall_timeout=0.5)
+        src.start()
+        box["frame"], box["stats"] = src.get(), src.stats()
+
+    t = threading.Thread(target=consume, daemon=True)
+    start = time.monotonic()
+    t.start()
+    t.join(10)
+    try:
+        assert not t.is_alive(), "open_source/start blocked on the stalled FIFO"
+        assert time.monotonic() - start < 5
+        assert box["frame"] is None and "did not open within 0.5 s" in box["stats"]["last_error"]
+    finally:
+        writer.release()
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf")])
+def test_timeouts_must_be_positive(bad):
+    """``--read-timeout 0`` made every wait return at once: one core spinning on a stalled stream."""
+    with pytest.raises(InputError, match="read_timeout"):
+        open_source([np.zeros((4, 4, 3), np.uint8)], read_timeout=bad)
+    with pytest.raises(InputError, match="stall_timeout"):
+        open_source([np.zeros((4, 4, 3), np.uint8)], stall_timeout=bad)
+
+
+def test_stalled_stream_waits_without_spinning():
+    def gen():
+        yield np.zeros((4, 4, 3), np.uint8)
+        time.sleep(3)
+
+    src = open_source(gen(), live=True, read_timeout=0.05, stall_timeout=0.4)
+    cpu = time.process_time()
+    assert src.get() is not None and src.get() is None
+    assert src.stats()["stale"] <= 10 and time.process_time() - cpu < 0.3
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width×height grey pixels (the data is a few bytes)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_folder_converts_16_bit_and_skips_oversized_images(tmp_path):
+    """A valid 16-bit PNG ended the old stream ("frames must be uint8"); a 20000x20000 header
+    was decoded in full. Now: 16-bit converted, oversized skipped before decoding, both counted."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(folder / f"{i:02d}_a.png"), np.full((12, 16, 3), 10 * i, np.uint8))
+    cv2.imwrite(str(folder / "01_b16.png"), np.full((12, 16, 3), 0x8000 + 0x0100 * 7, np.uint16))
+    (folder / "02_bomb.png").write_bytes(_png_header_only(20000, 20000))
+    cv2.imwrite(str(folder / "03_big.png"), np.zeros((1100, 1000), np.uint8))
+    src = open_source(folder, max_pixels=1_000_000)
+    images = [f.image for f in src]
+    stats = src.stats()
+    assert len(images) == 5 and stats["skipped"] == 2 and stats["errors"] == 0
+    assert images[2].dtype == np.uint8 and int(images[2][0, 0, 0]) == 0x87  # 16-bit: the high byte
+    assert "03_big.png: 1000x1100 pixels exceed max_pixels=1000000" in stats["last_error"]
+    default = open_source(folder)  # the default limit refuses the 20000x20000 header too
+    assert len(list(default)) == 6 and default.stats()["skipped"] == 1
+
+
+def test_iterator_frames_that_are_no_images_are_skipped():
+    frames = [np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32), np.zeros((4, 4, 3), np.uint8)]
+    src = open_source(frames)
+    assert [f.index for f in src] == [0, 1] and src.stats()["skipped"] == 1
