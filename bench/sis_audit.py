@@ -55,6 +55,8 @@ def main() -> int:
     parser.add_argument("--kill-after-chunks", type=int, default=1, help="kill the second run once this many chunks are written")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/sis_audit_cifar10"))
+    parser.add_argument("--no-resume-check", action="store_true", help="only the uninterrupted run (the measured rate)")
+    parser.add_argument("--name", default="sis_audit_cifar10", help="results name (bench/results/<name>.json)")
     args = parser.parse_args()
     if args.data is None or not (args.data / "cifar10").is_dir():
         parser.error(f"CIFAR-10 not found under {args.data} (pass --data)")
@@ -69,50 +71,57 @@ def main() -> int:
     subprocess.run(command(whole), env=env, check=True, stdout=subprocess.DEVNULL)
     whole_wall = time.time() - started
     print(f"uninterrupted: {whole_wall:.0f} s", file=sys.stderr)
-
-    started = time.time()
-    first = subprocess.Popen(command(resumed), env=env, start_new_session=True, stdout=subprocess.DEVNULL)
-    while first.poll() is None and len(chunk_times(resumed / "orders")) < args.kill_after_chunks:
-        time.sleep(2)
-    killed = first.poll() is None
-    if killed:
-        os.killpg(first.pid, signal.SIGKILL)  # the whole torchrun process group, as a crash or an out-of-time job ends
-    first.wait()
-    first_wall = time.time() - started
-    before = chunk_times(resumed / "orders")
-    print(f"killed={killed} after {first_wall:.0f} s, {len(before)} of {args.images} chunks written", file=sys.stderr)
-    started = time.time()
-    subprocess.run(command(resumed), env=env, check=True, stdout=subprocess.DEVNULL)
-    second_wall = time.time() - started
-    after = chunk_times(resumed / "orders")
-    reused = sum(1 for name, mtime in before.items() if after.get(name) == mtime)
-
-    a, b = orders(whole / "orders"), orders(resumed / "orders")
-    same_orders = len(a) == len(b) == args.images and all(x["order"] == y["order"] and x["scores"] == y["scores"] for x, y in zip(a, b))
-    report_a, report_b = (json.loads((p / "report.json").read_text())["data"] for p in (whole, resumed))
-    same_sis = [r.get("sis") for r in report_a["images"]] == [r.get("sis") for r in report_b["images"]]
-    seconds = np.array([r["seconds"] for r in a], float)
+    reference = orders(whole / "orders")
+    seconds = np.array([r["seconds"] for r in reference], float)
     rate = args.images / whole_wall
+    report = json.loads((whole / "report.json").read_text())["data"]
     payload = {
         "model": str(args.model), "images": args.images, "draw": f"keepbits.data.sample_indices on the CIFAR-10 test split, seed {args.seed}",
         "threshold": args.threshold, "processes": args.processes, "torch_threads_per_process": 1,
-        "command": " ".join(command(Path("OUT"))[1:]),
-        "methods": sorted({r["method"] for r in a}),
+        "audit_command": " ".join(command(Path("OUT"))[1:]),
+        "methods": sorted({r["method"] for r in reference}),
         "uninterrupted": {"wall_s": round(whole_wall, 1), "images_per_hour": round(3600 * rate, 2)},
-        "killed_run": {"wall_s": round(first_wall, 1), "killed": killed, "chunks_written_before_kill": len(before)},
-        "resumed_run": {"wall_s": round(second_wall, 1), "chunks_reused": reused, "chunks_computed": len(after) - reused},
-        "resumed_equals_uninterrupted": {"orders_and_scores": same_orders, "sis": same_sis},
         "backselect_s_per_image_per_process": {"mean": round(float(seconds.mean()), 1), "min": round(float(seconds.min()), 1),
                                                "max": round(float(seconds.max()), 1)},
         "target_images": args.target_images,
         "extrapolated_wall_h_for_target": round(args.target_images / rate / 3600, 1),
         "extrapolation": f"EXTRAPOLATED, not measured: {args.target_images} images at the uninterrupted run's measured rate "
                          f"({args.images} images in {whole_wall:.0f} s wall, {args.processes} processes, this shared machine's load)",
-        "summary": report_a["summary"],
-        "load_average_at_end": [float(v) for v in open("/proc/loadavg").read().split()[:3]],
+        "summary": report["summary"],
     }
-    print(write_result("sis_audit_cifar10", payload))
+    if not args.no_resume_check:
+        payload.update(kill_and_resume(command(resumed), resumed, env, args.kill_after_chunks, args.images, reference, report))
+    payload["load_average_at_end"] = [float(v) for v in open("/proc/loadavg").read().split()[:3]]
+    print(write_result(args.name, payload))
     return 0
+
+
+def kill_and_resume(command: list[str], out: Path, env: dict, kill_after: int, images: int, reference: list[dict], report: dict) -> dict:
+    """Run ``command``, kill its process group once ``kill_after`` chunk files exist, run it
+    again; compare with the uninterrupted run's ``reference`` orders and ``report``."""
+    started = time.time()
+    first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    while first.poll() is None and len(chunk_times(out / "orders")) < kill_after:
+        time.sleep(2)
+    killed = first.poll() is None
+    if killed:
+        os.killpg(first.pid, signal.SIGKILL)  # the whole torchrun process group, as a crash or an out-of-time job ends
+    first.wait()
+    first_wall = time.time() - started
+    before = chunk_times(out / "orders")
+    print(f"killed={killed} after {first_wall:.0f} s, {len(before)} of {images} chunks written", file=sys.stderr)
+    started = time.time()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    second_wall = time.time() - started
+    after = chunk_times(out / "orders")
+    reused = sum(1 for name, mtime in before.items() if after.get(name) == mtime)
+    got = orders(out / "orders")
+    same = len(reference) == len(got) == images and all(x["order"] == y["order"] and x["scores"] == y["scores"] for x, y in zip(reference, got))
+    resumed = json.loads((out / "report.json").read_text())["data"]
+    return {"killed_run": {"wall_s": round(first_wall, 1), "killed": killed, "chunks_written_before_kill": len(before)},
+            "resumed_run": {"wall_s": round(second_wall, 1), "chunks_reused": reused, "chunks_computed": len(after) - reused},
+            "resumed_equals_uninterrupted": {"orders_and_scores": same,
+                                             "sis": [r.get("sis") for r in report["images"]] == [r.get("sis") for r in resumed["images"]]}}
 
 
 if __name__ == "__main__":
