@@ -25,6 +25,10 @@ model (tracing, planning, timing the screens) is timed on its own and reported w
 without it. Times are wall and CPU seconds per image (CPU time is the robust one on a shared
 machine); the ratios are naive / keepbits.
 
+A whole naive ResNet-20 order costs minutes of CPU time per image and a float64 one several times
+that: ``--resnet-naive-steps N`` runs both for the first N steps only (prefix identity) and
+extrapolates the naive whole-order time by candidate count (reported as such in the JSON).
+
     python bench/sis_speed.py --threads 1 --resnet20 runs/r20_cifar10_e20/best.pt
 """
 from __future__ import annotations
