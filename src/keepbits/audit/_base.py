@@ -131,19 +131,24 @@ class OnnxAdapter(ModelAdapter):
     float N×C×H×W), ``"uint8-nhwc"`` (bundles: 0..255 N×H×W×C, inputs are de-normalised and
     rounded first) or ``"float-nchw"`` (bundles: 0..1 N×C×H×W). A plain ``.onnx`` file may
     carry ``mean``/``std``/``class_names``/``input_shape`` as JSON metadata properties.
+    ``threads``: ONNX Runtime intra-op threads (default: its own choice).
     """
 
     FEEDS = ("normalized", "uint8-nhwc", "float-nchw")
 
-    def __init__(self, model_path: str | Path, feed: str = "normalized", input_shape: Sequence[int] | None = None, **kwargs: Any):
+    def __init__(self, model_path: str | Path, feed: str = "normalized", input_shape: Sequence[int] | None = None,
+                 threads: int | None = None, **kwargs: Any):
         import onnxruntime as ort
 
         if feed not in self.FEEDS:
             raise InputError(f"feed must be one of {self.FEEDS}, got {feed!r}")
         path = Path(model_path)
+        self.model_path = path
         try:
             options = ort.SessionOptions()
             options.log_severity_level = 3
+            if threads:
+                options.intra_op_num_threads = threads
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise InputError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
@@ -164,12 +169,13 @@ class OnnxAdapter(ModelAdapter):
             input_shape = (dims[2], dims[0], dims[1]) if feed == "uint8-nhwc" else tuple(dims)
         super().__init__(input_shape, source=str(path), **kwargs)
 
-    def _pixels(self, x: np.ndarray) -> np.ndarray:
+    def _pixels(self, x: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """Normalised N×C×H×W → what the graph takes (float inputs in ``dtype``)."""
         if self._feed == "normalized":
-            return x
+            return np.asarray(x, dtype=dtype)
         if self._feed == "uint8-nhwc":
             return self.denormalize(x)
-        return (x * self.std[:, None, None] + self.mean[:, None, None]).astype(np.float32)
+        return (np.asarray(x, np.float64) * self.std[:, None, None] + self.mean[:, None, None]).astype(dtype)
 
     def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         outs = []
@@ -215,7 +221,8 @@ def load_model(model: Any, **kwargs: Any) -> ModelAdapter:
     feed = "uint8-nhwc" if m.input_dtype == "uint8" else "float-nchw"
     if m.input_layout != ("NHWC" if feed == "uint8-nhwc" else "NCHW"):
         raise InputError(f"{path}: bundles with {m.input_dtype} {m.input_layout} input are not supported by the audits")
-    adapter = OnnxAdapter(bundle.model_path, feed=feed, input_shape=m.input_shape, mean=m.mean, std=m.std, class_names=m.class_names)
+    adapter = OnnxAdapter(bundle.model_path, feed=feed, input_shape=m.input_shape, mean=m.mean, std=m.std, class_names=m.class_names,
+                          threads=kwargs.get("threads"))
     if m.input_shape[0] in (1, 3):  # a Preprocessing describes grey or colour images (audit bundles may have other channels)
         adapter.preprocessing = Preprocessing(tuple(m.input_shape[1:]), tuple(m.mean), tuple(m.std), m.resize_policy, m.crop_fraction,
                                               tuple(m.class_names))

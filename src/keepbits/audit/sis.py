@@ -23,9 +23,27 @@ Exact BackSelect ranks candidates by the float64 target margin
 the same order as ``f`` itself, but without the saturation of ``f`` (or of ``log f``) to
 exactly 1 (0) once the model is confident, where every candidate would tie. Two candidates
 tie when their margins are within :data:`TIE_TOLERANCE` of the step's best; the lowest
-pixel index among the tied wins. Both evaluation methods (``"plain"``: every candidate image through the
-model; ``"incremental"``: only the boxes of each layer a one-pixel change reaches, see
-:mod:`keepbits.audit._sis_incremental`) apply that rule, so they return the same order.
+pixel index among the tied wins (:func:`select`).
+
+Fast and exact: every step first *screens* all remaining candidates in float32 (margins
+computed in float64 from float32 logits), then re-scores in float64 only the candidates a
+float32 error ``ε`` could put on top, the winner set ``{i : m32_i ≥ max m32 − 2ε − TIE_TOLERANCE}``;
+the float64 margins of that set decide the step with :func:`select`. When
+``|m32 − m64| ≤ ε`` for every candidate, this is the decision of a float64 run. ``ε`` is
+:data:`SCREEN_SAFETY` times the largest ``|m32 − m64|`` observed in the run (on
+:data:`CALIBRATION` candidates per image at the first step and on every winner set
+after), at least :data:`SCREEN_FLOOR` · (1 + |best margin|); a step whose winner set shows a
+larger difference widens ``ε`` and is decided again; for torch models the scores of the
+chosen path are computed in float64 in one pass at the end and every winner's float32 margin
+is checked against its step's ``ε`` (a miss reruns the images with a wider ``ε``). Screens: ``"incremental"`` (torch
+models: only the boxes of each feature map a one-pixel change reaches, from the traced
+graph, see :mod:`keepbits.audit._sis_incremental`) and ``"plain"`` (every candidate image
+through the model; ONNX models through ONNX Runtime). Float64 re-scoring: a float64 copy of
+the torch model; for ONNX models the graph in float64 on the ONNX reference evaluator, used
+only when more than one candidate is within reach (recorded scores then come from float32
+logits when the step was unambiguous), or, where the graph does not convert, none (ONNX
+Runtime's float32 margins are ranked directly). Several images run in lockstep
+(:func:`backselect_batch`), their candidates sharing forward passes.
 
 Example:
     >>> import numpy as np
@@ -40,12 +58,14 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from keepbits.audit._base import Explainer, ModelAdapter, load_model
+from keepbits.audit._base import Explainer, ModelAdapter, as_targets, load_model
+from keepbits.audit._sis_eval import AdapterEvaluator, Evaluator
 from keepbits.core import sigmoid, target_margin
 from keepbits.errors import InputError
 
@@ -53,6 +73,14 @@ log = logging.getLogger("keepbits")
 
 #: Scores (float64 target margins, nats) closer than this to a step's best count as tied.
 TIE_TOLERANCE = 1e-9
+#: The float32 screening bound ε is this factor times the largest float32-vs-float64 margin difference seen in the run,
+SCREEN_SAFETY = 8.0
+#: and at least this fraction of 1 + |best float32 margin| of the step.
+SCREEN_FLOOR = 2.0**-20
+#: Candidates per image re-scored in float64 at the first step to calibrate ε.
+CALIBRATION = 16
+#: Images run in lockstep by :class:`SISExplainer` (their candidates share forward passes).
+IMAGES_PER_PASS = 16
 METHODS = ("auto", "incremental", "plain")
 
 
@@ -95,96 +123,252 @@ def _mask_value(model: ModelAdapter, mask_value: Any) -> np.ndarray:
     return value
 
 
-class _PlainScorer:
-    """Every candidate image through the whole model (float64 for torch models)."""
-
-    def __init__(self, model: ModelAdapter, batch_size: int):
-        self.model, self.batch_size = model, batch_size
-        self._net = None
-        if model.torch_module is not None:
-            import copy
-
-            self._net = copy.deepcopy(model.torch_module).double().eval()
-
-    def reset(self, x: np.ndarray, mask_value: np.ndarray, target: int) -> None:
-        self.base, self.mask_value, self.target = np.array(x, dtype=np.float64), mask_value, target
-
-    def mask(self, pixel: int) -> None:
-        w = self.base.shape[2]
-        self.base[:, pixel // w, pixel % w] = self.mask_value
-
-    def margins(self, x: np.ndarray) -> np.ndarray:
-        if self._net is None:
-            return target_margin(self.model.logits(x.astype(np.float32), self.batch_size), self.target)
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(x), self.batch_size):
-                out.append(self._net(torch.as_tensor(x[i : i + self.batch_size], dtype=torch.float64)).numpy())
-        return target_margin(np.concatenate(out), self.target)
-
-    def base_margin(self) -> float:
-        return float(self.margins(self.base[None])[0])
-
-    def scores(self, candidates: np.ndarray, last_masked: int | None) -> np.ndarray:
-        c, h, w = self.base.shape
-        out = []
-        for i in range(0, len(candidates), self.batch_size):
-            part = candidates[i : i + self.batch_size]
-            batch = np.repeat(self.base[None], len(part), axis=0)
-            batch[np.arange(len(part)), :, part // w, part % w] = self.mask_value
-            out.append(self.margins(batch))
-        return np.concatenate(out)
+_EVALUATORS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def _scorer(model: ModelAdapter, method: str, batch_size: int):
+def _state(module: Any) -> tuple:
+    """Identity and in-place version of every parameter and buffer (a cached copy is stale when it changes)."""
+    return tuple((id(t), t._version) for t in (*module.parameters(), *module.buffers()))
+
+
+def _evaluators(model: ModelAdapter, method: str, batch_size: int | None, device: Any) -> tuple[Any, Any, str]:
+    """(float32 screen, float64 evaluator or None, method used) for ``model``; torch ones are cached per module."""
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    if method != "plain" and model.torch_module is not None:
-        from keepbits.audit._sis_incremental import IncrementalScorer, Unsupported
+    if model.torch_module is not None:
+        module = model.torch_module
+        key = (method, batch_size, str(device), model.input_shape)
+        entry = _EVALUATORS.setdefault(module, {}).get(key)
+        if entry is None or entry[0] != _state(module):
+            entry = (_state(module), *_torch_evaluators(module, model.input_shape, method, batch_size, device))
+            _EVALUATORS[module][key] = entry
+        return entry[1:]
+    if method == "incremental":
+        raise InputError(f"{model.source}: incremental BackSelect needs a torch model (ONNX models: method='plain' or 'auto')")
+    from keepbits.audit._base import OnnxAdapter
 
-        try:
-            return IncrementalScorer(model.torch_module, model.input_shape, chunk=batch_size), "incremental"
-        except Unsupported as exc:
-            if method == "incremental":
-                raise InputError(f"incremental BackSelect does not support this model: {exc}") from None
-            log.info("incremental BackSelect unavailable (%s); using full forward passes", exc)
-    elif method == "incremental":
-        raise InputError("incremental BackSelect needs a torch model")
-    return _PlainScorer(model, batch_size), "plain"
+    if isinstance(model, OnnxAdapter):
+        from keepbits.audit._sis_onnx import OnnxFloat64, OnnxScreen
+
+        entry = _EVALUATORS.setdefault(model, {}).get((batch_size, str(device)))
+        if entry is None:
+            probe = np.random.default_rng(0).normal(size=(1, *model.input_shape))
+            entry = (OnnxScreen(model, device, batch_size), OnnxFloat64.create(model, probe), "plain")
+            _EVALUATORS[model][(batch_size, str(device))] = entry
+        return entry
+    if device not in (None, "cpu"):
+        raise InputError(f"device {device!r}: models given as functions run where they are")
+    return AdapterEvaluator(model, batch_size), None, "plain"
 
 
-def _run_backselect(scorer: Any, method: str, x: np.ndarray, target: int, mask_value: np.ndarray,
-                    initially_masked: np.ndarray) -> BackSelectResult:
-    started = time.perf_counter()
+def _torch_evaluators(module: Any, shape: tuple[int, int, int], method: str, batch_size: int | None, device: Any) -> tuple[Any, Any, str]:
+    """Screen and float64 evaluator of a torch model. ``auto`` takes the incremental screen
+    when its per-candidate cache applies (only candidates near the masked pixel are
+    recomputed), else on the CPU whichever screen spends less CPU time on one batch of
+    candidates, on a GPU the plain one (large dense batches)."""
+    import torch
+
+    from keepbits.audit._sis_incremental import GraphScreen, Unsupported
+    from keepbits.audit._sis_torch import DenseTorch
+
+    exact = DenseTorch(module, shape, torch.float64, device, batch_size)
+    if method == "plain":
+        return DenseTorch(module, shape, torch.float32, device, batch_size), exact, "plain"
+    try:
+        screen = GraphScreen(module, shape, device, batch_size)
+    except Unsupported as exc:
+        if method == "incremental":
+            raise InputError(f"incremental BackSelect does not support this model: {exc}") from None
+        log.info("incremental BackSelect unavailable (%s); using full forward passes", exc)
+        return DenseTorch(module, shape, torch.float32, device, batch_size), exact, "plain"
+    if method == "incremental" or (screen.local_nodes and screen.cacheable):
+        return screen, exact, "incremental"
+    plain = DenseTorch(module, shape, torch.float32, device, batch_size)
+    if screen.local_nodes and screen.device.type == "cpu" and _cpu_seconds(screen, shape) < _cpu_seconds(plain, shape):
+        return screen, exact, "incremental"
+    return plain, exact, "plain"
+
+
+def _cpu_seconds(screen: Any, shape: tuple[int, int, int], candidates: int = 256) -> float:
+    """CPU seconds ``screen`` takes for ``candidates`` candidates of a random image (best of two)."""
+    c, h, w = shape
+    screen.reset(np.random.default_rng(0).normal(size=(1, c, h, w)), np.zeros(c))
+    img, pix = np.zeros(min(candidates, h * w), np.int64), np.linspace(0, h * w - 1, min(candidates, h * w)).astype(np.int64)
+    screen.logits(img, pix)
+    best = float("inf")
+    for _ in range(2):
+        started = time.process_time()
+        screen.logits(img, pix)
+        best = min(best, time.process_time() - started)
+    return best
+
+
+@dataclass
+class _Steps:
+    """Steps of a lockstep run, one entry per (step, running image): the image, the pixel it
+    masked, the margin (float64 where re-scored, else the float32 screen's), the bound ε the
+    step used, and whether the winner was re-scored."""
+
+    images: np.ndarray
+    pixels: np.ndarray
+    margins: np.ndarray
+    bounds: np.ndarray
+    rescored: np.ndarray
+
+    def of(self, image: int) -> "_Steps":
+        keep = self.images == image
+        return _Steps(*(a[keep] for a in (self.images, self.pixels, self.margins, self.bounds, self.rescored)))
+
+
+def _winners(grid: np.ndarray, active: np.ndarray, targets: np.ndarray, exact: Any, error: float, calibrate: bool) -> tuple[_Steps, float]:
+    """Every running image's winner of one step. ``grid``: float32-screened margins, image ×
+    pixel (−inf: not a candidate). Without a float64 evaluator, :func:`select` on the screened
+    margins. Else the winner set of each image (see the module docstring) is re-scored in
+    float64 when it holds more than one candidate (at the first step also :data:`CALIBRATION`
+    candidates) and decided by :func:`select`; ``error`` (largest |float32 − float64| seen)
+    grows with every re-scored candidate, and the step is decided again when ε grows."""
+    g = grid[active]
+    known: dict[tuple[int, int], float] = {}
+    while True:
+        best = g.max(1)
+        bounds = np.maximum(SCREEN_SAFETY * error, SCREEN_FLOOR * (1.0 + np.abs(best))) if exact is not None else np.zeros(len(g))
+        member = g >= (best - 2 * bounds - TIE_TOLERANCE)[:, None]
+        if exact is None:
+            break
+        want = member & (member.sum(1) > 1)[:, None]
+        if calibrate:
+            for j in range(len(g)):
+                candidates = np.flatnonzero(np.isfinite(g[j]))
+                want[j, candidates[np.linspace(0, len(candidates) - 1, min(CALIBRATION, len(candidates))).astype(np.int64)]] = True
+            calibrate = False
+        need = [(j, p) for j, p in zip(*np.nonzero(want)) if (j, p) not in known]
+        if not need:
+            break
+        rows, pixels = np.array([j for j, _ in need]), np.array([p for _, p in need])
+        exact_m = target_margin(exact.logits(active[rows], pixels), targets[active[rows]])
+        known.update(zip(need, exact_m.tolist()))
+        error = max(error, float(np.abs(exact_m - g[rows, pixels]).max()))
+        if (np.maximum(SCREEN_SAFETY * error, SCREEN_FLOOR * (1.0 + np.abs(best))) <= bounds).all():
+            break
+    pixels = member.argmax(1)  # the only member, or the lowest (exact None: the tie rule itself)
+    for j in np.flatnonzero(member.sum(1) > 1) if exact is not None else ():
+        members = np.flatnonzero(member[j])
+        pixels[j] = members[select(np.array([known[(j, p)] for p in members]))]
+    margins = np.array([known.get((j, p), g[j, p]) for j, p in enumerate(pixels)])
+    rescored = np.array([(j, p) in known for j, p in enumerate(pixels)], bool)
+    return _Steps(active, pixels, margins, bounds, rescored), error
+
+
+def _path_images(x: np.ndarray, order: np.ndarray, mask_value: np.ndarray) -> np.ndarray:
+    """``x`` with the first ``i`` pixels of ``order`` masked, for i = 0 … len(order)."""
     c, h, w = x.shape
+    rank = np.full(h * w, len(order) + 1)
+    rank[order] = np.arange(len(order))
+    masked = np.arange(len(order) + 1)[:, None] > rank[None, :]
+    return np.where(masked.reshape(-1, 1, h, w), mask_value[None, :, None, None], x[None])
+
+
+def _lockstep(screen: Evaluator, exact: Any, x: np.ndarray, targets: np.ndarray, mask_value: np.ndarray, remaining: np.ndarray,
+              error: float) -> tuple[np.ndarray, _Steps, float]:
+    """BackSelect of B images in lockstep, one batch of candidates per step for all of them;
+    ``remaining``: image × pixel, True for candidates. Returns the margins of the unmasked
+    bases, every step, and the largest float32 error seen."""
+    screen.reset(x, mask_value)
+    if exact is not None:
+        exact.reset(x, mask_value)
+    base = target_margin((exact or screen).base_logits(), targets)
+    remaining = remaining.copy()
+    steps: list[_Steps] = []
+    calibrate = True
+    while True:
+        img, pix = np.nonzero(remaining)
+        if not len(img):
+            break
+        grid = np.full(remaining.shape, -np.inf)
+        grid[img, pix] = target_margin(screen.logits(img, pix), targets[img])
+        step, error = _winners(grid, np.unique(img), targets, exact, error, calibrate)
+        calibrate = False
+        steps.append(step)
+        remaining[step.images, step.pixels] = False
+        screen.mask(step.images, step.pixels)
+        if exact is not None:
+            exact.mask(step.images, step.pixels)
+    merged = _Steps(*(np.concatenate([getattr(t, k) for t in steps]) if steps else np.zeros(0)
+                      for k in ("images", "pixels", "margins", "bounds", "rescored")))
+    return base, merged, error
+
+
+def _run_backselect(screen: Evaluator, exact: Any, method: str, x: np.ndarray, targets: np.ndarray, mask_value: np.ndarray,
+                    initially_masked: Sequence[np.ndarray]) -> list[BackSelectResult]:
+    """BackSelect of B images in lockstep. With a float64 evaluator that scores whole paths
+    (torch), the scores of the chosen path are computed in float64 at the end, and every
+    winner's float32 margin is checked against them: a step whose winner differs by more
+    than its ε reruns the images with ε grown to cover it."""
+    started = time.perf_counter()
+    n, c, h, w = x.shape
     x = np.array(x, dtype=np.float64)
-    initially_masked = np.unique(np.asarray(initially_masked, dtype=np.int64))
-    x[:, initially_masked // w, initially_masked % w] = mask_value[:, None]
-    scorer.reset(x, mask_value, target)
-    remaining = np.setdiff1d(np.arange(h * w), initially_masked)
-    order, margins = [], [scorer.base_margin()]
-    last = None
-    while len(remaining):
-        s = scorer.scores(remaining, last)
-        k = select(s)
-        last = int(remaining[k])
-        order.append(last)
-        margins.append(float(s[k]))
-        scorer.mask(last)
-        remaining = np.delete(remaining, k)
-    return BackSelectResult(np.asarray(order, np.int64), sigmoid(np.asarray(margins)), int(target), (h, w), initially_masked,
-                            time.perf_counter() - started, method)
+    initial = [np.unique(np.asarray(m, dtype=np.int64)) for m in initially_masked]
+    remaining = np.ones((n, h * w), bool)
+    for b, m in enumerate(initial):
+        x[b][:, m // w, m % w] = mask_value[:, None]
+        remaining[b, m] = False
+    error = 0.0
+    while True:
+        base, steps, error = _lockstep(screen, exact, x, targets, mask_value, remaining, error)
+        runs = [steps.of(b) for b in range(n)]
+        if exact is None or not exact.path_scores:
+            margins = [np.concatenate([[base[b]], r.margins]) for b, r in enumerate(runs)]
+            break
+        margins = [target_margin(exact.image_logits(_path_images(x[b], r.pixels.astype(np.int64), mask_value)), targets[b])
+                   for b, r in enumerate(runs)]
+        missed = [np.abs(r.margins - m[1:]) - np.where(r.rescored, np.inf, r.bounds) for r, m in zip(runs, margins)]
+        if max((float(v.max()) for v in missed if len(v)), default=0.0) <= 0:
+            break
+        error = max(error, max(float(np.abs(r.margins - m[1:]).max()) for r, m in zip(runs, margins) if len(r.margins)))
+        log.warning("BackSelect: a float32 margin missed its error bound; rerunning with ε = %.3g", SCREEN_SAFETY * error)
+    seconds = (time.perf_counter() - started) / max(n, 1)
+    return [BackSelectResult(r.pixels.astype(np.int64), sigmoid(m), int(targets[b]), (h, w), initial[b], seconds, method)
+            for b, (r, m) in enumerate(zip(runs, margins))]
+
+
+def backselect_batch(model: Any, x: Any, target: Any = None, mask_value: Any = None, method: str = "auto",
+                     batch_size: int | None = None, initially_masked: Sequence[Sequence[int]] | None = None,
+                     device: Any = None) -> list[BackSelectResult]:
+    """Exact BackSelect (SIS §3.1) of N images (normalised N×C×H×W floats or uint8 N×H×W×C),
+    run in lockstep: each step's candidates of all images go through the model together.
+
+    ``target``: None (the predicted class), an int or N ints; ``mask_value``: one value or
+    one per channel (normalised space; default 0 = the training mean); ``method``:
+    ``"auto"`` (incremental for torch models whose graph has local ops, else plain),
+    ``"incremental"`` or ``"plain"``; ``batch_size``: candidates per forward pass (None:
+    timed per model); ``initially_masked``: per image, pixels masked before the run;
+    ``device``: where torch models (``"cuda"``, ...) or ONNX Runtime (``"cuda"``) run
+    (default: the model's device / CPU).
+
+    Example:
+        >>> import numpy as np
+        >>> from keepbits.audit import FunctionAdapter, backselect_batch
+        >>> model = FunctionAdapter(lambda x: np.stack([x.sum((1, 2, 3)), -x.sum((1, 2, 3))], 1), input_shape=(1, 1, 3))
+        >>> [r.order.tolist() for r in backselect_batch(model, np.array([[[[-1.0, 2.0, 1.0]]], [[[3.0, 2.0, 1.0]]]], np.float32))]
+        [[0, 2, 1], [2, 1, 0]]
+    """
+    model = load_model(model)
+    xs = model.prepare(x)
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"batch_size must be positive, got {batch_size}")
+    masked = [np.zeros(0, np.int64)] * len(xs) if initially_masked is None else [np.asarray(m, np.int64) for m in initially_masked]
+    if len(masked) != len(xs):
+        raise InputError(f"initially_masked holds {len(masked)} lists for {len(xs)} images")
+    predicted = model.probabilities(xs).argmax(1) if target is None else None
+    targets = as_targets(target, len(xs), predicted)
+    screen, exact, used = _evaluators(model, method, batch_size, device)
+    return _run_backselect(screen, exact, used, xs, targets, _mask_value(model, mask_value), masked)
 
 
 def backselect(model: Any, x: np.ndarray, target: int | None = None, mask_value: Any = None, method: str = "auto",
-               batch_size: int = 512, initially_masked: Sequence[int] = ()) -> BackSelectResult:
-    """Exact BackSelect (SIS §3.1) of one normalised C×H×W image (or a uint8 H×W×C image).
-
-    ``target`` defaults to the class predicted on the full image; ``mask_value`` (one value
-    or one per channel, normalised space) defaults to 0 = the training mean; ``method``:
-    ``"incremental"`` (torch CNN chains), ``"plain"`` (any model, incl. ONNX) or ``"auto"``.
+               batch_size: int | None = None, initially_masked: Sequence[int] = (), device: Any = None) -> BackSelectResult:
+    """Exact BackSelect (SIS §3.1) of one normalised C×H×W image (or a uint8 H×W×C image);
+    arguments as :func:`backselect_batch`.
 
     Example:
         >>> import numpy as np
@@ -196,11 +380,8 @@ def backselect(model: Any, x: np.ndarray, target: int | None = None, mask_value:
     model = load_model(model)
     xs = model.prepare(x)
     if len(xs) != 1:
-        raise InputError(f"backselect takes one image, got {len(xs)}; use SISExplainer.explain for batches")
-    scorer, used = _scorer(model, method, batch_size)
-    if target is None:
-        target = int(model.probabilities(xs).argmax(1)[0])
-    return _run_backselect(scorer, used, xs[0], int(target), _mask_value(model, mask_value), np.asarray(initially_masked))
+        raise InputError(f"backselect takes one image, got {len(xs)}; use backselect_batch")
+    return backselect_batch(model, xs, target, mask_value, method, batch_size, [initially_masked], device)[0]
 
 
 def find_sis(result: BackSelectResult, threshold: float) -> np.ndarray | None:
@@ -226,23 +407,32 @@ def find_sis(result: BackSelectResult, threshold: float) -> np.ndarray | None:
     raise AssertionError("unreachable: scores[0] >= threshold")
 
 
-def _collect(first: BackSelectResult, threshold: float, rerun: Any, max_sis: int | None) -> list[np.ndarray]:
-    """SIScollection loop: cut an SIS, keep it masked, ``rerun(masked)`` BackSelect on the rest."""
-    found: list[np.ndarray] = []
-    run = first
-    while max_sis is None or len(found) < max_sis:
-        sis = find_sis(run, threshold)
-        if sis is None or len(sis) == 0:
-            break
-        found.append(sis)
-        if max_sis is not None and len(found) >= max_sis:
-            break
-        run = rerun(np.concatenate(found))
+def _collect(first: Sequence[BackSelectResult], threshold: float, rerun: Callable[[list[int], list[np.ndarray]], list[BackSelectResult]],
+             max_sis: int | None) -> list[list[np.ndarray]]:
+    """SIScollection loop for several images: cut an SIS from each run, keep it masked and
+    ``rerun(images, masked)`` BackSelect on the rest of those images together."""
+    found: list[list[np.ndarray]] = [[] for _ in first]
+    runs = list(first)
+    active = list(range(len(first)))
+    while active:
+        again = []
+        for i in active:
+            sis = find_sis(runs[i], threshold)
+            if sis is None or len(sis) == 0:
+                continue
+            found[i].append(sis)
+            if max_sis is None or len(found[i]) < max_sis:
+                again.append(i)
+        if again:
+            for i, run in zip(again, rerun(again, [np.concatenate(found[i]) for i in again])):
+                runs[i] = run
+        active = again
     return found
 
 
 def sis_collection(model: Any, x: np.ndarray, threshold: float, target: int | None = None, mask_value: Any = None,
-                   method: str = "auto", batch_size: int = 512, max_sis: int | None = None) -> list[np.ndarray]:
+                   method: str = "auto", batch_size: int | None = None, max_sis: int | None = None,
+                   device: Any = None) -> list[np.ndarray]:
     """SIScollection (SIS Alg. 1): disjoint SIS of one image. After each SIS is found its
     pixels stay masked and BackSelect runs again on the rest, until the rest scores < τ.
 
@@ -258,10 +448,10 @@ def sis_collection(model: Any, x: np.ndarray, threshold: float, target: int | No
     if target is None:
         target = int(model.probabilities(xs).argmax(1)[0])
 
-    def rerun(masked: np.ndarray) -> BackSelectResult:
-        return backselect(model, xs[0], target, mask_value, method, batch_size, masked)
+    def rerun(_: list[int], masked: list[np.ndarray]) -> list[BackSelectResult]:
+        return backselect_batch(model, xs, target, mask_value, method, batch_size, masked, device)
 
-    return _collect(rerun(np.zeros(0, np.int64)), threshold, rerun, max_sis)
+    return _collect(rerun([0], [np.zeros(0, np.int64)]), threshold, rerun, max_sis)[0]
 
 
 def gradient_backselect(model: Any, x: np.ndarray, target: Any = None, k: int = 1, mask_value: Any = None,
@@ -356,7 +546,8 @@ class SISExplainer(Explainer):
     """SIS audit with the shared explainer call shape: ``explain(inputs, target=None, batch_size=...)``.
 
     ``collection=True`` returns every disjoint SIS (SIScollection), else the first only;
-    ``method="gradient"`` uses Batched Gradient BackSelect with ``k`` pixels per iteration.
+    ``method="gradient"`` uses Batched Gradient BackSelect with ``k`` pixels per iteration;
+    exact methods run :data:`IMAGES_PER_PASS` images in lockstep on ``device``.
 
     Example:
         >>> import numpy as np
@@ -367,26 +558,30 @@ class SISExplainer(Explainer):
     """
 
     def __init__(self, model: Any, threshold: float = 0.9, mask_value: Any = None, method: str = "auto",
-                 collection: bool = False, k: int = 1, **model_kwargs: Any):
+                 collection: bool = False, k: int = 1, device: Any = None, **model_kwargs: Any):
         super().__init__(model, **model_kwargs)
         if not 0.0 < threshold <= 1.0:
             raise InputError(f"threshold must be in (0, 1], got {threshold}")
         if method not in METHODS + ("gradient",):
             raise InputError(f"method must be one of {METHODS + ('gradient',)}, got {method!r}")
         self.threshold, self.mask_value, self.method, self.collection, self.k = threshold, mask_value, method, collection, k
+        self.device = device
+
+    def _runs(self, x: np.ndarray, targets: np.ndarray, batch_size: int, masked: list[np.ndarray] | None) -> list[BackSelectResult]:
+        if self.method == "gradient":
+            return gradient_backselect(self.model, x, targets, self.k, self.mask_value, batch_size, masked)
+        runs: list[BackSelectResult] = []
+        for i in range(0, len(x), IMAGES_PER_PASS):
+            part = slice(i, i + IMAGES_PER_PASS)
+            runs += backselect_batch(self.model, x[part], targets[part], self.mask_value, self.method, batch_size,
+                                     None if masked is None else masked[part], self.device)
+        return runs
 
     def _explain(self, x: np.ndarray, targets: np.ndarray, batch_size: int) -> list[SISResult]:
-        if self.method == "gradient":
-            runs = gradient_backselect(self.model, x, targets, self.k, self.mask_value, batch_size)
-        else:
-            runs = [backselect(self.model, xi, int(t), self.mask_value, self.method, batch_size) for xi, t in zip(x, targets)]
-        results = []
-        for xi, t, run in zip(x, targets, runs):
-            def rerun(masked: np.ndarray, xi=xi, t=int(t)) -> BackSelectResult:
-                if self.method == "gradient":
-                    return gradient_backselect(self.model, xi[None], [t], self.k, self.mask_value, batch_size, [masked])[0]
-                return backselect(self.model, xi, t, self.mask_value, self.method, batch_size, masked)
+        runs = self._runs(x, targets, batch_size, None)
 
-            sis = _collect(run, self.threshold, rerun, None if self.collection else 1)
-            results.append(SISResult(int(t), float(run.scores[0]), self.threshold, sis, run))
-        return results
+        def rerun(images: list[int], masked: list[np.ndarray]) -> list[BackSelectResult]:
+            return self._runs(x[images], targets[images], batch_size, masked)
+
+        found = _collect(runs, self.threshold, rerun, None if self.collection else 1)
+        return [SISResult(int(t), float(run.scores[0]), self.threshold, sis, run) for t, run, sis in zip(targets, runs, found)]

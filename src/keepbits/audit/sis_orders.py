@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from keepbits.audit._base import ModelAdapter
-from keepbits.audit.sis import METHODS, BackSelectResult, backselect, gradient_backselect
+from keepbits.audit.sis import METHODS, BackSelectResult, backselect_batch, gradient_backselect
 from keepbits.errors import InputError
 from keepbits.training.distributed import barrier, init_distributed
 
@@ -64,7 +64,7 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
         if method == "gradient":
             results = gradient_backselect(model, part, None, k, None, batch_size)
         else:
-            results = [backselect(model, xi, method="auto" if method == "exact" else method) for xi in part]
+            results = backselect_batch(model, part, method="auto" if method == "exact" else method)  # the chunk in lockstep
         path = folder / f"chunk_{s:07d}.json"
         tmp = path.with_suffix(f".tmp{dist.rank}")
         tmp.write_text(json.dumps({"start": s, "fingerprint": fingerprint(s), "method": method, "k": k,

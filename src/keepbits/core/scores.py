@@ -25,21 +25,26 @@ def softmax(logits: Any, dtype: Any = np.float64) -> np.ndarray:
     return z
 
 
-def target_margin(logits: Any, target: int) -> np.ndarray:
+def target_margin(logits: Any, target: Any) -> np.ndarray:
     """Per row, ``m = z_t − log Σ_{j≠t} exp z_j`` in float64; the softmax confidence of the
     target is ``σ(m)`` exactly, and ``m`` keeps ranking inputs where that confidence has
-    rounded to 1 (Carter et al.'s f, in log-odds).
+    rounded to 1 (Carter et al.'s f, in log-odds). ``target``: one class, or one per row.
 
     Example:
         >>> import numpy as np
         >>> from keepbits.core import target_margin
         >>> target_margin(np.array([[50.0, 0.0, 0.0], [60.0, 0.0, 0.0]]), 0).round(3).tolist()
         [49.307, 59.307]
+        >>> target_margin(np.array([[50.0, 0.0, 0.0], [0.0, 0.0, 60.0]]), [0, 2]).round(3).tolist()
+        [49.307, 59.307]
     """
     z = np.asarray(logits, dtype=np.float64)
-    others = np.delete(z, target, axis=1)
+    rows = np.arange(len(z))
+    t = np.broadcast_to(np.asarray(target, dtype=np.int64), rows.shape)
+    others = z.copy()
+    others[rows, t] = -np.inf
     top = others.max(axis=1)
-    return z[:, target] - top - np.log(np.exp(others - top[:, None]).sum(axis=1))
+    return z[rows, t] - top - np.log(np.exp(others - top[:, None]).sum(axis=1))
 
 
 def accuracy(logits: Any, labels: Any) -> float:

@@ -1,0 +1,128 @@
+"""Exact-SIS audit at scale (issue 21): the real ``keepbits audit sis`` command (exact
+BackSelect, method auto, τ = 0.9) on a seeded class-balanced sample of CIFAR-10 test images
+(``--num-images``/``--seed``, keepbits' sampler), under ``torchrun --nproc-per-node 2`` (one
+thread each), run twice on the same images into two folders:
+
+1. uninterrupted: its wall time gives the measured rate (images per second, 2 processes);
+2. killed (the whole process group, SIGKILL) as soon as ``--kill-after-chunks`` chunk files
+   exist, then the same command again: it must reuse those chunk files (unchanged modification
+   times) and its orders, scores and SIS must equal the uninterrupted run's.
+
+The JSON holds both runs, the per-image BackSelect seconds the audit recorded, and the wall
+time of ``--target-images`` images extrapolated from the measured rate (labelled as such: the
+full audit is not run here).
+
+    python bench/sis_audit.py --model runs/r20_cifar10_e20/best.pt --images 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _results import default_data_dir, write_result
+
+
+def audit_command(model: Path, data: Path, out: Path, images: int, seed: int, threshold: float, processes: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", str(port),
+            "-m", "keepbits", "-q", "audit", "sis", "--model", str(model), "--data", str(data), "--out", str(out),
+            "--num-images", str(images), "--seed", str(seed), "--threshold", str(threshold)]
+
+
+def chunk_times(folder: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime for p in sorted(folder.glob("chunk_*.json"))}
+
+
+def orders(folder: Path) -> list[dict]:
+    return [r for p in sorted(folder.glob("chunk_*.json")) for r in json.loads(p.read_text())["results"]]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="CIFAR-10 classifier checkpoint")
+    parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding cifar10/ (default ../shared/data)")
+    parser.add_argument("--images", type=int, default=4, help="class-balanced test images audited (each run)")
+    parser.add_argument("--target-images", type=int, default=1000, help="audit size the measured rate is extrapolated to")
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--kill-after-chunks", type=int, default=1, help="kill the second run once this many chunks are written")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/sis_audit_cifar10"))
+    parser.add_argument("--no-resume-check", action="store_true", help="only the uninterrupted run (the measured rate)")
+    parser.add_argument("--name", default="sis_audit_cifar10", help="results name (bench/results/<name>.json)")
+    args = parser.parse_args()
+    if args.data is None or not (args.data / "cifar10").is_dir():
+        parser.error(f"CIFAR-10 not found under {args.data} (pass --data)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    data = args.data / "cifar10"
+    whole, resumed = args.out / "uninterrupted", args.out / "resumed"
+
+    def command(out: Path) -> list[str]:
+        return audit_command(args.model, data, out, args.images, args.seed, args.threshold, args.processes, 29561)
+
+    started = time.time()
+    subprocess.run(command(whole), env=env, check=True, stdout=subprocess.DEVNULL)
+    whole_wall = time.time() - started
+    print(f"uninterrupted: {whole_wall:.0f} s", file=sys.stderr)
+    reference = orders(whole / "orders")
+    seconds = np.array([r["seconds"] for r in reference], float)
+    rate = args.images / whole_wall
+    report = json.loads((whole / "report.json").read_text())["data"]
+    payload = {
+        "model": str(args.model), "images": args.images, "draw": f"keepbits.data.sample_indices on the CIFAR-10 test split, seed {args.seed}",
+        "threshold": args.threshold, "processes": args.processes, "torch_threads_per_process": 1,
+        "audit_command": " ".join(command(Path("OUT"))[1:]),
+        "methods": sorted({r["method"] for r in reference}),
+        "uninterrupted": {"wall_s": round(whole_wall, 1), "images_per_hour": round(3600 * rate, 2)},
+        "backselect_s_per_image_per_process": {"mean": round(float(seconds.mean()), 1), "min": round(float(seconds.min()), 1),
+                                               "max": round(float(seconds.max()), 1)},
+        "target_images": args.target_images,
+        "extrapolated_wall_h_for_target": round(args.target_images / rate / 3600, 1),
+        "extrapolation": f"EXTRAPOLATED, not measured: {args.target_images} images at the uninterrupted run's measured rate "
+                         f"({args.images} images in {whole_wall:.0f} s wall, {args.processes} processes, this shared machine's load)",
+        "summary": report["summary"],
+    }
+    if not args.no_resume_check:
+        payload.update(kill_and_resume(command(resumed), resumed, env, args.kill_after_chunks, args.images, reference, report))
+    payload["load_average_at_end"] = [float(v) for v in open("/proc/loadavg").read().split()[:3]]
+    print(write_result(args.name, payload))
+    return 0
+
+
+def kill_and_resume(command: list[str], out: Path, env: dict, kill_after: int, images: int, reference: list[dict], report: dict) -> dict:
+    """Run ``command``, kill its process group once ``kill_after`` chunk files exist, run it
+    again; compare with the uninterrupted run's ``reference`` orders and ``report``."""
+    started = time.time()
+    first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    while first.poll() is None and len(chunk_times(out / "orders")) < kill_after:
+        time.sleep(2)
+    killed = first.poll() is None
+    if killed:
+        os.killpg(first.pid, signal.SIGKILL)  # the whole torchrun process group, as a crash or an out-of-time job ends
+    first.wait()
+    first_wall = time.time() - started
+    before = chunk_times(out / "orders")
+    print(f"killed={killed} after {first_wall:.0f} s, {len(before)} of {images} chunks written", file=sys.stderr)
+    started = time.time()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    second_wall = time.time() - started
+    after = chunk_times(out / "orders")
+    reused = sum(1 for name, mtime in before.items() if after.get(name) == mtime)
+    got = orders(out / "orders")
+    same = len(reference) == len(got) == images and all(x["order"] == y["order"] and x["scores"] == y["scores"] for x, y in zip(reference, got))
+    resumed = json.loads((out / "report.json").read_text())["data"]
+    return {"killed_run": {"wall_s": round(first_wall, 1), "killed": killed, "chunks_written_before_kill": len(before)},
+            "resumed_run": {"wall_s": round(second_wall, 1), "chunks_reused": reused, "chunks_computed": len(after) - reused},
+            "resumed_equals_uninterrupted": {"orders_and_scores": same,
+                                             "sis": [r.get("sis") for r in report["images"]] == [r.get("sis") for r in resumed["images"]]}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""BackSelect evaluation of ONNX models (plain ``.onnx`` classifiers and keepbits bundles).
+
+:class:`OnnxScreen` runs candidate batches with ONNX Runtime in the graph's own input space
+(uint8 NHWC for bundles), built by one gather and one scatter per chunk (on CUDA the output
+stays on the device through I/O binding; on the CPU plain ``run`` measured faster);
+:class:`OnnxFloat64` is the exact evaluator: the same graph with every float
+tensor made float64, run by the ONNX reference evaluator (``onnx.reference``; ONNX Runtime
+has no float64 convolution). It is slow, so :mod:`keepbits.audit.sis` calls it only when
+float32 rounding leaves more than one candidate in the running for a step.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from keepbits.audit._base import OnnxAdapter
+from keepbits.audit._sis_eval import CHUNK_SIZES, masked_pixel, tune_chunk
+from keepbits.errors import InputError
+
+log = logging.getLogger("keepbits")
+
+
+class _Feed:
+    """Candidate images in the graph's input space (layout, dtype) for one adapter."""
+
+    def __init__(self, adapter: OnnxAdapter, dtype: Any):
+        self.adapter, self.dtype = adapter, dtype
+        self.channels_last = adapter._feed == "uint8-nhwc"
+
+    def reset(self, x: np.ndarray, mask_value: np.ndarray) -> None:
+        c = len(mask_value)
+        self.base = np.array(self.adapter._pixels(np.asarray(x), self.dtype))
+        pixel = self.adapter._pixels(np.asarray(mask_value, np.float64).reshape(1, c, 1, 1), self.dtype)
+        self.mask_value = pixel.reshape(c)
+        self.width = x.shape[3]
+
+    def mask(self, img: np.ndarray, pix: np.ndarray) -> None:
+        rows, cols = pix // self.width, pix % self.width
+        if self.channels_last:
+            self.base[img, rows, cols, :] = self.mask_value
+        else:
+            self.base[img, :, rows, cols] = self.mask_value
+
+    def batch(self, img: np.ndarray, pix: np.ndarray) -> np.ndarray:
+        return masked_pixel(self.base, img, pix, self.mask_value, self.width, self.channels_last)
+
+
+class OnnxScreen:
+    """Float32 logits of candidate images by ONNX Runtime (CPU, or CUDA with ``device="cuda"``)."""
+
+    def __init__(self, adapter: OnnxAdapter, device: Any = None, chunk: int | None = None):
+        self.adapter, self.feed = adapter, _Feed(adapter, np.float32)
+        self.session = adapter.session
+        kind = str(device or "cpu").split(":")[0]
+        self.cuda = kind == "cuda"
+        if kind == "cuda":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise InputError(f"{adapter.source}: ONNX Runtime here has no CUDA execution provider (install keepbits[gpu])")
+            index = str(device).split(":")[1] if ":" in str(device) else "0"
+            self.session = ort.InferenceSession(str(adapter.model_path), providers=[("CUDAExecutionProvider", {"device_id": index}),
+                                                                                  "CPUExecutionProvider"])
+        elif kind != "cpu":
+            raise InputError(f"device must be 'cpu' or 'cuda[:N]' for ONNX models, got {device!r}")
+        batch_dim = self.session.get_inputs()[0].shape[0]
+        self.fixed = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+        self.chunk = self.fixed or chunk or None
+
+    def reset(self, x: np.ndarray, mask_value: np.ndarray) -> None:
+        self.feed.reset(x, mask_value)
+        if self.chunk is None:
+            probe = np.repeat(self.feed.base[:1], CHUNK_SIZES[-1], 0)
+            self.chunk = tune_chunk(lambda size: self._run(probe[:size]), CHUNK_SIZES[:-1])[0]
+
+    def mask(self, img: np.ndarray, pix: np.ndarray) -> None:
+        self.feed.mask(img, pix)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        if self.fixed and n < self.fixed:  # a graph with a fixed batch size: pad the last chunk
+            batch = np.concatenate([batch, np.repeat(batch[-1:], self.fixed - n, 0)])
+        batch = np.ascontiguousarray(batch)
+        if not self.cuda:  # on the CPU I/O binding measured slower than run() for large batches
+            return np.asarray(self.session.run([self.adapter._output], {self.adapter._input_name: batch})[0][:n], np.float64)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.adapter._input_name, batch)
+        binding.bind_output(self.adapter._output, "cuda")
+        self.session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0][:n], np.float64)
+
+    def logits(self, img: np.ndarray, pix: np.ndarray) -> np.ndarray:
+        out = [self._run(self.feed.batch(img[i : i + self.chunk], pix[i : i + self.chunk])) for i in range(0, len(img), self.chunk)]
+        return np.concatenate(out) if out else np.zeros((0, 0))
+
+    def base_logits(self) -> np.ndarray:
+        return np.concatenate([self._run(self.feed.base[i : i + 1]) for i in range(len(self.feed.base))])
+
+
+def _fast_max_pool() -> type:
+    """The reference evaluator's MaxPool (a Python loop over windows) as a separable maximum
+    over strided numpy views for 2-D pooling without ``auto_pad``/``ceil_mode`` (same values)."""
+    from onnx.reference.ops.op_max_pool import MaxPool as ReferenceMaxPool
+
+    class MaxPool(ReferenceMaxPool):
+        op_domain = ""
+
+        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None, storage_order=None,
+                 strides=None):
+            if len(self.output) > 1 or (auto_pad not in (None, "NOTSET")) or ceil_mode or len(kernel_shape) != 2:
+                return super()._run(x, auto_pad, ceil_mode, dilations, kernel_shape, pads, storage_order, strides)
+            k, s, d = kernel_shape, strides or (1, 1), dilations or (1, 1)
+            p = pads or (0, 0, 0, 0)
+            x = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])), constant_values=-np.inf)
+            for axis in (2, 3):
+                i = axis - 2
+                out = (x.shape[axis] - d[i] * (k[i] - 1) - 1) // s[i] + 1
+                taps = [np.take(x, np.arange(t * d[i], t * d[i] + (out - 1) * s[i] + 1, s[i]), axis=axis) for t in range(k[i])]
+                x = np.maximum.reduce(taps)
+            return (x,)
+
+    return MaxPool
+
+
+def _float64_model(path: Any) -> Any:
+    """The ONNX model at ``path`` with float tensors, casts, constants, inputs and outputs in float64."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(str(path))
+
+    def tensor(t: Any) -> None:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+
+    def graph(g: Any) -> None:
+        for t in g.initializer:
+            tensor(t)
+        for v in list(g.input) + list(g.output):
+            if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+                v.type.tensor_type.elem_type = TensorProto.DOUBLE
+        del g.value_info[:]
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                    attr.i = TensorProto.DOUBLE
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    tensor(attr.t)
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    graph(attr.g)
+
+    graph(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                    attr.i = TensorProto.DOUBLE
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    tensor(attr.t)
+    return model
+
+
+class OnnxFloat64:
+    """Float64 logits of candidate images: the graph in float64 on the ONNX reference evaluator.
+
+    :func:`create` returns ``None`` (with a log line) when the graph does not convert or its
+    float64 outputs disagree with ONNX Runtime's (custom operators, say)."""
+
+    path_scores = False  # slow: used only to break float32 near-ties
+
+    def __init__(self, adapter: OnnxAdapter, evaluator: Any):
+        self.adapter, self.evaluator, self.feed = adapter, evaluator, _Feed(adapter, np.float64)
+
+    @classmethod
+    def create(cls, adapter: OnnxAdapter, probe: np.ndarray) -> "OnnxFloat64 | None":
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            evaluator = ReferenceEvaluator(_float64_model(adapter.model_path), new_ops=[_fast_max_pool()])
+            exact = cls(adapter, evaluator)
+            exact.feed.reset(probe, np.zeros(probe.shape[1]))
+            got = exact.base_logits()
+            want = adapter.logits(probe.astype(np.float32))
+            if not np.allclose(got, want, rtol=1e-3, atol=1e-3 * (1 + np.abs(want).max())):
+                raise ValueError(f"float64 graph differs from ONNX Runtime by {np.abs(got - want).max():.3g}")
+            return exact
+        except Exception as exc:  # any failure: BackSelect ranks ONNX Runtime's float32 margins instead
+            log.info("%s: no float64 evaluation (%s); ties are broken on float32 margins", adapter.source, str(exc).splitlines()[0])
+            return None
+
+    def reset(self, x: np.ndarray, mask_value: np.ndarray) -> None:
+        self.feed.reset(x, mask_value)
+
+    def mask(self, img: np.ndarray, pix: np.ndarray) -> None:
+        self.feed.mask(img, pix)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        out = self.evaluator.run([self.adapter._output], {self.adapter._input_name: batch})[0]
+        return np.asarray(out, np.float64)
+
+    def logits(self, img: np.ndarray, pix: np.ndarray) -> np.ndarray:
+        return self._run(self.feed.batch(img, pix))
+
+    def base_logits(self) -> np.ndarray:
+        return self._run(self.feed.base)
