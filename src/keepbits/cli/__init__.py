@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -105,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker: its work is done and the group torn down
+        _exit_without_finalization(code)
+    return code
+
+
+def _exit_without_finalization(code: int) -> None:
+    """End a ``torchrun`` worker now, skipping interpreter finalization: gloo's C++ threads can
+    outlive the group's teardown and abort the process (SIGABRT, "terminate called without an
+    active exception") while the interpreter shuts down, turning a finished run into a failed one."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
