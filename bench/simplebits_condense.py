@@ -27,7 +27,6 @@ def main() -> None:
     p.add_argument("--density", default=None, help="density checkpoint (default: the shipped CIFAR-10 Glow)")
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 10], help="synthetic images per class")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.3, 1.0, 3.0])
-    p.add_argument("--width", type=int, default=64, help="ConvNet-3 filters per layer")
     p.add_argument("--outer", type=int, default=40)
     p.add_argument("--inner", type=int, default=5)
     p.add_argument("--net-steps", type=int, default=5)

@@ -80,7 +80,7 @@ def main() -> None:
         cfg = SimpleBitsConfig(data=str(npz), out=str(work / f"{kind}.pt"), density=args.density, arch=args.arch,
                                classifier=str(pretrained) if pretrained else None,
                                lambda_sim=args.lambda_sim, steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr, inner_lr=args.inner_lr,
-                               unet_base=args.unet_base, max_test=None, threads=args.threads, seed=args.seed, device=args.device)
+                               unet_base=args.unet_base, max_test=None, threads=args.threads, seed=args.seed, device=args.device or "cpu")
         metrics = train_simplebits(cfg)["metrics"]
         simplifier, _, _ = load_simplebits(cfg.out)
         with np.load(npz) as f:
