@@ -135,14 +135,8 @@ def _float64_model(path: Any) -> Any:
         if t.data_type == TensorProto.FLOAT:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
 
-    def graph(g: Any) -> None:
-        for t in g.initializer:
-            tensor(t)
-        for v in list(g.input) + list(g.output):
-            if v.type.tensor_type.elem_type == TensorProto.FLOAT:
-                v.type.tensor_type.elem_type = TensorProto.DOUBLE
-        del g.value_info[:]
-        for node in g.node:
+    def nodes(node_list: Any) -> None:
+        for node in node_list:
             for attr in node.attribute:
                 if attr.name == "to" and attr.i == TensorProto.FLOAT:
                     attr.i = TensorProto.DOUBLE
@@ -151,14 +145,18 @@ def _float64_model(path: Any) -> Any:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     graph(attr.g)
 
+    def graph(g: Any) -> None:
+        for t in g.initializer:
+            tensor(t)
+        for v in list(g.input) + list(g.output):
+            if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+                v.type.tensor_type.elem_type = TensorProto.DOUBLE
+        del g.value_info[:]
+        nodes(g.node)
+
     graph(model.graph)
     for fn in model.functions:
-        for node in fn.node:
-            for attr in node.attribute:
-                if attr.name == "to" and attr.i == TensorProto.FLOAT:
-                    attr.i = TensorProto.DOUBLE
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    tensor(attr.t)
+        nodes(fn.node)
     return model
 
 
