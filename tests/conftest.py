@@ -132,3 +132,42 @@ def plugin_module(tmp_path, monkeypatch):
         return folder
 
     return write
+
+
+def _float64_backselect(net, x, target):
+    """Obviously correct BackSelect (the reference for every SIS path): every remaining candidate
+    image through the whole float64 model, masked value 0, lowest index within the tie tolerance.
+    Returns the order and the softmax score of the target after each step."""
+    import torch
+
+    from keepbits.audit.sis import TIE_TOLERANCE
+
+    net = net.double().eval()
+    c, h, w = x.shape
+    cur = torch.as_tensor(x, dtype=torch.float64).clone()
+
+    def margins(images):  # z_t - logsumexp of the other logits: softmax_t = sigmoid(margin)
+        with torch.no_grad():
+            z = net(images)
+        others = torch.cat([z[:, :target], z[:, target + 1 :]], 1)
+        return (z[:, target] - torch.logsumexp(others, 1)).tolist()
+
+    remaining, order, scores = list(range(h * w)), [], margins(cur[None])
+    while remaining:
+        trials = cur.repeat(len(remaining), 1, 1, 1)
+        for i, p in enumerate(remaining):
+            trials[i, :, p // w, p % w] = 0.0
+        s = margins(trials)
+        k = next(i for i, v in enumerate(s) if v >= max(s) - TIE_TOLERANCE)
+        p = remaining.pop(k)
+        cur[:, p // w, p % w] = 0.0
+        order.append(p)
+        scores.append(s[k])
+    return np.array(order), 1.0 / (1.0 + np.exp(-np.array(scores)))
+
+
+@pytest.fixture
+def float64_backselect():
+    """The reference BackSelect, ``(net, x C×H×W, target) → (order, scores)``."""
+    pytest.importorskip("torch")
+    return _float64_backselect

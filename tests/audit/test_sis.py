@@ -7,7 +7,6 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from keepbits.audit import SISExplainer, TorchAdapter, backselect, find_sis, gradient_backselect, sis_collection  # noqa: E402
-from keepbits.audit.sis import TIE_TOLERANCE  # noqa: E402
 from keepbits.errors import InputError  # noqa: E402
 
 SHAPE = (2, 7, 6)
@@ -40,42 +39,15 @@ def _cnns():
                         nn.Flatten(), nn.Linear(3 * 2 * 3, 3))
 
 
-def plain_backselect(net, x, target):
-    """Obviously correct BackSelect: every candidate image through the whole float64 model."""
-    net = net.double().eval()
-    c, h, w = x.shape
-    cur = torch.as_tensor(x, dtype=torch.float64).clone()
-
-    def score(images):  # target margin z_t - logsumexp of the other logits: softmax_t = sigmoid(margin)
-        with torch.no_grad():
-            z = net(images)
-            others = torch.cat([z[:, :target], z[:, target + 1 :]], 1)
-            return (z[:, target] - torch.logsumexp(others, 1)).tolist()
-
-    remaining, order, scores = list(range(h * w)), [], score(cur[None])
-    while remaining:
-        trials = cur.repeat(len(remaining), 1, 1, 1)
-        for i, p in enumerate(remaining):
-            trials[i, :, p // w, p % w] = 0.0
-        s = score(trials)
-        best = max(s)
-        k = next(i for i, v in enumerate(s) if v >= best - TIE_TOLERANCE)
-        p = remaining.pop(k)
-        cur[:, p // w, p % w] = 0.0
-        order.append(p)
-        scores.append(s[k])
-    return np.array(order), 1.0 / (1.0 + np.exp(-np.array(scores)))
-
-
 @pytest.mark.parametrize("arch", range(3))
-def test_incremental_equals_plain(arch):
+def test_incremental_equals_plain(arch, float64_backselect):
     net = list(random_cnns())[arch].eval()
     for seed in range(3):
         x = np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32)
         x[:, 3:5, 2:4] = 0.0  # pixels already at the mask value: exact ties
         model = TorchAdapter(net, SHAPE)
         fast = backselect(model, x, method="incremental")
-        order, scores = plain_backselect(list(random_cnns())[arch].eval(), x, fast.target)
+        order, scores = float64_backselect(list(random_cnns())[arch].eval(), x, fast.target)
         assert fast.method == "incremental"
         assert np.array_equal(fast.order, order)
         assert np.allclose(fast.scores, scores, rtol=1e-12, atol=1e-14)
@@ -86,7 +58,7 @@ def test_incremental_equals_plain(arch):
 
 
 @pytest.mark.parametrize("method", ["incremental", "plain"])
-def test_backselect_ranks_saturated_confidences(method):
+def test_backselect_ranks_saturated_confidences(method, float64_backselect):
     """A confident model: f rounds to 1.0 for every candidate (and log f to 0), yet BackSelect
     still masks first the pixel whose loss lowers the target's margin least, as exact math does."""
     torch.manual_seed(2)
@@ -98,18 +70,18 @@ def test_backselect_ranks_saturated_confidences(method):
         full = torch.softmax(net.double()(torch.as_tensor(x[None], dtype=torch.float64)), 1)[0, 0].item()
     assert full == 1.0  # the confidence itself cannot rank the candidates
     res = backselect(TorchAdapter(net, (1, 6, 6)), x, target=0, method=method)
-    order, _ = plain_backselect(net, x, 0)
+    order, _ = float64_backselect(net, x, 0)
     assert np.array_equal(res.order, order)
     assert res.order[:3].tolist() != [0, 1, 2]  # not the lowest indices of an all-way tie
 
 
-def test_incremental_equals_plain_larger_image():
+def test_incremental_equals_plain_larger_image(float64_backselect):
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                         nn.Linear(6 * 5 * 5, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     x = np.random.default_rng(7).normal(size=(1, 14, 14)).astype(np.float32)
     fast = backselect(TorchAdapter(net, (1, 14, 14)), x)
-    order, scores = plain_backselect(net, x, fast.target)
+    order, scores = float64_backselect(net, x, fast.target)
     assert fast.method == "incremental" and np.array_equal(fast.order, order)
 
 

@@ -12,7 +12,6 @@ from torch import nn  # noqa: E402
 from keepbits.audit import TorchAdapter, backselect, backselect_batch, find_sis  # noqa: E402
 from keepbits.audit import sis as sis_module  # noqa: E402
 from keepbits.audit._sis_incremental import BOX, DELTA, DENSE, GraphScreen  # noqa: E402
-from keepbits.audit.sis import TIE_TOLERANCE  # noqa: E402
 from keepbits.errors import InputError  # noqa: E402
 
 SHAPE = (2, 9, 8)
@@ -137,32 +136,6 @@ def make(name: str, seed: int = 0) -> nn.Module:
     return net.eval()
 
 
-def float64_backselect(net, x, target):
-    """Obviously correct BackSelect: every candidate image through the float64 model, lowest index within the tie tolerance."""
-    net = net.double().eval()
-    c, h, w = x.shape
-    cur = torch.as_tensor(x, dtype=torch.float64).clone()
-
-    def margins(images):
-        with torch.no_grad():
-            z = net(images)
-        others = torch.cat([z[:, :target], z[:, target + 1 :]], 1)
-        return (z[:, target] - torch.logsumexp(others, 1)).tolist()
-
-    remaining, order, scores = list(range(h * w)), [], margins(cur[None])
-    while remaining:
-        trials = cur.repeat(len(remaining), 1, 1, 1)
-        for i, p in enumerate(remaining):
-            trials[i, :, p // w, p % w] = 0.0
-        s = margins(trials)
-        k = next(i for i, v in enumerate(s) if v >= max(s) - TIE_TOLERANCE)
-        p = remaining.pop(k)
-        cur[:, p // w, p % w] = 0.0
-        order.append(p)
-        scores.append(s[k])
-    return np.array(order), 1.0 / (1.0 + np.exp(-np.array(scores)))
-
-
 def images(seed: int, n: int = 1) -> np.ndarray:
     x = np.random.default_rng(seed).normal(size=(n, *SHAPE)).astype(np.float32)
     x[:, :, 3:5, 2:4] = 0.0  # pixels already at the mask value: exact ties
@@ -198,7 +171,7 @@ def test_graph_screen_matches_dense_model_after_masking(family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_incremental_and_plain_equal_float64_loop(family):
+def test_incremental_and_plain_equal_float64_loop(family, float64_backselect):
     net = make(family)
     model = TorchAdapter(net, SHAPE)
     for seed in range(2):
@@ -228,7 +201,7 @@ def test_images_in_lockstep_equal_one_by_one():
         assert res.initially_masked.tolist() == sorted(m) and len(res.order) == SHAPE[1] * SHAPE[2] - len(m)
 
 
-def test_float32_near_ties_are_decided_in_float64():
+def test_float32_near_ties_are_decided_in_float64(float64_backselect):
     """Two pixels whose masking changes the margin by amounts 2e-6 apart on logits near 100:
     below float32 resolution there (ulp 7.6e-6), so a float32 argmax takes the lower index;
     the winner set is re-scored in float64 and the higher pixel (larger margin) wins."""
@@ -246,7 +219,7 @@ def test_float32_near_ties_are_decided_in_float64():
         assert np.array_equal(res.order, float64_backselect(net, x, 0)[0])
 
 
-def test_missed_error_bound_reruns(monkeypatch, caplog):
+def test_missed_error_bound_reruns(monkeypatch, caplog, float64_backselect):
     """With no calibration and no floor the bound starts at 0; the float64 check of the chosen
     path finds a winner outside it, and the run is repeated with a bound that covers it."""
     monkeypatch.setattr(sis_module, "CALIBRATION", 0)
@@ -276,7 +249,7 @@ def test_device_argument_and_auto_choice():
         backselect_batch(model, images(0, 2), initially_masked=[[1]])
 
 
-def test_onnx_plain_path_equals_torch(tmp_path):
+def test_onnx_plain_path_equals_torch(tmp_path, float64_backselect):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from keepbits.audit import load_model
