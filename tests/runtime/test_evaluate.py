@@ -14,11 +14,6 @@ from keepbits.runtime.explain import explain_images, look
 from keepbits.runtime.synthetic import toy_bundle
 
 
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return Pipeline.from_bundle(toy_bundle(tmp_path_factory.mktemp("b") / "toy", size=32, block=4))
-
-
 def _images(n: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
     """Frames of random sizes, a bright patch on a dark or mid background; the toy bundle calls
     a frame 'bright' (1) when its mean exceeds 128."""

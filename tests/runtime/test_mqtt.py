@@ -13,19 +13,13 @@ import pytest
 
 from keepbits.codec import encode
 from keepbits.errors import InputError
-from keepbits.runtime import Pipeline, open_source
+from keepbits.runtime import open_source
 from keepbits.runtime.mqtt import MqttSink, parse_address, receive_mqtt
 from keepbits.runtime.receiver import PayloadWriter
 from keepbits.runtime.sinks import open_sink
 from keepbits.runtime.stream import run_stream
-from keepbits.runtime.synthetic import toy_bundle
 
 FAST = "reconnect_min=0.1&reconnect_max=0.5&connect_timeout=5"
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return Pipeline.from_bundle(toy_bundle(tmp_path_factory.mktemp("b") / "toy", size=32, block=4))
 
 
 def _frames(n: int) -> list[np.ndarray]:

@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 
 from keepbits.errors import InputError
-from keepbits.runtime import Pipeline, open_source
+from keepbits.runtime import open_source
 from keepbits.runtime.receiver import decode_files, payload_files
 from keepbits.runtime.sinks import open_sink
 from keepbits.runtime.stream import run_stream
-from keepbits.runtime.synthetic import toy_bundle
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return Pipeline.from_bundle(toy_bundle(tmp_path_factory.mktemp("b") / "toy", size=32, block=4))
 
 
 def _frames(n: int) -> list[np.ndarray]:

@@ -19,11 +19,6 @@ from keepbits.runtime.stream import run_stream
 from keepbits.runtime.synthetic import toy_bundle
 
 
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return Pipeline.from_bundle(toy_bundle(tmp_path_factory.mktemp("b") / "toy", size=32, block=4))
-
-
 def _frames(n: int, h: int = 24, w: int = 32) -> list[np.ndarray]:
     out = []
     for i in range(n):
