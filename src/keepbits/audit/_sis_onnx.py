@@ -1,5 +1,9 @@
 """BackSelect evaluation of ONNX models (plain ``.onnx`` classifiers and keepbits bundles).
 
+:func:`torch_twin` converts the graph to torch (:mod:`keepbits.audit._onnx_torch`) where every
+operator has a torch twin and the twin's logits agree with ONNX Runtime's; BackSelect then uses
+the torch evaluators (incremental screen, float64 re-scoring) on the graph's own input space
+through :class:`GraphInputSpace`. Where it does not convert (or torch is not installed):
 :class:`OnnxScreen` runs candidate batches with ONNX Runtime in the graph's own input space
 (uint8 NHWC for bundles), built by one gather and one scatter per chunk (on CUDA the output
 stays on the device through I/O binding; on the CPU plain ``run`` measured faster);
@@ -45,6 +49,56 @@ class _Feed:
 
     def batch(self, img: np.ndarray, pix: np.ndarray) -> np.ndarray:
         return masked_pixel(self.base, img, pix, self.mask_value, self.width, self.channels_last)
+
+
+def torch_twin(adapter: OnnxAdapter) -> tuple[Any, str]:
+    """(the graph as a torch module taking its input as float N×C×H×W, "") or (None, why not).
+    The twin must reproduce ONNX Runtime's logits on random inputs (relative 1e-3)."""
+    try:
+        import torch
+
+        from keepbits.audit._onnx_torch import NotConvertible, onnx_module
+    except ImportError as exc:
+        return None, f"torch is not installed ({exc})"
+    nhwc = adapter._feed == "uint8-nhwc"
+    try:
+        module = onnx_module(adapter.model_path, adapter._input_name, adapter._output, adapter.input_shape, nhwc)
+    except NotConvertible as exc:
+        return None, f"no torch twin of the graph: {exc}"
+    batch = adapter.session.get_inputs()[0].shape[0]
+    probe = np.random.default_rng(0).normal(size=(batch if isinstance(batch, int) and batch > 0 else 2, *adapter.input_shape))
+    feed = adapter._pixels(probe)
+    want = np.asarray(adapter.session.run([adapter._output], {adapter._input_name: feed})[0], np.float64)
+    graph_input = np.asarray(feed, np.float32).transpose(0, 3, 1, 2) if nhwc else np.asarray(feed, np.float32)
+    with torch.inference_mode():
+        got = module(torch.from_numpy(np.ascontiguousarray(graph_input))).double().numpy()
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * (1 + np.abs(want).max())):
+        difference = np.abs(got - want).max() if got.shape == want.shape else f"shape {got.shape} vs {want.shape}"
+        return None, f"the torch twin differs from ONNX Runtime ({difference})"
+    return module, ""
+
+
+class GraphInputSpace:
+    """A torch evaluator of an ONNX graph's twin, fed normalised images: ``reset`` and
+    ``image_logits`` map them to the graph's input space (uint8 NHWC values as float N×C×H×W
+    for bundles) first, so candidates are masked exactly as ONNX Runtime would see them."""
+
+    def __init__(self, inner: Any, adapter: OnnxAdapter):
+        self.inner, self.adapter = inner, adapter
+
+    def _graph_input(self, x: np.ndarray) -> np.ndarray:
+        pixels = self.adapter._pixels(np.asarray(x, np.float64), np.float64)
+        return pixels.transpose(0, 3, 1, 2).astype(np.float64) if self.adapter._feed == "uint8-nhwc" else pixels
+
+    def reset(self, x: np.ndarray, mask_value: np.ndarray) -> None:
+        c = len(mask_value)
+        self.inner.reset(self._graph_input(x), self._graph_input(np.asarray(mask_value, np.float64).reshape(1, c, 1, 1)).reshape(c))
+
+    def image_logits(self, images: np.ndarray) -> np.ndarray:
+        return self.inner.image_logits(self._graph_input(images))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class OnnxScreen:

@@ -38,12 +38,16 @@ chosen path are computed in float64 in one pass at the end and every winner's fl
 is checked against its step's ``ε`` (a miss reruns the images with a wider ``ε``). Screens: ``"incremental"`` (torch
 models: only the boxes of each feature map a one-pixel change reaches, from the traced
 graph, see :mod:`keepbits.audit._sis_incremental`) and ``"plain"`` (every candidate image
-through the model; ONNX models through ONNX Runtime). Float64 re-scoring: a float64 copy of
-the torch model; for ONNX models the graph in float64 on the ONNX reference evaluator, used
-only when more than one candidate is within reach (recorded scores then come from float32
-logits when the step was unambiguous), or, where the graph does not convert, none (ONNX
-Runtime's float32 margins are ranked directly). Several images run in lockstep
-(:func:`backselect_batch`), their candidates sharing forward passes.
+through the model). Float64 re-scoring: a float64 copy of the torch model.
+ONNX models (plain ``.onnx`` files and bundles) are converted to a torch twin of their graph
+where every operator has one (:mod:`keepbits.audit._onnx_torch`, checked against ONNX Runtime)
+and then take the torch screens and re-scoring on the graph's own input space; ``"plain"``
+screens them with ONNX Runtime (re-scored by the twin). A graph without a twin (or no torch)
+is screened by ONNX Runtime and re-scored by the graph in float64 on the ONNX reference
+evaluator, only when more than one candidate is within reach (recorded scores then come from
+float32 logits when the step was unambiguous), or, where the graph does not convert to
+float64 either, not at all (ONNX Runtime's float32 margins are ranked directly). Several
+images run in lockstep (:func:`backselect_batch`), their candidates sharing forward passes.
 
 Example:
     >>> import numpy as np
@@ -143,22 +147,45 @@ def _evaluators(model: ModelAdapter, method: str, batch_size: int | None, device
             entry = (_state(module), *_torch_evaluators(module, model.input_shape, method, batch_size, device))
             _EVALUATORS[module][key] = entry
         return entry[1:]
-    if method == "incremental":
-        raise InputError(f"{model.source}: incremental BackSelect needs a torch model (ONNX models: method='plain' or 'auto')")
     from keepbits.audit._base import OnnxAdapter
 
     if isinstance(model, OnnxAdapter):
-        from keepbits.audit._sis_onnx import OnnxFloat64, OnnxScreen
-
-        entry = _EVALUATORS.setdefault(model, {}).get((batch_size, str(device)))
+        key = (method, batch_size, str(device))
+        entry = _EVALUATORS.setdefault(model, {}).get(key)
         if entry is None:
-            probe = np.random.default_rng(0).normal(size=(1, *model.input_shape))
-            entry = (OnnxScreen(model, device, batch_size), OnnxFloat64.create(model, probe), "plain")
-            _EVALUATORS[model][(batch_size, str(device))] = entry
+            entry = _onnx_evaluators(model, method, batch_size, device)
+            _EVALUATORS[model][key] = entry
         return entry
+    if method == "incremental":
+        raise InputError(f"{model.source}: incremental BackSelect needs a torch model or an ONNX graph (method='plain' or 'auto')")
     if device not in (None, "cpu"):
         raise InputError(f"device {device!r}: models given as functions run where they are")
     return AdapterEvaluator(model, batch_size), None, "plain"
+
+
+def _onnx_evaluators(model: Any, method: str, batch_size: int | None, device: Any) -> tuple[Any, Any, str]:
+    """Evaluators of an ONNX model: those of its torch twin (``auto``, ``incremental``), else
+    ONNX Runtime's float32 screen (``plain``) with float64 re-scoring by the twin or, without
+    one, the ONNX reference evaluator."""
+    from keepbits.audit._sis_onnx import GraphInputSpace, OnnxFloat64, OnnxScreen, torch_twin
+
+    twin, why = torch_twin(model)
+    if twin is None:
+        if method == "incremental":
+            raise InputError(f"{model.source}: incremental BackSelect needs a torch twin of the graph; {why}")
+        log.info("%s: %s; screening with ONNX Runtime", model.source, why)
+    if twin is not None and method != "plain":
+        screen, exact, used = _torch_evaluators(twin, model.input_shape, method, batch_size, device)
+        return GraphInputSpace(screen, model), GraphInputSpace(exact, model), used
+    if twin is not None:
+        import torch
+
+        from keepbits.audit._sis_torch import DenseTorch
+
+        exact = GraphInputSpace(DenseTorch(twin, model.input_shape, torch.float64, device, batch_size), model)
+    else:
+        exact = OnnxFloat64.create(model, np.random.default_rng(0).normal(size=(1, *model.input_shape)))
+    return OnnxScreen(model, device, batch_size), exact, "plain"
 
 
 def _torch_evaluators(module: Any, shape: tuple[int, int, int], method: str, batch_size: int | None, device: Any) -> tuple[Any, Any, str]:
@@ -339,7 +366,7 @@ def backselect_batch(model: Any, x: Any, target: Any = None, mask_value: Any = N
 
     ``target``: None (the predicted class), an int or N ints; ``mask_value``: one value or
     one per channel (normalised space; default 0 = the training mean); ``method``:
-    ``"auto"`` (incremental for torch models whose graph has local ops, else plain),
+    ``"auto"`` (incremental for torch models and ONNX graphs with a torch twin whose graph has local ops, else plain),
     ``"incremental"`` or ``"plain"``; ``batch_size``: candidates per forward pass (None:
     timed per model); ``initially_masked``: per image, pixels masked before the run;
     ``device``: where torch models (``"cuda"``, ...) or ONNX Runtime (``"cuda"``) run

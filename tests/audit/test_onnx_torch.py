@@ -1,0 +1,137 @@
+"""ONNX graphs as torch twins for BackSelect: every shape family of the incremental tests,
+exported to ONNX, converts and reproduces the torch model; BackSelect on the ONNX model then
+screens incrementally and equals the float64 loop; graphs that do not convert fall back to
+ONNX Runtime with the same result; hostile constants are refused."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper  # noqa: E402
+from torch import nn  # noqa: E402
+
+from keepbits.audit import TorchAdapter, backselect, backselect_batch, load_model  # noqa: E402
+from keepbits.audit import sis as sis_module  # noqa: E402
+from keepbits.audit._onnx_torch import NotConvertible, onnx_module  # noqa: E402
+from keepbits.audit._sis_incremental import GraphScreen  # noqa: E402
+from keepbits.errors import InputError  # noqa: E402
+
+from test_sis_incremental import FAMILIES, SHAPE, images, make  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+def export(net: nn.Module, path, shape=SHAPE, dtype=torch.float32, dynamic: bool = True) -> str:
+    torch.onnx.export(net, (torch.zeros(1, *shape, dtype=dtype),), str(path), input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "n"}} if dynamic else None, dynamo=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_twin_reproduces_every_family_and_keeps_local_ops(family, tmp_path):
+    net = make(family)
+    twin = onnx_module(export(net, tmp_path / "m.onnx"), "x", "logits", SHAPE, nhwc=False)
+    x = torch.as_tensor(images(2, 4))
+    with torch.no_grad():
+        assert torch.allclose(twin(x), net(x), rtol=1e-5, atol=1e-5)
+    # the twin's convolutions and pools are local ops of the incremental screen, as the torch model's are
+    assert GraphScreen(twin, SHAPE).local_nodes == GraphScreen(net, SHAPE).local_nodes >= 1
+
+
+def test_fixed_batch_graph_runs_any_batch(tmp_path):
+    net = make("concat")  # reshape(x.shape[0], -1): a constant [1, 80] target once exported at batch 1
+    twin = onnx_module(export(net, tmp_path / "m.onnx", dynamic=False), "x", "logits", SHAPE, nhwc=False)
+    x = torch.as_tensor(images(3, 5))
+    with torch.no_grad():
+        assert torch.allclose(twin(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["residual", "unsupported-node"])
+def test_onnx_backselect_is_incremental_and_equals_float64_loop(family, tmp_path, float64_backselect):
+    net = make(family)
+    model = load_model(export(net, tmp_path / "m.onnx"), input_shape=SHAPE, threads=1)
+    xs = images(7, 2)
+    got = backselect_batch(model, xs, method="auto")
+    plain = backselect_batch(model, xs, [r.target for r in got], method="plain")  # ONNX Runtime screen, float64 twin
+    for g, p, x in zip(got, plain, xs):
+        order, scores = float64_backselect(make(family), x, g.target)
+        assert g.method in ("incremental", "plain") and p.method == "plain"
+        assert np.array_equal(g.order, order) and np.array_equal(p.order, order)
+        assert np.allclose(g.scores, scores, rtol=1e-6)  # the exporter folds batch norm: float32-rounded weights
+    assert backselect(model, xs[0], method="incremental").method == "incremental"
+
+
+def test_bundle_graph_twin_takes_pixels(tmp_path, float64_backselect):
+    """A bundle graph (uint8 NHWC in, normalisation inside): its twin masks uint8 pixel values
+    exactly as ONNX Runtime is fed, and the orders equal a float64 loop over those values."""
+    from keepbits.bundle import Manifest, write_bundle
+
+    net = make("concat")
+    mean, std = [0.4, 0.5], [0.2, 0.25]
+
+    class Pixels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", torch.tensor(mean).view(1, 2, 1, 1))
+            self.register_buffer("std", torch.tensor(std).view(1, 2, 1, 1))
+
+        def forward(self, x):
+            return self.net((x.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0 - self.mean) / self.std)
+
+    graph = Pixels().eval()
+    path = export(graph, tmp_path / "model.onnx", (SHAPE[1], SHAPE[2], SHAPE[0]), torch.uint8)
+    manifest = Manifest(input_shape=list(SHAPE), input_dtype="uint8", input_layout="NHWC", mean=mean, std=std,
+                        class_names=["a", "b", "c"], block_size=1, mask_threshold=0.5, generator="none", classifier="test")
+    model = load_model(write_bundle(tmp_path / "bundle", manifest, {"model.onnx": path}), threads=1)
+    screen, _, used = sis_module._evaluators(model, "auto", None, None)
+    assert used in ("incremental", "plain") and hasattr(screen, "inner")
+    image = np.random.default_rng(3).integers(0, 256, (SHAPE[1], SHAPE[2], SHAPE[0]), dtype=np.uint8)
+    res = backselect(model, image, method="incremental")
+    mask_pixel = model.denormalize(np.zeros((1, SHAPE[0], 1, 1)))[0, 0, 0].astype(np.float64)
+
+    graph64 = graph.double()
+
+    class Shifted(nn.Module):  # the graph on float pixels, masked value moved to 0 for the reference loop
+        def forward(self, x):
+            return graph64(x.permute(0, 2, 3, 1) + torch.as_tensor(mask_pixel))
+
+    order, _ = float64_backselect(Shifted(), image.transpose(2, 0, 1).astype(np.float64) - mask_pixel[:, None, None], res.target)
+    assert res.method == "incremental" and np.array_equal(res.order, order)
+
+
+def test_unconvertible_graph_falls_back_to_onnxruntime(tmp_path, float64_backselect):
+    class Erf(nn.Module):  # ONNX Erf: no torch twin here
+        def forward(self, x):
+            return torch.erf(x)
+
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), Erf(), nn.Flatten(), nn.Linear(3 * 9 * 8, 3)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)
+    path = export(net, tmp_path / "lrn.onnx")
+    with pytest.raises(NotConvertible, match="Erf"):
+        onnx_module(path, "x", "logits", SHAPE, nhwc=False)
+    model = load_model(path, input_shape=SHAPE, threads=1)
+    x = images(4)[0]
+    res = backselect(model, x, method="auto")
+    assert res.method == "plain" and np.array_equal(res.order, float64_backselect(net, x, res.target)[0])
+    with pytest.raises(InputError, match="Erf"):
+        backselect(model, x, method="incremental")
+
+
+def test_hostile_constant_is_refused(tmp_path):
+    """A ConstantOfShape asking for 2^40 elements is refused at conversion, not allocated."""
+    shape = helper.make_tensor("big", TensorProto.INT64, [2], [1 << 20, 1 << 20])
+    nodes = [helper.make_node("ConstantOfShape", ["big"], ["c"]), helper.make_node("ReduceSum", ["c"], ["s"], keepdims=0),
+             helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Add", ["f", "s"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 2, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])], [shape])
+    path = tmp_path / "hostile.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    with pytest.raises(NotConvertible, match="ConstantOfShape"):
+        onnx_module(path, "x", "logits", (1, 2, 2), nhwc=False)
