@@ -170,6 +170,33 @@ def whole_order(pixels: int, steps: int) -> float:
     return (pixels * (pixels + 1) / 2) / sum(pixels - k for k in range(steps))
 
 
+def conv_work(model) -> dict | None:
+    """Multiply-adds of the convolutions per candidate: every convolution over its whole output
+    (what a full forward pass does) against over the box the incremental plan computes (whole
+    maps from the node where the plan goes dense); their ratio bounds what evaluating boxes can
+    save on the convolutions (the per-candidate cache of models whose changes stay linear saves more)."""
+    try:
+        screen = sis_evaluators(model, "incremental", None, None)[0]
+    except Exception:  # noqa: BLE001 - models the incremental screen cannot plan
+        return None
+    dense = planned = 0
+    for n, p in screen.plan.items():
+        module = screen.modules.get(n.target) if n.op == "call_module" else None
+        if p.op == "local" and p.local.kind == "conv":
+            weight = p.local.weight
+        elif p.kind == "dense" and isinstance(module, nn.Conv2d):
+            weight = module.weight
+        elif p.kind == "dense" and n.op == "call_function" and n.target in (F.conv2d, torch.conv2d):
+            weight = screen._example[n.args[1]]
+        else:
+            continue
+        c, h, w = screen._example[n].shape[1:]
+        per_output = int(weight[0].numel())
+        dense += c * h * w * per_output
+        planned += c * (p.bh * p.bw if p.kind == "box" else h * w) * per_output
+    return {"full_forward": dense, "incremental_plan": planned, "ratio": round(dense / max(planned, 1), 2)}
+
+
 def timed(fn: Callable[[], object]) -> tuple[object, float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
@@ -200,6 +227,7 @@ def run_model(name: str, model, net64: nn.Module, naive_score: Callable[[int], C
     if single:  # the first image alone (the evaluators are cached by then: no planning or timing in it)
         one, single_wall, single_cpu = timed(lambda: backselect(model, images[0], int(targets[0]), method="auto"))
     log(f"{name}: keepbits {ours[0].method} {wall / len(images):.2f} s/image wall, {cpu / len(images):.2f} s CPU (batched)")
+    work = conv_work(model)
     rows = []
     h, w = x.shape[2:]
     n = len(images)
@@ -224,7 +252,7 @@ def run_model(name: str, model, net64: nn.Module, naive_score: Callable[[int], C
                "images_prefix_checked_against_float64_reference": len(exact) - len(whole),
                "order_prefixes_identical_to_float64_reference": (all(e["order_prefix_identical"] for e in exact if e not in whole)
                                                                  if len(exact) > len(whole) else None),
-               "per_image": rows}
+               "conv_multiply_adds_per_candidate": work, "per_image": rows}
         if single and done:
             out["keepbits_single_image_s"] = {"wall": round(single_wall, 3), "cpu": round(single_cpu, 3)}
             out["ratio_single_image"] = {"wall": round(rows[0]["naive_wall_s"] / single_wall, 2), "cpu": round(rows[0]["naive_cpu_s"] / single_cpu, 2)}
@@ -279,8 +307,19 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (default 1)")
     parser.add_argument("--name", default="sis_speed", help="results name (bench/results/<name>.json)")
+    parser.add_argument("--work-only", action="store_true",
+                        help="only count the convolutions' multiply-adds per candidate of each architecture (full forward pass vs the "
+                             "incremental plan; weights do not change the counts) and write them; no timing, no data needed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.work_only:
+        from keepbits.training.models.classifiers import lenet5, resnet20
+
+        nets = {"cnn-reference": (ReferenceCNN(), (1, 28, 28)), "cnn-modules": (module_cnn(ReferenceCNN()), (1, 28, 28)),
+                "lenet5": (lenet5(), (1, 28, 28)), "resnet20": (resnet20(), (3, 32, 32))}
+        work = {name: conv_work(TorchAdapter(net.eval(), shape)) for name, (net, shape) in nets.items() if name in args.models}
+        print(write_result(args.name, {"measured": conv_work.__doc__.split("\n\n")[0].replace("\n   ", ""), "models": work}))
+        return 0
     if args.data is None or not (args.data / "mnist").is_dir():
         parser.error(f"MNIST not found under {args.data} (pass --data)")
     started = time.time()

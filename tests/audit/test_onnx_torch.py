@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from keepbits.audit import TorchAdapter, backselect, backselect_batch, load_model  # noqa: E402
@@ -29,6 +30,37 @@ def export(net: nn.Module, path, shape=SHAPE, dtype=torch.float32, dynamic: bool
     torch.onnx.export(net, (torch.zeros(1, *shape, dtype=dtype),), str(path), input_names=["x"], output_names=["logits"],
                       dynamic_axes={"x": {0: "n"}} if dynamic else None, dynamo=False)
     return str(path)
+
+
+class SamePad(nn.Module):
+    """TF "same" padding computed from the input's size at run time, as EfficientNet ports do:
+    exported as Shape/Gather/integer Div/ConstantOfShape/backwards-Slice arithmetic feeding a Pad."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, stride=2)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        ph, pw = max((-(-h // 2) - 1) * 2 + 3 - h, 0), max((-(-w // 2) - 1) * 2 + 3 - w, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_shape_arithmetic_is_folded(tmp_path):
+    """The twin equals ONNX Runtime on the graph (the legacy exporter bakes the traced pads in,
+    so the graph, not the torch module, is the reference), and BackSelect through the twin
+    equals BackSelect screened by ONNX Runtime."""
+    torch.manual_seed(0)
+    path = export(SamePad().eval(), tmp_path / "same.onnx")
+    twin = onnx_module(path, "x", "logits", SHAPE, nhwc=False)
+    model = load_model(path, input_shape=SHAPE, threads=1)
+    x = images(1, 3)
+    with torch.no_grad():
+        assert np.allclose(twin(torch.as_tensor(x)).numpy(), model.logits(x), rtol=1e-5, atol=1e-5)
+    auto, plain = backselect(model, images(2)[0], method="auto"), backselect(model, images(2)[0], method="plain")
+    assert np.array_equal(auto.order, plain.order)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -190,9 +190,9 @@ class _Converter:
                 return lambda x: x  # the module's own float type (float32 screen, float64 re-scoring)
             return lambda x: x.to(to)
         if op in _BINARY:
-            for i in range(2):
-                if node.input[i] not in dynamic:
-                    self._const(node, env, dynamic, i)
+            operands = [env[i] for i in node.input[:2]]
+            if op == "Div" and not any(v.is_floating_point() for v in operands):
+                return lambda x, y: torch.div(x, y, rounding_mode="trunc")  # ONNX integer division truncates
             return _BINARY[op]
         if op == "Pow":
             exponent = self._const(node, env, dynamic, 1)
@@ -215,8 +215,6 @@ class _Converter:
         if op == "Clip":
             low = self._arg(node, env, dynamic, 1, a, "min")
             high = self._arg(node, env, dynamic, 2, a, "max")
-            if any(len(node.input) > i and node.input[i] in dynamic for i in (1, 2)):
-                raise NotConvertible("Clip with pixel-dependent bounds")
             low = None if low is None else float(low)
             high = None if high is None else float(high)
             return lambda x, *_: torch.clamp(x, low, high)
@@ -265,8 +263,6 @@ class _Converter:
             return lambda *xs: torch.cat(list(xs), axis)
         if op in ("Squeeze", "Unsqueeze"):
             axes = self._arg(node, env, dynamic, 1, a, "axes")
-            if len(node.input) > 1 and node.input[1] in dynamic:
-                raise NotConvertible(f"{op} with pixel-dependent axes")
             axes = None if axes is None else _ints(axes)
             rank = env[node.input[0]].dim() + (len(axes) if op == "Unsqueeze" else 0)
             axes = None if axes is None else sorted(v % rank for v in axes)
@@ -278,19 +274,20 @@ class _Converter:
         if op == "Pad":
             return self._pad(node, env, dynamic, a)
         if op == "Slice":
-            for i in range(1, len(node.input)):
-                self._const(node, env, dynamic, i)
             starts, ends = self._arg(node, env, dynamic, 1, a, "starts"), self._arg(node, env, dynamic, 2, a, "ends")
             axes, steps = self._arg(node, env, dynamic, 3, a, "axes"), self._arg(node, env, dynamic, 4, a, "steps")
             index = _slice_index(tuple(env[node.input[0]].shape), starts, ends, axes, steps)
-            if first_dynamic and index[0] != slice(None):
-                raise NotConvertible("Slice of the batch axis")
+            backwards = any(i.step is not None and i.step < 0 for i in index)
+            if first_dynamic and (index[0] != slice(None) or backwards):
+                raise NotConvertible("Slice of the batch axis or backwards through pixel-dependent values")
+            if backwards:  # constants only: torch has no negative-step slicing
+                return (lambda x: torch.from_numpy(np.ascontiguousarray(x.numpy()[index]))), [node.input[0]]
             return (lambda x: x[index]), [node.input[0]]
         if op == "ReduceMean":
             axes = self._arg(node, env, dynamic, 1, a, "axes")
             keep = bool(a.get("keepdims", 1))
             if axes is None or (first_dynamic and 0 in [v % env[node.input[0]].dim() for v in _ints(axes)]):
-                raise NotConvertible("ReduceMean over the batch axis")
+                raise NotConvertible("ReduceMean over all axes or the batch axis")
             dims = tuple(_ints(axes))
             return lambda x, *_: x.mean(dims, keep)
         if op != "Shape" and any(i in dynamic for i in node.input):
@@ -370,8 +367,8 @@ class _Converter:
             raise NotConvertible(f"Pad mode {mode}")
         pads = self._arg(node, env, dynamic, 1, a, "pads")
         value = self._arg(node, env, dynamic, 2, a, "value", 0.0)
-        if any(len(node.input) > i and node.input[i] in dynamic for i in (1, 2, 3)) or (len(node.input) > 3 and node.input[3]):
-            raise NotConvertible("Pad with pixel-dependent or axis-restricted pads")
+        if len(node.input) > 3 and node.input[3]:
+            raise NotConvertible("Pad restricted to some axes")
         pads, value = _ints(pads), float(value if not isinstance(value, torch.Tensor) else value.reshape(-1)[0])
         rank = len(pads) // 2
         if pads[0] or pads[rank]:
@@ -427,11 +424,15 @@ def _slice_index(shape: tuple[int, ...], starts: Any, ends: Any, axes: Any, step
     steps = _ints(steps) if steps is not None else [1] * len(starts)
     index = [slice(None)] * len(shape)
     for s, e, axis, step in zip(starts, ends, axes, steps):
-        if step <= 0:
-            raise NotConvertible("Slice with a non-positive step")
+        if step == 0:
+            raise NotConvertible("Slice with step 0")
         size = shape[axis]
         s, e = s + size if s < 0 else s, e + size if e < 0 else e
-        index[axis] = slice(max(0, min(size, s)), max(0, min(size, e)), step)
+        if step > 0:
+            index[axis] = slice(max(0, min(size, s)), max(0, min(size, e)), step)
+        else:  # backwards: ends below the first element mean "through the first"
+            e = max(-1, min(size - 1, e))
+            index[axis] = slice(max(0, min(size - 1, s)), None if e < 0 else e, step)
     return tuple(index)
 
 
