@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--max-test", type=int, default=2000)
     p.add_argument("--eval-steps", type=int, default=300, help="AdamW steps of each fresh evaluation classifier")
     p.add_argument("--eval-seeds", type=int, default=3, help="fresh classifiers per setting (mean ± sd)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="condensation seed: the starting real images and the condensation's own randomness (data samples stay fixed)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default=None, help="torch device of the condensation, e.g. cuda (fresh classifiers use CUDA when present)")
     args = p.parse_args()
@@ -86,15 +88,15 @@ def main() -> None:
         save_image_rows(strips, results_dir() / f"{name}_images.png")
 
     for ipc in args.ipc:
-        pick = initial_indices(ytr, train.num_classes, ipc, seed=0)  # the real images condensation starts from
+        pick = initial_indices(ytr, train.num_classes, ipc, seed=args.seed)  # the real images condensation starts from
         acc, sd = evaluate(xtr[pick], ytr[pick])
         record({"method": "random real", "ipc": ipc, "bpd": mean_bpd(flow, xtr[pick]), "accuracy": acc, "accuracy_sd": sd}, f"real ipc={ipc}", xtr[pick])
         for lam in args.lambdas:
             t0 = time.time()
             cfg = CondensationConfig(images_per_class=ipc, lambda_sim=lam, outer_loops=args.outer, inner_loops=args.inner,
                                      net_steps=args.net_steps, real_batch=args.real_batch, lr_images=args.lr_images,
-                                     image_optimizer=args.image_optimizer)
-            torch.manual_seed(0)
+                                     image_optimizer=args.image_optimizer, seed=args.seed)
+            torch.manual_seed(args.seed)
             x_syn, y_syn = condense(xtr.to(flow_device), ytr.to(flow_device), train.num_classes, make_net, cfg, bpd=flow.bpd)
             x_syn, y_syn = x_syn.cpu(), y_syn.cpu()
             wall = time.time() - t0
