@@ -97,29 +97,11 @@ def test_onnx_backselect_is_incremental_and_equals_float64_loop(family, tmp_path
     assert backselect(model, xs[0], method="incremental").method == "incremental"
 
 
-def test_bundle_graph_twin_takes_pixels(tmp_path, float64_backselect):
+def test_bundle_graph_twin_takes_pixels(tmp_path, float64_backselect, pixel_bundle):
     """A bundle graph (uint8 NHWC in, normalisation inside): its twin masks uint8 pixel values
     exactly as ONNX Runtime is fed, and the orders equal a float64 loop over those values."""
-    from keepbits.bundle import Manifest, write_bundle
-
-    net = make("concat")
-    mean, std = [0.4, 0.5], [0.2, 0.25]
-
-    class Pixels(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-            self.register_buffer("mean", torch.tensor(mean).view(1, 2, 1, 1))
-            self.register_buffer("std", torch.tensor(std).view(1, 2, 1, 1))
-
-        def forward(self, x):
-            return self.net((x.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0 - self.mean) / self.std)
-
-    graph = Pixels().eval()
-    path = export(graph, tmp_path / "model.onnx", (SHAPE[1], SHAPE[2], SHAPE[0]), torch.uint8)
-    manifest = Manifest(input_shape=list(SHAPE), input_dtype="uint8", input_layout="NHWC", mean=mean, std=std,
-                        class_names=["a", "b", "c"], block_size=1, mask_threshold=0.5, generator="none", classifier="test")
-    model = load_model(write_bundle(tmp_path / "bundle", manifest, {"model.onnx": path}), threads=1)
+    bundle, graph = pixel_bundle(make("concat"), SHAPE, [0.4, 0.5], [0.2, 0.25], tmp_path)
+    model = load_model(bundle, threads=1)
     screen, _, used = sis_module._evaluators(model, "auto", None, None)
     assert used in ("incremental", "plain") and hasattr(screen, "inner")
     image = np.random.default_rng(3).integers(0, 256, (SHAPE[1], SHAPE[2], SHAPE[0]), dtype=np.uint8)

@@ -151,30 +151,12 @@ def test_explainer_reports_unconfident_images_and_onnx(tmp_path):
         SISExplainer(net, threshold=1.5, input_shape=SHAPE)
 
 
-def test_bundle_model_runs_with_onnxruntime(tmp_path):
+def test_bundle_model_runs_with_onnxruntime(tmp_path, pixel_bundle):
     pytest.importorskip("onnxruntime")
     from keepbits.audit import load_model
-    from keepbits.bundle import Manifest, write_bundle
 
     net = next(random_cnns()).eval()
-    mean, std = [0.4, 0.5], [0.2, 0.25]
-
-    class Pixels(nn.Module):  # what an exported bundle graph does: uint8 NHWC in, normalisation inside
-        def __init__(self):
-            super().__init__()
-            self.net = net
-            self.register_buffer("mean", torch.tensor(mean).view(1, 2, 1, 1))
-            self.register_buffer("std", torch.tensor(std).view(1, 2, 1, 1))
-
-        def forward(self, x):
-            return self.net((x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std)
-
-    onnx_path = tmp_path / "model.onnx"
-    torch.onnx.export(Pixels().eval(), (torch.zeros(1, 7, 6, 2, dtype=torch.uint8),), str(onnx_path), input_names=["image"],
-                      output_names=["logits"], dynamic_axes={"image": {0: "n"}}, dynamo=False)
-    manifest = Manifest(input_shape=[2, 7, 6], input_dtype="uint8", input_layout="NHWC", mean=mean, std=std,
-                        class_names=["a", "b", "c"], block_size=1, mask_threshold=0.5, generator="none", classifier="test")
-    bundle = write_bundle(tmp_path / "bundle", manifest, {"model.onnx": onnx_path})
+    bundle, _ = pixel_bundle(net, SHAPE, [0.4, 0.5], [0.2, 0.25], tmp_path)
     model = load_model(bundle)
     images = np.random.default_rng(0).integers(0, 256, (4, 7, 6, 2), dtype=np.uint8)
     x = model.prepare(images)
