@@ -51,7 +51,7 @@ from _results import default_data_dir, write_result
 from keepbits.audit import TorchAdapter, backselect, backselect_batch, find_sis, load_model
 from keepbits.audit.sis import BackSelectResult, select
 from keepbits.audit.sis import _evaluators as sis_evaluators
-from keepbits.core import sigmoid, softmax, target_margin
+from keepbits.core import sigmoid, target_margin
 from keepbits.data import channel_stats, load_dataset, sample_indices
 
 THRESHOLDS = (0.5, 0.7, 0.9, 0.99)

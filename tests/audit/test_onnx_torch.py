@@ -12,7 +12,7 @@ from onnx import TensorProto, helper  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from keepbits.audit import TorchAdapter, backselect, backselect_batch, load_model  # noqa: E402
+from keepbits.audit import backselect, backselect_batch, load_model  # noqa: E402
 from keepbits.audit import sis as sis_module  # noqa: E402
 from keepbits.audit._onnx_torch import NotConvertible, onnx_module  # noqa: E402
 from keepbits.audit._sis_incremental import GraphScreen  # noqa: E402
