@@ -289,6 +289,9 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="a trained NICE checkpoint measured as a whole (its classifier, generator, b and preprocessing) instead "
                         "of the untrained ResNet-18 with --generator")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="a trained deployment bundle (folder or .zip) measured as it is, e.g. the shipped demo "
+                        "src/keepbits/assets/lite0_nice_bundle.zip; no naive loop (a bundle holds no torch models)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="model threads of the throughput setting (one-thread sessions); default: one per CPU")
     p.add_argument("--tag", default="", help="suffix of the result file")
@@ -299,6 +302,8 @@ def main() -> None:
         p.error("--kept-fraction sets an untrained head; it does not combine with --generator-checkpoint")
     if args.model is not None and (args.kept_fraction is not None or args.generator_checkpoint is not None):
         p.error("--model measures a whole trained model; it does not combine with --kept-fraction or --generator-checkpoint")
+    if args.bundle is not None and (args.model is not None or args.kept_fraction is not None or args.generator_checkpoint is not None):
+        p.error("--bundle measures a bundle as it is; it does not combine with --model, --kept-fraction or --generator-checkpoint")
     if args.data is None:
         p.error("--data is required (no ../shared/data here)")
     video = args.data / "videos" / "bottle-detection.mp4"
@@ -317,6 +322,17 @@ def main() -> None:
         policy, crop_fraction = pre.resize_policy, pre.crop_fraction
         described = {"classifier": f"{ckpt.models['classifier'].arch} (trained)", "generator": f"{ckpt.models['generator'].arch}, trained: {args.model}"}
         bundle = export_onnx(args.model, work / "bundle", mixed_output=False, verify=False).source
+    elif args.bundle is not None:
+        from keepbits.bundle import load_bundle
+
+        manifest = load_bundle(args.bundle).manifest
+        generator = classifier = None  # no naive loop: the bundle holds no torch models
+        normalization = Normalization(list(manifest.mean), list(manifest.std))
+        SIZE, BLOCK = int(manifest.input_shape[1]), int(manifest.block_size)
+        policy, crop_fraction = manifest.resize_policy, manifest.crop_fraction
+        described = {"classifier": f"{manifest.classifier} (from the bundle)", "generator": f"{manifest.generator} (from the bundle)",
+                     "bundle": str(args.bundle)}
+        bundle = args.bundle
     else:
         generator, classifier, normalization = build_models(args.generator, generator_checkpoint=args.generator_checkpoint)
         bundle = make_bundle(generator, classifier, work, args.generator, normalization)
@@ -341,7 +357,9 @@ def main() -> None:
     sessions["workers"] = ort.InferenceSession(str(classifier_graph), session_options(1, native=False), providers=["CPUExecutionProvider"])
     pipe_workers = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=1)
     run_pipeline(pipe, frames[:4]), run_pipeline(pipe_workers, frames[:4], args.workers)  # warm-up
-    run_naive(generator, classifier, frames[:2], mean_t, std_t, policy, crop_fraction)
+    naive = generator is not None
+    if naive:
+        run_naive(generator, classifier, frames[:2], mean_t, std_t, policy, crop_fraction)
     for session in sessions.values():
         run_session(session, ["logits"], pipe, frames[:4])
     naive_frames = frames[:args.naive_frames]
@@ -355,8 +373,9 @@ def main() -> None:
         "pipeline_workers": (lambda: run_pipeline(pipe_workers, frames, args.workers), len(frames)),
         "pipeline_workers_opencv1": (lambda: run_pipeline(pipe_workers, frames, args.workers, opencv_threads=1), len(frames)),
         "graph_only": (lambda: run_session(pipe.session, ["logits", "mask"], pipe, frames), len(frames)),
-        "naive": (lambda: run_naive(generator, classifier, naive_frames, mean_t, std_t, policy, crop_fraction), len(naive_frames)),
     }
+    if naive:
+        measures["naive"] = (lambda: run_naive(generator, classifier, naive_frames, mean_t, std_t, policy, crop_fraction), len(naive_frames))
     rounds = []
     for r in range(args.rounds):
         names = list(measures)
@@ -381,13 +400,14 @@ def main() -> None:
         row["pipeline_over_classifier_only"] = row["pipeline_best_fps"] / row["classifier_only_fps"]
         row["latency_setting_ratio"] = row["pipeline_fps"] / row["classifier_only_latency_setting_fps"]
         row["throughput_setting_ratio"] = row["pipeline_throughput_setting_fps"] / row["classifier_only_throughput_setting_fps"]
-        row["pipeline_over_naive"] = row["pipeline_best_fps"] / row["naive_fps"]
+        if naive:
+            row["pipeline_over_naive"] = row["pipeline_best_fps"] / row["naive_fps"]
         rounds.append(row)
         print(f"round {r + 1}: classifier-only {row['classifier_only_no_spin_fps']:.2f} / {row['classifier_only_spin_fps']:.2f} (spin) / "
               f"{row['classifier_only_workers_fps']:.2f} / {row['classifier_only_workers_opencv1_fps']:.2f} ({args.workers} workers, "
               f"OpenCV default / 1 thread) fps, graph-only {row['graph_only_fps']:.2f}, pipeline {row['pipeline_fps']:.2f} / "
               f"{row['pipeline_workers_fps']:.2f} / {row['pipeline_workers_opencv1_fps']:.2f} ({args.workers} workers, OpenCV "
-              f"default / 1 thread), naive {row['naive_fps']:.2f} fps; "
+              f"default / 1 thread)" + (f", naive {row['naive_fps']:.2f} fps; " if naive else "; ") +
               f"best/best {row['pipeline_over_classifier_only']:.3f} (latency setting {row['latency_setting_ratio']:.3f}, "
               f"throughput setting {row['throughput_setting_ratio']:.3f}); p50 ms " +
               ", ".join(f"{k} {v['p50']:.2f}" for k, v in row["latency_ms_workers"].items()), flush=True)
@@ -403,7 +423,7 @@ def main() -> None:
         values = [x[key] for x in rounds]
         return {"median_of_rounds": statistics.median(values), "range_of_rounds": [min(values), max(values)]}
 
-    trained = args.generator_checkpoint is not None or args.model is not None
+    trained = args.generator_checkpoint is not None or args.model is not None or args.bundle is not None
     result = {
         "model": {**({"classifier": "resnet18 (ImageNet stem, 1000 classes, untrained)"} if described is None else described),
                   "resize_policy": f"{policy} (crop fraction {crop_fraction:g})",
@@ -442,8 +462,8 @@ def main() -> None:
         "latency_setting_ratio_rounds": ratio_summary("latency_setting_ratio"),
         "throughput_setting_ratio": med["pipeline_throughput_setting_fps"] / med["classifier_only_throughput_setting_fps"],
         "throughput_setting_ratio_rounds": ratio_summary("throughput_setting_ratio"),
-        "pipeline_over_naive": med["pipeline_best_fps"] / med["naive_fps"],
-        "pipeline_over_naive_rounds": ratio_summary("pipeline_over_naive"),
+        **({"pipeline_over_naive": med["pipeline_best_fps"] / med["naive_fps"],
+            "pipeline_over_naive_rounds": ratio_summary("pipeline_over_naive")} if naive else {}),
         "pipeline_over_graph_only": med["pipeline_fps"] / med["graph_only_fps"],
         "definitions": {"pipeline_over_classifier_only": "best pipeline setting / best classifier-only setting (medians over rounds)",
                         "latency_setting_ratio": "1 worker, ORT threads on every core, both", "throughput_setting_ratio":
@@ -451,8 +471,8 @@ def main() -> None:
         "targets": {"pipeline_over_classifier_only": ">= 0.90", "pipeline_over_naive": ">= 3"},
     }
     print(f"pipeline/classifier-only (best/best) {result['pipeline_over_classifier_only']:.3f}; latency setting "
-          f"{result['latency_setting_ratio']:.3f}, throughput setting {result['throughput_setting_ratio']:.3f}; "
-          f"pipeline/naive {result['pipeline_over_naive']:.2f}", flush=True)
+          f"{result['latency_setting_ratio']:.3f}, throughput setting {result['throughput_setting_ratio']:.3f}"
+          + (f"; pipeline/naive {result['pipeline_over_naive']:.2f}" if naive else ""), flush=True)
     if args.soak_seconds > 0:
         workers_win = med["pipeline_workers_fps"] >= med["pipeline_fps"]
         result["soak"] = soak(pipe_workers if workers_win else pipe, video, args.soak_seconds, args.workers if workers_win else 1)
