@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.9, help="τ for the figures")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99], help="τ values for the size curves")
     p.add_argument("--method", choices=["auto", "incremental", "plain", "gradient"], default="auto",
-                   help="exact BackSelect (auto: incremental where the torch model or the ONNX graph's torch twin has local ops and it is faster, else plain) or batched gradient BackSelect")
+                   help="exact BackSelect (auto: incremental where the torch model, or the ONNX graph's torch twin, has local ops "
+                        "and that is faster, else plain) or batched gradient BackSelect")
     p.add_argument("--k", type=int, default=16, help="pixels masked per gradient BackSelect iteration")
     p.add_argument("--batch-size", type=int, default=64, help="images (or masked copies) per model call")
     p.add_argument("--show", type=int, default=12, help="images shown in the report")
