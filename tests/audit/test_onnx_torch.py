@@ -149,3 +149,15 @@ def test_hostile_constant_is_refused(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     with pytest.raises(NotConvertible, match="ConstantOfShape"):
         onnx_module(path, "x", "logits", (1, 2, 2), nhwc=False)
+
+
+def test_attribute_constants_and_reshape_of_a_hand_built_graph(tmp_path):
+    nodes = [helper.make_node("Constant", [], ["s"], value_float=2.0), helper.make_node("Constant", [], ["shape"], value_ints=[-1, 4]),
+             helper.make_node("Mul", ["x", "s"], ["m"]), helper.make_node("Reshape", ["m", "shape"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 2, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])])
+    path = tmp_path / "constants.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    twin = onnx_module(path, "x", "logits", (1, 2, 2), nhwc=False)
+    x = torch.randn(3, 1, 2, 2)
+    assert torch.equal(twin(x), (x * 2).reshape(3, 4))

@@ -173,12 +173,15 @@ class _Converter:
         if op in ("Identity", "Dropout"):
             return lambda x, *_: x
         if op == "Constant":
-            value = a.get("value")
-            if value is None:
-                raise NotConvertible("Constant without a tensor value")
-            from onnx import numpy_helper
+            if "value" in a:
+                from onnx import numpy_helper
 
-            tensor = self._tensor(numpy_helper.to_array(value))
+                tensor = self._tensor(numpy_helper.to_array(a["value"]))
+            elif any(k in a for k in ("value_float", "value_floats", "value_int", "value_ints")):
+                key = next(k for k in ("value_float", "value_floats", "value_int", "value_ints") if k in a)
+                tensor = torch.tensor(a[key], dtype=torch.float32 if "float" in key else torch.int64)
+            else:
+                raise NotConvertible(f"Constant given as {sorted(a)}")
             return lambda: tensor
         if op == "Cast":
             to = _TYPES.get(int(a["to"]))
