@@ -161,3 +161,15 @@ def test_attribute_constants_and_reshape_of_a_hand_built_graph(tmp_path):
     twin = onnx_module(path, "x", "logits", (1, 2, 2), nhwc=False)
     x = torch.randn(3, 1, 2, 2)
     assert torch.equal(twin(x), (x * 2).reshape(3, 4))
+
+
+def test_graph_that_fails_to_run_has_no_twin(tmp_path):
+    """A Reshape to an impossible shape raises NotConvertible (callers fall back), not a torch error."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 5])
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 2, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 5])], [shape])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    with pytest.raises(NotConvertible, match="Reshape"):
+        onnx_module(path, "x", "logits", (1, 2, 2), nhwc=False)

@@ -133,9 +133,14 @@ class _Converter:
         self.steps: list[tuple[Callable, list[str], list[str]]] = []
         self.captured: list[Any] = []  # constant operands the steps hold as Python values (compared across batch sizes)
         for node in self.graph.node:
-            fn = self._op(node, env, dynamic)
-            fn, inputs = fn if isinstance(fn, tuple) else (fn, list(node.input))
-            result = fn(*[env[i] if i else None for i in inputs])
+            try:
+                fn = self._op(node, env, dynamic)
+                fn, inputs = fn if isinstance(fn, tuple) else (fn, list(node.input))
+                result = fn(*[env[i] if i else None for i in inputs])
+            except NotConvertible:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a malformed graph fails in many ways; it then has no twin
+                raise NotConvertible(f"{node.op_type} node {node.name!r} does not run ({str(exc).splitlines()[0][:200]})") from None
             outputs = list(node.output)
             values = result if isinstance(result, tuple) else (result,)
             is_dynamic = node.op_type != "Shape" and any(i in dynamic for i in inputs if i)  # a shape is known at conversion
@@ -403,7 +408,12 @@ class _Converter:
 
             return constant_of_shape
         if op == "Range":
-            return lambda start, limit, delta: torch.arange(start.item(), limit.item(), delta.item())
+            def range_(start: torch.Tensor, limit: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+                if delta.item() == 0 or (limit.item() - start.item()) / delta.item() > MAX_CONSTANT_ELEMENTS:
+                    raise NotConvertible(f"Range from {start.item()} to {limit.item()} by {delta.item()}")
+                return torch.arange(start.item(), limit.item(), delta.item())
+
+            return range_
         if op == "Where":
             return torch.where
         raise NotConvertible(f"operator {op}")

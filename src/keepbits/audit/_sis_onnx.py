@@ -70,8 +70,11 @@ def torch_twin(adapter: OnnxAdapter) -> tuple[Any, str]:
     feed = adapter._pixels(probe)
     want = np.asarray(adapter.session.run([adapter._output], {adapter._input_name: feed})[0], np.float64)
     graph_input = np.asarray(feed, np.float32).transpose(0, 3, 1, 2) if nhwc else np.asarray(feed, np.float32)
-    with torch.inference_mode():
-        got = module(torch.from_numpy(np.ascontiguousarray(graph_input))).double().numpy()
+    try:
+        with torch.inference_mode():
+            got = module(torch.from_numpy(np.ascontiguousarray(graph_input))).double().numpy()
+    except Exception as exc:  # noqa: BLE001 - a twin that does not run is no twin
+        return None, f"the torch twin does not run ({str(exc).splitlines()[0]})"
     if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * (1 + np.abs(want).max())):
         difference = np.abs(got - want).max() if got.shape == want.shape else f"shape {got.shape} vs {want.shape}"
         return None, f"the torch twin differs from ONNX Runtime ({difference})"
