@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keepbits._json import jsonable
+
 __all__ = ["default_data_dir", "machine", "results_dir", "save_image_rows", "video_frames", "write_result"]
 
 
@@ -85,7 +87,7 @@ def write_result(name: str, payload: dict, out_dir: str | os.PathLike | None = N
     if (now := _commit()) != _COMMIT_AT_START:
         record["commit_at_write"] = now
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    path.write_text(json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n")  # NaN (no data) as null
     return path
 
 
