@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--exact-images", type=int, default=0, help="test images also run through exact BackSelect")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the halves, the image samples and every model")
+    parser.add_argument("--tag", default="", help="suffix of the result file (e.g. s1 for another seed)")
     args = parser.parse_args()
     if args.data is None or not (args.data / "cifar10").is_dir():
         parser.error(f"CIFAR-10 not found under {args.data} (pass --data)")
@@ -47,10 +49,10 @@ def main() -> int:
     cfg = OverinterpretationConfig(str(args.data / "cifar10"), str(args.out), model=args.model, arch=args.arch, epochs=args.epochs,
                                    retrain_epochs=args.retrain_epochs, audit_images=args.audit_images, train_images=args.train_images,
                                    test_images=args.test_images, k=args.k, ensemble=args.ensemble, dropout_samples=args.dropout_samples,
-                                   exact_images=args.exact_images, lr=args.lr)
+                                   exact_images=args.exact_images, lr=args.lr, seed=args.seed)
     result = run_overinterpretation(cfg)
     result["report"] = str(args.out / "report.html")
-    print(write_result("sis_overinterpretation_cifar10", result))
+    print(write_result("sis_overinterpretation_cifar10" + (f"_{args.tag}" if args.tag else ""), result))
     return 0
 
 
