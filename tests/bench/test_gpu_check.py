@@ -2,7 +2,6 @@
 scan of the compile-only step. The GPU parts themselves need the GPU machine (bench/gpu_check.sh)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,13 +18,6 @@ STEPS = ["probe", "build", "compile_check", "kernel_correctness", "kernel_speed"
          "train_nice", "audit_sis", "audit_cid"]
 #: steps with a CPU reference that the dry run still computes
 CPU_PARTS = ("nice_first_step", "audit_sis", "audit_cid")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_dry_run_records_every_step_and_computes_the_cpu_references(tmp_path):
@@ -61,8 +53,8 @@ def test_dry_run_records_every_step_and_computes_the_cpu_references(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
-def test_missing_headers_names_each_header_the_source_cannot_find(tmp_path):
-    gpu_check = load_script()
+def test_missing_headers_names_each_header_the_source_cannot_find(tmp_path, bench_script):
+    gpu_check = bench_script("gpu_check")
     (tmp_path / "present.h").write_text("#pragma once\n#include <keepbits_absent_b.h>\n")
     source = tmp_path / "probe.cc"
     source.write_text('#include <keepbits_absent_a.h>\n#include "present.h"\n#include <cstdint>\n')

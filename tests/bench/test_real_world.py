@@ -3,26 +3,13 @@ discordant counts, the Wilson interval and the target check, on hand-made rows (
 itself needs the ImageNet samples and the trained bundles)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def rw():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("real_world", ROOT / "bench" / "real_world.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+def rw(bench_script):
+    return bench_script("real_world")
 
 
 def test_paired_interval_from_discordant_counts_equals_the_per_image_one(rw):

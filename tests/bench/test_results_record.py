@@ -1,28 +1,17 @@
 """bench/_results.py: every result file is standard JSON (no NaN/Infinity tokens) with its provenance."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _results_module():
-    spec = importlib.util.spec_from_file_location("_results", ROOT / "bench" / "_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _reject_non_standard(token: str) -> None:
     raise AssertionError(f"non-standard JSON token {token}")
 
 
-def test_write_result_writes_standard_json_with_missing_values_as_null(tmp_path):
-    results = _results_module()
+def test_write_result_writes_standard_json_with_missing_values_as_null(tmp_path, bench_script):
+    results = bench_script("_results")
     path = results.write_result("probe", {"size": float("nan"), "ratio": np.float32(2.5), "counts": np.arange(3),
                                           "inf": float("inf")}, out_dir=tmp_path)
     text = path.read_text()
