@@ -25,16 +25,19 @@ from _results import default_data_dir, results_dir, save_image_rows, write_resul
 
 
 def gaussian_blur(x, sigma: float):
-    """Separable Gaussian blur (reflect padding) of N×C×H×W [0, 1] images."""
+    """Separable Gaussian blur (reflect padding) of N×C×H×W [0, 1] images, rounded to 8 bits like
+    the simplified images (no sub-quantisation detail reaches the bpd or the classifier)."""
     import torch
     import torch.nn.functional as F
+
+    from keepbits.training.simplebits import quantize_8bit
 
     radius = max(1, int(3 * sigma + 0.5))
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = (k / k.sum()).view(1, 1, 1, -1).repeat(x.shape[1], 1, 1, 1)
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k, groups=x.shape[1])
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.transpose(2, 3), groups=x.shape[1])
+    return quantize_8bit(F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.transpose(2, 3), groups=x.shape[1]))
 
 
 def jpeg(x, quality: int):
