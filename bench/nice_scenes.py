@@ -94,6 +94,19 @@ def smoothed_saliency(classifier: torch.nn.Module, images, mean, std, smooth: in
     return torch.cat([gradient_saliency(classifier, x, None, smooth) for x, _ in TensorImages(images, mean, std).batches(batch_size)])
 
 
+def plot_rates(results: dict[str, dict], path: Path, num_scenes: int) -> None:
+    """Test rate–accuracy curves, one series per family and codec (payload blocks, then the scene)."""
+    curves = {}
+    for family, entry in results.items():
+        for codec in LOSSY:
+            rows = [r for r in entry["test_payload_curve"] if r["codec"] == codec]
+            curves[f"NICE {family}: payload, {codec} blocks"] = ([r["bytes_per_image"] for r in rows], [r["accuracy"] for r in rows])
+    for codec in LOSSY:
+        rows = [r for r in next(iter(results.values()))["test_scene_curve"] if r["codec"] == codec]
+        curves[f"scene {codec}"] = ([r["bytes_per_image"] for r in rows], [r["accuracy"] for r in rows])
+    plot_curves(path, curves, "bytes per scene", "test accuracy", f"Kodak+CIFAR scenes, {num_scenes} test scenes", logx=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding kodak/ and cifar10/")
@@ -190,7 +203,7 @@ def main() -> int:
         pilots += [{k: v for k, v in r.items() if k != "_ev"} for r in rows]
 
     # 2. test, once per chosen setting
-    results, curves = {}, {}
+    results = {}
     for family, choice in chosen.items():
         ev = evaluation(trained(family, choice["lr"]), test)
         scene_correct = ev.correct(test.x)
@@ -226,16 +239,10 @@ def main() -> int:
             entry["lossy"]["test_curve_match"] = {k: cheapest_reaching(entry["test_scene_curve"], a["mean"] + d)
                                                   for k, d in (("at_accuracy", 0.0), ("at_ci_low", -a["ci95"]), ("at_ci_high", a["ci95"]))}
         results[family] = entry
-        curves[f"NICE {family}: payload (JPEG/WebP blocks)"] = ([r["bytes_per_image"] for r in entry["test_payload_curve"] if r["codec"] in LOSSY],
-                                                               [r["accuracy"] for r in entry["test_payload_curve"] if r["codec"] in LOSSY])
         print(f"test {family}: kept {entry['kept_fraction']:.3f}; lossless {entry['lossless']['ratio_vs_scene_png']:.1f}x vs scene PNG"
               + (f"; lossy {entry['lossy']['ratio_vs_scene']:.1f}x vs scene {choice['scene_codec']['codec']}" if "lossy" in entry else ""), flush=True)
     if results:
-        any_entry = next(iter(results.values()))
-        for codec in LOSSY:
-            rows = [r for r in any_entry["test_scene_curve"] if r["codec"] == codec]
-            curves[f"scene {codec}"] = ([r["bytes_per_image"] for r in rows], [r["accuracy"] for r in rows])
-        plot_curves(results_dir() / f"{name}_rate.png", curves, "bytes per scene", "test accuracy", f"Kodak+CIFAR scenes, {len(test)} test scenes", logx=True)
+        plot_rates(results, results_dir() / f"{name}_rate.png", len(test))
     payload = {
         "protocol": {"scenes": f"{args.num_train} train / {args.num_test} test, seeds {args.seed}/{args.seed + 1}",
                      "backgrounds": "kodim01-16 train, kodim17-24 test, random 256x256 crops",
