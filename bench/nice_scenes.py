@@ -96,14 +96,12 @@ def smoothed_saliency(classifier: torch.nn.Module, images, mean, std, smooth: in
 
 def plot_rates(results: dict[str, dict], path: Path, num_scenes: int) -> None:
     """Test rate–accuracy curves, one series per family and codec (payload blocks, then the scene)."""
-    curves = {}
-    for family, entry in results.items():
-        for codec in LOSSY:
-            rows = [r for r in entry["test_payload_curve"] if r["codec"] == codec]
-            curves[f"NICE {family}: payload, {codec} blocks"] = ([r["bytes_per_image"] for r in rows], [r["accuracy"] for r in rows])
-    for codec in LOSSY:
-        rows = [r for r in next(iter(results.values()))["test_scene_curve"] if r["codec"] == codec]
-        curves[f"scene {codec}"] = ([r["bytes_per_image"] for r in rows], [r["accuracy"] for r in rows])
+    def series(rows: list[dict], codec: str) -> tuple[list[float], list[float]]:
+        picked = [r for r in rows if r["codec"] == codec]
+        return [r["bytes_per_image"] for r in picked], [r["accuracy"] for r in picked]
+
+    curves = {f"NICE {family}: payload, {codec} blocks": series(entry["test_payload_curve"], codec) for family, entry in results.items() for codec in LOSSY}
+    curves.update({f"scene {codec}": series(next(iter(results.values()))["test_scene_curve"], codec) for codec in LOSSY})
     plot_curves(path, curves, "bytes per scene", "test accuracy", f"Kodak+CIFAR scenes, {num_scenes} test scenes", logx=True)
 
 
