@@ -181,7 +181,8 @@ def main() -> None:
             m = train_simplebits(cfg)["metrics"]
             simplifier, _, _ = load_simplebits(out)
             if mode in args.modes:
-                record({"mode": mode, "lambda_sim": lam, "bpd": m["bpd_sim"], "accuracy": m["acc_sim"], "acc_orig": m["acc_orig"], "wall_s": time.time() - t0},
+                record({"mode": mode, "lambda_sim": lam, "bpd": m["bpd_sim"], "accuracy": m["acc_sim"], "acc_orig": m["acc_orig"],
+                        "gate_open": m["gate_open"], "wall_s": time.time() - t0},
                        simplify(simplifier, xte[shown_idx]))
             if mode == args.retrain_from and "retrain" in args.modes:
                 t0 = time.time()

@@ -30,7 +30,7 @@ Example:
     >>> cfg = SimpleBitsConfig(data=str(sample_mnist_path()), out=tempfile.mkdtemp() + "/s.pt", density=dens,
     ...                        arch="lenet5", unet_base=4, steps=2, batch_size=8, max_test=16)
     >>> sorted(train_simplebits(cfg)["metrics"])
-    ['acc_orig', 'acc_sim', 'bpd_orig', 'bpd_sim', 'steps', 'wall_time_s']
+    ['acc_orig', 'acc_sim', 'bpd_orig', 'bpd_sim', 'gate_open', 'steps', 'wall_time_s']
 """
 from __future__ import annotations
 
@@ -297,13 +297,14 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     opt_clf = torch.optim.AdamW(classifier_net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, labels = torch.from_numpy(np.ascontiguousarray(train.x)), torch.from_numpy(train.y)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, recent = time.time(), []
+    start, recent, gate_sum = time.time(), [], 0.0
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         simplifier.train(), classifier_net.train()
         stats = simplebits_step(classifier_net, simplifier, flow.bpd, images_to_unit(images[idx]).to(device), labels[idx].to(device),
                                 cfg.lambda_sim, opt_clf, opt_sim, cfg.inner_lr)
         recent.append(stats)
+        gate_sum += stats["gate"]
         if step % cfg.log_every == 0:
             avg = {k: float(np.mean([s[k] for s in recent])) for k in recent[0]}
             log.info("simplebits step %d/%d  L %.3f  L_cls %.3f  bpd_sim %.3f  gate %.2f  CE(f(X_sim)) %.3f  (%.0f s)", step, cfg.steps,
@@ -311,6 +312,7 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
             recent = []
     metrics = evaluate_simplebits(classifier_net, simplifier, flow, test if test is not None else train)
     metrics["steps"], metrics["wall_time_s"] = cfg.steps, time.time() - start
+    metrics["gate_open"] = gate_sum / max(cfg.steps, 1)  # fraction of examples whose L_sim was on, mean over steps
     classifier_net, simplifier = classifier_net.cpu(), simplifier.cpu()
     save_checkpoint(cfg.out, Checkpoint(
         kind="simplebits",
