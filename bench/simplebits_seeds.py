@@ -22,7 +22,7 @@ from _results import results_dir, write_result  # noqa: E402
 
 #: Row fields that say what was run (the rest are measurements).
 SETTING_KEYS = ("mode", "simplifier_from", "lambda_sim", "sigma", "quality")
-MEASURED_KEYS = ("bpd", "accuracy", "acc_orig")
+MEASURED_KEYS = ("bpd", "accuracy", "acc_orig", "gate_open")
 
 
 def group_rows(runs: list[dict]) -> list[dict]:
