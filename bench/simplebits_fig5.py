@@ -1,8 +1,7 @@
 """One Fig. 5-style figure (test accuracy vs bpd) from several ``simplebits_sweep`` result files.
 
-    python bench/simplebits_fig5.py --name cifar10 \
-        bench/results/simplebits_sweep_cifar10_cifar_a.json bench/results/simplebits_sweep_cifar10_cifar_ft.json \
-        "bench/results/simplebits_sweep_cifar10_mse.json"
+    python bench/simplebits_fig5.py --name cifar10 bench/results/simplebits_sweep_cifar10_joint_s0.json \
+        bench/results/simplebits_sweep_cifar10_finetune_s0.json bench/results/simplebits_sweep_cifar10_baselines_s0.json
 
 Each input may carry a label (``FILE=LABEL``) appended to its SimpleBits rows' modes (joint,
 finetune, retrain), e.g. to tell two simplifier learning rates apart. The "original" row is taken from the first file that has
