@@ -29,9 +29,12 @@ Protocol:
   ``--warmup-smooth``; with payload bytes), gradient saliency, random pixels; and the soft ẑ apart.
 
 Writes ``bench/results/nice_scenes[_TAG].json`` and ``nice_scenes[_TAG]_rate.png``; the scene
-sets and checkpoints go to ``--runs`` (never committed).
+sets and checkpoints go to ``--runs`` (never committed). ``--summarise RUN ...`` instead reads
+finished runs (one per seed) and writes ``nice_scenes_seeds.json``: per family, each test figure
+per seed with mean, sample sd and range.
 
     nice -n 10 python bench/nice_scenes.py --classifier-init runs/resnet20_val/last.pt --num-train 8000 --num-test 1000
+    python bench/nice_scenes.py --summarise nice_scenes nice_scenes_s1 nice_scenes_s2
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ from keepbits.training.checkpoint import load_checkpoint
 from keepbits.training.data import TensorImages
 from keepbits.training.nice import NiceConfig, gradient_saliency, load_nice, train_nice
 from keepbits.training.nice_eval import Evaluation, code_images
-from nice_common import choose, ensure_classifier, plot_curves, validation_images
+from nice_common import choose, ensure_classifier, plot_curves, spread, validation_images
 
 SCENE, OBJECT = 256, 64
 LOSSY = ("jpeg", "webp")
@@ -105,6 +108,64 @@ def plot_rates(results: dict[str, dict], path: Path, num_scenes: int) -> None:
     plot_curves(path, curves, "bytes per scene", "test accuracy", f"Kodak+CIFAR scenes, {num_scenes} test scenes", logx=True)
 
 
+def seed_summary(runs: list[dict]) -> dict[str, dict]:
+    """Per family that reached the test in every run: the test figures of each seed (run) with
+    their spread (:func:`nice_common.spread`); differences are paired within a seed's test scenes.
+
+    Example:
+        >>> def run(seed, acc, ctrl):
+        ...     pay = lambda a: {"bytes_per_image": 100.0, "accuracy": {"mean": a}, "minus_scene": {"mean": a - 0.6}}
+        ...     entry = {"kept_fraction": 0.1, "soft_accuracy": acc, "scene": {"accuracy": {"mean": 0.6}, "png_bytes_per_image": 500.0},
+        ...              "lossless": {"nice_payload": pay(acc), "control_payload": pay(ctrl), "ratio_vs_scene_png": 5.0},
+        ...              "equal_budget_accuracy": {"nice": acc, "random": 0.1}}
+        ...     return {"protocol": {"scenes": f"8 train / 2 test, seeds {seed}/{seed + 1}"}, "test": {"warm": entry}}
+        >>> s = seed_summary([run(0, 0.65, 0.64), run(1, 0.61, 0.62)])["warm"]
+        >>> s["seeds"], round(s["nice_minus_control"]["mean"], 3), s["ratio_vs_scene_png"]["mean"]
+        ([0, 1], 0.0, 5.0)
+    """
+    seeds = [int(r["protocol"]["scenes"].split("seeds ")[1].split("/")[0]) for r in runs]
+    families = [f for f in runs[0]["test"] if all(f in r["test"] for r in runs)]
+    out = {}
+    for family in families:
+        entries = [r["test"][family] for r in runs]
+
+        def over(get) -> dict:
+            return spread([get(e) for e in entries])
+
+        out[family] = {
+            "seeds": seeds,
+            "kept_fraction": over(lambda e: e["kept_fraction"]),
+            "scene_accuracy": over(lambda e: e["scene"]["accuracy"]["mean"]),
+            "scene_png_bytes": over(lambda e: e["scene"]["png_bytes_per_image"]),
+            "payload_bytes": over(lambda e: e["lossless"]["nice_payload"]["bytes_per_image"]),
+            "payload_accuracy": over(lambda e: e["lossless"]["nice_payload"]["accuracy"]["mean"]),
+            "payload_minus_scene": over(lambda e: e["lossless"]["nice_payload"]["minus_scene"]["mean"]),
+            "ratio_vs_scene_png": over(lambda e: e["lossless"]["ratio_vs_scene_png"]),
+            "control_accuracy": over(lambda e: e["lossless"]["control_payload"]["accuracy"]["mean"]),
+            "nice_minus_control": over(lambda e: e["lossless"]["nice_payload"]["accuracy"]["mean"] - e["lossless"]["control_payload"]["accuracy"]["mean"]),
+            "equal_budget_accuracy": {m: over(lambda e, m=m: e["equal_budget_accuracy"][m]) for m in entries[0]["equal_budget_accuracy"]},
+            "soft_accuracy": over(lambda e: e["soft_accuracy"]),
+        }
+    return out
+
+
+def summarise(names: list[str]) -> int:
+    """Write ``nice_scenes_seeds.json`` from the named result files (one run per seed)."""
+    import json
+
+    runs = [json.loads((results_dir() / f"{n}.json").read_text()) for n in names]
+    summary = seed_summary(runs)
+    print(write_result("nice_scenes_seeds", {"runs": names, "pilots_validation": {n: r["pilots_validation"] for n, r in zip(names, runs)},
+                                             "statistics": "per seed: test figures of the setting chosen on that seed's validation scenes; "
+                                                           "mean, sample sd (n - 1) and range over the seeds",
+                                             "families": summary}))
+    for family, s in summary.items():
+        print(f"{family}: seeds {s['seeds']} kept {s['kept_fraction']['mean']:.3f} ratio {s['ratio_vs_scene_png']['mean']:.2f}x "
+              f"payload-scene {s['payload_minus_scene']['mean']:+.3f} (min {s['payload_minus_scene']['min']:+.3f}) "
+              f"nice-control {s['nice_minus_control']['mean']:+.3f} ± {s['nice_minus_control']['std']:.3f}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding kodak/ and cifar10/")
@@ -137,7 +198,13 @@ def main() -> int:
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="evaluate existing generator checkpoints under --runs instead of retraining")
+    p.add_argument("--summarise", nargs="+", metavar="RUN", help="only summarise these finished runs (bench/results/RUN.json, one per seed)")
     args = p.parse_args()
+    if args.summarise:
+        missing = [n for n in args.summarise if not (results_dir() / f"{n}.json").is_file()]
+        if missing:
+            p.error(f"no result file for: {', '.join(missing)}")
+        return summarise(args.summarise)
     if args.data is None or not (args.data / "kodak").is_dir() or not (args.data / "cifar10").is_dir():
         p.error(f"data folder with kodak/ and cifar10/ not found: {args.data} (pass --data)")
     name = f"nice_scenes{'_' + args.tag if args.tag else ''}"

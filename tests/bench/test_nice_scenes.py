@@ -1,6 +1,8 @@
 """bench/nice_scenes.py: the test rate plot keeps each family's JPEG and WebP payloads, and the scene's codecs, apart."""
 from __future__ import annotations
 
+import pytest
+
 
 def _row(codec: str, quality: int | None, size: float, accuracy: float) -> dict:
     return {"codec": codec, "quality": quality, "bytes_per_image": size, "accuracy": accuracy}
@@ -21,3 +23,26 @@ def test_rate_plot_draws_one_series_per_codec(bench_script, monkeypatch, tmp_pat
     assert drawn["NICE warm_only: payload, webp blocks"] == ([], [])
     assert drawn["scene jpeg"] == ([8100.0], [0.66]) and drawn["scene webp"] == ([6100.0], [0.66])
     assert not any("png" in name for name in drawn)      # lossless rows are compared apart, not on this plot
+
+
+def _entry(accuracy: float, control: float, payload_bytes: float) -> dict:
+    def payload(a: float, size: float) -> dict:
+        return {"bytes_per_image": size, "accuracy": {"mean": a}, "minus_scene": {"mean": a - 0.66}}
+    return {"kept_fraction": 0.15, "soft_accuracy": accuracy - 0.01, "scene": {"accuracy": {"mean": 0.66}, "png_bytes_per_image": 110000.0},
+            "lossless": {"nice_payload": payload(accuracy, payload_bytes), "control_payload": payload(control, payload_bytes),
+                         "ratio_vs_scene_png": 110000.0 / payload_bytes},
+            "equal_budget_accuracy": {"nice": accuracy, "saliency_smoothed": control, "random": 0.1}}
+
+
+def test_seed_summary_pairs_within_seed_and_keeps_common_families(bench_script):
+    scenes = bench_script("nice_scenes")
+    runs = [{"protocol": {"scenes": "8000 train / 1000 test, seeds 0/1"}, "test": {"warm": _entry(0.65, 0.64, 22000.0), "warm_only": _entry(0.6, 0.6, 14000.0)}},
+            {"protocol": {"scenes": "8000 train / 1000 test, seeds 2/3"}, "test": {"warm": _entry(0.61, 0.63, 27500.0)}}]
+    summary = scenes.seed_summary(runs)
+    assert list(summary) == ["warm"]                      # warm_only reached the test in one seed only
+    warm = summary["warm"]
+    assert warm["seeds"] == [0, 2]
+    assert warm["nice_minus_control"]["values"] == pytest.approx([0.01, -0.02])
+    assert (warm["ratio_vs_scene_png"]["min"], warm["ratio_vs_scene_png"]["max"]) == pytest.approx((4.0, 5.0))
+    assert warm["payload_minus_scene"]["mean"] == pytest.approx(-0.03)
+    assert warm["equal_budget_accuracy"]["random"]["std"] == pytest.approx(0.0)
