@@ -198,6 +198,10 @@ def main() -> int:
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="evaluate existing generator checkpoints under --runs instead of retraining")
+    p.add_argument("--families", nargs="+", choices=("warm", "cold", "warm_only"), default=["warm", "cold", "warm_only"],
+                   help="NICE families to train (a replicate seed may run only the ones that reached the test)")
+    p.add_argument("--test-curves", action=argparse.BooleanOptionalAction, default=True,
+                   help="also code the test scenes and payloads over the whole quality grid (descriptive curves and the rate plot)")
     p.add_argument("--summarise", nargs="+", metavar="RUN", help="only summarise these finished runs (bench/results/RUN.json, one per seed)")
     args = p.parse_args()
     if args.summarise:
@@ -222,6 +226,13 @@ def main() -> int:
     test = load_dataset(scenes, "test")
 
     families = {"warm": (args.warmup_steps, args.epochs, args.lrs), "cold": (0, args.epochs, args.lrs), "warm_only": (args.warmup_steps, 0, [args.lrs[0]])}
+    families = {f: v for f, v in families.items() if f in args.families}
+    scene_curves: dict[str, list[dict]] = {}  # the scenes' own codec rows depend on the classifier only: once per image set
+
+    def scenes_coded(split: str, ev: Evaluation) -> list[dict]:
+        if split not in scene_curves:
+            scene_curves[split] = scene_curve(ev, args.qualities)
+        return scene_curves[split]
 
     done: set[Path] = set()  # each generator trains once per run (pilot, then test)
 
@@ -256,7 +267,7 @@ def main() -> int:
         best = choose(rows, args.max_kept)
         if best is not None:
             ev = best["_ev"]
-            scene_rows = scene_curve(ev, args.qualities)
+            scene_rows = scenes_coded("val", ev)
             payloads = ev.payload_rows(ev.masks["nice"], b, args.qualities)
             floor = scene_rows[0]["accuracy"] - args.tolerance
             lossy_payload = min((r for r in payloads if r["codec"] in LOSSY and r["accuracy"] >= floor), key=lambda r: r["bytes_per_image"], default=None)
@@ -297,23 +308,25 @@ def main() -> int:
         entry["equal_budget_accuracy"] = {name: ev.accuracy(ev.composed(ev.masks[name], b)) for name in ("nice", "saliency_smoothed", "saliency_topk", "random")}
         entry["soft_accuracy"] = ev.accuracy(ev.composed(ev.z_hat, b))
         # the whole test curves (fine grid) and the scene coding the curve matches, at the payload's accuracy and at the ends of its CI
-        entry["test_payload_curve"] = ev.payload_rows(ev.masks["nice"], b, args.qualities)
-        entry["test_scene_curve"] = scene_curve(ev, args.qualities)
-        if "lossy" in entry:
+        if args.test_curves:
+            entry["test_payload_curve"] = ev.payload_rows(ev.masks["nice"], b, args.qualities)
+            entry["test_scene_curve"] = scenes_coded("test", ev)
+        if "lossy" in entry and args.test_curves:
             a = entry["lossy"]["nice_payload"]["accuracy"]
             entry["lossy"]["test_curve_match"] = {k: cheapest_reaching(entry["test_scene_curve"], a["mean"] + d)
                                                   for k, d in (("at_accuracy", 0.0), ("at_ci_low", -a["ci95"]), ("at_ci_high", a["ci95"]))}
         results[family] = entry
         print(f"test {family}: kept {entry['kept_fraction']:.3f}; lossless {entry['lossless']['ratio_vs_scene_png']:.1f}x vs scene PNG"
               + (f"; lossy {entry['lossy']['ratio_vs_scene']:.1f}x vs scene {choice['scene_codec']['codec']}" if "lossy" in entry else ""), flush=True)
-    if results:
+    if results and args.test_curves:
         plot_rates(results, results_dir() / f"{name}_rate.png", len(test))
     payload = {
         "protocol": {"scenes": f"{args.num_train} train / {args.num_test} test, seeds {args.seed}/{args.seed + 1}",
                      "backgrounds": "kodim01-16 train, kodim17-24 test, random 256x256 crops",
                      "objects": "CIFAR-10 train_20k (train) / test (test), bilinear x2 to 64x64, random position",
                      "classifier": f"{args.arch} ({clf_path})", "generator": args.generator, "block_size": b, "target_fraction": args.target_fraction,
-                     "lambda_smooth": args.lambda_smooth, "epochs": args.epochs, "lrs": args.lrs, "nice_train_scenes": args.nice_max_train,
+                     "lambda_smooth": args.lambda_smooth, "epochs": args.epochs, "lrs": args.lrs, "families": args.families,
+                     "test_curves": args.test_curves, "nice_train_scenes": args.nice_max_train,
                      "val_fraction": args.val_fraction, "validation_scenes": len(val), "test_scenes": len(test), "qualities": args.qualities,
                      "warm_start": {"steps": args.warmup_steps, "smooth_px": args.warmup_smooth, "lr": args.warmup_lr},
                      "selection": f"on validation scenes: Eq. 10 lr by nice_common.choose (max kept {args.max_kept}); payload = cheapest JPEG/WebP-block "
