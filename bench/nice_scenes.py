@@ -39,6 +39,7 @@ per seed with mean, sample sd and range.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -151,8 +152,6 @@ def seed_summary(runs: list[dict]) -> dict[str, dict]:
 
 def summarise(names: list[str]) -> int:
     """Write ``nice_scenes_seeds.json`` from the named result files (one run per seed)."""
-    import json
-
     runs = [json.loads((results_dir() / f"{n}.json").read_text()) for n in names]
     summary = seed_summary(runs)
     print(write_result("nice_scenes_seeds", {"runs": names, "pilots_validation": {n: r["pilots_validation"] for n, r in zip(names, runs)},
