@@ -279,10 +279,10 @@ def main() -> int:
 
     # 2. test, once per chosen setting
     results = {}
+    scene_png = float(code_images(test.x, "png")[0].mean()) if chosen else float("nan")  # the same scenes for every family
     for family, choice in chosen.items():
         ev = evaluation(trained(family, choice["lr"]), test)
         scene_correct = ev.correct(test.x)
-        scene_png = float(code_images(test.x, "png")[0].mean())
 
         def coded(mask: torch.Tensor, codec: str, quality: int) -> dict:
             sizes, decoded = ev.payload(mask, b, codec, quality)
@@ -310,10 +310,10 @@ def main() -> int:
         if args.test_curves:
             entry["test_payload_curve"] = ev.payload_rows(ev.masks["nice"], b, args.qualities)
             entry["test_scene_curve"] = scenes_coded("test", ev)
-        if "lossy" in entry and args.test_curves:
-            a = entry["lossy"]["nice_payload"]["accuracy"]
-            entry["lossy"]["test_curve_match"] = {k: cheapest_reaching(entry["test_scene_curve"], a["mean"] + d)
-                                                  for k, d in (("at_accuracy", 0.0), ("at_ci_low", -a["ci95"]), ("at_ci_high", a["ci95"]))}
+            if "lossy" in entry:
+                a = entry["lossy"]["nice_payload"]["accuracy"]
+                entry["lossy"]["test_curve_match"] = {k: cheapest_reaching(entry["test_scene_curve"], a["mean"] + d)
+                                                      for k, d in (("at_accuracy", 0.0), ("at_ci_low", -a["ci95"]), ("at_ci_high", a["ci95"]))}
         results[family] = entry
         print(f"test {family}: kept {entry['kept_fraction']:.3f}; lossless {entry['lossless']['ratio_vs_scene_png']:.1f}x vs scene PNG"
               + (f"; lossy {entry['lossy']['ratio_vs_scene']:.1f}x vs scene {choice['scene_codec']['codec']}" if "lossy" in entry else ""), flush=True)
