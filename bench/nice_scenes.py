@@ -30,7 +30,7 @@ Protocol:
 
 Writes ``bench/results/nice_scenes[_TAG].json`` and ``nice_scenes[_TAG]_rate.png``; the scene
 sets and checkpoints go to ``--runs`` (never committed). ``--summarise RUN ...`` instead reads
-finished runs (one per seed) and writes ``nice_scenes_seeds.json``: per family, each test figure
+finished runs (one or more per seed) and writes ``nice_scenes_seeds.json``: per family, each test figure
 per seed with mean, sample sd and range.
 
     nice -n 10 python bench/nice_scenes.py --classifier-init runs/resnet20_val/last.pt --num-train 8000 --num-test 1000
@@ -110,25 +110,36 @@ def plot_rates(results: dict[str, dict], path: Path, num_scenes: int) -> None:
 
 
 def seed_summary(runs: list[dict]) -> dict[str, dict]:
-    """Per family that reached the test in every run: the test figures of each seed (run) with
-    their spread (:func:`nice_common.spread`); differences are paired within a seed's test scenes.
+    """Per family: the test figures of each seed whose run took it to the test, with their spread
+    (:func:`nice_common.spread`); differences are paired within a seed's test scenes. Runs of the
+    same seed are merged (a family added later in its own result file); a family that reached the
+    test in fewer than two seeds has no spread and is left out.
 
     Example:
-        >>> def run(seed, acc, ctrl):
+        >>> def run(seed, acc, ctrl, family="warm"):
         ...     pay = lambda a: {"bytes_per_image": 100.0, "accuracy": {"mean": a}, "minus_scene": {"mean": a - 0.6}}
         ...     entry = {"kept_fraction": 0.1, "soft_accuracy": acc, "scene": {"accuracy": {"mean": 0.6}, "png_bytes_per_image": 500.0},
         ...              "lossless": {"nice_payload": pay(acc), "control_payload": pay(ctrl), "ratio_vs_scene_png": 5.0},
         ...              "equal_budget_accuracy": {"nice": acc, "random": 0.1}}
-        ...     return {"protocol": {"scenes": f"8 train / 2 test, seeds {seed}/{seed + 1}"}, "test": {"warm": entry}}
-        >>> s = seed_summary([run(0, 0.65, 0.64), run(1, 0.61, 0.62)])["warm"]
-        >>> s["seeds"], round(s["nice_minus_control"]["mean"], 3), s["ratio_vs_scene_png"]["mean"]
-        ([0, 1], 0.0, 5.0)
+        ...     return {"protocol": {"scenes": f"8 train / 2 test, seeds {seed}/{seed + 1}"}, "test": {family: entry}}
+        >>> s = seed_summary([run(0, 0.65, 0.64), run(1, 0.61, 0.62), run(1, 0.5, 0.4, "cold"), run(2, 0.3, 0.2, "cold")])
+        >>> s["warm"]["seeds"], round(s["warm"]["nice_minus_control"]["mean"], 3), s["cold"]["seeds"]
+        ([0, 1], 0.0, [1, 2])
     """
-    seeds = [int(r["protocol"]["scenes"].split("seeds ")[1].split("/")[0]) for r in runs]
-    families = [f for f in runs[0]["test"] if all(f in r["test"] for r in runs)]
+    by_seed: dict[int, dict[str, dict]] = {}
+    for r in runs:
+        seed = int(r["protocol"]["scenes"].split("seeds ")[1].split("/")[0])
+        tested = by_seed.setdefault(seed, {})
+        if twice := sorted(set(tested) & set(r["test"])):
+            raise ValueError(f"seed {seed}: family {', '.join(twice)} reached the test in two result files")
+        tested.update(r["test"])
+    families = list(dict.fromkeys(f for tested in by_seed.values() for f in tested))
     out = {}
     for family in families:
-        entries = [r["test"][family] for r in runs]
+        seeds = sorted(s for s, tested in by_seed.items() if family in tested)
+        if len(seeds) < 2:
+            continue
+        entries = [by_seed[s][family] for s in seeds]
 
         def over(get) -> dict:
             return spread([get(e) for e in entries])
@@ -151,7 +162,7 @@ def seed_summary(runs: list[dict]) -> dict[str, dict]:
 
 
 def summarise(names: list[str]) -> int:
-    """Write ``nice_scenes_seeds.json`` from the named result files (one run per seed)."""
+    """Write ``nice_scenes_seeds.json`` from the named result files (one or more per seed)."""
     runs = [json.loads((results_dir() / f"{n}.json").read_text()) for n in names]
     summary = seed_summary(runs)
     print(write_result("nice_scenes_seeds", {"runs": names, "pilots_validation": {n: r["pilots_validation"] for n, r in zip(names, runs)},
@@ -201,13 +212,16 @@ def main() -> int:
                    help="NICE families to train (a replicate seed may run only the ones that reached the test)")
     p.add_argument("--test-curves", action=argparse.BooleanOptionalAction, default=True,
                    help="also code the test scenes and payloads over the whole quality grid (descriptive curves and the rate plot)")
-    p.add_argument("--summarise", nargs="+", metavar="RUN", help="only summarise these finished runs (bench/results/RUN.json, one per seed)")
+    p.add_argument("--summarise", nargs="+", metavar="RUN", help="only summarise these finished runs (bench/results/RUN.json, one or more per seed)")
     args = p.parse_args()
     if args.summarise:
         missing = [n for n in args.summarise if not (results_dir() / f"{n}.json").is_file()]
         if missing:
             p.error(f"no result file for: {', '.join(missing)}")
-        return summarise(args.summarise)
+        try:
+            return summarise(args.summarise)
+        except ValueError as e:
+            p.error(str(e))
     if args.data is None or not (args.data / "kodak").is_dir() or not (args.data / "cifar10").is_dir():
         p.error(f"data folder with kodak/ and cifar10/ not found: {args.data} (pass --data)")
     name = f"nice_scenes{'_' + args.tag if args.tag else ''}"

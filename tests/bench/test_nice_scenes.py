@@ -34,7 +34,7 @@ def _entry(accuracy: float, control: float, payload_bytes: float) -> dict:
             "equal_budget_accuracy": {"nice": accuracy, "saliency_smoothed": control, "random": 0.1}}
 
 
-def test_seed_summary_pairs_within_seed_and_keeps_common_families(bench_script):
+def test_seed_summary_pairs_within_seed_and_drops_single_seed_families(bench_script):
     scenes = bench_script("nice_scenes")
     runs = [{"protocol": {"scenes": "8000 train / 1000 test, seeds 0/1"}, "test": {"warm": _entry(0.65, 0.64, 22000.0), "warm_only": _entry(0.6, 0.6, 14000.0)}},
             {"protocol": {"scenes": "8000 train / 1000 test, seeds 2/3"}, "test": {"warm": _entry(0.61, 0.63, 27500.0)}}]
@@ -46,3 +46,15 @@ def test_seed_summary_pairs_within_seed_and_keeps_common_families(bench_script):
     assert (warm["ratio_vs_scene_png"]["min"], warm["ratio_vs_scene_png"]["max"]) == pytest.approx((4.0, 5.0))
     assert warm["payload_minus_scene"]["mean"] == pytest.approx(-0.03)
     assert warm["equal_budget_accuracy"]["random"]["std"] == pytest.approx(0.0)
+
+
+def test_seed_summary_merges_runs_of_one_seed_and_rejects_a_family_tested_twice(bench_script):
+    scenes = bench_script("nice_scenes")
+    run = lambda seed, tested: {"protocol": {"scenes": f"8000 train / 1000 test, seeds {seed}/{seed + 1}"}, "test": tested}
+    runs = [run(0, {"warm": _entry(0.65, 0.64, 22000.0)}), run(1, {"warm": _entry(0.67, 0.66, 18000.0)}),
+            run(1, {"cold": _entry(0.50, 0.55, 9000.0)}), run(2, {"cold": _entry(0.33, 0.40, 5000.0)})]
+    summary = scenes.seed_summary(runs)
+    assert summary["warm"]["seeds"] == [0, 1] and summary["cold"]["seeds"] == [1, 2]
+    assert summary["cold"]["nice_minus_control"]["values"] == pytest.approx([-0.05, -0.07])
+    with pytest.raises(ValueError, match="seed 1: family warm"):
+        scenes.seed_summary(runs + [run(1, {"warm": _entry(0.6, 0.6, 1.0)})])
