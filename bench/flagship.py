@@ -4,6 +4,8 @@ machines without their 19 MB frozen classifier, and put them back together.
     python bench/flagship.py pack RUN_DIR... --out PACKED_DIR       # where they trained (e.g. the GPU machine)
     python bench/flagship.py unpack PACKED_DIR... --out RUNS_DIR    # here: full NICE checkpoints again
     python bench/flagship.py bundle NICE_PT --data SPLITS_DIR --out BUNDLE_DIR   # float32 + INT8 bundles, top-1 on val
+    python bench/flagship.py bundle src/keepbits/assets/lite0_nice_bundle.zip --name lite0_nice_b4_t0.5 \
+        --data SPLITS_DIR --out BUNDLE_DIR                                     # the same from a float32 bundle
     python bench/flagship.py validate NICE_PT... --data SPLITS_DIR   # x̃ top-1 / agreement / kept on val, per b
 
 A run trained with ``--mode fixed`` never changes its classifier, so a NICE checkpoint is the
@@ -13,7 +15,7 @@ short, except the classifier's weights, whose sha256 it records); ``unpack`` reb
 classifier from the weights package, checks that sha256 and writes ``<run>/nice.pt``.
 
 ``bundle`` exports a NICE checkpoint to a deployment bundle (``mixed_output=False``: logits and
-ẑ), quantises it to INT8 (ONNX Runtime static QDQ, calibrated on 256 images of ``SPLITS/train``)
+ẑ; a float32 bundle ``.zip`` given instead, e.g. the shipped demo's, is copied as it is), quantises it to INT8 (ONNX Runtime static QDQ, calibrated on 256 images of ``SPLITS/train``)
 and measures the top-1 of both through :class:`keepbits.runtime.Pipeline` (the bundle's own
 preprocessing) on ``SPLITS/val`` (ImageNet class index % 5 == 1, carved from the training split;
 never the evaluation split): INT8 is the one to ship when its top-1 is within 1 point of
@@ -105,8 +107,11 @@ def top1(bundle: Path, images: list, labels: "np.ndarray", batch: int = 32) -> t
     return float(np.mean(predicted == labels)), predicted
 
 
-def build_bundles(checkpoint: Path, splits: Path, out: Path) -> dict:
+def build_bundles(checkpoint: Path, splits: Path, out: Path, name: str) -> dict:
+    """``out/float32.zip`` (exported from the NICE checkpoint, or a copy of a float32 bundle
+    ``.zip``) and ``out/int8.zip``, compared on ``splits/val``; ``flagship_bundle_<name>.json``."""
     import os
+    import shutil
     import tempfile
 
     import numpy as np
@@ -116,7 +121,10 @@ def build_bundles(checkpoint: Path, splits: Path, out: Path) -> dict:
     from keepbits.export.quantize import quantize_bundle
 
     out.mkdir(parents=True, exist_ok=True)
-    float_zip = export_onnx(checkpoint, out / "float32.zip", mixed_output=False, overwrite=True).source
+    if checkpoint.suffix == ".zip":
+        float_zip = Path(shutil.copyfile(checkpoint, out / "float32.zip"))
+    else:
+        float_zip = export_onnx(checkpoint, out / "float32.zip", mixed_output=False, overwrite=True).source
     with tempfile.TemporaryDirectory() as tmp:  # split folder: train/ calibrates, test/ (= val) compares
         os.symlink((splits / "train").resolve(), Path(tmp) / "train")
         os.symlink((splits / "val").resolve(), Path(tmp) / "test")
@@ -132,7 +140,7 @@ def build_bundles(checkpoint: Path, splits: Path, out: Path) -> dict:
         "bytes": {"float32": (out / "float32.zip").stat().st_size, "int8": (out / "int8.zip").stat().st_size},
         "quantization_report_vs_float32_on_val": report,
     }
-    write_result(f"flagship_bundle_{checkpoint.parent.name}", result)
+    write_result(f"flagship_bundle_{name}", result)
     return result
 
 
@@ -169,10 +177,12 @@ def validate(checkpoints: list[Path], splits: Path, batch: int = 25) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["pack", "unpack", "bundle", "validate"])
-    p.add_argument("paths", nargs="+", type=Path, help="pack: run folders; unpack: .gen.pt files; bundle: NICE checkpoints")
+    p.add_argument("paths", nargs="+", type=Path, help="pack: run folders; unpack: .gen.pt files; bundle: NICE checkpoints "
+                   "(or float32 bundle .zip files, with --name)")
     p.add_argument("--out", type=Path, default=None, help="pack, unpack, bundle: the output folder (bundle: one folder per checkpoint "
                    "is made under it, named like its run)")
     p.add_argument("--data", type=Path, default=None, help="bundle: the folder bench/imagenet_splits.py wrote (train/, val/)")
+    p.add_argument("--name", default=None, help="bundle: the run name of a float32 bundle .zip (one path; a checkpoint's is its folder's)")
     args = p.parse_args()
     if args.action == "validate":
         if args.data is None:
@@ -185,7 +195,10 @@ def main() -> None:
         if args.action == "bundle":
             if args.data is None:
                 p.error("bundle needs --data (train/ and val/ splits)")
-            print(json.dumps(build_bundles(path, args.data, args.out / path.parent.name), indent=2))
+            if path.suffix == ".zip" and (args.name is None or len(args.paths) > 1):
+                p.error("a bundle .zip needs --name (and comes alone)")
+            name = args.name if path.suffix == ".zip" else path.parent.name
+            print(json.dumps(build_bundles(path, args.data, args.out / name, name), indent=2))
         else:
             print((pack if args.action == "pack" else unpack)(path, args.out))
 
