@@ -43,3 +43,24 @@ def test_target_check_compares_with_jpeg_and_webp_only(rw):
     base["payload"] = [{"bytes_per_image": 1000, "accuracy": 0.70}]
     check = rw.target_check(base)
     assert not check["met"] and check["note"] == "no payload point within 1 point"
+
+
+def test_heldout_check_takes_the_validation_choice_and_reports_its_evaluation_rows(rw):
+    def split(payload_acc, webp_acc, full):
+        return {"labelled": True, "full_frame": {"accuracy": full},
+                "payload": [{"run": "r", "mode": "blocks", "block": 4, "codec": "webp", "quality": q, "background": "raw",
+                             "threshold": 0.5, "bytes_per_image": b, "accuracy": a} for q, b, a in zip((50, 90), (3000, 6000), payload_acc)],
+                "baselines": [{"format": "webp", "quality": q, "bytes_per_image": b, "accuracy": a}
+                              for q, b, a in zip((50, 80), (5000, 9000), webp_acc)]}
+
+    # validation: the 3000 B payload and WebP q50 are within 1 point; on the evaluation images the
+    # 3000 B payload loses 5 points (the 6000 B one would not): the chosen one is reported, not met
+    validation, evaluation = split((0.80, 0.80), (0.80, 0.80), 0.80), split((0.75, 0.80), (0.78, 0.80), 0.80)
+    check = rw.heldout_target_check(validation, evaluation)
+    assert check["payload"]["bytes_per_image"] == 3000 and check["payload"]["accuracy"] == 0.75
+    assert check["baseline"]["quality"] == 50 and not check["baseline_within_1pt"]
+    assert check["ratio"] == pytest.approx(5000 / 3000) and not check["payload_within_1pt"] and not check["met"]
+    # the descriptive check on the evaluation images alone would pick the 6000 B payload instead
+    assert rw.target_check(evaluation)["within_1pt"]["payload"]["bytes_per_image"] == 6000
+    evaluation["payload"][0]["accuracy"], evaluation["baselines"][0]["bytes_per_image"] = 0.795, 7000
+    assert rw.heldout_target_check(validation, evaluation)["met"]
