@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from unittest import mock
 import time
 
 import cv2
@@ -359,6 +360,47 @@ def test_worker_error_is_raised_after_the_accepted_frames_are_written(tmp_path):
     with pytest.raises(RuntimeError, match="frame 10"):
         run_stream(pipe, open_source(_frames(40)), [sink], workers=2)
     assert sink.sequences[:10] == list(range(10)) and 10 not in sink.sequences
+
+
+def test_several_workers_encode_their_own_frames_same_payloads_and_a_failure_is_one_frame_error(tmp_path):
+    """With several workers the payloads are made in the model threads (the writer only orders
+    them): the same bytes, in the same order, as one worker whose writer encodes; an encode that
+    fails is that frame's error, counted, and the stream goes on."""
+    bundle = toy_bundle(tmp_path / "toy", size=32, block=4)
+    frames = _frames(24)
+    threads: dict[str, set[str]] = {"one": set(), "two": set()}
+
+    def recording(pipe, run, fail_at=None):
+        compress = pipe.compress
+
+        def compress_and_record(result):
+            threads[run].add(threading.current_thread().name)
+            if result.sequence == fail_at:
+                raise ValueError(f"encoder failed on frame {fail_at}")
+            return compress(result)
+
+        pipe.compress = compress_and_record
+        return pipe
+
+    class _PayloadSink:
+        def __init__(self):
+            self.payloads = []
+
+        def write(self, frame, result, record):
+            self.payloads.append((result.sequence, result.payload))
+
+        def close(self):
+            return {}
+
+    one, two = _PayloadSink(), _PayloadSink()
+    # the toy model is deterministic, so only the timestamp in each payload's header could differ
+    with mock.patch("keepbits.codec.payload.time.time", return_value=1.0):
+        run_stream(recording(Pipeline.from_bundle(bundle, threads=1), "one"), open_source(frames), [one], workers=1)
+        summary = run_stream(recording(Pipeline.from_bundle(bundle, threads=1), "two", fail_at=7), open_source(frames), [two], workers=2)
+    assert threads == {"one": {"keepbits-writer"}, "two": {"keepbits-model-0", "keepbits-model-1"}}
+    assert summary["written"] == 23 and summary["errors"] == 1 and "encoder failed on frame 7" in summary["reason"]
+    assert [seq for seq, _ in two.payloads] == [i for i in range(24) if i != 7]
+    assert [pl for _, pl in two.payloads] == [pl for seq, pl in one.payloads if seq != 7]
 
 
 def test_opencv_thread_pool_is_set_for_the_run_and_restored(pipe):

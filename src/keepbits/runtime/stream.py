@@ -156,16 +156,31 @@ def _record(frame: Frame, r: Result, compare: Sequence[str], jpeg_quality: int) 
     }
 
 
+def _compress_here(pipeline: Pipeline, results: Sequence[Any]) -> list[Exception | None]:
+    """Encode ``results`` in the calling model worker; per result the exception it raised or None
+    (the writer counts it as that frame's error, as if it had encoded the frame itself)."""
+    failures: list[Exception | None] = []
+    for r in results:
+        try:
+            pipeline.compress(r)
+            failures.append(None)
+        except Exception as exc:  # noqa: BLE001 - one bad frame must not end the stream
+            failures.append(exc)
+    return failures
+
+
 def _writer(queue: BoundedQueue, pipeline: Pipeline, sinks: Sequence[Sink], stats: _Stats,
             compare: Sequence[str], jpeg_quality: int, abort: threading.Event) -> None:
     while not abort.is_set():
         try:
-            frames, results = queue.get()
+            frames, results, failures = queue.get()
         except QueueClosed:
             return
-        for frame, r in zip(frames, results):
+        for frame, r, failure in zip(frames, results, failures):
             try:
-                if pipeline.compress_enabled:
+                if failure is not None:
+                    raise failure
+                if pipeline.compress_enabled and r.payload is None:
                     pipeline.compress(r)
                 record = _record(frame, r, compare, jpeg_quality)
                 for sink in sinks:
@@ -219,6 +234,9 @@ def run_stream(
     intra-op threads on every core is the low-latency setting; on CPUs, ``workers`` = cores
     with a one-thread session (``Pipeline.from_bundle(..., threads=1)``) gives more frames per
     second (no thread-pool hand-offs inside the small operators), at one frame's latency more.
+    With one worker the writer thread encodes frame t while the model runs t+1; with several,
+    each worker encodes its own frames right after the model (no third busy thread on the
+    cores, the frame still in that core's cache) and the writer only orders them for the sinks.
     ``compare`` lists references whose sizes are recorded per frame for the compression
     ratios: ``jpeg``/``png`` of the whole model-size frame, ``paper`` (x̃ as one PNG; skipped
     for SimpleBits results, which have no mask), ``lossless`` (the blocks payload, or the
@@ -244,6 +262,7 @@ def run_stream(
     writer = threading.Thread(target=_writer, args=(queue, pipeline, sinks, stats, compare, jpeg_quality, abort),
                               name="keepbits-writer", daemon=True)
     batch_size = 1 if source.live else max(1, batch_size)
+    encode_in_workers = workers > 1 and pipeline.compress_enabled
     limit = max_frames if max_frames is not None else 1 << 62
     in_order = _InOrder(queue)
     take_lock = threading.Lock()
@@ -280,7 +299,8 @@ def run_stream(
                 except BaseException:
                     in_order.put(ticket, None)
                     raise
-                in_order.put(ticket, (frames, results))
+                failures = _compress_here(pipeline, results) if encode_in_workers else [None] * len(results)
+                in_order.put(ticket, (frames, results, failures))
         except BaseException as exc:  # noqa: BLE001 - re-raised by run_stream once the accepted frames are written
             with take_lock:
                 shared["error"] = shared["error"] or exc
