@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from keepbits import native, registry
+from keepbits.errors import InputError
 from keepbits.export import NiceGraph, compare_outputs, export_onnx
 from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
 
@@ -87,3 +88,56 @@ def test_export_parity(tmp_path, input_dtype):
             report = compare_outputs(reference, session.run(None, {m.input_name: image}), m.pixel_scale)
             assert report["mask_max_abs"] <= TOL and report["mixed_max_abs"] <= TOL, (name, (n, h, w), report)
             assert report["argmax_agree"] == 1.0 and report["logits_max_abs"] <= 1e-3, (name, (n, h, w), report)
+
+
+# -- nice_taps: a head on the classifier's own features -------------------------------------------------------------------
+
+def test_nice_taps_reads_an_attached_classifier_and_owns_only_its_head():
+    gen = registry.build("nice_taps")
+    with pytest.raises(InputError, match="attach"):
+        gen(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(InputError, match="forward_taps"):
+        gen.attach(nn.Conv2d(3, 3, 1))
+    clf = registry.build("efficientnet_lite0", image_size=(64, 64)).eval()
+    gen.attach(clf).eval()
+    assert all(k.split(".")[0] in ("lateral", "mix", "head") for k in gen.state_dict())
+    assert sum(p.numel() for p in gen.parameters()) < 30_000 and not any(p is q for p in gen.parameters() for q in clf.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(gen(x), torch.full((2, 1, 64, 64), 1.0))  # zero head weight: log α starts at INIT_LOG_ALPHA
+        gen.head.weight.normal_()
+        log_alpha = gen(x)
+        _, features = clf.forward_taps(x, gen.taps)
+        assert torch.equal(log_alpha, gen.from_features(features, (64, 64)))
+    cells = log_alpha.reshape(2, 1, 8, 8, 8, 8)  # finest tap at 1/8: one gate per 8×8 cell
+    assert torch.equal(cells, cells[:, :, :, :1, :, :1].expand_as(cells)) and log_alpha.std() > 0
+
+
+def test_nice_taps_trains_fixed_reloads_attached_and_exports_one_classifier_pass(tiny_npz, tmp_path):
+    from keepbits.runtime import Pipeline
+    from keepbits.training.nice import NiceConfig, load_nice, train_nice
+
+    torch.set_num_threads(1)
+    tiny = np.load(tiny_npz)
+    data = tmp_path / "tiny32.npz"  # the quadrant data set at 32×32, so that Lite0's 1/32 tap is one pixel
+    np.savez(data, x=tiny["x"].repeat(2, axis=1).repeat(2, axis=2), y=tiny["y"], class_names=tiny["class_names"])
+    base = dict(out=str(tmp_path / "nice"), classifier="efficientnet_lite0", classifier_kwargs={"image_size": [32, 32], "num_classes": 3, "pretrained": False},
+                data=str(data), generator="nice_taps", preprocessing={"input_size": (32, 32), "resize_policy": "resize", "class_names": ["a", "b", "c"]},
+                block_size=8, epochs=1, batch_size=8, lr=0.02, target_fraction=0.3, labels="predicted", progress=False, device="cpu")
+    with pytest.raises(InputError, match="--mode fixed"):
+        train_nice(NiceConfig(**{**base, "mode": "finetuned"}))
+    train_nice(NiceConfig(**base))
+    generator, classifier, ckpt = load_nice(tmp_path / "nice" / "nice.pt")
+    assert generator.classifier is classifier and ckpt.models["generator"].arch == "nice_taps"
+    bundle = export_onnx(tmp_path / "nice" / "nice.pt", tmp_path / "bundle", mixed_output=False)
+    import onnx
+
+    convs = sum(node.op_type == "Conv" for node in onnx.load(str(bundle.model_path)).graph.node)
+    assert convs == sum(isinstance(m, nn.Conv2d) for m in (*classifier.modules(), *generator.modules()))  # no second trunk
+    frames = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    graph = NiceGraph(generator, classifier, ckpt.normalization.mean, ckpt.normalization.std, 8, mixed_output=False)
+    with torch.no_grad():
+        logits, mask = (t.numpy() for t in graph(torch.from_numpy(frames)))
+    results = Pipeline.from_bundle(bundle.source).predict(list(frames), fitted=True)
+    assert [r.label_index for r in results] == logits.argmax(1).tolist()
+    assert np.abs(np.stack([r.mask for r in results]) - mask[:, 0]).max() <= TOL

@@ -18,7 +18,9 @@ class NiceGraph(nn.Module):
 
     ``forward(image)`` returns ``(logits, mask, mixed)``, or ``(logits, mask)`` without
     ``mixed_output`` (then a classifier of the original image needs no compose at all); eager
-    mode is the torch reference of the ONNX graph.
+    mode is the torch reference of the ONNX graph. A generator that reads the classifier's own
+    features (``from_features``, e.g. ``nice_taps``) shares the classifier's pass over the
+    original image: the graph holds the classifier once.
     """
 
     def __init__(self, generator: nn.Module, classifier: nn.Module, mean: list[float], std: list[float],
@@ -48,11 +50,18 @@ class NiceGraph(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = image.permute(0, 3, 1, 2).to(torch.float32) if self.nhwc else image
         xn = self.normalise(x)
-        log_alpha = self.generator(xn)
+        logits = None
+        if self.classify_on == "original" and hasattr(self.generator, "from_features"):
+            # a generator on the classifier's own features (nice_taps): one classifier pass for both
+            logits, features = self.classifier.forward_taps(xn, self.generator.taps)
+            log_alpha = self.generator.from_features(features, xn.shape[-2:])
+        else:
+            log_alpha = self.generator(xn)
         if not self.mixed_output and self.classify_on == "original":
-            return self.classifier(xn), ops.hard_concrete_mask(log_alpha)
+            return (self.classifier(xn) if logits is None else logits), ops.hard_concrete_mask(log_alpha)
         mask, mixed = ops.mask_and_compose(log_alpha, x, self.block_size, self.fused)
-        logits = self.classifier(xn if self.classify_on == "original" else self.normalise(mixed))
+        if logits is None:
+            logits = self.classifier(xn if self.classify_on == "original" else self.normalise(mixed))
         if not self.mixed_output:
             return logits, mask
         if self.nhwc:

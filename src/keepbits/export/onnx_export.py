@@ -41,6 +41,7 @@ from keepbits.export import ops
 from keepbits.export.graphs import NiceGraph, SimplifierGraph
 from keepbits.runtime.parity import compare_outputs
 from keepbits.training.checkpoint import Checkpoint, build_model, load_checkpoint
+from keepbits.training.models.fast_generators import attach_classifier
 
 _log = logging.getLogger("keepbits.export")
 MIN_OPSET = ops.BODY_OPSET
@@ -199,7 +200,8 @@ def checkpoint_manifest(ckpt: Checkpoint, checkpoint: Path, *, input_dtype: str 
 def _graph(ckpt: Checkpoint, checkpoint: Path, manifest: Manifest, fused: bool) -> nn.Module:
     """The torch twin of the bundle's graph for ``manifest``."""
     if manifest.explain == "mask":
-        return NiceGraph(build_model(ckpt, "generator"), build_model(ckpt, "classifier"), manifest.mean, manifest.std,
+        classifier = build_model(ckpt, "classifier")
+        return NiceGraph(attach_classifier(build_model(ckpt, "generator"), classifier), classifier, manifest.mean, manifest.std,
                          manifest.block_size, manifest.input_dtype, manifest.classify_on, fused,
                          mixed_output="mixed" in manifest.output_names)
     from keepbits.training.simplebits import load_simplebits

@@ -78,6 +78,7 @@ from keepbits.training.functional import (
     mixed_resolution,
     smoothness_loss,
 )
+from keepbits.training.models.fast_generators import attach_classifier
 
 log = logging.getLogger("keepbits")
 
@@ -217,7 +218,8 @@ def mask_and_mix(generator: torch.nn.Module, x: torch.Tensor, block_size: int) -
 def load_nice(path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module, Checkpoint]:
     """(generator, classifier, checkpoint) of a ``nice`` checkpoint, both networks in eval mode."""
     ckpt = load_checkpoint(path, "nice")
-    return build_model(ckpt, "generator").eval(), build_model(ckpt, "classifier").eval(), ckpt
+    classifier = build_model(ckpt, "classifier").eval()
+    return attach_classifier(build_model(ckpt, "generator"), classifier).eval(), classifier, ckpt
 
 
 @torch.no_grad()
@@ -588,6 +590,10 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
     except TypeError as exc:
         raise InputError(f"generator {cfg.generator}: bad options {cfg.generator_kwargs} ({exc})") from None
     classifier_net = clf.module
+    if hasattr(generator, "attach"):
+        if cfg.mode != "fixed":
+            raise InputError(f"generator {gen_name} reads the classifier's features, so the classifier must stay fixed (--mode fixed)")
+        attach_classifier(generator, classifier_net)
     out = Path(cfg.out)
     last_path, path = out / "last.pt", out / "nice.pt"
     resumed = load_checkpoint(last_path, "nice") if cfg.resume and last_path.exists() else None

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +52,8 @@ STAGES = (
     (1, 3, 1, 6, 192, 320),
 )
 STEM_WIDTH, HEAD_WIDTH = 32, 1280
+#: Index of the last block of each stage in ``EfficientNetLite.blocks`` (stride 2, 4, 8, 16, 16, 32, 32).
+STAGE_ENDS = tuple(sum(stage[0] for stage in STAGES[: i + 1]) - 1 for i in range(len(STAGES)))
 #: BatchNorm as trained (TensorFlow's momentum 0.99 is PyTorch's 0.01).
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01
 
@@ -131,8 +133,32 @@ class EfficientNetLite(nn.Module):
         self.classifier = nn.Linear(HEAD_WIDTH, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.pool(self.head(self.blocks(self.stem(x))))
-        return self.classifier(self.dropout(torch.flatten(features, 1)))
+        return self._logits(self.blocks(self.stem(x)))
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(torch.flatten(self.pool(self.head(last)), 1)))
+
+    def forward_taps(self, x: torch.Tensor, taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits and, in the order asked, the outputs of blocks ``taps`` (indices into
+        :attr:`blocks`; :data:`STAGE_ENDS` are the last block of each stage), from one pass: what a
+        mask generator reading this classifier's features (``nice_taps``) shares with it.
+
+        Example:
+            >>> import torch
+            >>> net = EfficientNetLite(image_size=(64, 64)).eval()
+            >>> logits, (f8, f2) = net.forward_taps(torch.zeros(1, 3, 64, 64), (4, 15))
+            >>> tuple(f8.shape), tuple(f2.shape), bool(torch.equal(logits, net(torch.zeros(1, 3, 64, 64))))
+            ((1, 40, 8, 8), (1, 320, 2, 2), True)
+        """
+        wanted = {int(t) for t in taps}
+        if not wanted <= set(range(len(self.blocks))):
+            raise InputError(f"taps {sorted(wanted)} must be block indices 0..{len(self.blocks) - 1}")
+        h, found = self.stem(x), {}
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i in wanted:
+                found[i] = h
+        return self._logits(h), [found[int(t)] for t in taps]
 
 
 _TOP_LEVEL = {"stem.conv": "_conv_stem", "stem.bn": "_bn0", "head.conv": "_conv_head", "head.bn": "_bn1", "classifier": "_fc"}

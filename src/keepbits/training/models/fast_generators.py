@@ -8,6 +8,18 @@ for ANY H×W, and exports to ONNX with the dynamo exporter (dynamic batch and si
   bilinearly upsampled to H×W. ~13 k parameters and ~0.5% of ResNet-18's FLOPs at 224×224,
   where ``nice_unet`` (full-resolution U-Net) costs about as much as ResNet-18 itself.
 
+* ``nice_taps``: no encoder of its own. It reads the classifier's features at a few blocks
+  (``forward_taps``; EfficientNet-Lite0's blocks 4, 10 and 15: 40 channels at 1/8, 112 at
+  1/16, 320 at 1/32), projects each to ``width`` channels (1×1), upsamples them to the finest
+  tap and sums them, then ReLU, a 3×3 convolution, ReLU and a 1×1 head give log α at 1/8,
+  repeated over each 8×8 cell (nearest upsampling: the gates of Eq. 11 are per cell, so a
+  b = 8 payload has no partial blocks). In the deployment graph the classifier's pass on the
+  image is shared (:class:`keepbits.export.graphs.NiceGraph`), so the generator costs only
+  its head. A keepbits design for edge deployment, not the paper's separate U-Net: the
+  objective (Eq. 10), the gates (Eq. 11) and x̃ (Eq. 12) are unchanged; the classifier must
+  stay fixed (``--mode fixed``). It holds the classifier without owning it: its state dict is
+  the head alone, and :meth:`NiceTaps.attach` gives it the classifier after it is built.
+
 Example:
     >>> import torch
     >>> from keepbits import registry
@@ -21,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keepbits.errors import InputError
 from keepbits.registry import register
 from keepbits.training.models.generators import INIT_LOG_ALPHA
 
@@ -71,3 +84,71 @@ def nice_fast(in_channels: int = 3, widths: tuple[int, ...] | list[int] = (8, 16
     if len(widths) != 4:
         raise ValueError(f"nice_fast needs four widths, got {tuple(widths)}")
     return NiceFast(in_channels, tuple(widths))
+
+
+class NiceTaps(nn.Module):
+    """log α from the classifier's own features (see the module docstring): lateral 1×1
+    projections of the tapped blocks, upsampled to the finest and summed, ReLU → 3×3 → ReLU →
+    1×1 head, nearest upsampling to the image size.
+
+    Example:
+        >>> import torch
+        >>> from keepbits import registry
+        >>> clf = registry.build("efficientnet_lite0", image_size=(64, 64)).eval()
+        >>> gen = registry.build("nice_taps").attach(clf).eval()
+        >>> tuple(gen(torch.zeros(2, 3, 64, 64)).shape), sorted(gen.state_dict())[:2]
+        ((2, 1, 64, 64), ['head.bias', 'head.weight'])
+    """
+
+    def __init__(self, taps: tuple[int, ...] = (4, 10, 15), channels: tuple[int, ...] = (40, 112, 320), width: int = 32):
+        super().__init__()
+        if len(taps) != len(channels) or not taps:
+            raise ValueError(f"nice_taps needs one channel count per tap, got taps {tuple(taps)} and channels {tuple(channels)}")
+        self.taps = tuple(int(t) for t in taps)
+        self.lateral = nn.ModuleList(nn.Conv2d(int(c), width, 1) for c in channels)
+        self.mix = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(width, 1, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, INIT_LOG_ALPHA)
+        object.__setattr__(self, "classifier", None)  # held, not owned: outside state_dict, parameters() and .to()
+
+    def attach(self, classifier: nn.Module) -> "NiceTaps":
+        """Read the features of ``classifier`` (it needs ``forward_taps(x, taps)``); returns self."""
+        if not callable(getattr(classifier, "forward_taps", None)):
+            raise InputError(f"nice_taps reads the classifier's features, but a {type(classifier).__name__} has no "
+                             "forward_taps(x, taps) (efficientnet_lite0 has; use nice_fast for other classifiers)")
+        object.__setattr__(self, "classifier", classifier)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.classifier is None:
+            raise InputError("nice_taps has no classifier to read: call attach(classifier) first")
+        with torch.no_grad():  # the classifier is fixed: only the head learns
+            _, features = self.classifier.forward_taps(x, self.taps)
+        return self.from_features(features, x.shape[-2:])
+
+    def from_features(self, features: list[torch.Tensor], size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """log α (N×1×H×W, H×W = ``size``) from the tapped features (``forward_taps``' order)."""
+        finest = features[0].shape[-2:]
+        summed = None
+        for lateral, feature in zip(self.lateral, features):
+            h = lateral(feature)
+            if h.shape[-2:] != finest:
+                h = F.interpolate(h, size=finest, mode="bilinear", align_corners=False)
+            summed = h if summed is None else summed + h
+        return F.interpolate(self.head(self.mix(summed)), size=tuple(size), mode="nearest")
+
+
+@register("nice_taps", "generator")
+def nice_taps(in_channels: int = 3, taps: tuple[int, ...] | list[int] = (4, 10, 15),
+              channels: tuple[int, ...] | list[int] = (40, 112, 320), width: int = 32) -> nn.Module:
+    """Mask generator on the classifier's own features (EfficientNet-Lite0 by default); ``attach`` it
+    to the classifier before use. ``in_channels`` is the image's, for the common call shape."""
+    return NiceTaps(tuple(taps), tuple(channels), int(width))
+
+
+def attach_classifier(generator: nn.Module, classifier: nn.Module) -> nn.Module:
+    """``generator``, given ``classifier`` when it reads the classifier's features (``nice_taps``);
+    every place that builds the pair (training, checkpoints, export) calls this."""
+    attach = getattr(generator, "attach", None)
+    return attach(classifier) if callable(attach) else generator
