@@ -10,7 +10,7 @@ for ANY H×W, and exports to ONNX with the dynamo exporter (dynamic batch and si
 
 * ``nice_taps``: no encoder of its own. It reads the classifier's features at a few blocks
   (``forward_taps``; EfficientNet-Lite0's blocks 4, 10 and 15: 40 channels at 1/8, 112 at
-  1/16, 320 at 1/32), projects each to ``width`` channels (1×1), upsamples them to the finest
+  1/16, 320 at 1/32), projects each to ``width`` channels (1×1, default 16), upsamples them to the finest
   tap and sums them, then ReLU, a 3×3 convolution, ReLU and a 1×1 head give log α at 1/8,
   repeated over each 8×8 cell (nearest upsampling: the gates of Eq. 11 are per cell, so a
   b = 8 payload has no partial blocks). In the deployment graph the classifier's pass on the
@@ -100,7 +100,7 @@ class NiceTaps(nn.Module):
         ((2, 1, 64, 64), ['head.bias', 'head.weight'])
     """
 
-    def __init__(self, taps: tuple[int, ...] = (4, 10, 15), channels: tuple[int, ...] = (40, 112, 320), width: int = 32):
+    def __init__(self, taps: tuple[int, ...] = (4, 10, 15), channels: tuple[int, ...] = (40, 112, 320), width: int = 16):
         super().__init__()
         if len(taps) != len(channels) or not taps:
             raise ValueError(f"nice_taps needs one channel count per tap, got taps {tuple(taps)} and channels {tuple(channels)}")
@@ -141,7 +141,7 @@ class NiceTaps(nn.Module):
 
 @register("nice_taps", "generator")
 def nice_taps(in_channels: int = 3, taps: tuple[int, ...] | list[int] = (4, 10, 15),
-              channels: tuple[int, ...] | list[int] = (40, 112, 320), width: int = 32) -> nn.Module:
+              channels: tuple[int, ...] | list[int] = (40, 112, 320), width: int = 16) -> nn.Module:
     """Mask generator on the classifier's own features (EfficientNet-Lite0 by default); ``attach`` it
     to the classifier before use. ``in_channels`` is the image's, for the common call shape."""
     return NiceTaps(tuple(taps), tuple(channels), int(width))
