@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or true where the data has labels (auto)")
     p.add_argument("--out", required=True, help="output folder: OUT/last.pt after every epoch, OUT/nice.pt at the end")
     p.add_argument("--generator", default="auto", help="auto (nice_unet up to 64 px, nice_fast above), nice_unet, "
-                   "nice_fast (cheapest, for deployment), nice_mnist, nice_caltech or package.module:factory")
+                   "nice_fast (cheapest, for deployment), nice_taps (a head on EfficientNet-Lite0's own features: "
+                   "shares its pass in the bundle; --mode fixed), nice_mnist, nice_caltech or package.module:factory")
     p.add_argument("--generator-kwargs", default="{}", help='JSON options of the generator, e.g. \'{"widths": [8, 16, 32]}\'')
     p.add_argument("--mode", choices=["fixed", "finetuned"], default="fixed", help="fixed: classifier frozen; finetuned: --train-blocks train too")
     p.add_argument("--train-blocks", nargs="*", default=[], help="finetuned mode: classifier modules to train (e.g. layer3 fc); none given: all")
