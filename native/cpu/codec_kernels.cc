@@ -10,6 +10,11 @@
 // predictor is whichever of a, b, c is nearest to p = a + b − c, ties to a then b, and the
 // output is x − predictor modulo 256. |p − a| = |b − c|, |p − b| = |a − c| and
 // |p − c| = |a + b − 2c|, so no intermediate leaves 16-bit range and the loop vectorises.
+//
+// keepbits_kept_blocks / keepbits_mosaic: the blocks payload's foreground, as the numpy path of
+// keepbits.codec.payload (_kept_blocks, _mosaic) computes it: which th×tw tiles (th = min(b, h),
+// tw = min(b, w)) hold a kept pixel, and those tiles of x̃ (x where kept, the block's mean
+// elsewhere, pixels beyond the frame included) laid out row-major, `cols` tiles per mosaic row.
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -79,6 +84,61 @@ __attribute__((visibility("default"))) int keepbits_png_paeth(const uint8_t* row
     }
     for (int64_t i = 0; i < channels && i < row_bytes; ++i) o[i] = static_cast<uint8_t>(x[i] - up[i]);  // a = c = 0
     for (int64_t i = channels; i < row_bytes; ++i) o[i] = PaethByte(x[i], x[i - channels], up[i], up[i - channels]);
+  }
+  return 0;
+}
+
+// keep: h × w bytes (0 or 1); kept: ⌈h/b⌉ × ⌈w/b⌉ flags written. Returns the number of kept
+// tiles, or -1 on bad sizes.
+__attribute__((visibility("default"))) int keepbits_kept_blocks(const uint8_t* keep, int64_t h, int64_t w, int64_t b,
+                                                                 uint8_t* kept) {
+  if (h < 1 || w < 1 || b < 1) return -1;
+  const int64_t th = b < h ? b : h, tw = b < w ? b : w, bh = (h + th - 1) / th, bw = (w + tw - 1) / tw;
+  if (bh * bw > (int64_t{1} << 30)) return -1;
+  for (int64_t i = 0; i < bh * bw; ++i) kept[i] = 0;
+  for (int64_t y = 0; y < h; ++y) {
+    const uint8_t* row = keep + y * w;
+    uint8_t* flags = kept + (y / th) * bw;
+    for (int64_t j = 0; j < bw; ++j) {
+      if (flags[j]) continue;  // already kept by an earlier row of the tile
+      const int64_t x0 = j * tw, x1 = x0 + tw < w ? x0 + tw : w;
+      uint8_t any = 0;
+      for (int64_t x = x0; x < x1; ++x) any |= row[x];
+      flags[j] = any;
+    }
+  }
+  int count = 0;
+  for (int64_t i = 0; i < bh * bw; ++i) count += kept[i] != 0;
+  return count;
+}
+
+// image: h × w × channels; keep: h × w (0/1); grid: ⌈h/th⌉ × ⌈w/tw⌉ × channels block means;
+// kept: the flags of keepbits_kept_blocks; out: (rows · th) × (cols · tw) × channels, zeroed by
+// the caller, rows = ⌈k / cols⌉. Returns 0, or -1 on bad sizes.
+__attribute__((visibility("default"))) int keepbits_mosaic(const uint8_t* image, const uint8_t* keep, const uint8_t* grid,
+                                                            const uint8_t* kept, int64_t h, int64_t w, int64_t channels,
+                                                            int64_t th, int64_t tw, int64_t cols, uint8_t* out) {
+  if (h < 1 || w < 1 || channels < 1 || th < 1 || th > h || tw < 1 || tw > w || cols < 1) return -1;
+  const int64_t bh = (h + th - 1) / th, bw = (w + tw - 1) / tw;
+  const int64_t out_row = cols * tw * channels;
+  int64_t t = 0;
+  for (int64_t i = 0; i < bh; ++i) {
+    for (int64_t j = 0; j < bw; ++j) {
+      if (!kept[i * bw + j]) continue;
+      const uint8_t* mean = grid + (i * bw + j) * channels;
+      uint8_t* tile = out + (t / cols) * th * out_row + (t % cols) * tw * channels;
+      for (int64_t yy = 0; yy < th; ++yy) {
+        const int64_t y = i * th + yy;
+        uint8_t* dst = tile + yy * out_row;
+        for (int64_t xx = 0; xx < tw; ++xx) {
+          const int64_t x = j * tw + xx;
+          const bool inside = y < h && x < w;
+          const uint8_t* src = inside && keep[y * w + x] ? image + (y * w + x) * channels : mean;
+          for (int64_t ch = 0; ch < channels; ++ch) dst[xx * channels + ch] = src[ch];
+        }
+      }
+      ++t;
+    }
   }
   return 0;
 }

@@ -166,6 +166,8 @@ def make_session(model: str | os.PathLike | bytes, native: bool = True, provider
 _C_SIGNATURES = {
     "keepbits_png_paeth": ("ptr", "ptr", "int64", "int64", "int64", "ptr"),
     "keepbits_block_means": ("ptr", "int64", "int64", "int64", "int64", "ptr"),
+    "keepbits_kept_blocks": ("ptr", "int64", "int64", "int64", "ptr"),
+    "keepbits_mosaic": ("ptr", "ptr", "ptr", "ptr", "int64", "int64", "int64", "int64", "int64", "int64", "ptr"),
 }
 
 

@@ -204,3 +204,33 @@ def test_default_png_wins_on_camera_like_content_png_level_on_repeats():
     keep = np.ones((128, 128))
     assert len(encode(camera, keep, block=8)) < len(encode(camera, keep, block=8, png_level=6))
     assert 3 * len(encode(periodic, keep, block=8, png_level=6)) < len(encode(periodic, keep, block=8))
+
+def test_native_foreground_equals_the_numpy_path(monkeypatch):
+    """The native library's kept-tile flags and mosaic (``keepbits_kept_blocks``, ``keepbits_mosaic``)
+    are the numpy path's, byte for byte: partial edge tiles, b beyond the frame, grey and RGB,
+    nothing / everything / scattered pixels kept; so are whole payloads."""
+    from keepbits.codec import payload
+
+    fast = payload._native_foreground()
+    if fast is None:
+        pytest.skip("native library not built (native/build.sh)")
+    rng = np.random.default_rng(11)
+    cases = [(224, 224, 8, 3), (37, 53, 8, 3), (5, 300, 8, 1), (7, 9, 16, 3), (1, 1, 1, 3), (64, 48, 4, 1), (30, 31, 2, 3)]
+    for h, w, b, c in cases:
+        frame = rng.integers(0, 256, (h + 3, w + 5, c), dtype=np.uint8)[3:, :w]  # views, not contiguous arrays
+        for share in (0.0, 0.05, 0.5, 1.0):
+            keep = (rng.random((h + 2, w + 4)) < share)[2:, 4:]
+            keep[: h // 3, : w // 3] = share > 0.2  # a solid region besides the scattered pixels
+            _, _, th, tw = payload._grid(h, w, b)
+            grid = payload._grid_means(frame, b)
+            native_kept = payload._kept_blocks(keep, b)
+            native_payload = encode(frame, keep, block=b, timestamp=0.0)
+            k = int(native_kept.sum())
+            native_mosaic = payload._mosaic(frame, keep, grid, native_kept, k, th, tw) if k else None
+            with monkeypatch.context() as m:
+                m.setattr(payload, "_native_foreground", lambda: None)
+                numpy_kept = payload._kept_blocks(keep, b)
+                assert np.array_equal(native_kept, numpy_kept), (h, w, b, c, share)
+                if k:
+                    assert np.array_equal(native_mosaic, payload._mosaic(frame, keep, grid, numpy_kept, k, th, tw)), (h, w, b, c, share)
+                assert encode(frame, keep, block=b, timestamp=0.0) == native_payload

@@ -207,10 +207,22 @@ def _inflate(data: bytes, size: int, what: str) -> np.ndarray:
     return np.frombuffer(out, np.uint8)
 
 
+def _native_foreground() -> tuple[Any, Any] | None:
+    """``keepbits_kept_blocks`` and ``keepbits_mosaic`` of the native library (``native/cpu/codec_kernels.cc``), or None."""
+    kept_blocks, mosaic = native.c_function("keepbits_kept_blocks"), native.c_function("keepbits_mosaic")
+    return None if kept_blocks is None or mosaic is None else (kept_blocks, mosaic)
+
+
 def _kept_blocks(keep: np.ndarray, b: int) -> np.ndarray:
-    """bh×bw: does the block hold any kept pixel (rows of a block first: contiguous reductions)."""
+    """bh×bw: does the block hold any kept pixel (rows of a block first: contiguous reductions;
+    one C pass with the native library)."""
     h, w = keep.shape
     bh, bw, th, tw = _grid(h, w, b)
+    fast = _native_foreground()
+    if fast is not None:
+        flags, keep_bytes = np.empty((bh, bw), np.uint8), np.ascontiguousarray(keep).view(np.uint8)  # named: alive during the call
+        if fast[0](keep_bytes.ctypes.data, h, w, b, flags.ctypes.data) >= 0:
+            return flags.view(np.bool_)
     if (bh * th, bw * tw) != (h, w):
         padded = np.zeros((bh * th, bw * tw), bool)
         padded[:h, :w] = keep
@@ -226,7 +238,8 @@ def _mosaic_shape(k: int, th: int, tw: int, c: int) -> tuple[int, int, int]:
 def _mosaic(x: np.ndarray, keep: np.ndarray, grid: np.ndarray, kept: np.ndarray, k: int, th: int, tw: int) -> np.ndarray:
     """The K kept tiles of x̃ (x where ``keep``, else the block mean) laid out row-major in
     ``⌈√K⌉`` columns (``docs/codec.md``). When every block is kept and the mosaic has the
-    frame's own block grid, the mosaic *is* x̃ (or ``x`` itself, no copy, when every pixel is kept)."""
+    frame's own block grid, the mosaic *is* x̃ (or ``x`` itself, no copy, when every pixel is kept).
+    One C pass with the native library, else numpy; the same bytes."""
     h, w, c = x.shape
     bh, bw = kept.shape
     mh, mw, _ = _mosaic_shape(k, th, tw, c)
@@ -236,6 +249,14 @@ def _mosaic(x: np.ndarray, keep: np.ndarray, grid: np.ndarray, kept: np.ndarray,
         if keep.all():
             return x
         return np.where(keep[:, :, None], x, _upsample(grid, h, w, th, tw))
+    fast = _native_foreground()
+    if fast is not None:
+        mosaic = np.zeros((mh, mw, c), np.uint8)
+        # named arrays: each must stay alive while C reads it
+        x_c, keep_c, grid_c = np.ascontiguousarray(x), np.ascontiguousarray(keep).view(np.uint8), np.ascontiguousarray(grid)
+        kept_c = np.ascontiguousarray(kept).view(np.uint8)
+        if fast[1](x_c.ctypes.data, keep_c.ctypes.data, grid_c.ctypes.data, kept_c.ctypes.data, h, w, c, th, tw, cols, mosaic.ctypes.data) == 0:
+            return mosaic
     pad = ((0, bh * th - h), (0, bw * tw - w))
     xp = x if exact else np.pad(x, (*pad, (0, 0)), mode="edge")
     kp = keep if exact else np.pad(keep, pad)
