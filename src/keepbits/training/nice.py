@@ -590,10 +590,9 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
     except TypeError as exc:
         raise InputError(f"generator {cfg.generator}: bad options {cfg.generator_kwargs} ({exc})") from None
     classifier_net = clf.module
-    if hasattr(generator, "attach"):
-        if cfg.mode != "fixed":
-            raise InputError(f"generator {gen_name} reads the classifier's features, so the classifier must stay fixed (--mode fixed)")
-        attach_classifier(generator, classifier_net)
+    if hasattr(generator, "attach") and cfg.mode != "fixed":
+        raise InputError(f"generator {gen_name} reads the classifier's features, so the classifier must stay fixed (--mode fixed)")
+    attach_classifier(generator, classifier_net)
     out = Path(cfg.out)
     last_path, path = out / "last.pt", out / "nice.pt"
     resumed = load_checkpoint(last_path, "nice") if cfg.resume and last_path.exists() else None
