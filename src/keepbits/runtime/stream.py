@@ -235,8 +235,8 @@ def run_stream(
     with a one-thread session (``Pipeline.from_bundle(..., threads=1)``) gives more frames per
     second (no thread-pool hand-offs inside the small operators), at one frame's latency more.
     With one worker the writer thread encodes frame t while the model runs t+1; with several,
-    each worker encodes its own frames right after the model (no third busy thread on the
-    cores, the frame still in that core's cache) and the writer only orders them for the sinks.
+    each worker encodes its own frames right after the model (no third busy thread competing
+    for the cores) and the writer only orders them for the sinks.
     ``compare`` lists references whose sizes are recorded per frame for the compression
     ratios: ``jpeg``/``png`` of the whole model-size frame, ``paper`` (x̃ as one PNG; skipped
     for SimpleBits results, which have no mask), ``lossless`` (the blocks payload, or the
