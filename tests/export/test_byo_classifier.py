@@ -201,3 +201,20 @@ def test_onnx_classifier_through_train_export_run(tiny_npz, tmp_path, tinynets):
     path.unlink()  # the checkpoint carries the classifier itself
     assert main(["-q", "export", "onnx", "--model", str(tmp_path / "nice" / "nice.pt"), "--out", str(tmp_path / "bundle")]) == 0
     assert Pipeline.from_bundle(tmp_path / "bundle")(_frames(1)[0][0]).label in ("a", "b", "c")
+
+
+def test_a_classifier_that_cannot_take_its_preprocessing_size_is_one_clear_error():
+    """Checked with one zero image when the classifier is given, not a traceback in the first
+    training step: a network built for another input size, and class names that do not match its logits."""
+    from keepbits import registry
+    from keepbits.errors import InputError
+
+    lenet = registry.build("lenet5", in_channels=3, num_classes=3)  # its linear layer expects 28×28 inputs
+    with pytest.raises(InputError, match=r"fails on a 3×32×32 image"):
+        Classifier.of(lenet, Preprocessing(input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3), arch="lenet5",
+                      kwargs={"in_channels": 3, "num_classes": 3})
+    with pytest.raises(InputError, match="2 class names for 3 logits"):
+        Classifier.of(lenet, Preprocessing(input_size=(28, 28), mean=(0.5,) * 3, std=(0.5,) * 3, class_names=("a", "b")),
+                      arch="lenet5", kwargs={"in_channels": 3, "num_classes": 3})
+    assert Classifier.of(lenet, Preprocessing(input_size=(28, 28), mean=(0.5,) * 3, std=(0.5,) * 3), arch="lenet5",
+                         kwargs={"in_channels": 3, "num_classes": 3}).class_names == ["0", "1", "2"]

@@ -89,8 +89,11 @@ class Classifier:
                 raise InputError(f"classifier class {kind.__qualname__} is defined in {kind.__module__} (not importable by "
                                  "another process); pass arch='package.module:factory' that builds it")
         _check_rebuilds(module, arch, kwargs)
+        classes = _num_outputs(module, preprocessing, arch)
         if not preprocessing.class_names:
-            preprocessing = dataclasses.replace(preprocessing, class_names=tuple(str(i) for i in range(_num_outputs(module, preprocessing))))
+            preprocessing = dataclasses.replace(preprocessing, class_names=tuple(str(i) for i in range(classes)))
+        elif len(preprocessing.class_names) != classes:
+            raise InputError(f"classifier {arch}: {len(preprocessing.class_names)} class names for {classes} logits")
         return cls(module.eval(), preprocessing, arch, kwargs, arch)
 
     @property
@@ -114,14 +117,23 @@ class Classifier:
         return ModelEntry.of(self.arch, self.kwargs, self.module if module is None else module)
 
 
-def _num_outputs(module: nn.Module, pre: Preprocessing) -> int:
+def _num_outputs(module: nn.Module, pre: Preprocessing, arch: str) -> int:
+    """K of the N×K logits of one zero image at the preprocessing's size; a network that cannot
+    take that size is an :class:`InputError` here, not a traceback in the first training step."""
     param = next(module.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = module.training
     module.eval()
-    with torch.no_grad():
-        out = module(torch.zeros(1, pre.channels, *pre.input_size, device=device))
-    module.train(was_training)
+    shape = (1, pre.channels, *pre.input_size)
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(shape, device=device))
+    except (RuntimeError, ValueError) as exc:
+        first = next(iter(str(exc).splitlines()), "") or type(exc).__name__
+        raise InputError(f"classifier {arch} fails on a {'×'.join(map(str, shape[1:]))} image (channels × the preprocessing's "
+                         f"input size): {first}") from None
+    finally:
+        module.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise InputError(f"a classifier must return N×K logits, got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
     return int(out.shape[1])
