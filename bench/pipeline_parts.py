@@ -32,20 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import default_data_dir, video_frames, write_result  # noqa: E402
+from runtime_throughput import classifier_only_graph  # noqa: E402
 
 from keepbits.codec import encode, payload  # noqa: E402
 from keepbits.runtime import Pipeline  # noqa: E402
-
-
-def cut_to_logits(bundle: Path, out: Path) -> Path:
-    """The bundle's graph cut to image → logits."""
-    from onnx.utils import extract_model
-
-    from keepbits.bundle import load_bundle
-
-    loaded = load_bundle(bundle)
-    extract_model(str(loaded.model_path), str(out), [loaded.manifest.input_name], ["logits"])
-    return out
 
 
 def cpu_ms_per_item(run: Callable[[], int]) -> float:
@@ -60,7 +50,7 @@ def measure(bundle: Path, frames: list[np.ndarray], rounds: int, work: Path) -> 
     from keepbits import native
 
     pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=1)
-    classifier_only = native.make_session(cut_to_logits(bundle, work / "logits.onnx"), threads=1)
+    classifier_only = native.make_session(classifier_only_graph(bundle, work / "logits.onnx"), threads=1)
     feeds = [pipe._feed(pipe.prepare([f]).batch) for f in frames]
     name = pipe.manifest.input_name
     results = pipe.predict(frames)
