@@ -7,8 +7,9 @@ For every bundle folder under ``--bundles`` (``bench/flagship.py bundle`` writes
 and ``int8.zip`` per trained run) the rate–accuracy protocol of :mod:`keepbits.runtime.evaluate`
 (the real payload bytes through :mod:`keepbits.codec`, decoded and classified again by the
 bundle): top-1 and agreement with the full-image prediction against payload bytes at each
-operating point (the run's target kept fraction, block size b (trained and ``--block-sizes``),
-foreground codec and quality, codec of the block means), float32 and INT8; the whole frame (the 224×224 model image) as
+operating point (the run's target kept fraction, mask threshold (the bundle's and ``--thresholds``),
+block size b (trained and ``--block-sizes``), payload mode (``blocks``: kept blocks as one mosaic,
+``mixed``: x̃ as one image), codec and quality, codec of the block means), float32 and INT8; the whole frame (the 224×224 model image) as
 JPEG, WebP and PNG at a quality sweep. Equal-budget baselines (float32 bundle, the trained b,
 ``--baseline-codec``): per image, binary masks keeping exactly as many pixels as the NICE hard
 mask ẑ > 0.5 keeps, chosen by NICE itself, at random (seeded), by gradient saliency |∂logit/∂x|
@@ -216,10 +217,11 @@ def plot(results: dict[str, Any], budget: list[dict[str, Any]], tag: str) -> lis
                 continue
             series: dict[tuple, list] = {}
             for row in res["payload"]:
-                series.setdefault((row["block"], row["codec"], row["background"]), []).append((row["bytes_per_image"], 100 * row["accuracy"]))
-            for (_, codec, background), pts in series.items():
+                key = (row["mode"], row["threshold"], row["block"], row["codec"], row["background"])
+                series.setdefault(key, []).append((row["bytes_per_image"], 100 * row["accuracy"]))
+            for (mode, _, _, codec, background), pts in series.items():
                 pts.sort()
-                ax.plot(*zip(*pts), ls=styles[codec], marker=markers[background], ms=4, lw=1, color=colours[run])
+                ax.plot(*zip(*pts), ls=styles[codec], marker=markers[background] if mode == "blocks" else "D", ms=4, lw=1, color=colours[run])
         base = next((per[precision] for per in results.values() if per.get(precision) and per[precision]["baselines"]), None)
         if base is not None:
             for fmt in ("jpeg", "webp", "png"):
@@ -236,7 +238,8 @@ def plot(results: dict[str, Any], budget: list[dict[str, Any]], tag: str) -> lis
     handles = ([Line2D([], [], color=c, lw=2, label=f"payload {run}") for run, c in colours.items()]
                + [Line2D([], [], color="0.3", ls=ls or "none", marker="o" if not ls else None, label=f"foreground {codec}" + (" (lossless)" if not ls else " q50/75/90"))
                   for codec, ls in styles.items()]
-               + [Line2D([], [], color="0.3", ls="none", marker=m, label=f"block means {bg}") for bg, m in markers.items() if bg in ("raw", "webp")]
+               + [Line2D([], [], color="0.3", ls="none", marker=m, label=f"blocks, block means {bg}") for bg, m in markers.items() if bg in ("raw", "webp")]
+               + [Line2D([], [], color="0.3", ls="none", marker="D", label="mixed (x̃ as one image)")]
                + [Line2D([], [], color=c, lw=2, marker="s", label=f"whole image {fmt}") for fmt, c in (("jpeg", "k"), ("webp", "0.5"), ("png", "r"))])
     fig.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(0.82, 0.5))
     rate = results_dir() / f"real_world{tag}_rate.png"
@@ -270,8 +273,11 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=default_data_dir())
     p.add_argument("--bundles", type=Path, required=True, help="folder of run folders with float32.zip / int8.zip (bench/flagship.py bundle)")
     p.add_argument("--runs", type=Path, required=True, help="folder of the same run folders with nice.pt (the classifier for saliency)")
+    p.add_argument("--thresholds", type=float, nargs="*", default=None, help="mask thresholds ẑ > t of the payload points (default: the bundle's)")
     p.add_argument("--block-sizes", type=int, nargs="*", default=[], help="b values besides each run's trained b")
-    p.add_argument("--codecs", nargs="+", default=["jpeg", "webp", "png"], help="foreground codecs of the payload points")
+    p.add_argument("--modes", nargs="+", choices=["blocks", "mixed"], default=["blocks", "mixed"],
+                   help="payload modes: blocks (kept blocks as one mosaic) and/or mixed (x̃ as one image)")
+    p.add_argument("--codecs", nargs="+", default=["jpeg", "webp", "png"], help="payload codecs (of the kept blocks, or of x̃ in mixed mode)")
     p.add_argument("--qualities", type=int, nargs="+", default=[50, 75, 90], help="foreground qualities")
     p.add_argument("--backgrounds", nargs="+", default=["raw", "webp"], help="codecs of the block means (raw: lossless; lossy at the point's quality)")
     p.add_argument("--baseline-qualities", type=int, nargs="+", default=[10, 30, 50, 70, 80, 90, 95], help="whole-image JPEG/WebP qualities")
@@ -311,14 +317,14 @@ def main() -> None:
                     continue
                 pipe = Pipeline.from_bundle(bundle, threads=args.threads, compress=False)
                 blocks = sorted({pipe.block, *args.block_sizes})
-                res = rate_accuracy(pipe, split_x, split_y, block_sizes=blocks, codecs=args.codecs, qualities=args.qualities,
-                                    backgrounds=args.backgrounds, baselines=() if precision in baselines_done else ("jpeg", "webp", "png"),
+                res = rate_accuracy(pipe, split_x, split_y, thresholds=args.thresholds, block_sizes=blocks, codecs=args.codecs, qualities=args.qualities,
+                                    backgrounds=args.backgrounds, modes=args.modes, baselines=() if precision in baselines_done else ("jpeg", "webp", "png"),
                                     baseline_qualities=args.baseline_qualities)
                 baselines_done.add(precision)
                 res = with_intervals(res, len(split_x))
                 sweeps[split][run.name][precision] = res
                 print(f"{split} {run.name} {precision}: full top-1 {res['full_frame']['accuracy']:.3f}; " + "; ".join(
-                    f"b={r['block']} {r['codec']} q{r['quality']}: {r['bytes_per_image']:.0f} B {r['accuracy']:.3f}" for r in res["payload"]), flush=True)
+                    f"{r['series']} q{r['quality']}: {r['bytes_per_image']:.0f} B {r['accuracy']:.3f}" for r in res["payload"]), flush=True)
 
     def pooled(split: str, precision: str) -> dict[str, Any]:
         """Every run's payload rows (with their run) and the whole-image baselines of one split and precision."""

@@ -30,6 +30,8 @@ def _payloads() -> list[bytes]:
         encode(frame[:, :, :1], mask, block=5),
         encode(frame, mode="simplified", label=2, name="two"),
         encode(frame[:, :, :1], mode="simplified", codec="jpeg", quality=60),
+        encode(frame, mask, block=4, mode="mixed", codec="webp", quality=60, label=3),
+        encode(frame[:, :, :1], mask, block=2, mode="mixed"),
     ]
 
 
@@ -138,6 +140,8 @@ def _png_bomb(index: int = 3, tag: int = 4) -> bytes:
         (lambda p: _png_bomb(), "header says"),
         (lambda p: _png_bomb(5, 5), "header says"),
         (lambda p: _with_header(_payloads()[5], mode=0), "sections"),
+        (lambda p: _with_header(_payloads()[7], mode=0), "sections"),
+        (lambda p: _with_header(p, mode=3), "sections"),
     ],
 )
 def test_crafted_headers_are_bounded(make, reason):

@@ -60,6 +60,20 @@ def test_payload_points_are_encoded_decoded_and_classified(pipe):
     assert jpeg[0]["bytes_per_image"] < jpeg[1]["bytes_per_image"]
 
 
+def test_mixed_mode_points_send_the_mixed_image(pipe):
+    frames, labels = _images(6, seed=2)
+    result = rate_accuracy(pipe, frames, labels, codecs=["png", "webp"], qualities=[70], modes=["mixed"], baselines=[])
+    lossless, lossy = result["payload"]
+    assert (lossless["mode"], lossless["codec"], lossy["codec"], lossy["background"]) == ("mixed", "png", "webp", None)
+    sizes = []
+    for r in pipe.predict(frames):
+        data = encode(r.image, r.frame_record(), mode="mixed")
+        image, mask, meta = decode(data)
+        assert np.array_equal(image, r.mixed) and meta.mode == "mixed" and mask is not None
+        sizes.append(len(data))
+    assert lossless["bytes_per_image"] == pytest.approx(np.mean(sizes))
+
+
 def test_unlabelled_images_score_agreement(pipe):
     frames, _ = _images(6, seed=1)
     result = rate_accuracy(pipe, frames, None, codecs=["webp"], qualities=[80], baselines=[])
@@ -88,8 +102,12 @@ def test_operating_points_and_bad_settings(pipe, tmp_path):
     assert {p.codec for p in operating_points(grey, codecs=["png", "webp"])} == {"png"}
     with pytest.raises(InputError, match="webp needs 3-channel"):
         operating_points(grey, codecs=["webp"])
+    mixed = operating_points(pipe, codecs=["png", "jpeg"], qualities=[50], backgrounds=["raw", "webp"], modes=["blocks", "mixed"])
+    assert [(p.mode, p.codec, p.background) for p in mixed] == [("blocks", "png", "raw"), ("blocks", "jpeg", "raw"), ("blocks", "jpeg", "webp"),
+                                                                ("mixed", "png", None), ("mixed", "jpeg", None)]
+    assert mixed[-1].series == "payload mixed jpeg t=0.5 b=4"
     for kwargs, message in [({"thresholds": [1.5]}, "thresholds"), ({"block_sizes": [0]}, "block sizes"),
-                            ({"codecs": ["gif"]}, "formats"), ({"qualities": [0]}, "qualities")]:
+                            ({"codecs": ["gif"]}, "formats"), ({"qualities": [0]}, "qualities"), ({"modes": ["paper"]}, "modes")]:
         with pytest.raises(InputError, match=message):
             operating_points(pipe, **kwargs)
     with pytest.raises(InputError, match="no images"):

@@ -55,7 +55,7 @@ def _matched(pipeline: Any, frames: list, codec: dict[str, Any]) -> dict[str, An
     from keepbits.runtime.evaluate import matched_baselines, rate_accuracy
 
     result = rate_accuracy(pipeline, frames, None, codecs=[codec["codec"]], qualities=[codec["quality"]], backgrounds=[codec["background"]],
-                           baselines=("jpeg", "webp"), baseline_qualities=BASELINE_QUALITIES)
+                           modes=[codec["mode"]], baselines=("jpeg", "webp"), baseline_qualities=BASELINE_QUALITIES)
     payload = result["payload"][0]
     matched = matched_baselines(result, payload)
     return {"frames": len(frames), "payload": payload, "matched": matched, "baselines": result["baselines"],
@@ -67,10 +67,12 @@ def _report(summary: dict, out: Path, comparison: dict | None) -> str:
     per = {k: summary.get(f"{k}_bytes", 0) / n for k in ("payload", "jpeg", "png", "lossless")}
     p = summary["pipeline"]
     codec = p["codec"]
+    coded = (f"x̃ {codec['codec']} q{codec['quality']}" if codec["mode"] == "mixed" else
+             f"kept blocks {codec['codec']} q{codec['quality']}, block means {codec['background']}")
     lines = [
         f"keepbits demo: {summary['written']} frames in {summary['seconds']:.1f} s ({summary['fps']:.1f} fps, "
         f"{', '.join(p['providers'])}), model input {p['input'][2]}x{p['input'][1]} ({p['resize_policy']}), block {p['block']}",
-        f"  payload ({codec['mode']}, kept blocks {codec['codec']} q{codec['quality']}, block means {codec['background']}): "
+        f"  payload ({codec['mode']}, {coded}): "
         f"{per['payload']:7.0f} B/frame, "
         f"pixels kept at full resolution: {100 * (summary['kept_fraction_mean'] or 0):.1f}%",
         f"  lossless payload (blocks, PNG):      {per['lossless']:7.0f} B/frame; PNG of the model-size frame {per['png']:7.0f} B/frame",
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_compare and pipeline.explain == "mask" and summary["written"]:
         with open_source(source) as again:  # the same frames once more, for the files of the comparison
             frames = [frame.image for frame, _ in zip(again, range(summary["written"]))]
-        comparison = _matched(pipeline, frames, {"codec": args.codec, "quality": args.quality, "background": args.background})
+        comparison = _matched(pipeline, frames, pipeline.codec_options)
         summary["matched_agreement"] = comparison
     if args.source is None:
         summary["credit"] = CREDIT

@@ -34,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
     parser.add_argument("--thresholds", type=float, nargs="+", default=None, help="mask thresholds (default: the bundle's)")
     parser.add_argument("--block-sizes", type=int, nargs="+", default=None, help="payload block sizes (default: the bundle's)")
+    parser.add_argument("--modes", nargs="+", choices=["blocks", "mixed"], default=["blocks", "mixed"],
+                        help="payload modes (NICE bundles): blocks (kept blocks as one mosaic image) and/or mixed (x̃ as one image)")
     parser.add_argument("--codecs", nargs="+", choices=["png", "jpeg", "webp"], default=["png", "jpeg", "webp"],
-                        help="foreground codecs of the payload (webp is left out for grey bundles)")
+                        help="payload codecs: of the kept blocks, x̃ or the simplified image (webp is left out for grey bundles)")
     parser.add_argument("--qualities", type=int, nargs="+", default=[50, 75, 90], help="JPEG/WebP qualities of the payload")
     parser.add_argument("--baselines", nargs="*", choices=["png", "jpeg", "webp"], default=["png", "jpeg", "webp"],
                         help="whole-frame formats to compare with; give no value for none")
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width))
     labels, matched = (None, None) if images.labels is None else map_labels(images.labels, images.class_names, pipeline.class_names)
     result = rate_accuracy(pipeline, images.images, labels, thresholds=args.thresholds, block_sizes=args.block_sizes,
-                           codecs=args.codecs, qualities=args.qualities, baselines=args.baselines,
+                           codecs=args.codecs, qualities=args.qualities, modes=args.modes, baselines=args.baselines,
                            baseline_qualities=args.baseline_qualities, batch_size=args.batch_size)
     result.update(data=images.source, labels_matched=matched, command=command_line())
     examples = [look(pipeline, images.images[i], images.names[i]) for i in range(min(args.examples, len(images)))]

@@ -1,6 +1,6 @@
 """``keepbits run``: a model bundle on a stream: predict, explain, compress, send.
 
-NICE bundles send the mask and x̃ (``--mode blocks`` or ``paper``); SimpleBits bundles
+NICE bundles send the mask and x̃ (``--mode blocks``, ``mixed`` or ``paper``); SimpleBits bundles
 (``explain: "simplify"``) send the simplified image (``--mode simplified``, the default for them).
 
 Example:
@@ -40,11 +40,12 @@ EXIT_HELP = ("exit codes (the JSON summary's status and reason say the same): "
 
 def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
     """Codec options shared by ``run`` and ``demo``."""
-    parser.add_argument("--mode", choices=["blocks", "paper", "simplified"], default=None,
-                        help="blocks (default for NICE bundles): background means + mask + kept blocks; paper: x̃ as one "
-                             "PNG (NICE protocol); simplified (SimpleBits bundles, their default): the simplified image")
+    parser.add_argument("--mode", choices=["blocks", "mixed", "paper", "simplified"], default=None,
+                        help="blocks (default for NICE bundles): background means + mask + kept blocks; mixed: x̃ as one "
+                             "--codec image + mask (use it with jpeg/webp); paper: x̃ as one PNG (NICE protocol); "
+                             "simplified (SimpleBits bundles, their default): the simplified image")
     parser.add_argument("--codec", choices=["png", "jpeg", "webp"], default="png",
-                        help="kept blocks, or the simplified image (png = lossless)")
+                        help="kept blocks, x̃ (mixed mode) or the simplified image (png = lossless)")
     parser.add_argument("--background", choices=["raw", "png", "jpeg", "webp"], default="raw", help="block means (raw/png = lossless)")
     parser.add_argument("--quality", type=int, default=90, help="jpeg/webp quality 1..100")
     add_backend_arguments(parser)

@@ -31,7 +31,7 @@ import numpy as np
 
 from keepbits.codec.container import (
     CODEC_BITS, CODEC_JPEG, CODEC_NAMES, CODEC_PNG, CODEC_RAW, CODEC_WEBP, MAX_SIDE, MODE_BLOCKS,
-    MODE_PAPER, MODE_SIMPLIFIED, MODES, TAG_BACKGROUND, TAG_FOREGROUND, TAG_MASK, TAG_MIXED, TAG_SIMPLIFIED,
+    MODE_MIXED, MODE_PAPER, MODE_SIMPLIFIED, MODES, TAG_BACKGROUND, TAG_FOREGROUND, TAG_MASK, TAG_MIXED, TAG_SIMPLIFIED,
     VERSION, Header, Section, pack, unpack,
 )
 from keepbits import native
@@ -49,7 +49,8 @@ _TAG_NAMES = {TAG_BACKGROUND: "background", TAG_MASK: "mask", TAG_FOREGROUND: "f
               TAG_SIMPLIFIED: "simplified"}
 _MODE_NAMES = {v: k for k, v in MODES.items()}
 #: The sections each mode must carry (blocks may add a foreground).
-_MODE_SECTIONS = {MODE_BLOCKS: {TAG_BACKGROUND, TAG_MASK}, MODE_PAPER: {TAG_MIXED}, MODE_SIMPLIFIED: {TAG_SIMPLIFIED}}
+_MODE_SECTIONS = {MODE_BLOCKS: {TAG_BACKGROUND, TAG_MASK}, MODE_PAPER: {TAG_MIXED}, MODE_SIMPLIFIED: {TAG_SIMPLIFIED},
+                  MODE_MIXED: {TAG_MIXED, TAG_MASK}}
 
 
 @dataclass(frozen=True, eq=False)
@@ -295,7 +296,9 @@ def encode(
     :class:`keepbits.runtime.Result`: ``result.frame_record()``); keywords override its fields.
     ``mode="blocks"`` sends background means + mask + kept blocks (``codec``
     png = lossless, jpeg/webp at ``quality``; ``background`` raw/png = lossless);
-    ``mode="paper"`` sends x̃ as one PNG (the NICE protocol); ``mode="simplified"`` sends
+    ``mode="paper"`` sends x̃ as one PNG (the NICE protocol); ``mode="mixed"`` sends x̃ as one
+    ``codec`` image plus the mask (with JPEG/WebP smaller and more accurate than lossy blocks:
+    the codec sees whole neighbourhoods, not a mosaic of tiles); ``mode="simplified"`` sends
     ``frame`` itself (a SimpleBits simplified image) as one ``codec`` image and needs no mask.
     ``png_level`` None (default) codes PNGs with the Paeth filter and zlib's run-length strategy
     (fast, and smallest on camera content); 0–9 uses that zlib level (LZ77) with OpenCV's
@@ -307,6 +310,8 @@ def encode(
         >>> len(encode(np.zeros((16, 16, 3), np.uint8), np.ones((16, 16)), block=4)) > 0
         True
         >>> len(encode(np.zeros((16, 16, 3), np.uint8), mode="simplified", codec="webp", quality=80)) > 0
+        True
+        >>> len(encode(np.zeros((16, 16, 3), np.uint8), np.ones((16, 16)), block=4, mode="mixed", codec="webp")) > 0
         True
     """
     x = _check_frame(frame)
@@ -363,14 +368,16 @@ def encode(
     keep = _hard_mask(mask, (h, w), threshold)
     bh, bw, th, tw = _grid(h, w, block)
     grid = _grid_means(x, block)
-    if mode == "paper":
+    mask_section = (TAG_MASK, CODEC_BITS, 0, deflate.compress(np.packbits(keep).tobytes(), 6))
+    if mode in ("paper", "mixed"):
         mixed = np.where(keep[:, :, None], x, _upsample(grid, h, w, th, tw))
-        return pack(header, [(TAG_MIXED, CODEC_PNG, 0, _encode_image(mixed, CODEC_PNG, 0, png_level))])
+        if mode == "paper":
+            return pack(header, [(TAG_MIXED, CODEC_PNG, 0, _encode_image(mixed, CODEC_PNG, 0, png_level))])
+        img_codec = IMAGE_CODECS[codec]
+        return pack(header, [(TAG_MIXED, img_codec, 0 if img_codec == CODEC_PNG else quality,
+                              _encode_image(mixed, img_codec, quality, png_level)), mask_section])
     bg_codec, fg_codec = BACKGROUND_CODECS[background], IMAGE_CODECS[codec]
-    sections = [
-        (TAG_BACKGROUND, bg_codec, quality, _encode_section(grid, bg_codec, quality, png_level)),
-        (TAG_MASK, CODEC_BITS, 0, deflate.compress(np.packbits(keep).tobytes(), 6)),
-    ]
+    sections = [(TAG_BACKGROUND, bg_codec, quality, _encode_section(grid, bg_codec, quality, png_level)), mask_section]
     kept = _kept_blocks(keep, block)
     k = int(kept.sum())
     if k:
@@ -418,6 +425,9 @@ def decode(
     if mask_sec.codec != CODEC_BITS:
         raise DecodeError(f"mask uses codec {CODEC_NAMES[mask_sec.codec]}, expected bits")
     keep = np.unpackbits(_inflate(mask_sec.data, -(-h * w // 8), "mask"), count=h * w).view(bool).reshape(h, w)
+    if header.mode == MODE_MIXED:
+        meta.kept_blocks = int(_kept_blocks(keep, b).sum())
+        return _decode_section(sections[TAG_MIXED], (h, w, c), "mixed image"), keep, meta
     grid = _decode_section(sections[TAG_BACKGROUND], (bh, bw, c), "background")
     kept = _kept_blocks(keep, b)
     k = meta.kept_blocks = int(kept.sum())

@@ -2,14 +2,15 @@
 
 Protocol. Each image is brought to the model size by the bundle's resize policy and classified
 as a whole (the *full frame* prediction). At every operating point, the frame and its mask ẑ are packed by
-:func:`keepbits.codec.encode` (hard mask ẑ > threshold, b×b block means, kept blocks in the
-foreground codec at its quality; NICE Eqs. 11–12), the bytes are counted, :func:`keepbits.codec.decode`
+:func:`keepbits.codec.encode` (hard mask ẑ > threshold, b×b block means; mode ``blocks``: kept
+blocks in the foreground codec at its quality, mode ``mixed``: x̃ as one image in that codec;
+NICE Eqs. 11–12), the bytes are counted, :func:`keepbits.codec.decode`
 rebuilds x̃, and the bundle classifies the decoded x̃ as it is (a model-size image: no second
 resize; a SimpleBits bundle: the simplified image in that codec). Baselines: the same model-size frame as one PNG, JPEG or WebP file at each quality,
 decoded and classified the same way. With labels: top-1 accuracy of each point and of the full
 frame; always: agreement with the full-frame prediction (the metric for unlabelled images).
 
-Operating points: thresholds × block sizes × (foreground codec, quality); the codec accepts any
+Operating points: modes × thresholds × block sizes × (codec, quality); the codec accepts any
 block size, whatever the bundle was trained with. The bundle classifies what it is given the
 way it always does: one with ``classify_on: "mixed"`` classifies its own x̃ of the decoded x̃,
 a SimpleBits bundle its simplification of the decoded simplified image.
@@ -48,22 +49,26 @@ LOSSY = ("jpeg", "webp")
 
 @dataclasses.dataclass(frozen=True)
 class OperatingPoint:
-    """One payload setting: ``mode`` (``blocks`` or ``simplified``), hard-mask ``threshold`` and
-    ``block`` (None for simplified), foreground ``codec`` and its ``quality`` (None for PNG), and
-    the ``background`` codec of the block means (``raw`` lossless; a lossy one at ``quality``)."""
+    """One payload setting: ``mode`` (``blocks``, ``mixed`` or ``simplified``), hard-mask
+    ``threshold`` and ``block`` (None for simplified), ``codec`` (of the kept blocks, x̃ or the
+    simplified image) and its ``quality`` (None for PNG), and the ``background`` codec of the
+    block means in blocks mode (``raw`` lossless; a lossy one at ``quality``; None in mixed mode,
+    where x̃ carries them)."""
 
     mode: str
     threshold: float | None
     block: int | None
     codec: str
     quality: int | None
-    background: str = "raw"
+    background: str | None = "raw"
 
     @property
     def series(self) -> str:
         """The curve this point belongs to (points of one curve differ in quality only)."""
         if self.mode == "simplified":
             return f"simplified {self.codec}"
+        if self.mode == "mixed":
+            return f"payload mixed {self.codec} t={self.threshold:g} b={self.block}"
         return f"payload {self.codec} t={self.threshold:g} b={self.block}" + ("" if self.background == "raw" else f" bg={self.background}")
 
     def encode(self, result: Result) -> bytes:
@@ -71,18 +76,19 @@ class OperatingPoint:
         quality = {"quality": self.quality} if self.quality is not None else {}
         if self.mode == "simplified":
             return encode(result.simplified, result.frame_record(), mode="simplified", codec=self.codec, **quality)
-        return encode(result.image, result.frame_record(), threshold=self.threshold, block=self.block, codec=self.codec,
-                      background=self.background, **quality)
+        background = {"background": self.background} if self.background is not None else {}
+        return encode(result.image, result.frame_record(), mode=self.mode, threshold=self.threshold, block=self.block,
+                      codec=self.codec, **background, **quality)
 
 
 def operating_points(pipeline: Pipeline, thresholds: Sequence[float] | None = None, block_sizes: Sequence[int] | None = None,
                      codecs: Sequence[str] = FORMATS, qualities: Sequence[int] = (50, 75, 90),
-                     backgrounds: Sequence[str] = ("raw",)) -> list[OperatingPoint]:
+                     backgrounds: Sequence[str] = ("raw",), modes: Sequence[str] = ("blocks",)) -> list[OperatingPoint]:
     """Every combination; thresholds and block sizes default to the bundle's (a SimpleBits bundle
-    has neither). PNG is lossless: one point per threshold and block, no quality. WebP needs
-    colour frames: it is left out for grey bundles. ``backgrounds``: codecs of the block means
-    (``raw``, ``png``, ``jpeg``, ``webp``; a lossy one takes the point's quality, and is paired
-    with lossy foregrounds only).
+    has neither, and one mode: simplified). PNG is lossless: one point per threshold and block, no quality. WebP needs
+    colour frames: it is left out for grey bundles. ``backgrounds``: codecs of the block means in
+    blocks mode (``raw``, ``png``, ``jpeg``, ``webp``; a lossy one takes the point's quality, and is paired
+    with lossy foregrounds only). ``modes``: ``blocks`` and/or ``mixed`` (:func:`keepbits.codec.encode`).
 
     Example:
         >>> import tempfile
@@ -92,6 +98,8 @@ def operating_points(pipeline: Pipeline, thresholds: Sequence[float] | None = No
         >>> pipe = Pipeline.from_bundle(toy_bundle(tempfile.mkdtemp() + "/b"))
         >>> [p.series for p in operating_points(pipe, codecs=["png", "webp"], qualities=[50])]
         ['payload png t=0.5 b=4', 'payload webp t=0.5 b=4']
+        >>> [p.series for p in operating_points(pipe, codecs=["webp"], qualities=[50], modes=["mixed"])]
+        ['payload mixed webp t=0.5 b=4']
     """
     _check_formats(codecs, qualities)
     if pipeline.channels == 1:
@@ -107,8 +115,11 @@ def operating_points(pipeline: Pipeline, thresholds: Sequence[float] | None = No
         raise InputError(f"mask thresholds must be in [0, 1), got {thresholds}")
     if any(b < 1 for b in block_sizes):
         raise InputError(f"block sizes must be >= 1, got {block_sizes}")
-    return [OperatingPoint("blocks", float(t), int(b), c, q, bg) for t in thresholds for b in block_sizes for c, q in coded
-            for bg in backgrounds if bg in ("raw", "png") or q is not None]
+    if not modes or set(modes) - {"blocks", "mixed"}:
+        raise InputError(f"payload modes must be blocks and/or mixed, got {list(modes)}")
+    backgrounds_of = {"blocks": list(backgrounds), "mixed": [None]}
+    return [OperatingPoint(mode, float(t), int(b), c, q, bg) for mode in modes for t in thresholds for b in block_sizes
+            for c, q in coded for bg in backgrounds_of[mode] if bg in (None, "raw", "png") or q is not None]
 
 
 def map_labels(labels: np.ndarray, data_classes: Sequence[str], model_classes: Sequence[str]) -> tuple[np.ndarray, str]:
@@ -201,6 +212,7 @@ def rate_accuracy(
     baseline_qualities: Sequence[int] = (10, 30, 50, 75, 90),
     batch_size: int = 32,
     backgrounds: Sequence[str] = ("raw",),
+    modes: Sequence[str] = ("blocks",),
 ) -> dict[str, Any]:
     """The protocol of the module docstring on ``images`` (uint8 H×W×C RGB or grey, any size);
     ``labels`` are indices into the bundle's classes, or None. Returns ``full_frame``,
@@ -215,7 +227,7 @@ def rate_accuracy(
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     _check_formats(baselines or ["png"], baseline_qualities)
-    points = operating_points(pipeline, thresholds, block_sizes, codecs, qualities, backgrounds)
+    points = operating_points(pipeline, thresholds, block_sizes, codecs, qualities, backgrounds, modes)
     plain = [(f, None) for f in baselines if f == "png"] + [(f, q) for f in baselines if f in LOSSY for q in baseline_qualities]
     full = _Tally()
     payload_rows = [_Tally(**dataclasses.asdict(p), series=p.series) for p in points]

@@ -193,11 +193,11 @@ class Pipeline:
         self.explain = m.explain
         self.compress_enabled = compress
         self.codec_options = dict(codec_options or {})
-        # the payload mode follows the explain stage: a mask (blocks/paper) or the simplified image
+        # the payload mode follows the explain stage: a mask (blocks/mixed/paper) or the simplified image
         mode = self.codec_options.setdefault("mode", "simplified" if self.explain == "simplify" else "blocks")
         if (mode == "simplified") != (self.explain == "simplify"):
             raise InputError(f"{bundle.source}: codec mode {mode!r} does not fit a bundle with explain {self.explain!r} "
-                             f"({'simplified' if self.explain == 'simplify' else 'blocks or paper'})")
+                             f"({'simplified' if self.explain == 'simplify' else 'blocks, mixed or paper'})")
         self.providers = self.session.get_providers()
         self._outputs = ["logits", m.output_names[1]]
         self._counter = itertools.count()
