@@ -189,6 +189,8 @@ def test_demo_runs_on_the_bundled_assets(tmp_path, capsys):
     assert "Intel IoT DevKit sample videos" in report
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["written"] == 6 and summary["ratio_vs_jpeg"] > 0 and summary["ratio_vs_png"] > 0
+    assert summary["pipeline"]["codec"]["mode"] == "mixed" and "payload (mixed, x̃ webp q75)" in report
+    assert decode((tmp_path / "payloads" / sorted(p.name for p in (tmp_path / "payloads").iterdir())[0]).read_bytes())[2].mode == "mixed"
     comparison = summary["matched_agreement"]
     assert comparison["frames"] == 6 and set(comparison["matched"]) == {"jpeg", "webp"}
     assert all(row is None or row["agreement"] >= comparison["payload"]["agreement"] for row in comparison["matched"].values())

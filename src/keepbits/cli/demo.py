@@ -31,8 +31,8 @@ DEMO_BUNDLE = ASSETS / "lite0_nice_bundle.zip"
 DEMO_STREAM = ASSETS / "bottle_clip.mp4"
 #: Credit the clip's license asks for, printed with the results and stored in the summary.
 CREDIT = "clip: Intel IoT DevKit sample videos (bottle-detection.mp4, frames 400-549), CC-BY 4.0 (keepbits/assets/LICENSE-CC-BY-4.0)"
-#: Payload settings of the demo (kept blocks and block means as WebP) and the qualities the whole-frame files are swept over.
-DEMO_CODEC = {"codec": "webp", "quality": 75, "background": "webp"}
+#: Payload settings of the demo (x̃ as one WebP image, for a NICE bundle) and the qualities the whole-frame files are swept over.
+DEMO_CODEC = {"mode": "mixed", "codec": "webp", "quality": 75, "background": "webp"}
 BASELINE_QUALITIES = (10, 25, 40, 55, 70, 85, 95)
 
 
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="model bundle (default: the bundled EfficientNet-Lite0 + NICE model)")
     parser.add_argument("--source", default=None, help="stream (default: the bundled clip)")
     parser.add_argument("--no-compare", action="store_true", help="skip the JPEG/WebP comparison at matched agreement")
-    add_codec_arguments(parser)
+    add_codec_arguments(parser, {**DEMO_CODEC, "mode": f"{DEMO_CODEC['mode']} for a NICE bundle, simplified for a SimpleBits one"})
     parser.set_defaults(codec=None, quality=None, background=None)
 
 
@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     args.quality = args.quality or DEMO_CODEC["quality"]
     args.background = args.background or DEMO_CODEC["background"]
     pipeline = Pipeline.from_bundle(model, backend=args.backend, threads=args.threads, **codec_options(args))
+    if args.mode is None and pipeline.explain == "mask":
+        pipeline.codec_options["mode"] = DEMO_CODEC["mode"]
     stream = open_source(source)
     sinks = [FilesSink(args.out), VideoSink(args.out / "annotated.mp4", stream.fps)]
     with handle_signals(threading.Event()) as stop:

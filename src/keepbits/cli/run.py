@@ -38,16 +38,20 @@ EXIT_HELP = ("exit codes (the JSON summary's status and reason say the same): "
              "130: aborted by a second SIGINT/SIGTERM.")
 
 
-def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
-    """Codec options shared by ``run`` and ``demo``."""
+def add_codec_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """Codec options shared by ``run`` and ``demo``; ``defaults`` (the demo's) replace the run defaults
+    in the help (the command applies them)."""
+    shown = {"mode": "blocks for NICE bundles, simplified for SimpleBits bundles", "codec": "png", "background": "raw",
+             "quality": 90, **(defaults or {})}
     parser.add_argument("--mode", choices=["blocks", "mixed", "paper", "simplified"], default=None,
-                        help="blocks (default for NICE bundles): background means + mask + kept blocks; mixed: x̃ as one "
-                             "--codec image + mask (use it with jpeg/webp); paper: x̃ as one PNG (NICE protocol); "
-                             "simplified (SimpleBits bundles, their default): the simplified image")
+                        help="blocks: background means + mask + kept blocks; mixed: x̃ as one --codec image + mask (with "
+                             "jpeg/webp smaller and closer than blocks); paper: x̃ as one PNG (NICE protocol); simplified "
+                             f"(SimpleBits bundles only): the simplified image (default: {shown['mode']})")
     parser.add_argument("--codec", choices=["png", "jpeg", "webp"], default="png",
-                        help="kept blocks, x̃ (mixed mode) or the simplified image (png = lossless)")
-    parser.add_argument("--background", choices=["raw", "png", "jpeg", "webp"], default="raw", help="block means (raw/png = lossless)")
-    parser.add_argument("--quality", type=int, default=90, help="jpeg/webp quality 1..100")
+                        help=f"kept blocks, x̃ (mixed mode) or the simplified image (png = lossless) (default: {shown['codec']})")
+    parser.add_argument("--background", choices=["raw", "png", "jpeg", "webp"], default="raw",
+                        help=f"block means in blocks mode (raw/png = lossless) (default: {shown['background']})")
+    parser.add_argument("--quality", type=int, default=90, help=f"jpeg/webp quality 1..100 (default: {shown['quality']})")
     add_backend_arguments(parser)
 
 
