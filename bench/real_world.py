@@ -236,7 +236,7 @@ def plot(results: dict[str, Any], budget: list[dict[str, Any]], tag: str) -> lis
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%)")
     handles = ([Line2D([], [], color=c, lw=2, label=f"payload {run}") for run, c in colours.items()]
-               + [Line2D([], [], color="0.3", ls=ls or "none", marker="o" if not ls else None, label=f"foreground {codec}" + (" (lossless)" if not ls else " q50/75/90"))
+               + [Line2D([], [], color="0.3", ls=ls or "none", marker="o" if not ls else None, label=f"payload codec {codec}" + (" (lossless)" if not ls else " q50/75/90"))
                   for codec, ls in styles.items()]
                + [Line2D([], [], color="0.3", ls="none", marker=m, label=f"blocks, block means {bg}") for bg, m in markers.items() if bg in ("raw", "webp")]
                + [Line2D([], [], color="0.3", ls="none", marker="D", label="mixed (x̃ as one image)")]

@@ -3,7 +3,7 @@
 One writer for every way payloads arrive: ``keepbits decode`` (``.kbit`` files from
 ``--sink files:``), ``keepbits receive`` over TCP (:mod:`keepbits.runtime.net`) and over MQTT
 (:mod:`keepbits.runtime.mqtt`). Per payload it writes x̃ (or the simplified image) cropped to
-the source frame's box as ``<name>.png``, the hard mask (blocks mode) as ``<name>_mask.png``
+the source frame's box as ``<name>.png``, the hard mask (blocks and mixed modes) as ``<name>_mask.png``
 (255 = kept), one line of ``frames.jsonl``, and optionally a frame of a video. A payload that
 does not decode raises :class:`keepbits.errors.DecodeError` and writes nothing; callers count it
 and go on.
