@@ -93,12 +93,14 @@ def test_eval_labelled_and_unlabelled(tmp_path, photos, capsys):
                             "--codecs", "png", "webp", "--qualities", "60", "--baseline-qualities", "30", "--out", str(tmp_path / "ev"),
                             "--examples", "2"], capsys)
     assert code == 0 and result["labelled"] and result["num_images"] == 4 and result["labels_matched"] == "by name"
-    assert "sample 4, seed 0" in result["data"] and len(result["payload"]) == 2 and len(result["baselines"]) == 3
+    assert "sample 4, seed 0" in result["data"] and len(result["baselines"]) == 3
+    assert [(p["mode"], p["codec"]) for p in result["payload"]] == [("blocks", "png"), ("blocks", "webp"), ("mixed", "png"), ("mixed", "webp")]
     assert {p.name for p in (tmp_path / "ev").iterdir()} == {"eval.html", "eval.json", "rate_accuracy.png"}
     assert "smallest_within" in result
     code, result, _ = _run(["-q", "eval", "--model", str(DEMO_BUNDLE), "--data", str(photos), "--codecs", "jpeg", "--qualities", "50",
-                            "--baselines", "--out", str(tmp_path / "ev2")], capsys)
+                            "--modes", "mixed", "--baselines", "--out", str(tmp_path / "ev2")], capsys)
     assert code == 0 and not result["labelled"] and result["num_images"] == 5 and result["baselines"] == []
+    assert [p["series"] for p in result["payload"]] == ["payload mixed jpeg t=0.5 b=4"]
     code, _, err = _run(["eval", "--model", str(DEMO_BUNDLE), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "data path not found" in err
 
