@@ -12,7 +12,9 @@ the bundle's own preprocessing, all in one process with one-thread ONNX Runtime 
   and the gate add;
 * encode: :func:`keepbits.codec.encode` of each frame with the bundle's own mask (the pipeline's
   default codec settings), with the native library's foreground helpers (``keepbits_kept_blocks``,
-  ``keepbits_mosaic``) and with the numpy path they replace (same bytes, checked).
+  ``keepbits_mosaic``) and with the numpy path they replace (same bytes, checked); and, native,
+  at the lossy settings of :data:`LOSSY_SETTINGS` (blocks with WebP means as the demo sent until
+  2026-12-06, mixed: x̃ as one image, WebP also at libwebp method 2), with their bytes per frame.
 
 Measures alternate in ``--rounds`` rounds (order rotated); each figure is the median over rounds
 of the mean milliseconds per frame (process CPU time: one thread, so it is also the wall time
@@ -36,6 +38,15 @@ from runtime_throughput import classifier_only_graph  # noqa: E402
 
 from keepbits.codec import encode, payload  # noqa: E402
 from keepbits.runtime import Pipeline  # noqa: E402
+
+
+#: Lossy codec settings measured besides the default (lossless PNG blocks, raw means).
+LOSSY_SETTINGS = {
+    "blocks_webp75_webp_means": {"mode": "blocks", "codec": "webp", "quality": 75, "background": "webp"},
+    "mixed_webp75": {"mode": "mixed", "codec": "webp", "quality": 75},
+    "mixed_webp75_method2": {"mode": "mixed", "codec": "webp", "quality": 75, "webp_method": 2},
+    "mixed_jpeg75": {"mode": "mixed", "codec": "jpeg", "quality": 75},
+}
 
 
 def cpu_ms_per_item(run: Callable[[], int]) -> float:
@@ -76,6 +87,13 @@ def measure(bundle: Path, frames: list[np.ndarray], rounds: int, work: Path) -> 
             return len(records)
         return run
 
+    def encode_with(options: dict):
+        def run():
+            for image, record in records:
+                encode(image, record, **options)
+            return len(records)
+        return run
+
     payload._native_foreground = lambda: None
     try:
         numpy_bytes = [encode(image, record, timestamp=0.0) for image, record in records]
@@ -83,7 +101,8 @@ def measure(bundle: Path, frames: list[np.ndarray], rounds: int, work: Path) -> 
         payload._native_foreground = fast
     measures = {"graph_ms": graph(pipe.session, ["logits", pipe.manifest.output_names[1]]),
                 "classifier_only_ms": graph(classifier_only, ["logits"]),
-                "encode_native_ms": encode_all(True), "encode_numpy_ms": encode_all(False)}
+                "encode_native_ms": encode_all(True), "encode_numpy_ms": encode_all(False),
+                **{f"encode_{key}_ms": encode_with(options) for key, options in LOSSY_SETTINGS.items()}}
     for run in measures.values():
         run()  # warm-up
     rows = []
@@ -101,6 +120,8 @@ def measure(bundle: Path, frames: list[np.ndarray], rounds: int, work: Path) -> 
         "median": med, "generator_and_gate_ms": med["graph_ms"] - med["classifier_only_ms"],
         "generator_and_gate_share_of_classifier": (med["graph_ms"] - med["classifier_only_ms"]) / med["classifier_only_ms"],
         "encode_native_over_numpy": med["encode_native_ms"] / med["encode_numpy_ms"],
+        "lossy_settings": {key: {**options, "bytes_per_frame": float(np.mean([len(encode(i, r, **options)) for i, r in records])),
+                                 "encode_ms": med[f"encode_{key}_ms"]} for key, options in LOSSY_SETTINGS.items()},
         "rounds": rows,
     }
 
@@ -129,7 +150,8 @@ def main() -> None:
     for b in bundles:
         m = b["median"]
         print(f"{b['bundle']}: graph {m['graph_ms']:.2f} vs classifier only {m['classifier_only_ms']:.2f} ms "
-              f"(+{b['generator_and_gate_ms']:.2f}); encode {m['encode_native_ms']:.3f} (native) vs {m['encode_numpy_ms']:.3f} ms (numpy)")
+              f"(+{b['generator_and_gate_ms']:.2f}); encode {m['encode_native_ms']:.3f} (native) vs {m['encode_numpy_ms']:.3f} ms (numpy); "
+              + "; ".join(f"{key} {v['encode_ms']:.3f} ms {v['bytes_per_frame']:.0f} B" for key, v in b["lossy_settings"].items()))
     print(write_result("pipeline_parts", {"video": video.name, "frames": len(frames), "threads": 1, "bundles": bundles}))
 
 

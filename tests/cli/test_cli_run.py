@@ -58,10 +58,17 @@ def test_run_writes_sinks_and_prints_summary(bundle, tmp_path, capsys):
 def test_run_with_model_workers_keeps_source_order(bundle, tmp_path, capsys):
     video = _video(tmp_path / "in.mp4", 12)
     rc = main(["-q", "run", "--model", str(bundle), "--source", video, "--sink", f"files:{tmp_path / 'out'}",
-               "--workers", "2", "--threads", "1"])
+               "--workers", "2", "--threads", "1", "--mode", "mixed", "--codec", "webp", "--quality", "70", "--webp-method", "1"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["written"] == 12 and summary["workers"] == 2
+    assert {k: summary["pipeline"]["codec"][k] for k in ("mode", "codec", "quality", "webp_method")} == {
+        "mode": "mixed", "codec": "webp", "quality": 70, "webp_method": 1}
+    first = decode((tmp_path / "out" / "payloads" / "00000000.kbit").read_bytes())
+    assert first[2].mode == "mixed" and first[2].codecs == {"mixed": "webp", "mask": "bits"} and first[1] is not None
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage and one line on stderr, exit 2
+        main(["run", "--model", str(bundle), "--source", video, "--webp-method", "7"])
+    assert exit_info.value.code == 2 and "--webp-method: invalid choice: 7" in capsys.readouterr().err
     records = [json.loads(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
     assert [r["sequence"] for r in records] == [r["source_index"] for r in records] == list(range(12))
 

@@ -128,6 +128,18 @@ def test_lossy_mixed_mode_beats_lossy_blocks(codec):
     assert mixed_bytes < blocks_bytes and mixed_mse < blocks_mse
 
 
+def test_webp_method_reaches_every_webp_section():
+    frame = _clip_frame()
+    mask = np.zeros(frame.shape[:2], np.float32)
+    mask[20:90, 40:150] = 1
+    for options in ({"mode": "mixed"}, {"mode": "blocks", "background": "webp"}, {"mode": "simplified"}):
+        default = encode(frame, mask, block=4, codec="webp", quality=60, timestamp=0.0, **options)
+        fast = encode(frame, mask, block=4, codec="webp", quality=60, timestamp=0.0, webp_method=0, **options)
+        assert fast != default and decode(fast)[2].codecs == decode(default)[2].codecs, options
+    with pytest.raises(InputError, match="WebP method"):
+        encode(frame, mask, block=4, webp_method=-1)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_simplified_mode_sends_the_image_itself(channels):
     """Mode "simplified" (SimpleBits): no mask; PNG is exact, JPEG/WebP close; blocks/paper need a mask."""

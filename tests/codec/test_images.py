@@ -40,6 +40,30 @@ def test_lossy_formats_keep_size_and_colour_order(fmt):
     assert len(low) < len(high)
 
 
+def test_webp_method_trades_encode_effort_for_bytes():
+    """libwebp's method (Pillow) on a frame of the shipped clip: the fastest setting takes more
+    bytes than the slowest, every method decodes close to the frame, and the default (None)
+    stays OpenCV's encoder."""
+    import cv2
+    from importlib.resources import files
+
+    capture = cv2.VideoCapture(str(files("keepbits.assets") / "bottle_clip.mp4"))
+    ok, frame = capture.read()
+    capture.release()
+    assert ok
+    img = np.ascontiguousarray(cv2.resize(frame, (160, 96), interpolation=cv2.INTER_AREA)[:, :, ::-1])
+    sizes = {}
+    for method in (0, 2, 6):
+        data = encode_image(img, "webp", 75, webp_method=method)
+        out = decode_image(data, "webp", shape=img.shape)
+        assert 10 * np.log10(255**2 / np.mean((out - img.astype(float)) ** 2)) > 28, method
+        sizes[method] = len(data)
+    assert sizes[0] > sizes[6]
+    default = cv2.imencode(".webp", img[:, :, ::-1], [cv2.IMWRITE_WEBP_QUALITY, 75])[1].tobytes()
+    assert encode_image(img, "webp", 75) == default
+    assert decode_image(encode_image(img[:, :, :1], "webp", 75, webp_method=1), channels=1).shape == (96, 160, 1)
+
+
 def test_grey_images_and_channel_conversion():
     grey = _smooth(16, 16, 1)
     assert decode_image(encode_image(grey[..., 0], "jpeg", 95)).shape == (16, 16, 1)
@@ -69,6 +93,8 @@ def test_decode_checks_shape_format_and_size_first():
     (np.zeros((4, 4), np.uint8), "gif", {}, "format"),
     (np.zeros((4, 4), np.uint8), "jpeg", {"quality": 0}, "quality"),
     (np.zeros((4, 4), np.uint8), "png", {"png_level": 10}, "PNG level"),
+    (np.zeros((4, 4, 3), np.uint8), "webp", {"webp_method": 7}, "WebP method"),
+    (np.zeros((4, 4, 3), np.uint8), "webp", {"webp_method": 2, "quality": 0}, "quality"),
 ])
 def test_bad_encode_input(image, fmt, kwargs, match):
     with pytest.raises(InputError, match=match):

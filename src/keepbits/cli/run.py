@@ -52,6 +52,9 @@ def add_codec_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any
     parser.add_argument("--background", choices=["raw", "png", "jpeg", "webp"], default="raw",
                         help=f"block means in blocks mode (raw/png = lossless) (default: {shown['background']})")
     parser.add_argument("--quality", type=int, default=90, help=f"jpeg/webp quality 1..100 (default: {shown['quality']})")
+    parser.add_argument("--webp-method", type=int, choices=range(7), default=None, metavar="0..6",
+                        help="libwebp effort: 0-2 encode faster for a few %% more bytes, 5-6 the reverse "
+                             "(default: OpenCV's encoder, method 4)")
     add_backend_arguments(parser)
 
 
@@ -99,6 +102,8 @@ def codec_options(args: argparse.Namespace) -> dict[str, Any]:
     if not 1 <= args.quality <= 100:
         raise InputError(f"--quality must be 1..100, got {args.quality}")
     options = {"codec": args.codec, "background": args.background, "quality": args.quality}
+    if args.webp_method is not None:
+        options["webp_method"] = args.webp_method
     return options if args.mode is None else {"mode": args.mode, **options}
 
 

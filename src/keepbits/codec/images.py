@@ -5,7 +5,9 @@ Images are uint8 H×W×C, C = 1 (grey) or 3 (**RGB**). PNG is lossless; with ``p
 it is :func:`keepbits.codec.png.encode_png` (Paeth filter, run-length deflate: fast, and the
 smallest on camera content), with ``png_level`` 0–9 OpenCV's writer at that zlib level (LZ77,
 adaptive filters: better on long-range repeats). JPEG and WebP are lossy at ``quality`` 1–100
-(OpenCV's libjpeg / libwebp; a grey image is sent as WebP's RGB). Decoding uses Pillow, checks
+(OpenCV's libjpeg / libwebp, whose WebP effort is libwebp's method 4; ``webp_method`` 0–6 picks
+another effort through Pillow's libwebp: 0–2 encode faster for slightly more bytes, 5–6 the
+reverse; a grey image is sent as WebP's RGB). Decoding uses Pillow, checks
 the size before it allocates the pixels and raises :class:`keepbits.errors.DecodeError`.
 
 Example:
@@ -49,20 +51,33 @@ def _check_image(image: Any) -> np.ndarray:
     return arr
 
 
-def encode_image(image: Any, fmt: str, quality: int = 90, png_level: int | None = None) -> bytes:
+def encode_image(image: Any, fmt: str, quality: int = 90, png_level: int | None = None, webp_method: int | None = None) -> bytes:
     """``image`` (uint8 H×W, H×W×1 or H×W×3 RGB) as ``fmt`` bytes: ``"png"`` (lossless;
     ``png_level`` None: keepbits' Paeth + run-length writer, 0–9: that zlib level), ``"jpeg"``
-    or ``"webp"`` at ``quality`` (1–100).
+    or ``"webp"`` at ``quality`` (1–100; ``webp_method`` None: OpenCV's encoder, libwebp method 4;
+    0–6: that libwebp method through Pillow).
 
     Example:
         >>> import numpy as np
         >>> from keepbits.codec.images import encode_image
         >>> encode_image(np.zeros((4, 4), np.uint8), "png")[:4]
         b'\\x89PNG'
+        >>> encode_image(np.zeros((4, 4, 3), np.uint8), "webp", 75, webp_method=2)[8:12]
+        b'WEBP'
     """
     img = np.ascontiguousarray(_check_image(image))
     if fmt not in FORMATS:
         raise InputError(f"image format must be one of {FORMATS}, got {fmt!r}")
+    if webp_method is not None and not (isinstance(webp_method, int) and 0 <= webp_method <= 6):
+        raise InputError(f"WebP method must be 0..6 (or None: OpenCV's, 4), got {webp_method!r}")
+    if fmt == "webp" and webp_method is not None:
+        if not 1 <= quality <= 100:
+            raise InputError(f"quality must be 1..100, got {quality}")
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.fromarray(img if img.shape[2] == 3 else np.repeat(img, 3, axis=2)).save(out, "WEBP", quality=quality, method=webp_method)
+        return out.getvalue()
     if fmt == "png" and png_level is None:
         return encode_png(img)
     if fmt == "png" and not 0 <= png_level <= 9:

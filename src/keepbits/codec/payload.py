@@ -173,17 +173,18 @@ def mixed_image(frame: Any, mask: Any, block: int, threshold: float = 0.5) -> np
     return np.where(keep[:, :, None], x, _upsample(_grid_means(x, block), *x.shape[:2], th, tw))
 
 
-def _encode_image(img: np.ndarray, codec: int, quality: int, png_level: int | None) -> bytes:
-    """One image section (:func:`keepbits.codec.images.encode_image`; PNG with ``png_level`` None:
-    Paeth + run-length deflate, on camera frames and foreground mosaics both faster and smaller
-    than zlib's LZ77 levels, ``docs/codec.md``)."""
-    return encode_image(img, CODEC_NAMES[codec], quality, png_level)
+def _encode_image(img: np.ndarray, codec: int, quality: int, effort: dict[str, int | None]) -> bytes:
+    """One image section (:func:`keepbits.codec.images.encode_image` with ``effort``: its
+    ``png_level`` and ``webp_method``; PNG with ``png_level`` None: Paeth + run-length deflate, on
+    camera frames and foreground mosaics both faster and smaller than zlib's LZ77 levels,
+    ``docs/codec.md``)."""
+    return encode_image(img, CODEC_NAMES[codec], quality, **effort)
 
 
-def _encode_section(img: np.ndarray, codec: int, quality: int, png_level: int | None) -> bytes:
+def _encode_section(img: np.ndarray, codec: int, quality: int, effort: dict[str, int | None]) -> bytes:
     if codec == CODEC_RAW:
         return deflate.compress(img.tobytes(), 6)
-    return _encode_image(img, codec, quality, png_level)
+    return _encode_image(img, codec, quality, effort)
 
 
 def _decode_section(sec: Section, shape: tuple[int, int, int], what: str) -> np.ndarray:
@@ -289,6 +290,7 @@ def encode(
     roi: tuple[int, int, int, int] | None = None,
     source_size: tuple[int, int] | None = None,
     png_level: int | None = None,
+    webp_method: int | None = None,
 ) -> bytes:
     """Pack ``frame`` (uint8 RGB/grey) and its mask into a versioned payload.
 
@@ -303,6 +305,9 @@ def encode(
     ``png_level`` None (default) codes PNGs with the Paeth filter and zlib's run-length strategy
     (fast, and smallest on camera content); 0–9 uses that zlib level (LZ77) with OpenCV's
     adaptive filters, better for long-range repeats. Either way the PNG decodes to the same pixels.
+    ``webp_method`` None (default) codes WebP with OpenCV's encoder (libwebp method 4); 0–6 with
+    that libwebp method (Pillow): on a 224×224 camera frame method 2 is ≈ 2.4× faster for ≈ 6 %
+    more bytes (``bench/pipeline_parts.py``).
 
     Example:
         >>> import numpy as np
@@ -348,7 +353,10 @@ def encode(
         raise InputError("webp needs 3-channel frames; use png or jpeg for grey frames")
     if not 1 <= quality <= 100:
         raise InputError(f"quality must be 1..100, got {quality}")
+    if webp_method is not None and not (isinstance(webp_method, int) and 0 <= webp_method <= 6):
+        raise InputError(f"WebP method must be 0..6 (or None: OpenCV's, 4), got {webp_method!r}")
     threshold = 0.5 if threshold is None else float(threshold)
+    effort = {"png_level": png_level, "webp_method": webp_method}
     label = -1 if label is None else int(label)
     if not -1 <= label < 1 << 15:
         raise InputError(f"label index must be -1..32767, got {label}")
@@ -364,7 +372,7 @@ def encode(
     if mode == "simplified":
         img_codec = IMAGE_CODECS[codec]
         section_quality = 0 if img_codec == CODEC_PNG else quality
-        return pack(header, [(TAG_SIMPLIFIED, img_codec, section_quality, _encode_image(x, img_codec, quality, png_level))])
+        return pack(header, [(TAG_SIMPLIFIED, img_codec, section_quality, _encode_image(x, img_codec, quality, effort))])
     keep = _hard_mask(mask, (h, w), threshold)
     bh, bw, th, tw = _grid(h, w, block)
     grid = _grid_means(x, block)
@@ -372,17 +380,17 @@ def encode(
     if mode in ("paper", "mixed"):
         mixed = np.where(keep[:, :, None], x, _upsample(grid, h, w, th, tw))
         if mode == "paper":
-            return pack(header, [(TAG_MIXED, CODEC_PNG, 0, _encode_image(mixed, CODEC_PNG, 0, png_level))])
+            return pack(header, [(TAG_MIXED, CODEC_PNG, 0, _encode_image(mixed, CODEC_PNG, 0, effort))])
         img_codec = IMAGE_CODECS[codec]
         return pack(header, [(TAG_MIXED, img_codec, 0 if img_codec == CODEC_PNG else quality,
-                              _encode_image(mixed, img_codec, quality, png_level)), mask_section])
+                              _encode_image(mixed, img_codec, quality, effort)), mask_section])
     bg_codec, fg_codec = BACKGROUND_CODECS[background], IMAGE_CODECS[codec]
-    sections = [(TAG_BACKGROUND, bg_codec, quality, _encode_section(grid, bg_codec, quality, png_level)), mask_section]
+    sections = [(TAG_BACKGROUND, bg_codec, quality, _encode_section(grid, bg_codec, quality, effort)), mask_section]
     kept = _kept_blocks(keep, block)
     k = int(kept.sum())
     if k:
         mosaic = _mosaic(x, keep, grid, kept, k, th, tw)
-        sections.append((TAG_FOREGROUND, fg_codec, quality, _encode_image(mosaic, fg_codec, quality, png_level)))
+        sections.append((TAG_FOREGROUND, fg_codec, quality, _encode_image(mosaic, fg_codec, quality, effort)))
     return pack(header, sections)
 
 
