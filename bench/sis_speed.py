@@ -50,6 +50,7 @@ from torch import nn
 from _results import default_data_dir, write_result
 from keepbits.audit import TorchAdapter, backselect, backselect_batch, find_sis, load_model
 from keepbits.audit.sis import BackSelectResult, select
+from keepbits.audit import sis as sis_module
 from keepbits.audit.sis import _evaluators as sis_evaluators
 from keepbits.core import sigmoid, target_margin
 from keepbits.data import channel_stats, load_dataset, sample_indices
@@ -214,16 +215,34 @@ def torch_scores(net: nn.Module, target: int, exact: bool, dtype: torch.dtype) -
 def run_model(name: str, model, net64: nn.Module, naive_score: Callable[[int], Callable], images: np.ndarray, labels: np.ndarray,
               feed: Callable[[np.ndarray], np.ndarray], mask_pixel: np.ndarray, channels_last: bool, log: Callable,
               reference_images: int | None = None, single: bool = True, progress: Callable[[dict], None] = lambda row: None,
-              naive_steps: int | None = None) -> dict:
+              naive_steps: int | None = None, torch_plain_too: bool = False) -> dict:
     """keepbits (batched, then one image alone), the naive algorithm and (on the first
     ``reference_images``, default all) the float64 reference on ``images``; ``progress``
     receives the summary after every image (saved, so a long run can be cut). With
     ``naive_steps`` the naive algorithm and the float64 reference run only that many steps
-    per image; the naive time of a whole order is then extrapolated (see :func:`whole_order`)."""
+    per image; the naive time of a whole order is then extrapolated (see :func:`whole_order`).
+    ``torch_plain_too``: where ``auto`` took the plain screen as an ONNX Runtime export, keepbits
+    is timed once more with the plain screen kept in torch (same images, same process)."""
     x = model.prepare(images)
     targets = model.probabilities(x).argmax(1)
-    (_, _, method), setup_wall, setup_cpu = timed(lambda: sis_evaluators(model, "auto", None, None))  # plan, trace, timing
+    (screen, _, method), setup_wall, setup_cpu = timed(lambda: sis_evaluators(model, "auto", None, None))  # plan, trace, timing
     ours, wall, cpu = timed(lambda: backselect_batch(model, images, targets, method="auto"))
+    torch_plain = None
+    if torch_plain_too and type(screen).__name__ == "OnnxScreen" and model.torch_module is not None:
+        saved = sis_module.ORT_TRIAL_SECONDS
+        sis_module.ORT_TRIAL_SECONDS = float("inf")
+        sis_module._EVALUATORS.pop(model.torch_module, None)
+        try:
+            (_, _, _), tp_setup_wall, tp_setup_cpu = timed(lambda: sis_evaluators(model, "auto", None, None))
+            theirs, tp_wall, tp_cpu = timed(lambda: backselect_batch(model, images, targets, method="auto"))
+        finally:
+            sis_module.ORT_TRIAL_SECONDS = saved
+            sis_module._EVALUATORS.pop(model.torch_module, None)
+        torch_plain = {"keepbits_torch_plain_batched_s_per_image": {"wall": round(tp_wall / len(images), 3), "cpu": round(tp_cpu / len(images), 3)},
+                       "keepbits_torch_plain_setup_s": {"wall": round(tp_setup_wall, 3), "cpu": round(tp_setup_cpu, 3)},
+                       "torch_plain_over_onnxruntime_plain_cpu": round(tp_cpu / cpu, 3),
+                       "torch_plain_orders_identical": all(np.array_equal(a.order, b.order) for a, b in zip(ours, theirs))}
+        log(f"{name}: plain screen in torch {tp_cpu / len(images):.2f} s CPU/image vs ONNX Runtime {cpu / len(images):.2f}")
     if single:  # the first image alone (the evaluators are cached by then: no planning or timing in it)
         one, single_wall, single_cpu = timed(lambda: backselect(model, images[0], int(targets[0]), method="auto"))
     log(f"{name}: keepbits {ours[0].method} {wall / len(images):.2f} s/image wall, {cpu / len(images):.2f} s CPU (batched)")
@@ -237,7 +256,7 @@ def run_model(name: str, model, net64: nn.Module, naive_score: Callable[[int], C
         naive_wall, naive_cpu = (sum(r["naive_wall_s"] for r in done) / len(done), sum(r["naive_cpu_s"] for r in done) / len(done)) if done else (0.0, 0.0)
         exact = [r["vs_float64_reference"] for r in rows if "vs_float64_reference" in r]
         whole = [e for e in exact if "order_identical" in e]
-        out = {"model": name, "method": ours[0].method, "images": n, "naive_images_done": len(done), "pixels": int(h * w),
+        out = {"model": name, "method": ours[0].method, "plain_screen": type(screen).__name__ if method == "plain" else None, "images": n, "naive_images_done": len(done), "pixels": int(h * w),
                "naive_s_per_image": {"wall": round(naive_wall, 3), "cpu": round(naive_cpu, 3)},
                "keepbits_setup_s": {"wall": round(setup_wall, 3), "cpu": round(setup_cpu, 3),
                                     "what": "tracing, planning, self-check and timing of the screens, once per model (cached)"},
@@ -252,7 +271,7 @@ def run_model(name: str, model, net64: nn.Module, naive_score: Callable[[int], C
                "images_prefix_checked_against_float64_reference": len(exact) - len(whole),
                "order_prefixes_identical_to_float64_reference": (all(e["order_prefix_identical"] for e in exact if e not in whole)
                                                                  if len(exact) > len(whole) else None),
-               "conv_multiply_adds_per_candidate": work, "per_image": rows}
+               "conv_multiply_adds_per_candidate": work, **(torch_plain or {}), "per_image": rows}
         if single and done:
             out["keepbits_single_image_s"] = {"wall": round(single_wall, 3), "cpu": round(single_cpu, 3)}
             out["ratio_single_image"] = {"wall": round(rows[0]["naive_wall_s"] / single_wall, 2), "cpu": round(rows[0]["naive_cpu_s"] / single_cpu, 2)}
@@ -302,6 +321,8 @@ def main() -> int:
     parser.add_argument("--resnet-naive-steps", type=int, default=None,
                         help="run the naive algorithm and the float64 reference only for the first N steps of each resnet20 image "
                              "and extrapolate the naive whole-order time (default: whole orders)")
+    parser.add_argument("--torch-plain-too", action="store_true",
+                        help="where the plain screen runs as an ONNX Runtime export, time keepbits again with it in torch (same run)")
     parser.add_argument("--resnet20", type=Path, default=Path("runs/r20_cifar10_e20/best.pt"), help="CIFAR-10 ResNet-20 checkpoint")
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
@@ -365,7 +386,8 @@ def main() -> int:
             accuracy = float((model.logits(model.normalize(cifar_acc.x)).argmax(1) == cifar_acc.y).mean())
             row = run_model(name, model, copy.deepcopy(net).double().eval(), lambda t: torch_scores(net, t, False, torch.float32),
                             cifar.x[p], cifar.y[p], lambda im: model.normalize(im)[0], np.zeros(3, np.float32), False, log,
-                            args.resnet_reference_images, single=False, progress=progress, naive_steps=args.resnet_naive_steps)
+                            args.resnet_reference_images, single=False, progress=progress, naive_steps=args.resnet_naive_steps,
+                            torch_plain_too=args.torch_plain_too)
             row["checkpoint"] = str(args.resnet20)
             row["test_accuracy_2000_sampled"] = accuracy
         elif name == "onnx-bundle":

@@ -269,3 +269,38 @@ def test_onnx_plain_path_equals_torch(tmp_path, float64_backselect):
         assert np.array_equal(g.order, w.order)
         assert np.array_equal(g.order, float64_backselect(make("residual"), x, g.target)[0])
         assert np.allclose(g.scores, w.scores, rtol=1e-4, atol=1e-6)  # ONNX scores: float32 logits unless re-scored
+
+
+class _ThroughNumpy(nn.Module):
+    """A model ONNX cannot capture: its forward leaves torch (a trace would freeze the values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(SHAPE[0], 4, 3, padding=1), nn.Linear(4 * SHAPE[1] * SHAPE[2], 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.fc(torch.from_numpy(h.detach().cpu().numpy()).to(x.dtype))
+
+
+def test_plain_screen_in_onnx_runtime_equals_float64_loop(monkeypatch, float64_backselect):
+    """On the CPU the plain screen may be an ONNX Runtime export of the torch model (taken where it
+    is faster; forced here): same orders and scores as the float64 loop. A model whose export
+    does not reproduce it keeps the torch screen."""
+    from keepbits.audit._sis_onnx import OnnxScreen, module_screen
+
+    monkeypatch.setattr(sis_module, "ORT_TRIAL_SECONDS", -1.0)
+    monkeypatch.setattr(sis_module, "_cpu_seconds", lambda screen, shape, candidates=256: 0.0 if isinstance(screen, OnnxScreen) else 1.0)
+    for family in ("residual", "strided-dilated-grouped", "global-pool", "concat"):
+        net = make(family)
+        model = TorchAdapter(net, SHAPE)
+        assert isinstance(sis_module._evaluators(model, "plain", None, None)[0], OnnxScreen)
+        x = images(0)[0]
+        plain = backselect(model, x, method="plain")
+        order, scores = float64_backselect(make(family), x, plain.target)
+        assert plain.method == "plain" and np.array_equal(plain.order, order), family
+        assert np.allclose(plain.scores, scores, rtol=1e-10, atol=1e-13)
+    frozen = _ThroughNumpy().eval()
+    screen, why = module_screen(frozen, SHAPE)
+    assert screen is None and why
+    assert not isinstance(sis_module._evaluators(TorchAdapter(frozen, SHAPE), "plain", None, None)[0], OnnxScreen)

@@ -38,7 +38,8 @@ chosen path are computed in float64 in one pass at the end and every winner's fl
 is checked against its step's ``ε`` (a miss reruns the images with a wider ``ε``). Screens: ``"incremental"`` (torch
 models: only the boxes of each feature map a one-pixel change reaches, from the traced
 graph, see :mod:`keepbits.audit._sis_incremental`) and ``"plain"`` (every candidate image
-through the model). Float64 re-scoring: a float64 copy of the torch model.
+through the model: in torch, or on the CPU an ONNX Runtime export of the model where that
+spends less CPU time, :func:`_plain_screen`). Float64 re-scoring: a float64 copy of the torch model.
 ONNX models (plain ``.onnx`` files and bundles) are converted to a torch twin of their graph
 where every operator has one (:mod:`keepbits.audit._onnx_torch`, checked against ONNX Runtime)
 and then take the torch screens and re-scoring on the graph's own input space; ``"plain"``
@@ -75,6 +76,9 @@ from keepbits.errors import InputError
 
 log = logging.getLogger("keepbits")
 
+#: A torch model whose plain screen spends more CPU seconds than this on 256 candidates is also
+#: tried as an ONNX Runtime export (:func:`_plain_screen`).
+ORT_TRIAL_SECONDS = 0.05
 #: Scores (float64 target margins, nats) closer than this to a step's best count as tied.
 TIE_TOLERANCE = 1e-9
 #: The float32 screening bound ε is this factor times the largest float32-vs-float64 margin difference seen in the run,
@@ -200,20 +204,47 @@ def _torch_evaluators(module: Any, shape: tuple[int, int, int], method: str, bat
 
     exact = DenseTorch(module, shape, torch.float64, device, batch_size)
     if method == "plain":
-        return DenseTorch(module, shape, torch.float32, device, batch_size), exact, "plain"
+        return _plain_screen(module, shape, device, batch_size), exact, "plain"
     try:
         screen = GraphScreen(module, shape, device, batch_size)
     except Unsupported as exc:
         if method == "incremental":
             raise InputError(f"incremental BackSelect does not support this model: {exc}") from None
         log.info("incremental BackSelect unavailable (%s); using full forward passes", exc)
-        return DenseTorch(module, shape, torch.float32, device, batch_size), exact, "plain"
+        return _plain_screen(module, shape, device, batch_size), exact, "plain"
     if method == "incremental" or (screen.local_nodes and screen.cacheable):
         return screen, exact, "incremental"
-    plain = DenseTorch(module, shape, torch.float32, device, batch_size)
+    plain = _plain_screen(module, shape, device, batch_size)
     if screen.local_nodes and screen.device.type == "cpu" and _cpu_seconds(screen, shape) < _cpu_seconds(plain, shape):
         return screen, exact, "incremental"
     return plain, exact, "plain"
+
+
+def _plain_screen(module: Any, shape: tuple[int, int, int], device: Any, batch_size: int | None) -> Any:
+    """The float32 screen of every candidate through the whole model: torch, or on the CPU an ONNX
+    Runtime export of the model (:func:`keepbits.audit._sis_onnx.module_screen`) where it spends
+    less CPU time on a batch of candidates. Models that spend at most :data:`ORT_TRIAL_SECONDS`
+    CPU seconds on that batch stay in torch (small models: the export would cost more than it saves)."""
+    import torch
+
+    from keepbits.audit._sis_torch import DenseTorch
+
+    dense = DenseTorch(module, shape, torch.float32, device, batch_size)
+    if dense.device.type != "cpu":
+        return dense
+    torch_seconds = _cpu_seconds(dense, shape)
+    if torch_seconds <= ORT_TRIAL_SECONDS:
+        return dense
+    from keepbits.audit._sis_onnx import module_screen
+
+    ort_screen, why = module_screen(module, shape, batch_size)
+    if ort_screen is None:
+        log.info("plain screen in torch: %s", why)
+        return dense
+    ort_seconds = _cpu_seconds(ort_screen, shape)
+    log.info("plain screen: %s (CPU s per 256 candidates: torch %.3f, ONNX Runtime %.3f)",
+             "ONNX Runtime" if ort_seconds < torch_seconds else "torch", torch_seconds, ort_seconds)
+    return ort_screen if ort_seconds < torch_seconds else dense
 
 
 def _cpu_seconds(screen: Any, shape: tuple[int, int, int], candidates: int = 256) -> float:
