@@ -204,47 +204,48 @@ def _torch_evaluators(module: Any, shape: tuple[int, int, int], method: str, bat
 
     exact = DenseTorch(module, shape, torch.float64, device, batch_size)
     if method == "plain":
-        return _plain_screen(module, shape, device, batch_size), exact, "plain"
+        return _plain_screen(module, shape, device, batch_size)[0], exact, "plain"
     try:
         screen = GraphScreen(module, shape, device, batch_size)
     except Unsupported as exc:
         if method == "incremental":
             raise InputError(f"incremental BackSelect does not support this model: {exc}") from None
         log.info("incremental BackSelect unavailable (%s); using full forward passes", exc)
-        return _plain_screen(module, shape, device, batch_size), exact, "plain"
+        return _plain_screen(module, shape, device, batch_size)[0], exact, "plain"
     if method == "incremental" or (screen.local_nodes and screen.cacheable):
         return screen, exact, "incremental"
-    plain = _plain_screen(module, shape, device, batch_size)
-    if screen.local_nodes and screen.device.type == "cpu" and _cpu_seconds(screen, shape) < _cpu_seconds(plain, shape):
+    plain, plain_seconds = _plain_screen(module, shape, device, batch_size)
+    if screen.local_nodes and plain_seconds is not None and _cpu_seconds(screen, shape) < plain_seconds:
         return screen, exact, "incremental"
     return plain, exact, "plain"
 
 
-def _plain_screen(module: Any, shape: tuple[int, int, int], device: Any, batch_size: int | None) -> Any:
-    """The float32 screen of every candidate through the whole model: torch, or on the CPU an ONNX
-    Runtime export of the model (:func:`keepbits.audit._sis_onnx.module_screen`) where it spends
-    less CPU time on a batch of candidates. Models that spend at most :data:`ORT_TRIAL_SECONDS`
-    CPU seconds on that batch stay in torch (small models: the export would cost more than it saves)."""
+def _plain_screen(module: Any, shape: tuple[int, int, int], device: Any, batch_size: int | None) -> tuple[Any, float | None]:
+    """(the float32 screen of every candidate through the whole model, its :func:`_cpu_seconds`;
+    None off the CPU): torch, or on the CPU an ONNX Runtime export of the model
+    (:func:`keepbits.audit._sis_onnx.module_screen`) where it spends less CPU time on a batch of
+    candidates. Models that spend at most :data:`ORT_TRIAL_SECONDS` CPU seconds on that batch stay
+    in torch (small models: the export would cost more than it saves)."""
     import torch
 
     from keepbits.audit._sis_torch import DenseTorch
 
     dense = DenseTorch(module, shape, torch.float32, device, batch_size)
     if dense.device.type != "cpu":
-        return dense
+        return dense, None
     torch_seconds = _cpu_seconds(dense, shape)
     if torch_seconds <= ORT_TRIAL_SECONDS:
-        return dense
+        return dense, torch_seconds
     from keepbits.audit._sis_onnx import module_screen
 
     ort_screen, why = module_screen(module, shape, batch_size)
     if ort_screen is None:
         log.info("plain screen in torch: %s", why)
-        return dense
+        return dense, torch_seconds
     ort_seconds = _cpu_seconds(ort_screen, shape)
     log.info("plain screen: %s (CPU s per 256 candidates: torch %.3f, ONNX Runtime %.3f)",
              "ONNX Runtime" if ort_seconds < torch_seconds else "torch", torch_seconds, ort_seconds)
-    return ort_screen if ort_seconds < torch_seconds else dense
+    return (ort_screen, ort_seconds) if ort_seconds < torch_seconds else (dense, torch_seconds)
 
 
 def _cpu_seconds(screen: Any, shape: tuple[int, int, int], candidates: int = 256) -> float:

@@ -51,6 +51,12 @@ def _check_image(image: Any) -> np.ndarray:
     return arr
 
 
+def check_webp_method(method: Any) -> None:
+    """:class:`InputError` unless ``method`` is None (OpenCV's encoder) or a libwebp method 0–6."""
+    if method is not None and not (isinstance(method, int) and 0 <= method <= 6):
+        raise InputError(f"WebP method must be 0..6 (or None: OpenCV's, 4), got {method!r}")
+
+
 def encode_image(image: Any, fmt: str, quality: int = 90, png_level: int | None = None, webp_method: int | None = None) -> bytes:
     """``image`` (uint8 H×W, H×W×1 or H×W×3 RGB) as ``fmt`` bytes: ``"png"`` (lossless;
     ``png_level`` None: keepbits' Paeth + run-length writer, 0–9: that zlib level), ``"jpeg"``
@@ -68,8 +74,7 @@ def encode_image(image: Any, fmt: str, quality: int = 90, png_level: int | None 
     img = np.ascontiguousarray(_check_image(image))
     if fmt not in FORMATS:
         raise InputError(f"image format must be one of {FORMATS}, got {fmt!r}")
-    if webp_method is not None and not (isinstance(webp_method, int) and 0 <= webp_method <= 6):
-        raise InputError(f"WebP method must be 0..6 (or None: OpenCV's, 4), got {webp_method!r}")
+    check_webp_method(webp_method)
     if fmt == "webp" and webp_method is not None:
         if not 1 <= quality <= 100:
             raise InputError(f"quality must be 1..100, got {quality}")

@@ -36,7 +36,7 @@ from keepbits.codec.container import (
 )
 from keepbits import native
 from keepbits.codec import deflate
-from keepbits.codec.images import DEFAULT_MAX_PIXELS, decode_image, encode_image
+from keepbits.codec.images import DEFAULT_MAX_PIXELS, check_webp_method, decode_image, encode_image
 from keepbits.core import block_means
 from keepbits.errors import DecodeError, InputError
 
@@ -185,6 +185,11 @@ def _encode_section(img: np.ndarray, codec: int, quality: int, effort: dict[str,
     if codec == CODEC_RAW:
         return deflate.compress(img.tobytes(), 6)
     return _encode_image(img, codec, quality, effort)
+
+
+def _mask_section(keep: np.ndarray) -> tuple[int, int, int, bytes]:
+    """The H×W hard mask as a section: bit-packed, deflated."""
+    return TAG_MASK, CODEC_BITS, 0, deflate.compress(np.packbits(keep).tobytes(), 6)
 
 
 def _decode_section(sec: Section, shape: tuple[int, int, int], what: str) -> np.ndarray:
@@ -353,8 +358,7 @@ def encode(
         raise InputError("webp needs 3-channel frames; use png or jpeg for grey frames")
     if not 1 <= quality <= 100:
         raise InputError(f"quality must be 1..100, got {quality}")
-    if webp_method is not None and not (isinstance(webp_method, int) and 0 <= webp_method <= 6):
-        raise InputError(f"WebP method must be 0..6 (or None: OpenCV's, 4), got {webp_method!r}")
+    check_webp_method(webp_method)
     threshold = 0.5 if threshold is None else float(threshold)
     effort = {"png_level": png_level, "webp_method": webp_method}
     label = -1 if label is None else int(label)
@@ -376,16 +380,15 @@ def encode(
     keep = _hard_mask(mask, (h, w), threshold)
     bh, bw, th, tw = _grid(h, w, block)
     grid = _grid_means(x, block)
-    mask_section = (TAG_MASK, CODEC_BITS, 0, deflate.compress(np.packbits(keep).tobytes(), 6))
     if mode in ("paper", "mixed"):
         mixed = np.where(keep[:, :, None], x, _upsample(grid, h, w, th, tw))
         if mode == "paper":
             return pack(header, [(TAG_MIXED, CODEC_PNG, 0, _encode_image(mixed, CODEC_PNG, 0, effort))])
         img_codec = IMAGE_CODECS[codec]
         return pack(header, [(TAG_MIXED, img_codec, 0 if img_codec == CODEC_PNG else quality,
-                              _encode_image(mixed, img_codec, quality, effort)), mask_section])
+                              _encode_image(mixed, img_codec, quality, effort)), _mask_section(keep)])
     bg_codec, fg_codec = BACKGROUND_CODECS[background], IMAGE_CODECS[codec]
-    sections = [(TAG_BACKGROUND, bg_codec, quality, _encode_section(grid, bg_codec, quality, effort)), mask_section]
+    sections = [(TAG_BACKGROUND, bg_codec, quality, _encode_section(grid, bg_codec, quality, effort)), _mask_section(keep)]
     kept = _kept_blocks(keep, block)
     k = int(kept.sum())
     if k:
