@@ -106,8 +106,10 @@ def test_operating_points_and_bad_settings(pipe, tmp_path):
     assert [(p.mode, p.codec, p.background) for p in mixed] == [("blocks", "png", "raw"), ("blocks", "jpeg", "raw"), ("blocks", "jpeg", "webp"),
                                                                 ("mixed", "png", None), ("mixed", "jpeg", None)]
     assert mixed[-1].series == "payload mixed jpeg t=0.5 b=4"
+    assert [p.webp_method for p in operating_points(pipe, codecs=["webp"], qualities=[50], webp_method=2)] == [2]
     for kwargs, message in [({"thresholds": [1.5]}, "thresholds"), ({"block_sizes": [0]}, "block sizes"),
-                            ({"codecs": ["gif"]}, "formats"), ({"qualities": [0]}, "qualities"), ({"modes": ["paper"]}, "modes")]:
+                            ({"codecs": ["gif"]}, "formats"), ({"qualities": [0]}, "qualities"), ({"modes": ["paper"]}, "modes"),
+                            ({"webp_method": 7}, "WebP method")]:
         with pytest.raises(InputError, match=message):
             operating_points(pipe, **kwargs)
     with pytest.raises(InputError, match="no images"):

@@ -55,7 +55,8 @@ def _matched(pipeline: Any, frames: list, codec: dict[str, Any]) -> dict[str, An
     from keepbits.runtime.evaluate import matched_baselines, rate_accuracy
 
     result = rate_accuracy(pipeline, frames, None, codecs=[codec["codec"]], qualities=[codec["quality"]], backgrounds=[codec["background"]],
-                           modes=[codec["mode"]], baselines=("jpeg", "webp"), baseline_qualities=BASELINE_QUALITIES)
+                           modes=[codec["mode"]], webp_method=codec.get("webp_method"), baselines=("jpeg", "webp"),
+                           baseline_qualities=BASELINE_QUALITIES)
     payload = result["payload"][0]
     matched = matched_baselines(result, payload)
     return {"frames": len(frames), "payload": payload, "matched": matched, "baselines": result["baselines"],

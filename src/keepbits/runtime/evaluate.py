@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from keepbits.codec import decode, decode_image, encode, encode_image
-from keepbits.codec.images import FORMATS
+from keepbits.codec.images import FORMATS, check_webp_method
 from keepbits.errors import InputError
 from keepbits.report import Report, plot_png
 from keepbits.runtime.explain import Look
@@ -53,7 +53,7 @@ class OperatingPoint:
     ``threshold`` and ``block`` (None for simplified), ``codec`` (of the kept blocks, x̃ or the
     simplified image) and its ``quality`` (None for PNG), and the ``background`` codec of the
     block means in blocks mode (``raw`` lossless; a lossy one at ``quality``; None in mixed mode,
-    where x̃ carries them)."""
+    where x̃ carries them), and the libwebp ``webp_method`` (None: OpenCV's encoder)."""
 
     mode: str
     threshold: float | None
@@ -61,6 +61,7 @@ class OperatingPoint:
     codec: str
     quality: int | None
     background: str | None = "raw"
+    webp_method: int | None = None
 
     @property
     def series(self) -> str:
@@ -75,20 +76,23 @@ class OperatingPoint:
         """The payload of ``result`` at this point."""
         quality = {"quality": self.quality} if self.quality is not None else {}
         if self.mode == "simplified":
-            return encode(result.simplified, result.frame_record(), mode="simplified", codec=self.codec, **quality)
+            return encode(result.simplified, result.frame_record(), mode="simplified", codec=self.codec,
+                          webp_method=self.webp_method, **quality)
         background = {"background": self.background} if self.background is not None else {}
         return encode(result.image, result.frame_record(), mode=self.mode, threshold=self.threshold, block=self.block,
-                      codec=self.codec, **background, **quality)
+                      codec=self.codec, webp_method=self.webp_method, **background, **quality)
 
 
 def operating_points(pipeline: Pipeline, thresholds: Sequence[float] | None = None, block_sizes: Sequence[int] | None = None,
                      codecs: Sequence[str] = FORMATS, qualities: Sequence[int] = (50, 75, 90),
-                     backgrounds: Sequence[str] = ("raw",), modes: Sequence[str] = ("blocks",)) -> list[OperatingPoint]:
+                     backgrounds: Sequence[str] = ("raw",), modes: Sequence[str] = ("blocks",),
+                     webp_method: int | None = None) -> list[OperatingPoint]:
     """Every combination; thresholds and block sizes default to the bundle's (a SimpleBits bundle
     has neither, and one mode: simplified). PNG is lossless: one point per threshold and block, no quality. WebP needs
     colour frames: it is left out for grey bundles. ``backgrounds``: codecs of the block means in
     blocks mode (``raw``, ``png``, ``jpeg``, ``webp``; a lossy one takes the point's quality, and is paired
-    with lossy foregrounds only). ``modes``: ``blocks`` and/or ``mixed`` (:func:`keepbits.codec.encode`).
+    with lossy foregrounds only). ``modes``: ``blocks`` and/or ``mixed``; ``webp_method``: libwebp's
+    effort for WebP sections (:func:`keepbits.codec.encode`).
 
     Example:
         >>> import tempfile
@@ -107,8 +111,9 @@ def operating_points(pipeline: Pipeline, thresholds: Sequence[float] | None = No
         if not codecs:
             raise InputError("webp needs 3-channel frames and this bundle's input is grey; use png or jpeg")
     coded = [(c, None) for c in codecs if c == "png"] + [(c, q) for c in codecs if c in LOSSY for q in qualities]
+    check_webp_method(webp_method)
     if pipeline.explain == "simplify":
-        return [OperatingPoint("simplified", None, None, c, q) for c, q in coded]
+        return [OperatingPoint("simplified", None, None, c, q, webp_method=webp_method) for c, q in coded]
     thresholds = [pipeline.threshold] if thresholds is None else list(thresholds)
     block_sizes = [pipeline.block] if block_sizes is None else list(block_sizes)
     if any(not 0.0 <= t < 1.0 for t in thresholds):
@@ -118,7 +123,7 @@ def operating_points(pipeline: Pipeline, thresholds: Sequence[float] | None = No
     if not modes or set(modes) - {"blocks", "mixed"}:
         raise InputError(f"payload modes must be blocks and/or mixed, got {list(modes)}")
     backgrounds_of = {"blocks": list(backgrounds), "mixed": [None]}
-    return [OperatingPoint(mode, float(t), int(b), c, q, bg) for mode in modes for t in thresholds for b in block_sizes
+    return [OperatingPoint(mode, float(t), int(b), c, q, bg, webp_method) for mode in modes for t in thresholds for b in block_sizes
             for c, q in coded for bg in backgrounds_of[mode] if bg in (None, "raw", "png") or q is not None]
 
 
@@ -213,6 +218,7 @@ def rate_accuracy(
     batch_size: int = 32,
     backgrounds: Sequence[str] = ("raw",),
     modes: Sequence[str] = ("blocks",),
+    webp_method: int | None = None,
 ) -> dict[str, Any]:
     """The protocol of the module docstring on ``images`` (uint8 H×W×C RGB or grey, any size);
     ``labels`` are indices into the bundle's classes, or None. Returns ``full_frame``,
@@ -227,7 +233,7 @@ def rate_accuracy(
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     _check_formats(baselines or ["png"], baseline_qualities)
-    points = operating_points(pipeline, thresholds, block_sizes, codecs, qualities, backgrounds, modes)
+    points = operating_points(pipeline, thresholds, block_sizes, codecs, qualities, backgrounds, modes, webp_method)
     plain = [(f, None) for f in baselines if f == "png"] + [(f, q) for f in baselines if f in LOSSY for q in baseline_qualities]
     full = _Tally()
     payload_rows = [_Tally(**dataclasses.asdict(p), series=p.series) for p in points]
