@@ -58,6 +58,11 @@ class _Feed:
         return masked_pixel(self.base, img, pix, self.mask_value, self.width, self.channels_last)
 
 
+def _same_logits(got: np.ndarray, want: np.ndarray) -> bool:
+    """Whether a stand-in's logits ``got`` reproduce ``want`` (same shape, relative 1e-3)."""
+    return got.shape == want.shape and bool(np.allclose(got, want, rtol=1e-3, atol=1e-3 * (1 + np.abs(want).max())))
+
+
 def torch_twin(adapter: OnnxAdapter) -> tuple[Any, str]:
     """(the graph as a torch module taking its input as float N×C×H×W, "") or (None, why not).
     The twin must reproduce ONNX Runtime's logits on random inputs (relative 1e-3)."""
@@ -82,7 +87,7 @@ def torch_twin(adapter: OnnxAdapter) -> tuple[Any, str]:
             got = module(torch.from_numpy(np.ascontiguousarray(graph_input))).double().numpy()
     except Exception as exc:  # noqa: BLE001 - a twin that does not run is no twin
         return None, f"the torch twin does not run ({str(exc).splitlines()[0]})"
-    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * (1 + np.abs(want).max())):
+    if not _same_logits(got, want):
         difference = np.abs(got - want).max() if got.shape == want.shape else f"shape {got.shape} vs {want.shape}"
         return None, f"the torch twin differs from ONNX Runtime ({difference})"
     return module, ""
@@ -187,7 +192,7 @@ def module_screen(module: Any, shape: tuple[int, int, int], chunk: int | None = 
             got = adapter.logits(probe.numpy())
         except Exception as exc:  # noqa: BLE001 - a model that does not export keeps the torch screen
             return None, f"no ONNX export ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * (1 + np.abs(want).max())):
+    if not _same_logits(got, want):
         return None, "the exported graph differs from the module"
     return OnnxScreen(adapter, "cpu", chunk), ""
 

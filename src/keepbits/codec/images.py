@@ -75,20 +75,19 @@ def encode_image(image: Any, fmt: str, quality: int = 90, png_level: int | None 
     if fmt not in FORMATS:
         raise InputError(f"image format must be one of {FORMATS}, got {fmt!r}")
     check_webp_method(webp_method)
+    if fmt == "png":
+        if png_level is None:
+            return encode_png(img)
+        if not 0 <= png_level <= 9:
+            raise InputError(f"PNG level must be 0..9, got {png_level}")
+    elif not 1 <= quality <= 100:
+        raise InputError(f"quality must be 1..100, got {quality}")
     if fmt == "webp" and webp_method is not None:
-        if not 1 <= quality <= 100:
-            raise InputError(f"quality must be 1..100, got {quality}")
         from PIL import Image
 
         out = io.BytesIO()
         Image.fromarray(img if img.shape[2] == 3 else np.repeat(img, 3, axis=2)).save(out, "WEBP", quality=quality, method=webp_method)
         return out.getvalue()
-    if fmt == "png" and png_level is None:
-        return encode_png(img)
-    if fmt == "png" and not 0 <= png_level <= 9:
-        raise InputError(f"PNG level must be 0..9, got {png_level}")
-    if fmt != "png" and not 1 <= quality <= 100:
-        raise InputError(f"quality must be 1..100, got {quality}")
     if img.shape[2] == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
     params = {"png": [cv2.IMWRITE_PNG_COMPRESSION, png_level], "jpeg": [cv2.IMWRITE_JPEG_QUALITY, quality],
