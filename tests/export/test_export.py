@@ -226,8 +226,9 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
     """``keepbits export int8`` end to end (``keepbits.export.quantize``)."""
     rng = np.random.default_rng(SEED)
     data = tmp_path / "data.npz"
-    np.savez(data, x_train=rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 4, 48),
-             x_test=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 4, 24))
+    # every class in each split (a split's class count is its largest label + 1; a random draw could miss class 3)
+    np.savez(data, x_train=rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8), y_train=rng.permutation(np.arange(48) % 4),
+             x_test=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), y_test=rng.permutation(np.arange(24) % 4))
     assert main(["export", "int8", "--model", str(bundle_a[1].source), "--data", str(data), "--out", str(tmp_path / "int8"),
                  "--num-images", "32"]) == 0
     report = json.loads(capsys.readouterr().out)
