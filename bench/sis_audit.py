@@ -3,16 +3,19 @@ BackSelect, method auto, τ = 0.9) on a seeded class-balanced sample of CIFAR-10
 (``--num-images``/``--seed``, keepbits' sampler), under ``torchrun --nproc-per-node 2`` (one
 thread each), run twice on the same images into two folders:
 
-1. uninterrupted: its wall time gives the measured rate (images per second, 2 processes);
+1. uninterrupted: its wall time gives the measured rate (BackSelect runs per second, 2 processes);
 2. killed (the whole process group, SIGKILL) as soon as ``--kill-after-chunks`` chunk files
    exist, then the same command again: it must reuse those chunk files (unchanged modification
    times) and its orders, scores and SIS must equal the uninterrupted run's.
 
-The JSON holds both runs, the per-image BackSelect seconds the audit recorded, and the wall
-time of ``--target-images`` images extrapolated from the measured rate (labelled as such: the
-full audit is not run here).
+The audit BackSelects only the images whose confidence reaches the smallest τ it reports
+(``--thresholds``; others have no SIS at any τ). The JSON holds both runs, the per-image
+BackSelect seconds the audit recorded, and the wall time of a ``--target-images`` audit
+extrapolated from the measured rate per BackSelect run times the number of runs that audit
+needs (counted by one forward pass over its seeded draw; labelled as such: the full audit is
+not run here).
 
-    python bench/sis_audit.py --model runs/r20_cifar10_e20/best.pt --images 4
+    python bench/sis_audit.py --model runs/nice/cifar10_resnet20/best.pt --images 8 --thresholds 0.9
 """
 from __future__ import annotations
 
@@ -30,10 +33,25 @@ import numpy as np
 from _results import default_data_dir, write_result
 
 
-def audit_command(model: Path, data: Path, out: Path, images: int, seed: int, threshold: float, processes: int, port: int) -> list[str]:
+def audit_command(model: Path, data: Path, out: Path, images: int, seed: int, threshold: float, thresholds: list[float] | None,
+                  processes: int, port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", str(port),
             "-m", "keepbits", "-q", "audit", "sis", "--model", str(model), "--data", str(data), "--out", str(out),
-            "--num-images", str(images), "--seed", str(seed), "--threshold", str(threshold)]
+            "--num-images", str(images), "--seed", str(seed), "--threshold", str(threshold),
+            *(["--thresholds", *map(str, thresholds)] if thresholds else [])]
+
+
+def runs_needed(model: Path, data: Path, images: int, seed: int, smallest_tau: float) -> int:
+    """How many of the audit's seeded draw of ``images`` test images it BackSelects (one forward pass)."""
+    from keepbits.audit import load_model
+    from keepbits.audit.sis_report import CONFIDENCE_SLACK
+    from keepbits.data import load_dataset
+
+    adapter = load_model(str(model))
+    pre = adapter.preprocessing
+    size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction) if pre is not None else {}
+    ds = load_dataset(str(data), "test", **size).sample(images, seed)
+    return int((adapter.probabilities(adapter.prepare(ds.x)).max(1) >= smallest_tau - CONFIDENCE_SLACK).sum())
 
 
 def chunk_times(folder: Path) -> dict[str, float]:
@@ -51,6 +69,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=4, help="class-balanced test images audited (each run)")
     parser.add_argument("--target-images", type=int, default=1000, help="audit size the measured rate is extrapolated to")
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=None,
+                        help="τ values of the size curves (default: the audit's own, 0.5 … 0.99)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--kill-after-chunks", type=int, default=1, help="kill the second run once this many chunks are written")
     parser.add_argument("--seed", type=int, default=0)
@@ -65,7 +85,7 @@ def main() -> int:
     whole, resumed = args.out / "uninterrupted", args.out / "resumed"
 
     def command(out: Path) -> list[str]:
-        return audit_command(args.model, data, out, args.images, args.seed, args.threshold, args.processes, 29561)
+        return audit_command(args.model, data, out, args.images, args.seed, args.threshold, args.thresholds, args.processes, 29561)
 
     started = time.time()
     subprocess.run(command(whole), env=env, check=True, stdout=subprocess.DEVNULL)
@@ -73,30 +93,39 @@ def main() -> int:
     print(f"uninterrupted: {whole_wall:.0f} s", file=sys.stderr)
     reference = orders(whole / "orders")
     seconds = np.array([r["seconds"] for r in reference], float)
-    rate = args.images / whole_wall
     report = json.loads((whole / "report.json").read_text())["data"]
+    runs = report["summary"]["backselect_runs"]
+    if not runs:
+        raise SystemExit(f"none of the {args.images} images reaches the smallest τ: no BackSelect rate measured (audit more images)")
+    rate = runs / whole_wall
+    smallest = min([args.threshold, *(args.thresholds or [0.5])])
+    target_runs = runs_needed(args.model, data, args.target_images, args.seed, smallest)
     payload = {
         "model": str(args.model), "images": args.images, "draw": f"keepbits.data.sample_indices on the CIFAR-10 test split, seed {args.seed}",
         "threshold": args.threshold, "processes": args.processes, "torch_threads_per_process": 1,
         "audit_command": " ".join(command(Path("OUT"))[1:]),
         "methods": sorted({r["method"] for r in reference}),
-        "uninterrupted": {"wall_s": round(whole_wall, 1), "images_per_hour": round(3600 * rate, 2)},
+        "thresholds": report["thresholds"],
+        "uninterrupted": {"wall_s": round(whole_wall, 1), "backselect_runs": runs, "backselect_runs_per_hour": round(3600 * rate, 2)},
         "backselect_s_per_image_per_process": {"mean": round(float(seconds.mean()), 1), "min": round(float(seconds.min()), 1),
                                                "max": round(float(seconds.max()), 1)},
         "target_images": args.target_images,
-        "extrapolated_wall_h_for_target": round(args.target_images / rate / 3600, 1),
-        "extrapolation": f"EXTRAPOLATED, not measured: {args.target_images} images at the uninterrupted run's measured rate "
-                         f"({args.images} images in {whole_wall:.0f} s wall, {args.processes} processes, this shared machine's load)",
+        "target_backselect_runs": target_runs,
+        "target_backselect_runs_counted": f"images of the {args.target_images}-image draw (seed {args.seed}) whose confidence reaches "
+                                          f"τ = {smallest} (one forward pass); the others need no BackSelect",
+        "extrapolated_wall_h_for_target": round(target_runs / rate / 3600, 1),
+        "extrapolation": f"EXTRAPOLATED, not measured: {target_runs} BackSelect runs at the uninterrupted run's measured rate "
+                         f"({runs} runs in {whole_wall:.0f} s wall, {args.processes} processes, this shared machine's load)",
         "summary": report["summary"],
     }
     if not args.no_resume_check:
-        payload.update(kill_and_resume(command(resumed), resumed, env, args.kill_after_chunks, args.images, reference, report))
+        payload.update(kill_and_resume(command(resumed), resumed, env, args.kill_after_chunks, runs, reference, report))
     payload["load_average_at_end"] = [float(v) for v in open("/proc/loadavg").read().split()[:3]]
     print(write_result(args.name, payload))
     return 0
 
 
-def kill_and_resume(command: list[str], out: Path, env: dict, kill_after: int, images: int, reference: list[dict], report: dict) -> dict:
+def kill_and_resume(command: list[str], out: Path, env: dict, kill_after: int, runs: int, reference: list[dict], report: dict) -> dict:
     """Run ``command``, kill its process group once ``kill_after`` chunk files exist, run it
     again; compare with the uninterrupted run's ``reference`` orders and ``report``."""
     started = time.time()
@@ -109,14 +138,14 @@ def kill_and_resume(command: list[str], out: Path, env: dict, kill_after: int, i
     first.wait()
     first_wall = time.time() - started
     before = chunk_times(out / "orders")
-    print(f"killed={killed} after {first_wall:.0f} s, {len(before)} of {images} chunks written", file=sys.stderr)
+    print(f"killed={killed} after {first_wall:.0f} s, {len(before)} of {runs} chunks written", file=sys.stderr)
     started = time.time()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     second_wall = time.time() - started
     after = chunk_times(out / "orders")
     reused = sum(1 for name, mtime in before.items() if after.get(name) == mtime)
     got = orders(out / "orders")
-    same = len(reference) == len(got) == images and all(x["order"] == y["order"] and x["scores"] == y["scores"] for x, y in zip(reference, got))
+    same = len(reference) == len(got) == runs and all(x["order"] == y["order"] and x["scores"] == y["scores"] for x, y in zip(reference, got))
     resumed = json.loads((out / "report.json").read_text())["data"]
     return {"killed_run": {"wall_s": round(first_wall, 1), "killed": killed, "chunks_written_before_kill": len(before)},
             "resumed_run": {"wall_s": round(second_wall, 1), "chunks_reused": reused, "chunks_computed": len(after) - reused},

@@ -1,0 +1,53 @@
+"""``keepbits.audit.sis_report``: images below every τ skip BackSelect and the report stays the same."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from keepbits.audit import sis_report  # noqa: E402
+
+
+def _model_and_images():
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3)).eval()
+    with torch.no_grad():
+        net[3].weight.mul_(150.0)  # confidences from 1/3 to ~0.96 on these images
+    images = np.random.default_rng(5).integers(0, 256, (8, 6, 6, 1), dtype=np.uint8)
+    return net, images
+
+
+def test_images_below_every_threshold_skip_backselect_and_the_report_is_unchanged(tmp_path, monkeypatch):
+    net, images = _model_and_images()
+    labels = np.arange(8) % 3
+    taus = (0.6, 0.8)
+    kwargs = dict(threshold=0.8, thresholds=taus, method="plain", input_shape=(1, 6, 6), progress=False)
+    skipping = sis_report.sis_audit(net, images, labels, tmp_path / "skip", **kwargs)
+    runs = skipping["summary"]["backselect_runs"]
+    assert 0 < runs < len(images), "the fixture must hold images on both sides of the smallest τ"
+    stored = [r for p in sorted((tmp_path / "skip" / "orders").glob("chunk_*.json")) for r in json.loads(p.read_text())["results"]]
+    assert len(stored) == runs == sum(r["backselect"] for r in skipping["images"])
+
+    monkeypatch.setattr(sis_report, "CONFIDENCE_SLACK", float("inf"))  # every image BackSelected, as before the skip
+    every = sis_report.sis_audit(net, images, labels, tmp_path / "every", **kwargs)
+    assert every["summary"]["backselect_runs"] == len(images)
+    for a, b in zip(skipping["images"], every["images"]):
+        if not a["backselect"]:
+            assert all(v is None for v in b["sis_size"].values()) and a["confidence"] < taus[0]
+            assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
+        for key in ("label", "predicted", "correct", "sis_size", "sis"):
+            assert a[key] == b[key], key
+    assert json.dumps(skipping["size_stats"]) == json.dumps(every["size_stats"])  # NaN-safe
+    assert np.array_equal(skipping["heatmap"], every["heatmap"])
+    for key in ("images", "below_threshold", "threshold", "method", "accuracy"):
+        assert skipping["summary"][key] == every["summary"][key], key
+
+
+def test_an_audit_whose_images_are_all_below_tau_runs_no_backselect(tmp_path):
+    net, images = _model_and_images()
+    data = sis_report.sis_audit(net, images, None, tmp_path / "r", threshold=0.999, thresholds=(0.999,), method="plain",
+                                input_shape=(1, 6, 6), progress=False)
+    assert data["summary"]["backselect_runs"] == 0 and data["summary"]["below_threshold"] == len(images)
+    assert data["summary"]["method"].startswith("none") and not np.any(data["heatmap"])
+    assert (tmp_path / "r" / "report.html").exists()
