@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,29 @@ def runs_needed(model: Path, data: Path, images: int, seed: int, smallest_tau: f
     return int((adapter.probabilities(adapter.prepare(ds.x)).max(1) >= smallest_tau - CONFIDENCE_SLACK).sum())
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux ``/proc``), children before grandchildren."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def chunk_times(folder: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime for p in sorted(folder.glob("chunk_*.json"))}
 
@@ -83,6 +107,8 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     data = args.data / "cifar10"
     whole, resumed = args.out / "uninterrupted", args.out / "resumed"
+    for folder in (whole, resumed):  # this bench's own scratch: a stale chunk would be "resumed" and fake the rate
+        shutil.rmtree(folder, ignore_errors=True)
 
     def command(out: Path) -> list[str]:
         return audit_command(args.model, data, out, args.images, args.seed, args.threshold, args.thresholds, args.processes, 29561)
@@ -132,9 +158,19 @@ def kill_and_resume(command: list[str], out: Path, env: dict, kill_after: int, r
     first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
     while first.poll() is None and len(chunk_times(out / "orders")) < kill_after:
         time.sleep(2)
-    killed = first.poll() is None
+    killed, tree = first.poll() is None, []
     if killed:
-        os.killpg(first.pid, signal.SIGKILL)  # the whole torchrun process group, as a crash or an out-of-time job ends
+        # torchrun starts each worker in a session of its own: killing its process group alone
+        # leaves the workers running (and writing chunks); take the whole tree, as a crash or an
+        # out-of-time job's cgroup kill does
+        tree = [first.pid, *descendants(first.pid)]
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while any(alive(pid) for pid in tree[1:]):
+            time.sleep(0.2)
     first.wait()
     first_wall = time.time() - started
     before = chunk_times(out / "orders")
@@ -147,7 +183,8 @@ def kill_and_resume(command: list[str], out: Path, env: dict, kill_after: int, r
     got = orders(out / "orders")
     same = len(reference) == len(got) == runs and all(x["order"] == y["order"] and x["scores"] == y["scores"] for x, y in zip(reference, got))
     resumed = json.loads((out / "report.json").read_text())["data"]
-    return {"killed_run": {"wall_s": round(first_wall, 1), "killed": killed, "chunks_written_before_kill": len(before)},
+    return {"killed_run": {"wall_s": round(first_wall, 1), "killed": killed, "processes_killed": len(tree),
+                           "chunks_written_before_kill": len(before)},
             "resumed_run": {"wall_s": round(second_wall, 1), "chunks_reused": reused, "chunks_computed": len(after) - reused},
             "resumed_equals_uninterrupted": {"orders_and_scores": same,
                                              "sis": [r.get("sis") for r in report["images"]] == [r.get("sis") for r in resumed["images"]]}}
