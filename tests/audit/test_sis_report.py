@@ -51,3 +51,38 @@ def test_an_audit_whose_images_are_all_below_tau_runs_no_backselect(tmp_path):
     assert data["summary"]["backselect_runs"] == 0 and data["summary"]["below_threshold"] == len(images)
     assert data["summary"]["method"].startswith("none") and not np.any(data["heatmap"])
     assert (tmp_path / "r" / "report.html").exists()
+
+
+AUDIT_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import numpy as np
+from test_sis_report import _model_and_images
+from keepbits.audit.sis_report import sis_audit
+
+net, images = _model_and_images()
+sis_audit(net, images, np.arange(8) % 3, sys.argv[1], threshold=0.8, thresholds=(0.6, 0.8), method="plain",
+          input_shape=(1, 6, 6), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_write_the_single_process_report(tmp_path, free_port):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "audit_script.py"
+    script.write_text(AUDIT_SCRIPT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
+                    str(script), str(tmp_path / "multi"), str(Path(__file__).parent)],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    net, images = _model_and_images()
+    single = sis_report.sis_audit(net, images, np.arange(8) % 3, tmp_path / "single", threshold=0.8, thresholds=(0.6, 0.8),
+                                  method="plain", input_shape=(1, 6, 6), progress=False)
+    multi = json.loads((tmp_path / "multi" / "report.json").read_text())["data"]
+    assert 0 < multi["summary"]["backselect_runs"] == single["summary"]["backselect_runs"] < len(images)
+    assert [r["sis"] for r in multi["images"]] == [r["sis"] for r in single["images"]]
+    assert [(s["images_at_threshold"], s["size"]["mean"]) for s in multi["size_stats"]] == \
+        [(s["images_at_threshold"], s["size"]["mean"]) for s in single["size_stats"]]

@@ -29,7 +29,7 @@ from keepbits.report import Report, overlay
 from keepbits.audit.overinterpretation import location_frequency, sis_size_stats
 from keepbits.audit.sis import find_sis
 from keepbits.audit.sis_orders import compute_orders
-from keepbits.training.distributed import init_distributed
+from keepbits.training.distributed import all_gather, init_distributed
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 #: An image is BackSelected only when its float32 confidence reaches the smallest τ minus this
@@ -57,7 +57,8 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     images = adapter.denormalize(x) if np.asarray(images).dtype != np.uint8 else np.asarray(images)
     taus = sorted(set(float(t) for t in thresholds) | {float(threshold)})
     probabilities = adapter.probabilities(x, batch_size)
-    run = np.flatnonzero(probabilities.max(1) >= taus[0] - CONFIDENCE_SLACK)
+    # rank 0's choice for every rank (under torchrun each computes it; ranks on other devices could round differently)
+    run = np.asarray(all_gather(init_distributed(use_cuda=False), np.flatnonzero(probabilities.max(1) >= taus[0] - CONFIDENCE_SLACK))[0])
     computed = compute_orders(adapter, x[run], Path(out) / "orders", method, k, batch_size=batch_size, progress=progress) if len(run) else []
     orders: list[Any] = [None] * len(x)
     for i, r in zip(run, computed):
