@@ -7,8 +7,10 @@ index % 5 == 1; the evaluation split is not touched), with the model images of a
 (EfficientNet-Lite0, its resize policy):
 
 * ``nice``: the bundle generator's own hard mask (ẑ > threshold), whatever share it keeps;
-* ``random``: seeded random masks of b×b cells keeping each of ``--shares`` (bytes only: random
-  cells say what a share costs, not what a good mask at that share would classify);
+* ``random``: seeded random masks of b×b cells keeping each of ``--shares`` (scattered cells: a
+  costly layout);
+* ``centre``: the b×b cells nearest the image centre, each of ``--shares`` (one compact region: a
+  cheap layout, and the prior that ImageNet objects sit in the middle);
 
 each x̃ coded as payload mode ``mixed`` (:func:`keepbits.codec.encode`: one WebP / JPEG image + the
 mask bits) at each ``--qualities``, decoded and classified again by the bundle, against the whole
@@ -45,6 +47,18 @@ def random_cells(shape: tuple[int, int], block: int, share: float, rng: np.rando
     return np.kron(cells.reshape(rows, cols), np.ones((block, block), bool))[:h, :w]
 
 
+def centre_cells(shape: tuple[int, int], block: int, share: float) -> np.ndarray:
+    """An H×W boolean mask of the ``round(share × cells)`` b×b cells whose centres lie nearest the
+    image centre (ties by cell index)."""
+    h, w = shape
+    rows, cols = -(-h // block), -(-w // block)
+    y, x = np.mgrid[:rows, :cols]
+    distance = np.hypot((y + 0.5) * block - h / 2, (x + 0.5) * block - w / 2).ravel()
+    cells = np.zeros(rows * cols, bool)
+    cells[np.argsort(distance, kind="stable")[: int(round(share * rows * cols))]] = True
+    return np.kron(cells.reshape(rows, cols), np.ones((block, block), bool))[:h, :w]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=default_data_dir())
@@ -68,6 +82,7 @@ def main() -> None:
     masks = {"nice": [r.mask > threshold for r in results]}
     for share in args.shares:
         masks[f"random {share:g}"] = [random_cells(f.shape[:2], block, share, rng) for f in frames]
+        masks[f"centre {share:g}"] = [centre_cells(f.shape[:2], block, share) for f in frames]
 
     def scored(decoded: list[np.ndarray], sizes: list[int]) -> dict:
         predicted = predictions(pipe, decoded, fitted=True)
