@@ -22,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="audit a random class-balanced sample of N images of the split (seed --seed; 0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample")
     p.add_argument("--threshold", type=float, default=0.9, help="τ for the figures")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99], help="τ values for the size curves (images whose confidence is below the smallest τ here and --threshold have no SIS "
-                   "and are not BackSelected)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+                   help="τ values for the size curves (images whose confidence is below the smallest τ here and --threshold "
+                        "have no SIS and are not BackSelected)")
     p.add_argument("--method", choices=["auto", "incremental", "plain", "gradient"], default="auto",
                    help="exact BackSelect (auto: incremental where the torch model, or the ONNX graph's torch twin, has local ops "
                         "and that is faster, else plain) or batched gradient BackSelect")
