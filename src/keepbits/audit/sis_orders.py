@@ -4,7 +4,8 @@ Each chunk of images is written to ``folder/chunk_<start>.json`` as soon as it i
 fingerprint of its images and settings: a killed run resumes where it stopped (chunks whose
 fingerprint matches are reused, others recomputed). Under ``torchrun`` (gloo on the CPU, through
 :mod:`keepbits.training.distributed`) the ranks take chunks round-robin and every rank returns
-the merged list in image order. Used by the SIS and overinterpretation audits.
+the merged list in image order; a rank whose ``torchrun`` agent was killed stops before its next
+chunk (:func:`keepbits.training.distributed.agent_alive`). Used by the SIS and overinterpretation audits.
 
 Example:
     >>> import tempfile, numpy as np
@@ -27,7 +28,7 @@ import numpy as np
 from keepbits.audit._base import ModelAdapter
 from keepbits.audit.sis import METHODS, BackSelectResult, backselect_batch, gradient_backselect
 from keepbits.errors import InputError
-from keepbits.training.distributed import barrier, init_distributed
+from keepbits.training.distributed import agent_alive, barrier, init_distributed
 
 
 def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, method: str = "gradient", k: int = 16,
@@ -60,6 +61,9 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
                initial=sum(len(x[s : s + chunk]) for s in mine if s not in todo),
                desc=f"backselect {folder.name} [rank {dist.rank}]", disable=not progress, leave=False)
     for s in todo:
+        if not agent_alive(dist):
+            raise RuntimeError(f"rank {dist.rank}: the torchrun agent that started it is gone; stopping (finished chunks "
+                               f"are kept in {folder} for the next run to resume from)")
         part = x[s : s + chunk]
         if method == "gradient":
             results = gradient_backselect(model, part, None, k, None, batch_size)

@@ -25,13 +25,15 @@ from typing import Any
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the group: ``rank`` of ``world`` processes, its ``device``
-    (``"cpu"`` or ``"cuda:<local rank>"``) and whether it created the group (``owns_group``:
-    then :func:`shutdown` tears it down)."""
+    (``"cpu"`` or ``"cuda:<local rank>"``), whether it created the group (``owns_group``:
+    then :func:`shutdown` tears it down) and, under ``torchrun``, the agent process that started
+    it (``agent_pid``, see :func:`agent_alive`)."""
 
     rank: int = 0
     world: int = 1
     device: str = "cpu"
     owns_group: bool = False
+    agent_pid: int | None = None
 
     @property
     def main(self) -> bool:
@@ -86,7 +88,15 @@ def init_distributed(use_cuda: bool | None = None) -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local)
-    return Dist(tdist.get_rank(), tdist.get_world_size(), f"cuda:{local}" if use_cuda else "cpu", owns_group)
+    return Dist(tdist.get_rank(), tdist.get_world_size(), f"cuda:{local}" if use_cuda else "cpu", owns_group, os.getppid())
+
+
+def agent_alive(dist: Dist) -> bool:
+    """False once the ``torchrun`` agent that started this rank has gone (the rank was handed to
+    another parent). torchrun starts every worker in a session of its own, so a SIGKILLed agent
+    leaves its workers running; work that only meets the other ranks at the end (the SIS orders)
+    checks this between pieces and stops instead of computing on as an orphan."""
+    return dist.agent_pid is None or os.getppid() == dist.agent_pid
 
 
 def barrier(dist: Dist) -> None:
