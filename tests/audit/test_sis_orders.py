@@ -93,7 +93,8 @@ def _running(pid):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc to find torchrun's workers")
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                    reason="needs Linux /proc/<pid>/task/<tid>/children to find torchrun's workers")
 def test_ranks_stop_when_their_torchrun_agent_is_killed(tmp_path, free_port):
     """torchrun starts workers in sessions of their own: SIGKILL to the agent alone must not leave
     them computing chunks as orphans; they stop before their next chunk, the finished ones stay."""
