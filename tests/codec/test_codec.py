@@ -25,7 +25,7 @@ def test_mixed_image_is_core_mixed_resolution_with_hard_mask():
         assert np.array_equal(mixed_image(frame, soft, b), ref.transpose(1, 2, 0))
 
 
-@pytest.mark.parametrize("background", ["raw", "png"])
+@pytest.mark.parametrize("background", ["auto", "raw", "png"])
 def test_lossless_round_trip_exact_on_random_sizes_and_blocks(background):
     rng = np.random.default_rng(2)
     for _ in range(40):
@@ -39,6 +39,21 @@ def test_lossless_round_trip_exact_on_random_sizes_and_blocks(background):
         assert np.array_equal(keep, mask > 0.5)
         assert (meta.height, meta.width, meta.channels, meta.block, meta.sequence) == (h, w, c, b, 7)
         assert meta.total_bytes == len(payload)
+
+
+@pytest.mark.parametrize("grid, codec", [((15, 17), "raw"), ((16, 16), "png"), ((56, 56), "png")])
+def test_auto_background_is_png_from_256_blocks_and_raw_below(grid, codec):
+    """The default background picks its lossless codec by the grid's block count; the pixels
+    are those of raw and PNG alike."""
+    rng = np.random.default_rng(5)
+    frame = rng.integers(0, 256, (grid[0] * 4, grid[1] * 4, 3), dtype=np.uint8)
+    mask = (rng.random(frame.shape[:2]) > 0.7).astype(np.float32)
+    payload = encode(frame, mask, block=4)
+    image, _, meta = decode(payload)
+    assert meta.codecs["background"] == codec
+    for explicit in ("raw", "png"):
+        assert np.array_equal(image, decode(encode(frame, mask, block=4, background=explicit))[0])
+    assert len(payload) == len(encode(frame, mask, block=4, background=codec))
 
 
 def test_every_kept_block_count_round_trips_on_an_exact_grid():

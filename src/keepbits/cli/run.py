@@ -41,7 +41,7 @@ EXIT_HELP = ("exit codes (the JSON summary's status and reason say the same): "
 def add_codec_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
     """Codec options shared by ``run`` and ``demo``; ``defaults`` (the demo's) replace the run defaults
     in the help (the command applies them)."""
-    shown = {"mode": "blocks for NICE bundles, simplified for SimpleBits bundles", "codec": "png", "background": "raw",
+    shown = {"mode": "blocks for NICE bundles, simplified for SimpleBits bundles", "codec": "png", "background": "auto",
              "quality": 90, **(defaults or {})}
     parser.add_argument("--mode", choices=["blocks", "mixed", "paper", "simplified"], default=None,
                         help="blocks: background means + mask + kept blocks; mixed: x̃ as one --codec image + mask (with "
@@ -49,8 +49,9 @@ def add_codec_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any
                              f"(SimpleBits bundles only): the simplified image (default: {shown['mode']})")
     parser.add_argument("--codec", choices=["png", "jpeg", "webp"], default="png",
                         help=f"kept blocks, x̃ (mixed mode) or the simplified image (png = lossless) (default: {shown['codec']})")
-    parser.add_argument("--background", choices=["raw", "png", "jpeg", "webp"], default="raw",
-                        help=f"block means in blocks mode (raw/png = lossless) (default: {shown['background']})")
+    parser.add_argument("--background", choices=["auto", "raw", "png", "jpeg", "webp"], default="auto",
+                        help="block means in blocks mode (lossless: raw, png, or auto = png for grids of >= 256 blocks, "
+                             f"raw below) (default: {shown['background']})")
     parser.add_argument("--quality", type=int, default=90, help=f"jpeg/webp quality 1..100 (default: {shown['quality']})")
     parser.add_argument("--webp-method", type=int, choices=range(7), default=None, metavar="0..6",
                         help="libwebp effort: 0-2 encode faster for a few %% more bytes, 5-6 the reverse "

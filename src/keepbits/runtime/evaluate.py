@@ -52,7 +52,7 @@ class OperatingPoint:
     """One payload setting: ``mode`` (``blocks``, ``mixed`` or ``simplified``), hard-mask
     ``threshold`` and ``block`` (None for simplified), ``codec`` (of the kept blocks, x̃ or the
     simplified image) and its ``quality`` (None for PNG), and the ``background`` codec of the
-    block means in blocks mode (``raw`` lossless; a lossy one at ``quality``; None in mixed mode,
+    block means in blocks mode (``auto``, ``raw``, ``png`` lossless; a lossy one at ``quality``; None in mixed mode,
     where x̃ carries them), and the libwebp ``webp_method`` (None: OpenCV's encoder)."""
 
     mode: str
@@ -60,7 +60,7 @@ class OperatingPoint:
     block: int | None
     codec: str
     quality: int | None
-    background: str | None = "raw"
+    background: str | None = "auto"
     webp_method: int | None = None
 
     @property
@@ -70,7 +70,7 @@ class OperatingPoint:
             return f"simplified {self.codec}"
         if self.mode == "mixed":
             return f"payload mixed {self.codec} t={self.threshold:g} b={self.block}"
-        return f"payload {self.codec} t={self.threshold:g} b={self.block}" + ("" if self.background == "raw" else f" bg={self.background}")
+        return f"payload {self.codec} t={self.threshold:g} b={self.block}" + ("" if self.background == "auto" else f" bg={self.background}")
 
     def encode(self, result: Result) -> bytes:
         """The payload of ``result`` at this point."""
@@ -85,12 +85,12 @@ class OperatingPoint:
 
 def operating_points(pipeline: Pipeline, thresholds: Sequence[float] | None = None, block_sizes: Sequence[int] | None = None,
                      codecs: Sequence[str] = FORMATS, qualities: Sequence[int] = (50, 75, 90),
-                     backgrounds: Sequence[str] = ("raw",), modes: Sequence[str] = ("blocks",),
+                     backgrounds: Sequence[str] = ("auto",), modes: Sequence[str] = ("blocks",),
                      webp_method: int | None = None) -> list[OperatingPoint]:
     """Every combination; thresholds and block sizes default to the bundle's (a SimpleBits bundle
     has neither, and one mode: simplified). PNG is lossless: one point per threshold and block, no quality. WebP needs
     colour frames: it is left out for grey bundles. ``backgrounds``: codecs of the block means in
-    blocks mode (``raw``, ``png``, ``jpeg``, ``webp``; a lossy one takes the point's quality, and is paired
+    blocks mode (``auto``, ``raw``, ``png``, ``jpeg``, ``webp``; a lossy one takes the point's quality, and is paired
     with lossy foregrounds only). ``modes``: ``blocks`` and/or ``mixed``; ``webp_method``: libwebp's
     effort for WebP sections (:func:`keepbits.codec.encode`).
 
@@ -124,7 +124,7 @@ def operating_points(pipeline: Pipeline, thresholds: Sequence[float] | None = No
         raise InputError(f"payload modes must be blocks and/or mixed, got {list(modes)}")
     backgrounds_of = {"blocks": list(backgrounds), "mixed": [None]}
     return [OperatingPoint(mode, float(t), int(b), c, q, bg, webp_method) for mode in modes for t in thresholds for b in block_sizes
-            for c, q in coded for bg in backgrounds_of[mode] if bg in (None, "raw", "png") or q is not None]
+            for c, q in coded for bg in backgrounds_of[mode] if bg in (None, "auto", "raw", "png") or q is not None]
 
 
 def map_labels(labels: np.ndarray, data_classes: Sequence[str], model_classes: Sequence[str]) -> tuple[np.ndarray, str]:
@@ -216,7 +216,7 @@ def rate_accuracy(
     baselines: Sequence[str] = FORMATS,
     baseline_qualities: Sequence[int] = (10, 30, 50, 75, 90),
     batch_size: int = 32,
-    backgrounds: Sequence[str] = ("raw",),
+    backgrounds: Sequence[str] = ("auto",),
     modes: Sequence[str] = ("blocks",),
     webp_method: int | None = None,
 ) -> dict[str, Any]:

@@ -427,7 +427,7 @@ class Pipeline:
             "resize_policy": self.resize_policy, "crop_fraction": self.crop_fraction,
             "explain": self.explain, "block": self.block, "threshold": self.threshold, "providers": self.providers,
             "threads": self.threads, "spinning": self.spinning,
-            "codec": {"codec": "png", "background": "raw", "quality": 90, "png_level": None, "webp_method": None, **self.codec_options,
+            "codec": {"codec": "png", "background": "auto", "quality": 90, "png_level": None, "webp_method": None, **self.codec_options,
                       "deflate": deflate.name()},
         }
 
