@@ -1,5 +1,6 @@
 """Bookkeeping for the bench scripts: every result JSON records commit, machine, versions and
-command (:func:`write_result`, into ``bench/results/``); plus a figure helper and a frame reader."""
+command (:func:`write_result`, into ``bench/results/``); plus a figure helper, a frame reader and
+a per-item timer."""
 from __future__ import annotations
 
 import json
@@ -8,14 +9,16 @@ import platform
 import shlex
 import subprocess
 import sys
+import statistics
 import time
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from keepbits._json import jsonable
 
-__all__ = ["default_data_dir", "machine", "results_dir", "save_image_rows", "video_frames", "write_result"]
+__all__ = ["default_data_dir", "machine", "median_seconds_per_item", "results_dir", "save_image_rows", "video_frames", "write_result"]
 
 
 #: The source checkout holding this ``bench/`` folder.
@@ -121,3 +124,14 @@ def video_frames(path: Path, count: int, step: int = 1) -> list[np.ndarray]:
             if i % step == 0:
                 frames.append(frame.image)
     return frames
+
+
+def median_seconds_per_item(run_one: Callable[[Any], object], items: Sequence[Any], repeats: int) -> float:
+    """Median over ``repeats`` passes of the wall seconds per item of ``run_one(item)`` over ``items``."""
+    passes = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for item in items:
+            run_one(item)
+        passes.append((time.perf_counter() - start) / len(items))
+    return statistics.median(passes)

@@ -17,16 +17,14 @@ over ``--repeats`` passes. Writes ``bench/results/codec_background.json``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, video_frames, write_result  # noqa: E402
+from _results import default_data_dir, median_seconds_per_item, video_frames, write_result  # noqa: E402
 from imagenet_splits import split_of  # noqa: E402
 
 from keepbits.codec import payload  # noqa: E402
@@ -90,15 +88,7 @@ def main() -> None:
         for b in blocks:
             grids = [payload._grid_means(img if img.ndim == 3 else img[..., None], b) for img in images]
             sizes = {c: np.array([len(section(g, c)) for g in grids]) for c in CODECS}
-            times = {}
-            for c in CODECS:
-                passes = []
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    for g in grids:
-                        section(g, c)
-                    passes.append((time.perf_counter() - start) * 1e6 / len(grids))
-                times[c] = statistics.median(passes)
+            times = {c: 1e6 * median_seconds_per_item(lambda g: section(g, c), grids, args.repeats) for c in CODECS}
             rows.append({"content": kind, "block": b, "grid": list(grids[0].shape), "images": len(grids),
                          "bytes_mean": {c: float(sizes[c].mean()) for c in CODECS},
                          "us_per_image_median": times,

@@ -10,7 +10,7 @@ default before that), level 1 after Paeth, and level 6 with OpenCV's adaptive fi
 letterboxed 224×224 frames of ``videos/bottle-detection.mp4`` (what the runtime encodes),
 foreground mosaics of those frames under a disc mask (kept blocks only, ``docs/codec.md``),
 Kodak photographs, a 256×256 grid of CIFAR-10 test images, a 224×224 grid of MNIST digits
-(grey), the bundled demo stream's frames and a periodic synthetic pattern (long-range
+(grey), the bundled demo clip's frames (640×360) and a periodic synthetic pattern (long-range
 repeats). One thread; times are medians over ``--repeats`` passes. Writes
 ``bench/results/codec_png.json``.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, video_frames, write_result  # noqa: E402
+from _results import default_data_dir, median_seconds_per_item, video_frames, write_result  # noqa: E402
 
 from keepbits.codec import deflate, payload, png  # noqa: E402
 from keepbits.data import load_dataset  # noqa: E402
@@ -62,21 +61,21 @@ def image_sets(data: Path, work: Path) -> dict[str, list[np.ndarray]]:
     mnist = load_dataset(data / "mnist", "test").sample(64).x[..., 0]
     yy, xx = np.mgrid[:128, :128].astype(np.float32)
     periodic = np.clip(np.stack([128 + 60 * np.sin(xx / 9), 128 + 60 * np.cos(yy / 13), (xx + yy) / 2], -1), 0, 255)
-    demo = Path(payload.__file__).resolve().parents[1] / "assets" / "demo_stream.mp4"
+    demo = Path(payload.__file__).resolve().parents[1] / "assets" / "bottle_clip.mp4"
     return {
         "camera frames, letterboxed 224x224 (bottle-detection.mp4)": letterboxed,
         "foreground mosaics of those frames (disc mask, b = 8)": mosaics,
         "Kodak photographs 768x512": kodak,
         "CIFAR-10 test images, 8x8 grid (256x256)": [cifar.reshape(8, 8, 32, 32, 3).transpose(0, 2, 1, 3, 4).reshape(256, 256, 3)],
         "MNIST test digits, 8x8 grid (224x224, grey)": [mnist.reshape(8, 8, 28, 28).transpose(0, 2, 1, 3).reshape(224, 224)],
-        "demo stream frames 96x96": video_frames(demo, 10, 5),
+        "the bundled demo clip's frames 640x360": video_frames(demo, 10, 5),
         "periodic synthetic pattern 128x128": [periodic.astype(np.uint8)],
     }
 
 
 def encode(img: np.ndarray, params: list[int] | str | None) -> bytes:
     if params is None:
-        return payload._encode_image(img[..., None] if img.ndim == 2 else img, payload.CODEC_PNG, 0, None)
+        return payload._encode_image(img[..., None] if img.ndim == 2 else img, payload.CODEC_PNG, 0, {"png_level": None, "webp_method": None})
     if params == "stdlib":
         fast, deflate._impl = deflate._impl, zlib
         try:
@@ -108,14 +107,9 @@ def main() -> None:
     for kind, images in sets.items():
         for name, params in SETTINGS.items():
             sizes = [len(encode(img, params)) for img in images]
-            passes = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                for img in images:
-                    encode(img, params)
-                passes.append((time.perf_counter() - start) * 1e3 / len(images))
+            ms = 1e3 * median_seconds_per_item(lambda img: encode(img, params), images, args.repeats)
             rows.append({"content": kind, "setting": name, "images": len(images), "bytes_mean": statistics.mean(sizes),
-                         "ms_per_image_median": statistics.median(passes)})
+                         "ms_per_image_median": ms})
             print(f"{kind:58s} {name:46s} {rows[-1]['bytes_mean']:10.0f} B {rows[-1]['ms_per_image_median']:7.3f} ms", flush=True)
     print(write_result("codec_png", {"rows": rows, "repeats": args.repeats, "threads": 1, "deflate": deflate.name(),
                                      "native_filter": png._native_filter() is not None}))
