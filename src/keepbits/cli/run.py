@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from keepbits.codec.payload import BACKGROUNDS
 from keepbits.errors import InputError
 
 HELP = "run a model bundle on a video/camera/URL/folder: predict, explain, compress, send payloads"
@@ -49,7 +50,7 @@ def add_codec_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any
                              f"(SimpleBits bundles only): the simplified image (default: {shown['mode']})")
     parser.add_argument("--codec", choices=["png", "jpeg", "webp"], default="png",
                         help=f"kept blocks, x̃ (mixed mode) or the simplified image (png = lossless) (default: {shown['codec']})")
-    parser.add_argument("--background", choices=["auto", "raw", "png", "jpeg", "webp"], default="auto",
+    parser.add_argument("--background", choices=BACKGROUNDS, default="auto",
                         help="block means in blocks mode (lossless: raw, png, or auto = png for grids of >= 256 blocks, "
                              f"raw below) (default: {shown['background']})")
     parser.add_argument("--quality", type=int, default=90, help=f"jpeg/webp quality 1..100 (default: {shown['quality']})")

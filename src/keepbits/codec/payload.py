@@ -50,6 +50,8 @@ BACKGROUND_CODECS = {"raw": CODEC_RAW, **IMAGE_CODECS}
 #: 28×28 blocks up, within 3 % at 14×14–16×16, and up to 2.7× larger on tiny grey grids, where
 #: its chunk headers outweigh the filter (``bench/results/codec_background.json``).
 PNG_BACKGROUND_MIN_BLOCKS = 256
+#: every ``background`` that :func:`encode` takes: ``auto`` and the codecs of :data:`BACKGROUND_CODECS`
+BACKGROUNDS = ("auto", *BACKGROUND_CODECS)
 _TAG_NAMES = {TAG_BACKGROUND: "background", TAG_MASK: "mask", TAG_FOREGROUND: "foreground", TAG_MIXED: "mixed",
               TAG_SIMPLIFIED: "simplified"}
 _MODE_NAMES = {v: k for k, v in MODES.items()}
@@ -373,9 +375,8 @@ def encode(
         block = int(block or 0)
         if not 1 <= block <= MAX_SIDE:
             raise InputError(f"block size must be 1..{MAX_SIDE}, got {block}")
-    if codec not in IMAGE_CODECS or background not in BACKGROUND_CODECS and background != "auto":
-        raise InputError(f"unknown codec {codec!r}/{background!r}; codecs {sorted(IMAGE_CODECS)}, "
-                         f"backgrounds {sorted(BACKGROUND_CODECS) + ['auto']}")
+    if codec not in IMAGE_CODECS or background not in BACKGROUNDS:
+        raise InputError(f"unknown codec {codec!r}/{background!r}; codecs {sorted(IMAGE_CODECS)}, backgrounds {list(BACKGROUNDS)}")
     if c == 1 and CODEC_WEBP in (IMAGE_CODECS[codec], BACKGROUND_CODECS.get(background)):
         raise InputError("webp needs 3-channel frames; use png or jpeg for grey frames")
     if not 1 <= quality <= 100:
