@@ -1,5 +1,6 @@
 """Overinterpretation pipeline: subsets, statistics, the whole audit (models cached and resumed), CLI reports."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -102,13 +103,19 @@ def test_pipeline_end_to_end_tiny(tmp_path):
     models = tmp_path / "models"
     assert (tmp_path / "report.html").exists() and (models / "input_dropout.pt").exists() and (models / "control_full.pt").exists()
     # one recipe per role: replicates alike (audit half, flips allowed), retraining without augmentation on the other half
-    rep = [load_checkpoint(models / f"replicate_{i}.pt").settings for i in range(2)]
+    rep = [load_checkpoint(models / f"replicate_{i}.pt").settings["recipe"] for i in range(2)]
     assert rep[0]["images"] == rep[1]["images"] == 48 and rep[0]["epochs"] == rep[1]["epochs"] and rep[0]["seed"] != rep[1]["seed"]
+    assert rep[0]["data_sha256"] == rep[1]["data_sha256"] and rep[0]["arch"] == "lenet5"
     for name in ("retrained_backselect", "retrained_random", "control_full"):
-        settings = load_checkpoint(models / f"{name}.pt").settings
+        settings = load_checkpoint(models / f"{name}.pt").settings["recipe"]
         assert settings["augment"] == "none" and settings["images"] == 32
+    stamps = {p.name: p.stat().st_mtime_ns for p in models.glob("*.pt")}
     again = run_overinterpretation(cfg)  # resumes: models and orders are reused
-    assert again["accuracy"] == result["accuracy"]
+    assert again["accuracy"] == result["accuracy"] and {p.name: p.stat().st_mtime_ns for p in models.glob("*.pt")} == stamps
+    # another recipe in the same folder: models trained by the old one are not reused
+    other = run_overinterpretation(replace(cfg, lr=cfg.lr / 2))
+    assert all(p.stat().st_mtime_ns != stamps[p.name] for p in models.glob("*.pt"))
+    assert load_checkpoint(models / "replicate_0.pt").settings["recipe"]["lr"] == cfg.lr / 2 and other["kept_pixels"] == 40
 
 
 def test_exact_backselect_sample_is_compared_with_the_gradient_orders(tmp_path, monkeypatch):

@@ -129,3 +129,55 @@ def test_ranks_stop_when_their_torchrun_agent_is_killed(tmp_path, free_port):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _small_net(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+
+
+def test_chunks_of_another_model_are_recomputed_not_reused(tmp_path):
+    """The chunk cache is keyed to the model: the same folder with other weights (a retrained
+    checkpoint, another model) recomputes every chunk; the same model again reuses them all."""
+    import numpy as np
+
+    from keepbits.audit import TorchAdapter
+
+    x = np.random.default_rng(0).normal(size=(3, 1, 6, 6)).astype(np.float32)
+    first, other = TorchAdapter(_small_net(0), (1, 6, 6)), TorchAdapter(_small_net(1), (1, 6, 6))
+    folder = tmp_path / "orders"
+    compute_orders(first, x, folder, "plain", progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("chunk_*.json")}
+    assert len(stamps) == 3
+    compute_orders(TorchAdapter(_small_net(0), (1, 6, 6)), x, folder, "plain", progress=False)  # same weights, new object
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("chunk_*.json")} == stamps
+    reused = compute_orders(other, x, folder, "plain", progress=False)
+    fresh = compute_orders(other, x, tmp_path / "fresh", "plain", progress=False)
+    assert [r.order.tolist() for r in reused] == [r.order.tolist() for r in fresh]
+    assert all(p.stat().st_mtime_ns != stamps[p.name] for p in folder.glob("chunk_*.json"))
+    assert {json.loads(p.read_text())["model"] for p in folder.glob("chunk_*.json")} == {other.fingerprint()}
+
+
+def test_model_fingerprints_follow_the_model_not_the_object(tmp_path):
+    import numpy as np
+
+    from keepbits.audit import FunctionAdapter, OnnxAdapter, TorchAdapter
+
+    net = _small_net(0)
+    a = TorchAdapter(net, (1, 6, 6))
+    assert a.fingerprint() == TorchAdapter(_small_net(0), (1, 6, 6)).fingerprint()
+    assert a.fingerprint() != TorchAdapter(_small_net(0), (1, 6, 6), mean=[0.5], std=[0.25]).fingerprint()
+    with torch.no_grad():
+        net[3].bias[0] += 1e-3  # one weight moved: another model
+    assert TorchAdapter(net, (1, 6, 6)).fingerprint() != TorchAdapter(_small_net(0), (1, 6, 6)).fingerprint()
+    f = FunctionAdapter(lambda v: v.reshape(len(v), -1)[:, :2], input_shape=(1, 1, 2))
+    assert f.fingerprint() == FunctionAdapter(lambda v: v.reshape(len(v), -1)[:, :2], input_shape=(1, 1, 2)).fingerprint()
+    assert f.fingerprint() != FunctionAdapter(lambda v: 2 * v.reshape(len(v), -1)[:, :2], input_shape=(1, 1, 2)).fingerprint()
+    paths = []
+    for seed in (0, 1):
+        paths.append(tmp_path / f"m{seed}.onnx")
+        torch.onnx.export(_small_net(seed), torch.zeros(1, 1, 6, 6), str(paths[-1]), input_names=["x"], output_names=["logits"],
+                          dynamo=False)
+    onnx_fps = [OnnxAdapter(p).fingerprint() for p in paths]
+    assert onnx_fps[0] != onnx_fps[1] and onnx_fps[0] == OnnxAdapter(paths[0]).fingerprint()
+    assert np.isfinite(OnnxAdapter(paths[0]).logits(np.zeros((1, 1, 6, 6), np.float32))).all()

@@ -34,6 +34,10 @@ def test_ru_decoders_are_cached_and_give_finite_maps(tmp_path):
     assert not info["cached"] and np.isfinite(info["val_mse"])
     again, info2 = train_decoder(net, "0", x, cfg, cache_dir=tmp_path)
     assert info2["cached"] and len(list(tmp_path.glob("*.pt"))) == 1
+    cached = next(tmp_path.glob("*.pt"))
+    cached.write_bytes(cached.read_bytes()[:100])  # a damaged cache file (a killed write, a full disk) is trained again, not fatal
+    _, info3 = train_decoder(net, "0", x, cfg, cache_dir=tmp_path)
+    assert not info3["cached"] and train_decoder(net, "0", x, cfg, cache_dir=tmp_path)[1]["cached"]
     ru, fit = reconstruction_uncertainty(net, "0", again, x[:2], CIDConfig(max_steps=60, min_steps=20))
     assert ru.shape == (2, 8, 8) and np.isfinite(ru).all()
     assert fit["ratio"].shape == (2,) and fit["floor"].shape == (2, 8, 8)

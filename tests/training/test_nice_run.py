@@ -17,7 +17,7 @@ from PIL import Image
 
 from keepbits.cli import main
 from keepbits.data import Preprocessing, load_dataset
-from keepbits.errors import InputError
+from keepbits.errors import CheckpointError, InputError
 from keepbits.training.byo import Classifier
 from keepbits.training.checkpoint import load_checkpoint
 from keepbits.training.data import TensorImages
@@ -67,6 +67,8 @@ def test_resume_continues_the_run_exactly(tiny_npz, tmp_path, tinynets):
     a, b = _weights(straight["checkpoint"]), _weights(resumed["checkpoint"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert load_checkpoint(tmp_path / "b" / "last.pt").optimizer is not None
+    with pytest.raises(CheckpointError, match="cannot resume.*block_size: 4 then, 2 now"):
+        train_nice(_base(tiny_npz, tmp_path, out=str(tmp_path / "b"), epochs=3, block_size=2, resume=True))
 
 
 @pytest.mark.slow

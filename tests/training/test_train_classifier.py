@@ -77,6 +77,15 @@ def test_resume_continues_where_it_stopped(tmp_path):
     assert summary["epochs_run"] == 1 and [h["epoch"] for h in summary["history"]] == [1, 2]
 
 
+def test_resume_refuses_a_changed_recipe_but_not_more_epochs(tmp_path):
+    """Resuming with another learning rate or sample would silently mix two runs in one
+    checkpoint: refused, naming what changed; more epochs (run control) is a resume."""
+    train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
+    with pytest.raises(CheckpointError, match=r"cannot resume.*lr: None then, 0\.5 now.*max_train: 64 then, 32 now"):
+        train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=32, lr=0.5))
+    assert train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=64))["epochs_run"] == 1
+
+
 def test_resume_refuses_another_arch(tmp_path):
     train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
     with pytest.raises(CheckpointError, match="is a lenet5, asked to resume a resnet20"):

@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -58,6 +59,20 @@ class ModelAdapter:
         return softmax(self.logits(x, batch_size))
 
     __call__ = probabilities
+
+    def fingerprint(self) -> str:
+        """A digest of everything that decides this model's outputs: its kind, input shape,
+        normalisation and the model itself (:meth:`_identity`). Cached results (BackSelect
+        chunks) are reused only under the same fingerprint."""
+        h = hashlib.sha256(json.dumps([type(self).__name__, self.input_shape, self.mean.tolist(), self.std.tolist()]).encode())
+        h.update(self._identity())
+        return h.hexdigest()[:20]
+
+    def _identity(self) -> bytes:
+        """Bytes identifying the model itself. Default: its float64 logits of two fixed seeded
+        inputs (a function has no weights to hash; a model answering differently is another model)."""
+        probe = np.random.default_rng(0).standard_normal((2, *self.input_shape)).astype(np.float32)
+        return np.ascontiguousarray(self.logits(probe), dtype=np.float64).tobytes()
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 N×H×W×C (or H×W×C) images → normalised float32 N×C×H×W."""
@@ -123,6 +138,11 @@ class TorchAdapter(ModelAdapter):
                 outs.append(self.torch_module(x[i : i + batch_size]).double().numpy())
         return np.concatenate(outs) if outs else np.zeros((0, 0))
 
+    def _identity(self) -> bytes:
+        from keepbits.training.checkpoint import state_digest
+
+        return f"{self.torch_module!r}\n{state_digest(self.torch_module)}".encode()
+
 
 class OnnxAdapter(ModelAdapter):
     """An ONNX classifier run with ONNX Runtime (CPU), output ``logits`` (else the first).
@@ -183,6 +203,11 @@ class OnnxAdapter(ModelAdapter):
             feed = self._pixels(np.asarray(x[i : i + batch_size], dtype=np.float32))
             outs.append(np.asarray(self.session.run([self._output], {self._input_name: feed})[0], dtype=np.float64))
         return np.concatenate(outs) if outs else np.zeros((0, 0))
+
+    def _identity(self) -> bytes:
+        from keepbits.bundle import sha256_file
+
+        return f"{self._feed}/{self._output}/{sha256_file(self.model_path)}".encode()
 
 
 def load_model(model: Any, **kwargs: Any) -> ModelAdapter:

@@ -127,10 +127,9 @@ def _build_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, int, 
 
 
 def _fingerprint(module: Any, layer: str, images: Any, cfg: DecoderConfig) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    from keepbits.training.checkpoint import state_digest
+
+    digest = hashlib.sha256(state_digest(module).encode())
     digest.update(json.dumps({"layer": layer, "decoder": asdict(cfg), "images": list(images.shape)}, sort_keys=True).encode())
     digest.update(images.contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -164,9 +163,12 @@ def _train_or_load(module: Any, layer: str, x: Any, cfg: DecoderConfig, cache_di
         cache = None if cache_dir is None else (default_cache_dir() if cache_dir == "default" else Path(cache_dir))
         path = cache / f"{_fingerprint(module, layer, x, cfg)[:32]}.pt" if cache is not None else None
         if path is not None and path.is_file():
-            record = torch.load(path, map_location="cpu", weights_only=True)
-            decoder.load_state_dict(record["state_dict"])
-            return decoder.eval(), {**record["info"], "cached": True}
+            try:
+                record = torch.load(path, map_location="cpu", weights_only=True)
+                decoder.load_state_dict(record["state_dict"])
+                return decoder.eval(), {**record["info"], "cached": True}
+            except Exception as exc:  # noqa: BLE001 - a damaged cache file (any unpickler or shape error) is retrained, not fatal
+                log.warning("%s: unreadable cached decoder (%s); training it again", path, next(iter(str(exc).splitlines()), type(exc).__name__))
         info = _fit(decoder.to(dev), tap, layer, x.to(dev), cfg)
         decoder.cpu()
         if path is not None:

@@ -346,7 +346,12 @@ def _trained(path: Path, cfg: OverinterpretationConfig, x: np.ndarray, y: np.nda
              std: Sequence[float], epochs: int, seed: int, dist: Dist, augment: str, keep: float | None = None) -> TorchAdapter:
     """A fresh ``cfg.arch`` trained on normalised N×C×H×W ``x`` (with input dropout ``keep``, §4.5;
     ``augment``: ``"auto"`` = flips for colour images, ``"none"``) by the one classifier trainer,
-    once (rank 0), saved as a classifier checkpoint at ``path``; other ranks and resumed runs load it."""
+    once (rank 0), saved as a classifier checkpoint at ``path``; other ranks and resumed runs load it.
+    A checkpoint already at ``path`` is reused only if it was trained by the same recipe on the same
+    data (arch, fit settings, input dropout, sha256 of ``x`` and ``y``); otherwise it is retrained."""
+    import hashlib
+    import json
+
     import torch
 
     from keepbits import registry
@@ -356,21 +361,37 @@ def _trained(path: Path, cfg: OverinterpretationConfig, x: np.ndarray, y: np.nda
     from keepbits.training.data import TensorArrays
 
     shape = list(x.shape[1:])
-    if dist.main and not path.exists():
+    fit = FitConfig(epochs=epochs, batch_size=cfg.batch_size, optimizer="sgd", lr=cfg.lr, momentum=0.9, weight_decay=5e-4,
+                    schedule="cosine", warmup_epochs=0.15 * epochs, augment=augment, crop_padding=0, seed=seed, progress=cfg.progress)
+    data = hashlib.sha256(np.ascontiguousarray(x, np.float32).tobytes() + np.ascontiguousarray(y, np.int64).tobytes()).hexdigest()
+    recipe = json.loads(json.dumps({**{k: v for k, v in asdict(fit).items() if k != "progress"}, "arch": cfg.arch, "input_dropout_keep": keep,
+                                    "images": len(x), "data_sha256": data, "normalization": [list(mean), list(std)]}))
+    if dist.main and _recipe_of(path) != recipe:
         torch.manual_seed(seed)
         kwargs = {"in_channels": shape[0], "num_classes": len(class_names), "image_size": shape[1:]}
         net = registry.build(cfg.arch, **kwargs)
-        fit = FitConfig(epochs=epochs, batch_size=cfg.batch_size, optimizer="sgd", lr=cfg.lr, momentum=0.9, weight_decay=5e-4,
-                        schedule="cosine", warmup_epochs=0.15 * epochs, augment=augment, crop_padding=0, seed=seed, progress=cfg.progress)
         fit_classifier(net if keep is None else InputDropout(net, keep, cfg.dropout_samples, seed), TensorArrays(x, y), fit)
         save_checkpoint(path, Checkpoint(kind="classifier", models={"classifier": ModelEntry.of(cfg.arch, kwargs, net)}, input_shape=shape,
                                          normalization=Normalization(list(mean), list(std)), class_names=list(class_names),
-                                         settings={**asdict(fit), "input_dropout_keep": keep, "images": len(x)}, epoch=epochs - 1))
+                                         settings={"recipe": recipe}, epoch=epochs - 1))
     barrier(dist)
     net = build_model(load_checkpoint(path, "classifier"), "classifier").eval()
     if keep is not None:
         net = InputDropout(net, keep, cfg.dropout_samples).eval()
     return TorchAdapter(net, shape, mean=mean, std=std)
+
+
+def _recipe_of(path: Path) -> dict[str, Any] | None:
+    """The training recipe recorded in the classifier checkpoint at ``path`` (None: no file, or not one of ours)."""
+    from keepbits.errors import CheckpointError
+    from keepbits.training.checkpoint import load_checkpoint
+
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path, "classifier").settings.get("recipe")
+    except CheckpointError:
+        return None
 
 
 def _pm(stat: dict[str, float]) -> str:

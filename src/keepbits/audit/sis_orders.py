@@ -1,8 +1,9 @@
 """BackSelect orders of many images, sharded over ``torchrun`` processes, cached chunk by chunk.
 
 Each chunk of images is written to ``folder/chunk_<start>.json`` as soon as it is done, with a
-fingerprint of its images and settings: a killed run resumes where it stopped (chunks whose
-fingerprint matches are reused, others recomputed). Under ``torchrun`` (gloo on the CPU, through
+fingerprint of its images, its settings and the model (:meth:`ModelAdapter.fingerprint`: weights
+or graph, normalisation): a killed run resumes where it stopped (chunks whose fingerprint matches
+are reused, others recomputed, so another model's orders in the same folder are never reused). Under ``torchrun`` (gloo on the CPU, through
 :mod:`keepbits.training.distributed`) the ranks take chunks round-robin and every rank returns
 the merged list in image order; a rank whose ``torchrun`` agent was killed stops before its next
 chunk (:func:`keepbits.training.distributed.agent_alive`). Used by the SIS and overinterpretation audits.
@@ -37,7 +38,7 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
     ``"gradient"`` with ``k`` pixels per step, or exact ``"exact"``/``"incremental"``/``"plain"``), saved per chunk
     of ``chunk`` images (default 32 for gradient, 1 for exact) to ``folder/chunk_<start>.json`` as each finishes. Under ``torchrun``
     ranks take chunks round-robin; existing chunk files are reused (resume after a kill).
-    Chunk files carry a fingerprint of their images and settings; others are recomputed.
+    Chunk files carry a fingerprint of their images, settings and model; others are recomputed.
     Every rank returns the merged list in image order."""
     if method not in ("gradient", "exact") + METHODS:
         raise InputError(f"method must be one of {('gradient', 'exact') + METHODS}, got {method!r}")
@@ -49,8 +50,11 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
     mine = [s for i, s in enumerate(starts) if i % dist.world == dist.rank]
     from tqdm.auto import tqdm
 
+    model_fingerprint = model.fingerprint()
+
     def fingerprint(s: int) -> str:
-        return hashlib.sha256(np.ascontiguousarray(x[s : s + chunk]).tobytes() + f"{method}/{k}".encode()).hexdigest()[:20]
+        settings = f"{method}/{k}/{model_fingerprint}".encode()
+        return hashlib.sha256(np.ascontiguousarray(x[s : s + chunk]).tobytes() + settings).hexdigest()[:20]
 
     def done(s: int) -> bool:
         path = folder / f"chunk_{s:07d}.json"
@@ -71,7 +75,7 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
             results = backselect_batch(model, part, method="auto" if method == "exact" else method)  # the chunk in lockstep
         path = folder / f"chunk_{s:07d}.json"
         tmp = path.with_suffix(f".tmp{dist.rank}")
-        tmp.write_text(json.dumps({"start": s, "fingerprint": fingerprint(s), "method": method, "k": k,
+        tmp.write_text(json.dumps({"start": s, "fingerprint": fingerprint(s), "model": model_fingerprint, "method": method, "k": k,
                                    "results": [r.to_dict() for r in results]}))
         os.replace(tmp, path)
         bar.update(len(part))

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="train on a random class-balanced sample of N training images (seed --seed), drawn after the "
                       "validation hold-out (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the image sample, initialisation and batches")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with the same settings (only run control such as --epochs may change)")
     p.add_argument("--init", default=None, help="start from this classifier checkpoint's weights and normalisation "
                    "(same parameter names and shapes, e.g. a CIFAR-10 resnet20 for resnet20_scan; default: random initialisation)")
     add_device_option(p)

@@ -37,6 +37,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import numbers
 import os
@@ -314,6 +316,35 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     return model
 
 
+def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping[str, Any], may_change: set[str] | frozenset[str]) -> None:
+    """Refuse to resume a run whose recipe changed since ``path`` was written: one
+    :class:`CheckpointError` naming every setting of ``current`` that differs from the ``saved``
+    settings, except ``may_change`` (run control: epochs, device, workers, ...). Settings the
+    checkpoint does not record (older files) are not compared."""
+    def plain(value: Any) -> Any:
+        return json.loads(json.dumps(value, default=str))
+
+    changed = [k for k in current if k not in may_change and k in saved and plain(saved[k]) != plain(current[k])]
+    if changed:
+        what = "; ".join(f"{k}: {plain(saved[k])!r} then, {plain(current[k])!r} now" for k in changed)
+        raise CheckpointError(f"{path}: cannot resume, this run's settings differ from the checkpoint's ({what}); "
+                              "give the same settings, or a new output folder to start afresh")
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """Hex sha256 of a module's state: every state-dict entry's name, dtype, shape and bytes, in order.
+
+    Two modules of one architecture have equal digests exactly when their weights and buffers
+    are bit-identical (used to compare ranks and to key cached results to the model they came from).
+    """
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{value.dtype}|{tuple(value.shape)};".encode())
+        h.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
 def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = None) -> torch.nn.Module:
     """Rebuild and load ``checkpoint.models[role]``; a clear error if the arch or shapes differ.
 
@@ -342,5 +373,5 @@ def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = N
     return model
 
 
-__all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "load_checkpoint",
-           "load_weights", "read_state_dict", "save_checkpoint"]
+__all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "check_resumable", "load_checkpoint",
+           "load_weights", "read_state_dict", "save_checkpoint", "state_digest"]

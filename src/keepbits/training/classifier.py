@@ -19,7 +19,6 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from keepbits import registry
 from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset, sample_indices, train_val_split
 from keepbits.errors import CheckpointError, InputError
-from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, check_resumable, load_checkpoint, save_checkpoint, state_digest
 from keepbits.training.data import TensorArrays, TensorImages
 from keepbits.training.distributed import Dist, all_gather, all_reduce_sum, broadcast_buffers, init_distributed, resolve_device, shutdown
 
@@ -102,6 +101,10 @@ class ClassifierConfig(FitConfig):
     device: str = "auto"
     threads: int | None = None
     command: str = ""
+
+
+#: settings a ``--resume`` may change (run control); any other change is refused (:func:`check_resumable`)
+RESUME_MAY_CHANGE = frozenset({"epochs", "device", "threads", "command", "out"})
 
 
 def load_classifier(path: str | Path, expected_arch: str | None = None) -> tuple[torch.nn.Module, Checkpoint]:
@@ -254,13 +257,6 @@ def fit_classifier(model: torch.nn.Module, data: TensorArrays, cfg: FitConfig, *
     return model.eval()
 
 
-def _param_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for tensor in model.state_dict().values():
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _prepare_data(cfg: ClassifierConfig) -> tuple[ImageDataset, ImageDataset | None, ImageDataset | None]:
     size, policy = tuple(cfg.image_size), cfg.resize_policy  # used by class-folder trees only
     full = load_dataset(cfg.data, "train", size, policy)
@@ -313,6 +309,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     last_path, best_path = out / "last.pt", out / "best.pt"
     start_epoch, history, best = 0, [], None
+    run_settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")}
     if cfg.resume and last_path.exists():
         previous = load_checkpoint(last_path, "classifier")
         entry = previous.models["classifier"]
@@ -322,6 +319,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             raise CheckpointError(f"{last_path}: checkpoint has {len(previous.class_names)} classes, data has {train_set.num_classes}")
         if previous.optimizer is None:
             raise CheckpointError(f"{last_path}: holds no optimizer state to resume from")
+        check_resumable(last_path, previous.settings, run_settings, RESUME_MAY_CHANGE)
         model.load_state_dict(entry.state_dict)
         optimizer.load_state_dict(previous.optimizer)
         start_epoch, history = previous.epoch + 1, previous.metrics["history"]
@@ -332,7 +330,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         return Checkpoint(
             kind="classifier", models={"classifier": ModelEntry.of(cfg.arch, kwargs, model)}, input_shape=[c, h, w],
             normalization=Normalization(mean, std), class_names=train_set.class_names, preprocessing=preprocessing,
-            settings={k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")}, command=cfg.command,
+            settings=run_settings, command=cfg.command,
             metrics=metrics, epoch=epoch, optimizer=optimizer.state_dict(),
         )
 
@@ -352,7 +350,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             best = {"epoch": epoch + 1, "selected_by": "val_accuracy", **{k: v for k, v in row.items() if k.endswith("accuracy")}}
         metrics: dict[str, Any] = {"history": history, "best": best, "world_size": dist.world}
         if dist.world > 1 and epoch == cfg.epochs - 1:  # record that every rank ends on the same weights
-            metrics["rank_parameter_digests"] = all_gather(dist, _param_digest(model))
+            metrics["rank_parameter_digests"] = all_gather(dist, state_digest(model)[:16])
         if dist.main:
             log.info("epoch %d/%d  %s", epoch + 1, cfg.epochs, "  ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "elapsed_s"))
             save_checkpoint(last_path, snapshot(epoch, metrics))

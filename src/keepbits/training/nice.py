@@ -67,7 +67,7 @@ from keepbits.core.hard_concrete import BETA
 from keepbits.data import Preprocessing, has_split, load_dataset, train_val_split
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
-from keepbits.training.checkpoint import Checkpoint, ModelEntry, build_model, load_checkpoint, save_checkpoint
+from keepbits.training.checkpoint import Checkpoint, ModelEntry, build_model, check_resumable, load_checkpoint, save_checkpoint
 from keepbits.training.data import TensorImages
 from keepbits.training.distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, resolve_device, shutdown
 from keepbits.training.functional import (
@@ -85,6 +85,8 @@ log = logging.getLogger("keepbits")
 MODES = ("fixed", "finetuned")
 OPTIMIZERS = ("adam", "sgd")
 LABELS = ("auto", "true", "predicted")
+#: settings a ``--resume`` may change (run control); any other change is refused (:func:`check_resumable`)
+RESUME_MAY_CHANGE = frozenset({"epochs", "max_minutes", "device", "precision", "workers", "shuffle_buffer", "out"})
 PRECISIONS = ("auto", "fp32", "bf16")
 MASK_THRESHOLD = 0.5
 #: bound on |λ1| in target-sparsity mode
@@ -608,6 +610,9 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
         predicted = True  # unlabelled footage: the classifier's own decisions are the targets
     if cfg.labels == "true" and not train.labelled:
         raise InputError("labels 'true' asked for, but the footage is unlabelled (use --labels predicted)")
+    if resumed is not None:
+        check_resumable(last_path, resumed.settings, {**_snapshot_fields(cfg, clf), "labels": "predicted" if predicted else "true"},
+                        RESUME_MAY_CHANGE)
     generator.to(dist.device)
     classifier_net.to(dist.device)
     teacher = classifier_net
