@@ -135,6 +135,32 @@ def test_gradient_sis_batched_and_verified():
         assert f >= 0.5 * res.scores[0] - 1e-6
 
 
+def test_device_paths_on_the_cpu_match_and_leave_the_module_as_it_was():
+    """``device=`` (what ``--device`` passes) on the CPU gives the default run's orders; the
+    module is moved and put in eval mode for the run only (CUDA: tests/gpu, where a GPU is lent)."""
+    from keepbits.audit.sis_orders import compute_orders
+    from keepbits.training.distributed import on_device
+
+    net = next(random_cnns())
+    model = TorchAdapter(net, SHAPE)
+    xs = np.random.default_rng(3).normal(size=(3, *SHAPE)).astype(np.float32)
+    on_cpu = gradient_backselect(model, xs, k=5, device="cpu")
+    default = gradient_backselect(model, xs, k=5)
+    assert [r.order.tolist() for r in on_cpu] == [r.order.tolist() for r in default]
+    exact = compute_orders(model, xs[:2], _tmp_folder(), "plain", progress=False, device="auto")
+    assert [r.order.tolist() for r in exact] == [backselect(model, x, method="plain").order.tolist() for x in xs[:2]]
+    net.train()
+    with on_device(net, "cpu") as where:
+        assert where.type == "cpu" and not net.training
+    assert net.training and next(net.parameters()).device.type == "cpu"
+
+
+def _tmp_folder():
+    import tempfile
+
+    return tempfile.mkdtemp()
+
+
 def test_explainer_reports_unconfident_images_and_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
     net = next(random_cnns()).eval()

@@ -98,3 +98,33 @@ def test_old_spellings_are_hidden_and_keep_their_meaning(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "nice", "--help"])
     assert "--checkpoint" not in capsys.readouterr().out
+
+
+#: commands whose work runs in torch (trainers, gradient and exact audits): one --device option
+TORCH_COMMANDS = [["train", "classifier"], ["train", "nice"], ["train", "density"], ["train", "simplebits"], ["audit", "sis"],
+                  ["audit", "overinterpretation"], ["audit", "cid"], ["audit", "simplify"]]
+
+
+@pytest.mark.parametrize("path", TORCH_COMMANDS, ids=" ".join)
+def test_torch_commands_take_one_device_option(path):
+    device = [a for a in _command_parser(path)._actions if "--device" in a.option_strings]
+    assert len(device) == 1 and list(device[0].choices) == ["auto", "cpu", "cuda"] and device[0].default == "auto", path
+
+
+@pytest.mark.parametrize("path", [["audit", "sis"], ["audit", "overinterpretation"], ["audit", "cid"], ["audit", "simplify"]], ids=" ".join)
+def test_audits_refuse_cuda_without_a_gpu_in_one_line(path, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    from keepbits import registry
+    from keepbits.data import sample_mnist_path
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
+
+    model = save_checkpoint(tmp_path / "lenet.pt", Checkpoint(
+        kind="classifier", models={"classifier": ModelEntry.of("lenet5", {}, registry.build("lenet5"))}, input_shape=[1, 28, 28],
+        normalization=Normalization([0.13], [0.31]), class_names=[str(i) for i in range(10)]))
+    extra = {"overinterpretation": ["--arch", "lenet5", "--num-test-images", "4", "--epochs", "1"]}.get(path[1], ["--num-images", "2"])
+    argv = [*path, "--model", str(model), "--data", str(sample_mnist_path()), "--out", str(tmp_path / "out"), *extra, "--device", "cuda"]
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device" in err[0], err

@@ -70,6 +70,10 @@ def test_simplify_draws_alpha_and_returns_the_simplified_image():
         assert r["simplified"].shape == (1, 1, 8, 8) and torch.equal(r["simplified"] * 255, (r["simplified"] * 255).round())
         assert r["path"][-1]["bpd"] == pytest.approx(r["bpd_sim"], abs=0.05)  # t = 1 is the result (before 8-bit rounding)
         assert r["kept"] == (r["label_sim"] == r["label"] and r["kl"] <= 0.1)
+    torch.manual_seed(1)
+    images = torch.rand(1, 1, 8, 8)
+    again = simplify_posthoc(net, flow, images, PosthocConfig(steps=3, lr=0.2, path_points=3), device="cpu")  # --device cpu
+    assert torch.equal(again[0]["simplified"], simplify_posthoc(net, flow, images, PosthocConfig(steps=3, lr=0.2, path_points=3))[0]["simplified"])
 
 
 def test_audit_simplify_cli_writes_report(tmp_path):

@@ -122,7 +122,7 @@ class FunctionAdapter(ModelAdapter):
 
 
 class TorchAdapter(ModelAdapter):
-    """A torch classifier (normalised float N×C×H×W → logits), evaluated in float32 on CPU."""
+    """A torch classifier (normalised float N×C×H×W → logits), evaluated in float32 where its parameters are."""
 
     def __init__(self, module: Any, input_shape: Sequence[int], **kwargs: Any):
         super().__init__(input_shape, **kwargs)
@@ -132,10 +132,11 @@ class TorchAdapter(ModelAdapter):
         import torch
 
         x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        where = next(self.torch_module.parameters(), x).device  # a module on a GPU is run there
         outs = []
         with torch.inference_mode():
             for i in range(0, len(x), batch_size):
-                outs.append(self.torch_module(x[i : i + batch_size]).double().numpy())
+                outs.append(self.torch_module(x[i : i + batch_size].to(where)).double().cpu().numpy())
         return np.concatenate(outs) if outs else np.zeros((0, 0))
 
     def _identity(self) -> bytes:

@@ -19,16 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from keepbits.audit._sis_eval import CHUNK_SIZES, tune_chunk
+from keepbits.training.distributed import model_device
 
 _tuned: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def model_device(module: nn.Module, device: Any = None) -> torch.device:
-    """``device`` if given, else the device of the module's first parameter (CPU without parameters)."""
-    if device is not None:
-        return torch.device(device)
-    first = next(iter(module.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _pair(v: Any) -> tuple[int, int]:

@@ -35,7 +35,6 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -50,6 +49,7 @@ import numpy as np
 from keepbits.audit._base import Explainer
 from keepbits.audit._cid_tap import GAUSS_ENTROPY, LayerTap
 from keepbits.errors import InputError
+from keepbits.training.distributed import on_device
 
 log = logging.getLogger("keepbits")
 
@@ -410,22 +410,6 @@ class CIDExplainer(Explainer):
             saturated=(log_sigma >= math.log(cfg.sigma_max) - 1e-6).reshape(len(per_layer), -1).mean(1), converged=stacked["converged"],
             beta=cfg.beta, trace={k: np.stack([p[f"trace_{k}"] for p in per_layer]).astype(np.float64) for k in ("ratio", "entropy", "loss", "lr", "lam")},
         )
-
-
-@contextlib.contextmanager
-def on_device(module: Any, device: str | None) -> Iterator[Any]:
-    """Run ``module`` in eval mode on ``device`` (default: where its parameters are) for the
-    duration of the block; yields the device, then restores the module's device and mode."""
-    import torch
-
-    home = next(module.parameters(), torch.zeros(0)).device
-    target = torch.device(device) if device else home
-    was_training = module.training
-    module.eval().to(target)
-    try:
-        yield target
-    finally:
-        module.to(home).train(was_training)
 
 
 def concentration(entropy: np.ndarray, foreground: np.ndarray) -> float:

@@ -58,9 +58,10 @@ from typing import Any
 import numpy as np
 
 from keepbits.audit._cid_tap import GAUSS_ENTROPY, LayerTap
-from keepbits.audit.cid import CIDConfig, fit_sigma, on_device
+from keepbits.audit.cid import CIDConfig, fit_sigma
 from keepbits.data import train_val_split
 from keepbits.errors import InputError
+from keepbits.training.distributed import on_device
 
 log = logging.getLogger("keepbits")
 

@@ -50,7 +50,7 @@ from keepbits.audit._base import ModelAdapter, TorchAdapter, load_model
 from keepbits.audit.sis import BackSelectResult, find_sis
 from keepbits.audit.sis_orders import compute_orders
 from keepbits.errors import InputError
-from keepbits.training.distributed import Dist, barrier, init_distributed
+from keepbits.training.distributed import Dist, barrier, init_distributed, resolve_device, worker_device
 
 
 def keep_count(pixels: int, fraction: float) -> int:
@@ -192,7 +192,8 @@ class OverinterpretationConfig:
     (:func:`keepbits.data.sample_indices`), None = all. ``epochs``: the audited recipe;
     ``retrain_epochs``: the retraining recipe (no augmentation). ``ensemble``: replicates of
     the audited recipe averaged; ``exact_images``: test images also run through exact
-    BackSelect (0: off)."""
+    BackSelect (0: off). ``device``: ``auto``/``cpu``/``cuda``, where the models train and
+    BackSelect runs (the process group stays gloo; each ``torchrun`` rank takes ``cuda:<LOCAL_RANK>``)."""
 
     data: str
     out: str
@@ -214,6 +215,7 @@ class OverinterpretationConfig:
     batch_size: int = 128
     lr: float = 0.05
     seed: int = 0
+    device: str = "auto"
     progress: bool = True
 
 
@@ -249,6 +251,7 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
     from keepbits.data import channel_stats, has_split, load_dataset, sample_indices
 
     started = time.time()
+    resolve_device(cfg.device)  # an unusable device is refused before any training
     if not 0 < cfg.fraction < 1:
         raise InputError(f"fraction must be in (0, 1), got {cfg.fraction}")
     if cfg.ensemble < 2:
@@ -282,7 +285,8 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
     xte, yte = original.normalize(test_set.x[te_idx]), test_set.y[te_idx]
 
     def orders(model: ModelAdapter, x: np.ndarray, name: str, method: str = cfg.method) -> list[BackSelectResult]:
-        return compute_orders(model, x, out / "orders" / name, method, cfg.k, batch_size=cfg.batch_size, progress=cfg.progress)
+        return compute_orders(model, x, out / "orders" / name, method, cfg.k, batch_size=cfg.batch_size, progress=cfg.progress,
+                              device=cfg.device)
 
     orders_tr, orders_te = orders(original, xtr, "original_train"), orders(original, xte, "original_test")
     bs_tr, bs_te = backselect_subsets(xtr, orders_tr, cfg.fraction), backselect_subsets(xte, orders_te, cfg.fraction)
@@ -370,7 +374,8 @@ def _trained(path: Path, cfg: OverinterpretationConfig, x: np.ndarray, y: np.nda
         torch.manual_seed(seed)
         kwargs = {"in_channels": shape[0], "num_classes": len(class_names), "image_size": shape[1:]}
         net = registry.build(cfg.arch, **kwargs)
-        fit_classifier(net if keep is None else InputDropout(net, keep, cfg.dropout_samples, seed), TensorArrays(x, y), fit)
+        fit_classifier(net if keep is None else InputDropout(net, keep, cfg.dropout_samples, seed), TensorArrays(x, y), fit,
+                       dist=Dist(device=worker_device(cfg.device)))
         save_checkpoint(path, Checkpoint(kind="classifier", models={"classifier": ModelEntry.of(cfg.arch, kwargs, net)}, input_shape=shape,
                                          normalization=Normalization(list(mean), list(std)), class_names=list(class_names),
                                          settings={"recipe": recipe}, epoch=epochs - 1))

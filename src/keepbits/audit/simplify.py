@@ -35,18 +35,22 @@ class SimplifyExplainer(Explainer):
     """Post-hoc simplification of each input for the audited classifier.
 
     ``density``: a density checkpoint path, a Glow module, or None for the shipped CIFAR-10
-    Glow; the remaining keywords are :class:`keepbits.training.posthoc.PosthocConfig` fields.
+    Glow; ``device``: ``auto``/``cpu``/``cuda``, where Alg. 1 runs; the remaining keywords are
+    :class:`keepbits.training.posthoc.PosthocConfig` fields.
     ``target`` is ignored: the prediction on the original is what must be preserved.
     Results per image: ``original`` and ``simplified`` (uint8 H×W×C), ``bpd_orig``,
     ``bpd_sim``, ``kl``, ``kept``, ``label``, ``label_sim``, ``path``, ``history``.
     """
 
     def __init__(self, model: Any, density: Any = None, steps: int = 100, lambda_sim: float = 1.0, lr: float = 0.05,
-                 kl_tolerance: float = 0.1, seed: int = 0, **model_kwargs: Any):
+                 kl_tolerance: float = 0.1, seed: int = 0, device: str = "cpu", **model_kwargs: Any):
         super().__init__(model, **model_kwargs)
         if self.model.torch_module is None:
             raise InputError(f"{self.model.source}: the simplification audit needs a torch model (.pt checkpoint), not ONNX")
+        from keepbits.training.distributed import resolve_device
+
         self.density = density
+        self.device = resolve_device(device)
         self.settings = {"steps": steps, "lambda_sim": lambda_sim, "lr": lr, "kl_tolerance": kl_tolerance, "seed": seed}
 
     def _explain(self, x: np.ndarray, targets: np.ndarray, batch_size: int) -> list[dict]:
@@ -59,7 +63,7 @@ class SimplifyExplainer(Explainer):
         flow = self.density if hasattr(self.density, "bpd") else load_density(self.density)
         net = Normalized(self.model.torch_module, self.model.mean.tolist(), self.model.std.tolist())
         unit = torch.from_numpy((x * self.model.std[:, None, None] + self.model.mean[:, None, None]).astype(np.float32)).clamp(0, 1)
-        out = simplify_posthoc(net, flow, unit, PosthocConfig(**self.settings))
+        out = simplify_posthoc(net, flow, unit, PosthocConfig(**self.settings), device=self.device)
         to_uint8 = lambda t: np.clip(np.rint(t[0].detach().permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)  # noqa: E731
         return [{**{k: v for k, v in r.items() if k != "simplified"}, "original": to_uint8(unit[i : i + 1]), "simplified": to_uint8(r["simplified"])}
                 for i, r in enumerate(out)]

@@ -515,7 +515,7 @@ def sis_collection(model: Any, x: np.ndarray, threshold: float, target: int | No
 
 def gradient_backselect(model: Any, x: np.ndarray, target: Any = None, k: int = 1, mask_value: Any = None,
                         batch_size: int = 64, initially_masked: Sequence[Sequence[int]] | None = None,
-                        **model_kwargs: Any) -> list[BackSelectResult]:
+                        device: Any = None, **model_kwargs: Any) -> list[BackSelectResult]:
     """Batched Gradient BackSelect (Overinterpretation §3.2, S5) for a batch of images.
 
     Each iteration takes one gradient of ``f(x ⊙ (1−M) + m ⊙ M)`` with respect to the pixel
@@ -523,7 +523,9 @@ def gradient_backselect(model: Any, x: np.ndarray, target: Any = None, k: int = 
     largest gradient (masking them is predicted to keep ``f`` highest; ties to the lowest
     index): ⌈p/k⌉ gradient evaluations per image, batched over images. ``scores`` holds the
     forward-pass ``f`` at every iteration boundary (NaN in between), so :func:`find_sis`
-    returns subsets made of whole iterations whose ``f(x_S) ≥ τ`` was evaluated.
+    returns subsets made of whole iterations whose ``f(x_S) ≥ τ`` was evaluated. ``device``:
+    where the gradients are taken (``"cuda"``, ...; default: where the model's parameters are;
+    the module is moved there for the run and back after it).
 
     Example:
         >>> import numpy as np, torch
@@ -533,7 +535,7 @@ def gradient_backselect(model: Any, x: np.ndarray, target: Any = None, k: int = 
         >>> len(res), sorted(res[0].order.tolist()), int(np.isfinite(res[0].scores).sum())
         (3, [0, 1, 2, 3], 3)
     """
-    import torch
+    from keepbits.training.distributed import on_device
 
     model = load_model(model, **model_kwargs)
     if model.torch_module is None:
@@ -541,18 +543,26 @@ def gradient_backselect(model: Any, x: np.ndarray, target: Any = None, k: int = 
     if k < 1:
         raise InputError(f"k (pixels per iteration) must be >= 1, got {k}")
     xs = model.prepare(x)
-    n, (c, h, w) = len(xs), model.input_shape
-    d = h * w
     if target is None:
         target = model.probabilities(xs, batch_size).argmax(1)
-    targets = np.array(np.broadcast_to(np.asarray(target, np.int64), (n,)))
-    m = torch.as_tensor(_mask_value(model, mask_value), dtype=torch.float32).view(1, c, 1, 1)
+    targets = np.array(np.broadcast_to(np.asarray(target, np.int64), (len(xs),)))
+    with on_device(model.torch_module, device) as where:
+        return _gradient_backselect(model, xs, targets, k, mask_value, batch_size, initially_masked, where)
+
+
+def _gradient_backselect(model: ModelAdapter, xs: np.ndarray, targets: np.ndarray, k: int, mask_value: Any, batch_size: int,
+                         initially_masked: Sequence[Sequence[int]] | None, where: Any) -> list[BackSelectResult]:
+    import torch
+
+    n, (c, h, w) = len(xs), model.input_shape
+    d = h * w
     net = model.torch_module
+    m = torch.as_tensor(_mask_value(model, mask_value), dtype=torch.float32, device=where).view(1, c, 1, 1)
     results = []
     for start in range(0, n, batch_size):
         started = time.perf_counter()
-        xb = torch.as_tensor(xs[start : start + batch_size])
-        tb = torch.as_tensor(targets[start : start + batch_size])
+        xb = torch.as_tensor(xs[start : start + batch_size], device=where)
+        tb = torch.as_tensor(targets[start : start + batch_size], device=where)
         b = len(xb)
         masked = np.zeros((b, d), bool)
         for i in range(b):
@@ -562,11 +572,11 @@ def gradient_backselect(model: Any, x: np.ndarray, target: Any = None, k: int = 
         orders: list[list[int]] = [[] for _ in range(b)]
         scores = [np.full(d - len(init) + 1, np.nan) for init in initial]
         while True:
-            mask = torch.tensor(masked.reshape(b, 1, h, w), dtype=torch.float32, requires_grad=True)
+            mask = torch.tensor(masked.reshape(b, 1, h, w), dtype=torch.float32, device=where, requires_grad=True)
             probs = torch.softmax(net(xb * (1 - mask) + m * mask), 1)
-            f = probs[torch.arange(b), tb]
+            f = probs[torch.arange(b, device=where), tb]
             (grad,) = torch.autograd.grad(f.sum(), mask)
-            f_np, g = f.detach().double().numpy(), grad.double().numpy().reshape(b, d)
+            f_np, g = f.detach().double().cpu().numpy(), grad.double().cpu().numpy().reshape(b, d)
             busy = False
             for i in range(b):
                 scores[i][len(orders[i])] = f_np[i]

@@ -29,23 +29,26 @@ import numpy as np
 from keepbits.audit._base import ModelAdapter
 from keepbits.audit.sis import METHODS, BackSelectResult, backselect_batch, gradient_backselect
 from keepbits.errors import InputError
-from keepbits.training.distributed import agent_alive, barrier, init_distributed
+from keepbits.training.distributed import agent_alive, barrier, init_distributed, worker_device
 
 
 def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, method: str = "gradient", k: int = 16,
-                   chunk: int | None = None, batch_size: int = 64, progress: bool = True) -> list[BackSelectResult]:
+                   chunk: int | None = None, batch_size: int = 64, progress: bool = True, device: str = "cpu") -> list[BackSelectResult]:
     """BackSelect orders of every image of ``x`` (target: the predicted class; ``method``:
     ``"gradient"`` with ``k`` pixels per step, or exact ``"exact"``/``"incremental"``/``"plain"``), saved per chunk
     of ``chunk`` images (default 32 for gradient, 1 for exact) to ``folder/chunk_<start>.json`` as each finishes. Under ``torchrun``
     ranks take chunks round-robin; existing chunk files are reused (resume after a kill).
     Chunk files carry a fingerprint of their images, settings and model; others are recomputed.
-    Every rank returns the merged list in image order."""
+    Every rank returns the merged list in image order. ``device``: ``auto``/``cpu``/``cuda`` for
+    torch models and ONNX Runtime (with CUDA each ``torchrun`` rank takes ``cuda:<LOCAL_RANK>``)."""
     if method not in ("gradient", "exact") + METHODS:
         raise InputError(f"method must be one of {('gradient', 'exact') + METHODS}, got {method!r}")
     chunk = chunk or (32 if method == "gradient" else 1)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dist = init_distributed(use_cuda=False)
+    where = worker_device(device)
+    on = None if where == "cpu" else where
     starts = list(range(0, len(x), chunk))
     mine = [s for i, s in enumerate(starts) if i % dist.world == dist.rank]
     from tqdm.auto import tqdm
@@ -70,9 +73,9 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
                                f"are kept in {folder} for the next run to resume from)")
         part = x[s : s + chunk]
         if method == "gradient":
-            results = gradient_backselect(model, part, None, k, None, batch_size)
+            results = gradient_backselect(model, part, None, k, None, batch_size, device=on)
         else:
-            results = backselect_batch(model, part, method="auto" if method == "exact" else method)  # the chunk in lockstep
+            results = backselect_batch(model, part, method="auto" if method == "exact" else method, device=on)  # the chunk in lockstep
         path = folder / f"chunk_{s:07d}.json"
         tmp = path.with_suffix(f".tmp{dist.rank}")
         tmp.write_text(json.dumps({"start": s, "fingerprint": fingerprint(s), "model": model_fingerprint, "method": method, "k": k,

@@ -29,7 +29,7 @@ from keepbits.report import Report, overlay
 from keepbits.audit.overinterpretation import location_frequency, sis_size_stats
 from keepbits.audit.sis import find_sis
 from keepbits.audit.sis_orders import compute_orders
-from keepbits.training.distributed import all_gather, init_distributed
+from keepbits.training.distributed import all_gather, init_distributed, resolve_device
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 #: An image is BackSelected only when its float32 confidence reaches the smallest τ minus this
@@ -40,11 +40,12 @@ CONFIDENCE_SLACK = 1e-3
 
 def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: str | Path, threshold: float = 0.9,
               thresholds: Sequence[float] = DEFAULT_THRESHOLDS, method: str = "auto", k: int = 16, batch_size: int = 64,
-              show: int = 12, progress: bool = True, **model_kwargs: Any) -> dict[str, Any]:
+              show: int = 12, progress: bool = True, device: str = "cpu", **model_kwargs: Any) -> dict[str, Any]:
     """Compute SIS (at ``threshold`` for the figures, at every ``thresholds`` for the curves) of uint8
     N×H×W×C ``images`` and write ``out/report.html`` + ``out/report.json`` (rank 0 under
     ``torchrun``); returns the JSON data. ``method``: ``auto``/``incremental``/``plain`` (exact)
-    or ``gradient`` (``k`` pixels per iteration).
+    or ``gradient`` (``k`` pixels per iteration); ``device``: ``auto``/``cpu``/``cuda``, where
+    BackSelect runs (:func:`keepbits.audit.sis_orders.compute_orders`).
 
     Only images whose confidence reaches the smallest τ asked for are BackSelected (SIS §3: SIS
     exist only where f(x) ≥ τ): an image below every τ would spend a whole BackSelect on no SIS.
@@ -52,6 +53,7 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     is the same as BackSelecting every image (``backselect_runs`` counts the runs).
     """
     started = time.time()
+    device = resolve_device(device)  # refused here, not only once an image needs BackSelect
     adapter = load_model(model, **model_kwargs)
     x = adapter.prepare(images)
     images = adapter.denormalize(x) if np.asarray(images).dtype != np.uint8 else np.asarray(images)
@@ -59,7 +61,8 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     probabilities = adapter.probabilities(x, batch_size)
     # rank 0's choice for every rank (under torchrun each computes it; ranks on other devices could round differently)
     run = np.asarray(all_gather(init_distributed(use_cuda=False), np.flatnonzero(probabilities.max(1) >= taus[0] - CONFIDENCE_SLACK))[0])
-    computed = compute_orders(adapter, x[run], Path(out) / "orders", method, k, batch_size=batch_size, progress=progress) if len(run) else []
+    computed = compute_orders(adapter, x[run], Path(out) / "orders", method, k, batch_size=batch_size, progress=progress,
+                              device=device) if len(run) else []
     orders: list[Any] = [None] * len(x)
     for i, r in zip(run, computed):
         orders[i] = r

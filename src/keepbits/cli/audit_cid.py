@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from keepbits.cli._common import add_argument, command_line, existing_path
+from keepbits.cli._common import add_argument, add_device_option, command_line, existing_path
 from keepbits.errors import InputError
 
 HELP = "CID audit: per-layer information discarding (CID), reconstruction uncertainty (RU) and concentration; HTML+JSON report"
@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default="default", help="decoder cache folder ('default': ~/.cache/keepbits/cid-decoders); 'none' disables")
     p.add_argument("--seed", type=int, default=0, help="seed of the image samples, the noise and the decoders")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default=None, help="torch device of the fits, e.g. cuda (default: cpu)")
+    add_device_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from keepbits.audit.cid_report import cid_report, layerwise_cid
     from keepbits.audit.cid_ru import DecoderConfig
     from keepbits.data import has_split, load_dataset, sample_indices
+    from keepbits.training.distributed import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{args.data}: only {len(ru_images)} images left to train the RU decoders (need ≥ 20)")
     boxes = load_boxes(args.boxes) if args.boxes else {}
     config = CIDConfig(beta=args.beta, block=args.block, max_steps=args.max_steps, min_steps=args.min_steps,
-                       samples=args.samples, seed=args.seed, device=args.device)
+                       samples=args.samples, seed=args.seed, device=resolve_device(args.device))
     decoder = DecoderConfig(blocks=args.decoder_blocks, width=args.decoder_width, epochs=args.decoder_epochs, seed=args.seed)
     layers = None if args.layers == ["auto"] else args.layers
     runs = []

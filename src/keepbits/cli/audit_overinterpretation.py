@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from keepbits.cli._common import add_argument, existing_path
+from keepbits.cli._common import add_argument, add_device_option, existing_path
 
 HELP = ("overinterpretation audit: accuracy on 5%% BackSelect vs random pixel subsets, retraining on images the audited model never saw "
         "(with the full-image control), SIS sizes, mitigations")
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="training and BackSelect batch size")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (SGD, one-cycle schedule) of the models trained here")
     p.add_argument("--seed", type=int, default=0, help="seed of the image samples and the training runs")
+    add_device_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         audit_images=args.num_audit_images, train_images=args.num_train_images, test_images=args.num_test_images, fraction=args.fraction, method=args.method, k=args.k,
         thresholds=args.thresholds, ensemble=args.ensemble, keep_prob=args.keep_prob, dropout_samples=args.dropout_samples,
         exact_images=args.num_exact_images, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, progress=not args.quiet,
+        seed=args.seed, device=args.device, progress=not args.quiet,
     )
     result = run_overinterpretation(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

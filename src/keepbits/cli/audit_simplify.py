@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from keepbits.cli._common import add_argument, command_line, existing_path
+from keepbits.cli._common import add_argument, add_device_option, command_line, existing_path
 from keepbits.errors import InputError
 
 HELP = "SimpleBits post-hoc simplification audit: lowest-bpd image the classifier treats like the original; HTML+JSON report"
@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-tolerance", type=float, default=0.1, help="largest KL(original ‖ simplified) for an image to count as 'kept' (with the same arg-max)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample and the optimisation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
     meta = {"data": args.data, "split": args.split, "images": f"{len(images)} (class-balanced sample, seed {args.seed})",
             "command": command_line()}
     paths = audit_simplify(args.model, images, args.out, density=args.density, meta=meta, steps=args.steps, lambda_sim=args.lambda_sim,
-                           lr=args.lr, kl_tolerance=args.kl_tolerance, seed=args.seed)
+                           lr=args.lr, kl_tolerance=args.kl_tolerance, seed=args.seed, device=args.device)
     print(json.dumps({"report": [str(p) for p in paths]}, indent=2))
     return 0

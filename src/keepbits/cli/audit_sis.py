@@ -6,7 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from keepbits.cli._common import CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, classifier_options, existing_path
+from keepbits.cli._common import (
+    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, classifier_options, existing_path,
+)
 
 HELP = "SIS audit (BackSelect/FindSIS): which pixels alone keep the prediction; writes report.html + report.json"
 
@@ -31,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=16, help="pixels masked per gradient BackSelect iteration")
     p.add_argument("--batch-size", type=int, default=64, help="images (or masked copies) per model call")
     p.add_argument("--show", type=int, default=12, help="images shown in the report")
+    add_device_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction) if pre is not None else {}
     ds = load_dataset(args.data, args.split, **size).sample(args.num_images or None, args.seed)
     data = sis_audit(model, ds.x, ds.y, args.out, args.threshold, args.thresholds, args.method, args.k,
-                     args.batch_size, args.show, progress=not args.quiet)
+                     args.batch_size, args.show, progress=not args.quiet, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({**data["summary"], "report": os.path.join(args.out, "report.html")}, indent=2))
     return 0

@@ -17,9 +17,10 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,43 @@ def resolve_device(device: str = "auto") -> str:
     if device == "cuda":
         raise InputError("device 'cuda' asked for, but torch sees no CUDA device (torch.cuda.is_available() is False)")
     return "cpu"
+
+
+def worker_device(device: str = "auto") -> str:
+    """The torch device this process computes on for a ``--device`` value (:func:`resolve_device`):
+    ``"cpu"``, or ``"cuda:<LOCAL_RANK>"`` (one GPU per ``torchrun`` process; ``cuda:0`` alone).
+    For work whose process group stays on gloo (the audits) while its tensors live on a GPU.
+
+    Example:
+        >>> from keepbits.training.distributed import worker_device
+        >>> worker_device("cpu")
+        'cpu'
+    """
+    resolved = resolve_device(device)
+    return resolved if resolved == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def model_device(module: Any, device: Any = None) -> Any:
+    """``torch.device(device)`` if given, else the device of the module's first parameter (CPU without parameters)."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    first = next(iter(module.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def on_device(module: Any, device: Any = None) -> Iterator[Any]:
+    """Run ``module`` in eval mode on ``device`` (default: where its parameters are) for the
+    duration of the block; yields the device, then restores the module's device and mode."""
+    home, target = model_device(module), model_device(module, device)
+    was_training = module.training
+    module.eval().to(target)
+    try:
+        yield target
+    finally:
+        module.to(home).train(was_training)
 
 
 def init_distributed(use_cuda: bool | None = None) -> Dist:
@@ -147,4 +185,5 @@ def shutdown(dist: Dist) -> None:
             tdist.destroy_process_group()
 
 
-__all__ = ["DEVICES", "Dist", "all_gather", "all_reduce_sum", "barrier", "broadcast_buffers", "init_distributed", "resolve_device", "shutdown"]
+__all__ = ["DEVICES", "Dist", "all_gather", "all_reduce_sum", "barrier", "broadcast_buffers", "init_distributed", "model_device", "on_device", "resolve_device", "shutdown",
+           "worker_device"]

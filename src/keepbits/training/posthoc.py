@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from keepbits.training.condensation import layerwise_cosine_distance
+from keepbits.training.distributed import on_device
 
 
 @dataclass
@@ -112,24 +113,31 @@ def posthoc_loss(
     return loss, {"l_grad": l_grad.item(), "l_pred": l_pred.item(), "bpd": bits.item()}
 
 
-def simplify_posthoc(classifier: torch.nn.Module, flow: torch.nn.Module, images: torch.Tensor, cfg: PosthocConfig | None = None) -> list[dict]:
-    """Simplify each [0, 1] image of ``images`` (N×C×H×W) for ``classifier`` (Alg. 1 + 2).
+def simplify_posthoc(classifier: torch.nn.Module, flow: torch.nn.Module, images: torch.Tensor, cfg: PosthocConfig | None = None,
+                     device: str | torch.device | None = None) -> list[dict]:
+    """Simplify each [0, 1] image of ``images`` (N×C×H×W) for ``classifier`` (Alg. 1 + 2), on
+    ``device`` (default: where the classifier's parameters are; both modules are moved there for
+    the run and back after it; the random draws come from one CPU generator, so a GPU run draws
+    the same numbers).
 
-    Returns per image: ``simplified`` (1×C×H×W, 8-bit levels), ``bpd_orig``, ``bpd_sim``,
+    Returns per image: ``simplified`` (1×C×H×W, 8-bit levels, on the CPU), ``bpd_orig``, ``bpd_sim``,
     ``kl`` (KL(p ‖ f_θ(x_sim))), ``kept`` (same arg-max and ``kl`` ≤ ``kl_tolerance``), ``path``
     (t, bpd, KL, same arg-max along G(z + t·δ)), ``history`` of the loss terms and the α drawn,
     ``label`` and ``label_sim`` (arg-max of the classifier)."""
+    with on_device(classifier, device) as where, on_device(flow, where):
+        return _simplify_posthoc(classifier, flow, images, cfg or PosthocConfig(), where)
+
+
+def _simplify_posthoc(net: torch.nn.Module, flow: torch.nn.Module, images: torch.Tensor, cfg: PosthocConfig, where: torch.device) -> list[dict]:
     from keepbits.training.simplebits import quantize_8bit
 
-    cfg = cfg or PosthocConfig()
     gen = torch.Generator().manual_seed(cfg.seed)
-    net = classifier.eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    flow.eval().requires_grad_(False)
+    flow.requires_grad_(False)
     results = []
     for i in range(len(images)):
-        x = images[i : i + 1].float()
+        x = images[i : i + 1].float().to(where)
         with torch.no_grad():
             zs, _ = flow.encode(flow.to_flow_range(x, dequantize=False))
             ref = net(x)
@@ -137,7 +145,7 @@ def simplify_posthoc(classifier: torch.nn.Module, flow: torch.nn.Module, images:
         opt = torch.optim.Adam(deltas, lr=cfg.lr)
         history = []
         for _ in range(cfg.steps):
-            scales = {n: (cfg.scale_low + (cfg.scale_high - cfg.scale_low) * torch.rand(p.shape, generator=gen)).requires_grad_(True)
+            scales = {n: (cfg.scale_low + (cfg.scale_high - cfg.scale_low) * torch.rand(p.shape, generator=gen)).to(where).requires_grad_(True)
                       for n, p in net.named_parameters()}
             alpha = 1.0 - float(torch.rand((), generator=gen))  # α ~ U(0, 1]
             x_sim = interpolate(flow, zs, deltas, 1.0, x.shape)
@@ -153,7 +161,7 @@ def simplify_posthoc(classifier: torch.nn.Module, flow: torch.nn.Module, images:
             kl = float(kl_div(ref, logits))
             label, label_sim = int(ref.argmax(1)), int(logits.argmax(1))
             results.append({
-                "simplified": x_sim, "bpd_orig": float(flow.bpd(x, dequantize=False)), "bpd_sim": float(flow.bpd(x_sim, dequantize=False)),
+                "simplified": x_sim.cpu(), "bpd_orig": float(flow.bpd(x, dequantize=False)), "bpd_sim": float(flow.bpd(x_sim, dequantize=False)),
                 "kl": kl, "kept": label_sim == label and kl <= cfg.kl_tolerance, "label": label, "label_sim": label_sim,
                 "path": _path(net, flow, x, zs, [d.detach() for d in deltas], ref, cfg), "history": history,
             })
