@@ -87,3 +87,50 @@ def test_train_density_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert flow.in_channels == 1 and not any(p.requires_grad for p in flow.parameters())
     assert torch.isfinite(flow.bpd(torch.rand(2, 1, 28, 28))).all()
     assert main(["-q", "train", "density", "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def _density_cfg(tmp_path, name, **kw):
+    from keepbits.training.density import DensityConfig
+
+    base = dict(data=str(sample_mnist_path()), out=str(tmp_path / name / "d.pt"), levels=2, depth=1, hidden=8, steps=6, batch_size=8,
+                eval_images=16, gray="native", warmup_steps=2, checkpoint_every=2, device="cpu", threads=1)
+    return DensityConfig(**{**base, **kw})
+
+
+def test_resume_continues_the_run_exactly_and_refuses_changed_settings(tmp_path):
+    """Each step seeds its own images and noise: 3 steps, then --resume to 6, equals 6 straight."""
+    from keepbits.errors import CheckpointError
+    from keepbits.training.checkpoint import load_checkpoint
+    from keepbits.training.checkpoint import resume_path
+    from keepbits.training.density import train_density
+
+    straight = train_density(_density_cfg(tmp_path, "a"))
+    train_density(_density_cfg(tmp_path, "b", steps=3))
+    assert load_checkpoint(resume_path(tmp_path / "b" / "d.pt"), "density").metrics["steps_run"] == 3
+    resumed = train_density(_density_cfg(tmp_path, "b", resume=True))
+    assert resumed["steps_run"] == straight["steps_run"] == 6 and resumed["test_bpd"] == pytest.approx(straight["test_bpd"], abs=1e-5)
+    a, b = (load_checkpoint(tmp_path / n / "d.pt", "density").models["density"].state_dict for n in ("a", "b"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(CheckpointError, match="cannot resume.*lr: 0.001 then, 0.002 now"):
+        train_density(_density_cfg(tmp_path, "b", steps=8, lr=2e-3, resume=True))
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_one_flow(tmp_path, free_port):
+    """torchrun with 2 gloo ranks: one checkpoint, both ranks' weights bit-identical, world size recorded."""
+    import os
+    import subprocess
+    import sys
+
+    from keepbits.training.checkpoint import load_checkpoint
+
+    out = tmp_path / "two" / "d.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port), "-m", "keepbits", "-q",
+           "train", "density", "--data", str(sample_mnist_path()), "--out", str(out), "--levels", "2", "--depth", "1", "--hidden", "8",
+           "--steps", "4", "--batch-size", "4", "--num-test-images", "16", "--gray", "native", "--device", "cpu"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ckpt = load_checkpoint(out, "density")
+    digests = ckpt.metrics["rank_parameter_digests"]
+    assert ckpt.settings["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1] and ckpt.metrics["steps_run"] == 4
+    assert done.stdout.count("test_bpd") == 1  # one summary, from rank 0

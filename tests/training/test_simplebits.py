@@ -143,6 +143,58 @@ def test_train_simplebits_cli_roundtrip(tmp_path, tiny_density):
     assert main(["-q", "train", "simplebits", "--data", str(sample_mnist_path()), "--out", str(out), "--density", str(tmp_path / "nope.pt")]) == 2
 
 
+def test_resume_continues_the_run_exactly_and_refuses_changed_settings(tmp_path, tiny_density):
+    """Each step seeds its own batch and noise; both optimizers' states travel in OUT's .last.pt:
+    2 steps, then --resume to 4, equals 4 straight (both networks)."""
+    from keepbits.errors import CheckpointError
+    from keepbits.training.checkpoint import load_checkpoint, resume_path
+    from keepbits.training.simplebits import SimpleBitsConfig, train_simplebits
+
+    def cfg(name, **kw):
+        return SimpleBitsConfig(**{**dict(data=str(sample_mnist_path()), out=str(tmp_path / name / "sb.pt"), density=str(tiny_density),
+                                          arch="lenet5", unet_base=4, steps=4, batch_size=4, max_test=8, checkpoint_every=1,
+                                          device="cpu", threads=1), **kw})
+
+    straight = train_simplebits(cfg("a"))
+    train_simplebits(cfg("b", steps=2))
+    assert load_checkpoint(resume_path(tmp_path / "b" / "sb.pt"), "simplebits").metrics["steps_run"] == 2
+    resumed = train_simplebits(cfg("b", resume=True))
+    assert resumed["metrics"]["gate_open"] == pytest.approx(straight["metrics"]["gate_open"])
+    a, b = (load_checkpoint(tmp_path / n / "sb.pt", "simplebits").models for n in ("a", "b"))
+    for role in ("simplifier", "classifier"):
+        assert all(torch.allclose(a[role].state_dict[k], b[role].state_dict[k], atol=1e-6) for k in a[role].state_dict), role
+    with pytest.raises(CheckpointError, match="cannot resume.*lambda_sim: 1.0 then, 2.0 now"):
+        train_simplebits(cfg("b", steps=6, lambda_sim=2.0, resume=True))
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_take_the_step_of_the_whole_batch(tmp_path, tiny_density, free_port):
+    """torchrun, 2 gloo ranks × 4 images = 1 process × 8 images: the unrolled step's gradient and both
+    updates are the ranks' means (λ_sim 0, so the dequantisation noise, drawn per rank, plays no part)."""
+    import os
+    import subprocess
+    import sys
+
+    from keepbits.training.checkpoint import load_checkpoint
+    from keepbits.training.simplebits import SimpleBitsConfig, train_simplebits
+
+    common = ["--data", str(sample_mnist_path()), "--density", str(tiny_density), "--arch", "lenet5", "--unet-base", "4", "--steps", "3",
+              "--num-test-images", "8", "--lambda-sim", "0", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port), "-m", "keepbits", "-q",
+           "train", "simplebits", *common, "--batch-size", "4", "--out", str(tmp_path / "two" / "sb.pt")]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    train_simplebits(SimpleBitsConfig(data=str(sample_mnist_path()), out=str(tmp_path / "one" / "sb.pt"), density=str(tiny_density),
+                                      arch="lenet5", unet_base=4, steps=3, batch_size=8, max_test=8, lambda_sim=0.0, device="cpu", threads=1))
+    two, one = load_checkpoint(tmp_path / "two" / "sb.pt", "simplebits"), load_checkpoint(tmp_path / "one" / "sb.pt", "simplebits")
+    digests = two.metrics["rank_parameter_digests"]
+    assert two.settings["world_size"] == 2 and digests[0] == digests[1]
+    for role in ("simplifier", "classifier"):
+        a, b = one.models[role].state_dict, two.models[role].state_dict
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert worst < 1e-5, (role, worst)
+
+
 @pytest.mark.slow
 def test_onnx_export_matches_torch(tmp_path):
     torch.manual_seed(0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from keepbits.cli._common import add_argument, add_device_option, command_line, existing_path
 
@@ -29,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the image samples, initialisation and batches")
     add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between saves of the resumable state, OUT's stem + .last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's .last.pt with the same settings (only run control such as "
+                   "--steps may change)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, levels=args.levels, depth=args.depth, hidden=args.hidden, gray=args.gray,
         image_size=args.image_size, steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
         lr=args.lr, warmup_steps=args.warmup_steps, max_train=args.num_train_images, eval_images=args.num_test_images,
-        seed=args.seed, device=args.device, threads=args.threads, log_every=50, command=command_line(),
+        seed=args.seed, device=args.device, threads=args.threads, log_every=50, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, command=command_line(),
     )
-    print(json.dumps(train_density(cfg), indent=2))
+    summary = train_density(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
     return 0

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (the image samples use seed 0)")
     add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between saves of the resumable state, OUT's stem + .last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's .last.pt with the same settings (only run control such as "
+                   "--steps may change)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         classifier_weights=options["weights"], classifier_kwargs=options["kwargs"], preprocessing=options["preprocessing"],
         lambda_sim=args.lambda_sim, inner_lr=args.inner_lr, lr=args.lr, sim_lr=args.sim_lr, weight_decay=args.weight_decay,
         steps=args.steps, batch_size=args.batch_size, unet_base=args.unet_base, max_train=args.num_train_images,
-        max_test=args.num_test_images, seed=args.seed, device=args.device, threads=args.threads, command=command_line(),
+        max_test=args.num_test_images, seed=args.seed, device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, command=command_line(),
     )
     print(json.dumps(train_simplebits(cfg), indent=2))
     return 0

@@ -316,6 +316,13 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     return model
 
 
+def resume_path(out: str | Path) -> Path:
+    """Where a trainer that writes one output file (density, SimpleBits) keeps its resumable state
+    (weights, optimizer, steps run): ``<out stem>.last.pt`` beside ``out``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.last.pt")
+
+
 def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping[str, Any], may_change: set[str] | frozenset[str]) -> None:
     """Refuse to resume a run whose recipe changed since ``path`` was written: one
     :class:`CheckpointError` naming every setting of ``current`` that differs from the ``saved``
@@ -373,5 +380,5 @@ def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = N
     return model
 
 
-__all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "check_resumable", "load_checkpoint",
+__all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "check_resumable", "load_checkpoint", "resume_path",
            "load_weights", "read_state_dict", "save_checkpoint", "state_digest"]

@@ -3,7 +3,11 @@ dequantisation), as used for L_sim in SimpleBits (Schirrmeister et al., S2).
 
 Adam with linear warm-up, gradient-norm clipping, data-dependent actnorm init on the first
 batch; the checkpoint (kind ``density``, role ``density``) records the command, the steps
-run and the test bpd.
+run and the test bpd. Every step draws its images and its dequantisation noise from seeds of
+its own (``seed``, step, rank), so a run resumed from ``<out>.last.pt`` (written every
+``checkpoint_every`` steps with the optimizer state) continues exactly; under ``torchrun``
+each rank takes its slice of one seeded draw of ``world × batch_size`` images and gradients are
+averaged (DistributedDataParallel through :mod:`keepbits.training.distributed`), rank 0 writes.
 
 Example:
     >>> import tempfile
@@ -27,9 +31,12 @@ import numpy as np
 import torch
 
 from keepbits.data import ImageDataset, has_split, load_dataset
-from keepbits.errors import InputError
-from keepbits.training.checkpoint import Checkpoint, ModelEntry, build_model, load_checkpoint, save_checkpoint
-from keepbits.training.distributed import resolve_device
+from keepbits.errors import CheckpointError, InputError
+from keepbits.training.checkpoint import (
+    Checkpoint, ModelEntry, build_model, check_resumable, load_checkpoint, resume_path, save_checkpoint,
+    state_digest,
+)
+from keepbits.training.distributed import Dist, all_gather, init_distributed, resolve_device, shutdown
 
 log = logging.getLogger("keepbits")
 
@@ -56,7 +63,13 @@ class DensityConfig:
     device: str = "auto"
     threads: int | None = None
     log_every: int = 50
+    checkpoint_every: int = 200
+    resume: bool = False
     command: str = ""
+
+
+#: settings a ``--resume`` may change (run control); any other change is refused (:func:`check_resumable`)
+RESUME_MAY_CHANGE = frozenset({"steps", "max_minutes", "device", "threads", "log_every", "checkpoint_every", "eval_images", "command", "out"})
 
 
 def default_density_path() -> Path:
@@ -118,6 +131,11 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.checkpoint_every < 1:
+        raise InputError(f"checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
+    device = resolve_device(cfg.device)
+    dist = init_distributed(use_cuda=device == "cuda")
+    device = dist.device if dist.world > 1 else device
     torch.manual_seed(cfg.seed)
     train = load_dataset(cfg.data, "train")
     test = load_dataset(cfg.data, "test") if has_split(cfg.data, "test") else None
@@ -125,25 +143,48 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
         train = train.sample(cfg.max_train, cfg.seed)
     channels, size = _flow_shape(train, cfg)
     kwargs = {"in_channels": channels, "image_size": list(size), "levels": cfg.levels, "depth": cfg.depth, "hidden": cfg.hidden}
-    device = resolve_device(cfg.device)
     flow = registry.build("glow", kind="density", **kwargs).to(device)
     images = torch.from_numpy(np.ascontiguousarray(train.x))  # uint8 NHWC, converted per batch
-    gen = torch.Generator().manual_seed(cfg.seed)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "resume"}
 
-    def batch(n: int) -> torch.Tensor:
-        return images_to_unit(images[torch.randint(0, len(images), (n,), generator=gen)]).to(device)
+    def batch(step: int, n: int) -> torch.Tensor:
+        """Step ``step``'s images for this rank: its slice of one seeded draw of world × n (with replacement)."""
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        index = torch.randint(0, len(images), (dist.world * n,), generator=gen)[dist.rank * n : (dist.rank + 1) * n]
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank + 1)  # this step's dequantisation noise
+        return images_to_unit(images[index]).to(device)
 
-    flow.initialize(flow.to_flow_range(batch(max(cfg.batch_size, 256))))
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr)
-    start, step, recent = time.time(), 0, []
+    step, elapsed = 0, 0.0
+    resume_from = resume_path(cfg.out)
+    if cfg.resume and resume_from.exists():
+        previous = load_checkpoint(resume_from, "density")
+        check_resumable(resume_from, previous.settings, {**settings, "world_size": dist.world}, RESUME_MAY_CHANGE)
+        if previous.optimizer is None:
+            raise CheckpointError(f"{resume_from}: holds no optimizer state to resume from")
+        flow.load_state_dict(previous.models["density"].state_dict)
+        opt.load_state_dict(previous.optimizer)
+        step, elapsed = int(previous.metrics["steps_run"]), float(previous.metrics.get("wall_time_s", 0.0))
+        log.info("density: resuming %s from step %d", resume_from, step)
+    else:
+        flow.initialize(flow.to_flow_range(batch(-1, max(cfg.batch_size, 256))))  # every rank alike; DDP keeps rank 0's
+    net = flow if dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        flow, device_ids=[torch.device(device).index] if device != "cpu" else None)
+
+    def record(metrics: dict[str, Any], with_optimizer: bool) -> Checkpoint:
+        return Checkpoint(kind="density", models={"density": ModelEntry.of("glow", kwargs, flow)}, input_shape=[channels, *size],
+                          settings={**settings, "world_size": dist.world}, command=cfg.command, metrics=metrics,
+                          optimizer=opt.state_dict() if with_optimizer else None)
+
+    start, recent = time.time() - elapsed, []
     flow.train()
     while step < cfg.steps:
-        if cfg.max_minutes is not None and time.time() - start > 60.0 * cfg.max_minutes:
+        if cfg.max_minutes is not None and _agreed(dist, time.time() - start > 60.0 * cfg.max_minutes):
             log.info("density: time budget of %.1f min reached after %d steps", cfg.max_minutes, step)
             break
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-        loss = flow.bpd(batch(cfg.batch_size)).mean()
+        loss = net(batch(step, cfg.batch_size)).mean()
         if not torch.isfinite(loss):
             raise InputError(f"density training diverged at step {step} (bpd {float(loss)}); lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -152,15 +193,30 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
         opt.step()
         step += 1
         recent.append(loss.item())
-        if step % cfg.log_every == 0:
+        if step % cfg.log_every == 0 and dist.main:
             log.info("density step %d/%d  train bpd %.3f  (%.0f s)", step, cfg.steps, float(np.mean(recent)), time.time() - start)
             recent = []
-    eval_set = test if test is not None else train
-    eval_x = images_to_unit(eval_set.sample(cfg.eval_images, cfg.seed).x)  # class-balanced, not the first N
-    test_bpd = evaluate_bpd(flow, eval_x)
-    wall = time.time() - start
-    metrics = {"test_bpd" if test is not None else "train_bpd": test_bpd, "eval_images": len(eval_x), "steps_run": step, "wall_time_s": wall}
-    save_checkpoint(cfg.out, Checkpoint(kind="density", models={"density": ModelEntry.of("glow", kwargs, flow)}, input_shape=[channels, *size],
-                                        settings=asdict(cfg), command=cfg.command, metrics=metrics))
-    log.info("density: %s bpd %.3f on %d images, %d steps, %.0f s -> %s", "test" if test is not None else "train", test_bpd, len(eval_x), step, wall, cfg.out)
-    return {"test_bpd": test_bpd, "steps_run": step, "wall_time_s": wall, "checkpoint": str(cfg.out)}
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps and dist.main:
+            save_checkpoint(resume_from, record({"steps_run": step, "wall_time_s": time.time() - start}, with_optimizer=True))
+    digests = all_gather(dist, state_digest(flow)[:16])
+    summary: dict[str, Any] = {}
+    if dist.main:
+        eval_set = test if test is not None else train
+        eval_x = images_to_unit(eval_set.sample(cfg.eval_images, cfg.seed).x)  # class-balanced, not the first N
+        test_bpd = evaluate_bpd(flow, eval_x)
+        wall = time.time() - start
+        metrics = {"test_bpd" if test is not None else "train_bpd": test_bpd, "eval_images": len(eval_x), "steps_run": step,
+                   "wall_time_s": wall, "rank_parameter_digests": digests}
+        save_checkpoint(resume_from, record(metrics, with_optimizer=True))
+        save_checkpoint(cfg.out, record(metrics, with_optimizer=False))
+        log.info("density: %s bpd %.3f on %d images, %d steps, %.0f s -> %s", "test" if test is not None else "train", test_bpd,
+                 len(eval_x), step, wall, cfg.out)
+        summary = {"test_bpd": test_bpd, "steps_run": step, "wall_time_s": wall, "checkpoint": str(cfg.out), "world_size": dist.world}
+    summary = all_gather(dist, summary)[0]
+    shutdown(dist)  # rank 0's files are on disk before any rank returns
+    return summary
+
+
+def _agreed(dist: Dist, stop: bool) -> bool:
+    """One decision for every rank (rank 0's clock), so no rank waits in a step the others skipped."""
+    return bool(all_gather(dist, stop)[0])

@@ -165,6 +165,26 @@ def all_reduce_sum(dist: Dist, tensor: Any) -> Any:
     return tensor
 
 
+def average_gradients(dist: Dist, params: Any) -> None:
+    """Replace each parameter's ``.grad`` by its mean over the ranks (what DistributedDataParallel
+    does, for updates computed outside a module's ``forward``)."""
+    if dist.world > 1:
+        for p in params:
+            if p.grad is not None:
+                all_reduce_sum(dist, p.grad).div_(dist.world)
+
+
+def rank_mean(dist: Dist, tensor: Any) -> Any:
+    """``tensor``'s mean over the ranks as a new tensor autograd goes through (its backward sums
+    the ranks' gradients): for a gradient that sits inside a loss, such as an unrolled optimizer
+    step's, so every rank takes the step the whole batch would."""
+    if dist.world <= 1:
+        return tensor
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor) / dist.world
+
+
 def broadcast_buffers(dist: Dist, module: Any, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (e.g. batch-norm statistics, which drift per rank) into every rank's ``module``."""
     if dist.world > 1:
@@ -185,5 +205,5 @@ def shutdown(dist: Dist) -> None:
             tdist.destroy_process_group()
 
 
-__all__ = ["DEVICES", "Dist", "all_gather", "all_reduce_sum", "barrier", "broadcast_buffers", "init_distributed", "model_device", "on_device", "resolve_device", "shutdown",
-           "worker_device"]
+__all__ = ["DEVICES", "Dist", "all_gather", "all_reduce_sum", "average_gradients", "barrier", "broadcast_buffers", "init_distributed", "model_device", "on_device", "rank_mean", "resolve_device",
+           "shutdown", "worker_device"]

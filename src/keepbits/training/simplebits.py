@@ -49,12 +49,17 @@ from torch.func import functional_call
 from keepbits import registry
 from keepbits.core import accuracy
 from keepbits.data import ImageDataset, Preprocessing, channel_stats, has_split, load_dataset
-from keepbits.errors import InputError
+from keepbits.errors import CheckpointError, InputError
 from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
-from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, save_checkpoint
+from keepbits.training.checkpoint import (
+    Checkpoint, ModelEntry, Normalization, build_model, check_resumable, load_checkpoint, resume_path, save_checkpoint,
+    state_digest,
+)
 from keepbits.training.classifier import FitConfig, predict_logits
 from keepbits.training.density import images_to_unit, load_density
-from keepbits.training.distributed import resolve_device
+from keepbits.training.distributed import (
+    Dist, all_gather, average_gradients, broadcast_buffers, init_distributed, rank_mean, resolve_device, shutdown,
+)
 
 log = logging.getLogger("keepbits")
 
@@ -90,15 +95,18 @@ def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
 
 
 def unrolled_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-                  lr: float | None = None) -> tuple[Params, torch.Tensor]:
+                  lr: float | None = None, dist: Dist | None = None) -> tuple[Params, torch.Tensor]:
     """One differentiable step of ``optimizer`` (AdamW, with its current state) on
     CE(f_θ(x), y): returns θ' (differentiable w.r.t. θ and ``x``) and the loss at θ. The
     step equals what ``optimizer.step()`` would do (decoupled weight decay, bias-corrected
-    moments); ``lr`` overrides the groups' learning rates."""
+    moments); ``lr`` overrides the groups' learning rates. Under ``torchrun`` (``dist``) the
+    gradient is the ranks' mean (differentiably), so θ' is the step of the whole batch."""
     params = dict(model.named_parameters())
     loss = F.cross_entropy(functional_call(model, params, (x,)), y)
     names = [n for n, p in params.items() if p.requires_grad]
     grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
+    if dist is not None and dist.world > 1:  # every rank computes every parameter's gradient: the collectives line up
+        grads = tuple(rank_mean(dist, g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, grads))
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     fast = dict(params)
     for name, grad in zip(names, grads):
@@ -125,11 +133,13 @@ def simplebits_loss(
     lambda_sim: float,
     optimizer: torch.optim.Optimizer,
     inner_lr: float | None = None,
+    dist: Dist | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The simplifier's objective L = λ_sim·L_sim + L_cls (S3) on one batch of [0, 1] images,
-    with θ' one differentiable step of the classifier's ``optimizer`` on the simplified batch."""
+    with θ' one differentiable step of the classifier's ``optimizer`` on the simplified batch
+    (of the ranks' whole batch under ``torchrun``)."""
     x_sim = quantize_8bit(simplifier(x))
-    fast, ce_sim_before = unrolled_step(classifier, x_sim, y, optimizer, inner_lr)
+    fast, ce_sim_before = unrolled_step(classifier, x_sim, y, optimizer, inner_lr, dist)
     ce_orig_after = F.cross_entropy(functional_call(classifier, fast, (x,)), y, reduction="none")
     ce_sim_after = F.cross_entropy(functional_call(classifier, fast, (x_sim,)), y)
     l_cls = 10.0 * ce_orig_after.mean() + ce_sim_before + ce_sim_after
@@ -143,22 +153,26 @@ def simplebits_loss(
 
 def simplebits_step(classifier: torch.nn.Module, simplifier: torch.nn.Module, bpd: Callable[[torch.Tensor], torch.Tensor],
                     x: torch.Tensor, y: torch.Tensor, lambda_sim: float, opt_classifier: torch.optim.Optimizer,
-                    opt_simplifier: torch.optim.Optimizer, inner_lr: float | None = None) -> dict[str, float]:
+                    opt_simplifier: torch.optim.Optimizer, inner_lr: float | None = None, dist: Dist | None = None) -> dict[str, float]:
     """One joint training step (module doc): the simplifier on L through the unrolled step,
     then the classifier on the simplified batch of the updated simplifier. Leaves each
-    network's gradient of its own update in ``.grad``."""
-    loss, stats = simplebits_loss(classifier, simplifier, bpd, x, y, lambda_sim, opt_classifier, inner_lr)
+    network's gradient of its own update in ``.grad``. Under ``torchrun`` (``dist``) each rank
+    holds its share of the batch and every gradient is the ranks' mean: the step of the whole batch."""
+    dist = dist or Dist()
+    loss, stats = simplebits_loss(classifier, simplifier, bpd, x, y, lambda_sim, opt_classifier, inner_lr, dist)
     if not torch.isfinite(loss):
         raise InputError("simplebits training diverged (non-finite loss); lower --lr or --sim-lr")
     sim_params = [p for p in simplifier.parameters() if p.requires_grad]
     for p, g in zip(sim_params, torch.autograd.grad(loss, sim_params, allow_unused=True)):
         p.grad = g
+    average_gradients(dist, sim_params)
     opt_simplifier.step()
     with torch.no_grad():
         x_sim = quantize_8bit(simplifier(x))
     ce = F.cross_entropy(classifier(x_sim), y)
     opt_classifier.zero_grad(set_to_none=True)
     ce.backward()
+    average_gradients(dist, classifier.parameters())
     opt_classifier.step()
     stats["ce_classifier_update"] = ce.item()
     return stats
@@ -194,7 +208,13 @@ class SimpleBitsConfig:
     device: str = "auto"
     threads: int | None = None
     log_every: int = 25
+    checkpoint_every: int = 100
+    resume: bool = False
     command: str = ""
+
+
+#: settings a ``--resume`` may change (run control); any other change is refused (:func:`check_resumable`)
+RESUME_MAY_CHANGE = frozenset({"steps", "device", "threads", "log_every", "checkpoint_every", "max_test", "command", "out"})
 
 
 def _load_split(path: str, split: str, limit: int | None, pre: Preprocessing | None = None) -> ImageDataset:
@@ -266,9 +286,12 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     ``preprocessing``) is finetuned instead of the one ``cfg`` names or ``cfg.arch`` from scratch."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.lambda_sim < 0 or (cfg.inner_lr is not None and cfg.inner_lr <= 0) or cfg.steps < 0:
-        raise InputError(f"need lambda_sim >= 0, inner_lr > 0, steps >= 0 (got {cfg.lambda_sim}, {cfg.inner_lr}, {cfg.steps})")
+    if cfg.lambda_sim < 0 or (cfg.inner_lr is not None and cfg.inner_lr <= 0) or cfg.steps < 0 or cfg.checkpoint_every < 1:
+        raise InputError(f"need lambda_sim >= 0, inner_lr > 0, steps >= 0, checkpoint_every >= 1 (got {cfg.lambda_sim}, {cfg.inner_lr}, "
+                         f"{cfg.steps}, {cfg.checkpoint_every})")
     device = resolve_device(cfg.device)
+    dist = init_distributed(use_cuda=device == "cuda")
+    device = dist.device if dist.world > 1 else device
     torch.manual_seed(cfg.seed)
     own: Classifier | None = None
     if classifier is not None:
@@ -296,33 +319,75 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     opt_sim = torch.optim.AdamW(simplifier.parameters(), lr=cfg.sim_lr or cfg.lr, weight_decay=cfg.weight_decay)
     opt_clf = torch.optim.AdamW(classifier_net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, labels = torch.from_numpy(np.ascontiguousarray(train.x)), torch.from_numpy(train.y)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start, recent, gate_sum = time.time(), [], 0.0
-    for step in range(1, cfg.steps + 1):
-        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "resume"}
+
+    def record(metrics: dict[str, Any], with_optimizer: bool) -> Checkpoint:
+        return Checkpoint(
+            kind="simplebits",
+            models={"simplifier": ModelEntry.of("simplebits_unet", sim_kwargs, simplifier), "classifier": ModelEntry.of(arch, clf_kwargs, classifier_net.net)},
+            input_shape=[c, h, w], normalization=Normalization(list(norm.mean), list(norm.std)),
+            class_names=own.class_names if own is not None else train.class_names,
+            preprocessing=own.checkpoint_preprocessing() if own is not None else {}, settings={**settings, "world_size": dist.world},
+            command=cfg.command, metrics=metrics,
+            optimizer={"simplifier": opt_sim.state_dict(), "classifier": opt_clf.state_dict()} if with_optimizer else None,
+        )
+
+    done, gate_sum, elapsed = 0, 0.0, 0.0
+    last = resume_path(cfg.out)
+    if cfg.resume and last.exists():
+        previous = load_checkpoint(last, "simplebits")
+        check_resumable(last, previous.settings, {**settings, "world_size": dist.world}, RESUME_MAY_CHANGE)
+        if previous.optimizer is None:
+            raise CheckpointError(f"{last}: holds no optimizer state to resume from")
+        simplifier.load_state_dict(previous.models["simplifier"].state_dict)
+        classifier_net.net.load_state_dict(previous.models["classifier"].state_dict)
+        opt_sim.load_state_dict(previous.optimizer["simplifier"])
+        opt_clf.load_state_dict(previous.optimizer["classifier"])
+        done, gate_sum = int(previous.metrics["steps_run"]), float(previous.metrics["gate_sum"])
+        elapsed = float(previous.metrics.get("wall_time_s", 0.0))
+        log.info("simplebits: resuming %s from step %d", last, done)
+    start, recent = time.time() - elapsed, []
+
+    def mean_gate_sum() -> float:  # every rank's running sum of its batch's gate fraction, averaged: the whole batch's
+        return float(np.mean(all_gather(dist, gate_sum)))
+
+    for step in range(done + 1, cfg.steps + 1):
+        # each step seeds its own batch (one draw for all ranks, each takes its slice) and dequantisation noise,
+        # so a resumed run continues exactly
+        draw = torch.randint(0, len(images), (dist.world * cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+        idx = draw[dist.rank * cfg.batch_size : (dist.rank + 1) * cfg.batch_size]
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)
         simplifier.train(), classifier_net.train()
         stats = simplebits_step(classifier_net, simplifier, flow.bpd, images_to_unit(images[idx]).to(device), labels[idx].to(device),
-                                cfg.lambda_sim, opt_clf, opt_sim, cfg.inner_lr)
+                                cfg.lambda_sim, opt_clf, opt_sim, cfg.inner_lr, dist)
         recent.append(stats)
         gate_sum += stats["gate"]
-        if step % cfg.log_every == 0:
+        if step % cfg.log_every == 0 and dist.main:
             avg = {k: float(np.mean([s[k] for s in recent])) for k in recent[0]}
             log.info("simplebits step %d/%d  L %.3f  L_cls %.3f  bpd_sim %.3f  gate %.2f  CE(f(X_sim)) %.3f  (%.0f s)", step, cfg.steps,
                      avg["loss"], avg["l_cls"], avg["bpd_sim"], avg["gate"], avg["ce_classifier_update"], time.time() - start)
             recent = []
-    metrics = evaluate_simplebits(classifier_net, simplifier, flow, test if test is not None else train)
-    metrics["steps"], metrics["wall_time_s"] = cfg.steps, time.time() - start
-    metrics["gate_open"] = gate_sum / max(cfg.steps, 1)  # fraction of examples whose L_sim was on, mean over steps
-    classifier_net, simplifier = classifier_net.cpu(), simplifier.cpu()
-    save_checkpoint(cfg.out, Checkpoint(
-        kind="simplebits",
-        models={"simplifier": ModelEntry.of("simplebits_unet", sim_kwargs, simplifier), "classifier": ModelEntry.of(arch, clf_kwargs, classifier_net.net)},
-        input_shape=[c, h, w], normalization=Normalization(list(norm.mean), list(norm.std)),
-        class_names=own.class_names if own is not None else train.class_names,
-        preprocessing=own.checkpoint_preprocessing() if own is not None else {}, settings=asdict(cfg), command=cfg.command, metrics=metrics,
-    ))
-    log.info("simplebits: %s -> %s", {k: round(v, 4) for k, v in metrics.items()}, cfg.out)
-    return {"metrics": metrics, "checkpoint": str(cfg.out)}
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            state = {"steps_run": step, "gate_sum": mean_gate_sum(), "wall_time_s": time.time() - start}
+            broadcast_buffers(dist, classifier_net)
+            if dist.main:
+                save_checkpoint(last, record(state, with_optimizer=True))
+    gate_sum = mean_gate_sum()
+    broadcast_buffers(dist, classifier_net)  # batch-norm statistics drift per rank: keep rank 0's
+    digests = all_gather(dist, [state_digest(simplifier)[:16], state_digest(classifier_net)[:16]])
+    summary: dict[str, Any] = {}
+    if dist.main:
+        metrics = evaluate_simplebits(classifier_net, simplifier, flow, test if test is not None else train)
+        metrics["steps"], metrics["wall_time_s"] = cfg.steps, time.time() - start
+        metrics["gate_open"] = gate_sum / max(cfg.steps, 1)  # fraction of examples whose L_sim was on, mean over steps
+        save_checkpoint(last, record({**metrics, "steps_run": cfg.steps, "gate_sum": gate_sum}, with_optimizer=True))
+        classifier_net, simplifier = classifier_net.cpu(), simplifier.cpu()
+        save_checkpoint(cfg.out, record({**metrics, "rank_parameter_digests": digests}, with_optimizer=False))
+        log.info("simplebits: %s -> %s", {k: round(v, 4) for k, v in metrics.items()}, cfg.out)
+        summary = {"metrics": metrics, "checkpoint": str(cfg.out), "world_size": dist.world}
+    summary = all_gather(dist, summary)[0]
+    shutdown(dist)  # rank 0's files are on disk before any rank returns
+    return summary
 
 
 def evaluate_simplebits(classifier: torch.nn.Module, simplifier: torch.nn.Module, flow: torch.nn.Module, data: ImageDataset) -> dict[str, float]:
