@@ -86,6 +86,14 @@ def test_resume_refuses_a_changed_recipe_but_not_more_epochs(tmp_path):
     assert train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=64))["epochs_run"] == 1
 
 
+def test_precision_auto_is_float32_on_the_cpu_and_bf16_needs_cuda(tmp_path):
+    summary = train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
+    assert summary["device"] == "cpu" and summary["precision"] == "fp32"
+    with pytest.raises(InputError, match="bf16 needs CUDA"):
+        train_classifier(_cfg(tmp_path, out=str(tmp_path / "bf16"), precision="bf16", device="cpu"))
+    assert not (tmp_path / "bf16").exists()  # refused before any work
+
+
 def test_resume_refuses_another_arch(tmp_path):
     train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
     with pytest.raises(CheckpointError, match="is a lenet5, asked to resume a resnet20"):

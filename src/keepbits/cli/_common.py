@@ -141,6 +141,12 @@ def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
             "preprocessing": {k: v for k, v in overrides.items() if v is not None}}
 
 
+def add_precision_option(p: argparse.ArgumentParser) -> None:
+    """``--precision auto|fp32|bf16`` of the trainers whose forward passes may run in bf16."""
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast of the forward passes on CUDA, float32 on the CPU (losses always float32)")
+
+
 def add_device_option(p: argparse.ArgumentParser) -> None:
     """``--device auto|cpu|cuda`` of the trainers and gradient audits."""
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

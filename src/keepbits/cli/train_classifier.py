@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from keepbits.cli._common import add_argument, add_device_option, command_line, existing_path
+from keepbits.cli._common import add_argument, add_device_option, add_precision_option, command_line, existing_path
 
 HELP = "train a registered classifier (lenet5, resnet20, resnet20_scan, resnet18, vgg16_bn, nf_wrn16_2, convnet3); runs under torchrun too"
 
@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=None, help="start from this classifier checkpoint's weights and normalisation "
                    "(same parameter names and shapes, e.g. a CIFAR-10 resnet20 for resnet20_scan; default: random initialisation)")
     add_device_option(p)
+    add_precision_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's choice)")
 
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, augment=args.augment,
         crop_padding=args.crop_padding, val_fraction=args.val_fraction,
         image_size=tuple(args.image_size), resize_policy=args.resize_policy, max_train=args.num_train_images,
-        seed=args.seed, resume=args.resume, init=args.init, device=args.device, threads=args.threads, progress=not args.quiet, command=command_line(),
+        seed=args.seed, resume=args.resume, init=args.init, device=args.device, precision=args.precision, threads=args.threads, progress=not args.quiet, command=command_line(),
     )
     summary = train_classifier(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports

@@ -6,7 +6,7 @@ import json
 import os
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, json_object, add_argument, add_classifier_options, add_device_option, classifier_options, command_line,
+    CLASSIFIER_SPEC_HELP, json_object, add_argument, add_classifier_options, add_device_option, add_precision_option, classifier_options, command_line,
     existing_path,
 )
 from keepbits.errors import InputError
@@ -66,8 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "choose settings on; the test split is evaluated once, after training")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, image samples, initialisation, batches, crops and gates")
     add_device_option(p)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast of the forward passes on CUDA, float32 on the CPU (losses always float32)")
+    add_precision_option(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with the same settings (only run control such as --epochs may change)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 

@@ -35,7 +35,9 @@ from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset, 
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, check_resumable, load_checkpoint, save_checkpoint, state_digest
 from keepbits.training.data import TensorArrays, TensorImages
-from keepbits.training.distributed import Dist, all_gather, all_reduce_sum, broadcast_buffers, init_distributed, resolve_device, shutdown
+from keepbits.training.distributed import (
+    PRECISIONS, Dist, all_gather, all_reduce_sum, autocast, broadcast_buffers, init_distributed, resolve_device, resolve_precision, shutdown,
+)
 
 log = logging.getLogger("keepbits")
 
@@ -46,7 +48,9 @@ class FitConfig:
 
     ``steps`` (optional) trains exactly that many optimizer steps (epochs of the data, the last
     one cut short) instead of ``epochs`` epochs; schedules then span ``steps`` steps.
-    ``warmup_epochs`` (may be fractional) ramps the lr linearly from 0 first.
+    ``warmup_epochs`` (may be fractional) ramps the lr linearly from 0 first. ``precision``:
+    ``fp32``, ``bf16`` (autocast of the forward pass, CUDA only; the loss is float32) or ``auto``
+    (bf16 on CUDA, float32 on the CPU).
     """
 
     epochs: int = 10
@@ -64,6 +68,7 @@ class FitConfig:
     augment: str = "auto"
     crop_padding: int = 4
     seed: int = 0
+    precision: str = "fp32"
     progress: bool = True
 
     def default_lr(self) -> float:
@@ -79,6 +84,8 @@ class FitConfig:
             raise InputError(f"augment must be auto, crop-flip, crop or none, got {self.augment!r}")
         if (self.epochs < 1 and self.steps is None) or self.batch_size < 1 or (self.steps is not None and self.steps < 1):
             raise InputError("epochs (or steps) and batch size must be positive")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(kw_only=True)
@@ -87,11 +94,13 @@ class ClassifierConfig(FitConfig):
     ``max_train``: a seeded class-balanced sample of that many training images (``seed``), not the first N;
     ``val_fraction``: the stratified validation split (``seed``) held out of the training data
     before that sample, the only split ``best.pt`` is selected on (0: no selection, no ``best.pt``);
-    ``device``: ``auto`` | ``cpu`` | ``cuda`` (under ``torchrun``: ``cuda:<local rank>``)."""
+    ``device``: ``auto`` | ``cpu`` | ``cuda`` (under ``torchrun``: ``cuda:<local rank>``);
+    ``precision`` defaults to ``auto`` here (bf16 autocast on CUDA)."""
 
     data: str
     arch: str
     out: str
+    precision: str = "auto"
     val_fraction: float = 0.1
     image_size: tuple[int, int] = (224, 224)
     resize_policy: str = "center-crop"
@@ -104,7 +113,7 @@ class ClassifierConfig(FitConfig):
 
 
 #: settings a ``--resume`` may change (run control); any other change is refused (:func:`check_resumable`)
-RESUME_MAY_CHANGE = frozenset({"epochs", "device", "threads", "command", "out"})
+RESUME_MAY_CHANGE = frozenset({"epochs", "device", "precision", "threads", "command", "out"})
 
 
 def load_classifier(path: str | Path, expected_arch: str | None = None) -> tuple[torch.nn.Module, Checkpoint]:
@@ -207,6 +216,7 @@ def fit_classifier(model: torch.nn.Module, data: TensorArrays, cfg: FitConfig, *
     """
     cfg.validate()
     dist = dist or Dist()
+    amp = autocast(resolve_precision(cfg.precision, dist.device))
     model = model.to(dist.device, memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPU (oneDNN), as fast on GPU
     optimizer = optimizer or make_optimizer(model, cfg)
     net = model
@@ -237,7 +247,8 @@ def fit_classifier(model: torch.nn.Module, data: TensorArrays, cfg: FitConfig, *
             for g in optimizer.param_groups:
                 g["lr"] = lr * factor
             x, y = x.to(dist.device, memory_format=torch.channels_last), y.to(dist.device)
-            logits = net(x)
+            with amp:
+                logits = net(x).float()
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -288,6 +299,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     cfg.validate()
     registry.spec(cfg.arch, "classifier")
     dist = init_distributed(use_cuda=resolve_device(cfg.device) == "cuda")
+    resolve_precision(cfg.precision, dist.device)  # bf16 without CUDA is refused before any data is read
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -366,6 +378,8 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         "history": history,
         "best": best,
         "world_size": dist.world,
+        "device": dist.device,
+        "precision": resolve_precision(cfg.precision, dist.device),
         "wall_time_s": round(time.time() - started, 1),
         "checkpoints": {"last": str(last_path), "best": str(best_path) if best is not None else None},
     }

@@ -69,6 +69,35 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``"fp32"`` or ``"bf16"`` for a trainer's ``--precision`` on ``device``: ``auto`` takes bf16
+    autocast on CUDA and float32 on the CPU; ``bf16`` on the CPU is an :class:`keepbits.errors.InputError`.
+
+    Example:
+        >>> from keepbits.training.distributed import resolve_precision
+        >>> resolve_precision("auto", "cpu"), resolve_precision("auto", "cuda:0")
+        ('fp32', 'bf16')
+    """
+    from keepbits.errors import InputError
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    on_cpu = str(device).split(":")[0] == "cpu"
+    if precision == "bf16" and on_cpu:
+        raise InputError("precision bf16 needs CUDA (on the CPU the run is float32)")
+    return "bf16" if precision == "bf16" or (precision == "auto" and not on_cpu) else "fp32"
+
+
+def autocast(precision: str) -> Any:
+    """The forward passes' context for a resolved ``precision``: bf16 autocast on CUDA, or nothing."""
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
 def worker_device(device: str = "auto") -> str:
     """The torch device this process computes on for a ``--device`` value (:func:`resolve_device`):
     ``"cpu"``, or ``"cuda:<LOCAL_RANK>"`` (one GPU per ``torchrun`` process; ``cuda:0`` alone).
@@ -205,5 +234,5 @@ def shutdown(dist: Dist) -> None:
             tdist.destroy_process_group()
 
 
-__all__ = ["DEVICES", "Dist", "all_gather", "all_reduce_sum", "average_gradients", "barrier", "broadcast_buffers", "init_distributed", "model_device", "on_device", "rank_mean", "resolve_device",
-           "shutdown", "worker_device"]
+__all__ = ["DEVICES", "PRECISIONS", "Dist", "all_gather", "all_reduce_sum", "average_gradients", "barrier", "broadcast_buffers", "init_distributed", "model_device", "on_device", "rank_mean", "resolve_device",
+           "resolve_precision", "shutdown", "worker_device", "autocast"]

@@ -49,7 +49,6 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -69,7 +68,9 @@ from keepbits.errors import CheckpointError, InputError
 from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
 from keepbits.training.checkpoint import Checkpoint, ModelEntry, build_model, check_resumable, load_checkpoint, save_checkpoint
 from keepbits.training.data import TensorImages
-from keepbits.training.distributed import Dist, all_reduce_sum, barrier, broadcast_buffers, init_distributed, resolve_device, shutdown
+from keepbits.training.distributed import (
+    PRECISIONS, Dist, all_reduce_sum, autocast, barrier, broadcast_buffers, init_distributed, resolve_device, resolve_precision, shutdown,
+)
 from keepbits.training.functional import (
     deterministic_mask,
     expected_gate,
@@ -87,7 +88,6 @@ OPTIMIZERS = ("adam", "sgd")
 LABELS = ("auto", "true", "predicted")
 #: settings a ``--resume`` may change (run control); any other change is refused (:func:`check_resumable`)
 RESUME_MAY_CHANGE = frozenset({"epochs", "max_minutes", "device", "precision", "workers", "shuffle_buffer", "out"})
-PRECISIONS = ("auto", "fp32", "bf16")
 MASK_THRESHOLD = 0.5
 #: bound on |λ1| in target-sparsity mode
 LAMBDA_MAX = 1e4
@@ -492,17 +492,6 @@ def _step_noise(cfg: NiceConfig, dist: Dist, epoch: int, step: int, n: int, shap
     return full[dist.rank :: dist.world][:n]
 
 
-def _autocast(precision: str) -> Any:
-    """bf16 autocast of the networks' forward passes (CUDA), or nothing."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-
-def _precision(cfg: NiceConfig, device: str) -> str:
-    if cfg.precision == "bf16" and device == "cpu":
-        raise InputError("precision bf16 needs CUDA (on the CPU the run is float32)")
-    return "bf16" if (cfg.precision == "bf16" or (cfg.precision == "auto" and device != "cpu")) else "fp32"
-
-
 def _targets(y: torch.Tensor | None, x: torch.Tensor, teacher: torch.nn.Module, predicted: bool, amp: Any) -> torch.Tensor:
     """L_D's target (Eq. 10): the data's labels, or the classifier's prediction on the unmasked image."""
     if not predicted:
@@ -575,8 +564,8 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     dist = init_distributed(use_cuda=device == "cuda")
-    precision = _precision(cfg, "cpu" if dist.device == "cpu" else "cuda")
-    amp = _autocast(precision)
+    precision = resolve_precision(cfg.precision, dist.device)
+    amp = autocast(precision)
     if classifier is None:
         if not cfg.classifier:
             raise InputError("no classifier: name one (a checkpoint, registry name, package.module:factory or .onnx file)")
