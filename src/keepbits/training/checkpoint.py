@@ -338,6 +338,17 @@ def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping
                               "give the same settings, or a new output folder to start afresh")
 
 
+def load_resumable(path: str | Path, kind: str, settings: Mapping[str, Any], may_change: set[str] | frozenset[str]) -> Checkpoint:
+    """The ``kind`` checkpoint at ``path`` to resume a run from: its settings must match
+    ``settings`` (:func:`check_resumable`) and it must hold optimizer state; else one
+    :class:`CheckpointError` saying which."""
+    checkpoint = load_checkpoint(path, kind)
+    check_resumable(path, checkpoint.settings, settings, may_change)
+    if checkpoint.optimizer is None:
+        raise CheckpointError(f"{path}: holds no optimizer state to resume from")
+    return checkpoint
+
+
 def state_digest(module: torch.nn.Module) -> str:
     """Hex sha256 of a module's state: every state-dict entry's name, dtype, shape and bytes, in order.
 
@@ -380,5 +391,5 @@ def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = N
     return model
 
 
-__all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "check_resumable", "load_checkpoint", "resume_path",
+__all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "check_resumable", "load_checkpoint", "load_resumable", "resume_path",
            "load_weights", "read_state_dict", "save_checkpoint", "state_digest"]

@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from keepbits import registry
 from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset, sample_indices, train_val_split
 from keepbits.errors import CheckpointError, InputError
-from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, check_resumable, load_checkpoint, save_checkpoint, state_digest
+from keepbits.training.checkpoint import (
+    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, save_checkpoint, state_digest,
+)
 from keepbits.training.data import TensorArrays, TensorImages
 from keepbits.training.distributed import (
     PRECISIONS, Dist, all_gather, all_reduce_sum, autocast, broadcast_buffers, init_distributed, resolve_device, resolve_precision, shutdown,
@@ -323,15 +325,12 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     start_epoch, history, best = 0, [], None
     run_settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")}
     if cfg.resume and last_path.exists():
-        previous = load_checkpoint(last_path, "classifier")
+        previous = load_resumable(last_path, "classifier", run_settings, RESUME_MAY_CHANGE)
         entry = previous.models["classifier"]
         if entry.arch != cfg.arch:
             raise CheckpointError(f"{last_path}: checkpoint is a {entry.arch}, asked to resume a {cfg.arch}")
         if len(previous.class_names) != train_set.num_classes:
             raise CheckpointError(f"{last_path}: checkpoint has {len(previous.class_names)} classes, data has {train_set.num_classes}")
-        if previous.optimizer is None:
-            raise CheckpointError(f"{last_path}: holds no optimizer state to resume from")
-        check_resumable(last_path, previous.settings, run_settings, RESUME_MAY_CHANGE)
         model.load_state_dict(entry.state_dict)
         optimizer.load_state_dict(previous.optimizer)
         start_epoch, history = previous.epoch + 1, previous.metrics["history"]

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from keepbits.data import ImageDataset, has_split, load_dataset
-from keepbits.errors import CheckpointError, InputError
+from keepbits.errors import InputError
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, build_model, check_resumable, load_checkpoint, resume_path, save_checkpoint,
+    Checkpoint, ModelEntry, build_model, load_checkpoint, load_resumable, resume_path, save_checkpoint,
     state_digest,
 )
 from keepbits.training.distributed import Dist, all_gather, init_distributed, resolve_device, shutdown
@@ -158,10 +158,7 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
     step, elapsed = 0, 0.0
     resume_from = resume_path(cfg.out)
     if cfg.resume and resume_from.exists():
-        previous = load_checkpoint(resume_from, "density")
-        check_resumable(resume_from, previous.settings, {**settings, "world_size": dist.world}, RESUME_MAY_CHANGE)
-        if previous.optimizer is None:
-            raise CheckpointError(f"{resume_from}: holds no optimizer state to resume from")
+        previous = load_resumable(resume_from, "density", {**settings, "world_size": dist.world}, RESUME_MAY_CHANGE)
         flow.load_state_dict(previous.models["density"].state_dict)
         opt.load_state_dict(previous.optimizer)
         step, elapsed = int(previous.metrics["steps_run"]), float(previous.metrics.get("wall_time_s", 0.0))

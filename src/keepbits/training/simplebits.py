@@ -49,10 +49,10 @@ from torch.func import functional_call
 from keepbits import registry
 from keepbits.core import accuracy
 from keepbits.data import ImageDataset, Preprocessing, channel_stats, has_split, load_dataset
-from keepbits.errors import CheckpointError, InputError
+from keepbits.errors import InputError
 from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, Normalization, build_model, check_resumable, load_checkpoint, resume_path, save_checkpoint,
+    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, resume_path, save_checkpoint,
     state_digest,
 )
 from keepbits.training.classifier import FitConfig, predict_logits
@@ -335,10 +335,7 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     done, gate_sum, elapsed = 0, 0.0, 0.0
     last = resume_path(cfg.out)
     if cfg.resume and last.exists():
-        previous = load_checkpoint(last, "simplebits")
-        check_resumable(last, previous.settings, {**settings, "world_size": dist.world}, RESUME_MAY_CHANGE)
-        if previous.optimizer is None:
-            raise CheckpointError(f"{last}: holds no optimizer state to resume from")
+        previous = load_resumable(last, "simplebits", {**settings, "world_size": dist.world}, RESUME_MAY_CHANGE)
         simplifier.load_state_dict(previous.models["simplifier"].state_dict)
         classifier_net.net.load_state_dict(previous.models["classifier"].state_dict)
         opt_sim.load_state_dict(previous.optimizer["simplifier"])
