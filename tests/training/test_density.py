@@ -113,6 +113,14 @@ def test_resume_continues_the_run_exactly_and_refuses_changed_settings(tmp_path)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(CheckpointError, match="cannot resume.*lr: 0.001 then, 0.002 now"):
         train_density(_density_cfg(tmp_path, "b", steps=8, lr=2e-3, resume=True))
+    import dataclasses
+
+    from keepbits.training.checkpoint import save_checkpoint
+
+    last = resume_path(tmp_path / "b" / "d.pt")
+    save_checkpoint(last, dataclasses.replace(load_checkpoint(last, "density"), metrics={"steps_run": "many"}))  # a damaged record
+    with pytest.raises(CheckpointError, match=r"metrics\['steps_run'\] must be a number >= 0 to resume from, got 'many'"):
+        train_density(_density_cfg(tmp_path, "b", steps=8, resume=True))
 
 
 @pytest.mark.slow

@@ -338,14 +338,20 @@ def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping
                               "give the same settings, or a new output folder to start afresh")
 
 
-def load_resumable(path: str | Path, kind: str, settings: Mapping[str, Any], may_change: set[str] | frozenset[str]) -> Checkpoint:
+def load_resumable(path: str | Path, kind: str, settings: Mapping[str, Any], may_change: set[str] | frozenset[str],
+                   counters: tuple[str, ...] = ()) -> Checkpoint:
     """The ``kind`` checkpoint at ``path`` to resume a run from: its settings must match
-    ``settings`` (:func:`check_resumable`) and it must hold optimizer state; else one
+    ``settings`` (:func:`check_resumable`), it must hold optimizer state and, as finite numbers
+    >= 0, the ``counters`` its trainer continues from (metrics such as ``steps_run``); else one
     :class:`CheckpointError` saying which."""
     checkpoint = load_checkpoint(path, kind)
     check_resumable(path, checkpoint.settings, settings, may_change)
     if checkpoint.optimizer is None:
         raise CheckpointError(f"{path}: holds no optimizer state to resume from")
+    for name in counters:
+        value = checkpoint.metrics.get(name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise CheckpointError(f"{path}: metrics[{name!r}] must be a number >= 0 to resume from, got {value!r}")
     return checkpoint
 
 

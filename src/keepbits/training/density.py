@@ -158,7 +158,8 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
     step, elapsed = 0, 0.0
     resume_from = resume_path(cfg.out)
     if cfg.resume and resume_from.exists():
-        previous = load_resumable(resume_from, "density", {**settings, "world_size": dist.world}, RESUME_MAY_CHANGE)
+        previous = load_resumable(resume_from, "density", {**settings, "world_size": dist.world}, RESUME_MAY_CHANGE,
+                                  ("steps_run",))
         flow.load_state_dict(previous.models["density"].state_dict)
         opt.load_state_dict(previous.optimizer)
         step, elapsed = int(previous.metrics["steps_run"]), float(previous.metrics.get("wall_time_s", 0.0))

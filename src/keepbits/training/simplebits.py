@@ -335,7 +335,8 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     done, gate_sum, elapsed = 0, 0.0, 0.0
     last = resume_path(cfg.out)
     if cfg.resume and last.exists():
-        previous = load_resumable(last, "simplebits", {**settings, "world_size": dist.world}, RESUME_MAY_CHANGE)
+        previous = load_resumable(last, "simplebits", {**settings, "world_size": dist.world}, RESUME_MAY_CHANGE,
+                                  ("steps_run", "gate_sum"))
         simplifier.load_state_dict(previous.models["simplifier"].state_dict)
         classifier_net.net.load_state_dict(previous.models["classifier"].state_dict)
         opt_sim.load_state_dict(previous.optimizer["simplifier"])
