@@ -84,6 +84,10 @@ def test_resume_refuses_a_changed_recipe_but_not_more_epochs(tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot resume.*lr: None then, 0\.5 now.*max_train: 64 then, 32 now"):
         train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=32, lr=0.5))
     assert train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=64))["epochs_run"] == 1
+    last = tmp_path / "run" / "last.pt"
+    save_checkpoint(last, dataclasses.replace(load_checkpoint(last, "classifier"), metrics={"history": "lost"}))  # a damaged record
+    with pytest.raises(CheckpointError, match="must hold the run's history"):
+        train_classifier(_cfg(tmp_path, epochs=3, resume=True, max_train=64))
 
 
 def test_precision_auto_is_float32_on_the_cpu_and_bf16_needs_cuda(tmp_path):

@@ -333,8 +333,10 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             raise CheckpointError(f"{last_path}: checkpoint has {len(previous.class_names)} classes, data has {train_set.num_classes}")
         model.load_state_dict(entry.state_dict)
         optimizer.load_state_dict(previous.optimizer)
-        start_epoch, history = previous.epoch + 1, previous.metrics["history"]
-        best = previous.metrics.get("best")
+        history, best = previous.metrics.get("history"), previous.metrics.get("best")
+        if not isinstance(history, list) or not all(isinstance(row, dict) for row in history) or not isinstance(best, (dict, type(None))):
+            raise CheckpointError(f"{last_path}: metrics must hold the run's history (a list of epoch rows) and best (a row or None) to resume")
+        start_epoch = previous.epoch + 1
         log.info("resuming %s from epoch %d", last_path, start_epoch)
 
     def snapshot(epoch: int, metrics: dict[str, Any]) -> Checkpoint:

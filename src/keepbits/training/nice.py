@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -637,8 +638,11 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
         if resumed.optimizer is None:
             raise CheckpointError(f"{last_path}: holds no optimizer state to resume from")
         optimizer.load_state_dict(resumed.optimizer)
-        history = list(resumed.metrics.get("history", []))
-        lambda_l0 = float(resumed.settings.get("lambda_l0_final", lambda_l0))
+        history, lambda_final = resumed.metrics.get("history", []), resumed.settings.get("lambda_l0_final", lambda_l0)
+        if (not isinstance(history, list) or not all(isinstance(row, dict) and isinstance(row.get("epoch", 0), numbers.Real) for row in history)
+                or isinstance(lambda_final, bool) or not isinstance(lambda_final, numbers.Real) or not math.isfinite(lambda_final)):
+            raise CheckpointError(f"{last_path}: needs the run's history (epoch rows) and a finite lambda_l0_final to resume from")
+        history, lambda_l0 = list(history), float(lambda_final)
         start_epoch = resumed.epoch + 1 if any(row.get("epoch", 0) >= 1 for row in history) else 0
         log.info("resuming %s after epoch %d", last_path, start_epoch)
     steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * dist.world)) if isinstance(train, _ArrayData) else None
