@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import logging
 import subprocess
 import sys
 
@@ -96,6 +97,12 @@ def test_precision_auto_is_float32_on_the_cpu_and_bf16_needs_cuda(tmp_path):
     with pytest.raises(InputError, match="bf16 needs CUDA"):
         train_classifier(_cfg(tmp_path, out=str(tmp_path / "bf16"), precision="bf16", device="cpu"))
     assert not (tmp_path / "bf16").exists()  # refused before any work
+
+
+def test_resume_without_a_last_checkpoint_says_it_starts_afresh(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="keepbits"):
+        summary = train_classifier(_cfg(tmp_path, out=str(tmp_path / "typo"), epochs=1, max_train=64, resume=True))
+    assert summary["epochs_run"] == 1 and "nothing to resume from; starting a new run" in caplog.text
 
 
 def test_resume_refuses_another_arch(tmp_path):

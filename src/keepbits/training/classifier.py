@@ -338,6 +338,8 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             raise CheckpointError(f"{last_path}: metrics must hold the run's history (a list of epoch rows) and best (a row or None) to resume")
         start_epoch = previous.epoch + 1
         log.info("resuming %s from epoch %d", last_path, start_epoch)
+    elif cfg.resume:
+        log.warning("%s: nothing to resume from; starting a new run", last_path)
 
     def snapshot(epoch: int, metrics: dict[str, Any]) -> Checkpoint:
         return Checkpoint(

@@ -165,6 +165,8 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
         step, elapsed = int(previous.metrics["steps_run"]), float(previous.metrics.get("wall_time_s", 0.0))
         log.info("density: resuming %s from step %d", resume_from, step)
     else:
+        if cfg.resume:
+            log.warning("%s: nothing to resume from; starting a new run", resume_from)
         flow.initialize(flow.to_flow_range(batch(-1, max(cfg.batch_size, 256))))  # every rank alike; DDP keeps rank 0's
     net = flow if dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
         flow, device_ids=[torch.device(device).index] if device != "cpu" else None)

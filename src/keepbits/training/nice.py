@@ -588,6 +588,8 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
     out = Path(cfg.out)
     last_path, path = out / "last.pt", out / "nice.pt"
     resumed = load_checkpoint(last_path, "nice") if cfg.resume and last_path.exists() else None
+    if cfg.resume and resumed is None:
+        log.warning("%s: nothing to resume from; starting a new run", last_path)
     if resumed is not None:
         for role, arch in (("generator", gen_name), ("classifier", clf.arch)):
             if resumed.models[role].arch != arch:

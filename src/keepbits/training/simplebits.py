@@ -344,6 +344,8 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
         done, gate_sum = int(previous.metrics["steps_run"]), float(previous.metrics["gate_sum"])
         elapsed = float(previous.metrics.get("wall_time_s", 0.0))
         log.info("simplebits: resuming %s from step %d", last, done)
+    elif cfg.resume:
+        log.warning("%s: nothing to resume from; starting a new run", last)
     start, recent = time.time() - elapsed, []
 
     def mean_gate_sum() -> float:  # every rank's running sum of its batch's gate fraction, averaged: the whole batch's
