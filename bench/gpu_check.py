@@ -29,10 +29,12 @@ fails, hangs or leaves the CUDA context broken costs only its own entry:
    images/s of the steady epochs (synthetic 224-px data).
 8. ``train_nice``: ``train_nice`` on CUDA (needs ``NiceConfig.device``): first-step loss vs CPU
    and images/s.
-9. ``audit_sis``: exact BackSelect (plain on ResNet-20; incremental on a plain CNN chain, as the
+9. ``train_density_simplebits``: ``train_density`` and ``train_simplebits`` (against that density)
+   on CUDA at toy sizes: finite metrics, checkpoints rebuilt on the CPU give finite outputs.
+10. ``audit_sis``: exact BackSelect (plain on ResNet-20; incremental on a plain CNN chain, as the
    incremental scorer takes no residual nets) and batched-gradient BackSelect on ResNet-20, CPU vs
    CUDA (needs ``device=``): same orders, seconds per image.
-10. ``audit_cid``: CID of one image at one ResNet-20 layer, CPU vs CUDA (needs ``device=``).
+11. ``audit_cid``: CID of one image at one ResNet-20 layer, CPU vs CUDA (needs ``device=``).
 
 Without a CUDA device (or with ``--dry-run``) every GPU part is recorded as ``skipped: <reason>``;
 the CPU references still run (at ``--tiny`` sizes in seconds). Entries carry ``status``: ``ok``,
@@ -686,6 +688,39 @@ def step_train_nice(ctx: dict, entry: dict, save: Callable[[], None]) -> None:
     entry.update(epoch_rates(summary["history"], count))
 
 
+def step_train_density_simplebits(ctx: dict, entry: dict, save: Callable[[], None]) -> None:
+    """``train density`` then ``train simplebits`` (against that density) on CUDA, tiny: both finish
+    with finite metrics and their checkpoints rebuild on the CPU with finite outputs."""
+    import math
+
+    import torch
+
+    from keepbits.training.density import DensityConfig, load_density, train_density
+    from keepbits.training.simplebits import SimpleBitsConfig, load_simplebits, train_simplebits
+
+    size, count, steps = (16, 32, 3) if ctx["tiny"] else (32, 512, 40)
+    work = Path(ctx["work"])
+    data = synthetic_npz(work / f"train_{size}_{count}.npz", count, size)
+    density = train_density(DensityConfig(data=str(data), out=str(work / "density_cuda.pt"), levels=2, depth=2, hidden=16, steps=steps,
+                                          batch_size=16, warmup_steps=1, eval_images=16, seed=ctx["seed"], device="cuda"))
+    flow = load_density(density["checkpoint"])  # on the CPU
+    entry["density"] = {"steps_run": density["steps_run"], "test_bpd": density["test_bpd"], "seconds": round(density["wall_time_s"], 2),
+                        "cpu_reload_bpd": float(flow.bpd(torch.rand(2, 3, size, size)).mean())}
+    save()
+    simple = train_simplebits(SimpleBitsConfig(data=str(data), out=str(work / "simplebits_cuda.pt"), density=density["checkpoint"],
+                                               arch="lenet5", unet_base=4, steps=steps, batch_size=8, max_test=16, seed=ctx["seed"],
+                                               device="cuda"))
+    simplifier, classifier, _ = load_simplebits(simple["checkpoint"])  # on the CPU
+    x = torch.rand(2, 3, size, size)
+    entry["simplebits"] = {**{k: simple["metrics"][k] for k in ("acc_orig", "acc_sim", "bpd_orig", "bpd_sim")},
+                           "seconds": round(simple["metrics"]["wall_time_s"], 2),
+                           "cpu_reload_finite": bool(torch.isfinite(classifier(simplifier(x))).all())}
+    figures = [entry["density"]["test_bpd"], entry["density"]["cpu_reload_bpd"],
+               *(entry["simplebits"][k] for k in ("acc_orig", "acc_sim", "bpd_orig", "bpd_sim"))]
+    if not (all(math.isfinite(v) for v in figures) and entry["simplebits"]["cpu_reload_finite"]):
+        raise CheckFailed(f"a non-finite result from the CUDA runs: {entry}")
+
+
 def chain_cnn(size: int) -> Any:
     """A plain conv chain (incremental BackSelect takes chains, not residual nets)."""
     from torch import nn
@@ -813,6 +848,7 @@ STEPS: list[tuple[str, Callable[[dict, dict, Callable[[], None]], None], float, 
     ("nice_first_step", step_nice_first_step, 120, ()),
     ("train_classifier", step_train_classifier, 150, ("cuda",)),
     ("train_nice", step_train_nice, 150, ("cuda",)),
+    ("train_density_simplebits", step_train_density_simplebits, 90, ("cuda",)),
     ("audit_sis", step_audit_sis, 180, ()),
     ("audit_cid", step_audit_cid, 120, ()),
 ]
@@ -886,6 +922,8 @@ def figure(name: str, entry: dict[str, Any]) -> str:
         return f"loss rel {entry['cuda_fp32']['loss_rel_diff']:.2g}, {entry['cuda_tf32']['images_per_s']} img/s (TF32)"
     if name in ("train_classifier", "train_nice") and "images_per_s_after_epoch_1" in entry:
         return f"{entry['images_per_s_after_epoch_1']} img/s"
+    if name == "train_density_simplebits" and "simplebits" in entry:
+        return f"density {entry['density']['seconds']} s, simplebits {entry['simplebits']['seconds']} s (toy sizes)"
     if name == "probe":
         return str(entry.get("gpu", {}).get("name", "no GPU"))
     return ""

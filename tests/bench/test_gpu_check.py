@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
 STEPS = ["probe", "build", "compile_check", "kernel_correctness", "kernel_speed", "nice_first_step", "train_classifier",
-         "train_nice", "audit_sis", "audit_cid"]
+         "train_nice", "train_density_simplebits", "audit_sis", "audit_cid"]
 #: steps with a CPU reference that the dry run still computes
 CPU_PARTS = ("nice_first_step", "audit_sis", "audit_cid")
 
@@ -34,7 +34,7 @@ def test_dry_run_records_every_step_and_computes_the_cpu_references(tmp_path):
     assert steps["probe"]["status"] == "ok" and isinstance(steps["probe"]["torch_cuda_available"], bool)
     for name in ("build", "compile_check"):
         assert steps[name]["status"] == "skipped: dry run (--dry-run): nothing is built"
-    for name in ("kernel_correctness", "kernel_speed", "train_classifier", "train_nice"):
+    for name in ("kernel_correctness", "kernel_speed", "train_classifier", "train_nice", "train_density_simplebits"):
         assert steps[name]["status"] == "skipped: dry run (--dry-run)"
     for name in CPU_PARTS:
         assert steps[name]["status"] == "skipped: dry run (--dry-run) (CPU reference computed)", steps[name]
