@@ -106,3 +106,32 @@ def test_cli_names_the_missing_extra():
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "keepbits[train]" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_sis_audit_of_an_onnx_model_runs_without_torch(tmp_path):
+    """ONNX models are audited by ONNX Runtime alone: ``keepbits audit sis`` (default ``--device
+    auto``, which is the CPU where torch cannot be imported) runs with torch and onnx blocked;
+    ``--device cuda`` there is one line, exit 2."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3)).eval()
+    torch.onnx.export(net, (torch.zeros(1, 1, 6, 6),), str(tmp_path / "m.onnx"), input_names=["x"], output_names=["logits"],
+                      dynamo=False, dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).integers(0, 256, (6, 6, 6, 1), dtype=np.uint8), y=np.arange(6) % 3)
+    audit = ["audit", "sis", "--model", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--num-images", "3",
+             "--threshold", "0.1", "--thresholds", "0.1"]
+    code = (f"BLOCKED = {BLOCKED!r}\n" + SCRIPT.split("import keepbits\n")[0]
+            + "from keepbits.cli import main\n"
+            + f"first = main(['-q', *{audit!r}, '--out', {str(tmp_path / 'a')!r}])\n"
+            + f"second = main(['-q', *{audit!r}, '--out', {str(tmp_path / 'b')!r}, '--device', 'cuda'])\n"
+            + "print(json.dumps({'first': first, 'second': second, 'torch': 'torch' in sys.modules}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"first": 0, "second": 2, "torch": False}
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["data"]["summary"]["backselect_runs"] == 3
+    assert "torch is not installed" in done.stderr and "Traceback" not in done.stderr

@@ -46,8 +46,9 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``"cpu"`` or ``"cuda"`` for a trainer's ``--device``: ``auto`` takes CUDA when torch sees a
-    GPU; ``cuda`` without one is an :class:`keepbits.errors.InputError`.
+    """``"cpu"`` or ``"cuda"`` for a trainer's or audit's ``--device``: ``auto`` takes CUDA when
+    torch sees a GPU (the CPU without torch, as in the device install); ``cuda`` without one is an
+    :class:`keepbits.errors.InputError`.
 
     Example:
         >>> from keepbits.training.distributed import resolve_device
@@ -60,8 +61,12 @@ def resolve_device(device: str = "auto") -> str:
         raise InputError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cpu":
         return "cpu"
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # the device install (ONNX audits): nothing here can run on a GPU
+        if device == "cuda":
+            raise InputError("device 'cuda' asked for, but torch is not installed to find and use a CUDA device") from None
+        return "cpu"
     if torch.cuda.is_available():
         return "cuda"
     if device == "cuda":
