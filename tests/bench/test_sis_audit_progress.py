@@ -1,0 +1,41 @@
+"""bench/sis_audit_progress.py: the progress record of a (partial) exact-SIS audit counts only the
+chunks of the audited model and the runs the audit itself would make."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def test_progress_counts_this_models_chunks_and_the_runs_the_audit_needs(tmp_path, bench_script):
+    from keepbits import registry
+    from keepbits.audit.sis_report import sis_audit
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
+
+    def checkpoint(seed: int):
+        torch.manual_seed(seed)
+        kwargs = {"in_channels": 3, "num_classes": 3, "image_size": [8, 8]}
+        return save_checkpoint(tmp_path / f"m{seed}.pt", Checkpoint(
+            kind="classifier", models={"classifier": ModelEntry.of("convnet3", kwargs, registry.build("convnet3", **kwargs))},
+            input_shape=[3, 8, 8], normalization=Normalization([0.5] * 3, [0.25] * 3), class_names=["a", "b", "c"]))
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "cifar10").mkdir()
+    np.savez(tmp_path / "cifar10" / "test.npz", x=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8), y=np.arange(12) % 3)
+    model, other = checkpoint(0), checkpoint(1)
+    from keepbits.data import load_dataset
+
+    images = load_dataset(str(tmp_path / "cifar10"), "test").sample(3, 0)
+    audit = tmp_path / "audit"
+    more = load_dataset(str(tmp_path / "cifar10"), "test").sample(4, 1)
+    sis_audit(str(other), more.x, more.y, audit, threshold=0.0, thresholds=[0.0], progress=False)  # another model's chunks
+    stale = len(list((audit / "orders").glob("chunk_*.json")))
+    sis_audit(str(model), images.x, images.y, audit, threshold=0.0, thresholds=[0.0], progress=False)
+    record = bench_script("sis_audit_progress").progress(audit, model, tmp_path / "cifar10", 3, 0, [0.0], 2)
+    assert stale == 4 and record["backselect_runs_needed"] == 3 and record["backselect_runs_done"] == 3
+    assert record["chunk_files"] == 4 and record["chunk_files_of_other_models"] == 1  # 3 recomputed in place, 1 left: not counted
+    assert record["hours_left_projected"] == 0 and record["seconds_per_backselect"]["median"] > 0
+    json.dumps(record)
