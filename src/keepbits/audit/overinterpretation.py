@@ -369,7 +369,8 @@ def _trained(path: Path, cfg: OverinterpretationConfig, x: np.ndarray, y: np.nda
                     schedule="cosine", warmup_epochs=0.15 * epochs, augment=augment, crop_padding=0, seed=seed, progress=cfg.progress)
     data = hashlib.sha256(np.ascontiguousarray(x, np.float32).tobytes() + np.ascontiguousarray(y, np.int64).tobytes()).hexdigest()
     recipe = json.loads(json.dumps({**{k: v for k, v in asdict(fit).items() if k != "progress"}, "arch": cfg.arch, "input_dropout_keep": keep,
-                                    "images": len(x), "data_sha256": data, "normalization": [list(mean), list(std)]}))
+                                    "input_dropout_samples": cfg.dropout_samples if keep is not None else None,
+                                    "images": len(x), "data_sha256": data, "normalization": [[float(v) for v in mean], [float(v) for v in std]]}))
     if dist.main and _recipe_of(path) != recipe:
         torch.manual_seed(seed)
         kwargs = {"in_channels": shape[0], "num_classes": len(class_names), "image_size": shape[1:]}
