@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, t
     seconds = np.array([res["seconds"] for r in current for res in r["results"]], dtype=np.float64)
     needed = runs_needed(model, data, num_images, seed, min(thresholds))
     rate = float(np.median(seconds)) if len(seconds) else None
+    written = sorted(p.stat().st_mtime for p, r in zip(chunks, records) if r.get("model") == fingerprint)
+    span_h = (written[-1] - written[0]) / 3600 if len(written) > 1 else 0.0
     return {
         "audit": str(audit), "model": str(model), "model_fingerprint": fingerprint,
         "audit_command": (f"torchrun --nproc-per-node {processes} -m keepbits audit sis --model {model} --data {data} --out {audit} "
@@ -41,6 +44,8 @@ def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, t
         "seconds_per_backselect": None if rate is None else {
             "median": rate, "min": float(seconds.min()), "max": float(seconds.max()),
             "note": "per image, as the audit recorded it (wall time of one BackSelect in one process)"},
+        "chunks_written_utc": [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) for t in (written[0], written[-1])] if written else None,
+        "runs_per_hour_between_first_and_last_chunk": round((len(written) - 1) / span_h, 2) if span_h > 0 else None,
         "hours_left_projected": None if rate is None else round(max(needed - len(seconds), 0) * rate / processes / 3600, 2),
         "projection": f"runs left × median seconds per run / {processes} processes; not a measurement",
     }

@@ -38,4 +38,5 @@ def test_progress_counts_this_models_chunks_and_the_runs_the_audit_needs(tmp_pat
     assert stale == 4 and record["backselect_runs_needed"] == 3 and record["backselect_runs_done"] == 3
     assert record["chunk_files"] == 4 and record["chunk_files_of_other_models"] == 1  # 3 recomputed in place, 1 left: not counted
     assert record["hours_left_projected"] == 0 and record["seconds_per_backselect"]["median"] > 0
+    assert len(record["chunks_written_utc"]) == 2 and record["chunks_written_utc"][0] <= record["chunks_written_utc"][1]
     json.dumps(record)
