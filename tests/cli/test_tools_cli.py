@@ -105,6 +105,33 @@ def test_eval_labelled_and_unlabelled(tmp_path, photos, capsys):
     assert code == 2 and "data path not found" in err
 
 
+def test_eval_and_explain_on_camera_footage_a_video_and_folders_that_are_not_classes(tmp_path, photos, capsys, caplog):
+    """A camera's footage (day/camera folders, a video, a corrupt file) is unlabelled: agreement with
+    the full frame; folders that merely look like class folders fall back to agreement, with a warning."""
+    footage = tmp_path / "footage"
+    for cam in ("cam0", "cam1"):
+        (footage / "day1" / cam).mkdir(parents=True)
+        for image in sorted(photos.iterdir())[:2]:
+            (footage / "day1" / cam / image.name).write_bytes(image.read_bytes())
+    (footage / "cut.jpg").write_bytes(b"\xff\xd8 truncated")
+    writer = cv2.VideoWriter(str(footage / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+    for i in range(8):
+        writer.write(np.full((48, 64, 3), 25 * i, np.uint8))
+    writer.release()
+    argv = ["--codecs", "jpeg", "--qualities", "50", "--modes", "mixed", "--baseline-qualities", "50", "--examples", "1"]
+    code, result, _ = _run(["-q", "eval", "--model", str(DEMO_BUNDLE), "--data", str(footage), "--frame-step", "4", *argv,
+                            "--out", str(tmp_path / "ev")], capsys)
+    assert code == 0 and not result["labelled"] and result["num_images"] == 6  # 4 pictures + frames 0 and 4
+    assert "4 images, 2 frames read, every 4th video frame, 1 unreadable files skipped" in result["data"]
+    code, result, _ = _run(["-q", "eval", "--model", str(DEMO_BUNDLE), "--data", str(footage / "day1"), *argv, "--out", str(tmp_path / "ev2")],
+                           capsys)
+    assert code == 0 and not result["labelled"] and result["labels_matched"].startswith("not used: the data has 2 classes ['cam0', 'cam1']")
+    assert "not the model's classes" in caplog.text
+    code, report, _ = _run(["-q", "explain", "--model", str(DEMO_BUNDLE), "--data", str(footage / "clip.avi"), "--frame-step", "3",
+                            "--num-images", "0", "--out", str(tmp_path / "look")], capsys)
+    assert code == 0 and [r["name"] for r in report["images"]] == ["clip.avi_frame0", "clip.avi_frame3", "clip.avi_frame6"]
+
+
 def test_explain_one_image_and_a_folder(tmp_path, photos, capsys):
     code, report, err = _run(["explain", "--model", str(DEMO_BUNDLE), "--data", str(photos / "img0.jpg"), "--out", str(tmp_path / "one")], capsys)
     assert code == 0 and len(report["images"]) == 1 and report["images"][0]["name"] == "img0" and "img0:" in err

@@ -37,11 +37,58 @@ def test_files_keep_their_sizes_and_are_sampled_before_reading(tmp_path):
     assert len(sample) == 2 and set(sample.names) <= set(images.names) and sample.names == sorted(sample.names)
     one = load_images(tmp_path / "f2.png")
     assert one.names == ["f2.png"] and one.images[0].shape == (12, 12, 3)
-    (tmp_path / "f9.png").write_bytes(b"broken")
-    with pytest.raises(InputError, match="f9.png"):
-        load_images(tmp_path)
+    (tmp_path / "f9.png").write_bytes(b"broken")  # skipped and counted, not fatal
+    images = load_images(tmp_path)
+    assert images.names == [f"f{i}.png" for i in range(6)] and images.counts == {"images": 6, "frames": 0, "skipped": 1}
+    assert "1 unreadable files skipped" in images.source
+    with pytest.raises(InputError, match="f9.png"):  # the one file asked for
+        load_images(tmp_path / "f9.png")
     with pytest.raises(InputError, match="not found"):
         load_images(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no images"):
         load_images(tmp_path / "empty")
+    with pytest.raises(InputError, match="unsupported data file"):
+        load_images(tmp_path / "notes.txt")
+
+
+def _video(path, frames: int) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24))
+    for i in range(frames):
+        writer.write(np.full((24, 32, 3), 6 * i, np.uint8))
+    writer.release()
+
+
+def test_footage_of_any_nesting_and_videos_is_unlabelled_and_keeps_every_kth_frame(tmp_path):
+    """A camera's folders (day/camera/…) are footage, not classes: nested deeper than class
+    folders, or with videos or loose files beside the folders."""
+    for day, cam in (("day1", "cam0"), ("day1", "cam1"), ("day2", "cam0")):
+        (tmp_path / day / cam).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / day / cam / "a.png"), np.full((20, 30, 3), 50, np.uint8))
+    _video(tmp_path / "day2" / "clip.avi", 10)
+    images = load_images(tmp_path, frame_step=3)
+    assert not images.labelled and images.counts == {"images": 3, "frames": 4, "skipped": 0}
+    assert images.names == ["day1/cam0/a.png", "day1/cam1/a.png", "day2/cam0/a.png"] + [f"day2/clip.avi#frame{k}" for k in (0, 3, 6, 9)]
+    assert {im.shape for im in images.images} == {(20, 30, 3), (24, 32, 3)} and "every 3th video frame" in images.source
+    one_video = load_images(tmp_path / "day2" / "clip.avi")
+    assert len(one_video) == 10 and one_video.names[0] == "clip.avi#frame0"
+    # class folders stay a labelled set: every entry a folder holding images directly
+    assert load_images(tmp_path / "day1", size=(8, 8)).class_names == ["cam0", "cam1"]
+
+
+def test_footage_samples_are_seeded_uniform_and_read_in_stream_order(tmp_path):
+    _video(tmp_path / "clip.avi", 40)
+    first = load_images(tmp_path, num_images=5, seed=0)
+    again = load_images(tmp_path, num_images=5, seed=0)
+    other = load_images(tmp_path, num_images=5, seed=1)
+    frame = [int(name.split("#frame")[1]) for name in first.names]
+    assert len(first) == 5 and frame == sorted(frame) and first.names == again.names and other.names != first.names
+    assert "sample 5, seed 0" in first.source and first.counts["frames"] == 40  # the whole video streamed past
+    # Algorithm R keeps each of the 40 frames with probability 5/40: over 400 seeds each frame's count is near 50
+    hits = np.zeros(40)
+    from keepbits.data.images import _reservoir
+
+    for seed in range(400):
+        for t in _reservoir(iter(range(40)), 5, seed):
+            hits[t] += 1
+    assert hits.sum() == 2000 and hits.min() > 20 and hits.max() < 85

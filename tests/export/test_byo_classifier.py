@@ -218,3 +218,47 @@ def test_a_classifier_that_cannot_take_its_preprocessing_size_is_one_clear_error
                       arch="lenet5", kwargs={"in_channels": 3, "num_classes": 3})
     assert Classifier.of(lenet, Preprocessing(input_size=(28, 28), mean=(0.5,) * 3, std=(0.5,) * 3), arch="lenet5",
                          kwargs={"in_channels": 3, "num_classes": 3}).class_names == ["0", "1", "2"]
+
+
+def test_plain_onnx_classifier_audited_on_unlabelled_footage_with_its_preprocessing_given(tmp_path, tinynets, capsys):
+    """A user's .onnx file without metadata: its size, normalisation and resize policy come from the
+    command line; nested footage with a video and a corrupt file is sampled, fitted and audited
+    (SIS of the predicted class, no accuracy), the model seeing exactly (fit(frame)/255 − mean)/std."""
+    import cv2
+
+    net, _ = tinynets
+    path = tmp_path / "user.onnx"
+    torch.onnx.export(net.eval(), (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False, opset_version=13, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    footage = tmp_path / "footage"
+    (footage / "day1" / "cam0").mkdir(parents=True)
+    frames, _ = _frames(4, seed=5)
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(footage / "day1" / "cam0" / f"{i}.png"), frame[:, :, ::-1])
+    (footage / "day1" / "broken.jpg").write_bytes(b"not a jpeg")
+    writer = cv2.VideoWriter(str(footage / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (40, 30))
+    for i in range(6):
+        writer.write(np.full((30, 40, 3), 30 * i, np.uint8))
+    writer.release()
+    options = ["--image-size", "16", "16", "--mean", "0.3", "0.3", "0.3", "--std", "0.25", "0.25", "0.25",
+               "--resize-policy", "center-crop", "--crop-fraction", "0.875"]
+    out = tmp_path / "sis"
+    capsys.readouterr()
+    assert main(["-q", "audit", "sis", "--model", str(path), *options, "--data", str(footage), "--frame-step", "2",
+                 "--num-images", "5", "--thresholds", "0.2", "--threshold", "0.2", "--method", "plain",
+                 "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["accuracy"] is None and summary["backselect_runs"] == 5  # unlabelled: no accuracy; 3 classes: every f ≥ 1/3 > τ
+    data = json.loads((out / "report.json").read_text())["data"]
+    from keepbits.data.images import load_footage
+
+    chosen = load_footage(footage, num_images=5, seed=0, frame_step=2)  # the audit's own seeded draw
+    assert chosen.counts == {"images": 4, "frames": 3, "skipped": 1}  # 6 video frames, every 2nd
+    x = np.stack([PRE.fit(image)[0] for image in chosen.images]).astype(np.float32) / 255
+    with torch.no_grad():
+        expected = torch.softmax(net(torch.from_numpy((x - 0.3) / 0.25).permute(0, 3, 1, 2)), 1).max(1).values.double().numpy()
+    confidences = np.array([row["confidence"] for row in data["images"]])
+    assert len(confidences) == 5 and np.allclose(confidences, expected, atol=1e-5)
+    assert all(row["label"] is None and row["correct"] is None for row in data["images"])
+    assert main(["-q", "audit", "sis", "--model", str(path), "--classifier-weights", str(path), "--data", str(footage),
+                 "--out", str(tmp_path / "x")]) == 2  # an ONNX file carries its own weights

@@ -124,7 +124,7 @@ def test_footage_with_workers_feeds_nice_and_counts_corrupt_files(tmp_path, tiny
     # 6 pictures + 3 of 9 frames + 5 npz images per pass, the broken file skipped and counted (in the workers);
     # the counts add up the run's two passes (the epoch, then the final evaluation: no --val-footage)
     assert summary["history"][-1]["train_images"] == 14
-    assert summary["footage"] == {"images": 22, "frames": 6, "skipped": 2}
+    assert summary["footage"] == {"files": {"images": 7, "videos": 1, "npz": 1}, "read": {"images": 22, "frames": 6, "skipped": 2}}
     ckpt = load_checkpoint(summary["checkpoint"], "nice")
     assert ckpt.settings["labels"] == "predicted"  # auto: unlabelled footage
     assert ckpt.preprocessing_record().resize_policy == "center-crop"

@@ -152,13 +152,14 @@ class OnnxAdapter(ModelAdapter):
     float N×C×H×W), ``"uint8-nhwc"`` (bundles: 0..255 N×H×W×C, inputs are de-normalised and
     rounded first) or ``"float-nchw"`` (bundles: 0..1 N×C×H×W). A plain ``.onnx`` file may
     carry ``mean``/``std``/``class_names``/``input_shape`` as JSON metadata properties.
-    ``threads``: ONNX Runtime intra-op threads (default: its own choice).
+    ``threads``: ONNX Runtime intra-op threads (default: its own choice). ``input_size`` (H, W)
+    gives the size where the graph's is dynamic (the channel count is then the graph's).
     """
 
     FEEDS = ("normalized", "uint8-nhwc", "float-nchw")
 
     def __init__(self, model_path: str | Path, feed: str = "normalized", input_shape: Sequence[int] | None = None,
-                 threads: int | None = None, **kwargs: Any):
+                 threads: int | None = None, input_size: Sequence[int] | None = None, **kwargs: Any):
         import onnxruntime as ort
 
         if feed not in self.FEEDS:
@@ -183,10 +184,13 @@ class OnnxAdapter(ModelAdapter):
                 kwargs[key] = json.loads(meta[key])
         if input_shape is None and "input_shape" in meta:
             input_shape = json.loads(meta["input_shape"])
+        dims = inp.shape[1:]
+        if input_shape is None and input_size is not None:  # (H, W) given; C from the graph (NCHW) or the normalisation
+            channels = dims[0] if len(dims) == 3 and isinstance(dims[0], int) and feed != "uint8-nhwc" else len(kwargs.get("mean") or ()) or 3
+            input_shape = (channels, *(int(v) for v in input_size))
         if input_shape is None:
-            dims = inp.shape[1:]
             if len(dims) != 3 or not all(isinstance(d, int) for d in dims):
-                raise InputError(f"{path}: input shape {inp.shape} is dynamic; pass input_shape=(C, H, W)")
+                raise InputError(f"{path}: input shape {inp.shape} is dynamic; give the input size (--image-size H W, or input_shape=(C, H, W))")
             input_shape = (dims[2], dims[0], dims[1]) if feed == "uint8-nhwc" else tuple(dims)
         super().__init__(input_shape, source=str(path), **kwargs)
 
@@ -232,7 +236,7 @@ def load_model(model: Any, **kwargs: Any) -> ModelAdapter:
     if path.suffix == ".onnx":
         if not path.exists():
             raise InputError(f"model not found: {path}")
-        return OnnxAdapter(path, **kwargs)
+        return _onnx_adapter(path, **kwargs)
     if path.suffix == ".pt" or (not path.exists() and (":" in str(model) or "/" not in str(model))):
         from keepbits.training.byo import resolve_classifier
 
@@ -252,6 +256,35 @@ def load_model(model: Any, **kwargs: Any) -> ModelAdapter:
     if m.input_shape[0] in (1, 3):  # a Preprocessing describes grey or colour images (audit bundles may have other channels)
         adapter.preprocessing = Preprocessing(tuple(m.input_shape[1:]), tuple(m.mean), tuple(m.std), m.resize_policy, m.crop_fraction,
                                               tuple(m.class_names))
+    return adapter
+
+
+def _onnx_adapter(path: Path, weights: Any = None, kwargs: Any = None, preprocessing: dict[str, Any] | None = None,
+                  **options: Any) -> OnnxAdapter:
+    """A plain ``.onnx`` classifier with its preprocessing: the ``preprocessing`` overrides (the
+    CLI's ``--image-size``/``--mean``/``--std``/``--resize-policy``/``--crop-fraction``/
+    ``--class-names``), else the file's metadata properties (JSON values under those names, as
+    :func:`keepbits.training.byo.resolve_classifier` reads them), else the graph's input size,
+    no normalisation and letterbox. Weights and builder arguments belong to torch classifiers: refused."""
+    from keepbits.data import Preprocessing
+
+    if weights or kwargs:
+        raise InputError(f"{path}: an ONNX file carries its weights; --classifier-weights/--classifier-kwargs apply to "
+                         "checkpoints, registry names and package.module:factory")
+    given = dict(preprocessing or {})
+    for key in ("mean", "std", "class_names"):
+        if key in given:
+            options[key] = list(given[key])
+    if "input_size" in given:
+        options["input_size"] = tuple(given["input_size"])
+    adapter = OnnxAdapter(path, **options)
+    c, h, w = adapter.input_shape
+    if c in (1, 3):
+        meta = adapter.session.get_modelmeta().custom_metadata_map
+        recorded = {k: json.loads(meta[k]) for k in ("resize_policy", "crop_fraction") if k in meta}
+        policy = {**recorded, **{k: given[k] for k in ("resize_policy", "crop_fraction") if k in given}}
+        adapter.preprocessing = Preprocessing((h, w), tuple(adapter.mean), tuple(adapter.std), class_names=tuple(adapter.class_names or ()),
+                                              **policy)
     return adapter
 
 

@@ -67,14 +67,15 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     for i, r in zip(run, computed):
         orders[i] = r
     predicted = [int(probabilities[i].argmax()) if r is None else r.target for i, r in enumerate(orders)]
-    labels = np.asarray(labels) if labels is not None else np.array(predicted)
+    labelled = labels is not None
+    labels = np.asarray(labels) if labelled else np.array(predicted)  # unlabelled footage: sizes by predicted class
     per_image, below = [], []
     for i, r in enumerate(orders):
         sizes = {str(t): (None if r is None or (s := find_sis(r, t)) is None else int(len(s))) for t in taus}
         sis = None if r is None else find_sis(r, threshold)
-        row = {"image": i, "label": int(labels[i]), "predicted": predicted[i],
+        row = {"image": i, "label": int(labels[i]) if labelled else None, "predicted": predicted[i],
                "confidence": float(probabilities[i].max() if r is None else r.scores[0]),
-               "correct": bool(predicted[i] == labels[i]), "sis_size": sizes, "sis": None if sis is None else sis.tolist(),
+               "correct": bool(predicted[i] == labels[i]) if labelled else None, "sis_size": sizes, "sis": None if sis is None else sis.tolist(),
                "backselect": r is not None, "seconds": 0.0 if r is None else r.seconds}
         per_image.append(row)
         if sis is None:
@@ -86,7 +87,7 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     heat = location_frequency(computed, threshold) if computed else np.zeros((h, w))
     backselect = computed[0].method if computed else "none (every image below τ)"
     summary = {"images": len(x), "below_threshold": len(below), "threshold": threshold, "method": backselect,
-               "backselect_runs": len(run), "accuracy": float(np.mean([r["correct"] for r in per_image])),
+               "backselect_runs": len(run), "accuracy": float(np.mean([r["correct"] for r in per_image])) if labelled else None,
                "wall_time_s": round(time.time() - started, 1)}
 
     report = Report("SIS audit", meta={"model": adapter.source if not hasattr(model, "forward") else type(model).__name__,

@@ -141,6 +141,15 @@ def classifier_options(args: argparse.Namespace) -> dict[str, Any]:
             "preprocessing": {k: v for k, v in overrides.items() if v is not None}}
 
 
+def add_user_images_options(p: argparse.ArgumentParser) -> None:
+    """``--data`` and ``--frame-step`` of the commands that run a bundle on the user's images
+    (:func:`keepbits.data.images.load_images`: eval, compare, explain)."""
+    p.add_argument("--data", required=True,
+                   help="a labelled data set (.npz, idx, train/test split, class folders), your footage (a folder of "
+                        "images at any nesting, videos; unreadable files are skipped and counted), a video or one image")
+    p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
+
+
 def add_precision_option(p: argparse.ArgumentParser) -> None:
     """``--precision auto|fp32|bf16`` of the trainers whose forward passes may run in bf16."""
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",

@@ -17,11 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=f"the classifier: {CLASSIFIER_SPEC_HELP}; or a model bundle (an .onnx file "
                    "runs in ONNX Runtime here)")
     add_classifier_options(p)
-    p.add_argument("--data", required=True, help="data set path (as for training: .npz, idx folder, split folder, class folders)")
+    p.add_argument("--data", required=True, help="a labelled data set (as for training: .npz, idx folder, split folder, class "
+                   "folders) or your footage (image folders of any nesting, videos: unlabelled, the SIS of the predicted class)")
+    p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
     p.add_argument("--out", required=True, help="output folder (report.html, report.json, orders/ for resuming)")
     p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the audited images")
     add_argument(p, "--num-images", type=int, default=16, deprecated=["--images"],
-                 help="audit a random class-balanced sample of N images of the split (seed --seed; 0: all)")
+                 help="audit a random sample of N images (class-balanced from the split of a labelled set; seed --seed; 0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample")
     p.add_argument("--threshold", type=float, default=0.9, help="τ for the figures")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     existing_path(args.data, "data path")
     from keepbits.audit import load_model
     from keepbits.audit.sis_report import sis_audit
-    from keepbits.data import load_dataset
+    from keepbits.data.images import model_images
     from keepbits.errors import InputError
 
     if not 0 < args.threshold <= 1:
@@ -48,17 +50,14 @@ def run(args: argparse.Namespace) -> int:
     if args.num_images < 0:
         raise InputError(f"--num-images must be >= 0, got {args.num_images}")
     options = classifier_options(args)
-    if args.model.endswith(".onnx") or (Path(args.model).exists() and not args.model.endswith(".pt")):
-        if options["weights"] or options["kwargs"] or options["preprocessing"]:
-            raise InputError("--classifier-weights/--classifier-kwargs and preprocessing options apply to checkpoints, registry names "
-                             "and package.module:factory, not to .onnx files or bundles")
-        model = load_model(args.model)
-    else:
-        model = load_model(args.model, **options)
-    pre = model.preprocessing
-    size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction) if pre is not None else {}
-    ds = load_dataset(args.data, args.split, **size).sample(args.num_images or None, args.seed)
-    data = sis_audit(model, ds.x, ds.y, args.out, args.threshold, args.thresholds, args.method, args.k,
+    bundle = Path(args.model).exists() and not args.model.endswith((".pt", ".onnx"))
+    if bundle and (options["weights"] or options["kwargs"] or options["preprocessing"]):
+        raise InputError(f"{args.model}: a bundle records its own preprocessing; --classifier-weights/--classifier-kwargs and "
+                         "preprocessing options apply to checkpoints, registry names, package.module:factory and .onnx files")
+    model = load_model(args.model, **options)
+    images, labels, _ = model_images(args.data, model.preprocessing, split=args.split, num_images=args.num_images or None,
+                                     seed=args.seed, frame_step=args.frame_step, channels=model.input_shape[0])
+    data = sis_audit(model, images, labels, args.out, args.threshold, args.thresholds, args.method, args.k,
                      args.batch_size, args.show, progress=not args.quiet, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({**data["summary"], "report": os.path.join(args.out, "report.html")}, indent=2))

@@ -33,10 +33,12 @@ def _limit(value: str) -> float | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from keepbits.cli._common import add_user_images_options
+
     parser.add_argument("--model", required=True, action="append", metavar="PATH[@BACKEND]",
                         help="a NICE checkpoint (.pt) or a bundle, with @auto/functions/native/cuda/tensorrt for bundles; "
                              "repeat it: the first is the reference (at least two)")
-    parser.add_argument("--data", required=True, help="an image file, a folder of image files, or a data set")
+    add_user_images_options(parser)
     parser.add_argument("--num-images", type=int, default=64,
                         help="compare on a random sample of N images (seeded by --seed, class-balanced when labelled); 0: all")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--num-images must be >= 0 and --batch-size >= 1")
     pipelines = {spec: _pipeline(spec, args.threads) for spec in args.model}
     reference = pipelines[args.model[0]]
-    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(reference.height, reference.width))
+    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(reference.height, reference.width),
+                         frame_step=args.frame_step)
     tolerances = Tolerances(args.logits_atol, args.mask_atol, args.pixels_atol, args.min_argmax_agree, args.min_mask_agree)
     report = compare_pipelines(reference, {k: v for k, v in pipelines.items() if k != args.model[0]}, images.images, tolerances,
                                args.batch_size)

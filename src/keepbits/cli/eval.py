@@ -3,7 +3,8 @@
 Every image is classified whole, then at each operating point (mask threshold × block size ×
 foreground codec/quality) encoded, decoded and classified again; baselines are the same
 model-size frame as one PNG/JPEG/WebP file per quality. Labelled data: top-1 accuracy;
-unlabelled images (a folder of files): agreement with the full-frame prediction. Writes
+unlabelled images (your footage: image folders, videos), or class folders that are not the
+model's classes: agreement with the full-frame prediction. Writes
 ``rate_accuracy.png``, ``eval.html`` (self-contained) and ``eval.json`` into ``--out`` and prints
 the JSON (protocol: :mod:`keepbits.runtime.evaluate`).
 
@@ -14,20 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from keepbits.errors import InputError
 
+log = logging.getLogger(__name__)
+
 HELP = "rate–accuracy of a bundle on your images through the real payload, vs JPEG/WebP/PNG of the whole frame"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from keepbits.cli._common import add_user_images_options
     from keepbits.cli.run import add_backend_arguments
 
     parser.add_argument("--model", required=True, help="model bundle folder or .zip")
-    parser.add_argument("--data", required=True,
-                        help="labelled data set (.npz, idx, class folders; its test split when present) or a folder of image files")
+    add_user_images_options(parser)
     parser.add_argument("--out", required=True, type=Path, help="folder for rate_accuracy.png, eval.html and eval.json")
     parser.add_argument("--num-images", type=int, default=500,
                         help="evaluate a random sample of N images (seeded by --seed, class-balanced when labelled); 0: all")
@@ -60,8 +64,15 @@ def run(args: argparse.Namespace) -> int:
     if args.num_images < 0 or args.examples < 0 or args.batch_size < 1:
         raise InputError("--num-images and --examples must be >= 0, --batch-size >= 1")
     pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads)
-    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width))
-    labels, matched = (None, None) if images.labels is None else map_labels(images.labels, images.class_names, pipeline.class_names)
+    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width),
+                         frame_step=args.frame_step)
+    labels, matched = None, None
+    if images.labels is not None:
+        try:
+            labels, matched = map_labels(images.labels, images.class_names, pipeline.class_names)
+        except InputError as exc:  # e.g. camera folders (day1/cam0, day1/cam1) read as class folders
+            matched = f"not used: {exc}"
+            log.warning("%s: its folders are not the model's classes (%s); scoring agreement with the full frame instead", args.data, exc)
     result = rate_accuracy(pipeline, images.images, labels, thresholds=args.thresholds, block_sizes=args.block_sizes,
                            codecs=args.codecs, qualities=args.qualities, modes=args.modes, baselines=args.baselines,
                            baseline_qualities=args.baseline_qualities, batch_size=args.batch_size)
@@ -72,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
                  examples=examples, tolerance=args.tolerance)
     if not args.quiet:
         full = result["full_frame"]
-        print(f"keepbits: {len(images)} images, full-frame accuracy {full['accuracy']}; wrote {args.out / 'eval.html'}", file=sys.stderr)
+        score = f"full-frame accuracy {full['accuracy']}" if labels is not None else "unlabelled: payloads scored by agreement with the full frame"
+        print(f"keepbits: {len(images)} images ({images.source}), {score}; wrote {args.out / 'eval.html'}", file=sys.stderr)
     print(json.dumps(jsonable(written), indent=2))
     return 0

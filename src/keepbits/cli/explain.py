@@ -17,10 +17,11 @@ HELP = "explain single images with a bundle: mask overlay, ẑ, decoded x̃, lab
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from keepbits.cli._common import add_user_images_options
     from keepbits.cli.run import add_codec_arguments
 
     parser.add_argument("--model", required=True, help="model bundle folder or .zip")
-    parser.add_argument("--data", required=True, help="an image file, a folder of image files, or a labelled data set")
+    add_user_images_options(parser)
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs and explain.json")
     parser.add_argument("--num-images", type=int, default=16,
                         help="explain a random sample of N images (seeded by --seed, class-balanced when labelled); 0: all")
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--num-images must be >= 0 and --min-side >= 1")
     pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads,
                                     **codec_options(args))
-    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width))
+    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width),
+                         frame_step=args.frame_step)
     report = explain_images(pipeline, images.images, images.names, args.out, args.min_side, images.source)
     if not args.quiet:
         for r in report["images"]:

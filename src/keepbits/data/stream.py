@@ -225,6 +225,13 @@ class Footage:
         self.units = discover(paths, class_folders=class_folders, max_pixels=max_pixels, npz_chunk=npz_chunk)
         self.counts = Counts()
 
+    def files(self) -> dict[str, int]:
+        """How many picture, video and ``.npz`` files the footage holds (found, not yet read)."""
+        kinds = {"image": set(), "video": set(), "npz": set()}
+        for unit in self.units:
+            kinds[unit.kind].add(unit.path)
+        return {"images": len(kinds["image"]), "videos": len(kinds["video"]), "npz": len(kinds["npz"])}
+
     @property
     def labelled(self) -> bool:
         """Whether every unit carries labels."""

@@ -101,28 +101,19 @@ def trace_to_onnx(
     if opset < MIN_OPSET:
         raise InputError(f"opset must be >= {MIN_OPSET}, got {opset}")
     input_dtype = "uint8" if example.dtype == torch.uint8 else "float32"
-    chatty = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
-    levels = [logger.level for logger in chatty]
-    for logger in chatty:  # their INFO lines (one per optimisation pass) drown the CLI output
-        logger.setLevel(logging.WARNING)
+    chatty = {"onnxscript": logging.WARNING, "onnx_ir": logging.WARNING, "torch.onnx._internal.exporter._registration": logging.ERROR}
+    loggers = [logging.getLogger(name) for name in chatty]
+    levels = [logger.level for logger in loggers]
+    for logger, level in zip(loggers, chatty.values()):  # one INFO line per optimisation pass; "torchvision is not installed"
+        logger.setLevel(level)
     try:
-        if dynamo:
-            model = torch.onnx.export(
-                graph, (example,), dynamo=True, input_names=["image"], output_names=list(output_names),
-                opset_version=opset, dynamic_shapes=_dynamic_shapes(input_dtype), external_data=False, verbose=False,
-            ).model_proto
-        else:
-            buffer = io.BytesIO()
-            with warnings.catch_warnings():  # shape-dependent Python values become constants: H×W is fixed on purpose
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(graph, (example,), buffer, dynamo=False, input_names=["image"], output_names=list(output_names),
-                                  dynamic_axes={name: {0: "batch"} for name in ["image", *output_names]}, opset_version=opset)
-            model = onnx.load_from_string(buffer.getvalue())
+        with warnings.catch_warnings():  # torch's own deprecation notices about its internals, nothing the user can act on
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
+            model = _export(graph, example, opset, output_names, input_dtype, dynamo)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; report the first line
         raise InputError(f"ONNX export failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
     finally:
-        for logger, level in zip(chatty, levels):
+        for logger, level in zip(loggers, levels):
             logger.setLevel(level)
     if function_bodies:
         ops.attach_function_bodies(model)
@@ -130,6 +121,23 @@ def trace_to_onnx(
         ops._set_opset(model, ops.DOMAIN, ops.DOMAIN_VERSION)
     model.producer_name, model.producer_version = "keepbits", __version__
     return model
+
+
+def _export(graph: nn.Module, example: torch.Tensor, opset: int, output_names: tuple[str, ...] | list[str], input_dtype: str,
+            dynamo: bool) -> onnx.ModelProto:
+    """The traced ONNX model (see :func:`trace_to_onnx`), before keepbits' own additions."""
+    if dynamo:
+        return torch.onnx.export(
+            graph, (example,), dynamo=True, input_names=["image"], output_names=list(output_names),
+            opset_version=opset, dynamic_shapes=_dynamic_shapes(input_dtype), external_data=False, verbose=False,
+        ).model_proto
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # shape-dependent Python values become constants: H×W is fixed on purpose
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(graph, (example,), buffer, dynamo=False, input_names=["image"], output_names=list(output_names),
+                          dynamic_axes={name: {0: "batch"} for name in ["image", *output_names]}, opset_version=opset)
+    return onnx.load_from_string(buffer.getvalue())
 
 
 def check_model(model: onnx.ModelProto) -> None:

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -100,6 +101,15 @@ def look(pipeline: Pipeline, image: Any, name: str = "image", top: int = 3) -> L
     )
 
 
+def _file_stem(name: str) -> str:
+    """A flat file stem for an image's name: its folders and frame or index kept, its picture
+    suffix dropped (``day1/cam0/a.png`` → ``day1_cam0_a``, ``clip.mp4#frame10`` → ``clip.mp4_frame10``)."""
+    path = Path(name)
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        path = path.with_suffix("")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", path.as_posix()).strip("_.") or "image"
+
+
 def explain_images(pipeline: Pipeline, images: Sequence[np.ndarray], names: Sequence[str], out: str | Path,
                    min_side: int = 224, data: str = "") -> dict[str, Any]:
     """:func:`look` at every image, its PNGs written into ``out`` and ``out/explain.json`` (the
@@ -109,7 +119,7 @@ def explain_images(pipeline: Pipeline, images: Sequence[np.ndarray], names: Sequ
     out.mkdir(parents=True, exist_ok=True)
     records, used = [], set()
     for image, name in zip(images, names):
-        stem = Path(name).stem
+        stem = _file_stem(name)
         stem = next(s for s in (stem, *(f"{stem}-{k}" for k in range(1, len(names) + 1))) if s not in used)  # a.png, a.jpg
         used.add(stem)
         seen = look(pipeline, image, stem)

@@ -739,7 +739,9 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
         final = evaluate_on(final_data)  # the one test evaluation, after training
         metrics = {"history": history, "final": final, "final_split": split, "lambda_l0_final": lambda_l0}
         if isinstance(train, _FootageData):
-            metrics["footage"] = train.footage.counts.as_dict()
+            # files found; pictures, frames and skipped files read over the run's passes (every epoch,
+            # and the final evaluation when it is on the training footage)
+            metrics["footage"] = {"files": train.footage.files(), "read": train.footage.counts.as_dict()}
         save_checkpoint(path, snapshot(metrics, max(last_epoch, 0), with_optimizer=False))
         summary = {**metrics, "checkpoint": str(path), "wall_time_s": round(time.time() - started, 1), "world_size": dist.world,
                    "device": dist.device, "precision": precision}
