@@ -125,6 +125,19 @@ def test_folder_converts_16_bit_and_skips_oversized_images(tmp_path):
     assert len(list(default)) == 6 and default.stats()["skipped"] == 1
 
 
+def test_folder_source_reads_recorded_footage_at_any_depth_in_path_order(tmp_path):
+    """A camera's recordings (day/camera folders) stream like a flat folder: every image file below
+    the folder, sorted by path; a folder with no image anywhere below it is one clear error."""
+    for day, cam, value in (("day2", "cam0", 30), ("day1", "cam1", 20), ("day1", "cam0", 10)):
+        (tmp_path / "rec" / day / cam).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "rec" / day / cam / "f.png"), np.full((6, 8, 3), value, np.uint8))
+    (tmp_path / "rec" / "notes.txt").write_text("not an image")
+    assert [int(f.image[0, 0, 0]) for f in open_source(tmp_path / "rec")] == [10, 20, 30]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(InputError, match="no images .* in it or its subfolders"):
+        open_source(tmp_path / "empty")
+
+
 def test_iterator_frames_that_are_no_images_are_skipped():
     frames = [np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32), np.zeros((4, 4, 3), np.uint8)]
     src = open_source(frames)

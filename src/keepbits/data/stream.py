@@ -40,7 +40,7 @@ import numpy as np
 
 from keepbits.errors import InputError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")
 #: Largest picture or video frame decoded (pixels), checked from the header before decoding.
 MAX_PIXELS = 40_000_000

@@ -44,12 +44,12 @@ from typing import Any, Callable, Iterable, Iterator
 import cv2
 import numpy as np
 
+from keepbits.data.stream import IMAGE_SUFFIXES
 from keepbits.errors import InputError
 from keepbits.runtime.queues import BoundedQueue, QueueClosed
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
 #: FFmpeg's RTSP transports: TCP (interleaved on the RTSP connection: passes NAT and firewalls,
 #: no packet loss) or UDP (lower latency; lost packets show as broken frames).
@@ -371,9 +371,10 @@ def _read_image(file: Path, max_pixels: int) -> np.ndarray | Skipped:
 
 
 def _folder(path: Path, max_pixels: int) -> Callable[[], Iterator[np.ndarray | Skipped]]:
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files under ``path`` at any depth (``day1/cam0/…``), in sorted path order."""
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or its subfolders")
 
     def frames() -> Iterator[np.ndarray | Skipped]:
         for file in files:
