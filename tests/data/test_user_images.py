@@ -69,7 +69,7 @@ def test_footage_of_any_nesting_and_videos_is_unlabelled_and_keeps_every_kth_fra
     images = load_images(tmp_path, frame_step=3)
     assert not images.labelled and images.counts == {"images": 3, "frames": 4, "skipped": 0}
     assert images.names == ["day1/cam0/a.png", "day1/cam1/a.png", "day2/cam0/a.png"] + [f"day2/clip.avi#frame{k}" for k in (0, 3, 6, 9)]
-    assert {im.shape for im in images.images} == {(20, 30, 3), (24, 32, 3)} and "every 3th video frame" in images.source
+    assert {im.shape for im in images.images} == {(20, 30, 3), (24, 32, 3)} and "one video frame in 3" in images.source
     one_video = load_images(tmp_path / "day2" / "clip.avi")
     assert len(one_video) == 10 and one_video.names[0] == "clip.avi#frame0"
     # class folders stay a labelled set: every entry a folder holding images directly

@@ -8,6 +8,7 @@ Two exports per run (module fixtures, tiny random-init networks):
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -229,6 +230,7 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
     # every class in each split (a split's class count is its largest label + 1; a random draw could miss class 3)
     np.savez(data, x_train=rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8), y_train=rng.permutation(np.arange(48) % 4),
              x_test=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), y_test=rng.permutation(np.arange(24) % 4))
+    root_level = logging.getLogger().level
     assert main(["export", "int8", "--model", str(bundle_a[1].source), "--data", str(data), "--out", str(tmp_path / "int8"),
                  "--num-images", "32"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -240,6 +242,7 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
     assert q["calibration_images"] == 32 and q["source_bundle_digest"] == bundle_a[1].digest
     assert report["images"] == 24 and 0.0 <= report["mask_agreement"] <= 1.0 and "accuracy_candidate" in report
     assert q["evaluation_vs_fp32"] == report
+    assert logging.getLogger().level == root_level  # ONNX Runtime's advice silenced for the call only, not every warning after
     # activations default to uint8 (x86 ORT's fused QLinearConv path); int8 on request; anything else refused
     inits = {t.name: t.data_type for t in model.graph.initializer}
     activation_types = {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}  # weights have no Q node
@@ -247,6 +250,36 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
     assert main(["export", "int8", "--model", str(bundle_a[1].source), "--data", str(data), "--out", str(tmp_path / "bad"),
                  "--num-images", "8", "--activations", "int4"]) == 2
     assert "activations must be one of" in capsys.readouterr().err
+
+
+def test_int8_calibrates_on_unlabelled_footage_with_disjoint_comparison_frames(bundle_a, tmp_path, capsys):
+    """An edge user's own camera footage (nested folders, a video, a corrupt file) calibrates INT8: one
+    seeded draw split into calibration and comparison frames that never overlap; agreement, no accuracy."""
+    import cv2
+
+    from keepbits.export.quantize import _footage_split
+
+    rng = np.random.default_rng(SEED)
+    footage = tmp_path / "footage"
+    (footage / "day1" / "cam0").mkdir(parents=True)
+    for i in range(10):
+        cv2.imwrite(str(footage / "day1" / "cam0" / f"{i}.png"), rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    (footage / "day1" / "bad.jpg").write_bytes(b"\xff\xd8 cut")
+    writer = cv2.VideoWriter(str(footage / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (48, 36))
+    for i in range(12):
+        writer.write(np.full((36, 48, 3), 20 * i, np.uint8))
+    writer.release()
+    assert main(["-q", "export", "int8", "--model", str(bundle_a[1].source), "--data", str(footage), "--frame-step", "2",
+                 "--out", str(tmp_path / "int8"), "--num-images", "8", "--num-test-images", "6"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    q = load_bundle(report["bundle"]).manifest.provenance["quantization"]
+    assert q["calibration_images"] == 8 and report["images"] == 6 and "accuracy_candidate" not in report
+    assert "footage: 10 images, 6 frames read, one video frame in 2, 1 unreadable files skipped" in q["calibration_data"]
+    calib, comparison, _ = _footage_split(footage, bundle_a[1].manifest, 8, 6, 2)
+    rows = {row.tobytes() for row in calib}
+    assert len(calib) == 8 and len(comparison) == 6 and not rows & {row.tobytes() for row in comparison}
+    calib, comparison, _ = _footage_split(footage, bundle_a[1].manifest, 100, 100, 2)  # fewer than asked: half compare
+    assert (len(calib), len(comparison)) == (8, 8)
 
 
 def test_compare_checkpoint_bundle_backends_and_int8(bundle_a, tmp_path, capsys):

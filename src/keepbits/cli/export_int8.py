@@ -19,7 +19,9 @@ HELP = ("quantise a bundle to INT8 (ONNX Runtime static QDQ, calibrated on train
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="float bundle folder or .zip from `keepbits export onnx` (target onnxruntime)")
     p.add_argument("--data", required=True, help="data set with a train split (calibration) and ideally a test split (comparison; "
-                   "else the train split)")
+                   "else the train split), or your unlabelled footage (image folders of any nesting, videos): calibration and "
+                   "comparison then are disjoint parts of one seeded draw, compared by agreement")
+    p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
     p.add_argument("--out", required=True, help="INT8 bundle folder, or a .zip file for a one-file bundle")
     p.add_argument("--num-images", type=int, default=256,
                    help="calibration images: a random class-balanced sample of the train split (seed 0)")
@@ -40,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
 
     bundle, report = quantize_bundle(args.model, args.out, args.data, calibration_images=args.num_images,
                                      eval_images=args.num_test_images, per_channel=not args.per_tensor, overwrite=args.force,
-                                     activations=args.activations)
+                                     activations=args.activations, frame_step=args.frame_step)
     print(json.dumps({"bundle": str(bundle.source), "digest": bundle.digest, **report}, indent=2))
     return 0

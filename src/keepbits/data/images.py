@@ -125,7 +125,7 @@ def load_footage(path: str | Path, *, num_images: int | None = None, seed: int =
     read = ", ".join(f"{counts[k]} {k}" for k in ("images", "frames") if counts[k])
     skipped = f", {counts['skipped']} unreadable files skipped" if counts["skipped"] else ""
     sample = "" if num_images is None else f" [sample {num_images}, seed {seed}]"
-    step = f", every {frame_step}th video frame" if frame_step > 1 and counts["frames"] else ""
+    step = f", one video frame in {frame_step}" if frame_step > 1 and counts["frames"] else ""
     return ImageSet([s.image for s in samples], [_name(s, path) for s in samples], None, [],
                     f"{path} (footage: {read} read{step}{skipped}){sample}", counts)
 

@@ -19,12 +19,13 @@ import dataclasses
 import logging
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from keepbits.bundle import Bundle, load_bundle, write_bundle
 from keepbits.data import ImageDataset, has_split, load_dataset
+from keepbits.data.images import is_labelled_set
 from keepbits.errors import InputError
 from keepbits.native import make_session
 from keepbits.runtime.parity import Parity
@@ -83,12 +84,35 @@ def compare(reference: Bundle, candidate: Bundle, images: np.ndarray, labels: np
     return report
 
 
+def _footage_split(data: str | Path, manifest: Any, calibration_images: int, eval_images: int,
+                   frame_step: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Calibration and comparison images from unlabelled footage: one seeded draw of both
+    (:func:`keepbits.data.images.model_images`, fitted by the bundle's preprocessing), shuffled
+    (seed 0) and cut in two disjoint parts; where the footage holds fewer images than both ask
+    for, at most half of them compare."""
+    from keepbits.data import Preprocessing
+    from keepbits.data.images import model_images
+
+    c, h, w = manifest.input_shape
+    pre = Preprocessing((h, w), tuple(manifest.mean), tuple(manifest.std), manifest.resize_policy, manifest.crop_fraction)
+    x, _, source = model_images(data, pre, num_images=calibration_images + eval_images, seed=0, frame_step=frame_step, channels=c)
+    if len(x) < 2:
+        raise InputError(f"{data}: {len(x)} readable image(s); calibration and comparison need at least one each")
+    order = np.random.default_rng(0).permutation(len(x))
+    n_eval = eval_images if len(x) >= calibration_images + eval_images else min(eval_images, len(x) // 2)
+    n_cal = min(calibration_images, len(x) - n_eval)
+    return x[order[:n_cal]], x[order[n_cal:n_cal + n_eval]], source
+
+
 def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, calibration_images: int = 256,
                     eval_images: int = 1000, per_channel: bool = True, overwrite: bool = False,
-                    activations: str = "uint8") -> tuple[Bundle, dict]:
+                    activations: str = "uint8", frame_step: int = 1) -> tuple[Bundle, dict]:
     """Quantise ``bundle_path`` to INT8 (calibration: ``calibration_images`` of the ``data`` train
     split) and compare on ``eval_images`` of the test split (the train split when there is none);
     both are seeded class-balanced samples (:func:`keepbits.data.sample_indices`, seed 0).
+    ``data`` may be unlabelled footage instead (image folders of any nesting, videos: every
+    ``frame_step``-th frame): calibration and comparison are then disjoint parts of one seeded
+    draw, compared by argmax and mask agreement only (no accuracy without labels).
     ``activations`` is one of :data:`ACTIVATION_TYPES`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -99,27 +123,36 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
     m = source.manifest
     if not m.function_bodies:
         raise InputError(f"{bundle_path}: a {m.target} bundle without function bodies cannot be calibrated in ONNX Runtime")
-    fit = dict(size=(m.input_shape[1], m.input_shape[2]), policy=m.resize_policy, crop_fraction=m.crop_fraction)  # class folders
-    train = load_dataset(data, "train", **fit)
-    test: ImageDataset = load_dataset(data, "test", **fit) if has_split(data, "test") else train
-    calib = train.sample(calibration_images, seed=0).x
-    evaluation = test.sample(eval_images, seed=0)
-    logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization warns about pre-processing on root
+    if is_labelled_set(Path(data), "train"):
+        fit = dict(size=(m.input_shape[1], m.input_shape[2]), policy=m.resize_policy, crop_fraction=m.crop_fraction)  # class folders
+        train = load_dataset(data, "train", **fit)
+        test: ImageDataset = load_dataset(data, "test", **fit) if has_split(data, "test") else train
+        calib = train.sample(calibration_images, seed=0).x
+        evaluation = test.sample(eval_images, seed=0)
+        eval_x, eval_y, described = evaluation.x, evaluation.y if evaluation.num_classes == len(m.class_names) else None, str(data)
+    else:
+        calib, eval_x, described = _footage_split(data, m, calibration_images, eval_images, frame_step)
+        eval_y = None
     with tempfile.TemporaryDirectory() as tmp:
         quantized = Path(tmp) / "model.onnx"
-        quantize_static(str(source.model_path), str(quantized), _Reader(m.input_name, bundle_inputs(m, calib), 16),
-                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8,
-                        per_channel=per_channel, op_types_to_quantize=QUANTIZED_OPS)
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.ERROR)  # onnxruntime.quantization advises pre-processing through the root logger
+        try:
+            quantize_static(str(source.model_path), str(quantized), _Reader(m.input_name, bundle_inputs(m, calib), 16),
+                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+                            weight_type=QuantType.QInt8,
+                            per_channel=per_channel, op_types_to_quantize=QUANTIZED_OPS)
+        finally:  # for this call only: the caller's warnings (keepbits' own included) stay on
+            root.setLevel(level)
         provenance = dict(m.provenance)
         provenance["quantization"] = {
             "method": f"onnxruntime.quantization.quantize_static, QDQ, {activations} activations, int8 weights",
             "per_channel": per_channel, "op_types": QUANTIZED_OPS, "calibration_images": len(calib),
-            "calibration_data": str(data), "source_bundle_digest": source.digest,
+            "calibration_data": described, "source_bundle_digest": source.digest,
         }
         manifest = dataclasses.replace(m, provenance=provenance, files={})
         staged = write_bundle(Path(tmp) / "staged", manifest, {m.model_file: quantized})
-        report = compare(source, load_bundle(staged), evaluation.x, evaluation.y if evaluation.num_classes == len(m.class_names) else None)
+        report = compare(source, load_bundle(staged), eval_x, eval_y)
         provenance["quantization"]["evaluation_vs_fp32"] = report
         bundle = load_bundle(write_bundle(out, dataclasses.replace(manifest, provenance=provenance), {m.model_file: quantized},
                                           overwrite=overwrite))
