@@ -66,3 +66,34 @@ def test_audit_cid_command_writes_the_report(tmp_path):
     assert "<svg" in (tmp_path / "out" / "report.html").read_text()
     assert main(["audit", "cid", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--layers", "nope",
                  "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_audit_cid_of_a_registry_classifier_with_its_weights_on_unlabelled_footage(tmp_path, capsys):
+    """A reviewer's own classifier (a registry name + a state dict, its preprocessing from the options)
+    audited on footage: nested folders and a video, fitted to the model's input; RU needs a data set."""
+    import cv2
+
+    torch.manual_seed(1)
+    weights = tmp_path / "lenet.pth"
+    torch.save(registry.build("lenet5").state_dict(), weights)
+    footage = tmp_path / "footage"
+    (footage / "day1" / "cam0").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        cv2.imwrite(str(footage / "day1" / "cam0" / f"{i}.png"), rng.integers(0, 256, (40, 56), dtype=np.uint8))
+    writer = cv2.VideoWriter(str(footage / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (48, 36))
+    for i in range(4):
+        writer.write(np.full((36, 48, 3), 40 * i, np.uint8))
+    writer.release()
+    spec = ["--model", "lenet5", "--classifier-weights", str(weights), "--image-size", "28", "28", "--mean", "0.13", "--std", "0.31",
+            "--resize-policy", "resize"]
+    args = ["-q", "audit", "cid", *spec, "--data", str(footage), "--layers", "features.1", "--num-images", "3", "--max-steps", "20",
+            "--min-steps", "5", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert list(printed["summary"]) == ["lenet5"] and printed["summary"]["lenet5"]["layer"] == ["features.1"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "footage: 3 images, 4 frames read" in report["meta"]["images"]
+    assert main([*args[:-1], str(tmp_path / "o2"), "--ru"]) == 2
+    assert "footage has no split to train RU decoders" in capsys.readouterr().err
+    assert main([*args[:-1], str(tmp_path / "o3"), "--model", "lenet5", "lenet5"]) == 2  # one set of weights, two models

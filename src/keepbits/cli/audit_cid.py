@@ -6,16 +6,23 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
-from keepbits.cli._common import add_argument, add_device_option, command_line, existing_path
+from keepbits.cli._common import (
+    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, classifier_options, command_line, existing_path,
+)
 from keepbits.errors import InputError
 
 HELP = "CID audit: per-layer information discarding (CID), reconstruction uncertainty (RU) and concentration; HTML+JSON report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, nargs="+", help="classifier checkpoint(s) (.pt); several give one curve each")
-    p.add_argument("--data", required=True, help=".npz file, idx folder, split folder or class-folder tree")
+    p.add_argument("--model", required=True, nargs="+", metavar="SPEC",
+                   help=f"the classifier(s), each {CLASSIFIER_SPEC_HELP}; several give one curve each")
+    add_classifier_options(p)
+    p.add_argument("--data", required=True, help="a labelled data set (.npz file, idx folder, split folder or class-folder tree) or "
+                   "your footage (image folders of any nesting, videos; the audited images only: --ru and --boxes need a data set)")
+    p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
     p.add_argument("--layers", nargs="+", default=["auto"], help="module names (see the error message for the list); 'auto': block-level layers")
     p.add_argument("--out", required=True, help="output folder for report.html / report.json")
     p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the audited images")
@@ -43,48 +50,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     existing_path(args.data, "data path")
-    for model in args.model:
-        existing_path(model, "model checkpoint")
     if args.num_images < 1:
         raise InputError(f"--num-images must be positive, got {args.num_images}")
-    import numpy as np
+    options = classifier_options(args)
+    if len(args.model) > 1 and (options["weights"] or options["kwargs"]):
+        raise InputError("--classifier-weights/--classifier-kwargs name one classifier's weights; give one --model with them")
     import torch
 
     from keepbits.audit.cid import CIDConfig, load_boxes
     from keepbits.audit.cid_report import cid_report, layerwise_cid
     from keepbits.audit.cid_ru import DecoderConfig
-    from keepbits.data import has_split, load_dataset, sample_indices
+    from keepbits.data import load_dataset, sample_indices
+    from keepbits.data.images import is_labelled_set, model_images
+    from keepbits.training.byo import resolve_classifier
     from keepbits.training.distributed import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_dataset(args.data, split=args.split)
-    audited = sample_indices(data.y, args.num_images, args.seed)
-    images = data.x[audited]
-    ru_images = None
-    if args.ru:
-        if has_split(args.data, "train") and args.split != "train":
-            ru_images = load_dataset(args.data, split="train").sample(args.num_decoder_images, args.seed).x
-        else:  # the same split: the images not audited
-            rest = np.setdiff1d(np.arange(len(data)), audited)
-            ru_images = data.x[rest[sample_indices(data.y[rest], args.num_decoder_images, args.seed)]]
-        if len(ru_images) < 20:
-            raise InputError(f"{args.data}: only {len(ru_images)} images left to train the RU decoders (need ≥ 20)")
+    labelled = is_labelled_set(Path(args.data), args.split)
+    if not labelled and (args.ru or args.boxes):
+        raise InputError(f"{args.data}: footage has no split to train RU decoders on and no image indices for --boxes; "
+                         "give a data set for --ru/--boxes")
+    classifiers = [resolve_classifier(spec, **options) for spec in args.model]
     boxes = load_boxes(args.boxes) if args.boxes else {}
     config = CIDConfig(beta=args.beta, block=args.block, max_steps=args.max_steps, min_steps=args.min_steps,
                        samples=args.samples, seed=args.seed, device=resolve_device(args.device))
     decoder = DecoderConfig(blocks=args.decoder_blocks, width=args.decoder_width, epochs=args.decoder_epochs, seed=args.seed)
-    layers = None if args.layers == ["auto"] else args.layers
-    runs = []
-    for model in args.model:
-        path = Path(model)
-        runs.append(layerwise_cid(
-            str(path), images, layers, config, name=f"{path.parent.name}/{path.stem}", ru_images=ru_images, decoder=decoder,
-            foreground={j: boxes[int(i)] for j, i in enumerate(audited) if int(i) in boxes},
-            cache_dir=None if args.cache == "none" else args.cache, batch_size=args.batch_size,
-        ))
-    paths = cid_report(runs, args.out, meta={
-        "data": args.data, "split": args.split, "images": f"{len(audited)} (class-balanced sample, seed {args.seed})",
-        "command": command_line()})
+    runs, described = [], ""
+    for spec, clf in zip(args.model, classifiers):  # each classifier sees the images through its own preprocessing
+        pre = clf.preprocessing
+        ru_images, foreground = None, {}
+        if labelled:
+            fit = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction)  # class folders
+            data = load_dataset(args.data, split=args.split, **fit)
+            audited = sample_indices(data.y, args.num_images, args.seed)
+            images = data.x[audited]
+            ru_images = _decoder_images(args, data, audited, fit) if args.ru else None
+            foreground = {j: boxes[int(i)] for j, i in enumerate(audited) if int(i) in boxes}
+            described = f"{len(audited)} (class-balanced sample, seed {args.seed})"
+        else:
+            images, _, described = model_images(args.data, pre, num_images=args.num_images, seed=args.seed, frame_step=args.frame_step)
+        runs.append(layerwise_cid(clf, images, None if args.layers == ["auto"] else args.layers, config, name=_run_name(spec),
+                                  ru_images=ru_images, decoder=decoder, foreground=foreground,
+                                  cache_dir=None if args.cache == "none" else args.cache, batch_size=args.batch_size))
+    paths = cid_report(runs, args.out, meta={"data": args.data, "split": args.split, "images": described, "command": command_line()})
     print(json.dumps({"report": [str(p) for p in paths], "summary": {r["name"]: r["summary"] for r in runs}}, indent=2))
     return 0
+
+
+def _decoder_images(args: argparse.Namespace, data: Any, audited: Any, fit: dict[str, Any]) -> Any:
+    """The RU decoders' training images: a seeded class-balanced sample of the train split, or of the
+    audited split without the audited images (``--split train``, or no train split)."""
+    import numpy as np
+
+    from keepbits.data import has_split, load_dataset, sample_indices
+
+    if has_split(args.data, "train") and args.split != "train":
+        images = load_dataset(args.data, split="train", **fit).sample(args.num_decoder_images, args.seed).x
+    else:
+        rest = np.setdiff1d(np.arange(len(data)), audited)
+        images = data.x[rest[sample_indices(data.y[rest], args.num_decoder_images, args.seed)]]
+    if len(images) < 20:
+        raise InputError(f"{args.data}: only {len(images)} images left to train the RU decoders (need ≥ 20)")
+    return images
+
+
+def _run_name(spec: str) -> str:
+    """A curve's name: ``folder/stem`` of a checkpoint or ONNX file, else the SPEC itself."""
+    path = Path(spec)
+    return f"{path.parent.name}/{path.stem}" if path.is_file() else spec
