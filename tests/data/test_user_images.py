@@ -24,6 +24,11 @@ def test_class_folders_are_fitted_to_the_model_size(tmp_path):
             cv2.imwrite(str(tmp_path / name / f"{i}.png"), np.full((30 + i, 50, 3), 100, np.uint8))
     images = load_images(tmp_path, size=(16, 16))
     assert images.labels.tolist() == [0, 0, 1, 1] and {im.shape for im in images.images} == {(16, 16, 3)}
+    from keepbits.data import Preprocessing
+    from keepbits.data.images import model_images
+
+    grey, labels, _ = model_images(tmp_path, Preprocessing((16, 16), (0.5,), (0.5,), "resize"))  # a grey model: grey images
+    assert grey.shape == (4, 16, 16, 1) and labels.tolist() == [0, 0, 1, 1] and int(grey[0, 0, 0, 0]) == 100
 
 
 def test_files_keep_their_sizes_and_are_sampled_before_reading(tmp_path):

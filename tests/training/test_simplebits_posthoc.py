@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from keepbits import registry
@@ -95,6 +97,15 @@ def test_audit_simplify_cli_writes_report(tmp_path):
     data = json.loads((out / "report.json").read_text())
     assert len(data["data"]["per_image"]) == 1
     assert main(["-q", "audit", "simplify", "--model", str(tmp_path / "nope.pt"), "--data", str(sample_mnist_path()), "--out", str(out)]) == 2
+    # a registry classifier with its weights, on unlabelled footage (nested folder, any size: fitted to 28×28)
+    torch.save(clf.state_dict(), tmp_path / "w.pth")
+    (tmp_path / "footage" / "cam0" / "day1").mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 36), dtype=np.uint8)).save(tmp_path / "footage" / "cam0" / "day1" / "a.png")
+    assert main(["-q", "audit", "simplify", "--model", "lenet5", "--classifier-weights", str(tmp_path / "w.pth"), "--classifier-kwargs",
+                 json.dumps(kwargs), "--image-size", "28", "28", "--mean", "0.13", "--std", "0.31", "--resize-policy", "resize",
+                 "--data", str(tmp_path / "footage"),
+                 "--out", str(tmp_path / "r2"), "--density", str(tmp_path / "d.pt"), "--num-images", "1", "--steps", "2"]) == 0
+    assert "footage: 1 images read" in json.loads((tmp_path / "r2" / "report.json").read_text())["meta"]["images"]
 
 
 def test_onnx_models_are_refused():

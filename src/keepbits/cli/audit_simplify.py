@@ -5,15 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 
-from keepbits.cli._common import add_argument, add_device_option, command_line, existing_path
+from keepbits.cli._common import (
+    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, classifier_options, command_line, existing_path,
+)
 from keepbits.errors import InputError
 
 HELP = "SimpleBits post-hoc simplification audit: lowest-bpd image the classifier treats like the original; HTML+JSON report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="classifier checkpoint (.pt)")
-    add_argument(p, "--data", required=True, deprecated=["--images"], help=".npz file, idx folder, split folder or class-folder tree")
+    p.add_argument("--model", required=True, help=f"the classifier: {CLASSIFIER_SPEC_HELP}")
+    add_classifier_options(p)
+    add_argument(p, "--data", required=True, deprecated=["--images"],
+                 help="a labelled data set (.npz file, idx folder, split folder or class-folder tree) or your footage (image folders "
+                      "of any nesting, videos)")
+    p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
     p.add_argument("--out", required=True, help="output folder for report.html / report.json")
     p.add_argument("--density", default=None, help="density checkpoint (default: the shipped CIFAR-10 Glow)")
     p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the simplified images")
@@ -28,7 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    existing_path(args.model, "model checkpoint")
     existing_path(args.data, "data path")
     if args.density is not None:
         existing_path(args.density, "density checkpoint")
@@ -37,14 +42,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from keepbits.audit.simplify import audit_simplify
-    from keepbits.data import load_dataset
+    from keepbits.data.images import model_images
+    from keepbits.training.byo import resolve_classifier
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    images = load_dataset(args.data, split=args.split).sample(args.num_images, args.seed).x
-    meta = {"data": args.data, "split": args.split, "images": f"{len(images)} (class-balanced sample, seed {args.seed})",
-            "command": command_line()}
-    paths = audit_simplify(args.model, images, args.out, density=args.density, meta=meta, steps=args.steps, lambda_sim=args.lambda_sim,
+    classifier = resolve_classifier(args.model, **classifier_options(args))
+    images, labels, described = model_images(args.data, classifier.preprocessing, split=args.split, num_images=args.num_images,
+                                             seed=args.seed, frame_step=args.frame_step)
+    sample = f"{len(images)} (class-balanced sample, seed {args.seed})" if labels is not None else described
+    meta = {"model": args.model, "data": args.data, "split": args.split, "images": sample, "command": command_line()}
+    paths = audit_simplify(classifier, images, args.out, density=args.density, meta=meta, steps=args.steps, lambda_sim=args.lambda_sim,
                            lr=args.lr, kl_tolerance=args.kl_tolerance, seed=args.seed, device=args.device)
     print(json.dumps({"report": [str(p) for p in paths]}, indent=2))
     return 0

@@ -173,14 +173,21 @@ def model_images(path: str | Path, preprocessing: Any, *, split: str = "test", n
         raise InputError(f"data path not found: {path}")
     fit = {} if preprocessing is None else dict(size=tuple(preprocessing.input_size), policy=preprocessing.resize_policy,
                                                  crop_fraction=preprocessing.crop_fraction)
+    want = channels or (len(preprocessing.mean) if preprocessing is not None else None)
     if is_labelled_set(path, split):
         dataset = load_dataset(path, split, **fit).sample(num_images, seed)
-        return dataset.x, dataset.y, dataset.source
+        x = dataset.x
+        if want is not None and x.shape[-1] != want:  # class folders are read as RGB: a grey model takes them grey (and back)
+            converted = np.empty((*x.shape[:3], want), np.uint8)
+            for image, out in zip(x, converted):
+                fit_into(image, out, "resize")  # same size: only the channel conversion
+            x = converted
+        return x, dataset.y, dataset.source
     if preprocessing is None:
         raise InputError(f"{path}: footage needs the model's input size and resize policy, which this model does not record")
     footage = load_footage(path, num_images=num_images, seed=seed, frame_step=frame_step)
     h, w = preprocessing.input_size
-    x = np.empty((len(footage), h, w, channels or len(preprocessing.mean)), np.uint8)
+    x = np.empty((len(footage), h, w, want), np.uint8)
     for image, out in zip(footage.images, x):
         fit_into(image, out, preprocessing.resize_policy, preprocessing.crop_fraction)
     return x, None, footage.source
