@@ -27,8 +27,9 @@ def test_class_folders_are_fitted_to_the_model_size(tmp_path):
     from keepbits.data import Preprocessing
     from keepbits.data.images import model_images
 
-    grey, labels, _ = model_images(tmp_path, Preprocessing((16, 16), (0.5,), (0.5,), "resize"))  # a grey model: grey images
-    assert grey.shape == (4, 16, 16, 1) and labels.tolist() == [0, 0, 1, 1] and int(grey[0, 0, 0, 0]) == 100
+    grey = model_images(tmp_path, Preprocessing((16, 16), (0.5,), (0.5,), "resize"))  # a grey model: grey images
+    assert grey.images.shape == (4, 16, 16, 1) and grey.labels.tolist() == [0, 0, 1, 1] and int(grey.images[0, 0, 0, 0]) == 100
+    assert grey.class_names == ["cat", "dog"]
 
 
 def test_files_keep_their_sizes_and_are_sampled_before_reading(tmp_path):

@@ -262,3 +262,28 @@ def test_plain_onnx_classifier_audited_on_unlabelled_footage_with_its_preprocess
     assert all(row["label"] is None and row["correct"] is None for row in data["images"])
     assert main(["-q", "audit", "sis", "--model", str(path), "--classifier-weights", str(path), "--data", str(footage),
                  "--out", str(tmp_path / "x")]) == 2  # an ONNX file carries its own weights
+
+
+def test_audit_sis_matches_class_folders_to_the_models_classes_by_name_and_drops_folders_that_are_not(tmp_path, tinynets, capsys,
+                                                                                                       caplog):
+    import cv2
+
+    net, _ = tinynets
+    path = tmp_path / "user.onnx"
+    torch.onnx.export(net.eval(), (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False, opset_version=13, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    (tmp_path / "names.json").write_text(json.dumps(["a", "b", "c"]))
+    frames, _ = _frames(4, seed=2)
+    for folders, root in ((("c", "a"), tmp_path / "labelled"), (("cam0", "cam1"), tmp_path / "cameras")):
+        for k, folder in enumerate(folders):
+            (root / folder).mkdir(parents=True)
+            for i, frame in enumerate(frames[2 * k:2 * k + 2]):
+                cv2.imwrite(str(root / folder / f"{i}.png"), frame[:, :, ::-1])
+    options = ["--image-size", "16", "16", "--class-names", str(tmp_path / "names.json"), "--method", "plain", "--thresholds", "0.999",
+               "--threshold", "0.999", "--num-images", "4"]  # labels only: no image of the untrained net reaches τ
+    assert main(["-q", "audit", "sis", "--model", str(path), *options, "--data", str(tmp_path / "labelled"), "--out", str(tmp_path / "s1")]) == 0
+    rows = json.loads((tmp_path / "s1" / "report.json").read_text())["data"]["images"]
+    assert sorted(row["label"] for row in rows) == [0, 0, 2, 2]  # folders a and c: the model's classes 0 and 2, not 0 and 1
+    capsys.readouterr()
+    assert main(["-q", "audit", "sis", "--model", str(path), *options, "--data", str(tmp_path / "cameras"), "--out", str(tmp_path / "s2")]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] is None and "not the model's classes" in caplog.text

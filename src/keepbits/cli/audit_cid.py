@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
             foreground = {j: boxes[int(i)] for j, i in enumerate(audited) if int(i) in boxes}
             described = f"{len(audited)} (class-balanced sample, seed {args.seed})"
         else:
-            images, _, described = model_images(args.data, pre, num_images=args.num_images, seed=args.seed, frame_step=args.frame_step)
+            drawn = model_images(args.data, pre, num_images=args.num_images, seed=args.seed, frame_step=args.frame_step)
+            images, described = drawn.images, drawn.source
         runs.append(layerwise_cid(clf, images, None if args.layers == ["auto"] else args.layers, config, name=_run_name(spec),
                                   ru_images=ru_images, decoder=decoder, foreground=foreground,
                                   cache_dir=None if args.cache == "none" else args.cache, batch_size=args.batch_size))

@@ -48,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     classifier = resolve_classifier(args.model, **classifier_options(args))
-    images, labels, described = model_images(args.data, classifier.preprocessing, split=args.split, num_images=args.num_images,
-                                             seed=args.seed, frame_step=args.frame_step)
-    sample = f"{len(images)} (class-balanced sample, seed {args.seed})" if labels is not None else described
+    drawn = model_images(args.data, classifier.preprocessing, split=args.split, num_images=args.num_images, seed=args.seed,
+                         frame_step=args.frame_step)
+    images = drawn.images
+    sample = f"{len(images)} (class-balanced sample, seed {args.seed})" if drawn.labelled else drawn.source
     meta = {"model": args.model, "data": args.data, "split": args.split, "images": sample, "command": command_line()}
     paths = audit_simplify(classifier, images, args.out, density=args.density, meta=meta, steps=args.steps, lambda_sim=args.lambda_sim,
                            lr=args.lr, kl_tolerance=args.kl_tolerance, seed=args.seed, device=args.device)

@@ -36,13 +36,14 @@ from keepbits.errors import InputError
 
 @dataclass
 class ImageSet:
-    """``images``: uint8 H×W×C (C = 1 or 3, RGB; image files are read as RGB), sizes may differ; ``names``: one per image
+    """``images``: uint8 H×W×C (C = 1 or 3, RGB; image files are read as RGB), sizes may differ (one N×H×W×C array
+    from :func:`model_images`); ``names``: one per image
     (the file's path under the folder given, ``#frame`` for a video frame, ``[i]`` for an ``.npz``
     image, or the index in a labelled data set); ``labels`` int64 or None; ``source`` says what
     was read and which sample was drawn; ``counts``: footage only, pictures and video frames read
     and files skipped (:class:`keepbits.data.stream.Counts`)."""
 
-    images: list[np.ndarray]
+    images: list[np.ndarray] | np.ndarray
     names: list[str]
     labels: np.ndarray | None
     class_names: list[str]
@@ -153,10 +154,10 @@ def load_images(path: str | Path, *, num_images: int | None = None, seed: int = 
 
 
 def model_images(path: str | Path, preprocessing: Any, *, split: str = "test", num_images: int | None = None, seed: int = 0,
-                 frame_step: int = 1, channels: int | None = None) -> tuple[np.ndarray, np.ndarray | None, str]:
+                 frame_step: int = 1, channels: int | None = None) -> ImageSet:
     """Images at ``path`` made the model's input (``preprocessing``: a
-    :class:`keepbits.data.Preprocessing`, or None for data already at the model's size): uint8
-    N×H×W×C, labels (None for footage) and what was read. A labelled set is sampled class-balanced
+    :class:`keepbits.data.Preprocessing`, or None for data already at the model's size), as an
+    :class:`ImageSet` whose ``images`` is one uint8 N×H×W×C array (labels None for footage). A labelled set is sampled class-balanced
     from its ``split`` (:func:`keepbits.data.load_dataset`: an error where it has no such split; class
     folders are fitted, ``.npz``/idx arrays taken as they are); footage as :func:`load_footage` samples it, each picture or frame fitted by
     the preprocessing's resize policy (``channels``: the model's, default the preprocessing's).
@@ -164,8 +165,8 @@ def model_images(path: str | Path, preprocessing: Any, *, split: str = "test", n
     Example:
         >>> from keepbits.data import Preprocessing, sample_mnist_path
         >>> from keepbits.data.images import model_images
-        >>> x, y, _ = model_images(sample_mnist_path(), Preprocessing((28, 28), (0.5,), (0.5,), "resize"), num_images=10)
-        >>> x.shape, y.shape
+        >>> images = model_images(sample_mnist_path(), Preprocessing((28, 28), (0.5,), (0.5,), "resize"), num_images=10)
+        >>> images.images.shape, images.labels.shape
         ((10, 28, 28, 1), (10,))
     """
     path = Path(path)
@@ -182,7 +183,8 @@ def model_images(path: str | Path, preprocessing: Any, *, split: str = "test", n
             for image, out in zip(x, converted):
                 fit_into(image, out, "resize")  # same size: only the channel conversion
             x = converted
-        return x, dataset.y, dataset.source
+        sample = "" if num_images is None else f" [sample {num_images}, seed {seed}]"
+        return ImageSet(x, [str(i) for i in range(len(x))], dataset.y, list(dataset.class_names), f"{dataset.source}{sample}")
     if preprocessing is None:
         raise InputError(f"{path}: footage needs the model's input size and resize policy, which this model does not record")
     footage = load_footage(path, num_images=num_images, seed=seed, frame_step=frame_step)
@@ -190,7 +192,7 @@ def model_images(path: str | Path, preprocessing: Any, *, split: str = "test", n
     x = np.empty((len(footage), h, w, want), np.uint8)
     for image, out in zip(footage.images, x):
         fit_into(image, out, preprocessing.resize_policy, preprocessing.crop_fraction)
-    return x, None, footage.source
+    return ImageSet(x, footage.names, None, [], footage.source, footage.counts)
 
 
 __all__ = ["ImageSet", "is_labelled_set", "load_footage", "load_images", "model_images"]

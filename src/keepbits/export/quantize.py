@@ -95,7 +95,8 @@ def _footage_split(data: str | Path, manifest: Any, calibration_images: int, eva
 
     c, h, w = manifest.input_shape
     pre = Preprocessing((h, w), tuple(manifest.mean), tuple(manifest.std), manifest.resize_policy, manifest.crop_fraction)
-    x, _, source = model_images(data, pre, num_images=calibration_images + eval_images, seed=0, frame_step=frame_step, channels=c)
+    drawn = model_images(data, pre, num_images=calibration_images + eval_images, seed=0, frame_step=frame_step, channels=c)
+    x, source = drawn.images, drawn.source
     if len(x) < 2:
         raise InputError(f"{data}: {len(x)} readable image(s); calibration and comparison need at least one each")
     order = np.random.default_rng(0).permutation(len(x))
