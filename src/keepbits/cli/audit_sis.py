@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 from pathlib import Path
 
 from keepbits.cli._common import (
     CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, classifier_options, existing_path,
 )
-
-log = logging.getLogger(__name__)
 
 HELP = "SIS audit (BackSelect/FindSIS): which pixels alone keep the prediction; writes report.html + report.json"
 
@@ -46,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from keepbits.audit import load_model
     from keepbits.audit.sis_report import sis_audit
     from keepbits.data.images import model_images
-    from keepbits.runtime.evaluate import map_labels
     from keepbits.errors import InputError
+    from keepbits.runtime.evaluate import labels_for_model
 
     if not 0 < args.threshold <= 1:
         raise InputError(f"--threshold must be in (0, 1], got {args.threshold}")
@@ -61,14 +58,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, **options)
     drawn = model_images(args.data, model.preprocessing, split=args.split, num_images=args.num_images or None,
                          seed=args.seed, frame_step=args.frame_step, channels=model.input_shape[0])
-    images, labels = drawn.images, drawn.labels
-    if labels is not None and model.class_names:
-        try:  # the data's classes as the model's indices: by name, else by index where the counts agree
-            labels, _ = map_labels(labels, drawn.class_names, model.class_names)
-        except InputError as exc:  # e.g. camera folders (day1/cam0, day1/cam1) read as class folders
-            log.warning("%s: its folders are not the model's classes (%s); auditing the predicted classes, no accuracy", args.data, exc)
-            labels = None
-    data = sis_audit(model, images, labels, args.out, args.threshold, args.thresholds, args.method, args.k,
+    labels = drawn.labels  # as the model's class indices where it names its classes; else the data's own
+    if model.class_names:
+        labels, _ = labels_for_model(labels, drawn.class_names, model.class_names, args.data)
+    data = sis_audit(model, drawn.images, labels, args.out, args.threshold, args.thresholds, args.method, args.k,
                      args.batch_size, args.show, progress=not args.quiet, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({**data["summary"], "report": os.path.join(args.out, "report.html")}, indent=2))

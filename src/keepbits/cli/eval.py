@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from keepbits.errors import InputError
-
-log = logging.getLogger(__name__)
 
 HELP = "rate–accuracy of a bundle on your images through the real payload, vs JPEG/WebP/PNG of the whole frame"
 
@@ -58,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from keepbits.cli._common import command_line, existing_path
     from keepbits.data.images import load_images
     from keepbits.runtime import Pipeline
-    from keepbits.runtime.evaluate import map_labels, rate_accuracy, write_report
+    from keepbits.runtime.evaluate import labels_for_model, rate_accuracy, write_report
     from keepbits.runtime.explain import look
 
     if args.num_images < 0 or args.examples < 0 or args.batch_size < 1:
@@ -66,13 +63,7 @@ def run(args: argparse.Namespace) -> int:
     pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads)
     images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width),
                          frame_step=args.frame_step)
-    labels, matched = None, None
-    if images.labels is not None:
-        try:
-            labels, matched = map_labels(images.labels, images.class_names, pipeline.class_names)
-        except InputError as exc:  # e.g. camera folders (day1/cam0, day1/cam1) read as class folders
-            matched = f"not used: {exc}"
-            log.warning("%s: its folders are not the model's classes (%s); scoring agreement with the full frame instead", args.data, exc)
+    labels, matched = labels_for_model(images.labels, images.class_names, pipeline.class_names, str(args.data))
     result = rate_accuracy(pipeline, images.images, labels, thresholds=args.thresholds, block_sizes=args.block_sizes,
                            codecs=args.codecs, qualities=args.qualities, modes=args.modes, baselines=args.baselines,
                            baseline_qualities=args.baseline_qualities, batch_size=args.batch_size)

@@ -157,10 +157,11 @@ def model_images(path: str | Path, preprocessing: Any, *, split: str = "test", n
                  frame_step: int = 1, channels: int | None = None) -> ImageSet:
     """Images at ``path`` made the model's input (``preprocessing``: a
     :class:`keepbits.data.Preprocessing`, or None for data already at the model's size), as an
-    :class:`ImageSet` whose ``images`` is one uint8 N×H×W×C array (labels None for footage). A labelled set is sampled class-balanced
-    from its ``split`` (:func:`keepbits.data.load_dataset`: an error where it has no such split; class
-    folders are fitted, ``.npz``/idx arrays taken as they are); footage as :func:`load_footage` samples it, each picture or frame fitted by
-    the preprocessing's resize policy (``channels``: the model's, default the preprocessing's).
+    :class:`ImageSet` whose ``images`` is one uint8 N×H×W×C array. A labelled set is sampled
+    class-balanced from its ``split`` (:func:`keepbits.data.load_dataset`: an error where it has
+    no such split; class folders are fitted, ``.npz``/idx arrays taken as they are); footage
+    (labels None) as :func:`load_footage` samples it, each picture or frame fitted by the
+    preprocessing's resize policy. ``channels``: the model's (default: the preprocessing's).
 
     Example:
         >>> from keepbits.data import Preprocessing, sample_mnist_path

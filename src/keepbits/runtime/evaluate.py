@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -41,6 +42,8 @@ from keepbits.codec.images import FORMATS, check_webp_method
 from keepbits.errors import InputError
 from keepbits.report import Report, plot_png
 from keepbits.runtime.explain import Look
+
+log = logging.getLogger(__name__)
 from keepbits.runtime.pipeline import Pipeline, Result
 
 #: The lossy ones of the image formats (:data:`keepbits.codec.images.FORMATS`): swept over qualities.
@@ -145,6 +148,27 @@ def map_labels(labels: np.ndarray, data_classes: Sequence[str], model_classes: S
         return np.asarray(labels, np.int64), "by index (class names differ)"
     raise InputError(f"the data has {len(data_classes)} classes {list(data_classes)[:5]}…, the model {len(model_classes)} "
                      f"{list(model_classes)[:5]}…: neither names nor counts match")
+
+
+def labels_for_model(labels: np.ndarray | None, data_classes: Sequence[str], model_classes: Sequence[str],
+                     where: str) -> tuple[np.ndarray | None, str | None]:
+    """:func:`map_labels`, or None (the data scored as unlabelled) with a warning naming ``where``
+    when its classes are not the model's: camera folders (``day1/cam0``, ``day1/cam1``) read as
+    class folders. Returns the labels and how they were matched (``"not used: …"``), None for none.
+
+    Example:
+        >>> import numpy as np
+        >>> from keepbits.runtime.evaluate import labels_for_model
+        >>> labels_for_model(np.array([0, 1]), ["cam0", "cam1"], ["cat", "dog", "fox"], "footage")[0] is None
+        True
+    """
+    if labels is None:
+        return None, None
+    try:
+        return map_labels(labels, data_classes, model_classes)
+    except InputError as exc:
+        log.warning("%s: its folders are not the model's classes (%s); treated as unlabelled", where, exc)
+        return None, f"not used: {exc}"
 
 
 def _check_formats(formats: Sequence[str], qualities: Sequence[int]) -> None:
