@@ -123,6 +123,7 @@ def test_eval_and_explain_on_camera_footage_a_video_and_folders_that_are_not_cla
                             "--out", str(tmp_path / "ev")], capsys)
     assert code == 0 and not result["labelled"] and result["num_images"] == 6  # 4 pictures + frames 0 and 4
     assert "4 images, 2 frames read, one video frame in 4, 1 unreadable files skipped" in result["data"]
+    assert result["data_counts"] == {"images": 4, "frames": 2, "skipped": 1}
     code, result, _ = _run(["-q", "eval", "--model", str(DEMO_BUNDLE), "--data", str(footage / "day1"), *argv, "--out", str(tmp_path / "ev2")],
                            capsys)
     assert code == 0 and not result["labelled"] and result["labels_matched"].startswith("not used: the data has 2 classes ['cam0', 'cam1']")

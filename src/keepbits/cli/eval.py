@@ -5,7 +5,8 @@ foreground codec/quality) encoded, decoded and classified again; baselines are t
 model-size frame as one PNG/JPEG/WebP file per quality. Labelled data: top-1 accuracy;
 unlabelled images (your footage: image folders, videos), or class folders that are not the
 model's classes: agreement with the full-frame prediction. Writes
-``rate_accuracy.png``, ``eval.html`` (self-contained) and ``eval.json`` into ``--out`` and prints
+``rate_accuracy.png``, ``eval.html`` (self-contained) and ``eval.json`` (with ``data_counts`` for footage:
+pictures and frames read, files skipped) into ``--out`` and prints
 the JSON (protocol: :mod:`keepbits.runtime.evaluate`).
 
 Example:
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     result = rate_accuracy(pipeline, images.images, labels, thresholds=args.thresholds, block_sizes=args.block_sizes,
                            codecs=args.codecs, qualities=args.qualities, modes=args.modes, baselines=args.baselines,
                            baseline_qualities=args.baseline_qualities, batch_size=args.batch_size)
-    result.update(data=images.source, labels_matched=matched, command=command_line())
+    result.update(data=images.source, data_counts=images.counts or None, labels_matched=matched, command=command_line())
     examples = [look(pipeline, images.images[i], images.names[i]) for i in range(min(args.examples, len(images)))]
     written = write_report(result, args.out, title=f"keepbits eval: {Path(args.model).name} on {Path(args.data).name}",
                  meta={"model": args.model, "digest": pipeline.bundle.digest, "data": images.source, "command": result["command"]},
