@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="+", default=["auto"], help="module names (see the error message for the list); 'auto': block-level layers")
     p.add_argument("--out", required=True, help="output folder for report.html / report.json")
     p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the audited images")
-    p.add_argument("--num-images", type=int, default=8, help="audit a random class-balanced sample of N images of the split (seed --seed)")
+    p.add_argument("--num-images", type=int, default=8,
+                   help="audit a random sample of N images (class-balanced from the split of a labelled set; seed --seed)")
     p.add_argument("--boxes", default=None, help="foreground boxes (CSV index,x0,y0,x1,y1 or JSON; index: the image's position in the split) "
                    "for the concentration (Eq. 5); boxes of images outside the sample are ignored")
     p.add_argument("--beta", type=float, default=1.5e-4, help="target E|f'-f|^2 / delta_f^2 (Eq. 4)")

@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder for report.html / report.json")
     p.add_argument("--density", default=None, help="density checkpoint (default: the shipped CIFAR-10 Glow)")
     p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the simplified images")
-    p.add_argument("--num-images", type=int, default=4, help="simplify a random class-balanced sample of N images (seed --seed), kept in file order")
+    p.add_argument("--num-images", type=int, default=4,
+                   help="simplify a random sample of N images (class-balanced from a labelled set; seed --seed), kept in file order")
     p.add_argument("--steps", type=int, default=100, help="Adam steps on the Glow latent per image")
     p.add_argument("--lambda-sim", type=float, default=1.0, help="weight of the bits per dimension of the simplified image in the loss (Alg. 1)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the Glow latent")
