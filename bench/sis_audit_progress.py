@@ -34,7 +34,8 @@ def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, t
     needed = runs_needed(model, data, num_images, seed, min(thresholds))
     rate = float(np.median(seconds)) if len(seconds) else None
     written = sorted(p.stat().st_mtime for p, r in zip(chunks, records) if r.get("model") == fingerprint)
-    span_h = (written[-1] - written[0]) / 3600 if len(written) > 1 else 0.0
+    pieces = running_pieces(written, 2 * float(seconds.max()) if len(seconds) else 0.0)
+    hours = sum(b - a for a, b, _ in pieces) / 3600
     return {
         "audit": str(audit), "model": str(model), "model_fingerprint": fingerprint,
         "audit_command": (f"torchrun --nproc-per-node {processes} -m keepbits audit sis --model {model} --data {data} --out {audit} "
@@ -44,11 +45,36 @@ def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, t
         "seconds_per_backselect": None if rate is None else {
             "median": rate, "min": float(seconds.min()), "max": float(seconds.max()),
             "note": "per image, as the audit recorded it (wall time of one BackSelect in one process)"},
-        "chunks_written_utc": [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) for t in (written[0], written[-1])] if written else None,
-        "runs_per_hour_between_first_and_last_chunk": round((len(written) - 1) / span_h, 2) if span_h > 0 else None,
+        "chunks_written_utc": [_utc(written[0]), _utc(written[-1])] if written else None,
+        "pieces": [{"from": _utc(a), "to": _utc(b), "chunks": n} for a, b, n in pieces],
+        "runs_per_hour_within_pieces": round(sum(n - 1 for _, _, n in pieces) / hours, 2) if hours > 0 else None,
+        "rate_note": "chunks after the first of each piece per hour of the pieces' spans (a piece: chunks written less than "
+                     "twice the longest run apart; the audit was stopped between pieces)",
         "hours_left_projected": None if rate is None else round(max(needed - len(seconds), 0) * rate / processes / 3600, 2),
         "projection": f"runs left × median seconds per run / {processes} processes; not a measurement",
     }
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def running_pieces(times: list[float], max_gap: float) -> list[tuple[float, float, int]]:
+    """The sorted chunk write ``times`` cut where two follow more than ``max_gap`` seconds apart
+    (the audit was not running in between): (first, last, chunks) per piece.
+
+    Example:
+        >>> running_pieces([0.0, 10.0, 20.0, 500.0, 505.0], 50.0)
+        [(0.0, 20.0, 3), (500.0, 505.0, 2)]
+    """
+    pieces: list[tuple[float, float, int]] = []
+    for t in times:
+        if pieces and t - pieces[-1][1] <= max_gap:
+            first, _, n = pieces[-1]
+            pieces[-1] = (first, t, n + 1)
+        else:
+            pieces.append((t, t, 1))
+    return pieces
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ chunks of the audited model and the runs the audit itself would make."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -40,3 +41,13 @@ def test_progress_counts_this_models_chunks_and_the_runs_the_audit_needs(tmp_pat
     assert record["hours_left_projected"] == 0 and record["seconds_per_backselect"]["median"] > 0
     assert len(record["chunks_written_utc"]) == 2 and record["chunks_written_utc"][0] <= record["chunks_written_utc"][1]
     json.dumps(record)
+    # an audit run in two pieces (killed, resumed a day later): the rate counts the hours it ran, not the gap
+    mine = [p for p in sorted((audit / "orders").glob("chunk_*.json")) if json.loads(p.read_text())["model"] == record["model_fingerprint"]]
+    for path, t in zip(mine, (1_000_000.0, 1_000_000.0 + 3600, 1_000_000.0 + 86_400)):
+        chunk = json.loads(path.read_text())
+        for result in chunk["results"]:
+            result["seconds"] = 3000.0  # runs of 50 minutes: a chunk an hour apart is the same piece, a day apart is not
+        path.write_text(json.dumps(chunk))
+        os.utime(path, (t, t))
+    record = bench_script("sis_audit_progress").progress(audit, model, tmp_path / "cifar10", 3, 0, [0.0], 2)
+    assert [piece["chunks"] for piece in record["pieces"]] == [2, 1] and record["runs_per_hour_within_pieces"] == 1.0
