@@ -138,6 +138,15 @@ def test_folder_source_reads_recorded_footage_at_any_depth_in_path_order(tmp_pat
         open_source(tmp_path / "empty")
 
 
+def test_frame_step_keeps_every_kth_frame_and_counts_the_rest():
+    frames = [np.full((4, 4, 3), i, np.uint8) for i in range(10)]
+    src = open_source(frames, frame_step=3)
+    assert [int(f.image[0, 0, 0]) for f in src] == [0, 3, 6, 9]
+    assert src.stats()["stepped"] == 6 and src.stats()["read"] == 4
+    with pytest.raises(InputError, match="frame_step must be an int >= 1"):
+        open_source(frames, frame_step=0)
+
+
 def test_iterator_frames_that_are_no_images_are_skipped():
     frames = [np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32), np.zeros((4, 4, 3), np.uint8)]
     src = open_source(frames)

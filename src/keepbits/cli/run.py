@@ -80,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(repeatable; MQTT options: docs/runtime.md)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames (default: the whole source)")
     parser.add_argument("--loop", action="store_true", help="loop a video file")
+    parser.add_argument("--frame-step", type=int, default=1, help="keep every k-th frame of the source (frames 0, k, 2k, …)")
     parser.add_argument("--batch-size", type=int, default=1, help="frames per model call (file sources)")
     parser.add_argument("--queue-size", type=int, default=8, help="bounded queue between model and writer")
     parser.add_argument("--workers", type=int, default=1,
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                               expected_digest=args.expect_digest, **codec_options(args)) as pipeline, \
             handle_signals(threading.Event()) as stop:
         source = open_source(args.source, loop=args.loop, read_timeout=args.read_timeout, stall_timeout=args.stall_timeout,
-                             rtsp_transport=args.rtsp_transport, **source_options)
+                             rtsp_transport=args.rtsp_transport, frame_step=args.frame_step, **source_options)
         try:
             source.start(stop)  # a file source opens here (its errors are bad input); its fps is then known
             sinks = [open_sink(spec, fps=source.fps) for spec in args.sink]

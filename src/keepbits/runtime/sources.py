@@ -107,6 +107,8 @@ class Source:
 
     ``open_fn()`` returns an iterator of frames (numpy in ``color`` order, or PIL); it is
     called again to reconnect a live source. ``fps`` is the nominal rate, if known.
+    ``frame_step`` k keeps every k-th frame the source gives (frames 0, k, 2k, …; the others are
+    read and dropped by the grabber, counted as ``stepped``).
     """
 
     def __init__(
@@ -122,7 +124,10 @@ class Source:
         stall_timeout: float = 30.0,
         backoff: tuple[float, float] = (0.5, 8.0),
         max_reconnects: int | None = None,
+        frame_step: int = 1,
     ):
+        if not (isinstance(frame_step, int) and frame_step >= 1):
+            raise InputError(f"frame_step must be an int >= 1, got {frame_step!r}")
         for what, value in (("read_timeout", read_timeout), ("stall_timeout", stall_timeout), ("backoff", backoff[0])):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise InputError(f"{what} must be a positive number of seconds, got {value!r}")
@@ -137,9 +142,10 @@ class Source:
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._counts = {"read": 0, "delivered": 0, "stale": 0, "reconnects": 0, "errors": 0, "skipped": 0}
+        self._counts = {"read": 0, "delivered": 0, "stale": 0, "reconnects": 0, "errors": 0, "skipped": 0, "stepped": 0}
         self.last_error: str | None = None
         self._next_index = 0
+        self.frame_step, self._position = frame_step, 0
 
     @property
     def fps(self) -> float | None:
@@ -219,7 +225,7 @@ class Source:
         return len(self._queue) > 0
 
     def stats(self) -> dict[str, Any]:
-        """Counters: read, delivered, dropped, stale, reconnects, errors, skipped (+ live, last_error)."""
+        """Counters: read, delivered, dropped, stale, reconnects, errors, skipped, stepped (+ live, last_error)."""
         return {**self._counts, "dropped": self._queue.dropped, "live": self.live, "last_error": self.last_error}
 
     # -- grabber thread ----------------------------------------------------------------
@@ -254,6 +260,10 @@ class Source:
                             return
                         if isinstance(item, Skipped):
                             self._skip(item.reason)
+                            continue
+                        self._position += 1
+                        if (self._position - 1) % self.frame_step:
+                            self._counts["stepped"] += 1
                             continue
                         self._offer(item)
                         attempt = 0
@@ -413,6 +423,7 @@ def open_source(
     max_reconnects: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     rtsp_transport: str | None = None,
+    frame_step: int = 1,
 ) -> Source:
     """A :class:`Source` for a video file, image folder, camera (index ``0`` or device
     ``/dev/video0``), URL, GStreamer pipeline or iterable.
@@ -424,7 +435,8 @@ def open_source(
     ``read_timeout`` bounds opening and each read of OpenCV sources (FFmpeg's open and read
     timeouts). ``rtsp_transport`` (``"tcp"`` or ``"udp"``) sets FFmpeg's RTSP transport for
     ``rtsp://`` URLs (default: FFmpeg's, UDP then TCP). A GStreamer pipeline needs an OpenCV
-    built with GStreamer (:class:`InputError` naming it otherwise).
+    built with GStreamer (:class:`InputError` naming it otherwise). ``frame_step`` k keeps every
+    k-th frame (:class:`Source`).
 
     Example:
         >>> from keepbits.runtime import open_source
@@ -438,7 +450,7 @@ def open_source(
         raise InputError(f"max_pixels must be a positive int, got {max_pixels!r}")
     if rtsp_transport not in (None, *RTSP_TRANSPORTS):
         raise InputError(f"rtsp_transport must be one of {RTSP_TRANSPORTS}, got {rtsp_transport!r}")
-    common = {"read_timeout": read_timeout, "stall_timeout": stall_timeout, "max_reconnects": max_reconnects}
+    common = {"read_timeout": read_timeout, "stall_timeout": stall_timeout, "max_reconnects": max_reconnects, "frame_step": frame_step}
     timeout_ms = max(1, int(read_timeout * 1000)) if isinstance(read_timeout, (int, float)) and math.isfinite(read_timeout) else 0
     if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
         index = int(spec)
