@@ -147,6 +147,11 @@ def add_user_images_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="a labelled data set (.npz, idx, train/test split, class folders), your footage (a folder of "
                         "images at any nesting, videos; unreadable files are skipped and counted), a video or one image")
+    add_frame_step_option(p)
+
+
+def add_frame_step_option(p: argparse.ArgumentParser) -> None:
+    """``--frame-step K`` of every command that reads footage: every K-th video frame."""
     p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
 
 

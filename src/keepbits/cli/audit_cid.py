@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, classifier_options, command_line, existing_path,
+    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, add_frame_step_option, classifier_options, command_line,
+    existing_path,
 )
 from keepbits.errors import InputError
 
@@ -22,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_classifier_options(p)
     p.add_argument("--data", required=True, help="a labelled data set (.npz file, idx folder, split folder or class-folder tree) or "
                    "your footage (image folders of any nesting, videos; the audited images only: --ru and --boxes need a data set)")
-    p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
+    add_frame_step_option(p)
     p.add_argument("--layers", nargs="+", default=["auto"], help="module names (see the error message for the list); 'auto': block-level layers")
     p.add_argument("--out", required=True, help="output folder for report.html / report.json")
     p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the audited images")
@@ -61,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from keepbits.audit.cid import CIDConfig, load_boxes
     from keepbits.audit.cid_report import cid_report, layerwise_cid
     from keepbits.audit.cid_ru import DecoderConfig
-    from keepbits.data import load_dataset, sample_indices
     from keepbits.data.images import is_labelled_set, model_images
     from keepbits.training.byo import resolve_classifier
     from keepbits.training.distributed import resolve_device
@@ -79,19 +79,14 @@ def run(args: argparse.Namespace) -> int:
     decoder = DecoderConfig(blocks=args.decoder_blocks, width=args.decoder_width, epochs=args.decoder_epochs, seed=args.seed)
     runs, described = [], ""
     for spec, clf in zip(args.model, classifiers):  # each classifier sees the images through its own preprocessing
-        pre = clf.preprocessing
-        ru_images, foreground = None, {}
-        if labelled:
-            fit = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction)  # class folders
-            data = load_dataset(args.data, split=args.split, **fit)
-            audited = sample_indices(data.y, args.num_images, args.seed)
-            images = data.x[audited]
-            ru_images = _decoder_images(args, data, audited, fit) if args.ru else None
-            foreground = {j: boxes[int(i)] for j, i in enumerate(audited) if int(i) in boxes}
+        drawn = model_images(args.data, clf.preprocessing, split=args.split, num_images=args.num_images, seed=args.seed,
+                             frame_step=args.frame_step)
+        images, described, ru_images, foreground = drawn.images, drawn.source, None, {}
+        if labelled:  # names are the images' indices in the split: for the boxes and the RU decoders' other images
+            audited = [int(name) for name in drawn.names]
+            ru_images = _decoder_images(args, clf.preprocessing, audited) if args.ru else None
+            foreground = {j: boxes[i] for j, i in enumerate(audited) if i in boxes}
             described = f"{len(audited)} (class-balanced sample, seed {args.seed})"
-        else:
-            drawn = model_images(args.data, pre, num_images=args.num_images, seed=args.seed, frame_step=args.frame_step)
-            images, described = drawn.images, drawn.source
         runs.append(layerwise_cid(clf, images, None if args.layers == ["auto"] else args.layers, config, name=_run_name(spec),
                                   ru_images=ru_images, decoder=decoder, foreground=foreground,
                                   cache_dir=None if args.cache == "none" else args.cache, batch_size=args.batch_size))
@@ -100,16 +95,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decoder_images(args: argparse.Namespace, data: Any, audited: Any, fit: dict[str, Any]) -> Any:
-    """The RU decoders' training images: a seeded class-balanced sample of the train split, or of the
-    audited split without the audited images (``--split train``, or no train split)."""
+def _decoder_images(args: argparse.Namespace, pre: Any, audited: list[int]) -> Any:
+    """The RU decoders' training images, fitted by the classifier's preprocessing ``pre``: a seeded
+    class-balanced sample of the train split, or of the audited split without the audited images
+    (``--split train``, or no train split)."""
     import numpy as np
 
     from keepbits.data import has_split, load_dataset, sample_indices
 
+    fit = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction)  # class folders
     if has_split(args.data, "train") and args.split != "train":
         images = load_dataset(args.data, split="train", **fit).sample(args.num_decoder_images, args.seed).x
     else:
+        data = load_dataset(args.data, split=args.split, **fit)
         rest = np.setdiff1d(np.arange(len(data)), audited)
         images = data.x[rest[sample_indices(data.y[rest], args.num_decoder_images, args.seed)]]
     if len(images) < 20:

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, classifier_options, command_line, existing_path,
+    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, add_frame_step_option, classifier_options, command_line,
+    existing_path,
 )
 from keepbits.errors import InputError
 
@@ -19,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_argument(p, "--data", required=True, deprecated=["--images"],
                  help="a labelled data set (.npz file, idx folder, split folder or class-folder tree) or your footage (image folders "
                       "of any nesting, videos)")
-    p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
+    add_frame_step_option(p)
     p.add_argument("--out", required=True, help="output folder for report.html / report.json")
     p.add_argument("--density", default=None, help="density checkpoint (default: the shipped CIFAR-10 Glow)")
     p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the simplified images")

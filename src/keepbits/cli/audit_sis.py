@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, classifier_options, existing_path,
+    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, add_frame_step_option, classifier_options, existing_path,
 )
 
 HELP = "SIS audit (BackSelect/FindSIS): which pixels alone keep the prediction; writes report.html + report.json"
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_classifier_options(p)
     p.add_argument("--data", required=True, help="a labelled data set (as for training: .npz, idx folder, split folder, class "
                    "folders) or your footage (image folders of any nesting, videos: unlabelled, the SIS of the predicted class)")
-    p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
+    add_frame_step_option(p)
     p.add_argument("--out", required=True, help="output folder (report.html, report.json, orders/ for resuming)")
     p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the audited images")
     add_argument(p, "--num-images", type=int, default=16, deprecated=["--images"],

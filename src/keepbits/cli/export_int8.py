@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from keepbits.cli._common import existing_path
+from keepbits.cli._common import add_frame_step_option, existing_path
 from keepbits.errors import InputError
 
 HELP = ("quantise a bundle to INT8 (ONNX Runtime static QDQ, calibrated on training images) and compare it with the "
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data set with a train split (calibration) and ideally a test split (comparison; "
                    "else the train split), or your unlabelled footage (image folders of any nesting, videos): calibration and "
                    "comparison then are disjoint parts of one seeded draw, compared by agreement")
-    p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
+    add_frame_step_option(p)
     p.add_argument("--out", required=True, help="INT8 bundle folder, or a .zip file for a one-file bundle")
     p.add_argument("--num-images", type=int, default=256,
                    help="calibration images: a random class-balanced sample of the train split (seed 0)")

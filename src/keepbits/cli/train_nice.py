@@ -6,8 +6,8 @@ import json
 import os
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, json_object, add_argument, add_classifier_options, add_device_option, add_precision_option, classifier_options, command_line,
-    existing_path,
+    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, add_frame_step_option, add_precision_option,
+    classifier_options, command_line, existing_path, json_object,
 )
 from keepbits.errors import InputError
 
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="footage streamed from disk instead of --data: image folders of any nesting, videos, .npz")
     p.add_argument("--val-footage", nargs="+", default=[], metavar="PATH",
                    help="footage evaluated after every epoch (no augmentation; with --footage)")
-    p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")
+    add_frame_step_option(p)
     p.add_argument("--workers", type=int, default=0, help="footage reader processes (0: read in the training process)")
     p.add_argument("--min-crop-area", type=float, default=0.25, help="footage: random crops keep at least this share of the frame")
     p.add_argument("--labels", choices=["auto", "true", "predicted"], default="auto",

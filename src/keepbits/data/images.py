@@ -177,15 +177,16 @@ def model_images(path: str | Path, preprocessing: Any, *, split: str = "test", n
                                                  crop_fraction=preprocessing.crop_fraction)
     want = channels or (len(preprocessing.mean) if preprocessing is not None else None)
     if is_labelled_set(path, split):
-        dataset = load_dataset(path, split, **fit).sample(num_images, seed)
-        x = dataset.x
+        dataset = load_dataset(path, split, **fit)
+        chosen = sample_indices(dataset.y, num_images, seed)
+        x = dataset.x[chosen]
         if want is not None and x.shape[-1] != want:  # class folders are read as RGB: a grey model takes them grey (and back)
             converted = np.empty((*x.shape[:3], want), np.uint8)
             for image, out in zip(x, converted):
                 fit_into(image, out, "resize")  # same size: only the channel conversion
             x = converted
         sample = "" if num_images is None else f" [sample {num_images}, seed {seed}]"
-        return ImageSet(x, [str(i) for i in range(len(x))], dataset.y, list(dataset.class_names), f"{dataset.source}{sample}")
+        return ImageSet(x, [str(int(i)) for i in chosen], dataset.y[chosen], list(dataset.class_names), f"{dataset.source}{sample}")
     if preprocessing is None:
         raise InputError(f"{path}: footage needs the model's input size and resize policy, which this model does not record")
     footage = load_footage(path, num_images=num_images, seed=seed, frame_step=frame_step)
