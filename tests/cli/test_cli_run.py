@@ -55,6 +55,24 @@ def test_run_writes_sinks_and_prints_summary(bundle, tmp_path, capsys):
     assert (tmp_path / "ann.mp4").stat().st_size > 0
 
 
+def test_run_compares_like_with_like_and_warns_without_a_sink(bundle, tmp_path, capsys, caplog):
+    """By default a lossless payload is compared with the frame's PNG, a lossy one with JPEG q90; the
+    progress line says "larger" when the payload is (it never calls a bigger payload "0.4x smaller")."""
+    from keepbits.cli.run import compared
+
+    video = _video(tmp_path / "in.mp4", 6)
+    with caplog.at_level("WARNING"):
+        assert main(["run", "--model", str(bundle), "--source", video]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert "ratio_vs_png" in summary and "jpeg_bytes" not in summary
+    assert "no --sink" in caplog.text and "than PNG" in err
+    assert main(["-q", "run", "--model", str(bundle), "--source", video, "--codec", "webp", "--mode", "mixed"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "ratio_vs_jpeg" in summary and "png_bytes" not in summary
+    assert compared(2.5, "PNG") == "2.5x smaller than PNG" and compared(0.4, "JPEG q90") == "2.5x larger than JPEG q90"
+
+
 def test_run_with_model_workers_keeps_source_order(bundle, tmp_path, capsys):
     video = _video(tmp_path / "in.mp4", 12)
     rc = main(["-q", "run", "--model", str(bundle), "--source", video, "--sink", f"files:{tmp_path / 'out'}",

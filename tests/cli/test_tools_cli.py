@@ -42,8 +42,12 @@ def _run(argv, capsys):
 
 
 def test_info(bundle, capsys):
-    code, info, err = _run(["info", "--model", str(bundle)], capsys)
-    assert code == 0 and info["verified"] and info["input"]["shape"] == [3, 32, 32] and "verified" in err
+    code, info, _ = _run(["info", "--model", str(bundle), "--json"], capsys)
+    assert code == 0 and info["verified"] and info["input"]["shape"] == [3, 32, 32]
+    code, report, _ = _run(["info", "--model", str(bundle)], capsys)  # the summary: one line per topic
+    lines = dict(line.split(None, 1) for line in report.splitlines() if not line.startswith(("runs with", "trained by")))
+    assert code == 0 and "verified" in lines["bundle"] and lines["input"].startswith("image: 3×32×32 uint8")
+    assert lines["classes"].startswith(f"{len(info['classes']['names'])}: ")
     code, _, err = _run(["info", "--model", str(bundle), "--expect-digest", "ab" * 32], capsys)
     assert code == 2 and err.count("\n") == 1 and "does not match" in err
 

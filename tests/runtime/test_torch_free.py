@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent("""
     for i in range(2):
         cv2.imwrite(str(photos / f"p{i}.png"), np.random.default_rng(i).integers(0, 256, (40 + i, 50, 3), dtype=np.uint8))
     commands = {
-        "info": ["info", "--model", str(DEMO_BUNDLE)],
+        "info": ["info", "--model", str(DEMO_BUNDLE), "--json"],
         "decode": ["decode", "--payloads", str(out / "payloads"), "--out", str(out.parent / "decoded")],
         "eval": ["eval", "--model", str(DEMO_BUNDLE), "--data", str(photos), "--codecs", "png",
                  "--baselines", "jpeg", "--baseline-qualities", "50", "--out", str(out.parent / "eval")],

@@ -112,6 +112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _quiet_native_logs() -> None:
+    """Silence OpenCV's and FFmpeg's own warnings (a camera index that does not open, a refused
+    RTSP connection, each retry again): keepbits' one line per failure says the same, named by
+    source. ``--debug`` keeps them; so do ``OPENCV_LOG_LEVEL`` / ``OPENCV_FFMPEG_LOGLEVEL`` set by
+    the user."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET, read when FFmpeg first opens a source
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        import cv2
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
 def _exit_without_finalization(code: int) -> None:
     """End a ``torchrun`` worker now, skipping interpreter finalization: gloo's C++ threads can
     outlive the group's teardown and abort the process (SIGABRT, "terminate called without an
@@ -132,6 +144,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
+    if not args.debug:
+        _quiet_native_logs()
     try:
         return int(args._run(args) or 0)
     except KeepbitsError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 import threading
@@ -20,6 +21,7 @@ from typing import Any
 from keepbits.codec.payload import BACKGROUNDS
 from keepbits.errors import InputError
 
+log = logging.getLogger("keepbits.cli.run")
 HELP = "run a model bundle on a video/camera/URL/folder: predict, explain, compress, send payloads"
 
 
@@ -94,9 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds without a frame (or for a file to open) before the stream ends (> 0)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="largest source frame in pixels (images are checked before decoding; default 2**25)")
-    parser.add_argument("--compare", nargs="*", choices=["jpeg", "png", "paper", "lossless"], default=["jpeg"],
+    parser.add_argument("--compare", nargs="*", choices=["jpeg", "png", "paper", "lossless"], default=None,
                         help="references to compare payload bytes with: JPEG q90 / PNG of the same frame, "
-                             "paper mode (x̃ as one PNG), the lossless blocks payload; give no value for none")
+                             "paper mode (x̃ as one PNG), the lossless blocks payload; give no value for none "
+                             "(default: the whole frame in the payload's kind: png for a lossless payload, jpeg for a lossy one)")
     parser.add_argument("--summary", type=Path, help="also write the JSON summary here")
     add_codec_arguments(parser)
 
@@ -110,11 +113,26 @@ def codec_options(args: argparse.Namespace) -> dict[str, Any]:
     return options if args.mode is None else {"mode": args.mode, **options}
 
 
+def default_references(options: dict[str, Any]) -> list[str]:
+    """``--compare``'s default for a pipeline's ``codec_options``: the whole frame coded the
+    payload's way, lossless (PNG) against a lossless payload, lossy (JPEG q90) against a lossy one
+    (:func:`keepbits.codec.payload.is_lossless`)."""
+    from keepbits.codec.payload import is_lossless
+
+    lossless = is_lossless(options.get("mode", "blocks"), options.get("codec", "png"), options.get("background", "auto"))
+    return ["png" if lossless else "jpeg"]
+
+
+#: How the progress line names each reference of ``--compare``.
+REFERENCE_NAMES = {"jpeg": "JPEG q90", "png": "PNG", "paper": "paper-mode PNG", "lossless": "the lossless payload"}
+
+
 class ProgressLine:
     """One refreshing status line on stderr (a plain line every 5 s when not a terminal)."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, references: list[str] | None = None):
         self.quiet, self.tty = quiet, sys.stderr.isatty()
+        self.reference = (references or [None])[0]
         self._last = 0.0
 
     def __call__(self, snap: dict[str, Any]) -> None:
@@ -126,11 +144,16 @@ class ProgressLine:
             return
         self._last = now
         src = snap["source"]
-        ratio = snap.get("ratio_vs_jpeg")
+        ratio = snap.get(f"ratio_vs_{self.reference}") if self.reference else None
         line = (f"{snap['written']} frames  {snap['fps']:.1f} fps  {snap['kbit_per_s']:.1f} kbit/s"
-                + (f"  {ratio:.1f}x smaller than JPEG" if ratio else "")
+                + (f"  {compared(ratio, REFERENCE_NAMES[self.reference])}" if ratio else "")
                 + f"  dropped {src['dropped']}  stale {src['stale']}  errors {snap['errors'] + src['errors']}")
         print(("\r" if self.tty else "") + line + ("\n" if final or not self.tty else ""), end="", file=sys.stderr, flush=True)
+
+
+def compared(ratio: float, reference: str) -> str:
+    """``ratio`` (reference bytes over payload bytes) in words, e.g. ``2.5x smaller than PNG``."""
+    return f"{ratio:.1f}x smaller than {reference}" if ratio >= 1 else f"{1 / ratio:.1f}x larger than {reference}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,9 +172,13 @@ def run(args: argparse.Namespace) -> int:
     if args.summary:
         writable_file(args.summary, "--summary")
     source_options = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    if not args.sink:
+        log.warning("no --sink: payloads are encoded and measured, then discarded (keep them with --sink files:DIR, "
+                    "video:OUT.mp4, tcp:HOST:PORT or mqtt://HOST/TOPIC)")
     with Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads,
                               expected_digest=args.expect_digest, **codec_options(args)) as pipeline, \
             handle_signals(threading.Event()) as stop:
+        references = default_references(pipeline.codec_options) if args.compare is None else args.compare
         source = open_source(args.source, loop=args.loop, read_timeout=args.read_timeout, stall_timeout=args.stall_timeout,
                              rtsp_transport=args.rtsp_transport, frame_step=args.frame_step, **source_options)
         try:
@@ -161,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
             source.close()
             raise
         summary = run_stream(pipeline, source, sinks, max_frames=args.max_frames, batch_size=args.batch_size,
-                             queue_size=args.queue_size, workers=args.workers, compare=args.compare, stop=stop,
-                             progress=ProgressLine(args.quiet))
+                             queue_size=args.queue_size, workers=args.workers, compare=references, stop=stop,
+                             progress=ProgressLine(args.quiet, references))
     text = json.dumps(summary, indent=2)
     if args.summary:
         write_text_atomic(args.summary, text + "\n")

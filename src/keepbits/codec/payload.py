@@ -175,6 +175,24 @@ def background_codec(background: str, bh: int, bw: int) -> int:
     return BACKGROUND_CODECS[background]
 
 
+def is_lossless(mode: str = "blocks", codec: str = "png", background: str = "auto") -> bool:
+    """Whether :func:`encode` with these settings decodes to exactly what it was given (x̃, or the
+    simplified image): paper mode always; blocks mode with a PNG foreground and a lossless
+    background; mixed and simplified modes with PNG. What a payload's size is fairly compared
+    with: lossless against a lossless whole-frame format, lossy against a lossy one.
+
+    Example:
+        >>> from keepbits.codec.payload import is_lossless
+        >>> is_lossless(), is_lossless(codec="webp"), is_lossless("blocks", "png", "jpeg"), is_lossless("paper", "webp")
+        (True, False, False, True)
+    """
+    if mode == "paper":
+        return True
+    if mode == "blocks" and background not in ("auto", "raw", "png"):
+        return False
+    return codec == "png"
+
+
 def _upsample(grid: np.ndarray, h: int, w: int, th: int, tw: int) -> np.ndarray:
     """Nearest-neighbour upsampling of a block grid back to H×W×C."""
     return np.repeat(np.repeat(grid, th, axis=0), tw, axis=1)[:h, :w]

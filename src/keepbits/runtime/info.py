@@ -118,4 +118,64 @@ def bundle_info(path: str | Path, expected_digest: str | None = None) -> dict[st
     }
 
 
-__all__ = ["RESIZE_DESCRIPTIONS", "bundle_info", "custom_op_status", "resize_description"]
+def _names(names: list[str], shown: int = 4) -> str:
+    """The first and last few of a long list: ``a, b, c, d, … , y, z (1000)``."""
+    if len(names) <= 2 * shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])}, …, {', '.join(names[-2:])}"
+
+
+def _shape(shape: list[Any]) -> str:
+    return "×".join(str(d) for d in shape)
+
+
+def info_report(info: dict[str, Any]) -> str:
+    """:func:`bundle_info`'s report as the lines ``keepbits info`` prints (``--json``: all of it).
+
+    Example:
+        >>> import tempfile
+        >>> from keepbits.runtime.info import bundle_info, info_report
+        >>> from keepbits.runtime.synthetic import toy_bundle
+        >>> print(info_report(bundle_info(toy_bundle(tempfile.mkdtemp() + "/b", size=16))).splitlines()[2])
+        classes     2: dark, bright
+    """
+    i, o, ops, prov = info["input"], info["outputs"], info["custom_ops"], info.get("provenance") or {}
+    names = info["classes"]["names"]
+    size = "the graph takes any H×W" if i["dynamic_size"] else "the graph takes this size only"
+    explain = {"mask": "mask", "simplify": "simplified image"}.get(info["explain"], info["explain"])
+    what = f"{explain}: {info['generator']} generator + {info['classifier']} classifier"
+    if info.get("mask"):
+        what += f", block {info['mask']['block_size']}, threshold {info['mask']['threshold']:g}"
+    graph_io = ", ".join(f"{t['name']} [{', '.join(str(d) for d in t['shape'])}] {t['type']}" for t in o["onnxruntime"])
+    runs = f"{info['target']}, opset {info['opset']}; custom ops "
+    runs += f"{', '.join(ops['ops'])} -> {ops['runs_with']}" if ops["ops"] else "none"
+    if ops["runs_with"] == "native kernels":
+        runs += f" ({ops['native']['path']})"
+    lines = [
+        ("bundle", f"{info['bundle']} ({info['total_bytes']:,} B in {len(info['files'])} file{'s' if len(info['files']) != 1 else ''}), "
+                   f"digest {info['digest'][:12]}… verified ({info['digest_check']})"),
+        ("explains", what),
+        ("classes", f"{len(names)}: {_names(names)}"),
+        ("input", f"{i['name']}: {_shape(i['shape'])} {i['dtype']} {i['layout']}, {size}; "
+                  f"{i['normalisation']}, mean {i['mean']}, std {i['std']}"),
+        ("resize", i["resize"]),
+        ("outputs", f"{graph_io}; classifies the {o['classify_on']} image"),
+        ("runs with", runs),
+    ]
+    if prov:
+        made = [f"exported {prov['exported_utc']}" if prov.get("exported_utc") else "",
+                f"by keepbits {prov['keepbits_version']}" if prov.get("keepbits_version") else "",
+                f"from {prov['checkpoint']} (sha256 {str(prov.get('checkpoint_sha256', ''))[:12]}…)" if prov.get("checkpoint") else "",
+                f"epoch {prov['epoch']}" if prov.get("epoch") is not None else ""]
+        lines.append(("provenance", ", ".join(m for m in made if m) or "recorded (--json)"))
+        if prov.get("training_command"):
+            lines.append(("trained by", prov["training_command"]))
+        final = (prov.get("metrics") or {}).get("final")
+        if isinstance(final, dict) and final:
+            values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items())
+            split = prov["metrics"].get("final_split")
+            lines.append(("metrics", values + (f" (on {split})" if split else "")))
+    return "\n".join(f"{key:<11} {value}" for key, value in lines)
+
+
+__all__ = ["RESIZE_DESCRIPTIONS", "bundle_info", "custom_op_status", "info_report", "resize_description"]

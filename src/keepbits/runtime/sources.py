@@ -277,8 +277,11 @@ class Source:
                         self._open_error = exc  # raised by start()
                         return
                     self._counts["errors"] += 1
+                    repeated = self.last_error == f"{type(exc).__name__}: {exc}"
                     self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.warning("source %s: %s", self.name, self.last_error)
+                    # the same failure again (a camera still unplugged): counted, logged once
+                    (log.debug if repeated else log.warning)("source %s: %s%s", self.name, self.last_error,
+                                                             "; retrying" if self.live and not repeated else "")
                     if not self.live:
                         return
                 if self.max_reconnects is not None and attempt >= self.max_reconnects:
