@@ -93,8 +93,13 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     report = Report("SIS audit", meta={"model": adapter.source if not hasattr(model, "forward") else type(model).__name__,
                                        "images": len(x), "threshold τ": threshold, "BackSelect": backselect,
                                        "mask value": "0 in normalised space (per-channel mean)"})
-    sec = report.section("Summary", "Sufficient input subsets (Carter et al. 2019): the smallest pixel sets, found by BackSelect, "
-                                    "that alone (all other pixels masked) keep the predicted class's confidence f ≥ τ. "
+    how = ("exact BackSelect (one pixel per step, the one whose masking keeps f highest)" if not backselect.startswith("gradient")
+           else f"batched gradient BackSelect ({backselect}: the pixels whose masking the gradient predicts keeps f highest, "
+                "several per step; Overinterpretation §3.2), an approximation of exact BackSelect whose subsets may differ from "
+                "the exact ones, each still checked by a forward pass to keep f ≥ τ")
+    sec = report.section("Summary", "Sufficient input subsets (Carter et al. 2019): pixel subsets that alone (all other pixels "
+                                    "masked) keep the predicted class's confidence f ≥ τ. Each is the shortest suffix of the "
+                                    f"greedy removal order of {how} that reaches τ (FindSIS): small, not proven the smallest. "
                                     f"BackSelect ran on the {len(run)} images whose confidence reaches the smallest τ "
                                     f"({taus[0]}); the others have no SIS at any τ.")
     sec.table([summary])

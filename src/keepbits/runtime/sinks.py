@@ -90,8 +90,9 @@ def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: i
     text = f"{result.label} {result.score:.2f}"
     if record.get("payload_bytes") is not None:
         text += f"  {record['payload_bytes']} B"
-        if record.get("jpeg_bytes"):
-            text += f" (JPEG {record['jpeg_bytes']} B)"
+        reference = next((name for name in ("jpeg", "png") if record.get(f"{name}_bytes")), None)
+        if reference:
+            text += f" ({reference.upper()} {record[f'{reference}_bytes']} B)"
     scale = max(0.35, out.shape[0] / 700)
     org = (4, int(16 * scale / 0.5))
     cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
