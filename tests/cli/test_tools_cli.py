@@ -101,6 +101,9 @@ def test_eval_labelled_and_unlabelled(tmp_path, photos, capsys):
     assert [(p["mode"], p["codec"]) for p in result["payload"]] == [("blocks", "png"), ("blocks", "webp"), ("mixed", "png"), ("mixed", "webp")]
     assert {p.name for p in (tmp_path / "ev").iterdir()} == {"eval.html", "eval.json", "rate_accuracy.png"}
     assert "smallest_within" in result
+    code, _, err = _run(["eval", "--model", str(DEMO_BUNDLE), "--data", str(labelled), "--num-images", "4", "--codecs", "png",
+                         "--modes", "blocks", "--baselines", "png", "--out", str(tmp_path / "ev1")], capsys)
+    assert code == 0 and "smallest with accuracy >= " in err and "whole frame png" in err  # the headline on stderr
     code, result, _ = _run(["-q", "eval", "--model", str(DEMO_BUNDLE), "--data", str(photos), "--codecs", "jpeg", "--qualities", "50",
                             "--modes", "mixed", "--baselines", "--out", str(tmp_path / "ev2")], capsys)
     assert code == 0 and not result["labelled"] and result["num_images"] == 5 and result["baselines"] == []

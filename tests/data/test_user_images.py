@@ -41,6 +41,7 @@ def test_files_keep_their_sizes_and_are_sampled_before_reading(tmp_path):
     assert [im.shape for im in images.images] == [(10 + i, 12, 3) for i in range(6)]
     sample = load_images(tmp_path, num_images=2, seed=3)
     assert len(sample) == 2 and set(sample.names) <= set(images.names) and sample.names == sorted(sample.names)
+    assert "[sample 2, seed 3]" in sample.source and "sample" not in load_images(tmp_path, num_images=50).source  # all 6 taken
     one = load_images(tmp_path / "f2.png")
     assert one.names == ["f2.png"] and one.images[0].shape == (12, 12, 3)
     (tmp_path / "f9.png").write_bytes(b"broken")  # skipped and counted, not fatal

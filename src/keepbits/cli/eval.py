@@ -51,6 +51,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_arguments(parser)
 
 
+def within_line(best: dict, points: int) -> str:
+    """:func:`keepbits.runtime.evaluate.smallest_within` in one line: the smallest payload and
+    whole-frame file within tolerance of the full frame, and how many bytes the file takes per
+    payload byte."""
+    def point(row: dict | None, none: str) -> str:
+        if row is None:
+            return none
+        quality = f" q{row['quality']}" if row.get("quality") else ""
+        return f"{row['series']}{quality} {row['bytes_per_image']:,.0f} B"
+
+    ratio = best["baseline_over_payload"]
+    return (f"smallest with {best['metric']} >= {best['target']:.4f} (full frame - {best['tolerance']:g}): "
+            f"{point(best['payload'], f'payload: none of {points} points')}; {point(best['baseline'], 'whole frame: none')}"
+            + (f" ({ratio:.2f}x the payload's bytes)" if ratio else ""))
+
+
 def run(args: argparse.Namespace) -> int:
     from keepbits._json import jsonable
     from keepbits.cli._common import command_line, existing_path
@@ -77,5 +93,6 @@ def run(args: argparse.Namespace) -> int:
         full = result["full_frame"]
         score = f"full-frame accuracy {full['accuracy']}" if labels is not None else "unlabelled: payloads scored by agreement with the full frame"
         print(f"keepbits: {len(images)} images ({images.source}), {score}; wrote {args.out / 'eval.html'}", file=sys.stderr)
+        print(f"keepbits: {within_line(written['smallest_within'], len(result['payload']))}", file=sys.stderr)
     print(json.dumps(jsonable(written), indent=2))
     return 0

@@ -92,6 +92,11 @@ def _reservoir(samples: Iterable[Sample], n: int, seed: int) -> list[Sample]:
     return [sample for _, sample in sorted(kept, key=lambda item: item[0])]
 
 
+def _sample_note(num_images: int | None, available: int, seed: int) -> str:
+    """`` [sample N, seed S]`` for a source string, or nothing when every item was taken."""
+    return "" if num_images is None or num_images >= available else f" [sample {num_images}, seed {seed}]"
+
+
 def load_footage(path: str | Path, *, num_images: int | None = None, seed: int = 0, frame_step: int = 1) -> ImageSet:
     """The user's unlabelled footage at ``path`` (module docstring) as an :class:`ImageSet`.
 
@@ -113,9 +118,10 @@ def load_footage(path: str | Path, *, num_images: int | None = None, seed: int =
     if num_images is not None and num_images < 1:
         raise InputError(f"num_images must be >= 1 or None (all), got {num_images}")
     footage = Footage([path], frame_step=frame_step)
+    pictures_only = all(unit.kind == "image" for unit in footage.units)
     if num_images is None:
         samples = list(footage.read())
-    elif all(unit.kind == "image" for unit in footage.units):  # pictures only: draw files, read only those
+    elif pictures_only:  # draw files, read only those
         chosen = sample_indices(np.zeros(len(footage.units), np.int64), num_images, seed)
         samples = list(footage.read(footage.units[i] for i in chosen))
     else:
@@ -125,7 +131,7 @@ def load_footage(path: str | Path, *, num_images: int | None = None, seed: int =
         raise InputError(f"{path}: no image could be read ({counts['skipped']} files skipped)")
     read = ", ".join(f"{counts[k]} {k}" for k in ("images", "frames") if counts[k])
     skipped = f", {counts['skipped']} unreadable files skipped" if counts["skipped"] else ""
-    sample = "" if num_images is None else f" [sample {num_images}, seed {seed}]"
+    sample = _sample_note(num_images, len(footage.units) if pictures_only else counts["images"] + counts["frames"], seed)
     step = f", one video frame in {frame_step}" if frame_step > 1 and counts["frames"] else ""
     return ImageSet([s.image for s in samples], [_name(s, path) for s in samples], None, [],
                     f"{path} (footage: {read} read{step}{skipped}){sample}", counts)
@@ -146,9 +152,9 @@ def load_images(path: str | Path, *, num_images: int | None = None, seed: int = 
             raise InputError(f"{path}: unsupported data file (images {', '.join(IMAGE_SUFFIXES)}, videos "
                              f"{', '.join(VIDEO_SUFFIXES)}, .npz, or a folder)")
         return load_footage(path, num_images=num_images, seed=seed, frame_step=frame_step)
-    sample = "" if num_images is None else f" [sample {num_images}, seed {seed}]"
     dataset = load_dataset(path, split if has_split(path, split) else "train", size=size, policy=policy)
     chosen = sample_indices(dataset.y, num_images, seed)
+    sample = _sample_note(num_images, len(dataset.y), seed)
     return ImageSet([dataset.x[i] for i in chosen], [str(int(i)) for i in chosen], dataset.y[chosen],
                     list(dataset.class_names), f"{dataset.source}{sample}")
 
@@ -185,7 +191,7 @@ def model_images(path: str | Path, preprocessing: Any, *, split: str = "test", n
             for image, out in zip(x, converted):
                 fit_into(image, out, "resize")  # same size: only the channel conversion
             x = converted
-        sample = "" if num_images is None else f" [sample {num_images}, seed {seed}]"
+        sample = _sample_note(num_images, len(dataset.y), seed)
         return ImageSet(x, [str(int(i)) for i in chosen], dataset.y[chosen], list(dataset.class_names), f"{dataset.source}{sample}")
     if preprocessing is None:
         raise InputError(f"{path}: footage needs the model's input size and resize policy, which this model does not record")
