@@ -61,7 +61,7 @@ class Look:
         """The pictures, uint8 RGB or grey: overlay and mask (NICE bundles), mixed."""
         out = {}
         if self.keep is not None:
-            out["overlay"] = overlay(self.frame, self.keep, color=(0, 255, 0))
+            out["overlay"] = overlay(self.frame, self.keep, color=(0, 255, 0), alpha=0.25)  # large regions: the object stays visible
             out["mask"] = colorize(self.mask, "viridis", 0.0, 1.0)
         out["mixed"] = self.mixed
         return out
