@@ -15,7 +15,7 @@ from keepbits import native
 from keepbits.cli.demo import DEMO_BUNDLE
 from keepbits.errors import BundleError
 from keepbits.runtime.doctor import diagnose
-from keepbits.runtime.info import bundle_info
+from keepbits.runtime.info import bundle_info, info_report
 from keepbits.runtime.synthetic import toy_bundle
 from keepbits.runtime.video import build_video_io, even_size, h264_available, has_backend, open_video_writer
 
@@ -32,6 +32,18 @@ def test_info_of_a_plain_and_of_the_demo_bundle(tmp_path):
     assert demo["provenance"] and demo["input"]["resize"].startswith("center-crop (crop fraction 0.875)")
     assert demo["classes"]["count"] == 1000 and demo["outputs"]["names"] == ["logits", "mask"]
     json.dumps(demo)
+    report = dict(line.split(None, 1) for line in info_report(demo).splitlines() if not line.startswith(("runs with", "trained by")))
+    assert report["classes"].startswith("1000: tench, goldfish") and "epoch" in report["provenance"]
+
+
+def test_info_report_shows_any_provenance_as_text():
+    """A hostile bundle's provenance is any JSON object: the summary shows what it can, never fails on its shape."""
+    info = bundle_info(DEMO_BUNDLE)
+    for provenance in ({}, {"metrics": [1, 2], "exported_utc": 5, "training_command": ["rm", "-rf"], "epoch": {"a": 1}},
+                       {"metrics": {"final": "high", "final_split": 3}, "checkpoint": None},
+                       {"training_command": "keepbits train\n\x1b[2Jfake line"}):
+        lines = info_report({**info, "provenance": provenance}).splitlines()
+        assert lines[0].startswith("bundle ") and len(lines) >= 7 and not any("\x1b" in line for line in lines)
 
 
 def test_info_refuses_a_modified_bundle_and_a_wrong_pin(tmp_path):

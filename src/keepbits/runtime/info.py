@@ -162,20 +162,26 @@ def info_report(info: dict[str, Any]) -> str:
         ("outputs", f"{graph_io}; classifies the {o['classify_on']} image"),
         ("runs with", runs),
     ]
-    if prov:
+    if prov:  # written by keepbits export, but any JSON in a hostile bundle: shown as text, never trusted to have a shape
         made = [f"exported {prov['exported_utc']}" if prov.get("exported_utc") else "",
                 f"by keepbits {prov['keepbits_version']}" if prov.get("keepbits_version") else "",
                 f"from {prov['checkpoint']} (sha256 {str(prov.get('checkpoint_sha256', ''))[:12]}…)" if prov.get("checkpoint") else "",
                 f"epoch {prov['epoch']}" if prov.get("epoch") is not None else ""]
         lines.append(("provenance", ", ".join(m for m in made if m) or "recorded (--json)"))
         if prov.get("training_command"):
-            lines.append(("trained by", prov["training_command"]))
-        final = (prov.get("metrics") or {}).get("final")
+            lines.append(("trained by", str(prov["training_command"])))
+        metrics = prov.get("metrics") if isinstance(prov.get("metrics"), dict) else {}
+        final = metrics.get("final")
         if isinstance(final, dict) and final:
             values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items())
-            split = prov["metrics"].get("final_split")
+            split = metrics.get("final_split")
             lines.append(("metrics", values + (f" (on {split})" if split else "")))
-    return "\n".join(f"{key:<11} {value}" for key, value in lines)
+    return "\n".join(f"{key:<11} {_printable(value)}" for key, value in lines)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (newlines, ANSI escapes from a hostile manifest) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 __all__ = ["RESIZE_DESCRIPTIONS", "bundle_info", "custom_op_status", "info_report", "resize_description"]
