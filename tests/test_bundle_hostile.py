@@ -135,6 +135,7 @@ def _manifest_dict(good: Path) -> dict:
     ({"class_names": "ab"}, "class_names"),
     ({"class_names": ["a", {"b": 1}]}, "class_names"),
     ({"class_names": []}, "class_names"),
+    ({"class_names": ["a", "b\x1b[2J"]}, "class_names\\[1\\] holds control characters"),
     ({"custom_ops": ["EvilOp"]}, "custom_ops"),
     ({"custom_ops": "MaskCompose"}, "custom_ops"),
     ({"input_dtype": ["uint8"]}, "input_dtype"),
@@ -143,6 +144,7 @@ def _manifest_dict(good: Path) -> dict:
     ({"format_version": True}, "format version"),
     ({"provenance": [1]}, "provenance"),
     ({"generator": "x" * 5000}, "generator"),
+    ({"classifier": "net\nkeepbits: error: fake"}, "classifier must be .* printable"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_manifest_fields_of_wrong_type_or_out_of_bounds(good_zip, tmp_path, patch, field):
     bad = _rezip(good_zip, tmp_path / "bad.zip", manifest={**_manifest_dict(good_zip), **patch})

@@ -184,8 +184,8 @@ class Manifest:
         for name in ("input_dtype", "input_layout", "generator", "classifier", "classify_on", "target", "input_name",
                      "model_file", "explain"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
-                raise bad(f"{name} must be a non-empty string of at most {MAX_NAME_CHARS} characters, got {_show(value)}")
+            if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS or not value.isprintable():
+                raise bad(f"{name} must be a non-empty string of at most {MAX_NAME_CHARS} printable characters, got {_show(value)}")
         shape = self.input_shape
         if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) and v > 0 for v in shape)):
             raise bad(f"input_shape must be [C, H, W] positive ints, got {_show(shape)}")
@@ -226,6 +226,9 @@ class Manifest:
         if not (isinstance(names, list) and 1 <= len(names) <= MAX_CLASSES
                 and all(isinstance(n, str) and len(n) <= MAX_NAME_CHARS for n in names)):
             raise bad(f"class_names must be a list of 1..{MAX_CLASSES} strings, got {_show(names)}")
+        unprintable = next((i for i, n in enumerate(names) if not n.isprintable()), None)
+        if unprintable is not None:  # shown on terminals, videos and reports: no newlines or escape sequences
+            raise bad(f"class_names[{unprintable}] holds control characters: {_show(names[unprintable])}")
         if not _is_int(self.opset) or not 1 <= self.opset <= 1000:
             raise bad(f"opset must be an int in 1..1000, got {_show(self.opset)}")
         for name in ("dynamic_size", "function_bodies"):
