@@ -1,6 +1,9 @@
 """Payload codec: exact lossless round trips, lossy bounds, paper mode, bad input."""
 from __future__ import annotations
 
+import struct
+import zlib
+
 import cv2
 import numpy as np
 import pytest
@@ -183,6 +186,24 @@ def test_frame_record_fields_are_written():
     # keywords override the record; a zero timestamp is kept, not replaced by the clock
     _, _, meta = decode(encode(np.zeros((8, 8, 3), np.uint8), _record(timestamp=0.0), label=5, name="five"))
     assert (meta.label, meta.name, meta.timestamp) == (5, "five", 0.0)
+
+
+def test_class_names_of_any_script_round_trip_and_control_characters_are_refused():
+    """The header holds at most 255 bytes of name, cut at a character boundary (a cut inside a
+    multi-byte character made a payload its own decoder refused)."""
+    frame, mask = np.zeros((8, 8, 3), np.uint8), np.ones((8, 8))
+    for name in ("é" + "猫" * 100, "猫" * 100, "a" * 300, "Ünïcödé label"):
+        decoded = decode(encode(frame, mask, block=4, name=name))[2].name
+        size = len(decoded.encode("utf-8"))
+        assert decoded == name if len(name.encode("utf-8")) <= 255 else (name.startswith(decoded) and 252 < size <= 255)
+    with pytest.raises(InputError, match="control characters"):
+        encode(frame, mask, block=4, name="cat\x1b[2J")
+    payload = bytearray(encode(frame, mask, block=4, name="cat!"))
+    at = payload.index(b"cat!")
+    payload[at + 3] = 0x1B  # an escape in a received payload's name: refused, CRC fixed so only the name is wrong
+    payload[-4:] = struct.pack("<I", zlib.crc32(bytes(payload[:-4])))
+    with pytest.raises(DecodeError, match="control characters"):
+        decode(bytes(payload))
 
 
 def test_frame_record_is_required_not_any_object():

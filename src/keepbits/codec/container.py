@@ -74,7 +74,8 @@ class Section:
 
 def pack(header: Header, sections: list[tuple[int, int, int, bytes]]) -> bytes:
     """Serialise ``header`` and ``(tag, codec, quality, data)`` sections, append the CRC."""
-    name = header.name.encode("utf-8")[:255]
+    # at most 255 bytes, cut at a character boundary (a cut inside a multi-byte character would not decode)
+    name = header.name.encode("utf-8")[:255].decode("utf-8", "ignore").encode("utf-8")
     parts = [
         HEADER.pack(
             MAGIC, VERSION, header.mode, header.channels, header.flags, header.height, header.width,
@@ -133,6 +134,8 @@ def unpack(data: bytes, max_pixels: int = 1 << 26, max_pixels_per_byte: int | No
         name = data[HEADER.size:pos].decode("utf-8")
     except UnicodeDecodeError:
         raise DecodeError("class name is not valid UTF-8") from None
+    if not name.isprintable():  # written to logs, JSONL and videos: no newlines or escape sequences
+        raise DecodeError("class name holds control characters")
     sections: dict[int, Section] = {}
     for _ in range(count):
         if pos + SECTION.size > end:

@@ -405,6 +405,9 @@ def encode(
     label = -1 if label is None else int(label)
     if not -1 <= label < 1 << 15:
         raise InputError(f"label index must be -1..32767, got {label}")
+    name = "" if name is None else str(name)
+    if not name.isprintable():
+        raise InputError(f"class name {name[:40]!r} holds control characters")
     header = Header(
         mode=MODES[mode], channels=c, height=h, width=w, block=block, label=label,
         score=float("nan") if score is None else float(score),
@@ -412,7 +415,7 @@ def encode(
         timestamp=time.time() if timestamp is None else float(timestamp),
         roi=tuple(roi or (0, 0, w, h)),
         source_size=tuple(source_size or (w, h)),
-        name="" if name is None else str(name),
+        name=name,
     )
     if mode == "simplified":
         img_codec = IMAGE_CODECS[codec]
