@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -128,6 +129,33 @@ def test_run_to_receive_over_loopback(bundle, tmp_path, capsys):
     assert len(list((tmp_path / "rx").glob("*.png"))) == 8
     lines = (tmp_path / "rx" / "frames.jsonl").read_text().splitlines()
     assert [json.loads(x)["sequence"] for x in lines] == list(range(8))
+
+
+def test_receive_exits_1_when_frames_are_lost_or_none_arrive(bundle, tmp_path, capsys):
+    """Frames the receiver could not write (its folder removed under it) are counted apart from
+    broken connections, and like an idle run that received nothing, the exit is 1 with one line."""
+    port, codes = _free_port(), []
+    out = tmp_path / "rx"
+    rx = threading.Thread(target=lambda: codes.append(main(["-q", "receive", "--listen", f"127.0.0.1:{port}", "--out", str(out),
+                                                            "--once", "--idle-timeout", "20"])))
+    rx.start()
+    deadline = time.monotonic() + 10
+    while not (out / "frames.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shutil.rmtree(out)  # frames.jsonl stays open; every PNG now fails to be written
+    assert main(["-q", "run", "--model", str(bundle), "--source", _video(tmp_path / "in.mp4", 3), "--sink", f"tcp:127.0.0.1:{port}"]) == 0
+    rx.join(30)
+    captured = capsys.readouterr()
+    decoder, text, printed = json.JSONDecoder(), captured.out, []
+    while text.strip():  # the run's summary and the receiver's, in either order
+        value, end = decoder.raw_decode(text.lstrip())
+        printed.append(value)
+        text = text.lstrip()[end:]
+    stats = next(p for p in printed if "connections" in p)
+    assert codes == [1] and stats["write_errors"] == 3 and stats["frames"] == 0 and stats["protocol_errors"] == 0
+    assert "lost: 3 frames not written (disk)" in captured.err
+    assert main(["-q", "receive", "--listen", f"127.0.0.1:{_free_port()}", "--out", str(tmp_path / "idle"), "--idle-timeout", "0.3"]) == 1
+    assert "0 frames written; nothing received" in capsys.readouterr().err
 
 
 def test_run_to_receive_over_mqtt(bundle, mosquitto, tmp_path, capsys):

@@ -1,6 +1,10 @@
 """``keepbits receive``: the reference receiver for ``keepbits run --sink tcp:HOST:PORT`` and
 ``--sink mqtt://HOST:PORT/TOPIC``.
 
+Exits 0 when frames were written and none was lost, else 1 with one line saying how many were
+lost and how (bad payloads, oversize, not written, broken connections, dropped), or that nothing
+arrived; 2 for bad input.
+
 Example:
     keepbits receive --listen 127.0.0.1:9000 --out received/ --video received.mp4
     keepbits receive --mqtt mqtt://broker:1883/cams/+/kbit --out received/
@@ -9,15 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 from pathlib import Path
 
 from keepbits.errors import InputError
 
+#: Summary counters of frames a receiver lost, and how its exit line names them.
+LOSSES = {"bad_payloads": "bad payloads", "oversize": "payloads over --max-payload", "write_errors": "frames not written (disk)",
+          "protocol_errors": "broken connections or streams (TCP)", "dropped": "messages dropped while the decoder fell behind (MQTT)"}
 HELP = "receive payloads over TCP or MQTT (from keepbits run --sink tcp:/mqtt://) and decode them to images/video"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("exit codes: 0: frames written and none lost; 1: frames lost (" + ", ".join(LOSSES.values())
+                     + ") or nothing received, one line on stderr says which; 2: bad input; 130: aborted")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--listen", metavar="HOST:PORT", help="TCP address to listen on, e.g. 127.0.0.1:9000")
     where.add_argument("--mqtt", metavar="URL",
@@ -67,4 +77,9 @@ def run(args: argparse.Namespace) -> int:
             host, port = parse_hostport(args.listen)
             stats = receive(host, port, args.out, once=args.once, stop=stop, **common, **limits)
     print(json.dumps(stats, indent=2))
-    return 0
+    lost = ", ".join(f"{stats[key]} {what}" for key, what in LOSSES.items() if stats.get(key))
+    if stats["frames"] and not lost:
+        return 0
+    print(f"keepbits: receive: {stats['frames']} frames written" + (f"; lost: {lost}" if lost else "; nothing received"),
+          file=sys.stderr)
+    return 1

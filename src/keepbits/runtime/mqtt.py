@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import re
@@ -236,6 +237,25 @@ class MqttSink:
                 "undelivered": unsent + pending, "last_error": self._state.get("last_error")}
 
 
+#: Longest topic part of a received frame's file name (file names end at 255 bytes).
+MAX_TOPIC_STEM = 120
+
+
+def _topic_stem(topic: str) -> str:
+    """``topic`` as a file-name part: runs of other characters than ``A-Za-z0-9.-`` as ``_``; a
+    longer result is cut and given 8 hex digits of the topic's sha256, so topics stay apart.
+
+    Example:
+        >>> from keepbits.runtime.mqtt import _topic_stem
+        >>> _topic_stem("cams/1/kbit"), len(_topic_stem("c/" * 500))
+        ('cams_1_kbit', 129)
+    """
+    stem = re.sub(r"[^A-Za-z0-9.-]+", "_", topic)
+    if len(stem) <= MAX_TOPIC_STEM:
+        return stem
+    return f"{stem[:MAX_TOPIC_STEM]}~{hashlib.sha256(topic.encode('utf-8')).hexdigest()[:8]}"
+
+
 def _file_names() -> Callable[[str], Callable[[PayloadMeta], str]]:
     """Names of received frames: ``<topic>-<session>-<sequence>`` (topic with ``/`` as ``_``); a
     sequence number not above the last one of its topic starts the next session, so a restarted
@@ -247,7 +267,7 @@ def _file_names() -> Callable[[str], Callable[[PayloadMeta], str]]:
             session, previous = last.get(topic, (0, -1))
             session += meta.sequence <= previous
             last[topic] = (session, meta.sequence)
-            return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', topic)}-{session}-{meta.sequence:08d}"
+            return f"{_topic_stem(topic)}-{session}-{meta.sequence:08d}"
 
         return name
 
@@ -290,7 +310,7 @@ def receive_mqtt(
     queue = BoundedQueue(address.queue, "drop_oldest")
     connected = threading.Event()
     state: dict[str, Any] = {}
-    stats = {"address": str(address), "frames": 0, "bytes": 0, "bad_payloads": 0, "oversize": 0, "dropped": 0,
+    stats = {"address": str(address), "frames": 0, "bytes": 0, "bad_payloads": 0, "write_errors": 0, "oversize": 0, "dropped": 0,
              "connects": 0, "disconnects": 0}
 
     def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -347,6 +367,9 @@ def receive_mqtt(
             except DecodeError as exc:
                 stats["bad_payloads"] += 1
                 log.warning("%s: bad payload on %s skipped (%s)", address, topic, exc)
+            except OSError as exc:
+                stats["write_errors"] += 1
+                log.warning("%s: a frame received on %s could not be written (%s)", address, topic, exc)
     finally:
         state["closing"] = True
         queue.close()

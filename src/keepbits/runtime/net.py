@@ -230,7 +230,8 @@ def receive(
     stop = stop or threading.Event()
     writer = PayloadWriter(out, video=video, fps=fps, images=images, masks=False, append=True, what="receive --out",
                            max_pixels=max_pixels, max_pixels_per_byte=max_pixels_per_byte)
-    stats: dict[str, Any] = {"frames": 0, "bytes": 0, "bad_payloads": 0, "protocol_errors": 0, "connections": 0, "sessions": []}
+    stats: dict[str, Any] = {"frames": 0, "bytes": 0, "bad_payloads": 0, "protocol_errors": 0, "write_errors": 0, "connections": 0,
+                             "sessions": []}
     try:
         server = socket.create_server((host, port), backlog=max(8, max_connections))
     except OSError as exc:
@@ -333,6 +334,10 @@ def _serve(conn: socket.socket, peer: Any, writer: PayloadWriter, stats: dict[st
             except DecodeError as exc:
                 count("bad_payloads")
                 log.warning("%s: bad payload skipped (%s)", sender, exc)
+                continue
+            except OSError as exc:  # our disk, not the sender: counted apart from connection errors
+                count("write_errors")
+                log.warning("%s: a received frame could not be written (%s)", sender, exc)
                 continue
             with shared["lock"]:
                 stats["frames"] += 1

@@ -41,6 +41,13 @@ def _crop(image: np.ndarray, roi: tuple[int, int, int, int]) -> np.ndarray:
     return image[y0:y0 + h, x0:x0 + w] if w and h else image
 
 
+def _write_png(path: Path, image: np.ndarray) -> None:
+    """``cv2.imwrite``, but an :class:`OSError` where it fails (it only returns False: full disk,
+    a folder removed, a name too long), so no record names a file that was not written."""
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"cannot write {path}")
+
+
 class PayloadWriter:
     """Decode payloads into ``out``: PNGs (``images``), mask PNGs (``masks``), ``frames.jsonl``
     (``append``: added to an existing one), and ``video`` (a path) at ``fps``; frames of another
@@ -75,7 +82,9 @@ class PayloadWriter:
               **extra: Any) -> dict[str, Any]:
         """Decode ``payload`` and write its files under ``name`` (a function of the payload's
         :class:`keepbits.codec.PayloadMeta`, or default: ``prefix`` and its sequence number, 8
-        digits); ``extra`` goes first into its JSONL record, which is returned."""
+        digits); ``extra`` goes first into its JSONL record, which is returned.
+        :class:`keepbits.errors.DecodeError` for a bad payload, :class:`OSError` where a file
+        cannot be written (then no record is added)."""
         image, mask, meta = decode(payload, **self.limits)
         name = name(meta) if callable(name) else name or f"{prefix}{meta.sequence:08d}"
         crop = _crop(image, meta.roi)
@@ -85,10 +94,10 @@ class PayloadWriter:
                   "total_blocks": meta.total_blocks, "kept_pixels": None if mask is None else int(mask.sum()),
                   "size": [int(bgr.shape[1]), int(bgr.shape[0])], "image": None, "mask": None}
         if self.images:
-            cv2.imwrite(str(self.out / f"{name}.png"), bgr)
+            _write_png(self.out / f"{name}.png", bgr)
             record["image"] = f"{name}.png"
         if self.masks and mask is not None:
-            cv2.imwrite(str(self.out / f"{name}_mask.png"), _crop(mask, meta.roi).astype(np.uint8) * 255)
+            _write_png(self.out / f"{name}_mask.png", _crop(mask, meta.roi).astype(np.uint8) * 255)
             record["mask"] = f"{name}_mask.png"
         with self._lock:
             if self.video_path is not None:
