@@ -23,6 +23,23 @@ def _frames(n: int) -> list[np.ndarray]:
     return frames
 
 
+def test_files_sink_never_mixes_two_runs(tmp_path):
+    """A second run into a folder holding the first's payloads is refused (a shorter run would
+    leave the longer one's tail under the new frames.jsonl); replace=True (the demo) starts clean."""
+    from keepbits.runtime import Pipeline
+    from keepbits.runtime.sinks import FilesSink
+    from keepbits.runtime.synthetic import toy_bundle
+
+    pipe = Pipeline.from_bundle(toy_bundle(tmp_path / "toy", size=32, block=4))  # its own sequence numbers
+    run_stream(pipe, open_source(_frames(5)), [open_sink(f"files:{tmp_path / 'sent'}")])
+    with pytest.raises(InputError, match="earlier run's payloads"):
+        open_sink(f"files:{tmp_path / 'sent'}")
+    assert len(list((tmp_path / "sent" / "payloads").iterdir())) == 5  # nothing lost
+    run_stream(pipe, open_source(_frames(2)), [FilesSink(tmp_path / "sent", replace=True)])
+    assert sorted(p.name for p in (tmp_path / "sent" / "payloads").iterdir()) == ["00000005.kbit", "00000006.kbit"]
+    assert decode_files([tmp_path / "sent"], tmp_path / "out")["decoded"] == 2
+
+
 def test_files_sink_payloads_decode_to_the_senders_mixed_image_and_mask(pipe, tmp_path):
     frames = _frames(5)
     run_stream(pipe, open_source(frames), [open_sink(f"files:{tmp_path / 'sent'}")])

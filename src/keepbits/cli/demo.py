@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode is None and pipeline.explain == "mask":
         pipeline.codec_options["mode"] = DEMO_CODEC["mode"]
     stream = open_source(source)
-    sinks = [FilesSink(args.out), VideoSink(args.out / "annotated.mp4", stream.fps)]
+    sinks = [FilesSink(args.out, replace=True), VideoSink(args.out / "annotated.mp4", stream.fps)]  # a rerun replaces the demo's output
     with handle_signals(threading.Event()) as stop:
         summary = run_stream(pipeline, stream, sinks, max_frames=args.max_frames, compare=("jpeg", "png", "lossless"),
                              stop=stop, progress=ProgressLine(args.quiet))

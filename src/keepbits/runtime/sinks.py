@@ -35,13 +35,22 @@ class Sink(Protocol):
 
 class FilesSink:
     """Payload files plus JSONL metadata, flushed per frame; the folder is created (and checked
-    writable) when the sink opens."""
+    writable) when the sink opens. A folder that holds an earlier run's payloads is refused:
+    writing over them would mix two runs under one ``frames.jsonl`` (a shorter run leaves the
+    longer one's tail) and lose the first; ``replace=True`` deletes them first (the demo, which
+    owns its folder)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, replace: bool = False):
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise InputError(f"sink files:{folder}: {folder} exists and is not a folder")
+        earlier = sorted((self.folder / "payloads").glob("*.kbit")) if (self.folder / "payloads").is_dir() else []
+        if not replace and (earlier or (self.folder / "frames.jsonl").is_file()):
+            raise InputError(f"sink files:{folder}: {folder} holds an earlier run's payloads or frames.jsonl; "
+                             "choose another folder or remove them")
         try:
+            for path in earlier:
+                path.unlink()
             (self.folder / "payloads").mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.folder / "frames.jsonl", "w", encoding="utf-8")
         except OSError as exc:
