@@ -151,3 +151,16 @@ def test_iterator_frames_that_are_no_images_are_skipped():
     frames = [np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32), np.zeros((4, 4, 3), np.uint8)]
     src = open_source(frames)
     assert [f.index for f in src] == [0, 1] and src.stats()["skipped"] == 1
+
+
+def test_a_camera_password_never_reaches_logs_errors_or_counters(caplog):
+    """rtsp://user:password@… is how cameras are addressed; what keepbits shows of it is redacted."""
+    src = open_source("rtsp://admin:s3cret@127.0.0.1:1/stream", read_timeout=0.3, stall_timeout=0.8)
+    with caplog.at_level("WARNING"):
+        assert list(src) == []
+    stats = src.stats()
+    assert stats["errors"] >= 1 and "admin:***@127.0.0.1:1" in stats["last_error"] and "admin:***" in src.name
+    assert "s3cret" not in caplog.text + stats["last_error"] + src.name
+    with pytest.raises(InputError) as error:
+        open_source(object.__new__(type("NotASource", (), {})))
+    assert "NotASource" in str(error.value)

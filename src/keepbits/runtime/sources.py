@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import stat
 import threading
 import time
@@ -75,6 +76,21 @@ class Frame:
     image: np.ndarray
     index: int
     timestamp: float
+
+
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^/\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it as ``***``: what
+    logs, errors and summaries show of a camera URL or a GStreamer pipeline.
+
+    Example:
+        >>> from keepbits.runtime.sources import redact_url
+        >>> redact_url("rtsp://admin:p@ss@10.0.0.5:554/h264"), redact_url("rtsp://10.0.0.5/live")
+        ('rtsp://admin:***@10.0.0.5:554/h264', 'rtsp://10.0.0.5/live')
+    """
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def as_rgb(item: Any, color: str = "rgb") -> np.ndarray:
@@ -316,7 +332,8 @@ def _capture(target: str | int, timeout_ms: int, max_pixels: int, api: int = cv2
                     os.environ[_FFMPEG_OPTIONS] = before
     if not cap.isOpened():
         cap.release()
-        raise InputError(f"cannot open video source {target!r} (missing, corrupt, or no codec/driver)")
+        shown = repr(redact_url(target)) if isinstance(target, str) else target
+        raise InputError(f"cannot open video source {shown} (missing, corrupt, or no codec/driver)")
     w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
     if w * h > max_pixels:
         cap.release()
@@ -462,15 +479,15 @@ def open_source(
     if isinstance(spec, str) and spec.lower().startswith(LIVE_SCHEMES):
         options = f"rtsp_transport;{rtsp_transport}" if rtsp_transport and spec.lower().startswith(("rtsp://", "rtsps://")) else None
         return Source(lambda: _capture_frames(_capture(spec, timeout_ms, max_pixels, ffmpeg_options=options), True),
-                      name=spec.split("@")[-1], live=True if live is None else live, color="bgr", **common)
+                      name=redact_url(spec), live=True if live is None else live, color="bgr", **common)
     if is_gstreamer_pipeline(spec):
         from keepbits.runtime.video import has_backend
 
         if not has_backend("GSTREAMER"):
-            raise InputError(f"{spec!r} is a GStreamer pipeline, but this OpenCV build has no GStreamer back-end "
+            raise InputError(f"{redact_url(spec)!r} is a GStreamer pipeline, but this OpenCV build has no GStreamer back-end "
                              "(keepbits doctor shows its video back-ends); use an OpenCV built with GStreamer, or a file, URL or camera")
         return Source(lambda: _capture_frames(_capture(spec, timeout_ms, max_pixels, cv2.CAP_GSTREAMER), True),
-                      name=spec.split(" ! ", 1)[0], live=True if live is None else live, color="bgr", **common)
+                      name=redact_url(spec.split(" ! ", 1)[0]), live=True if live is None else live, color="bgr", **common)
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         if not path.exists():
@@ -484,4 +501,5 @@ def open_source(
                       color="bgr", **common)
     if isinstance(spec, Iterable):
         return Source(lambda: iter(spec), name=type(spec).__name__, live=bool(live), color=color, **common)
-    raise InputError(f"unsupported source {spec!r}: give a path, folder, camera index, URL or iterable of frames")
+    shown = redact_url(spec) if isinstance(spec, str) else spec
+    raise InputError(f"unsupported source {shown!r}: give a path, folder, camera index, URL or iterable of frames")
