@@ -46,6 +46,8 @@ def paths(tmp_path_factory):
     (root / "dir").mkdir()
     (root / "dir.mp4").mkdir()
     (root / "text.pt").write_text("some text file\nline 2\n")
+    with zipfile.ZipFile(bundle) as zf:
+        (root / "classifier.onnx").write_bytes(zf.read("model.onnx"))  # an ONNX model where a bundle belongs
     (root / "empty.pt").write_bytes(b"")
     broken = root / "broken"
     broken.mkdir()
@@ -54,7 +56,7 @@ def paths(tmp_path_factory):
     np.savez(root / "data.npz", x=rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), y=np.arange(12) % 2)
     return {"bundle": bundle, "video": video, "file": root / "file.txt", "dir": root / "dir", "dirmp4": root / "dir.mp4",
             "text_pt": root / "text.pt", "empty_pt": root / "empty.pt", "broken": broken, "data": root / "data.npz",
-            "hugeblock": root / "hugeblock.zip", "out": root / "out", "port": _closed_port()}
+            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "out": root / "out", "port": _closed_port()}
 
 
 RUN = ["run", "--model", "{bundle}", "--source", "{video}"]
@@ -73,6 +75,7 @@ CASES = [
     ("--expect-digest mismatch", RUN + ["--expect-digest", "0" * 64], 2, "does not match the expected"),
     ("--expect-digest malformed", RUN + ["--expect-digest", "abc"], 2, "--expect-digest must be 64 hex digits"),
     ("--model a text file", ["run", "--model", "{file}", "--source", "{video}"], 2, "not a readable bundle archive"),
+    ("--model a plain .onnx", ["run", "--model", "{onnx}", "--source", "{video}"], 2, "an ONNX model, not a keepbits bundle"),
     ("--model block_size 10**12", ["run", "--model", "{hugeblock}", "--source", "{video}"], 2, "block_size must be an int in 1..65535"),
     ("receive --out a file", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{file}"], 2, "exists and is not a folder"),
     ("receive --idle-timeout 0", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{out}/rx", "--idle-timeout", "0"], 2,

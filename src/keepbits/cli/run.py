@@ -172,12 +172,12 @@ def run(args: argparse.Namespace) -> int:
     if args.summary:
         writable_file(args.summary, "--summary")
     source_options = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
-    if not args.sink:
-        log.warning("no --sink: payloads are encoded and measured, then discarded (keep them with --sink files:DIR, "
-                    "video:OUT.mp4, tcp:HOST:PORT or mqtt://HOST/TOPIC)")
     with Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads,
                               expected_digest=args.expect_digest, **codec_options(args)) as pipeline, \
             handle_signals(threading.Event()) as stop:
+        if not args.sink:
+            log.warning("no --sink: payloads are encoded and measured, then discarded (keep them with --sink files:DIR, "
+                        "video:OUT.mp4, tcp:HOST:PORT or mqtt://HOST/TOPIC)")
         references = default_references(pipeline.codec_options) if args.compare is None else args.compare
         source = open_source(args.source, loop=args.loop, read_timeout=args.read_timeout, stall_timeout=args.stall_timeout,
                              rtsp_transport=args.rtsp_transport, frame_step=args.frame_step, **source_options)
