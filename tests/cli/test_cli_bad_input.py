@@ -48,6 +48,8 @@ def paths(tmp_path_factory):
     (root / "text.pt").write_text("some text file\nline 2\n")
     with zipfile.ZipFile(bundle) as zf:
         (root / "classifier.onnx").write_bytes(zf.read("model.onnx"))  # an ONNX model where a bundle belongs
+    (root / "used" / "payloads").mkdir(parents=True)  # a files sink's folder from an earlier run
+    (root / "used" / "payloads" / "00000000.kbit").write_bytes(b"an earlier run's payload")
     (root / "empty.pt").write_bytes(b"")
     broken = root / "broken"
     broken.mkdir()
@@ -56,7 +58,7 @@ def paths(tmp_path_factory):
     np.savez(root / "data.npz", x=rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), y=np.arange(12) % 2)
     return {"bundle": bundle, "video": video, "file": root / "file.txt", "dir": root / "dir", "dirmp4": root / "dir.mp4",
             "text_pt": root / "text.pt", "empty_pt": root / "empty.pt", "broken": broken, "data": root / "data.npz",
-            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "out": root / "out", "port": _closed_port()}
+            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "used": root / "used", "out": root / "out", "port": _closed_port()}
 
 
 RUN = ["run", "--model", "{bundle}", "--source", "{video}"]
@@ -75,7 +77,6 @@ CASES = [
     ("--expect-digest mismatch", RUN + ["--expect-digest", "0" * 64], 2, "does not match the expected"),
     ("--expect-digest malformed", RUN + ["--expect-digest", "abc"], 2, "--expect-digest must be 64 hex digits"),
     ("--model a text file", ["run", "--model", "{file}", "--source", "{video}"], 2, "not a readable bundle archive"),
-    ("--model a plain .onnx", ["run", "--model", "{onnx}", "--source", "{video}"], 2, "an ONNX model, not a keepbits bundle"),
     ("--model block_size 10**12", ["run", "--model", "{hugeblock}", "--source", "{video}"], 2, "block_size must be an int in 1..65535"),
     ("receive --out a file", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{file}"], 2, "exists and is not a folder"),
     ("receive --idle-timeout 0", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{out}/rx", "--idle-timeout", "0"], 2,
@@ -94,6 +95,8 @@ CASES = [
                                    "--stall-timeout", "0.5"], 3, "source_failed: no frame from the source"),
     ("folder of unreadable images", ["run", "--model", "{bundle}", "--source", "{broken}"], 3, "a.png: not a readable image"),
     ("a good run", RUN + ["--sink", "files:{out}/ok"], 0, ""),
+    ("sink files: an earlier run's folder", RUN + ["--sink", "files:{used}"], 2, "holds an earlier run's payloads"),
+    ("--model a plain .onnx", ["run", "--model", "{onnx}", "--source", "{video}"], 2, "an ONNX model, not a keepbits bundle"),
 ]
 
 
