@@ -257,7 +257,7 @@ def test_int8_calibrates_on_unlabelled_footage_with_disjoint_comparison_frames(b
     seeded draw split into calibration and comparison frames that never overlap; agreement, no accuracy."""
     import cv2
 
-    from keepbits.export.quantize import _footage_split
+    from keepbits.export.quantize import calibration_split
 
     rng = np.random.default_rng(SEED)
     footage = tmp_path / "footage"
@@ -275,11 +275,31 @@ def test_int8_calibrates_on_unlabelled_footage_with_disjoint_comparison_frames(b
     q = load_bundle(report["bundle"]).manifest.provenance["quantization"]
     assert q["calibration_images"] == 8 and report["images"] == 6 and "accuracy_candidate" not in report
     assert "footage: 10 images, 6 frames read, one video frame in 2, 1 unreadable files skipped" in q["calibration_data"]
-    calib, comparison, _ = _footage_split(footage, bundle_a[1].manifest, 8, 6, 2)
+    calib, comparison, labels, _ = calibration_split(footage, bundle_a[1].manifest, 8, 6, 2)
     rows = {row.tobytes() for row in calib}
-    assert len(calib) == 8 and len(comparison) == 6 and not rows & {row.tobytes() for row in comparison}
-    calib, comparison, _ = _footage_split(footage, bundle_a[1].manifest, 100, 100, 2)  # fewer than asked: half compare
+    assert len(calib) == 8 and len(comparison) == 6 and not rows & {row.tobytes() for row in comparison} and labels is None
+    calib, comparison, _, _ = calibration_split(footage, bundle_a[1].manifest, 100, 100, 2)  # fewer than asked: half compare
     assert (len(calib), len(comparison)) == (8, 8)
+
+
+def test_int8_class_folders_without_a_test_split_never_compare_on_calibration_images(bundle_a, tmp_path):
+    """Class folders have no test split: calibration and comparison come from one class-balanced
+    draw cut in two (they were two samples of the same images, so the agreement was partly
+    measured on what calibrated the ranges)."""
+    import cv2
+
+    from keepbits.export.quantize import calibration_split
+
+    rng = np.random.default_rng(SEED)
+    names = bundle_a[1].manifest.class_names
+    for k, name in enumerate(names):
+        (tmp_path / "folders" / name).mkdir(parents=True)
+        for i in range(6):
+            cv2.imwrite(str(tmp_path / "folders" / name / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    calib, comparison, labels, described = calibration_split(tmp_path / "folders", bundle_a[1].manifest, 8, 100)
+    assert (len(calib), len(comparison)) == (8, 3 * len(names))  # fewer than asked: half of the 24 compare
+    assert not {row.tobytes() for row in calib} & {row.tobytes() for row in comparison}
+    assert labels is not None and len(labels) == len(comparison) and "no test split" in described
 
 
 def test_compare_checkpoint_bundle_backends_and_int8(bundle_a, tmp_path, capsys):

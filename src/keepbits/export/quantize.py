@@ -24,8 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from keepbits.bundle import Bundle, load_bundle, write_bundle
-from keepbits.data import ImageDataset, has_split, load_dataset
-from keepbits.data.images import is_labelled_set
+from keepbits.data import Preprocessing, has_split, load_dataset, sample_indices
+from keepbits.data.images import is_labelled_set, model_images
 from keepbits.errors import InputError
 from keepbits.native import make_session
 from keepbits.runtime.parity import Parity
@@ -84,36 +84,53 @@ def compare(reference: Bundle, candidate: Bundle, images: np.ndarray, labels: np
     return report
 
 
-def _footage_split(data: str | Path, manifest: Any, calibration_images: int, eval_images: int,
-                   frame_step: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Calibration and comparison images from unlabelled footage: one seeded draw of both
-    (:func:`keepbits.data.images.model_images`, fitted by the bundle's preprocessing), shuffled
-    (seed 0) and cut in two disjoint parts; where the footage holds fewer images than both ask
-    for, at most half of them compare."""
-    from keepbits.data import Preprocessing
-    from keepbits.data.images import model_images
+def _cut(n: int, calibration_images: int, eval_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint calibration and comparison positions among ``n`` drawn images (shuffled, seed 0);
+    where fewer than both ask for were drawn, at most half of them compare."""
+    order = np.random.default_rng(0).permutation(n)
+    n_eval = eval_images if n >= calibration_images + eval_images else min(eval_images, n // 2)
+    n_cal = min(calibration_images, n - n_eval)
+    return order[:n_cal], order[n_cal:n_cal + n_eval]
 
+
+def calibration_split(data: str | Path, manifest: Any, calibration_images: int, eval_images: int,
+                      frame_step: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+    """Calibration images, comparison images, their labels (None: unlabelled, or classes that
+    are not the bundle's) and a description of ``data``; never an image in both.
+
+    A labelled set with a test split calibrates on a seeded class-balanced sample of its train
+    split and compares on one of its test split; without a test split (class folders), and for
+    unlabelled footage (image folders of any nesting, videos: every ``frame_step``-th frame), one
+    seeded draw (class-balanced where labelled) is cut into two disjoint parts (:func:`_cut`).
+    """
     c, h, w = manifest.input_shape
+    if is_labelled_set(Path(data), "train"):
+        fit = dict(size=(h, w), policy=manifest.resize_policy, crop_fraction=manifest.crop_fraction)  # class folders
+        train = load_dataset(data, "train", **fit)
+        if has_split(data, "test"):
+            test = load_dataset(data, "test", **fit).sample(eval_images, seed=0)
+            calib, eval_x, eval_y, described = train.sample(calibration_images, seed=0).x, test.x, test.y, str(data)
+        else:
+            chosen = sample_indices(train.y, calibration_images + eval_images, seed=0)
+            cal, comparison = _cut(len(chosen), calibration_images, eval_images)
+            calib, eval_x, eval_y = train.x[chosen[cal]], train.x[chosen[comparison]], train.y[chosen[comparison]]
+            described = f"{data} (no test split: calibration and comparison are disjoint parts of one draw)"
+        return calib, eval_x, eval_y if train.num_classes == len(manifest.class_names) else None, described
     pre = Preprocessing((h, w), tuple(manifest.mean), tuple(manifest.std), manifest.resize_policy, manifest.crop_fraction)
     drawn = model_images(data, pre, num_images=calibration_images + eval_images, seed=0, frame_step=frame_step, channels=c)
-    x, source = drawn.images, drawn.source
-    if len(x) < 2:
-        raise InputError(f"{data}: {len(x)} readable image(s); calibration and comparison need at least one each")
-    order = np.random.default_rng(0).permutation(len(x))
-    n_eval = eval_images if len(x) >= calibration_images + eval_images else min(eval_images, len(x) // 2)
-    n_cal = min(calibration_images, len(x) - n_eval)
-    return x[order[:n_cal]], x[order[n_cal:n_cal + n_eval]], source
+    if len(drawn.images) < 2:
+        raise InputError(f"{data}: {len(drawn.images)} readable image(s); calibration and comparison need at least one each")
+    cal, comparison = _cut(len(drawn.images), calibration_images, eval_images)
+    return drawn.images[cal], drawn.images[comparison], None, drawn.source
 
 
 def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, calibration_images: int = 256,
                     eval_images: int = 1000, per_channel: bool = True, overwrite: bool = False,
                     activations: str = "uint8", frame_step: int = 1) -> tuple[Bundle, dict]:
-    """Quantise ``bundle_path`` to INT8 (calibration: ``calibration_images`` of the ``data`` train
-    split) and compare on ``eval_images`` of the test split (the train split when there is none);
-    both are seeded class-balanced samples (:func:`keepbits.data.sample_indices`, seed 0).
-    ``data`` may be unlabelled footage instead (image folders of any nesting, videos: every
-    ``frame_step``-th frame): calibration and comparison are then disjoint parts of one seeded
-    draw, compared by argmax and mask agreement only (no accuracy without labels).
+    """Quantise ``bundle_path`` to INT8 (calibration: ``calibration_images`` of ``data``) and
+    compare on ``eval_images`` others (:func:`calibration_split`: the test split, or a disjoint
+    part of one seeded draw); unlabelled footage is compared by argmax and mask agreement only
+    (no accuracy without labels).
     ``activations`` is one of :data:`ACTIVATION_TYPES`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -124,16 +141,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
     m = source.manifest
     if not m.function_bodies:
         raise InputError(f"{bundle_path}: a {m.target} bundle without function bodies cannot be calibrated in ONNX Runtime")
-    if is_labelled_set(Path(data), "train"):
-        fit = dict(size=(m.input_shape[1], m.input_shape[2]), policy=m.resize_policy, crop_fraction=m.crop_fraction)  # class folders
-        train = load_dataset(data, "train", **fit)
-        test: ImageDataset = load_dataset(data, "test", **fit) if has_split(data, "test") else train
-        calib = train.sample(calibration_images, seed=0).x
-        evaluation = test.sample(eval_images, seed=0)
-        eval_x, eval_y, described = evaluation.x, evaluation.y if evaluation.num_classes == len(m.class_names) else None, str(data)
-    else:
-        calib, eval_x, described = _footage_split(data, m, calibration_images, eval_images, frame_step)
-        eval_y = None
+    calib, eval_x, eval_y, described = calibration_split(data, m, calibration_images, eval_images, frame_step)
     with tempfile.TemporaryDirectory() as tmp:
         quantized = Path(tmp) / "model.onnx"
         root, level = logging.getLogger(), logging.getLogger().level
