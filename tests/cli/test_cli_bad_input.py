@@ -96,6 +96,8 @@ CASES = [
     ("folder of unreadable images", ["run", "--model", "{bundle}", "--source", "{broken}"], 3, "a.png: not a readable image"),
     ("a good run", RUN + ["--sink", "files:{out}/ok"], 0, ""),
     ("sink files: an earlier run's folder", RUN + ["--sink", "files:{used}"], 2, "holds an earlier run's payloads"),
+    ("receive --video an earlier video", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{out}/rx2", "--video", "{video}"], 2,
+     "exists (an earlier run's?): a receiver never overwrites it"),
     ("--model a plain .onnx", ["run", "--model", "{onnx}", "--source", "{video}"], 2, "an ONNX model, not a keepbits bundle"),
 ]
 

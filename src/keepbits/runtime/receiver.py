@@ -50,7 +50,8 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 class PayloadWriter:
     """Decode payloads into ``out``: PNGs (``images``), mask PNGs (``masks``), ``frames.jsonl``
-    (``append``: added to an existing one), and ``video`` (a path) at ``fps``; frames of another
+    (``append``: added to an existing one; then an existing ``video`` is refused, not
+    overwritten), and ``video`` (a path) at ``fps``; frames of another
     size than the first are resized to it. ``max_pixels`` and ``max_pixels_per_byte`` bound
     :func:`keepbits.codec.decode`. Safe to call from several threads (one per sender); ``what``
     names ``out`` in errors."""
@@ -65,6 +66,8 @@ class PayloadWriter:
                 video_codecs(video)
             except InputError as exc:
                 raise InputError(f"video {video}: {exc}") from None
+            if append and Path(video).exists():  # a receiver keeps what it received before: frames.jsonl is appended to
+                raise InputError(f"video {video} exists (an earlier run's?): a receiver never overwrites it; choose another name")
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"{what} {out}: exists and is not a folder")
         try:
