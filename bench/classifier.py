@@ -42,7 +42,7 @@ def main() -> int:
     if args.epochs:
         task["epochs"] = args.epochs
     out = args.runs / f"bench_{args.task}"
-    cfg = ClassifierConfig(data=str(args.data / subdir), out=str(out), val_fraction=0.0, threads=args.threads,
+    cfg = ClassifierConfig(overwrite=True, data=str(args.data / subdir), out=str(out), val_fraction=0.0, threads=args.threads,
                            command=" ".join(sys.argv), **task)
     started = time.time()
     summary = train_classifier(cfg)

@@ -679,12 +679,12 @@ def step_train_nice(ctx: dict, entry: dict, save: Callable[[], None]) -> None:
     entry.update(classifier=arch, image_size=size, images=count, batch=batch, epochs=epochs)
     first = {}
     for device in ("cpu", "cuda"):
-        summary = train_nice(NiceConfig(out=str(work / f"nice_first_{device}"), epochs=1, max_train=batch, device=device, **base))
+        summary = train_nice(NiceConfig(overwrite=True, out=str(work / f"nice_first_{device}"), epochs=1, max_train=batch, device=device, **base))
         first[device] = summary["history"][0]["train_loss"]
     entry["first_step_loss"] = {**first, "rel_diff": abs(first["cuda"] - first["cpu"]) / abs(first["cpu"]),
                                 "note": "sampled gates (Eq. 7): equal only if both devices draw the same noise"}
     save()
-    summary = train_nice(NiceConfig(out=str(work / "nice_cuda"), epochs=epochs, device="cuda", **base))
+    summary = train_nice(NiceConfig(overwrite=True, out=str(work / "nice_cuda"), epochs=epochs, device="cuda", **base))
     entry.update(epoch_rates(summary["history"], count))
 
 
@@ -701,13 +701,13 @@ def step_train_density_simplebits(ctx: dict, entry: dict, save: Callable[[], Non
     size, count, steps = (16, 32, 3) if ctx["tiny"] else (32, 512, 40)
     work = Path(ctx["work"])
     data = synthetic_npz(work / f"train_{size}_{count}.npz", count, size)
-    density = train_density(DensityConfig(data=str(data), out=str(work / "density_cuda.pt"), levels=2, depth=2, hidden=16, steps=steps,
+    density = train_density(DensityConfig(overwrite=True, data=str(data), out=str(work / "density_cuda.pt"), levels=2, depth=2, hidden=16, steps=steps,
                                           batch_size=16, warmup_steps=1, eval_images=16, seed=ctx["seed"], device="cuda"))
     flow = load_density(density["checkpoint"])  # on the CPU
     entry["density"] = {"steps_run": density["steps_run"], "test_bpd": density["test_bpd"], "seconds": round(density["wall_time_s"], 2),
                         "cpu_reload_bpd": float(flow.bpd(torch.rand(2, 3, size, size)).mean())}
     save()
-    simple = train_simplebits(SimpleBitsConfig(data=str(data), out=str(work / "simplebits_cuda.pt"), density=density["checkpoint"],
+    simple = train_simplebits(SimpleBitsConfig(overwrite=True, data=str(data), out=str(work / "simplebits_cuda.pt"), density=density["checkpoint"],
                                                arch="lenet5", unet_base=4, steps=steps, batch_size=8, max_test=16, seed=ctx["seed"],
                                                device="cuda"))
     simplifier, classifier, _ = load_simplebits(simple["checkpoint"])  # on the CPU

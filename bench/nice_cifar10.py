@@ -89,7 +89,7 @@ def main() -> int:
         out = args.runs / (f"cifar10_{args.generator}{args.tag}_{mode}_l{lam:g}" + (f"_clr{clr:g}" if clr else "") + f"_s{seed}")
         if args.reuse and (out / "nice.pt").exists():
             return str(out / "nice.pt"), {"history": load_checkpoint(out / "nice.pt").metrics["history"], "train_wall_s": None}
-        cfg = NiceConfig(data=str(data), classifier=clf_path, out=str(out), generator=args.generator, mode=mode,
+        cfg = NiceConfig(overwrite=True, data=str(data), classifier=clf_path, out=str(out), generator=args.generator, mode=mode,
                          train_blocks=args.train_blocks if mode == "finetuned" else [], block_size=TRAIN_B, lambda_l0=lam,
                          lambda_smooth=args.lambda_smooth, optimizer="adam", lr=args.lr, classifier_lr=clr, epochs=args.epochs,
                          max_train=args.max_train, max_test=args.max_test, val_fraction=args.val_fraction, seed=seed, progress=False,

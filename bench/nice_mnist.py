@@ -89,7 +89,7 @@ def main() -> int:
         if args.reuse and (out / "nice.pt").exists():
             ckpt = load_checkpoint(out / "nice.pt")
             return str(out / "nice.pt"), {"history": ckpt.metrics["history"], "lambda_l0_final": ckpt.settings["lambda_l0_final"], "train_wall_s": None}
-        cfg = NiceConfig(data=str(data), classifier=clf_path, out=str(out), generator=args.generator, generator_kwargs=args.generator_kwargs,
+        cfg = NiceConfig(overwrite=True, data=str(data), classifier=clf_path, out=str(out), generator=args.generator, generator_kwargs=args.generator_kwargs,
                          block_size=BLOCK, lambda_l0=lam, lambda_smooth=0.0, optimizer="adam", lr=args.lr, epochs=args.epochs,
                          max_train=args.max_train, max_test=args.max_test, val_fraction=args.val_fraction, seed=seed, progress=False,
                          command=" ".join(sys.argv))

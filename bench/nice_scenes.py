@@ -253,7 +253,7 @@ def main() -> int:
         warmup, epochs, _ = families[family]
         out = args.runs / f"scenes_{args.generator}_{family}_lr{lr:g}{'_' + args.tag if args.tag else ''}"
         if out not in done and not (args.reuse and (out / "nice.pt").exists()):
-            train_nice(NiceConfig(data=str(scenes), classifier=clf_path, out=str(out), generator=args.generator, block_size=args.block_size,
+            train_nice(NiceConfig(overwrite=True, data=str(scenes), classifier=clf_path, out=str(out), generator=args.generator, block_size=args.block_size,
                                   lambda_l0=args.target_lambda0, target_fraction=args.target_fraction, lambda_smooth=args.lambda_smooth, lr=lr,
                                   warmup_steps=warmup, warmup_smooth=args.warmup_smooth, warmup_lr=args.warmup_lr, epochs=epochs,
                                   batch_size=args.batch_size, max_train=args.nice_max_train, val_fraction=args.val_fraction, seed=args.seed,

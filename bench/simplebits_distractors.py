@@ -77,7 +77,7 @@ def main() -> None:
             pretrained = save_checkpoint(work / f"{kind}_classifier.pt", Checkpoint(
                 kind="classifier", models={"classifier": ModelEntry.of(args.arch, kwargs, clf.net)}, input_shape=[c, h, w],
                 normalization=Normalization(mean, std), class_names=train.class_names))
-        cfg = SimpleBitsConfig(data=str(npz), out=str(work / f"{kind}.pt"), density=args.density, arch=args.arch,
+        cfg = SimpleBitsConfig(overwrite=True, data=str(npz), out=str(work / f"{kind}.pt"), density=args.density, arch=args.arch,
                                classifier=str(pretrained) if pretrained else None,
                                lambda_sim=args.lambda_sim, steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr, inner_lr=args.inner_lr,
                                unet_base=args.unet_base, max_test=None, threads=args.threads, seed=args.seed, device=args.device or "cpu")

@@ -174,7 +174,7 @@ def main() -> None:
         for mode in [m for m in ("joint", "finetune") if m in args.modes or (m == args.retrain_from and "retrain" in args.modes)]:
             t0 = time.time()
             out = work / f"{mode}_{lam}.pt"
-            cfg = SimpleBitsConfig(data=str(root), out=str(out), density=args.density, arch=args.arch, lambda_sim=lam,
+            cfg = SimpleBitsConfig(overwrite=True, data=str(root), out=str(out), density=args.density, arch=args.arch, lambda_sim=lam,
                                    steps=args.steps, batch_size=args.batch_size, sim_lr=args.sim_lr, inner_lr=args.inner_lr, unet_base=args.unet_base,
                                    max_train=args.max_train, max_test=args.max_test, threads=args.threads, seed=args.seed, device=args.device or "cpu",
                                    classifier=str(pretrained) if mode == "finetune" else None)

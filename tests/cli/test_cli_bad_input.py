@@ -48,6 +48,8 @@ def paths(tmp_path_factory):
     (root / "text.pt").write_text("some text file\nline 2\n")
     with zipfile.ZipFile(bundle) as zf:
         (root / "classifier.onnx").write_bytes(zf.read("model.onnx"))  # an ONNX model where a bundle belongs
+    (root / "trained").mkdir()  # a training run's folder: its checkpoint (only its existence matters)
+    (root / "trained" / "last.pt").write_bytes(b"an earlier run's checkpoint")
     (root / "used" / "payloads").mkdir(parents=True)  # a files sink's folder from an earlier run
     (root / "used" / "payloads" / "00000000.kbit").write_bytes(b"an earlier run's payload")
     (root / "empty.pt").write_bytes(b"")
@@ -58,7 +60,7 @@ def paths(tmp_path_factory):
     np.savez(root / "data.npz", x=rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), y=np.arange(12) % 2)
     return {"bundle": bundle, "video": video, "file": root / "file.txt", "dir": root / "dir", "dirmp4": root / "dir.mp4",
             "text_pt": root / "text.pt", "empty_pt": root / "empty.pt", "broken": broken, "data": root / "data.npz",
-            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "used": root / "used", "out": root / "out", "port": _closed_port()}
+            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "used": root / "used", "trained": root / "trained", "out": root / "out", "port": _closed_port()}
 
 
 RUN = ["run", "--model", "{bundle}", "--source", "{video}"]
@@ -98,6 +100,8 @@ CASES = [
     ("sink files: an earlier run's folder", RUN + ["--sink", "files:{used}"], 2, "holds an earlier run's payloads"),
     ("receive --video an earlier video", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{out}/rx2", "--video", "{video}"], 2,
      "exists (an earlier run's?): a receiver never overwrites it"),
+    ("train into an earlier run's folder", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{trained}"], 2,
+     "last.pt: left by an earlier run; --resume continues it, --overwrite replaces it"),
     ("--model a plain .onnx", ["run", "--model", "{onnx}", "--source", "{video}"], 2, "an ONNX model, not a keepbits bundle"),
 ]
 

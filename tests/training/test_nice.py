@@ -126,7 +126,7 @@ def test_finetuned_mode_trains_only_the_chosen_blocks(tiny_npz, tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"fc.weight", "fc.bias"}
     with pytest.raises(InputError, match="no block"):
-        train_nice(_config(tiny_npz, tmp_path, clf, mode="finetuned", train_blocks=["layer9"]))
+        train_nice(_config(tiny_npz, tmp_path, clf, mode="finetuned", train_blocks=["layer9"], overwrite=True))
 
 
 def test_target_sparsity_reaches_requested_fraction(tiny_npz, tmp_path):

@@ -142,7 +142,7 @@ def test_nn_module_and_preprocessing_in_python(tiny_npz, tmp_path, tinynets):
     assert ckpt.models["classifier"].arch == "tinynets:classifier" and ckpt.class_names == ["a", "b", "c"]
     assert ckpt.preprocessing_record() == pre
     with pytest.raises(InputError, match="preprocessing"):
-        train_nice(_base(tiny_npz, tmp_path, classifier="", preprocessing={}), classifier=tinynets.classifier())
+        train_nice(_base(tiny_npz, tmp_path, classifier="", preprocessing={}, overwrite=True), classifier=tinynets.classifier())
 
 
 def test_unimportable_factory_in_a_checkpoint_is_one_line_exit_2(tiny_npz, tmp_path, tinynets, capsys, monkeypatch):
@@ -158,11 +158,15 @@ def test_unimportable_factory_in_a_checkpoint_is_one_line_exit_2(tiny_npz, tmp_p
 def test_device_cpu_is_recorded_and_cuda_without_gpu_is_refused(tiny_npz, tmp_path, tinynets):
     summary = train_nice(_base(tiny_npz, tmp_path, epochs=1))
     assert summary["device"] == "cpu" and summary["precision"] == "fp32"
+    before = (tmp_path / "nice" / "nice.pt").read_bytes()
+    with pytest.raises(InputError, match="left by an earlier run; --resume continues it, --overwrite replaces it"):
+        train_nice(_base(tiny_npz, tmp_path, epochs=1))  # a new run into the same folder: refused, the first kept
+    assert (tmp_path / "nice" / "nice.pt").read_bytes() == before
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA device"):
-            train_nice(_base(tiny_npz, tmp_path, device="cuda"))
+            train_nice(_base(tiny_npz, tmp_path, device="cuda", overwrite=True))
     with pytest.raises(InputError, match="bf16 needs CUDA"):
-        train_nice(_base(tiny_npz, tmp_path, precision="bf16"))
+        train_nice(_base(tiny_npz, tmp_path, precision="bf16", overwrite=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -44,7 +44,7 @@ import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -323,6 +323,18 @@ def resume_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}.last.pt")
 
 
+def refuse_earlier_run(paths: Sequence[str | Path], resume: bool, overwrite: bool) -> None:
+    """A new run never replaces what an earlier run left at its output ``paths`` (hours of
+    training, gone by reusing a folder): :class:`InputError` naming them, unless ``resume``
+    (continue that run) or ``overwrite`` (replace it)."""
+    if resume or overwrite:
+        return
+    found = [str(p) for p in paths if Path(p).exists()]
+    if found:
+        raise InputError(f"{', '.join(found)}: left by an earlier run; --resume continues it, --overwrite replaces it, "
+                         "or give another --out")
+
+
 def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping[str, Any], may_change: set[str] | frozenset[str]) -> None:
     """Refuse to resume a run whose recipe changed since ``path`` was written: one
     :class:`CheckpointError` naming every setting of ``current`` that differs from the ``saved``
@@ -397,5 +409,5 @@ def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = N
     return model
 
 
-__all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "check_resumable", "load_checkpoint", "load_resumable", "resume_path",
+__all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "check_resumable", "load_checkpoint", "load_resumable", "refuse_earlier_run", "resume_path",
            "load_weights", "read_state_dict", "save_checkpoint", "state_digest"]

@@ -34,7 +34,7 @@ from keepbits import registry
 from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset, sample_indices, train_val_split
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, save_checkpoint, state_digest,
+    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, refuse_earlier_run, save_checkpoint, state_digest,
 )
 from keepbits.training.data import TensorArrays, TensorImages
 from keepbits.training.distributed import (
@@ -108,6 +108,7 @@ class ClassifierConfig(FitConfig):
     resize_policy: str = "center-crop"
     max_train: int | None = None
     resume: bool = False
+    overwrite: bool = False
     init: str | None = None
     device: str = "auto"
     threads: int | None = None
@@ -299,6 +300,7 @@ def _load_init(model: torch.nn.Module, path: str, mean: list[float], std: list[f
 def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     """Train ``cfg.arch`` on ``cfg.data``; write ``last.pt``/``best.pt`` into ``cfg.out``; return metrics."""
     cfg.validate()
+    refuse_earlier_run([Path(cfg.out) / "last.pt", Path(cfg.out) / "best.pt"], cfg.resume, cfg.overwrite)
     registry.spec(cfg.arch, "classifier")
     dist = init_distributed(use_cuda=resolve_device(cfg.device) == "cuda")
     resolve_precision(cfg.precision, dist.device)  # bf16 without CUDA is refused before any data is read
@@ -323,7 +325,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     last_path, best_path = out / "last.pt", out / "best.pt"
     start_epoch, history, best = 0, [], None
-    run_settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")}
+    run_settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "overwrite")}
     if cfg.resume and last_path.exists():
         previous = load_resumable(last_path, "classifier", run_settings, RESUME_MAY_CHANGE)
         entry = previous.models["classifier"]

@@ -33,7 +33,7 @@ import torch
 from keepbits.data import ImageDataset, has_split, load_dataset
 from keepbits.errors import InputError
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, build_model, load_checkpoint, load_resumable, resume_path, save_checkpoint,
+    Checkpoint, ModelEntry, build_model, load_checkpoint, load_resumable, refuse_earlier_run, resume_path, save_checkpoint,
     state_digest,
 )
 from keepbits.training.distributed import Dist, all_gather, init_distributed, resolve_device, shutdown
@@ -65,6 +65,7 @@ class DensityConfig:
     log_every: int = 50
     checkpoint_every: int = 200
     resume: bool = False
+    overwrite: bool = False
     command: str = ""
 
 
@@ -133,6 +134,7 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     if cfg.checkpoint_every < 1:
         raise InputError(f"checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
+    refuse_earlier_run([cfg.out, resume_path(cfg.out)], cfg.resume, cfg.overwrite)
     device = resolve_device(cfg.device)
     dist = init_distributed(use_cuda=device == "cuda")
     device = dist.device if dist.world > 1 else device
@@ -145,7 +147,7 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
     kwargs = {"in_channels": channels, "image_size": list(size), "levels": cfg.levels, "depth": cfg.depth, "hidden": cfg.hidden}
     flow = registry.build("glow", kind="density", **kwargs).to(device)
     images = torch.from_numpy(np.ascontiguousarray(train.x))  # uint8 NHWC, converted per batch
-    settings = {k: v for k, v in asdict(cfg).items() if k != "resume"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")}
 
     def batch(step: int, n: int) -> torch.Tensor:
         """Step ``step``'s images for this rank: its slice of one seeded draw of world × n (with replacement)."""

@@ -40,8 +40,8 @@ Example:
     >>> from keepbits.training.classifier import ClassifierConfig, train_classifier
     >>> from keepbits.training.nice import NiceConfig, train_nice
     >>> out = tempfile.mkdtemp()
-    >>> clf = train_classifier(ClassifierConfig(data=str(sample_mnist_path()), arch="lenet5", out=out, epochs=1, progress=False))
-    >>> cfg = NiceConfig(data=str(sample_mnist_path()), classifier=clf["checkpoints"]["last"], out=out,
+    >>> clf = train_classifier(ClassifierConfig(data=str(sample_mnist_path()), arch="lenet5", out=out + "/clf", epochs=1, progress=False))
+    >>> cfg = NiceConfig(data=str(sample_mnist_path()), classifier=clf["checkpoints"]["last"], out=out + "/nice",
     ...                  generator="nice_mnist", block_size=28, epochs=1, progress=False)
     >>> summary = train_nice(cfg)
     >>> 0.0 <= summary["final"]["kept_fraction"] <= 1.0
@@ -67,7 +67,9 @@ from keepbits.core.hard_concrete import BETA
 from keepbits.data import Preprocessing, has_split, load_dataset, train_val_split
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
-from keepbits.training.checkpoint import Checkpoint, ModelEntry, build_model, check_resumable, load_checkpoint, save_checkpoint
+from keepbits.training.checkpoint import (
+    Checkpoint, ModelEntry, build_model, check_resumable, load_checkpoint, refuse_earlier_run, save_checkpoint,
+)
 from keepbits.training.data import TensorImages
 from keepbits.training.distributed import (
     PRECISIONS, Dist, all_reduce_sum, autocast, barrier, broadcast_buffers, init_distributed, resolve_device, resolve_precision, shutdown,
@@ -170,6 +172,7 @@ class NiceConfig:
     device: str = "auto"
     precision: str = "auto"
     resume: bool = False
+    overwrite: bool = False
     threads: int | None = None
     progress: bool = True
     command: str = ""
@@ -544,7 +547,7 @@ def _synced(batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]], dist: D
 
 
 def _snapshot_fields(cfg: NiceConfig, clf: Classifier) -> dict[str, Any]:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "command", "threads", "resume")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "command", "threads", "resume", "overwrite")}
     settings.update(block_size=int(cfg.block_size), mask_threshold=MASK_THRESHOLD, lambda_l0=float(cfg.lambda_l0),
                     lambda_smooth=float(cfg.lambda_smooth), classifier_checkpoint=str(cfg.classifier or clf.source))
     return settings
@@ -560,6 +563,7 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
     ``torchrun`` every process trains on its shard and gradients are averaged
     (DistributedDataParallel through :mod:`keepbits.training.distributed`); rank 0 writes."""
     cfg.validate()
+    refuse_earlier_run([Path(cfg.out) / "last.pt", Path(cfg.out) / "nice.pt"], cfg.resume, cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

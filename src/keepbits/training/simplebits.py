@@ -52,7 +52,7 @@ from keepbits.data import ImageDataset, Preprocessing, channel_stats, has_split,
 from keepbits.errors import InputError
 from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, resume_path, save_checkpoint,
+    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, refuse_earlier_run, resume_path, save_checkpoint,
     state_digest,
 )
 from keepbits.training.classifier import FitConfig, predict_logits
@@ -210,6 +210,7 @@ class SimpleBitsConfig:
     log_every: int = 25
     checkpoint_every: int = 100
     resume: bool = False
+    overwrite: bool = False
     command: str = ""
 
 
@@ -289,6 +290,7 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     if cfg.lambda_sim < 0 or (cfg.inner_lr is not None and cfg.inner_lr <= 0) or cfg.steps < 0 or cfg.checkpoint_every < 1:
         raise InputError(f"need lambda_sim >= 0, inner_lr > 0, steps >= 0, checkpoint_every >= 1 (got {cfg.lambda_sim}, {cfg.inner_lr}, "
                          f"{cfg.steps}, {cfg.checkpoint_every})")
+    refuse_earlier_run([cfg.out, resume_path(cfg.out)], cfg.resume, cfg.overwrite)
     device = resolve_device(cfg.device)
     dist = init_distributed(use_cuda=device == "cuda")
     device = dist.device if dist.world > 1 else device
@@ -319,7 +321,7 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     opt_sim = torch.optim.AdamW(simplifier.parameters(), lr=cfg.sim_lr or cfg.lr, weight_decay=cfg.weight_decay)
     opt_clf = torch.optim.AdamW(classifier_net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, labels = torch.from_numpy(np.ascontiguousarray(train.x)), torch.from_numpy(train.y)
-    settings = {k: v for k, v in asdict(cfg).items() if k != "resume"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")}
 
     def record(metrics: dict[str, Any], with_optimizer: bool) -> Checkpoint:
         return Checkpoint(
