@@ -40,6 +40,24 @@ def test_files_sink_never_mixes_two_runs(tmp_path):
     assert decode_files([tmp_path / "sent"], tmp_path / "out")["decoded"] == 2
 
 
+def test_decoding_two_runs_at_once_keeps_every_frame(tmp_path):
+    """Two runs' folders both hold 00000000.kbit: every file gets its own name (none overwrites
+    another); a file named twice is decoded once."""
+    from keepbits.codec import encode
+
+    for run, value in (("run1", 10), ("run2", 200)):
+        (tmp_path / run).mkdir()
+        for i in range(2):
+            frame = np.full((8, 8, 3), value + i, np.uint8)
+            (tmp_path / run / f"{i:08d}.kbit").write_bytes(encode(frame, np.ones((8, 8)), block=4, sequence=i))
+    summary = decode_files([tmp_path / "run1", tmp_path / "run2", tmp_path / "run1" / "00000000.kbit"], tmp_path / "out")
+    assert (summary["payloads"], summary["decoded"], summary["write_errors"]) == (4, 4, 0)
+    records = [json.loads(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
+    assert len({r["image"] for r in records}) == 4
+    values = sorted(int(cv2.imread(str(tmp_path / "out" / r["image"]))[0, 0, 0]) for r in records)
+    assert values == [10, 11, 200, 201]
+
+
 def test_files_sink_payloads_decode_to_the_senders_mixed_image_and_mask(pipe, tmp_path):
     frames = _frames(5)
     run_stream(pipe, open_source(frames), [open_sink(f"files:{tmp_path / 'sent'}")])

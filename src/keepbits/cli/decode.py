@@ -2,7 +2,8 @@
 
 Writes, per payload, x̃ (or the simplified image) as ``<name>.png`` cropped to the source frame,
 the kept-pixel mask as ``<name>_mask.png``, one line of ``frames.jsonl``, and optionally a video.
-Bad payloads are reported and skipped (``bad_payloads`` in the summary): exit 1 when there were
+Bad payloads are reported and skipped (``bad_payloads`` in the summary; ``write_errors`` for frames
+decoded but not written): exit 1 when there were
 any, 0 when every payload decoded, 2 on input errors (nothing to decode).
 
 Example:
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
                            masks=not args.no_masks, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     if not args.quiet:
         print(f"keepbits: decoded {summary['decoded']} of {summary['payloads']} payloads into {summary['out']}"
-              + (f"; {summary['bad_payloads']} bad payloads skipped" if summary["bad_payloads"] else ""), file=sys.stderr)
+              + (f"; {summary['bad_payloads']} bad payloads skipped" if summary["bad_payloads"] else "")
+              + (f"; {summary['write_errors']} decoded but not written" if summary["write_errors"] else ""), file=sys.stderr)
     print(json.dumps(summary, indent=2))
-    return 1 if summary["bad_payloads"] else 0
+    return 1 if summary["bad_payloads"] or summary["write_errors"] else 0

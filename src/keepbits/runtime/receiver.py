@@ -161,9 +161,11 @@ def payload_files(paths: Sequence[str | Path]) -> list[Path]:
 def decode_files(paths: Sequence[str | Path], out: str | Path, *, video: str | Path | None = None, fps: float = 25.0,
                  images: bool = True, masks: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
-    """Decode the payload files of ``paths`` (:func:`payload_files`) into ``out`` with a
-    :class:`PayloadWriter`, each under its file's stem. A file that is larger than ``max_bytes``,
-    unreadable or not a valid payload is logged, listed in ``bad`` and skipped; returns the summary.
+    """Decode the payload files of ``paths`` (:func:`payload_files`; a file named twice once) into
+    ``out`` with a :class:`PayloadWriter`, each under its file's stem, or, where two files share a
+    stem (two runs' folders), under ``<position>-<stem>``. A file that is larger than ``max_bytes``,
+    unreadable or not a valid payload is logged, listed in ``bad`` and skipped; one whose images
+    cannot be written, in ``unwritten``; returns the summary.
 
     Example:
         >>> import tempfile, numpy as np
@@ -177,20 +179,37 @@ def decode_files(paths: Sequence[str | Path], out: str | Path, *, video: str | P
         >>> summary["decoded"], summary["bad_payloads"], summary["bad"][0]["file"].endswith("b.kbit")
         (1, 1, True)
     """
-    files = payload_files(paths)
+    files, seen = [], set()
+    for file in payload_files(paths):  # a file named twice is decoded once
+        if file.resolve() not in seen:
+            seen.add(file.resolve())
+            files.append(file)
+    stems = [f.stem for f in files]
+    # two runs' folders both hold 00000000.kbit: then every file is named by its position too, so none overwrites another
+    names = stems if len(set(stems)) == len(stems) else [f"{i:05d}-{stem}" for i, stem in enumerate(stems, 1)]
     bad: list[dict[str, str]] = []
+    unwritten: list[dict[str, str]] = []
     with PayloadWriter(out, video=video, fps=fps, images=images, masks=masks, max_pixels=max_pixels) as writer:
-        for file in files:
+        for file, name in zip(files, names):
             try:
                 size = file.stat().st_size
                 if size > max_bytes:
                     raise DecodeError(f"{size} bytes, larger than the {max_bytes} a payload may have")
-                writer.write(file.read_bytes(), file.stem, file=str(file))
+                payload = file.read_bytes()
             except (DecodeError, OSError) as exc:
                 bad.append({"file": str(file), "error": str(exc)})
                 log.warning("%s: bad payload skipped (%s)", file, exc)
-    return {"payloads": len(files), "decoded": writer.frames, "bad_payloads": len(bad), "bad": bad, "out": str(out),
-            "video": None if video is None or not writer.frames else str(video)}
+                continue
+            try:
+                writer.write(payload, name, file=str(file))
+            except DecodeError as exc:
+                bad.append({"file": str(file), "error": str(exc)})
+                log.warning("%s: bad payload skipped (%s)", file, exc)
+            except OSError as exc:  # decoded, but its PNG could not be written
+                unwritten.append({"file": str(file), "error": str(exc)})
+                log.warning("%s: decoded, not written (%s)", file, exc)
+    return {"payloads": len(files), "decoded": writer.frames, "bad_payloads": len(bad), "bad": bad, "write_errors": len(unwritten),
+            "unwritten": unwritten, "out": str(out), "video": None if video is None or not writer.frames else str(video)}
 
 
 __all__ = ["MAX_PAYLOAD_BYTES", "PAYLOAD_SUFFIX", "PayloadWriter", "decode_files", "payload_files"]
