@@ -130,6 +130,8 @@ def test_footage_with_workers_feeds_nice_and_counts_corrupt_files(tmp_path, tiny
     assert ckpt.preprocessing_record().resize_policy == "center-crop"
     with pytest.raises(InputError, match="unlabelled"):
         train_nice(NiceConfig(**{**cfg.__dict__, "labels": "true", "out": str(tmp_path / "x")}))
+    with pytest.raises(InputError, match="1 file.* of the validation footage are training footage too .*held out"):  # leakage
+        train_nice(NiceConfig(**{**cfg.__dict__, "val_footage": [str(root / "clip.mp4")], "out": str(tmp_path / "y")}))
 
 
 def test_nn_module_and_preprocessing_in_python(tiny_npz, tmp_path, tinynets):

@@ -53,6 +53,7 @@ import copy
 import logging
 import math
 import numbers
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -353,6 +354,12 @@ def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, true_labels: bool) 
     if cfg.footage:
         train = _FootageData(cfg.footage, pre, cfg, dist, augment=True)
         val = _FootageData(cfg.val_footage, pre, cfg, dist, augment=False) if cfg.val_footage else None
+        if val is not None:  # selection on images the generator trained on would measure nothing held out
+            seen = {os.path.realpath(unit.path) for unit in train.footage.units}
+            shared = sorted({unit.path for unit in val.footage.units if os.path.realpath(unit.path) in seen})
+            if shared:
+                raise InputError(f"{len(shared)} file(s) of the validation footage are training footage too (e.g. {shared[0]}): "
+                                 "--val-footage must be held out of --footage")
         return train, val, None
     size, policy = pre.input_size, pre.resize_policy
     splits = [load_dataset(cfg.data, "train", size, policy, pre.crop_fraction)]
