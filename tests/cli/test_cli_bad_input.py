@@ -101,7 +101,7 @@ CASES = [
     ("receive --video an earlier video", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{out}/rx2", "--video", "{video}"], 2,
      "exists (an earlier run's?): a receiver never overwrites it"),
     ("train into an earlier run's folder", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{trained}"], 2,
-     "last.pt: left by an earlier run; --resume continues it, --overwrite replaces it"),
+     "last.pt: left by an earlier run; --resume continues it, --force replaces it"),
     ("--model a plain .onnx", ["run", "--model", "{onnx}", "--source", "{video}"], 2, "an ONNX model, not a keepbits bundle"),
 ]
 

@@ -161,7 +161,7 @@ def test_device_cpu_is_recorded_and_cuda_without_gpu_is_refused(tiny_npz, tmp_pa
     summary = train_nice(_base(tiny_npz, tmp_path, epochs=1))
     assert summary["device"] == "cpu" and summary["precision"] == "fp32"
     before = (tmp_path / "nice" / "nice.pt").read_bytes()
-    with pytest.raises(InputError, match="left by an earlier run; --resume continues it, --overwrite replaces it"):
+    with pytest.raises(InputError, match="left by an earlier run; --resume continues it, --force replaces it"):
         train_nice(_base(tiny_npz, tmp_path, epochs=1))  # a new run into the same folder: refused, the first kept
     assert (tmp_path / "nice" / "nice.pt").read_bytes() == before
     if not torch.cuda.is_available():

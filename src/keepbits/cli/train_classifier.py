@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="train on a random class-balanced sample of N training images (seed --seed), drawn after the "
                       "validation hold-out (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the image sample, initialisation and batches")
-    p.add_argument("--overwrite", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
+    p.add_argument("--force", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with the same settings (only run control such as --epochs may change)")
     p.add_argument("--init", default=None, help="start from this classifier checkpoint's weights and normalisation "
                    "(same parameter names and shapes, e.g. a CIFAR-10 resnet20 for resnet20_scan; default: random initialisation)")
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, augment=args.augment,
         crop_padding=args.crop_padding, val_fraction=args.val_fraction,
         image_size=tuple(args.image_size), resize_policy=args.resize_policy, max_train=args.num_train_images,
-        seed=args.seed, resume=args.resume, overwrite=args.overwrite, init=args.init, device=args.device, precision=args.precision, threads=args.threads, progress=not args.quiet, command=command_line(),
+        seed=args.seed, resume=args.resume, overwrite=args.force, init=args.init, device=args.device, precision=args.precision, threads=args.threads, progress=not args.quiet, command=command_line(),
     )
     summary = train_classifier(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between saves of the resumable state, OUT's stem + .last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
+    p.add_argument("--force", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's .last.pt with the same settings (only run control such as "
                    "--steps may change)")
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size, steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
         lr=args.lr, warmup_steps=args.warmup_steps, max_train=args.num_train_images, eval_images=args.num_test_images,
         seed=args.seed, device=args.device, threads=args.threads, log_every=50, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, overwrite=args.overwrite, command=command_line(),
+        resume=args.resume, overwrite=args.force, command=command_line(),
     )
     summary = train_density(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

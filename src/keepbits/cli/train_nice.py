@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, image samples, initialisation, batches, crops and gates")
     add_device_option(p)
     add_precision_option(p)
-    p.add_argument("--overwrite", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
+    p.add_argument("--force", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with the same settings (only run control such as --epochs may change)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction, warmup_smooth=args.warmup_smooth,
         warmup_lr=args.warmup_lr, optimizer=args.optimizer, lr=args.lr, classifier_lr=args.classifier_lr, step_epochs=args.step_epochs,
         epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size, max_train=args.num_train_images, max_test=args.num_test_images,
-        val_fraction=args.val_fraction, seed=args.seed, device=args.device, precision=args.precision, resume=args.resume, overwrite=args.overwrite, threads=args.threads,
+        val_fraction=args.val_fraction, seed=args.seed, device=args.device, precision=args.precision, resume=args.resume, overwrite=args.force, threads=args.threads,
         progress=not args.quiet, command=command_line(),
     )
     summary = train_nice(cfg)

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between saves of the resumable state, OUT's stem + .last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
+    p.add_argument("--force", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's .last.pt with the same settings (only run control such as "
                    "--steps may change)")
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         lambda_sim=args.lambda_sim, inner_lr=args.inner_lr, lr=args.lr, sim_lr=args.sim_lr, weight_decay=args.weight_decay,
         steps=args.steps, batch_size=args.batch_size, unet_base=args.unet_base, max_train=args.num_train_images,
         max_test=args.num_test_images, seed=args.seed, device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, overwrite=args.overwrite, command=command_line(),
+        resume=args.resume, overwrite=args.force, command=command_line(),
     )
     print(json.dumps(train_simplebits(cfg), indent=2))
     return 0

@@ -326,12 +326,12 @@ def resume_path(out: str | Path) -> Path:
 def refuse_earlier_run(paths: Sequence[str | Path], resume: bool, overwrite: bool) -> None:
     """A new run never replaces what an earlier run left at its output ``paths`` (hours of
     training, gone by reusing a folder): :class:`InputError` naming them, unless ``resume``
-    (continue that run) or ``overwrite`` (replace it)."""
+    (continue that run) or ``overwrite`` (replace it; CLI ``--force``, as for ``export``)."""
     if resume or overwrite:
         return
     found = [str(p) for p in paths if Path(p).exists()]
     if found:
-        raise InputError(f"{', '.join(found)}: left by an earlier run; --resume continues it, --overwrite replaces it, "
+        raise InputError(f"{', '.join(found)}: left by an earlier run; --resume continues it, --force replaces it, "
                          "or give another --out")
 
 
