@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from keepbits.codec import encode
+from keepbits.codec import decode, encode
 from keepbits.errors import InputError
 from keepbits.runtime import open_source
 from keepbits.runtime.mqtt import MqttSink, parse_address, receive_mqtt
@@ -220,3 +220,28 @@ def test_receiver_counts_bad_and_oversize_payloads(mosquitto, tmp_path):
     sink.close()
     stats = receiver.stop()
     assert stats["frames"] == 1 and stats["bad_payloads"] == 1 and stats["oversize"] == 1
+
+
+def test_receiver_counts_frames_it_cannot_write_and_keeps_going(mosquitto, tmp_path):
+    """A topic of 300 characters is cut in the file name (file names end at 255 bytes); a frame
+    whose files cannot be written (here: the disk refuses frame 1) is a write error, not the end of
+    the receiver, and the next frame is taken."""
+    class FullDiskAtFrame1(PayloadWriter):
+        def write(self, payload, name=None, **extra):
+            if decode(payload)[2].sequence == 1:
+                raise OSError(28, "No space left on device")
+            return super().write(payload, name, **extra)
+
+    long_topic = "cams/" + "x" * 300
+    writer = FullDiskAtFrame1(tmp_path / "rx", masks=False, append=True)
+    receiver = _Receiver(f"{mosquitto.url}/cams/+?{FAST}", tmp_path / "rx", idle_timeout=30, writer=writer)
+    sink = MqttSink(f"{mosquitto.url}/{long_topic}?qos=1&{FAST}")
+    for k in range(3):
+        sink.send(_payload(k))
+    assert _until(lambda: _sequences(tmp_path / "rx") == [0, 2])
+    sink.close()
+    stats = receiver.stop()
+    writer.close()
+    assert stats["frames"] == 2 and stats["write_errors"] == 1
+    names = sorted(p.name for p in (tmp_path / "rx").glob("*.png"))
+    assert len(names) == 2 and all(len(n) < 255 and n.startswith("cams_xxx") for n in names)
