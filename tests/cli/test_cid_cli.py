@@ -43,7 +43,7 @@ def test_ru_decoders_are_cached_and_give_finite_maps(tmp_path):
     assert fit["ratio"].shape == (2,) and fit["floor"].shape == (2, 8, 8)
 
 
-def test_audit_cid_command_writes_the_report(tmp_path):
+def test_audit_cid_command_writes_the_report(tmp_path, capsys):
     from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 
     torch.manual_seed(0)
@@ -62,6 +62,9 @@ def test_audit_cid_command_writes_the_report(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     summary = report["data"]["lenet/best"]["summary"]
     assert summary["layer"] == ["features.1", "classifier.3"]
+    moving = sum(1 for converged in summary["converged"] if converged < summary["images"])
+    headline = capsys.readouterr().err.strip().splitlines()[-1]  # says when --max-steps cut maps short
+    assert headline.startswith("keepbits: lenet/best: CID of 2 layers on 2 images") and ("still moving" in headline) == bool(moving)
     assert len(summary["ru_mean"]) == 2 and summary["concentration"][0] is not None
     assert "<svg" in (tmp_path / "out" / "report.html").read_text()
     assert main(["audit", "cid", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--layers", "nope",

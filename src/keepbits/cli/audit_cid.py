@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,13 @@ def run(args: argparse.Namespace) -> int:
                                   ru_images=ru_images, decoder=decoder, foreground=foreground,
                                   cache_dir=None if args.cache == "none" else args.cache, batch_size=args.batch_size))
     paths = cid_report(runs, args.out, meta={"data": args.data, "split": args.split, "images": described, "command": command_line()})
+    if not args.quiet:
+        for r in runs:
+            summary = r["summary"]
+            moving = sum(1 for converged in summary["converged"] if converged < summary["images"])
+            print(f"keepbits: {r['name']}: CID of {len(summary['layer'])} layers on {summary['images']} images"
+                  + (f"; {moving} layer(s) with maps still moving at --max-steps {args.max_steps} (raise it: their CID is not final)"
+                     if moving else "") + f"; wrote {paths[0]}", file=sys.stderr)
     print(json.dumps({"report": [str(p) for p in paths], "summary": {r["name"]: r["summary"] for r in runs}}, indent=2))
     return 0
 
