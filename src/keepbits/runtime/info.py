@@ -119,7 +119,7 @@ def bundle_info(path: str | Path, expected_digest: str | None = None) -> dict[st
 
 
 def _names(names: list[str], shown: int = 4) -> str:
-    """The first and last few of a long list: ``a, b, c, d, … , y, z (1000)``."""
+    """All of a short list, the first ``shown`` and last two of a long one: ``a, b, c, d, …, y, z``."""
     if len(names) <= 2 * shown:
         return ", ".join(names)
     return f"{', '.join(names[:shown])}, …, {', '.join(names[-2:])}"
@@ -179,8 +179,10 @@ def info_report(info: dict[str, Any]) -> str:
     return "\n".join(f"{key:<11} {_printable(value)}" for key, value in lines)
 
 
-def _printable(text: str) -> str:
-    """``text`` with control characters (newlines, ANSI escapes from a hostile manifest) shown escaped."""
+def _printable(text: str, limit: int = 600) -> str:
+    """``text`` with control characters (newlines, ANSI escapes from a hostile manifest) shown
+    escaped, cut to ``limit`` characters (a manifest may hold a megabyte in one field)."""
+    text = text if len(text) <= limit else text[:limit] + "…"
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
