@@ -185,3 +185,14 @@ def test_stalled_fifo_source_ends_with_a_summary(paths, tmp_path, signal_after_o
     summary = json.loads(stdout)
     assert summary["status"] == "source_failed" and summary["frames"] == 0
     assert ("stopped while opening" if signal_after_open else "did not open within 1 s") in summary["reason"]
+
+
+def test_opencv_and_ffmpeg_repeats_are_silenced_unless_debug(paths):
+    """A refused RTSP connection makes FFmpeg print '[tcp @ …] Connection refused' and OpenCV its own
+    WARN lines, again at every retry, beside keepbits' one line: without --debug only keepbits' line."""
+    source = f"rtsp://user:secret@127.0.0.1:{paths['port']}/x"
+    quiet = _spawn_run(paths, source, "--read-timeout", "0.2", "--stall-timeout", "1.5").communicate(timeout=60)[1]
+    loud = _spawn_run(paths, source, "--read-timeout", "0.2", "--stall-timeout", "1.5", "--debug").communicate(timeout=60)[1]
+    assert "Connection refused" in loud or "WARN" in loud  # what the silencing is for (this OpenCV build prints it)
+    assert "Connection refused" not in quiet and "WARN" not in quiet
+    assert quiet.count("; retrying") == 1 and "secret" not in quiet  # each failure logged once (retries counted), redacted
