@@ -40,8 +40,11 @@ def test_images_below_every_threshold_skip_backselect_and_the_report_is_unchange
             assert a[key] == b[key], key
     assert json.dumps(skipping["size_stats"]) == json.dumps(every["size_stats"])  # NaN-safe
     assert np.array_equal(skipping["heatmap"], every["heatmap"])
-    for key in ("images", "below_threshold", "threshold", "method", "accuracy"):
+    for key in ("images", "below_threshold", "threshold", "method", "accuracy", "sis_size_mean", "sis_size_ci95"):
         assert skipping["summary"][key] == every["summary"][key], key
+    reached = [r["sis_size"][str(kwargs["threshold"])] for r in skipping["images"] if r["sis_size"][str(kwargs["threshold"])] is not None]
+    if reached:  # the headline size: the mean fraction of pixels over the images reaching τ
+        assert skipping["summary"]["sis_size_mean"] == pytest.approx(np.mean(reached) / images[0].size)
 
 
 def test_an_audit_whose_images_are_all_below_tau_runs_no_backselect(tmp_path):
@@ -50,6 +53,7 @@ def test_an_audit_whose_images_are_all_below_tau_runs_no_backselect(tmp_path):
                                 input_shape=(1, 6, 6), progress=False)
     assert data["summary"]["backselect_runs"] == 0 and data["summary"]["below_threshold"] == len(images)
     assert data["summary"]["method"].startswith("none") and not np.any(data["heatmap"])
+    assert data["summary"]["sis_size_mean"] is None and json.dumps(data["summary"], allow_nan=False)  # no NaN in the JSON
     assert (tmp_path / "r" / "report.html").exists()
 
 

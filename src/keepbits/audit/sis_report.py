@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,8 +87,11 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     h, w = x.shape[2:]
     heat = location_frequency(computed, threshold) if computed else np.zeros((h, w))
     backselect = computed[0].method if computed else "none (every image below τ)"
+    at_threshold = next(s for s in stats if s["threshold"] == float(threshold))
     summary = {"images": len(x), "below_threshold": len(below), "threshold": threshold, "method": backselect,
                "backselect_runs": len(run), "accuracy": float(np.mean([r["correct"] for r in per_image])) if labelled else None,
+               # fraction of pixels at τ over the images reaching it (None where none does, or one: no CI)
+               **{f"sis_size_{k}": (v if math.isfinite(v) else None) for k, v in at_threshold["size"].items() if k != "n"},
                "wall_time_s": round(time.time() - started, 1)}
 
     report = Report("SIS audit", meta={"model": adapter.source if not hasattr(model, "forward") else type(model).__name__,
