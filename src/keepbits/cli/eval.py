@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from keepbits.errors import InputError
 
@@ -51,11 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_arguments(parser)
 
 
-def within_line(best: dict, points: int) -> str:
+def within_line(best: dict[str, Any], points: int) -> str:
     """:func:`keepbits.runtime.evaluate.smallest_within` in one line: the smallest payload and
     whole-frame file within tolerance of the full frame, and how many bytes the file takes per
     payload byte."""
-    def point(row: dict | None, none: str) -> str:
+    def point(row: dict[str, Any] | None, none: str) -> str:
         if row is None:
             return none
         quality = f" q{row['quality']}" if row.get("quality") else ""
