@@ -145,8 +145,8 @@ def test_exit_codes_are_in_the_help_and_cover_every_status(capsys):
 
 def _spawn_run(paths, source, *extra) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "keepbits", "-q", "run", "--model", str(paths["bundle"]), "--source", str(source), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENCV_LOG_LEVEL", "OPENCV_FFMPEG_LOGLEVEL")}  # the CLI's defaults
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
 
 
 def _stalled_fifo(path, opened: threading.Event, box: dict) -> threading.Thread:
@@ -196,3 +196,6 @@ def test_opencv_and_ffmpeg_repeats_are_silenced_unless_debug(paths):
     assert "Connection refused" in loud or "WARN" in loud  # what the silencing is for (this OpenCV build prints it)
     assert "Connection refused" not in quiet and "WARN" not in quiet
     assert quiet.count("; retrying") == 1 and "secret" not in quiet  # each failure logged once (retries counted), redacted
+    before = {k: os.environ.get(k) for k in ("OPENCV_LOG_LEVEL", "OPENCV_FFMPEG_LOGLEVEL")}
+    main(["-q", "info", "--model", str(paths["bundle"])])  # in-process: the process's environment is left as it was
+    assert {k: os.environ.get(k) for k in before} == before

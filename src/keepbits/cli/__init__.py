@@ -15,11 +15,12 @@ keep their old spelling for one release (:func:`keepbits.cli._common.add_argumen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from keepbits._version import __version__
 from keepbits.cli._common import HelpFormatter
@@ -112,16 +113,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _quiet_native_logs() -> None:
-    """Silence OpenCV's and FFmpeg's own warnings (a camera index that does not open, a refused
-    RTSP connection, each retry again): keepbits' one line per failure says the same, named by
-    source. ``--debug`` keeps them; so do ``OPENCV_LOG_LEVEL`` / ``OPENCV_FFMPEG_LOGLEVEL`` set by
-    the user."""
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET, read when FFmpeg first opens a source
-    if "OPENCV_LOG_LEVEL" not in os.environ:
-        import cv2
+@contextlib.contextmanager
+def _quiet_native_logs(quiet: bool) -> Iterator[None]:
+    """While a command runs, silence OpenCV's and FFmpeg's own warnings (a camera index that does
+    not open, a refused RTSP connection, each retry again): keepbits' one line per failure says the
+    same, named by source. ``--debug`` (``quiet`` False) keeps them; so do ``OPENCV_LOG_LEVEL`` /
+    ``OPENCV_FFMPEG_LOGLEVEL`` set by the user. The process's environment and OpenCV's level are
+    restored afterwards (``main`` called in-process leaves them, and the children it starts later,
+    as they were)."""
+    if not quiet or "OPENCV_FFMPEG_LOGLEVEL" in os.environ or "OPENCV_LOG_LEVEL" in os.environ:
+        yield
+        return
+    import cv2
 
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    level = cv2.utils.logging.getLogLevel()
+    os.environ["OPENCV_FFMPEG_LOGLEVEL"] = "-8"  # AV_LOG_QUIET, read when FFmpeg first opens a source
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        yield
+    finally:
+        del os.environ["OPENCV_FFMPEG_LOGLEVEL"]
+        cv2.utils.logging.setLogLevel(level)
 
 
 def _exit_without_finalization(code: int) -> None:
@@ -144,10 +156,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
-    if not args.debug:
-        _quiet_native_logs()
     try:
-        return int(args._run(args) or 0)
+        with _quiet_native_logs(not args.debug):
+            return int(args._run(args) or 0)
     except KeepbitsError as exc:
         if args.debug:
             raise
