@@ -242,6 +242,10 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
     assert q["calibration_images"] == 32 and q["source_bundle_digest"] == bundle_a[1].digest
     assert report["images"] == 24 and 0.0 <= report["mask_agreement"] <= 1.0 and "accuracy_candidate" in report
     assert q["evaluation_vs_fp32"] == report
+    from keepbits.runtime.info import bundle_info, info_report
+
+    quantized = [line for line in info_report(bundle_info(bundle.source)).splitlines() if line.startswith("quantized")]
+    assert len(quantized) == 1 and "calibrated on 32 images" in quantized[0] and "argmax agreement" in quantized[0]
     assert logging.getLogger().level == root_level  # ONNX Runtime's advice silenced for the call only, not every warning after
     # activations default to uint8 (x86 ORT's fused QLinearConv path); int8 on request; anything else refused
     inits = {t.name: t.data_type for t in model.graph.initializer}

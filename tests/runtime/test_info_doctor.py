@@ -41,7 +41,8 @@ def test_info_report_shows_any_provenance_as_text():
     info = bundle_info(DEMO_BUNDLE)
     for provenance in ({}, {"metrics": [1, 2], "exported_utc": 5, "training_command": ["rm", "-rf"], "epoch": {"a": 1}},
                        {"metrics": {"final": "high", "final_split": 3}, "checkpoint": None},
-                       {"training_command": "keepbits train\n\x1b[2Jfake line"}, {"training_command": "x" * 500_000}):
+                       {"training_command": "keepbits train\n\x1b[2Jfake line"}, {"training_command": "x" * 500_000},
+                       {"quantization": [1]}, {"quantization": {"evaluation_vs_fp32": "x", "method": 5}}):
         lines = info_report({**info, "provenance": provenance}).splitlines()
         assert lines[0].startswith("bundle ") and len(lines) >= 7 and not any("\x1b" in line for line in lines)
         assert max(map(len, lines)) < 1000

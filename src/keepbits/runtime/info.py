@@ -170,6 +170,15 @@ def info_report(info: dict[str, Any]) -> str:
         lines.append(("provenance", ", ".join(m for m in made if m) or "recorded (--json)"))
         if prov.get("training_command"):
             lines.append(("trained by", str(prov["training_command"])))
+        quantization = prov.get("quantization")
+        if isinstance(quantization, dict):  # keepbits export int8: how, on what, and what it cost against float32
+            versus = quantization.get("evaluation_vs_fp32") if isinstance(quantization.get("evaluation_vs_fp32"), dict) else {}
+            measured = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in versus.items()
+                                 if k in ("argmax_agreement", "mask_agreement", "accuracy_reference", "accuracy_candidate")
+                                 and isinstance(v, float))
+            lines.append(("quantized", f"{quantization.get('method', '?')}; calibrated on {quantization.get('calibration_images', '?')} "
+                                       f"images of {quantization.get('calibration_data', '?')}"
+                                       + (f"; against float32 on {versus.get('images', '?')} images: {measured}" if measured else "")))
         metrics = prov.get("metrics") if isinstance(prov.get("metrics"), dict) else {}
         final = metrics.get("final")
         if isinstance(final, dict) and final:
