@@ -199,3 +199,20 @@ def test_opencv_and_ffmpeg_repeats_are_silenced_unless_debug(paths):
     before = {k: os.environ.get(k) for k in ("OPENCV_LOG_LEVEL", "OPENCV_FFMPEG_LOGLEVEL")}
     main(["-q", "info", "--model", str(paths["bundle"])])  # in-process: the process's environment is left as it was
     assert {k: os.environ.get(k) for k in before} == before
+
+
+def test_an_os_error_while_running_is_one_line_and_exit_1(paths, monkeypatch, capsys):
+    """A disk that fills up (or a folder removed) while a command runs: one line naming the file, exit 1
+    (not 2: the input was fine), no traceback; --debug shows the traceback."""
+    import keepbits.runtime.receiver as receiver
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(paths["out"] / "decoded" / "00000000.png"))
+
+    monkeypatch.setattr(receiver, "decode_files", full_disk)
+    argv = ["decode", "--payloads", str(paths["used"]), "--out", str(paths["out"] / "decoded")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"keepbits: error: {paths['out'] / 'decoded' / '00000000.png'}: No space left on device"
+    with pytest.raises(OSError):
+        main(["--debug", *argv])

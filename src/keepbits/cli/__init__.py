@@ -170,6 +170,11 @@ def _main(argv: Sequence[str] | None) -> int:
             raise
         print(f"keepbits: error: this command needs {exc.name}, which is not installed: {extra}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine, not the input: a disk full or a folder removed while the command ran
+        if args.debug:
+            raise
+        print(f"keepbits: error: {exc.filename}: {exc.strerror or exc}" if exc.filename else f"keepbits: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("keepbits: interrupted", file=sys.stderr)
         return 130
