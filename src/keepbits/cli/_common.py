@@ -150,6 +150,12 @@ def add_user_images_options(p: argparse.ArgumentParser) -> None:
     add_frame_step_option(p)
 
 
+def add_force_option(p: argparse.ArgumentParser) -> None:
+    """``--force`` of every trainer: replace an earlier run's checkpoints at ``--out``
+    (:func:`keepbits.training.checkpoint.refuse_earlier_run`)."""
+    p.add_argument("--force", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
+
+
 def add_frame_step_option(p: argparse.ArgumentParser) -> None:
     """``--frame-step K`` of every command that reads footage: every K-th video frame."""
     p.add_argument("--frame-step", type=int, default=1, help="videos: every k-th frame")

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from keepbits.cli._common import add_argument, add_device_option, command_line, existing_path
+from keepbits.cli._common import add_argument, add_device_option, add_force_option, command_line, existing_path
 
 HELP = "train a Glow density model (bits per dimension, SimpleBits L_sim)"
 
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between saves of the resumable state, OUT's stem + .last.pt")
-    p.add_argument("--force", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
+    add_force_option(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT's .last.pt with the same settings (only run control such as "
                    "--steps may change)")
 

@@ -6,7 +6,7 @@ import json
 import os
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, add_frame_step_option, add_precision_option,
+    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, add_force_option, add_frame_step_option, add_precision_option,
     classifier_options, command_line, existing_path, json_object,
 )
 from keepbits.errors import InputError
@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, image samples, initialisation, batches, crops and gates")
     add_device_option(p)
     add_precision_option(p)
-    p.add_argument("--force", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
+    add_force_option(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with the same settings (only run control such as --epochs may change)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, classifier_options, command_line, existing_path,
+    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, add_force_option, classifier_options, command_line, existing_path,
 )
 
 HELP = "train a SimpleBits simplifier jointly with a classifier (L = λ_sim·bpd + L_cls, unrolled step)"
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between saves of the resumable state, OUT's stem + .last.pt")
-    p.add_argument("--force", action="store_true", help="replace the checkpoints an earlier run left at --out (default: refuse them)")
+    add_force_option(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT's .last.pt with the same settings (only run control such as "
                    "--steps may change)")
 

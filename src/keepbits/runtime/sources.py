@@ -293,8 +293,8 @@ class Source:
                         self._open_error = exc  # raised by start()
                         return
                     self._counts["errors"] += 1
-                    repeated = self.last_error == f"{type(exc).__name__}: {exc}"
-                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    error = f"{type(exc).__name__}: {exc}"
+                    repeated, self.last_error = error == self.last_error, error
                     # the same failure again (a camera still unplugged): counted, logged once
                     (log.debug if repeated else log.warning)("source %s: %s%s", self.name, self.last_error,
                                                              "; retrying" if self.live and not repeated else "")
