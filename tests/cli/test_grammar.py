@@ -43,7 +43,9 @@ def test_help_exits_0_and_shows_every_default(path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*path, "--help"])
     assert exit_.value.code == 0
-    text = "".join(capsys.readouterr().out.split())  # help wraps lines, at spaces and hyphens
+    out = capsys.readouterr().out
+    assert "%%" not in out, f"{' '.join(path)}: an argparse escape printed as written"
+    text = "".join(out.split())  # help wraps lines, at spaces and hyphens
     for action in _visible(_command_parser(path)):
         assert action.help, f"{' '.join(path)} {action.option_strings}: no help text"
         if action.default is None or action.nargs == 0 or "default" in action.help:

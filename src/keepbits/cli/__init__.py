@@ -81,7 +81,9 @@ def _global_options(default: bool | str) -> argparse.ArgumentParser:
 
 def _add_command(subparsers, name: str, module_name: str, common: argparse.ArgumentParser) -> None:
     module = importlib.import_module(module_name)
-    parser = subparsers.add_parser(name, help=module.HELP, description=module.HELP, parents=[common], formatter_class=HelpFormatter)
+    # ``help`` is %-formatted by argparse (``%%`` for a percent sign), ``description`` is printed as written
+    parser = subparsers.add_parser(name, help=module.HELP, description=module.HELP.replace("%%", "%"), parents=[common],
+                                   formatter_class=HelpFormatter)
     module.add_arguments(parser)
     parser.set_defaults(_run=module.run)
 
