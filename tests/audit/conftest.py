@@ -4,9 +4,9 @@ import pytest
 
 @pytest.fixture
 def pixel_bundle():
-    """``(net, (C, H, W), mean, std, folder) → (bundle folder, graph)``: ``net`` exported as a
-    keepbits bundle graph does it (uint8 N×H×W×C in, normalisation inside; ``graph`` is that
-    torch module) and written as a bundle with class names a, b, c."""
+    """``(net, (C, H, W), mean, std, folder, archive=False) → (bundle, graph)``: ``net`` exported
+    as a keepbits bundle graph does it (uint8 N×H×W×C in, normalisation inside; ``graph`` is that
+    torch module) and written as a bundle folder (``archive``: a ``.zip``) with class names a, b, c."""
     torch = pytest.importorskip("torch")
     from torch import nn
 
@@ -22,7 +22,7 @@ def pixel_bundle():
         def forward(self, x):
             return self.net((x.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0 - self.mean) / self.std)
 
-    def write(net, shape, mean, std, folder):
+    def write(net, shape, mean, std, folder, archive=False):
         c, h, w = shape
         graph = Pixels(net, mean, std).eval()
         onnx_path = folder / "model.onnx"
@@ -30,6 +30,6 @@ def pixel_bundle():
                           output_names=["logits"], dynamic_axes={"image": {0: "n"}}, dynamo=False)
         manifest = Manifest(input_shape=list(shape), input_dtype="uint8", input_layout="NHWC", mean=mean, std=std,
                             class_names=["a", "b", "c"], block_size=1, mask_threshold=0.5, generator="none", classifier="test")
-        return write_bundle(folder / "bundle", manifest, {"model.onnx": onnx_path}), graph
+        return write_bundle(folder / ("bundle.zip" if archive else "bundle"), manifest, {"model.onnx": onnx_path}), graph
 
     return write

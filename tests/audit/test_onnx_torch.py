@@ -118,6 +118,79 @@ def test_bundle_graph_twin_takes_pixels(tmp_path, float64_backselect, pixel_bund
     assert res.method == "incremental" and np.array_equal(res.order, order)
 
 
+def test_gradient_backselect_of_a_bundle_takes_gradients_through_its_twin(tmp_path, pixel_bundle):
+    """Gradient BackSelect of an ONNX bundle: the gradients through the graph's torch twin (uint8
+    pixels rounded straight through) equal the torch classifier's own, and every f it records is
+    ONNX Runtime's on the masked image."""
+    from keepbits.audit import TorchAdapter, gradient_backselect
+    from keepbits.audit._sis_onnx import gradient_module
+
+    net = make("global-pool").eval()
+    mean, std = [0.4, 0.6], [0.25, 0.5]  # mean·255 whole: the masked value is a pixel value exactly
+    bundle, _ = pixel_bundle(net, SHAPE, mean, std, tmp_path)
+    model, reference = load_model(bundle, threads=1), TorchAdapter(net, SHAPE, mean=mean, std=std)
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (2, SHAPE[1], SHAPE[2], SHAPE[0]), dtype=np.uint8)
+    x = torch.from_numpy(reference.normalize(pixels))
+    mask = torch.from_numpy((rng.random((2, 1, SHAPE[1], SHAPE[2])) < 0.3).astype(np.float32))
+
+    def mask_gradient(module: nn.Module) -> np.ndarray:
+        m = mask.clone().requires_grad_(True)
+        return torch.autograd.grad(torch.softmax(module(x * (1 - m)), 1)[:, 1].sum(), m)[0].numpy()
+
+    want = mask_gradient(net)
+    assert np.abs(want).max() > 1e-4
+    np.testing.assert_allclose(mask_gradient(gradient_module(model)), want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    for r, image in zip(gradient_backselect(model, pixels, k=8, batch_size=2), reference.normalize(pixels)):
+        assert sorted(r.order.tolist()) == list(range(SHAPE[1] * SHAPE[2]))
+        boundaries = np.flatnonzero(np.isfinite(r.scores))
+        assert boundaries.tolist() == list(range(0, SHAPE[1] * SHAPE[2] + 1, 8))
+        for j in boundaries:
+            masked = image.copy()
+            masked[:, r.order[:j] // SHAPE[2], r.order[:j] % SHAPE[2]] = 0.0
+            np.testing.assert_allclose(r.scores[j], model.probabilities(masked[None])[0, r.target], rtol=1e-6, atol=1e-9)
+
+
+def test_sis_audit_of_a_zip_bundle_keeps_its_files_and_names_it(tmp_path, pixel_bundle, capsys):
+    """A .zip bundle is unpacked to a temp folder that lives as long as the loaded bundle: the audit
+    reads the model file again after loading (fingerprint, twin), and its report and errors name the
+    .zip, not the unpacked copy. A graph with no twin gets one line saying why and what to use."""
+    import json
+
+    import cv2
+
+    from keepbits.cli import main
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    bundle, _ = pixel_bundle(net, (3, 8, 8), [0.5] * 3, [0.25] * 3, tmp_path, archive=True)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(frames / f"{i}.png"), np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    argv = ["audit", "sis", "--model", str(bundle), "--data", str(frames), "--num-images", "2", "--threshold", "0.3",
+            "--thresholds", "0.3", "-q"]
+    for method in ("gradient", "plain"):
+        assert main([*argv, "--method", method, "--k", "16", "--out", str(tmp_path / method)]) == 0, capsys.readouterr().err
+        report = json.loads((tmp_path / method / "report.json").read_text())
+        assert report["meta"]["model"] == str(bundle) and report["data"]["summary"]["backselect_runs"] == 2
+    erf = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(192, 3)).eval()
+    erf_bundle = export(Erf3(erf), tmp_path / "erf.onnx", shape=(3, 8, 8))
+    assert main([*argv[:3], erf_bundle, *argv[4:], "--method", "gradient", "--out", str(tmp_path / "erf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{erf_bundle}: gradient BackSelect" in err and "no torch twin" in err and "plain" in err
+
+
+class Erf3(nn.Module):
+    """A classifier with an ONNX Erf node, which has no torch twin here."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.erf(x))
+
+
 def test_unconvertible_graph_falls_back_to_onnxruntime(tmp_path, float64_backselect):
     class Erf(nn.Module):  # ONNX Erf: no torch twin here
         def forward(self, x):

@@ -114,6 +114,20 @@ def test_graph_is_valid_onnx(bundle_a, bundle_b):
         assert bundle.manifest.dynamic_size
 
 
+def test_bundle_classifier_keeps_the_batch_axis_and_has_a_torch_twin(bundle_a):
+    """The uint8 graph's NHWC→NCHW permute is made contiguous before the networks: otherwise the
+    dynamo exporter spells the classifier's GAP + flatten as as_strided (a Reshape to 1-D, a Gather
+    over the whole batch), which the audits' torch twin cannot convert; with the generator's custom
+    ops pruned away, the logits' twin converts."""
+    from keepbits.audit import load_model
+    from keepbits.audit._sis_onnx import torch_twin
+
+    ops = {n.op_type for n in onnx.load(str(bundle_a[1].model_path)).graph.node}
+    assert "MaskCompose" in ops and not {"Gather", "Range"} & ops, ops
+    twin, why = torch_twin(load_model(bundle_a[1].root))
+    assert twin is not None, why
+
+
 def test_manifest_fields(bundle_a, bundle_b):
     a, b = bundle_a[1].manifest, bundle_b[1].manifest
     assert (a.input_dtype, a.input_layout, a.classify_on, a.custom_ops, a.block_size) == ("uint8", "NHWC", "original", ["MaskCompose"], 2)

@@ -253,6 +253,10 @@ def load_model(model: Any, **kwargs: Any) -> ModelAdapter:
         raise InputError(f"{path}: bundles with {m.input_dtype} {m.input_layout} input are not supported by the audits")
     adapter = OnnxAdapter(bundle.model_path, feed=feed, input_shape=m.input_shape, mean=m.mean, std=m.std, class_names=m.class_names,
                           threads=kwargs.get("threads"))
+    # an archive bundle is unpacked into a temp folder that lives as long as ``bundle``; the audits read
+    # the model file again later (fingerprint, the ONNX graph's torch twin, a float64 or CUDA session)
+    adapter.bundle = bundle
+    adapter.source = str(path)  # messages and reports name the user's bundle, not its unpacked copy
     if m.input_shape[0] in (1, 3):  # a Preprocessing describes grey or colour images (audit bundles may have other channels)
         adapter.preprocessing = Preprocessing(tuple(m.input_shape[1:]), tuple(m.mean), tuple(m.std), m.resize_policy, m.crop_fraction,
                                               tuple(m.class_names))

@@ -464,6 +464,51 @@ def _cancel_permutes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+class GraphInput(nn.Module):
+    """A graph twin (:func:`onnx_module`) fed normalised float N×C×H×W images, as the gradient
+    audits take a classifier: the images are mapped to the graph's input space first (``feed``
+    as :class:`keepbits.audit._base.OnnxAdapter`'s). A bundle's uint8 values are rounded and
+    clipped straight through: the forward pass sees the integers ONNX Runtime is given, the
+    gradient passes as if there were no rounding."""
+
+    def __init__(self, twin: nn.Module, mean: Any, std: Any, feed: str):
+        super().__init__()
+        self.twin, self.feed = twin, feed
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, np.float32)).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(np.asarray(std, np.float32)).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feed == "normalized":
+            return self.twin(x)
+        pixels = x * self.std + self.mean
+        if self.feed == "uint8-nhwc":
+            pixels = pixels * 255.0
+            pixels = pixels + (torch.round(pixels).clamp(0, 255) - pixels).detach()
+        return self.twin(pixels)
+
+
+def _prune_to(proto: Any, output: str) -> None:
+    """Keep only the nodes ``output`` depends on (a bundle's classifier logits beside its mask
+    generator's fused custom ops), and the ONNX functions those nodes still call."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    kept: set[int] = set()
+    pending = [output]
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None or id(node) in kept:
+            continue
+        kept.add(id(node))
+        pending.extend(i for i in node.input if i)
+        pending.extend(i for attr in node.attribute if attr.g.node for sub in attr.g.node for i in sub.input if i)
+    nodes = [n for n in proto.graph.node if id(n) in kept]
+    called = {(n.domain, n.op_type) for n in nodes}
+    functions = [f for f in proto.functions if (f.domain, f.name) in called]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    del proto.functions[:]
+    proto.functions.extend(functions)
+
+
 def onnx_module(model_path: Any, input_name: str, output: str, input_shape: tuple[int, int, int], nhwc: bool) -> nn.Module:
     """The ONNX classifier at ``model_path`` as a traced torch module taking its input as float
     N×C×H×W (``nhwc``: the graph itself takes N×H×W×C); raises :class:`NotConvertible`.
@@ -485,6 +530,7 @@ def onnx_module(model_path: Any, input_name: str, output: str, input_shape: tupl
         proto = onnx.load(str(model_path))
     except Exception as exc:  # noqa: BLE001 - onnx raises several types for unreadable files
         raise NotConvertible(f"unreadable ({str(exc).splitlines()[0]})") from None
+    _prune_to(proto, output)
     if proto.functions:
         raise NotConvertible("graph with ONNX functions")
     converter = _Converter(proto, input_name, output, input_shape, nhwc)

@@ -93,6 +93,28 @@ def torch_twin(adapter: OnnxAdapter) -> tuple[Any, str]:
     return module, ""
 
 
+def gradient_module(adapter: Any) -> Any:
+    """The classifier of ``adapter`` as a differentiable torch module of normalised float32
+    N×C×H×W images, for gradient BackSelect: a torch model's own module; an ONNX model's graph
+    twin (:func:`torch_twin`) behind :class:`keepbits.audit._onnx_torch.GraphInput` (built once
+    per adapter); otherwise :class:`InputError` saying why not and what to use instead."""
+    if adapter.torch_module is not None:
+        return adapter.torch_module
+    if not isinstance(adapter, OnnxAdapter):
+        raise InputError(f"{adapter.source}: gradient BackSelect needs a torch model or an ONNX graph")
+    module = getattr(adapter, "_gradient_module", None)
+    if module is None:
+        twin, why = torch_twin(adapter)
+        if twin is None:
+            raise InputError(f"{adapter.source}: gradient BackSelect takes gradients through the graph in torch, and here {why}; "
+                             "use the exact method (method 'plain', run by ONNX Runtime) or audit the torch classifier "
+                             "(a checkpoint or registry name)")
+        from keepbits.audit._onnx_torch import GraphInput
+
+        module = adapter._gradient_module = GraphInput(twin, adapter.mean, adapter.std, adapter._feed).eval()
+    return module
+
+
 class GraphInputSpace:
     """A torch evaluator of an ONNX graph's twin, fed normalised images: ``reset`` and
     ``image_logits`` map them to the graph's input space (uint8 NHWC values as float N×C×H×W

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from keepbits.audit._base import ModelAdapter, TorchAdapter, load_model
+from keepbits.audit._sis_onnx import gradient_module
 from keepbits.audit.sis import BackSelectResult, find_sis
 from keepbits.audit.sis_orders import compute_orders
 from keepbits.errors import InputError
@@ -267,6 +268,8 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
     retrain_epochs = cfg.retrain_epochs or cfg.epochs
     if cfg.model:
         original = load_model(cfg.model)
+        if cfg.method == "gradient":  # an ONNX model without a torch twin is refused before any training
+            gradient_module(original)
         mean, std = original.mean.tolist(), original.std.tolist()
     else:
         mean, std = channel_stats(train_set.x[audit_idx])
@@ -279,8 +282,6 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
     # the audited recipe (on the audit half): replicates, the first one is the audited model unless one is given
     replicates = [trained(f"replicate_{i}", xa, ya, cfg.seed + i, cfg.epochs, "auto") for i in range(cfg.ensemble)]
     original = original if cfg.model else replicates[0]
-    if original.torch_module is None and cfg.method == "gradient":
-        raise InputError(f"{cfg.model}: gradient BackSelect needs a torch checkpoint (use --method exact for ONNX)")
     xtr, ytr = original.normalize(train_set.x[tr_idx]), train_set.y[tr_idx]
     xte, yte = original.normalize(test_set.x[te_idx]), test_set.y[te_idx]
 

@@ -523,7 +523,9 @@ def gradient_backselect(model: Any, x: np.ndarray, target: Any = None, k: int = 
     largest gradient (masking them is predicted to keep ``f`` highest; ties to the lowest
     index): ⌈p/k⌉ gradient evaluations per image, batched over images. ``scores`` holds the
     forward-pass ``f`` at every iteration boundary (NaN in between), so :func:`find_sis`
-    returns subsets made of whole iterations whose ``f(x_S) ≥ τ`` was evaluated. ``device``:
+    returns subsets made of whole iterations whose ``f(x_S) ≥ τ`` was evaluated. ONNX models
+    (plain ``.onnx`` files, bundles) take their gradients through the graph's torch twin
+    (:func:`keepbits.audit._sis_onnx.gradient_module`); their ``f`` is ONNX Runtime's. ``device``:
     where the gradients are taken (``"cuda"``, ...; default: where the model's parameters are;
     the module is moved there for the run and back after it).
 
@@ -537,26 +539,29 @@ def gradient_backselect(model: Any, x: np.ndarray, target: Any = None, k: int = 
     """
     from keepbits.training.distributed import on_device
 
+    from keepbits.audit._sis_onnx import gradient_module
+
     model = load_model(model, **model_kwargs)
-    if model.torch_module is None:
-        raise InputError(f"{model.source}: gradient BackSelect needs a torch model (ONNX bundles: use method='plain')")
     if k < 1:
         raise InputError(f"k (pixels per iteration) must be >= 1, got {k}")
+    net = gradient_module(model)
     xs = model.prepare(x)
     if target is None:
         target = model.probabilities(xs, batch_size).argmax(1)
     targets = np.array(np.broadcast_to(np.asarray(target, np.int64), (len(xs),)))
-    with on_device(model.torch_module, device) as where:
-        return _gradient_backselect(model, xs, targets, k, mask_value, batch_size, initially_masked, where)
+    with on_device(net, device) as where:
+        return _gradient_backselect(model, net, xs, targets, k, mask_value, batch_size, initially_masked, where)
 
 
-def _gradient_backselect(model: ModelAdapter, xs: np.ndarray, targets: np.ndarray, k: int, mask_value: Any, batch_size: int,
+def _gradient_backselect(model: ModelAdapter, net: Any, xs: np.ndarray, targets: np.ndarray, k: int, mask_value: Any, batch_size: int,
                          initially_masked: Sequence[Sequence[int]] | None, where: Any) -> list[BackSelectResult]:
+    """``net``: the differentiable module; when it is not ``model``'s own (an ONNX graph's twin),
+    ``f`` at each iteration is read from ``model`` itself (ONNX Runtime), not from the twin."""
     import torch
 
     n, (c, h, w) = len(xs), model.input_shape
     d = h * w
-    net = model.torch_module
+    twin = net is not model.torch_module
     m = torch.as_tensor(_mask_value(model, mask_value), dtype=torch.float32, device=where).view(1, c, 1, 1)
     results = []
     for start in range(0, n, batch_size):
@@ -573,10 +578,13 @@ def _gradient_backselect(model: ModelAdapter, xs: np.ndarray, targets: np.ndarra
         scores = [np.full(d - len(init) + 1, np.nan) for init in initial]
         while True:
             mask = torch.tensor(masked.reshape(b, 1, h, w), dtype=torch.float32, device=where, requires_grad=True)
-            probs = torch.softmax(net(xb * (1 - mask) + m * mask), 1)
+            masked_x = xb * (1 - mask) + m * mask
+            probs = torch.softmax(net(masked_x), 1)
             f = probs[torch.arange(b, device=where), tb]
             (grad,) = torch.autograd.grad(f.sum(), mask)
             f_np, g = f.detach().double().cpu().numpy(), grad.double().cpu().numpy().reshape(b, d)
+            if twin:
+                f_np = model.probabilities(masked_x.detach().cpu().numpy(), batch_size)[np.arange(b), targets[start : start + b]]
             busy = False
             for i in range(b):
                 scores[i][len(orders[i])] = f_np[i]

@@ -48,7 +48,9 @@ class NiceGraph(nn.Module):
         return (flat * self.norm_mul.reshape(1, c, 1) + self.norm_add.reshape(1, c, 1)).reshape(n, c, h, w)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = image.permute(0, 3, 1, 2).to(torch.float32) if self.nhwc else image
+        # contiguous: a channels-last-strided tensor makes the dynamo exporter spell a later flatten as
+        # as_strided (Reshape to 1-D, Gather, Reshape), which merges the batch axis
+        x = image.permute(0, 3, 1, 2).contiguous().to(torch.float32) if self.nhwc else image
         xn = self.normalise(x)
         logits = None
         if self.classify_on == "original" and hasattr(self.generator, "from_features"):
@@ -84,7 +86,7 @@ class SimplifierGraph(nn.Module):
         self.nhwc = input_dtype == "uint8"
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0 if self.nhwc else image
+        x = image.permute(0, 3, 1, 2).contiguous().to(torch.float32) / 255.0 if self.nhwc else image  # see NiceGraph
         simplified = self.simplifier(x)
         logits = self.classifier(simplified)
         return logits, (simplified * 255.0).permute(0, 2, 3, 1) if self.nhwc else simplified
