@@ -103,8 +103,11 @@ def _data_uri(png: bytes) -> str:
 
 
 def _fmt(value: Any) -> str:
+    """A table cell: floats to 4 significant digits; no value (None, NaN: a mean over no images) as a dash."""
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return "–"
     if isinstance(value, (float, np.floating)):
-        return "nan" if not math.isfinite(value) else f"{value:.4g}"
+        return f"{value:.4g}"
     return html.escape(str(value))
 
 

@@ -49,12 +49,17 @@ def test_images_below_every_threshold_skip_backselect_and_the_report_is_unchange
 
 def test_an_audit_whose_images_are_all_below_tau_runs_no_backselect(tmp_path):
     net, images = _model_and_images()
+    names = ["ant", "bee", "cat"]
     data = sis_report.sis_audit(net, images, None, tmp_path / "r", threshold=0.999, thresholds=(0.999,), method="plain",
-                                input_shape=(1, 6, 6), progress=False)
+                                input_shape=(1, 6, 6), class_names=names, progress=False)
     assert data["summary"]["backselect_runs"] == 0 and data["summary"]["below_threshold"] == len(images)
     assert data["summary"]["method"].startswith("none") and not np.any(data["heatmap"])
     assert data["summary"]["sis_size_mean"] is None and json.dumps(data["summary"], allow_nan=False)  # no NaN in the JSON
-    assert (tmp_path / "r" / "report.html").exists()
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "No image reaches τ = 0.999: no SIS to locate." in page and "SIS location frequency" not in page
+    assert ">nan<" not in page and ">None<" not in page and "<td>–</td>" in page  # means over no image: a dash
+    predicted = data["images"][0]["predicted"]
+    assert f"<td>{predicted} {names[predicted]}</td>" in page  # classes by index and name
 
 
 AUDIT_SCRIPT = """

@@ -98,13 +98,14 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
                                        "images": len(x), "threshold τ": threshold, "BackSelect": backselect,
                                        "mask value": "0 in normalised space (per-channel mean)"})
     how = ("exact BackSelect (one pixel per step, the one whose masking keeps f highest)" if not backselect.startswith("gradient")
-           else f"batched gradient BackSelect ({backselect}: the pixels whose masking the gradient predicts keeps f highest, "
-                "several per step; Overinterpretation §3.2), an approximation of exact BackSelect whose subsets may differ from "
-                "the exact ones, each still checked by a forward pass to keep f ≥ τ")
+           else f"batched gradient BackSelect ({backselect}: several pixels per step, those whose masking the gradient "
+                "predicts keeps f highest; Overinterpretation §3.2), an approximation of exact BackSelect whose subsets may "
+                "differ from the exact ones (each subset's f is still a forward pass)")
+    ran = f"{len(run)} image{'' if len(run) == 1 else 's'}"
     sec = report.section("Summary", "Sufficient input subsets (Carter et al. 2019): pixel subsets that alone (all other pixels "
-                                    "masked) keep the predicted class's confidence f ≥ τ. Each is the shortest suffix of the "
-                                    f"greedy removal order of {how} that reaches τ (FindSIS): small, not proven the smallest. "
-                                    f"BackSelect ran on the {len(run)} images whose confidence reaches the smallest τ "
+                                    "masked) keep the predicted class's confidence f ≥ τ. Each is the shortest suffix reaching τ "
+                                    f"(FindSIS) of the greedy removal order of {how}: small, not proven the smallest. "
+                                    f"BackSelect ran on the {ran} whose confidence reaches the smallest τ "
                                     f"({taus[0]}); the others have no SIS at any τ.")
     sec.table([summary])
     sec = report.section("Examples", "Original | SIS (red) over the dimmed image | SIS only (everything else masked).")
@@ -132,11 +133,15 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
                 "±95%": s["size"]["ci95"], "correct": s["size_correct"]["mean"], "n correct": s["size_correct"]["n"],
                 "wrong": s["size_wrong"]["mean"], "n wrong": s["size_wrong"]["n"]} for s in stats])
     sec = report.section("Where SIS pixels lie", f"Fraction of images (f ≥ τ = {threshold}) whose SIS holds each pixel.")
-    sec.heatmap(heat, title=f"SIS location frequency, τ = {threshold}", cmap="magma")
+    if any(r["sis"] is not None for r in per_image):
+        sec.heatmap(heat, title=f"SIS location frequency, τ = {threshold}", cmap="magma")
+    else:
+        sec.text(f"No image reaches τ = {threshold}: no SIS to locate.", note=True)
     sec = report.section("Images below the threshold", "These images have f < τ on the full image, so they have no SIS at this τ. "
                                                         "They are reported, not errors.")
     if below:
-        sec.table([{"image": r["image"], "label": r["label"], "predicted": r["predicted"], "confidence": r["confidence"]} for r in below])
+        sec.table([{"image": r["image"], "label": None if r["label"] is None else _label(adapter, r["label"]),
+                    "predicted": _label(adapter, r["predicted"]), "confidence": r["confidence"]} for r in below])
     else:
         sec.text("None: every image reaches τ.", note=True)
     report.data = {"summary": summary, "thresholds": taus, "size_stats": stats, "heatmap": heat, "images": per_image}
@@ -148,3 +153,9 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
 def _name(adapter: Any, cls: int) -> str:
     names = adapter.class_names
     return names[cls] if names and cls < len(names) else str(cls)
+
+
+def _label(adapter: Any, cls: int) -> str:
+    """A class as a table shows it: its index and, where the model has them, its name."""
+    name = _name(adapter, cls)
+    return name if name == str(cls) else f"{cls} {name}"
