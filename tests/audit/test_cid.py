@@ -118,6 +118,18 @@ def test_block_shares_sigma_over_cells():
     assert np.allclose(cells, cells[:, :1, :, :1])
 
 
+def test_progress_shows_maps_and_steps_and_changes_no_map(capsys):
+    """A CID fit of a large model takes minutes per map batch: ``progress`` shows the maps done,
+    the step and how many maps are still fitting, and leaves the maps as they are."""
+    x = torch.randn(1, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    config = CIDConfig(max_steps=30, min_steps=10)
+    quiet, shown = (CIDExplainer(small_net(), layers=["1", "3"], input_shape=(1, 12, 12), config=config, progress=p).explain(x)
+                    for p in (False, True))
+    err = capsys.readouterr().err
+    assert "CID maps" in err and "step 1/30, 2 fitting" in err and "2/2" in err
+    assert np.array_equal(quiet[0].entropy, shown[0].entropy)
+
+
 def test_layer_tap_is_not_fooled_by_inplace_ops_and_default_layers():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
     out = LayerTap(net, ["0", "2"])(torch.randn(6, 3))

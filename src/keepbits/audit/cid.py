@@ -240,7 +240,8 @@ def _delta_f2(group: _Group, cfg: CIDConfig, gen: Any) -> tuple[Any, Any]:
 EntropyTerm = Callable[[Any, Any, dict[str, Any]], Any]
 
 
-def fit_sigma(tap: LayerTap, x: Any, layer_of: list[str], cfg: CIDConfig, entropy: EntropyTerm | None = None) -> dict[str, np.ndarray]:
+def fit_sigma(tap: LayerTap, x: Any, layer_of: list[str], cfg: CIDConfig, entropy: EntropyTerm | None = None,
+              on_step: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Optimise log σ for replicas (``x[r]``, layer ``layer_of[r]``) of Eq. 3 with Adam and
     per-replica dual ascent on log λ (Eq. 4), until the stopping rule of :class:`CIDConfig`
     (converged replicas leave the batch) or ``max_steps``.
@@ -252,7 +253,8 @@ def fit_sigma(tap: LayerTap, x: Any, layer_of: list[str], cfg: CIDConfig, entrop
     Returns numpy arrays per replica: ``log_sigma`` (R×1×H/b×W/b), ``ratio`` (final, fresh
     draws), ``steps``, ``lam``, ``delta_f2``, ``delta_f2_change``, ``converged`` and the window
     traces ``trace_ratio``, ``trace_entropy`` (nats per pixel), ``trace_loss``, ``trace_lr``,
-    ``trace_lam`` (R × max_steps/check_every, NaN after a replica stopped).
+    ``trace_lam`` (R × max_steps/check_every, NaN after a replica stopped). ``on_step(t, fitting)``
+    is called before each step with the number of replicas still fitting (progress display).
     """
     import torch
 
@@ -295,6 +297,8 @@ def fit_sigma(tap: LayerTap, x: Any, layer_of: list[str], cfg: CIDConfig, entrop
         idx = torch.nonzero(active).flatten()
         if len(idx) == 0:
             break
+        if on_step is not None:
+            on_step(t, len(idx))
         if sub_index is None or len(idx) != len(sub_index):
             sub, sub_index = (group, idx) if len(idx) == r else (group.subset(idx), idx)
         sa = s[idx].clone().requires_grad_(True)
@@ -362,8 +366,10 @@ class CIDExplainer(Explainer):
         (['1'], (1, 4, 4))
     """
 
-    def __init__(self, model: Any, layers: Sequence[str] | None = None, config: CIDConfig | None = None, **model_kwargs: Any):
+    def __init__(self, model: Any, layers: Sequence[str] | None = None, config: CIDConfig | None = None, progress: bool = False,
+                 **model_kwargs: Any):
         super().__init__(model, **model_kwargs)
+        self.progress = progress
         self.module = self.model.torch_module
         if self.module is None:
             raise InputError(f"{self.model.source}: CID needs a torch model (gradients through its layers), not ONNX")
@@ -378,22 +384,31 @@ class CIDExplainer(Explainer):
 
     def _explain(self, x: np.ndarray, targets: np.ndarray, batch_size: int) -> list[CIDMaps]:
         import torch
+        from tqdm.auto import tqdm
 
         n, (_, h, w), nl = len(x), self.model.input_shape, len(self.layers)
         fitted: dict[tuple[int, int], dict[str, Any]] = {}
         with on_device(self.module, self.config.device) as device:
             xt = torch.as_tensor(x).to(device)
             tap = LayerTap(self.module, self.layers)
+            replicas = [(i, l) for l in range(nl) for i in range(n)]
+            bar = tqdm(total=len(replicas), desc="CID maps", unit="map", disable=not self.progress, leave=False)
+
+            def on_step(t: int, fitting: int) -> None:
+                bar.set_postfix_str(f"step {t}/{self.config.max_steps}, {fitting} fitting")
+
             try:
                 with torch.enable_grad():
-                    replicas = [(i, l) for l in range(nl) for i in range(n)]
                     for start in range(0, len(replicas), batch_size):
                         chunk = replicas[start : start + batch_size]
-                        out = fit_sigma(tap, xt[[i for i, _ in chunk]], [self.layers[l] for _, l in chunk], self.config)
+                        bar.set_postfix_str(f"δ_f² of {len(chunk)} maps")
+                        out = fit_sigma(tap, xt[[i for i, _ in chunk]], [self.layers[l] for _, l in chunk], self.config, on_step=on_step)
                         for j, key in enumerate(chunk):
                             fitted[key] = {k: val[j] for k, val in out.items()}
+                        bar.update(len(chunk))
             finally:
                 tap.remove()
+                bar.close()
         return [self._maps([fitted[(i, l)] for l in range(nl)], h, w) for i in range(n)]
 
     def _maps(self, per_layer: list[dict[str, Any]], h: int, w: int) -> CIDMaps:

@@ -34,18 +34,19 @@ SHOWN_IMAGES = 4
 def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, config: Any = None, *, name: str = "",
                   foreground: Mapping[int, Any] | None = None, ru_images: Any = None, ru_layers: Sequence[str] | None = None,
                   decoder: DecoderConfig | None = None,
-                  cache_dir: str | Path | None = "default", batch_size: int = 16,
+                  cache_dir: str | Path | None = "default", batch_size: int = 16, progress: bool = False,
                   **model_kwargs: Any) -> dict[str, Any]:
     """CID maps of ``inputs`` at every layer, plus RU (when ``ru_images``, the decoder's
     training images, are given; at ``ru_layers`` only, default all) and concentration (Eq. 5, for images with an entry in
-    ``foreground``: an H×W mask or a box ``(x0, y0, x1, y1)``).
+    ``foreground``: an H×W mask or a box ``(x0, y0, x1, y1)``). ``progress``: a progress bar of the
+    maps being fitted (step, maps still fitting) on stderr.
 
     Returns ``{"name", "layers", "images" (uint8 N×H×W×C), "entropy" (N×L×H×W), "ru"
     (N×L×H×W or None), "per_image" (list of per-layer dicts), "summary" (per-layer means),
     "decoders" (training info), "seconds"}``.
     """
     start = time.perf_counter()
-    cid = CIDExplainer(model, layers, config or CIDConfig(), **model_kwargs)
+    cid = CIDExplainer(model, layers, config or CIDConfig(), progress, **model_kwargs)
     adapter = cid.model
     x = adapter.prepare(inputs)
     maps = cid.explain(x, batch_size=batch_size)

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
             described = f"{len(audited)} (class-balanced sample, seed {args.seed})"
         runs.append(layerwise_cid(clf, images, None if args.layers == ["auto"] else args.layers, config, name=_run_name(spec),
                                   ru_images=ru_images, decoder=decoder, foreground=foreground,
-                                  cache_dir=None if args.cache == "none" else args.cache, batch_size=args.batch_size))
+                                  cache_dir=None if args.cache == "none" else args.cache, batch_size=args.batch_size,
+                                  progress=not args.quiet))
     paths = cid_report(runs, args.out, meta={"data": args.data, "split": args.split, "images": described, "command": command_line()})
     if not args.quiet:
         for r in runs:

@@ -131,7 +131,8 @@ def _num_outputs(module: nn.Module, pre: Preprocessing, arch: str) -> int:
     except (RuntimeError, ValueError) as exc:
         first = next(iter(str(exc).splitlines()), "") or type(exc).__name__
         raise InputError(f"classifier {arch} fails on a {'×'.join(map(str, shape[1:]))} image (channels × the preprocessing's "
-                         f"input size): {first}") from None
+                         f"input size; the channels are as many as the mean/std values: one each (--mean M --std S) for a "
+                         f"grey-image classifier): {first}") from None
     finally:
         module.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
