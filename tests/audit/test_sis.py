@@ -177,6 +177,18 @@ def test_explainer_reports_unconfident_images_and_onnx(tmp_path):
         SISExplainer(net, threshold=1.5, input_shape=SHAPE)
 
 
+def test_explainer_takes_gradient_backselect_to_its_device(monkeypatch):
+    from keepbits.audit import sis
+
+    seen = []
+    real = sis.gradient_backselect
+    monkeypatch.setattr(sis, "gradient_backselect", lambda *a, **kw: seen.append(a[7] if len(a) > 7 else kw.get("device")) or real(*a, **kw))
+    net = next(random_cnns()).eval()
+    xs = np.random.default_rng(4).normal(size=(1, *SHAPE)).astype(np.float32)
+    SISExplainer(net, threshold=0.5, method="gradient", k=8, device="cpu", input_shape=SHAPE).explain(xs)
+    assert seen and set(seen) == {"cpu"}
+
+
 def test_bundle_model_runs_with_onnxruntime(tmp_path, pixel_bundle):
     pytest.importorskip("onnxruntime")
     from keepbits.audit import load_model

@@ -646,7 +646,7 @@ class SISExplainer(Explainer):
 
     def _runs(self, x: np.ndarray, targets: np.ndarray, batch_size: int, masked: list[np.ndarray] | None) -> list[BackSelectResult]:
         if self.method == "gradient":
-            return gradient_backselect(self.model, x, targets, self.k, self.mask_value, batch_size, masked)
+            return gradient_backselect(self.model, x, targets, self.k, self.mask_value, batch_size, masked, self.device)
         runs: list[BackSelectResult] = []
         for i in range(0, len(x), IMAGES_PER_PASS):
             part = slice(i, i + IMAGES_PER_PASS)
