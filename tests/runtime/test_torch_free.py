@@ -128,10 +128,12 @@ def test_sis_audit_of_an_onnx_model_runs_without_torch(tmp_path):
             + "from keepbits.cli import main\n"
             + f"first = main(['-q', *{audit!r}, '--out', {str(tmp_path / 'a')!r}])\n"
             + f"second = main(['-q', *{audit!r}, '--out', {str(tmp_path / 'b')!r}, '--device', 'cuda'])\n"
-            + "print(json.dumps({'first': first, 'second': second, 'torch': 'torch' in sys.modules}))\n")
+            + f"gradient = main(['-q', *{audit!r}, '--out', {str(tmp_path / 'c')!r}, '--method', 'gradient'])\n"
+            + "print(json.dumps({'first': first, 'second': second, 'gradient': gradient, 'torch': 'torch' in sys.modules}))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report == {"first": 0, "second": 2, "torch": False}
+    assert report == {"first": 0, "second": 2, "gradient": 2, "torch": False}
     assert json.loads((tmp_path / "a" / "report.json").read_text())["data"]["summary"]["backselect_runs"] == 3
     assert "torch is not installed" in done.stderr and "Traceback" not in done.stderr
+    assert "gradient BackSelect needs torch, which is not installed here (pip install 'keepbits[train,audit]')" in done.stderr

@@ -105,6 +105,9 @@ def gradient_module(adapter: Any) -> Any:
     module = getattr(adapter, "_gradient_module", None)
     if module is None:
         twin, why = torch_twin(adapter)
+        if twin is None and why.startswith("torch is not installed"):
+            raise InputError(f"{adapter.source}: gradient BackSelect needs torch, which is not installed here "
+                             "(pip install 'keepbits[train,audit]'); the exact method (method 'plain') runs on ONNX Runtime alone")
         if twin is None:
             raise InputError(f"{adapter.source}: gradient BackSelect takes gradients through the graph in torch, and here {why}; "
                              "use the exact method (method 'plain', run by ONNX Runtime) or audit the torch classifier "

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from keepbits.audit._base import ModelAdapter
+from keepbits.audit._sis_onnx import gradient_module
 from keepbits.audit.sis import METHODS, BackSelectResult, backselect_batch, gradient_backselect
 from keepbits.errors import InputError
 from keepbits.training.distributed import agent_alive, barrier, init_distributed, worker_device
@@ -53,6 +54,8 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
     mine = [s for i, s in enumerate(starts) if i % dist.world == dist.rank]
     from tqdm.auto import tqdm
 
+    if method == "gradient":  # a model it cannot take gradients of is refused before any progress is shown
+        gradient_module(model)
     model_fingerprint = model.fingerprint()
 
     def fingerprint(s: int) -> str:
