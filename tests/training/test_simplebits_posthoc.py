@@ -78,6 +78,24 @@ def test_simplify_draws_alpha_and_returns_the_simplified_image():
     assert torch.equal(again[0]["simplified"], simplify_posthoc(net, flow, images, PosthocConfig(steps=3, lr=0.2, path_points=3))[0]["simplified"])
 
 
+def test_progress_counts_the_steps_and_changes_nothing(capsys):
+    net, flow, images = _net(), _glow(), torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    cfg = PosthocConfig(steps=3, lr=0.2, path_points=3)
+    quiet, shown = (simplify_posthoc(net, flow, images, cfg, progress=p) for p in (False, True))
+    err = capsys.readouterr().err
+    assert "simplify" in err and "0/6" in err and "image 2/2" in err  # the bar redraws at each image (its count only every 0.1 s)
+    assert all(torch.equal(a["simplified"], b["simplified"]) for a, b in zip(quiet, shown))
+
+
+def test_a_density_model_of_another_size_is_refused_before_any_step():
+    """Alg. 2 works in the Glow's latent: under an 8×8 Glow a 16×16 image would be resized to 8×8
+    and back before it is simplified, so the run is refused, naming both sizes; a grey classifier
+    under a colour Glow of its size is fine."""
+    with pytest.raises(InputError, match=r"scores 8×8 images and these are 16×16.*--image-size 16"):
+        simplify_posthoc(_net(), _glow(), torch.rand(1, 1, 16, 16), PosthocConfig(steps=1))
+    assert len(simplify_posthoc(_net(), _glow(c=3), torch.rand(1, 1, 8, 8), PosthocConfig(steps=1, path_points=2))) == 1
+
+
 def test_audit_simplify_cli_writes_report(tmp_path):
     kwargs = {"in_channels": 1, "num_classes": 10, "image_size": [28, 28]}
     torch.manual_seed(0)

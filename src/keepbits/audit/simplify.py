@@ -37,14 +37,16 @@ class SimplifyExplainer(Explainer):
     ``density``: a density checkpoint path, a Glow module, or None for the shipped CIFAR-10
     Glow; ``device``: ``auto``/``cpu``/``cuda``, where Alg. 1 runs; the remaining keywords are
     :class:`keepbits.training.posthoc.PosthocConfig` fields.
-    ``target`` is ignored: the prediction on the original is what must be preserved.
+    ``target`` is ignored: the prediction on the original is what must be preserved. ``progress``:
+    a progress bar of the optimisation steps on stderr.
     Results per image: ``original`` and ``simplified`` (uint8 H×W×C), ``bpd_orig``,
     ``bpd_sim``, ``kl``, ``kept``, ``label``, ``label_sim``, ``path``, ``history``.
     """
 
     def __init__(self, model: Any, density: Any = None, steps: int = 100, lambda_sim: float = 1.0, lr: float = 0.05,
-                 kl_tolerance: float = 0.1, seed: int = 0, device: str = "cpu", **model_kwargs: Any):
+                 kl_tolerance: float = 0.1, seed: int = 0, device: str = "cpu", progress: bool = False, **model_kwargs: Any):
         super().__init__(model, **model_kwargs)
+        self.progress = progress
         if self.model.torch_module is None:
             raise InputError(f"{self.model.source}: the simplification audit needs a torch model (.pt checkpoint), not ONNX")
         from keepbits.training.distributed import resolve_device
@@ -63,7 +65,7 @@ class SimplifyExplainer(Explainer):
         flow = self.density if hasattr(self.density, "bpd") else load_density(self.density)
         net = Normalized(self.model.torch_module, self.model.mean.tolist(), self.model.std.tolist())
         unit = torch.from_numpy((x * self.model.std[:, None, None] + self.model.mean[:, None, None]).astype(np.float32)).clamp(0, 1)
-        out = simplify_posthoc(net, flow, unit, PosthocConfig(**self.settings), device=self.device)
+        out = simplify_posthoc(net, flow, unit, PosthocConfig(**self.settings), device=self.device, progress=self.progress)
         to_uint8 = lambda t: np.clip(np.rint(t[0].detach().permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)  # noqa: E731
         return [{**{k: v for k, v in r.items() if k != "simplified"}, "original": to_uint8(unit[i : i + 1]), "simplified": to_uint8(r["simplified"])}
                 for i, r in enumerate(out)]

@@ -20,8 +20,9 @@ end as a diagnostic (bpd, KL, arg-max), and ``kept`` says whether x_sim keeps th
 KL(p ‖ f_θ(x_sim)) ≤ ``kl_tolerance``.
 
 The classifier takes [0, 1] images (wrap normalised classifiers with
-:class:`keepbits.training.simplebits.Normalized`); the density model may have another
-size or channel count (images are mapped with bilinear resizing and gray↔RGB).
+:class:`keepbits.training.simplebits.Normalized`); the density model must have the images'
+size (Alg. 2 works in its latent: another size would resize every image before it is
+simplified) and may have another channel count (gray↔RGB).
 
 Example:
     >>> import torch
@@ -44,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from keepbits.errors import InputError
 from keepbits.training.condensation import layerwise_cosine_distance
 from keepbits.training.distributed import on_device
 
@@ -114,7 +116,7 @@ def posthoc_loss(
 
 
 def simplify_posthoc(classifier: torch.nn.Module, flow: torch.nn.Module, images: torch.Tensor, cfg: PosthocConfig | None = None,
-                     device: str | torch.device | None = None) -> list[dict]:
+                     device: str | torch.device | None = None, progress: bool = False) -> list[dict]:
     """Simplify each [0, 1] image of ``images`` (N×C×H×W) for ``classifier`` (Alg. 1 + 2), on
     ``device`` (default: where the classifier's parameters are; both modules are moved there for
     the run and back after it; the random draws come from one CPU generator, so a GPU run draws
@@ -123,12 +125,23 @@ def simplify_posthoc(classifier: torch.nn.Module, flow: torch.nn.Module, images:
     Returns per image: ``simplified`` (1×C×H×W, 8-bit levels, on the CPU), ``bpd_orig``, ``bpd_sim``,
     ``kl`` (KL(p ‖ f_θ(x_sim))), ``kept`` (same arg-max and ``kl`` ≤ ``kl_tolerance``), ``path``
     (t, bpd, KL, same arg-max along G(z + t·δ)), ``history`` of the loss terms and the α drawn,
-    ``label`` and ``label_sim`` (arg-max of the classifier)."""
+    ``label`` and ``label_sim`` (arg-max of the classifier). ``progress``: a progress bar of the
+    optimisation steps on stderr (each step differentiates the classifier twice: minutes per image
+    on a 224² model)."""
+    side = tuple(int(v) for v in getattr(flow, "image_size", images.shape[-2:]))
+    if side != tuple(images.shape[-2:]):
+        h, w = images.shape[-2:]
+        raise InputError(f"the density model scores {side[0]}×{side[1]} images and these are {h}×{w}: Alg. 2 optimises in its "
+                         f"latent, so the simplified image would begin as the original resized to {side[0]}×{side[1]} and back; "
+                         f"use a density model of the classifier's input size (keepbits train density --image-size {h} on such images)")
     with on_device(classifier, device) as where, on_device(flow, where):
-        return _simplify_posthoc(classifier, flow, images, cfg or PosthocConfig(), where)
+        return _simplify_posthoc(classifier, flow, images, cfg or PosthocConfig(), where, progress)
 
 
-def _simplify_posthoc(net: torch.nn.Module, flow: torch.nn.Module, images: torch.Tensor, cfg: PosthocConfig, where: torch.device) -> list[dict]:
+def _simplify_posthoc(net: torch.nn.Module, flow: torch.nn.Module, images: torch.Tensor, cfg: PosthocConfig, where: torch.device,
+                      progress: bool = False) -> list[dict]:
+    from tqdm.auto import tqdm
+
     from keepbits.training.simplebits import quantize_8bit
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -136,7 +149,9 @@ def _simplify_posthoc(net: torch.nn.Module, flow: torch.nn.Module, images: torch
         p.requires_grad_(False)
     flow.requires_grad_(False)
     results = []
+    bar = tqdm(total=len(images) * cfg.steps, desc="simplify", unit="step", disable=not progress, leave=False)
     for i in range(len(images)):
+        bar.set_postfix_str(f"image {i + 1}/{len(images)}")
         x = images[i : i + 1].float().to(where)
         with torch.no_grad():
             zs, _ = flow.encode(flow.to_flow_range(x, dequantize=False))
@@ -155,6 +170,7 @@ def _simplify_posthoc(net: torch.nn.Module, flow: torch.nn.Module, images: torch
             loss.backward()
             opt.step()
             history.append(stats | {"alpha": alpha})
+            bar.update()
         with torch.no_grad():
             x_sim = quantize_8bit(interpolate(flow, zs, deltas, 1.0, x.shape))
             logits = net(x_sim)
@@ -165,6 +181,7 @@ def _simplify_posthoc(net: torch.nn.Module, flow: torch.nn.Module, images: torch
                 "kl": kl, "kept": label_sim == label and kl <= cfg.kl_tolerance, "label": label, "label_sim": label_sim,
                 "path": _path(net, flow, x, zs, [d.detach() for d in deltas], ref, cfg), "history": history,
             })
+    bar.close()
     return results
 
 
