@@ -234,7 +234,7 @@ class _PlotFrame:
 def _svg_plot(series, xlabel, ylabel, title, width, height, errors, log_x) -> str:
     f = _PlotFrame(series, width, height, errors, log_x)
     if f.empty:
-        return f"<p class='note'>{html.escape(title)}: no data</p>"
+        return f"<p class='note'>{html.escape(title + ': no data' if title else 'No data to plot.')}</p>"
     left, top, pw, ph = f.left, f.top, f.pw, f.ph
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" font-family="sans-serif">',
            f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>',

@@ -45,6 +45,8 @@ def test_adapter_normalise_roundtrip_and_errors():
         m.prepare(np.zeros((1, 3, 3, 3), np.float32))
     with pytest.raises(InputError):
         load_model("/nonexistent/model.onnx")
+    named = FunctionAdapter(lambda x: x.reshape(len(x), -1)[:, :2], input_shape=(1, 1, 2), class_names=["cat", "dog"])
+    assert [named.class_name(i) for i in (1, 2, -1)] == ["dog", "2", "-1"] and m.class_name(0) == "0"
 
 
 def test_explainer_targets():

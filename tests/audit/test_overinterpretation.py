@@ -1,5 +1,6 @@
 """Overinterpretation pipeline: subsets, statistics, the whole audit (models cached and resumed), CLI reports."""
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -102,6 +103,8 @@ def test_pipeline_end_to_end_tiny(tmp_path):
     assert len(result["mitigations_common_images"]) == 5 and set(result["mitigations_common_images"][0]["models"]) == {"single", "ensemble", "input_dropout"}
     models = tmp_path / "models"
     assert (tmp_path / "report.html").exists() and (models / "input_dropout.pt").exists() and (models / "control_full.pt").exists()
+    page = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", (tmp_path / "report.html").read_text())
+    assert "nan" not in page.lower() and "1 epoch," in page and ": no data" not in page  # undefined statistics show a dash
     # one recipe per role: replicates alike (audit half, flips allowed), retraining without augmentation on the other half
     rep = [load_checkpoint(models / f"replicate_{i}.pt").settings["recipe"] for i in range(2)]
     assert rep[0]["images"] == rep[1]["images"] == 48 and rep[0]["epochs"] == rep[1]["epochs"] and rep[0]["seed"] != rep[1]["seed"]

@@ -54,6 +54,11 @@ class ModelAdapter:
         """Logits (float64, N×K) of normalised float N×C×H×W inputs."""
         raise NotImplementedError
 
+    def class_name(self, index: int) -> str:
+        """The name of class ``index`` where the model has names, else the index as text."""
+        names = self.class_names
+        return names[index] if names and 0 <= index < len(names) else str(index)
+
     def probabilities(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Softmax probabilities (float64, N×K) of normalised float N×C×H×W inputs."""
         return softmax(self.logits(x, batch_size))

@@ -385,7 +385,7 @@ def _trained(path: Path, cfg: OverinterpretationConfig, x: np.ndarray, y: np.nda
     net = build_model(load_checkpoint(path, "classifier"), "classifier").eval()
     if keep is not None:
         net = InputDropout(net, keep, cfg.dropout_samples).eval()
-    return TorchAdapter(net, shape, mean=mean, std=std)
+    return TorchAdapter(net, shape, mean=mean, std=std, class_names=class_names)
 
 
 def _recipe_of(path: Path) -> dict[str, Any] | None:
@@ -402,7 +402,22 @@ def _recipe_of(path: Path) -> dict[str, Any] | None:
 
 
 def _pm(stat: dict[str, float]) -> str:
-    return f"{stat['mean']:.3f} ± {stat['ci95']:.3f}"
+    """mean ± 95 % CI as a table shows it: a dash where no image gave a value, the mean alone
+    where one image gave no interval."""
+    if not math.isfinite(stat["mean"]):
+        return "–"
+    return f"{stat['mean']:.3f}" + (f" ± {stat['ci95']:.3f}" if math.isfinite(stat["ci95"]) else "")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _difference(d: dict[str, Any]) -> str:
+    """wrong − correct SIS size with its CI and direction; a dash where it is undefined."""
+    if not math.isfinite(d["difference"]):
+        return f"– ({d['direction']})"
+    return f"{d['difference']:+.4f}" + (f" ± {d['ci95']:.4f}" if math.isfinite(d["ci95"]) else "") + f" ({d['direction']})"
 
 
 def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, Any], heatmaps: dict[str, np.ndarray],
@@ -411,12 +426,12 @@ def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, An
 
     pct = f"{cfg.fraction:.0%}"
     acc = {k: {"mean": v, "ci95": result["accuracy_ci95"][k]} for k, v in result["accuracy"].items()}
-    audited = cfg.model or f"{cfg.arch} trained here ({cfg.epochs} epochs, {result['audit_images']} images of the first training half)"
+    audited = cfg.model or f"{cfg.arch} trained here ({_plural(cfg.epochs, 'epoch')}, {result['audit_images']} images of the first training half)"
     report = Report("Overinterpretation audit", meta={
         "data": cfg.data, "model": audited, "retraining images": f"{result['train_images']} of the second training half"
         + ("" if result["retraining_images_unseen_by_audited_model"] else " (make sure --model never trained on them)"),
         "test images": result["test_images"], "method": cfg.method, "k (pixels per gradient step)": cfg.k if cfg.method == "gradient" else "-",
-        "subset": f"{pct} = {result['kept_pixels']} pixels", "retraining recipe": f"{cfg.retrain_epochs or cfg.epochs} epochs, no augmentation"})
+        "subset": f"{pct} = {result['kept_pixels']} pixels", "retraining recipe": f"{_plural(cfg.retrain_epochs or cfg.epochs, 'epoch')}, no augmentation"})
     s = report.section("Table 1: accuracy on pixel subsets (95% CI)",
                        f"Top-{pct} BackSelect subsets vs {pct} random pixels (fixed per image), rest masked to the mean. Fresh models "
                        "share one recipe and one set of images: the control trains on those images in full.")
@@ -439,7 +454,7 @@ def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, An
                 errors={name: [r["size"]["ci95"] for r in rows] for name, rows in result["sis_sizes"].items()})
     s.table([{"model": name, "τ": r["threshold"], "images ≥ τ": f"{r['images_at_threshold']}/{r['images']}", "size": _pm(r["size"]),
               "correct": _pm(r["size_correct"]), "wrong": _pm(r["size_wrong"]),
-              "wrong − correct": f"{r['wrong_minus_correct']['difference']:+.4f} ± {r['wrong_minus_correct']['ci95']:.4f} ({r['wrong_minus_correct']['direction']})"}
+              "wrong − correct": _difference(r["wrong_minus_correct"])}
              for name, rows in result["sis_sizes"].items() for r in rows])
     s = report.section("Mitigations on common images", "Per τ: the test images every model classifies with f ≥ τ; SIS size (95% CI), "
                        "paired difference from the single replicate, accuracy on those images.")
@@ -454,7 +469,11 @@ def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, An
                  for a, b in zip(e["sis_sizes"]["exact"], e["sis_sizes"]["gradient"])])
     s = report.section("Where SIS pixels lie (Fig. 2)", f"Fraction of test images (f ≥ τ = {result['heatmap_threshold']}) whose SIS holds each pixel.")
     for name, heat in heatmaps.items():
-        s.heatmap(heat, title=name, cmap="magma")
+        if heat.any():
+            s.heatmap(heat, title=name, cmap="magma")
+        else:
+            s.text(f"{name}: no SIS pixel at τ = {result['heatmap_threshold']} (no test image reaches it, or its SIS are empty).",
+                   note=True)
     s = report.section(f"Examples: {pct} BackSelect subsets", "Original | kept pixels (red) | what the retrained model sees.")
     x = original.normalize(images[:8])
     masked = original.denormalize(backselect_subsets(x, orders[:8], cfg.fraction))
@@ -464,7 +483,7 @@ def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, An
         keep = np.zeros(r.shape[0] * r.shape[1], bool)
         keep[r.order[-k:]] = True
         tiles += [img, overlay(img, keep.reshape(r.shape)), m]
-        titles += [f"class {r.target}", "subset", "masked"]
+        titles += [f"class {original.class_name(r.target)}", "subset", "masked"]
     s.image_grid(tiles, titles, cols=6)
     report.data = result
     report.write(out)

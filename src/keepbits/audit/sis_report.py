@@ -121,7 +121,7 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
         keep = keep.reshape(h, w)
         only = adapter.denormalize(np.where(keep[None, None], x[row["image"] : row["image"] + 1], 0.0))[0]
         tiles += [img, overlay(img, keep), only]
-        titles += [f"#{row['image']} {_name(adapter, row['predicted'])} f={row['confidence']:.2f}", f"SIS {len(row['sis'])} px", "SIS only"]
+        titles += [f"#{row['image']} {adapter.class_name(row['predicted'])} f={row['confidence']:.2f}", f"SIS {len(row['sis'])} px", "SIS only"]
     sec.image_grid(tiles, titles)
     sec = report.section("SIS size vs threshold", "Mean SIS size (fraction of pixels) over images reaching τ, with 95% CI; "
                                                   "correctly vs wrongly classified images (Overinterpretation §4.4).")
@@ -150,12 +150,7 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     return report.data
 
 
-def _name(adapter: Any, cls: int) -> str:
-    names = adapter.class_names
-    return names[cls] if names and cls < len(names) else str(cls)
-
-
 def _label(adapter: Any, cls: int) -> str:
     """A class as a table shows it: its index and, where the model has them, its name."""
-    name = _name(adapter, cls)
+    name = adapter.class_name(cls)
     return name if name == str(cls) else f"{cls} {name}"
