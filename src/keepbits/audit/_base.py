@@ -162,6 +162,10 @@ class OnnxAdapter(ModelAdapter):
     """
 
     FEEDS = ("normalized", "uint8-nhwc", "float-nchw")
+    #: the loaded bundle whose (unpacked) model file this is, kept alive with the adapter
+    bundle: Any = None
+    #: the graph's differentiable torch twin, built on first use (:func:`keepbits.audit._sis_onnx.gradient_module`)
+    _gradient_module: Any = None
 
     def __init__(self, model_path: str | Path, feed: str = "normalized", input_shape: Sequence[int] | None = None,
                  threads: int | None = None, input_size: Sequence[int] | None = None, **kwargs: Any):

@@ -102,7 +102,7 @@ def gradient_module(adapter: Any) -> Any:
         return adapter.torch_module
     if not isinstance(adapter, OnnxAdapter):
         raise InputError(f"{adapter.source}: gradient BackSelect needs a torch model or an ONNX graph")
-    module = getattr(adapter, "_gradient_module", None)
+    module = adapter._gradient_module
     if module is None:
         twin, why = torch_twin(adapter)
         if twin is None and why.startswith("torch is not installed"):
