@@ -102,6 +102,16 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def plural(count: int, noun: str) -> str:
+    """``count noun`` with an s unless ``count`` is 1.
+
+    Example:
+        >>> plural(1, "image"), plural(3, "layer")
+        ('1 image', '3 layers')
+    """
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _fmt(value: Any) -> str:
     """A table cell: floats to 4 significant digits; no value (None, NaN: a mean over no images) as a dash."""
     if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from keepbits.report import Report, colorize
+from keepbits.report import Report, colorize, plural
 from keepbits.audit.cid import CIDConfig, CIDExplainer, concentration
 from keepbits.audit.cid_ru import DecoderConfig, reconstruction_uncertainty, train_decoder
 from keepbits.errors import InputError
@@ -163,7 +163,7 @@ def cid_report(runs: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Map
     head.text("Error bars: standard deviation over images.", note=True)
     for r in runs:
         s = r["summary"]
-        sec = report.section(f"{r['name']}", f"{s['images']} images, {len(r['layers'])} layers, {r['seconds']:.0f} s.")
+        sec = report.section(f"{r['name']}", f"{plural(s['images'], 'image')}, {plural(len(r['layers']), 'layer')}, {r['seconds']:.0f} s.")
         rows = []
         for l, layer in enumerate(r["layers"]):
             row = {"layer": layer, "CID/pixel": s["cid_mean"][l], "± (images)": s["cid_mean_std"][l], "CID (sum)": s["cid_sum"][l],

@@ -409,9 +409,6 @@ def _pm(stat: dict[str, float]) -> str:
     return f"{stat['mean']:.3f}" + (f" ± {stat['ci95']:.3f}" if math.isfinite(stat["ci95"]) else "")
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
 
 def _difference(d: dict[str, Any]) -> str:
     """wrong − correct SIS size with its CI and direction; a dash where it is undefined."""
@@ -422,16 +419,16 @@ def _difference(d: dict[str, Any]) -> str:
 
 def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, Any], heatmaps: dict[str, np.ndarray],
                   images: np.ndarray, orders: Sequence[BackSelectResult], original: ModelAdapter) -> None:
-    from keepbits.report import Report, overlay
+    from keepbits.report import Report, overlay, plural
 
     pct = f"{cfg.fraction:.0%}"
     acc = {k: {"mean": v, "ci95": result["accuracy_ci95"][k]} for k, v in result["accuracy"].items()}
-    audited = cfg.model or f"{cfg.arch} trained here ({_plural(cfg.epochs, 'epoch')}, {result['audit_images']} images of the first training half)"
+    audited = cfg.model or f"{cfg.arch} trained here ({plural(cfg.epochs, 'epoch')}, {result['audit_images']} images of the first training half)"
     report = Report("Overinterpretation audit", meta={
         "data": cfg.data, "model": audited, "retraining images": f"{result['train_images']} of the second training half"
         + ("" if result["retraining_images_unseen_by_audited_model"] else " (make sure --model never trained on them)"),
         "test images": result["test_images"], "method": cfg.method, "k (pixels per gradient step)": cfg.k if cfg.method == "gradient" else "-",
-        "subset": f"{pct} = {result['kept_pixels']} pixels", "retraining recipe": f"{_plural(cfg.retrain_epochs or cfg.epochs, 'epoch')}, no augmentation"})
+        "subset": f"{pct} = {result['kept_pixels']} pixels", "retraining recipe": f"{plural(cfg.retrain_epochs or cfg.epochs, 'epoch')}, no augmentation"})
     s = report.section("Table 1: accuracy on pixel subsets (95% CI)",
                        f"Top-{pct} BackSelect subsets vs {pct} random pixels (fixed per image), rest masked to the mean. Fresh models "
                        "share one recipe and one set of images: the control trains on those images in full.")

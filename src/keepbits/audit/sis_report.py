@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from keepbits.audit._base import load_model
-from keepbits.report import Report, overlay
+from keepbits.report import Report, overlay, plural
 from keepbits.audit.overinterpretation import location_frequency, sis_size_stats
 from keepbits.audit.sis import find_sis
 from keepbits.audit.sis_orders import compute_orders
@@ -101,7 +101,7 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
            else f"batched gradient BackSelect ({backselect}: several pixels per step, those whose masking the gradient "
                 "predicts keeps f highest; Overinterpretation §3.2), an approximation of exact BackSelect whose subsets may "
                 "differ from the exact ones (each subset's f is still a forward pass)")
-    ran = f"{len(run)} image{'' if len(run) == 1 else 's'}"
+    ran = plural(len(run), "image")
     sec = report.section("Summary", "Sufficient input subsets (Carter et al. 2019): pixel subsets that alone (all other pixels "
                                     "masked) keep the predicted class's confidence f ≥ τ. Each is the shortest suffix reaching τ "
                                     f"(FindSIS) of the greedy removal order of {how}: small, not proven the smallest. "

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from keepbits.audit.cid_report import cid_report, layerwise_cid
     from keepbits.audit.cid_ru import DecoderConfig
     from keepbits.data.images import is_labelled_set, model_images
+    from keepbits.report import plural
     from keepbits.training.byo import resolve_classifier
     from keepbits.training.distributed import resolve_device
 
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         for r in runs:
             summary = r["summary"]
             moving = sum(1 for converged in summary["converged"] if converged < summary["images"])
-            print(f"keepbits: {r['name']}: CID of {len(summary['layer'])} layers on {summary['images']} images"
+            print(f"keepbits: {r['name']}: CID of {plural(len(summary['layer']), 'layer')} on {plural(summary['images'], 'image')}"
                   + (f"; {moving} layer(s) with maps still moving at --max-steps {args.max_steps} (raise it: their CID is not final)"
                      if moving else "") + f"; wrote {paths[0]}", file=sys.stderr)
     print(json.dumps({"report": [str(p) for p in paths], "summary": {r["name"]: r["summary"] for r in runs}}, indent=2))
