@@ -101,7 +101,7 @@ def test_resolve_names_and_module_factories(plugin):
     ("kb_factories:missing", r"'kb_factories' has no attribute 'missing'"),
     ("kb_factories:NOT_CALLABLE", "is a int, not a callable"),
     (":factory", "'' is not a module name"),
-    ("no_such_registered_model", "unknown model 'no_such_registered_model'"),
+    ("no_such_registered_model", r"unknown model 'no_such_registered_model'.*KEEPBITS_PLUGINS.*'keepbits.models' entry point"),
 ])
 def test_resolve_errors_are_one_line(plugin, spec, match):
     plugin("kb_factories", "factory_model")

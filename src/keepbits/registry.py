@@ -135,7 +135,9 @@ def spec(name: str, kind: str | None = None) -> ModelSpec:
     _load_providers()
     found = _MODELS.get(name)
     if found is None or (kind is not None and found.kind != kind):
-        raise InputError(f"unknown {kind or 'model'} {name!r}; choose one of: {', '.join(names(kind))}")
+        raise InputError(f"unknown {kind or 'model'} {name!r}; choose one of: {', '.join(names(kind))} "
+                         f"(your own models: register them in a module named by {PLUGIN_ENV}, or an installed package's "
+                         f"'{PLUGIN_GROUP}' entry point)")
     return found
 
 
