@@ -154,10 +154,10 @@ def test_explain_one_image_and_a_folder(tmp_path, photos, capsys):
 
 def test_compare_exit_codes(tmp_path, photos, capsys):
     code, report, err = _run(["compare", "--model", f"{DEMO_BUNDLE}@functions", "--model", str(DEMO_BUNDLE), "--data", str(photos)], capsys)
-    assert code == 0 and report["passed"] and report["images"] == 5 and "pass" in err
+    assert code == 0 and report["passed"] and report["images"] == 5 and ": pass: logits_max_abs " in err and "argmax_agree 1 >= " in err
     code, report, err = _run(["compare", "--model", f"{DEMO_BUNDLE}@functions", "--model", str(DEMO_BUNDLE), "--data", str(photos),
                               "--min-mask-agree", "1.5", "--logits-atol", "none"], capsys)
-    assert code == 1 and not report["passed"] and "FAIL mask_agree" in err
+    assert code == 1 and not report["passed"] and ": FAIL: mask_agree 1 >= 1.5 (no), mask_max_abs" in err
     assert [c["name"] for c in report["comparisons"][0]["checks"]] == ["mask_max_abs", "argmax_agree", "mask_agree"]  # no x̃ output
     for argv, message in [([f"{DEMO_BUNDLE}"], "at least two"), ([f"{DEMO_BUNDLE}@torch", str(DEMO_BUNDLE)], "needs a NICE checkpoint"),
                           ([str(tmp_path / "nope.zip"), str(DEMO_BUNDLE)], "model not found")]:

@@ -88,9 +88,10 @@ def run(args: argparse.Namespace) -> int:
                                args.batch_size)
     report = {"reference": args.model[0], "data": images.source, **report}
     if not args.quiet:
-        for row in report["comparisons"]:
-            failed = [f"{c['name']} {c['value']:.3g} (limit {c['limit']:g})" for c in row["checks"] if not c["passed"]]
-            print(f"keepbits compare: {row['model']} vs {args.model[0]}: " + ("pass" if row["passed"] else "FAIL " + ", ".join(failed)),
-                  file=sys.stderr)
+        for row in report["comparisons"]:  # every check's value, failed ones first, as Polygraphy prints them
+            checks = sorted(row["checks"], key=lambda c: c["passed"])
+            shown = ", ".join(f"{c['name']} {c['value']:.3g} {'<=' if c['kind'] == 'max' else '>='} {c['limit']:g}"
+                              + ("" if c["passed"] else " (no)") for c in checks)
+            print(f"keepbits compare: {row['model']} vs {args.model[0]}: {'pass' if row['passed'] else 'FAIL'}: {shown}", file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0 if report["passed"] else 1
