@@ -247,7 +247,10 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
     root_level = logging.getLogger().level
     assert main(["export", "int8", "--model", str(bundle_a[1].source), "--data", str(data), "--out", str(tmp_path / "int8"),
                  "--num-images", "32"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    headline = f"keepbits: wrote {tmp_path / 'int8'}: INT8 vs float32 on 24 comparison images: argmax agreement "
+    assert captured.err.count(headline) == 1 and f"top-1 {report['accuracy_candidate']:.1%}" in captured.err
     bundle = load_bundle(report.pop("bundle"), expected_digest=report.pop("digest"))
     model = onnx.load(str(bundle.model_path))
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)

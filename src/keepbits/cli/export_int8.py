@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from keepbits.cli._common import add_frame_step_option, existing_path
 from keepbits.errors import InputError
@@ -43,5 +44,16 @@ def run(args: argparse.Namespace) -> int:
     bundle, report = quantize_bundle(args.model, args.out, args.data, calibration_images=args.num_images,
                                      eval_images=args.num_test_images, per_channel=not args.per_tensor, overwrite=args.force,
                                      activations=args.activations, frame_step=args.frame_step)
+    if not args.quiet:
+        print(f"keepbits: wrote {bundle.source}: {_headline(report)}", file=sys.stderr)
     print(json.dumps({"bundle": str(bundle.source), "digest": bundle.digest, **report}, indent=2))
     return 0
+
+
+def _headline(report: dict) -> str:
+    """INT8 against float32 in one line: agreement on the comparison images, and top-1 where labelled."""
+    line = (f"INT8 vs float32 on {report['images']} comparison images: argmax agreement {report['argmax_agreement']:.1%}, "
+            f"mask agreement {report['mask_agreement']:.1%}")
+    if report.get("accuracy_reference") is not None:
+        line += f"; top-1 {report['accuracy_candidate']:.1%} (float32 {report['accuracy_reference']:.1%})"
+    return line
