@@ -236,6 +236,48 @@ def test_attribute_constants_and_reshape_of_a_hand_built_graph(tmp_path):
     assert torch.equal(twin(x), (x * 2).reshape(3, 4))
 
 
+def _merged_graph(tmp_path, name: str, reverse: bool):
+    """x (N×1×2×2) → Reshape to 1-D (the whole batch in one axis) → Gather of computed indices
+    (in order, or reversed: elements of other images) → Reshape to N×4, as the dynamo exporter
+    spells a flatten of a channels-last tensor."""
+    nodes = [helper.make_node("Constant", [], ["flat_shape"], value_ints=[-1]), helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+             helper.make_node("Shape", ["flat"], ["count"]), helper.make_node("Squeeze", ["count"], ["total"]),
+             helper.make_node("Constant", [], ["zero"], value_int=0), helper.make_node("Constant", [], ["one"], value_int=1),
+             helper.make_node("Range", ["zero", "total", "one"], ["index"]),
+             *([helper.make_node("Constant", [], ["last"], value_int=-1), helper.make_node("Sub", ["last", "index"], ["picked"])]
+               if reverse else [helper.make_node("Identity", ["index"], ["picked"])]),
+             helper.make_node("Gather", ["flat", "picked"], ["gathered"], axis=0),
+             helper.make_node("Constant", [], ["shape"], value_ints=[-1, 4]), helper.make_node("Reshape", ["gathered", "shape"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 2, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])])
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_a_flatten_spelled_through_the_whole_batch_converts_and_a_mixing_one_does_not(tmp_path):
+    """The dynamo exporter spells a flatten of a channels-last tensor (bundles exported before the
+    contiguous permute, the shipped demo bundle among them) as a Reshape of the whole batch to 1-D,
+    a Gather and a Reshape back: kept as one per-image reshape when the elements stay in their
+    order; a Gather that moves elements between images is not convertible."""
+    twin = onnx_module(_merged_graph(tmp_path, "kept", reverse=False), "x", "logits", (1, 2, 2), nhwc=False)
+    x = torch.randn(3, 1, 2, 2)
+    assert torch.equal(twin(x), x.reshape(3, 4))
+    with pytest.raises(NotConvertible, match="merges the batch axis"):
+        onnx_module(_merged_graph(tmp_path, "mixed", reverse=True), "x", "logits", (1, 2, 2), nhwc=False)
+
+
+def test_the_shipped_demo_bundle_has_a_torch_twin():
+    """The flagship bundle (EfficientNet-Lite0 + NICE, exported before the contiguous permute: its
+    flatten goes through the whole batch) converts: the generator's custom ops pruned, the flatten
+    kept as a reshape, and the twin's logits equal ONNX Runtime's (checked inside ``torch_twin``)."""
+    from keepbits.audit._sis_onnx import torch_twin
+    from keepbits.cli.demo import DEMO_BUNDLE
+
+    twin, why = torch_twin(load_model(DEMO_BUNDLE, threads=1))
+    assert twin is not None, why
+
+
 def test_graph_that_fails_to_run_has_no_twin(tmp_path):
     """A Reshape to an impossible shape raises NotConvertible (callers fall back), not a torch error."""
     shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 5])

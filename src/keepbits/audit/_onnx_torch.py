@@ -132,7 +132,17 @@ class _Converter:
         dynamic = {self.input}
         self.steps: list[tuple[Callable, list[str], list[str]]] = []
         self.captured: list[Any] = []  # constant operands the steps hold as Python values (compared across batch sizes)
+        merged: dict[str, str] = {}  # values that hold a whole batch in one axis -> the per-image value they were made from
         for node in self.graph.node:
+            if any(i in merged for i in node.input if i):
+                self._follow_merged(node, env, dynamic, merged)
+                continue
+            if node.op_type == "Reshape" and node.input[0] in dynamic and self._merges_batch(node, env):
+                x = env[node.input[0]]
+                env[node.output[0]] = x.reshape(_reshape_target(x, env[node.input[1]], int(_attrs(node).get("allowzero", 0))))
+                dynamic.add(node.output[0])
+                merged[node.output[0]] = node.input[0]
+                continue
             try:
                 fn = self._op(node, env, dynamic)
                 fn, inputs = fn if isinstance(fn, tuple) else (fn, list(node.input))
@@ -153,6 +163,53 @@ class _Converter:
             if is_dynamic:
                 self.steps.append((fn, inputs, outputs[: len(values)]))
         return env, dynamic
+
+    def _merges_batch(self, node: Any, env: dict) -> bool:
+        """Whether a Reshape of a pixel-dependent value folds the batch axis into another."""
+        x = env[node.input[0]]
+        try:
+            return x.reshape(_reshape_target(x, env[node.input[1]], int(_attrs(node).get("allowzero", 0)))).shape[0] != x.shape[0]
+        except Exception:  # noqa: BLE001 - a malformed target: the Reshape's own conversion reports it
+            return False
+
+    def _run_aside(self, node: Any, env: dict) -> Any:
+        """``node``'s value on the example batch, every operand taken as given (no step is kept,
+        its captured operands are discarded)."""
+        kept = len(self.captured)
+        try:
+            fn = self._op(node, env, set())
+            fn, inputs = fn if isinstance(fn, tuple) else (fn, list(node.input))
+            return fn(*[env[i] if i else None for i in inputs])
+        except Exception as exc:  # noqa: BLE001 - see run()
+            raise NotConvertible(f"{node.op_type} node {node.name!r} on a batch-merged value does not run "
+                                 f"({str(exc).splitlines()[0][:200]})") from None
+        finally:
+            del self.captured[kept:]
+
+    def _follow_merged(self, node: Any, env: dict, dynamic: set, merged: dict[str, str]) -> None:
+        """A node reading a batch-merged value (the dynamo exporter spells a flatten of a
+        channels-last tensor as Reshape to 1-D, Gather of computed indices, Reshape back). Its
+        value on the example batch is kept only if it is the per-image value's elements in their
+        own order: then it stays merged, or, once its first axis is the batch again, becomes one
+        reshape of the per-image value. Anything else merges images: not convertible."""
+        value = self._run_aside(node, env)
+        if node.op_type == "Shape":  # shape arithmetic: a value known at conversion, like any other Shape
+            env[node.output[0]] = value
+            return
+        sources = {merged[i] for i in node.input if i in merged}
+        source = env[next(iter(sources))] if len(sources) == 1 else None
+        same = (isinstance(value, torch.Tensor) and source is not None and value.numel() == source.numel()
+                and torch.equal(value.reshape(-1), source.reshape(-1)))
+        if not same:
+            raise NotConvertible("Reshape that merges the batch axis")
+        out, (origin,) = node.output[0], sources
+        env[out] = value
+        dynamic.add(out)
+        if value.dim() and value.shape[0] == source.shape[0]:
+            tail = tuple(int(v) for v in value.shape[1:])
+            self.steps.append(((lambda x, tail=tail: x.reshape(-1, *tail)), [origin], [out]))
+        else:
+            merged[out] = origin
 
     # ---------------------------------------------------------------- operators
     def _arg(self, node: Any, env: dict, dynamic: set, index: int, attrs: dict, attr: str, default: Any = None) -> Any:
