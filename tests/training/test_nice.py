@@ -225,6 +225,12 @@ def test_cli_train_and_bench(tiny_npz, tmp_path, capsys):
     assert {"nice", "random", "saliency_topk", "sis_backselect"} <= set(row)
     assert row["nice"]["png_bytes_per_image"] > 0 and 0 <= row["nice"]["accuracy"] <= 1
     assert result["num_images"] == 12
+    from keepbits.cli.bench_nice import headline
+
+    lines = headline(result)  # what stderr shows without -q: one line per b, the numbers of the JSON
+    payload = next(p["bytes_per_image"] for p in row["nice"]["payloads"] if p["codec"] == "png")
+    assert len(lines) == 3 and lines[1].startswith(f"12 images, NICE keeps {result['kept_fraction']:.1%} of the pixels; b = 4: top-1 NICE ")
+    assert f"SIS {row['sis_backselect']['accuracy']:.1%}" in lines[1] and f"lossless payload {payload:,.0f} B" in lines[1]
 
 
 def test_cli_bad_input_exits_2(tiny_npz, tmp_path, capsys):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from keepbits.cli._common import add_argument, existing_path
@@ -57,4 +58,23 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text + "\n")
     else:
         print(text)
+    if not args.quiet:
+        for line in headline(result):
+            print(f"keepbits: bench nice: {line}" + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
     return 0
+
+
+def headline(result: dict) -> list[str]:
+    """One line per block size: top-1 of the binary NICE mask against the baselines at its pixel
+    budget, and the lossless payload against PNG of the whole image, per image."""
+    lines = []
+    full = result["original"]
+    png = next(c["bytes_per_image"] for c in full["codecs"] if c["codec"] == "png")
+    for row in result["per_block_size"]:
+        methods = [(name, row[key]["accuracy"]) for name, key in (("NICE", "nice"), ("random", "random"),
+                                                                  ("saliency", "saliency_topk"), ("SIS", "sis_backselect")) if key in row]
+        payload = next(p["bytes_per_image"] for p in row["nice"]["payloads"] if p["codec"] == "png")
+        lines.append(f"{result['num_images']} images, NICE keeps {result['kept_fraction']:.1%} of the pixels; b = {row['block_size']}: top-1 "
+                     + ", ".join(f"{name} {acc:.1%}" for name, acc in methods) + f" (full image {full['accuracy']:.1%}); "
+                     f"lossless payload {payload:,.0f} B vs PNG {png:,.0f} B per image")
+    return lines
