@@ -132,6 +132,7 @@ class _Converter:
         dynamic = {self.input}
         self.steps: list[tuple[Callable, list[str], list[str]]] = []
         self.captured: list[Any] = []  # constant operands the steps hold as Python values (compared across batch sizes)
+        self.unmerged: list[tuple[str, tuple[int, ...]]] = []  # batch-merged values made per-image again, and their shape
         merged: dict[str, str] = {}  # values that hold a whole batch in one axis -> the per-image value they were made from
         for node in self.graph.node:
             if any(i in merged for i in node.input if i):
@@ -208,6 +209,7 @@ class _Converter:
         if value.dim() and value.shape[0] == source.shape[0]:
             tail = tuple(int(v) for v in value.shape[1:])
             self.steps.append(((lambda x, tail=tail: x.reshape(-1, *tail)), [origin], [out]))
+            self.unmerged.append((out, tail))
         else:
             merged[out] = origin
 
@@ -597,11 +599,13 @@ def onnx_module(model_path: Any, input_name: str, output: str, input_shape: tupl
     env2, dynamic = converter.run(first)
     if output not in dynamic:
         raise NotConvertible("the output does not depend on the input")
-    steps2, captured = converter.steps, converter.captured
+    steps2, captured, unmerged = converter.steps, converter.captured, converter.unmerged
     env3, _ = converter.run(second)
     if len(captured) != len(converter.captured) or not all(
             a.shape == b.shape and torch.equal(a, b) for a, b in zip(captured, converter.captured)):
         raise NotConvertible("an operator's constant operand depends on the batch size")
+    if unmerged != converter.unmerged or [o for *_, o in steps2] != [o for *_, o in converter.steps]:
+        raise NotConvertible("the conversion depends on the batch size")
     used = {i for _, inputs, _ in steps2 for i in inputs if i and i not in dynamic}
     constants = {}
     for name in sorted(used):
