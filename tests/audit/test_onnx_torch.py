@@ -173,6 +173,7 @@ def test_sis_audit_of_a_zip_bundle_keeps_its_files_and_names_it(tmp_path, pixel_
         assert main([*argv, "--method", method, "--k", "16", "--out", str(tmp_path / method)]) == 0, capsys.readouterr().err
         report = json.loads((tmp_path / method / "report.json").read_text())
         assert report["meta"]["model"] == str(bundle) and report["data"]["summary"]["backselect_runs"] == 2
+        assert ("gradients" in report["meta"]) == (method == "gradient")
     erf = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Flatten(), nn.Linear(192, 3)).eval()
     erf_bundle = export(Erf3(erf), tmp_path / "erf.onnx", shape=(3, 8, 8))
     assert main([*argv[:3], erf_bundle, *argv[4:], "--method", "gradient", "--out", str(tmp_path / "erf")]) == 2

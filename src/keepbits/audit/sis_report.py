@@ -97,6 +97,8 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     report = Report("SIS audit", meta={"model": adapter.source if not hasattr(model, "forward") else type(model).__name__,
                                        "images": len(x), "threshold τ": threshold, "BackSelect": backselect,
                                        "mask value": "0 in normalised space (per-channel mean)"})
+    if backselect.startswith("gradient") and adapter.torch_module is None:
+        report.meta["gradients"] = "through the ONNX graph's torch twin; every f from ONNX Runtime"
     how = ("exact BackSelect (one pixel per step, the one whose masking keeps f highest)" if not backselect.startswith("gradient")
            else f"batched gradient BackSelect ({backselect}: several pixels per step, those whose masking the gradient "
                 "predicts keeps f highest; Overinterpretation §3.2), an approximation of exact BackSelect whose subsets may "
