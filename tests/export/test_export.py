@@ -128,6 +128,16 @@ def test_bundle_classifier_keeps_the_batch_axis_and_has_a_torch_twin(bundle_a):
     assert twin is not None, why
 
 
+def test_a_bundle_where_a_torch_classifier_belongs_is_one_line_naming_its_classifier(bundle_a, bundle_b, capsys):
+    from keepbits.training.byo import resolve_classifier
+
+    for bundle in (bundle_a[1].root, bundle_b[1].source):  # a folder and a .zip
+        with pytest.raises(InputError, match=r"a model bundle .*torch classifier.*\(this bundle's classifier: test_export_fcn\)"):
+            resolve_classifier(str(bundle))
+    assert main(["audit", "cid", "--model", str(bundle_b[1].source), "--data", str(bundle_b[1].source), "--out", "unused"]) == 2
+    assert capsys.readouterr().err.count("a model bundle (its graph runs in ONNX Runtime)") == 1
+
+
 def test_manifest_fields(bundle_a, bundle_b):
     a, b = bundle_a[1].manifest, bundle_b[1].manifest
     assert (a.input_dtype, a.input_layout, a.classify_on, a.custom_ops, a.block_size) == ("uint8", "NHWC", "original", ["MaskCompose"], 2)

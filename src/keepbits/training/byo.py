@@ -216,12 +216,40 @@ def _onnx_classifier(path: Path) -> tuple[nn.Module, str, dict[str, Any], Prepro
     return module, "onnx2torch", kwargs, onnx_preprocessing(data, str(path))
 
 
+def _refuse_bundle(path: Path) -> None:
+    """:class:`InputError` when ``path`` is a keepbits model bundle (a folder or ``.zip`` with a
+    manifest): its graph runs in ONNX Runtime, and a classifier spec means the torch network."""
+    import zipfile
+
+    from keepbits.bundle import MANIFEST_NAME, load_bundle
+
+    if path.is_dir():
+        is_bundle = (path / MANIFEST_NAME).is_file()
+    elif path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            is_bundle = MANIFEST_NAME in zf.namelist()
+    else:
+        return
+    if not is_bundle:
+        return
+    try:
+        bundle = load_bundle(path)
+        name = bundle.manifest.classifier
+        bundle.close()
+    except InputError:
+        name = ""
+    hint = f" (this bundle's classifier: {name})" if name in registry.names("classifier") else ""
+    raise InputError(f"{path}: a model bundle (its graph runs in ONNX Runtime); this needs the torch classifier: "
+                     f"its checkpoint, a registry name{hint} or package.module:factory")
+
+
 def resolve_classifier(spec: str, *, weights: str | Path | None = None, kwargs: Mapping[str, Any] | None = None,
                        preprocessing: Preprocessing | Mapping[str, Any] | None = None) -> Classifier:
     """The :class:`Classifier` named by ``spec`` (module doc: checkpoint, registry name,
     ``package.module:factory`` or ``.onnx``), eval mode, on the CPU."""
     path = Path(spec)
     kwargs = dict(kwargs or {})
+    _refuse_bundle(path)
     if path.suffix.lower() == ".onnx" or path.suffix.lower() in (".pt", ".pth") or path.is_file():
         if not path.is_file():
             raise InputError(f"classifier not found: {path}")
