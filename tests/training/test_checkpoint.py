@@ -159,6 +159,16 @@ def test_checkpoint_loading_is_weights_only(tmp_path):
         load_checkpoint(tmp_path / "trunc.pt")
 
 
+def test_a_bundle_given_as_a_checkpoint_says_what_it_is(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "model.zip", "w") as zf:
+        zf.writestr("manifest.json", "{}")
+        zf.writestr("model.onnx", b"")
+    with pytest.raises(CheckpointError, match=r"model.zip: a model bundle \(what keepbits export writes\), not a training checkpoint"):
+        load_checkpoint(tmp_path / "model.zip")
+
+
 def test_atomic_save_leaves_no_temp_files(tmp_path, entry):
     save_checkpoint(tmp_path / "a.pt", _classifier(entry))
     save_checkpoint(tmp_path / "a.pt", _classifier(entry, epoch=1))  # replaces the file
