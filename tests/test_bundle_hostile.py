@@ -112,6 +112,14 @@ def test_not_a_zip_and_duplicate_members(good_zip, tmp_path):
         dup = _rezip(good_zip, tmp_path / "dup.zip", extra={"model.onnx": model[:-1]})
     with pytest.raises(BundleError, match="appears twice"):
         load_bundle(dup)
+    with zipfile.ZipFile(tmp_path / "nice.pt", "w") as zf:  # torch.save's layout: a checkpoint where a bundle belongs
+        zf.writestr("nice/data.pkl", b"")
+    with pytest.raises(BundleError, match=r"nice.pt: a torch checkpoint, not a model bundle: .*keepbits export onnx --model"):
+        load_bundle(tmp_path / "nice.pt")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as zf:
+        zf.writestr("readme.txt", b"")
+    with pytest.raises(BundleError, match=r"no manifest.json \(is this a keepbits bundle\?\)"):
+        load_bundle(tmp_path / "other.zip")
 
 
 def _manifest_dict(good: Path) -> dict:

@@ -513,6 +513,9 @@ def load_bundle(path: str | Path, expected_digest: str | None = None) -> Bundle:
                     raise BundleError(f"{where}: archive member {info.filename!r} appears twice")
                 members[info.filename] = info
             if MANIFEST_NAME not in members:
+                if any(name.endswith("/data.pkl") for name in members):  # torch.save's archive layout
+                    raise BundleError(f"{where}: a torch checkpoint, not a model bundle: a NICE or SimpleBits checkpoint "
+                                      f"becomes one with keepbits export onnx --model {where} --out bundle.zip")
                 raise BundleError(f"{where}: no manifest.json (is this a keepbits bundle?)")
             _manifest_bytes(members[MANIFEST_NAME].file_size, where)
             raw = b"".join(_member_chunks(zf, members[MANIFEST_NAME], where))
