@@ -53,6 +53,8 @@ def paths(tmp_path_factory):
     (root / "used" / "payloads").mkdir(parents=True)  # a files sink's folder from an earlier run
     (root / "used" / "payloads" / "00000000.kbit").write_bytes(b"an earlier run's payload")
     (root / "empty.pt").write_bytes(b"")
+    with zipfile.ZipFile(root / "nice.pt", "w") as zf:  # torch.save's archive layout: a checkpoint where a bundle belongs
+        zf.writestr("nice/data.pkl", b"")
     broken = root / "broken"
     broken.mkdir()
     (broken / "a.png").write_bytes(b"not a png")
@@ -60,7 +62,7 @@ def paths(tmp_path_factory):
     np.savez(root / "data.npz", x=rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), y=np.arange(12) % 2)
     return {"bundle": bundle, "video": video, "file": root / "file.txt", "dir": root / "dir", "dirmp4": root / "dir.mp4",
             "text_pt": root / "text.pt", "empty_pt": root / "empty.pt", "broken": broken, "data": root / "data.npz",
-            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "used": root / "used", "trained": root / "trained", "out": root / "out", "port": _closed_port()}
+            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "checkpoint": root / "nice.pt", "used": root / "used", "trained": root / "trained", "out": root / "out", "port": _closed_port()}
 
 
 RUN = ["run", "--model", "{bundle}", "--source", "{video}"]
@@ -103,6 +105,12 @@ CASES = [
     ("train into an earlier run's folder", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{trained}"], 2,
      "last.pt: left by an earlier run; --resume continues it, --force replaces it"),
     ("--model a plain .onnx", ["run", "--model", "{onnx}", "--source", "{video}"], 2, "an ONNX model, not a keepbits bundle"),
+    ("--model a training checkpoint", ["run", "--model", "{checkpoint}", "--source", "{video}"], 2,
+     "a torch checkpoint, not a model bundle: a NICE or SimpleBits checkpoint becomes one with keepbits export onnx"),
+    ("export onnx a bundle", ["export", "onnx", "--model", "{bundle}", "--out", "{out}/b2.zip"], 2,
+     "a model bundle (what keepbits export writes), not a training checkpoint"),
+    ("audit cid --model a bundle", ["audit", "cid", "--model", "{bundle}", "--data", "{data}", "--out", "{out}/cid"], 2,
+     "a model bundle (its graph runs in ONNX Runtime); this needs the torch classifier"),
 ]
 
 
