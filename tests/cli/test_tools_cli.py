@@ -169,3 +169,20 @@ def test_doctor_json_and_exit_code(capsys):
     code, report, err = _run(["doctor", "--no-self-test"], capsys)
     assert code == (1 if report["problems"] else 0) and "self_test" not in report["checks"]
     assert len(err.strip().splitlines()) == len(report["checks"])
+
+
+def test_audit_sis_warns_that_exact_backselect_of_large_images_is_impractical(tmp_path, photos, capsys, monkeypatch):
+    """Above 64×64 the exact audit's p(p+1)/2 candidates per image are named before it starts, with
+    the gradient method's step count; gradient runs and -q say nothing. (The audit itself is
+    stubbed: this is about what is said before it.)"""
+    from keepbits.audit import sis_report
+
+    seen = []
+    monkeypatch.setattr(sis_report, "sis_audit", lambda model, images, *a, **kw: seen.append(len(images)) or {"summary": {}})
+    bundle = toy_bundle(tmp_path / "big.zip", size=72)
+    argv = ["audit", "sis", "--model", str(bundle), "--data", str(photos), "--num-images", "2", "--out", str(tmp_path / "out")]
+    for extra, warned in (([], True), (["--method", "gradient"], False), (["-q"], False)):
+        assert main([*argv, *extra]) == 0
+        err = capsys.readouterr().err
+        assert ("evaluates p(p+1)/2 = 13,439,520 candidates per image" in err and "--k 16: 324)" in err) == warned, err
+    assert seen == [2, 2, 2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from keepbits.cli._common import (
@@ -38,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_option(p)
 
 
+#: Above this many pixels (64×64) an exact audit is warned about: p(p+1)/2 candidate forward passes per image.
+EXACT_PIXELS_HINT = 64 * 64
+
+
 def run(args: argparse.Namespace) -> int:
     existing_path(args.data, "data path")
     from keepbits.audit import load_model
@@ -56,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.model}: a bundle records its own preprocessing; --classifier-weights/--classifier-kwargs and "
                          "preprocessing options apply to checkpoints, registry names, package.module:factory and .onnx files")
     model = load_model(args.model, **options)
+    pixels = model.input_shape[1] * model.input_shape[2]
+    if args.method != "gradient" and pixels > EXACT_PIXELS_HINT and not args.quiet and os.environ.get("RANK", "0") == "0":
+        print(f"keepbits: warning: exact BackSelect of {model.input_shape[1]}×{model.input_shape[2]} images evaluates "
+              f"p(p+1)/2 = {pixels * (pixels + 1) // 2:,} candidates per image; at this size --method gradient "
+              f"(p/k gradient steps, --k {args.k}: {-(-pixels // args.k):,}) is the practical one", file=sys.stderr)
     drawn = model_images(args.data, model.preprocessing, split=args.split, num_images=args.num_images or None,
                          seed=args.seed, frame_step=args.frame_step, channels=model.input_shape[0])
     labels = drawn.labels  # as the model's class indices where it names its classes; else the data's own
