@@ -173,3 +173,13 @@ def test_load_boxes_csv_and_json(tmp_path):
     assert load_boxes(tmp_path / "b.json") == {2: (0.0, 0.0, 3.0, 3.0)}
     with pytest.raises(InputError, match="x1 > x0"):
         load_boxes(tmp_path / "bad.json")
+
+
+def test_report_of_one_image_has_no_spread_over_images(tmp_path):
+    from keepbits.audit.cid_report import cid_report, layerwise_cid
+
+    run = layerwise_cid(small_net(), torch.randn(1, 1, 12, 12, generator=torch.Generator().manual_seed(1)), ["1"],
+                        CIDConfig(max_steps=20, min_steps=5), input_shape=(1, 12, 12), name="one")
+    page = cid_report([run], tmp_path)[0].read_text()
+    row = page[page.index("<td>1</td>"):].split("</tr>")[0]  # the layer's row
+    assert "1 image, 1 layer" in page and row.split("</td>")[2] == "<td>–"  # CID/pixel, then no ± over one image

@@ -166,7 +166,7 @@ def cid_report(runs: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Map
         sec = report.section(f"{r['name']}", f"{plural(s['images'], 'image')}, {plural(len(r['layers']), 'layer')}, {r['seconds']:.0f} s.")
         rows = []
         for l, layer in enumerate(r["layers"]):
-            row = {"layer": layer, "CID/pixel": s["cid_mean"][l], "± (images)": s["cid_mean_std"][l], "CID (sum)": s["cid_sum"][l],
+            row = {"layer": layer, "CID/pixel": s["cid_mean"][l], "± (images)": s["cid_mean_std"][l] if s["images"] > 1 else None, "CID (sum)": s["cid_sum"][l],
                    "ratio/β": s["ratio_over_beta"][l], "reached": f"{s['reached'][l]}/{s['images']}",
                    "converged": f"{s['converged'][l]}/{s['images']}", "steps": s["steps_mean"][l],
                    "σ at cap": s["saturated"][l]}
