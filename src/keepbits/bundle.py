@@ -462,6 +462,24 @@ def _manifest_bytes(size: int, where: str) -> None:
         raise BundleError(f"{where}: manifest.json has {size} bytes (at most {MAX_MANIFEST_BYTES})")
 
 
+def is_bundle(path: str | Path) -> bool:
+    """Whether ``path`` looks like a bundle (a folder or ``.zip`` with a manifest at its top),
+    unverified: for telling users which kind of file they gave.
+
+    Example:
+        >>> is_bundle("/nonexistent")
+        False
+    """
+    path = Path(path)
+    if path.is_dir():
+        return (path / MANIFEST_NAME).is_file()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return MANIFEST_NAME in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def load_bundle(path: str | Path, expected_digest: str | None = None) -> Bundle:
     """Open and verify a bundle folder or ``.zip``; :class:`BundleError` on any problem.
 
@@ -660,6 +678,7 @@ __all__ = [
     "EXPLAIN",
     "Manifest",
     "Bundle",
+    "is_bundle",
     "load_bundle",
     "write_bundle",
     "sha256_file",

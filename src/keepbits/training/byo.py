@@ -219,18 +219,9 @@ def _onnx_classifier(path: Path) -> tuple[nn.Module, str, dict[str, Any], Prepro
 def _refuse_bundle(path: Path) -> None:
     """:class:`InputError` when ``path`` is a keepbits model bundle (a folder or ``.zip`` with a
     manifest): its graph runs in ONNX Runtime, and a classifier spec means the torch network."""
-    import zipfile
+    from keepbits.bundle import is_bundle, load_bundle
 
-    from keepbits.bundle import MANIFEST_NAME, load_bundle
-
-    if path.is_dir():
-        is_bundle = (path / MANIFEST_NAME).is_file()
-    elif path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            is_bundle = MANIFEST_NAME in zf.namelist()
-    else:
-        return
-    if not is_bundle:
+    if not is_bundle(path):
         return
     try:
         bundle = load_bundle(path)

@@ -272,19 +272,6 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     return checkpoint.save(path)
 
 
-def _is_bundle_archive(path: Path) -> bool:
-    """Whether ``path`` is a ``.zip`` model bundle (an archive with a manifest at its top)."""
-    import zipfile
-
-    from keepbits.bundle import MANIFEST_NAME
-
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return MANIFEST_NAME in zf.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
 def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
     """Read a checkpoint safely (``weights_only=True``) and check every field; and ``kind`` if given."""
     path = Path(path)
@@ -293,7 +280,9 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch's weights-only unpickler raises any type (IndexError, KeyError, ...) on foreign bytes
-        if _is_bundle_archive(path):
+        from keepbits.bundle import is_bundle
+
+        if is_bundle(path):
             raise CheckpointError(f"{path}: a model bundle (what keepbits export writes), not a training checkpoint (the .pt "
                                   "keepbits train writes); bundles run with keepbits run, eval, explain, compare and audit sis") from None
         reason = next(iter(str(exc).splitlines()), "") or type(exc).__name__
