@@ -401,20 +401,21 @@ def _recipe_of(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _pm(stat: dict[str, float]) -> str:
-    """mean ± 95 % CI as a table shows it: a dash where no image gave a value, the mean alone
-    where one image gave no interval."""
-    if not math.isfinite(stat["mean"]):
+def _interval(value: float, ci95: float, spec: str) -> str:
+    """``value ± ci95`` as a table shows it: a dash where no image gave a value, the value alone
+    where one image gave no interval (``ci95`` in ``spec`` without its sign)."""
+    if not math.isfinite(value):
         return "–"
-    return f"{stat['mean']:.3f}" + (f" ± {stat['ci95']:.3f}" if math.isfinite(stat["ci95"]) else "")
+    return f"{value:{spec}}" + (f" ± {ci95:{spec.lstrip('+')}}" if math.isfinite(ci95) else "")
 
+
+def _pm(stat: dict[str, float]) -> str:
+    return _interval(stat["mean"], stat["ci95"], ".3f")
 
 
 def _difference(d: dict[str, Any]) -> str:
     """wrong − correct SIS size with its CI and direction; a dash where it is undefined."""
-    if not math.isfinite(d["difference"]):
-        return f"– ({d['direction']})"
-    return f"{d['difference']:+.4f}" + (f" ± {d['ci95']:.4f}" if math.isfinite(d["ci95"]) else "") + f" ({d['direction']})"
+    return f"{_interval(d['difference'], d['ci95'], '+.4f')} ({d['direction']})"
 
 
 def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, Any], heatmaps: dict[str, np.ndarray],
