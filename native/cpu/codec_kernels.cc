@@ -15,7 +15,9 @@
 // keepbits.codec.payload (_kept_blocks, _mosaic) computes it: which th×tw tiles (th = min(b, h),
 // tw = min(b, w)) hold a kept pixel, and those tiles of x̃ (x where kept, the block's mean
 // elsewhere, pixels beyond the frame included) laid out row-major, `cols` tiles per mosaic row.
+#include <cmath>
 #include <cstddef>
+#include <cstring>
 #include <cstdint>
 #include <vector>
 
@@ -36,30 +38,32 @@ extern "C" {
 
 // image: h × w × channels bytes, contiguous; out: ⌈h/b⌉ × ⌈w/b⌉ × channels bytes. Per block row,
 // column sums over its rows (a loop over contiguous bytes that vectorises), then per block the
-// sum of its columns. Returns 0, or -1 on bad sizes.
+// sum of its columns, divided in float64 and rounded half to even (as numpy's rint of the
+// float64 mean; exact: below 2^40 pixels per block a quotient that is not a tie lies further from
+// one than float64's error, and a tie is exact). Returns 0, or -1 on bad sizes.
 __attribute__((visibility("default"))) int keepbits_block_means(const uint8_t* image, int64_t h, int64_t w, int64_t channels,
                                                                  int64_t b, uint8_t* out) {
   if (h < 1 || w < 1 || channels < 1 || b < 1 || (b > h ? h : b) > (int64_t{1} << 24)) return -1;  // 32-bit column sums
   const int64_t row = w * channels, bw = (w + b - 1) / b;
+  if ((b > w ? w : b) * (b > h ? h : b) >= (int64_t{1} << 40)) return -1;
   std::vector<uint32_t> columns(static_cast<size_t>(row));
+  uint32_t* col = columns.data();
   for (int64_t top = 0; top < h; top += b) {
     const int64_t rows = h - top < b ? h - top : b;
     const uint8_t* src = image + top * row;
-    for (int64_t i = 0; i < row; ++i) columns[i] = src[i];
+    for (int64_t i = 0; i < row; ++i) col[i] = src[i];
     for (int64_t y = 1; y < rows; ++y) {
       const uint8_t* r = src + y * row;
-      for (int64_t i = 0; i < row; ++i) columns[i] += r[i];
+      for (int64_t i = 0; i < row; ++i) col[i] += r[i];
     }
     uint8_t* dst = out + (top / b) * bw * channels;
     for (int64_t bx = 0; bx < bw; ++bx) {
       const int64_t x0 = bx * b, cols = w - x0 < b ? w - x0 : b;
-      const uint64_t count = static_cast<uint64_t>(rows * cols);
+      const double count = static_cast<double>(rows * cols);
       for (int64_t ch = 0; ch < channels; ++ch) {
         uint64_t sum = 0;
-        for (int64_t x = x0; x < x0 + cols; ++x) sum += columns[x * channels + ch];
-        uint64_t q = sum / count, r = sum % count;
-        if (2 * r > count || (2 * r == count && (q & 1))) ++q;  // round half to even
-        dst[bx * channels + ch] = static_cast<uint8_t>(q);
+        for (int64_t x = x0; x < x0 + cols; ++x) sum += col[x * channels + ch];
+        dst[bx * channels + ch] = static_cast<uint8_t>(std::nearbyint(static_cast<double>(sum) / count));
       }
     }
   }
@@ -88,27 +92,33 @@ __attribute__((visibility("default"))) int keepbits_png_paeth(const uint8_t* row
   return 0;
 }
 
-// keep: h × w bytes (0 or 1); kept: ⌈h/b⌉ × ⌈w/b⌉ flags written. Returns the number of kept
+// keep: h × w bytes (0 or 1); kept: ⌈h/b⌉ × ⌈w/b⌉ flags written. Per tile row, the OR of its
+// rows (a vectorising loop), then per tile the OR of its columns. Returns the number of kept
 // tiles, or -1 on bad sizes.
 __attribute__((visibility("default"))) int keepbits_kept_blocks(const uint8_t* keep, int64_t h, int64_t w, int64_t b,
                                                                  uint8_t* kept) {
   if (h < 1 || w < 1 || b < 1) return -1;
   const int64_t th = b < h ? b : h, tw = b < w ? b : w, bh = (h + th - 1) / th, bw = (w + tw - 1) / tw;
   if (bh * bw > (int64_t{1} << 30)) return -1;
-  for (int64_t i = 0; i < bh * bw; ++i) kept[i] = 0;
-  for (int64_t y = 0; y < h; ++y) {
-    const uint8_t* row = keep + y * w;
-    uint8_t* flags = kept + (y / th) * bw;
+  std::vector<uint8_t> band(static_cast<size_t>(w));
+  uint8_t* any = band.data();
+  int count = 0;
+  for (int64_t i = 0; i < bh; ++i) {
+    const int64_t top = i * th, rows = h - top < th ? h - top : th;
+    const uint8_t* src = keep + top * w;
+    for (int64_t x = 0; x < w; ++x) any[x] = src[x];
+    for (int64_t y = 1; y < rows; ++y) {
+      const uint8_t* r = src + y * w;
+      for (int64_t x = 0; x < w; ++x) any[x] |= r[x];
+    }
     for (int64_t j = 0; j < bw; ++j) {
-      if (flags[j]) continue;  // already kept by an earlier row of the tile
       const int64_t x0 = j * tw, x1 = x0 + tw < w ? x0 + tw : w;
-      uint8_t any = 0;
-      for (int64_t x = x0; x < x1; ++x) any |= row[x];
-      flags[j] = any;
+      uint8_t flag = 0;
+      for (int64_t x = x0; x < x1; ++x) flag |= any[x];
+      kept[i * bw + j] = flag != 0;
+      count += flag != 0;
     }
   }
-  int count = 0;
-  for (int64_t i = 0; i < bh * bw; ++i) count += kept[i] != 0;
   return count;
 }
 
@@ -127,11 +137,20 @@ __attribute__((visibility("default"))) int keepbits_mosaic(const uint8_t* image,
       if (!kept[i * bw + j]) continue;
       const uint8_t* mean = grid + (i * bw + j) * channels;
       uint8_t* tile = out + (t / cols) * th * out_row + (t % cols) * tw * channels;
+      const int64_t x0 = j * tw;
+      const bool whole_row = x0 + tw <= w;  // the tile's columns all lie inside the frame
       for (int64_t yy = 0; yy < th; ++yy) {
         const int64_t y = i * th + yy;
         uint8_t* dst = tile + yy * out_row;
+        if (y < h && whole_row) {  // the row's pixels, then the means where the mask drops one
+          std::memcpy(dst, image + (y * w + x0) * channels, static_cast<size_t>(tw * channels));
+          const uint8_t* k = keep + y * w + x0;
+          for (int64_t xx = 0; xx < tw; ++xx)
+            if (!k[xx]) std::memcpy(dst + xx * channels, mean, static_cast<size_t>(channels));
+          continue;
+        }
         for (int64_t xx = 0; xx < tw; ++xx) {
-          const int64_t x = j * tw + xx;
+          const int64_t x = x0 + xx;
           const bool inside = y < h && x < w;
           const uint8_t* src = inside && keep[y * w + x] ? image + (y * w + x) * channels : mean;
           for (int64_t ch = 0; ch < channels; ++ch) dst[xx * channels + ch] = src[ch];
