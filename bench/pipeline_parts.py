@@ -18,7 +18,7 @@ the bundle's own preprocessing, all in one process with one-thread ONNX Runtime 
 
 Measures alternate in ``--rounds`` rounds (order rotated); each figure is the median over rounds
 of the mean milliseconds per frame (process CPU time: one thread, so it is also the wall time
-without the other processes' noise). Writes ``bench/results/pipeline_parts.json``.
+without the other processes' noise). Writes ``bench/results/pipeline_parts{--tag}.json``.
 """
 from __future__ import annotations
 
@@ -132,6 +132,7 @@ def main() -> None:
     p.add_argument("--bundles", type=Path, nargs="+", required=True, help="deployment bundles (folders or .zip)")
     p.add_argument("--frames", type=int, default=60, help="frames of the video per measure (default: 60)")
     p.add_argument("--rounds", type=int, default=5, help="rounds, order rotated (default: 5)")
+    p.add_argument("--tag", default="", help="suffix of the result file (e.g. a control run with another native library)")
     args = p.parse_args()
     if args.data is None:
         p.error("--data is required (no ../shared/data here)")
@@ -152,7 +153,7 @@ def main() -> None:
         print(f"{b['bundle']}: graph {m['graph_ms']:.2f} vs classifier only {m['classifier_only_ms']:.2f} ms "
               f"(+{b['generator_and_gate_ms']:.2f}); encode {m['encode_native_ms']:.3f} (native) vs {m['encode_numpy_ms']:.3f} ms (numpy); "
               + "; ".join(f"{key} {v['encode_ms']:.3f} ms {v['bytes_per_frame']:.0f} B" for key, v in b["lossy_settings"].items()))
-    print(write_result("pipeline_parts", {"video": video.name, "frames": len(frames), "threads": 1, "bundles": bundles}))
+    print(write_result(f"pipeline_parts{args.tag}", {"video": video.name, "frames": len(frames), "threads": 1, "bundles": bundles}))
 
 
 if __name__ == "__main__":
