@@ -501,6 +501,8 @@ def main() -> None:
         "latency_ms_median_over_rounds_workers": stage_medians("latency_ms_workers"),
         "pipeline_over_classifier_only": med["pipeline_best_fps"] / med["classifier_only_fps"],
         "pipeline_over_classifier_only_rounds": ratio_summary("pipeline_over_classifier_only"),
+        "pipeline_over_classifier_only_fastest_rounds": (max(x["pipeline_best_fps"] for x in rounds)
+                                                         / max(x["classifier_only_fps"] for x in rounds)),
         "latency_setting_ratio": med["pipeline_fps"] / med["classifier_only_latency_setting_fps"],
         "latency_setting_ratio_rounds": ratio_summary("latency_setting_ratio"),
         "throughput_setting_ratio": med["pipeline_throughput_setting_fps"] / med["classifier_only_throughput_setting_fps"],
@@ -513,6 +515,8 @@ def main() -> None:
         | {f"cpu_ms_per_frame_{name}": med[f"{name}_cpu_ms_per_frame"] for name in (
             "classifier_only_workers", "pipeline_workers", "pipeline_workers_no_encode", "pipeline_workers_no_generator")},
         "definitions": {"pipeline_over_classifier_only": "best pipeline setting / best classifier-only setting (medians over rounds)",
+                        "pipeline_over_classifier_only_fastest_rounds": "the same from each side's fastest round: on a shared "
+                        "machine other load only slows a round, so this is the steadier estimate when rounds scatter",
                         "latency_setting_ratio": "1 worker, ORT threads on every core, both", "throughput_setting_ratio":
                         f"{args.workers} workers with one-thread sessions, both, each at its faster OpenCV thread setting",
                         "throughput_setting_decomposition": "the throughput setting's pipeline (OpenCV default) without the payload "
@@ -520,7 +524,8 @@ def main() -> None:
                         "the throughput setting's classifier only; and each one's process CPU ms per frame"},
         "targets": {"pipeline_over_classifier_only": ">= 0.90", "pipeline_over_naive": ">= 3"},
     }
-    print(f"pipeline/classifier-only (best/best) {result['pipeline_over_classifier_only']:.3f}; latency setting "
+    print(f"pipeline/classifier-only (best/best) {result['pipeline_over_classifier_only']:.3f} (fastest rounds "
+          f"{result['pipeline_over_classifier_only_fastest_rounds']:.3f}); latency setting "
           f"{result['latency_setting_ratio']:.3f}, throughput setting {result['throughput_setting_ratio']:.3f}"
           + (f"; pipeline/naive {result['pipeline_over_naive']:.2f}" if naive else ""), flush=True)
     if args.soak_seconds > 0:
