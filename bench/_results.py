@@ -3,6 +3,8 @@ command (:func:`write_result`, into ``bench/results/``); plus a figure helper, a
 a per-item timer."""
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import platform
@@ -124,6 +126,14 @@ def video_frames(path: Path, count: int, step: int = 1) -> list[np.ndarray]:
             if i % step == 0:
                 frames.append(frame.image)
     return frames
+
+
+def parse_args_with_data(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser.parse_args()``, with a usage error when ``--data`` has no value (no ``../shared/data`` here)."""
+    args = parser.parse_args()
+    if args.data is None:
+        parser.error("--data is required (no ../shared/data here)")
+    return args
 
 
 def median_seconds_per_item(run_one: Callable[[Any], object], items: Sequence[Any], repeats: int) -> float:

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, video_frames, write_result  # noqa: E402
+from _results import default_data_dir, parse_args_with_data, video_frames, write_result  # noqa: E402
 
 from keepbits import native  # noqa: E402
 from keepbits.codec import encode, payload  # noqa: E402
@@ -51,9 +51,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=60, help="frames of the video (default: 60)")
     p.add_argument("--repeats", type=int, default=20, help="passes per figure; the fastest counts (default: 20)")
     p.add_argument("--tag", default="", help="suffix of the result file")
-    args = p.parse_args()
-    if args.data is None:
-        p.error("--data is required (no ../shared/data here)")
+    args = parse_args_with_data(p)
     library = native.library_path()
     kernels = {name: native.c_function(name) for name in ("keepbits_block_means", "keepbits_kept_blocks", "keepbits_mosaic")}
     if library is None or None in kernels.values():

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, median_seconds_per_item, video_frames, write_result  # noqa: E402
+from _results import default_data_dir, median_seconds_per_item, parse_args_with_data, video_frames, write_result  # noqa: E402
 
 from keepbits.codec import deflate, payload, png  # noqa: E402
 from keepbits.data import load_dataset  # noqa: E402
@@ -96,9 +96,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=default_data_dir())
     p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
-    if args.data is None:
-        p.error("--data is required (no ../shared/data here)")
+    args = parse_args_with_data(p)
     cv2.setNumThreads(1)
     import tempfile
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir  # noqa: E402
+from _results import default_data_dir, parse_args_with_data  # noqa: E402
 
 #: split -> the class indices i it holds, by i % 5
 SPLITS = {"eval": (0,), "val": (1,), "train": (2, 3, 4)}
@@ -42,9 +42,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--splits", nargs="+", choices=["train", "val"], default=["train", "val"],
                    help="splits to copy (the eval split is never copied for training)")
-    args = p.parse_args()
-    if args.data is None:
-        p.error("--data is required (no ../shared/data here)")
+    args = parse_args_with_data(p)
     root = args.data / "imagenet_samples"
     classes = json.loads((root / "classes.json").read_text())
     counts = dict.fromkeys(args.splits, 0)

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, video_frames, write_result  # noqa: E402
+from _results import default_data_dir, parse_args_with_data, video_frames, write_result  # noqa: E402
 from runtime_throughput import classifier_only_graph  # noqa: E402
 
 from keepbits.codec import encode, payload  # noqa: E402
@@ -133,9 +133,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=60, help="frames of the video per measure (default: 60)")
     p.add_argument("--rounds", type=int, default=5, help="rounds, order rotated (default: 5)")
     p.add_argument("--tag", default="", help="suffix of the result file (e.g. a control run with another native library)")
-    args = p.parse_args()
-    if args.data is None:
-        p.error("--data is required (no ../shared/data here)")
+    args = parse_args_with_data(p)
     video = args.data / "videos" / "bottle-detection.mp4"
     if not video.is_file():
         p.error(f"no video at {video}")

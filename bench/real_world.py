@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, results_dir, write_result  # noqa: E402
+from _results import default_data_dir, parse_args_with_data, results_dir, write_result  # noqa: E402
 
 from keepbits.codec import decode, encode  # noqa: E402
 from keepbits.data import Footage, imagenet_wnids  # noqa: E402
@@ -291,9 +291,7 @@ def main() -> None:
     p.add_argument("--select-on", choices=["val", "eval"], default="val",
                    help="val: choose both sides' settings on the validation images, measure on the evaluation images; "
                         "eval: only the descriptive check on the evaluation images")
-    args = p.parse_args()
-    if args.data is None:
-        p.error("--data is required (no ../shared/data here)")
+    args = parse_args_with_data(p)
     import torch
 
     torch.set_num_threads(args.threads)

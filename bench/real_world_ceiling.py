@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, write_result  # noqa: E402
+from _results import default_data_dir, parse_args_with_data, write_result  # noqa: E402
 from real_world import predictions, split_images  # noqa: E402
 
 from keepbits.codec import decode, encode  # noqa: E402
@@ -68,9 +68,7 @@ def main() -> None:
     p.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--seed", type=int, default=0, help="seed of the random cell masks")
     p.add_argument("--tag", default="", help="suffix of the result file")
-    args = p.parse_args()
-    if args.data is None:
-        p.error("--data is required (no ../shared/data here)")
+    args = parse_args_with_data(p)
     started = time.time()
     pipe = Pipeline.from_bundle(args.bundle, backend="onnxruntime")
     images, labels = split_images(args.data, 1)

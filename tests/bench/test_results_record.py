@@ -19,3 +19,21 @@ def test_write_result_writes_standard_json_with_missing_values_as_null(tmp_path,
     assert record["size"] is None and record["inf"] is None
     assert record["ratio"] == 2.5 and record["counts"] == [0, 1, 2]
     assert record["benchmark"] == "probe" and {"commit", "machine", "versions", "command"} <= set(record)
+
+
+def test_parse_args_with_data_refuses_a_missing_data_folder(bench_script, monkeypatch, capsys):
+    """A bench run where ``--data`` has no default (no ``../shared/data``) and none is given is a
+    usage error (exit 2) naming ``--data``; a given folder passes through."""
+    import argparse
+
+    import pytest
+
+    results = bench_script("_results")
+    parser = argparse.ArgumentParser(prog="probe")
+    parser.add_argument("--data", default=None)
+    monkeypatch.setattr("sys.argv", ["probe"])
+    with pytest.raises(SystemExit) as stop:
+        results.parse_args_with_data(parser)
+    assert stop.value.code == 2 and "--data is required" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["probe", "--data", "somewhere"])
+    assert results.parse_args_with_data(parser).data == "somewhere"
