@@ -1,9 +1,11 @@
 """bench/_results.py: every result file is standard JSON (no NaN/Infinity tokens) with its provenance."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
+import pytest
 
 
 def _reject_non_standard(token: str) -> None:
@@ -24,10 +26,6 @@ def test_write_result_writes_standard_json_with_missing_values_as_null(tmp_path,
 def test_parse_args_with_data_refuses_a_missing_data_folder(bench_script, monkeypatch, capsys):
     """A bench run where ``--data`` has no default (no ``../shared/data``) and none is given is a
     usage error (exit 2) naming ``--data``; a given folder passes through."""
-    import argparse
-
-    import pytest
-
     results = bench_script("_results")
     parser = argparse.ArgumentParser(prog="probe")
     parser.add_argument("--data", default=None)
