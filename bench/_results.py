@@ -4,7 +4,6 @@ a per-item timer."""
 from __future__ import annotations
 
 import argparse
-
 import json
 import os
 import platform
