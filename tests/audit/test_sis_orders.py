@@ -181,3 +181,31 @@ def test_model_fingerprints_follow_the_model_not_the_object(tmp_path):
     onnx_fps = [OnnxAdapter(p).fingerprint() for p in paths]
     assert onnx_fps[0] != onnx_fps[1] and onnx_fps[0] == OnnxAdapter(paths[0]).fingerprint()
     assert np.isfinite(OnnxAdapter(paths[0]).logits(np.zeros((1, 1, 6, 6), np.float32))).all()
+
+
+def test_chunks_are_visited_in_a_seeded_random_order():
+    """A class-balanced draw comes sorted by class: computing chunks in image order would leave a
+    stopped audit with its first classes only. The order covers every chunk once, is the same on
+    every call, and spreads over the draw from the start."""
+    from keepbits.audit.sis_orders import visit_order
+
+    starts = list(range(0, 400, 4))
+    order = visit_order(starts)
+    assert sorted(order) == starts and order != starts and order == visit_order(starts)
+    assert max(order[:25]) - min(order[:25]) > 200, "the first quarter visited must spread over the draw"
+
+
+def test_read_orders_returns_the_finished_chunks_and_none_for_the_rest(tmp_path):
+    import numpy as np
+
+    from keepbits.audit import TorchAdapter
+    from keepbits.audit.sis_orders import read_orders
+
+    x = np.random.default_rng(0).normal(size=(4, 1, 6, 6)).astype(np.float32)
+    model = TorchAdapter(_small_net(0), (1, 6, 6))
+    computed = compute_orders(model, x[:2], tmp_path, "plain", progress=False)
+    found = read_orders(model, x, tmp_path, "plain")
+    assert [r is None for r in found] == [False, False, True, True]
+    assert [r.order.tolist() for r in found[:2]] == [r.order.tolist() for r in computed]
+    assert read_orders(TorchAdapter(_small_net(1), (1, 6, 6)), x, tmp_path, "plain") == [None] * 4  # another model's chunks
+    assert read_orders(model, x, tmp_path, "gradient") == [None] * 4  # other settings: no gradient chunk there

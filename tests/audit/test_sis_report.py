@@ -95,3 +95,35 @@ def test_two_torchrun_processes_write_the_single_process_report(tmp_path, free_p
     assert [r["sis"] for r in multi["images"]] == [r["sis"] for r in single["images"]]
     assert [(s["images_at_threshold"], s["size"]["mean"]) for s in multi["size_stats"]] == \
         [(s["images_at_threshold"], s["size"]["mean"]) for s in single["size_stats"]]
+
+
+def test_a_partial_report_covers_the_finished_runs_and_counts_the_rest(tmp_path):
+    """``partial=True`` computes nothing: the rows of finished runs are those of the complete
+    audit, images still waiting are counted (overall and per class), and report.html stays."""
+    net, images = _model_and_images()
+    labels = np.arange(8) % 3
+    kwargs = dict(threshold=0.6, thresholds=(0.6,), method="plain", input_shape=(1, 6, 6), progress=False)
+    out = tmp_path / "audit"
+    with pytest.raises(sis_report.InputError, match="no audit to report on"):
+        sis_report.sis_audit(net, images, labels, out, partial=True, **kwargs)
+    full = sis_report.sis_audit(net, images, labels, out, **kwargs)
+    chunks = sorted((out / "orders").glob("chunk_*.json"))
+    assert len(chunks) >= 3, "the fixture must need several BackSelect runs"
+    for path in chunks[::2]:
+        path.unlink()
+    finished = len(chunks) - len(chunks[::2])
+    stamp = (out / "report.html").stat().st_mtime_ns
+    part = sis_report.sis_audit(net, images, labels, out, partial=True, **kwargs)
+    assert not list((out / "orders").glob("chunk_*.json"))[finished:], "a partial report must compute no run"
+    assert (out / "report.html").stat().st_mtime_ns == stamp and (out / "report_partial.json").exists()
+    summary = part["summary"]
+    assert (summary["backselect_runs"], summary["backselect_runs_done"]) == (full["summary"]["backselect_runs"], finished)
+    assert summary["below_threshold"] == full["summary"]["below_threshold"] and summary["accuracy"] == full["summary"]["accuracy"]
+    pending = [r for r in part["images"] if r["pending"]]
+    assert len(pending) == len(chunks) - finished and all(r["sis"] is None for r in pending)
+    for a, b in zip(part["images"], full["images"]):
+        if not a["pending"]:
+            assert (a["sis"], a["sis_size"], a["predicted"]) == (b["sis"], b["sis_size"], b["predicted"])
+    assert part["size_stats"][0]["images"] == finished
+    page = (out / "report_partial.html").read_text()
+    assert "SIS audit (partial)" in page and f"{finished} of {len(chunks)} BackSelect runs finished" in page

@@ -89,6 +89,8 @@ CASES = [
     ("export onnx an empty file", ["export", "onnx", "{empty_pt}", "--out", "{out}/b.zip"], 2, "not a readable keepbits checkpoint"),
     ("audit sis --model a text .pt", ["audit", "sis", "--model", "{text_pt}", "--data", "{data}", "--out", "{out}/sis"], 2,
      "not a readable keepbits checkpoint"),
+    ("audit sis --partial with no audit in --out", ["audit", "sis", "--model", "{bundle}", "--data", "{data}", "--out", "{out}/none",
+                                                    "--partial"], 2, "no audit to report on"),
     ("train nice --classifier an empty file", ["train", "nice", "--data", "{data}", "--classifier", "{empty_pt}", "--out", "{out}/n"], 2,
      "not a readable keepbits checkpoint"),
     # the run itself: exit codes by the summary's status

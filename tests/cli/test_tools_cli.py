@@ -186,3 +186,22 @@ def test_audit_sis_warns_that_exact_backselect_of_large_images_is_impractical(tm
         err = capsys.readouterr().err
         assert ("evaluates p(p+1)/2 = 13,439,520 candidates per image" in err and "--k 16: 324)" in err) == warned, err
     assert seen == [2, 2, 2]
+
+
+def test_audit_sis_partial_reports_on_a_stopped_audit_without_computing(tmp_path, photos, capsys):
+    """``--partial`` reads the runs an audit with the same arguments finished (here: all but one
+    deleted chunk) and writes report_partial.*; it computes no run and leaves report.html alone."""
+    bundle = toy_bundle(tmp_path / "small.zip", size=6)
+    out = tmp_path / "out"
+    argv = ["-q", "audit", "sis", "--model", str(bundle), "--data", str(photos), "--num-images", "3", "--thresholds", "0.1",
+            "--threshold", "0.1", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    chunks = sorted((out / "orders").glob("chunk_*.json"))
+    assert len(chunks) == 3, "every photo must need a BackSelect run at τ = 0.1"
+    chunks[0].unlink()
+    assert main([*argv, "--partial"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["backselect_runs"], summary["backselect_runs_done"]) == (3, 2)
+    assert summary["report"].endswith("report_partial.html") and (out / "report_partial.html").exists()
+    assert len(list((out / "orders").glob("chunk_*.json"))) == 2

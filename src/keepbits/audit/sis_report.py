@@ -29,7 +29,8 @@ from keepbits.audit._base import load_model
 from keepbits.report import Report, overlay, plural
 from keepbits.audit.overinterpretation import location_frequency, sis_size_stats
 from keepbits.audit.sis import find_sis
-from keepbits.audit.sis_orders import compute_orders
+from keepbits.audit.sis_orders import compute_orders, read_orders
+from keepbits.errors import InputError
 from keepbits.training.distributed import all_gather, init_distributed, resolve_device
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -41,7 +42,8 @@ CONFIDENCE_SLACK = 1e-3
 
 def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: str | Path, threshold: float = 0.9,
               thresholds: Sequence[float] = DEFAULT_THRESHOLDS, method: str = "auto", k: int = 16, batch_size: int = 64,
-              show: int = 12, progress: bool = True, device: str = "cpu", **model_kwargs: Any) -> dict[str, Any]:
+              show: int = 12, progress: bool = True, device: str = "cpu", partial: bool = False,
+              **model_kwargs: Any) -> dict[str, Any]:
     """Compute SIS (at ``threshold`` for the figures, at every ``thresholds`` for the curves) of uint8
     N×H×W×C ``images`` and write ``out/report.html`` + ``out/report.json`` (rank 0 under
     ``torchrun``); returns the JSON data. ``method``: ``auto``/``incremental``/``plain`` (exact)
@@ -52,6 +54,12 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     exist only where f(x) ≥ τ): an image below every τ would spend a whole BackSelect on no SIS.
     Its row reports the confidence and class of one float32 forward pass and no SIS; the report
     is the same as BackSelecting every image (``backselect_runs`` counts the runs).
+
+    ``partial=True`` computes no BackSelect: it reports on the runs an audit with the same
+    arguments has already saved in ``out/orders`` (running or stopped; chunks are computed in a
+    seeded random order, so these are a random sample of the images that need a run) and writes
+    ``out/report_partial.html`` + ``.json``; images still waiting for their run are counted
+    (``backselect_runs_done`` of ``backselect_runs``, per class) and left out of the SIS statistics.
     """
     started = time.time()
     device = resolve_device(device)  # refused here, not only once an image needs BackSelect
@@ -62,8 +70,17 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     probabilities = adapter.probabilities(x, batch_size)
     # rank 0's choice for every rank (under torchrun each computes it; ranks on other devices could round differently)
     run = np.asarray(all_gather(init_distributed(use_cuda=False), np.flatnonzero(probabilities.max(1) >= taus[0] - CONFIDENCE_SLACK))[0])
-    computed = compute_orders(adapter, x[run], Path(out) / "orders", method, k, batch_size=batch_size, progress=progress,
-                              device=device) if len(run) else []
+    folder = Path(out) / "orders"
+    if partial:
+        if not folder.is_dir():
+            raise InputError(f"{out}: no audit to report on (no orders/ folder; start the audit with the same --out first)")
+        computed = read_orders(adapter, x[run], folder, method, k)
+    else:
+        computed = compute_orders(adapter, x[run], folder, method, k, batch_size=batch_size, progress=progress,
+                                  device=device) if len(run) else []
+    pending = {int(i) for i, r in zip(run, computed) if r is None}
+    run = np.array([i for i in run if int(i) not in pending], np.int64)
+    computed = [r for r in computed if r is not None]
     orders: list[Any] = [None] * len(x)
     for i, r in zip(run, computed):
         orders[i] = r
@@ -78,25 +95,29 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
                "confidence": float(probabilities[i].max() if r is None else r.scores[0]),
                "correct": bool(predicted[i] == labels[i]) if labelled else None, "sis_size": sizes, "sis": None if sis is None else sis.tolist(),
                "backselect": r is not None, "seconds": 0.0 if r is None else r.seconds}
+        if partial:
+            row["pending"] = i in pending
         per_image.append(row)
-        if sis is None:
+        if sis is None and i not in pending:
             below.append(row)
     stats = sis_size_stats(computed, labels[run], taus)
     for s in stats:
-        s["images"] = len(x)
+        s["images"] = len(run) if partial else len(x)
     h, w = x.shape[2:]
     heat = location_frequency(computed, threshold) if computed else np.zeros((h, w))
-    backselect = computed[0].method if computed else "none (every image below τ)"
+    backselect = computed[0].method if computed else ("none finished yet" if pending else "none (every image below τ)")
     at_threshold = next(s for s in stats if s["threshold"] == float(threshold))
     summary = {"images": len(x), "below_threshold": len(below), "threshold": threshold, "method": backselect,
-               "backselect_runs": len(run), "accuracy": float(np.mean([r["correct"] for r in per_image])) if labelled else None,
+               "backselect_runs": len(run) + len(pending), **({"backselect_runs_done": len(run)} if partial else {}),
+               "accuracy": float(np.mean([r["correct"] for r in per_image])) if labelled else None,
                # fraction of pixels at τ over the images reaching it (None where none does, or one: no CI)
                **{f"sis_size_{k}": (v if math.isfinite(v) else None) for k, v in at_threshold["size"].items() if k != "n"},
                "wall_time_s": round(time.time() - started, 1)}
 
-    report = Report("SIS audit", meta={"model": adapter.source if not hasattr(model, "forward") else type(model).__name__,
-                                       "images": len(x), "threshold τ": threshold, "BackSelect": backselect,
-                                       "mask value": "0 in normalised space (per-channel mean)"})
+    report = Report("SIS audit (partial)" if partial else "SIS audit",
+                    meta={"model": adapter.source if not hasattr(model, "forward") else type(model).__name__,
+                          "images": len(x), "threshold τ": threshold, "BackSelect": backselect,
+                          "mask value": "0 in normalised space (per-channel mean)"})
     if backselect.startswith("gradient") and adapter.torch_module is None:
         report.meta["gradients"] = "through the ONNX graph's torch twin; every f from ONNX Runtime"
     how = ("exact BackSelect (one pixel per step, the one whose masking keeps f highest)" if not backselect.startswith("gradient")
@@ -110,9 +131,11 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
                                     f"BackSelect ran on the {ran} whose confidence reaches the smallest τ "
                                     f"({taus[0]}); the others have no SIS at any τ.")
     sec.table([summary])
+    if partial:
+        _partial_section(report, per_image, adapter, labelled)
     sec = report.section("Examples", "Original | SIS (red) over the dimmed image | SIS only (everything else masked).")
     tiles, titles = [], []
-    for row in per_image[:show]:
+    for row in [r for r in per_image if not r.get("pending")][:show]:
         img = images[row["image"]]
         if row["sis"] is None:
             tiles += [img]
@@ -126,7 +149,8 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
         titles += [f"#{row['image']} {adapter.class_name(row['predicted'])} f={row['confidence']:.2f}", f"SIS {len(row['sis'])} px", "SIS only"]
     sec.image_grid(tiles, titles)
     sec = report.section("SIS size vs threshold", "Mean SIS size (fraction of pixels) over images reaching τ, with 95% CI; "
-                                                  "correctly vs wrongly classified images (Overinterpretation §4.4).")
+                                                  "correctly vs wrongly classified images (Overinterpretation §4.4)."
+                         + (" Partial report: over the images whose BackSelect has finished." if partial else ""))
     sec.line_plot({"all": (taus, [s["size"]["mean"] for s in stats]), "correct": (taus, [s["size_correct"]["mean"] for s in stats]),
                    "wrong": (taus, [s["size_wrong"]["mean"] for s in stats])}, xlabel="threshold τ", ylabel="SIS size (fraction)",
                   errors={"all": [s["size"]["ci95"] for s in stats], "correct": [s["size_correct"]["ci95"] for s in stats],
@@ -148,8 +172,23 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
         sec.text("None: every image reaches τ.", note=True)
     report.data = {"summary": summary, "thresholds": taus, "size_stats": stats, "heatmap": heat, "images": per_image}
     if init_distributed(use_cuda=False).main:  # under torchrun every rank holds the merged orders; one writes
-        report.write(out)
+        report.write(out, "report_partial" if partial else "report")
     return report.data
+
+
+def _partial_section(report: Report, per_image: list[dict[str, Any]], adapter: Any, labelled: bool) -> None:
+    """How far a running audit has come: BackSelect runs finished and still waiting, per class
+    (the label where the data has one, else the predicted class)."""
+    needing = [r for r in per_image if r["backselect"] or r["pending"]]
+    done = sum(not r["pending"] for r in needing)
+    sec = report.section("Partial report", f"{done} of {plural(len(needing), 'BackSelect run')} finished; the SIS figures "
+                                           "below are over those images only. The audit computes its images in a seeded random "
+                                           "order, so the finished ones are a random sample of those that need a run; "
+                                           "the table shows how each class is covered so far.")
+    classes = sorted({r["label"] if labelled else r["predicted"] for r in needing})
+    key = "label" if labelled else "predicted"
+    sec.table([{"class": _label(adapter, c), "runs needed": sum(r[key] == c for r in needing),
+                "finished": sum(r[key] == c and not r["pending"] for r in needing)} for c in classes])
 
 
 def _label(adapter: Any, cls: int) -> str:

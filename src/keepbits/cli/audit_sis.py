@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=16, help="pixels masked per gradient BackSelect iteration")
     p.add_argument("--batch-size", type=int, default=64, help="images (or masked copies) per model call")
     p.add_argument("--show", type=int, default=12, help="images shown in the report")
+    p.add_argument("--partial", action="store_true",
+                   help="compute nothing: report on the BackSelect runs an audit with these same arguments has finished so far "
+                        "in --out (running or stopped), as report_partial.html + .json")
     add_device_option(p)
 
 
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                          "preprocessing options apply to checkpoints, registry names, package.module:factory and .onnx files")
     model = load_model(args.model, **options)
     pixels = model.input_shape[1] * model.input_shape[2]
-    if args.method != "gradient" and pixels > EXACT_PIXELS_HINT and not args.quiet and os.environ.get("RANK", "0") == "0":
+    if (args.method != "gradient" and not args.partial and pixels > EXACT_PIXELS_HINT and not args.quiet
+            and os.environ.get("RANK", "0") == "0"):
         print(f"keepbits: warning: exact BackSelect of {model.input_shape[1]}×{model.input_shape[2]} images evaluates "
               f"p(p+1)/2 = {pixels * (pixels + 1) // 2:,} candidates per image; at this size --method gradient "
               f"(p/k gradient steps, --k {args.k}: {-(-pixels // args.k):,}) is the practical one", file=sys.stderr)
@@ -72,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if model.class_names:
         labels, _ = labels_for_model(labels, drawn.class_names, model.class_names, args.data)
     data = sis_audit(model, drawn.images, labels, args.out, args.threshold, args.thresholds, args.method, args.k,
-                     args.batch_size, args.show, progress=not args.quiet, device=args.device)
+                     args.batch_size, args.show, progress=not args.quiet, device=args.device, partial=args.partial)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({**data["summary"], "report": os.path.join(args.out, "report.html")}, indent=2))
+        report = "report_partial.html" if args.partial else "report.html"
+        print(json.dumps({**data["summary"], "report": os.path.join(args.out, report)}, indent=2))
     return 0
