@@ -3,8 +3,10 @@ day of both cores, so it runs in pieces (``keepbits audit sis`` under ``torchrun
 chunk files after a kill). This reads the audit's ``OUT/orders/chunk_*.json`` and writes
 ``bench/results/<name>.json``: BackSelect runs done (only chunks whose model fingerprint is the
 given model's count), runs the audit needs (one forward pass over its seeded draw, as the audit
-decides), seconds per BackSelect recorded in the chunks, and the time left at that rate with
-``--processes`` processes (labelled as a projection).
+decides), seconds per BackSelect recorded in the chunks, the time left at that rate with
+``--processes`` processes (labelled as a projection), and the interim results: ``keepbits audit sis
+--partial``'s report over the runs finished so far (written to ``AUDIT/report_partial.*``; its SIS
+size at each τ and how each class is covered).
 
     python bench/sis_audit_progress.py --audit runs/sis_audit_1000 --model runs/nice/cifar10_resnet20/best.pt \\
         --num-images 1000 --thresholds 0.9 --name sis_audit_cifar10_resnet20_1000_progress
@@ -19,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from _results import default_data_dir, write_result
-from sis_audit import runs_needed
 
 
 def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, thresholds: list[float], processes: int) -> dict:
@@ -31,7 +32,8 @@ def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, t
     records = [json.loads(p.read_text()) for p in chunks]
     current = [r for r in records if r.get("model") == fingerprint]
     seconds = np.array([res["seconds"] for r in current for res in r["results"]], dtype=np.float64)
-    needed = runs_needed(model, data, num_images, seed, min(thresholds))
+    partial = interim(audit, model, data, num_images, seed, thresholds)
+    needed = partial["backselect_runs"]
     rate = float(np.median(seconds)) if len(seconds) else None
     written = sorted(p.stat().st_mtime for p, r in zip(chunks, records) if r.get("model") == fingerprint)
     pieces = running_pieces(written, 2 * float(seconds.max()) if len(seconds) else 0.0)
@@ -52,6 +54,32 @@ def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, t
                      "twice the longest run apart; the audit was stopped between pieces)",
         "hours_left_projected": None if rate is None else round(max(needed - len(seconds), 0) * rate / processes / 3600, 2),
         "projection": f"runs left × median seconds per run / {processes} processes; not a measurement",
+        "interim": partial,
+    }
+
+
+def interim(audit: Path, model: Path, data: Path, num_images: int, seed: int, thresholds: list[float]) -> dict:
+    """The partial report of the audit (``sis_audit(partial=True)`` on its seeded draw, computing no
+    run): runs done of needed, SIS size per τ over the finished images, and per-class coverage."""
+    from keepbits.audit import load_model
+    from keepbits.audit.sis_report import sis_audit
+    from keepbits.data import load_dataset
+
+    pre = load_model(str(model)).preprocessing
+    size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction) if pre is not None else {}
+    drawn = load_dataset(str(data), "test", **size).sample(num_images, seed)
+    report = sis_audit(str(model), drawn.x, drawn.y, audit, threshold=min(thresholds), thresholds=thresholds, progress=False,
+                       partial=True)
+    rows = [r for r in report["images"] if r["backselect"] or r["pending"]]
+    return {
+        "report": str(audit / "report_partial.html"),
+        "backselect_runs": report["summary"]["backselect_runs"], "backselect_runs_done": report["summary"]["backselect_runs_done"],
+        "sis_size_fraction": [{"threshold": s["threshold"], "images": s["images_at_threshold"], **s["size"]} for s in report["size_stats"]],
+        "per_class": {str(c): {"needed": sum(r["label"] == c for r in rows), "done": sum(r["label"] == c and not r["pending"] for r in rows)}
+                      for c in sorted({r["label"] for r in rows})},
+        "note": "over the finished runs only: chunks are computed in a seeded random order (since 2026-12-06, after the "
+                "1,000-image audit's first 109 runs, which went in image order), so check per_class before reading the "
+                "sizes as the whole draw's",
     }
 
 

@@ -39,6 +39,10 @@ def test_progress_counts_this_models_chunks_and_the_runs_the_audit_needs(tmp_pat
     assert stale == 4 and record["backselect_runs_needed"] == 3 and record["backselect_runs_done"] == 3
     assert record["chunk_files"] == 4 and record["chunk_files_of_other_models"] == 1  # 3 recomputed in place, 1 left: not counted
     assert record["hours_left_projected"] == 0 and record["seconds_per_backselect"]["median"] > 0
+    interim = record["interim"]  # the partial report over the finished runs: here all of them
+    assert (interim["backselect_runs"], interim["backselect_runs_done"]) == (3, 3) and (audit / "report_partial.html").exists()
+    assert sum(c["needed"] for c in interim["per_class"].values()) == sum(c["done"] for c in interim["per_class"].values()) == 3
+    assert interim["sis_size_fraction"][0]["threshold"] == 0.0 and interim["sis_size_fraction"][0]["images"] == 3
     assert len(record["chunks_written_utc"]) == 2 and record["chunks_written_utc"][0] <= record["chunks_written_utc"][1]
     json.dumps(record)
     # an audit run in two pieces (killed, resumed a day later): the rate counts the hours it ran, not the gap
