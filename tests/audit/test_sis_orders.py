@@ -209,3 +209,24 @@ def test_read_orders_returns_the_finished_chunks_and_none_for_the_rest(tmp_path)
     assert [r.order.tolist() for r in found[:2]] == [r.order.tolist() for r in computed]
     assert read_orders(TorchAdapter(_small_net(1), (1, 6, 6)), x, tmp_path, "plain") == [None] * 4  # another model's chunks
     assert read_orders(model, x, tmp_path, "gradient") == [None] * 4  # other settings: no gradient chunk there
+
+
+def test_an_unreadable_chunk_counts_as_not_done_and_is_computed_again(tmp_path, caplog):
+    """A truncated or edited chunk file must not end a long audit: it is logged, reported as
+    pending by read_orders, and recomputed by the next run; the other chunks stay untouched."""
+    import numpy as np
+
+    from keepbits.audit import TorchAdapter
+    from keepbits.audit.sis_orders import read_orders
+
+    x = np.random.default_rng(0).normal(size=(3, 1, 6, 6)).astype(np.float32)
+    model = TorchAdapter(_small_net(0), (1, 6, 6))
+    first = compute_orders(model, x, tmp_path, "plain", progress=False)
+    broken, kept = tmp_path / "chunk_0000001.json", tmp_path / "chunk_0000002.json"
+    broken.write_text(broken.read_text()[:100])
+    stamp = kept.stat().st_mtime_ns
+    assert [r is None for r in read_orders(model, x, tmp_path, "plain")] == [False, True, False]
+    assert "chunk_0000001.json: unreadable (JSONDecodeError" in caplog.text
+    again = compute_orders(model, x, tmp_path, "plain", progress=False)
+    assert [r.order.tolist() for r in again] == [r.order.tolist() for r in first]
+    assert kept.stat().st_mtime_ns == stamp and json.loads(broken.read_text())["start"] == 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from keepbits.audit._sis_onnx import gradient_module
 from keepbits.audit.sis import METHODS, BackSelectResult, backselect_batch, gradient_backselect
 from keepbits.errors import InputError
 from keepbits.training.distributed import agent_alive, all_gather, barrier, init_distributed, worker_device
+
+log = logging.getLogger(__name__)
 
 
 #: Seed of the order in which chunks are computed (:func:`visit_order`); the results do not depend on it.
@@ -70,13 +73,22 @@ def _fingerprints(model_fingerprint: str, x: np.ndarray, method: str, k: int, ch
     return fingerprint
 
 
-def _read_chunk(folder: Path, s: int, fingerprint: Any) -> dict[str, Any] | None:
-    """The chunk file of start ``s`` when it exists and its fingerprint matches, else None."""
+def _read_chunk(folder: Path, s: int, fingerprint: Any, size: int) -> list[BackSelectResult] | None:
+    """The ``size`` results in the chunk file of start ``s`` when it exists and its fingerprint
+    matches, else None; an unreadable file (truncated, edited) is logged and counts as not done,
+    so it is computed again rather than ending a long audit."""
     path = folder / f"chunk_{s:07d}.json"
     if not path.exists():
         return None
-    record = json.loads(path.read_text())
-    return record if record.get("fingerprint") == fingerprint(s) else None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("fingerprint") != fingerprint(s):
+            return None
+        results = [BackSelectResult.from_dict(d) for d in record["results"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("%s: unreadable (%s: %s); it counts as not done", path, type(exc).__name__, exc)
+        return None
+    return results if len(results) == size else None
 
 
 def read_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, method: str = "gradient", k: int = 16,
@@ -100,8 +112,8 @@ def read_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, method: 
     fingerprint = _fingerprints(model.fingerprint(), x, method, k, chunk)
     out: list[BackSelectResult | None] = []
     for s in range(0, len(x), chunk):
-        record = _read_chunk(Path(folder), s, fingerprint)
-        out += [None] * len(x[s : s + chunk]) if record is None else [BackSelectResult.from_dict(d) for d in record["results"]]
+        size = len(x[s : s + chunk])
+        out += _read_chunk(Path(folder), s, fingerprint, size) or [None] * size
     return out
 
 
@@ -129,7 +141,8 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
     model_fingerprint = model.fingerprint()
     fingerprint = _fingerprints(model_fingerprint, x, method, k, chunk)
     # the chunks still to do, as rank 0 found them, dealt round-robin: the ranks share the rest evenly
-    todo = all_gather(dist, [s for s in visit_order(starts) if _read_chunk(folder, s, fingerprint) is None])[0][dist.rank :: dist.world]
+    undone = [s for s in visit_order(starts) if _read_chunk(folder, s, fingerprint, len(x[s : s + chunk])) is None]
+    todo = all_gather(dist, undone)[0][dist.rank :: dist.world]
     bar = tqdm(total=sum(len(x[s : s + chunk]) for s in todo), desc=f"backselect {folder.name} [rank {dist.rank}]",
                disable=not progress, leave=False)
     for s in todo:
@@ -151,10 +164,11 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
     barrier(dist)
     merged: list[BackSelectResult] = []
     for s in starts:
-        record = json.loads((folder / f"chunk_{s:07d}.json").read_text())
-        merged += [BackSelectResult.from_dict(d) for d in record["results"]]
-    if len(merged) != len(x):
-        raise InputError(f"{folder}: holds {len(merged)} results for {len(x)} images")
+        results = _read_chunk(folder, s, fingerprint, len(x[s : s + chunk]))
+        if results is None:
+            raise InputError(f"{folder}: chunk_{s:07d}.json is missing or unreadable after the run (another run writing "
+                             "to the same folder?)")
+        merged += results
     return merged
 
 
