@@ -127,11 +127,20 @@ def video_frames(path: Path, count: int, step: int = 1) -> list[np.ndarray]:
     return frames
 
 
-def parse_args_with_data(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """``parser.parse_args()``, with a usage error when ``--data`` has no value (no ``../shared/data`` here)."""
-    args = parser.parse_args()
-    if args.data is None:
+def require_data(parser: argparse.ArgumentParser, data: Path | None, *subfolders: str) -> None:
+    """A usage error (exit 2) when ``--data`` has no value (no ``../shared/data`` here) or lacks one
+    of ``subfolders`` (``cifar10``, ``mnist``, ...)."""
+    if data is None:
         parser.error("--data is required (no ../shared/data here)")
+    missing = [f"{name}/" for name in subfolders if not (data / name).is_dir()]
+    if missing:
+        parser.error(f"no {' and no '.join(missing)} under {data} (pass --data: the folder holding {', '.join(f'{n}/' for n in subfolders)})")
+
+
+def parse_args_with_data(parser: argparse.ArgumentParser, *subfolders: str) -> argparse.Namespace:
+    """``parser.parse_args()``, then :func:`require_data` on ``args.data``."""
+    args = parser.parse_args()
+    require_data(parser, args.data, *subfolders)
     return args
 
 

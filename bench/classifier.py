@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from _results import default_data_dir, write_result
+from _results import default_data_dir, require_data, write_result
 from keepbits.training.classifier import ClassifierConfig, train_classifier
 
 TASKS = {
@@ -34,8 +34,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override the task's epoch count")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     args = parser.parse_args()
-    if args.data is None or not (args.data / TASKS[args.task]["subdir"]).is_dir():
-        parser.error(f"data folder not found: {args.data} (pass --data)")
+    require_data(parser, args.data, TASKS[args.task]["subdir"])
     task = dict(TASKS[args.task])
     target = task.pop("target")
     subdir = task.pop("subdir")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _results import default_data_dir, results_dir, write_result
+from _results import default_data_dir, parse_args_with_data, results_dir, write_result
 from keepbits.data import load_dataset
 from keepbits.training.checkpoint import load_checkpoint
 from keepbits.training.classifier import load_classifier
@@ -66,9 +66,7 @@ def main() -> int:
     p.add_argument("--tag", default="", help="suffix of the result names (nice_cifar10<tag>.json / .png)")
     p.add_argument("--sis-k", type=int, default=16, help="SIS baseline: gradient BackSelect, K pixels per iteration (0: off)")
     p.add_argument("--reuse", action="store_true", help="evaluate existing generator checkpoints under --runs instead of retraining")
-    args = p.parse_args()
-    if args.data is None or not (args.data / "cifar10").is_dir():
-        p.error(f"data folder not found: {args.data} (pass --data)")
+    args = parse_args_with_data(p, "cifar10")
     torch.set_num_threads(args.threads)
     data = args.data / "cifar10"
     started = time.time()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _results import default_data_dir, results_dir, write_result
+from _results import default_data_dir, parse_args_with_data, results_dir, write_result
 from keepbits.data import load_dataset
 from keepbits.training.checkpoint import build_model, load_checkpoint
 from keepbits.training.data import TensorImages
@@ -59,9 +59,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--sis-k", type=int, default=8, help="SIS baseline: gradient BackSelect, K pixels per iteration (0: off)")
     p.add_argument("--reuse", action="store_true", help="evaluate existing generator checkpoints under --runs instead of retraining")
-    args = p.parse_args()
-    if args.data is None or not (args.data / "mnist").is_dir():
-        p.error(f"data folder not found: {args.data} (pass --data)")
+    args = parse_args_with_data(p, "mnist")
     torch.set_num_threads(args.threads)
     data = args.data / "mnist"
     started = time.time()

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _results import default_data_dir, results_dir, write_result
+from _results import default_data_dir, require_data, results_dir, write_result
 from keepbits.audit.overinterpretation import mean_ci
 from keepbits.data import load_dataset
 from keepbits.training.checkpoint import load_checkpoint
@@ -222,8 +222,7 @@ def main() -> int:
             return summarise(args.summarise)
         except ValueError as e:
             p.error(str(e))
-    if args.data is None or not (args.data / "kodak").is_dir() or not (args.data / "cifar10").is_dir():
-        p.error(f"data folder with kodak/ and cifar10/ not found: {args.data} (pass --data)")
+    require_data(p, args.data, "kodak", "cifar10")
     name = f"nice_scenes{'_' + args.tag if args.tag else ''}"
     torch.set_num_threads(args.threads)
     started = time.time()

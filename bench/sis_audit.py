@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _results import default_data_dir, write_result
+from _results import default_data_dir, parse_args_with_data, write_result
 
 
 def audit_command(model: Path, data: Path, out: Path, images: int, seed: int, threshold: float, thresholds: list[float] | None,
@@ -101,9 +101,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/sis_audit_cifar10"))
     parser.add_argument("--no-resume-check", action="store_true", help="only the uninterrupted run (the measured rate)")
     parser.add_argument("--name", default="sis_audit_cifar10", help="results name (bench/results/<name>.json)")
-    args = parser.parse_args()
-    if args.data is None or not (args.data / "cifar10").is_dir():
-        parser.error(f"CIFAR-10 not found under {args.data} (pass --data)")
+    args = parse_args_with_data(parser, "cifar10")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     data = args.data / "cifar10"
     whole, resumed = args.out / "uninterrupted", args.out / "resumed"

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from keepbits.audit.overinterpretation import OverinterpretationConfig, run_overinterpretation
-from _results import default_data_dir, write_result
+from _results import default_data_dir, parse_args_with_data, write_result
 
 
 def main() -> int:
@@ -40,9 +40,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0, help="seeds the halves, the image samples and every model")
     parser.add_argument("--tag", default="", help="suffix of the result file (e.g. s1 for another seed)")
-    args = parser.parse_args()
-    if args.data is None or not (args.data / "cifar10").is_dir():
-        parser.error(f"CIFAR-10 not found under {args.data} (pass --data)")
+    args = parse_args_with_data(parser, "cifar10")
     import torch
 
     torch.set_num_threads(args.threads)

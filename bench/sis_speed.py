@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _results import default_data_dir, write_result
+from _results import default_data_dir, require_data, write_result
 from keepbits.audit import TorchAdapter, backselect, backselect_batch, find_sis, load_model
 from keepbits.audit.sis import BackSelectResult, select
 from keepbits.audit import sis as sis_module
@@ -341,8 +341,7 @@ def main() -> int:
         work = {name: conv_work(TorchAdapter(net.eval(), shape)) for name, (net, shape) in nets.items() if name in args.models}
         print(write_result(args.name, {"measured": conv_work.__doc__.split("\n\n")[0].replace("\n   ", ""), "models": work}))
         return 0
-    if args.data is None or not (args.data / "mnist").is_dir():
-        parser.error(f"MNIST not found under {args.data} (pass --data)")
+    require_data(parser, args.data, "mnist")
     started = time.time()
 
     def log(msg: str) -> None:

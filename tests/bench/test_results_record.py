@@ -35,3 +35,18 @@ def test_parse_args_with_data_refuses_a_missing_data_folder(bench_script, monkey
     assert stop.value.code == 2 and "--data is required" in capsys.readouterr().err
     monkeypatch.setattr("sys.argv", ["probe", "--data", "somewhere"])
     assert results.parse_args_with_data(parser).data == "somewhere"
+
+
+def test_parse_args_with_data_names_the_missing_subfolders(bench_script, monkeypatch, capsys, tmp_path):
+    """A bench that needs ``cifar10/`` (etc.) under ``--data`` refuses a folder without it, naming what is missing."""
+    from pathlib import Path
+
+    results = bench_script("_results")
+    parser = argparse.ArgumentParser(prog="probe")
+    parser.add_argument("--data", type=Path, default=None)
+    (tmp_path / "cifar10").mkdir()
+    monkeypatch.setattr("sys.argv", ["probe", "--data", str(tmp_path)])
+    assert results.parse_args_with_data(parser, "cifar10").data == tmp_path
+    with pytest.raises(SystemExit) as stop:
+        results.parse_args_with_data(parser, "kodak", "cifar10")
+    assert stop.value.code == 2 and f"no kodak/ under {tmp_path}" in capsys.readouterr().err
