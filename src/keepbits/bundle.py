@@ -74,7 +74,6 @@ ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 INPUT_DTYPES = ("uint8", "float32")
 INPUT_LAYOUTS = ("NHWC", "NCHW")
-CLASSIFY_ON = ("original", "mixed", "simplified")
 TARGETS = ("onnxruntime", "tensorrt")
 #: Explain stages: NICE's mask + mixed-resolution image, or the SimpleBits simplifier.
 EXPLAIN = ("mask", "simplify")

@@ -30,7 +30,7 @@ import onnx
 import torch
 from onnx import AttributeProto, FunctionProto, TensorProto, helper
 
-from keepbits.bundle import CUSTOM_DOMAIN, CUSTOM_OPS
+from keepbits.bundle import CUSTOM_DOMAIN
 from keepbits.core.hard_concrete import BETA, GAMMA, ZETA
 from keepbits.training import functional as KF
 
@@ -38,7 +38,6 @@ DOMAIN = CUSTOM_DOMAIN
 DOMAIN_VERSION = 1
 #: Default-domain opset of the function bodies (and the minimum export opset).
 BODY_OPSET = 18
-OP_NAMES = CUSTOM_OPS
 
 
 def gate_attrs(beta: float = BETA, gamma: float = GAMMA, zeta: float = ZETA) -> dict[str, float]:
