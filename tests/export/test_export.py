@@ -283,6 +283,30 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
     assert "activations must be one of" in capsys.readouterr().err
 
 
+def test_int8_calibration_method_and_float_ends_are_applied_and_recorded(bundle_a, tmp_path, capsys):
+    """``--calibration percentile --float-ends``: the manifest records both, and the first convolution
+    and the last Gemm/MatMul keep float32 weights (no DequantizeLinear feeds them); an unknown method is refused."""
+    from keepbits.export.quantize import quantize_bundle
+
+    rng = np.random.default_rng(SEED)
+    data = tmp_path / "data.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), y_train=np.arange(24) % 4,
+             x_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y_test=np.arange(8) % 4)
+    assert main(["-q", "export", "int8", "--model", str(bundle_a[1].source), "--data", str(data), "--out", str(tmp_path / "int8"),
+                 "--num-images", "16", "--calibration", "percentile", "--float-ends"]) == 0
+    bundle = load_bundle(json.loads(capsys.readouterr().out)["bundle"])
+    q = bundle.manifest.provenance["quantization"]
+    assert q["calibration"] == "percentile" and len(q["float32_nodes"]) == 2
+    graph = onnx.load(str(bundle.model_path)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    kept = [n for n in graph.node if n.name in q["float32_nodes"]]
+    assert [n.op_type for n in kept][0] == "Conv" and kept[-1].op_type in ("Gemm", "MatMul")
+    assert all(n.input[1] not in dequantized for n in kept)
+    assert any(n.op_type == "Conv" and n.input[1] in dequantized for n in graph.node), "the other convolutions are INT8"
+    with pytest.raises(InputError, match="calibration must be one of"):
+        quantize_bundle(bundle_a[1].source, tmp_path / "bad", data, calibration_images=8, calibration="histogram")
+
+
 def test_int8_calibrates_on_unlabelled_footage_with_disjoint_comparison_frames(bundle_a, tmp_path, capsys):
     """An edge user's own camera footage (nested folders, a video, a corrupt file) calibrates INT8: one
     seeded draw split into calibration and comparison frames that never overlap; agreement, no accuracy."""

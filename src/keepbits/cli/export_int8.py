@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
     p.add_argument("--activations", default="uint8",
                    help="activation type: uint8 (ONNX Runtime's fast x86 path) or int8 (TensorRT, ARM); weights are always int8")
+    p.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax",
+                   help="how activation ranges are calibrated: the extremes seen, the 99.999th percentile, or the range "
+                        "keeping the most information (KL) (default: minmax)")
+    p.add_argument("--float-ends", action="store_true",
+                   help="leave the first convolution and the last Gemm/MatMul in float32")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
 
 
@@ -43,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     bundle, report = quantize_bundle(args.model, args.out, args.data, calibration_images=args.num_images,
                                      eval_images=args.num_test_images, per_channel=not args.per_tensor, overwrite=args.force,
-                                     activations=args.activations, frame_step=args.frame_step)
+                                     activations=args.activations, frame_step=args.frame_step, calibration=args.calibration,
+                                     float_ends=args.float_ends)
     if not args.quiet:
         print(f"keepbits: wrote {bundle.source}: {_headline(report)}", file=sys.stderr)
     print(json.dumps({"bundle": str(bundle.source), "digest": bundle.digest, **report}, indent=2))

@@ -15,7 +15,9 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import tempfile
 from pathlib import Path
@@ -43,6 +45,21 @@ QUANTIZED_OPS = ["Conv", "MatMul", "Gemm", "Clip", "Relu", "Add"]
 #: ORT's profiler on a 2-core AVX-512 VNNI EPYC). int8 suits runtimes whose int8 kernels are
 #: the fast path (e.g. TensorRT, ARM).
 ACTIVATION_TYPES = ("uint8", "int8")
+#: How activation ranges are calibrated (ONNX Runtime's ``CalibrationMethod``): ``minmax`` takes the
+#: extremes seen; ``percentile`` clips the 0.001 % tails; ``entropy`` picks the range whose 8-bit
+#: histogram keeps the most information (KL divergence).
+CALIBRATIONS = ("minmax", "percentile", "entropy")
+
+
+def _float_ends(model_path: Path) -> list[str]:
+    """Names of the graph's first convolution and its last Gemm/MatMul (the classifier's input
+    and output layers), which ``float_ends=True`` leaves in float32."""
+    import onnx
+
+    nodes = onnx.load(str(model_path), load_external_data=False).graph.node
+    first = next((n.name for n in nodes if n.op_type == "Conv"), None)
+    last = next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
+    return [name for name in (first, last) if name]
 
 
 class _Reader:
@@ -126,16 +143,20 @@ def calibration_split(data: str | Path, manifest: Any, calibration_images: int, 
 
 def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, calibration_images: int = 256,
                     eval_images: int = 1000, per_channel: bool = True, overwrite: bool = False,
-                    activations: str = "uint8", frame_step: int = 1) -> tuple[Bundle, dict]:
+                    activations: str = "uint8", frame_step: int = 1, calibration: str = "minmax",
+                    float_ends: bool = False) -> tuple[Bundle, dict]:
     """Quantise ``bundle_path`` to INT8 (calibration: ``calibration_images`` of ``data``) and
     compare on ``eval_images`` others (:func:`calibration_split`: the test split, or a disjoint
     part of one seeded draw); unlabelled footage is compared by argmax and mask agreement only
     (no accuracy without labels).
-    ``activations`` is one of :data:`ACTIVATION_TYPES`."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    ``activations`` is one of :data:`ACTIVATION_TYPES`, ``calibration`` one of :data:`CALIBRATIONS`;
+    ``float_ends`` keeps the first convolution and the last Gemm/MatMul in float32."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if activations not in ACTIVATION_TYPES:
         raise InputError(f"activations must be one of {ACTIVATION_TYPES}, got {activations!r}")
+    if calibration not in CALIBRATIONS:
+        raise InputError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
 
     source = load_bundle(bundle_path)
     m = source.manifest
@@ -146,17 +167,23 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
         quantized = Path(tmp) / "model.onnx"
         root, level = logging.getLogger(), logging.getLogger().level
         root.setLevel(logging.ERROR)  # onnxruntime.quantization advises pre-processing through the root logger
-        try:
-            quantize_static(str(source.model_path), str(quantized), _Reader(m.input_name, bundle_inputs(m, calib), 16),
-                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-                            weight_type=QuantType.QInt8,
-                            per_channel=per_channel, op_types_to_quantize=QUANTIZED_OPS)
+        kept_float = _float_ends(source.model_path) if float_ends else []
+        try:  # its histogram calibrators print progress to stdout, where `keepbits export int8` writes its JSON report
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(str(source.model_path), str(quantized), _Reader(m.input_name, bundle_inputs(m, calib), 16),
+                                quant_format=QuantFormat.QDQ,
+                                activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+                                weight_type=QuantType.QInt8, per_channel=per_channel, op_types_to_quantize=QUANTIZED_OPS,
+                                calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                                                  "entropy": CalibrationMethod.Entropy}[calibration],
+                                nodes_to_exclude=kept_float or None)
         finally:  # for this call only: the caller's warnings (keepbits' own included) stay on
             root.setLevel(level)
         provenance = dict(m.provenance)
         provenance["quantization"] = {
             "method": f"onnxruntime.quantization.quantize_static, QDQ, {activations} activations, int8 weights",
-            "per_channel": per_channel, "op_types": QUANTIZED_OPS, "calibration_images": len(calib),
+            "per_channel": per_channel, "op_types": QUANTIZED_OPS, "calibration_images": len(calib), "calibration": calibration,
+            "float32_nodes": kept_float,
             "calibration_data": described, "source_bundle_digest": source.digest,
         }
         manifest = dataclasses.replace(m, provenance=provenance, files={})
