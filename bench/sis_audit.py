@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,17 +43,25 @@ def audit_command(model: Path, data: Path, out: Path, images: int, seed: int, th
             *(["--thresholds", *map(str, thresholds)] if thresholds else [])]
 
 
+def audit_draw(model: Path, data: Path, images: int, seed: int) -> Any:
+    """The audit's seeded class-balanced draw of ``images`` test images, at the model's input size and
+    resize policy (what ``keepbits audit sis --num-images images --seed seed`` audits)."""
+    from keepbits.audit import load_model
+    from keepbits.data import load_dataset
+
+    pre = load_model(str(model)).preprocessing
+    size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction) if pre is not None else {}
+    return load_dataset(str(data), "test", **size).sample(images, seed)
+
+
 def runs_needed(model: Path, data: Path, images: int, seed: int, smallest_tau: float) -> int:
     """How many of the audit's seeded draw of ``images`` test images it BackSelects (one forward pass)."""
     from keepbits.audit import load_model
     from keepbits.audit.sis_report import CONFIDENCE_SLACK
-    from keepbits.data import load_dataset
 
     adapter = load_model(str(model))
-    pre = adapter.preprocessing
-    size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction) if pre is not None else {}
-    ds = load_dataset(str(data), "test", **size).sample(images, seed)
-    return int((adapter.probabilities(adapter.prepare(ds.x)).max(1) >= smallest_tau - CONFIDENCE_SLACK).sum())
+    x = audit_draw(model, data, images, seed).x
+    return int((adapter.probabilities(adapter.prepare(x)).max(1) >= smallest_tau - CONFIDENCE_SLACK).sum())
 
 
 def descendants(pid: int) -> list[int]:

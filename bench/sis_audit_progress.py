@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from _results import default_data_dir, write_result
+from sis_audit import audit_draw
 
 
 def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, thresholds: list[float], processes: int) -> dict:
@@ -61,13 +62,9 @@ def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, t
 def interim(audit: Path, model: Path, data: Path, num_images: int, seed: int, thresholds: list[float]) -> dict:
     """The partial report of the audit (``sis_audit(partial=True)`` on its seeded draw, computing no
     run): runs done of needed, SIS size per τ over the finished images, and per-class coverage."""
-    from keepbits.audit import load_model
     from keepbits.audit.sis_report import sis_audit
-    from keepbits.data import load_dataset
 
-    pre = load_model(str(model)).preprocessing
-    size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction) if pre is not None else {}
-    drawn = load_dataset(str(data), "test", **size).sample(num_images, seed)
+    drawn = audit_draw(model, data, num_images, seed)
     report = sis_audit(str(model), drawn.x, drawn.y, audit, threshold=min(thresholds), thresholds=thresholds, progress=False,
                        partial=True)
     rows = [r for r in report["images"] if r["backselect"] or r["pending"]]
