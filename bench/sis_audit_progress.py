@@ -67,13 +67,11 @@ def interim(audit: Path, model: Path, data: Path, num_images: int, seed: int, th
     drawn = audit_draw(model, data, num_images, seed)
     report = sis_audit(str(model), drawn.x, drawn.y, audit, threshold=min(thresholds), thresholds=thresholds, progress=False,
                        partial=True)
-    rows = [r for r in report["images"] if r["backselect"] or r["pending"]]
     return {
         "report": str(audit / "report_partial.html"),
         "backselect_runs": report["summary"]["backselect_runs"], "backselect_runs_done": report["summary"]["backselect_runs_done"],
         "sis_size_fraction": [{"threshold": s["threshold"], "images": s["images_at_threshold"], **s["size"]} for s in report["size_stats"]],
-        "per_class": {str(c): {"needed": sum(r["label"] == c for r in rows), "done": sum(r["label"] == c and not r["pending"] for r in rows)}
-                      for c in sorted({r["label"] for r in rows})},
+        "per_class": {str(c["class"]): {"needed": c["needed"], "done": c["done"]} for c in report["coverage"]},
         "note": "over the finished runs only: chunks are computed in a seeded random order (since 2026-12-06, after the "
                 "1,000-image audit's first 109 runs, which went in image order), so check per_class before reading the "
                 "sizes as the whole draw's",

@@ -131,8 +131,9 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
                                     f"BackSelect ran on the {ran} whose confidence reaches the smallest τ "
                                     f"({taus[0]}); the others have no SIS at any τ.")
     sec.table([summary])
+    coverage = _coverage(per_image, labelled) if partial else None
     if partial:
-        _partial_section(report, per_image, adapter, labelled)
+        _partial_section(report, coverage, adapter)
     sec = report.section("Examples", "Original | SIS (red) over the dimmed image | SIS only (everything else masked).")
     tiles, titles = [], []
     for row in [r for r in per_image if not r.get("pending")][:show]:
@@ -170,25 +171,30 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
                     "predicted": _label(adapter, r["predicted"]), "confidence": r["confidence"]} for r in below])
     else:
         sec.text("None: every image reaches τ.", note=True)
-    report.data = {"summary": summary, "thresholds": taus, "size_stats": stats, "heatmap": heat, "images": per_image}
+    report.data = {"summary": summary, "thresholds": taus, "size_stats": stats, "heatmap": heat, "images": per_image,
+                   **({"coverage": coverage} if partial else {})}
     if init_distributed(use_cuda=False).main:  # under torchrun every rank holds the merged orders; one writes
         report.write(out, "report_partial" if partial else "report")
     return report.data
 
 
-def _partial_section(report: Report, per_image: list[dict[str, Any]], adapter: Any, labelled: bool) -> None:
-    """How far a running audit has come: BackSelect runs finished and still waiting, per class
-    (the label where the data has one, else the predicted class)."""
+def _coverage(per_image: list[dict[str, Any]], labelled: bool) -> list[dict[str, int]]:
+    """Per class (the label where the data has one, else the predicted class): BackSelect runs the
+    audit needs and how many have finished."""
+    key = "label" if labelled else "predicted"
     needing = [r for r in per_image if r["backselect"] or r["pending"]]
-    done = sum(not r["pending"] for r in needing)
-    sec = report.section("Partial report", f"{done} of {plural(len(needing), 'BackSelect run')} finished; the SIS figures "
+    return [{"class": c, "needed": sum(r[key] == c for r in needing), "done": sum(r[key] == c and not r["pending"] for r in needing)}
+            for c in sorted({r[key] for r in needing})]
+
+
+def _partial_section(report: Report, coverage: list[dict[str, int]], adapter: Any) -> None:
+    """How far a running audit has come: BackSelect runs finished and still waiting, per class."""
+    done, needed = sum(c["done"] for c in coverage), sum(c["needed"] for c in coverage)
+    sec = report.section("Partial report", f"{done} of {plural(needed, 'BackSelect run')} finished; the SIS figures "
                                            "below are over those images only. The audit computes its images in a seeded random "
                                            "order, so the finished ones are a random sample of those that need a run; "
                                            "the table shows how each class is covered so far.")
-    classes = sorted({r["label"] if labelled else r["predicted"] for r in needing})
-    key = "label" if labelled else "predicted"
-    sec.table([{"class": _label(adapter, c), "runs needed": sum(r[key] == c for r in needing),
-                "finished": sum(r[key] == c and not r["pending"] for r in needing)} for c in classes])
+    sec.table([{"class": _label(adapter, c["class"]), "runs needed": c["needed"], "finished": c["done"]} for c in coverage])
 
 
 def _label(adapter: Any, cls: int) -> str:
