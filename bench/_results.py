@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -153,3 +154,21 @@ def median_seconds_per_item(run_one: Callable[[Any], object], items: Sequence[An
             run_one(item)
         passes.append((time.perf_counter() - start) / len(items))
     return statistics.median(passes)
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> list[float]:
+    """Distribution-free interval of the median: the order statistics x_(k) and x_(n+1-k) with the
+    largest k for which P(Binomial(n, 1/2) < k) ≤ (1 − confidence) / 2 (needs n ≥ 6 at 95 %).
+
+    Example:
+        >>> median_interval(range(1, 41))
+        [14, 27]
+    """
+    x, n = sorted(values), len(values)
+    tail, k = 0.0, 0
+    while k < n and tail + math.comb(n, k) / 2**n <= (1 - confidence) / 2:
+        tail += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        raise ValueError(f"{n} values are too few for a {confidence:.0%} interval of the median")
+    return [x[k - 1], x[n - k]]

@@ -52,7 +52,9 @@ generator (a real mask operating point instead of the untrained keep-everything 
 They alternate in rounds (order rotated each round) on the same frames, in the same
 process; throughput is the median over rounds, and each round's ratios come from that round.
 Process CPU time per frame (all threads) is recorded too: on a shared machine it is steadier
-than wall time. Thread settings are recorded in the JSON. The soak loops the video through ``run_stream`` and samples RSS.
+than wall time. Thread settings are recorded in the JSON. ``--pairs N`` adds N back-to-back ABBA quads of the throughput
+setting (classifier only, pipeline, pipeline, classifier only), whose median ratio and its
+distribution-free interval hold when the host's speed drifts between rounds. The soak loops the video through ``run_stream`` and samples RSS.
 Writes ``bench/results/runtime_throughput[_GENERATOR][_int8][_keptF][_trained][_TAG].json``
 (``--model``: ``runtime_throughput_<checkpoint folder>[_int8][_TAG].json``).
 """
@@ -61,6 +63,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import math
 import os
 import statistics
 import sys
@@ -77,7 +80,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, video_frames, write_result  # noqa: E402
+from _results import default_data_dir, median_interval, video_frames, write_result  # noqa: E402
 
 from keepbits import registry  # noqa: E402
 from keepbits.export import export_onnx  # noqa: E402
@@ -223,6 +226,36 @@ def run_pipeline(pipe: Pipeline, frames, workers: int = 1, opencv_threads: int |
     return summary["written"] / summary["seconds"], summary
 
 
+def paired_quads(med: dict, quads: int, frames, sessions: dict, pipe: Pipeline, pipe_workers: Pipeline,
+                 workers: int) -> dict:
+    """The throughput setting's ratio from back-to-back runs, robust to a host whose speed drifts
+    between rounds: ``quads`` ABBA quads (classifier only, pipeline, pipeline, classifier only;
+    each side at its OpenCV thread setting that was faster over the rounds) on the same
+    ``frames``; a quad's ratio is the pipeline's mean frames/s over the classifier's, and the
+    headline the median over quads with its distribution-free 95 % interval. The classifier's
+    drift within a quad (|log(second / first)|, median) says how steady the host was."""
+    c1 = med["classifier_only_workers_opencv1_fps"] > med["classifier_only_workers_fps"]
+    p1 = med["pipeline_workers_opencv1_fps"] > med["pipeline_workers_fps"]
+
+    def classifier() -> float:
+        return with_opencv_threads(1, run_session_workers, sessions["workers"], ["logits"], pipe, frames, workers) if c1 else \
+            run_session_workers(sessions["workers"], ["logits"], pipe, frames, workers)
+
+    def pipeline() -> float:
+        return run_pipeline(pipe_workers, frames, workers, opencv_threads=1 if p1 else None)[0]
+
+    rows = []
+    for _ in range(quads):
+        a, b, c, d = classifier(), pipeline(), pipeline(), classifier()
+        rows.append({"classifier_only_fps": [a, d], "pipeline_fps": [b, c], "ratio": (b + c) / (a + d)})
+    ratios = [r["ratio"] for r in rows]
+    return {"quads": rows, "frames_per_run": len(frames), "workers": workers,
+            "opencv_threads": {"classifier_only": 1 if c1 else "default", "pipeline": 1 if p1 else "default"},
+            "ratio_median": statistics.median(ratios), "ratio_median_ci95": median_interval(ratios),
+            "classifier_only_drift_median": statistics.median(abs(math.log(r["classifier_only_fps"][1] / r["classifier_only_fps"][0]))
+                                                              for r in rows)}
+
+
 def with_opencv_threads(threads: int, run, *args):
     """``run(*args)`` with OpenCV's thread pool at ``threads`` (restored afterwards)."""
     before = cv2.getNumThreads()
@@ -321,8 +354,14 @@ def main() -> None:
                         "src/keepbits/assets/lite0_nice_bundle.zip; no naive loop (a bundle holds no torch models)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="model threads of the throughput setting (one-thread sessions); default: one per CPU")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="after the rounds, this many ABBA quads of the throughput setting (classifier only, pipeline, pipeline, "
+                        "classifier only) on --pair-frames frames each; 0 skips them (at least 6)")
+    p.add_argument("--pair-frames", type=int, default=120, help="frames per run of a quad")
     p.add_argument("--tag", default="", help="suffix of the result file")
     args = p.parse_args()
+    if args.pairs and args.pairs < 6:
+        p.error("--pairs needs at least 6 quads for an interval of the median (or 0)")
     if args.kept_fraction is not None and not 0 < args.kept_fraction < 1:
         p.error("--kept-fraction must be in (0, 1)")
     if args.kept_fraction is not None and args.generator_checkpoint is not None:
@@ -521,13 +560,20 @@ def main() -> None:
                         f"{args.workers} workers with one-thread sessions, both, each at its faster OpenCV thread setting",
                         "throughput_setting_decomposition": "the throughput setting's pipeline (OpenCV default) without the payload "
                         "encode (compress=False) and without the generator (classifier-only session + each frame's recorded mask), over "
-                        "the throughput setting's classifier only; and each one's process CPU ms per frame"},
+                        "the throughput setting's classifier only; and each one's process CPU ms per frame",
+                        "paired": "--pairs ABBA quads of the throughput setting (see paired_quads): median quad ratio and its "
+                        "distribution-free 95 % interval"},
         "targets": {"pipeline_over_classifier_only": ">= 0.90", "pipeline_over_naive": ">= 3"},
     }
     print(f"pipeline/classifier-only (best/best) {result['pipeline_over_classifier_only']:.3f} (fastest rounds "
           f"{result['pipeline_over_classifier_only_fastest_rounds']:.3f}); latency setting "
           f"{result['latency_setting_ratio']:.3f}, throughput setting {result['throughput_setting_ratio']:.3f}"
           + (f"; pipeline/naive {result['pipeline_over_naive']:.2f}" if naive else ""), flush=True)
+    if args.pairs:
+        result["paired"] = paired_quads(med, args.pairs, frames[:args.pair_frames], sessions, pipe, pipe_workers, args.workers)
+        print(f"paired quads: pipeline / classifier only {result['paired']['ratio_median']:.3f} "
+              f"(95 % interval {result['paired']['ratio_median_ci95'][0]:.3f}-{result['paired']['ratio_median_ci95'][1]:.3f}; "
+              f"classifier-only drift within a quad {result['paired']['classifier_only_drift_median']:.3f})", flush=True)
     if args.soak_seconds > 0:
         workers_win = med["pipeline_workers_fps"] >= med["pipeline_fps"]
         result["soak"] = soak(pipe_workers if workers_win else pipe, video, args.soak_seconds, args.workers if workers_win else 1)
