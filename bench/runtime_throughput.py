@@ -23,7 +23,7 @@ Two settings, each measured for the classifier alone and for the pipeline:
   faster counts; the pipeline runs with spinning off, its default);
 * throughput setting: ``--workers`` model threads (default: one per CPU), each with a
   one-thread session, frames in parallel (``run_stream(..., workers=N)``; classifier-only:
-  N threads each letterboxing its share of the frames and calling ``session.run``); each side
+  N threads taking frames from one shared queue, each letterboxing and calling ``session.run``); each side
   measured with OpenCV's thread pool at its default and at 1 thread (``run_stream``'s
   ``opencv_threads=1``), the faster counts.
 
@@ -71,6 +71,7 @@ import tempfile
 import threading
 import time
 import zlib
+from queue import Empty, SimpleQueue
 from pathlib import Path
 
 import cv2
@@ -179,19 +180,33 @@ def classifier_sessions(path: Path, threads: int | None) -> dict[str, ort.Infere
 
 
 def run_session(session, outputs: list[str], pipe: Pipeline, frames) -> float:
-    """Frames/s of letterbox (the pipeline's own) + one ``session.run`` per frame."""
+    """Frames/s of letterbox (the pipeline's own) + one ``session.run`` per frame (``frames``: any iterable)."""
     buf = np.empty((1, SIZE, SIZE, 3), np.uint8)
-    start = time.perf_counter()
+    start, done = time.perf_counter(), 0
     for f in frames:
         pipe._fit(f, buf[0])
         session.run(outputs, {"image": buf})
-    return len(frames) / (time.perf_counter() - start)
+        done += 1
+    return done / (time.perf_counter() - start)
+
+
+def drain(todo: SimpleQueue):
+    """The items of ``todo`` until it is empty (several threads may drain one queue)."""
+    while True:
+        try:
+            yield todo.get_nowait()
+        except Empty:
+            return
 
 
 def run_session_workers(session, outputs: list[str], pipe: Pipeline, frames, workers: int) -> float:
-    """Frames/s of ``workers`` threads, each letterboxing its share of the frames (round robin)
+    """Frames/s of ``workers`` threads, each taking the next frame from one shared queue (as
+    ``run_stream``'s workers do: a thread the host slows takes fewer frames), letterboxing it
     into its own buffer and calling ``session.run`` (one-thread session: the runs go in parallel)."""
-    threads = [threading.Thread(target=run_session, args=(session, outputs, pipe, frames[i::workers])) for i in range(workers)]
+    todo: SimpleQueue = SimpleQueue()
+    for f in frames:
+        todo.put(f)
+    threads = [threading.Thread(target=run_session, args=(session, outputs, pipe, drain(todo))) for _ in range(workers)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -226,23 +241,18 @@ def run_pipeline(pipe: Pipeline, frames, workers: int = 1, opencv_threads: int |
     return summary["written"] / summary["seconds"], summary
 
 
-def paired_quads(med: dict, quads: int, frames, sessions: dict, pipe: Pipeline, pipe_workers: Pipeline,
+def paired_quads(quads: int, frames, sessions: dict, pipe: Pipeline, pipe_workers: Pipeline,
                  workers: int) -> dict:
     """The throughput setting's ratio from back-to-back runs, robust to a host whose speed drifts
     between rounds: ``quads`` ABBA quads (classifier only, pipeline, pipeline, classifier only;
-    each side at its OpenCV thread setting that was faster over the rounds) on the same
-    ``frames``; a quad's ratio is the pipeline's mean frames/s over the classifier's, and the
+    both sides with OpenCV at one thread, the same letterbox work) on the same ``frames``; a quad's ratio is the pipeline's mean frames/s over the classifier's, and the
     headline the median over quads with its distribution-free 95 % interval. The classifier's
     drift within a quad (|log(second / first)|, median) says how steady the host was."""
-    c1 = med["classifier_only_workers_opencv1_fps"] > med["classifier_only_workers_fps"]
-    p1 = med["pipeline_workers_opencv1_fps"] > med["pipeline_workers_fps"]
-
     def classifier() -> float:
-        return with_opencv_threads(1, run_session_workers, sessions["workers"], ["logits"], pipe, frames, workers) if c1 else \
-            run_session_workers(sessions["workers"], ["logits"], pipe, frames, workers)
+        return with_opencv_threads(1, run_session_workers, sessions["workers"], ["logits"], pipe, frames, workers)
 
     def pipeline() -> float:
-        return run_pipeline(pipe_workers, frames, workers, opencv_threads=1 if p1 else None)[0]
+        return run_pipeline(pipe_workers, frames, workers, opencv_threads=1)[0]
 
     rows = []
     for _ in range(quads):
@@ -250,7 +260,7 @@ def paired_quads(med: dict, quads: int, frames, sessions: dict, pipe: Pipeline, 
         rows.append({"classifier_only_fps": [a, d], "pipeline_fps": [b, c], "ratio": (b + c) / (a + d)})
     ratios = [r["ratio"] for r in rows]
     return {"quads": rows, "frames_per_run": len(frames), "workers": workers,
-            "opencv_threads": {"classifier_only": 1 if c1 else "default", "pipeline": 1 if p1 else "default"},
+            "opencv_threads": 1,
             "ratio_median": statistics.median(ratios), "ratio_median_ci95": median_interval(ratios),
             "classifier_only_drift_median": statistics.median(abs(math.log(r["classifier_only_fps"][1] / r["classifier_only_fps"][0]))
                                                               for r in rows)}
@@ -525,7 +535,7 @@ def main() -> None:
             "latency_setting": {"ort_intra_op_threads": args.threads or "ORT default (one per physical core)", "workers": 1,
                                 "classifier_only": "spinning off and on measured, the faster counts", "pipeline_ort_spinning": pipe.spinning},
             "throughput_setting": {"ort_intra_op_threads": 1, "workers": args.workers,
-                                   "classifier_only": f"{args.workers} threads, each letterbox + session.run on its share of the frames",
+                                   "classifier_only": f"{args.workers} threads taking frames from one shared queue, each letterbox + session.run",
                                    "pipeline": f"run_stream(..., workers={args.workers}) with a one-thread session"},
             "extra_pipeline_threads": "source grabber + writer (encode with 1 worker, sinks; with several, each worker encodes its frames)",
             "opencv_threads": {"default": cv2.getNumThreads(), "classifier_only": "default and 1 measured (throughput setting), the "
@@ -570,7 +580,7 @@ def main() -> None:
           f"{result['latency_setting_ratio']:.3f}, throughput setting {result['throughput_setting_ratio']:.3f}"
           + (f"; pipeline/naive {result['pipeline_over_naive']:.2f}" if naive else ""), flush=True)
     if args.pairs:
-        result["paired"] = paired_quads(med, args.pairs, frames[:args.pair_frames], sessions, pipe, pipe_workers, args.workers)
+        result["paired"] = paired_quads(args.pairs, frames[:args.pair_frames], sessions, pipe, pipe_workers, args.workers)
         print(f"paired quads: pipeline / classifier only {result['paired']['ratio_median']:.3f} "
               f"(95 % interval {result['paired']['ratio_median_ci95'][0]:.3f}-{result['paired']['ratio_median_ci95'][1]:.3f}; "
               f"classifier-only drift within a quad {result['paired']['classifier_only_drift_median']:.3f})", flush=True)
