@@ -50,3 +50,14 @@ def test_parse_args_with_data_names_the_missing_subfolders(bench_script, monkeyp
     with pytest.raises(SystemExit) as stop:
         results.parse_args_with_data(parser, "kodak", "cifar10")
     assert stop.value.code == 2 and f"no kodak/ under {tmp_path}" in capsys.readouterr().err
+
+
+def test_median_interval_matches_the_binomial_order_statistics(bench_script):
+    """The 95 % interval of the median of 40 values is their 14th and 27th (binomial tables); of 6
+    values the extremes; fewer than 6 values cannot give a 95 % interval and say so."""
+    results = bench_script("_results")
+    values = np.random.default_rng(0).permutation(np.arange(1.0, 41.0))
+    assert results.median_interval(values) == [14.0, 27.0]
+    assert results.median_interval([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == [1.0, 6.0]
+    with pytest.raises(ValueError, match="too few"):
+        results.median_interval([1.0, 2.0, 3.0, 4.0, 5.0])
