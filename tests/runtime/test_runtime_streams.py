@@ -435,3 +435,21 @@ def test_opencv_thread_pool_is_set_for_the_run_and_restored(pipe):
             run_stream(pipe, open_source(_frames(1)), [], opencv_threads=0)
     finally:
         cv2.setNumThreads(before)
+
+
+def test_workers_fit_their_frames_in_parallel(tmp_path):
+    """Only taking a frame from the source is serialised: two workers are inside ``prepare`` (the
+    letterbox) at the same time, each with the sequence number of its frame's source position."""
+    pipe = Pipeline.from_bundle(toy_bundle(tmp_path / "toy", size=32, block=4), threads=1)
+    prepare, both_inside = pipe.prepare, threading.Barrier(2, timeout=20)
+
+    def meeting_prepare(frames, **kwargs):
+        if kwargs["sequences"][0] < 2:
+            both_inside.wait()  # broken (an error for both frames) if the other worker cannot get here meanwhile
+        return prepare(frames, **kwargs)
+
+    pipe.prepare = meeting_prepare
+    sink = _OrderSink()
+    summary = run_stream(pipe, open_source(_frames(6)), [sink], workers=2)
+    assert summary["written"] == 6 and summary["errors"] == 0
+    assert sink.sequences == list(range(6))

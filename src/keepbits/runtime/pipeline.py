@@ -313,10 +313,18 @@ class Pipeline:
         out[...] = image
         return ImageFit.plan((self.width, self.height), (self.width, self.height), "resize")
 
-    def prepare(self, frames: Sequence[Any], *, color: str = "rgb", fitted: bool = False) -> "Prepared":
+    def reserve_sequences(self, count: int) -> list[int]:
+        """The next ``count`` frame sequence numbers (what :meth:`prepare` takes when given none)."""
+        with self._lock:
+            return [next(self._counter) for _ in range(count)]
+
+    def prepare(self, frames: Sequence[Any], *, color: str = "rgb", fitted: bool = False,
+                sequences: Sequence[int] | None = None) -> "Prepared":
         """Fit a batch into one model-size uint8 buffer: the first half of :meth:`predict`.
         ``fitted=True``: the frames are model images already (e.g. a decoded payload's x̃) and go
-        in as they are; the resize policy is not applied a second time.
+        in as they are; the resize policy is not applied a second time. ``sequences``: the
+        frames' numbers from :meth:`reserve_sequences` (a stream numbers frames in source order,
+        then fits them in parallel); default the next ones.
 
         Example:
             >>> import numpy as np, tempfile
@@ -330,9 +338,11 @@ class Pipeline:
         t0 = time.perf_counter()
         batch = np.empty((len(frames), self.height, self.width, self.channels), np.uint8)
         boxes = [self._place(as_rgb(f, color), batch[i]) if fitted else self._fit(as_rgb(f, color), batch[i]) for i, f in enumerate(frames)]
-        with self._lock:
-            sequences = [next(self._counter) for _ in frames]
-        return Prepared(batch, boxes, (time.perf_counter() - t0) * 1e3, sequences)
+        if sequences is None:
+            sequences = self.reserve_sequences(len(frames))
+        elif len(sequences) != len(frames):
+            raise ValueError(f"{len(sequences)} sequence numbers for {len(frames)} frames")
+        return Prepared(batch, boxes, (time.perf_counter() - t0) * 1e3, list(sequences))
 
     def infer(self, prepared: "Prepared", *, timestamps: Sequence[float] | None = None) -> list[Result]:
         """Run the model on a :meth:`prepare`-d batch and build the results (no payload): the

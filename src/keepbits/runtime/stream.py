@@ -268,8 +268,9 @@ def run_stream(
     take_lock = threading.Lock()
     shared: dict[str, Any] = {"accepted": 0, "tickets": 0, "error": None}
 
-    def take() -> tuple[int, list[Frame], Any] | None:
-        """Under ``take_lock``: the next batch from the source, letterboxed, with its ticket."""
+    def take() -> tuple[int, list[Frame], list[int]] | None:
+        """Under ``take_lock``: the next batch from the source, its ticket and its sequence numbers
+        (both in source order; the batch is fitted outside the lock, workers in parallel)."""
         frames: list[Frame] = []
         while not stop.is_set() and shared["error"] is None and len(frames) < min(batch_size, limit - shared["accepted"]):
             frame = source.get(stop)
@@ -280,11 +281,7 @@ def run_stream(
             return None
         shared["accepted"] += len(frames)
         ticket, shared["tickets"] = shared["tickets"], shared["tickets"] + 1
-        try:
-            return ticket, frames, pipeline.prepare([f.image for f in frames])
-        except BaseException:
-            in_order.put(ticket, None)
-            raise
+        return ticket, frames, pipeline.reserve_sequences(len(frames))
 
     def work() -> None:
         try:
@@ -293,8 +290,9 @@ def run_stream(
                     taken = take()
                 if taken is None:
                     return
-                ticket, frames, prepared = taken
+                ticket, frames, sequences = taken
                 try:
+                    prepared = pipeline.prepare([f.image for f in frames], sequences=sequences)
                     results = pipeline.infer(prepared, timestamps=[f.timestamp for f in frames])
                 except BaseException:
                     in_order.put(ticket, None)
