@@ -52,9 +52,9 @@ generator (a real mask operating point instead of the untrained keep-everything 
 They alternate in rounds (order rotated each round) on the same frames, in the same
 process; throughput is the median over rounds, and each round's ratios come from that round.
 Process CPU time per frame (all threads) is recorded too: on a shared machine it is steadier
-than wall time. Thread settings are recorded in the JSON. ``--pairs N`` adds N back-to-back ABBA quads of the throughput
-setting (classifier only, pipeline, pipeline, classifier only), whose median ratio and its
-distribution-free interval hold when the host's speed drifts between rounds. The soak loops the video through ``run_stream`` and samples RSS.
+than wall time. Thread settings are recorded in the JSON. ``--pairs N`` adds N back-to-back ABBA blocks of the throughput
+setting (classifier only, graph only, pipeline without encode, pipeline, then in reverse), whose
+median ratios and their distribution-free intervals hold when the host's speed drifts between rounds. The soak loops the video through ``run_stream`` and samples RSS.
 Writes ``bench/results/runtime_throughput[_GENERATOR][_int8][_keptF][_trained][_TAG].json``
 (``--model``: ``runtime_throughput_<checkpoint folder>[_int8][_TAG].json``).
 """
@@ -241,27 +241,43 @@ def run_pipeline(pipe: Pipeline, frames, workers: int = 1, opencv_threads: int |
     return summary["written"] / summary["seconds"], summary
 
 
-def paired_quads(quads: int, frames, sessions: dict, pipe: Pipeline, pipe_workers: Pipeline,
+def paired_blocks(blocks: int, frames, sessions: dict, pipe: Pipeline, pipe_workers: Pipeline, pipe_no_encode: Pipeline,
                  workers: int) -> dict:
-    """The throughput setting's ratio from back-to-back runs, robust to a host whose speed drifts
-    between rounds: ``quads`` ABBA quads (classifier only, pipeline, pipeline, classifier only;
-    both sides with OpenCV at one thread, the same letterbox work) on the same ``frames``; a quad's ratio is the pipeline's mean frames/s over the classifier's, and the
-    headline the median over quads with its distribution-free 95 % interval. The classifier's
-    drift within a quad (|log(second / first)|, median) says how steady the host was."""
-    def classifier() -> float:
-        return with_opencv_threads(1, run_session_workers, sessions["workers"], ["logits"], pipe, frames, workers)
-
-    def pipeline() -> float:
-        return run_pipeline(pipe_workers, frames, workers, opencv_threads=1)[0]
-
+    """The throughput setting's ratios from back-to-back runs, robust to a host whose speed drifts
+    between rounds. Each of ``blocks`` blocks runs, on the same ``frames``, with ``workers``
+    threads and OpenCV at one thread: classifier only, graph only (the bundle's session: the
+    generator added), pipeline without the encode, pipeline; then the same in reverse order
+    (ABBA: a linear drift cancels). A block's ratio of a measure is its mean frames/s over the
+    classifier's; per measure the median over blocks with its distribution-free 95 % interval
+    (the headline ``ratio_median``: the pipeline's). Consecutive ratios split the pipeline's cost:
+    generator (graph / classifier), stream work (no-encode pipeline / graph), encode (pipeline /
+    no-encode pipeline). The classifier's drift within a block (|log(second / first)|, median)
+    says how steady the host was."""
+    runs = {
+        "classifier_only": lambda: run_session_workers(sessions["workers"], ["logits"], pipe, frames, workers),
+        "graph_only": lambda: run_session_workers(pipe_workers.session, ["logits", "mask"], pipe, frames, workers),
+        "pipeline_no_encode": lambda: run_pipeline(pipe_no_encode, frames, workers, opencv_threads=1)[0],
+        "pipeline": lambda: run_pipeline(pipe_workers, frames, workers, opencv_threads=1)[0],
+    }
+    order = list(runs)
     rows = []
-    for _ in range(quads):
-        a, b, c, d = classifier(), pipeline(), pipeline(), classifier()
-        rows.append({"classifier_only_fps": [a, d], "pipeline_fps": [b, c], "ratio": (b + c) / (a + d)})
-    ratios = [r["ratio"] for r in rows]
-    return {"quads": rows, "frames_per_run": len(frames), "workers": workers,
-            "opencv_threads": 1,
-            "ratio_median": statistics.median(ratios), "ratio_median_ci95": median_interval(ratios),
+    for _ in range(blocks):
+        fps: dict[str, list[float]] = {name: [] for name in order}
+        for name in order + order[::-1]:
+            fps[name].append(with_opencv_threads(1, runs[name]))
+        rows.append({f"{name}_fps": v for name, v in fps.items()}
+                    | {f"{name}_ratio": sum(fps[name]) / sum(fps["classifier_only"]) for name in order[1:]})
+
+    def summary(name: str) -> dict:
+        ratios = [r[f"{name}_ratio"] for r in rows]
+        return {"median": statistics.median(ratios), "ci95": median_interval(ratios)}
+
+    steps = {"generator": ("graph_only", None), "stream_work": ("pipeline_no_encode", "graph_only"), "encode": ("pipeline", "pipeline_no_encode")}
+    return {"blocks": rows, "frames_per_run": len(frames), "workers": workers, "opencv_threads": 1,
+            "ratio_median": summary("pipeline")["median"], "ratio_median_ci95": summary("pipeline")["ci95"],
+            "ratios": {name: summary(name) for name in order[1:]},
+            "steps_median": {step: statistics.median(r[f"{a}_ratio"] / (r[f"{b}_ratio"] if b else 1.0) for r in rows)
+                             for step, (a, b) in steps.items()},
             "classifier_only_drift_median": statistics.median(abs(math.log(r["classifier_only_fps"][1] / r["classifier_only_fps"][0]))
                                                               for r in rows)}
 
@@ -365,13 +381,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="model threads of the throughput setting (one-thread sessions); default: one per CPU")
     p.add_argument("--pairs", type=int, default=0,
-                   help="after the rounds, this many ABBA quads of the throughput setting (classifier only, pipeline, pipeline, "
-                        "classifier only) on --pair-frames frames each; 0 skips them (at least 6)")
+                   help="after the rounds, this many ABBA blocks of the throughput setting (classifier only, graph only, pipeline "
+                        "without encode, pipeline, then in reverse) on --pair-frames frames each; 0 skips them (at least 6)")
     p.add_argument("--pair-frames", type=int, default=120, help="frames per run of a quad")
     p.add_argument("--tag", default="", help="suffix of the result file")
     args = p.parse_args()
     if args.pairs and args.pairs < 6:
-        p.error("--pairs needs at least 6 quads for an interval of the median (or 0)")
+        p.error("--pairs needs at least 6 blocks for an interval of the median (or 0)")
     if args.kept_fraction is not None and not 0 < args.kept_fraction < 1:
         p.error("--kept-fraction must be in (0, 1)")
     if args.kept_fraction is not None and args.generator_checkpoint is not None:
@@ -571,8 +587,8 @@ def main() -> None:
                         "throughput_setting_decomposition": "the throughput setting's pipeline (OpenCV default) without the payload "
                         "encode (compress=False) and without the generator (classifier-only session + each frame's recorded mask), over "
                         "the throughput setting's classifier only; and each one's process CPU ms per frame",
-                        "paired": "--pairs ABBA quads of the throughput setting (see paired_quads): median quad ratio and its "
-                        "distribution-free 95 % interval"},
+                        "paired": "--pairs ABBA blocks of the throughput setting (see paired_blocks): median ratio over blocks "
+                        "and its distribution-free 95 % interval per measure, and the pipeline's cost split into steps"},
         "targets": {"pipeline_over_classifier_only": ">= 0.90", "pipeline_over_naive": ">= 3"},
     }
     print(f"pipeline/classifier-only (best/best) {result['pipeline_over_classifier_only']:.3f} (fastest rounds "
@@ -580,10 +596,11 @@ def main() -> None:
           f"{result['latency_setting_ratio']:.3f}, throughput setting {result['throughput_setting_ratio']:.3f}"
           + (f"; pipeline/naive {result['pipeline_over_naive']:.2f}" if naive else ""), flush=True)
     if args.pairs:
-        result["paired"] = paired_quads(args.pairs, frames[:args.pair_frames], sessions, pipe, pipe_workers, args.workers)
-        print(f"paired quads: pipeline / classifier only {result['paired']['ratio_median']:.3f} "
+        result["paired"] = paired_blocks(args.pairs, frames[:args.pair_frames], sessions, pipe, pipe_workers, pipe_no_encode, args.workers)
+        print(f"paired blocks: pipeline / classifier only {result['paired']['ratio_median']:.3f} "
               f"(95 % interval {result['paired']['ratio_median_ci95'][0]:.3f}-{result['paired']['ratio_median_ci95'][1]:.3f}; "
-              f"classifier-only drift within a quad {result['paired']['classifier_only_drift_median']:.3f})", flush=True)
+              f"classifier-only drift within a block {result['paired']['classifier_only_drift_median']:.3f}; steps "
+              + ", ".join(f"{k} {v:.3f}" for k, v in result["paired"]["steps_median"].items()) + ")", flush=True)
     if args.soak_seconds > 0:
         workers_win = med["pipeline_workers_fps"] >= med["pipeline_fps"]
         result["soak"] = soak(pipe_workers if workers_win else pipe, video, args.soak_seconds, args.workers if workers_win else 1)
