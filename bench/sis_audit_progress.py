@@ -24,6 +24,12 @@ from _results import default_data_dir, write_result
 from sis_audit import audit_draw
 
 
+#: Chunk writes further apart than this many median BackSelect runs mark a stop (or a pause) of the
+#: audit: within a running piece a rank writes a chunk every run. (The longest run is no measure: a run
+#: that was paused records its pause.)
+PIECE_GAP_RUNS = 3
+
+
 def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, thresholds: list[float], processes: int) -> dict:
     """The progress record of the audit in ``audit`` (module doc)."""
     from keepbits.audit import load_model
@@ -37,7 +43,7 @@ def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, t
     needed = partial["backselect_runs"]
     rate = float(np.median(seconds)) if len(seconds) else None
     written = sorted(p.stat().st_mtime for p, r in zip(chunks, records) if r.get("model") == fingerprint)
-    pieces = running_pieces(written, 2 * float(seconds.max()) if len(seconds) else 0.0)
+    pieces = running_pieces(written, PIECE_GAP_RUNS * rate if rate is not None else 0.0)
     hours = sum(b - a for a, b, _ in pieces) / 3600
     return {
         "audit": str(audit), "model": str(model), "model_fingerprint": fingerprint,
@@ -51,8 +57,8 @@ def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, t
         "chunks_written_utc": [_utc(written[0]), _utc(written[-1])] if written else None,
         "pieces": [{"from": _utc(a), "to": _utc(b), "chunks": n} for a, b, n in pieces],
         "runs_per_hour_within_pieces": round(sum(n - 1 for _, _, n in pieces) / hours, 2) if hours > 0 else None,
-        "rate_note": "chunks after the first of each piece per hour of the pieces' spans (a piece: chunks written less than "
-                     "twice the longest run apart; the audit was stopped between pieces)",
+        "rate_note": "chunks after the first of each piece per hour of the pieces' spans (a piece: chunks written at most "
+                     f"{PIECE_GAP_RUNS} median runs apart; the audit was stopped or paused between pieces)",
         "hours_left_projected": None if rate is None else round(max(needed - len(seconds), 0) * rate / processes / 3600, 2),
         "projection": f"runs left × median seconds per run / {processes} processes; not a measurement",
         "interim": partial,
