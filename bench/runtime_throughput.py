@@ -256,8 +256,8 @@ def paired_blocks(blocks: int, frames, sessions: dict, pipe: Pipeline, pipe_work
     runs = {
         "classifier_only": lambda: run_session_workers(sessions["workers"], ["logits"], pipe, frames, workers),
         "graph_only": lambda: run_session_workers(pipe_workers.session, ["logits", "mask"], pipe, frames, workers),
-        "pipeline_no_encode": lambda: run_pipeline(pipe_no_encode, frames, workers, opencv_threads=1)[0],
-        "pipeline": lambda: run_pipeline(pipe_workers, frames, workers, opencv_threads=1)[0],
+        "pipeline_no_encode": lambda: run_pipeline(pipe_no_encode, frames, workers)[0],
+        "pipeline": lambda: run_pipeline(pipe_workers, frames, workers)[0],
     }
     order = list(runs)
     rows = []
@@ -383,7 +383,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=0,
                    help="after the rounds, this many ABBA blocks of the throughput setting (classifier only, graph only, pipeline "
                         "without encode, pipeline, then in reverse) on --pair-frames frames each; 0 skips them (at least 6)")
-    p.add_argument("--pair-frames", type=int, default=120, help="frames per run of a quad")
+    p.add_argument("--pair-frames", type=int, default=120, help="frames per run of a block")
     p.add_argument("--tag", default="", help="suffix of the result file")
     args = p.parse_args()
     if args.pairs and args.pairs < 6:
