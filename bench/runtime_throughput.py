@@ -53,8 +53,8 @@ They alternate in rounds (order rotated each round) on the same frames, in the s
 process; throughput is the median over rounds, and each round's ratios come from that round.
 Process CPU time per frame (all threads) is recorded too: on a shared machine it is steadier
 than wall time. Thread settings are recorded in the JSON. ``--pairs N`` adds N back-to-back ABBA blocks of the throughput
-setting (classifier only, graph only, pipeline without encode, pipeline, then in reverse), whose
-median ratios and their distribution-free intervals hold when the host's speed drifts between rounds. The soak loops the video through ``run_stream`` and samples RSS.
+setting (classifier only, graph only, pipeline without encode, pipeline, the naive loop where there is
+one, then in reverse), whose median ratios and their distribution-free intervals hold when the host's speed drifts between rounds. The soak loops the video through ``run_stream`` and samples RSS.
 Writes ``bench/results/runtime_throughput[_GENERATOR][_int8][_keptF][_trained][_TAG].json``
 (``--model``: ``runtime_throughput_<checkpoint folder>[_int8][_TAG].json``).
 """
@@ -71,8 +71,9 @@ import tempfile
 import threading
 import time
 import zlib
-from queue import Empty, SimpleQueue
 from pathlib import Path
+from queue import Empty, SimpleQueue
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -242,7 +243,7 @@ def run_pipeline(pipe: Pipeline, frames, workers: int = 1, opencv_threads: int |
 
 
 def paired_blocks(blocks: int, frames, sessions: dict, pipe: Pipeline, pipe_workers: Pipeline, pipe_no_encode: Pipeline,
-                 workers: int) -> dict:
+                 workers: int, naive: Callable[[], float] | None = None) -> dict:
     """The throughput setting's ratios from back-to-back runs, robust to a host whose speed drifts
     between rounds. Each of ``blocks`` blocks runs, on the same ``frames``, with ``workers``
     threads and OpenCV at one thread: classifier only, graph only (the bundle's session: the
@@ -252,13 +253,17 @@ def paired_blocks(blocks: int, frames, sessions: dict, pipe: Pipeline, pipe_work
     (the headline ``ratio_median``: the pipeline's). Consecutive ratios split the pipeline's cost:
     generator (graph / classifier), stream work (no-encode pipeline / graph), encode (pipeline /
     no-encode pipeline). The classifier's drift within a block (|log(second / first)|, median)
-    says how steady the host was."""
+    says how steady the host was. ``naive`` (frames/s of the naive torch loop, on its own fewer
+    frames) joins each block last and first; ``pipeline_over_naive`` is then the median of the
+    blocks' pipeline / naive ratios with its interval."""
     runs = {
         "classifier_only": lambda: run_session_workers(sessions["workers"], ["logits"], pipe, frames, workers),
         "graph_only": lambda: run_session_workers(pipe_workers.session, ["logits", "mask"], pipe, frames, workers),
         "pipeline_no_encode": lambda: run_pipeline(pipe_no_encode, frames, workers)[0],
         "pipeline": lambda: run_pipeline(pipe_workers, frames, workers)[0],
     }
+    if naive is not None:
+        runs["naive"] = naive
     order = list(runs)
     rows = []
     for _ in range(blocks):
@@ -266,16 +271,18 @@ def paired_blocks(blocks: int, frames, sessions: dict, pipe: Pipeline, pipe_work
         for name in order + order[::-1]:
             fps[name].append(with_opencv_threads(1, runs[name]))
         rows.append({f"{name}_fps": v for name, v in fps.items()}
-                    | {f"{name}_ratio": sum(fps[name]) / sum(fps["classifier_only"]) for name in order[1:]})
+                    | {f"{name}_ratio": sum(fps[name]) / sum(fps["classifier_only"]) for name in order[1:] if name != "naive"}
+                    | ({"pipeline_over_naive": sum(fps["pipeline"]) / sum(fps["naive"])} if naive is not None else {}))
 
-    def summary(name: str) -> dict:
-        ratios = [r[f"{name}_ratio"] for r in rows]
+    def summary(name: str, key: str | None = None) -> dict:
+        ratios = [r[key or f"{name}_ratio"] for r in rows]
         return {"median": statistics.median(ratios), "ci95": median_interval(ratios)}
 
     steps = {"generator": ("graph_only", None), "stream_work": ("pipeline_no_encode", "graph_only"), "encode": ("pipeline", "pipeline_no_encode")}
     return {"blocks": rows, "frames_per_run": len(frames), "workers": workers, "opencv_threads": 1,
             "ratio_median": summary("pipeline")["median"], "ratio_median_ci95": summary("pipeline")["ci95"],
-            "ratios": {name: summary(name) for name in order[1:]},
+            "ratios": {name: summary(name) for name in order[1:] if name != "naive"},
+            **({"pipeline_over_naive": summary("naive", "pipeline_over_naive")} if naive is not None else {}),
             "steps_median": {step: statistics.median(r[f"{a}_ratio"] / (r[f"{b}_ratio"] if b else 1.0) for r in rows)
                              for step, (a, b) in steps.items()},
             "classifier_only_drift_median": statistics.median(abs(math.log(r["classifier_only_fps"][1] / r["classifier_only_fps"][0]))
@@ -315,9 +322,14 @@ def run_naive(generator, classifier, frames, mean_t: torch.Tensor, std_t: torch.
         for f in frames:
             x = torch.from_numpy(np.array(pil_fit(f, policy, crop_fraction))).permute(2, 0, 1)[None].float() / 255
             xn = (x - mean_t) / std_t
-            mask = functional.deterministic_mask(generator(xn))
+            if hasattr(generator, "from_features"):  # nice_taps: one classifier pass gives the logits and the features
+                logits, features = classifier.forward_taps(xn, generator.taps)
+                log_alpha = generator.from_features(features, xn.shape[-2:])
+            else:
+                log_alpha, logits = generator(xn), classifier(xn)
+            mask = functional.deterministic_mask(log_alpha)
             mixed = functional.mixed_resolution(x, mask, BLOCK)
-            classifier(xn).argmax(1)
+            logits.argmax(1)
             out = (mixed[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
             Image.fromarray(out).save(io.BytesIO(), format="PNG")
     return len(frames) / (time.perf_counter() - start)
@@ -596,11 +608,16 @@ def main() -> None:
           f"{result['latency_setting_ratio']:.3f}, throughput setting {result['throughput_setting_ratio']:.3f}"
           + (f"; pipeline/naive {result['pipeline_over_naive']:.2f}" if naive else ""), flush=True)
     if args.pairs:
-        result["paired"] = paired_blocks(args.pairs, frames[:args.pair_frames], sessions, pipe, pipe_workers, pipe_no_encode, args.workers)
+        naive_run = (lambda: run_naive(generator, classifier, naive_frames, mean_t, std_t, policy, crop_fraction)) if naive else None
+        result["paired"] = paired_blocks(args.pairs, frames[:args.pair_frames], sessions, pipe, pipe_workers, pipe_no_encode, args.workers,
+                                         naive_run)
         print(f"paired blocks: pipeline / classifier only {result['paired']['ratio_median']:.3f} "
               f"(95 % interval {result['paired']['ratio_median_ci95'][0]:.3f}-{result['paired']['ratio_median_ci95'][1]:.3f}; "
               f"classifier-only drift within a block {result['paired']['classifier_only_drift_median']:.3f}; steps "
-              + ", ".join(f"{k} {v:.3f}" for k, v in result["paired"]["steps_median"].items()) + ")", flush=True)
+              + ", ".join(f"{k} {v:.3f}" for k, v in result["paired"]["steps_median"].items()) + ")"
+              + (f"; pipeline / naive {result['paired']['pipeline_over_naive']['median']:.2f} (95 % interval "
+                 f"{result['paired']['pipeline_over_naive']['ci95'][0]:.2f}-{result['paired']['pipeline_over_naive']['ci95'][1]:.2f})"
+                 if naive else ""), flush=True)
     if args.soak_seconds > 0:
         workers_win = med["pipeline_workers_fps"] >= med["pipeline_fps"]
         result["soak"] = soak(pipe_workers if workers_win else pipe, video, args.soak_seconds, args.workers if workers_win else 1)
