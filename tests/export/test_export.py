@@ -284,8 +284,8 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
 
 
 def test_int8_calibration_method_and_float_ends_are_applied_and_recorded(bundle_a, tmp_path, capsys):
-    """``--calibration percentile --float-ends``: the manifest records both, and the first convolution
-    and the last Gemm/MatMul keep float32 weights (no DequantizeLinear feeds them); an unknown method is refused."""
+    """``--calibration percentile --float-ends``: the manifest records both, and the classifier's first
+    convolution (the generator's come first in the graph) and the last Gemm/MatMul keep float32 weights (no DequantizeLinear feeds them); an unknown method is refused."""
     from keepbits.export.quantize import quantize_bundle
 
     rng = np.random.default_rng(SEED)
@@ -301,6 +301,7 @@ def test_int8_calibration_method_and_float_ends_are_applied_and_recorded(bundle_
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     kept = [n for n in graph.node if n.name in q["float32_nodes"]]
     assert [n.op_type for n in kept][0] == "Conv" and kept[-1].op_type in ("Gemm", "MatMul")
+    assert kept[0].input[1].startswith("classifier."), "the classifier's first convolution, not the generator's"
     assert all(n.input[1] not in dequantized for n in kept)
     assert any(n.op_type == "Conv" and n.input[1] in dequantized for n in graph.node), "the other convolutions are INT8"
     with pytest.raises(InputError, match="calibration must be one of"):

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how activation ranges are calibrated: the extremes seen, the 99.999th percentile, or the range "
                         "keeping the most information (KL) (default: minmax)")
     p.add_argument("--float-ends", action="store_true",
-                   help="leave the first convolution and the last Gemm/MatMul in float32")
+                   help="leave the classifier's first convolution and the last Gemm/MatMul in float32")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
 
 

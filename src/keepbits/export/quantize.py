@@ -52,14 +52,19 @@ CALIBRATIONS = ("minmax", "percentile", "entropy")
 
 
 def _float_ends(model_path: Path) -> list[str]:
-    """Names of the graph's first convolution and its last Gemm/MatMul (the classifier's input
-    and output layers), which ``float_ends=True`` leaves in float32."""
+    """Names of the classifier's first convolution and the graph's last Gemm/MatMul (the
+    classifier's input and output layers), which ``float_ends=True`` leaves in float32. In a NICE
+    graph the generator's convolutions often come first in node order; the classifier's are the
+    ones whose weights are named ``classifier.*`` (the exported module's attribute), and a graph
+    without such names (any other ONNX model) gives its first convolution."""
     import onnx
 
     nodes = onnx.load(str(model_path), load_external_data=False).graph.node
-    first = next((n.name for n in nodes if n.op_type == "Conv"), None)
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    classifier_convs = [n for n in convs if len(n.input) > 1 and n.input[1].startswith("classifier.")]
+    first = (classifier_convs or convs or [None])[0]
     last = next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
-    return [name for name in (first, last) if name]
+    return [name for name in (first.name if first is not None else None, last) if name]
 
 
 class _Reader:
