@@ -273,6 +273,8 @@ def main() -> None:
                 p.error("a bundle .zip needs --name (and comes alone)")
             if args.action == "int8" and path.suffix != ".zip":
                 p.error("int8 takes a float32 bundle .zip (bundle makes one from a checkpoint)")
+            if args.action == "int8" and args.heldout is not None and not (args.heldout / "imagenet_samples").is_dir():
+                p.error(f"--heldout {args.heldout} holds no imagenet_samples/ (the evaluation split)")
             name = args.name if path.suffix == ".zip" else path.parent.name
             if args.action == "bundle":
                 result = build_bundles(path, args.data, args.out / name, name)
