@@ -262,6 +262,7 @@ def paired_blocks(blocks: int, frames, sessions: dict, pipe: Pipeline, pipe_work
         "pipeline_no_encode": lambda: run_pipeline(pipe_no_encode, frames, workers)[0],
         "pipeline": lambda: run_pipeline(pipe_workers, frames, workers)[0],
     }
+    measures = list(runs)[1:]  # each over the classifier alone
     if naive is not None:
         runs["naive"] = naive
     order = list(runs)
@@ -271,7 +272,7 @@ def paired_blocks(blocks: int, frames, sessions: dict, pipe: Pipeline, pipe_work
         for name in order + order[::-1]:
             fps[name].append(with_opencv_threads(1, runs[name]))
         rows.append({f"{name}_fps": v for name, v in fps.items()}
-                    | {f"{name}_ratio": sum(fps[name]) / sum(fps["classifier_only"]) for name in order[1:] if name != "naive"}
+                    | {f"{name}_ratio": sum(fps[name]) / sum(fps["classifier_only"]) for name in measures}
                     | ({"pipeline_over_naive": sum(fps["pipeline"]) / sum(fps["naive"])} if naive is not None else {}))
 
     def summary(name: str, key: str | None = None) -> dict:
@@ -281,7 +282,7 @@ def paired_blocks(blocks: int, frames, sessions: dict, pipe: Pipeline, pipe_work
     steps = {"generator": ("graph_only", None), "stream_work": ("pipeline_no_encode", "graph_only"), "encode": ("pipeline", "pipeline_no_encode")}
     return {"blocks": rows, "frames_per_run": len(frames), "workers": workers, "opencv_threads": 1,
             "ratio_median": summary("pipeline")["median"], "ratio_median_ci95": summary("pipeline")["ci95"],
-            "ratios": {name: summary(name) for name in order[1:] if name != "naive"},
+            "ratios": {name: summary(name) for name in measures},
             **({"pipeline_over_naive": summary("naive", "pipeline_over_naive")} if naive is not None else {}),
             "steps_median": {step: statistics.median(r[f"{a}_ratio"] / (r[f"{b}_ratio"] if b else 1.0) for r in rows)
                              for step, (a, b) in steps.items()},
