@@ -61,10 +61,9 @@ def _float_ends(model_path: Path) -> list[str]:
 
     nodes = onnx.load(str(model_path), load_external_data=False).graph.node
     convs = [n for n in nodes if n.op_type == "Conv"]
-    classifier_convs = [n for n in convs if len(n.input) > 1 and n.input[1].startswith("classifier.")]
-    first = (classifier_convs or convs or [None])[0]
+    first = next((n.name for n in convs if n.input[1:2] and n.input[1].startswith("classifier.")), convs[0].name if convs else None)
     last = next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
-    return [name for name in (first.name if first is not None else None, last) if name]
+    return [name for name in (first, last) if name]
 
 
 class _Reader:
