@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -111,6 +112,34 @@ def test_nice_taps_reads_an_attached_classifier_and_owns_only_its_head():
         assert torch.equal(log_alpha, gen.from_features(features, (64, 64)))
     cells = log_alpha.reshape(2, 1, 8, 8, 8, 8)  # finest tap at 1/8: one gate per 8×8 cell
     assert torch.equal(cells, cells[:, :, :, :1, :, :1].expand_as(cells)) and log_alpha.std() > 0
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_resize_by_whole_factors_equals_resize_to_the_size(mode):
+    from keepbits.training.models.fast_generators import resize
+
+    x = torch.randn(2, 3, 7, 5)
+    align = None if mode == "nearest" else False
+    for size in [(28, 20), (21, 15), (14, 5), (9, 11)]:  # whole multiples (scale path) and not
+        assert torch.equal(resize(x, size, mode), F.interpolate(x, size=size, mode=mode, align_corners=align))
+
+
+def test_nice_taps_bundle_graph_gates_cells_then_repeats_them_as_gating_the_image_does():
+    from keepbits.training import functional as KF
+
+    clf = registry.build("efficientnet_lite0", image_size=(64, 64)).eval()
+    gen = registry.build("nice_taps").attach(clf).eval()
+    with torch.no_grad():
+        gen.head.weight.normal_(std=3.0)
+        gen.head.bias.fill_(0.0)
+        graph = NiceGraph(gen, clf, [0.5] * 3, [0.25] * 3, 8, mixed_output=False)
+        image = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+        logits, mask = graph(image)
+        xn = graph.normalise(image.permute(0, 3, 1, 2).float())
+        expected = KF.deterministic_mask(gen(xn))  # Eq. 11 on the image-sized log α
+    # the same values up to float32 rounding (the sigmoid's vectorised and scalar paths may differ by an ulp)
+    assert (mask - expected).abs().max() <= 1e-6 and torch.equal(logits, clf(xn))
+    assert 0 < (mask > 0.5).float().mean() < 1  # gates on both sides of the threshold: the comparison means something
 
 
 def test_nice_taps_trains_fixed_reloads_attached_and_exports_one_classifier_pass(tiny_npz, tmp_path):

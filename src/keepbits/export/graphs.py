@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from keepbits.export import ops
+from keepbits.training.models.fast_generators import resize
 
 
 class NiceGraph(nn.Module):
@@ -56,6 +57,10 @@ class NiceGraph(nn.Module):
         if self.classify_on == "original" and hasattr(self.generator, "from_features"):
             # a generator on the classifier's own features (nice_taps): one classifier pass for both
             logits, features = self.classifier.forward_taps(xn, self.generator.taps)
+            if not self.mixed_output:
+                # ẑ is pointwise in log α and log α repeats per cell: gate the cells, then repeat ẑ
+                cells = ops.hard_concrete_mask(self.generator.cell_log_alpha(features))
+                return logits, resize(cells, xn.shape[-2:], "nearest")
             log_alpha = self.generator.from_features(features, xn.shape[-2:])
         else:
             log_alpha = self.generator(xn)

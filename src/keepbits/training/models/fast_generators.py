@@ -128,15 +128,33 @@ class NiceTaps(nn.Module):
         return self.from_features(features, x.shape[-2:])
 
     def from_features(self, features: list[torch.Tensor], size: tuple[int, int] | torch.Size) -> torch.Tensor:
-        """log α (N×1×H×W, H×W = ``size``) from the tapped features (``forward_taps``' order)."""
-        finest = features[0].shape[-2:]
+        """log α (N×1×H×W, H×W = ``size``) from the tapped features (``forward_taps``' order):
+        :meth:`cell_log_alpha` repeated over each cell."""
+        return resize(self.cell_log_alpha(features), size, "nearest")
+
+    def cell_log_alpha(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """log α per cell (N×1×h×w at the finest tap's resolution), before the nearest upsampling."""
+        finest = tuple(features[0].shape[-2:])
         summed = None
         for lateral, feature in zip(self.lateral, features):
             h = lateral(feature)
-            if h.shape[-2:] != finest:
-                h = F.interpolate(h, size=finest, mode="bilinear", align_corners=False)
+            if tuple(h.shape[-2:]) != finest:
+                h = resize(h, finest, "bilinear")
             summed = h if summed is None else summed + h
-        return F.interpolate(self.head(self.mix(summed)), size=tuple(size), mode="nearest")
+        return self.head(self.mix(summed))
+
+
+def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size, mode: str) -> torch.Tensor:
+    """``F.interpolate`` of N×C×h×w ``x`` to ``size`` (``"nearest"``, or ``"bilinear"`` without
+    aligned corners). Where ``size`` is a whole multiple of h×w it passes the integer factors
+    instead: the same values (both spell the sampling step as the same correctly rounded
+    h/H), and an exported graph holds a constant-scale ``Resize`` rather than the shape
+    arithmetic that builds its output size around a dynamic batch axis."""
+    (h, w), (height, width) = x.shape[-2:], (int(size[0]), int(size[1]))
+    align = None if mode == "nearest" else False
+    if height % h == 0 and width % w == 0:
+        return F.interpolate(x, scale_factor=(float(height // h), float(width // w)), mode=mode, align_corners=align)
+    return F.interpolate(x, size=(height, width), mode=mode, align_corners=align)
 
 
 @register("nice_taps", "generator")
