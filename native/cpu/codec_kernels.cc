@@ -15,6 +15,11 @@
 // keepbits.codec.payload (_kept_blocks, _mosaic) computes it: which th×tw tiles (th = min(b, h),
 // tw = min(b, w)) hold a kept pixel, and those tiles of x̃ (x where kept, the block's mean
 // elsewhere, pixels beyond the frame included) laid out row-major, `cols` tiles per mosaic row.
+//
+// keepbits_blocks_scanlines: the pixel work of a lossless blocks payload in one call, so that a
+// Python caller holds the interpreter lock only around it (several stream workers encode in
+// parallel): block means, kept tiles, the mosaic in ⌈√k⌉ columns, and the Paeth scanlines of
+// the mosaic and (optionally) of the means grid, as the calls above compute them one by one.
 #include <cmath>
 #include <cstddef>
 #include <cstring>
@@ -160,6 +165,35 @@ __attribute__((visibility("default"))) int keepbits_mosaic(const uint8_t* image,
     }
   }
   return 0;
+}
+
+// grid: ⌈h/b⌉ × ⌈w/b⌉ × channels; kept: the tile flags; background_lines: Paeth scanlines of the
+// grid (bh × (1 + bw · channels)) or null; foreground_lines: Paeth scanlines of the mosaic, at
+// most foreground_capacity bytes; mosaic_size: its height and width in pixels (0 × 0 when no tile
+// is kept). Returns k, the number of kept tiles; -1 on bad sizes, -2 when the capacity is short.
+__attribute__((visibility("default"))) int keepbits_blocks_scanlines(const uint8_t* image, const uint8_t* keep, int64_t h,
+                                                                      int64_t w, int64_t channels, int64_t b, uint8_t* grid,
+                                                                      uint8_t* kept, uint8_t* background_lines,
+                                                                      uint8_t* foreground_lines, int64_t foreground_capacity,
+                                                                      int64_t* mosaic_size) {
+  mosaic_size[0] = mosaic_size[1] = 0;
+  if (keepbits_block_means(image, h, w, channels, b, grid) != 0) return -1;
+  const int k = keepbits_kept_blocks(keep, h, w, b, kept);
+  if (k < 0) return -1;
+  const int64_t th = b < h ? b : h, tw = b < w ? b : w, bh = (h + th - 1) / th, bw = (w + tw - 1) / tw;
+  if (background_lines != nullptr && keepbits_png_paeth(grid, nullptr, bh, bw * channels, channels, background_lines) != 0)
+    return -1;
+  if (k == 0) return 0;
+  int64_t cols = 1;
+  while (cols * cols < k) ++cols;  // ⌈√k⌉
+  const int64_t rows = (k + cols - 1) / cols, mh = rows * th, mw = cols * tw;
+  if (mh * (1 + mw * channels) > foreground_capacity) return -2;
+  std::vector<uint8_t> mosaic(static_cast<size_t>(mh * mw * channels), 0);
+  if (keepbits_mosaic(image, keep, grid, kept, h, w, channels, th, tw, cols, mosaic.data()) != 0) return -1;
+  if (keepbits_png_paeth(mosaic.data(), nullptr, mh, mw * channels, channels, foreground_lines) != 0) return -1;
+  mosaic_size[0] = mh;
+  mosaic_size[1] = mw;
+  return k;
 }
 
 }  // extern "C"

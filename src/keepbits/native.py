@@ -168,6 +168,7 @@ _C_SIGNATURES = {
     "keepbits_block_means": ("ptr", "int64", "int64", "int64", "int64", "ptr"),
     "keepbits_kept_blocks": ("ptr", "int64", "int64", "int64", "ptr"),
     "keepbits_mosaic": ("ptr", "ptr", "ptr", "ptr", "int64", "int64", "int64", "int64", "int64", "int64", "ptr"),
+    "keepbits_blocks_scanlines": ("ptr", "ptr", "int64", "int64", "int64", "int64", "ptr", "ptr", "ptr", "ptr", "int64", "ptr"),
 }
 
 

@@ -302,6 +302,38 @@ def test_default_png_wins_on_camera_like_content_png_level_on_repeats():
     assert len(encode(camera, keep, block=8)) < len(encode(camera, keep, block=8, png_level=6))
     assert 3 * len(encode(periodic, keep, block=8, png_level=6)) < len(encode(periodic, keep, block=8))
 
+def test_one_call_lossless_blocks_equal_the_step_by_step_payload(monkeypatch):
+    """``keepbits_blocks_scanlines`` (the lossless blocks payload's pixel work in one native call)
+    gives the bytes of the step-by-step path: raw and PNG means, grey and RGB, partial edge tiles,
+    b beyond the frame, nothing / everything / scattered pixels kept, a mosaic of several deflate bands."""
+    from keepbits.codec import payload
+
+    if payload._native_blocks() is None:
+        pytest.skip("native library not built (native/build.sh)")
+    calls, real = [], payload._lossless_blocks
+
+    def spy(*args):
+        parts = real(*args)
+        calls.append(parts is not None)
+        return parts
+
+    monkeypatch.setattr(payload, "_lossless_blocks", spy)
+    rng = np.random.default_rng(5)
+    cases = [(224, 224, 8, 3), (37, 53, 8, 3), (5, 300, 8, 1), (7, 9, 16, 3), (1, 1, 1, 3), (30, 31, 2, 3), (400, 400, 1, 3)]
+    for h, w, b, c in cases:
+        frame = rng.integers(0, 256, (h, w + 2, c), dtype=np.uint8)[:, 2:]  # a view, not a contiguous array
+        for share in (0.0, 0.03, 0.5, 1.0):
+            keep = rng.random((h, w)) < share
+            for background in ("auto", "raw", "png"):
+                fused = encode(frame, keep, block=b, background=background, timestamp=0.0)
+                with monkeypatch.context() as m:
+                    m.setattr(payload, "_native_blocks", lambda: None)
+                    assert encode(frame, keep, block=b, background=background, timestamp=0.0) == fused, (h, w, b, c, share, background)
+    assert sum(calls) == len(cases) * 4 * 3  # every payload encoded with the library took the one-call path
+    image, mask, _ = decode(fused)
+    assert np.array_equal(mask, keep) and np.array_equal(image[keep], frame[keep])
+
+
 def test_native_foreground_equals_the_numpy_path(monkeypatch):
     """The native library's kept-tile flags and mosaic (``keepbits_kept_blocks``, ``keepbits_mosaic``)
     are the numpy path's, byte for byte: partial edge tiles, b beyond the frame, grey and RGB,
@@ -326,6 +358,7 @@ def test_native_foreground_equals_the_numpy_path(monkeypatch):
             native_mosaic = payload._mosaic(frame, keep, grid, native_kept, k, th, tw) if k else None
             with monkeypatch.context() as m:
                 m.setattr(payload, "_native_foreground", lambda: None)
+                m.setattr(payload, "_native_blocks", lambda: None)
                 numpy_kept = payload._kept_blocks(keep, b)
                 assert np.array_equal(native_kept, numpy_kept), (h, w, b, c, share)
                 if k:

@@ -37,6 +37,7 @@ from keepbits.codec.container import (
 from keepbits import native
 from keepbits.codec import deflate
 from keepbits.codec.images import DEFAULT_MAX_PIXELS, check_webp_method, decode_image, encode_image
+from keepbits.codec.png import png_from_scanlines
 from keepbits.core import block_means
 from keepbits.errors import DecodeError, InputError
 
@@ -316,6 +317,36 @@ def _mosaic(x: np.ndarray, keep: np.ndarray, grid: np.ndarray, kept: np.ndarray,
     return mosaic.reshape(rows, cols, th, tw, c).transpose(0, 2, 1, 3, 4).reshape(mh, mw, c)
 
 
+def _native_blocks() -> Any:
+    """``keepbits_blocks_scanlines`` of the native library (``native/cpu/codec_kernels.cc``), or None."""
+    return native.c_function("keepbits_blocks_scanlines")
+
+
+def _lossless_blocks(x: np.ndarray, keep: np.ndarray, b: int, background_png: bool) -> tuple[np.ndarray, bytes | None, bytes | None] | None:
+    """The block means, the means grid's PNG (when ``background_png``) and the mosaic's PNG (None
+    when no tile is kept) of a lossless blocks payload, the pixel work in one call of the native
+    library (``keepbits_blocks_scanlines``: the interpreter lock is released around all of it);
+    the same bytes as the step-by-step path. None without the library (or when it refuses)."""
+    fused = _native_blocks()
+    if fused is None:
+        return None
+    h, w, c = x.shape
+    bh, bw, th, tw = _grid(h, w, b)
+    cols = math.isqrt(bh * bw - 1) + 1  # ⌈√K⌉ of the most tiles there can be; a mosaic has at most that many rows
+    capacity = cols * th + (bh * bw + cols) * th * tw * c
+    # named arrays: each must stay alive while C reads or writes it
+    frame, keep_bytes = np.ascontiguousarray(x), np.ascontiguousarray(keep).view(np.uint8)
+    grid, kept = np.empty((bh, bw, c), np.uint8), np.empty((bh, bw), np.uint8)
+    background = np.empty(bh * (1 + bw * c), np.uint8) if background_png else None
+    foreground, size = np.empty(capacity, np.uint8), np.zeros(2, np.int64)
+    k = fused(frame.ctypes.data, keep_bytes.ctypes.data, h, w, c, b, grid.ctypes.data, kept.ctypes.data,
+              None if background is None else background.ctypes.data, foreground.ctypes.data, capacity, size.ctypes.data)
+    if k < 0:
+        return None
+    return (grid, None if background is None else png_from_scanlines(background, bh, bw, c),
+            png_from_scanlines(foreground, int(size[0]), int(size[1]), c) if k else None)
+
+
 def encode(
     frame: Any,
     record: FrameRecord | np.ndarray | None = None,
@@ -423,6 +454,16 @@ def encode(
         return pack(header, [(TAG_SIMPLIFIED, img_codec, section_quality, _encode_image(x, img_codec, quality, effort))])
     keep = _hard_mask(mask, (h, w), threshold)
     bh, bw, th, tw = _grid(h, w, block)
+    bg_codec, fg_codec = background_codec(background, bh, bw), IMAGE_CODECS[codec]
+    if mode == "blocks" and fg_codec == CODEC_PNG and png_level is None and bg_codec in (CODEC_PNG, CODEC_RAW):
+        fused = _lossless_blocks(x, keep, block, bg_codec == CODEC_PNG)
+        if fused is not None:
+            grid, background_png, foreground_png = fused
+            background_bytes = background_png if bg_codec == CODEC_PNG else _encode_section(grid, bg_codec, quality, effort)
+            sections = [(TAG_BACKGROUND, bg_codec, quality, background_bytes), _mask_section(keep)]
+            if foreground_png is not None:
+                sections.append((TAG_FOREGROUND, fg_codec, quality, foreground_png))
+            return pack(header, sections)
     grid = _grid_means(x, block)
     if mode in ("paper", "mixed"):
         mixed = np.where(keep[:, :, None], x, _upsample(grid, h, w, th, tw))
@@ -431,7 +472,6 @@ def encode(
         img_codec = IMAGE_CODECS[codec]
         return pack(header, [(TAG_MIXED, img_codec, 0 if img_codec == CODEC_PNG else quality,
                               _encode_image(mixed, img_codec, quality, effort)), _mask_section(keep)])
-    bg_codec, fg_codec = background_codec(background, bh, bw), IMAGE_CODECS[codec]
     sections = [(TAG_BACKGROUND, bg_codec, quality, _encode_section(grid, bg_codec, quality, effort)), _mask_section(keep)]
     kept = _kept_blocks(keep, block)
     k = int(kept.sum())

@@ -139,9 +139,21 @@ def encode_png(image: np.ndarray) -> bytes:
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in _COLOR_TYPE or min(img.shape[:2]) < 1:
         raise ValueError(f"encode_png needs a non-empty uint8 H×W or H×W×{{1,3}} image, got {img.dtype} {img.shape}")
     h, w, c = img.shape
-    data = deflate.compress_rle(_paeth_bands(img))
-    header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_TYPE[c], 0, 0, 0)
+    return _png(deflate.compress_rle(_paeth_bands(img)), h, w, c)
+
+
+def png_from_scanlines(lines: np.ndarray, h: int, w: int, channels: int) -> bytes:
+    """The PNG :func:`encode_png` writes for an h×w×``channels`` image, from its Paeth scanlines
+    already made (``lines``: h rows of 1 + w·channels bytes, as ``keepbits_blocks_scanlines``
+    gives them), deflated in the same bands, so the same bytes."""
+    rows = lines[: h * (1 + w * channels)].reshape(h, 1 + w * channels)
+    step = max(1, BAND_BYTES // (w * channels + channels))
+    return _png(deflate.compress_rle(rows[top:top + step] for top in range(0, h, step)), h, w, channels)
+
+
+def _png(data: bytes, h: int, w: int, channels: int) -> bytes:
+    header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_TYPE[channels], 0, 0, 0)
     return _SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 
-__all__ = ["encode_png"]
+__all__ = ["encode_png", "png_from_scanlines"]
