@@ -11,7 +11,8 @@ the bundle's own preprocessing, all in one process with one-thread ONNX Runtime 
   (``onnx.utils.extract_model``), one frame per call; the difference is what the mask generator
   and the gate add;
 * encode: :func:`keepbits.codec.encode` of each frame with the bundle's own mask (the pipeline's
-  default codec settings), with the native library's foreground helpers (``keepbits_kept_blocks``,
+  default codec settings), with the native library's helpers (the one-call lossless blocks path,
+  ``keepbits_blocks_scanlines``, and the foreground helpers ``keepbits_kept_blocks``,
   ``keepbits_mosaic``) and with the numpy path they replace (same bytes, checked); and, native,
   at the lossy settings of :data:`LOSSY_SETTINGS` (blocks with WebP means as the demo sent until
   2026-12-06, mixed: x̃ as one image, WebP also at libwebp method 2), with their bytes per frame.
@@ -67,7 +68,11 @@ def measure(bundle: Path, frames: list[np.ndarray], rounds: int, work: Path) -> 
     results = pipe.predict(frames)
     records = [(r.image, r.frame_record()) for r in results]
     native_bytes = [encode(image, record, timestamp=0.0) for image, record in records]
-    fast = payload._native_foreground
+    fast = {"_native_foreground": payload._native_foreground, "_native_blocks": payload._native_blocks}
+
+    def use_native(on: bool) -> None:
+        for attr, function in fast.items():
+            setattr(payload, attr, function if on else (lambda: None))
 
     def graph(session, outputs):
         def run():
@@ -78,12 +83,12 @@ def measure(bundle: Path, frames: list[np.ndarray], rounds: int, work: Path) -> 
 
     def encode_all(native_path: bool):
         def run():
-            payload._native_foreground = fast if native_path else (lambda: None)
+            use_native(native_path)
             try:
                 for image, record in records:
                     encode(image, record)
             finally:
-                payload._native_foreground = fast
+                use_native(True)
             return len(records)
         return run
 
@@ -94,11 +99,11 @@ def measure(bundle: Path, frames: list[np.ndarray], rounds: int, work: Path) -> 
             return len(records)
         return run
 
-    payload._native_foreground = lambda: None
+    use_native(False)
     try:
         numpy_bytes = [encode(image, record, timestamp=0.0) for image, record in records]
     finally:
-        payload._native_foreground = fast
+        use_native(True)
     measures = {"graph_ms": graph(pipe.session, ["logits", pipe.manifest.output_names[1]]),
                 "classifier_only_ms": graph(classifier_only, ["logits"]),
                 "encode_native_ms": encode_all(True), "encode_numpy_ms": encode_all(False),
