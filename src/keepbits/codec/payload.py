@@ -455,16 +455,9 @@ def encode(
     keep = _hard_mask(mask, (h, w), threshold)
     bh, bw, th, tw = _grid(h, w, block)
     bg_codec, fg_codec = background_codec(background, bh, bw), IMAGE_CODECS[codec]
-    if mode == "blocks" and fg_codec == CODEC_PNG and png_level is None and bg_codec in (CODEC_PNG, CODEC_RAW):
-        fused = _lossless_blocks(x, keep, block, bg_codec == CODEC_PNG)
-        if fused is not None:
-            grid, background_png, foreground_png = fused
-            background_bytes = background_png if bg_codec == CODEC_PNG else _encode_section(grid, bg_codec, quality, effort)
-            sections = [(TAG_BACKGROUND, bg_codec, quality, background_bytes), _mask_section(keep)]
-            if foreground_png is not None:
-                sections.append((TAG_FOREGROUND, fg_codec, quality, foreground_png))
-            return pack(header, sections)
-    grid = _grid_means(x, block)
+    one_call = mode == "blocks" and fg_codec == CODEC_PNG and png_level is None and bg_codec in (CODEC_PNG, CODEC_RAW)
+    fused = _lossless_blocks(x, keep, block, bg_codec == CODEC_PNG) if one_call else None
+    grid = _grid_means(x, block) if fused is None else fused[0]
     if mode in ("paper", "mixed"):
         mixed = np.where(keep[:, :, None], x, _upsample(grid, h, w, th, tw))
         if mode == "paper":
@@ -472,12 +465,17 @@ def encode(
         img_codec = IMAGE_CODECS[codec]
         return pack(header, [(TAG_MIXED, img_codec, 0 if img_codec == CODEC_PNG else quality,
                               _encode_image(mixed, img_codec, quality, effort)), _mask_section(keep)])
-    sections = [(TAG_BACKGROUND, bg_codec, quality, _encode_section(grid, bg_codec, quality, effort)), _mask_section(keep)]
-    kept = _kept_blocks(keep, block)
-    k = int(kept.sum())
-    if k:
-        mosaic = _mosaic(x, keep, grid, kept, k, th, tw)
-        sections.append((TAG_FOREGROUND, fg_codec, quality, _encode_image(mosaic, fg_codec, quality, effort)))
+    if fused is not None:
+        background_bytes, foreground = fused[1] or _encode_section(grid, bg_codec, quality, effort), fused[2]
+    else:
+        background_bytes, foreground = _encode_section(grid, bg_codec, quality, effort), None
+        kept = _kept_blocks(keep, block)
+        k = int(kept.sum())
+        if k:
+            foreground = _encode_image(_mosaic(x, keep, grid, kept, k, th, tw), fg_codec, quality, effort)
+    sections = [(TAG_BACKGROUND, bg_codec, quality, background_bytes), _mask_section(keep)]
+    if foreground is not None:
+        sections.append((TAG_FOREGROUND, fg_codec, quality, foreground))
     return pack(header, sections)
 
 
