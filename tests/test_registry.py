@@ -116,3 +116,17 @@ def test_layer_zero_registry_does_not_import_torch():
     code = "import sys, keepbits.registry as r; r.resolve('collections:OrderedDict'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_factory_module_in_the_working_folder_is_found_after_every_other_place(tmp_path, monkeypatch):
+    """``keepbits`` started as a console script has no working folder on sys.path; ``python -m`` has.
+    A factory module there is found (appended, so it cannot shadow an installed module)."""
+    (tmp_path / "kb_cwd_models.py").write_text("def build(n=2):\n    return ('built', n)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    importlib.invalidate_caches()
+    try:
+        assert registry.resolve("kb_cwd_models:build")(n=3) == ("built", 3)
+        assert sys.path[-1] == str(tmp_path)
+    finally:
+        sys.modules.pop("kb_cwd_models", None)

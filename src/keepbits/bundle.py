@@ -613,6 +613,13 @@ def check_graph_io(manifest: Manifest, inputs: Sequence[Any], outputs: Sequence[
         check("output", by_name[name], expected[name], "tensor(float)")
 
 
+def refuse_existing(out: str | Path, overwrite: bool = False) -> None:
+    """:class:`BundleError` when a bundle is to be written at ``out`` and something is there
+    already, unless ``overwrite``; exporters call it before any work."""
+    if Path(out).exists() and not overwrite:
+        raise BundleError(f"{out} exists; replace it with --force (Python: overwrite=True)")
+
+
 def write_bundle(
     out: str | Path,
     manifest: Manifest,
@@ -627,8 +634,7 @@ def write_bundle(
     """
     out = Path(out)
     archive = out.suffix == ".zip" if archive is None else archive
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} exists; pass overwrite=True (CLI: --force) to replace it")
+    refuse_existing(out, overwrite)
     if manifest.model_file not in files:
         raise BundleError(f"bundle files lack the model file {manifest.model_file!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -679,6 +685,7 @@ __all__ = [
     "Bundle",
     "is_bundle",
     "load_bundle",
+    "refuse_existing",
     "write_bundle",
     "sha256_file",
     "explain_outputs",

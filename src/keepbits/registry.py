@@ -10,7 +10,15 @@ it lists or builds models: a module named in the environment variable ``KEEPBITS
 (comma-separated), one passed to :func:`load_plugins`, or one an installed package declares
 as an entry point in the group ``keepbits.models`` (``[project.entry-points."keepbits.models"]``
 ``mymodels = "mypkg.models"``). :func:`resolve` also takes ``package.module:factory``, a
-callable that returns the model, without registering it.
+callable that returns the model, without registering it; a module in the working folder is
+found as ``python -m`` would find it.
+
+A factory named inside a file (a checkpoint records how to rebuild its models) is code that
+file would run, so it is called only when trusted: named by the user in this process (the
+classifier or generator a trainer was given; :func:`trust`), listed (``package.module:factory``
+or a whole module) in the environment variable ``KEEPBITS_TRUSTED_FACTORIES``
+(comma-separated), or a module named in ``KEEPBITS_PLUGINS``. Registered names are always
+trusted.
 
 Example:
     >>> from keepbits import registry
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -41,6 +50,8 @@ PROVIDERS = (
 )
 #: Entry-point group of installed plugin packages, and the environment variable naming plugin modules.
 PLUGIN_GROUP, PLUGIN_ENV = "keepbits.models", "KEEPBITS_PLUGINS"
+#: Environment variable listing the factories (or whole modules) a file may name (module doc).
+TRUST_ENV = "KEEPBITS_TRUSTED_FACTORIES"
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class ModelSpec:
 
 
 _MODELS: dict[str, ModelSpec] = {}
+_TRUSTED: set[str] = set()
 _loaded = False
 
 
@@ -82,11 +94,19 @@ def register(name: str, kind: str, description: str = "") -> Callable:
 
 
 def _import(module: str, what: str) -> Any:
-    """Import ``module``; one-line :class:`InputError` naming ``what`` asked for it when that fails."""
+    """Import ``module`` (from the working folder too, after every other place, as ``python -m``
+    finds it); one-line :class:`InputError` naming ``what`` asked for it when that fails."""
     if not module or not all(part.isidentifier() for part in module.split(".")):
         raise InputError(f"{what}: {module!r} is not a module name")
     try:
-        return importlib.import_module(module)
+        try:
+            return importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            here = os.getcwd()
+            if exc.name != module.split(".")[0] or here in sys.path:
+                raise
+            sys.path.append(here)  # a console script's sys.path lacks the working folder
+            return importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - third-party code may fail at import in any way
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise InputError(f"{what}: cannot import {module!r} ({type(exc).__name__}: {first})") from None
@@ -146,10 +166,25 @@ def build(name: str, kind: str | None = None, **kwargs: Any) -> Any:
     return spec(name, kind).builder(**kwargs)
 
 
-def resolve(name_or_factory: str, kind: str | None = None) -> Callable[..., Any]:
+def trust(factory: str) -> None:
+    """Let files name ``factory`` (``package.module:factory``) in this process: the user named it."""
+    _TRUSTED.add(factory)
+
+
+def trusted(factory: str) -> bool:
+    """Whether a file may name ``factory`` (module doc): trusted in this process, listed in
+    ``KEEPBITS_TRUSTED_FACTORIES`` (itself or its module), or its module is a ``KEEPBITS_PLUGINS`` one."""
+    module = factory.partition(":")[0]
+    listed = {item.strip() for env in (TRUST_ENV, PLUGIN_ENV) for item in os.environ.get(env, "").split(",") if item.strip()}
+    return factory in _TRUSTED or factory in listed or module in listed
+
+
+def resolve(name_or_factory: str, kind: str | None = None, named_by: str | None = None) -> Callable[..., Any]:
     """The builder of a registered model name, or the callable ``package.module:factory``
     (imported; a dotted attribute path after the colon is followed). :class:`InputError` (one
-    line) when the name is unknown or the module or attribute cannot be imported.
+    line) when the name is unknown or the module or attribute cannot be imported, or when a file
+    (``named_by``, for the message) names a factory that is not :func:`trusted`: importing and
+    calling it would run code the file chose.
 
     Example:
         >>> from keepbits import registry
@@ -157,9 +192,15 @@ def resolve(name_or_factory: str, kind: str | None = None) -> Callable[..., Any]
         True
         >>> registry.resolve("collections:OrderedDict")()
         OrderedDict()
+        >>> registry.resolve("subprocess:getoutput", named_by="evil.pt")
+        Traceback (most recent call last):
+        keepbits.errors.InputError: evil.pt builds its model by calling subprocess:getoutput, code outside keepbits' registry; if you trust that file, allow it: KEEPBITS_TRUSTED_FACTORIES=subprocess:getoutput
     """
     if ":" not in name_or_factory:
         return spec(name_or_factory, kind).builder
+    if named_by is not None and not trusted(name_or_factory):
+        raise InputError(f"{named_by} builds its model by calling {name_or_factory}, code outside keepbits' registry; "
+                         f"if you trust that file, allow it: {TRUST_ENV}={name_or_factory}")
     module_name, _, attribute = name_or_factory.partition(":")
     target: Any = _import(module_name, f"model factory {name_or_factory!r}")
     for part in attribute.split("."):

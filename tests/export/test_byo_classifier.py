@@ -287,3 +287,54 @@ def test_audit_sis_matches_class_folders_to_the_models_classes_by_name_and_drops
     capsys.readouterr()
     assert main(["-q", "audit", "sis", "--model", str(path), *options, "--data", str(tmp_path / "cameras"), "--out", str(tmp_path / "s2")]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] is None and "not the model's classes" in caplog.text
+
+
+def test_a_checkpoint_calls_only_a_factory_its_user_trusted(tmp_path, tinynets, monkeypatch):
+    """A checkpoint's ``package.module:factory`` is code the file would run: refused (nothing
+    called) unless the user named it in this process or lists it in KEEPBITS_TRUSTED_FACTORIES."""
+    from keepbits import registry
+    from keepbits.errors import CheckpointError
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, build_model, save_checkpoint
+
+    net, weights = tinynets
+    marker = tmp_path / "ran"
+    norm = Normalization([0.5] * 3, [0.5] * 3)
+    evil = ModelEntry("subprocess:getoutput", {"cmd": f"touch {marker}"}, {})
+    save_checkpoint(tmp_path / "evil.pt", Checkpoint("classifier", {"classifier": evil}, [3, 16, 16], norm, ["a", "b", "c"]))
+    save_checkpoint(tmp_path / "own.pt", Checkpoint("classifier", {"classifier": ModelEntry.of("byo_nets:classifier", {}, net)},
+                                                    [3, 16, 16], norm, ["a", "b", "c"]))
+    monkeypatch.setattr(registry, "_TRUSTED", set())  # a fresh process
+    monkeypatch.delenv(registry.TRUST_ENV, raising=False)
+    with pytest.raises(CheckpointError, match=r"calling subprocess:getoutput, code outside keepbits' registry; .*"
+                                              r"KEEPBITS_TRUSTED_FACTORIES=subprocess:getoutput"):
+        build_model(load_checkpoint(tmp_path / "evil.pt"), "classifier")
+    assert main(["export", "onnx", "--model", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "b.zip")]) == 2
+    with pytest.raises(CheckpointError, match="KEEPBITS_TRUSTED_FACTORIES=byo_nets:classifier"):
+        build_model(load_checkpoint(tmp_path / "own.pt"), "classifier")
+    assert not marker.exists()
+
+    monkeypatch.setenv(registry.TRUST_ENV, "byo_nets")  # a whole module, listed by the user
+    rebuilt = build_model(load_checkpoint(tmp_path / "own.pt"), "classifier")
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), net.state_dict().values()))
+    monkeypatch.delenv(registry.TRUST_ENV)
+    resolve_classifier("byo_nets:classifier", weights=weights, preprocessing=PRE)  # named by the user: trusted from now on
+    build_model(load_checkpoint(tmp_path / "own.pt"), "classifier")
+    assert not marker.exists()
+
+
+def test_a_classifier_file_gets_class_names_checked_and_defaulted(tmp_path, tinynets, monkeypatch):
+    """A classifier given as a file (checkpoint, .onnx) goes through the same class-name check as a
+    factory: names for every logit, else an error before any training."""
+    from keepbits import registry
+    from keepbits.errors import InputError
+
+    monkeypatch.setenv(registry.TRUST_ENV, "byo_nets:classifier")
+    from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
+
+    net, _ = tinynets
+    entry = ModelEntry.of("byo_nets:classifier", {}, net)
+    save_checkpoint(tmp_path / "two.pt", Checkpoint("classifier", {"classifier": entry}, [3, 16, 16],
+                                                    Normalization([0.5] * 3, [0.5] * 3), ["a", "b"]))
+    with pytest.raises(InputError, match="2 class names for 3 logits"):
+        resolve_classifier(str(tmp_path / "two.pt"))
+    assert resolve_classifier(str(tmp_path / "two.pt"), preprocessing={"class_names": ("x", "y", "z")}).class_names == ["x", "y", "z"]

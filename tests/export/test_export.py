@@ -384,3 +384,16 @@ def test_compare_checkpoint_bundle_backends_and_int8(bundle_a, tmp_path, capsys)
              "--mask-atol", "none", "--pixels-atol", "none", "--min-argmax-agree", "0", "--min-mask-agree", "0"]
     assert main(loose) == 0
     assert json.loads(capsys.readouterr().out)["passed"]
+
+
+def test_an_existing_output_is_refused_before_any_work(tmp_path):
+    """The bundle's place is checked first: the checkpoint is not even read (it does not exist here)."""
+    from keepbits.errors import BundleError
+    from keepbits.export.quantize import quantize_bundle
+
+    (tmp_path / "taken.zip").write_bytes(b"the user's file")
+    with pytest.raises(BundleError, match="taken.zip exists; replace it with --force"):
+        export_onnx(tmp_path / "missing.pt", tmp_path / "taken.zip")
+    with pytest.raises(BundleError, match="taken.zip exists; replace it with --force"):
+        quantize_bundle(tmp_path / "missing.zip", tmp_path / "taken.zip", tmp_path / "no_data")
+    assert (tmp_path / "taken.zip").read_bytes() == b"the user's file"

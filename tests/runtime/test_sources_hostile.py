@@ -141,7 +141,7 @@ def test_folder_source_reads_recorded_footage_at_any_depth_in_path_order(tmp_pat
 def test_frame_step_keeps_every_kth_frame_and_counts_the_rest():
     frames = [np.full((4, 4, 3), i, np.uint8) for i in range(10)]
     src = open_source(frames, frame_step=3)
-    assert [int(f.image[0, 0, 0]) for f in src] == [0, 3, 6, 9]
+    assert [(f.index, int(f.image[0, 0, 0])) for f in src] == [(0, 0), (3, 3), (6, 6), (9, 9)]  # the source's frame numbers
     assert src.stats()["stepped"] == 6 and src.stats()["read"] == 4
     with pytest.raises(InputError, match="frame_step must be an int >= 1"):
         open_source(frames, frame_step=0)
@@ -150,7 +150,7 @@ def test_frame_step_keeps_every_kth_frame_and_counts_the_rest():
 def test_iterator_frames_that_are_no_images_are_skipped():
     frames = [np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32), np.zeros((4, 4, 3), np.uint8)]
     src = open_source(frames)
-    assert [f.index for f in src] == [0, 1] and src.stats()["skipped"] == 1
+    assert [f.index for f in src] == [0, 2] and src.stats()["skipped"] == 1  # indices are places in the source
 
 
 def test_a_camera_password_never_reaches_logs_errors_or_counters(caplog):
@@ -164,3 +164,14 @@ def test_a_camera_password_never_reaches_logs_errors_or_counters(caplog):
     with pytest.raises(InputError) as error:
         open_source(object.__new__(type("NotASource", (), {})))
     assert "NotASource" in str(error.value)
+
+
+def test_a_skipped_file_keeps_its_place_in_the_frame_indices(tmp_path):
+    """A folder's frame index is the file's place in sorted path order: an unreadable file in
+    between does not shift the files after it, so a payload traces back to its file."""
+    for name, value in (("a.png", 10), ("c.png", 30)):
+        cv2.imwrite(str(tmp_path / name), np.full((4, 4, 3), value, np.uint8))
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    src = open_source(tmp_path)
+    assert [(f.index, int(f.image[0, 0, 0])) for f in src] == [(0, 10), (2, 30)]
+    assert src.stats()["skipped"] == 1

@@ -17,6 +17,7 @@ from keepbits.training.checkpoint import (
     Normalization,
     build_model,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
 )
 from keepbits.training.density import default_density_path
@@ -173,3 +174,15 @@ def test_atomic_save_leaves_no_temp_files(tmp_path, entry):
     save_checkpoint(tmp_path / "a.pt", _classifier(entry))
     save_checkpoint(tmp_path / "a.pt", _classifier(entry, epoch=1))  # replaces the file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"] and load_checkpoint(tmp_path / "a.pt").epoch == 1
+
+
+def test_weights_that_do_not_fit_name_the_missing_extra_and_resized_entries(tmp_path):
+    """Not just torch's first line ("Error(s) in loading state_dict for ..."): what differs."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    state = {"0.weight": torch.zeros(5, 4), "0.bias": torch.zeros(5), "2.weight": torch.zeros(2, 3)}
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(model, tmp_path / "w.pt")
+    message = str(err.value)
+    assert "missing 2: 1.weight, 1.bias" in message and "unexpected 1: 2.weight" in message
+    assert "0.weight (5, 4) (the model: (3, 4))" in message and "\n" not in message

@@ -89,13 +89,13 @@ def test_two_cpu_ranks_match_one_process(tiny_npz, tmp_path, tinynets, free_port
 
 
 def test_predicted_labels_are_the_classifiers_own_decisions(tiny_npz, tmp_path, tinynets):
-    """With predicted labels the sampled-gate accuracy is agreement with the classifier, not with the data's labels:
-    an untrained classifier's decisions are easy to keep, the data's labels are not."""
+    """With predicted labels the sampled-gate score is agreement with the classifier (and is named so), not accuracy
+    on the data's labels: an untrained classifier's decisions are easy to keep, the data's labels are not."""
     common = dict(epochs=1, target_fraction=None, lambda_l0=0.0)
     predicted = train_nice(_base(tiny_npz, tmp_path, out=str(tmp_path / "p"), **common))
     true = train_nice(_base(tiny_npz, tmp_path, out=str(tmp_path / "t"), labels="true", **common))
     assert load_checkpoint(predicted["checkpoint"]).settings["labels"] == "predicted"
-    assert predicted["history"][-1]["train_accuracy_sampled"] > 0.9
+    assert predicted["history"][-1]["train_agreement_sampled"] > 0.9 and "train_accuracy_sampled" not in predicted["history"][-1]
     assert true["history"][-1]["train_accuracy_sampled"] < 0.7
     assert predicted["final"]["agreement"] > 0.9 and "accuracy" in predicted["final"]
 
@@ -132,6 +132,20 @@ def test_footage_with_workers_feeds_nice_and_counts_corrupt_files(tmp_path, tiny
         train_nice(NiceConfig(**{**cfg.__dict__, "labels": "true", "out": str(tmp_path / "x")}))
     with pytest.raises(InputError, match="1 file.* of the validation footage are training footage too .*held out"):  # leakage
         train_nice(NiceConfig(**{**cfg.__dict__, "val_footage": [str(root / "clip.mp4")], "out": str(tmp_path / "y")}))
+
+
+def test_footage_where_nothing_can_be_read_is_an_error_not_a_checkpoint(tmp_path, tinynets):
+    """Every file unreadable: no epoch trains on nothing, no checkpoint with made-up metrics."""
+    root = tmp_path / "bad"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "clip.mp4").write_bytes(b"not a video either")
+    cfg = NiceConfig(out=str(tmp_path / "nice"), classifier="tinynets:classifier", footage=[str(root)], workers=0,
+                     preprocessing={"input_size": (16, 16)}, generator="tinynets:generator", block_size=4, epochs=1,
+                     batch_size=4, progress=False, device="cpu")
+    with pytest.raises(InputError, match=r"read no training image from 2 footage files .*2 files skipped as unreadable"):
+        train_nice(cfg)
+    assert not (tmp_path / "nice" / "nice.pt").exists()
 
 
 def test_nn_module_and_preprocessing_in_python(tiny_npz, tmp_path, tinynets):

@@ -33,8 +33,8 @@ from torch import nn
 from keepbits._json import jsonable
 from keepbits._version import __version__
 from keepbits.bundle import (
-    EXPLAIN_CLASSIFY_ON, EXPLAIN_OUTPUTS, INPUT_DTYPES, TARGETS, Bundle, Manifest, explain_outputs, load_bundle, sha256_file,
-    write_bundle,
+    EXPLAIN_CLASSIFY_ON, EXPLAIN_OUTPUTS, INPUT_DTYPES, TARGETS, Bundle, Manifest, explain_outputs, load_bundle, refuse_existing,
+    sha256_file, write_bundle,
 )
 from keepbits.errors import BundleError, InputError
 from keepbits.export import ops
@@ -255,6 +255,7 @@ def export_onnx(
     """
     if opset < MIN_OPSET:
         raise InputError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    refuse_existing(out, overwrite)
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     manifest = checkpoint_manifest(ckpt, checkpoint, input_dtype=input_dtype, classify_on=classify_on,

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from keepbits.bundle import Bundle, load_bundle, write_bundle
+from keepbits.bundle import Bundle, load_bundle, refuse_existing, write_bundle
 from keepbits.data import Preprocessing, has_split, load_dataset, sample_indices
 from keepbits.data.images import is_labelled_set, model_images
 from keepbits.errors import InputError
@@ -161,6 +161,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
         raise InputError(f"activations must be one of {ACTIVATION_TYPES}, got {activations!r}")
     if calibration not in CALIBRATIONS:
         raise InputError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    refuse_existing(out, overwrite)
 
     source = load_bundle(bundle_path)
     m = source.manifest

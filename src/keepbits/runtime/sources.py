@@ -71,7 +71,9 @@ class Skipped:
 
 @dataclass
 class Frame:
-    """One frame: ``image`` uint8 H×W×3 RGB (or H×W grey), ``index`` in source order, capture ``timestamp``."""
+    """One frame: ``image`` uint8 H×W×3 RGB (or H×W grey), ``index`` its place in the source (a
+    video's frame number, a folder's file in sorted path order, counting skipped and stepped-over
+    ones), capture ``timestamp``."""
 
     image: np.ndarray
     index: int
@@ -160,7 +162,6 @@ class Source:
         self._thread: threading.Thread | None = None
         self._counts = {"read": 0, "delivered": 0, "stale": 0, "reconnects": 0, "errors": 0, "skipped": 0, "stepped": 0}
         self.last_error: str | None = None
-        self._next_index = 0
         self.frame_step, self._position = frame_step, 0
 
     @property
@@ -256,8 +257,7 @@ class Source:
         except InputError as exc:
             self._skip(str(exc))
             return
-        frame = Frame(image, self._next_index, time.time())
-        self._next_index += 1
+        frame = Frame(image, self._position - 1, time.time())
         self._counts["read"] += 1
         while not self._queue.put(frame, timeout=0.1):
             if self._stop.is_set():
@@ -274,10 +274,10 @@ class Source:
                     for item in iterator:
                         if self._stop.is_set():
                             return
+                        self._position += 1  # skipped items keep their place: indices stay the source's
                         if isinstance(item, Skipped):
                             self._skip(item.reason)
                             continue
-                        self._position += 1
                         if (self._position - 1) % self.frame_step:
                             self._counts["stepped"] += 1
                             continue

@@ -89,12 +89,7 @@ class Classifier:
                 raise InputError(f"classifier class {kind.__qualname__} is defined in {kind.__module__} (not importable by "
                                  "another process); pass arch='package.module:factory' that builds it")
         _check_rebuilds(module, arch, kwargs)
-        classes = _num_outputs(module, preprocessing, arch)
-        if not preprocessing.class_names:
-            preprocessing = dataclasses.replace(preprocessing, class_names=tuple(str(i) for i in range(classes)))
-        elif len(preprocessing.class_names) != classes:
-            raise InputError(f"classifier {arch}: {len(preprocessing.class_names)} class names for {classes} logits")
-        return cls(module.eval(), preprocessing, arch, kwargs, arch)
+        return cls(module.eval(), _named_classes(module, preprocessing, arch), arch, kwargs, arch)
 
     @property
     def input_shape(self) -> list[int]:
@@ -115,6 +110,17 @@ class Classifier:
     def entry(self, module: nn.Module | None = None) -> ModelEntry:
         """The checkpoint entry of ``module`` (default: this classifier's, possibly fine-tuned since)."""
         return ModelEntry.of(self.arch, self.kwargs, self.module if module is None else module)
+
+
+def _named_classes(module: nn.Module, pre: Preprocessing, source: str) -> Preprocessing:
+    """``pre`` with class names for each of ``module``'s K logits: ``"0"``..``"K-1"`` when it
+    names none; :class:`InputError` when it names another number of classes."""
+    classes = _num_outputs(module, pre, source)
+    if not pre.class_names:
+        return dataclasses.replace(pre, class_names=tuple(str(i) for i in range(classes)))
+    if len(pre.class_names) != classes:
+        raise InputError(f"classifier {source}: {len(pre.class_names)} class names for {classes} logits")
+    return pre
 
 
 def _num_outputs(module: nn.Module, pre: Preprocessing, arch: str) -> int:
@@ -142,6 +148,8 @@ def _num_outputs(module: nn.Module, pre: Preprocessing, arch: str) -> int:
 
 def _check_rebuilds(module: nn.Module, arch: str, kwargs: Mapping[str, Any]) -> None:
     """Build ``arch(**kwargs)`` once and compare its state-dict names and shapes with ``module``'s."""
+    if ":" in arch:
+        registry.trust(arch)  # named by the caller, in this process
     builder = registry.resolve(arch)
     extra = {name: module.state_dict()[name] for name in getattr(builder, "state_dict_args", ())}
     try:
@@ -254,8 +262,10 @@ def resolve_classifier(spec: str, *, weights: str | Path | None = None, kwargs: 
                 raise CheckpointError(f"{path}: holds no classifier (kind {ckpt.kind})")
             module, base = build_model(ckpt, "classifier"), ckpt.preprocessing_record()
             arch, kwargs = ckpt.models["classifier"].arch, dict(ckpt.models["classifier"].kwargs)
-        pre = merge_preprocessing(base, preprocessing, str(path))
+        pre = _named_classes(module, merge_preprocessing(base, preprocessing, str(path)), str(path))
         return Classifier(module.eval(), pre, arch, kwargs, str(path))
+    if ":" in spec:
+        registry.trust(spec)  # the user named it; the checkpoints made from it may name it again
     builder = registry.resolve(spec, None if ":" in spec else "classifier")
     call = dict(kwargs)
     takes = inspect.signature(builder).parameters if callable(builder) else {}

@@ -312,12 +312,32 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def weights_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """How ``state`` fails to fit ``model``: its missing and extra names and the shapes that
+    differ (the first three of each, with counts); empty when every name and shape matches."""
+    own = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    given = {name: tuple(value.shape) for name, value in state.items()}
+    missing = [name for name in own if name not in given]
+    extra = [name for name in given if name not in own]
+    shapes = [f"{name} {given[name]} (the model: {own[name]})" for name in own if name in given and given[name] != own[name]]
+    parts = [f"{label} {len(items)}: {', '.join(items[:3])}{', …' if len(items) > 3 else ''}"
+             for label, items in (("missing", missing), ("unexpected", extra), ("shapes differ at", shapes)) if items]
+    return "; ".join(parts)
+
+
+def _load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``model.load_state_dict(state)``; a :class:`CheckpointError` starting with ``what`` and
+    naming the mismatch (:func:`weights_mismatch`) when it does not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = weights_mismatch(model, state) or next(iter(str(exc).strip().splitlines()), "")
+        raise CheckpointError(f"{what}: {detail}") from None
+
+
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Load the weights file ``path`` (:func:`read_state_dict`) into ``model``, every name and shape matching."""
-    try:
-        model.load_state_dict(read_state_dict(path))
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {type(model).__name__}: {str(exc).strip().splitlines()[0]}") from None
+    _load_state(model, read_state_dict(path), f"{path}: weights do not fit {type(model).__name__}")
     return model
 
 
@@ -389,8 +409,9 @@ def state_digest(module: torch.nn.Module) -> str:
 def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = None) -> torch.nn.Module:
     """Rebuild and load ``checkpoint.models[role]``; a clear error if the arch or shapes differ.
 
-    ``arch`` is a registry name or a ``package.module:factory`` (:func:`keepbits.registry.resolve`);
-    one that cannot be imported is a one-line :class:`CheckpointError`. A builder whose structure
+    ``arch`` is a registry name or a ``package.module:factory`` (:func:`keepbits.registry.resolve`,
+    called only when trusted: :func:`keepbits.registry.trusted`); one that cannot be imported or is
+    not trusted is a one-line :class:`CheckpointError`. A builder whose structure
     lives in its weights (an ONNX graph) names the state-dict entries it is built from in its
     attribute ``state_dict_args``; they are passed to it as keyword arguments."""
     entry = checkpoint.models.get(role)
@@ -399,7 +420,7 @@ def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = N
     if expected_arch is not None and entry.arch != expected_arch:
         raise CheckpointError(f"checkpoint {role} is a {entry.arch}, not a {expected_arch}")
     try:
-        builder = registry.resolve(entry.arch)
+        builder = registry.resolve(entry.arch, named_by="the checkpoint")
     except InputError as exc:
         raise CheckpointError(f"cannot rebuild the {role} of this {checkpoint.kind} checkpoint: {exc}") from None
     from_weights = {name: entry.state_dict[name] for name in getattr(builder, "state_dict_args", ()) if name in entry.state_dict}
@@ -407,12 +428,9 @@ def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = N
         model = builder(**entry.kwargs, **from_weights)
     except TypeError as exc:
         raise CheckpointError(f"{role} {entry.arch} cannot be built with {sorted(entry.kwargs)}: {exc}") from None
-    try:
-        model.load_state_dict(entry.state_dict)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{role} weights do not fit a {entry.arch} with {entry.kwargs}: {str(exc).splitlines()[0]}") from None
+    _load_state(model, entry.state_dict, f"{role} weights do not fit a {entry.arch} with {entry.kwargs}")
     return model
 
 
 __all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "check_resumable", "load_checkpoint", "load_resumable", "refuse_earlier_run", "resume_path",
-           "load_weights", "read_state_dict", "save_checkpoint", "state_digest"]
+           "load_weights", "read_state_dict", "save_checkpoint", "state_digest", "weights_mismatch"]

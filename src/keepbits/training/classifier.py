@@ -34,7 +34,7 @@ from keepbits import registry
 from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset, sample_indices, train_val_split
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, refuse_earlier_run, save_checkpoint, state_digest,
+    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, refuse_earlier_run, save_checkpoint, state_digest, weights_mismatch,
 )
 from keepbits.training.data import TensorArrays, TensorImages
 from keepbits.training.distributed import (
@@ -289,10 +289,10 @@ def _load_init(model: torch.nn.Module, path: str, mean: list[float], std: list[f
     normalisation those weights were trained with replaces the data's own."""
     ckpt = load_checkpoint(path, "classifier")
     entry = ckpt.models["classifier"]
-    try:
-        model.load_state_dict(entry.state_dict)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit this architecture: {str(exc).splitlines()[0]}") from None
+    mismatch = weights_mismatch(model, entry.state_dict)
+    if mismatch:
+        raise CheckpointError(f"{path}: weights do not fit this architecture: {mismatch}")
+    model.load_state_dict(entry.state_dict)
     log.info("initialised from %s (%s)", path, entry.arch)
     return list(ckpt.normalization.mean), list(ckpt.normalization.std)
 

@@ -247,7 +247,8 @@ def _evaluate(generator: torch.nn.Module, classifier: torch.nn.Module, batches: 
         kept += (z_hat > threshold).float().flatten(1).mean(1).sum().item()
         mean_z += z_hat.flatten(1).mean(1).sum().item()
         n += len(x)
-    n = max(n, 1)
+    if n == 0:
+        raise InputError("NICE evaluation read no image")
     metrics = {"agreement": agree / n, "kept_fraction": kept / n, "mean_mask": mean_z / n}
     return {"accuracy": correct / labelled, **metrics} if labelled else metrics
 
@@ -344,6 +345,15 @@ class _FootageData:
         self.dataset.set_epoch(epoch)
         for item in footage_loader(self.dataset, self.batch_size, self.workers, pin_memory=self.pin, persistent_workers=False):
             yield (item[0], item[1]) if self.dataset.labels else (item, None)
+
+
+def _read_counts(data: Any) -> str:
+    """What a footage source found and skipped, for a message (empty for other sources)."""
+    if not isinstance(data, _FootageData):
+        return ""
+    counts = data.footage.counts.as_dict()
+    return (f" from {sum(data.footage.files().values())} footage files ({counts['images']} pictures and {counts['frames']} frames read, "
+            f"{counts['skipped']} files skipped as unreadable)")
 
 
 def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, true_labels: bool) -> tuple[Any, Any, Any]:
@@ -588,6 +598,8 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
     c, h, w = clf.input_shape
     gen_kwargs = {"in_channels": c, **cfg.generator_kwargs}
     gen_name = default_generator(h, w) if cfg.generator == "auto" else cfg.generator
+    if ":" in gen_name:
+        registry.trust(gen_name)  # the user named it; the checkpoint will name it again
     try:
         generator = registry.resolve(gen_name, None if ":" in gen_name else "generator")(**gen_kwargs)
     except TypeError as exc:
@@ -730,11 +742,14 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
             bar.update(1)
             bar.set_postfix(ce=f"{float(sums[1] / sums[6]):.3f}", kept=f"{float(sums[4] / sums[6]):.3f}", lam=f"{lambda_l0:.3g}")
         bar.close()
+        if sums[6] == 0:  # summed over the ranks: every rank stops here together
+            raise InputError(f"NICE epoch {epoch + 1} read no training image{_read_counts(train)}")
         broadcast_buffers(dist, generator)  # batch-norm statistics drift per rank: continue from rank 0's
-        seen = max(float(sums[6]), 1.0)
+        seen = float(sums[6])
         row: dict[str, Any] = {"epoch": epoch + 1, **{f"train_{k}": float(sums[i]) / seen
                                                       for i, k in enumerate(("loss", "ce", "l0", "smooth", "kept"))}}
-        row["train_accuracy_sampled"] = float(sums[5]) / seen
+        # L_D's targets are the labels or, with predicted labels, the decisions on the unmasked images
+        row["train_agreement_sampled" if predicted else "train_accuracy_sampled"] = float(sums[5]) / seen
         row["train_images"] = int(sums[6])
         row["lambda_l0"] = lambda_l0
         end_epoch(row, epoch + 1)
