@@ -153,8 +153,12 @@ def test_checkpoint_loading_is_weights_only(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"format": "keepbits-checkpoint", "x": Evil()}, path)
-    with pytest.raises(CheckpointError, match="not a readable keepbits checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable keepbits checkpoint") as err:
         load_checkpoint(path)
+    assert "weights_only=False" not in str(err.value)  # never pass on torch's advice to unpickle it
+    torch.save({"0.weight": torch.zeros(2, 2)}, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match="bare weights .* as --classifier-weights"):
+        load_checkpoint(tmp_path / "bare.pt")
     (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04broken")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "trunc.pt")

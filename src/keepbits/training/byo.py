@@ -87,7 +87,8 @@ class Classifier:
             arch = f"{kind.__module__}:{kind.__qualname__}"
             if kind.__module__ == "__main__" or "<locals>" in kind.__qualname__:
                 raise InputError(f"classifier class {kind.__qualname__} is defined in {kind.__module__} (not importable by "
-                                 "another process); pass arch='package.module:factory' that builds it")
+                                 "another process); name a 'package.module:factory' that builds it: "
+                                 "keepbits.training.byo.Classifier.of(net, preprocessing, arch=...), and pass that classifier")
         _check_rebuilds(module, arch, kwargs)
         return cls(module.eval(), _named_classes(module, preprocessing, arch), arch, kwargs, arch)
 
@@ -181,7 +182,12 @@ def merge_preprocessing(base: Preprocessing | None, overrides: Preprocessing | M
     if "input_size" not in fields:
         raise InputError(f"classifier {source}: its preprocessing is unknown; give the input size and how images reach it "
                          "(CLI: --image-size H W, --mean, --std, --resize-policy, --class-names; Python: preprocessing=Preprocessing(...))")
-    return Preprocessing.from_dict(fields)
+    pre = Preprocessing.from_dict(fields)
+    assumed = [f"{name} {value}" for name, key, value in (("mean", "mean", list(pre.mean)), ("std", "std", list(pre.std)),
+                                                          ("resize policy", "resize_policy", pre.resize_policy)) if key not in fields]
+    if assumed:  # a wrong guess here costs accuracy without a sign, so say what was assumed
+        log.warning("classifier %s: preprocessing not given, assumed %s (CLI: --mean, --std, --resize-policy)", source, "; ".join(assumed))
+    return pre
 
 
 def onnx_preprocessing(data: bytes, source: str) -> Preprocessing | None:
@@ -206,6 +212,8 @@ def onnx_preprocessing(data: bytes, source: str) -> Preprocessing | None:
     if shape is None:
         return None
     channels = int(shape[0])
+    if not {"mean", "std"} <= set(meta):
+        log.warning("%s: no mean/std metadata; assumed mean 0, std 1 (inputs in [0, 1]; CLI: --mean, --std)", source)
     fields = {"input_size": (int(shape[1]), int(shape[2])), "mean": (0.0,) * channels, "std": (1.0,) * channels, **meta}
     try:
         return Preprocessing.from_dict(fields)

@@ -221,6 +221,9 @@ class Checkpoint:
     def from_dict(cls, data: Mapping[str, Any], where: str = "checkpoint") -> "Checkpoint":
         """Build from the on-disk dict (version 1); unknown or missing required fields and bad values
         raise :class:`CheckpointError` naming ``where`` and the field."""
+        if isinstance(data, Mapping) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise CheckpointError(f"{where}: not a keepbits checkpoint but bare weights (a state dict); give them as "
+                                  "--classifier-weights with --classifier package.module:factory (or a registry name)")
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             raise CheckpointError(f"{where}: not a keepbits checkpoint")
         if data.get("version") != VERSION:
@@ -272,6 +275,15 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     return checkpoint.save(path)
 
 
+def _unreadable(exc: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one line; never torch's advice
+    to load it with ``weights_only=False`` (that would run the pickle)."""
+    first = next(iter(str(exc).strip().splitlines()), "")
+    if first.startswith("Weights only load failed"):
+        return "it holds pickled Python objects beyond tensors and plain containers; keepbits does not unpickle them"
+    return first or type(exc).__name__
+
+
 def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
     """Read a checkpoint safely (``weights_only=True``) and check every field; and ``kind`` if given."""
     path = Path(path)
@@ -285,8 +297,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
         if is_bundle(path):
             raise CheckpointError(f"{path}: a model bundle (what keepbits export writes), not a training checkpoint (the .pt "
                                   "keepbits train writes); bundles run with keepbits run, eval, explain, compare and audit sis") from None
-        reason = next(iter(str(exc).splitlines()), "") or type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable keepbits checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable keepbits checkpoint ({_unreadable(exc)})") from None
     checkpoint = Checkpoint.from_dict(data, str(path))
     if kind is not None and checkpoint.kind != kind:
         raise CheckpointError(f"{path}: holds a {checkpoint.kind} checkpoint, expected {kind}")
@@ -302,7 +313,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the weights-only unpickler raises many types on foreign bytes
-        raise CheckpointError(f"{path}: cannot read weights ({next(iter(str(exc).strip().splitlines()), '') or type(exc).__name__})") from None
+        raise CheckpointError(f"{path}: cannot read weights ({_unreadable(exc)})") from None
     if isinstance(state, Mapping) and state.get("format") == FORMAT:
         raise CheckpointError(f"{path}: is a keepbits checkpoint, not a weights file; pass it as the model itself")
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
