@@ -132,6 +132,9 @@ def test_footage_with_workers_feeds_nice_and_counts_corrupt_files(tmp_path, tiny
         train_nice(NiceConfig(**{**cfg.__dict__, "labels": "true", "out": str(tmp_path / "x")}))
     with pytest.raises(InputError, match="1 file.* of the validation footage are training footage too .*held out"):  # leakage
         train_nice(NiceConfig(**{**cfg.__dict__, "val_footage": [str(root / "clip.mp4")], "out": str(tmp_path / "y")}))
+    # resumed for a second epoch: the counts go on from the first process's (3 passes: 2 epochs + the evaluation)
+    resumed = train_nice(NiceConfig(**{**cfg.__dict__, "epochs": 2, "resume": True}))
+    assert resumed["footage"]["read"] == {"images": 33, "frames": 9, "skipped": 3}
 
 
 def test_footage_where_nothing_can_be_read_is_an_error_not_a_checkpoint(tmp_path, tinynets):

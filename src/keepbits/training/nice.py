@@ -668,6 +668,11 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
                 or isinstance(lambda_final, bool) or not isinstance(lambda_final, numbers.Real) or not math.isfinite(lambda_final)):
             raise CheckpointError(f"{last_path}: needs the run's history (epoch rows) and a finite lambda_l0_final to resume from")
         history, lambda_l0 = list(history), float(lambda_final)
+        if isinstance(train, _FootageData):  # the counts go on adding up over the whole run
+            read = resumed.metrics.get("footage_read", {})
+            for name in train.footage.counts.FIELDS:
+                value = read.get(name, 0) if isinstance(read, dict) else 0
+                train.footage.counts.add(name, int(value) if isinstance(value, int) and value >= 0 else 0)
         start_epoch = resumed.epoch + 1 if any(row.get("epoch", 0) >= 1 for row in history) else 0
         log.info("resuming %s after epoch %d", last_path, start_epoch)
     steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * dist.world)) if isinstance(train, _ArrayData) else None
@@ -696,7 +701,10 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
             row["elapsed_s"] = round(time.time() - started, 1)
             history.append(row)
             log.info("nice epoch %d/%d  %s", epoch, cfg.epochs, "  ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "elapsed_s"))
-            save_checkpoint(last_path, snapshot({"history": history}, max(epoch - 1, 0), with_optimizer=True))
+            progress = {"history": history}
+            if isinstance(train, _FootageData):
+                progress["footage_read"] = train.footage.counts.as_dict()
+            save_checkpoint(last_path, snapshot(progress, max(epoch - 1, 0), with_optimizer=True))
         barrier(dist)
 
     if cfg.warmup_steps and not history:
