@@ -338,3 +338,19 @@ def test_a_classifier_file_gets_class_names_checked_and_defaulted(tmp_path, tiny
     with pytest.raises(InputError, match="2 class names for 3 logits"):
         resolve_classifier(str(tmp_path / "two.pt"))
     assert resolve_classifier(str(tmp_path / "two.pt"), preprocessing={"class_names": ("x", "y", "z")}).class_names == ["x", "y", "z"]
+
+
+def test_an_onnx2torch_that_does_not_import_is_told_apart_from_a_missing_one(tmp_path, monkeypatch):
+    """A torchvision of another torch makes onnx2torch fail at import: the hint is the matching
+    torchvision, not installing the extra again."""
+    import sys
+
+    from keepbits.errors import InputError
+    from keepbits.training.models.onnx_classifier import convert_onnx
+
+    (tmp_path / "onnx2torch.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "onnx2torch", raising=False)
+    with pytest.raises(InputError, match=r"installed but does not import \(RuntimeError: operator torchvision::nms .*"
+                                         r"torchvision release made for torch"):
+        convert_onnx(b"", "net.onnx")

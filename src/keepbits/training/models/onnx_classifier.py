@@ -28,8 +28,12 @@ def convert_onnx(data: bytes, source: str = "<bytes>") -> nn.Module:
         import onnx
         from onnx2torch import convert
     except Exception as exc:  # noqa: BLE001 - onnx2torch imports torchvision, which fails in several ways when mismatched
-        raise InputError(f"{source}: ONNX classifiers need onnx2torch: pip install 'keepbits[{EXTRA}]' "
-                         f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        if isinstance(exc, ModuleNotFoundError) and exc.name in ("onnx", "onnx2torch"):
+            raise InputError(f"{source}: ONNX classifiers need onnx2torch: pip install 'keepbits[{EXTRA}]' ({reason})") from None
+        raise InputError(f"{source}: onnx2torch is installed but does not import ({reason}); it needs the torchvision release "
+                         f"made for torch {torch.__version__}, from the index torch came from (a CPU torch: "
+                         "--index-url https://download.pytorch.org/whl/cpu)") from None
     try:
         model = onnx.load_from_string(data)
     except Exception as exc:  # noqa: BLE001 - protobuf raises its own error types
