@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Mapping, Sequence
 
+from keepbits.data.dataset import MAX_CLASSES
 from keepbits.data.preprocess import RESIZE_POLICIES
 from keepbits.errors import BundleError
 
@@ -61,12 +62,12 @@ MAX_ARCHIVE_BYTES = 8 << 30
 #: Largest ``manifest.json`` read (bytes).
 MAX_MANIFEST_BYTES = 1 << 20
 #: Bounds of the manifest's numbers: model side and values C·H·W (a frame of the model size
-#: is allocated per batch item), block size (the payload's u16 field), classes (the payload's
-#: i16 class index), listed files, and characters of any name.
+#: is allocated per batch item), block size (the payload's u16 field), classes (``MAX_CLASSES``,
+#: from :mod:`keepbits.data.dataset`: the payload's i16 class index), listed files, and
+#: characters of any name.
 MAX_INPUT_SIDE = 0xFFFF
 MAX_INPUT_VALUES = 3 << 24
 MAX_BLOCK_SIZE = 0xFFFF
-MAX_CLASSES = 1 << 15
 MAX_FILES = 1024
 MAX_NAME_CHARS = 1024
 #: ONNX Runtime's spelling of the input dtypes (``NodeArg.type``).

@@ -7,6 +7,10 @@ import numpy as np
 
 from keepbits.errors import InputError
 
+#: Most classes a data set may have; also the bound of a bundle manifest's class names (the
+#: payload's i16 class index).
+MAX_CLASSES = 1 << 15
+
 
 @dataclass
 class ImageDataset:
@@ -30,9 +34,15 @@ class ImageDataset:
             raise InputError(f"{self.source}: labels must be a vector of length {len(x)}, got shape {y.shape}")
         if not np.issubdtype(y.dtype, np.integer):
             raise InputError(f"{self.source}: labels must be integers, got {y.dtype}")
+        if len(y) and y.min() < 0:
+            raise InputError(f"{self.source}: labels must be class indices, found the negative label {int(y.min())}")
+        if len(y) and y.max() >= MAX_CLASSES:
+            raise InputError(f"{self.source}: label {int(y.max())} is beyond the {MAX_CLASSES} classes allowed")
+        if len(self.class_names) > MAX_CLASSES:
+            raise InputError(f"{self.source}: {len(self.class_names)} class names, more than the {MAX_CLASSES} classes allowed")
         if not self.class_names:
             self.class_names = [str(i) for i in range(int(y.max()) + 1 if len(y) else 0)]
-        if len(y) and (y.min() < 0 or y.max() >= len(self.class_names)):
+        if len(y) and y.max() >= len(self.class_names):
             raise InputError(
                 f"{self.source}: label out of range: found {int(y.min())}..{int(y.max())} "
                 f"but there are {len(self.class_names)} classes"

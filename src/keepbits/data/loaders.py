@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from keepbits.data.dataset import ImageDataset
+from keepbits.data.dataset import MAX_CLASSES, ImageDataset
 from keepbits.data.preprocess import RESIZE_POLICIES, fit_into
-from keepbits.data.stream import IMAGE_SUFFIXES, decode_image
+from keepbits.data.stream import IMAGE_SUFFIXES, NPZ_ERRORS, decode_image, read_npz_member
 from keepbits.errors import InputError
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -33,22 +33,26 @@ def sample_mnist_path() -> Path:
 
 
 def load_npz(path: str | Path, split: str | None = None) -> ImageDataset:
-    """Arrays ``x``/``y`` (one split), or ``x_<split>``/``y_<split>`` when ``split`` is given and present."""
+    """Arrays ``x``/``y`` (one split), or ``x_<split>``/``y_<split>`` when ``split`` is given and
+    present; each array's header is checked against the file's size before it is read."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            kx, ky = (f"x_{split}", f"y_{split}") if split and f"x_{split}" in npz else ("x", "y")
-            if split == "test" and kx == "x" and "x_train" in npz:
-                raise InputError(f"{path}: holds no test split (arrays: {sorted(npz.files)})")
-            if kx not in npz or ky not in npz:
-                raise InputError(f"{path}: expected arrays 'x' and 'y', found {sorted(npz.files)}")
-            x, y = npz[kx], npz[ky]
-            names = [str(c) for c in npz["class_names"]] if "class_names" in npz else []
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        with zipfile.ZipFile(path) as zf:
+            arrays = {name.removesuffix(".npy"): name for name in zf.namelist()}
+            kx, ky = (f"x_{split}", f"y_{split}") if split and f"x_{split}" in arrays else ("x", "y")
+            if split == "test" and kx == "x" and "x_train" in arrays:
+                raise InputError(f"{path}: holds no test split (arrays: {sorted(arrays)})")
+            if kx not in arrays or ky not in arrays:
+                raise InputError(f"{path}: expected arrays 'x' and 'y', found {sorted(arrays)}")
+            x, y = read_npz_member(zf, arrays[kx], path), read_npz_member(zf, arrays[ky], path)
+            names = read_npz_member(zf, arrays["class_names"], path) if "class_names" in arrays else np.array([])
+    except NPZ_ERRORS as exc:
         raise InputError(f"{path}: not a readable .npz file ({exc})") from None
-    return ImageDataset(x, y, names, source=str(path))
+    if names.ndim != 1 or len(names) > MAX_CLASSES:
+        raise InputError(f"{path}: 'class_names' must be a list of at most {MAX_CLASSES} names, got shape {names.shape}")
+    return ImageDataset(x, y, [str(c) for c in names], source=str(path))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -157,9 +161,9 @@ def has_split(path: str | Path, split: str) -> bool:
         if path.suffix != ".npz":
             return False
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                return f"x_{split}" in npz.files
-        except (OSError, ValueError, zipfile.BadZipFile):
+            with zipfile.ZipFile(path) as zf:
+                return f"x_{split}.npy" in zf.namelist()
+        except (OSError, zipfile.BadZipFile):
             return False
     if not path.is_dir():
         return False

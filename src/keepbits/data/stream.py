@@ -28,10 +28,12 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
@@ -46,6 +48,10 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm")
 MAX_PIXELS = 40_000_000
 #: Images per work unit of an uncompressed ``.npz`` (units are what worker processes share out).
 NPZ_CHUNK = 256
+#: Most bytes deflate can expand one compressed byte into (the format's limit is about 1032:1).
+DEFLATE_MAX_RATIO = 1032
+#: What reading a damaged ``.npz`` can raise, besides :class:`InputError`.
+NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 _log = logging.getLogger(__name__)
 
@@ -98,16 +104,45 @@ class Counts:
             return dict(zip(self.FIELDS, (int(v) for v in self._values)))
 
 
-def _npy_header(fh: BinaryIO, path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of the ``.npy`` array whose header starts at ``fh``'s position."""
+def _npy_header(fh: BinaryIO, path: Path, member: str = "x.npy") -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of the ``.npy`` array ``member`` whose header starts at ``fh``'s position."""
     try:
         version = np.lib.format.read_magic(fh)
-        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(fh)
+        return (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(fh)
     except ValueError as exc:
-        raise InputError(f"{path}: 'x' is not a .npy array ({exc})") from None
-    if fortran or dtype.hasobject:
-        raise InputError(f"{path}: 'x' must be a C-ordered array of numbers")
-    return shape, dtype
+        raise InputError(f"{path}: {member} is not a .npy array ({exc})") from None
+
+
+def npz_member_header(zf: zipfile.ZipFile, member: str, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of the array ``member`` (``"x.npy"``) of the ``.npz`` ``zf``
+    read from ``path``, from its header only. Checked before anything reads the data: the bytes
+    the header claims (one at least per item) fit in the member's uncompressed size in the zip
+    directory, and that size fits what its compressed bytes can give (stored: as many; deflated:
+    :data:`DEFLATE_MAX_RATIO` times as many, within the file), so what a reader allocates and
+    loops over is bounded by the file's bytes. :class:`InputError` otherwise; ``KeyError`` when
+    ``member`` is missing."""
+    info = zf.getinfo(member)
+    if info.flag_bits & 0x1:
+        raise InputError(f"{path}: {member} is encrypted")
+    ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: DEFLATE_MAX_RATIO}.get(info.compress_type)
+    if ratio is None:
+        raise InputError(f"{path}: {member} uses zip compression method {info.compress_type} (numpy writes stored or deflated)")
+    if info.compress_size > path.stat().st_size or info.file_size > ratio * info.compress_size:
+        raise InputError(f"{path}: {member} claims {info.file_size} bytes from {info.compress_size} compressed bytes "
+                         f"(more than {'the file holds' if ratio == 1 else 'deflate can give'})")
+    with zf.open(info) as fh:
+        shape, fortran, dtype = _npy_header(fh, path, member)
+        data_bytes = info.file_size - fh.tell()
+    if math.prod(shape) * max(dtype.itemsize, 1) > data_bytes:
+        raise InputError(f"{path}: {member} claims shape {shape} of {dtype}, more than the {max(data_bytes, 0)} bytes it holds")
+    return shape, fortran, dtype
+
+
+def read_npz_member(zf: zipfile.ZipFile, member: str, path: Path) -> np.ndarray:
+    """The array ``member`` of the ``.npz`` ``zf`` read from ``path``, once :func:`npz_member_header` has checked its size."""
+    npz_member_header(zf, member, path)
+    with zf.open(member) as fh:
+        return np.lib.format.read_array(fh, allow_pickle=False)
 
 
 def _stored_offset(path: Path, info: zipfile.ZipInfo) -> int:
@@ -122,23 +157,31 @@ def _stored_offset(path: Path, info: zipfile.ZipInfo) -> int:
 
 
 def _npz_images(path: Path, max_pixels: int) -> tuple[tuple[int, ...], bool, bool]:
-    """Shape of the ``x`` images of an ``.npz`` (from its header only), whether it has ``y``,
-    and whether ``x`` is stored uncompressed (``np.savez``: any image can be read directly)."""
+    """Shape of the ``x`` images of an ``.npz`` (from its header only), whether it has ``y``
+    (one integer label per image, also checked from its header), and whether ``x`` is stored
+    uncompressed (``np.savez``: any image can be read directly)."""
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
             if "x.npy" not in names:
                 raise InputError(f"{path}: expected an array 'x' of images, found {sorted(n[:-4] for n in names)}")
             stored = zf.getinfo("x.npy").compress_type == zipfile.ZIP_STORED
-            with zf.open("x.npy") as fh:
-                shape, dtype = _npy_header(fh, path)
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            shape, fortran, dtype = npz_member_header(zf, "x.npy", path)
+            labelled = "y.npy" in names
+            if labelled:
+                y_shape, _, y_dtype = npz_member_header(zf, "y.npy", path)
+    except NPZ_ERRORS as exc:
         raise InputError(f"{path}: not a readable .npz file ({exc})") from None
-    if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
-        raise InputError(f"{path}: 'x' must be uint8 N×H×W or N×H×W×C (C = 1 or 3), got {dtype} {shape}")
+    if fortran or dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
+        raise InputError(f"{path}: 'x' must be uint8 N×H×W or N×H×W×C (C = 1 or 3) in C order, "
+                         f"got {dtype} {shape}{' in Fortran order' if fortran else ''}")
     if shape[1] * shape[2] > max_pixels:
         raise InputError(f"{path}: images of {shape[2]}×{shape[1]} exceed the {max_pixels} pixel limit")
-    return shape, "y.npy" in names, stored
+    if shape[1] * shape[2] == 0:
+        raise InputError(f"{path}: images of {shape[2]}×{shape[1]} hold no pixels")
+    if labelled and (y_shape != (shape[0],) or not np.issubdtype(y_dtype, np.integer)):
+        raise InputError(f"{path}: 'y' must hold one integer label per image, got {y_dtype} {y_shape}")
+    return shape, labelled, stored
 
 
 def discover(paths: Sequence[str | os.PathLike], *, class_folders: Sequence[str] | None = None,
@@ -147,9 +190,10 @@ def discover(paths: Sequence[str | os.PathLike], *, class_folders: Sequence[str]
     searched at any depth), in sorted path order. With ``class_folders``, an image's label is
     the index of its top-level folder (relative to the folder given) in that list.
     An uncompressed ``.npz`` (``np.savez``) is split into units of ``npz_chunk`` images, each
-    read by seeking; a compressed one is one unit, decompressed in order. An ``.npz`` that
-    cannot be read is an :class:`InputError` here (its header is read); pictures and videos
-    are checked only when read.
+    read by seeking; a compressed one is one unit, decompressed in order. An ``.npz`` is checked
+    here from its headers: one that cannot be read is an :class:`InputError` when given by
+    itself, and one empty unit in a folder (skipped and counted when read, like a corrupt
+    picture); pictures and videos are checked only when read.
     """
     index = {name: i for i, name in enumerate(class_folders)} if class_folders is not None else None
     units: list[Unit] = []
@@ -171,7 +215,13 @@ def discover(paths: Sequence[str | os.PathLike], *, class_folders: Sequence[str]
             elif suffix in VIDEO_SUFFIXES:
                 units.append(Unit(str(file), "video"))
             elif suffix == ".npz":  # uncompressed: chunks read by seeking; compressed: one unit, read in order
-                shape, labelled, stored = _npz_images(file, max_pixels)
+                try:
+                    shape, labelled, stored = _npz_images(file, max_pixels)
+                except InputError:
+                    if root.is_file():
+                        raise
+                    units.append(Unit(str(file), "npz", labelled=True))  # no items: any labels asked for are "there"
+                    continue
                 step = npz_chunk if stored else max(shape[0], 1)
                 units += [Unit(str(file), "npz", s, min(s + step, shape[0]), labelled=labelled) for s in range(0, shape[0], step)]
             elif root.is_file():
@@ -281,23 +331,21 @@ class Footage:
 
     def _npz(self, unit: Unit) -> Iterator[Sample]:
         path = Path(unit.path)
+        shape, _, stored = _npz_images(path, self.max_pixels)  # checked again: a broken file's unit stops here
+        if unit.stop > shape[0]:
+            raise InputError(f"{path}: holds {shape[0]} images, fewer than when it was found")
         try:
             with zipfile.ZipFile(path) as zf:
-                labels = None
-                if unit.labelled:
-                    with zf.open("y.npy") as fy:
-                        labels = np.lib.format.read_array(fy, allow_pickle=False)
+                labels = read_npz_member(zf, "y.npy", path) if unit.labelled else None
                 info = zf.getinfo("x.npy")
-                if info.compress_type == zipfile.ZIP_STORED:
+                if stored:
                     fh: BinaryIO = open(path, "rb")
                     fh.seek(_stored_offset(path, info))
                 else:
                     fh = zf.open(info)
                 with fh:
-                    shape, _ = _npy_header(fh, path)
-                    if labels is not None and (labels.shape != (shape[0],) or not np.issubdtype(labels.dtype, np.integer)):
-                        raise InputError(f"{path}: 'y' must hold one integer label per image, got {labels.dtype} {labels.shape}")
-                    per_image = int(np.prod(shape[1:]))
+                    _npy_header(fh, path)
+                    per_image = math.prod(shape[1:])
                     if unit.start:  # only uncompressed members are split, so this seek is direct
                         fh.seek(fh.tell() + unit.start * per_image)
                     for position in range(unit.start, unit.stop):
@@ -308,5 +356,5 @@ class Footage:
                         self.counts.add("images")
                         yield Sample(image[..., None] if image.ndim == 2 else image,
                                      -1 if labels is None else int(labels[position]), unit, position)
-        except (OSError, zipfile.BadZipFile, EOFError, ValueError, KeyError) as exc:
+        except NPZ_ERRORS as exc:
             raise InputError(f"{path}: cannot read ({exc})") from None
