@@ -137,6 +137,12 @@ def test_footage_with_workers_feeds_nice_and_counts_corrupt_files(tmp_path, tiny
     assert resumed["footage"]["read"] == {"images": 33, "frames": 9, "skipped": 3}
 
 
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), 0.0, -1e-3])
+def test_a_learning_rate_that_cannot_train_is_refused_before_training(tiny_npz, tmp_path, lr):
+    with pytest.raises(InputError, match="learning rate must be finite and > 0"):
+        _base(tiny_npz, tmp_path, lr=lr).validate()
+
+
 def test_footage_where_nothing_can_be_read_is_an_error_not_a_checkpoint(tmp_path, tinynets):
     """Every file unreadable: no epoch trains on nothing, no checkpoint with made-up metrics."""
     root = tmp_path / "bad"
