@@ -196,6 +196,6 @@ def test_fit_classifier_on_arrays_learns_and_honours_a_step_budget():
     assert accuracy(predict_logits(net, x), y) > 0.9
     with pytest.raises(InputError, match="augment"):
         fit_classifier(net, TensorArrays(x, y), FitConfig(augment="mirror"))
-    for lr in (float("nan"), 0.0, -1.0):  # NaN trained NaN weights without a word; -1 was the optimizer's traceback
-        with pytest.raises(InputError, match="learning rate must be finite and > 0"):
+    for lr in (float("nan"), float("inf"), -1.0):  # NaN trained NaN weights without a word; -1 was the optimizer's traceback
+        with pytest.raises(InputError, match="learning rate must be finite and >= 0"):
             fit_classifier(net, TensorArrays(x, y), FitConfig(lr=lr))

@@ -88,8 +88,8 @@ class FitConfig:
             raise InputError("epochs (or steps) and batch size must be positive")
         if self.precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if not math.isfinite(self.default_lr()) or self.default_lr() <= 0:
-            raise InputError(f"learning rate must be finite and > 0, got {self.lr}")
+        if not (math.isfinite(self.default_lr()) and self.default_lr() >= 0):  # 0 holds the weights still (a test's tool)
+            raise InputError(f"learning rate must be finite and >= 0, got {self.lr}")
 
 
 @dataclass(kw_only=True)
