@@ -52,6 +52,10 @@ def paths(tmp_path_factory):
     (root / "trained" / "last.pt").write_bytes(b"an earlier run's checkpoint")
     (root / "used" / "payloads").mkdir(parents=True)  # a files sink's folder from an earlier run
     (root / "used" / "payloads" / "00000000.kbit").write_bytes(b"an earlier run's payload")
+    (root / "sent" / "payloads").mkdir(parents=True)  # a files sink's whole folder: the sender's frames.jsonl beside its payloads
+    (root / "sent" / "payloads" / "00000000.kbit").write_bytes(b"a sender's payload")
+    (root / "sent" / "frames.jsonl").write_text('{"sequence": 0}\n')
+    (root / "old.mp4").write_bytes(video.read_bytes())  # an earlier run's video
     (root / "empty.pt").write_bytes(b"")
     with zipfile.ZipFile(root / "nice.pt", "w") as zf:  # torch.save's archive layout: a checkpoint where a bundle belongs
         zf.writestr("nice/data.pkl", b"")
@@ -62,7 +66,8 @@ def paths(tmp_path_factory):
     np.savez(root / "data.npz", x=rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), y=np.arange(12) % 2)
     return {"bundle": bundle, "video": video, "file": root / "file.txt", "dir": root / "dir", "dirmp4": root / "dir.mp4",
             "text_pt": root / "text.pt", "empty_pt": root / "empty.pt", "broken": broken, "data": root / "data.npz",
-            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "checkpoint": root / "nice.pt", "used": root / "used", "trained": root / "trained", "out": root / "out", "port": _closed_port()}
+            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "checkpoint": root / "nice.pt", "used": root / "used", "trained": root / "trained", "out": root / "out", "port": _closed_port(),
+            "sent": root / "sent", "old_mp4": root / "old.mp4"}
 
 
 RUN = ["run", "--model", "{bundle}", "--source", "{video}"]
@@ -103,7 +108,7 @@ CASES = [
     ("a good run", RUN + ["--sink", "files:{out}/ok"], 0, ""),
     ("sink files: an earlier run's folder", RUN + ["--sink", "files:{used}"], 2, "holds an earlier run's payloads"),
     ("receive --video an earlier video", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{out}/rx2", "--video", "{video}"], 2,
-     "exists (an earlier run's?): a receiver never overwrites it"),
+     "exists (an earlier run's?): keepbits never overwrites it"),
     ("train into an earlier run's folder", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{trained}"], 2,
      "last.pt: left by an earlier run; --resume continues it, --force replaces it"),
     ("--model a plain .onnx", ["run", "--model", "{onnx}", "--source", "{video}"], 2, "an ONNX model, not a keepbits bundle"),
@@ -113,6 +118,37 @@ CASES = [
      "a model bundle (what keepbits export writes), not a training checkpoint"),
     ("audit cid --model a bundle", ["audit", "cid", "--model", "{bundle}", "--data", "{data}", "--out", "{out}/cid"], 2,
      "a model bundle (its graph runs in ONNX Runtime); this needs the torch classifier"),
+    # hostile-input audit: outputs that exist are refused, never overwritten; values out of range are usage errors
+    ("explain --min-side 100000", ["explain", "--model", "{bundle}", "--data", "{data}", "--out", "{out}/ex", "--min-side", "100000"], 2,
+     "error: argument --min-side: must be an integer >= 1 and <= 4096, got '100000'; see keepbits explain --help"),
+    ("sink video: an earlier video", RUN + ["--sink", "video:{old_mp4}"], 2,
+     "sink video:{old_mp4}: {old_mp4} exists (an earlier run's?): keepbits never overwrites it"),
+    ("sink video: the source", RUN + ["--sink", "video:{video}"], 2, "sink video:{video} is the --source"),
+    ("decode --out a files sink's folder", ["decode", "--payloads", "{sent}", "--out", "{sent}"], 2,
+     "--out {sent}: holds a frames.jsonl"),
+    ("decode --video an earlier video", ["decode", "--payloads", "{used}", "--out", "{out}/dec", "--video", "{old_mp4}"], 2,
+     "video {old_mp4} exists (an earlier run's?): keepbits never overwrites it"),
+    ("demo --out a folder it did not make", ["demo", "--model", "{bundle}", "--source", "{video}", "--out", "{used}"], 2,
+     "--out {used}: holds files the demo did not write"),
+    ("demo --source unreadable images", ["demo", "--model", "{bundle}", "--source", "{broken}", "--out", "{out}/demo"], 3,
+     "source_failed: no frame from the source"),
+    ("demo --quality 0", ["demo", "--quality", "0"], 2, "argument --quality: must be an integer >= 1 and <= 100, got '0'"),
+    ("decode --fps inf", ["decode", "--payloads", "{used}", "--out", "{out}/dec", "--video", "{out}/d.mp4", "--fps", "inf"], 2,
+     "argument --fps: must be a number > 0 and <= 1000, got 'inf'"),
+    ("receive --fps nan", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{out}/rx3", "--video", "{out}/r.mp4", "--fps", "nan"], 2,
+     "argument --fps: must be a number > 0 and <= 1000, got 'nan'"),
+    ("eval --out a file", ["eval", "--model", "{bundle}", "--data", "{data}", "--out", "{file}"], 2, "--out {file}: exists and is not a folder"),
+    ("run --threads 0", RUN + ["--threads", "0"], 2, "argument --threads: must be an integer >= 1, got '0'"),
+    ("explain --threads -1", ["explain", "--model", "{bundle}", "--data", "{data}", "--out", "{out}/ex", "--threads", "-1"], 2,
+     "argument --threads: must be an integer >= 1, got '-1'"),
+    ("receive --max-frames -1", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{out}/rx3", "--max-frames", "-1"], 2,
+     "argument --max-frames: must be an integer >= 1, got '-1'"),
+    ("eval --tolerance nan", ["eval", "--model", "{bundle}", "--data", "{data}", "--out", "{out}/ev", "--tolerance", "nan"], 2,
+     "argument --tolerance: must be a number >= 0, got 'nan'"),
+    ("compare --logits-atol nan", ["compare", "--model", "{bundle}", "--model", "{bundle}", "--data", "{data}", "--logits-atol", "nan"], 2,
+     "argument --logits-atol: must be a number >= 0, got 'nan'"),
+    ("compare --model @bogus", ["compare", "--model", "{bundle}", "--model", "{bundle}@bogus", "--data", "{data}"], 2,
+     "{bundle}@bogus: unknown backend @bogus (known: @auto, @functions"),
 ]
 
 
@@ -126,10 +162,27 @@ def test_bad_input_prints_one_line_and_exits_with_its_code(paths, capsys, argv, 
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     assert _fill(message, paths) in captured.err
+    if code == 2:  # one line says it (argparse's usage errors too: no usage block)
+        assert [line.startswith("keepbits: error: ") for line in captured.err.splitlines()][-1:] == [True], captured.err
+        assert "usage:" not in captured.err and captured.err.count("error") == 1
     if argv[0] == "run" and code != 2:
         summary = json.loads(captured.out)
         assert summary["status"] == {0: "ok", 3: "source_failed", 4: "frame_errors", 5: "undelivered"}[code]
         assert (summary["reason"] is None) == (code == 0)
+
+
+def test_refused_outputs_are_left_as_they_were(paths, tmp_path, capsys):
+    """The old run truncated a video sink's file when the sink opened (the source itself with
+    --sink video:SOURCE, exit 0), decode replaced a sender's frames.jsonl and an existing video."""
+    kept = {name: paths[name].read_bytes() for name in ("video", "old_mp4")} | {"jsonl": (paths["sent"] / "frames.jsonl").read_bytes()}
+    refused = [RUN + ["--sink", "video:{video}"], RUN + ["--sink", "files:{out}/first", "--sink", "video:{old_mp4}"],
+               ["run", "--model", "{bundle}", "--source", "{broken}", "--sink", "video:{old_mp4}"],  # a run that would deliver nothing
+               ["decode", "--payloads", "{sent}", "--out", "{sent}"], ["decode", "--payloads", "{used}", "--out", "{out}/d", "--video", "{old_mp4}"]]
+    for argv in refused:
+        assert main(["-q", *(_fill(a, paths) for a in argv)]) == 2, argv
+    capsys.readouterr()
+    assert {name: paths[name].read_bytes() for name in ("video", "old_mp4")} | {"jsonl": (paths["sent"] / "frames.jsonl").read_bytes()} == kept
+    assert not (paths["out"] / "first").exists() and not (paths["out"] / "d").exists()  # refused before any work
 
 
 def test_summary_folder_is_refused_before_the_run(paths, capsys):

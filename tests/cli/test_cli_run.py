@@ -85,9 +85,8 @@ def test_run_with_model_workers_keeps_source_order(bundle, tmp_path, capsys):
         "mode": "mixed", "codec": "webp", "quality": 70, "webp_method": 1}
     first = decode((tmp_path / "out" / "payloads" / "00000000.kbit").read_bytes())
     assert first[2].mode == "mixed" and first[2].codecs == {"mixed": "webp", "mask": "bits"} and first[1] is not None
-    with pytest.raises(SystemExit) as exit_info:  # argparse: usage and one line on stderr, exit 2
-        main(["run", "--model", str(bundle), "--source", video, "--webp-method", "7"])
-    assert exit_info.value.code == 2 and "--webp-method: invalid choice: 7" in capsys.readouterr().err
+    assert main(["run", "--model", str(bundle), "--source", video, "--webp-method", "7"]) == 2  # argparse's error: one line
+    assert "keepbits: error: argument --webp-method: invalid choice: 7" in capsys.readouterr().err
     records = [json.loads(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
     assert [r["sequence"] for r in records] == [r["source_index"] for r in records] == list(range(12))
 
@@ -249,3 +248,42 @@ def test_demo_runs_on_the_bundled_assets(tmp_path, capsys):
     assert all(row is None or row["agreement"] >= comparison["payload"]["agreement"] for row in comparison["matched"].values())
     assert "Intel IoT DevKit sample videos" in summary["credit"]
     assert (tmp_path / "annotated.mp4").stat().st_size > 0 and len(list((tmp_path / "payloads").iterdir())) == 6
+
+
+def test_demo_replaces_only_its_own_output(bundle, tmp_path, capsys):
+    """The old demo deleted the payloads of any --out folder (FilesSink(replace=True)) and wrote its
+    files over whatever was there; now a folder is the demo's own when its summary.json says so."""
+    video = _video(tmp_path / "in.mp4", 4)
+    demo = ["-q", "demo", "--model", str(bundle), "--source", video, "--no-compare"]
+    theirs = tmp_path / "theirs"
+    (theirs / "payloads").mkdir(parents=True)
+    (theirs / "payloads" / "00000000.kbit").write_bytes(b"someone's payload")
+    (theirs / "annotated.mp4").write_bytes(b"someone's video")
+    assert main([*demo, "--out", str(theirs)]) == 2
+    assert "holds files the demo did not write" in capsys.readouterr().err
+    assert (theirs / "payloads" / "00000000.kbit").read_bytes() == b"someone's payload"
+    assert (theirs / "annotated.mp4").read_bytes() == b"someone's video"
+
+    ours = tmp_path / "ours"
+    assert main([*demo, "--out", str(ours), "--max-frames", "3"]) == 0
+    assert json.loads((ours / "summary.json").read_text())["written_by"] == "keepbits demo"
+    capsys.readouterr()
+    assert main([*demo, "--out", str(ours), "--max-frames", "2"]) == 0  # a rerun replaces the earlier demo's output
+    assert len(list((ours / "payloads").iterdir())) == 2 and json.loads((ours / "summary.json").read_text())["written"] == 2
+    assert f"wrote {ours / 'annotated.mp4'}" in capsys.readouterr().out
+
+
+def test_demo_that_delivers_nothing_exits_3_and_claims_no_files(bundle, tmp_path, capsys):
+    """The old demo exited 0 with "written": 0 and printed "wrote …/annotated.mp4", which it had not written."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--model", str(bundle), "--source", str(broken), "--out", str(out)]) == 3
+    captured = capsys.readouterr()
+    assert "keepbits: source_failed: no frame from the source" in captured.err
+    assert "annotated.mp4" not in captured.out and f"wrote {out / 'summary.json'}" in captured.out
+    assert not (out / "annotated.mp4").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "source_failed" and summary["written"] == 0
+

@@ -130,3 +130,15 @@ def test_audits_refuse_cuda_without_a_gpu_in_one_line(path, tmp_path, capsys):
     assert main(["-q", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUDA device" in err[0], err
+
+
+@pytest.mark.parametrize("path", [p for p, _ in LEAVES if any("--lr" in a.option_strings for a in _visible(_command_parser(p)))],
+                         ids=" ".join)
+def test_learning_rates_are_finite_and_positive(path):
+    """--lr nan trained NaN weights and exited 0, --lr -1 was a traceback from the optimizer: now
+    refused while the command line is read, like every other bounded number."""
+    lr = next(a for a in _visible(_command_parser(path)) if "--lr" in a.option_strings)
+    for bad in ("nan", "inf", "0", "-1", "fast"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be a number > 0"):
+            lr.type(bad)
+    assert lr.type("3e-4") == pytest.approx(3e-4)

@@ -190,3 +190,52 @@ def test_receiver_appends_and_refuses_bad_limits(tmp_path):
     sink.close()
     rx.join(10)
     assert (tmp_path / "rx" / "frames.jsonl").read_text().splitlines()[0] == '{"earlier": true}'
+
+
+def _receive_once(tmp_path, **kwargs) -> tuple[threading.Thread, threading.Event, dict]:
+    ready, box = threading.Event(), {}
+    rx = threading.Thread(target=lambda: box.update(receive("127.0.0.1", 0, tmp_path / "rx", once=True, ready=ready, idle_timeout=10,
+                                                            **kwargs)))
+    rx.start()
+    assert ready.wait(10)
+    return rx, ready, box
+
+
+def test_a_repeated_sequence_number_is_written_beside_the_first(tmp_path):
+    """Frames are named <session>-<sequence>: a sender repeating a sequence number replaced its
+    first frame's PNG while both were counted."""
+    rx, ready, box = _receive_once(tmp_path)
+    assert _send_raw(ready.port, [_payload(3), _payload(3)])
+    rx.join(10)
+    assert box["frames"] == 2 and box["renamed"] == 1
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "rx").glob("*.png")) == ["00000003.png", "00000003~1.png"]
+
+
+def test_an_error_of_the_receiver_is_counted_not_a_dead_thread(tmp_path, monkeypatch):
+    """receive --fps nan raised InputError in the serving thread at the first frame: 'Exception in
+    thread' and a traceback, the frame lost and not counted. The frame rate is now checked before
+    listening; an error while writing counts as a write error, any other drops that connection only."""
+    import keepbits.runtime.receiver as receiver
+
+    with pytest.raises(InputError, match="must be a number > 0"):
+        receive("127.0.0.1", 0, tmp_path / "rx", video=tmp_path / "rx.mp4", fps=float("nan"), idle_timeout=1)
+    died = []
+    monkeypatch.setattr(threading, "excepthook", died.append)
+
+    def no_writer(*args, **kwargs):
+        raise InputError("cannot write video (no codec)")
+
+    monkeypatch.setattr(receiver, "open_video_writer", no_writer)
+    rx, ready, box = _receive_once(tmp_path, video=tmp_path / "rx.mp4")
+    assert _send_raw(ready.port, [_payload(0), _payload(1)])
+    rx.join(10)
+    assert box["frames"] == 0 and box["write_errors"] == 2 and box["protocol_errors"] == 0
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(receiver.PayloadWriter, "write", broken)
+    rx, ready, box = _receive_once(tmp_path)
+    assert _send_raw(ready.port, [_payload(0)])
+    rx.join(10)
+    assert box["frames"] == 0 and box["protocol_errors"] == 1 and not died

@@ -90,3 +90,60 @@ def test_oversize_files_count_as_bad_and_paths_are_checked(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no .kbit"):
         payload_files([tmp_path / "empty"])
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_non_finite_header_numbers_are_written_as_null(tmp_path):
+    """A crafted header with score=inf and timestamp=nan made frames.jsonl lines with Infinity and
+    NaN, which no strict JSON reader takes."""
+    from keepbits.codec import encode
+    from keepbits.runtime.receiver import PayloadWriter
+
+    payload = encode(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8)), block=4, score=float("inf"), timestamp=float("nan"))
+    with PayloadWriter(tmp_path / "out") as writer:
+        record = writer.write(payload)
+    line = _strict_json((tmp_path / "out" / "frames.jsonl").read_text())
+    assert line["score"] is None and line["timestamp"] is None and record["score"] is None
+
+
+def test_a_repeated_sequence_number_never_overwrites_a_frame(tmp_path):
+    """Files were named by sequence number only: a sender repeating one replaced the first frame's PNG."""
+    from keepbits.codec import encode
+    from keepbits.runtime.receiver import PayloadWriter
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "s-00000009.png").write_bytes(b"a file that was there")
+    with PayloadWriter(tmp_path / "out") as writer:
+        for value, sequence in ((10, 5), (200, 5), (60, 9)):
+            writer.write(encode(np.full((8, 8, 3), value, np.uint8), np.ones((8, 8)), block=4, sequence=sequence), prefix="s-")
+    records = [_strict_json(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in records] == ["s-00000005.png", "s-00000005~1.png", "s-00000009~1.png"]
+    assert [int(cv2.imread(str(tmp_path / "out" / r["image"]))[0, 0, 0]) for r in records] == [10, 200, 60]
+    assert writer.renamed == 2 and (tmp_path / "out" / "s-00000009.png").read_bytes() == b"a file that was there"
+
+
+def test_decode_refuses_outputs_that_exist(tmp_path):
+    """decode --payloads DIR --out DIR replaced the sender's frames.jsonl; --video overwrote a video."""
+    from keepbits.codec import encode
+
+    sent = tmp_path / "sent"
+    (sent / "payloads").mkdir(parents=True)
+    (sent / "payloads" / "00000000.kbit").write_bytes(encode(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8)), block=4))
+    (sent / "frames.jsonl").write_text('{"sender": true}\n')
+    (tmp_path / "old.mp4").write_bytes(b"an earlier video")
+    with pytest.raises(InputError, match="holds a frames.jsonl"):
+        decode_files([sent], sent)
+    with pytest.raises(InputError, match="keepbits never overwrites it"):
+        decode_files([sent], tmp_path / "out", video=tmp_path / "old.mp4")
+    with pytest.raises(InputError, match="must be a number > 0"):
+        decode_files([sent], tmp_path / "out", video=tmp_path / "new.mp4", fps=float("inf"))
+    assert (sent / "frames.jsonl").read_text() == '{"sender": true}\n' and (tmp_path / "old.mp4").read_bytes() == b"an earlier video"
+    assert decode_files([sent], tmp_path / "out")["decoded"] == 1
+    with pytest.raises(InputError, match="holds a frames.jsonl"):  # an earlier decode's folder too
+        decode_files([sent], tmp_path / "out")

@@ -20,7 +20,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Iterator, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 from keepbits._version import __version__
 from keepbits.cli._common import HelpFormatter
@@ -70,6 +70,14 @@ OPTIONAL_MODULES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors (an unknown option, a missing one, a value its ``type`` refuses) as
+    one line, ``keepbits: error: argument --fps: must be …; see keepbits decode --help``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"keepbits: error: {message}; see {self.prog} --help\n")
+
+
 def _global_options(default: bool | str) -> argparse.ArgumentParser:
     """``--debug`` and ``-q``: the top level sets the defaults; every command accepts them too,
     with ``default=SUPPRESS`` so that leaving them out there keeps the value given before it."""
@@ -90,7 +98,7 @@ def _add_command(subparsers, name: str, module_name: str, common: argparse.Argum
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command in :data:`COMMANDS` (built for one parse)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="keepbits", parents=[_global_options(False)], formatter_class=HelpFormatter,
         description="Which pixels does your classifier need? Train, export, run and audit.",
     )
@@ -150,7 +158,12 @@ def _exit_without_finalization(code: int) -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (its line printed) returns its code; --help and --version exit
+        if exc.code in (0, None):
+            raise
+        return int(exc.code)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="keepbits: %(message)s",

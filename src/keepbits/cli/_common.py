@@ -1,14 +1,17 @@
 """Helpers shared by CLI commands: the help formatter, old option names kept for one release,
-paths that must exist, the command line for provenance records, the options that name a
-classifier brought by its user (spec, weights, kwargs, preprocessing) and ``--device``."""
+argparse types of bounded numbers, paths that must exist, output folders, the command line for
+provenance records, the options that name a classifier brought by its user (spec, weights,
+kwargs, preprocessing) and ``--device``."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from keepbits.errors import InputError
 
@@ -62,6 +65,70 @@ def add_argument(parser: argparse.ArgumentParser, *names: str, deprecated: Seque
             parser.add_argument(old, action=_Deprecated, replacement=new, nargs="?" if new.nargs is None else "*",
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS, **same)
     return new
+
+
+def number(kind: type[int] | type[float], *, minimum: float | None = None, maximum: float | None = None,
+           above: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind`` (int or float) parsed from the text, finite, ``>= minimum``,
+    ``> above`` and ``<= maximum`` where given; otherwise :class:`argparse.ArgumentTypeError`
+    saying what is allowed (the CLI prints it as one line naming the option, exit 2).
+
+    Example:
+        >>> fps = number(float, above=0, maximum=1000)
+        >>> fps("25")
+        25.0
+        >>> fps("inf")
+        Traceback (most recent call last):
+        argparse.ArgumentTypeError: must be a number > 0 and <= 1000, got 'inf'
+    """
+    noun = "an integer" if kind is int else "a number"
+    bounds = [f">= {minimum:g}" if minimum is not None else "", f"> {above:g}" if above is not None else "",
+              f"<= {maximum:g}" if maximum is not None else ""]
+    allowed = f"{noun} {' and '.join(b for b in bounds if b)}".strip()
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if (not math.isfinite(value) or (minimum is not None and value < minimum) or (above is not None and value <= above)
+                or (maximum is not None and value > maximum)):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: argparse types of the common ranges (:func:`number`).
+positive_int = number(int, minimum=1)
+non_negative_int = number(int, minimum=0)
+non_negative_float = number(float, minimum=0)
+#: A learning rate: finite and > 0 (NaN would train to NaN weights and exit 0).
+POSITIVE_LR = number(float, above=0)
+
+
+def add_fps_option(p: argparse.ArgumentParser) -> None:
+    """``--fps`` of the commands that write a video of decoded frames (``decode``, ``receive``)."""
+    from keepbits.runtime.video import MAX_FPS
+
+    p.add_argument("--fps", type=number(float, above=0, maximum=MAX_FPS), default=25.0, help="frame rate of --video")
+
+
+def output_folder(value: str | Path, flag: str = "--out") -> Path:
+    """``value`` as a folder the command can write into, checked before any work and not made
+    yet: an existing folder, or a new one under a writable folder; :class:`InputError` naming
+    ``flag`` for a file there (or in its way) or a place this process cannot write."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: exists and is not a folder")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: cannot write there (permission denied in {parent})")
+    return path
 
 
 def existing_path(value: str | Path, what: str = "path") -> Path:

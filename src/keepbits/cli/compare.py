@@ -22,14 +22,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
+from keepbits.cli._common import number, positive_int
 from keepbits.errors import InputError
 
 HELP = "compare a model across backends and artefacts (torch checkpoint, ONNX Runtime, native kernels, INT8, TensorRT); exit 1 past tolerance"
 
 
-def _limit(value: str) -> float | None:
-    return None if value.lower() == "none" else float(value)
+def _or_none(parse: Callable[[str], float]) -> Callable[[str], float | None]:
+    """An argparse ``type``: ``parse``'s number, or None for ``none`` (no check)."""
+    return lambda text: None if text.lower() == "none" else parse(text)
+
+
+#: Tolerances: an absolute difference (>= 0) and a share (0..1), or 'none'.
+_atol = _or_none(number(float, minimum=0))
+_share = _or_none(number(float, minimum=0, maximum=1))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,13 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=int, default=64,
                         help="compare on a random sample of N images (seeded by --seed, class-balanced when labelled); 0: all")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
-    parser.add_argument("--logits-atol", type=_limit, default=1e-3, help="max abs difference of the logits ('none': no check)")
-    parser.add_argument("--mask-atol", type=_limit, default=1e-3, help="max abs difference of ẑ ('none': no check)")
-    parser.add_argument("--pixels-atol", type=_limit, default=1e-3, help="max abs difference of x̃ / simplified on 0..1 ('none': no check)")
-    parser.add_argument("--min-argmax-agree", type=_limit, default=1.0, help="least share of equal predicted classes ('none': no check)")
-    parser.add_argument("--min-mask-agree", type=_limit, default=0.999, help="least share of pixels with the same hard mask ('none': no check)")
+    parser.add_argument("--logits-atol", type=_atol, default=1e-3, help="max abs difference of the logits ('none': no check)")
+    parser.add_argument("--mask-atol", type=_atol, default=1e-3, help="max abs difference of ẑ ('none': no check)")
+    parser.add_argument("--pixels-atol", type=_atol, default=1e-3, help="max abs difference of x̃ / simplified on 0..1 ('none': no check)")
+    parser.add_argument("--min-argmax-agree", type=_share, default=1.0, help="least share of equal predicted classes ('none': no check)")
+    parser.add_argument("--min-mask-agree", type=_share, default=0.999, help="least share of pixels with the same hard mask ('none': no check)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
 
 
 def _pipeline(spec: str, threads: int | None):
@@ -56,7 +64,11 @@ def _pipeline(spec: str, threads: int | None):
     from keepbits.runtime.parity import BUNDLE_BACKENDS, bundle_pipeline
 
     path, sep, backend = spec.rpartition("@")
-    if not sep or Path(spec).exists() or backend not in BUNDLE_BACKENDS + ("torch",):
+    if not sep or Path(spec).exists():
+        path, backend = spec, None
+    elif backend not in BUNDLE_BACKENDS + ("torch",):
+        if Path(path).exists():
+            raise InputError(f"{spec}: unknown backend @{backend} (known: {', '.join(f'@{b}' for b in BUNDLE_BACKENDS + ('torch',))})")
         path, backend = spec, None
     if not Path(path).exists():
         raise InputError(f"model not found: {path}")

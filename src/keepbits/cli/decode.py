@@ -2,9 +2,11 @@
 
 Writes, per payload, x̃ (or the simplified image) as ``<name>.png`` cropped to the source frame,
 the kept-pixel mask as ``<name>_mask.png``, one line of ``frames.jsonl``, and optionally a video.
-Bad payloads are reported and skipped (``bad_payloads`` in the summary; ``write_errors`` for frames
-decoded but not written): exit 1 when there were
-any, 0 when every payload decoded, 2 on input errors (nothing to decode).
+Nothing is overwritten: an ``--out`` that holds a ``frames.jsonl`` (a ``files:`` sink folder, an
+earlier decode) and an existing ``--video`` are refused; a PNG already there keeps its name (the
+new one gets a suffix). Bad payloads are reported and skipped (``bad_payloads`` in the summary;
+``write_errors`` for frames decoded but not written): exit 1 when there were any, 0 when every
+payload decoded, 2 on input errors (nothing to decode, an output that exists).
 
 Example:
     keepbits decode --payloads out/payloads --out decoded/ --video decoded.mp4
@@ -22,11 +24,15 @@ HELP = "decode payload files (.kbit, from keepbits run --sink files:DIR) to PNG 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from keepbits.cli._common import add_fps_option
+
     parser.add_argument("--payloads", required=True, nargs="+", metavar="PATH",
                         help="payload files and/or folders of .kbit files (a files: sink folder: its payloads/)")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs and frames.jsonl")
-    parser.add_argument("--video", type=Path, default=None, help="also write the decoded frames as this MP4 (default: none)")
-    parser.add_argument("--fps", type=float, default=25.0, help="frame rate of --video")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="folder for the PNGs and frames.jsonl (one that holds a frames.jsonl already is refused)")
+    parser.add_argument("--video", type=Path, default=None,
+                        help="also write the decoded frames as this MP4, a new file (default: none)")
+    add_fps_option(parser)
     parser.add_argument("--no-images", action="store_true", help="do not write one PNG per payload")
     parser.add_argument("--no-masks", action="store_true", help="do not write the mask PNGs")
     parser.add_argument("--max-pixels", type=int, default=None,
@@ -37,8 +43,6 @@ def run(args: argparse.Namespace) -> int:
     from keepbits.codec import DEFAULT_MAX_PIXELS
     from keepbits.runtime.receiver import decode_files
 
-    if args.fps <= 0:
-        raise InputError(f"--fps must be positive, got {args.fps}")
     if args.max_pixels is not None and args.max_pixels < 1:
         raise InputError(f"--max-pixels must be >= 1, got {args.max_pixels}")
     summary = decode_files(args.payloads, args.out, video=args.video, fps=args.fps, images=not args.no_images,

@@ -10,6 +10,11 @@ payload's bytes with JPEG and WebP files of the same model-size frames at matche
 agreement (each file and each payload decoded and classified again, ``keepbits.runtime.evaluate``).
 The earlier MNIST demo's assets made room for these (``docs/runtime.md`` still builds them).
 
+``--out`` is a new or empty folder, or an earlier demo's (its ``summary.json`` says
+``"written_by": "keepbits demo"``), whose output a rerun replaces; any other folder is refused.
+Exit codes are ``keepbits run``'s (:data:`keepbits.cli.run.EXIT_CODES`): 3 when the source gave
+no frame, and so on.
+
 Example:
     keepbits demo --out keepbits-demo
 """
@@ -34,12 +39,15 @@ CREDIT = "clip: Intel IoT DevKit sample videos (bottle-detection.mp4, frames 400
 #: Payload settings of the demo (x̃ as one WebP image, for a NICE bundle) and the qualities the whole-frame files are swept over.
 DEMO_CODEC = {"mode": "mixed", "codec": "webp", "quality": 75, "background": "webp"}
 BASELINE_QUALITIES = (10, 25, 40, 55, 70, 85, 95)
+#: First field of the demo's summary.json: a folder whose summary.json has it is the demo's own, which a rerun replaces.
+MARKER = {"written_by": "keepbits demo"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from keepbits.cli.run import add_codec_arguments
 
-    parser.add_argument("--out", type=Path, default=Path("keepbits-demo"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("keepbits-demo"),
+                        help="output folder: a new or empty one, or an earlier demo's (its output is replaced)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames (default: the whole clip)")
     parser.add_argument("--model", type=Path, default=None, help="model bundle (default: the bundled EfficientNet-Lite0 + NICE model)")
     parser.add_argument("--source", default=None, help="stream (default: the bundled clip)")
@@ -88,15 +96,37 @@ def _report(summary: dict, out: Path, comparison: dict | None) -> str:
             else:
                 lines.append(f"  {fmt.upper()} at matched agreement (q{row['quality']}, {100 * row['agreement']:.1f}%): "
                              f"{row['bytes_per_image']:7.0f} B/frame ({comparison['ratios'][fmt]:.2f}x the payload)")
-    lines += [f"  labels: {summary['labels']}",
-              f"  wrote {out / 'annotated.mp4'}, {out / 'payloads'}/, {out / 'frames.jsonl'}, {out / 'summary.json'}"]
+    written = [str(out / "annotated.mp4")] if (out / "annotated.mp4").is_file() else []
+    written += [f"{out / 'payloads'}/"] if any((out / "payloads").glob("*.kbit")) else []
+    written += [str(out / "frames.jsonl")] if summary["written"] else []
+    lines += [f"  labels: {summary['labels']}", f"  wrote {', '.join([*written, str(out / 'summary.json')])}"]
     if summary.get("credit"):
         lines.append(f"  {summary['credit']}")
     return "\n".join(lines)
 
 
+def _check_out(out: Path, source: str) -> bool:
+    """Whether ``out`` holds an earlier demo's output, which a rerun replaces (its summary.json
+    has :data:`MARKER`; an empty or new folder: False); :class:`InputError` for a file, a folder
+    of other things (the demo replaces only what it made) or a ``source`` among the demo's files."""
+    from keepbits.cli._common import output_folder
+
+    if not output_folder(out).is_dir() or not any(out.iterdir()):
+        return False
+    try:
+        ours = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("written_by") == MARKER["written_by"]
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise InputError(f"--out {out}: holds files the demo did not write (no summary.json of keepbits demo); "
+                         "choose a new or empty folder")
+    if Path(source).is_file() and out.resolve() in Path(source).resolve().parents:
+        raise InputError(f"--source {source} is inside --out {out}, whose earlier demo output a rerun replaces")
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
-    from keepbits.cli.run import ProgressLine, codec_options
+    from keepbits.cli.run import EXIT_CODES, ProgressLine, codec_options
     from keepbits.runtime import Pipeline, open_source
     from keepbits.runtime.sinks import FilesSink, VideoSink
     from keepbits.runtime.stream import handle_signals, run_stream
@@ -107,14 +137,19 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"demo bundle not found: {model} (docs/real_models.md shows how to build it)")
     if args.max_frames is not None and args.max_frames < 1:
         raise InputError(f"--max-frames must be >= 1, got {args.max_frames}")
+    rerun = _check_out(args.out, source)
     args.codec = args.codec or DEMO_CODEC["codec"]
-    args.quality = args.quality or DEMO_CODEC["quality"]
+    args.quality = DEMO_CODEC["quality"] if args.quality is None else args.quality
     args.background = args.background or DEMO_CODEC["background"]
     pipeline = Pipeline.from_bundle(model, backend=args.backend, threads=args.threads, **codec_options(args))
     if args.mode is None and pipeline.explain == "mask":
         pipeline.codec_options["mode"] = DEMO_CODEC["mode"]
     stream = open_source(source)
-    sinks = [FilesSink(args.out, replace=True), VideoSink(args.out / "annotated.mp4", stream.fps)]  # a rerun replaces the demo's output
+    if rerun:  # the earlier demo's video goes (its payloads: FilesSink; its summary: replaced now), so none outlives this run
+        (args.out / "annotated.mp4").unlink(missing_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps({**MARKER, "status": "running"}) + "\n")  # an interrupted demo's folder stays its own
+    sinks = [FilesSink(args.out, replace=True), VideoSink(args.out / "annotated.mp4", stream.fps)]
     with handle_signals(threading.Event()) as stop:
         summary = run_stream(pipeline, stream, sinks, max_frames=args.max_frames, compare=("jpeg", "png", "lossless"),
                              stop=stop, progress=ProgressLine(args.quiet))
@@ -126,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         summary["matched_agreement"] = comparison
     if args.source is None:
         summary["credit"] = CREDIT
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / "summary.json").write_text(json.dumps({**MARKER, **summary}, indent=2) + "\n")
     print(_report(summary, args.out, comparison), file=sys.stdout)
-    return 0
+    if summary["reason"]:
+        print(f"keepbits: {summary['status']}: {summary['reason']}", file=sys.stderr)
+    return EXIT_CODES[summary["status"]][0]

@@ -26,7 +26,7 @@ HELP = "rate–accuracy of a bundle on your images through the real payload, vs 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from keepbits.cli._common import add_user_images_options
+    from keepbits.cli._common import add_user_images_options, non_negative_float
     from keepbits.cli.run import add_backend_arguments
 
     parser.add_argument("--model", required=True, help="model bundle folder or .zip")
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", nargs="*", choices=["png", "jpeg", "webp"], default=["png", "jpeg", "webp"],
                         help="whole-frame formats to compare with; give no value for none")
     parser.add_argument("--baseline-qualities", type=int, nargs="+", default=[10, 30, 50, 75, 90], help="JPEG/WebP qualities of the baselines")
-    parser.add_argument("--tolerance", type=float, default=0.01,
+    parser.add_argument("--tolerance", type=non_negative_float, default=0.01,
                         help="'smallest within tolerance' in the report: score at least the full frame's minus this")
     parser.add_argument("--examples", type=int, default=6, help="example images in the report")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call")
@@ -70,7 +70,7 @@ def within_line(best: dict[str, Any], points: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from keepbits._json import jsonable
-    from keepbits.cli._common import command_line, existing_path
+    from keepbits.cli._common import command_line, existing_path, output_folder
     from keepbits.data.images import load_images
     from keepbits.runtime import Pipeline
     from keepbits.runtime.evaluate import labels_for_model, rate_accuracy, write_report
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_images < 0 or args.examples < 0 or args.batch_size < 1:
         raise InputError("--num-images and --examples must be >= 0, --batch-size >= 1")
+    output_folder(args.out)
     pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads)
     images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width),
                          frame_step=args.frame_step)

@@ -26,6 +26,8 @@ HELP = "receive payloads over TCP or MQTT (from keepbits run --sink tcp:/mqtt://
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from keepbits.cli._common import add_fps_option, positive_int
+
     parser.epilog = ("exit codes: 0: frames written and none lost; 1: frames lost (" + ", ".join(LOSSES.values())
                      + ") or nothing received, one line on stderr says which; 2: bad input; 130: aborted")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -35,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "wildcards allowed; options: docs/runtime.md)")
     parser.add_argument("--out", required=True, type=Path, help="folder for decoded PNGs and frames.jsonl")
     parser.add_argument("--video", type=Path, help="also write the decoded frames as this MP4 (default: none)")
-    parser.add_argument("--fps", type=float, default=25.0, help="frame rate of --video")
+    add_fps_option(parser)
     parser.add_argument("--no-images", action="store_true", help="do not write one PNG per frame")
-    parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames (default: no limit)")
+    parser.add_argument("--max-frames", type=positive_int, default=None, help="stop after N frames (default: no limit)")
     parser.add_argument("--idle-timeout", type=float, default=30.0, help="stop after this many seconds without data")
     parser.add_argument("--once", action="store_true", help="TCP: stop when the first sender disconnects")
     parser.add_argument("--max-payload", type=int, default=None, help="largest payload accepted (bytes; default 16 MiB)")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from keepbits.cli._common import number, positive_int
 from keepbits.codec.payload import BACKGROUNDS
 from keepbits.errors import InputError
 
@@ -55,7 +56,8 @@ def add_codec_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any
     parser.add_argument("--background", choices=BACKGROUNDS, default="auto",
                         help="block means in blocks mode (lossless: raw, png, or auto = png for grids of >= 256 blocks, "
                              f"raw below) (default: {shown['background']})")
-    parser.add_argument("--quality", type=int, default=90, help=f"jpeg/webp quality 1..100 (default: {shown['quality']})")
+    parser.add_argument("--quality", type=number(int, minimum=1, maximum=100), default=90,
+                        help=f"jpeg/webp quality 1..100 (default: {shown['quality']})")
     parser.add_argument("--webp-method", type=int, choices=range(7), default=None, metavar="0..6",
                         help="libwebp effort: 0-2 encode faster for a few %% more bytes, 5-6 the reverse "
                              "(default: OpenCV's encoder, method 4)")
@@ -66,7 +68,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     """ONNX Runtime options shared by the commands that run a bundle."""
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
                         help="ONNX Runtime providers: auto (CUDA when available, else CPU), onnxruntime (CPU) or tensorrt")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,8 +107,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def codec_options(args: argparse.Namespace) -> dict[str, Any]:
-    if not 1 <= args.quality <= 100:
-        raise InputError(f"--quality must be 1..100, got {args.quality}")
     options = {"codec": args.codec, "background": args.background, "quality": args.quality}
     if args.webp_method is not None:
         options["webp_method"] = args.webp_method
@@ -156,6 +156,20 @@ def compared(ratio: float, reference: str) -> str:
     return f"{ratio:.1f}x smaller than {reference}" if ratio >= 1 else f"{1 / ratio:.1f}x larger than {reference}"
 
 
+def _check_video_sinks(specs: list[str], source: str) -> None:
+    """Refuse, before any work, a ``video:`` sink at the ``--source`` or where a file already is:
+    a run never overwrites a video (:func:`keepbits.runtime.video.new_video_path`)."""
+    from keepbits.runtime.video import new_video_path
+
+    for spec in specs:
+        kind, _, arg = spec.partition(":")
+        if kind != "video" or not arg:
+            continue
+        if Path(arg).is_file() and Path(source).is_file() and Path(arg).samefile(source):
+            raise InputError(f"sink {spec} is the --source: a run never writes over what it reads")
+        new_video_path(arg, f"sink {spec}:")
+
+
 def run(args: argparse.Namespace) -> int:
     from keepbits._fs import writable_file, write_text_atomic
     from keepbits.cli._common import existing_path
@@ -171,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--expect-digest must be 64 hex digits (a sha256), got {args.expect_digest!r}")
     if args.summary:
         writable_file(args.summary, "--summary")
+    _check_video_sinks(args.sink, args.source)
     source_options = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
     with Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads,
                               expected_digest=args.expect_digest, **codec_options(args)) as pipeline, \

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from keepbits.cli._common import add_argument, add_device_option, add_force_option, add_precision_option, command_line, existing_path
+from keepbits.cli._common import POSITIVE_LR, add_argument, add_device_option, add_force_option, add_precision_option, command_line, existing_path
 
 HELP = "train a registered classifier (lenet5, resnet20, resnet20_scan, resnet18, vgg16_bn, nf_wrn16_2, convnet3); runs under torchrun too"
 
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd uses Nesterov momentum")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 for sgd, 1e-3 for adamw)")
+    p.add_argument("--lr", type=POSITIVE_LR, default=None, help="peak learning rate (default: 0.1 for sgd, 1e-3 for adamw)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay of the optimizer")
     p.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine", help="learning-rate schedule after the warm-up")

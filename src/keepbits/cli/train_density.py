@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from keepbits.cli._common import add_argument, add_device_option, add_force_option, command_line, existing_path
+from keepbits.cli._common import POSITIVE_LR, add_argument, add_device_option, add_force_option, command_line, existing_path
 
 HELP = "train a Glow density model (bits per dimension, SimpleBits L_sim)"
 
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2000, help="Adam steps")
     p.add_argument("--max-minutes", type=float, default=None, help="stop earlier after this wall time (steps run are recorded; default: no limit)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (drawn with replacement)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate after the warm-up")
+    p.add_argument("--lr", type=POSITIVE_LR, default=1e-3, help="Adam learning rate after the warm-up")
     p.add_argument("--warmup-steps", type=int, default=200, help="steps of linear lr warm-up")
     add_argument(p, "--num-train-images", type=int, default=None, deprecated=["--max-train"],
                  help="train on a random class-balanced sample of N training images (seed --seed; default: all)")

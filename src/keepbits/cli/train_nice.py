@@ -6,7 +6,7 @@ import json
 import os
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, add_force_option, add_frame_step_option, add_precision_option,
+    CLASSIFIER_SPEC_HELP, POSITIVE_LR, add_argument, add_classifier_options, add_device_option, add_force_option, add_frame_step_option, add_precision_option,
     classifier_options, command_line, existing_path, json_object,
 )
 from keepbits.errors import InputError
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-smooth", type=int, default=9, help="box filter (px) on the saliency map of the warm start")
     p.add_argument("--warmup-lr", type=float, default=1e-2, help="Adam learning rate of the warm start")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam: lr ×0.1 every --step-epochs; sgd: momentum 0.9, cosine")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the generator")
+    p.add_argument("--lr", type=POSITIVE_LR, default=1e-3, help="learning rate of the generator")
     p.add_argument("--classifier-lr", type=float, default=None, help="learning rate of the classifier in finetuned mode (default: --lr)")
     p.add_argument("--step-epochs", type=int, default=5, help="adam: lr ×0.1 every N epochs")
     p.add_argument("--epochs", type=int, default=10, help="training epochs")

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, add_force_option, classifier_options, command_line, existing_path,
+    CLASSIFIER_SPEC_HELP, POSITIVE_LR, add_argument, add_classifier_options, add_device_option, add_force_option, classifier_options, command_line, existing_path,
 )
 
 HELP = "train a SimpleBits simplifier jointly with a classifier (L = λ_sim·bpd + L_cls, unrolled step)"
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda-sim", type=float, default=1.0, help="weight of L_sim (bpd of the simplified image)")
     p.add_argument("--inner-lr", type=float, default=None, help="learning rate of the unrolled step of the classifier's AdamW "
                    "(default: the classifier's --lr, as in the paper)")
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (both networks)")
+    p.add_argument("--lr", type=POSITIVE_LR, default=5e-4, help="AdamW learning rate (both networks)")
     p.add_argument("--sim-lr", type=float, default=None, help="AdamW learning rate of the simplifier (default: --lr, as in the paper)")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay")
     p.add_argument("--steps", type=int, default=500, help="training steps")

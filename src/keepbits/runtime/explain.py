@@ -2,7 +2,8 @@
 pixels it keeps and what the receiver rebuilds from the payload.
 
 :func:`look` runs the bundle on one frame and decodes its own payload. :meth:`Look.write`
-saves, at the source frame's size (small frames enlarged by whole factors to ``min_side``):
+saves, at the source frame's size (small frames enlarged by whole factors to ``min_side``, the
+long side within :data:`keepbits.runtime.sinks.MAX_SIDE`):
 ``<name>_overlay.png`` (kept pixels, ẑ > threshold, tinted; dropped ones dimmed),
 ``<name>_mask.png`` (ẑ in the viridis colour map), ``<name>_mixed.png`` (x̃ as the receiver
 decodes it; a SimpleBits bundle: the simplified image). :func:`explain_images` does it for many
@@ -32,6 +33,7 @@ import numpy as np
 from keepbits.codec import decode
 from keepbits.report import colorize, overlay, to_png
 from keepbits.runtime.pipeline import Pipeline
+from keepbits.runtime.sinks import enlargement
 from keepbits.runtime.sources import as_rgb
 
 
@@ -67,10 +69,12 @@ class Look:
         return out
 
     def write(self, out: str | Path, min_side: int = 224) -> dict[str, str]:
-        """Write the :meth:`panels` as ``<name>_<panel>.png`` into ``out``; returns panel -> file name."""
+        """Write the :meth:`panels` as ``<name>_<panel>.png`` into ``out``, small frames enlarged to
+        ``min_side`` within :data:`keepbits.runtime.sinks.MAX_SIDE` (:func:`enlargement`); returns
+        panel -> file name."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        scale = max(1, -(-min_side // min(self.frame.shape[:2])))
+        scale = enlargement(*self.frame.shape[:2], min_side)
         files = {}
         for panel, image in self.panels().items():
             files[panel] = f"{self.name}_{panel}.png"

@@ -7,7 +7,9 @@ read everything. The receiver serves up to ``max_connections`` senders at once, 
 lengths above ``max_payload``, times out idle reads, decodes each payload with
 :class:`keepbits.runtime.receiver.PayloadWriter` (bad payloads are counted and skipped) into PNG
 images (cropped to the source box, named per sender session: a restarted sender never
-overwrites earlier frames), ``frames.jsonl`` (appended) and optionally a video.
+overwrites earlier frames, nor a sender that repeats a sequence number: ``renamed``),
+``frames.jsonl`` (appended) and optionally a video. A frame that cannot be written counts in
+``write_errors``; an error of the receiver itself drops that connection only (``protocol_errors``).
 
 Example:
     >>> import threading, tempfile, numpy as np
@@ -221,7 +223,9 @@ def receive(
     backlog); returns after ``max_frames``, after ``idle_timeout`` seconds without a connection
     or data, when the first sender disconnects if ``once`` (no other is accepted then), or when
     ``stop`` is set. ``max_pixels``/``max_pixels_per_byte`` go to :func:`keepbits.codec.decode`.
-    ``ready`` (if given) is set once listening, with ``ready.port``.
+    ``ready`` (if given) is set once listening, with ``ready.port``. Counters: ``frames``, ``bytes``,
+    ``bad_payloads``, ``protocol_errors``, ``write_errors``, ``connections``, ``sessions`` and
+    ``renamed`` (frames written under a suffixed name, :class:`PayloadWriter`).
     """
     _positive("idle_timeout", idle_timeout)
     for name, value in (("max_payload", max_payload), ("max_connections", max_connections)):
@@ -251,6 +255,10 @@ def receive(
             with conn:
                 conn.settimeout(min(idle_timeout, 1.0))
                 _serve(conn, peer, writer, stats, shared, max_payload, idle_timeout, halt)
+        except Exception as exc:  # a fault of this receiver, not the sender's: logged and counted, the others served on
+            with shared["lock"]:
+                stats["protocol_errors"] += 1
+            log.warning("%s: connection dropped by an error of the receiver (%s: %s)", peer, type(exc).__name__, exc)
         finally:
             with shared["lock"]:
                 shared["last"] = time.monotonic()
@@ -292,6 +300,7 @@ def receive(
                 if stop.is_set():
                     halt.set()
         writer.close()
+    stats["renamed"] = writer.renamed
     return stats
 
 
@@ -335,7 +344,7 @@ def _serve(conn: socket.socket, peer: Any, writer: PayloadWriter, stats: dict[st
                 count("bad_payloads")
                 log.warning("%s: bad payload skipped (%s)", sender, exc)
                 continue
-            except OSError as exc:  # our disk, not the sender: counted apart from connection errors
+            except (OSError, InputError) as exc:  # our disk or --video, not the sender: counted apart from connection errors
                 count("write_errors")
                 log.warning("%s: a received frame could not be written (%s)", sender, exc)
                 continue

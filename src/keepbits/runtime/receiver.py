@@ -20,6 +20,7 @@ Example:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -29,9 +30,10 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
+from keepbits._json import jsonable
 from keepbits.codec import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_PER_BYTE, PayloadMeta, decode
 from keepbits.errors import DecodeError, InputError
-from keepbits.runtime.video import even_size, open_video_writer, video_codecs
+from keepbits.runtime.video import check_fps, even_size, new_video_path, open_video_writer, video_codecs
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,13 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 class PayloadWriter:
     """Decode payloads into ``out``: PNGs (``images``), mask PNGs (``masks``), ``frames.jsonl``
-    (``append``: added to an existing one; then an existing ``video`` is refused, not
-    overwritten), and ``video`` (a path) at ``fps``; frames of another
-    size than the first are resized to it. ``max_pixels`` and ``max_pixels_per_byte`` bound
-    :func:`keepbits.codec.decode`. Safe to call from several threads (one per sender); ``what``
-    names ``out`` in errors."""
+    (``append``: added to an existing one, as a receiver keeps what it received before; else an
+    existing one is refused), and ``video`` (a new file: an existing one is refused) at ``fps``;
+    frames of another size than the first are resized to it. Nothing is overwritten: a frame
+    whose name is taken (a sender repeating a sequence number, a file already in ``out``) is
+    written as ``<name>~<k>`` and counted in ``renamed``. ``max_pixels`` and
+    ``max_pixels_per_byte`` bound :func:`keepbits.codec.decode`. Safe to call from several
+    threads (one per sender); ``what`` names ``out`` in errors."""
 
     def __init__(self, out: str | Path, *, video: str | Path | None = None, fps: float = 25.0, images: bool = True,
                  masks: bool = True, append: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -66,20 +70,36 @@ class PayloadWriter:
                 video_codecs(video)
             except InputError as exc:
                 raise InputError(f"video {video}: {exc}") from None
-            if append and Path(video).exists():  # a receiver keeps what it received before: frames.jsonl is appended to
-                raise InputError(f"video {video} exists (an earlier run's?): a receiver never overwrites it; choose another name")
+            new_video_path(video)
+            check_fps(fps, f"frame rate of video {video}")
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"{what} {out}: exists and is not a folder")
+        if not append and (self.out / "frames.jsonl").exists():
+            raise InputError(f"{what} {out}: holds a frames.jsonl (a files: sink's folder or an earlier decode); "
+                             "choose another folder or remove it")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(self.out / "frames.jsonl", "a" if append else "w", encoding="utf-8")
+            self.jsonl = open(self.out / "frames.jsonl", "a" if append else "x", encoding="utf-8")
         except OSError as exc:
             raise InputError(f"{what} {out}: cannot write there ({exc.strerror or exc})") from None
         self.video_path, self.fps = video, fps
         self.video: Any = None
         self.size: tuple[int, int] | None = None
-        self.frames = 0
+        self.frames = self.renamed = 0
+        self._writing: set[str] = set()  # names claimed by frames whose files are not written yet
         self._lock = threading.Lock()
+
+    def _claim(self, name: str) -> str:
+        """``name``, or the first free ``<name>~<k>`` where a file in ``out`` or a frame being
+        written (another thread's) has it; :meth:`write` releases it once its files are written."""
+        def taken(stem: str) -> bool:
+            return stem in self._writing or (self.out / f"{stem}.png").exists() or (self.out / f"{stem}_mask.png").exists()
+
+        with self._lock:
+            free = name if not taken(name) else next(f"{name}~{k}" for k in itertools.count(1) if not taken(f"{name}~{k}"))
+            self.renamed += free != name
+            self._writing.add(free)
+        return free
 
     def write(self, payload: bytes, name: str | Callable[[PayloadMeta], str] | None = None, *, prefix: str = "",
               **extra: Any) -> dict[str, Any]:
@@ -96,19 +116,26 @@ class PayloadWriter:
                   "score": meta.score, "bytes": meta.total_bytes, "mode": meta.mode, "kept_blocks": meta.kept_blocks,
                   "total_blocks": meta.total_blocks, "kept_pixels": None if mask is None else int(mask.sum()),
                   "size": [int(bgr.shape[1]), int(bgr.shape[0])], "image": None, "mask": None}
-        if self.images:
-            _write_png(self.out / f"{name}.png", bgr)
-            record["image"] = f"{name}.png"
-        if self.masks and mask is not None:
-            _write_png(self.out / f"{name}_mask.png", _crop(mask, meta.roi).astype(np.uint8) * 255)
-            record["mask"] = f"{name}_mask.png"
+        record = jsonable(record)  # a crafted header's score or timestamp of NaN or inf: null, as JSON has no such number
+        if self.images or (self.masks and mask is not None):
+            name = self._claim(name)
+            try:
+                if self.images:
+                    _write_png(self.out / f"{name}.png", bgr)
+                    record["image"] = f"{name}.png"
+                if self.masks and mask is not None:
+                    _write_png(self.out / f"{name}_mask.png", _crop(mask, meta.roi).astype(np.uint8) * 255)
+                    record["mask"] = f"{name}_mask.png"
+            finally:
+                with self._lock:
+                    self._writing.discard(name)
         with self._lock:
             if self.video_path is not None:
                 if self.video is None:
                     self.size = even_size(bgr.shape[1], bgr.shape[0])
                     self.video = open_video_writer(self.video_path, self.fps, self.size)
                 self.video.write(cv2.resize(bgr, self.size) if (bgr.shape[1], bgr.shape[0]) != self.size else bgr)
-            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
             self.jsonl.flush()
             self.frames += 1
         return record
@@ -209,7 +236,8 @@ def decode_files(paths: Sequence[str | Path], out: str | Path, *, video: str | P
                 unwritten.append({"file": str(file), "error": str(exc)})
                 log.warning("%s: decoded, not written (%s)", file, exc)
     return {"payloads": len(files), "decoded": writer.frames, "bad_payloads": len(bad), "bad": bad, "write_errors": len(unwritten),
-            "unwritten": unwritten, "out": str(out), "video": None if video is None or not writer.frames else str(video)}
+            "unwritten": unwritten, "renamed": writer.renamed, "out": str(out),
+            "video": None if video is None or not writer.frames else str(video)}
 
 
 __all__ = ["MAX_PAYLOAD_BYTES", "PAYLOAD_SUFFIX", "PayloadWriter", "decode_files", "payload_files"]

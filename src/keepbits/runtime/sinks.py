@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +25,7 @@ import cv2
 import numpy as np
 
 from keepbits.errors import InputError
-from keepbits.runtime.video import even_size, open_video_writer, video_codecs
+from keepbits.runtime.video import MAX_FPS, even_size, new_video_path, open_video_writer, video_codecs
 
 
 class Sink(Protocol):
@@ -69,6 +70,24 @@ class FilesSink:
         return {"kind": "files", "path": str(self.folder), "frames": self.frames}
 
 
+#: Longest side (pixels) a small picture is enlarged to (:func:`enlargement`): a 1×20000 strip
+#: enlarged to a 224-pixel short side would take gigabytes.
+MAX_SIDE = 4096
+
+
+def enlargement(height: int, width: int, min_side: int, max_side: int = MAX_SIDE) -> int:
+    """The whole factor that enlarges a ``height`` × ``width`` picture to a short side of at least
+    ``min_side``, as far as its long side stays within ``max_side`` (1: not enlarged).
+
+    Example:
+        >>> from keepbits.runtime.sinks import enlargement
+        >>> enlargement(28, 28, 224), enlargement(1, 20000, 224), enlargement(10, 1000, 224)
+        (8, 1, 4)
+    """
+    wanted = -(-min_side // max(1, min(height, width)))
+    return max(1, min(wanted, max_side // max(1, height, width)))
+
+
 def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: int = 0) -> np.ndarray:
     """BGR frame: dropped pixels dimmed, kept region outlined, label/score/bytes printed; for a
     result without a mask (SimpleBits) the simplified image in place of ``image``, mapped back
@@ -89,7 +108,7 @@ def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: i
     else:
         keep = (result.fit.mask_to_source(result.mask) > result.threshold).astype(np.uint8)
     bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR if image.ndim == 2 or image.shape[2] == 1 else cv2.COLOR_RGB2BGR)
-    up = max(1, -(-min_side // min(bgr.shape[:2]))) if min_side else 1
+    up = enlargement(*bgr.shape[:2], min_side) if min_side else 1
     if up > 1:
         bgr = cv2.resize(bgr, None, fx=up, fy=up, interpolation=cv2.INTER_NEAREST)
         keep = cv2.resize(keep, None, fx=up, fy=up, interpolation=cv2.INTER_NEAREST)
@@ -112,8 +131,10 @@ def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: i
 class VideoSink:
     """Annotated source frames as a video (``.mp4``/``.mov``: H.264 when OpenCV writes it, else
     mp4v; ``.avi``: MJPEG; :func:`keepbits.runtime.video.open_video_writer`); small frames are
-    upscaled to ``min_side``. The container and the path are checked when the sink opens (a probe
-    writer is opened there and removed), so a sink that cannot write fails before the run."""
+    upscaled to ``min_side`` (within :data:`MAX_SIDE`). The container and the path are checked when
+    the sink opens (a probe writer is opened there and removed), so a sink that cannot write fails
+    before the run; a file already at ``path`` is refused, never overwritten. ``fps`` is the
+    source's; 25 where it has none a video can take (finite, at most :data:`MAX_FPS`)."""
 
     def __init__(self, path: str | Path, fps: float | None = None, min_side: int = 360):
         from keepbits._fs import writable_file
@@ -123,16 +144,16 @@ class VideoSink:
             codecs = video_codecs(self.path)
         except InputError as exc:
             raise InputError(f"sink video:{path}: {exc}") from None
+        new_video_path(self.path, f"sink video:{path}:")
         writable_file(self.path, "video sink")
-        existed = self.path.exists()
         probe = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*codecs[-1]), 25.0, (16, 16))  # the container's baseline codec
         opened = probe.isOpened()
         probe.release()
-        if not existed and self.path.exists():
-            self.path.unlink()
+        self.path.unlink(missing_ok=True)  # nothing was there before the probe
         if not opened:
             raise InputError(f"sink video:{path}: OpenCV cannot write {self.path.suffix} video there (no {codecs[-1]} encoder?)")
-        self.fps, self.min_side = fps or 25.0, min_side
+        self.fps = fps if fps and math.isfinite(fps) and 0 < fps <= MAX_FPS else 25.0  # the source's rate where a video takes it
+        self.min_side = min_side
         self._writer: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None
         self.frames = 0

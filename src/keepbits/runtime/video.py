@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -136,13 +137,42 @@ def video_codecs(path: str | Path) -> tuple[str, ...]:
     return codecs
 
 
+#: Highest frame rate a video is written at (frames/s): OpenCV's writer hangs on an infinite one.
+MAX_FPS = 1000.0
+
+
+def check_fps(fps: float, what: str = "fps") -> None:
+    """:class:`InputError` naming ``what`` unless ``fps`` is a frame rate a video can be written
+    at (finite, ``0 < fps <= MAX_FPS``).
+
+    Example:
+        >>> from keepbits.runtime.video import check_fps
+        >>> check_fps(float("nan"))  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        keepbits.errors.InputError: fps must be a number > 0 and <= 1000, got nan
+    """
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and 0 < fps <= MAX_FPS):
+        raise InputError(f"{what} must be a number > 0 and <= {MAX_FPS:g}, got {fps!r}")
+
+
+def new_video_path(path: str | Path, what: str = "video") -> Path:
+    """``path`` for a video about to be written: :class:`InputError` where a file is already there
+    (an earlier run's video, a source): keepbits never overwrites one. A folder there is left to
+    the writer's own check."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path} exists (an earlier run's?): keepbits never overwrites it; choose another name")
+    return path
+
+
 def open_video_writer(path: str | Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
     """A writer of ``size`` (W, H; :func:`even_size`) BGR frames into ``path``'s container
     (:data:`VIDEO_CONTAINERS`): for MP4 and MOV H.264 (``avc1``) when this OpenCV writes it,
-    else ``mp4v`` with a one-line notice (once per process); :class:`InputError` when no codec
-    of the container opens."""
+    else ``mp4v`` with a one-line notice (once per process); :class:`InputError` for a frame rate
+    :func:`check_fps` refuses or when no codec of the container opens."""
     path = Path(path)
     codecs = video_codecs(path)
+    check_fps(fps, f"frame rate of video {path}")
     for fourcc in codecs:
         if fourcc == "avc1" and not h264_available():
             continue
@@ -160,4 +190,5 @@ def _notice_mp4v() -> None:
                 "an H.264 (avc1) writer")
 
 
-__all__ = ["VIDEO_CONTAINERS", "build_video_io", "even_size", "h264_available", "has_backend", "open_video_writer", "video_codecs"]
+__all__ = ["MAX_FPS", "VIDEO_CONTAINERS", "build_video_io", "check_fps", "even_size", "h264_available", "has_backend", "new_video_path",
+           "open_video_writer", "video_codecs"]
