@@ -245,3 +245,26 @@ def test_receiver_counts_frames_it_cannot_write_and_keeps_going(mosquitto, tmp_p
     assert stats["frames"] == 2 and stats["write_errors"] == 1
     names = sorted(p.name for p in (tmp_path / "rx").glob("*.png"))
     assert len(names) == 2 and all(len(n) < 255 and n.startswith("cams_xxx") for n in names)
+
+
+class _FailingOnceWriter(PayloadWriter):
+    """A writer whose first frame fails as a video writer that cannot open would (InputError)."""
+
+    def write(self, payload, name=None, **extra):
+        if not getattr(self, "failed", False):
+            self.failed = True
+            raise InputError("video rx.mp4: OpenCV cannot open a writer")
+        return super().write(payload, name, **extra)
+
+
+def test_a_frame_the_writer_cannot_write_is_counted_and_the_receiver_goes_on(mosquitto, tmp_path):
+    writer = _FailingOnceWriter(tmp_path / "rx", masks=False, append=True)
+    receiver = _Receiver(f"{mosquitto.url}/t?{FAST}", tmp_path / "rx", idle_timeout=30, writer=writer)
+    sink = MqttSink(f"{mosquitto.url}/t?qos=1&{FAST}")
+    for k in range(3):
+        assert sink.send(_payload(k))
+    sink.close()
+    assert _until(lambda: len(_sequences(tmp_path / "rx")) == 2)
+    stats = receiver.stop()
+    writer.close()
+    assert stats["write_errors"] == 1 and stats["frames"] == 2 and _sequences(tmp_path / "rx") == [1, 2]

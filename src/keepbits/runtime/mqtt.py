@@ -367,7 +367,7 @@ def receive_mqtt(
             except DecodeError as exc:
                 stats["bad_payloads"] += 1
                 log.warning("%s: bad payload on %s skipped (%s)", address, topic, exc)
-            except OSError as exc:
+            except (OSError, InputError) as exc:  # a disk or video writer that fails loses this frame, not the receiver
                 stats["write_errors"] += 1
                 log.warning("%s: a frame received on %s could not be written (%s)", address, topic, exc)
     finally:
