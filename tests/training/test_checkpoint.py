@@ -159,6 +159,9 @@ def test_checkpoint_loading_is_weights_only(tmp_path):
     torch.save({"0.weight": torch.zeros(2, 2)}, tmp_path / "bare.pt")
     with pytest.raises(CheckpointError, match="bare weights .* as --classifier-weights"):
         load_checkpoint(tmp_path / "bare.pt")
+    (tmp_path / "text.pt").write_text("hello world\n")  # the unpickler's KeyError '101' is no reason a user can read
+    with pytest.raises(CheckpointError, match=r"text.pt: not a readable keepbits checkpoint \(not written by torch.save: KeyError"):
+        load_checkpoint(tmp_path / "text.pt")
     (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04broken")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "trunc.pt")

@@ -281,7 +281,9 @@ def _unreadable(exc: Exception) -> str:
     first = next(iter(str(exc).strip().splitlines()), "")
     if first.startswith("Weights only load failed"):
         return "it holds pickled Python objects beyond tensors and plain containers; keepbits does not unpickle them"
-    return first or type(exc).__name__
+    if isinstance(exc, (KeyError, IndexError, EOFError, UnicodeDecodeError)) or len(first) < 8:
+        return f"not written by torch.save: {type(exc).__name__} {first}".rstrip()  # the unpickler met foreign bytes
+    return first
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
