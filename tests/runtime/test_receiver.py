@@ -38,6 +38,9 @@ def test_files_sink_never_mixes_two_runs(tmp_path):
     run_stream(pipe, open_source(_frames(2)), [FilesSink(tmp_path / "sent", replace=True)])
     assert sorted(p.name for p in (tmp_path / "sent" / "payloads").iterdir()) == ["00000005.kbit", "00000006.kbit"]
     assert decode_files([tmp_path / "sent"], tmp_path / "out")["decoded"] == 2
+    # a run whose source gave nothing leaves an empty frames.jsonl: a restart (a supervisor's) may reuse its folder
+    assert run_stream(pipe, open_source([]), [open_sink(f"files:{tmp_path / 'outage'}")])["status"] == "source_failed"
+    assert run_stream(pipe, open_source(_frames(1)), [open_sink(f"files:{tmp_path / 'outage'}")])["written"] == 1
 
 
 def test_decoding_two_runs_at_once_keeps_every_frame(tmp_path):

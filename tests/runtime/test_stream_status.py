@@ -60,6 +60,34 @@ def test_status_and_reason(pipe):
     assert set(STATUSES) == {"ok", "frame_errors", "source_failed", "undelivered"}
 
 
+def test_a_failing_sink_does_not_starve_the_others_and_is_logged_once(pipe, caplog):
+    """A receiver that is down (the first sink) must not cost the local files (the second) their
+    frames, and its failure is one warning, not one a frame."""
+    dead, files = _Sink(fail=True), _Sink()
+    with caplog.at_level("WARNING", logger="keepbits.runtime.stream"):
+        summary = run_stream(pipe, open_source(_frames(4)), [dead, files])
+    assert files.frames == 4 and summary["written"] == 4
+    assert summary["status"] == "frame_errors" and summary["errors"] == 4
+    assert sum("disk on fire" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_live_source_that_stalls_is_a_failed_source_not_an_ok_run(pipe):
+    """A camera that stops sending (after some frames) ends the stream at its stall timeout: the
+    run is ``source_failed`` (exit 3), so a supervisor tells a frozen camera from a finished run."""
+    release = threading.Event()
+
+    def camera():
+        yield from _frames(2)
+        release.wait(10)  # frozen: no frame, no end
+
+    try:
+        summary = run_stream(pipe, open_source(camera(), live=True, read_timeout=0.05, stall_timeout=0.3), [_Sink()])
+    finally:
+        release.set()
+    assert summary["written"] >= 1 and summary["source"]["stalled"] == 1  # a live queue keeps the newest frame only
+    assert summary["status"] == "source_failed" and "stalled" in summary["reason"]
+
+
 def test_second_signal_aborts_the_run(pipe):
     """The first SIGTERM finishes the accepted frames; the second aborts at once (the old code
     ignored a second SIGTERM and went on writing through a slow sink)."""

@@ -36,7 +36,8 @@ class Sink(Protocol):
 
 class FilesSink:
     """Payload files plus JSONL metadata, flushed per frame; the folder is created (and checked
-    writable) when the sink opens. A folder that holds an earlier run's payloads is refused:
+    writable) when the sink opens. A folder that holds an earlier run's payloads (or a non-empty
+    ``frames.jsonl``) is refused:
     writing over them would mix two runs under one ``frames.jsonl`` (a shorter run leaves the
     longer one's tail) and lose the first; ``replace=True`` deletes them first (the demo, which
     owns its folder)."""
@@ -46,7 +47,9 @@ class FilesSink:
         if self.folder.exists() and not self.folder.is_dir():
             raise InputError(f"sink files:{folder}: {folder} exists and is not a folder")
         earlier = sorted((self.folder / "payloads").glob("*.kbit")) if (self.folder / "payloads").is_dir() else []
-        if not replace and (earlier or (self.folder / "frames.jsonl").is_file()):
+        jsonl = self.folder / "frames.jsonl"
+        # a run that wrote nothing (its source never gave a frame) leaves nothing to lose: a restart may reuse its folder
+        if not replace and (earlier or (jsonl.is_file() and jsonl.stat().st_size > 0)):
             raise InputError(f"sink files:{folder}: {folder} holds an earlier run's payloads or frames.jsonl; "
                              "choose another folder or remove them")
         try:

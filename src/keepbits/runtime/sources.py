@@ -160,7 +160,7 @@ class Source:
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._counts = {"read": 0, "delivered": 0, "stale": 0, "reconnects": 0, "errors": 0, "skipped": 0, "stepped": 0}
+        self._counts = {"read": 0, "delivered": 0, "stale": 0, "reconnects": 0, "errors": 0, "skipped": 0, "stepped": 0, "stalled": 0}
         self.last_error: str | None = None
         self.frame_step, self._position = frame_step, 0
 
@@ -230,6 +230,7 @@ class Source:
                 if waited >= self.stall_timeout:
                     self.last_error = f"no frame for {waited:.1f} s" + (f"; last error: {self.last_error}" if self.last_error else "")
                     log.warning("source %s stalled (%s); ending the stream", self.name, self.last_error)
+                    self._counts["stalled"] = 1
                     self.close(timeout=0)
                     return None
                 continue
@@ -242,7 +243,8 @@ class Source:
         return len(self._queue) > 0
 
     def stats(self) -> dict[str, Any]:
-        """Counters: read, delivered, dropped, stale, reconnects, errors, skipped, stepped (+ live, last_error)."""
+        """Counters: read, delivered, dropped, stale, reconnects, errors, skipped, stepped, stalled (1 when the
+        stream ended because no frame came for ``stall_timeout``; + live, last_error)."""
         return {**self._counts, "dropped": self._queue.dropped, "live": self.live, "last_error": self.last_error}
 
     # -- grabber thread ----------------------------------------------------------------

@@ -112,6 +112,7 @@ class _Stats:
         self.written = 0
         self.errors = 0
         self.last_error: str | None = None
+        self.seen: set[str] = set()  # failure messages logged so far
         self.bytes = collections.Counter()
         self.labels: collections.Counter[str] = collections.Counter()
         self.kept = 0.0
@@ -130,6 +131,19 @@ class _Stats:
                     self.bytes[key] += record[key]
             for stage, ms in timings.items():
                 self.latency[stage].append(ms)
+
+    def fail(self, sequence: int, exc: Exception, counted: bool = True) -> None:
+        """Count a frame that failed (``counted``: once per frame, whichever of its steps or sinks
+        failed) and log the failure; the same failure again (a receiver still down) only at debug
+        level, with the number of repeats in the summary's ``errors``."""
+        message = f"{type(exc).__name__}: {exc}"
+        with self.lock:
+            self.errors += counted
+            self.last_error = f"frame {sequence}: {message}"
+            repeated = message in self.seen
+            self.seen.add(message)
+        (log.debug if repeated else log.warning)("frame %d: %s%s", sequence, message,
+                                                 "" if repeated else " (the same error again is counted, not logged)")
 
     def latency_summary(self) -> dict[str, dict[str, float]]:
         with self.lock:
@@ -183,15 +197,19 @@ def _writer(queue: BoundedQueue, pipeline: Pipeline, sinks: Sequence[Sink], stat
                 if pipeline.compress_enabled and r.payload is None:
                     pipeline.compress(r)
                 record = _record(frame, r, compare, jpeg_quality)
-                for sink in sinks:
+            except Exception as exc:  # noqa: BLE001 - one bad frame must not end the stream
+                stats.fail(r.sequence, exc)
+                continue
+            failed = 0
+            for sink in sinks:  # every sink gets the frame, whatever another one does with it
+                try:
                     sink.write(frame, r, record)
+                except Exception as exc:  # noqa: BLE001 - one failing sink must not end the stream or starve the others
+                    stats.fail(r.sequence, exc, counted=not failed)
+                    failed += 1
+            if failed < len(sinks) or not sinks:  # written: the frame reached a sink at least (or there are none)
                 r.timings["total"] = (time.time() - frame.timestamp) * 1e3
                 stats.add(record, r.timings)
-            except Exception as exc:  # noqa: BLE001 - one bad frame or sink must not end the stream
-                with stats.lock:
-                    stats.errors += 1
-                    stats.last_error = f"frame {r.sequence}: {type(exc).__name__}: {exc}"
-                log.warning("frame %d: %s: %s", r.sequence, type(exc).__name__, exc)
 
 
 class _InOrder:
@@ -365,6 +383,8 @@ def _status(summary: dict[str, Any], last_error: str | None) -> tuple[str, str |
         return "frame_errors", f"{summary['errors']} of {summary['frames']} frames failed (last: {last_error})"
     if not source["live"] and source["errors"]:
         return "source_failed", f"the source ended on a read error ({source['last_error']})"
+    if source.get("stalled"):
+        return "source_failed", f"the source stalled ({source['last_error']})"
     return "ok", None
 
 
