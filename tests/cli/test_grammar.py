@@ -142,3 +142,17 @@ def test_learning_rates_are_finite_and_positive(path):
         with pytest.raises(argparse.ArgumentTypeError, match="must be a number > 0"):
             lr.type(bad)
     assert lr.type("3e-4") == pytest.approx(3e-4)
+
+
+def test_an_aborted_keepbits_process_skips_interpreter_finalization(monkeypatch):
+    """A second signal (exit 130) leaves source / model / writer threads in native code; finalizing
+    under them ended 2 of 8 double-SIGINT runs in SIGABRT (134). The process exits at once instead;
+    an in-process call (argv given) just returns."""
+    import keepbits.cli as cli
+
+    exits = []
+    monkeypatch.setattr(cli, "_main", lambda argv: cli.ABORTED)
+    monkeypatch.setattr(cli, "_exit_without_finalization", exits.append)
+    assert cli.main(["run"]) == cli.ABORTED and exits == []
+    cli.main()
+    assert exits == [cli.ABORTED]

@@ -70,6 +70,10 @@ OPTIONAL_MODULES = {
 }
 
 
+#: Exit code of a run aborted by a second SIGINT / SIGTERM (128 + SIGINT, as shells report it).
+ABORTED = 130
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's usage errors (an unknown option, a missing one, a value its ``type`` refuses) as
     one line, ``keepbits: error: argument --fps: must be …; see keepbits decode --help``, exit 2."""
@@ -120,6 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = _main(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker: its work is done and the group torn down
         _exit_without_finalization(code)
+    if code == ABORTED and argv is None:
+        # aborted by a second signal (the keepbits process, not an in-process call): the source, model and
+        # writer threads may still be inside native code, and finalizing the interpreter under them can
+        # end in SIGABRT (exit 134 in 2 of 8 tries) instead of the documented 130
+        _exit_without_finalization(code)
     return code
 
 
@@ -147,9 +156,10 @@ def _quiet_native_logs(quiet: bool) -> Iterator[None]:
 
 
 def _exit_without_finalization(code: int) -> None:
-    """End a ``torchrun`` worker now, skipping interpreter finalization: gloo's C++ threads can
-    outlive the group's teardown and abort the process (SIGABRT, "terminate called without an
-    active exception") while the interpreter shuts down, turning a finished run into a failed one."""
+    """End the process now, skipping interpreter finalization (a ``torchrun`` worker, an aborted
+    run): C++ threads (gloo's, ONNX Runtime's, OpenCV's) can outlive their Python owners and abort
+    the process (SIGABRT, "terminate called without an active exception") while the interpreter
+    shuts down, turning the run's exit code into 134."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -192,4 +202,4 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1
     except KeyboardInterrupt:
         print("keepbits: interrupted", file=sys.stderr)
-        return 130
+        return ABORTED
