@@ -109,10 +109,11 @@ def test_native_rejects_bad_shapes_and_attributes():
 def test_fallback_logs_once(monkeypatch, caplog):
     monkeypatch.setenv("KEEPBITS_NATIVE", "0")
     monkeypatch.setattr(native, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="keepbits.native"):
+    with caplog.at_level(logging.INFO, logger="keepbits.native"):
         for _ in range(3):
             session = native.make_session(op_model(True, 2))
-    assert sum("function bodies" in r.getMessage() for r in caplog.records) == 1
+    said = [r for r in caplog.records if "function bodies" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO  # no fault: an installed package has no native/ (silent under -q)
     mask, _ = session.run(None, _inputs(np.random.default_rng(0), 1, 1, 5, 5))
     assert mask.shape == (1, 1, 5, 5)
     monkeypatch.setenv("KEEPBITS_NATIVE", "1")

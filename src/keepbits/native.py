@@ -4,10 +4,10 @@ Bundles carry ONNX function bodies for ``HardConcreteMask``, ``MixedResCompose``
 ``MaskCompose`` (NICE Eqs. 11–12), so they run on any ONNX runtime. With the C++ library
 of ``native/`` registered, ONNX Runtime runs the vectorised kernels instead. The library
 is looked up in ``$KEEPBITS_NATIVE_LIB``, then ``native/build/`` of a source checkout
-(``native/build.sh`` builds it); ``KEEPBITS_NATIVE=0`` disables it. When it is missing
-(or fails to load) keepbits logs once and uses the function bodies. The same library exports
-C helpers of the codec (:func:`c_function`); without it the codec runs its numpy/OpenCV
-path, with the same output. Torch-free.
+(``native/build.sh`` builds it); ``KEEPBITS_NATIVE=0`` disables it. When it is missing (logged
+once as information) or fails to load (a warning, once) keepbits uses the function bodies. The
+same library exports C helpers of the codec (:func:`c_function`); without it the codec runs its
+numpy/OpenCV path, with the same output. Torch-free.
 
 Example:
     >>> from keepbits import native
@@ -32,10 +32,10 @@ _log = logging.getLogger("keepbits.native")
 _warned: set[str] = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+def _warn_once(key: str, message: str, level: int = logging.WARNING) -> None:
     if key not in _warned:
         _warned.add(key)
-        _log.warning(message)
+        _log.log(level, message)
 
 
 def library_path() -> Path | None:
@@ -75,8 +75,10 @@ def register(options: Any) -> bool:
     """
     path = library_path()
     if path is None:
-        _warn_once("missing", "native keepbits kernels not found (build them with native/build.sh); "
-                   "ONNX Runtime runs the ONNX function bodies of the keepbits ops instead")
+        # not a fault (an installed package has no native/ folder; the function bodies give the same
+        # outputs), so information, silent under -q
+        _warn_once("missing", "native keepbits kernels not found (a source checkout builds them with native/build.sh); "
+                   "ONNX Runtime runs the ONNX function bodies of the keepbits ops instead", logging.INFO)
         return False
     error = _load_error(options, path)
     if error is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 import pytest
 
@@ -156,3 +157,22 @@ def test_an_aborted_keepbits_process_skips_interpreter_finalization(monkeypatch)
     assert cli.main(["run"]) == cli.ABORTED and exits == []
     cli.main()
     assert exits == [cli.ABORTED]
+
+
+def test_a_reader_that_goes_away_is_no_error(monkeypatch, capsys):
+    """`keepbits info | head -1`: the pipe closes under the command; no `error: [Errno 32] Broken
+    pipe` line, exit 141 as a shell reports SIGPIPE, stdout pointed at /dev/null for the last flush."""
+    import os
+
+    import keepbits.cli as cli
+    import keepbits.cli.doctor as doctor
+
+    def closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    redirected = []
+    monkeypatch.setattr(doctor, "run", closed_pipe)
+    monkeypatch.setattr(os, "dup2", lambda fd, to: redirected.append(to))
+    monkeypatch.setattr(sys.stdout, "fileno", lambda: 1, raising=False)
+    assert cli.main(["doctor"]) == cli.BROKEN_PIPE and redirected == [1]
+    assert "error" not in capsys.readouterr().err

@@ -70,8 +70,9 @@ OPTIONAL_MODULES = {
 }
 
 
-#: Exit code of a run aborted by a second SIGINT / SIGTERM (128 + SIGINT, as shells report it).
-ABORTED = 130
+#: Exit codes of a run aborted by a second SIGINT / SIGTERM and of one whose stdout reader went
+#: away (128 + SIGINT, 128 + SIGPIPE: what a shell reports for a process those signals end).
+ABORTED, BROKEN_PIPE = 130, 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -195,6 +196,10 @@ def _main(argv: Sequence[str] | None) -> int:
             raise
         print(f"keepbits: error: this command needs {exc.name}, which is not installed: {extra}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`keepbits info | head`): no error line, as other tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush of stdout must not fail again
+        return BROKEN_PIPE
     except OSError as exc:  # the machine, not the input: a disk full or a folder removed while the command ran
         if args.debug:
             raise
