@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 
 from keepbits.errors import InputError
 
+log = logging.getLogger("keepbits")
 HELP = "run the bundled EfficientNet-Lite0 + NICE model on a bundled real clip: annotated video, payloads, bytes vs JPEG/WebP"
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -155,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
                              stop=stop, progress=ProgressLine(args.quiet))
     comparison = None
     if not args.no_compare and pipeline.explain == "mask" and summary["written"]:
+        log.info("comparing with whole-frame JPEG and WebP files at matched agreement (%d frames, %d qualities each; "
+                 "--no-compare skips it)", summary["written"], len(BASELINE_QUALITIES))
         with open_source(source) as again:  # the same frames once more, for the files of the comparison
             frames = [frame.image for frame, _ in zip(again, range(summary["written"]))]
         comparison = _matched(pipeline, frames, pipeline.codec_options)

@@ -126,7 +126,11 @@ def annotate(image: np.ndarray, result: Any, record: dict[str, Any], min_side: i
             text += f" ({reference.upper()} {record[f'{reference}_bytes']} B)"
     scale = max(0.35, out.shape[0] / 700)
     org = (4, int(16 * scale / 0.5))
-    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    # white text on a dark band (a thick black copy of the text as outline runs wider than the text
+    # with some OpenCV builds and leaves ghost letters after it)
+    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    top, bottom = max(0, org[1] - height - 3), min(out.shape[0], org[1] + baseline + 1)
+    out[top:bottom, :min(out.shape[1], org[0] + width + 4)] //= 4
     cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return out
 
