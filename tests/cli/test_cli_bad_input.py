@@ -107,6 +107,8 @@ CASES = [
     ("folder of unreadable images", ["run", "--model", "{bundle}", "--source", "{broken}"], 3, "a.png: not a readable image"),
     ("a good run", RUN + ["--sink", "files:{out}/ok"], 0, ""),
     ("sink files: an earlier run's folder", RUN + ["--sink", "files:{used}"], 2, "holds an earlier run's payloads"),
+    ("one folder as two sinks", RUN + ["--sink", "files:{out}/twice", "--sink", "files:{out}/./twice"], 2,
+     "twice is given twice: two sinks would write the same place"),
     ("receive --video an earlier video", ["receive", "--listen", "127.0.0.1:{port}", "--out", "{out}/rx2", "--video", "{video}"], 2,
      "exists (an earlier run's?): keepbits never overwrites it"),
     ("train into an earlier run's folder", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{trained}"], 2,

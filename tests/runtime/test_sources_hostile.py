@@ -175,3 +175,15 @@ def test_a_skipped_file_keeps_its_place_in_the_frame_indices(tmp_path):
     src = open_source(tmp_path)
     assert [(f.index, int(f.image[0, 0, 0])) for f in src] == [(0, 10), (2, 30)]
     assert src.stats()["skipped"] == 1
+
+
+def test_a_looping_folder_starts_again_and_a_folder_of_nothing_does_not_spin(tmp_path):
+    for name, value in (("a.png", 10), ("b.png", 20)):
+        cv2.imwrite(str(tmp_path / name), np.full((4, 4, 3), value, np.uint8))
+    src = open_source(tmp_path, loop=True)
+    seen = [int(frame.image[0, 0, 0]) for frame, _ in zip(src, range(5))]
+    src.close()
+    assert seen == [10, 20, 10, 20, 10]  # --loop was ignored for folders
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    assert list(open_source(tmp_path / "bad", loop=True)) == []

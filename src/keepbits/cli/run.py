@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="files:DIR, video:OUT.mp4, tcp:HOST:PORT or mqtt://HOST:PORT/TOPIC[?qos=1&queue=100...] "
                              "(repeatable; MQTT options: docs/runtime.md)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames (default: the whole source)")
-    parser.add_argument("--loop", action="store_true", help="loop a video file")
+    parser.add_argument("--loop", action="store_true", help="loop a video file or an image folder (from its first frame again after the last)")
     parser.add_argument("--frame-step", type=int, default=1, help="keep every k-th frame of the source (frames 0, k, 2k, …)")
     parser.add_argument("--batch-size", type=int, default=1, help="frames per model call (file sources)")
     parser.add_argument("--queue-size", type=int, default=8, help="bounded queue between model and writer")
@@ -156,11 +156,16 @@ def compared(ratio: float, reference: str) -> str:
     return f"{ratio:.1f}x smaller than {reference}" if ratio >= 1 else f"{1 / ratio:.1f}x larger than {reference}"
 
 
-def _check_video_sinks(specs: list[str], source: str) -> None:
-    """Refuse, before any work, a ``video:`` sink at the ``--source`` or where a file already is:
-    a run never overwrites a video (:func:`keepbits.runtime.video.new_video_path`)."""
+def _check_sinks(specs: list[str], source: str) -> None:
+    """Refuse, before any work, a sink given twice, a ``video:`` sink at the ``--source`` or where a
+    file already is: a run never overwrites a video (:func:`keepbits.runtime.video.new_video_path`)."""
     from keepbits.runtime.video import new_video_path
 
+    places = [(spec.partition(":")[0], str(Path(spec.partition(":")[2]).resolve()) if spec.startswith(("files:", "video:")) else spec)
+              for spec in specs]
+    twice = next((spec for spec, place in zip(specs, places) if places.count(place) > 1), None)
+    if twice is not None:
+        raise InputError(f"sink {twice} is given twice: two sinks would write the same place")
     for spec in specs:
         kind, _, arg = spec.partition(":")
         if kind != "video" or not arg:
@@ -185,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--expect-digest must be 64 hex digits (a sha256), got {args.expect_digest!r}")
     if args.summary:
         writable_file(args.summary, "--summary")
-    _check_video_sinks(args.sink, args.source)
+    _check_sinks(args.sink, args.source)
     source_options = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
     with Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads,
                               expected_digest=args.expect_digest, **codec_options(args)) as pipeline, \

@@ -402,15 +402,22 @@ def _read_image(file: Path, max_pixels: int) -> np.ndarray | Skipped:
     return image
 
 
-def _folder(path: Path, max_pixels: int) -> Callable[[], Iterator[np.ndarray | Skipped]]:
-    """The image files under ``path`` at any depth (``day1/cam0/…``), in sorted path order."""
+def _folder(path: Path, max_pixels: int, loop: bool = False) -> Callable[[], Iterator[np.ndarray | Skipped]]:
+    """The image files under ``path`` at any depth (``day1/cam0/…``), in sorted path order; with
+    ``loop`` again from the first after the last, as long as a pass reads any image."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or its subfolders")
 
     def frames() -> Iterator[np.ndarray | Skipped]:
-        for file in files:
-            yield _read_image(file, max_pixels)
+        while True:
+            read = 0
+            for file in files:
+                item = _read_image(file, max_pixels)
+                read += not isinstance(item, Skipped)
+                yield item
+            if not (loop and read):  # a pass of unreadable files only would loop for ever on nothing
+                return
 
     return frames
 
@@ -458,7 +465,7 @@ def open_source(
     timeouts). ``rtsp_transport`` (``"tcp"`` or ``"udp"``) sets FFmpeg's RTSP transport for
     ``rtsp://`` URLs (default: FFmpeg's, UDP then TCP). A GStreamer pipeline needs an OpenCV
     built with GStreamer (:class:`InputError` naming it otherwise). ``frame_step`` k keeps every
-    k-th frame (:class:`Source`).
+    k-th frame (:class:`Source`). ``loop`` replays a video file or an image folder from its start.
 
     Example:
         >>> from keepbits.runtime import open_source
@@ -498,7 +505,7 @@ def open_source(
             return Source(lambda: _capture_frames(_capture(str(path), timeout_ms, max_pixels), True), name=path.name,
                           live=True if live is None else live, color="bgr", **common)
         if path.is_dir():
-            return Source(_folder(path, max_pixels), name=path.name, live=bool(live), color="bgr", **common)
+            return Source(_folder(path, max_pixels, loop), name=path.name, live=bool(live), color="bgr", **common)
         return Source(lambda: _VideoFrames(path, loop, timeout_ms, max_pixels), name=path.name, live=bool(live),
                       color="bgr", **common)
     if isinstance(spec, Iterable):
