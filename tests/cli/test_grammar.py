@@ -176,3 +176,26 @@ def test_a_reader_that_goes_away_is_no_error(monkeypatch, capsys):
     monkeypatch.setattr(sys.stdout, "fileno", lambda: 1, raising=False)
     assert cli.main(["doctor"]) == cli.BROKEN_PIPE and redirected == [1]
     assert "error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", [p for p, _ in LEAVES if any("--seed" in a.option_strings for a in _visible(_command_parser(p)))],
+                         ids=" ".join)
+def test_seeds_are_refused_where_numpy_would_raise(path):
+    """--seed -1 was numpy's ValueError traceback (audit sis, audit cid, ...)."""
+    seed = next(a for a in _visible(_command_parser(path)) if "--seed" in a.option_strings)
+    for bad in ("-1", str(2**32), "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be an integer >= 0"):
+            seed.type(bad)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["audit", "sis", "--thresholds", "1.5"], "--thresholds"), (["audit", "sis", "--thresholds", "0"], "--thresholds"),
+    (["audit", "sis", "--batch-size", "0"], "--batch-size"), (["audit", "sis", "--show", "-1"], "--show"),
+    (["audit", "cid", "--batch-size", "0"], "--batch-size"), (["audit", "simplify", "--steps", "0"], "--steps"),
+    (["audit", "simplify", "--kl-tolerance", "-1"], "--kl-tolerance"),
+])
+def test_audit_options_out_of_range_are_one_line(argv, option, capsys):
+    """Accepted before (τ = 1.5 made an empty row, --batch-size 0 a traceback, --show -1 a slice)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"keepbits: error: argument {option}: must be") and err.count("\n") == 1

@@ -105,6 +105,10 @@ non_negative_int = number(int, minimum=0)
 non_negative_float = number(float, minimum=0)
 #: A learning rate: finite and > 0 (NaN would train to NaN weights and exit 0).
 POSITIVE_LR = number(float, above=0)
+#: A seed numpy and torch both take (a negative one was numpy's traceback).
+SEED = number(int, minimum=0, maximum=2**32 - 1)
+#: A confidence threshold τ of SIS: in (0, 1].
+THRESHOLD = number(float, above=0, maximum=1)
 
 
 def add_fps_option(p: argparse.ArgumentParser) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, add_frame_step_option, classifier_options, command_line,
-    existing_path,
+    CLASSIFIER_SPEC_HELP, SEED, add_argument, add_classifier_options, add_device_option, add_frame_step_option, classifier_options,
+    command_line, existing_path, positive_int,
 )
 from keepbits.errors import InputError
 
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=1000, help="budget of forward-backward passes per map (maps still moving then are reported as not converged)")
     p.add_argument("--min-steps", type=int, default=100, help="forward-backward passes before a map may stop (once its ratio is on target and its entropy on a plateau at the smallest lr)")
     p.add_argument("--samples", type=int, default=2, help="noise draws per step")
-    p.add_argument("--batch-size", type=int, default=16, help="(image, layer) maps optimised together")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="(image, layer) maps optimised together")
     p.add_argument("--ru", action="store_true", help="also reconstruction uncertainty (trains one decoder per layer, cached)")
     add_argument(p, "--num-decoder-images", type=int, default=2000, deprecated=["--ru-train-images"],
                  help="decoder training images for --ru: a random class-balanced sample (seed --seed) of the train split, "
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-width", type=int, default=48, help="channels of the RU decoders")
     p.add_argument("--decoder-blocks", type=int, default=6, help="residual blocks of the RU decoders")
     p.add_argument("--cache", default="default", help="decoder cache folder ('default': ~/.cache/keepbits/cid-decoders); 'none' disables")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image samples, the noise and the decoders")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the image samples, the noise and the decoders")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_device_option(p)
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from keepbits.cli._common import POSITIVE_LR, add_argument, add_device_option, existing_path
+from keepbits.cli._common import POSITIVE_LR, SEED, add_argument, add_device_option, existing_path
 
 HELP = ("overinterpretation audit: accuracy on 5%% BackSelect vs random pixel subsets, retraining on images the audited model never saw "
         "(with the full-image control), SIS sizes, mitigations")
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "images and compare it with the gradient orders (0: off)")
     p.add_argument("--batch-size", type=int, default=128, help="training and BackSelect batch size")
     p.add_argument("--lr", type=POSITIVE_LR, default=0.05, help="peak learning rate (SGD, one-cycle schedule) of the models trained here")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image samples and the training runs")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the image samples and the training runs")
     add_device_option(p)
 
 

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, add_argument, add_classifier_options, add_device_option, add_frame_step_option, classifier_options, existing_path,
+    CLASSIFIER_SPEC_HELP, SEED, THRESHOLD, add_argument, add_classifier_options, add_device_option, add_frame_step_option,
+    classifier_options, existing_path, non_negative_int, positive_int,
 )
 
 HELP = "SIS audit (BackSelect/FindSIS): which pixels alone keep the prediction; writes report.html + report.json"
@@ -25,17 +26,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the audited images")
     add_argument(p, "--num-images", type=int, default=16, deprecated=["--images"],
                  help="audit a random sample of N images (class-balanced from the split of a labelled set; seed --seed; 0: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image sample")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the image sample")
     p.add_argument("--threshold", type=float, default=0.9, help="τ for the figures")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+    p.add_argument("--thresholds", type=THRESHOLD, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
                    help="τ values for the size curves (images whose confidence is below the smallest τ here and --threshold "
                         "have no SIS and are not BackSelected)")
     p.add_argument("--method", choices=["auto", "incremental", "plain", "gradient"], default="auto",
                    help="exact BackSelect (auto: incremental where the torch model, or the ONNX graph's torch twin, has local ops "
                         "and that is faster, else plain) or batched gradient BackSelect")
     p.add_argument("--k", type=int, default=16, help="pixels masked per gradient BackSelect iteration")
-    p.add_argument("--batch-size", type=int, default=64, help="images (or masked copies) per model call")
-    p.add_argument("--show", type=int, default=12, help="images shown in the report")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images (or masked copies) per model call")
+    p.add_argument("--show", type=non_negative_int, default=12, help="images shown in the report")
     p.add_argument("--partial", action="store_true",
                    help="compute nothing: report on the BackSelect runs an audit with these same arguments has finished so far "
                         "in --out (running or stopped), as report_partial.html + .json")

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from keepbits.cli._common import add_argument, existing_path
+from keepbits.cli._common import SEED, add_argument, existing_path
 from keepbits.errors import InputError
 
 HELP = ("evaluate a NICE checkpoint: binary mask (ẑ > 0.5) vs random, saliency and SIS pixels at the same per-image count, "
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qualities", type=int, nargs="+", default=[10, 30, 50, 75, 90], help="JPEG/WebP qualities")
     add_argument(p, "--num-images", type=int, default=None, deprecated=["--max-images"],
                  help="evaluate a random class-balanced sample of N images (seed --seed; default or 0: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image sample and the random-pixel baseline")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the image sample and the random-pixel baseline")
     p.add_argument("--sis-k", type=int, default=None,
                    help="add the SIS baseline: Batched Gradient BackSelect masking K pixels per iteration (off by default)")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")

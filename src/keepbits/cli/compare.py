@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from keepbits.cli._common import number, positive_int
+from keepbits.cli._common import SEED, number, positive_int
 from keepbits.errors import InputError
 
 HELP = "compare a model across backends and artefacts (torch checkpoint, ONNX Runtime, native kernels, INT8, TensorRT); exit 1 past tolerance"
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_user_images_options(parser)
     parser.add_argument("--num-images", type=int, default=64,
                         help="compare on a random sample of N images (seeded by --seed, class-balanced when labelled); 0: all")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the image sample")
     parser.add_argument("--logits-atol", type=_atol, default=1e-3, help="max abs difference of the logits ('none': no check)")
     parser.add_argument("--mask-atol", type=_atol, default=1e-3, help="max abs difference of ẑ ('none': no check)")
     parser.add_argument("--pixels-atol", type=_atol, default=1e-3, help="max abs difference of x̃ / simplified on 0..1 ('none': no check)")

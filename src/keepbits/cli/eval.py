@@ -26,7 +26,7 @@ HELP = "rate–accuracy of a bundle on your images through the real payload, vs 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from keepbits.cli._common import add_user_images_options, non_negative_float
+    from keepbits.cli._common import SEED, add_user_images_options, non_negative_float
     from keepbits.cli.run import add_backend_arguments
 
     parser.add_argument("--model", required=True, help="model bundle folder or .zip")
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder for rate_accuracy.png, eval.html and eval.json")
     parser.add_argument("--num-images", type=int, default=500,
                         help="evaluate a random sample of N images (seeded by --seed, class-balanced when labelled); 0: all")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the image sample")
     parser.add_argument("--thresholds", type=float, nargs="+", default=None, help="mask thresholds (default: the bundle's)")
     parser.add_argument("--block-sizes", type=int, nargs="+", default=None, help="payload block sizes (default: the bundle's)")
     parser.add_argument("--modes", nargs="+", choices=["blocks", "mixed"], default=["blocks", "mixed"],

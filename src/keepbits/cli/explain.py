@@ -15,7 +15,7 @@ HELP = "explain single images with a bundle: mask overlay, ẑ, decoded x̃, lab
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from keepbits.cli._common import add_user_images_options, non_negative_int, number
+    from keepbits.cli._common import SEED, add_user_images_options, non_negative_int, number
     from keepbits.cli.run import add_codec_arguments
     from keepbits.runtime.sinks import MAX_SIDE
 
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs and explain.json")
     parser.add_argument("--num-images", type=non_negative_int, default=16,
                         help="explain a random sample of N images (seeded by --seed, class-balanced when labelled); 0: all")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the image sample")
     parser.add_argument("--min-side", type=number(int, minimum=1, maximum=MAX_SIDE), default=224,
                         help=f"enlarge small images (whole factors, nearest) to this side, the long side within {MAX_SIDE} pixels")
     add_codec_arguments(parser)

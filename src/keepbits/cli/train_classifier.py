@@ -5,7 +5,9 @@ import argparse
 import json
 import os
 
-from keepbits.cli._common import POSITIVE_LR, add_argument, add_device_option, add_force_option, add_precision_option, command_line, existing_path
+from keepbits.cli._common import (
+    POSITIVE_LR, SEED, add_argument, add_device_option, add_force_option, add_precision_option, command_line, existing_path,
+)
 
 HELP = "train a registered classifier (lenet5, resnet20, resnet20_scan, resnet18, vgg16_bn, nf_wrn16_2, convnet3); runs under torchrun too"
 
@@ -36,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_argument(p, "--num-train-images", type=int, default=None, deprecated=["--max-train"],
                  help="train on a random class-balanced sample of N training images (seed --seed), drawn after the "
                       "validation hold-out (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the image sample, initialisation and batches")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the validation split, the image sample, initialisation and batches")
     add_force_option(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with the same settings (only run control such as --epochs may change)")
     p.add_argument("--init", default=None, help="start from this classifier checkpoint's weights and normalisation "

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from keepbits.cli._common import POSITIVE_LR, add_argument, add_device_option, add_force_option, command_line, existing_path
+from keepbits.cli._common import POSITIVE_LR, SEED, add_argument, add_device_option, add_force_option, command_line, existing_path
 
 HELP = "train a Glow density model (bits per dimension, SimpleBits L_sim)"
 
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="train on a random class-balanced sample of N training images (seed --seed; default: all)")
     add_argument(p, "--num-test-images", type=int, default=2000, deprecated=["--eval-images"],
                  help="final bpd on a random class-balanced sample of N test images (seed --seed; the train split when there is no test split)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image samples, initialisation and batches")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the image samples, initialisation and batches")
     add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between saves of the resumable state, OUT's stem + .last.pt")

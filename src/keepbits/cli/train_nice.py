@@ -6,8 +6,8 @@ import json
 import os
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, POSITIVE_LR, add_argument, add_classifier_options, add_device_option, add_force_option, add_frame_step_option, add_precision_option,
-    classifier_options, command_line, existing_path, json_object,
+    CLASSIFIER_SPEC_HELP, POSITIVE_LR, SEED, add_argument, add_classifier_options, add_device_option, add_force_option,
+    add_frame_step_option, add_precision_option, classifier_options, command_line, existing_path, json_object,
 )
 from keepbits.errors import InputError
 
@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="--data: stratified validation split held out of the training data "
                    "(seed --seed; pass the classifier's own --val-fraction and --seed): evaluated every epoch, the split to "
                    "choose settings on; the test split is evaluated once, after training")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split, image samples, initialisation, batches, crops and gates")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the validation split, image samples, initialisation, batches, crops and gates")
     add_device_option(p)
     add_precision_option(p)
     add_force_option(p)

@@ -5,7 +5,8 @@ import argparse
 import json
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, POSITIVE_LR, add_argument, add_classifier_options, add_device_option, add_force_option, classifier_options, command_line, existing_path,
+    CLASSIFIER_SPEC_HELP, POSITIVE_LR, SEED, add_argument, add_classifier_options, add_device_option, add_force_option, classifier_options,
+    command_line, existing_path,
 )
 
 HELP = "train a SimpleBits simplifier jointly with a classifier (L = λ_sim·bpd + L_cls, unrolled step)"
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="train on a random class-balanced sample of N training images (seed 0; default: all)")
     add_argument(p, "--num-test-images", type=int, default=1000, deprecated=["--max-test"],
                  help="evaluate on a random class-balanced sample of N test images (seed 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (the image samples use seed 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of initialisation and batches (the image samples use seed 0)")
     add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between saves of the resumable state, OUT's stem + .last.pt")
