@@ -37,6 +37,17 @@ def test_difference_ci_states_the_direction_only_when_the_interval_excludes_zero
     assert abs(same["difference"]) < 0.01 and (same["direction"] == "no difference") == (abs(same["difference"]) <= same["ci95"])
 
 
+def test_intervals_of_few_images_use_students_t():
+    """At n = 2 the normal 1.96 made the interval 6.5× too narrow (t₀.₉₇₅ with 1 degree of freedom is 12.71)."""
+    two = mean_ci([0.0, 1.0])
+    assert two["ci95"] == pytest.approx(12.7062 * np.std([0.0, 1.0], ddof=1) / np.sqrt(2), rel=1e-4)
+    nine = mean_ci(np.arange(9.0))
+    assert nine["ci95"] == pytest.approx(2.3060 * np.std(np.arange(9.0), ddof=1) / 3, rel=1e-4)
+    # Welch with equal variances and sizes: 2n − 2 degrees of freedom (t₀.₉₇₅ of 4 is 2.7764)
+    welch = difference_ci([0.0, 1.0, 2.0], [1.0, 2.0, 3.0])
+    assert welch["ci95"] == pytest.approx(2.7764 * np.sqrt(2 / 3), rel=1e-4) and welch["direction"] == "no difference"
+
+
 def _order(target, f_at_sizes, pixels=10):
     """A BackSelectResult whose SIS at τ is the smallest size whose f (``f_at_sizes[size]``) reaches τ."""
     scores = np.array([f_at_sizes.get(pixels - i, 0.0) for i in range(pixels + 1)])
