@@ -114,6 +114,13 @@ def test_audit_simplify_cli_writes_report(tmp_path):
     assert "Before / after" in html and "data:image/png;base64" in html
     data = json.loads((out / "report.json").read_text())
     assert len(data["data"]["per_image"]) == 1
+    # which image, its label in the data, and the predictions named as predictions (the "label" column was the prediction)
+    row = data["data"]["per_image"][0]
+    from keepbits.data.images import load_images
+
+    sample = load_images(sample_mnist_path(), split="test", num_images=1, seed=0)
+    assert row["image"] == sample.names[0] and row["data_label"] == str(int(sample.labels[0]))
+    assert "predicted on simplified" in html and "data label" in html
     assert main(["-q", "audit", "simplify", "--model", str(tmp_path / "nope.pt"), "--data", str(sample_mnist_path()), "--out", str(out)]) == 2
     # a registry classifier with its weights, on unlabelled footage (nested folder, any size: fitted to 28×28)
     torch.save(clf.state_dict(), tmp_path / "w.pth")

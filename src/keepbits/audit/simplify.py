@@ -71,10 +71,14 @@ class SimplifyExplainer(Explainer):
                 for i, r in enumerate(out)]
 
 
-def simplify_report(results: Sequence[dict], class_names: Sequence[str] | None = None, meta: dict | None = None) -> Report:
-    """The shared audit report: before/after grid, a table of bpd and labels, bpd along
-    the interpolation path of Alg. 2 per image."""
+def simplify_report(results: Sequence[dict], class_names: Sequence[str] | None = None, meta: dict | None = None,
+                    image_names: Sequence[str] | None = None, data_labels: Sequence[str] | None = None) -> Report:
+    """The shared audit report: before/after grid, a table of bpd and the classifier's predictions
+    (on the original and on the simplified image; the data's label beside them when known, each
+    image by ``image_names``: its index in the data set or its file), bpd along the interpolation
+    path of Alg. 2 per image."""
     name = (lambda k: class_names[k] if class_names else str(k))  # noqa: E731
+    image = (lambda i: image_names[i] if image_names is not None else i)  # noqa: E731
     report = Report("SimpleBits post-hoc simplification audit", meta=meta)
     s = report.section("Before / after", "Each original (left) and its simplified version (right): G(z + δ), with δ optimised so "
                        "that every point G(z + α·δ), α ~ U(0, 1], keeps the classifier's prediction and restoring gradients "
@@ -84,22 +88,29 @@ def simplify_report(results: Sequence[dict], class_names: Sequence[str] | None =
         images += [r["original"], r["simplified"]]
         titles += [f"#{i} {name(r['label'])} · {r['bpd_orig']:.2f} bpd", f"#{i} {name(r['label_sim'])} · {r['bpd_sim']:.2f} bpd"]
     s.image_grid(images, titles=titles, cols=2)
-    s.table([{"image": i, "label": name(r["label"]), "label_sim": name(r["label_sim"]), "bpd_orig": r["bpd_orig"], "bpd_sim": r["bpd_sim"],
-              "bits_saved": r["bpd_orig"] - r["bpd_sim"], "KL": r["kl"], "kept": r["kept"]} for i, r in enumerate(results)],
-            caption="bpd under the density model; kept: same arg-max and KL within the tolerance")
+    s.table([{"image": image(i), **({"data label": data_labels[i]} if data_labels is not None else {}),
+              "predicted": name(r["label"]), "predicted on simplified": name(r["label_sim"]), "bpd_orig": r["bpd_orig"],
+              "bpd_sim": r["bpd_sim"], "bits_saved": r["bpd_orig"] - r["bpd_sim"], "KL": r["kl"], "kept": r["kept"]}
+             for i, r in enumerate(results)],
+            caption="predicted: the classifier's arg-max (the label the simplification keeps); bpd under the density "
+                    "model; kept: same arg-max and KL within the tolerance")
     p = report.section("Interpolation path", "bpd of G(z + t·δ) for t from 0 (original) to 1 (the simplified image); "
                        "report.json has KL and arg-max along the path.")
     p.line_plot({f"#{i}": ([q["t"] for q in r["path"]], [q["bpd"] for q in r["path"]]) for i, r in enumerate(results)}, xlabel="t", ylabel="bpd")
-    report.data["per_image"] = [{k: v for k, v in r.items() if k not in ("original", "simplified")} for r in results]
+    report.data["per_image"] = [{**({"image": image(i)} if image_names is not None else {}),
+                                 **({"data_label": data_labels[i]} if data_labels is not None else {}),
+                                 **{k: v for k, v in r.items() if k not in ("original", "simplified")}} for i, r in enumerate(results)]
     return report
 
 
 def audit_simplify(model: Any, images: np.ndarray, out_dir: str | Path, density: Any = None, meta: dict | None = None,
-                   **settings: Any) -> list[Path]:
+                   image_names: Sequence[str] | None = None, data_labels: Sequence[str] | None = None, **settings: Any) -> list[Path]:
     """Run :class:`SimplifyExplainer` on uint8 N×H×W×C ``images`` and write report.html/json
-    (``meta``: extra provenance for the report, e.g. the data and the command line)."""
+    (``meta``: extra provenance for the report, e.g. the data and the command line;
+    ``image_names`` / ``data_labels``: which images these are and their labels, shown beside the
+    predictions)."""
     explainer = SimplifyExplainer(model, density=density, **settings)
     results = explainer.explain(images)
     meta = {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
             "density": str(density or "shipped density_cifar10.pt"), **explainer.settings, **(meta or {})}
-    return simplify_report(results, explainer.model.class_names, meta).write(out_dir)
+    return simplify_report(results, explainer.model.class_names, meta, image_names, data_labels).write(out_dir)
