@@ -435,11 +435,15 @@ def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, An
         "data": cfg.data, "model": audited, "retraining images": f"{result['train_images']} of the second training half"
         + ("" if result["retraining_images_unseen_by_audited_model"] else " (make sure --model never trained on them)"),
         "test images": result["test_images"], "method": cfg.method, "k (pixels per gradient step)": cfg.k if cfg.method == "gradient" else "-",
-        "subset": f"{pct} = {result['kept_pixels']} pixels", "retraining recipe": f"{plural(cfg.retrain_epochs or cfg.epochs, 'epoch')}, no augmentation"})
+        "subset": f"{pct} = {result['kept_pixels']} pixels",
+        "fresh models": f"{cfg.arch} (replicates, ensemble, input dropout, retrained and control)"
+        + (" — another network than the audited one" if cfg.model else ""),
+        "retraining recipe": f"{plural(cfg.retrain_epochs or cfg.epochs, 'epoch')}, no augmentation"})
     s = report.section("Table 1: accuracy on pixel subsets (95% CI)",
                        f"Top-{pct} BackSelect subsets vs {pct} random pixels (fixed per image), rest masked to the mean. Fresh models "
                        "share one recipe and one set of images: the control trains on those images in full.")
-    retrain = f"{result['train_images']} unseen images"
+    # unseen by the audited model when it was trained here; of a --model, nothing says so
+    retrain = f"{result['train_images']} {'unseen ' if result['retraining_images_unseen_by_audited_model'] else ''}images"
     s.table([
         {"model": "audited", "trained on": "full images", "tested on": "full images", "accuracy": _pm(acc["original_full"])},
         {"model": "audited", "trained on": "full images", "tested on": f"{pct} BackSelect", "accuracy": _pm(acc["original_backselect"])},

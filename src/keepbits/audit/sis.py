@@ -243,7 +243,8 @@ def _plain_screen(module: Any, shape: tuple[int, int, int], device: Any, batch_s
         log.info("plain screen in torch: %s", why)
         return dense, torch_seconds
     ort_seconds = _cpu_seconds(ort_screen, shape)
-    log.info("plain screen: %s (CPU s per 256 candidates: torch %.3f, ONNX Runtime %.3f)",
+    log.info("screen of the plain path (where it runs; the report's method says which path did): %s "
+             "(CPU s per 256 candidates: torch %.3f, ONNX Runtime %.3f)",
              "ONNX Runtime" if ort_seconds < torch_seconds else "torch", torch_seconds, ort_seconds)
     return (ort_screen, ort_seconds) if ort_seconds < torch_seconds else (dense, torch_seconds)
 
