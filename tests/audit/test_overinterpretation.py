@@ -97,6 +97,13 @@ def test_cli_sis_report(tmp_path):
     data = json.loads((tmp_path / "r" / "report.json").read_text())["data"]
     assert "data:image/png;base64," in html and "<svg" in html and len(data["images"]) == 3
     assert data["summary"]["below_threshold"] == sum(r["sis"] is None for r in data["images"])
+    # traceable: which images (their indices in the data set: a seeded class-balanced draw) and how the audit ran
+    from keepbits.data.images import load_images
+
+    drawn = load_images(sample_mnist_path(), split="test", num_images=3, seed=0)
+    assert [r["name"] for r in data["images"]] == drawn.names
+    meta = json.loads((tmp_path / "r" / "report.json").read_text())["meta"]
+    assert meta["data"] == str(sample_mnist_path()) and meta["seed"] == 0 and meta["command"].startswith("keepbits")
     assert main(["-q", "audit", "sis", "--model", str(tmp_path / "missing.pt"), "--data", str(sample_mnist_path()), "--out", str(tmp_path)]) == 2
 
 

@@ -43,7 +43,7 @@ CONFIDENCE_SLACK = 1e-3
 def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: str | Path, threshold: float = 0.9,
               thresholds: Sequence[float] = DEFAULT_THRESHOLDS, method: str = "auto", k: int = 16, batch_size: int = 64,
               show: int = 12, progress: bool = True, device: str = "cpu", partial: bool = False,
-              **model_kwargs: Any) -> dict[str, Any]:
+              meta: dict[str, Any] | None = None, image_names: Sequence[str] | None = None, **model_kwargs: Any) -> dict[str, Any]:
     """Compute SIS (at ``threshold`` for the figures, at every ``thresholds`` for the curves) of uint8
     N×H×W×C ``images`` and write ``out/report.html`` + ``out/report.json`` (rank 0 under
     ``torchrun``); returns the JSON data. ``method``: ``auto``/``incremental``/``plain`` (exact)
@@ -54,6 +54,9 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     exist only where f(x) ≥ τ): an image below every τ would spend a whole BackSelect on no SIS.
     Its row reports the confidence and class of one float32 forward pass and no SIS; the report
     is the same as BackSelecting every image (``backselect_runs`` counts the runs).
+
+    ``meta``: provenance the report records (the data, its split, the sample's seed, the command);
+    ``image_names``: each image's index in its data set or its file, in the rows and the figures.
 
     ``partial=True`` computes no BackSelect: it reports on the runs an audit with the same
     arguments has already saved in ``out/orders`` (running or stopped; chunks are computed in a
@@ -91,7 +94,8 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     for i, r in enumerate(orders):
         sizes = {str(t): (None if r is None or (s := find_sis(r, t)) is None else int(len(s))) for t in taus}
         sis = None if r is None else find_sis(r, threshold)
-        row = {"image": i, "label": int(labels[i]) if labelled else None, "predicted": predicted[i],
+        row = {"image": i, **({"name": str(image_names[i])} if image_names is not None else {}),
+               "label": int(labels[i]) if labelled else None, "predicted": predicted[i],
                "confidence": float(probabilities[i].max() if r is None else r.scores[0]),
                "correct": bool(predicted[i] == labels[i]) if labelled else None, "sis_size": sizes, "sis": None if sis is None else sis.tolist(),
                "backselect": r is not None, "seconds": 0.0 if r is None else r.seconds}
@@ -117,7 +121,7 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     report = Report("SIS audit (partial)" if partial else "SIS audit",
                     meta={"model": adapter.source if not hasattr(model, "forward") else type(model).__name__,
                           "images": len(x), "threshold τ": threshold, "BackSelect": backselect,
-                          "mask value": "0 in normalised space (per-channel mean)"})
+                          "mask value": "0 in normalised space (per-channel mean)", **(meta or {})})
     if backselect.startswith("gradient") and adapter.torch_module is None:
         report.meta["gradients"] = "through the ONNX graph's torch twin; every f from ONNX Runtime"
     how = ("exact BackSelect (one pixel per step, the one whose masking keeps f highest)" if not backselect.startswith("gradient")
@@ -138,16 +142,17 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     tiles, titles = [], []
     for row in [r for r in per_image if not r.get("pending")][:show]:
         img = images[row["image"]]
+        tag = row.get("name", f"#{row['image']}")  # the image's index in its data set or its file, where known
         if row["sis"] is None:
             tiles += [img]
-            titles += [f"#{row['image']} f={row['confidence']:.2f} < τ"]
+            titles += [f"{tag} f={row['confidence']:.2f} < τ"]
             continue
         keep = np.zeros(h * w, bool)
         keep[row["sis"]] = True
         keep = keep.reshape(h, w)
         only = adapter.denormalize(np.where(keep[None, None], x[row["image"] : row["image"] + 1], 0.0))[0]
         tiles += [img, overlay(img, keep), only]
-        titles += [f"#{row['image']} {adapter.class_name(row['predicted'])} f={row['confidence']:.2f}", f"SIS {len(row['sis'])} px", "SIS only"]
+        titles += [f"{tag} {adapter.class_name(row['predicted'])} f={row['confidence']:.2f}", f"SIS {len(row['sis'])} px", "SIS only"]
     sec.image_grid(tiles, titles)
     sec = report.section("SIS size vs threshold", "Mean SIS size (fraction of pixels) over images reaching τ, with 95% CI; "
                                                   "correctly vs wrongly classified images (Overinterpretation §4.4)."

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from keepbits.cli._common import (
     CLASSIFIER_SPEC_HELP, SEED, THRESHOLD, add_argument, add_classifier_options, add_device_option, add_frame_step_option,
-    classifier_options, existing_path, non_negative_int, positive_int,
+    classifier_options, command_line, existing_path, non_negative_int, positive_int,
 )
 
 HELP = "SIS audit (BackSelect/FindSIS): which pixels alone keep the prediction; writes report.html + report.json"
@@ -76,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
     labels = drawn.labels  # as the model's class indices where it names its classes; else the data's own
     if model.class_names:
         labels, _ = labels_for_model(labels, drawn.class_names, model.class_names, args.data)
+    provenance = {"data": args.data, "split": args.split, "sample": drawn.source, "seed": args.seed, "command": command_line()}
     data = sis_audit(model, drawn.images, labels, args.out, args.threshold, args.thresholds, args.method, args.k,
-                     args.batch_size, args.show, progress=not args.quiet, device=args.device, partial=args.partial)
+                     args.batch_size, args.show, progress=not args.quiet, device=args.device, partial=args.partial,
+                     meta=provenance, image_names=drawn.names)
     if int(os.environ.get("RANK", "0")) == 0:
         report = "report_partial.html" if args.partial else "report.html"
         print(json.dumps({**data["summary"], "report": os.path.join(args.out, report)}, indent=2))
