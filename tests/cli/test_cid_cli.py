@@ -43,7 +43,7 @@ def test_ru_decoders_are_cached_and_give_finite_maps(tmp_path):
     assert fit["ratio"].shape == (2,) and fit["floor"].shape == (2, 8, 8)
 
 
-def test_audit_cid_command_writes_the_report(tmp_path, capsys):
+def test_audit_cid_command_writes_the_report(tmp_path, capsys, caplog):
     from keepbits.training.checkpoint import Checkpoint, ModelEntry, Normalization, save_checkpoint
 
     torch.manual_seed(0)
@@ -67,6 +67,13 @@ def test_audit_cid_command_writes_the_report(tmp_path, capsys):
     assert headline.startswith("keepbits: lenet/best: CID of 2 layers on 2 images") and ("still moving" in headline) == bool(moving)
     assert len(summary["ru_mean"]) == 2 and summary["concentration"][0] is not None
     assert "<svg" in (tmp_path / "out" / "report.html").read_text()
+    assert "indices in the test split: " in report["meta"]["images"]  # what --boxes is keyed by, for the reader
+    # boxes keyed by something else (the sample's positions, another split): said, not silently no concentration
+    (tmp_path / "elsewhere.csv").write_text("index,x0,y0,x1,y1\n1000000,4,4,24,24\n")
+    assert main(["audit", "cid", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--layers", "features.1", "--out",
+                 str(tmp_path / "o3"), "--num-images", "2", "--max-steps", "10", "--min-steps", "5",
+                 "--boxes", str(tmp_path / "elsewhere.csv")]) == 0
+    assert any("--boxes: none of its 1 boxes is for an audited image (indices in the test split: " in r.getMessage() for r in caplog.records)
     assert main(["audit", "cid", "--model", str(ckpt), "--data", str(sample_mnist_path()), "--layers", "nope",
                  "--out", str(tmp_path / "o2")]) == 2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from keepbits.cli._common import (
 )
 from keepbits.errors import InputError
 
+log = logging.getLogger("keepbits")
 HELP = "CID audit: per-layer information discarding (CID), reconstruction uncertainty (RU) and concentration; HTML+JSON report"
 
 
@@ -30,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["train", "test"], default="test", help="split holding the audited images")
     p.add_argument("--num-images", type=int, default=8,
                    help="audit a random sample of N images (class-balanced from the split of a labelled set; seed --seed)")
-    p.add_argument("--boxes", default=None, help="foreground boxes (CSV index,x0,y0,x1,y1 or JSON; index: the image's position in the split) "
+    p.add_argument("--boxes", default=None, help="foreground boxes (CSV with the header line index,x0,y0,x1,y1, or JSON; index: the image's position in the split, listed in the report) "
                    "for the concentration (Eq. 5); boxes of images outside the sample are ignored")
     p.add_argument("--beta", type=float, default=1.5e-4, help="target E|f'-f|^2 / delta_f^2 (Eq. 4)")
     p.add_argument("--block", type=int, default=1, help="sigma shared by block x block pixels")
@@ -88,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
             audited = [int(name) for name in drawn.names]
             ru_images = _decoder_images(args, clf.preprocessing, audited) if args.ru else None
             foreground = {j: boxes[i] for j, i in enumerate(audited) if i in boxes}
-            described = f"{len(audited)} (class-balanced sample, seed {args.seed})"
+            if boxes and not foreground:  # a user keying boxes by the sample's positions gets nothing, and should hear so
+                log.warning("--boxes: none of its %d boxes is for an audited image (indices in the %s split: %s); "
+                            "no concentration", len(boxes), args.split, ", ".join(map(str, audited[:12])) + (", …" if len(audited) > 12 else ""))
+            described = f"{len(audited)} (class-balanced sample, seed {args.seed}; indices in the {args.split} split: " \
+                        f"{', '.join(map(str, audited[:50]))}{', …' if len(audited) > 50 else ''})"
         runs.append(layerwise_cid(clf, images, None if args.layers == ["auto"] else args.layers, config, name=_run_name(spec),
                                   ru_images=ru_images, decoder=decoder, foreground=foreground,
                                   cache_dir=None if args.cache == "none" else args.cache, batch_size=args.batch_size,
