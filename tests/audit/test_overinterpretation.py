@@ -123,6 +123,9 @@ def test_pipeline_end_to_end_tiny(tmp_path):
     assert (tmp_path / "report.html").exists() and (models / "input_dropout.pt").exists() and (models / "control_full.pt").exists()
     page = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", (tmp_path / "report.html").read_text())
     assert "nan" not in page.lower() and "1 epoch," in page and ": no data" not in page  # undefined statistics show a dash
+    assert "lenet5 (replicates, ensemble, input dropout, retrained and control)" in page and "32 unseen images" in page
+    full, half = result["accuracy"]["original_full"], result["accuracy_ci95"]["original_full"]
+    assert ("the audited model is not above chance" in page) == (full - half <= 1 / result["classes"])  # a 1-epoch model may be
     # one recipe per role: replicates alike (audit half, flips allowed), retraining without augmentation on the other half
     rep = [load_checkpoint(models / f"replicate_{i}.pt").settings["recipe"] for i in range(2)]
     assert rep[0]["images"] == rep[1]["images"] == 48 and rep[0]["epochs"] == rep[1]["epochs"] and rep[0]["seed"] != rep[1]["seed"]

@@ -127,3 +127,15 @@ def test_a_partial_report_covers_the_finished_runs_and_counts_the_rest(tmp_path)
     assert part["size_stats"][0]["images"] == finished
     page = (out / "report_partial.html").read_text()
     assert "SIS audit (partial)" in page and f"{finished} of {len(chunks)} BackSelect runs finished" in page
+
+
+def test_a_partial_report_with_other_arguments_says_so(tmp_path, caplog):
+    """Chunks on disk, none of them this audit's (another --method here): a warning says the
+    arguments differ, instead of a report that just reads "none finished yet"."""
+    net, images = _model_and_images()
+    kwargs = dict(threshold=0.6, thresholds=(0.6,), input_shape=(1, 6, 6), progress=False)
+    sis_report.sis_audit(net, images, None, tmp_path, method="plain", **kwargs)
+    with caplog.at_level("WARNING", logger="keepbits"):
+        part = sis_report.sis_audit(net, images, None, tmp_path, method="gradient", k=4, partial=True, **kwargs)
+    assert part["summary"]["backselect_runs_done"] == 0
+    assert any("none made with these arguments" in r.getMessage() for r in caplog.records)

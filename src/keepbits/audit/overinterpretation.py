@@ -327,7 +327,7 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
         "pixels": int(shape[1] * shape[2]), "kept_pixels": keep_count(shape[1] * shape[2], cfg.fraction),
         "accuracy": {k: v["mean"] for k, v in accuracy.items()}, "accuracy_ci95": {k: v["ci95"] for k, v in accuracy.items()},
         "sis_sizes": sizes, "mitigations_common_images": common_sis_sizes(mitigation_orders, yte, cfg.thresholds, "single"),
-        "heatmap_threshold": heat_tau,
+        "heatmap_threshold": heat_tau, "classes": len(classes),
     }
     if cfg.exact_images:
         pick = sample_indices(yte, cfg.exact_images, cfg.seed)
@@ -439,6 +439,13 @@ def _write_report(out: Path, cfg: OverinterpretationConfig, result: dict[str, An
         "fresh models": f"{cfg.arch} (replicates, ensemble, input dropout, retrained and control)"
         + (" — another network than the audited one" if cfg.model else ""),
         "retraining recipe": f"{plural(cfg.retrain_epochs or cfg.epochs, 'epoch')}, no augmentation"})
+    full, chance = acc["original_full"], 1.0 / result["classes"]
+    if full["mean"] - (full["ci95"] if math.isfinite(full["ci95"]) else 0.0) <= chance:
+        # every comparison below is then between near-random models: say it before the tables do
+        report.section("Warning: the audited model is not above chance",
+                       f"Its accuracy on the full test images, {_pm(full)}, does not exceed chance ({chance:.2f} for "
+                       f"{result['classes']} classes) beyond its 95% CI: the subsets, the retraining and the mitigations "
+                       "below measure nothing about overinterpretation. Train it longer or give a better --model.")
     s = report.section("Table 1: accuracy on pixel subsets (95% CI)",
                        f"Top-{pct} BackSelect subsets vs {pct} random pixels (fixed per image), rest masked to the mean. Fresh models "
                        "share one recipe and one set of images: the control trains on those images in full.")

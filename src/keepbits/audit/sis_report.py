@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ from keepbits.audit.sis import find_sis
 from keepbits.audit.sis_orders import compute_orders, read_orders
 from keepbits.errors import InputError
 from keepbits.training.distributed import all_gather, init_distributed, resolve_device
+
+log = logging.getLogger("keepbits")
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 #: An image is BackSelected only when its float32 confidence reaches the smallest τ minus this
@@ -78,6 +81,10 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
         if not folder.is_dir():
             raise InputError(f"{out}: no audit to report on (no orders/ folder; start the audit with the same --out first)")
         computed = read_orders(adapter, x[run], folder, method, k)
+        saved = len(list(folder.glob("chunk_*.json")))
+        if saved and len(run) and all(r is None for r in computed):  # not "none finished yet": none is this audit's
+            log.warning("%s holds %s, none made with these arguments (model, data, sample, --method, --k): give the "
+                        "audit's own command with --partial", folder, plural(saved, "chunk file"))
     else:
         computed = compute_orders(adapter, x[run], folder, method, k, batch_size=batch_size, progress=progress,
                                   device=device) if len(run) else []
