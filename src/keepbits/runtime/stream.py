@@ -104,6 +104,10 @@ def reference_sizes(image: np.ndarray, formats: Sequence[str], jpeg_quality: int
     return {f"{fmt}_bytes": len(encode_image(image, fmt, jpeg_quality)) for fmt in formats}
 
 
+#: Distinct failure messages a stream remembers as logged (past them, a new wording is logged each time).
+MAX_LOGGED_FAILURES = 1000
+
+
 class _Stats:
     """Running totals and recent per-stage latencies, shared by the two threads."""
 
@@ -141,7 +145,8 @@ class _Stats:
             self.errors += counted
             self.last_error = f"frame {sequence}: {message}"
             repeated = message in self.seen
-            self.seen.add(message)
+            if len(self.seen) < MAX_LOGGED_FAILURES:  # bounded: a stream may run for days, each failure worded its own way
+                self.seen.add(message)
         (log.debug if repeated else log.warning)("frame %d: %s%s", sequence, message,
                                                  "" if repeated else " (the same error again is counted, not logged)")
 

@@ -338,7 +338,7 @@ def weights_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) 
     return "; ".join(parts)
 
 
-def _load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """``model.load_state_dict(state)``; a :class:`CheckpointError` starting with ``what`` and
     naming the mismatch (:func:`weights_mismatch`) when it does not fit."""
     try:
@@ -350,7 +350,7 @@ def _load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what:
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Load the weights file ``path`` (:func:`read_state_dict`) into ``model``, every name and shape matching."""
-    _load_state(model, read_state_dict(path), f"{path}: weights do not fit {type(model).__name__}")
+    load_state(model, read_state_dict(path), f"{path}: weights do not fit {type(model).__name__}")
     return model
 
 
@@ -441,9 +441,9 @@ def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = N
         model = builder(**entry.kwargs, **from_weights)
     except TypeError as exc:
         raise CheckpointError(f"{role} {entry.arch} cannot be built with {sorted(entry.kwargs)}: {exc}") from None
-    _load_state(model, entry.state_dict, f"{role} weights do not fit a {entry.arch} with {entry.kwargs}")
+    load_state(model, entry.state_dict, f"{role} weights do not fit a {entry.arch} with {entry.kwargs}")
     return model
 
 
 __all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "check_resumable", "load_checkpoint", "load_resumable", "refuse_earlier_run", "resume_path",
-           "load_weights", "read_state_dict", "save_checkpoint", "state_digest", "weights_mismatch"]
+           "load_weights", "read_state_dict", "save_checkpoint", "state_digest", "load_state", "weights_mismatch"]

@@ -34,7 +34,7 @@ from keepbits import registry
 from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset, sample_indices, train_val_split
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, refuse_earlier_run, save_checkpoint, state_digest, weights_mismatch,
+    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, load_state, refuse_earlier_run, save_checkpoint, state_digest,
 )
 from keepbits.training.data import TensorArrays, TensorImages
 from keepbits.training.distributed import (
@@ -291,10 +291,7 @@ def _load_init(model: torch.nn.Module, path: str, mean: list[float], std: list[f
     normalisation those weights were trained with replaces the data's own."""
     ckpt = load_checkpoint(path, "classifier")
     entry = ckpt.models["classifier"]
-    mismatch = weights_mismatch(model, entry.state_dict)
-    if mismatch:
-        raise CheckpointError(f"{path}: weights do not fit this architecture: {mismatch}")
-    model.load_state_dict(entry.state_dict)
+    load_state(model, entry.state_dict, f"{path}: weights do not fit this architecture")
     log.info("initialised from %s (%s)", path, entry.arch)
     return list(ckpt.normalization.mean), list(ckpt.normalization.std)
 
