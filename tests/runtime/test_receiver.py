@@ -84,6 +84,26 @@ def test_files_sink_payloads_decode_to_the_senders_mixed_image_and_mask(pipe, tm
     cap.release()
 
 
+def test_sender_and_decoder_records_share_keys_and_name_each_folder_file(pipe, tmp_path):
+    """A folder source's records name the file each frame came from (``source_file``: its path under the folder;
+    an unreadable file keeps its place in ``source_index``); the decoder's records use the
+    sender's keys and meanings for the fields both have (label = class name, label_index,
+    payload_bytes)."""
+    for i, frame in enumerate(_frames(3)):
+        (tmp_path / "cam" / f"day{i % 2}").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "cam" / f"day{i % 2}" / f"f{i}.png"), frame)
+    (tmp_path / "cam" / "day0" / "f00-broken.png").write_bytes(b"not a png")
+    run_stream(pipe, open_source(tmp_path / "cam"), [open_sink(f"files:{tmp_path / 'sent'}")])
+    sent = [json.loads(line) for line in (tmp_path / "sent" / "frames.jsonl").read_text().splitlines()]
+    assert [(r["source_file"], r["source_index"]) for r in sent] == [("day0/f0.png", 0), ("day0/f2.png", 2), ("day1/f1.png", 3)]
+    decode_files([tmp_path / "sent"], tmp_path / "out")
+    got = [json.loads(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
+    shared = ("sequence", "label", "label_index", "payload_bytes")
+    assert [{k: r[k] for k in shared} for r in got] == [{k: r[k] for k in shared} for r in sent]
+    assert all(isinstance(r["label"], str) and isinstance(r["label_index"], int) for r in got)
+    assert [r["file"].rsplit("/", 1)[-1] for r in got] == [f"{r['sequence']:08d}.kbit" for r in sent]  # the payload file
+
+
 def test_oversize_files_count_as_bad_and_paths_are_checked(tmp_path):
     (tmp_path / "big.kbit").write_bytes(bytes(200))
     summary = decode_files([tmp_path / "big.kbit"], tmp_path / "out", max_bytes=100)

@@ -112,8 +112,10 @@ class PayloadWriter:
         name = name(meta) if callable(name) else name or f"{prefix}{meta.sequence:08d}"
         crop = _crop(image, meta.roi)
         bgr = cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR if crop.shape[2] == 1 else cv2.COLOR_RGB2BGR)
-        record = {**extra, "sequence": meta.sequence, "timestamp": meta.timestamp, "label": meta.label, "name": meta.name,
-                  "score": meta.score, "bytes": meta.total_bytes, "mode": meta.mode, "kept_blocks": meta.kept_blocks,
+        # the keys and meanings of the sender's frames.jsonl (keepbits.runtime.stream) where both have a field
+        record = {**extra, "sequence": meta.sequence, "timestamp": meta.timestamp,
+                  "label": None if meta.label is None else meta.name, "label_index": meta.label,
+                  "score": meta.score, "payload_bytes": meta.total_bytes, "mode": meta.mode, "kept_blocks": meta.kept_blocks,
                   "total_blocks": meta.total_blocks, "kept_pixels": None if mask is None else int(mask.sum()),
                   "size": [int(bgr.shape[1]), int(bgr.shape[0])], "image": None, "mask": None}
         record = jsonable(record)  # a crafted header's score or timestamp of NaN or inf: null, as JSON has no such number

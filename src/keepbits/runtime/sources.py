@@ -78,6 +78,16 @@ class Frame:
     image: np.ndarray
     index: int
     timestamp: float
+    #: The file it was read from, relative to the folder, for a folder source; else None.
+    file: str | None = None
+
+
+@dataclass
+class _FileImage:
+    """What a folder source's iterator yields for a readable file: its pixels and its name."""
+
+    image: np.ndarray
+    file: str
 
 
 _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^/\s]*@")
@@ -254,12 +264,15 @@ class Source:
         log.warning("source %s: skipped a frame: %s", self.name, reason)
 
     def _offer(self, item: Any) -> None:
+        file = None
+        if isinstance(item, _FileImage):
+            item, file = item.image, item.file
         try:
             image = as_rgb(item, self.color)
         except InputError as exc:
             self._skip(str(exc))
             return
-        frame = Frame(image, self._position - 1, time.time())
+        frame = Frame(image, self._position - 1, time.time(), file)
         self._counts["read"] += 1
         while not self._queue.put(frame, timeout=0.1):
             if self._stop.is_set():
@@ -402,20 +415,21 @@ def _read_image(file: Path, max_pixels: int) -> np.ndarray | Skipped:
     return image
 
 
-def _folder(path: Path, max_pixels: int, loop: bool = False) -> Callable[[], Iterator[np.ndarray | Skipped]]:
-    """The image files under ``path`` at any depth (``day1/cam0/…``), in sorted path order; with
-    ``loop`` again from the first after the last, as long as a pass reads any image."""
+def _folder(path: Path, max_pixels: int, loop: bool = False) -> Callable[[], Iterator[_FileImage | Skipped]]:
+    """The image files under ``path`` at any depth (``day1/cam0/…``), in sorted path order, each
+    named by its path under ``path``; with ``loop`` again from the first after the last, as long
+    as a pass reads any image."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or its subfolders")
 
-    def frames() -> Iterator[np.ndarray | Skipped]:
+    def frames() -> Iterator[_FileImage | Skipped]:
         while True:
             read = 0
             for file in files:
                 item = _read_image(file, max_pixels)
                 read += not isinstance(item, Skipped)
-                yield item
+                yield item if isinstance(item, Skipped) else _FileImage(item, file.relative_to(path).as_posix())
             if not (loop and read):  # a pass of unreadable files only would loop for ever on nothing
                 return
 

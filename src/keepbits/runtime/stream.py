@@ -168,7 +168,8 @@ def _record(frame: Frame, r: Result, compare: Sequence[str], jpeg_quality: int) 
                                       else encode(r.simplified, r.frame_record(), mode="simplified"))
     kept = r.kept_fraction
     return {
-        "sequence": r.sequence, "source_index": frame.index, "timestamp": r.timestamp, "label": r.label,
+        "sequence": r.sequence, "source_index": frame.index, **({} if frame.file is None else {"source_file": frame.file}),
+        "timestamp": r.timestamp, "label": r.label,
         "label_index": r.label_index, "score": round(r.score, 5), "kept_fraction": None if kept is None else round(kept, 5),
         "payload_bytes": None if r.payload is None else len(r.payload), **sizes,
         "timings_ms": {k: round(v, 3) for k, v in r.timings.items()},
