@@ -125,7 +125,7 @@ def test_run_to_receive_over_loopback(bundle, tmp_path, capsys):
     rc = main(["-q", "run", "--model", str(bundle), "--source", _video(tmp_path / "in.mp4", 8), "--sink", f"tcp:127.0.0.1:{port}"])
     rx.join(30)
     assert rc == 0 and not rx.is_alive()
-    assert len(list((tmp_path / "rx").glob("*.png"))) == 8
+    assert len(list((tmp_path / "rx").glob("*[0-9].png"))) == len(list((tmp_path / "rx").glob("*_mask.png"))) == 8
     lines = (tmp_path / "rx" / "frames.jsonl").read_text().splitlines()
     assert [json.loads(x)["sequence"] for x in lines] == list(range(8))
 

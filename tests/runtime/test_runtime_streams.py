@@ -216,12 +216,14 @@ def test_tcp_sink_to_receiver_on_loopback(pipe, tmp_path):
     server.join(20)
     assert not server.is_alive()
     assert box["frames"] == 6 and box["bad_payloads"] == 0 and summary["sinks"][0]["frames"] == 6
-    images = sorted((tmp_path / "rx").glob("*.png"))
+    images = sorted(p for p in (tmp_path / "rx").glob("*.png") if not p.stem.endswith("_mask"))
     assert len(images) == 6
     first = cv2.imread(str(images[0]))[:, :, ::-1]
     ref = pipe(frames[0])
     x0, y0, w, h = ref.roi
     assert np.array_equal(first, ref.mixed[y0:y0 + h, x0:x0 + w])
+    mask = cv2.imread(str(images[0].with_name(images[0].stem + "_mask.png")), cv2.IMREAD_GRAYSCALE)  # as decode writes it
+    assert np.array_equal(mask > 0, (ref.mask > ref.threshold)[y0:y0 + h, x0:x0 + w])
     assert (tmp_path / "rx.mp4").stat().st_size > 0
 
 

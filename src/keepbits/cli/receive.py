@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", type=Path, help="also write the decoded frames as this MP4 (default: none)")
     add_fps_option(parser)
     parser.add_argument("--no-images", action="store_true", help="do not write one PNG per frame")
+    parser.add_argument("--no-masks", action="store_true", help="do not write the kept-pixel mask PNG of each frame")
     parser.add_argument("--max-frames", type=positive_int, default=None, help="stop after N frames (default: no limit)")
     parser.add_argument("--idle-timeout", type=float, default=30.0, help="stop after this many seconds without data")
     parser.add_argument("--once", action="store_true", help="TCP: stop when the first sender disconnects")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--max-pixels-per-byte must be >= 0, got {args.max_pixels_per_byte}")
         limits["max_pixels_per_byte"] = args.max_pixels_per_byte or None
     common = {"max_frames": args.max_frames, "idle_timeout": args.idle_timeout, "video": args.video, "fps": args.fps,
-              "images": not args.no_images}
+              "images": not args.no_images, "masks": not args.no_masks}
     with handle_signals(threading.Event()) as stop:
         if args.mqtt:
             from keepbits.runtime.mqtt import receive_mqtt

@@ -283,6 +283,7 @@ def receive_mqtt(
     video: str | Path | None = None,
     fps: float = 25.0,
     images: bool = True,
+    masks: bool = True,
     max_payload: int = MAX_PAYLOAD,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_pixels_per_byte: int | None = DEFAULT_MAX_PIXELS_PER_BYTE,
@@ -338,7 +339,7 @@ def receive_mqtt(
             pass
 
     own_writer = writer is None
-    writer = writer or PayloadWriter(out, video=video, fps=fps, images=images, masks=False, append=True, what="receive --out",
+    writer = writer or PayloadWriter(out, video=video, fps=fps, images=images, masks=masks, append=True, what="receive --out",
                                      max_pixels=max_pixels, max_pixels_per_byte=max_pixels_per_byte)
     client = _client(address, on_connect, on_disconnect)
     client.on_subscribe, client.on_message = on_subscribe, on_message

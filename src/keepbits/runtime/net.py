@@ -6,7 +6,7 @@ sender shuts its side down and waits for the receiver to close: that confirms th
 read everything. The receiver serves up to ``max_connections`` senders at once, refuses
 lengths above ``max_payload``, times out idle reads, decodes each payload with
 :class:`keepbits.runtime.receiver.PayloadWriter` (bad payloads are counted and skipped) into PNG
-images (cropped to the source box, named per sender session: a restarted sender never
+images and mask PNGs (cropped to the source box, named per sender session: a restarted sender never
 overwrites earlier frames, nor a sender that repeats a sequence number: ``renamed``),
 ``frames.jsonl`` (appended) and optionally a video. A frame that cannot be written counts in
 ``write_errors``; an error of the receiver itself drops that connection only (``protocol_errors``).
@@ -210,6 +210,7 @@ def receive(
     video: str | Path | None = None,
     fps: float = 25.0,
     images: bool = True,
+    masks: bool = True,
     max_payload: int = MAX_PAYLOAD,
     max_connections: int = MAX_CONNECTIONS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -232,7 +233,7 @@ def receive(
         if not (isinstance(value, int) and value >= 1):
             raise InputError(f"{name} must be an int >= 1, got {value!r}")
     stop = stop or threading.Event()
-    writer = PayloadWriter(out, video=video, fps=fps, images=images, masks=False, append=True, what="receive --out",
+    writer = PayloadWriter(out, video=video, fps=fps, images=images, masks=masks, append=True, what="receive --out",
                            max_pixels=max_pixels, max_pixels_per_byte=max_pixels_per_byte)
     stats: dict[str, Any] = {"frames": 0, "bytes": 0, "bad_payloads": 0, "protocol_errors": 0, "write_errors": 0, "connections": 0,
                              "sessions": []}
