@@ -126,12 +126,15 @@ def _client(address: MqttAddress, on_connect: Any, on_disconnect: Any) -> Any:
 
 
 def _start(client: Any, address: MqttAddress, connected: threading.Event, state: dict[str, Any]) -> None:
-    """Connect in the background (paho's network thread reconnects from then on) and wait up to
-    ``connect_timeout`` for the broker's acceptance; :class:`InputError` when it does not come."""
+    """Open the connection here, so that a refused or unreachable address says so at once, then
+    hand it to paho's network thread (which reconnects from then on) and wait up to
+    ``connect_timeout`` for the broker's acceptance; :class:`InputError` when either fails."""
+    client.connect_timeout = address.connect_timeout
     try:
-        client.connect_async(address.host, address.port, address.keepalive)
+        client.connect(address.host, address.port, address.keepalive)
     except (OSError, ValueError) as exc:
-        raise InputError(f"{address}: cannot connect ({exc})") from None
+        reason = f"no answer within {address.connect_timeout:g} s" if isinstance(exc, TimeoutError) else exc.strerror or exc
+        raise InputError(f"{address}: cannot reach the MQTT broker ({reason})") from None
     client.loop_start()
     if not connected.wait(address.connect_timeout):
         client.loop_stop()
