@@ -88,6 +88,24 @@ def test_a_live_source_that_stalls_is_a_failed_source_not_an_ok_run(pipe):
     assert summary["status"] == "source_failed" and "stalled" in summary["reason"]
 
 
+def test_a_run_stopped_before_the_first_frame_says_so(pipe):
+    """Stopped (SIGINT) while a live camera had given nothing yet: still no exit 0 (nothing was
+    delivered), but the reason names the stop instead of blaming an empty source."""
+    release, stop = threading.Event(), threading.Event()
+
+    def camera():
+        release.wait(10)
+        yield from ()
+
+    threading.Timer(0.3, stop.set).start()
+    try:
+        summary = run_stream(pipe, open_source(camera(), live=True, read_timeout=0.05, stall_timeout=30), [_Sink()], stop=stop)
+    finally:
+        release.set()
+    assert summary["status"] == "source_failed" and summary["interrupted"]
+    assert summary["reason"].startswith("stopped after") and "before the source gave a frame" in summary["reason"]
+
+
 def test_second_signal_aborts_the_run(pipe):
     """The first SIGTERM finishes the accepted frames; the second aborts at once (the old code
     ignored a second SIGTERM and went on writing through a slow sink)."""

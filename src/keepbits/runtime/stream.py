@@ -379,7 +379,11 @@ def _status(summary: dict[str, Any], last_error: str | None) -> tuple[str, str |
     """The run's ``status`` (one of :data:`STATUSES`) and the reason when it is not ``ok``."""
     source = summary["source"]
     if summary["frames"] == 0:
-        return "source_failed", f"no frame from the source ({source['last_error'] or 'it was empty'})"
+        if summary["interrupted"]:  # stopped (a signal) while waiting for a live source
+            when, detail = f"stopped after {summary['seconds']:.1f} s before the source gave a frame", source["last_error"]
+        else:
+            when, detail = "no frame from the source", source["last_error"] or "it was empty"
+        return "source_failed", when + (f" ({detail})" if detail else "")
     lost = [s for s in summary["sinks"] if s.get("undelivered")]
     if lost:
         return "undelivered", "; ".join(
