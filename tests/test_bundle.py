@@ -46,6 +46,32 @@ def test_round_trip(tmp_path, suffix):
         bundle.path("manifest.json")
 
 
+def test_overwrite_replaces_a_bundle_only(tmp_path):
+    """overwrite=True replaces a keepbits bundle (folder or zip), never another folder, a folder
+    bundle with the user's own files added, or a zip that is not a bundle; a folder bundle gets
+    the umask's permissions (a temp folder's 0700 hid it from other users)."""
+    import os
+    import stat
+
+    files = {"model.onnx": _model_bytes()}
+    for name in ("b", "b.zip"):
+        write_bundle(tmp_path / name, _manifest(), files)
+        write_bundle(tmp_path / name, _manifest(generator="g2"), files, overwrite=True)
+        assert load_bundle(tmp_path / name).manifest.generator == "g2"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "b").stat().st_mode) == 0o777 & ~umask
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    (tmp_path / "data").mkdir()
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as zf:
+        zf.writestr("a.jpg", b"x")
+    for target, why in (("b", r"holds files that are not the bundle's \(notes.txt\)"), ("data", "is not a keepbits bundle"),
+                        ("photos.zip", "is not a keepbits bundle")):
+        with pytest.raises(BundleError, match=why):
+            write_bundle(tmp_path / target, _manifest(), files, overwrite=True)
+    assert (tmp_path / "b" / "notes.txt").read_text() == "mine" and (tmp_path / "photos.zip").stat().st_size > 0
+
+
 def test_tampered_file_rejected(tmp_path):
     out = write_bundle(tmp_path / "b", _manifest(), {"model.onnx": _model_bytes()})
     data = bytearray((out / "model.onnx").read_bytes())

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Mapping, Sequence
 
+from keepbits._fs import sibling_temp
 from keepbits.data.dataset import MAX_CLASSES
 from keepbits.data.preprocess import RESIZE_POLICIES
 from keepbits.errors import BundleError
@@ -614,11 +615,54 @@ def check_graph_io(manifest: Manifest, inputs: Sequence[Any], outputs: Sequence[
         check("output", by_name[name], expected[name], "tensor(float)")
 
 
+def _replaceable(path: Path) -> str | None:
+    """Why ``path`` may not be replaced by a new bundle, or None: only a keepbits bundle is (a
+    folder holding nothing but its manifest and the files it lists, or a zip with a keepbits
+    manifest), never another file or folder (a checkpoint's run folder, a user's data)."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    try:
+        if path.is_dir():
+            raw = (path / MANIFEST_NAME).read_bytes()[:MAX_MANIFEST_BYTES + 1]
+        else:
+            with zipfile.ZipFile(path) as zf:
+                info = zf.getinfo(MANIFEST_NAME)
+                _manifest_bytes(info.file_size, str(path))
+                raw = zf.read(info)
+        _manifest_bytes(len(raw), str(path))
+        listed = _read_manifest(raw, str(path)).files
+    except (OSError, KeyError, zipfile.BadZipFile, BundleError):
+        return "is not a keepbits bundle"
+    if path.is_dir():
+        own = {MANIFEST_NAME, *listed}
+        others = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                        if not p.is_dir() and p.relative_to(path).as_posix() not in own)
+        if others:
+            return f"holds files that are not the bundle's ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    return None
+
+
 def refuse_existing(out: str | Path, overwrite: bool = False) -> None:
-    """:class:`BundleError` when a bundle is to be written at ``out`` and something is there
-    already, unless ``overwrite``; exporters call it before any work."""
-    if Path(out).exists() and not overwrite:
-        raise BundleError(f"{out} exists; replace it with --force (Python: overwrite=True)")
+    """Check, before any work, that a bundle can be written at ``out``: :class:`BundleError`
+    when something is there already (with ``overwrite``: when it is not a keepbits bundle, which
+    alone is replaced) or when its folder cannot be created or written."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise BundleError(f"{out} exists; replace it with --force (Python: overwrite=True)")
+        why = _replaceable(out)
+        if why is not None:
+            raise BundleError(f"{out} {why}: --force replaces a keepbits bundle only, never another file or folder")
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise BundleError(f"cannot write bundle {out}: {existing} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = sibling_temp(out)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise BundleError(f"cannot write bundle {out} ({exc.strerror or exc})") from None
 
 
 def write_bundle(
@@ -638,8 +682,8 @@ def write_bundle(
     refuse_existing(out, overwrite)
     if manifest.model_file not in files:
         raise BundleError(f"bundle files lack the model file {manifest.model_file!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    staging = sibling_temp(out)  # not mkdtemp: a folder bundle gets the umask's permissions, not 0700
+    staging.mkdir()
     try:
         digests = {}
         for name, content in files.items():

@@ -397,3 +397,15 @@ def test_an_existing_output_is_refused_before_any_work(tmp_path):
     with pytest.raises(BundleError, match="taken.zip exists; replace it with --force"):
         quantize_bundle(tmp_path / "missing.zip", tmp_path / "taken.zip", tmp_path / "no_data")
     assert (tmp_path / "taken.zip").read_bytes() == b"the user's file"
+    # --force replaces a bundle only: the user's file, a run folder, a folder that is not writable, a file as folder
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "nice.pt").write_bytes(b"weights")
+    (tmp_path / "ro").write_bytes(b"")
+    for out, message in ((tmp_path / "taken.zip", "taken.zip is not a keepbits bundle: --force replaces a keepbits bundle only"),
+                         (tmp_path / "run", "run is not a keepbits bundle"),
+                         (tmp_path / "ro" / "x.zip", "cannot write bundle .*ro is a file, not a folder")):
+        for export in (lambda: export_onnx(tmp_path / "missing.pt", out, overwrite=True),
+                       lambda: quantize_bundle(tmp_path / "missing.zip", out, tmp_path / "no_data", overwrite=True)):
+            with pytest.raises(BundleError, match=message):
+                export()
+    assert (tmp_path / "taken.zip").read_bytes() == b"the user's file" and (tmp_path / "run" / "nice.pt").read_bytes() == b"weights"

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "keeping the most information (KL) (default: minmax)")
     p.add_argument("--float-ends", action="store_true",
                    help="leave the classifier's first convolution and the last Gemm/MatMul in float32")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--force", action="store_true", help="replace an existing keepbits bundle at --out (never another file or folder)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                    help="tensorrt: custom nodes without ONNX function bodies (TensorRT plugins replace them)")
     p.add_argument("--opset", type=int, default=18, help="default-domain opset (>= 18)")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--force", action="store_true", help="replace an existing keepbits bundle at --out (never another file or folder)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch check on a random batch")
 
 
