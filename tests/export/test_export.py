@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from torch import nn
@@ -272,7 +273,13 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
     from keepbits.runtime.info import bundle_info, info_report
 
     quantized = [line for line in info_report(bundle_info(bundle.source)).splitlines() if line.startswith("quantized")]
-    assert len(quantized) == 1 and "calibrated on 32 images" in quantized[0] and "argmax agreement" in quantized[0]
+    assert len(quantized) == 1 and "minmax calibration on 32 images" in quantized[0] and "argmax agreement" in quantized[0]
+    assert quantized[0].startswith(f"quantized   {q['quantized_utc']}, ") and q["command"].startswith("keepbits ")
+    assert q["onnxruntime_version"] == onnxruntime.__version__
+    # an INT8 bundle is not quantized again (it was a traceback of ONNX Runtime, exit 1)
+    assert main(["export", "int8", "--model", str(bundle.source), "--data", str(data), "--out", str(tmp_path / "twice"),
+                 "--num-images", "8"]) == 2
+    assert "already an INT8 bundle" in capsys.readouterr().err and not (tmp_path / "twice").exists()
     assert logging.getLogger().level == root_level  # ONNX Runtime's advice silenced for the call only, not every warning after
     # activations default to uint8 (x86 ORT's fused QLinearConv path); int8 on request; anything else refused
     inits = {t.name: t.data_type for t in model.graph.initializer}

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from keepbits.cli._common import add_frame_step_option, existing_path
+from keepbits.cli._common import add_frame_step_option, command_line, existing_path
 from keepbits.errors import InputError
 
 HELP = ("quantise a bundle to INT8 (ONNX Runtime static QDQ, calibrated on training images) and compare it with the "
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     bundle, report = quantize_bundle(args.model, args.out, args.data, calibration_images=args.num_images,
                                      eval_images=args.num_test_images, per_channel=not args.per_tensor, overwrite=args.force,
                                      activations=args.activations, frame_step=args.frame_step, calibration=args.calibration,
-                                     float_ends=args.float_ends)
+                                     float_ends=args.float_ends, command=command_line())
     if not args.quiet:
         print(f"keepbits: wrote {bundle.source}: {_headline(report)}", file=sys.stderr)
     print(json.dumps({"bundle": str(bundle.source), "digest": bundle.digest, **report}, indent=2))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as _dt
 import io
 import logging
 import tempfile
@@ -148,13 +149,14 @@ def calibration_split(data: str | Path, manifest: Any, calibration_images: int, 
 def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, calibration_images: int = 256,
                     eval_images: int = 1000, per_channel: bool = True, overwrite: bool = False,
                     activations: str = "uint8", frame_step: int = 1, calibration: str = "minmax",
-                    float_ends: bool = False) -> tuple[Bundle, dict]:
+                    float_ends: bool = False, command: str | None = None) -> tuple[Bundle, dict]:
     """Quantise ``bundle_path`` to INT8 (calibration: ``calibration_images`` of ``data``) and
     compare on ``eval_images`` others (:func:`calibration_split`: the test split, or a disjoint
     part of one seeded draw); unlabelled footage is compared by argmax and mask agreement only
     (no accuracy without labels).
     ``activations`` is one of :data:`ACTIVATION_TYPES`, ``calibration`` one of :data:`CALIBRATIONS`;
     ``float_ends`` keeps the first convolution and the last Gemm/MatMul in float32."""
+    import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if activations not in ACTIVATION_TYPES:
@@ -165,6 +167,8 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
 
     source = load_bundle(bundle_path)
     m = source.manifest
+    if "quantization" in m.provenance:
+        raise InputError(f"{bundle_path}: already an INT8 bundle (keepbits export int8); quantize the float32 bundle it came from")
     if not m.function_bodies:
         raise InputError(f"{bundle_path}: a {m.target} bundle without function bodies cannot be calibrated in ONNX Runtime")
     calib, eval_x, eval_y, described = calibration_split(data, m, calibration_images, eval_images, frame_step)
@@ -190,6 +194,8 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
             "per_channel": per_channel, "op_types": QUANTIZED_OPS, "calibration_images": len(calib), "calibration": calibration,
             "float32_nodes": kept_float,
             "calibration_data": described, "source_bundle_digest": source.digest,
+            "command": command, "onnxruntime_version": onnxruntime.__version__,
+            "quantized_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         manifest = dataclasses.replace(m, provenance=provenance, files={})
         staged = write_bundle(Path(tmp) / "staged", manifest, {m.model_file: quantized})

@@ -176,8 +176,12 @@ def info_report(info: dict[str, Any]) -> str:
             measured = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in versus.items()
                                  if k in ("argmax_agreement", "mask_agreement", "accuracy_reference", "accuracy_candidate")
                                  and isinstance(v, float))
-            lines.append(("quantized", f"{quantization.get('method', '?')}; calibrated on {quantization.get('calibration_images', '?')} "
+            when = f"{quantization['quantized_utc']}, " if quantization.get("quantized_utc") else ""
+            lines.append(("quantized", f"{when}{quantization.get('method', '?')}; {quantization.get('calibration', 'minmax')} "
+                                       f"calibration on {quantization.get('calibration_images', '?')} "
                                        f"images of {quantization.get('calibration_data', '?')}"
+                                       + (f"; float32 ends: {len(quantization['float32_nodes'])} nodes"
+                                          if isinstance(quantization.get("float32_nodes"), list) and quantization["float32_nodes"] else "")
                                        + (f"; against float32 on {versus.get('images', '?')} images: {measured}" if measured else "")))
         metrics = prov.get("metrics") if isinstance(prov.get("metrics"), dict) else {}
         final = metrics.get("final")
