@@ -54,6 +54,8 @@ FORMAT = "keepbits-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
+#: The default-domain ONNX opsets a keepbits export writes (the custom ops' function bodies need 18).
+MIN_OPSET, MAX_OPSET = 18, 23
 #: Custom-op domain of the NICE nodes.
 CUSTOM_DOMAIN = "keepbits"
 #: The custom ops of that domain a manifest may list in ``custom_ops``.
@@ -142,7 +144,7 @@ class Manifest:
     classifier: str
     classify_on: str = "original"
     target: str = "onnxruntime"
-    opset: int = 18
+    opset: int = MIN_OPSET
     #: False when the networks fix H×W to ``input_shape`` (only the batch is dynamic).
     dynamic_size: bool = True
     input_name: str = "image"

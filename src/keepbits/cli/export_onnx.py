@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from keepbits.bundle import MAX_OPSET, MIN_OPSET
 from keepbits.cli._common import add_argument, command_line, existing_path
 
 HELP = ("export a NICE or SimpleBits checkpoint to a model bundle (ONNX graph image -> logits, mask, mixed; "
@@ -25,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "compute it on every frame anyway)")
     p.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                    help="tensorrt: custom nodes without ONNX function bodies (TensorRT plugins replace them)")
-    p.add_argument("--opset", type=int, default=18, help="default-domain opset (>= 18)")
+    p.add_argument("--opset", type=int, choices=range(MIN_OPSET, MAX_OPSET + 1), default=MIN_OPSET, metavar="N",
+                   help=f"default-domain ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing keepbits bundle at --out (never another file or folder)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch check on a random batch")
 

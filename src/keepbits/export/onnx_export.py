@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import io
 import logging
 import warnings
@@ -33,7 +32,7 @@ from torch import nn
 from keepbits._json import jsonable
 from keepbits._version import __version__
 from keepbits.bundle import (
-    EXPLAIN_CLASSIFY_ON, EXPLAIN_OUTPUTS, INPUT_DTYPES, TARGETS, Bundle, Manifest, explain_outputs, load_bundle, refuse_existing,
+    EXPLAIN_CLASSIFY_ON, EXPLAIN_OUTPUTS, INPUT_DTYPES, MAX_OPSET, MIN_OPSET, TARGETS, Bundle, Manifest, explain_outputs, load_bundle, refuse_existing,
     sha256_file, write_bundle,
 )
 from keepbits.errors import BundleError, InputError
@@ -44,7 +43,11 @@ from keepbits.training.checkpoint import Checkpoint, build_model, load_checkpoin
 from keepbits.training.models.fast_generators import attach_classifier
 
 _log = logging.getLogger("keepbits.export")
-MIN_OPSET = ops.BODY_OPSET
+def check_opset(opset: Any) -> int:
+    """``opset`` when it is an int in [:data:`MIN_OPSET`, :data:`MAX_OPSET`], else :class:`InputError`."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"opset must be an int in {MIN_OPSET}..{MAX_OPSET}, got {opset!r}")
+    return opset
 
 
 def _example_input(shape: list[int], input_dtype: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -98,8 +101,7 @@ def trace_to_onnx(
     it. ``dynamo=False``: the TorchScript exporter with only the batch dynamic (the dynamo
     exporter takes minutes on the SimpleBits U-Net on a loaded CPU).
     """
-    if opset < MIN_OPSET:
-        raise InputError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    check_opset(opset)
     input_dtype = "uint8" if example.dtype == torch.uint8 else "float32"
     chatty = {"onnxscript": logging.WARNING, "onnx_ir": logging.WARNING, "torch.onnx._internal.exporter._registration": logging.ERROR}
     loggers = [logging.getLogger(name) for name in chatty]
@@ -115,6 +117,9 @@ def trace_to_onnx(
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+    if ops.default_opset(model) != opset:  # the exporter falls back where it cannot convert: the bundle would misstate it
+        raise InputError(f"ONNX export: asked for opset {opset}, the exporter wrote opset {ops.default_opset(model)}; "
+                         f"choose {ops.default_opset(model)} (--opset)")
     if function_bodies:
         ops.attach_function_bodies(model)
     else:
@@ -253,8 +258,7 @@ def export_onnx(
         >>> # export_onnx("nice.pt", "nice.bundle", input_dtype="uint8", classify_on="mixed")
         >>> # export_onnx("simplebits.pt", "simplify.bundle").manifest.explain  -> 'simplify'
     """
-    if opset < MIN_OPSET:
-        raise InputError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    check_opset(opset)
     refuse_existing(out, overwrite)
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
@@ -276,9 +280,10 @@ def export_onnx(
     if verify and target == "onnxruntime":
         verify_model(model_bytes, graph, example, manifest.pixel_scale, names=output_names)
     path = write_bundle(out, manifest, {manifest.model_file: model_bytes}, archive=archive, overwrite=overwrite)
-    _log.info("wrote %s (%s, sha256 %s…)", path, ", ".join(manifest.custom_ops) or "no custom ops",
-              hashlib.sha256(model_bytes).hexdigest()[:12])
-    return load_bundle(path)
+    bundle = load_bundle(path)
+    _log.info("wrote %s (%s, opset %d, digest %s…)", path, ", ".join(manifest.custom_ops) or "no custom ops", opset,
+              bundle.digest[:12])
+    return bundle
 
 
 def verify_model(

@@ -30,14 +30,14 @@ import onnx
 import torch
 from onnx import AttributeProto, FunctionProto, TensorProto, helper
 
-from keepbits.bundle import CUSTOM_DOMAIN
+from keepbits.bundle import CUSTOM_DOMAIN, MIN_OPSET
 from keepbits.core.hard_concrete import BETA, GAMMA, ZETA
 from keepbits.training import functional as KF
 
 DOMAIN = CUSTOM_DOMAIN
 DOMAIN_VERSION = 1
-#: Default-domain opset of the function bodies (and the minimum export opset).
-BODY_OPSET = 18
+#: Default-domain opset of the function bodies as built (attached ones import the model's).
+BODY_OPSET = MIN_OPSET
 
 
 def gate_attrs(beta: float = BETA, gamma: float = GAMMA, zeta: float = ZETA) -> dict[str, float]:
@@ -101,7 +101,7 @@ def _function(name: str, inputs: list[str], outputs: list[str], nodes: list[onnx
     func = helper.make_function(
         DOMAIN, name, inputs, outputs, nodes,
         opset_imports=[helper.make_opsetid("", BODY_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
-    )
+    )  # the default-domain version follows the model's in attach_function_bodies
     for attr_name, default in attrs.items():
         func.attribute_proto.append(helper.make_attribute(attr_name, default))
     return func
@@ -192,13 +192,23 @@ def used_ops(model: onnx.ModelProto) -> list[str]:
     return sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN})
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The default-domain (``ai.onnx``) opset ``model`` imports."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def attach_function_bodies(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Add the function bodies the graph needs (``MaskCompose`` needs the two others) in place."""
+    """Add the function bodies the graph needs (``MaskCompose`` needs the two others) in place,
+    importing the model's default-domain opset (ONNX requires the two to agree; the bodies'
+    standard ops mean the same in every opset from :data:`BODY_OPSET` on)."""
     needed = set(used_ops(model))
     if "MaskCompose" in needed:
         needed |= {"HardConcreteMask", "MixedResCompose"}
     present = {(f.domain, f.name) for f in model.functions}
-    model.functions.extend(f for f in function_bodies() if f.name in needed and (DOMAIN, f.name) not in present)
+    bodies = [f for f in function_bodies() if f.name in needed and (DOMAIN, f.name) not in present]
+    for body in bodies:
+        next(o for o in body.opset_import if o.domain == "").version = default_opset(model)
+    model.functions.extend(bodies)
     _set_opset(model, DOMAIN, DOMAIN_VERSION)
     return model
 
