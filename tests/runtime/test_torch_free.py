@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 BLOCKED = ("torch", "torchvision", "onnx", "onnxscript", "onnx2torch", "matplotlib")
 
 SCRIPT = textwrap.dedent("""
@@ -98,14 +100,19 @@ def test_runtime_and_demo_run_with_torch_and_onnx_unimportable():
     assert codes["doctor"] == 1 and report["problems"] == ["extras", "torch"] and "blocked" in report["torch_check"]
 
 
-def test_cli_names_the_missing_extra():
-    """A command that needs torch says which install set provides it, in one line, exit 2."""
+@pytest.mark.parametrize("argv, extra", [
+    (["train", "classifier", "--data", ".", "--arch", "lenet5", "--out", "/tmp/x"], "keepbits[train]"),
+    (["audit", "cid", "--model", "m.pt", "--data", ".", "--out", "/tmp/x"], "keepbits[audit]"),
+])
+def test_cli_names_the_missing_extra(argv, extra):
+    """A command that needs torch says which install set provides it (an audit: the audits' own),
+    in one line, exit 2."""
     code = (f"BLOCKED = ('torch',)\n" + SCRIPT.split("import keepbits\n")[0]
-            + "from keepbits.cli import main\nsys.exit(main(['train', 'classifier', '--data', '.', '--arch', 'lenet5', '--out', '/tmp/x']))\n")
+            + f"from keepbits.cli import main\nsys.exit(main({argv!r}))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "keepbits[train]" in lines[0] and "Traceback" not in done.stderr
+    assert len(lines) == 1 and extra in lines[0] and "Traceback" not in done.stderr
 
 
 def test_sis_audit_of_an_onnx_model_runs_without_torch(tmp_path):
