@@ -45,6 +45,13 @@ def test_adapter_normalise_roundtrip_and_errors():
         m.prepare(np.zeros((1, 3, 3, 3), np.float32))
     with pytest.raises(InputError):
         load_model("/nonexistent/model.onnx")
+    # a plain numpy function, as docs/audit.md shows it (it was a TypeError from Path(function))
+    fn = lambda x: x.reshape(len(x), -1)[:, :3]  # noqa: E731
+    assert isinstance(load_model(fn, input_shape=(3, 2, 2)), FunctionAdapter)
+    with pytest.raises(InputError, match="function model needs input_shape"):
+        load_model(fn)
+    with pytest.raises(InputError, match="cannot audit a int"):
+        load_model(3)
     named = FunctionAdapter(lambda x: x.reshape(len(x), -1)[:, :2], input_shape=(1, 1, 2), class_names=["cat", "dog"])
     assert [named.class_name(i) for i in (1, 2, -1)] == ["dog", "2", "-1"] and m.class_name(0) == "0"
 

@@ -227,7 +227,8 @@ class OnnxAdapter(ModelAdapter):
 def load_model(model: Any, **kwargs: Any) -> ModelAdapter:
     """A :class:`ModelAdapter` for ``model``: an adapter (returned as is), a torch
     ``nn.Module`` (pass ``input_shape`` and optionally ``mean``/``std``), a
-    :class:`keepbits.training.byo.Classifier`, a keepbits checkpoint (``.pt``; normalisation read
+    :class:`keepbits.training.byo.Classifier`, a numpy function of normalised N×C×H×W float32
+    returning N×K logits (pass ``input_shape``), a keepbits checkpoint (``.pt``; normalisation read
     from it), a plain ``.onnx`` classifier (ONNX Runtime), a keepbits bundle folder / ``.zip``
     (:mod:`keepbits.bundle`, run with ONNX Runtime), or a registry name / ``package.module:factory``
     (:func:`keepbits.training.byo.resolve_classifier`; ``kwargs``: ``weights``, ``kwargs``,
@@ -241,6 +242,12 @@ def load_model(model: Any, **kwargs: Any) -> ModelAdapter:
         return TorchAdapter(model, **kwargs)
     if hasattr(model, "preprocessing") and hasattr(model, "module") and hasattr(model, "arch"):  # a byo.Classifier
         return _classifier_adapter(model)
+    if callable(model):  # a numpy function of normalised N×C×H×W float32 -> N×K logits
+        if "input_shape" not in kwargs:
+            raise InputError("a function model needs input_shape=(C, H, W)")
+        return FunctionAdapter(model, **kwargs)
+    if not isinstance(model, (str, Path)):
+        raise InputError(f"cannot audit a {type(model).__name__}: pass a path, a registry name, a torch module, a function or an adapter")
     path = Path(model)
     if path.suffix == ".onnx":
         if not path.exists():
