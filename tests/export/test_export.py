@@ -395,8 +395,18 @@ def test_compare_checkpoint_bundle_backends_and_int8(bundle_a, tmp_path, capsys)
     assert main(["compare", *sum((["--model", m] for m in models), []), "--data", str(data), "--mask-atol", "1e-4"]) == 0, SEED
     report = json.loads(capsys.readouterr().out)
     assert report["reference"] == ckpt and len(report["comparisons"]) == len(models) - 1 and report["images"] == 12
-    for row in report["comparisons"]:
-        assert row["outputs"] == ["logits", "mask"] and row["metrics"]["argmax_agree"] == 1.0, (row, SEED)
+    for row in report["comparisons"]:  # the checkpoint's twin is built like the bundle: x̃ compared too
+        assert row["outputs"] == ["logits", "mask", "mixed"] and row["metrics"]["argmax_agree"] == 1.0, (row, SEED)
+    # a float32 bundle classifying x̃: against the checkpoint (its twin classifies x̃ too; it was compared with a twin
+    # classifying the original, logits off by 0.17, exit 1) and against the uint8 bundle (NHWC 0..255 against NCHW 0..1:
+    # it was a shape error, exit 2; logits skipped, as the two classify different images)
+    floats = export_onnx(ckpt, tmp_path / "f32", input_dtype="float32", classify_on="mixed", fused=False)
+    assert main(["compare", "--model", ckpt, "--model", str(floats.source), "--data", str(data), "--mask-atol", "1e-4"]) == 0
+    assert json.loads(capsys.readouterr().out)["comparisons"][0]["outputs"] == ["logits", "mask", "mixed"]
+    assert main(["compare", "--model", str(bundle.source), "--model", str(floats.source), "--data", str(data),
+                 "--mask-atol", "1e-4", "--pixels-atol", "0.003"]) == 0
+    row = json.loads(capsys.readouterr().out)["comparisons"][0]
+    assert row["outputs"] == ["mask", "mixed"] and "classifies the mixed image" in row["skipped"][0]
     int8, _ = quantize_bundle(bundle.source, tmp_path / "int8", data, calibration_images=16)
     strict = ["compare", "--model", str(bundle.source), "--model", str(int8.source), "--data", str(data), "--logits-atol", "1e-6"]
     assert main(strict) == 1

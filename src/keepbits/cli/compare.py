@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from keepbits.cli._common import SEED, number, positive_int
 from keepbits.errors import InputError
@@ -59,8 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
 
 
-def _pipeline(spec: str, threads: int | None):
-    """A Pipeline for ``PATH[@BACKEND]``: checkpoints through the torch backend, bundles by :func:`bundle_pipeline`."""
+def _pipeline(spec: str, threads: int | None, like: Any = None):
+    """A Pipeline for ``PATH[@BACKEND]``: bundles by :func:`bundle_pipeline`; checkpoints through the
+    torch backend, built like the bundle manifest ``like`` when given (the graph export would write),
+    else a function of a manifest giving that (the reference: one twin per kind of candidate)."""
     from keepbits.runtime.parity import BUNDLE_BACKENDS, bundle_pipeline
 
     path, sep, backend = spec.rpartition("@")
@@ -77,7 +79,12 @@ def _pipeline(spec: str, threads: int | None):
             raise InputError(f"{spec}: a checkpoint runs in torch only (no @{backend})")
         from keepbits.export import torch_pipeline
 
-        return torch_pipeline(path)
+        def twin(m: Any) -> Any:
+            if m is None:
+                return torch_pipeline(path)
+            return torch_pipeline(path, input_dtype=m.input_dtype, classify_on=m.classify_on, mixed_output="mixed" in m.output_names)
+
+        return twin if like is None else twin(like)
     if backend == "torch":
         raise InputError(f"{spec}: @torch needs a NICE checkpoint (.pt), not a bundle")
     return bundle_pipeline(path, backend or "auto", threads)
@@ -85,19 +92,26 @@ def _pipeline(spec: str, threads: int | None):
 
 def run(args: argparse.Namespace) -> int:
     from keepbits.data.images import load_images
+    from keepbits.runtime import Pipeline
     from keepbits.runtime.parity import Tolerances, compare_pipelines
 
     if len(args.model) < 2:
         raise InputError("compare needs at least two --model (the first is the reference)")
     if args.num_images < 0 or args.batch_size < 1:
         raise InputError("--num-images must be >= 0 and --batch-size >= 1")
-    pipelines = {spec: _pipeline(spec, args.threads) for spec in args.model}
-    reference = pipelines[args.model[0]]
-    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(reference.height, reference.width),
+    # a checkpoint reference is built like each candidate bundle (a function of its manifest); a checkpoint
+    # candidate like a bundle reference; two checkpoints as the torch backend's default graph
+    reference = _pipeline(args.model[0], args.threads)
+    like = reference.manifest if isinstance(reference, Pipeline) else None
+    candidates = {}
+    for spec in args.model[1:]:
+        candidate = _pipeline(spec, args.threads, like)
+        candidates[spec] = candidate if isinstance(candidate, Pipeline) else candidate(None)
+    first = reference if isinstance(reference, Pipeline) else next(iter(candidates.values()))
+    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(first.height, first.width),
                          frame_step=args.frame_step)
     tolerances = Tolerances(args.logits_atol, args.mask_atol, args.pixels_atol, args.min_argmax_agree, args.min_mask_agree)
-    report = compare_pipelines(reference, {k: v for k, v in pipelines.items() if k != args.model[0]}, images.images, tolerances,
-                               args.batch_size)
+    report = compare_pipelines(reference, candidates, images.images, tolerances, args.batch_size)
     report = {"reference": args.model[0], "data": images.source, **report}
     if not args.quiet:
         for row in report["comparisons"]:  # every check's value, failed ones first, as Polygraphy prints them

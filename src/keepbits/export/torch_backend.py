@@ -31,23 +31,31 @@ class TorchSession:
 
     def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         with torch.inference_mode():
-            logits, mask = self.graph(torch.from_numpy(next(iter(feed.values()))))[:2]
-        named = {"logits": logits, "mask": mask}
+            named = dict(zip(self.output_names, self.graph(torch.from_numpy(next(iter(feed.values()))))))
         return [named[name].numpy() for name in outputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """What :meth:`run` can give: logits and ẑ, and x̃ when the graph composes it."""
+        return ["logits", "mask", "mixed"] if self.graph.mixed_output else ["logits", "mask"]
 
     def get_providers(self) -> list[str]:
         return ["torch"]
 
 
-def torch_pipeline(checkpoint: str | Path, **pipeline_options: Any) -> Pipeline:
-    """A :class:`Pipeline` running a ``nice`` checkpoint eagerly in torch (uint8 NHWC input,
-    the exported graph's semantics); ``pipeline_options`` as for :class:`Pipeline`."""
+def torch_pipeline(checkpoint: str | Path, *, input_dtype: str = "uint8", classify_on: str | None = None,
+                   mixed_output: bool = False, **pipeline_options: Any) -> Pipeline:
+    """A :class:`Pipeline` running a ``nice`` checkpoint eagerly in torch with the semantics of
+    the graph :func:`keepbits.export.export_onnx` writes for the same ``input_dtype``,
+    ``classify_on`` and ``mixed_output`` (so a bundle is compared with its own twin);
+    ``pipeline_options`` as for :class:`Pipeline`."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise InputError(f"the torch backend needs a NICE checkpoint file (.pt), got {checkpoint}")
     generator, classifier, ckpt = load_nice(checkpoint)
-    manifest = checkpoint_manifest(ckpt, checkpoint, input_dtype="uint8", mixed_output=False)
-    graph = NiceGraph(generator, classifier, manifest.mean, manifest.std, manifest.block_size, mixed_output=False)
+    manifest = checkpoint_manifest(ckpt, checkpoint, input_dtype=input_dtype, classify_on=classify_on, mixed_output=mixed_output)
+    graph = NiceGraph(generator, classifier, manifest.mean, manifest.std, manifest.block_size, manifest.input_dtype,
+                      manifest.classify_on, mixed_output=mixed_output)
     bundle = Bundle(root=checkpoint.parent, manifest=manifest, digest=sha256_file(checkpoint), source=checkpoint)
     return Pipeline(bundle, session=TorchSession(graph), **pipeline_options)
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from keepbits import native
-from keepbits.bundle import EXPLAIN_OUTPUTS, load_bundle
+from keepbits.bundle import EXPLAIN_OUTPUTS, Manifest, load_bundle
 from keepbits.errors import InputError
 from keepbits.runtime.pipeline import Pipeline, bundle_inputs
 
@@ -164,38 +164,72 @@ def run_outputs(pipeline: Pipeline, images: Sequence[np.ndarray], names: Sequenc
     return out
 
 
-def compare_pipelines(reference: Pipeline, candidates: Mapping[str, Pipeline], images: Sequence[np.ndarray], tolerances: Tolerances,
-                      batch_size: int = 32) -> dict[str, Any]:
+def compare_pipelines(reference: Pipeline | Callable[[Manifest], Pipeline], candidates: Mapping[str, Pipeline],
+                      images: Sequence[np.ndarray], tolerances: Tolerances, batch_size: int = 32) -> dict[str, Any]:
     """Run ``reference`` and every candidate (name -> :class:`keepbits.runtime.Pipeline`) on
     ``images`` and compare the outputs they share; ``passed`` is False when any candidate
-    misses a tolerance."""
-    m = reference.manifest
+    misses a tolerance. ``reference`` may be a function of a candidate's manifest giving the
+    reference built like that candidate (a checkpoint's torch twin of each bundle: the image it
+    classifies, its input type). Pixel outputs are compared on 0..1 in N×C×H×W whatever each
+    side's layout and scale (a uint8 NHWC bundle against a float32 NCHW one)."""
+    twins: dict[tuple[Any, ...], Pipeline] = {}
+
+    def reference_like(c: Manifest) -> Pipeline:
+        if isinstance(reference, Pipeline):
+            return reference
+        key = (c.input_dtype, c.classify_on, tuple(c.output_names))
+        if key not in twins:
+            twins[key] = reference(c)
+        return twins[key]
+
     rows = []
-    reference_outputs: dict[tuple[str, ...], list[list[np.ndarray]]] = {}
+    reference_outputs: dict[tuple[Any, ...], list[list[np.ndarray]]] = {}
     for name, candidate in candidates.items():
         c = candidate.manifest
+        ref_pipe = reference_like(c)
+        m = ref_pipe.manifest
         if list(c.input_shape) != list(m.input_shape) or len(c.class_names) != len(m.class_names):
             raise InputError(f"{name}: input {c.input_shape} and {len(c.class_names)} classes differ from the reference's "
                              f"{m.input_shape} and {len(m.class_names)}: not the same model")
+        # two bundles classifying different images (original / x̃) are not meant to agree on logits: ẑ and x̃ only
+        skipped = [] if c.classify_on == m.classify_on else [
+            f"logits: {name} classifies the {c.classify_on} image, the reference the {m.classify_on} one"]
         names = tuple(n for n in m.output_names if n in c.output_names and n in _session_outputs(candidate)
-                      and n in _session_outputs(reference))
-        if names not in reference_outputs:
-            reference_outputs[names] = run_outputs(reference, images, names, batch_size)
-        parity = Parity(names, m.pixel_scale, m.mask_threshold)
-        for ref, got in zip(reference_outputs[names], run_outputs(candidate, images, names, batch_size)):
-            parity.add(ref, got)
+                      and n in _session_outputs(ref_pipe) and not (skipped and n == "logits"))
+        if (id(ref_pipe), names) not in reference_outputs:
+            reference_outputs[id(ref_pipe), names] = [_unit_pixels(m, names, batch)
+                                                      for batch in run_outputs(ref_pipe, images, names, batch_size)]
+        parity = Parity(names, 1.0, m.mask_threshold)
+        for ref, got in zip(reference_outputs[id(ref_pipe), names], run_outputs(candidate, images, names, batch_size)):
+            parity.add(ref, _unit_pixels(c, names, got))
         report = parity.report()
         checks = check(report, tolerances)
         rows.append({"model": name, "providers": candidate.providers, "outputs": list(names), "metrics": report,
-                     "checks": checks, "passed": all(c["passed"] for c in checks)})
-    return {"images": len(images), "reference_providers": reference.providers, "tolerances": dataclasses.asdict(tolerances),
+                     "checks": checks, "passed": all(c["passed"] for c in checks), **({"skipped": skipped} if skipped else {})})
+    providers = reference.providers if isinstance(reference, Pipeline) else sorted({p for t in twins.values() for p in t.providers})
+    return {"images": len(images), "reference_providers": providers, "tolerances": dataclasses.asdict(tolerances),
             "comparisons": rows, "passed": all(r["passed"] for r in rows)}
 
 
+def _unit_pixels(manifest: Manifest, names: Sequence[str], outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``outputs`` with the pixel outputs (x̃, simplified) as N×C×H×W on 0..1: a uint8 NHWC
+    bundle's are N×H×W×C on 0..255, a float32 one's N×C×H×W on 0..1."""
+    converted = []
+    for name, array in zip(names, outputs):
+        if name in PIXEL_OUTPUTS:
+            array = np.asarray(array, np.float64) / manifest.pixel_scale
+            if manifest.input_layout == "NHWC":
+                array = array.transpose(0, 3, 1, 2)
+        converted.append(array)
+    return converted
+
+
 def _session_outputs(pipeline: Pipeline) -> list[str]:
-    """Outputs the pipeline's session gives: ONNX Runtime lists them; other sessions give logits and ẑ."""
+    """Outputs the pipeline's session gives: ONNX Runtime lists them, the torch backend names them."""
     outputs = getattr(pipeline.session, "get_outputs", None)
-    return [o.name for o in outputs()] if outputs is not None else ["logits", "mask"]
+    if outputs is not None:
+        return [o.name for o in outputs()]
+    return list(getattr(pipeline.session, "output_names", ["logits", "mask"]))
 
 
 __all__ = ["BUNDLE_BACKENDS", "PIXEL_OUTPUTS", "Parity", "Tolerances", "bundle_pipeline", "check",
