@@ -58,6 +58,30 @@ def test_info_refuses_a_modified_bundle_and_a_wrong_pin(tmp_path):
         bundle_info(path)
 
 
+def test_info_describes_a_bundle_whose_custom_ops_cannot_run_here(monkeypatch, tmp_path, capsys):
+    """A TensorRT-target bundle (custom nodes, no function bodies) without the native kernels:
+    info prints its report, saying it cannot run here (it was an error, exit 2)."""
+    from onnx import TensorProto, helper
+
+    from keepbits.bundle import Manifest, write_bundle
+    from keepbits.cli import main
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 1, "H", "W"]) for n in ("image", "mask")]
+    node = helper.make_node("HardConcreteMask", ["image"], ["mask"], domain="keepbits", beta=0.5, gamma=-0.1, zeta=1.1)
+    model = helper.make_model(helper.make_graph([node], "g", io[:1], io[1:]), ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("keepbits", 1)])
+    manifest = Manifest(input_shape=[1, 8, 8], input_dtype="float32", input_layout="NCHW", mean=[0.5], std=[0.5],
+                        class_names=["a", "b"], block_size=4, mask_threshold=0.5, generator="g", classifier="c",
+                        target="tensorrt", function_bodies=False, custom_ops=["HardConcreteMask"])
+    path = write_bundle(tmp_path / "trt", manifest, {"model.onnx": model.SerializeToString()})
+    monkeypatch.setenv("KEEPBITS_NATIVE", "0")
+    info = bundle_info(path)
+    assert info["custom_ops"]["runs_with"] == "cannot run" and info["outputs"]["onnxruntime"] is None
+    assert main(["info", "--model", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "HardConcreteMask -> cannot run" in out and "ONNX Runtime cannot load the graph here" in out
+
+
 def test_native_status_explains_itself(monkeypatch, tmp_path):
     monkeypatch.setenv("KEEPBITS_NATIVE", "0")
     assert native.status()["reason"] == "disabled by KEEPBITS_NATIVE=0"

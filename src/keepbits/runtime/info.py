@@ -78,11 +78,13 @@ def bundle_info(path: str | Path, expected_digest: str | None = None) -> dict[st
     bundle = load_bundle(path, expected_digest)
     m = bundle.manifest
     ops = custom_op_status(m.custom_ops, m.function_bodies)
-    try:
-        session = native.make_session(bundle.model_path, native=ops["runs_with"] == "native kernels")
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own error types
-        raise InputError(f"{path}: ONNX Runtime {ort.__version__} cannot load {m.model_file} here "
-                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); custom ops: {ops['runs_with']}") from None
+    session = None  # a bundle whose custom ops cannot run here (a TensorRT one without the native kernels) is still described
+    if ops["runs_with"] != "cannot run":
+        try:
+            session = native.make_session(bundle.model_path, native=ops["runs_with"] == "native kernels")
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own error types
+            raise InputError(f"{path}: ONNX Runtime {ort.__version__} cannot load {m.model_file} here "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); custom ops: {ops['runs_with']}") from None
     files = {name: {"bytes": (bundle.root / name).stat().st_size, "sha256": digest} for name, digest in m.files.items()}
     source = Path(path)
     return {
@@ -102,11 +104,11 @@ def bundle_info(path: str | Path, expected_digest: str | None = None) -> dict[st
             "pixel_scale": m.pixel_scale, "mean": list(m.mean), "std": list(m.std),
             "normalisation": f"(x / {m.pixel_scale:g} - mean) / std, inside the graph",
             "dynamic_size": m.dynamic_size, "resize": resize_description(m.resize_policy, m.crop_fraction),
-            "onnxruntime": [{"name": i.name, "shape": list(i.shape), "type": i.type} for i in session.get_inputs()],
+            "onnxruntime": None if session is None else [{"name": i.name, "shape": list(i.shape), "type": i.type} for i in session.get_inputs()],
         },
         "outputs": {
             "names": list(m.output_names), "classify_on": m.classify_on,
-            "onnxruntime": [{"name": o.name, "shape": list(o.shape), "type": o.type} for o in session.get_outputs()],
+            "onnxruntime": None if session is None else [{"name": o.name, "shape": list(o.shape), "type": o.type} for o in session.get_outputs()],
         },
         "mask": None if m.explain != "mask" else {"block_size": m.block_size, "threshold": float(m.mask_threshold)},
         "target": m.target,
@@ -146,7 +148,8 @@ def info_report(info: dict[str, Any]) -> str:
     what = f"{explain}: {info['generator']} generator + {info['classifier']} classifier"
     if info.get("mask"):
         what += f", block {info['mask']['block_size']}, threshold {info['mask']['threshold']:g}"
-    graph_io = ", ".join(f"{t['name']} [{', '.join(str(d) for d in t['shape'])}] {t['type']}" for t in o["onnxruntime"])
+    graph_io = (", ".join(f"{t['name']} [{', '.join(str(d) for d in t['shape'])}] {t['type']}" for t in o["onnxruntime"])
+                if o["onnxruntime"] is not None else f"{', '.join(o['names'])} (per the manifest: ONNX Runtime cannot load the graph here)")
     runs = f"{info['target']}, opset {info['opset']}; custom ops "
     runs += f"{', '.join(ops['ops'])} -> {ops['runs_with']}" if ops["ops"] else "none"
     if ops["runs_with"] == "native kernels":
