@@ -62,3 +62,18 @@ def test_profile_validation(tmp_path):
     fixed, _ = _bundle(tmp_path / "fixed", dynamic=False)
     with pytest.raises(InputError, match="28×28 images only"):
         EngineSpec(height=(16, 28, 64)).profile(fixed)
+
+
+def test_the_users_mistakes_come_before_what_the_machine_lacks(tmp_path, monkeypatch, capsys):
+    """A bad profile or tolerance is named even where TensorRT is missing (it was "TensorRT is not
+    installed" first, and --tolerance nan was accepted: no engine could have failed the check)."""
+    bundle, _ = _bundle(tmp_path)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    for extra, message in ((["--batch", "8,1,4"], "min <= opt <= max"), (["--tolerance", "nan"], "argument --tolerance"),
+                           (["--tolerance", "-1"], "argument --tolerance"), (["--samples", "0"], "argument --samples")):
+        assert main(["export", "tensorrt", "--model", str(bundle.source), *extra]) == 2
+        assert message in capsys.readouterr().err
+    from keepbits.export.tensorrt import build_engine
+
+    with pytest.raises(InputError, match="tolerance must be a finite number > 0"):
+        build_engine(bundle.source, EngineSpec(), tmp_path / "cache", tolerance=float("nan"))

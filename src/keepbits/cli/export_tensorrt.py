@@ -6,8 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from keepbits.cli._common import add_argument, existing_path
-from keepbits.errors import InputError
+from keepbits.cli._common import add_argument, existing_path, number, positive_int
 
 HELP = "build a TensorRT engine for a bundle (fp32/fp16, dynamic profiles, cached) and check it against ONNX Runtime"
 
@@ -29,14 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=_triple, default=None, help="MIN,OPT,MAX image height (default: the training size)")
     p.add_argument("--width", type=_triple, default=None, help="MIN,OPT,MAX image width (default: the training size)")
     p.add_argument("--cache", default=str(Path("~/.cache/keepbits/tensorrt")), help="engine cache folder")
-    p.add_argument("--samples", type=int, default=4, help="random batches in the parity check")
-    p.add_argument("--tolerance", type=float, default=None, help="max abs error on mask and mixed/scale (default: 1e-4 fp32, 2e-2 fp16)")
+    p.add_argument("--samples", type=positive_int, default=4, help="random batches in the parity check (default: %(default)s)")
+    p.add_argument("--tolerance", type=number(float, above=0), default=None,
+                   help="max abs error on mask and mixed/scale (default: 1e-4 fp32, 2e-2 fp16)")
 
 
 def run(args: argparse.Namespace) -> int:
     existing_path(args.model, "bundle")
-    if args.samples < 1:
-        raise InputError("--samples must be >= 1")
     from keepbits.export.tensorrt import EngineSpec, build_engine
 
     report = build_engine(args.model, EngineSpec(args.precision, args.batch, args.height, args.width), args.cache,

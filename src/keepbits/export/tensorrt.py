@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -141,11 +142,19 @@ def build_engine(bundle_path: str | Path, spec: EngineSpec, cache_dir: str | Pat
     """
     if spec.precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {spec.precision!r}")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise InputError(f"tolerance must be a finite number > 0, got {tolerance!r}")  # NaN would pass any engine
+    if not (isinstance(samples, int) and samples >= 1):
+        raise InputError(f"samples must be an int >= 1, got {samples!r}")
     bundle = load_bundle(bundle_path)
+    profile = spec.profile(bundle)  # the user's mistakes first, then what this machine lacks
+    try:
+        import torch  # noqa: F401 - the parity check's CUDA buffers
+    except ModuleNotFoundError:
+        raise InputError("building a TensorRT engine needs torch with CUDA for its parity check: pip install 'keepbits[train]'") from None
     trt = import_tensorrt()
     plugin = plugin_library_path()
     gpu, capability = gpu_identity()
-    profile = spec.profile(bundle)
     key = engine_key(gpu, capability, trt.__version__, bundle.digest, spec.precision, profile, sha256_file(plugin))
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
