@@ -42,6 +42,8 @@ def test_round_trip(tmp_path, suffix):
     assert load_bundle(out, expected_digest=bundle.digest).digest == bundle.digest
     with pytest.raises(BundleError, match="does not match"):
         load_bundle(out, expected_digest="0" * 64)
+    with pytest.raises(BundleError, match="64 hex digits"):
+        load_bundle(out, expected_digest="xyz")
     with pytest.raises(BundleError, match="not a file of this bundle"):
         bundle.path("manifest.json")
 
@@ -54,6 +56,7 @@ def test_overwrite_replaces_a_bundle_only(tmp_path):
     import stat
 
     files = {"model.onnx": _model_bytes()}
+    assert zipfile.is_zipfile(write_bundle(tmp_path / "UP.ZIP", _manifest(), files))  # the suffix in any case
     for name in ("b", "b.zip"):
         write_bundle(tmp_path / name, _manifest(), files)
         write_bundle(tmp_path / name, _manifest(generator="g2"), files, overwrite=True)

@@ -506,6 +506,9 @@ def load_bundle(path: str | Path, expected_digest: str | None = None) -> Bundle:
 
     def verified(raw: bytes) -> tuple[str, Manifest]:
         digest = hashlib.sha256(raw).hexdigest()
+        if expected_digest is not None and not (isinstance(expected_digest, str) and len(expected_digest) == 64
+                                                and all(ch in "0123456789abcdefABCDEF" for ch in expected_digest)):
+            raise BundleError(f"expected_digest must be 64 hex digits (a sha256), got {expected_digest!r}")
         if expected_digest is not None and digest != expected_digest.lower():
             raise BundleError(f"{where}: bundle digest {digest} does not match the expected {expected_digest}")
         return digest, _read_manifest(raw, where)
@@ -680,7 +683,7 @@ def write_bundle(
     The bundle appears atomically (temp name in the same folder, then rename). Returns ``out``.
     """
     out = Path(out)
-    archive = out.suffix == ".zip" if archive is None else archive
+    archive = out.suffix.lower() == ".zip" if archive is None else archive
     refuse_existing(out, overwrite)
     if manifest.model_file not in files:
         raise BundleError(f"bundle files lack the model file {manifest.model_file!r}")

@@ -34,6 +34,10 @@ def test_info_of_a_plain_and_of_the_demo_bundle(tmp_path):
     json.dumps(demo)
     report = dict(line.split(None, 1) for line in info_report(demo).splitlines() if not line.startswith(("runs with", "trained by")))
     assert report["classes"].startswith("1000: tench, goldfish") and "epoch" in report["provenance"]
+    # the checkpoint's 0-based epoch shown as its training log counts it (the log's last row)
+    epoch, history = demo["provenance"]["epoch"], demo["provenance"]["metrics"].get("history") or []
+    assert f"epoch {epoch + 1}" in report["provenance"]
+    assert not history or history[-1]["epoch"] == epoch + 1
 
 
 def test_info_report_shows_any_provenance_as_text():

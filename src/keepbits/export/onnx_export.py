@@ -157,13 +157,14 @@ def check_model(model: onnx.ModelProto) -> None:
 EXPLAIN_OF_KIND = {"nice": "mask", "simplebits": "simplify"}
 
 
-def checkpoint_manifest(ckpt: Checkpoint, checkpoint: Path, *, input_dtype: str = "uint8",
+def checkpoint_manifest(ckpt: Checkpoint, checkpoint: str | Path, *, input_dtype: str = "uint8",
                         classify_on: str | None = None, mixed_output: bool = True, target: str = "onnxruntime",
                         opset: int = MIN_OPSET, command: str = "") -> Manifest:
     """The bundle manifest of a ``nice`` or ``simplebits`` :class:`Checkpoint` read from ``checkpoint``:
     the one mapping from checkpoint fields to manifest fields (export and the torch backend share
     it), the classifier's preprocessing (resize policy, crop fraction) included. Graph facts
     (``custom_ops``, ``dynamic_size``) keep their defaults until the graph is traced."""
+    checkpoint = Path(checkpoint)
     explain = EXPLAIN_OF_KIND.get(ckpt.kind)
     if explain is None:
         raise InputError(f"{checkpoint}: holds a {ckpt.kind} checkpoint; export takes {' or '.join(EXPLAIN_OF_KIND)} checkpoints")

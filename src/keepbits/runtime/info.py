@@ -127,6 +127,13 @@ def _names(names: list[str], shown: int = 4) -> str:
     return f"{', '.join(names[:shown])}, …, {', '.join(names[-2:])}"
 
 
+def _epoch(epoch: Any) -> str:
+    """The checkpoint's epoch as its training log counts it: ``Checkpoint.epoch`` is 0-based, the log's rows 1-based."""
+    if epoch is None:
+        return ""
+    return f"epoch {epoch + 1}" if isinstance(epoch, int) and not isinstance(epoch, bool) else f"epoch {epoch}"
+
+
 def _shape(shape: list[Any]) -> str:
     return "×".join(str(d) for d in shape)
 
@@ -169,7 +176,7 @@ def info_report(info: dict[str, Any]) -> str:
         made = [f"exported {prov['exported_utc']}" if prov.get("exported_utc") else "",
                 f"by keepbits {prov['keepbits_version']}" if prov.get("keepbits_version") else "",
                 f"from {prov['checkpoint']} (sha256 {str(prov.get('checkpoint_sha256', ''))[:12]}…)" if prov.get("checkpoint") else "",
-                f"epoch {prov['epoch']}" if prov.get("epoch") is not None else ""]
+                _epoch(prov.get("epoch"))]
         lines.append(("provenance", ", ".join(m for m in made if m) or "recorded (--json)"))
         if prov.get("training_command"):
             lines.append(("trained by", str(prov["training_command"])))

@@ -129,6 +129,7 @@ class Checkpoint:
     settings: dict[str, Any] = field(default_factory=dict)
     command: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: 0-based index of the last epoch trained (the training log's rows count from 1: its row ``epoch + 1``).
     epoch: int = 0
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
