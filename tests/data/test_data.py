@@ -97,10 +97,17 @@ def test_image_folder_letterbox_pads_black(tmp_path):
     assert ds.x[0, 0].max() == 0 and ds.x[0, 20].min() == 255
 
 
-def test_corrupt_image_names_the_file(tmp_path):
+def test_a_corrupt_image_is_skipped_named_and_counted(tmp_path, caplog):
+    """As in footage, one unreadable file in class folders (or camera folders read as such) is
+    skipped, logged by name and counted, not fatal (it ended `keepbits eval` with exit 2)."""
     _image_tree(tmp_path)
     (tmp_path / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(InputError, match="broken.png"):
+    ds = load_image_folder(tmp_path, size=(16, 16))
+    assert ds.x.shape[0] == 6 and ds.y.tolist() == [0, 0, 1, 1, 2, 2] and "broken.png" in caplog.text
+    assert [p.rsplit("/", 1)[-1] for p in ds.meta["skipped"]] == ["broken.png"] and "1 unreadable of 7 images skipped" in ds.source
+    for file in tmp_path.rglob("*.*"):
+        file.write_bytes(b"not an image")
+    with pytest.raises(InputError, match="none of the 7 images"):
         load_image_folder(tmp_path, size=(16, 16))
 
 

@@ -12,6 +12,7 @@ and ``test.npz`` (or ``train_*.npz``) is read as a split data set.
 from __future__ import annotations
 
 import gzip
+import logging
 import struct
 import zipfile
 from pathlib import Path
@@ -22,6 +23,8 @@ from keepbits.data.dataset import MAX_CLASSES, ImageDataset
 from keepbits.data.preprocess import RESIZE_POLICIES, fit_into
 from keepbits.data.stream import IMAGE_SUFFIXES, NPZ_ERRORS, decode_image, read_npz_member
 from keepbits.errors import InputError
+
+log = logging.getLogger(__name__)
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _MAX_IDX_ITEMS = 1 << 31
@@ -87,7 +90,9 @@ def load_image_folder(
     crop_fraction: float = 1.0,
 ) -> ImageDataset:
     """Images under ``root/<class>/*``; classes sorted by name; every image made ``size`` (H, W)
-    by :func:`keepbits.data.fit_into` under ``policy`` (``crop_fraction``: center-crop only)."""
+    by :func:`keepbits.data.fit_into` under ``policy`` (``crop_fraction``: center-crop only).
+    A file that cannot be decoded is skipped, logged and counted (``meta["skipped"]``, and in
+    ``source``), as footage's are; none readable is an :class:`InputError`."""
     root = Path(root)
     if policy not in RESIZE_POLICIES:
         raise InputError(f"unknown resize policy {policy!r}; choose one of {RESIZE_POLICIES}")
@@ -99,11 +104,27 @@ def load_image_folder(
     if not files:
         raise InputError(f"{root}: class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
     x = np.empty((len(files), size[0], size[1], 1 if gray else 3), np.uint8)
+    kept: list[int] = []
+    skipped: list[str] = []
     for i, (_, file) in enumerate(files):
-        fit_into(decode_image(file, gray=gray), x[i], policy, crop_fraction)
-    ds = ImageDataset(x, np.array([label for label, _ in files]), classes, source=str(root))
+        try:
+            image = decode_image(file, gray=gray)
+        except InputError as exc:
+            skipped.append(str(file))
+            if len(skipped) <= 5:
+                log.warning("skipped %s", exc)
+            continue
+        fit_into(image, x[len(kept)], policy, crop_fraction)
+        kept.append(i)
+    if not kept:
+        raise InputError(f"{root}: none of the {len(files)} images in its class folders can be read ({skipped[0]} …)")
+    if len(skipped) > 5:
+        log.warning("skipped %d unreadable images under %s in all", len(skipped), root)
+    source = str(root) + (f" ({len(skipped)} unreadable of {len(files)} images skipped)" if skipped else "")
+    ds = ImageDataset(x[:len(kept)], np.array([files[i][0] for i in kept]), classes, source=source)
     ds.meta["resize_policy"] = policy
     ds.meta["crop_fraction"] = crop_fraction
+    ds.meta["skipped"] = skipped
     return ds
 
 
