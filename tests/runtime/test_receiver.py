@@ -93,9 +93,15 @@ def test_sender_and_decoder_records_share_keys_and_name_each_folder_file(pipe, t
         (tmp_path / "cam" / f"day{i % 2}").mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(tmp_path / "cam" / f"day{i % 2}" / f"f{i}.png"), frame)
     (tmp_path / "cam" / "day0" / "f00-broken.png").write_bytes(b"not a png")
+    writer = cv2.VideoWriter(str(tmp_path / "cam" / "day1" / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (40, 24))
+    for frame in _frames(2):  # a recording beside the pictures: its frames stream too (they were left out)
+        writer.write(frame)
+    writer.release()
+    (tmp_path / "cam" / "day1" / "dead.mp4").write_bytes(b"not a video")
     run_stream(pipe, open_source(tmp_path / "cam"), [open_sink(f"files:{tmp_path / 'sent'}")])
     sent = [json.loads(line) for line in (tmp_path / "sent" / "frames.jsonl").read_text().splitlines()]
-    assert [(r["source_file"], r["source_index"]) for r in sent] == [("day0/f0.png", 0), ("day0/f2.png", 2), ("day1/f1.png", 3)]
+    assert [(r["source_file"], r["source_index"]) for r in sent] == [
+        ("day0/f0.png", 0), ("day0/f2.png", 2), ("day1/clip.avi#0", 3), ("day1/clip.avi#1", 4), ("day1/f1.png", 6)]
     decode_files([tmp_path / "sent"], tmp_path / "out")
     got = [json.loads(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
     shared = ("sequence", "label", "label_index", "payload_bytes")

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable, Iterator
 import cv2
 import numpy as np
 
-from keepbits.data.stream import IMAGE_SUFFIXES
+from keepbits.data.stream import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from keepbits.errors import InputError
 from keepbits.runtime.queues import BoundedQueue, QueueClosed
 
@@ -72,13 +72,13 @@ class Skipped:
 @dataclass
 class Frame:
     """One frame: ``image`` uint8 H×W×3 RGB (or H×W grey), ``index`` its place in the source (a
-    video's frame number, a folder's file in sorted path order, counting skipped and stepped-over
-    ones), capture ``timestamp``."""
+    video's frame number; in a folder, its image or video frame in sorted path order; counting
+    skipped and stepped-over ones), capture ``timestamp``."""
 
     image: np.ndarray
     index: int
     timestamp: float
-    #: The file it was read from, relative to the folder, for a folder source; else None.
+    #: For a folder source, the file it was read from, relative to the folder (a video's frame: ``<file>#<frame>``); else None.
     file: str | None = None
 
 
@@ -415,21 +415,39 @@ def _read_image(file: Path, max_pixels: int) -> np.ndarray | Skipped:
     return image
 
 
-def _folder(path: Path, max_pixels: int, loop: bool = False) -> Callable[[], Iterator[_FileImage | Skipped]]:
-    """The image files under ``path`` at any depth (``day1/cam0/…``), in sorted path order, each
-    named by its path under ``path``; with ``loop`` again from the first after the last, as long
-    as a pass reads any image."""
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def _folder(path: Path, max_pixels: int, loop: bool = False, timeout_ms: int = 0) -> Callable[[], Iterator[_FileImage | Skipped]]:
+    """The image and video files under ``path`` at any depth (``day1/cam0/…``), in sorted path
+    order, an image named by its path under ``path``, a video's frames ``<path>#<frame>``; a
+    file that cannot be read is one :class:`Skipped`; with ``loop`` again from the first after
+    the last, as long as a pass reads any frame."""
+    suffixes = IMAGE_SUFFIXES + VIDEO_SUFFIXES
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     if not files:
-        raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or its subfolders")
+        raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) or videos ({', '.join(VIDEO_SUFFIXES)}) "
+                         "in it or its subfolders")
+
+    def video(file: Path, name: str) -> Iterator[_FileImage | Skipped]:
+        try:
+            frames = _VideoFrames(file, False, timeout_ms, max_pixels)
+        except InputError as exc:
+            yield Skipped(f"{name}: {exc}")
+            return
+        for k, frame in enumerate(frames):
+            yield _FileImage(frame, f"{name}#{k}")
 
     def frames() -> Iterator[_FileImage | Skipped]:
         while True:
             read = 0
             for file in files:
+                name = file.relative_to(path).as_posix()
+                if file.suffix.lower() in VIDEO_SUFFIXES:
+                    for item in video(file, name):
+                        read += not isinstance(item, Skipped)
+                        yield item
+                    continue
                 item = _read_image(file, max_pixels)
                 read += not isinstance(item, Skipped)
-                yield item if isinstance(item, Skipped) else _FileImage(item, file.relative_to(path).as_posix())
+                yield item if isinstance(item, Skipped) else _FileImage(item, name)
             if not (loop and read):  # a pass of unreadable files only would loop for ever on nothing
                 return
 
@@ -519,7 +537,7 @@ def open_source(
             return Source(lambda: _capture_frames(_capture(str(path), timeout_ms, max_pixels), True), name=path.name,
                           live=True if live is None else live, color="bgr", **common)
         if path.is_dir():
-            return Source(_folder(path, max_pixels, loop), name=path.name, live=bool(live), color="bgr", **common)
+            return Source(_folder(path, max_pixels, loop, timeout_ms), name=path.name, live=bool(live), color="bgr", **common)
         return Source(lambda: _VideoFrames(path, loop, timeout_ms, max_pixels), name=path.name, live=bool(live),
                       color="bgr", **common)
     if isinstance(spec, Iterable):
