@@ -50,6 +50,8 @@ def paths(tmp_path_factory):
         (root / "classifier.onnx").write_bytes(zf.read("model.onnx"))  # an ONNX model where a bundle belongs
     (root / "trained").mkdir()  # a training run's folder: its checkpoint (only its existence matters)
     (root / "trained" / "last.pt").write_bytes(b"an earlier run's checkpoint")
+    (root / "finished").mkdir()  # a finished run whose last.pt is gone: --resume must not start over it
+    (root / "finished" / "best.pt").write_bytes(b"an earlier run's model")
     (root / "used" / "payloads").mkdir(parents=True)  # a files sink's folder from an earlier run
     (root / "used" / "payloads" / "00000000.kbit").write_bytes(b"an earlier run's payload")
     (root / "sent" / "payloads").mkdir(parents=True)  # a files sink's whole folder: the sender's frames.jsonl beside its payloads
@@ -66,7 +68,7 @@ def paths(tmp_path_factory):
     np.savez(root / "data.npz", x=rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), y=np.arange(12) % 2)
     return {"bundle": bundle, "video": video, "file": root / "file.txt", "dir": root / "dir", "dirmp4": root / "dir.mp4",
             "text_pt": root / "text.pt", "empty_pt": root / "empty.pt", "broken": broken, "data": root / "data.npz",
-            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "checkpoint": root / "nice.pt", "used": root / "used", "trained": root / "trained", "out": root / "out", "port": _closed_port(),
+            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "checkpoint": root / "nice.pt", "used": root / "used", "trained": root / "trained", "finished": root / "finished", "out": root / "out", "port": _closed_port(),
             "sent": root / "sent", "old_mp4": root / "old.mp4"}
 
 
@@ -113,6 +115,8 @@ CASES = [
      "exists (an earlier run's?): keepbits never overwrites it"),
     ("train into an earlier run's folder", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{trained}"], 2,
      "last.pt: left by an earlier run; --resume continues it, --force replaces it"),
+    ("--resume where only a finished model is", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{finished}",
+                                                 "--resume"], 2, "last.pt is missing, so this would be a new run over"),
     ("--model a plain .onnx", ["run", "--model", "{onnx}", "--source", "{video}"], 2, "an ONNX model, not a keepbits bundle"),
     ("--model a training checkpoint", ["run", "--model", "{checkpoint}", "--source", "{video}"], 2,
      "a torch checkpoint, not a model bundle: a NICE or SimpleBits checkpoint becomes one with keepbits export onnx"),

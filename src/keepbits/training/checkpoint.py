@@ -362,13 +362,18 @@ def resume_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}.last.pt")
 
 
-def refuse_earlier_run(paths: Sequence[str | Path], resume: bool, overwrite: bool) -> None:
+def refuse_earlier_run(paths: Sequence[str | Path], resume: bool, overwrite: bool, resumable: str | Path) -> None:
     """A new run never replaces what an earlier run left at its output ``paths`` (hours of
-    training, gone by reusing a folder): :class:`InputError` naming them, unless ``resume``
-    (continue that run) or ``overwrite`` (replace it; CLI ``--force``, as for ``export``)."""
-    if resume or overwrite:
+    training, gone by reusing a folder): :class:`InputError` naming them, unless ``overwrite``
+    (replace it; CLI ``--force``, as for ``export``) or ``resume`` with the run's ``resumable``
+    state there to continue from (``--resume`` where it is missing would start a new run over a
+    finished model)."""
+    if overwrite or (resume and Path(resumable).exists()):
         return
     found = [str(p) for p in paths if Path(p).exists()]
+    if found and resume:
+        raise InputError(f"--resume: {resumable} is missing, so this would be a new run over {', '.join(found)} of an "
+                         "earlier one; --force replaces it, or give another --out")
     if found:
         raise InputError(f"{', '.join(found)}: left by an earlier run; --resume continues it, --force replaces it, "
                          "or give another --out")

@@ -299,7 +299,7 @@ def _load_init(model: torch.nn.Module, path: str, mean: list[float], std: list[f
 def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     """Train ``cfg.arch`` on ``cfg.data``; write ``last.pt``/``best.pt`` into ``cfg.out``; return metrics."""
     cfg.validate()
-    refuse_earlier_run([Path(cfg.out) / "last.pt", Path(cfg.out) / "best.pt"], cfg.resume, cfg.overwrite)
+    refuse_earlier_run([Path(cfg.out) / "last.pt", Path(cfg.out) / "best.pt"], cfg.resume, cfg.overwrite, Path(cfg.out) / "last.pt")
     registry.spec(cfg.arch, "classifier")
     dist = init_distributed(use_cuda=resolve_device(cfg.device) == "cuda")
     resolve_precision(cfg.precision, dist.device)  # bf16 without CUDA is refused before any data is read

@@ -134,7 +134,7 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     if cfg.checkpoint_every < 1:
         raise InputError(f"checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
-    refuse_earlier_run([cfg.out, resume_path(cfg.out)], cfg.resume, cfg.overwrite)
+    refuse_earlier_run([cfg.out, resume_path(cfg.out)], cfg.resume, cfg.overwrite, resume_path(cfg.out))
     device = resolve_device(cfg.device)
     dist = init_distributed(use_cuda=device == "cuda")
     device = dist.device if dist.world > 1 else device

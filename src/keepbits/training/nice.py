@@ -582,7 +582,7 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
     ``torchrun`` every process trains on its shard and gradients are averaged
     (DistributedDataParallel through :mod:`keepbits.training.distributed`); rank 0 writes."""
     cfg.validate()
-    refuse_earlier_run([Path(cfg.out) / "last.pt", Path(cfg.out) / "nice.pt"], cfg.resume, cfg.overwrite)
+    refuse_earlier_run([Path(cfg.out) / "last.pt", Path(cfg.out) / "nice.pt"], cfg.resume, cfg.overwrite, Path(cfg.out) / "last.pt")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -290,7 +290,7 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     if cfg.lambda_sim < 0 or (cfg.inner_lr is not None and cfg.inner_lr <= 0) or cfg.steps < 0 or cfg.checkpoint_every < 1:
         raise InputError(f"need lambda_sim >= 0, inner_lr > 0, steps >= 0, checkpoint_every >= 1 (got {cfg.lambda_sim}, {cfg.inner_lr}, "
                          f"{cfg.steps}, {cfg.checkpoint_every})")
-    refuse_earlier_run([cfg.out, resume_path(cfg.out)], cfg.resume, cfg.overwrite)
+    refuse_earlier_run([cfg.out, resume_path(cfg.out)], cfg.resume, cfg.overwrite, resume_path(cfg.out))
     device = resolve_device(cfg.device)
     dist = init_distributed(use_cuda=device == "cuda")
     device = dist.device if dist.world > 1 else device
