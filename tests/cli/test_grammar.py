@@ -199,3 +199,13 @@ def test_audit_options_out_of_range_are_one_line(argv, option, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"keepbits: error: argument {option}: must be") and err.count("\n") == 1
+
+
+def test_class_names_inline_or_in_a_file(tmp_path):
+    """--class-names takes a JSON list as its help says (inline was "file not found"), or a file."""
+    from keepbits.cli._common import _class_names
+
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    assert _class_names('["cat", "dog"]') == _class_names(str(tmp_path / "names.txt")) == ("cat", "dog")
+    with pytest.raises(InputError, match="expected a JSON list of strings"):
+        _class_names("[1, 2]")

@@ -189,7 +189,8 @@ def _class_names(value: str) -> tuple[str, ...]:
         from keepbits.data import imagenet_class_names
 
         return tuple(imagenet_class_names())
-    text = existing_path(value, "--class-names file").read_text(encoding="utf-8")
+    # an inline JSON list ('["cat", "dog"]', as the help says), else a file: JSON or one name a line
+    text = value if value.lstrip().startswith("[") else existing_path(value, "--class-names file").read_text(encoding="utf-8")
     try:
         names = json.loads(text)
     except json.JSONDecodeError:

@@ -7,7 +7,8 @@ import os
 
 from keepbits.cli._common import (
     CLASSIFIER_SPEC_HELP, POSITIVE_LR, SEED, add_argument, add_classifier_options, add_device_option, add_force_option,
-    add_frame_step_option, add_precision_option, classifier_options, command_line, existing_path, json_object,
+    add_frame_step_option, add_precision_option, classifier_options, command_line, existing_path, json_object, non_negative_int,
+    number, positive_int,
 )
 from keepbits.errors import InputError
 
@@ -26,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-footage", nargs="+", default=[], metavar="PATH",
                    help="footage evaluated after every epoch (no augmentation; with --footage)")
     add_frame_step_option(p)
-    p.add_argument("--workers", type=int, default=0, help="footage reader processes (0: read in the training process)")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="footage reader processes (0: read in the training process)")
     p.add_argument("--min-crop-area", type=float, default=0.25, help="footage: random crops keep at least this share of the frame")
     p.add_argument("--labels", choices=["auto", "true", "predicted"], default="auto",
                    help="L_D's target: the data's labels (true), the classifier's prediction on the unmasked image (predicted), "
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda-l0", type=float, default=1.0, help="λ1, weight of the expected L0 per pixel (start value with --target-fraction)")
     p.add_argument("--lambda-smooth", type=float, default=0.0, help="λ2, weight of the smoothness loss per pixel")
     p.add_argument("--target-fraction", type=float, default=None, help="adapt λ1 during training so ẑ > 0.5 keeps this fraction of pixels (default: λ1 fixed)")
-    p.add_argument("--target-rate", type=float, default=0.05, help="η of the dual update λ1 += η·(kept − target)/target in target mode")
+    p.add_argument("--target-rate", type=number(float, above=0), default=0.05, help="η of the dual update λ1 += η·(kept − target)/target in target mode")
     p.add_argument("--warmup-steps", type=int, default=0, help="saliency warm start: fit the mask to the classifier's most salient "
                    "pixels for this many steps before NICE training (0: off)")
     p.add_argument("--warmup-fraction", type=float, default=None, help="fraction of pixels the warm start keeps (default: "
@@ -53,10 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=POSITIVE_LR, default=1e-3, help="learning rate of the generator")
     p.add_argument("--classifier-lr", type=float, default=None, help="learning rate of the classifier in finetuned mode (default: --lr)")
     p.add_argument("--step-epochs", type=int, default=5, help="adam: lr ×0.1 every N epochs")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch in which this much wall time has passed "
+    p.add_argument("--epochs", type=positive_int, default=10, help="training epochs")
+    p.add_argument("--max-minutes", type=number(float, above=0), default=None, help="stop after the epoch in which this much wall time has passed "
                    "(the lr schedule still spans --epochs; default: no limit)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step and process")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per step and process")
     add_argument(p, "--num-train-images", type=int, default=None, deprecated=["--max-train"],
                  help="--data: train on a random class-balanced sample of N training images (seed --seed; default: all)")
     add_argument(p, "--num-test-images", type=int, default=None, deprecated=["--max-test"],
@@ -69,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_precision_option(p)
     add_force_option(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with the same settings (only run control such as --epochs may change)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import json
 
 from keepbits.cli._common import (
     CLASSIFIER_SPEC_HELP, POSITIVE_LR, SEED, add_argument, add_classifier_options, add_device_option, add_force_option, classifier_options,
-    command_line, existing_path,
+    command_line, existing_path, non_negative_float, positive_int,
 )
 
 HELP = "train a SimpleBits simplifier jointly with a classifier (L = λ_sim·bpd + L_cls, unrolled step)"
@@ -20,23 +20,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", default=None, help=f"finetune this classifier instead of training --arch from scratch: "
                    f"{CLASSIFIER_SPEC_HELP} (default: from scratch)")
     add_classifier_options(p)
-    p.add_argument("--lambda-sim", type=float, default=1.0, help="weight of L_sim (bpd of the simplified image)")
-    p.add_argument("--inner-lr", type=float, default=None, help="learning rate of the unrolled step of the classifier's AdamW "
+    p.add_argument("--lambda-sim", type=non_negative_float, default=1.0, help="weight of L_sim (bpd of the simplified image)")
+    p.add_argument("--inner-lr", type=POSITIVE_LR, default=None, help="learning rate of the unrolled step of the classifier's AdamW "
                    "(default: the classifier's --lr, as in the paper)")
     p.add_argument("--lr", type=POSITIVE_LR, default=5e-4, help="AdamW learning rate (both networks)")
-    p.add_argument("--sim-lr", type=float, default=None, help="AdamW learning rate of the simplifier (default: --lr, as in the paper)")
-    p.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay")
-    p.add_argument("--steps", type=int, default=500, help="training steps")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step")
-    p.add_argument("--unet-base", type=int, default=16, help="channels of the U-Net's first level (doubling per downsampling)")
+    p.add_argument("--sim-lr", type=POSITIVE_LR, default=None, help="AdamW learning rate of the simplifier (default: --lr, as in the paper)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-5, help="AdamW weight decay")
+    p.add_argument("--steps", type=positive_int, default=500, help="training steps")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per step")
+    p.add_argument("--unet-base", type=positive_int, default=16, help="channels of the U-Net's first level (doubling per downsampling)")
     add_argument(p, "--num-train-images", type=int, default=None, deprecated=["--max-train"],
                  help="train on a random class-balanced sample of N training images (seed 0; default: all)")
-    add_argument(p, "--num-test-images", type=int, default=1000, deprecated=["--max-test"],
+    add_argument(p, "--num-test-images", type=positive_int, default=1000, deprecated=["--max-test"],
                  help="evaluate on a random class-balanced sample of N test images (seed 0)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of initialisation and batches (the image samples use seed 0)")
     add_device_option(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between saves of the resumable state, OUT's stem + .last.pt")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between saves of the resumable state, OUT's stem + .last.pt")
     add_force_option(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT's .last.pt with the same settings (only run control such as "
                    "--steps may change)")

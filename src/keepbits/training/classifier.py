@@ -280,6 +280,9 @@ def _prepare_data(cfg: ClassifierConfig) -> tuple[ImageDataset, ImageDataset | N
     if test is not None and (test.x.shape[1:] != full.x.shape[1:] or test.num_classes > full.num_classes):
         raise InputError(f"{cfg.data}: test split has images {test.x.shape[1:]} / {test.num_classes} classes, train has {full.x.shape[1:]} / {full.num_classes}")
     train_idx, val_idx = train_val_split(full.y, cfg.val_fraction, cfg.seed)
+    if not len(train_idx):
+        raise InputError(f"{cfg.data}: no training image is left once the validation split ({cfg.val_fraction:g}) of its "
+                         f"{len(full.y)} holds out round(fraction × class size) per class; lower --val-fraction")
     if cfg.max_train:  # a class-balanced sample, not the first N: files such as CIFAR-10's are sorted by class
         train_idx = train_idx[sample_indices(full.y[train_idx], cfg.max_train, cfg.seed)]
     val = full.subset(val_idx, "[val]") if len(val_idx) else None

@@ -604,7 +604,7 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
         registry.trust(gen_name)  # the user named it; the checkpoint will name it again
     try:
         generator = registry.resolve(gen_name, None if ":" in gen_name else "generator")(**gen_kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # an unknown option; a width of 0 (torch's own ValueError / RuntimeError)
         raise InputError(f"generator {cfg.generator}: bad options {cfg.generator_kwargs} ({exc})") from None
     classifier_net = clf.module
     if hasattr(generator, "attach") and cfg.mode != "fixed":

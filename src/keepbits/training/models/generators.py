@@ -74,8 +74,8 @@ class NiceUNet(nn.Module):
     def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64, 128)):
         super().__init__()
         widths = tuple(int(w) for w in widths)
-        if len(widths) < 2:
-            raise ValueError(f"nice_unet needs at least two widths, got {widths}")
+        if len(widths) < 2 or min(widths) < 1:
+            raise ValueError(f"nice_unet needs at least two widths, each >= 1, got {widths}")
         self.down = nn.ModuleList([_conv_block(in_channels, widths[0], 1)])
         self.down.extend(_conv_block(widths[i - 1], widths[i], 2) for i in range(1, len(widths)))
         self.up = nn.ModuleList(
