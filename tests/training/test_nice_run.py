@@ -122,9 +122,11 @@ def test_footage_with_workers_feeds_nice_and_counts_corrupt_files(tmp_path, tiny
                      block_size=4, epochs=1, batch_size=4, lr=0.02, progress=False, device="cpu")
     summary = train_nice(cfg)
     # 6 pictures + 3 of 9 frames + 5 npz images per pass, the broken file skipped and counted (in the workers);
-    # the counts add up the run's two passes (the epoch, then the final evaluation: no --val-footage)
+    # the counts are the training passes': the final evaluation (no --val-footage) reads whole frames, not the
+    # training stream's random crops (it reported their agreement), from a reader of its own
     assert summary["history"][-1]["train_images"] == 14
-    assert summary["footage"] == {"files": {"images": 7, "videos": 1, "npz": 1}, "read": {"images": 22, "frames": 6, "skipped": 2}}
+    assert summary["footage"] == {"files": {"images": 7, "videos": 1, "npz": 1}, "read": {"images": 11, "frames": 3, "skipped": 1}}
+    assert summary["final_split"] == "train" and summary["final"]["images"] == 14
     ckpt = load_checkpoint(summary["checkpoint"], "nice")
     assert ckpt.settings["labels"] == "predicted"  # auto: unlabelled footage
     assert ckpt.preprocessing_record().resize_policy == "center-crop"
@@ -132,9 +134,9 @@ def test_footage_with_workers_feeds_nice_and_counts_corrupt_files(tmp_path, tiny
         train_nice(NiceConfig(**{**cfg.__dict__, "labels": "true", "out": str(tmp_path / "x")}))
     with pytest.raises(InputError, match="1 file.* of the validation footage are training footage too .*held out"):  # leakage
         train_nice(NiceConfig(**{**cfg.__dict__, "val_footage": [str(root / "clip.mp4")], "out": str(tmp_path / "y")}))
-    # resumed for a second epoch: the counts go on from the first process's (3 passes: 2 epochs + the evaluation)
+    # resumed for a second epoch: the counts go on from the first process's (2 training passes)
     resumed = train_nice(NiceConfig(**{**cfg.__dict__, "epochs": 2, "resume": True}))
-    assert resumed["footage"]["read"] == {"images": 33, "frames": 9, "skipped": 3}
+    assert resumed["footage"]["read"] == {"images": 22, "frames": 6, "skipped": 2}
 
 
 @pytest.mark.parametrize("lr", [float("nan"), float("inf"), -1e-3])

@@ -251,7 +251,7 @@ def _evaluate(generator: torch.nn.Module, classifier: torch.nn.Module, batches: 
         n += len(x)
     if n == 0:
         raise InputError("NICE evaluation read no image")
-    metrics = {"agreement": agree / n, "kept_fraction": kept / n, "mean_mask": mean_z / n}
+    metrics = {"agreement": agree / n, "kept_fraction": kept / n, "mean_mask": mean_z / n, "images": n}
     return {"accuracy": correct / labelled, **metrics} if labelled else metrics
 
 
@@ -772,11 +772,14 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
     summary: dict[str, Any] = {}
     if dist.main:
         split, final_data = next((name, data) for name, data in (("test", test), ("val", val), ("train", train)) if data is not None)
+        if final_data is train and isinstance(train, _FootageData):
+            # the training stream is random crops and flips, and this rank's shard only: measure whole
+            # frames, every one of them, as keepbits eval and the runtime will see them
+            final_data = _FootageData(cfg.footage, clf.preprocessing, cfg, dist, augment=False)
         final = evaluate_on(final_data)  # the one test evaluation, after training
         metrics = {"history": history, "final": final, "final_split": split, "lambda_l0_final": lambda_l0}
         if isinstance(train, _FootageData):
-            # files found; pictures, frames and skipped files read over the run's passes (every epoch,
-            # and the final evaluation when it is on the training footage)
+            # files found; pictures, frames and skipped files read over the run's training passes
             metrics["footage"] = {"files": train.footage.files(), "read": train.footage.counts.as_dict()}
         save_checkpoint(path, snapshot(metrics, max(last_epoch, 0), with_optimizer=False))
         summary = {**metrics, "checkpoint": str(path), "wall_time_s": round(time.time() - started, 1), "world_size": dist.world,
