@@ -82,9 +82,11 @@ def test_resume_refuses_a_changed_recipe_but_not_more_epochs(tmp_path):
     """Resuming with another learning rate or sample would silently mix two runs in one
     checkpoint: refused, naming what changed; more epochs (run control) is a resume."""
     train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
-    with pytest.raises(CheckpointError, match=r"cannot resume.*lr: None then, 0\.5 now.*max_train: 64 then, 32 now"):
+    with pytest.raises(CheckpointError, match=r"cannot resume.*lr: 0\.001 then, 0\.5 now.*max_train: 64 then, 32 now"):
         train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=32, lr=0.5))
-    assert train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=64))["epochs_run"] == 1
+    # the default lr named explicitly and the data path spelled another way are the same recipe (both were refused)
+    again = _cfg(tmp_path, epochs=2, resume=True, max_train=64, lr=1e-3, data=str(sample_mnist_path().parent / "." / sample_mnist_path().name))
+    assert train_classifier(again)["epochs_run"] == 1
     last = tmp_path / "run" / "last.pt"
     save_checkpoint(last, dataclasses.replace(load_checkpoint(last, "classifier"), metrics={"history": "lost"}))  # a damaged record
     with pytest.raises(CheckpointError, match="must hold the run's history"):

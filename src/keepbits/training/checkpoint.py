@@ -379,29 +379,40 @@ def refuse_earlier_run(paths: Sequence[str | Path], resume: bool, overwrite: boo
                          "or give another --out")
 
 
-def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping[str, Any], may_change: set[str] | frozenset[str]) -> None:
+def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping[str, Any], may_change: set[str] | frozenset[str],
+                    defaults: Mapping[str, Any] | None = None) -> None:
     """Refuse to resume a run whose recipe changed since ``path`` was written: one
     :class:`CheckpointError` naming every setting of ``current`` that differs from the ``saved``
     settings, except ``may_change`` (run control: epochs, device, workers, ...). Settings the
-    checkpoint does not record (older files) are not compared."""
-    def plain(value: Any) -> Any:
-        return json.loads(json.dumps(value, default=str))
+    checkpoint does not record (older files) are not compared; a setting left None on either side
+    is compared as its value in ``defaults`` (an lr left to the optimizer's default is that lr);
+    one path spelled two ways is one setting."""
+    defaults = defaults or {}
 
-    changed = [k for k in current if k not in may_change and k in saved and plain(saved[k]) != plain(current[k])]
+    def plain(value: Any, key: str = "") -> Any:
+        return json.loads(json.dumps(defaults[key] if value is None and key in defaults else value, default=str))
+
+    def spelled_alike(value: Any) -> Any:  # one path spelled two ways ("data/", "./data") is the same setting
+        if isinstance(value, str):
+            return os.path.normpath(value) if value else value
+        return [spelled_alike(v) for v in value] if isinstance(value, list) else value
+
+    changed = [k for k in current if k not in may_change and k in saved
+               and spelled_alike(plain(saved[k], k)) != spelled_alike(plain(current[k], k))]
     if changed:
-        what = "; ".join(f"{k}: {plain(saved[k])!r} then, {plain(current[k])!r} now" for k in changed)
+        what = "; ".join(f"{k}: {plain(saved[k], k)!r} then, {plain(current[k], k)!r} now" for k in changed)
         raise CheckpointError(f"{path}: cannot resume, this run's settings differ from the checkpoint's ({what}); "
                               "give the same settings, or a new output folder to start afresh")
 
 
 def load_resumable(path: str | Path, kind: str, settings: Mapping[str, Any], may_change: set[str] | frozenset[str],
-                   counters: tuple[str, ...] = ()) -> Checkpoint:
+                   counters: tuple[str, ...] = (), defaults: Mapping[str, Any] | None = None) -> Checkpoint:
     """The ``kind`` checkpoint at ``path`` to resume a run from: its settings must match
     ``settings`` (:func:`check_resumable`), it must hold optimizer state and, as finite numbers
     >= 0, the ``counters`` its trainer continues from (metrics such as ``steps_run``); else one
     :class:`CheckpointError` saying which."""
     checkpoint = load_checkpoint(path, kind)
-    check_resumable(path, checkpoint.settings, settings, may_change)
+    check_resumable(path, checkpoint.settings, settings, may_change, defaults)
     if checkpoint.optimizer is None:
         raise CheckpointError(f"{path}: holds no optimizer state to resume from")
     for name in counters:

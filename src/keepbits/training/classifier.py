@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -329,7 +329,9 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     start_epoch, history, best = 0, [], None
     run_settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "overwrite")}
     if cfg.resume and last_path.exists():
-        previous = load_resumable(last_path, "classifier", run_settings, RESUME_MAY_CHANGE)
+        # an lr left to the optimizer's default (None) equals that default named explicitly
+        previous = load_resumable(last_path, "classifier", run_settings, RESUME_MAY_CHANGE,
+                                  defaults={"lr": replace(cfg, lr=None).default_lr()})
         entry = previous.models["classifier"]
         if entry.arch != cfg.arch:
             raise CheckpointError(f"{last_path}: checkpoint is a {entry.arch}, asked to resume a {cfg.arch}")
