@@ -50,6 +50,8 @@ def paths(tmp_path_factory):
         (root / "classifier.onnx").write_bytes(zf.read("model.onnx"))  # an ONNX model where a bundle belongs
     (root / "trained").mkdir()  # a training run's folder: its checkpoint (only its existence matters)
     (root / "trained" / "last.pt").write_bytes(b"an earlier run's checkpoint")
+    (root / "evaluated").mkdir()
+    (root / "evaluated" / "eval.json").write_text("{}")  # an earlier eval's report
     (root / "finished").mkdir()  # a finished run whose last.pt is gone: --resume must not start over it
     (root / "finished" / "best.pt").write_bytes(b"an earlier run's model")
     (root / "used" / "payloads").mkdir(parents=True)  # a files sink's folder from an earlier run
@@ -68,7 +70,7 @@ def paths(tmp_path_factory):
     np.savez(root / "data.npz", x=rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), y=np.arange(12) % 2)
     return {"bundle": bundle, "video": video, "file": root / "file.txt", "dir": root / "dir", "dirmp4": root / "dir.mp4",
             "text_pt": root / "text.pt", "empty_pt": root / "empty.pt", "broken": broken, "data": root / "data.npz",
-            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "checkpoint": root / "nice.pt", "used": root / "used", "trained": root / "trained", "finished": root / "finished", "out": root / "out", "port": _closed_port(),
+            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "checkpoint": root / "nice.pt", "used": root / "used", "trained": root / "trained", "finished": root / "finished", "evaluated": root / "evaluated", "out": root / "out", "port": _closed_port(),
             "sent": root / "sent", "old_mp4": root / "old.mp4"}
 
 
@@ -130,6 +132,13 @@ CASES = [
      "argument --unet-base: must be an integer >= 1"),
     ("nice --target-rate -1", ["train", "nice", "--data", "{data}", "--classifier", "lenet5", "--out", "{out}/n", "--target-rate", "-1"],
      2, "argument --target-rate: must be a number > 0"),
+    # outputs of an earlier run are never replaced; a folder where a file belongs is refused before the work
+    ("eval --out an earlier eval's folder", ["eval", "--model", "{bundle}", "--data", "{data}", "--out", "{evaluated}"], 2,
+     "holds an earlier run's eval.json; choose another folder or remove them"),
+    ("bench nice --out an earlier result", ["bench", "nice", "--model", "{checkpoint}", "--data", "{data}", "--out", "{file}"], 2,
+     "holds an earlier result"),
+    ("bench nice --out a folder", ["bench", "nice", "--model", "{checkpoint}", "--data", "{data}", "--out", "{dir}"], 2,
+     "is a folder, not a file"),
     ("--resume where only a finished model is", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{finished}",
                                                  "--resume"], 2, "last.pt is missing, so this would be a new run over"),
     ("--model a plain .onnx", ["run", "--model", "{onnx}", "--source", "{video}"], 2, "an ONNX model, not a keepbits bundle"),

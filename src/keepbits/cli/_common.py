@@ -118,13 +118,17 @@ def add_fps_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=number(float, above=0, maximum=MAX_FPS), default=25.0, help="frame rate of --video")
 
 
-def output_folder(value: str | Path, flag: str = "--out") -> Path:
+def output_folder(value: str | Path, flag: str = "--out", writes: Sequence[str] = ()) -> Path:
     """``value`` as a folder the command can write into, checked before any work and not made
     yet: an existing folder, or a new one under a writable folder; :class:`InputError` naming
-    ``flag`` for a file there (or in its way) or a place this process cannot write."""
+    ``flag`` for a file there (or in its way), a place this process cannot write, or a folder that
+    holds one of the files the command ``writes`` (an earlier run's: never overwritten)."""
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise InputError(f"{flag} {path}: exists and is not a folder")
+    earlier = [name for name in writes if (path / name).exists()]
+    if earlier:
+        raise InputError(f"{flag} {path}: holds an earlier run's {', '.join(earlier)}; choose another folder or remove them")
     parent = path
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from keepbits._fs import writable_file
 from keepbits.cli._common import SEED, add_argument, existing_path
 from keepbits.errors import InputError
 
@@ -35,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--sis-k must be >= 1, got {args.sis_k}")
     if any(not 1 <= q <= 100 for q in args.qualities):
         raise InputError(f"qualities must be in [1, 100], got {args.qualities}")
+    if args.out:  # checked before the benchmark: an earlier result is never replaced, a folder is no file
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise InputError(f"--out {args.out}: holds an earlier result; choose another name or remove it")
+        writable_file(args.out, "--out")
     from keepbits.data import has_split, load_dataset
     from keepbits.training.data import TensorImages
     from keepbits.training.nice import load_nice
@@ -54,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
     result = {"checkpoint": str(args.model), "data": str(args.data), "settings": ckpt.settings, **result}
     text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     else:
         print(text)

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_images < 0 or args.examples < 0 or args.batch_size < 1:
         raise InputError("--num-images and --examples must be >= 0, --batch-size >= 1")
-    output_folder(args.out)
+    output_folder(args.out, writes=("eval.json", "eval.html", "rate_accuracy.png"))
     pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads)
     images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width),
                          frame_step=args.frame_step)

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from keepbits.runtime import Pipeline
     from keepbits.runtime.explain import explain_images
 
-    output_folder(args.out)
+    output_folder(args.out, writes=("explain.json",))
     pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads,
                                     **codec_options(args))
     images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width),
