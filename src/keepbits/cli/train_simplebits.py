@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from keepbits.cli._common import (
     CLASSIFIER_SPEC_HELP, POSITIVE_LR, SEED, add_argument, add_classifier_options, add_device_option, add_force_option, classifier_options,
@@ -57,5 +58,7 @@ def run(args: argparse.Namespace) -> int:
         max_test=args.num_test_images, seed=args.seed, device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
         resume=args.resume, overwrite=args.force, command=command_line(),
     )
-    print(json.dumps(train_simplebits(cfg), indent=2))
+    summary = train_simplebits(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns it: one JSON on stdout
+        print(json.dumps(summary, indent=2))
     return 0
