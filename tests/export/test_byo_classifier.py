@@ -354,3 +354,15 @@ def test_an_onnx2torch_that_does_not_import_is_told_apart_from_a_missing_one(tmp
     with pytest.raises(InputError, match=r"installed but does not import \(RuntimeError: operator torchvision::nms .*"
                                          r"torchvision release made for torch"):
         convert_onnx(b"", "net.onnx")
+
+
+def test_the_assumed_preprocessing_names_only_what_was_not_given(caplog):
+    """Mean and std given, the resize policy not: the warning assumes (and asks for) that alone
+    (it named --mean and --std as well, which had been given)."""
+    from keepbits.training.byo import merge_preprocessing
+
+    with caplog.at_level("WARNING", logger="keepbits"):
+        pre = merge_preprocessing(None, {"input_size": (16, 16), "mean": [0.5], "std": [0.25]}, "mine:net")
+    assert pre.mean == (0.5,) or list(pre.mean) == [0.5]
+    assert "resize policy not given, assumed resize policy" in caplog.text and "CLI: --resize-policy)" in caplog.text
+    assert "--mean" not in caplog.text

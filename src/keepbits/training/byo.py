@@ -183,10 +183,12 @@ def merge_preprocessing(base: Preprocessing | None, overrides: Preprocessing | M
         raise InputError(f"classifier {source}: its preprocessing is unknown; give the input size and how images reach it "
                          "(CLI: --image-size H W, --mean, --std, --resize-policy, --class-names; Python: preprocessing=Preprocessing(...))")
     pre = Preprocessing.from_dict(fields)
-    assumed = [f"{name} {value}" for name, key, value in (("mean", "mean", list(pre.mean)), ("std", "std", list(pre.std)),
-                                                          ("resize policy", "resize_policy", pre.resize_policy)) if key not in fields]
-    if assumed:  # a wrong guess here costs accuracy without a sign, so say what was assumed
-        log.warning("classifier %s: preprocessing not given, assumed %s (CLI: --mean, --std, --resize-policy)", source, "; ".join(assumed))
+    missing = [(name, flag, value) for name, key, flag, value in (
+        ("mean", "mean", "--mean", list(pre.mean)), ("std", "std", "--std", list(pre.std)),
+        ("resize policy", "resize_policy", "--resize-policy", pre.resize_policy)) if key not in fields]
+    if missing:  # a wrong guess here costs accuracy without a sign, so say what was assumed, and how to give just that
+        log.warning("classifier %s: %s not given, assumed %s (CLI: %s)", source, ", ".join(name for name, _, _ in missing),
+                    "; ".join(f"{name} {value}" for name, _, value in missing), ", ".join(flag for _, flag, _ in missing))
     return pre
 
 
