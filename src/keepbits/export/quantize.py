@@ -137,6 +137,8 @@ def calibration_split(data: str | Path, manifest: Any, calibration_images: int, 
             cal, comparison = _cut(len(chosen), calibration_images, eval_images)
             calib, eval_x, eval_y = train.x[chosen[cal]], train.x[chosen[comparison]], train.y[chosen[comparison]]
             described = f"{data} (no test split: calibration and comparison are disjoint parts of one draw)"
+        if calib.shape[-1] != c:
+            raise InputError(f"{data}: images with {calib.shape[-1]} channels, the bundle takes {c} (calibrate on the data it was trained for)")
         return calib, eval_x, eval_y if train.num_classes == len(manifest.class_names) else None, described
     pre = Preprocessing((h, w), tuple(manifest.mean), tuple(manifest.std), manifest.resize_policy, manifest.crop_fraction)
     drawn = model_images(data, pre, num_images=calibration_images + eval_images, seed=0, frame_step=frame_step, channels=c)
