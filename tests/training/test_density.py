@@ -113,6 +113,10 @@ def test_resume_continues_the_run_exactly_and_refuses_changed_settings(tmp_path)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(CheckpointError, match="cannot resume.*lr: 0.001 then, 0.002 now"):
         train_density(_density_cfg(tmp_path, "b", steps=8, lr=2e-3, resume=True))
+    from keepbits.errors import InputError
+
+    with pytest.raises(InputError, match="has run 6 of 6 steps already: nothing to do"):  # finished: left as it is
+        train_density(_density_cfg(tmp_path, "b", resume=True))
     import dataclasses
 
     from keepbits.training.checkpoint import save_checkpoint

@@ -343,6 +343,9 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         if not isinstance(history, list) or not all(isinstance(row, dict) for row in history) or not isinstance(best, (dict, type(None))):
             raise CheckpointError(f"{last_path}: metrics must hold the run's history (a list of epoch rows) and best (a row or None) to resume")
         start_epoch = previous.epoch + 1
+        if start_epoch >= cfg.epochs:  # a finished run: nothing to train, and its outputs stay as they are
+            raise InputError(f"--resume: {last_path} has run {start_epoch} of {cfg.epochs} epochs already: nothing to do; "
+                             "give more --epochs to go on")
         log.info("resuming %s from epoch %d", last_path, start_epoch)
     elif cfg.resume:
         log.warning("%s: nothing to resume from; starting a new run", last_path)

@@ -165,6 +165,9 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
         flow.load_state_dict(previous.models["density"].state_dict)
         opt.load_state_dict(previous.optimizer)
         step, elapsed = int(previous.metrics["steps_run"]), float(previous.metrics.get("wall_time_s", 0.0))
+        if step >= cfg.steps:  # a finished run: nothing to train, and its outputs stay as they are
+            raise InputError(f"--resume: {resume_from} has run {step} of {cfg.steps} steps already: nothing to do; "
+                             "give more --steps to go on")
         log.info("density: resuming %s from step %d", resume_from, step)
     else:
         if cfg.resume:

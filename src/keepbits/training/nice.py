@@ -676,6 +676,9 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
                 value = read.get(name, 0) if isinstance(read, dict) else 0
                 train.footage.counts.add(name, int(value) if isinstance(value, int) and value >= 0 else 0)
         start_epoch = resumed.epoch + 1 if any(row.get("epoch", 0) >= 1 for row in history) else 0
+        if start_epoch >= cfg.epochs and cfg.epochs:  # a finished run: nothing to train, and its outputs stay as they are
+            raise InputError(f"--resume: {last_path} has run {start_epoch} of {cfg.epochs} epochs already: nothing to do; "
+                             "give more --epochs to go on")
         log.info("resuming %s after epoch %d", last_path, start_epoch)
     steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * dist.world)) if isinstance(train, _ArrayData) else None
     started = time.time() - (history[-1]["elapsed_s"] if history else 0.0)

@@ -344,6 +344,9 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
         opt_sim.load_state_dict(previous.optimizer["simplifier"])
         opt_clf.load_state_dict(previous.optimizer["classifier"])
         done, gate_sum = int(previous.metrics["steps_run"]), float(previous.metrics["gate_sum"])
+        if done >= cfg.steps:  # a finished run: nothing to train, and its outputs stay as they are
+            raise InputError(f"--resume: {last} has run {done} of {cfg.steps} steps already: nothing to do; "
+                             "give more --steps to go on")
         elapsed = float(previous.metrics.get("wall_time_s", 0.0))
         log.info("simplebits: resuming %s from step %d", last, done)
     elif cfg.resume:
