@@ -93,6 +93,10 @@ def test_resume_refuses_a_changed_recipe_but_not_more_epochs(tmp_path):
     again = _cfg(tmp_path, epochs=2, resume=True, max_train=64, lr=1e-3, data=str(sample_mnist_path().parent / "." / sample_mnist_path().name))
     assert train_classifier(again)["epochs_run"] == 1
     last = tmp_path / "run" / "last.pt"
+    two_ranks = load_checkpoint(last, "classifier")  # as written under torchrun with 2 processes: --batch-size was per process
+    save_checkpoint(tmp_path / "ranks" / "last.pt", dataclasses.replace(two_ranks, settings={**two_ranks.settings, "world_size": 2}))
+    with pytest.raises(CheckpointError, match="world_size: 2 then, 1 now"):
+        train_classifier(_cfg(tmp_path, out=str(tmp_path / "ranks"), epochs=3, resume=True, max_train=64))
     save_checkpoint(last, dataclasses.replace(load_checkpoint(last, "classifier"), metrics={"history": "lost"}))  # a damaged record
     with pytest.raises(CheckpointError, match="must hold the run's history"):
         train_classifier(_cfg(tmp_path, epochs=3, resume=True, max_train=64))

@@ -327,7 +327,8 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     last_path, best_path = out / "last.pt", out / "best.pt"
     start_epoch, history, best = 0, [], None
-    run_settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "overwrite")}
+    # the process count too: --batch-size is per process, so another count is another effective batch
+    run_settings = {**{k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "overwrite")}, "world_size": dist.world}
     if cfg.resume and last_path.exists():
         # an lr left to the optimizer's default (None) equals that default named explicitly
         previous = load_resumable(last_path, "classifier", run_settings, RESUME_MAY_CHANGE,

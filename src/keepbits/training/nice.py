@@ -628,8 +628,9 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
     if cfg.labels == "true" and not train.labelled:
         raise InputError("labels 'true' asked for, but the footage is unlabelled (use --labels predicted)")
     if resumed is not None:
-        check_resumable(last_path, resumed.settings, {**_snapshot_fields(cfg, clf), "labels": "predicted" if predicted else "true"},
-                        RESUME_MAY_CHANGE)
+        # the process count too: --batch-size is per process, so another count is another effective batch
+        check_resumable(last_path, resumed.settings, {**_snapshot_fields(cfg, clf), "labels": "predicted" if predicted else "true",
+                                                      "world_size": dist.world}, RESUME_MAY_CHANGE)
     generator.to(dist.device)
     classifier_net.to(dist.device)
     teacher = classifier_net
