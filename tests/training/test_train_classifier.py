@@ -76,6 +76,7 @@ def test_resume_continues_where_it_stopped(tmp_path):
     train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
     summary = train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=64))
     assert summary["epochs_run"] == 1 and [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert summary["history"][1]["elapsed_s"] >= summary["history"][0]["elapsed_s"]  # the clock goes on (it restarted)
     # resuming the finished run: nothing to train, and its checkpoints are left as they are (they were rewritten, exit 0)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").glob("*.pt")}
     with pytest.raises(InputError, match="has run 2 of 2 epochs already: nothing to do; give more --epochs"):

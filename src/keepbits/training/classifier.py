@@ -359,7 +359,9 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             metrics=metrics, epoch=epoch, optimizer=optimizer.state_dict(),
         )
 
-    started = time.time()
+    # a resumed run's clock goes on from the earlier process's (as NICE's and density's do)
+    before = history[-1].get("elapsed_s", 0.0) if history else 0.0
+    started = time.time() - (float(before) if isinstance(before, (int, float)) and math.isfinite(before) else 0.0)
 
     def after_epoch(epoch: int, row: dict[str, Any]) -> None:
         nonlocal best
