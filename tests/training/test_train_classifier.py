@@ -74,9 +74,13 @@ def test_validation_split_is_stratified_on_class_sorted_data(tmp_path):
 
 def test_resume_continues_where_it_stopped(tmp_path):
     train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
+    last = tmp_path / "run" / "last.pt"
+    first = load_checkpoint(last, "classifier")  # as if the first process had run for 1,000 s
+    history = [{**first.metrics["history"][0], "elapsed_s": 1000.0}]
+    save_checkpoint(last, dataclasses.replace(first, metrics={**first.metrics, "history": history}))
     summary = train_classifier(_cfg(tmp_path, epochs=2, resume=True, max_train=64))
     assert summary["epochs_run"] == 1 and [h["epoch"] for h in summary["history"]] == [1, 2]
-    assert summary["history"][1]["elapsed_s"] >= summary["history"][0]["elapsed_s"]  # the clock goes on (it restarted)
+    assert summary["history"][1]["elapsed_s"] >= 1000.0  # the clock goes on from the first process's (it restarted at 0)
     # resuming the finished run: nothing to train, and its checkpoints are left as they are (they were rewritten, exit 0)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").glob("*.pt")}
     with pytest.raises(InputError, match="has run 2 of 2 epochs already: nothing to do; give more --epochs"):
