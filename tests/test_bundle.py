@@ -48,6 +48,20 @@ def test_round_trip(tmp_path, suffix):
         bundle.path("manifest.json")
 
 
+def test_a_bundle_is_known_by_its_content_not_its_name(tmp_path):
+    """A zip bundle renamed to .onnx opens (it was "an ONNX model, not a keepbits bundle"); a real
+    ONNX file gets the hint with its full path (the folder was dropped)."""
+    import shutil
+
+    out = write_bundle(tmp_path / "b.zip", _manifest(), {"model.onnx": _model_bytes()})
+    shutil.copy(out, tmp_path / "renamed.onnx")
+    assert load_bundle(tmp_path / "renamed.onnx").digest == load_bundle(out).digest
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "model.onnx").write_bytes(_model_bytes())
+    with pytest.raises(BundleError, match=f"--classifier {tmp_path / 'sub' / 'model.onnx'}"):
+        load_bundle(tmp_path / "sub" / "model.onnx")
+
+
 def test_overwrite_replaces_a_bundle_only(tmp_path):
     """overwrite=True replaces a keepbits bundle (folder or zip), never another folder, a folder
     bundle with the user's own files added, or a zip that is not a bundle; a folder bundle gets

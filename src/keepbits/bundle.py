@@ -500,9 +500,9 @@ def load_bundle(path: str | Path, expected_digest: str | None = None) -> Bundle:
     if not source.exists():
         raise BundleError(f"bundle not found: {source}")
     where = str(source)
-    if source.is_file() and source.suffix.lower() == ".onnx":
+    if source.is_file() and source.suffix.lower() == ".onnx" and not zipfile.is_zipfile(source):  # by content, not name
         raise BundleError(f"{where}: an ONNX model, not a keepbits bundle (a .zip or folder with manifest.json): make one "
-                          f"with: keepbits train nice --classifier {source.name} ..., then keepbits export onnx")
+                          f"with: keepbits train nice --classifier {source} ..., then keepbits export onnx")
 
     def verified(raw: bytes) -> tuple[str, Manifest]:
         digest = hashlib.sha256(raw).hexdigest()
