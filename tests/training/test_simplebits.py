@@ -184,6 +184,7 @@ def test_two_cpu_ranks_take_the_step_of_the_whole_batch(tmp_path, tiny_density, 
            "train", "simplebits", *common, "--batch-size", "4", "--out", str(tmp_path / "two" / "sb.pt")]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "deprecated" not in done.stderr and done.stdout.count('"metrics"') == 1  # -q: quiet; one JSON, not one per rank
     train_simplebits(SimpleBitsConfig(data=str(sample_mnist_path()), out=str(tmp_path / "one" / "sb.pt"), density=str(tiny_density),
                                       arch="lenet5", unet_base=4, steps=3, batch_size=8, max_test=8, lambda_sim=0.0, device="cpu", threads=1))
     two, one = load_checkpoint(tmp_path / "two" / "sb.pt", "simplebits"), load_checkpoint(tmp_path / "one" / "sb.pt", "simplebits")

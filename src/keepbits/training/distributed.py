@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -214,9 +215,30 @@ def rank_mean(dist: Dist, tensor: Any) -> Any:
     step's, so every rank takes the step the whole batch would."""
     if dist.world <= 1:
         return tensor
-    from torch.distributed.nn.functional import all_reduce
+    return _rank_sum().apply(tensor) / dist.world
 
-    return all_reduce(tensor) / dist.world
+
+@functools.lru_cache(maxsize=None)
+def _rank_sum() -> Any:
+    """An autograd function summing a tensor over the ranks, whose backward sums the gradient
+    over the ranks the same way (itself differentiable): what torch's deprecated
+    ``torch.distributed.nn.functional.all_reduce`` did for SUM, without its FutureWarning on
+    every step."""
+    import torch
+    import torch.distributed as tdist
+
+    class RankSum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, tensor: Any) -> Any:  # noqa: ARG004 - autograd's signature
+            out = tensor.clone()
+            tdist.all_reduce(out)
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:  # noqa: ARG004
+            return RankSum.apply(grad)
+
+    return RankSum
 
 
 def broadcast_buffers(dist: Dist, module: Any, src: int = 0) -> None:
