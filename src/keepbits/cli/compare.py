@@ -1,7 +1,7 @@
 """``keepbits compare``: parity of one model across backends and artefacts, on your images.
 
 The first ``--model`` is the reference; every other one is compared with it on the same
-letterboxed images: max and mean absolute difference of the logits, ẑ and (when both have
+images (each fitted by the model's resize policy): max and mean absolute difference of the logits, ẑ and (when both have
 it) x̃, argmax agreement, hard-mask agreement. A model is ``PATH`` or ``PATH@BACKEND``:
 
 * a NICE checkpoint (``.pt``): the eager torch graph of the export (needs ``keepbits[train]``);
@@ -107,9 +107,7 @@ def run(args: argparse.Namespace) -> int:
     for spec in args.model[1:]:
         candidate = _pipeline(spec, args.threads, like)
         candidates[spec] = candidate if isinstance(candidate, Pipeline) else candidate(None)
-    first = reference if isinstance(reference, Pipeline) else next(iter(candidates.values()))
-    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(first.height, first.width),
-                         frame_step=args.frame_step)
+    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, frame_step=args.frame_step)
     tolerances = Tolerances(args.logits_atol, args.mask_atol, args.pixels_atol, args.min_argmax_agree, args.min_mask_agree)
     report = compare_pipelines(reference, candidates, images.images, tolerances, args.batch_size)
     report = {"reference": args.model[0], "data": images.source, **report}

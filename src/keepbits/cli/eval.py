@@ -80,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--num-images and --examples must be >= 0, --batch-size >= 1")
     output_folder(args.out, writes=("eval.json", "eval.html", "rate_accuracy.png"))
     pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads)
-    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width),
-                         frame_step=args.frame_step)
+    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, frame_step=args.frame_step)
     labels, matched = labels_for_model(images.labels, images.class_names, pipeline.class_names, str(args.data))
     result = rate_accuracy(pipeline, images.images, labels, thresholds=args.thresholds, block_sizes=args.block_sizes,
                            codecs=args.codecs, qualities=args.qualities, modes=args.modes, baselines=args.baselines,

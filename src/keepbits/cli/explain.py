@@ -40,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
     output_folder(args.out, writes=("explain.json",))
     pipeline = Pipeline.from_bundle(existing_path(args.model, "model bundle"), backend=args.backend, threads=args.threads,
                                     **codec_options(args))
-    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, size=(pipeline.height, pipeline.width),
-                         frame_step=args.frame_step)
+    images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, frame_step=args.frame_step)
     report = explain_images(pipeline, images.images, images.names, args.out, args.min_side, images.source)
     if not args.quiet:
         for r in report["images"]:

@@ -3,7 +3,8 @@
 
 Labelled: anything :func:`keepbits.data.load_dataset` reads (``.npz``, idx files, a ``train``/
 ``test`` split, or class folders: every entry a folder that holds image files directly), its
-test split when it has one, class folders made the model's size by ``policy``.
+test split when it has one; class folders' drawn files are read at their own sizes, like footage
+(the bundle's pipeline fits every image once, by the bundle's resize policy).
 Footage (unlabelled): every other folder (image files at any nesting, videos, ``.npz``) or one
 video file, read by :class:`keepbits.data.Footage`: pictures keep their sizes (the runtime fits
 them), videos give every ``frame_step``-th frame, and a file that cannot be read is skipped and
@@ -21,6 +22,7 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,10 +30,12 @@ from typing import Any, Iterable
 import numpy as np
 
 from keepbits.data.dataset import sample_indices
-from keepbits.data.loaders import IMAGE_SUFFIXES, has_split, load_dataset
+from keepbits.data.loaders import IMAGE_SUFFIXES, class_folder_files, class_folder_root, has_split, load_dataset
 from keepbits.data.preprocess import fit_into
 from keepbits.data.stream import VIDEO_SUFFIXES, Footage, Sample, decode_image
 from keepbits.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,10 +142,11 @@ def load_footage(path: str | Path, *, num_images: int | None = None, seed: int =
 
 
 def load_images(path: str | Path, *, num_images: int | None = None, seed: int = 0, split: str = "test",
-                size: tuple[int, int] | None = None, policy: str = "letterbox", frame_step: int = 1) -> ImageSet:
-    """Images at ``path`` (see the module docstring); a labelled set uses its ``split`` when it
-    has one (else its train split), class folders made ``size`` (H, W) by ``policy``; footage
-    keeps every ``frame_step``-th video frame."""
+                frame_step: int = 1) -> ImageSet:
+    """Images at ``path`` (see the module docstring) at their own sizes, for a bundle's pipeline
+    to fit once by its own resize policy; a labelled set uses its ``split`` when it has one (else
+    its train split), class folders read only the drawn files; footage keeps every
+    ``frame_step``-th video frame."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"data path not found: {path}")
@@ -152,11 +157,37 @@ def load_images(path: str | Path, *, num_images: int | None = None, seed: int = 
             raise InputError(f"{path}: unsupported data file (images {', '.join(IMAGE_SUFFIXES)}, videos "
                              f"{', '.join(VIDEO_SUFFIXES)}, .npz, or a folder)")
         return load_footage(path, num_images=num_images, seed=seed, frame_step=frame_step)
-    dataset = load_dataset(path, split if has_split(path, split) else "train", size=size, policy=policy)
+    split = split if has_split(path, split) else "train"
+    root = class_folder_root(path, split)
+    if root is not None:
+        return _class_folder_sample(root, num_images, seed)
+    dataset = load_dataset(path, split)
     chosen = sample_indices(dataset.y, num_images, seed)
     sample = _sample_note(num_images, len(dataset.y), seed)
     return ImageSet([dataset.x[i] for i in chosen], [str(int(i)) for i in chosen], dataset.y[chosen],
                     list(dataset.class_names), f"{dataset.source}{sample}")
+
+
+def _class_folder_sample(root: Path, num_images: int | None, seed: int) -> ImageSet:
+    """A seeded class-balanced draw of the class folders' files, read (and only those) at their
+    own sizes, named by their path under ``root``; an unreadable one is skipped and counted."""
+    classes, files = class_folder_files(root)
+    labels = np.array([label for label, _ in files], np.int64)
+    chosen = sample_indices(labels, num_images, seed)
+    images, names, kept, skipped = [], [], [], 0
+    for i in chosen:
+        try:
+            images.append(decode_image(files[i][1]))
+        except InputError as exc:
+            skipped += 1
+            log.warning("skipped %s", exc)
+            continue
+        names.append(files[i][1].relative_to(root).as_posix())
+        kept.append(i)
+    if not images:
+        raise InputError(f"{root}: none of the {len(chosen)} drawn images can be read")
+    note = f" ({skipped} unreadable drawn images skipped)" if skipped else ""
+    return ImageSet(images, names, labels[kept], classes, f"{root}{_sample_note(num_images, len(files), seed)}{note}")
 
 
 def model_images(path: str | Path, preprocessing: Any, *, split: str = "test", num_images: int | None = None, seed: int = 0,

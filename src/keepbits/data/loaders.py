@@ -85,6 +85,31 @@ def load_idx(images_path: str | Path, labels_path: str | Path) -> ImageDataset:
     return ImageDataset(images[..., None].copy(), labels.astype(np.int64), [], source=str(images_path))
 
 
+def class_folder_files(root: str | Path) -> tuple[list[str], list[tuple[int, Path]]]:
+    """The classes (subfolders of ``root``, sorted) and their image files as (label, path),
+    listed, not read; :class:`InputError` when there are none."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise InputError(f"{root}: no class subfolders found")
+    files = [(label, file) for label, name in enumerate(classes) for file in sorted((root / name).iterdir())
+             if file.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise InputError(f"{root}: class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    return classes, files
+
+
+def class_folder_root(path: str | Path, split: str) -> Path | None:
+    """The class-folder tree :func:`load_dataset` reads for ``split`` of ``path``, or None where
+    it reads another layout (``.npz``, idx files)."""
+    path = Path(path)
+    if not path.is_dir() or sorted(path.glob(f"{split}.npz")) or sorted(path.glob(f"{split}_*.npz")) or _find_idx(path, split):
+        return None
+    if (path / split).is_dir():
+        return class_folder_root(path / split, split)
+    return path if any(p.is_dir() for p in path.iterdir()) else None
+
+
 def load_image_folder(
     root: str | Path, size: tuple[int, int] = (224, 224), policy: str = "center-crop", gray: bool = False,
     crop_fraction: float = 1.0,
@@ -96,13 +121,7 @@ def load_image_folder(
     root = Path(root)
     if policy not in RESIZE_POLICIES:
         raise InputError(f"unknown resize policy {policy!r}; choose one of {RESIZE_POLICIES}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise InputError(f"{root}: no class subfolders found")
-    files = [(label, file) for label, name in enumerate(classes) for file in sorted((root / name).iterdir())
-             if file.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise InputError(f"{root}: class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    classes, files = class_folder_files(root)
     x = np.empty((len(files), size[0], size[1], 1 if gray else 3), np.uint8)
     kept: list[int] = []
     skipped: list[str] = []

@@ -3,7 +3,7 @@
 A *backend* is a bundle run by ONNX Runtime one way (with the native kernels, with the ONNX
 function bodies, on CUDA, on TensorRT) or any session with ONNX Runtime's ``run(names, feed)``
 (the eager torch graph of a checkpoint, :func:`keepbits.export.torch_pipeline`). Every backend
-sees the same letterboxed images; :class:`Parity` accumulates, per output, the max and mean
+sees the same images (fitted by its resize policy); :class:`Parity` accumulates, per output, the max and mean
 absolute difference from the reference (pixel outputs x̃ / simplified divided by the pixel
 scale), the argmax agreement of the logits and the agreement of the hard masks (ẑ > threshold,
 NICE Eq. 11). :func:`check` holds them against stated tolerances.
@@ -154,7 +154,7 @@ def bundle_pipeline(path: str | Path, backend: str = "auto", threads: int | None
 
 
 def run_outputs(pipeline: Pipeline, images: Sequence[np.ndarray], names: Sequence[str], batch_size: int = 32) -> list[list[np.ndarray]]:
-    """``names`` outputs of ``pipeline``'s session on ``images`` (letterboxed to its model size
+    """``names`` outputs of ``pipeline``'s session on ``images`` (fitted to its model size by its resize policy
     by :meth:`keepbits.runtime.Pipeline.prepare`), one list of arrays per batch."""
     out = []
     for start in range(0, len(images), batch_size):
