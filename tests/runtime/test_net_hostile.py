@@ -166,7 +166,7 @@ def test_receiver_serves_senders_concurrently_and_names_files_per_session(tmp_pa
         rx.join(10)
     assert not rx.is_alive()
     assert box["frames"] == 4 and box["connections"] == 3 and len(set(box["sessions"])) == 3
-    pngs = sorted((tmp_path / "rx").glob("*.png"))
+    pngs = sorted(p for p in (tmp_path / "rx").glob("*.png") if not p.stem.endswith("_mask"))  # and a mask PNG beside each
     assert len(pngs) == 4 and len({line["session"] for line in lines}) == 2
     assert {p.name.rsplit("-", 1)[1] for p in pngs} == {"00000000.png", "00000001.png"}
 
@@ -208,7 +208,8 @@ def test_a_repeated_sequence_number_is_written_beside_the_first(tmp_path):
     assert _send_raw(ready.port, [_payload(3), _payload(3)])
     rx.join(10)
     assert box["frames"] == 2 and box["renamed"] == 1
-    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "rx").glob("*.png")) == ["00000003.png", "00000003~1.png"]
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "rx").glob("*.png")) == [
+        "00000003.png", "00000003_mask.png", "00000003~1.png", "00000003~1_mask.png"]
 
 
 def test_an_error_of_the_receiver_is_counted_not_a_dead_thread(tmp_path, monkeypatch):
