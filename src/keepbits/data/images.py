@@ -213,6 +213,14 @@ def model_images(path: str | Path, preprocessing: Any, *, split: str = "test", n
     fit = {} if preprocessing is None else dict(size=tuple(preprocessing.input_size), policy=preprocessing.resize_policy,
                                                  crop_fraction=preprocessing.crop_fraction)
     want = channels or (len(preprocessing.mean) if preprocessing is not None else None)
+    root = class_folder_root(path, split) if is_labelled_set(path, split) else None
+    if root is not None and preprocessing is not None:  # draw the files, then read and fit only those
+        drawn = _class_folder_sample(root, num_images, seed)
+        h, w = preprocessing.input_size
+        x = np.empty((len(drawn), h, w, want), np.uint8)
+        for image, out in zip(drawn.images, x):
+            fit_into(image, out, preprocessing.resize_policy, preprocessing.crop_fraction)
+        return ImageSet(x, drawn.names, drawn.labels, drawn.class_names, drawn.source)
     if is_labelled_set(path, split):
         dataset = load_dataset(path, split, **fit)
         chosen = sample_indices(dataset.y, num_images, seed)
