@@ -80,10 +80,15 @@ def test_overwrite_replaces_a_bundle_only(tmp_path):
     assert stat.S_IMODE((tmp_path / "b").stat().st_mode) == 0o777 & ~umask
     (tmp_path / "b" / "notes.txt").write_text("mine")
     (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.jpg").write_bytes(b"a photo")
     with zipfile.ZipFile(tmp_path / "photos.zip", "w") as zf:
         zf.writestr("a.jpg", b"x")
+    with zipfile.ZipFile(tmp_path / "b.zip", "a") as zf:  # a note added to an archive bundle is the user's too
+        zf.writestr("notes.txt", "mine")
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose: written into without overwrite
+    assert load_bundle(write_bundle(tmp_path / "empty", _manifest(), files)).manifest.generator == "g"
     for target, why in (("b", r"holds files that are not the bundle's \(notes.txt\)"), ("data", "is not a keepbits bundle"),
-                        ("photos.zip", "is not a keepbits bundle")):
+                        ("photos.zip", "is not a keepbits bundle"), ("b.zip", r"holds files that are not the bundle's \(notes.txt\)")):
         with pytest.raises(BundleError, match=why):
             write_bundle(tmp_path / target, _manifest(), files, overwrite=True)
     assert (tmp_path / "b" / "notes.txt").read_text() == "mine" and (tmp_path / "photos.zip").stat().st_size > 0

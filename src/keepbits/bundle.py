@@ -629,21 +629,20 @@ def _replaceable(path: Path) -> str | None:
     try:
         if path.is_dir():
             raw = (path / MANIFEST_NAME).read_bytes()[:MAX_MANIFEST_BYTES + 1]
+            members = [p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()]
         else:
             with zipfile.ZipFile(path) as zf:
                 info = zf.getinfo(MANIFEST_NAME)
                 _manifest_bytes(info.file_size, str(path))
                 raw = zf.read(info)
+                members = [name for name in zf.namelist() if not name.endswith("/")]
         _manifest_bytes(len(raw), str(path))
         listed = _read_manifest(raw, str(path)).files
     except (OSError, KeyError, zipfile.BadZipFile, BundleError):
         return "is not a keepbits bundle"
-    if path.is_dir():
-        own = {MANIFEST_NAME, *listed}
-        others = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                        if not p.is_dir() and p.relative_to(path).as_posix() not in own)
-        if others:
-            return f"holds files that are not the bundle's ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    others = sorted(set(members) - {MANIFEST_NAME, *listed})
+    if others:  # a user's notes added to a bundle folder or archive are theirs
+        return f"holds files that are not the bundle's ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
     return None
 
 
@@ -652,7 +651,8 @@ def refuse_existing(out: str | Path, overwrite: bool = False) -> None:
     when something is there already (with ``overwrite``: when it is not a keepbits bundle, which
     alone is replaced) or when its folder cannot be created or written."""
     out = Path(out)
-    if out.exists() or out.is_symlink():
+    empty_folder = out.is_dir() and not out.is_symlink() and not any(out.iterdir())  # nothing to lose: written into
+    if (out.exists() or out.is_symlink()) and not empty_folder:
         if not overwrite:
             raise BundleError(f"{out} exists; replace it with --force (Python: overwrite=True)")
         why = _replaceable(out)

@@ -130,6 +130,8 @@ CASES = [
      "argument --num-test-images: must be an integer >= 1"),
     ("simplebits --unet-base 0", ["train", "simplebits", "--data", "{data}", "--out", "{out}/s.pt", "--unet-base", "0"], 2,
      "argument --unet-base: must be an integer >= 1"),
+    ("nice --classifier-lr -5", ["train", "nice", "--data", "{data}", "--classifier", "lenet5", "--out", "{out}/n", "--classifier-lr",
+                                 "-5"], 2, "argument --classifier-lr: must be a number > 0"),
     ("nice --target-rate -1", ["train", "nice", "--data", "{data}", "--classifier", "lenet5", "--out", "{out}/n", "--target-rate", "-1"],
      2, "argument --target-rate: must be a number > 0"),
     # outputs of an earlier run are never replaced; a folder where a file belongs is refused before the work

@@ -287,10 +287,16 @@ def test_int8_quantisation_reports_agreement(bundle_a, tmp_path, capsys):
     assert q["evaluation_vs_fp32"] == report
     from keepbits.runtime.info import bundle_info, info_report
 
-    quantized = [line for line in info_report(bundle_info(bundle.source)).splitlines() if line.startswith("quantized")]
+    quantized = [line for line in info_report(bundle_info(bundle.source)).splitlines() if line.startswith("quantized   ")]
     assert len(quantized) == 1 and "minmax calibration on 32 images" in quantized[0] and "argmax agreement" in quantized[0]
     assert quantized[0].startswith(f"quantized   {q['quantized_utc']}, ") and q["command"].startswith("keepbits ")
     assert q["onnxruntime_version"] == onnxruntime.__version__
+    assert f"ONNX Runtime {onnxruntime.__version__}, " in quantized[0]
+    assert any(line.startswith("quantized by keepbits ") for line in info_report(bundle_info(bundle.source)).splitlines())
+    # the float32 bundle is never replaced by its own INT8 version
+    assert main(["export", "int8", "--model", str(bundle_a[1].source), "--data", str(data), "--out", str(bundle_a[1].source),
+                 "--num-images", "8", "--force"]) == 2
+    assert "is the float32 bundle being quantized" in capsys.readouterr().err
     # an INT8 bundle is not quantized again (it was a traceback of ONNX Runtime, exit 1)
     assert main(["export", "int8", "--model", str(bundle.source), "--data", str(data), "--out", str(tmp_path / "twice"),
                  "--num-images", "8"]) == 2
@@ -405,8 +411,10 @@ def test_compare_checkpoint_bundle_backends_and_int8(bundle_a, tmp_path, capsys)
     assert json.loads(capsys.readouterr().out)["comparisons"][0]["outputs"] == ["logits", "mask", "mixed"]
     assert main(["compare", "--model", str(bundle.source), "--model", str(floats.source), "--data", str(data),
                  "--mask-atol", "1e-4", "--pixels-atol", "0.003"]) == 0
-    row = json.loads(capsys.readouterr().out)["comparisons"][0]
+    captured = capsys.readouterr()
+    row = json.loads(captured.out)["comparisons"][0]
     assert row["outputs"] == ["mask", "mixed"] and "classifies the mixed image" in row["skipped"][0]
+    assert "; not compared: logits:" in captured.err
     int8, _ = quantize_bundle(bundle.source, tmp_path / "int8", data, calibration_images=16)
     strict = ["compare", "--model", str(bundle.source), "--model", str(int8.source), "--data", str(data), "--logits-atol", "1e-6"]
     assert main(strict) == 1

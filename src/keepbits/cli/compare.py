@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{c['name']} {c['value']:.3g} {'<=' if c['kind'] == 'max' else '>='} {c['limit']:g}"
                               + ("" if c["passed"] else " (no)") for c in checks)
             shown = shown or "no check (every tolerance is none); the differences are in the JSON"
+            shown += "".join(f"; not compared: {why}" for why in row.get("skipped", []))
             print(f"keepbits compare: {row['model']} vs {args.model[0]}: {'pass' if row['passed'] else 'FAIL'}: {shown}", file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0 if report["passed"] else 1

@@ -49,10 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-fraction", type=float, default=None, help="fraction of pixels the warm start keeps (default: "
                    "--target-fraction, else 0.1)")
     p.add_argument("--warmup-smooth", type=int, default=9, help="box filter (px) on the saliency map of the warm start")
-    p.add_argument("--warmup-lr", type=float, default=1e-2, help="Adam learning rate of the warm start")
+    p.add_argument("--warmup-lr", type=POSITIVE_LR, default=1e-2, help="Adam learning rate of the warm start")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam: lr ×0.1 every --step-epochs; sgd: momentum 0.9, cosine")
     p.add_argument("--lr", type=POSITIVE_LR, default=1e-3, help="learning rate of the generator")
-    p.add_argument("--classifier-lr", type=float, default=None, help="learning rate of the classifier in finetuned mode (default: --lr)")
+    p.add_argument("--classifier-lr", type=POSITIVE_LR, default=None, help="learning rate of the classifier in finetuned mode (default: --lr)")
     p.add_argument("--step-epochs", type=int, default=5, help="adam: lr ×0.1 every N epochs")
     p.add_argument("--epochs", type=positive_int, default=10, help="training epochs")
     p.add_argument("--max-minutes", type=number(float, above=0), default=None, help="stop after the epoch in which this much wall time has passed "

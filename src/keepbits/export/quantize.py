@@ -165,6 +165,8 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
         raise InputError(f"activations must be one of {ACTIVATION_TYPES}, got {activations!r}")
     if calibration not in CALIBRATIONS:
         raise InputError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    if Path(out).resolve() == Path(bundle_path).resolve():
+        raise InputError(f"--out {out} is the float32 bundle being quantized; write the INT8 bundle beside it")
     refuse_existing(out, overwrite)
 
     source = load_bundle(bundle_path)

@@ -187,12 +187,15 @@ def info_report(info: dict[str, Any]) -> str:
                                  if k in ("argmax_agreement", "mask_agreement", "accuracy_reference", "accuracy_candidate")
                                  and isinstance(v, float))
             when = f"{quantization['quantized_utc']}, " if quantization.get("quantized_utc") else ""
+            when += f"ONNX Runtime {quantization['onnxruntime_version']}, " if quantization.get("onnxruntime_version") else ""
             lines.append(("quantized", f"{when}{quantization.get('method', '?')}; {quantization.get('calibration', 'minmax')} "
                                        f"calibration on {quantization.get('calibration_images', '?')} "
                                        f"images of {quantization.get('calibration_data', '?')}"
                                        + (f"; float32 ends: {len(quantization['float32_nodes'])} nodes"
                                           if isinstance(quantization.get("float32_nodes"), list) and quantization["float32_nodes"] else "")
                                        + (f"; against float32 on {versus.get('images', '?')} images: {measured}" if measured else "")))
+            if quantization.get("command"):
+                lines.append(("quantized by", str(quantization["command"])))
         metrics = prov.get("metrics") if isinstance(prov.get("metrics"), dict) else {}
         final = metrics.get("final")
         if isinstance(final, dict) and final:

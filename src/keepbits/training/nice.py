@@ -206,8 +206,9 @@ class NiceConfig:
             raise InputError(f"λ1 and λ2 must be >= 0, got {self.lambda_l0} and {self.lambda_smooth}")
         if self.target_fraction is not None and not 0.0 < self.target_fraction < 1.0:
             raise InputError(f"target fraction must be in (0, 1), got {self.target_fraction}")
-        if not (math.isfinite(self.lr) and self.lr >= 0):
-            raise InputError(f"learning rate must be finite and >= 0, got {self.lr}")
+        for name, lr in (("learning rate", self.lr), ("classifier learning rate", self.classifier_lr)):
+            if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+                raise InputError(f"{name} must be finite and >= 0, got {lr}")
         if self.warmup_steps < 0 or self.warmup_smooth < 1 or not self.warmup_lr > 0:
             raise InputError(f"warm-up steps must be >= 0, smoothing >= 1 px and lr > 0, got {self.warmup_steps}, {self.warmup_smooth}, {self.warmup_lr}")
         if self.warmup_fraction is not None and not 0.0 < self.warmup_fraction < 1.0:
