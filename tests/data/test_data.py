@@ -174,3 +174,16 @@ def test_channel_stats_chunked_equals_direct():
 def test_dataset_accepts_gray_nhw():
     ds = ImageDataset(np.zeros((3, 5, 5), np.uint8), np.array([0, 1, 1]), [])
     assert ds.x.shape == (3, 5, 5, 1) and ds.num_classes == 2
+
+
+def test_grey_class_folders_are_read_grey_unless_a_model_takes_colour(tmp_path):
+    """PNGs written grey (cv2.imwrite of H×W) were read as RGB: a grey classifier's NICE training
+    and INT8 calibration refused them (3 channels), a classifier trained on them took 3."""
+    for cls in ("0", "1"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((12, 12), 40 * (int(cls) + 1), np.uint8)).save(tmp_path / "train" / cls / "a.png")
+    assert load_dataset(tmp_path, "train", (8, 8)).x.shape == (2, 8, 8, 1)
+    assert load_dataset(tmp_path, "train", (8, 8), channels=3).x.shape == (2, 8, 8, 3)
+    Image.new("RGB", (12, 12), (1, 2, 3)).save(tmp_path / "train" / "1" / "b.png")  # one colour file: the set is colour
+    assert load_dataset(tmp_path, "train", (8, 8)).x.shape == (3, 8, 8, 3)
+    assert load_dataset(tmp_path, "train", (8, 8), channels=1).x.shape == (3, 8, 8, 1)

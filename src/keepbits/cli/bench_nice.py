@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     generator, classifier, ckpt = load_nice(args.model)
     pre = ckpt.preprocessing_record()  # class-folder images reach the classifier's size as its preprocessing says
-    dataset = load_dataset(args.data, "test" if has_split(args.data, "test") else "train", pre.input_size, pre.resize_policy, pre.crop_fraction)
+    dataset = load_dataset(args.data, "test" if has_split(args.data, "test") else "train", pre.input_size, pre.resize_policy, pre.crop_fraction,
+                           ckpt.input_shape[0])
     if list(dataset.shape_chw) != ckpt.input_shape:
         raise InputError(f"{args.data}: images are {list(dataset.shape_chw)} (C,H,W), the checkpoint expects {ckpt.input_shape}")
     dataset = dataset.sample(args.num_images or None, args.seed)

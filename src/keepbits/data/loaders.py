@@ -99,6 +99,17 @@ def class_folder_files(root: str | Path) -> tuple[list[str], list[tuple[int, Pat
     return classes, files
 
 
+def _is_greyscale(file: Path) -> bool:
+    """Whether an image file's header says one grey channel (unreadable: no)."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as image:
+            return image.mode in ("1", "L", "I", "I;16", "F")
+    except Exception:  # noqa: BLE001 - Pillow raises many types; the decoder reports the file later
+        return False
+
+
 def class_folder_root(path: str | Path, split: str) -> Path | None:
     """The class-folder tree :func:`load_dataset` reads for ``split`` of ``path``, or None where
     it reads another layout (``.npz``, idx files)."""
@@ -111,17 +122,20 @@ def class_folder_root(path: str | Path, split: str) -> Path | None:
 
 
 def load_image_folder(
-    root: str | Path, size: tuple[int, int] = (224, 224), policy: str = "center-crop", gray: bool = False,
+    root: str | Path, size: tuple[int, int] = (224, 224), policy: str = "center-crop", gray: bool | None = None,
     crop_fraction: float = 1.0,
 ) -> ImageDataset:
     """Images under ``root/<class>/*``; classes sorted by name; every image made ``size`` (H, W)
-    by :func:`keepbits.data.fit_into` under ``policy`` (``crop_fraction``: center-crop only).
+    by :func:`keepbits.data.fit_into` under ``policy`` (``crop_fraction``: center-crop only);
+    ``gray`` True: one channel, False: RGB, None: one channel when every file is greyscale.
     A file that cannot be decoded is skipped, logged and counted (``meta["skipped"]``, and in
     ``source``), as footage's are; none readable is an :class:`InputError`."""
     root = Path(root)
     if policy not in RESIZE_POLICIES:
         raise InputError(f"unknown resize policy {policy!r}; choose one of {RESIZE_POLICIES}")
     classes, files = class_folder_files(root)
+    if gray is None:
+        gray = all(_is_greyscale(file) for _, file in files)
     x = np.empty((len(files), size[0], size[1], 1 if gray else 3), np.uint8)
     kept: list[int] = []
     skipped: list[str] = []
@@ -159,9 +173,11 @@ def _find_idx(root: Path, split: str) -> tuple[Path, Path] | None:
 
 def load_dataset(
     path: str | Path, split: str = "train", size: tuple[int, int] | None = None, policy: str = "center-crop",
-    crop_fraction: float = 1.0,
+    crop_fraction: float = 1.0, channels: int | None = None,
 ) -> ImageDataset:
-    """Read ``path`` (file or folder) and return the ``split`` ("train" or "test").
+    """Read ``path`` (file or folder) and return the ``split`` ("train" or "test"); class
+    folders' images are read with ``channels`` (1: grey, 3: RGB, as a model takes them; None: grey
+    where every file is, else RGB).
 
     A single ``.npz`` file with arrays ``x_train``/``x_test`` is split by name; a plain
     one holds one split and is returned whatever ``split`` asks.
@@ -188,9 +204,10 @@ def load_dataset(
         return load_idx(*idx)
     split_dir = path / split
     if split_dir.is_dir():
-        return load_dataset(split_dir, split, size, policy, crop_fraction)
+        return load_dataset(split_dir, split, size, policy, crop_fraction, channels)
     if any(p.is_dir() for p in path.iterdir()):
-        return load_image_folder(path, size or (224, 224), policy, crop_fraction=crop_fraction)
+        return load_image_folder(path, size or (224, 224), policy, gray=None if channels is None else channels == 1,
+                                 crop_fraction=crop_fraction)
     raise InputError(f"{path}: no {split} data found (looked for {split}.npz, idx files, {split}/ and class folders)")
 
 

@@ -127,7 +127,7 @@ def calibration_split(data: str | Path, manifest: Any, calibration_images: int, 
     """
     c, h, w = manifest.input_shape
     if is_labelled_set(Path(data), "train"):
-        fit = dict(size=(h, w), policy=manifest.resize_policy, crop_fraction=manifest.crop_fraction)  # class folders
+        fit = dict(size=(h, w), policy=manifest.resize_policy, crop_fraction=manifest.crop_fraction, channels=c)  # class folders
         train = load_dataset(data, "train", **fit)
         if has_split(data, "test"):
             test = load_dataset(data, "test", **fit).sample(eval_images, seed=0)

@@ -375,8 +375,9 @@ def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, true_labels: bool) 
                                  "--val-footage must be held out of --footage")
         return train, val, None
     size, policy = pre.input_size, pre.resize_policy
-    splits = [load_dataset(cfg.data, "train", size, policy, pre.crop_fraction)]
-    splits.append(load_dataset(cfg.data, "test", size, policy, pre.crop_fraction) if has_split(cfg.data, "test") else None)
+    channels = clf.input_shape[0]  # grey class-folder PNGs for a grey classifier
+    splits = [load_dataset(cfg.data, "train", size, policy, pre.crop_fraction, channels)]
+    splits.append(load_dataset(cfg.data, "test", size, policy, pre.crop_fraction, channels) if has_split(cfg.data, "test") else None)
     for split in splits:
         if split is not None and list(split.shape_chw) != clf.input_shape:
             raise InputError(f"{cfg.data}: images are {list(split.shape_chw)} (C,H,W) but the classifier expects {clf.input_shape}")

@@ -219,7 +219,8 @@ RESUME_MAY_CHANGE = frozenset({"steps", "device", "threads", "log_every", "check
 
 
 def _load_split(path: str, split: str, limit: int | None, pre: Preprocessing | None = None) -> ImageDataset:
-    size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction) if pre is not None else {}
+    size = dict(size=pre.input_size, policy=pre.resize_policy, crop_fraction=pre.crop_fraction,
+                channels=len(pre.mean)) if pre is not None else {}
     return load_dataset(path, split, **size).sample(limit)
 
 
