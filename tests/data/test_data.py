@@ -105,6 +105,10 @@ def test_a_corrupt_image_is_skipped_named_and_counted(tmp_path, caplog):
     ds = load_image_folder(tmp_path, size=(16, 16))
     assert ds.x.shape[0] == 6 and ds.y.tolist() == [0, 0, 1, 1, 2, 2] and "broken.png" in caplog.text
     assert [p.rsplit("/", 1)[-1] for p in ds.meta["skipped"]] == ["broken.png"] and "1 unreadable of 7 images skipped" in ds.source
+    for file in (tmp_path / "eel").iterdir():
+        file.write_bytes(b"not an image")
+    assert load_image_folder(tmp_path, size=(16, 16)).class_names == ["cat", "dog", "eel"]
+    assert "class folder(s) eel hold no readable image" in caplog.text
     for file in tmp_path.rglob("*.*"):
         file.write_bytes(b"not an image")
     with pytest.raises(InputError, match="none of the 7 images"):

@@ -153,6 +153,9 @@ def load_image_folder(
         raise InputError(f"{root}: none of the {len(files)} images in its class folders can be read ({skipped[0]} …)")
     if len(skipped) > 5:
         log.warning("skipped %d unreadable images under %s in all", len(skipped), root)
+    empty = sorted(set(classes) - {classes[files[i][0]] for i in kept})
+    if empty:  # a class the model will be told exists but never sees
+        log.warning("%s: class folder(s) %s hold no readable image", root, ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
     source = str(root) + (f" ({len(skipped)} unreadable of {len(files)} images skipped)" if skipped else "")
     ds = ImageDataset(x[:len(kept)], np.array([files[i][0] for i in kept]), classes, source=source)
     ds.meta["resize_policy"] = policy

@@ -261,7 +261,7 @@ class Source:
     def _skip(self, reason: str) -> None:
         self._counts["skipped"] += 1
         self.last_error = reason
-        log.warning("source %s: skipped a frame: %s", self.name, reason)
+        log.warning("source %s: skipped %s", self.name, reason)
 
     def _offer(self, item: Any) -> None:
         file = None

@@ -385,6 +385,9 @@ def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, true_labels: bool) 
             raise InputError(f"{cfg.data}: {split.num_classes} classes, the classifier knows {len(clf.class_names)}")
     train, test = splits
     train_index, val_index = train_val_split(train.y, cfg.val_fraction, cfg.seed)
+    if not len(train_index):
+        raise InputError(f"{cfg.data}: no training image is left once the validation split ({cfg.val_fraction:g}) of its "
+                         f"{len(train.y)} holds out round(fraction × class size) per class; lower --val-fraction")
     val = train.subset(val_index, "[val]") if len(val_index) else None
     train = train.subset(train_index, "[train]")
     if cfg.max_train:
