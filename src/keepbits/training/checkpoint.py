@@ -392,9 +392,9 @@ def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping
     def plain(value: Any, key: str = "") -> Any:
         return json.loads(json.dumps(defaults[key] if value is None and key in defaults else value, default=str))
 
-    def spelled_alike(value: Any) -> Any:  # one path spelled two ways ("data/", "./data") is the same setting
+    def spelled_alike(value: Any) -> Any:  # one path spelled two ways ("data/", "./data", absolute) is the same setting
         if isinstance(value, str):
-            return os.path.normpath(value) if value else value
+            return os.path.realpath(value) if value and os.path.exists(value) else os.path.normpath(value) if value else value
         return [spelled_alike(v) for v in value] if isinstance(value, list) else value
 
     changed = [k for k in current if k not in may_change and k in saved
