@@ -59,10 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
 
 
-def _pipeline(spec: str, threads: int | None, like: Any = None):
-    """A Pipeline for ``PATH[@BACKEND]``: bundles by :func:`bundle_pipeline`; checkpoints through the
-    torch backend, built like the bundle manifest ``like`` when given (the graph export would write),
-    else a function of a manifest giving that (the reference: one twin per kind of candidate)."""
+def _pipeline(spec: str, threads: int | None) -> Any:
+    """``PATH[@BACKEND]`` as a Pipeline (a bundle, by :func:`bundle_pipeline`) or, for a
+    checkpoint, as a function of a bundle manifest giving its torch twin built like that bundle
+    (the graph its export would write; None: the torch backend's default graph)."""
     from keepbits.runtime.parity import BUNDLE_BACKENDS, bundle_pipeline
 
     path, sep, backend = spec.rpartition("@")
@@ -84,7 +84,7 @@ def _pipeline(spec: str, threads: int | None, like: Any = None):
                 return torch_pipeline(path)
             return torch_pipeline(path, input_dtype=m.input_dtype, classify_on=m.classify_on, mixed_output="mixed" in m.output_names)
 
-        return twin if like is None else twin(like)
+        return twin
     if backend == "torch":
         raise InputError(f"{spec}: @torch needs a NICE checkpoint (.pt), not a bundle")
     return bundle_pipeline(path, backend or "auto", threads)
@@ -103,10 +103,8 @@ def run(args: argparse.Namespace) -> int:
     # candidate like a bundle reference; two checkpoints as the torch backend's default graph
     reference = _pipeline(args.model[0], args.threads)
     like = reference.manifest if isinstance(reference, Pipeline) else None
-    candidates = {}
-    for spec in args.model[1:]:
-        candidate = _pipeline(spec, args.threads, like)
-        candidates[spec] = candidate if isinstance(candidate, Pipeline) else candidate(None)
+    candidates = {spec: model if isinstance(model := _pipeline(spec, args.threads), Pipeline) else model(like)
+                  for spec in args.model[1:]}
     images = load_images(args.data, num_images=args.num_images or None, seed=args.seed, frame_step=args.frame_step)
     tolerances = Tolerances(args.logits_atol, args.mask_atol, args.pixels_atol, args.min_argmax_agree, args.min_mask_agree)
     report = compare_pipelines(reference, candidates, images.images, tolerances, args.batch_size)
