@@ -147,6 +147,13 @@ def test_explain_one_image_and_a_folder(tmp_path, photos, capsys):
     h, w = cv2.imread(str(photos / "img0.jpg")).shape[:2]
     scale = -(-224 // min(h, w))  # small images are enlarged by a whole factor to --min-side
     assert cv2.imread(str(tmp_path / "one" / "img0_mixed.png")).shape[:2] == (h * scale, w * scale)
+    # a folder holding an earlier run's pictures (its explain.json gone): they are kept, the new ones named apart
+    (tmp_path / "one" / "explain.json").unlink()
+    before = (tmp_path / "one" / "img0_mixed.png").read_bytes()
+    code, report, _ = _run(["-q", "explain", "--model", str(DEMO_BUNDLE), "--data", str(photos / "img0.jpg"), "--out", str(tmp_path / "one")],
+                           capsys)
+    assert code == 0 and report["images"][0]["files"]["mixed"] == "img0-1_mixed.png"
+    assert (tmp_path / "one" / "img0_mixed.png").read_bytes() == before
     code, report, _ = _run(["-q", "explain", "--model", str(DEMO_BUNDLE), "--data", str(photos), "--num-images", "3",
                             "--mode", "paper", "--out", str(tmp_path / "three")], capsys)
     assert code == 0 and len(report["images"]) == 3 and report["pipeline"]["codec"]["mode"] == "paper"

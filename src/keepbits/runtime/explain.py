@@ -22,6 +22,7 @@ Example:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -122,9 +123,13 @@ def explain_images(pipeline: Pipeline, images: Sequence[np.ndarray], names: Sequ
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records, used = [], set()
+
+    def taken(stem: str) -> bool:  # by another image of this run (a.png, a.jpg), or a file already in out: never overwritten
+        return stem in used or any((out / f"{stem}_{panel}.png").exists() for panel in ("overlay", "mask", "mixed"))
+
     for image, name in zip(images, names):
         stem = _file_stem(name)
-        stem = next(s for s in (stem, *(f"{stem}-{k}" for k in range(1, len(names) + 1))) if s not in used)  # a.png, a.jpg
+        stem = next(s for s in itertools.chain([stem], (f"{stem}-{k}" for k in itertools.count(1))) if not taken(s))
         used.add(stem)
         seen = look(pipeline, image, stem)
         records.append({**seen.record(), "files": seen.write(out, min_side)})
