@@ -34,9 +34,12 @@ def writable_file(path: str | Path, what: str = "output") -> Path:
     """
     from keepbits.errors import InputError
 
-    path = Path(path)
-    if path.is_dir():
+    if str(path).endswith(("/", os.sep)) or Path(path).is_dir():  # "out/" names a folder even before it exists
         raise InputError(f"{what} {path} is a folder, not a file")
+    path = Path(path)
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise InputError(f"cannot write {what} {path}: {existing} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = sibling_temp(path)
