@@ -70,7 +70,8 @@ def test_the_users_mistakes_come_before_what_the_machine_lacks(tmp_path, monkeyp
     bundle, _ = _bundle(tmp_path)
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     for extra, message in ((["--batch", "8,1,4"], "min <= opt <= max"), (["--tolerance", "nan"], "argument --tolerance"),
-                           (["--tolerance", "-1"], "argument --tolerance"), (["--samples", "0"], "argument --samples")):
+                           (["--tolerance", "-1"], "argument --tolerance"), (["--samples", "0"], "argument --samples"),
+                           (["--cache", str(bundle.model_path)], "a file, not a folder")):
         assert main(["export", "tensorrt", "--model", str(bundle.source), *extra]) == 2
         assert message in capsys.readouterr().err
     from keepbits.export.tensorrt import build_engine

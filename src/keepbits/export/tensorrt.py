@@ -146,6 +146,9 @@ def build_engine(bundle_path: str | Path, spec: EngineSpec, cache_dir: str | Pat
         raise InputError(f"tolerance must be a finite number > 0, got {tolerance!r}")  # NaN would pass any engine
     if not (isinstance(samples, int) and samples >= 1):
         raise InputError(f"samples must be an int >= 1, got {samples!r}")
+    cache = Path(cache_dir).expanduser()
+    if cache.exists() and not cache.is_dir():
+        raise InputError(f"engine cache {cache_dir}: a file, not a folder")
     bundle = load_bundle(bundle_path)
     profile = spec.profile(bundle)  # the user's mistakes first, then what this machine lacks
     try:
@@ -156,7 +159,6 @@ def build_engine(bundle_path: str | Path, spec: EngineSpec, cache_dir: str | Pat
     plugin = plugin_library_path()
     gpu, capability = gpu_identity()
     key = engine_key(gpu, capability, trt.__version__, bundle.digest, spec.precision, profile, sha256_file(plugin))
-    cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     engine_path = cache / f"{key}.engine"
     logger = trt.Logger(trt.Logger.WARNING)
