@@ -102,6 +102,9 @@ def test_sender_and_decoder_records_share_keys_and_name_each_folder_file(pipe, t
     sent = [json.loads(line) for line in (tmp_path / "sent" / "frames.jsonl").read_text().splitlines()]
     assert [(r["source_file"], r["source_index"]) for r in sent] == [
         ("day0/f0.png", 0), ("day0/f2.png", 2), ("day1/clip.avi#0", 3), ("day1/clip.avi#1", 4), ("day1/f1.png", 6)]
+    # --frame-step counts within each video and keeps every picture
+    stepped = open_source(tmp_path / "cam", frame_step=2)
+    assert [f.file for f in stepped] == ["day0/f0.png", "day0/f2.png", "day1/clip.avi#0", "day1/f1.png"]
     decode_files([tmp_path / "sent"], tmp_path / "out")
     got = [json.loads(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
     shared = ("sequence", "label", "label_index", "payload_bytes")

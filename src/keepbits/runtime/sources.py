@@ -84,10 +84,13 @@ class Frame:
 
 @dataclass
 class _FileImage:
-    """What a folder source's iterator yields for a readable file: its pixels and its name."""
+    """What a folder source's iterator yields for a readable file: its pixels, its name and, for a
+    video's frame, its number in that video (``frame_step`` counts within each video; pictures are
+    never stepped over)."""
 
     image: np.ndarray
     file: str
+    frame: int | None = None
 
 
 _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^/\s]*@")
@@ -136,7 +139,8 @@ class Source:
     ``open_fn()`` returns an iterator of frames (numpy in ``color`` order, or PIL); it is
     called again to reconnect a live source. ``fps`` is the nominal rate, if known.
     ``frame_step`` k keeps every k-th frame the source gives (frames 0, k, 2k, …; the others are
-    read and dropped by the grabber, counted as ``stepped``).
+    read and dropped by the grabber, counted as ``stepped``); in a folder, every k-th frame of each
+    video, and every picture.
     """
 
     def __init__(
@@ -293,7 +297,8 @@ class Source:
                         if isinstance(item, Skipped):
                             self._skip(item.reason)
                             continue
-                        if (self._position - 1) % self.frame_step:
+                        place = item.frame if isinstance(item, _FileImage) else self._position - 1
+                        if place is not None and place % self.frame_step:
                             self._counts["stepped"] += 1
                             continue
                         self._offer(item)
@@ -433,7 +438,7 @@ def _folder(path: Path, max_pixels: int, loop: bool = False, timeout_ms: int = 0
             yield Skipped(f"{name}: {exc}")
             return
         for k, frame in enumerate(frames):
-            yield _FileImage(frame, f"{name}#{k}")
+            yield _FileImage(frame, f"{name}#{k}", k)
 
     def frames() -> Iterator[_FileImage | Skipped]:
         while True:
