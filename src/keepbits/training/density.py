@@ -36,7 +36,7 @@ from keepbits.training.checkpoint import (
     Checkpoint, ModelEntry, build_model, load_checkpoint, load_resumable, refuse_earlier_run, resume_path, save_checkpoint,
     state_digest,
 )
-from keepbits.training.distributed import Dist, all_gather, init_distributed, resolve_device, shutdown
+from keepbits.training.distributed import Dist, all_gather, data_parallel, init_distributed, resolve_device, shutdown
 
 log = logging.getLogger("keepbits")
 
@@ -173,8 +173,7 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
         if cfg.resume:
             log.warning("%s: nothing to resume from; starting a new run", resume_from)
         flow.initialize(flow.to_flow_range(batch(-1, max(cfg.batch_size, 256))))  # every rank alike; DDP keeps rank 0's
-    net = flow if dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
-        flow, device_ids=[torch.device(device).index] if device != "cpu" else None)
+    net = data_parallel(dist, flow)
 
     def record(metrics: dict[str, Any], with_optimizer: bool) -> Checkpoint:
         return Checkpoint(kind="density", models={"density": ModelEntry.of("glow", kwargs, flow)}, input_shape=[channels, *size],

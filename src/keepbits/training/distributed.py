@@ -209,6 +209,23 @@ def average_gradients(dist: Dist, params: Any) -> None:
                 all_reduce_sum(dist, p.grad).div_(dist.world)
 
 
+def data_parallel(dist: Dist, module: Any, find_unused_parameters: bool = False) -> Any:
+    """``module`` as DistributedDataParallel on ``dist``'s device when there are several ranks,
+    else itself: the one place every trainer wraps its networks. DDP's note that channels-last
+    gradients do not match its bucket views (a copy per step, not an error) is not shown: it
+    printed under ``-q`` on every torchrun run."""
+    if dist.world <= 1:
+        return module
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[torch.device(dist.device).index] if dist.device != "cpu" else None,
+        find_unused_parameters=find_unused_parameters)
+
+
 def rank_mean(dist: Dist, tensor: Any) -> Any:
     """``tensor``'s mean over the ranks as a new tensor autograd goes through (its backward sums
     the ranks' gradients): for a gradient that sits inside a loss, such as an unrolled optimizer
@@ -261,5 +278,6 @@ def shutdown(dist: Dist) -> None:
             tdist.destroy_process_group()
 
 
-__all__ = ["DEVICES", "PRECISIONS", "Dist", "all_gather", "all_reduce_sum", "average_gradients", "barrier", "broadcast_buffers", "init_distributed", "model_device", "on_device", "rank_mean", "resolve_device",
+__all__ = ["DEVICES", "PRECISIONS", "Dist", "all_gather", "all_reduce_sum", "average_gradients", "barrier", "broadcast_buffers",
+           "data_parallel", "init_distributed", "model_device", "on_device", "rank_mean", "resolve_device",
            "resolve_precision", "shutdown", "worker_device", "autocast"]

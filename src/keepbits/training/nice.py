@@ -73,7 +73,8 @@ from keepbits.training.checkpoint import (
 )
 from keepbits.training.data import TensorImages
 from keepbits.training.distributed import (
-    PRECISIONS, Dist, all_reduce_sum, autocast, barrier, broadcast_buffers, init_distributed, resolve_device, resolve_precision, shutdown,
+    PRECISIONS, Dist, all_reduce_sum, autocast, barrier, broadcast_buffers, data_parallel, init_distributed, resolve_device,
+    resolve_precision, shutdown,
 )
 from keepbits.training.functional import (
     deterministic_mask,
@@ -653,10 +654,7 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
     if dist.world > 1 and dist.device != "cpu":
         generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
     nets: torch.nn.Module = _NiceNets(generator, classifier_net, cfg.block_size)
-    if dist.world > 1:
-        nets = torch.nn.parallel.DistributedDataParallel(
-            nets, device_ids=[torch.device(dist.device).index] if dist.device != "cpu" else None,
-            find_unused_parameters=cfg.mode == "finetuned" and cfg.warmup_steps > 0)
+    nets = data_parallel(dist, nets, find_unused_parameters=cfg.mode == "finetuned" and cfg.warmup_steps > 0)
     if cfg.optimizer == "adam":
         optimizer: torch.optim.Optimizer = torch.optim.Adam(groups)
     else:
