@@ -75,6 +75,9 @@ def paths(tmp_path_factory):
 
 
 RUN = ["run", "--model", "{bundle}", "--source", "{video}"]
+TRAIN_CLASSIFIER = ["train", "classifier", "--data", "{data}", "--arch", "lenet5"]
+TRAIN_NICE = ["train", "nice", "--data", "{data}", "--classifier", "lenet5", "--out", "{out}/n"]
+BENCH_NICE = ["bench", "nice", "--model", "{checkpoint}", "--data", "{data}"]
 
 #: (id, arguments, exit code, what stderr says). Paths in braces come from the ``paths`` fixture.
 CASES = [
@@ -118,35 +121,31 @@ CASES = [
     ("train into an earlier run's folder", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{trained}"], 2,
      "last.pt: left by an earlier run; --resume continues it, --force replaces it"),
     # trainer options out of range: one line at parse time (they were tracebacks, or runs that trained nothing and exited 0)
-    ("classifier --label-smoothing 2", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{out}/c1",
-                                        "--label-smoothing", "2"], 2, "argument --label-smoothing: must be a number >= 0 and <= 1"),
-    ("classifier --threads -1", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{out}/c2", "--threads", "-1"],
+    ("classifier --label-smoothing 2", TRAIN_CLASSIFIER + ["--out", "{out}/c1", "--label-smoothing", "2"], 2, "argument --label-smoothing: must be a number >= 0 and <= 1"),
+    ("classifier --threads -1", TRAIN_CLASSIFIER + ["--out", "{out}/c2", "--threads", "-1"],
      2, "argument --threads: must be an integer >= 1"),
-    ("classifier: no training image left", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{out}/c3",
-                                            "--val-fraction", "0.999"], 2, "no training image is left once the validation split"),
+    ("classifier: no training image left", TRAIN_CLASSIFIER + ["--out", "{out}/c3", "--val-fraction", "0.999"], 2, "no training image is left once the validation split"),
     ("density --steps 0", ["train", "density", "--data", "{data}", "--out", "{out}/d.pt", "--steps", "0"], 2,
      "argument --steps: must be an integer >= 1"),
     ("density --num-test-images 0", ["train", "density", "--data", "{data}", "--out", "{out}/d.pt", "--num-test-images", "0"], 2,
      "argument --num-test-images: must be an integer >= 1"),
     ("simplebits --unet-base 0", ["train", "simplebits", "--data", "{data}", "--out", "{out}/s.pt", "--unet-base", "0"], 2,
      "argument --unet-base: must be an integer >= 1"),
-    ("nice --classifier-lr -5", ["train", "nice", "--data", "{data}", "--classifier", "lenet5", "--out", "{out}/n", "--classifier-lr",
-                                 "-5"], 2, "argument --classifier-lr: must be a number > 0"),
-    ("nice --target-rate -1", ["train", "nice", "--data", "{data}", "--classifier", "lenet5", "--out", "{out}/n", "--target-rate", "-1"],
+    ("nice --classifier-lr -5", TRAIN_NICE + ["--classifier-lr", "-5"], 2, "argument --classifier-lr: must be a number > 0"),
+    ("nice --target-rate -1", TRAIN_NICE + ["--target-rate", "-1"],
      2, "argument --target-rate: must be a number > 0"),
     # outputs of an earlier run are never replaced; a folder where a file belongs is refused before the work
     ("eval --out an earlier eval's folder", ["eval", "--model", "{bundle}", "--data", "{data}", "--out", "{evaluated}"], 2,
      "holds an earlier run's eval.json; choose another folder or remove them"),
-    ("bench nice --out an earlier result", ["bench", "nice", "--model", "{checkpoint}", "--data", "{data}", "--out", "{file}"], 2,
+    ("bench nice --out an earlier result", BENCH_NICE + ["--out", "{file}"], 2,
      "holds an earlier result"),
-    ("bench nice --out a folder", ["bench", "nice", "--model", "{checkpoint}", "--data", "{data}", "--out", "{dir}"], 2,
+    ("bench nice --out a folder", BENCH_NICE + ["--out", "{dir}"], 2,
      "is a folder, not a file"),
-    ("bench nice --out a new folder/", ["bench", "nice", "--model", "{checkpoint}", "--data", "{data}", "--out", "{out}/newdir/"], 2,
+    ("bench nice --out a new folder/", BENCH_NICE + ["--out", "{out}/newdir/"], 2,
      "newdir/ is a folder, not a file"),
-    ("bench nice --out under a file", ["bench", "nice", "--model", "{checkpoint}", "--data", "{data}", "--out", "{file}/b.json"], 2,
+    ("bench nice --out under a file", BENCH_NICE + ["--out", "{file}/b.json"], 2,
      "file.txt is a file, not a folder"),
-    ("--resume where only a finished model is", ["train", "classifier", "--data", "{data}", "--arch", "lenet5", "--out", "{finished}",
-                                                 "--resume"], 2, "last.pt is missing, so this would be a new run over"),
+    ("--resume where only a finished model is", TRAIN_CLASSIFIER + ["--out", "{finished}", "--resume"], 2, "last.pt is missing, so this would be a new run over"),
     ("--model a plain .onnx", ["run", "--model", "{onnx}", "--source", "{video}"], 2, "an ONNX model, not a keepbits bundle"),
     ("--model a training checkpoint", ["run", "--model", "{checkpoint}", "--source", "{video}"], 2,
      "a torch checkpoint, not a model bundle: a NICE or SimpleBits checkpoint becomes one with keepbits export onnx"),
