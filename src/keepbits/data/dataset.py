@@ -134,6 +134,9 @@ def train_val_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple
     val = [order[shuffled == c][: int(round(val_fraction * np.count_nonzero(shuffled == c)))] for c in np.unique(labels)]
     is_val = np.zeros(len(labels), bool)
     is_val[np.concatenate(val) if val else np.zeros(0, np.int64)] = True
+    if len(labels) and is_val.all():  # a trainer given this would train on nothing
+        raise InputError(f"no training image is left once the validation split ({val_fraction:g}) of {len(labels)} holds out "
+                         "round(fraction × class size) per class; lower --val-fraction")
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 

@@ -379,6 +379,13 @@ def refuse_earlier_run(paths: Sequence[str | Path], resume: bool, overwrite: boo
                          "or give another --out")
 
 
+def refuse_finished(path: str | Path, done: int, planned: int, unit: str) -> None:
+    """``--resume`` of a run that has done its ``planned`` epochs or steps: :class:`InputError`
+    (nothing to train; its outputs are left as they are instead of rewritten)."""
+    if done >= planned:
+        raise InputError(f"--resume: {path} has run {done} of {planned} {unit} already: nothing to do; give more --{unit} to go on")
+
+
 def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping[str, Any], may_change: set[str] | frozenset[str],
                     defaults: Mapping[str, Any] | None = None) -> None:
     """Refuse to resume a run whose recipe changed since ``path`` was written: one

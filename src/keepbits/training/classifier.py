@@ -34,7 +34,7 @@ from keepbits import registry
 from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset, sample_indices, train_val_split
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, load_state, refuse_earlier_run, save_checkpoint, state_digest,
+    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, load_state, refuse_earlier_run, refuse_finished, save_checkpoint, state_digest,
 )
 from keepbits.training.data import TensorArrays, TensorImages
 from keepbits.training.distributed import (
@@ -279,9 +279,6 @@ def _prepare_data(cfg: ClassifierConfig) -> tuple[ImageDataset, ImageDataset | N
     if test is not None and (test.x.shape[1:] != full.x.shape[1:] or test.num_classes > full.num_classes):
         raise InputError(f"{cfg.data}: test split has images {test.x.shape[1:]} / {test.num_classes} classes, train has {full.x.shape[1:]} / {full.num_classes}")
     train_idx, val_idx = train_val_split(full.y, cfg.val_fraction, cfg.seed)
-    if not len(train_idx):
-        raise InputError(f"{cfg.data}: no training image is left once the validation split ({cfg.val_fraction:g}) of its "
-                         f"{len(full.y)} holds out round(fraction × class size) per class; lower --val-fraction")
     if cfg.max_train:  # a class-balanced sample, not the first N: files such as CIFAR-10's are sorted by class
         train_idx = train_idx[sample_indices(full.y[train_idx], cfg.max_train, cfg.seed)]
     val = full.subset(val_idx, "[val]") if len(val_idx) else None
@@ -343,9 +340,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         if not isinstance(history, list) or not all(isinstance(row, dict) for row in history) or not isinstance(best, (dict, type(None))):
             raise CheckpointError(f"{last_path}: metrics must hold the run's history (a list of epoch rows) and best (a row or None) to resume")
         start_epoch = previous.epoch + 1
-        if start_epoch >= cfg.epochs:  # a finished run: nothing to train, and its outputs stay as they are
-            raise InputError(f"--resume: {last_path} has run {start_epoch} of {cfg.epochs} epochs already: nothing to do; "
-                             "give more --epochs to go on")
+        refuse_finished(last_path, start_epoch, cfg.epochs, "epochs")
         log.info("resuming %s from epoch %d", last_path, start_epoch)
     elif cfg.resume:
         log.warning("%s: nothing to resume from; starting a new run", last_path)

@@ -33,7 +33,7 @@ import torch
 from keepbits.data import ImageDataset, has_split, load_dataset
 from keepbits.errors import InputError
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, build_model, load_checkpoint, load_resumable, refuse_earlier_run, resume_path, save_checkpoint,
+    Checkpoint, ModelEntry, build_model, load_checkpoint, load_resumable, refuse_earlier_run, refuse_finished, resume_path, save_checkpoint,
     state_digest,
 )
 from keepbits.training.distributed import Dist, all_gather, data_parallel, init_distributed, resolve_device, shutdown
@@ -165,9 +165,7 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
         flow.load_state_dict(previous.models["density"].state_dict)
         opt.load_state_dict(previous.optimizer)
         step, elapsed = int(previous.metrics["steps_run"]), float(previous.metrics.get("wall_time_s", 0.0))
-        if step >= cfg.steps:  # a finished run: nothing to train, and its outputs stay as they are
-            raise InputError(f"--resume: {resume_from} has run {step} of {cfg.steps} steps already: nothing to do; "
-                             "give more --steps to go on")
+        refuse_finished(resume_from, step, cfg.steps, "steps")
         log.info("density: resuming %s from step %d", resume_from, step)
     else:
         if cfg.resume:

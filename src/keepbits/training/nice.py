@@ -69,7 +69,7 @@ from keepbits.data import Preprocessing, has_split, load_dataset, train_val_spli
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, build_model, check_resumable, load_checkpoint, refuse_earlier_run, save_checkpoint,
+    Checkpoint, ModelEntry, build_model, check_resumable, load_checkpoint, refuse_earlier_run, refuse_finished, save_checkpoint,
 )
 from keepbits.training.data import TensorImages
 from keepbits.training.distributed import (
@@ -386,9 +386,6 @@ def _load_data(cfg: NiceConfig, clf: Classifier, dist: Dist, true_labels: bool) 
             raise InputError(f"{cfg.data}: {split.num_classes} classes, the classifier knows {len(clf.class_names)}")
     train, test = splits
     train_index, val_index = train_val_split(train.y, cfg.val_fraction, cfg.seed)
-    if not len(train_index):
-        raise InputError(f"{cfg.data}: no training image is left once the validation split ({cfg.val_fraction:g}) of its "
-                         f"{len(train.y)} holds out round(fraction × class size) per class; lower --val-fraction")
     val = train.subset(val_index, "[val]") if len(val_index) else None
     train = train.subset(train_index, "[train]")
     if cfg.max_train:
@@ -680,9 +677,8 @@ def train_nice(cfg: NiceConfig, classifier: Classifier | torch.nn.Module | None 
                 value = read.get(name, 0) if isinstance(read, dict) else 0
                 train.footage.counts.add(name, int(value) if isinstance(value, int) and value >= 0 else 0)
         start_epoch = resumed.epoch + 1 if any(row.get("epoch", 0) >= 1 for row in history) else 0
-        if start_epoch >= cfg.epochs and cfg.epochs:  # a finished run: nothing to train, and its outputs stay as they are
-            raise InputError(f"--resume: {last_path} has run {start_epoch} of {cfg.epochs} epochs already: nothing to do; "
-                             "give more --epochs to go on")
+        if cfg.epochs:  # epochs 0: a warm start only
+            refuse_finished(last_path, start_epoch, cfg.epochs, "epochs")
         log.info("resuming %s after epoch %d", last_path, start_epoch)
     steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * dist.world)) if isinstance(train, _ArrayData) else None
     started = time.time() - (history[-1]["elapsed_s"] if history else 0.0)

@@ -52,7 +52,7 @@ from keepbits.data import ImageDataset, Preprocessing, channel_stats, has_split,
 from keepbits.errors import InputError
 from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, refuse_earlier_run, resume_path, save_checkpoint,
+    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, refuse_earlier_run, refuse_finished, resume_path, save_checkpoint,
     state_digest,
 )
 from keepbits.training.classifier import FitConfig, predict_logits
@@ -345,9 +345,7 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
         opt_sim.load_state_dict(previous.optimizer["simplifier"])
         opt_clf.load_state_dict(previous.optimizer["classifier"])
         done, gate_sum = int(previous.metrics["steps_run"]), float(previous.metrics["gate_sum"])
-        if done >= cfg.steps:  # a finished run: nothing to train, and its outputs stay as they are
-            raise InputError(f"--resume: {last} has run {done} of {cfg.steps} steps already: nothing to do; "
-                             "give more --steps to go on")
+        refuse_finished(last, done, cfg.steps, "steps")
         elapsed = float(previous.metrics.get("wall_time_s", 0.0))
         log.info("simplebits: resuming %s from step %d", last, done)
     elif cfg.resume:
