@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from keepbits.data.dataset import sample_indices
-from keepbits.data.loaders import IMAGE_SUFFIXES, class_folder_files, class_folder_root, has_split, load_dataset
+from keepbits.data.loaders import IMAGE_SUFFIXES, class_folder_files, class_folder_root, decode_readable, has_split, load_dataset
 from keepbits.data.preprocess import fit_into
 from keepbits.data.stream import VIDEO_SUFFIXES, Footage, Sample, decode_image
 from keepbits.errors import InputError
@@ -174,19 +174,14 @@ def _class_folder_sample(root: Path, num_images: int | None, seed: int) -> Image
     classes, files = class_folder_files(root)
     labels = np.array([label for label, _ in files], np.int64)
     chosen = sample_indices(labels, num_images, seed)
-    images, names, kept, skipped = [], [], [], 0
-    for i in chosen:
-        try:
-            images.append(decode_image(files[i][1]))
-        except InputError as exc:
-            skipped += 1
-            log.warning("skipped %s", exc)
-            continue
-        names.append(files[i][1].relative_to(root).as_posix())
-        kept.append(i)
+    images, names, kept, skipped = [], [], [], []
+    for k, image in decode_readable([files[i][1] for i in chosen], skipped):
+        images.append(image)
+        names.append(files[chosen[k]][1].relative_to(root).as_posix())
+        kept.append(chosen[k])
     if not images:
         raise InputError(f"{root}: none of the {len(chosen)} drawn images can be read")
-    note = f" ({skipped} unreadable drawn images skipped)" if skipped else ""
+    note = f" ({len(skipped)} unreadable drawn images skipped)" if skipped else ""
     return ImageSet(images, names, labels[kept], classes, f"{root}{_sample_note(num_images, len(files), seed)}{note}")
 
 

@@ -16,6 +16,7 @@ import logging
 import struct
 import zipfile
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -85,6 +86,20 @@ def load_idx(images_path: str | Path, labels_path: str | Path) -> ImageDataset:
     return ImageDataset(images[..., None].copy(), labels.astype(np.int64), [], source=str(images_path))
 
 
+def decode_readable(files: Sequence[Path], skipped: list[str], gray: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    """(position, image) for each of ``files`` that decodes (:func:`decode_image`); each that does
+    not is appended to ``skipped`` and logged (the first five by name, then a count)."""
+    for i, file in enumerate(files):
+        try:
+            yield i, decode_image(file, gray=gray)
+        except InputError as exc:
+            skipped.append(str(file))
+            if len(skipped) <= 5:
+                log.warning("skipped %s", exc)
+    if len(skipped) > 5:
+        log.warning("skipped %d unreadable images in all", len(skipped))
+
+
 def class_folder_files(root: str | Path) -> tuple[list[str], list[tuple[int, Path]]]:
     """The classes (subfolders of ``root``, sorted) and their image files as (label, path),
     listed, not read; :class:`InputError` when there are none."""
@@ -139,20 +154,11 @@ def load_image_folder(
     x = np.empty((len(files), size[0], size[1], 1 if gray else 3), np.uint8)
     kept: list[int] = []
     skipped: list[str] = []
-    for i, (_, file) in enumerate(files):
-        try:
-            image = decode_image(file, gray=gray)
-        except InputError as exc:
-            skipped.append(str(file))
-            if len(skipped) <= 5:
-                log.warning("skipped %s", exc)
-            continue
+    for i, image in decode_readable([file for _, file in files], skipped, gray):
         fit_into(image, x[len(kept)], policy, crop_fraction)
         kept.append(i)
     if not kept:
         raise InputError(f"{root}: none of the {len(files)} images in its class folders can be read ({skipped[0]} …)")
-    if len(skipped) > 5:
-        log.warning("skipped %d unreadable images under %s in all", len(skipped), root)
     empty = sorted(set(classes) - {classes[files[i][0]] for i in kept})
     if empty:  # a class the model will be told exists but never sees
         log.warning("%s: class folder(s) %s hold no readable image", root, ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
