@@ -109,6 +109,20 @@ def test_resume_refuses_a_changed_recipe_but_not_more_epochs(tmp_path):
         train_classifier(_cfg(tmp_path, epochs=3, resume=True, max_train=64))
 
 
+def test_resume_from_another_working_folder(tmp_path, monkeypatch):
+    """Paths are recorded absolute: the same data and output folder named relative to another
+    working folder resume the run (the relative data path was refused as another recipe)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mnist.npz").write_bytes(sample_mnist_path().read_bytes())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    train_classifier(_cfg(tmp_path, out="run", data="data/mnist.npz", epochs=1, max_train=64))
+    assert load_checkpoint(tmp_path / "run" / "last.pt", "classifier").settings["data"] == str(tmp_path / "data" / "mnist.npz")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = _cfg(tmp_path, out="../run", data="../data/mnist.npz", epochs=2, resume=True, max_train=64)
+    assert train_classifier(resumed)["epochs_run"] == 1
+
+
 def test_precision_auto_is_float32_on_the_cpu_and_bf16_needs_cuda(tmp_path):
     summary = train_classifier(_cfg(tmp_path, epochs=1, max_train=64))
     assert summary["device"] == "cpu" and summary["precision"] == "fp32"

@@ -386,6 +386,25 @@ def refuse_finished(path: str | Path, done: int, planned: int, unit: str) -> Non
         raise InputError(f"--resume: {path} has run {done} of {planned} {unit} already: nothing to do; give more --{unit} to go on")
 
 
+#: Run settings that name files or folders (lists of them too): recorded absolute where they exist
+#: (:func:`run_settings`), so a run resumed from another working folder compares them as the same paths.
+PATH_SETTINGS = frozenset({"data", "out", "footage", "val_footage", "classifier", "classifier_weights",
+                           "density", "init"})
+
+
+def run_settings(config: Any, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A trainer's config (a dataclass) as the settings its checkpoints record: every field but
+    ``resume``, ``overwrite`` and ``leave_out``, each :data:`PATH_SETTINGS` value that names an
+    existing path made absolute (a registry name or ``module:factory`` stays as given)."""
+    def absolute(value: Any) -> Any:
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        return os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
+
+    return {k: absolute(v) if k in PATH_SETTINGS else v for k, v in dataclasses.asdict(config).items()
+            if k not in ("resume", "overwrite", *leave_out)}
+
+
 def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping[str, Any], may_change: set[str] | frozenset[str],
                     defaults: Mapping[str, Any] | None = None) -> None:
     """Refuse to resume a run whose recipe changed since ``path`` was written: one
@@ -469,5 +488,5 @@ def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = N
     return model
 
 
-__all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "Checkpoint", "ModelEntry", "Normalization", "build_model", "check_resumable", "load_checkpoint", "load_resumable", "refuse_earlier_run", "resume_path",
+__all__ = ["FORMAT", "KINDS", "ROLES", "VERSION", "PATH_SETTINGS", "Checkpoint", "ModelEntry", "Normalization", "build_model", "check_resumable", "load_checkpoint", "load_resumable", "refuse_earlier_run", "resume_path", "run_settings",
            "load_weights", "read_state_dict", "save_checkpoint", "state_digest", "load_state", "weights_mismatch"]

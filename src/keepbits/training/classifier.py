@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,7 @@ from keepbits import registry
 from keepbits.data import ImageDataset, channel_stats, has_split, load_dataset, sample_indices, train_val_split
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, load_state, refuse_earlier_run, refuse_finished, save_checkpoint, state_digest,
+    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, load_state, refuse_earlier_run, refuse_finished, run_settings, save_checkpoint, state_digest,
 )
 from keepbits.training.data import TensorArrays, TensorImages
 from keepbits.training.distributed import (
@@ -324,10 +324,10 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     last_path, best_path = out / "last.pt", out / "best.pt"
     start_epoch, history, best = 0, [], None
     # the process count too: --batch-size is per process, so another count is another effective batch
-    run_settings = {**{k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "overwrite")}, "world_size": dist.world}
+    settings = {**run_settings(cfg, leave_out=("progress",)), "world_size": dist.world}
     if cfg.resume and last_path.exists():
         # an lr left to the optimizer's default (None) equals that default named explicitly
-        previous = load_resumable(last_path, "classifier", run_settings, RESUME_MAY_CHANGE,
+        previous = load_resumable(last_path, "classifier", settings, RESUME_MAY_CHANGE,
                                   defaults={"lr": replace(cfg, lr=None).default_lr()})
         entry = previous.models["classifier"]
         if entry.arch != cfg.arch:
@@ -349,7 +349,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         return Checkpoint(
             kind="classifier", models={"classifier": ModelEntry.of(cfg.arch, kwargs, model)}, input_shape=[c, h, w],
             normalization=Normalization(mean, std), class_names=train_set.class_names, preprocessing=preprocessing,
-            settings=run_settings, command=cfg.command,
+            settings=settings, command=cfg.command,
             metrics=metrics, epoch=epoch, optimizer=optimizer.state_dict(),
         )
 

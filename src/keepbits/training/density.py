@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch
 from keepbits.data import ImageDataset, has_split, load_dataset
 from keepbits.errors import InputError
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, build_model, load_checkpoint, load_resumable, refuse_earlier_run, refuse_finished, resume_path, save_checkpoint,
+    Checkpoint, ModelEntry, build_model, load_checkpoint, load_resumable, refuse_earlier_run, refuse_finished, resume_path, run_settings, save_checkpoint,
     state_digest,
 )
 from keepbits.training.distributed import Dist, all_gather, data_parallel, init_distributed, resolve_device, shutdown
@@ -147,7 +147,7 @@ def train_density(cfg: DensityConfig) -> dict[str, Any]:
     kwargs = {"in_channels": channels, "image_size": list(size), "levels": cfg.levels, "depth": cfg.depth, "hidden": cfg.hidden}
     flow = registry.build("glow", kind="density", **kwargs).to(device)
     images = torch.from_numpy(np.ascontiguousarray(train.x))  # uint8 NHWC, converted per batch
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")}
+    settings = run_settings(cfg)
 
     def batch(step: int, n: int) -> torch.Tensor:
         """Step ``step``'s images for this rank: its slice of one seeded draw of world × n (with replacement)."""

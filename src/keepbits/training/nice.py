@@ -55,7 +55,7 @@ import math
 import numbers
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -69,7 +69,7 @@ from keepbits.data import Preprocessing, has_split, load_dataset, train_val_spli
 from keepbits.errors import CheckpointError, InputError
 from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, build_model, check_resumable, load_checkpoint, refuse_earlier_run, refuse_finished, save_checkpoint,
+    Checkpoint, ModelEntry, build_model, check_resumable, load_checkpoint, refuse_earlier_run, refuse_finished, run_settings, save_checkpoint,
 )
 from keepbits.training.data import TensorImages
 from keepbits.training.distributed import (
@@ -569,9 +569,9 @@ def _synced(batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]], dist: D
 
 
 def _snapshot_fields(cfg: NiceConfig, clf: Classifier) -> dict[str, Any]:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "command", "threads", "resume", "overwrite")}
+    settings = run_settings(cfg, leave_out=("progress", "command", "threads"))
     settings.update(block_size=int(cfg.block_size), mask_threshold=MASK_THRESHOLD, lambda_l0=float(cfg.lambda_l0),
-                    lambda_smooth=float(cfg.lambda_smooth), classifier_checkpoint=str(cfg.classifier or clf.source))
+                    lambda_smooth=float(cfg.lambda_smooth), classifier_checkpoint=settings["classifier"] or str(clf.source))
     return settings
 
 

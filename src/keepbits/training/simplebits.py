@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -52,7 +52,7 @@ from keepbits.data import ImageDataset, Preprocessing, channel_stats, has_split,
 from keepbits.errors import InputError
 from keepbits.training.byo import Classifier, as_classifier, resolve_classifier
 from keepbits.training.checkpoint import (
-    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, refuse_earlier_run, refuse_finished, resume_path, save_checkpoint,
+    Checkpoint, ModelEntry, Normalization, build_model, load_checkpoint, load_resumable, refuse_earlier_run, refuse_finished, resume_path, run_settings, save_checkpoint,
     state_digest,
 )
 from keepbits.training.classifier import FitConfig, predict_logits
@@ -322,7 +322,7 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     opt_sim = torch.optim.AdamW(simplifier.parameters(), lr=cfg.sim_lr or cfg.lr, weight_decay=cfg.weight_decay)
     opt_clf = torch.optim.AdamW(classifier_net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, labels = torch.from_numpy(np.ascontiguousarray(train.x)), torch.from_numpy(train.y)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")}
+    settings = run_settings(cfg)
 
     def record(metrics: dict[str, Any], with_optimizer: bool) -> Checkpoint:
         return Checkpoint(
