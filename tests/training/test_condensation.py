@@ -54,6 +54,7 @@ def test_condense_shapes_range_and_errors():
     cfg = CondensationConfig(images_per_class=2, outer_loops=1, inner_loops=2, net_steps=1, real_batch=4)
     syn, y_syn = condense(x, y, 3, _net, cfg, bpd=lambda v: v.flatten(1).mean(1))
     assert syn.shape == (6, 1, 8, 8) and syn.min() >= 0 and syn.max() <= 1
+    assert torch.equal(syn * 255, (syn * 255).round())  # 8-bit images, like the real ones they are compared with
     assert y_syn.tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(InputError, match="density"):
         condense(x, y, 3, _net, CondensationConfig(lambda_sim=1.0))

@@ -112,8 +112,10 @@ def condense(
     bpd: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Condense [0, 1] images ``x`` (N×C×H×W) with labels ``y`` into ``images_per_class``
-    synthetic images per class; returns (images in [0, 1], labels), on ``x``'s device (where
-    the classifiers are trained too)."""
+    synthetic images per class; returns (8-bit images: [0, 1] on the k/255 grid, labels), on
+    ``x``'s device (where the classifiers are trained too). The images are optimised as σ(v) and
+    rounded at the end, so their bpd and the classifiers trained on them see what 8-bit files
+    would hold, as the real images they are compared with (no sub-8-bit detail)."""
     if cfg.lambda_sim > 0 and bpd is None:
         raise InputError("condensation with lambda_sim > 0 needs a density model (bpd)")
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -147,4 +149,4 @@ def condense(
                 F.cross_entropy(net(syn_all), y_syn).backward()
                 opt_net.step()
         log.info("condensation outer %d/%d  loss %.3f  (%.0f s)", outer + 1, cfg.outer_loops, loss.item(), time.time() - start)
-    return torch.sigmoid(logits).detach(), y_syn
+    return torch.round(torch.sigmoid(logits).detach() * 255) / 255, y_syn
