@@ -125,7 +125,7 @@ def main() -> None:
             "ru_layers": ru_layers, "seconds": seconds, "threads": args.threads, "device": args.device or "cpu",
             "per_layer": [{k: (s[k][l] if isinstance(s[k], list) else None) for k in
                            ("layer", "cid_mean", "cid_mean_std", "cid_sum", "ratio_over_beta", "reached", "converged", "steps_mean",
-                            "saturated", "ru_mean", "ru_mean_std", "ru_floor_mean", "concentration", "trace")}
+                            "saturated", "ru_mean", "ru_mean_std", "ru_floor_mean", "ru_spread_mean", "concentration", "trace")}
                           | {"decoder": run["decoders"].get(layer)} for l, layer in enumerate(run["layers"])],
             "convergence": convergence if convergence is not None else "pending (reference run not finished)",
             "report": str(out / "report.html"),
@@ -176,11 +176,10 @@ def _original_indices(path: Path, picked: np.ndarray) -> np.ndarray:
 
 def write_rows(s: dict) -> list[str]:
     fmt = lambda v: "   -  " if v is None else f"{v:7.3f}"  # noqa: E731
-    rows = [f"{'layer':14s} {'CID/px':>7s} {'RU/px':>7s} {'RUfloor':>7s} {'conc':>7s} {'ratio/β':>7s} reached conv steps"]
+    rows = [f"{'layer':14s} {'CID/px':>7s} {'RU/px':>7s} {'RUfloor':>7s} {'RUspread':>8s} {'conc':>7s} {'ratio/β':>7s} reached conv steps"]
     for l, layer in enumerate(s["layer"]):
-        ru = s["ru_mean"][l] if s["ru_mean"] else None
-        floor = s["ru_floor_mean"][l] if s["ru_floor_mean"] else None
-        rows.append(f"{layer:14s} {fmt(s['cid_mean'][l])} {fmt(ru)} {fmt(floor)} {fmt(s['concentration'][l])} {fmt(s['ratio_over_beta'][l])} "
+        ru, floor, spread = (s[k][l] if s[k] else None for k in ("ru_mean", "ru_floor_mean", "ru_spread_mean"))
+        rows.append(f"{layer:14s} {fmt(s['cid_mean'][l])} {fmt(ru)} {fmt(floor)} {fmt(spread):>8s} {fmt(s['concentration'][l])} {fmt(s['ratio_over_beta'][l])} "
                     f"{s['reached'][l]:3d}/{s['images']} {s['converged'][l]:3d} {s['steps_mean'][l]:5.0f}")
     return rows
 

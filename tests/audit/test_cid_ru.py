@@ -55,6 +55,8 @@ def test_ru_of_a_linear_layer_matches_the_analytic_optimum():
     # the decoder's gain enters RU (log 3 between the halves), not CID's σ alone
     assert ru[0, n // 2 :].mean() - ru[0, : n // 2].mean() == pytest.approx(math.log(3.0), abs=0.08)
     assert (fit["floor"] < -10).all()  # exact decoder: no reconstruction error at σ = 0
+    # an unbiased decoder: the spread around the reconstructions' own mean is RU (32 draws apart)
+    assert abs(float(fit["spread"].mean() - ru.mean())) < 0.1
 
 
 def test_ru_is_the_decoder_error_where_the_layer_is_blind():
@@ -72,3 +74,6 @@ def test_ru_is_the_decoder_error_where_the_layer_is_blind():
     np.testing.assert_allclose(fit["floor"][:, :, : n // 2], left, atol=1e-4)
     seen = 0.5 * math.log(beta) + GAUSS_ENTROPY
     assert ru[:, :, n // 2 :].mean() == pytest.approx(seen, abs=0.06)
+    # the spread leaves the decoder's error out: nothing varies where the layer is blind
+    assert (fit["spread"][:, :, : n // 2] < -10).all()
+    assert fit["spread"][:, :, n // 2 :].mean() == pytest.approx(seen, abs=0.1)

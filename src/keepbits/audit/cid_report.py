@@ -52,10 +52,10 @@ def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, 
     maps = cid.explain(x, batch_size=batch_size)
     entropy = np.stack([m.entropy for m in maps])
     nl = len(cid.layers)
-    ru, ru_floor, decoders = None, None, {}
+    ru, ru_floor, ru_spread, decoders = None, None, None, {}
     if ru_images is not None:
         train_x = adapter.prepare(ru_images)
-        ru, ru_floor = np.full_like(entropy, np.nan), np.full_like(entropy, np.nan)
+        ru, ru_floor, ru_spread = (np.full_like(entropy, np.nan) for _ in range(3))
         unknown = sorted(set(ru_layers or []) - set(cid.layers))
         if unknown:
             raise InputError(f"RU layers {unknown} are not among the audited layers {cid.layers}")
@@ -65,7 +65,7 @@ def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, 
             dec, info = train_decoder(cid.module, layer, train_x, decoder, cache_dir, cid.config.device)
             decoders[layer] = info
             ru[:, l], fit = reconstruction_uncertainty(cid.module, layer, dec, x, cid.config, batch_size)
-            ru_floor[:, l] = fit["floor"]
+            ru_floor[:, l], ru_spread[:, l] = fit["floor"], fit["spread"]
             info["ru_ratio_over_beta"] = (fit["ratio"] / cid.config.beta).tolist()
             info["ru_steps"] = fit["steps"].tolist()
             info["ru_converged"] = int(fit["converged"].sum())
@@ -82,6 +82,7 @@ def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, 
         if ru is not None:
             rows["ru_mean"] = [float(v) if np.isfinite(v) else None for v in ru[i].reshape(nl, -1).mean(1)]
             rows["ru_floor_mean"] = [float(v) if np.isfinite(v) else None for v in ru_floor[i].reshape(nl, -1).mean(1)]
+            rows["ru_spread_mean"] = [float(v) if np.isfinite(v) else None for v in ru_spread[i].reshape(nl, -1).mean(1)]
         per_image.append(rows)
     summary = {
         "layer": list(cid.layers),
@@ -97,6 +98,7 @@ def layerwise_cid(model: Any, inputs: Any, layers: Sequence[str] | None = None, 
         "ru_mean": [float(ru[:, l].mean()) if np.isfinite(ru[:, l]).all() else None for l in range(nl)] if ru is not None else None,
         "ru_mean_std": [float(ru[:, l].reshape(len(x), -1).mean(1).std()) if np.isfinite(ru[:, l]).all() else None for l in range(nl)] if ru is not None else None,
         "ru_floor_mean": [float(ru_floor[:, l].mean()) if np.isfinite(ru_floor[:, l]).all() else None for l in range(nl)] if ru is not None else None,
+        "ru_spread_mean": [float(ru_spread[:, l].mean()) if np.isfinite(ru_spread[:, l]).all() else None for l in range(nl)] if ru is not None else None,
         "concentration": [float(np.nanmean(conc[:, l])) if np.isfinite(conc[:, l]).any() else None for l in range(nl)],
         "images": len(x),
     }
@@ -147,7 +149,8 @@ def cid_report(runs: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Map
         "classifier's normalised input scale), where σ is the largest input noise keeping E‖f'−f‖² = β δ_f². Higher "
         "means the layer has discarded more of the input. RU (Eq. 6-7): ½ log(2πe E[(g(h(x')) − x)²]) per pixel, with g a "
         "decoder trained to rebuild the input from the layer's feature and x' = x + σ∘δ with σ chosen to maximise this entropy "
-        "under the same feature constraint (E‖h(x')−f‖² = β δ_f²); 'RU floor' is the same at σ = 0 (the decoder's own error). "
+        "under the same feature constraint (E‖h(x')−f‖² = β δ_f²); 'RU floor' is the same at σ = 0 (the decoder's own error); 'RU spread' is ½ log(2πe Var[g(h(x'))]) from the same draws, "
+        "centred on the reconstructions' own mean (μ_rec read as their mean: the decoder's bias cancels). "
         "Concentration (Eq. 5): mean H outside the foreground minus mean H inside."))
     for key, label in (("cid_mean", "CID per pixel (nats)"), ("ru_mean", "RU per pixel (nats)"), ("concentration", "concentration (nats)")):
         series, errors = {}, {}
@@ -173,6 +176,7 @@ def cid_report(runs: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Map
             if s["ru_mean"] is not None and s["ru_mean"][l] is not None:
                 row["RU/pixel"] = s["ru_mean"][l]
                 row["RU floor"] = s["ru_floor_mean"][l]
+                row["RU spread"] = s["ru_spread_mean"][l]
                 row["decoder R²"] = r["decoders"][layer]["val_r2"]
             if s["concentration"][l] is not None:
                 row["concentration"] = s["concentration"][l]

@@ -24,7 +24,9 @@ normalised input scale; 32 fresh draws (``final_samples``) give the reported map
 
 RU includes the decoder's own error: with the feature kept exactly (σ = 0) it would be
 ``½ log(2πe (x_i − g(h(x))_i)²)``, reported as ``floor`` so that the part due to the
-perturbation can be told apart from the part due to the decoder.
+perturbation can be told apart from the part due to the decoder. Where μ_rec of Eq. 7 is read as
+the mean of the reconstructions rather than the input, the decoder's bias cancels: that map,
+``½ log(2πe Var_δ[x̂'_i])`` from the same final draws at the same σ, is reported as ``spread``.
 
 The decoder has one architecture for every layer: an input adapter that brings the
 feature onto a fixed grid of ⌈H/4⌉×⌈W/4⌉ cells (strided conv for larger maps, 1×1 conv and
@@ -41,8 +43,8 @@ Example:
     >>> x = torch.randn(16, 1, 8, 8)
     >>> dec, info = train_decoder(net, "1", x, DecoderConfig(epochs=1, width=8, blocks=1), cache_dir=None)
     >>> ru, fit = reconstruction_uncertainty(net, "1", dec, x[:2], CIDConfig(max_steps=40))
-    >>> ru.shape, fit["ratio"].shape, fit["floor"].shape
-    ((2, 8, 8), (2,), (2, 8, 8))
+    >>> ru.shape, fit["ratio"].shape, fit["floor"].shape, fit["spread"].shape
+    ((2, 8, 8), (2,), (2, 8, 8), (2, 8, 8))
 """
 from __future__ import annotations
 
@@ -219,8 +221,9 @@ def reconstruction_uncertainty(module: Any, layer: str, decoder: Any, x: Any, co
     pixel from ``final_samples`` fresh draws.
 
     Returns the maps and, per image, the fit's ``ratio``, ``steps``, ``converged``, ``log_sigma``
-    (N×1×H/b×W/b), the window traces (``trace_*``) and ``floor`` (N×H×W: the map at σ = 0, i.e.
-    the decoder's own error).
+    (N×1×H/b×W/b), the window traces (``trace_*``), ``floor`` (N×H×W: the map at σ = 0, i.e.
+    the decoder's own error) and ``spread`` (N×H×W: ``½ log(2πe Var_δ[g(h(x'))])``, the same draws
+    centred on their own mean instead of ``x``: the reconstruction's variation alone, no decoder bias).
     """
     import torch
 
@@ -228,17 +231,20 @@ def reconstruction_uncertainty(module: Any, layer: str, decoder: Any, x: Any, co
     x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.float()
     b = cfg.block
     fits: list[dict[str, np.ndarray]] = []
-    maps, floors = [], []
+    maps, floors, spreads = [], [], []
     with on_device(module, cfg.device) as device, on_device(decoder, cfg.device):
         tap = LayerTap(module, [layer])
         try:
             for chunk in x.to(device).split(batch_size):
 
+                def rebuilt(perturbed: Any) -> Any:
+                    """g(f') of S×R perturbed features, S×R×C×H×W."""
+                    s, r = perturbed.shape[:2]
+                    return decoder(perturbed.reshape(s * r, *perturbed.shape[2:])).reshape(s, r, *chunk.shape[1:])
+
                 def rebuilt_error(perturbed: Any, target: Any) -> Any:
                     """Mean over draws and channels of (g(f') − x)² per pixel; ``perturbed``: S×R×feature."""
-                    s, r = perturbed.shape[:2]
-                    rec = decoder(perturbed.reshape(s * r, *perturbed.shape[2:])).reshape(s, r, *target.shape[1:])
-                    return (rec - target[None]).pow(2).mean(dim=(0, 2)).clamp_min(1e-12)
+                    return (rebuilt(perturbed) - target[None]).pow(2).mean(dim=(0, 2)).clamp_min(1e-12)
 
                 def entropy(log_sigma: Any, index: Any, perturbed: dict[str, Any]) -> Any:
                     return (0.5 * rebuilt_error(perturbed[layer], chunk[index]).log() + GAUSS_ENTROPY).flatten(1).sum(1)
@@ -251,12 +257,15 @@ def reconstruction_uncertainty(module: Any, layer: str, decoder: Any, x: Any, co
                     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
                     noise = sigma[None] * torch.randn((cfg.final_samples, *chunk.shape), generator=gen, device=device)
                     perturbed = tap((chunk[None] + noise).reshape(-1, *chunk.shape[1:]))[layer]
-                    err2 = rebuilt_error(perturbed.reshape(cfg.final_samples, len(chunk), *perturbed.shape[1:]), chunk)
+                    rec = rebuilt(perturbed.reshape(cfg.final_samples, len(chunk), *perturbed.shape[1:]))
+                    err2 = (rec - chunk[None]).pow(2).mean(dim=(0, 2)).clamp_min(1e-12)
                     maps.append((0.5 * err2.log() + GAUSS_ENTROPY).cpu().numpy())
+                    spreads.append((0.5 * rec.var(dim=0).mean(dim=1).clamp_min(1e-12).log() + GAUSS_ENTROPY).cpu().numpy())
                     floors.append((0.5 * rebuilt_error(tap(chunk)[layer][None], chunk).log() + GAUSS_ENTROPY).cpu().numpy())
                 fits.append(fit)
         finally:
             tap.remove()
     out = {k: np.concatenate([f[k] for f in fits]) for k in fits[0] if k in ("ratio", "steps", "converged", "log_sigma") or k.startswith("trace_")}
     out["floor"] = np.concatenate(floors).astype(np.float32)
+    out["spread"] = np.concatenate(spreads).astype(np.float32)
     return np.concatenate(maps).astype(np.float32), out
