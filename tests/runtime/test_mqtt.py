@@ -72,6 +72,10 @@ def test_parse_address_options_and_errors():
     assert (a.host, a.port, a.topic, a.qos, a.queue, a.retain, a.client_id, a.username, a.password) == \
         ("host", 1883, "a/b", 2, 7, True, "cam1", "user", "p@ss")
     assert "p@ss" not in str(a)
+    # MQTT's multi-level wildcard is the topic's, not a URL fragment (it was dropped: "h/" subscribed nothing)
+    assert parse_address("mqtt://h/cams/#?qos=0").topic == "cams/#" and parse_address("mqtt://h/cams/#?qos=0").qos == 0
+    with pytest.raises(InputError, match="wildcards"):
+        MqttSink("mqtt://127.0.0.1:1/cams/+")
     for bad, message in [("tcp://h/t", "mqtt://"), ("mqtt://h", "topic"), ("mqtt://h/t?qos=3", "qos"),
                          ("mqtt://h/t?speed=1", "unknown option"), ("mqtt://h/t?queue=x", "valid"), ("mqtt://h:99999/t", "port"),
                          ("mqtt://h/t?reconnect_min=2&reconnect_max=1", "reconnect_max")]:

@@ -82,8 +82,9 @@ _OPTIONS = {"qos": int, "queue": int, "keepalive": int, "connect_timeout": float
 
 def parse_address(url: str) -> MqttAddress:
     """An :class:`MqttAddress` from ``mqtt://[USER:PASSWORD@]HOST[:PORT]/TOPIC[?OPTIONS]``;
-    :class:`InputError` naming what is wrong."""
-    parts = urllib.parse.urlsplit(url)
+    :class:`InputError` naming what is wrong. A ``#`` is MQTT's multi-level wildcard (``cams/#``),
+    not a URL fragment."""
+    parts = urllib.parse.urlsplit(url.replace("#", "%23"))
     if parts.scheme != "mqtt":
         raise InputError(f"{url!r}: expected mqtt://HOST[:PORT]/TOPIC (TLS, mqtts://, is not supported)")
     try:
@@ -148,6 +149,8 @@ class MqttSink:
 
     def __init__(self, address: str | MqttAddress):
         self.address = parse_address(address) if isinstance(address, str) else address
+        if set("+#") & set(self.address.topic):
+            raise InputError(f"{self.address}: a sink publishes to one topic; '+' and '#' are wildcards for `keepbits receive`")
         self._lock = threading.Lock()
         self._pending: dict[int, int] = {}  # mid -> qos, published and not yet sent (QoS 0) or acknowledged
         self._early: set[int] = set()
