@@ -207,6 +207,20 @@ def test_only_listed_members_are_unpacked_and_close_removes_them(good_zip, tmp_p
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_a_listed_member_that_unpacks_far_beyond_its_compressed_size_is_refused_unwritten(good_zip, tmp_path, monkeypatch):
+    """A 64 MiB member of zeros (64 kB deflated) listed under a wrong hash was written to the temp
+    folder in full before its hash failed (2 GiB from a 2 MB archive in a walkthrough)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    manifest = _manifest_dict(good_zip)
+    manifest["files"]["weights.bin"] = "0" * 64
+    bomb = _rezip(good_zip, tmp_path / "bomb.zip", manifest=manifest, extra={"weights.bin": bytes(64 << 20)})
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(BundleError, match=r"'weights.bin' unpacks to 67108864 bytes from \d+ \(more than 100× its compressed size"):
+        load_bundle(bomb)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_listed_file_missing_from_archive(good_zip, tmp_path):
     manifest = _manifest_dict(good_zip)
     manifest["files"]["notes.txt"] = "0" * 64
