@@ -135,6 +135,11 @@ def test_live_source_silent_past_stall_timeout_ends():
     start = time.monotonic()
     assert src.get() is not None and src.get() is None
     assert time.monotonic() - start < 2 and "no frame" in src.stats()["last_error"]
+    # the stall timeout is kept when it is no multiple of the read timeout (6 s took 10 s at 5 s reads)
+    src = open_source(opener(), live=True, read_timeout=1.0, stall_timeout=0.25)
+    start = time.monotonic()
+    assert src.get() is not None and src.get() is None
+    assert time.monotonic() - start < 0.9 and "no frame for 0.25 s" in src.stats()["last_error"]
 
 
 def test_iterator_that_raises_ends_cleanly():

@@ -230,19 +230,20 @@ class Source:
     # -- consumer ----------------------------------------------------------------------
     def get(self, stop: threading.Event | None = None) -> Frame | None:
         """Next frame, or None when the stream has ended, stalled past ``stall_timeout``, or
-        ``stop`` is set (checked every ``read_timeout``)."""
+        ``stop`` is set (checked every ``read_timeout``; the last wait is cut to end at ``stall_timeout``)."""
         self.start(stop)
         waited = 0.0
         while stop is None or not stop.is_set():
+            wait = min(self.read_timeout, self.stall_timeout - waited)
             try:
-                frame = self._queue.get(timeout=self.read_timeout)
+                frame = self._queue.get(timeout=wait)
             except QueueClosed:
                 return None
             except TimeoutError:
-                self._counts["stale"] += 1
-                waited += self.read_timeout
-                if waited >= self.stall_timeout:
-                    self.last_error = f"no frame for {waited:.1f} s" + (f"; last error: {self.last_error}" if self.last_error else "")
+                self._counts["stale"] += wait >= self.read_timeout
+                waited += wait
+                if waited >= self.stall_timeout * (1 - 1e-9):
+                    self.last_error = f"no frame for {waited:g} s" + (f"; last error: {self.last_error}" if self.last_error else "")
                     log.warning("source %s stalled (%s); ending the stream", self.name, self.last_error)
                     self._counts["stalled"] = 1
                     self.close(timeout=0)
