@@ -198,16 +198,21 @@ def test_mqtt_sink_without_a_broker_or_without_paho_exits_2(bundle, tmp_path, ca
                "--sink", f"mqtt://127.0.0.1:{_free_port()}/t?connect_timeout=0.5"])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot reach the MQTT broker" in err and "Traceback" not in err
-    blocked = ("import importlib.abc, sys\n"
-               "class B(importlib.abc.MetaPathFinder):\n"
-               "    def find_spec(self, name, path=None, target=None):\n"
-               "        if name.split('.')[0] == 'paho':\n"
-               "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-               "sys.meta_path.insert(0, B())\n"
-               "from keepbits.cli import main\n"
-               f"sys.exit(main(['receive', '--mqtt', 'mqtt://127.0.0.1:1/t', '--out', {str(tmp_path / 'rx')!r}]))\n")
-    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "keepbits[mqtt]" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    video = _video(tmp_path / "in2.mp4", 2)
+    for argv in (["receive", "--mqtt", "mqtt://127.0.0.1:1/t", "--out", str(tmp_path / "rx")],
+                 ["run", "--model", str(bundle), "--source", video, "--sink", f"files:{tmp_path / 'files'}", "--sink", "mqtt://127.0.0.1:1/t"]):
+        blocked = ("import importlib.abc, sys\n"
+                   "class B(importlib.abc.MetaPathFinder):\n"
+                   "    def find_spec(self, name, path=None, target=None):\n"
+                   "        if name.split('.')[0] == 'paho':\n"
+                   "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+                   "sys.meta_path.insert(0, B())\n"
+                   "from keepbits.cli import main\n"
+                   f"sys.exit(main({argv!r}))\n")
+        done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "keepbits[mqtt]" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    # refused before any output was made (both left empty folders behind)
+    assert not (tmp_path / "rx").exists() and not (tmp_path / "files").exists()
 
 
 def test_sigint_flushes_every_accepted_frame(bundle, tmp_path):

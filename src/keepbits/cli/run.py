@@ -158,7 +158,9 @@ def compared(ratio: float, reference: str) -> str:
 
 def _check_sinks(specs: list[str], source: str) -> None:
     """Refuse, before any work, a sink given twice, a ``video:`` sink at the ``--source`` or where a
-    file already is: a run never overwrites a video (:func:`keepbits.runtime.video.new_video_path`)."""
+    file already is: a run never overwrites a video (:func:`keepbits.runtime.video.new_video_path`);
+    an ``mqtt://`` sink whose address is malformed or whose client (paho-mqtt) is not installed."""
+    from keepbits.runtime.mqtt import require_client, sink_address
     from keepbits.runtime.video import new_video_path
 
     places = [(spec.partition(":")[0], str(Path(spec.partition(":")[2]).resolve()) if spec.startswith(("files:", "video:")) else spec)
@@ -168,6 +170,9 @@ def _check_sinks(specs: list[str], source: str) -> None:
         raise InputError(f"sink {twice} is given twice: two sinks would write the same place")
     for spec in specs:
         kind, _, arg = spec.partition(":")
+        if kind == "mqtt":
+            sink_address(spec)
+            require_client()
         if kind != "video" or not arg:
             continue
         if Path(arg).is_file() and Path(source).is_file() and Path(arg).samefile(source):

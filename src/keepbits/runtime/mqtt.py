@@ -113,6 +113,20 @@ def parse_address(url: str) -> MqttAddress:
     return address
 
 
+def sink_address(address: str | MqttAddress) -> MqttAddress:
+    """``address`` parsed for publishing: :class:`InputError` for a wildcard topic."""
+    address = parse_address(address) if isinstance(address, str) else address
+    if set("+#") & set(address.topic):
+        raise InputError(f"{address}: a sink publishes to one topic; '+' and '#' are wildcards for `keepbits receive`")
+    return address
+
+
+def require_client() -> None:
+    """Raise ``ModuleNotFoundError`` (``paho``) where paho-mqtt is not installed: checked before an
+    output is created, so a run that cannot publish or subscribe leaves nothing behind."""
+    import paho.mqtt.client  # noqa: F401
+
+
 def _client(address: MqttAddress, on_connect: Any, on_disconnect: Any) -> Any:
     """A paho client with the address's credentials, keepalive and reconnect delays (not connected)."""
     from paho.mqtt import client as mqtt
@@ -148,9 +162,7 @@ class MqttSink:
     the stream: at most ``queue`` messages wait for the broker, newer ones are dropped and counted."""
 
     def __init__(self, address: str | MqttAddress):
-        self.address = parse_address(address) if isinstance(address, str) else address
-        if set("+#") & set(self.address.topic):
-            raise InputError(f"{self.address}: a sink publishes to one topic; '+' and '#' are wildcards for `keepbits receive`")
+        self.address = sink_address(address)
         self._lock = threading.Lock()
         self._pending: dict[int, int] = {}  # mid -> qos, published and not yet sent (QoS 0) or acknowledged
         self._early: set[int] = set()
@@ -309,6 +321,7 @@ def receive_mqtt(
     ``max_pixels_per_byte`` bound :func:`keepbits.codec.decode`.
     """
     address = parse_address(address) if isinstance(address, str) else address
+    require_client()
     if not (isinstance(idle_timeout, (int, float)) and math.isfinite(idle_timeout) and idle_timeout > 0):
         raise InputError(f"idle_timeout must be a positive number, got {idle_timeout!r}")
     if not (isinstance(max_payload, int) and max_payload >= 1):
