@@ -1,6 +1,7 @@
 """keepbits info's bundle report, doctor's checks, native.status, OpenCV video facts."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from keepbits import native
+from keepbits.bundle import load_bundle, write_bundle
 from keepbits.cli.demo import DEMO_BUNDLE
 from keepbits.errors import BundleError
 from keepbits.runtime.doctor import diagnose
@@ -60,6 +62,12 @@ def test_info_refuses_a_modified_bundle_and_a_wrong_pin(tmp_path):
         fh.write(b"\0")
     with pytest.raises(BundleError, match="modified"):
         bundle_info(path)
+    # a manifest whose classes disagree with the graph: `run` refused it, `info` described it and exited 0
+    toy = load_bundle(toy_bundle(tmp_path / "toy2"))
+    wrong = write_bundle(tmp_path / "wrong", dataclasses.replace(toy.manifest, class_names=list("abcdefghij"), files={}),
+                         {toy.manifest.model_file: toy.model_path})
+    with pytest.raises(BundleError, match=r"graph output 'logits' has \d+ at dimension 1, the manifest implies 10"):
+        bundle_info(wrong)
 
 
 def test_info_describes_a_bundle_whose_custom_ops_cannot_run_here(monkeypatch, tmp_path, capsys):
