@@ -385,7 +385,7 @@ class _VideoFrames:
         ok, first = cap.read()
         if not ok:
             cap.release()
-            raise InputError(f"{path}: no decodable frame (corrupt or unsupported video)")
+            raise InputError(f"{path}: no decodable frame (a corrupt or unsupported image or video)")
 
         def frames() -> Iterator[np.ndarray]:
             yield first
