@@ -2,6 +2,7 @@
 busy-wait, image folders with 16-bit and oversized images."""
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -177,13 +178,18 @@ def test_a_skipped_file_keeps_its_place_in_the_frame_indices(tmp_path):
     assert src.stats()["skipped"] == 1
 
 
-def test_a_looping_folder_starts_again_and_a_folder_of_nothing_does_not_spin(tmp_path):
+def test_a_looping_folder_starts_again_and_a_folder_of_nothing_does_not_spin(tmp_path, caplog):
     for name, value in (("a.png", 10), ("b.png", 20)):
         cv2.imwrite(str(tmp_path / name), np.full((4, 4, 3), value, np.uint8))
+    (tmp_path / "c.png").write_bytes(b"broken")
     src = open_source(tmp_path, loop=True)
-    seen = [int(frame.image[0, 0, 0]) for frame, _ in zip(src, range(5))]
+    with caplog.at_level(logging.WARNING, logger="keepbits"):
+        seen = [int(frame.image[0, 0, 0]) for frame, _ in zip(src, range(5))]
     src.close()
     assert seen == [10, 20, 10, 20, 10]  # --loop was ignored for folders
+    # the broken file is counted every pass and logged once (it was logged on every pass)
+    assert src.stats()["skipped"] >= 2 and caplog.text.count("skipped c.png") == 1
+    (tmp_path / "c.png").unlink()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
     assert list(open_source(tmp_path / "bad", loop=True)) == []

@@ -175,6 +175,7 @@ class Source:
         self._open_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._counts = {"read": 0, "delivered": 0, "stale": 0, "reconnects": 0, "errors": 0, "skipped": 0, "stepped": 0, "stalled": 0}
+        self._skip_reasons: set[str] = set()  # logged once each
         self.last_error: str | None = None
         self.frame_step, self._position = frame_step, 0
 
@@ -264,9 +265,12 @@ class Source:
 
     # -- grabber thread ----------------------------------------------------------------
     def _skip(self, reason: str) -> None:
+        """Count a skipped item; log its reason once (a looped folder meets the same file each pass)."""
         self._counts["skipped"] += 1
         self.last_error = reason
-        log.warning("source %s: skipped %s", self.name, reason)
+        if reason not in self._skip_reasons:
+            self._skip_reasons.add(reason)
+            log.warning("source %s: skipped %s", self.name, reason)
 
     def _offer(self, item: Any) -> None:
         file = None
