@@ -177,6 +177,22 @@ def test_explainer_reports_unconfident_images_and_onnx(tmp_path):
         SISExplainer(net, threshold=1.5, input_shape=SHAPE)
 
 
+def test_onnx_classifier_with_a_fixed_batch_of_one(tmp_path):
+    """torch.onnx.export without dynamic axes fixes the batch at 1: the adapter feeds it one image
+    at a time (three images were one ORT call and an InvalidArgument traceback)."""
+    from keepbits.audit import load_model
+
+    net = next(random_cnns()).eval()
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(net, (torch.zeros(1, *SHAPE),), str(path), input_names=["x"], output_names=["logits"], dynamo=False)
+    xs = np.random.default_rng(5).normal(size=(3, *SHAPE)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(xs)).double().numpy()
+    np.testing.assert_allclose(load_model(str(path)).logits(xs), want, atol=1e-4)
+    res = SISExplainer(str(path), threshold=0.4, method="gradient", k=16).explain(xs[:2])
+    assert len(res) == 2 and all(len(r.backselect.order) == D for r in res)
+
+
 def test_explainer_takes_gradient_backselect_to_its_device(monkeypatch):
     from keepbits.audit import sis
 

@@ -185,6 +185,8 @@ class OnnxAdapter(ModelAdapter):
             raise InputError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
         inp = self.session.get_inputs()[0]
         self._input_name, self._feed = inp.name, feed
+        #: the graph's batch size where it is fixed (torch.onnx.export without dynamic axes: 1)
+        self._fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
         outputs = [o.name for o in self.session.get_outputs()]
         self._output = "logits" if "logits" in outputs else outputs[0]
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -212,10 +214,16 @@ class OnnxAdapter(ModelAdapter):
         return (np.asarray(x, np.float64) * self.std[:, None, None] + self.mean[:, None, None]).astype(dtype)
 
     def logits(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Logits of normalised N×C×H×W ``x`` in batches of ``batch_size`` (of the graph's own size
+        where it is fixed, the last one padded)."""
         outs = []
-        for i in range(0, len(x), batch_size):
-            feed = self._pixels(np.asarray(x[i : i + batch_size], dtype=np.float32))
-            outs.append(np.asarray(self.session.run([self._output], {self._input_name: feed})[0], dtype=np.float64))
+        step = self._fixed_batch or batch_size
+        for i in range(0, len(x), step):
+            feed = self._pixels(np.asarray(x[i : i + step], dtype=np.float32))
+            n = len(feed)
+            if self._fixed_batch and n < step:
+                feed = np.concatenate([feed, np.repeat(feed[-1:], step - n, 0)])
+            outs.append(np.asarray(self.session.run([self._output], {self._input_name: feed})[0][:n], dtype=np.float64))
         return np.concatenate(outs) if outs else np.zeros((0, 0))
 
     def _identity(self) -> bytes:
