@@ -29,6 +29,9 @@ TINY_MODULE = textwrap.dedent("""
         return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
 
+    def broken(num_classes=3):
+        raise RuntimeError("boom in factory")
+
     def flat_classifier(num_classes=3, side=16):  # no adaptive pooling: SimpleBits exports with the TorchScript exporter
         return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * (side // 2) ** 2, num_classes))
 """)
@@ -201,6 +204,14 @@ def test_onnx_classifier_through_train_export_run(tiny_npz, tmp_path, tinynets):
     path.unlink()  # the checkpoint carries the classifier itself
     assert main(["-q", "export", "onnx", "--model", str(tmp_path / "nice" / "nice.pt"), "--out", str(tmp_path / "bundle")]) == 0
     assert Pipeline.from_bundle(tmp_path / "bundle")(_frames(1)[0][0]).label in ("a", "b", "c")
+
+
+def test_a_factory_that_raises_is_one_line_exit_2(tinynets, tmp_path, capsys):
+    """A user's factory that fails when called was a traceback, exit 1."""
+    rc = main(["train", "nice", "--classifier", "byo_nets:broken", "--image-size", "16", "16", "--footage", str(tmp_path),
+               "--labels", "predicted", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "classifier byo_nets:broken: its factory raised RuntimeError: boom in factory" in err and "Traceback" not in err
 
 
 def test_a_classifier_that_cannot_take_its_preprocessing_size_is_one_clear_error():

@@ -285,6 +285,8 @@ def resolve_classifier(spec: str, *, weights: str | Path | None = None, kwargs: 
         module = builder(**call)
     except TypeError as exc:
         raise InputError(f"classifier {spec}: cannot be called with {sorted(call)}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a user's factory may fail in any way: one line, not a traceback
+        raise InputError(f"classifier {spec}: its factory raised {type(exc).__name__}: {exc}") from None
     if not isinstance(module, nn.Module):
         raise InputError(f"classifier {spec} returned a {type(module).__name__}, not a torch nn.Module")
     if weights is not None:

@@ -484,6 +484,8 @@ def build_model(checkpoint: Checkpoint, role: str, expected_arch: str | None = N
         model = builder(**entry.kwargs, **from_weights)
     except TypeError as exc:
         raise CheckpointError(f"{role} {entry.arch} cannot be built with {sorted(entry.kwargs)}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a user's factory may fail in any way: one line, not a traceback
+        raise CheckpointError(f"{role} {entry.arch}: its builder raised {type(exc).__name__}: {exc}") from None
     load_state(model, entry.state_dict, f"{role} weights do not fit a {entry.arch} with {entry.kwargs}")
     return model
 
