@@ -110,7 +110,8 @@ def class_folder_files(root: str | Path) -> tuple[list[str], list[tuple[int, Pat
     files = [(label, file) for label, name in enumerate(classes) for file in sorted((root / name).iterdir())
              if file.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
-        raise InputError(f"{root}: class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"{root}: read as labelled class folders ({root}/<class>/<image>), but none of its subfolders holds an "
+                         f"image ({', '.join(IMAGE_SUFFIXES)}) directly (images deeper down are unlabelled footage; this needs labelled data)")
     return classes, files
 
 
