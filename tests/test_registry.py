@@ -1,6 +1,7 @@
 """Registry plugins: modules named in KEEPBITS_PLUGINS or load_plugins, entry points of
 installed packages, module:factory specs; re-registering the same builder is fine, a different
 builder under a taken name is not. Plugin modules are written to tmp_path."""
+import logging
 import importlib
 import sys
 import textwrap
@@ -76,7 +77,7 @@ def test_unimportable_plugin_is_one_clear_line(module, match):
     assert "\n" not in str(info.value)
 
 
-def test_entry_point_plugins_of_installed_packages(plugin, tmp_path, monkeypatch):
+def test_entry_point_plugins_of_installed_packages(plugin, tmp_path, monkeypatch, caplog):
     plugin("kb_ep_plugin", "entry_point_model")
     dist = tmp_path / "kb_ep_dist-0.1.dist-info"
     dist.mkdir()
@@ -84,8 +85,9 @@ def test_entry_point_plugins_of_installed_packages(plugin, tmp_path, monkeypatch
     (dist / "entry_points.txt").write_text(f"[{registry.PLUGIN_GROUP}]\nmine = kb_ep_plugin\nbroken = kb_ep_missing_module\n")
     importlib.invalidate_caches()
     monkeypatch.setattr(registry, "_loaded", False)
-    with pytest.warns(UserWarning, match="plugin 'broken' .* failed to load"):  # a broken installed plugin does not stop keepbits
+    with caplog.at_level(logging.WARNING, logger="keepbits"):  # a broken installed plugin does not stop keepbits
         names = registry.names("classifier")
+    assert "plugin 'broken' (kb_ep_missing_module) failed to load: ModuleNotFoundError" in caplog.text
     assert "entry_point_model" in names and "lenet5" in names
 
 

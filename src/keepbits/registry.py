@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import logging
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from keepbits.errors import InputError
+
+log = logging.getLogger("keepbits")
 
 KINDS = ("classifier", "generator", "simplifier", "density")
 
@@ -126,7 +128,7 @@ def _load_entry_points() -> None:
         try:
             point.load()
         except Exception as exc:  # noqa: BLE001 - an installed plugin that is broken must not stop keepbits
-            warnings.warn(f"keepbits plugin {point.name!r} ({point.value}) failed to load: {type(exc).__name__}: {exc}", stacklevel=2)
+            log.warning("plugin %r (%s) failed to load: %s: %s", point.name, point.value, type(exc).__name__, exc)
 
 
 def _load_providers() -> None:
