@@ -136,26 +136,29 @@ def _small_net(seed):
     return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
 
 
-def test_chunks_of_another_model_are_recomputed_not_reused(tmp_path):
-    """The chunk cache is keyed to the model: the same folder with other weights (a retrained
-    checkpoint, another model) recomputes every chunk; the same model again reuses them all."""
+def test_chunks_of_another_audit_are_never_overwritten(tmp_path):
+    """The chunk cache is keyed to the model, images and settings: the same model again reuses
+    every chunk; another model (a retrained checkpoint), another image sample or another method
+    in the same folder is refused, its finished runs untouched (they were overwritten: a stray
+    preview run lost hours of a long audit)."""
     import numpy as np
 
     from keepbits.audit import TorchAdapter
+    from keepbits.errors import InputError
 
     x = np.random.default_rng(0).normal(size=(3, 1, 6, 6)).astype(np.float32)
     first, other = TorchAdapter(_small_net(0), (1, 6, 6)), TorchAdapter(_small_net(1), (1, 6, 6))
     folder = tmp_path / "orders"
     compute_orders(first, x, folder, "plain", progress=False)
-    stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("chunk_*.json")}
-    assert len(stamps) == 3
+    saved = {p.name: p.read_bytes() for p in folder.glob("chunk_*.json")}
+    assert len(saved) == 3
     compute_orders(TorchAdapter(_small_net(0), (1, 6, 6)), x, folder, "plain", progress=False)  # same weights, new object
-    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("chunk_*.json")} == stamps
-    reused = compute_orders(other, x, folder, "plain", progress=False)
-    fresh = compute_orders(other, x, tmp_path / "fresh", "plain", progress=False)
-    assert [r.order.tolist() for r in reused] == [r.order.tolist() for r in fresh]
-    assert all(p.stat().st_mtime_ns != stamps[p.name] for p in folder.glob("chunk_*.json"))
-    assert {json.loads(p.read_text())["model"] for p in folder.glob("chunk_*.json")} == {other.fingerprint()}
+    for model, images, method in ((other, x, "plain"), (first, x[::-1].copy(), "plain"), (first, x, "gradient")):
+        with pytest.raises(InputError, match=r"holds \d BackSelect run\(s\) of another audit .* never overwritten"):
+            compute_orders(model, images, folder, method, progress=False)
+        assert {p.name: p.read_bytes() for p in folder.glob("chunk_*.json")} == saved
+    more = np.concatenate([x, x[:1] + 1])  # the same images and one more: a resume that adds a chunk
+    assert len(compute_orders(first, more, folder, "plain", progress=False)) == 4
 
 
 def test_model_fingerprints_follow_the_model_not_the_object(tmp_path):

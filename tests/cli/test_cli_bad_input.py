@@ -52,6 +52,8 @@ def paths(tmp_path_factory):
     (root / "trained" / "last.pt").write_bytes(b"an earlier run's checkpoint")
     (root / "evaluated").mkdir()
     (root / "evaluated" / "eval.json").write_text("{}")  # an earlier eval's report
+    (root / "reported").mkdir()
+    (root / "reported" / "report.html").write_text("<html>a user's own report</html>")  # no orders/: not an SIS audit to resume
     (root / "finished").mkdir()  # a finished run whose last.pt is gone: --resume must not start over it
     (root / "finished" / "best.pt").write_bytes(b"an earlier run's model")
     (root / "used" / "payloads").mkdir(parents=True)  # a files sink's folder from an earlier run
@@ -70,7 +72,7 @@ def paths(tmp_path_factory):
     np.savez(root / "data.npz", x=rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), y=np.arange(12) % 2)
     return {"bundle": bundle, "video": video, "file": root / "file.txt", "dir": root / "dir", "dirmp4": root / "dir.mp4",
             "text_pt": root / "text.pt", "empty_pt": root / "empty.pt", "broken": broken, "data": root / "data.npz",
-            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "checkpoint": root / "nice.pt", "used": root / "used", "trained": root / "trained", "finished": root / "finished", "evaluated": root / "evaluated", "out": root / "out", "port": _closed_port(),
+            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "checkpoint": root / "nice.pt", "used": root / "used", "trained": root / "trained", "finished": root / "finished", "evaluated": root / "evaluated", "reported": root / "reported", "out": root / "out", "port": _closed_port(),
             "sent": root / "sent", "old_mp4": root / "old.mp4"}
 
 
@@ -137,6 +139,14 @@ CASES = [
     # outputs of an earlier run are never replaced; a folder where a file belongs is refused before the work
     ("eval --out an earlier eval's folder", ["eval", "--model", "{bundle}", "--data", "{data}", "--out", "{evaluated}"], 2,
      "holds an earlier run's eval.json; choose another folder or remove them"),
+    ("audit sis --out a folder with someone's report", ["audit", "sis", "--model", "{bundle}", "--data", "{data}", "--out", "{reported}"], 2,
+     "holds an earlier run's report.html; choose another folder or remove them"),
+    ("audit cid --out a folder with a report", ["audit", "cid", "--model", "lenet5", "--data", "{data}", "--out", "{reported}"], 2,
+     "holds an earlier run's report.html"),
+    ("audit simplify --out a file", ["audit", "simplify", "--model", "lenet5", "--data", "{data}", "--out", "{file}"], 2,
+     "exists and is not a folder"),
+    ("audit sis --k 0", ["audit", "sis", "--model", "{bundle}", "--data", "{data}", "--out", "{out}/k0", "--method", "gradient", "--k", "0"], 2,
+     "--k (pixels per gradient step) must be >= 1, got 0"),
     ("bench nice --out an earlier result", BENCH_NICE + ["--out", "{file}"], 2,
      "holds an earlier result"),
     ("bench nice --out a folder", BENCH_NICE + ["--out", "{dir}"], 2,

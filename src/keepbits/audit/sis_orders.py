@@ -91,6 +91,21 @@ def _read_chunk(folder: Path, s: int, fingerprint: Any, size: int) -> list[BackS
     return results if len(results) == size else None
 
 
+def _foreign_chunks(folder: Path, starts: list[int], fingerprint: Any) -> list[Path]:
+    """The readable chunk files at this audit's ``starts`` that another audit wrote (another model,
+    normalisation, image sample, method or k): never overwritten."""
+    foreign = []
+    for s in starts:
+        path = folder / f"chunk_{s:07d}.json"
+        try:
+            record = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            continue  # unreadable: counts as not done (:func:`_read_chunk`)
+        if isinstance(record, dict) and record.get("fingerprint") not in (None, fingerprint(s)):
+            foreign.append(path)
+    return foreign
+
+
 def read_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, method: str = "gradient", k: int = 16,
                 chunk: int | None = None) -> list[BackSelectResult | None]:
     """The BackSelect results :func:`compute_orders` has already saved in ``folder`` for these
@@ -124,7 +139,9 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
     of ``chunk`` images (default 32 for gradient, 1 for exact) to ``folder/chunk_<start>.json`` as each finishes, in
     :func:`visit_order`'s seeded order; existing chunk files are reused (resume after a kill), and under ``torchrun`` the
     chunks still to do are dealt round-robin to the ranks.
-    Chunk files carry a fingerprint of their images, settings and model; others are recomputed.
+    Chunk files carry a fingerprint of their images, settings and model; a folder holding another
+    audit's (another model, normalisation, image sample, method or k) is refused
+    (:class:`InputError`), never overwritten; a chunk file that cannot be read is computed again.
     Every rank returns the merged list in image order. ``device``: ``auto``/``cpu``/``cuda`` for
     torch models and ONNX Runtime (with CUDA each ``torchrun`` rank takes ``cuda:<LOCAL_RANK>``)."""
     chunk = _chunk_size(method, chunk)
@@ -140,6 +157,11 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
         gradient_module(model)
     model_fingerprint = model.fingerprint()
     fingerprint = _fingerprints(model_fingerprint, x, method, k, chunk)
+    foreign = _foreign_chunks(folder, starts, fingerprint)
+    if foreign:
+        raise InputError(f"{folder}: holds {len(foreign)} BackSelect run(s) of another audit ({foreign[0].name}: another model, "
+                         "normalisation, image sample, --method or --k), which are never overwritten; give another --out, or "
+                         "remove that folder to start afresh")
     # the chunks still to do, as rank 0 found them, dealt round-robin: the ranks share the rest evenly
     undone = [s for s in visit_order(starts) if _read_chunk(folder, s, fingerprint, len(x[s : s + chunk])) is None]
     todo = all_gather(dist, undone)[0][dist.rank :: dist.world]

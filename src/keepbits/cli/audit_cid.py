@@ -12,7 +12,7 @@ from typing import Any
 
 from keepbits.cli._common import (
     CLASSIFIER_SPEC_HELP, SEED, add_argument, add_classifier_options, add_device_option, add_frame_step_option, classifier_options,
-    command_line, existing_path, positive_int,
+    command_line, existing_path, output_folder, positive_int,
 )
 from keepbits.errors import InputError
 
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     existing_path(args.data, "data path")
     if args.num_images < 1:
         raise InputError(f"--num-images must be positive, got {args.num_images}")
+    output_folder(args.out, writes=("report.html", "report.json"))
     options = classifier_options(args)
     if len(args.model) > 1 and (options["weights"] or options["kwargs"]):
         raise InputError("--classifier-weights/--classifier-kwargs name one classifier's weights; give one --model with them")

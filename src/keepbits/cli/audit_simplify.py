@@ -7,7 +7,7 @@ import json
 
 from keepbits.cli._common import (
     CLASSIFIER_SPEC_HELP, POSITIVE_LR, SEED, add_argument, add_classifier_options, add_device_option, add_frame_step_option,
-    classifier_options, command_line, existing_path, non_negative_float, positive_int,
+    classifier_options, command_line, existing_path, non_negative_float, output_folder, positive_int,
 )
 from keepbits.errors import InputError
 
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         existing_path(args.density, "density checkpoint")
     if args.num_images < 1 or args.steps < 0:
         raise InputError(f"--num-images must be positive and --steps >= 0, got {args.num_images}, {args.steps}")
+    output_folder(args.out, writes=("report.html", "report.json"))
     import torch
 
     from keepbits.audit.simplify import audit_simplify

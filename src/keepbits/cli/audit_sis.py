@@ -9,7 +9,7 @@ from pathlib import Path
 
 from keepbits.cli._common import (
     CLASSIFIER_SPEC_HELP, SEED, THRESHOLD, add_argument, add_classifier_options, add_device_option, add_frame_step_option,
-    classifier_options, command_line, existing_path, non_negative_int, positive_int,
+    classifier_options, command_line, existing_path, non_negative_int, output_folder, positive_int,
 )
 
 HELP = "SIS audit (BackSelect/FindSIS): which pixels alone keep the prediction; writes report.html + report.json"
@@ -59,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--threshold must be in (0, 1], got {args.threshold}")
     if args.num_images < 0:
         raise InputError(f"--num-images must be >= 0, got {args.num_images}")
+    if args.method == "gradient" and args.k < 1:
+        raise InputError(f"--k (pixels per gradient step) must be >= 1, got {args.k}")
+    # a folder with orders/ is an SIS audit to resume (its chunk files refuse another audit's runs);
+    # any other folder's report files are never overwritten
+    resumable = (Path(args.out) / "orders").is_dir() or args.partial
+    output_folder(args.out, writes=() if resumable else ("report.html", "report.json"))
     options = classifier_options(args)
     bundle = Path(args.model).exists() and not args.model.endswith((".pt", ".onnx"))
     if bundle and (options["weights"] or options["kwargs"] or options["preprocessing"]):
