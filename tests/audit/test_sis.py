@@ -1,5 +1,7 @@
 """SIS (Carter et al. 2019): exact BackSelect / FindSIS / SIScollection, incremental vs plain,
 gradient SIS, ONNX models, the explainer."""
+import logging
+
 import numpy as np
 import pytest
 
@@ -177,7 +179,7 @@ def test_explainer_reports_unconfident_images_and_onnx(tmp_path):
         SISExplainer(net, threshold=1.5, input_shape=SHAPE)
 
 
-def test_onnx_classifier_with_a_fixed_batch_of_one(tmp_path):
+def test_onnx_classifier_with_a_fixed_batch_of_one(tmp_path, caplog):
     """torch.onnx.export without dynamic axes fixes the batch at 1: the adapter feeds it one image
     at a time (three images were one ORT call and an InvalidArgument traceback)."""
     from keepbits.audit import load_model
@@ -188,7 +190,10 @@ def test_onnx_classifier_with_a_fixed_batch_of_one(tmp_path):
     xs = np.random.default_rng(5).normal(size=(3, *SHAPE)).astype(np.float32)
     with torch.no_grad():
         want = net(torch.from_numpy(xs)).double().numpy()
-    np.testing.assert_allclose(load_model(str(path)).logits(xs), want, atol=1e-4)
+    with caplog.at_level(logging.WARNING, logger="keepbits"):
+        adapter = load_model(str(path))
+    np.testing.assert_allclose(adapter.logits(xs), want, atol=1e-4)
+    assert "no mean/std given or in its metadata; assumed mean 0, std 1" in caplog.text  # it was silent
     res = SISExplainer(str(path), threshold=0.4, method="gradient", k=16).explain(xs[:2])
     assert len(res) == 2 and all(len(r.backselect.order) == D for r in res)
 

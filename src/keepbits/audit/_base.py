@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,6 +25,8 @@ import numpy as np
 
 from keepbits.core import softmax
 from keepbits.errors import InputError
+
+log = logging.getLogger("keepbits")
 
 
 
@@ -307,8 +310,11 @@ def _onnx_adapter(path: Path, weights: Any = None, kwargs: Any = None, preproces
         options["input_size"] = tuple(given["input_size"])
     adapter = OnnxAdapter(path, **options)
     c, h, w = adapter.input_shape
+    meta = adapter.session.get_modelmeta().custom_metadata_map
+    if not ({"mean", "std"} <= set(given) | set(meta)) and options.get("feed", "normalized") == "normalized":
+        # as for a torch classifier: a wrong guess here costs the audit without a sign, so say it
+        log.warning("%s: no mean/std given or in its metadata; assumed mean 0, std 1 (inputs in [0, 1]; CLI: --mean, --std)", path)
     if c in (1, 3):
-        meta = adapter.session.get_modelmeta().custom_metadata_map
         recorded = {k: json.loads(meta[k]) for k in ("resize_policy", "crop_fraction") if k in meta}
         policy = {**recorded, **{k: given[k] for k in ("resize_policy", "crop_fraction") if k in given}}
         adapter.preprocessing = Preprocessing((h, w), tuple(adapter.mean), tuple(adapter.std), class_names=tuple(adapter.class_names or ()),

@@ -128,7 +128,9 @@ def sis_audit(model: Any, images: np.ndarray, labels: np.ndarray | None, out: st
     report = Report("SIS audit (partial)" if partial else "SIS audit",
                     meta={"model": adapter.source if not hasattr(model, "forward") else type(model).__name__,
                           "images": len(x), "threshold τ": threshold, "BackSelect": backselect,
-                          "mask value": "0 in normalised space (per-channel mean)", **(meta or {})})
+                          "mask value": "0 in normalised space (per-channel mean)",
+                          "normalisation": f"mean {[round(float(v), 4) for v in adapter.mean]}, std {[round(float(v), 4) for v in adapter.std]}",
+                          **(meta or {})})
     if backselect.startswith("gradient") and adapter.torch_module is None:
         report.meta["gradients"] = "through the ONNX graph's torch twin; every f from ONNX Runtime"
     how = ("exact BackSelect (one pixel per step, the one whose masking keeps f highest)" if not backselect.startswith("gradient")
