@@ -223,3 +223,16 @@ def test_bundle_model_runs_with_onnxruntime(tmp_path, pixel_bundle):
     assert model.class_names == ["a", "b", "c"] and np.allclose(model.probabilities(x), expected, atol=1e-5)
     res = backselect(model, images[0], method="plain")
     assert res.method == "plain" and sorted(res.order.tolist()) == list(range(D))
+
+
+def test_explainer_bad_inputs_are_input_errors():
+    """Images of another channel count, an empty batch and a target past the classes were raw numpy
+    errors (broadcast, zero-size reduction, IndexError)."""
+    from keepbits.audit import FunctionAdapter
+
+    explainer = SISExplainer(FunctionAdapter(lambda x: x.reshape(len(x), -1)[:, :3] * 4, input_shape=(2, 6, 6)), threshold=0.9)
+    for inputs, target, message in [(np.zeros((1, 6, 6, 3), np.uint8), None, r"uint8 images must be N×6×6×2"),
+                                    (np.zeros((0, 2, 6, 6), np.float32), None, "an empty batch"),
+                                    (np.ones((1, 2, 6, 6), np.float32), 7, r"class index in 0..2, got 7")]:
+        with pytest.raises(InputError, match=message):
+            explainer.explain(inputs, target=target)

@@ -87,8 +87,9 @@ class ModelAdapter:
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[None]
-        if images.ndim != 4:
-            raise InputError(f"images must be N×H×W×C, got shape {images.shape}")
+        c, h, w = self.input_shape
+        if images.ndim != 4 or images.shape[1:] != (h, w, c):
+            raise InputError(f"{self.source}: uint8 images must be N×{h}×{w}×{c} (the model's H×W×C), got shape {images.shape}")
         x = images.astype(np.float64).transpose(0, 3, 1, 2) / 255.0
         x = (x - self.mean[:, None, None]) / self.std[:, None, None]
         return x.astype(np.float32)
@@ -113,6 +114,8 @@ class ModelAdapter:
             raise InputError(f"inputs must be uint8 N×H×W×C images or normalised float N×C×H×W, got {x.dtype}")
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise InputError(f"{self.source}: model expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        if not len(x):
+            raise InputError(f"{self.source}: no inputs (an empty batch)")
         return x
 
 
@@ -330,15 +333,18 @@ def _classifier_adapter(classifier: Any) -> "TorchAdapter":
     return adapter
 
 
-def as_targets(target: Any, n: int, default: np.ndarray) -> np.ndarray:
-    """``target`` (None → ``default``, an int, or N ints) as an int64 vector of length ``n``."""
+def as_targets(target: Any, n: int, default: np.ndarray, classes: int | None = None) -> np.ndarray:
+    """``target`` (None → ``default``, an int, or N ints) as an int64 vector of length ``n``, each
+    in ``0..classes-1`` where ``classes`` is given."""
     if target is None:
         return np.asarray(default, dtype=np.int64)
     t = np.asarray(target, dtype=np.int64)
     if t.ndim == 0:
-        return np.full(n, int(t), dtype=np.int64)
+        t = np.full(n, int(t), dtype=np.int64)
     if t.shape != (n,):
         raise InputError(f"target must be None, an int or {n} ints, got shape {t.shape}")
+    if classes is not None and len(t) and not (0 <= t.min() and t.max() < classes):
+        raise InputError(f"target must be a class index in 0..{classes - 1}, got {t.min() if t.min() < 0 else t.max()}")
     return t
 
 
@@ -358,7 +364,8 @@ class Explainer:
         if batch_size < 1:
             raise InputError(f"batch_size must be positive, got {batch_size}")
         predicted = self.model.probabilities(x, batch_size).argmax(1) if target is None else None
-        targets = as_targets(target, len(x), predicted)
+        classes = None if target is None else self.model.logits(x[:1], 1).shape[1]
+        targets = as_targets(target, len(x), predicted, classes)
         return self._explain(x, targets, batch_size)
 
     def _explain(self, x: np.ndarray, targets: np.ndarray, batch_size: int) -> list[Any]:

@@ -292,8 +292,9 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
     xte, yte = original.normalize(test_set.x[te_idx]), test_set.y[te_idx]
 
     def orders(model: ModelAdapter, x: np.ndarray, name: str, method: str = cfg.method) -> list[BackSelectResult]:
+        # the folder is this audit's own cache: models retrained for another recipe replace their orders too
         return compute_orders(model, x, out / "orders" / name, method, cfg.k, batch_size=cfg.batch_size, progress=cfg.progress,
-                              device=cfg.device)
+                              device=cfg.device, replace_other_audits=True)
 
     orders_tr, orders_te = orders(original, xtr, "original_train"), orders(original, xte, "original_test")
     bs_tr, bs_te = backselect_subsets(xtr, orders_tr, cfg.fraction), backselect_subsets(xte, orders_te, cfg.fraction)

@@ -133,7 +133,8 @@ def read_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, method: 
 
 
 def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, method: str = "gradient", k: int = 16,
-                   chunk: int | None = None, batch_size: int = 64, progress: bool = True, device: str = "cpu") -> list[BackSelectResult]:
+                   chunk: int | None = None, batch_size: int = 64, progress: bool = True, device: str = "cpu",
+                   replace_other_audits: bool = False) -> list[BackSelectResult]:
     """BackSelect orders of every image of ``x`` (target: the predicted class; ``method``:
     ``"gradient"`` with ``k`` pixels per step, or exact ``"exact"``/``"incremental"``/``"plain"``), saved per chunk
     of ``chunk`` images (default 32 for gradient, 1 for exact) to ``folder/chunk_<start>.json`` as each finishes, in
@@ -141,7 +142,8 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
     chunks still to do are dealt round-robin to the ranks.
     Chunk files carry a fingerprint of their images, settings and model; a folder holding another
     audit's (another model, normalisation, image sample, method or k) is refused
-    (:class:`InputError`), never overwritten; a chunk file that cannot be read is computed again.
+    (:class:`InputError`), never overwritten, unless ``replace_other_audits`` (a caller whose folder is
+    its own cache, rebuilt with its models); a chunk file that cannot be read is computed again.
     Every rank returns the merged list in image order. ``device``: ``auto``/``cpu``/``cuda`` for
     torch models and ONNX Runtime (with CUDA each ``torchrun`` rank takes ``cuda:<LOCAL_RANK>``)."""
     chunk = _chunk_size(method, chunk)
@@ -157,7 +159,7 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
         gradient_module(model)
     model_fingerprint = model.fingerprint()
     fingerprint = _fingerprints(model_fingerprint, x, method, k, chunk)
-    foreign = _foreign_chunks(folder, starts, fingerprint)
+    foreign = [] if replace_other_audits else _foreign_chunks(folder, starts, fingerprint)
     if foreign:
         raise InputError(f"{folder}: holds {len(foreign)} BackSelect run(s) of another audit ({foreign[0].name}: another model, "
                          "normalisation, image sample, --method or --k), which are never overwritten; give another --out, or "
