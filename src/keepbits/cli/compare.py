@@ -79,9 +79,11 @@ def _pipeline(spec: str, threads: int | None) -> Any:
             raise InputError(f"{spec}: a checkpoint runs in torch only (no @{backend})")
         from keepbits.export import torch_pipeline
 
+        default = torch_pipeline(path)  # built now: a checkpoint that cannot be rebuilt is refused before the images are read
+
         def twin(m: Any) -> Any:
             if m is None:
-                return torch_pipeline(path)
+                return default
             return torch_pipeline(path, input_dtype=m.input_dtype, classify_on=m.classify_on, mixed_output="mixed" in m.output_names)
 
         return twin
