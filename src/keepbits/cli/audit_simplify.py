@@ -57,7 +57,12 @@ def run(args: argparse.Namespace) -> int:
     sample = f"{len(images)} (class-balanced sample, seed {args.seed})" if drawn.labelled else drawn.source
     meta = {"model": args.model, "data": args.data, "split": args.split, "images": sample, "command": command_line()}
     # the data's class name and index: a model without class names predicts indices, which the index lets one compare
-    labels = [f"{drawn.class_names[y]} ({y})" if drawn.class_names else str(y) for y in drawn.labels.tolist()] if drawn.labelled else None
+
+    def named(y: int) -> str:
+        name = drawn.class_names[y] if drawn.class_names else str(y)
+        return name if name == str(y) else f"{name} ({y})"
+
+    labels = [named(y) for y in drawn.labels.tolist()] if drawn.labelled else None
     paths = audit_simplify(classifier, images, args.out, density=args.density, meta=meta, image_names=drawn.names, data_labels=labels,
                            steps=args.steps, lambda_sim=args.lambda_sim, lr=args.lr, kl_tolerance=args.kl_tolerance, seed=args.seed,
                            device=args.device, progress=not args.quiet)
