@@ -56,9 +56,8 @@ def run(args: argparse.Namespace) -> int:
     images = drawn.images
     sample = f"{len(images)} (class-balanced sample, seed {args.seed})" if drawn.labelled else drawn.source
     meta = {"model": args.model, "data": args.data, "split": args.split, "images": sample, "command": command_line()}
-    # the data's class name and index: a model without class names predicts indices, which the index lets one compare
 
-    def named(y: int) -> str:
+    def named(y: int) -> str:  # the data's class name and index: a model without class names predicts indices
         name = drawn.class_names[y] if drawn.class_names else str(y)
         return name if name == str(y) else f"{name} ({y})"
 
