@@ -193,3 +193,15 @@ def test_a_looping_folder_starts_again_and_a_folder_of_nothing_does_not_spin(tmp
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
     assert list(open_source(tmp_path / "bad", loop=True)) == []
+
+
+def test_a_cut_off_picture_is_skipped_as_the_data_loaders_skip_it(tmp_path):
+    """OpenCV decodes a truncated JPEG or PNG as a partly grey frame (delivered, exit 0) where
+    train, eval and compare skip the same file as corrupt."""
+    for name, value in (("a.jpg", 10), ("b.png", 20)):
+        cv2.imwrite(str(tmp_path / name), np.full((64, 64, 3), value, np.uint8))
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut_{name}").write_bytes(data[: len(data) * 2 // 3])
+    src = open_source(tmp_path)
+    seen = [frame.image[0, 0, 0] for frame in src]
+    assert len(seen) == 2 and src.stats()["skipped"] == 2 and "truncated" in src.stats()["last_error"]

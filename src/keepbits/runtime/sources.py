@@ -410,9 +410,15 @@ def _read_image(file: Path, max_pixels: int) -> np.ndarray | Skipped:
 
     try:
         with Image.open(file) as im:
-            width, height = im.size
+            width, height, kind = *im.size, im.format
+        with open(file, "rb") as fh:  # OpenCV decodes a cut-off JPEG/PNG as a partly grey frame without an error
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 32))
+            tail = fh.read()
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types on files it cannot identify
         return Skipped(f"{file.name}: not a readable image ({type(exc).__name__}: {exc})")
+    marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(kind)
+    if marker is not None and marker not in tail:
+        return Skipped(f"{file.name}: truncated {kind} (no end marker; the data loaders skip it too)")
     if width * height > max_pixels:
         return Skipped(f"{file.name}: {width}x{height} pixels exceed max_pixels={max_pixels}")
     image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
