@@ -80,6 +80,7 @@ RUN = ["run", "--model", "{bundle}", "--source", "{video}"]
 TRAIN_CLASSIFIER = ["train", "classifier", "--data", "{data}", "--arch", "lenet5"]
 TRAIN_NICE = ["train", "nice", "--data", "{data}", "--classifier", "lenet5", "--out", "{out}/n"]
 BENCH_NICE = ["bench", "nice", "--model", "{checkpoint}", "--data", "{data}"]
+AUDIT_SIS = ["audit", "sis", "--model", "{bundle}", "--data", "{data}"]
 
 #: (id, arguments, exit code, what stderr says). Paths in braces come from the ``paths`` fixture.
 CASES = [
@@ -103,7 +104,7 @@ CASES = [
     ("export onnx an empty file", ["export", "onnx", "{empty_pt}", "--out", "{out}/b.zip"], 2, "not a readable keepbits checkpoint"),
     ("audit sis --model a text .pt", ["audit", "sis", "--model", "{text_pt}", "--data", "{data}", "--out", "{out}/sis"], 2,
      "not a readable keepbits checkpoint"),
-    ("audit sis --partial with no audit in --out", ["audit", "sis", "--model", "{bundle}", "--data", "{data}", "--out", "{out}/none",
+    ("audit sis --partial with no audit in --out", AUDIT_SIS + ["--out", "{out}/none",
                                                     "--partial"], 2, "no audit to report on"),
     ("train nice --classifier an empty file", ["train", "nice", "--data", "{data}", "--classifier", "{empty_pt}", "--out", "{out}/n"], 2,
      "not a readable keepbits checkpoint"),
@@ -139,13 +140,11 @@ CASES = [
     # outputs of an earlier run are never replaced; a folder where a file belongs is refused before the work
     ("eval --out an earlier eval's folder", ["eval", "--model", "{bundle}", "--data", "{data}", "--out", "{evaluated}"], 2,
      "holds an earlier run's eval.json; choose another folder or remove them"),
-    ("audit sis --out a folder with someone's report", ["audit", "sis", "--model", "{bundle}", "--data", "{data}", "--out", "{reported}"], 2,
+    ("audit sis --out a folder with someone's report", AUDIT_SIS + ["--out", "{reported}"], 2,
      "holds an earlier run's report.html; choose another folder or remove them"),
-    ("audit cid --out a folder with a report", ["audit", "cid", "--model", "lenet5", "--data", "{data}", "--out", "{reported}"], 2,
-     "holds an earlier run's report.html"),
-    ("audit simplify --out a file", ["audit", "simplify", "--model", "lenet5", "--data", "{data}", "--out", "{file}"], 2,
-     "exists and is not a folder"),
-    ("audit sis --k 0", ["audit", "sis", "--model", "{bundle}", "--data", "{data}", "--out", "{out}/k0", "--method", "gradient", "--k", "0"], 2,
+    ("audit cid --out a folder with a report", ["audit", "cid", "--model", "lenet5", "--data", "{data}", "--out", "{reported}"], 2, "holds an earlier run's report.html"),
+    ("audit simplify --out a file", ["audit", "simplify", "--model", "lenet5", "--data", "{data}", "--out", "{file}"], 2, "exists and is not a folder"),
+    ("audit sis --k 0", AUDIT_SIS + ["--out", "{out}/k0", "--method", "gradient", "--k", "0"], 2,
      "--k (pixels per gradient step) must be >= 1, got 0"),
     ("bench nice --out an earlier result", BENCH_NICE + ["--out", "{file}"], 2,
      "holds an earlier result"),
