@@ -28,8 +28,8 @@ Example:
 from __future__ import annotations
 
 import importlib
-import os
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable

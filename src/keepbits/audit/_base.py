@@ -29,7 +29,6 @@ from keepbits.errors import InputError
 log = logging.getLogger("keepbits")
 
 
-
 class ModelAdapter:
     """A classifier seen as "logits / probabilities of normalised N×C×H×W inputs".
 

@@ -265,10 +265,11 @@ class Source:
 
     # -- grabber thread ----------------------------------------------------------------
     def _skip(self, reason: str) -> None:
-        """Count a skipped item; log its reason once (a looped folder meets the same file each pass)."""
+        """Count a skipped item; log its reason once (a looped folder meets the same file each pass;
+        after 1,024 distinct reasons new ones are counted only)."""
         self._counts["skipped"] += 1
         self.last_error = reason
-        if reason not in self._skip_reasons:
+        if reason not in self._skip_reasons and len(self._skip_reasons) < 1024:
             self._skip_reasons.add(reason)
             log.warning("source %s: skipped %s", self.name, reason)
 
