@@ -22,7 +22,6 @@ Example:
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,8 +33,6 @@ from keepbits.data.loaders import IMAGE_SUFFIXES, class_folder_files, class_fold
 from keepbits.data.preprocess import fit_into
 from keepbits.data.stream import VIDEO_SUFFIXES, Footage, Sample, decode_image
 from keepbits.errors import InputError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
