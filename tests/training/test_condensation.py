@@ -55,6 +55,12 @@ def test_condense_shapes_range_and_errors():
     syn, y_syn = condense(x, y, 3, _net, cfg, bpd=lambda v: v.flatten(1).mean(1))
     assert syn.shape == (6, 1, 8, 8) and syn.min() >= 0 and syn.max() <= 1
     assert torch.equal(syn * 255, (syn * 255).round())  # 8-bit images, like the real ones they are compared with
+    # with no optimisation the condensed images are the real ones they start from (the 0.01 clamp rounded 0 to 3/255)
+    real = (torch.rand(30, 1, 8, 8) * 255).round() / 255
+    real[:, :, :2] = 0.0
+    real[:, :, -2:] = 1.0
+    start, _ = condense(real, y, 3, _net, CondensationConfig(images_per_class=2, outer_loops=0))
+    assert torch.equal(start, real[initial_indices(y, 3, 2, 0)])
     assert y_syn.tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(InputError, match="density"):
         condense(x, y, 3, _net, CondensationConfig(lambda_sim=1.0))

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from keepbits.errors import InputError
+from keepbits.training.models.simplifiers import LOGIT_EPS
 
 log = logging.getLogger("keepbits")
 
@@ -121,11 +122,12 @@ def condense(
     gen = torch.Generator().manual_seed(cfg.seed)
     by_class = [torch.nonzero(y == c).flatten() for c in range(num_classes)]
     init = x[initial_indices(y, num_classes, cfg.images_per_class, cfg.seed)]
-    logits = torch.logit(init.clamp(0.01, 0.99)).clone().requires_grad_(True)
+    # within half a grey level of 0 and 1: an image the optimiser leaves alone rounds back to itself (0.01 / 0.99 rounded to 3 / 252)
+    logits = torch.logit(init.clamp(LOGIT_EPS, 1.0 - LOGIT_EPS)).clone().requires_grad_(True)
     y_syn = torch.arange(num_classes, device=x.device).repeat_interleave(cfg.images_per_class)
     if cfg.image_optimizer not in ("sgd", "adam"):
         raise InputError(f"image optimizer must be 'sgd' or 'adam', got {cfg.image_optimizer!r}")
-    # Adam's per-pixel step does not shrink where σ saturates (MNIST's 0/1 pixels start at σ' ≈ 0.01)
+    # Adam's per-pixel step does not shrink where σ saturates (MNIST's 0/1 pixels start at σ' ≈ 0.002)
     opt_img = (torch.optim.SGD([logits], lr=cfg.lr_images, momentum=0.5) if cfg.image_optimizer == "sgd"
                else torch.optim.Adam([logits], lr=cfg.lr_images))
     start = time.time()

@@ -27,7 +27,7 @@ from keepbits.registry import register
 #: identity at init is exact after rounding to 8 bits, while the sigmoid's slope at fully dark or
 #: bright pixels stays ~2e-3 (with ε = 1e-5 it was ~1e-5, and the simplifier could hardly move
 #: MNIST's 0/1 pixels).
-_EPS = 0.5 / 256
+LOGIT_EPS = 0.5 / 256
 
 
 class ChannelAffine(nn.Module):
@@ -98,7 +98,7 @@ class Simplifier(nn.Module):
         self.weight = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.clamp(_EPS, 1.0 - _EPS)
+        x = x.clamp(LOGIT_EPS, 1.0 - LOGIT_EPS)
         return torch.sigmoid(torch.logit(x) + self.weight * self.unet(2.0 * x - 1.0))
 
 
