@@ -18,3 +18,8 @@ def test_evaluation_masks_hide_no_position_from_every_mask(keep, samples):
     x = torch.randn(5, 3, 64, 64)
     assert torch.equal(dropout.eval()(x), dropout(x))
     assert torch.allclose(dropout(x), x * masks.mean(0))  # the identity net: the mean over the masks
+
+
+def test_one_evaluation_mask_drops_at_the_keep_rate():
+    """"Kept in at least one mask" would make a single mask keep everything: one mask drops at 1 − keep."""
+    assert InputDropout(torch.nn.Identity(), 0.8, 1).evaluation_masks(64, 64).mean().item() == pytest.approx(0.8, abs=0.02)

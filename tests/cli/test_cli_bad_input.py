@@ -53,7 +53,8 @@ def paths(tmp_path_factory):
     (root / "evaluated").mkdir()
     (root / "evaluated" / "eval.json").write_text("{}")  # an earlier eval's report
     (root / "reported").mkdir()
-    (root / "reported" / "report.html").write_text("<html>a user's own report</html>")  # no orders/: not an SIS audit to resume
+    (root / "reported" / "report.html").write_text("<html>another audit's report</html>")  # no chunk files: not an SIS audit to resume
+    (root / "reported" / "orders" / "original_train").mkdir(parents=True)  # as an overinterpretation audit's folder holds
     (root / "finished").mkdir()  # a finished run whose last.pt is gone: --resume must not start over it
     (root / "finished" / "best.pt").write_bytes(b"an earlier run's model")
     (root / "used" / "payloads").mkdir(parents=True)  # a files sink's folder from an earlier run
@@ -144,6 +145,10 @@ CASES = [
      "holds an earlier run's report.html; choose another folder or remove them"),
     ("audit cid --out a folder with a report", ["audit", "cid", "--model", "lenet5", "--data", "{data}", "--out", "{reported}"], 2, "holds an earlier run's report.html"),
     ("audit simplify --out a file", ["audit", "simplify", "--model", "lenet5", "--data", "{data}", "--out", "{file}"], 2, "exists and is not a folder"),
+    ("audit overinterpretation --dropout-samples 0", ["audit", "overinterpretation", "--data", "{data}", "--out", "{out}/ov",
+                                                      "--dropout-samples", "0"], 2, "argument --dropout-samples: must be an integer >= 1"),
+    ("audit overinterpretation --out another audit's folder", ["audit", "overinterpretation", "--data", "{data}", "--out", "{reported}"], 2,
+     "holds an earlier run's report.html"),
     ("audit sis --k 0", AUDIT_SIS + ["--out", "{out}/k0", "--method", "gradient", "--k", "0"], 2,
      "--k (pixels per gradient step) must be >= 1, got 0"),
     ("bench nice --out an earlier result", BENCH_NICE + ["--out", "{file}"], 2,

@@ -32,12 +32,13 @@ class InputDropout(nn.Module):
 
     def evaluation_masks(self, h: int, w: int) -> torch.Tensor:
         """``samples``×1×H×W masks, stratified per pixel: each position is dropped in ⌊q⌋ or ⌈q⌉
-        of them (q = (1 − keep)·samples, the rounding drawn so its rate is q) and kept in at
-        least one, so no position is hidden from every evaluation (independent masks hid
-        0.2² = 4 % of the positions from both of two masks at keep 0.8, in every image)."""
+        of them (q = (1 − keep)·samples, the rounding drawn so its rate is q) and, with two or
+        more masks, kept in at least one, so no position is hidden from every evaluation
+        (independent masks hid 0.2² = 4 % of the positions from both of two masks at keep 0.8,
+        in every image); one mask drops each position at rate 1 − keep."""
         gen = torch.Generator().manual_seed(self.seed)
         q = (1.0 - self.keep) * self.samples
-        drops = (math.floor(q) + (torch.rand(1, h, w, generator=gen) < q - math.floor(q))).clamp(max=self.samples - 1)
+        drops = (math.floor(q) + (torch.rand(1, h, w, generator=gen) < q - math.floor(q))).clamp(max=max(1, self.samples - 1))
         order = torch.rand(self.samples, 1, h, w, generator=gen).argsort(0).argsort(0)  # each position's masks in random order
         return (order >= drops).float()
 

@@ -263,6 +263,8 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
         raise InputError(f"fraction must be in (0, 1), got {cfg.fraction}")
     if cfg.ensemble < 2:
         raise InputError(f"an ensemble needs at least 2 replicates, got {cfg.ensemble}")
+    if not 0 < cfg.keep_prob <= 1 or cfg.dropout_samples < 1:
+        raise InputError(f"input dropout needs keep_prob in (0, 1] and dropout_samples >= 1, got {cfg.keep_prob}, {cfg.dropout_samples}")
     if not has_split(cfg.data, "test"):
         raise InputError(f"{cfg.data}: needs a test split next to the train split")
     train_set, test_set = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
-from keepbits.cli._common import POSITIVE_LR, SEED, add_argument, add_device_option, existing_path
+from keepbits.cli._common import POSITIVE_LR, SEED, THRESHOLD, add_argument, add_device_option, existing_path, output_folder, positive_int
 
 HELP = ("overinterpretation audit: accuracy on 5%% BackSelect vs random pixel subsets, retraining on images the audited model never saw "
         "(with the full-image control), SIS sizes, mitigations")
@@ -31,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=16, help="pixels masked per gradient BackSelect iteration")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9], help="τ values of the SIS size statistics")
     p.add_argument("--ensemble", type=int, default=3, help="ensemble size: N identically trained replicates of the audited recipe")
-    p.add_argument("--keep-prob", type=float, default=0.8, help="input dropout keep probability (train and test)")
-    p.add_argument("--dropout-samples", type=int, default=4, help="input dropout masks averaged at test time (fixed seed)")
+    p.add_argument("--keep-prob", type=THRESHOLD, default=0.8, help="input dropout keep probability (train and test), in (0, 1]")
+    p.add_argument("--dropout-samples", type=positive_int, default=4, help="input dropout masks averaged at test time (fixed seed)")
     p.add_argument("--num-exact-images", type=int, default=0, help="also run exact BackSelect on a class-balanced sample of N test "
                    "images and compare it with the gradient orders (0: off)")
     p.add_argument("--batch-size", type=int, default=128, help="training and BackSelect batch size")
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     existing_path(args.data, "data path")
     if args.model:
         existing_path(args.model, "model")
+    # a folder with models/ is an overinterpretation audit to resume; any other folder's reports are never overwritten
+    output_folder(args.out, writes=() if (Path(args.out) / "models").is_dir() else ("report.html", "report.json"))
     from keepbits.audit.overinterpretation import OverinterpretationConfig, run_overinterpretation
 
     cfg = OverinterpretationConfig(

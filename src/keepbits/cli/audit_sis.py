@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--num-images must be >= 0, got {args.num_images}")
     if args.method == "gradient" and args.k < 1:
         raise InputError(f"--k (pixels per gradient step) must be >= 1, got {args.k}")
-    # a folder with orders/ is an SIS audit to resume (its chunk files refuse another audit's runs);
-    # any other folder's report files are never overwritten
-    resumable = (Path(args.out) / "orders").is_dir() or args.partial
+    # a folder whose orders/ holds chunk files is an SIS audit to resume (they refuse another audit's runs);
+    # any other folder's report files are never overwritten (an overinterpretation audit's orders/ holds folders)
+    resumable = any((Path(args.out) / "orders").glob("chunk_*.json")) or args.partial
     output_folder(args.out, writes=() if resumable else ("report.html", "report.json"))
     options = classifier_options(args)
     bundle = Path(args.model).exists() and not args.model.endswith((".pt", ".onnx"))
