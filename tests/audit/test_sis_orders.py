@@ -157,6 +157,15 @@ def test_chunks_of_another_audit_are_never_overwritten(tmp_path):
         with pytest.raises(InputError, match=r"holds \d BackSelect run\(s\) of another audit .* never overwritten"):
             compute_orders(model, images, folder, method, progress=False)
         assert {p.name: p.read_bytes() for p in folder.glob("chunk_*.json")} == saved
+    # a stopped audit whose only finished chunk lies past a smaller audit's images: the smaller one is refused
+    # too (it was accepted, and then its chunk blocked the first audit's resume)
+    stopped = tmp_path / "stopped"
+    compute_orders(first, x, stopped, "plain", progress=False)
+    for name in ("chunk_0000000.json", "chunk_0000001.json"):
+        (stopped / name).unlink()
+    with pytest.raises(InputError, match="holds 1 BackSelect run"):
+        compute_orders(other, x[:1], stopped, "plain", progress=False)
+    assert sorted(p.name for p in stopped.glob("chunk_*.json")) == ["chunk_0000002.json"]
     more = np.concatenate([x, x[:1] + 1])  # the same images and one more: a resume that adds a chunk
     assert len(compute_orders(first, more, folder, "plain", progress=False)) == 4
 

@@ -92,16 +92,18 @@ def _read_chunk(folder: Path, s: int, fingerprint: Any, size: int) -> list[BackS
 
 
 def _foreign_chunks(folder: Path, starts: list[int], fingerprint: Any) -> list[Path]:
-    """The readable chunk files at this audit's ``starts`` that another audit wrote (another model,
-    normalisation, image sample, method or k): never overwritten."""
+    """The readable chunk files in ``folder`` that another audit wrote (another model, normalisation,
+    image sample, method or k; at this audit's ``starts`` or beyond them): never overwritten, and
+    never mixed with this audit's in one folder."""
+    mine = set(starts)
     foreign = []
-    for s in starts:
-        path = folder / f"chunk_{s:07d}.json"
+    for path in sorted(folder.glob("chunk_*.json")):
         try:
-            record = json.loads(path.read_text()) if path.is_file() else None
+            record = json.loads(path.read_text())
+            s = int(path.stem.removeprefix("chunk_"))
         except (OSError, ValueError):
             continue  # unreadable: counts as not done (:func:`_read_chunk`)
-        if isinstance(record, dict) and record.get("fingerprint") not in (None, fingerprint(s)):
+        if isinstance(record, dict) and record.get("fingerprint") is not None and (s not in mine or record["fingerprint"] != fingerprint(s)):
             foreign.append(path)
     return foreign
 
