@@ -3,6 +3,7 @@ that disagrees with its graph, unlisted members, temp folders. Every failure is 
 BundleError naming the field or member (issue 20, items 1-3)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import tempfile
@@ -184,8 +185,6 @@ def test_file_and_folder_of_the_same_name(good_zip, tmp_path):
     extra = {"a": b"1", "a/b": b"2"}
     bundle = load_bundle(_rezip(good_zip, tmp_path / "ab.zip", extra=extra))
     assert not (bundle.root / "a").exists()
-    import hashlib
-
     manifest = _manifest_dict(good_zip)
     manifest["files"].update({k: hashlib.sha256(v).hexdigest() for k, v in extra.items()})
     with pytest.raises(BundleError, match="'a' is listed as a file and is also the folder"):
@@ -216,8 +215,15 @@ def test_a_listed_member_that_unpacks_far_beyond_its_compressed_size_is_refused_
     manifest["files"]["weights.bin"] = "0" * 64
     bomb = _rezip(good_zip, tmp_path / "bomb.zip", manifest=manifest, extra={"weights.bin": bytes(64 << 20)})
     assert bomb.stat().st_size < 1 << 20
-    with pytest.raises(BundleError, match=r"'weights.bin' unpacks to 67108864 bytes from \d+ \(more than 100× its compressed size"):
+    with pytest.raises(BundleError, match=r"archive member 'weights.bin' would unpack to 67108864 bytes from \d+ compressed \(more than 100×"):
         load_bundle(bomb)
+    # many members of 1 MiB each, every one at the limit's edge: their sum is refused
+    manifest = _manifest_dict(good_zip)
+    pads = {f"pad/{i:03d}.bin": bytes(1 << 20) for i in range(200)}
+    digest = hashlib.sha256(bytes(1 << 20)).hexdigest()
+    manifest["files"].update({name: digest for name in pads})
+    with pytest.raises(BundleError, match=r"the listed files would unpack to \d+ bytes from \d+ compressed"):
+        load_bundle(_rezip(good_zip, tmp_path / "many.zip", manifest=manifest, extra=pads))
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

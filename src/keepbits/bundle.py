@@ -64,8 +64,9 @@ CUSTOM_OPS = ("HardConcreteMask", "MixedResCompose", "MaskCompose")
 MAX_ARCHIVE_BYTES = 8 << 30
 #: Largest ``manifest.json`` read (bytes).
 MAX_MANIFEST_BYTES = 1 << 20
-#: Most bytes a listed archive member may unpack to per compressed byte, above 1 MiB unpacked:
-#: model weights deflate to about 1.1×, a zip bomb to 1,000× (refused before anything is written).
+#: Most bytes the listed archive members may unpack to per compressed byte, each and all together,
+#: above 1 MiB unpacked: model weights deflate to about 1.1×, a zip bomb to 1,000× (refused before
+#: anything is written).
 MAX_COMPRESSION_RATIO = 100
 #: Bounds of the manifest's numbers: model side and values C·H·W (a frame of the model size
 #: is allocated per batch item), block size (the payload's u16 field), classes (``MAX_CLASSES``,
@@ -429,10 +430,11 @@ def _unpack_listed(zf: zipfile.ZipFile, members: Mapping[str, zipfile.ZipInfo], 
         raise BundleError(f"{where}: listed file {missing[0]!r} is not in the archive")
     infos = [members[name] for name in manifest.files]
     total = sum(info.file_size for info in infos)
-    for info in infos:
-        if info.file_size > 1 << 20 and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
-            raise BundleError(f"{where}: archive member {info.filename!r} unpacks to {info.file_size} bytes from {info.compress_size} "
-                              f"(more than {MAX_COMPRESSION_RATIO}× its compressed size: not a model file)")
+    packed = sum(info.compress_size for info in infos)
+    for name, size, compressed in [(f"archive member {i.filename!r}", i.file_size, i.compress_size) for i in infos] + [("the listed files", total, packed)]:
+        if size > 1 << 20 and size > MAX_COMPRESSION_RATIO * max(compressed, 1):
+            raise BundleError(f"{where}: {name} would unpack to {size} bytes from {compressed} compressed "
+                              f"(more than {MAX_COMPRESSION_RATIO}× as many: not model files)")
     if total > MAX_ARCHIVE_BYTES:
         raise BundleError(f"{where}: the listed files unpack to {total} bytes, more than {MAX_ARCHIVE_BYTES >> 30} GiB")
     dest = Path(tempfile.mkdtemp(prefix="keepbits-bundle-"))
