@@ -121,6 +121,25 @@ def sink_address(address: str | MqttAddress) -> MqttAddress:
     return address
 
 
+def subscription_address(address: str | MqttAddress) -> MqttAddress:
+    """``address`` parsed for subscribing: :class:`InputError` for a topic filter MQTT refuses
+    (``+`` and ``#`` each a whole level, ``#`` the last).
+
+    Example:
+        >>> from keepbits.runtime.mqtt import subscription_address
+        >>> subscription_address("mqtt://broker/cams/+/kbit").topic
+        'cams/+/kbit'
+        >>> subscription_address("mqtt://broker/cams/#/x")
+        Traceback (most recent call last):
+        keepbits.errors.InputError: mqtt://broker:1883/cams/#/x: not a valid MQTT topic filter ('+' and '#' stand alone in a level, '#' only last)
+    """
+    address = parse_address(address) if isinstance(address, str) else address
+    levels = address.topic.split("/")
+    if any(("+" in level or "#" in level) and level not in ("+", "#") for level in levels) or "#" in levels[:-1]:
+        raise InputError(f"{address}: not a valid MQTT topic filter ('+' and '#' stand alone in a level, '#' only last)")
+    return address
+
+
 def require_client() -> None:
     """Raise ``ModuleNotFoundError`` (``paho``) where paho-mqtt is not installed: checked before an
     output is created, so a run that cannot publish or subscribe leaves nothing behind."""
@@ -320,7 +339,7 @@ def receive_mqtt(
     and those over ``max_payload`` bytes are counted and skipped; ``max_pixels`` and
     ``max_pixels_per_byte`` bound :func:`keepbits.codec.decode`.
     """
-    address = parse_address(address) if isinstance(address, str) else address
+    address = subscription_address(address)
     require_client()
     if not (isinstance(idle_timeout, (int, float)) and math.isfinite(idle_timeout) and idle_timeout > 0):
         raise InputError(f"idle_timeout must be a positive number, got {idle_timeout!r}")
