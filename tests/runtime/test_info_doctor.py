@@ -54,7 +54,7 @@ def test_info_report_shows_any_provenance_as_text():
         assert max(map(len, lines)) < 1000
 
 
-def test_info_refuses_a_modified_bundle_and_a_wrong_pin(tmp_path):
+def test_info_refuses_a_modified_bundle_and_a_wrong_pin(tmp_path, monkeypatch):
     path = toy_bundle(tmp_path / "toy")
     with pytest.raises(BundleError, match="expected"):
         bundle_info(path, expected_digest="0" * 64)
@@ -68,6 +68,21 @@ def test_info_refuses_a_modified_bundle_and_a_wrong_pin(tmp_path):
                          {toy.manifest.model_file: toy.model_path})
     with pytest.raises(BundleError, match=r"graph output 'logits' has \d+ at dimension 1, the manifest implies 10"):
         bundle_info(wrong)
+
+    class FixedSizeLayers:  # symbolic graph sizes, layers that take one size only (a Gemm after a flatten)
+        def __init__(self, session):
+            self.session = session
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run(self, *args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Gemm: dimension mismatch")
+
+    real = native.make_session
+    monkeypatch.setattr(native, "make_session", lambda *a, **kw: FixedSizeLayers(real(*a, **kw)))
+    with pytest.raises(BundleError, match="the model fails on a 16x16 frame of the manifest's input_shape .*Gemm"):
+        bundle_info(path.parent / "toy2")  # found by one zero frame, as run finds it (info said the graph takes this size)
 
 
 def test_info_describes_a_bundle_whose_custom_ops_cannot_run_here(monkeypatch, tmp_path, capsys):

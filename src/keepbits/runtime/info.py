@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from keepbits import native
-from keepbits.bundle import MANIFEST_NAME, check_graph_io, load_bundle
+from keepbits.bundle import MANIFEST_NAME, load_bundle
 from keepbits.errors import InputError
+from keepbits.runtime.pipeline import check_session
 
 #: How each resize policy of a bundle fits a frame of any size to the model input (keepbits.data.fit_into).
 RESIZE_DESCRIPTIONS = {
@@ -85,7 +86,7 @@ def bundle_info(path: str | Path, expected_digest: str | None = None) -> dict[st
         except Exception as exc:  # noqa: BLE001 - ORT raises its own error types
             raise InputError(f"{path}: ONNX Runtime {ort.__version__} cannot load {m.model_file} here "
                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); custom ops: {ops['runs_with']}") from None
-        check_graph_io(m, session.get_inputs(), session.get_outputs(), str(path))  # a manifest `run` refuses is an error here too
+        check_session(session, m, str(path))  # a manifest `run` refuses is an error here too
     files = {name: {"bytes": (bundle.root / name).stat().st_size, "sha256": digest} for name, digest in m.files.items()}
     source = Path(path)
     return {

@@ -116,6 +116,32 @@ class Prepared:
     sequences: list[int]
 
 
+def check_session(session: Any, manifest: Any, where: str) -> None:
+    """Check a bundle's graph against its manifest at load, so that a mismatch is a
+    :class:`~keepbits.errors.BundleError` there and not an ONNX Runtime error on the first frame:
+    the session's inputs and outputs (:func:`keepbits.bundle.check_graph_io`, when it describes
+    them), then one model-size zero frame through the model, whose outputs must have the shapes
+    the manifest implies (symbolic graph sizes are only checked so)."""
+    from keepbits.bundle import check_graph_io
+    from keepbits.errors import BundleError
+
+    if hasattr(session, "get_inputs") and hasattr(session, "get_outputs"):
+        check_graph_io(manifest, session.get_inputs(), session.get_outputs(), where)
+    c, h, w = manifest.input_shape
+    names = ["logits", manifest.output_names[1]]
+    try:
+        outputs = session.run(names, {manifest.input_name: bundle_inputs(manifest, np.zeros((1, h, w, c), np.uint8))})
+    except Exception as exc:  # noqa: BLE001 - ORT and substitute sessions raise their own error types
+        message = next(iter(str(exc).splitlines()), "") or type(exc).__name__
+        raise BundleError(f"{where}: the model fails on a {w}x{h} frame of the manifest's input_shape ({message})") from None
+    image = (1, h, w, c) if manifest.input_layout == "NHWC" else (1, c, h, w)
+    expected = {"logits": (1, len(manifest.class_names)), "mask": (1, 1, h, w), "mixed": image, "simplified": image}
+    for name, value in zip(names, outputs):
+        if np.shape(value) != expected[name]:
+            raise BundleError(f"{where}: on one {w}x{h} frame the model's {name!r} is {np.shape(value)}, the manifest "
+                              f"implies {expected[name]} (input_shape, input_layout, class_names)")
+
+
 def bundle_inputs(manifest: Any, images: np.ndarray) -> np.ndarray:
     """uint8 N×H×W×C images in the bundle's input format (NHWC uint8 or NCHW float 0..1): what
     the pipeline, ``keepbits compare`` and INT8 calibration feed a model.
@@ -203,31 +229,7 @@ class Pipeline:
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self.threads, self.spinning = threads, spinning
-        self._check_model()
-
-    def _check_model(self) -> None:
-        """Check the graph against the manifest at load, so that a mismatch is a :class:`BundleError`
-        here and not an ONNX Runtime error on the first frame: the session's inputs and outputs
-        (:func:`keepbits.bundle.check_graph_io`, when it describes them), then one model-size
-        zero frame through the model, whose outputs must have the shapes the manifest implies."""
-        from keepbits.bundle import check_graph_io
-        from keepbits.errors import BundleError
-
-        where = str(self.bundle.source)
-        if hasattr(self.session, "get_inputs") and hasattr(self.session, "get_outputs"):
-            check_graph_io(self.manifest, self.session.get_inputs(), self.session.get_outputs(), where)
-        c, h, w = self.channels, self.height, self.width
-        try:
-            outputs = self.session.run(self._outputs, {self.manifest.input_name: self._feed(np.zeros((1, h, w, c), np.uint8))})
-        except Exception as exc:  # noqa: BLE001 - ORT and substitute sessions raise their own error types
-            message = next(iter(str(exc).splitlines()), "") or type(exc).__name__
-            raise BundleError(f"{where}: the model fails on a {w}x{h} frame of the manifest's input_shape ({message})") from None
-        image = (1, h, w, c) if self.manifest.input_layout == "NHWC" else (1, c, h, w)
-        expected = {"logits": (1, len(self.class_names)), "mask": (1, 1, h, w), "mixed": image, "simplified": image}
-        for name, value in zip(self._outputs, outputs):
-            if np.shape(value) != expected[name]:
-                raise BundleError(f"{where}: on one {w}x{h} frame the model's {name!r} is {np.shape(value)}, the manifest "
-                                  f"implies {expected[name]} (input_shape, input_layout, class_names)")
+        check_session(self.session, m, str(self.bundle.source))
 
     def _feed(self, batch: np.ndarray) -> np.ndarray:
         """The model input for an N×H×W×C uint8 batch: itself (uint8 NHWC) or float NCHW in 0..1."""
