@@ -194,6 +194,10 @@ def test_onnx_classifier_with_a_fixed_batch_of_one(tmp_path, caplog):
         adapter = load_model(str(path))
     np.testing.assert_allclose(adapter.logits(xs), want, atol=1e-4)
     assert "no mean/std given or in its metadata; assumed mean 0, std 1" in caplog.text  # it was silent
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="keepbits"):
+        assert load_model(str(path), mean=[0.1, 0.2], std=[0.3, 0.3]).mean.tolist() == pytest.approx([0.1, 0.2])
+    assert "assumed mean 0" not in caplog.text  # given in the call: nothing assumed
     res = SISExplainer(str(path), threshold=0.4, method="gradient", k=16).explain(xs[:2])
     assert len(res) == 2 and all(len(r.backselect.order) == D for r in res)
 

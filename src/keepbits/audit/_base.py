@@ -313,7 +313,7 @@ def _onnx_adapter(path: Path, weights: Any = None, kwargs: Any = None, preproces
     adapter = OnnxAdapter(path, **options)
     c, h, w = adapter.input_shape
     meta = adapter.session.get_modelmeta().custom_metadata_map
-    if not ({"mean", "std"} <= set(given) | set(meta)) and options.get("feed", "normalized") == "normalized":
+    if not ({"mean", "std"} <= set(given) | set(meta) | set(options)) and options.get("feed", "normalized") == "normalized":
         # as for a torch classifier: a wrong guess here costs the audit without a sign, so say it
         log.warning("%s: no mean/std given or in its metadata; assumed mean 0, std 1 (inputs in [0, 1]; CLI: --mean, --std)", path)
     if c in (1, 3):
