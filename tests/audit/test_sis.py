@@ -237,6 +237,8 @@ def test_explainer_bad_inputs_are_input_errors():
     explainer = SISExplainer(FunctionAdapter(lambda x: x.reshape(len(x), -1)[:, :3] * 4, input_shape=(2, 6, 6)), threshold=0.9)
     for inputs, target, message in [(np.zeros((1, 6, 6, 3), np.uint8), None, r"uint8 images must be N×6×6×2"),
                                     (np.zeros((0, 2, 6, 6), np.float32), None, "an empty batch"),
-                                    (np.ones((1, 2, 6, 6), np.float32), 7, r"class index in 0..2, got 7")]:
+                                    (np.ones((1, 2, 6, 6), np.float32), 7, r"class index in 0..2, got 7"),
+                                    (np.ones((1, 2, 6, 6), np.float32), 1.7, r"class indices\), got 1.7"),  # it became 1
+                                    (np.ones((1, 2, 6, 6), np.float32), "a", r"class indices\), got 'a'")]:
         with pytest.raises(InputError, match=message):
             explainer.explain(inputs, target=target)

@@ -32,6 +32,9 @@ TINY_MODULE = textwrap.dedent("""
     def broken(num_classes=3):
         raise RuntimeError("boom in factory")
 
+    def broken_inside(num_classes=3):
+        return nn.Linear("eight", num_classes)  # a TypeError inside the factory, not in its call
+
     def flat_classifier(num_classes=3, side=16):  # no adaptive pooling: SimpleBits exports with the TorchScript exporter
         return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * (side // 2) ** 2, num_classes))
 """)
@@ -212,6 +215,10 @@ def test_a_factory_that_raises_is_one_line_exit_2(tinynets, tmp_path, capsys):
                "--labels", "predicted", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "classifier byo_nets:broken: its factory raised RuntimeError: boom in factory" in err and "Traceback" not in err
+    rc = main(["train", "nice", "--classifier", "byo_nets:broken_inside", "--image-size", "16", "16", "--footage", str(tmp_path),
+               "--labels", "predicted", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "its factory raised TypeError" in err and "cannot be called with" not in err
 
 
 def test_a_classifier_that_cannot_take_its_preprocessing_size_is_one_clear_error():

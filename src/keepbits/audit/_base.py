@@ -337,7 +337,10 @@ def as_targets(target: Any, n: int, default: np.ndarray, classes: int | None = N
     in ``0..classes-1`` where ``classes`` is given."""
     if target is None:
         return np.asarray(default, dtype=np.int64)
-    t = np.asarray(target, dtype=np.int64)
+    t = np.asarray(target)
+    if t.dtype.kind not in "iu":  # 3.7 became 3, True became 1, 'a' a ValueError
+        raise InputError(f"target must be None, an int or {n} ints (class indices), got {target!r}")
+    t = t.astype(np.int64)
     if t.ndim == 0:
         t = np.full(n, int(t), dtype=np.int64)
     if t.shape != (n,):

@@ -282,9 +282,13 @@ def resolve_classifier(spec: str, *, weights: str | Path | None = None, kwargs: 
     if weights is None and "pretrained" in takes and "pretrained" not in call:
         call["pretrained"] = True
     try:
-        module = builder(**call)
+        inspect.signature(builder).bind(**call)
     except TypeError as exc:
         raise InputError(f"classifier {spec}: cannot be called with {sorted(call)}: {exc}") from None
+    except ValueError:  # no signature to read (a builtin): the call itself says
+        pass
+    try:
+        module = builder(**call)
     except Exception as exc:  # noqa: BLE001 - a user's factory may fail in any way: one line, not a traceback
         raise InputError(f"classifier {spec}: its factory raised {type(exc).__name__}: {exc}") from None
     if not isinstance(module, nn.Module):
