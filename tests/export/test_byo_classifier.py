@@ -93,10 +93,10 @@ def test_factory_with_weights_through_train_export_run_bench_and_audit(tiny_npz,
     assert main(["-q", "bench", "nice", "--model", str(out / "nice.pt"), "--data", str(tiny_npz), "--num-images", "6",
                  "--qualities", "50", "--out", str(tmp_path / "bench.json")]) == 0
     assert json.loads((tmp_path / "bench.json").read_text())["checkpoint"] == str(out / "nice.pt")
-    for model in (str(out / "nice.pt"), "byo_nets:classifier"):
+    for n, model in enumerate((str(out / "nice.pt"), "byo_nets:classifier")):  # two audits, two folders (each refuses the other's runs)
         extra = [] if model.endswith(".pt") else ["--classifier-weights", str(weights), "--image-size", "16", "16"]
         assert main(["-q", "audit", "sis", "--model", model, *extra, "--data", str(tiny_npz), "--split", "train", "--num-images", "2",
-                     "--method", "gradient", "--k", "64", "--out", str(tmp_path / "sis")]) == 0
+                     "--method", "gradient", "--k", "64", "--out", str(tmp_path / f"sis{n}")]) == 0
 
 
 def test_preprocessing_travels_checkpoint_manifest_runtime(tiny_npz, tmp_path, tinynets):
