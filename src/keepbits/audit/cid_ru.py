@@ -223,7 +223,9 @@ def reconstruction_uncertainty(module: Any, layer: str, decoder: Any, x: Any, co
     Returns the maps and, per image, the fit's ``ratio``, ``steps``, ``converged``, ``log_sigma``
     (N×1×H/b×W/b), the window traces (``trace_*``), ``floor`` (N×H×W: the map at σ = 0, i.e.
     the decoder's own error) and ``spread`` (N×H×W: ``½ log(2πe Var_δ[g(h(x'))])``, the same draws
-    centred on their own mean instead of ``x``: the reconstruction's variation alone, no decoder bias).
+    centred on their own mean instead of ``x``: the reconstruction's variation alone, no decoder bias;
+    the unbiased variance over the S draws, so with an unbiased decoder it can exceed RU by up to
+    ½ log(S/(S−1)), 0.016 nats at S = 32).
     """
     import torch
 
