@@ -4,6 +4,8 @@ a per-item timer."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -54,13 +56,61 @@ def _commit() -> str:
 _COMMIT_AT_START = _commit()
 
 
+#: Installed distributions whose versions every result records (imported or not: a subprocess may use them).
+_DISTRIBUTIONS = ("keepbits", "numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "opencv-python-headless", "pillow", "zlib-ng")
+#: Environment variables that change what a benchmark measures (threads, spin policy, native kernels, devices).
+_ENVIRONMENT = ("OMP_", "MKL_", "KEEPBITS_", "CUDA_VISIBLE_DEVICES", "ORT_")
+#: Largest input file hashed for the record (bytes).
+_MAX_HASHED = 4 << 30
+
+
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for name in ("numpy", "torch", "onnx", "onnxruntime", "cv2", "PIL", "zlib_ng"):
+    for name in _DISTRIBUTIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    for name in ("cv2", "PIL"):  # as imported (a wheel's name may differ from the module's)
         module = sys.modules.get(name)
         if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
+            versions[f"{name} (imported)"] = getattr(module, "__version__", "?")
     return versions
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _inputs() -> dict[str, str]:
+    """sha256 of every file the command line names (checkpoints, bundles, data files) and of the
+    native kernel library in use, so a result says which weights and kernels made it."""
+    named = {part for arg in sys.argv[1:] for part in (arg, arg.partition("=")[2]) if part}
+    files = {Path(p) for p in named if Path(p).is_file() and Path(p).stat().st_size <= _MAX_HASHED}
+    try:
+        from keepbits.native import library_path
+
+        library = library_path()
+        if library is not None:
+            files.add(library)
+    except Exception:  # noqa: BLE001 - a missing or misnamed library: nothing to record
+        pass
+    return {str(path): _sha256(path) for path in sorted(files)}
+
+
+def _run_context() -> dict[str, Any]:
+    """Working folder (the command's relative paths start there), the environment variables that
+    change results, and the load average (another job on the cores shows there)."""
+    return {"cwd": os.getcwd(), "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENVIRONMENT)},
+            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+#: The run's context as it started (its load average before the benchmark's own work).
+_CONTEXT_AT_START = _run_context()
 
 
 def machine() -> dict[str, object]:
@@ -87,6 +137,8 @@ def write_result(name: str, payload: dict, out_dir: str | os.PathLike | None = N
         "command": shlex.join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0].endswith(".py") else sys.argv[0], *sys.argv[1:]]),
         "machine": machine(),
         "versions": _versions(),
+        "inputs_sha256": _inputs(),
+        "context": {**_CONTEXT_AT_START, "load_average_at_write": _run_context()["load_average"]},
         **payload,
     }
     if (now := _commit()) != _COMMIT_AT_START:
