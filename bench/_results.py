@@ -22,7 +22,7 @@ import numpy as np
 
 from keepbits._json import jsonable
 
-__all__ = ["default_data_dir", "machine", "median_seconds_per_item", "results_dir", "save_image_rows", "video_frames", "write_result"]
+__all__ = ["add_data_argument", "checkpoint_record", "default_data_dir", "machine", "median_seconds_per_item", "results_dir", "save_image_rows", "video_frames", "write_result"]
 
 
 #: The source checkout holding this ``bench/`` folder.
@@ -148,6 +148,14 @@ def write_result(name: str, payload: dict, out_dir: str | os.PathLike | None = N
     return path
 
 
+def checkpoint_record(checkpoint: Any) -> dict[str, Any]:
+    """The metrics of the weights a benchmark loaded (a keepbits checkpoint): its own epoch's
+    history entry, and the run's best epoch beside it (a last.pt is not the best epoch)."""
+    history = checkpoint.metrics.get("history") or []
+    own = next((h for h in history if isinstance(h, dict) and h.get("epoch") == checkpoint.epoch + 1), None)
+    return {"epochs_completed": checkpoint.epoch + 1, "this_checkpoint": own, "run_best": checkpoint.metrics.get("best")}
+
+
 def save_image_rows(rows: list[tuple[str, np.ndarray]], path: Path, per_row: int = 10) -> None:
     """PNG with one labelled strip per ``(title, images)``: the first ``per_row`` images
     (N×C×H×W floats in [0, 1], gray or RGB), shown at 2× size."""
@@ -178,6 +186,12 @@ def video_frames(path: Path, count: int, step: int = 1) -> list[np.ndarray]:
             if i % step == 0:
                 frames.append(frame.image)
     return frames
+
+
+def add_data_argument(parser: argparse.ArgumentParser, holds: str) -> None:
+    """``--data``: the data root, by default ``../shared/data`` beside the checkout (shown in ``--help``)."""
+    parser.add_argument("--data", type=Path, default=default_data_dir(),
+                        help=f"data root holding {holds} (default: ../shared/data beside the checkout, {default_data_dir()})")
 
 
 def require_data(parser: argparse.ArgumentParser, data: Path | None, *subfolders: str) -> None:

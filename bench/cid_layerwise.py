@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _results import default_data_dir, results_dir, write_result
+from _results import add_data_argument, checkpoint_record, require_data, results_dir, write_result
 
 TASKS = {
     "mnist-lenet5": ("mnist", ["features.0", "features.1", "features.2", "features.3", "classifier.2", "classifier.3"]),
@@ -41,7 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--model", required=True, help="classifier checkpoint (keepbits train classifier)")
-    p.add_argument("--data", default=None, help="data root holding mnist/ and cifar10/ (default ../shared/data)")
+    add_data_argument(p, "mnist/ and cifar10/")
     p.add_argument("--layers", nargs="+", default=None, help="default: every block of the task's network")
     p.add_argument("--num-images", type=int, default=20, help="N test images: a seeded class-balanced sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the image samples, the noise and the decoders")
@@ -64,6 +64,7 @@ def main() -> None:
                    help="only write the sampled test and decoder images to DIR/<data set>/{test,train}.npz (with their indices in "
                         "the full files) and exit: --data DIR then runs the same protocol where the full files are not at hand")
     args = p.parse_args()
+    require_data(p, args.data)
 
     import dataclasses
     import tempfile
@@ -77,7 +78,7 @@ def main() -> None:
     from keepbits.training.checkpoint import load_checkpoint
 
     torch.set_num_threads(args.threads)
-    root = Path(args.data) if args.data else default_data_dir()
+    root = Path(args.data)
     if root is None:
         raise SystemExit("no data: pass --data (a folder holding mnist/ and cifar10/)")
     folder, default = TASKS[args.task]
@@ -114,7 +115,7 @@ def main() -> None:
 
     def save(convergence: dict | None) -> Path:
         return write_result(name, {
-            "task": args.task, "model": args.model, "model_metrics": ckpt.metrics.get("best"),
+            "task": args.task, "model": args.model, "model_metrics": checkpoint_record(ckpt),
             "model_settings": {k: ckpt.settings.get(k) for k in ("epochs", "max_train", "optimizer", "arch", "val_fraction", "seed")},
             "model_epochs_completed": ckpt.epoch + 1,
             "protocol": "audited images: a seeded class-balanced sample of the test split; decoder images: a seeded class-balanced "

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from _results import default_data_dir, require_data, write_result
+from _results import add_data_argument, require_data, write_result
 from keepbits.training.classifier import ClassifierConfig, train_classifier
 
 TASKS = {
@@ -29,7 +29,7 @@ TASKS = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
-    parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding mnist/ and cifar10/ (default ../shared/data)")
+    add_data_argument(parser, "mnist/ and cifar10/")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where checkpoints go")
     parser.add_argument("--epochs", type=int, default=None, help="override the task's epoch count")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")

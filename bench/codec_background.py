@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, median_seconds_per_item, parse_args_with_data, video_frames, write_result  # noqa: E402
+from _results import add_data_argument, median_seconds_per_item, parse_args_with_data, video_frames, write_result  # noqa: E402
 from imagenet_splits import split_of  # noqa: E402
 
 from keepbits.codec import payload  # noqa: E402
@@ -74,7 +74,7 @@ def section(grid: np.ndarray, codec: str) -> bytes:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=default_data_dir(), help="shared data folder (default: ../shared/data)")
+    add_data_argument(p, "kodak/ and videos/")
     p.add_argument("--images", type=int, default=64, help="images per content kind (Kodak: all 24)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes; the median is reported")
     args = parse_args_with_data(p)

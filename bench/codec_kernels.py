@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, parse_args_with_data, video_frames, write_result  # noqa: E402
+from _results import add_data_argument, parse_args_with_data, video_frames, write_result  # noqa: E402
 
 from keepbits import native  # noqa: E402
 from keepbits.codec import encode, payload  # noqa: E402
@@ -46,7 +46,7 @@ def fastest(run: Callable[[int], object], items: int, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=default_data_dir())
+    add_data_argument(p, "videos/")
     p.add_argument("--bundle", type=Path, required=True, help="deployment bundle whose masks and block size are used")
     p.add_argument("--frames", type=int, default=60, help="frames of the video (default: 60)")
     p.add_argument("--repeats", type=int, default=20, help="passes per figure; the fastest counts (default: 20)")

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, median_seconds_per_item, parse_args_with_data, video_frames, write_result  # noqa: E402
+from _results import add_data_argument, median_seconds_per_item, parse_args_with_data, video_frames, write_result  # noqa: E402
 
 from keepbits.codec import deflate, payload, png  # noqa: E402
 from keepbits.data import load_dataset  # noqa: E402
@@ -94,7 +94,7 @@ def encode(img: np.ndarray, params: list[int] | str | None) -> bytes:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=default_data_dir())
+    add_data_argument(p, "videos/, kodak/, cifar10/ and mnist/")
     p.add_argument("--repeats", type=int, default=5)
     args = parse_args_with_data(p)
     cv2.setNumThreads(1)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, write_result  # noqa: E402
+from _results import add_data_argument, write_result  # noqa: E402
 
 from keepbits import registry  # noqa: E402
 from keepbits.data import Footage, imagenet_wnids  # noqa: E402
@@ -65,7 +65,7 @@ def symmetric_padding(model: torch.nn.Module) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding imagenet_samples/ (default ../shared/data)")
+    add_data_argument(parser, "imagenet_samples/")
     parser.add_argument("--sample", type=int, default=500, help="size of the seeded class-balanced sample")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the class-balanced samples")
     parser.add_argument("--batch-size", type=int, default=50)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, parse_args_with_data  # noqa: E402
+from _results import add_data_argument, parse_args_with_data  # noqa: E402
 
 #: split -> the class indices i it holds, by i % 5
 SPLITS = {"eval": (0,), "val": (1,), "train": (2, 3, 4)}
@@ -38,7 +38,7 @@ def split_of(index: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=default_data_dir())
+    add_data_argument(p, "imagenet_samples/")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--splits", nargs="+", choices=["train", "val"], default=["train", "val"],
                    help="splits to copy (the eval split is never copied for training)")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _results import default_data_dir, parse_args_with_data, results_dir, write_result
+from _results import add_data_argument, checkpoint_record, parse_args_with_data, results_dir, write_result
 from keepbits.data import load_dataset
 from keepbits.training.checkpoint import load_checkpoint
 from keepbits.training.classifier import load_classifier
@@ -40,7 +40,7 @@ EVAL_B = (1, 2, 4, 8, 16, 32)
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding cifar10/ (default ../shared/data)")
+    add_data_argument(p, "cifar10/")
     p.add_argument("--classifier", default=None, help="ResNet-20 checkpoint trained with the same --val-fraction and first seed; "
                    "trained into --runs when missing")
     p.add_argument("--classifier-epochs", type=int, default=15)
@@ -165,7 +165,7 @@ def main() -> int:
                       "count; nice_soft = the soft ẑ, not at that budget",
             "matching": "smallest original-image PNG/JPEG/WebP (qualities listed) whose accuracy reaches binary NICE's at that b, per seed",
         },
-        "classifier_metrics": {k: v for k, v in load_checkpoint(clf_path).metrics.items() if k != "history"},
+        "classifier_metrics": checkpoint_record(load_checkpoint(clf_path)),
         "pilots_validation": pilots + finetune_pilots,
         "chosen": {"fixed_lambda_l0": chosen_fixed and chosen_fixed["lambda_l0"], "finetuned_classifier_lr": chosen_ft and chosen_ft["classifier_lr"]},
         "runs": runs,

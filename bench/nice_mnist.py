@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _results import default_data_dir, parse_args_with_data, results_dir, write_result
+from _results import add_data_argument, parse_args_with_data, results_dir, write_result
 from keepbits.data import load_dataset
 from keepbits.training.checkpoint import build_model, load_checkpoint
 from keepbits.training.data import TensorImages
@@ -39,7 +39,7 @@ BLOCK = 28
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding mnist/ (default ../shared/data)")
+    add_data_argument(p, "mnist/")
     p.add_argument("--classifier", default=None, help="LeNet5 checkpoint trained with the same --val-fraction and first seed; "
                    "trained into --runs (8 epochs SGD, crop) when missing")
     p.add_argument("--runs", type=Path, default=Path("runs/nice"), help="where checkpoints go")

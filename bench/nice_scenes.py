@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _results import default_data_dir, require_data, results_dir, write_result
+from _results import add_data_argument, require_data, results_dir, write_result
 from keepbits.audit.overinterpretation import mean_ci
 from keepbits.data import load_dataset
 from keepbits.training.checkpoint import load_checkpoint
@@ -178,7 +178,7 @@ def summarise(names: list[str]) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding kodak/ and cifar10/")
+    add_data_argument(p, "kodak/ and cifar10/")
     p.add_argument("--runs", type=Path, default=Path("runs/nice"))
     p.add_argument("--num-train", type=int, default=8000)
     p.add_argument("--num-test", type=int, default=1000)

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, parse_args_with_data, video_frames, write_result  # noqa: E402
+from _results import add_data_argument, parse_args_with_data, video_frames, write_result  # noqa: E402
 from runtime_throughput import classifier_only_graph  # noqa: E402
 
 from keepbits.codec import encode, payload  # noqa: E402
@@ -133,7 +133,7 @@ def measure(bundle: Path, frames: list[np.ndarray], rounds: int, work: Path) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=default_data_dir())
+    add_data_argument(p, "videos/")
     p.add_argument("--bundles", type=Path, nargs="+", required=True, help="deployment bundles (folders or .zip)")
     p.add_argument("--frames", type=int, default=60, help="frames of the video per measure (default: 60)")
     p.add_argument("--rounds", type=int, default=5, help="rounds, order rotated (default: 5)")

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, parse_args_with_data, results_dir, write_result  # noqa: E402
+from _results import add_data_argument, parse_args_with_data, results_dir, write_result  # noqa: E402
 
 from keepbits.codec import decode, encode  # noqa: E402
 from keepbits.data import Footage, imagenet_wnids  # noqa: E402
@@ -270,7 +270,7 @@ def plot(results: dict[str, Any], budget: list[dict[str, Any]], tag: str) -> lis
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=default_data_dir())
+    add_data_argument(p, "imagenet_samples/")
     p.add_argument("--bundles", type=Path, required=True, help="folder of run folders with float32.zip / int8.zip (bench/flagship.py bundle)")
     p.add_argument("--runs", type=Path, required=True, help="folder of the same run folders with nice.pt (the classifier for saliency)")
     p.add_argument("--thresholds", type=float, nargs="*", default=None, help="mask thresholds ẑ > t of the payload points (default: the bundle's)")

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, parse_args_with_data, write_result  # noqa: E402
+from _results import add_data_argument, parse_args_with_data, write_result  # noqa: E402
 from real_world import predictions, split_images  # noqa: E402
 
 from keepbits.codec import decode, encode  # noqa: E402
@@ -61,7 +61,7 @@ def centre_cells(shape: tuple[int, int], block: int, share: float) -> np.ndarray
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=default_data_dir())
+    add_data_argument(p, "imagenet_samples/")
     p.add_argument("--bundle", type=Path, required=True, help="a NICE deployment bundle (.zip or folder)")
     p.add_argument("--codec", choices=["webp", "jpeg"], default="webp")
     p.add_argument("--qualities", type=int, nargs="+", default=[75, 90])

@@ -82,7 +82,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, median_interval, video_frames, write_result  # noqa: E402
+from _results import add_data_argument, median_interval, video_frames, write_result  # noqa: E402
 
 from keepbits import registry  # noqa: E402
 from keepbits.export import export_onnx  # noqa: E402
@@ -370,7 +370,7 @@ def soak(pipe: Pipeline, video: Path, seconds: float, workers: int = 1) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=default_data_dir())
+    add_data_argument(p, "videos/")
     p.add_argument("--frames", type=int, default=60, help="frames per measurement round")
     p.add_argument("--naive-frames", type=int, default=10, help="frames per round for the (slow) naive loop")
     p.add_argument("--rounds", type=int, default=3)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, write_result  # noqa: E402
+from _results import add_data_argument, require_data, write_result  # noqa: E402
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -44,13 +44,14 @@ def png_bits_per_dim(img_hwc: np.ndarray) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(default_data_dir() or "../shared/data"))
+    add_data_argument(p, "mnist/ and cifar10/")
     p.add_argument("--density", default=None, help="density checkpoint (default: the shipped CIFAR-10 Glow)")
     p.add_argument("--n", type=int, default=300, help="images per data set: a seeded class-balanced sample of the test split")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one sample (and one row of results) per seed")
     p.add_argument("--glow-test-images", type=int, default=2000, help="size of the class-balanced CIFAR-10 test samples for the Glow's test bpd")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    require_data(p, args.data, "mnist", "cifar10")
 
     import torch
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, results_dir, save_image_rows, write_result  # noqa: E402
+from _results import add_data_argument, require_data, results_dir, save_image_rows, write_result  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(default_data_dir() or "../shared/data"))
+    add_data_argument(p, "mnist/ and cifar10/")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "cifar10"])
     p.add_argument("--density", default=None, help="density checkpoint (default: the shipped CIFAR-10 Glow)")
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 10], help="synthetic images per class")
@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default=None, help="torch device of the condensation, e.g. cuda (fresh classifiers use CUDA when present)")
     args = p.parse_args()
+    require_data(p, args.data, args.dataset)
 
     import torch
 

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import default_data_dir, results_dir, save_image_rows, write_result  # noqa: E402
+from _results import add_data_argument, require_data, results_dir, save_image_rows, write_result  # noqa: E402
 
 
 def main() -> None:
     from keepbits.training.distractors import KINDS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(default_data_dir() or "../shared/data"))
+    add_data_argument(p, "mnist/ and cifar10/")
     p.add_argument("--kinds", nargs="+", default=["mnist_cifar", "cifar_stripes"], choices=KINDS)
     p.add_argument("--density", default=None)
     p.add_argument("--arch", default="nf_wrn16_2")
@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--device", default=None, help="torch device of the SimpleBits training, e.g. cuda")
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
+    require_data(p, args.data, "mnist", "cifar10")
 
     import torch
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from _results import default_data_dir, parse_args_with_data, write_result
+from _results import add_data_argument, parse_args_with_data, write_result
 
 
 def audit_command(model: Path, data: Path, out: Path, images: int, seed: int, threshold: float, thresholds: list[float] | None,
@@ -98,7 +98,7 @@ def orders(folder: Path) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="CIFAR-10 classifier checkpoint")
-    parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding cifar10/ (default ../shared/data)")
+    add_data_argument(parser, "cifar10/")
     parser.add_argument("--images", type=int, default=4, help="class-balanced test images audited (each run)")
     parser.add_argument("--target-images", type=int, default=1000, help="audit size the measured rate is extrapolated to")
     parser.add_argument("--threshold", type=float, default=0.9)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _results import default_data_dir, write_result
+from _results import add_data_argument, require_data, write_result
 from sis_audit import audit_draw
 
 
@@ -110,13 +110,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--audit", type=Path, required=True, help="the audit's --out folder")
     parser.add_argument("--model", type=Path, required=True, help="the audited checkpoint")
-    parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding cifar10/ (default ../shared/data)")
+    add_data_argument(parser, "cifar10/")
     parser.add_argument("--num-images", type=int, default=1000, help="the audit's --num-images")
     parser.add_argument("--seed", type=int, default=0, help="the audit's --seed")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9], help="the audit's τ values (the smallest decides)")
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes the audit runs with")
     parser.add_argument("--name", default="sis_audit_progress", help="results name (bench/results/<name>.json)")
     args = parser.parse_args()
+    require_data(parser, args.data, "cifar10")
     print(write_result(args.name, progress(args.audit, args.model, args.data / "cifar10", args.num_images, args.seed, args.thresholds,
                                            args.processes)))
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _results import default_data_dir, parse_args_with_data, write_result
+from _results import add_data_argument, parse_args_with_data, write_result
 from sis_audit import audit_draw
 
 STEPS = (0, 256, 512, 768, 960)
@@ -51,7 +51,7 @@ def main() -> None:
     from keepbits.core import target_margin
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=default_data_dir())
+    add_data_argument(p, "cifar10/")
     p.add_argument("--audit", type=Path, required=True, help="the OUT folder of a keepbits audit sis run (its orders/ chunks)")
     p.add_argument("--model", type=Path, required=True, help="the audited checkpoint")
     p.add_argument("--num-images", type=int, required=True, help="the audit's --num-images (its draw)")

@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 from keepbits.audit.overinterpretation import OverinterpretationConfig, run_overinterpretation
-from _results import default_data_dir, parse_args_with_data, write_result
+from _results import add_data_argument, parse_args_with_data, write_result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding cifar10/ (default ../shared/data)")
+    add_data_argument(parser, "cifar10/")
     parser.add_argument("--out", type=Path, default=Path("runs/sis_overinterpretation_cifar10"))
     parser.add_argument("--model", default=None, help="audit this classifier checkpoint instead of training --arch")
     parser.add_argument("--arch", default="resnet20")

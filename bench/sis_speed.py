@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _results import default_data_dir, require_data, write_result
+from _results import add_data_argument, require_data, write_result
 from keepbits.audit import TorchAdapter, backselect, backselect_batch, find_sis, load_model
 from keepbits.audit.sis import BackSelectResult, select
 from keepbits.audit import sis as sis_module
@@ -311,7 +311,7 @@ def run_model(name: str, model, net64: nn.Module, naive_score: Callable[[int], C
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder holding mnist/ and cifar10/ (default ../shared/data)")
+    add_data_argument(parser, "mnist/ and cifar10/")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--images", type=int, default=8, help="test images per MNIST model (run in lockstep by keepbits)")
     parser.add_argument("--reference-images", type=int, default=None, help="MNIST images also run by the float64 reference (default all)")
