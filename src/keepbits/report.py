@@ -25,6 +25,7 @@ import html
 import json
 import math
 import os
+import platform
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -96,6 +97,20 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = (255, 0,
     m = np.asarray(mask, dtype=bool)[..., None]
     tinted = (1 - alpha) * img + alpha * np.asarray(color, dtype=np.float64)
     return np.clip(np.rint(np.where(m, tinted, img * dim)), 0, 255).astype(np.uint8)
+
+
+def _generated_by() -> dict[str, Any]:
+    """keepbits' and Python's versions, the platform and the CPU model (Linux), for a report's JSON."""
+    from keepbits._version import __version__
+
+    cpu = None
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return {"keepbits": __version__, "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "cpus": os.cpu_count()}
 
 
 def _data_uri(png: bytes) -> str:
@@ -330,7 +345,9 @@ class Report:
                 f"<table>{meta}</table>\n{body}\n</body></html>\n")
 
     def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "meta": jsonable(self.meta), "sections": [s.record for s in self.sections], "data": jsonable(self.data)}
+        """The report as JSON, with what made it: keepbits' version, Python's, the platform and CPU."""
+        return {"title": self.title, "meta": jsonable(self.meta), "sections": [s.record for s in self.sections], "data": jsonable(self.data),
+                "generated_by": _generated_by()}
 
     def write(self, out_dir: str | Path, name: str = "report") -> list[Path]:
         """Write ``<name>.html`` and ``<name>.json`` into ``out_dir`` atomically; returns both paths."""

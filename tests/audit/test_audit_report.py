@@ -103,3 +103,12 @@ def test_written_files_get_the_umask_permissions_not_0600(tmp_path):
         os.umask(old)
     assert [oct(p.stat().st_mode & 0o777) for p in paths] == ["0o644"] * 3
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_report_json_says_what_made_it(tmp_path):
+    """A report cited as a result names keepbits' version and the machine (reports had a command only)."""
+    from keepbits import __version__
+
+    Report("t").write(tmp_path)
+    made = json.loads((tmp_path / "report.json").read_text())["generated_by"]
+    assert made["keepbits"] == __version__ and made["python"] and made["cpus"] >= 1
