@@ -217,10 +217,16 @@ def test_a_listed_member_that_unpacks_far_beyond_its_compressed_size_is_refused_
     assert bomb.stat().st_size < 1 << 20
     with pytest.raises(BundleError, match=r"archive member 'weights.bin' would unpack to 67108864 bytes from \d+ compressed \(more than 100×"):
         load_bundle(bomb)
-    # many members of 1 MiB each, every one at the limit's edge: their sum is refused
+    # many members of 1 MiB each (each under the per-member size the check began at, then): refused one by one
+    # and, below 64 KiB each, by their sum
     manifest = _manifest_dict(good_zip)
-    pads = {f"pad/{i:03d}.bin": bytes(1 << 20) for i in range(200)}
-    digest = hashlib.sha256(bytes(1 << 20)).hexdigest()
+    pads = {f"pad/{i:03d}.bin": bytes(1 << 20) for i in range(4)}
+    manifest["files"].update({name: hashlib.sha256(bytes(1 << 20)).hexdigest() for name in pads})
+    with pytest.raises(BundleError, match=r"archive member 'pad/000.bin' would unpack to 1048576 bytes"):
+        load_bundle(_rezip(good_zip, tmp_path / "mib.zip", manifest=manifest, extra=pads))
+    manifest = _manifest_dict(good_zip)
+    pads = {f"pad/{i:03d}.bin": bytes(60 << 10) for i in range(200)}
+    digest = hashlib.sha256(bytes(60 << 10)).hexdigest()
     manifest["files"].update({name: digest for name in pads})
     with pytest.raises(BundleError, match=r"the listed files would unpack to \d+ bytes from \d+ compressed"):
         load_bundle(_rezip(good_zip, tmp_path / "many.zip", manifest=manifest, extra=pads))

@@ -64,9 +64,9 @@ CUSTOM_OPS = ("HardConcreteMask", "MixedResCompose", "MaskCompose")
 MAX_ARCHIVE_BYTES = 8 << 30
 #: Largest ``manifest.json`` read (bytes).
 MAX_MANIFEST_BYTES = 1 << 20
-#: Most bytes the listed archive members may unpack to per compressed byte, each and all together,
-#: above 1 MiB unpacked: model weights deflate to about 1.1×, a zip bomb to 1,000× (refused before
-#: anything is written).
+#: Most bytes the listed archive members may unpack to per compressed byte, each above 64 KiB and
+#: all together above 1 MiB: model weights deflate to about 1.1×, a zip bomb to 1,000× (refused
+#: before anything is written; below 64 KiB a member is bounded by its size, 1,024 of them by 64 MiB).
 MAX_COMPRESSION_RATIO = 100
 #: Bounds of the manifest's numbers: model side and values C·H·W (a frame of the model size
 #: is allocated per batch item), block size (the payload's u16 field), classes (``MAX_CLASSES``,
@@ -432,7 +432,7 @@ def _unpack_listed(zf: zipfile.ZipFile, members: Mapping[str, zipfile.ZipInfo], 
     total = sum(info.file_size for info in infos)
     packed = sum(info.compress_size for info in infos)
     for name, size, compressed in [(f"archive member {i.filename!r}", i.file_size, i.compress_size) for i in infos] + [("the listed files", total, packed)]:
-        if size > 1 << 20 and size > MAX_COMPRESSION_RATIO * max(compressed, 1):
+        if size > (1 << 20 if name == "the listed files" else 1 << 16) and size > MAX_COMPRESSION_RATIO * max(compressed, 1):
             raise BundleError(f"{where}: {name} would unpack to {size} bytes from {compressed} compressed "
                               f"(more than {MAX_COMPRESSION_RATIO}× as many: not model files)")
     if total > MAX_ARCHIVE_BYTES:

@@ -55,6 +55,9 @@ def paths(tmp_path_factory):
     (root / "reported").mkdir()
     (root / "reported" / "report.html").write_text("<html>another audit's report</html>")  # no chunk files: not an SIS audit to resume
     (root / "reported" / "orders" / "original_train").mkdir(parents=True)  # as an overinterpretation audit's folder holds
+    (root / "overinterpreted" / "models").mkdir(parents=True)  # a stopped overinterpretation audit (no report yet)
+    (root / "sis_runs" / "orders").mkdir(parents=True)  # an SIS audit's runs
+    (root / "sis_runs" / "orders" / "chunk_0000000.json").write_text('{"fingerprint": "x", "results": []}')
     (root / "finished").mkdir()  # a finished run whose last.pt is gone: --resume must not start over it
     (root / "finished" / "best.pt").write_bytes(b"an earlier run's model")
     (root / "used" / "payloads").mkdir(parents=True)  # a files sink's folder from an earlier run
@@ -73,7 +76,8 @@ def paths(tmp_path_factory):
     np.savez(root / "data.npz", x=rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), y=np.arange(12) % 2)
     return {"bundle": bundle, "video": video, "file": root / "file.txt", "dir": root / "dir", "dirmp4": root / "dir.mp4",
             "text_pt": root / "text.pt", "empty_pt": root / "empty.pt", "broken": broken, "data": root / "data.npz",
-            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "checkpoint": root / "nice.pt", "used": root / "used", "trained": root / "trained", "finished": root / "finished", "evaluated": root / "evaluated", "reported": root / "reported", "out": root / "out", "port": _closed_port(),
+            "hugeblock": root / "hugeblock.zip", "onnx": root / "classifier.onnx", "checkpoint": root / "nice.pt", "used": root / "used", "trained": root / "trained", "finished": root / "finished", "evaluated": root / "evaluated", "reported": root / "reported", "overinterpreted": root / "overinterpreted",
+            "sis_runs": root / "sis_runs", "out": root / "out", "port": _closed_port(),
             "sent": root / "sent", "old_mp4": root / "old.mp4"}
 
 
@@ -149,6 +153,9 @@ CASES = [
                                                       "--dropout-samples", "0"], 2, "argument --dropout-samples: must be an integer >= 1"),
     ("audit overinterpretation --out another audit's folder", ["audit", "overinterpretation", "--data", "{data}", "--out", "{reported}"], 2,
      "holds an earlier run's report.html"),
+    ("audit sis --out an overinterpretation audit's folder", AUDIT_SIS + ["--out", "{overinterpreted}"], 2, "holds an earlier run's models"),
+    ("audit overinterpretation --out an SIS audit's folder", ["audit", "overinterpretation", "--data", "{data}", "--out", "{sis_runs}"], 2,
+     "holds an SIS audit's runs"),
     ("audit sis --k 0", AUDIT_SIS + ["--out", "{out}/k0", "--method", "gradient", "--k", "0"], 2,
      "--k (pixels per gradient step) must be >= 1, got 0"),
     ("bench nice --out an earlier result", BENCH_NICE + ["--out", "{file}"], 2,

@@ -79,6 +79,9 @@ def test_parse_address_options_and_errors():
     for bad in ("cams/#/x", "cams/a#", "ca+ms"):  # a paho thread's traceback, then "cannot reach the broker"
         with pytest.raises(InputError, match="not a valid MQTT topic filter"):
             receive_mqtt(f"mqtt://127.0.0.1:1/{bad}", "unused")
+    for bad, message in (("a" * 70000, "at most 65,535 bytes"), ("a%00b", "no NUL"), ("a%FFb", "not UTF-8")):
+        with pytest.raises(InputError, match=message):
+            parse_address(f"mqtt://h/{bad}")
     for bad, message in [("tcp://h/t", "mqtt://"), ("mqtt://h", "topic"), ("mqtt://h/t?qos=3", "qos"),
                          ("mqtt://h/t?speed=1", "unknown option"), ("mqtt://h/t?queue=x", "valid"), ("mqtt://h:99999/t", "port"),
                          ("mqtt://h/t?reconnect_min=2&reconnect_max=1", "reconnect_max")]:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from keepbits.cli._common import POSITIVE_LR, SEED, THRESHOLD, add_argument, add_device_option, existing_path, output_folder, positive_int
+from keepbits.errors import InputError
 
 HELP = ("overinterpretation audit: accuracy on 5%% BackSelect vs random pixel subsets, retraining on images the audited model never saw "
         "(with the full-image control), SIS sizes, mitigations")
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         existing_path(args.model, "model")
     # a folder with models/ is an overinterpretation audit to resume; any other folder's reports are never overwritten
+    if any((Path(args.out) / "orders").glob("chunk_*.json")):
+        raise InputError(f"--out {args.out}: holds an SIS audit's runs (orders/chunk_*.json); choose another folder")
     output_folder(args.out, writes=() if (Path(args.out) / "models").is_dir() else ("report.html", "report.json"))
     from keepbits.audit.overinterpretation import OverinterpretationConfig, run_overinterpretation
 

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     # a folder whose orders/ holds chunk files is an SIS audit to resume (they refuse another audit's runs);
     # any other folder's report files are never overwritten (an overinterpretation audit's orders/ holds folders)
     resumable = any((Path(args.out) / "orders").glob("chunk_*.json")) or args.partial
-    output_folder(args.out, writes=() if resumable else ("report.html", "report.json"))
+    output_folder(args.out, writes=("models",) + (() if resumable else ("report.html", "report.json")))  # models/: an overinterpretation audit's
     options = classifier_options(args)
     bundle = Path(args.model).exists() and not args.model.endswith((".pt", ".onnx"))
     if bundle and (options["weights"] or options["kwargs"] or options["preprocessing"]):

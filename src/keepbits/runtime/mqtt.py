@@ -91,9 +91,14 @@ def parse_address(url: str) -> MqttAddress:
         port = parts.port or 1883
     except ValueError:
         raise InputError(f"{url!r}: the port must be a number 1..65535") from None
-    topic = urllib.parse.unquote(parts.path.lstrip("/"))
+    try:
+        topic = urllib.parse.unquote(parts.path.lstrip("/"), errors="strict")
+    except UnicodeDecodeError:
+        raise InputError(f"{url!r}: the topic's %-escapes are not UTF-8") from None
     if not parts.hostname or not topic:
         raise InputError(f"{url!r}: expected mqtt://HOST[:PORT]/TOPIC with a host and a topic")
+    if "\x00" in topic or len(topic.encode("utf-8")) > 0xFFFF:
+        raise InputError(f"{url[:80]!r}…: an MQTT topic holds no NUL character and at most 65,535 bytes")
     options: dict[str, Any] = {}
     for key, values in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items():
         if key not in _OPTIONS:
