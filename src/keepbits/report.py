@@ -109,7 +109,15 @@ def _generated_by() -> dict[str, Any]:
                     if line.startswith("model name")), None)
     except OSError:
         pass
-    return {"keepbits": __version__, "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+    import importlib.metadata
+
+    versions = {}
+    for name in ("numpy", "onnxruntime", "torch", "onnx"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"keepbits": __version__, "python": platform.python_version(), **versions, "platform": platform.platform(), "cpu": cpu,
             "cpus": os.cpu_count()}
 
 

@@ -35,7 +35,8 @@ class InputDropout(nn.Module):
         of them (q = (1 − keep)·samples, the rounding drawn so its rate is q) and, with two or
         more masks, kept in at least one, so no position is hidden from every evaluation
         (independent masks hid 0.2² = 4 % of the positions from both of two masks at keep 0.8,
-        in every image); one mask drops each position at rate 1 − keep."""
+        in every image), which raises the keep rate to 1/samples where keep is below it; one mask
+        drops each position at rate 1 − keep."""
         gen = torch.Generator().manual_seed(self.seed)
         q = (1.0 - self.keep) * self.samples
         drops = (math.floor(q) + (torch.rand(1, h, w, generator=gen) < q - math.floor(q))).clamp(max=max(1, self.samples - 1))
