@@ -211,6 +211,8 @@ def test_onnx_classifier_through_train_export_run(tiny_npz, tmp_path, tinynets):
 
 def test_a_factory_that_raises_is_one_line_exit_2(tinynets, tmp_path, capsys):
     """A user's factory that fails when called was a traceback, exit 1."""
+    from keepbits.errors import InputError
+
     rc = main(["train", "nice", "--classifier", "byo_nets:broken", "--image-size", "16", "16", "--footage", str(tmp_path),
                "--labels", "predicted", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
@@ -219,6 +221,8 @@ def test_a_factory_that_raises_is_one_line_exit_2(tinynets, tmp_path, capsys):
                "--labels", "predicted", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "its factory raised TypeError" in err and "cannot be called with" not in err
+    with pytest.raises(InputError, match="classifier arch 'byo_nets:broken_inside': its factory raised TypeError"):  # rebuilt by name
+        Classifier.of(tinynets[0], PRE, arch="byo_nets:broken_inside")
 
 
 def test_a_classifier_that_cannot_take_its_preprocessing_size_is_one_clear_error():

@@ -43,7 +43,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -147,16 +147,28 @@ def _num_outputs(module: nn.Module, pre: Preprocessing, arch: str) -> int:
     return int(out.shape[1])
 
 
+def _call_builder(builder: Callable[..., Any], kwargs: Mapping[str, Any], what: str) -> Any:
+    """``builder(**kwargs)``; one-line :class:`InputError` naming ``what`` when the arguments do not
+    fit its signature, or when the call raises (a user's factory may fail in any way)."""
+    try:
+        inspect.signature(builder).bind(**kwargs)
+    except TypeError as exc:
+        raise InputError(f"{what}: cannot be called with {sorted(kwargs)}: {exc}") from None
+    except ValueError:  # no signature to read (a builtin): the call itself says
+        pass
+    try:
+        return builder(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        raise InputError(f"{what}: its factory raised {type(exc).__name__}: {exc}") from None
+
+
 def _check_rebuilds(module: nn.Module, arch: str, kwargs: Mapping[str, Any]) -> None:
     """Build ``arch(**kwargs)`` once and compare its state-dict names and shapes with ``module``'s."""
     if ":" in arch:
         registry.trust(arch)  # named by the caller, in this process
     builder = registry.resolve(arch)
     extra = {name: module.state_dict()[name] for name in getattr(builder, "state_dict_args", ())}
-    try:
-        rebuilt = builder(**kwargs, **extra)
-    except TypeError as exc:
-        raise InputError(f"classifier arch {arch!r} cannot be called with {sorted(kwargs)}: {exc}") from None
+    rebuilt = _call_builder(builder, {**kwargs, **extra}, f"classifier arch {arch!r}")
     if not isinstance(rebuilt, nn.Module):
         raise InputError(f"classifier arch {arch!r} returned a {type(rebuilt).__name__}, not a torch nn.Module")
     own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -281,16 +293,7 @@ def resolve_classifier(spec: str, *, weights: str | Path | None = None, kwargs: 
     takes = inspect.signature(builder).parameters if callable(builder) else {}
     if weights is None and "pretrained" in takes and "pretrained" not in call:
         call["pretrained"] = True
-    try:
-        inspect.signature(builder).bind(**call)
-    except TypeError as exc:
-        raise InputError(f"classifier {spec}: cannot be called with {sorted(call)}: {exc}") from None
-    except ValueError:  # no signature to read (a builtin): the call itself says
-        pass
-    try:
-        module = builder(**call)
-    except Exception as exc:  # noqa: BLE001 - a user's factory may fail in any way: one line, not a traceback
-        raise InputError(f"classifier {spec}: its factory raised {type(exc).__name__}: {exc}") from None
+    module = _call_builder(builder, call, f"classifier {spec}")
     if not isinstance(module, nn.Module):
         raise InputError(f"classifier {spec} returned a {type(module).__name__}, not a torch nn.Module")
     if weights is not None:
