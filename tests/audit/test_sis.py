@@ -242,3 +242,17 @@ def test_explainer_bad_inputs_are_input_errors():
                                     (np.ones((1, 2, 6, 6), np.float32), "a", r"class indices\), got 'a'")]:
         with pytest.raises(InputError, match=message):
             explainer.explain(inputs, target=target)
+
+
+def test_every_backselect_entry_checks_its_target():
+    """backselect, sis_collection and gradient_backselect took −1 as the last class, 5 of 2 classes as an
+    IndexError, 0.7 as 0 and 2**64 − 1 as −1; SISExplainer alone checked."""
+    from keepbits.audit import FunctionAdapter
+
+    model = FunctionAdapter(lambda x: np.stack([x.sum((1, 2, 3)), -x.sum((1, 2, 3))], 1), input_shape=(1, 1, 3))
+    x = np.array([[[-1.0, 2.0, 1.0]]], np.float32)
+    for target in (-1, 5, 0.7, np.uint64(2**64 - 1)):
+        for run in (lambda t: backselect(model, x, target=t), lambda t: sis_collection(model, x, 0.5, target=t)):
+            with pytest.raises(InputError, match="target must be"):
+                run(target)
+    assert backselect(model, x, target=np.int32(1)).order.tolist() == [1, 2, 0]

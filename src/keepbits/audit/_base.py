@@ -332,22 +332,22 @@ def _classifier_adapter(classifier: Any) -> "TorchAdapter":
     return adapter
 
 
-def as_targets(target: Any, n: int, default: np.ndarray, classes: int | None = None) -> np.ndarray:
-    """``target`` (None → ``default``, an int, or N ints) as an int64 vector of length ``n``, each
-    in ``0..classes-1`` where ``classes`` is given."""
+def model_targets(model: "ModelAdapter", xs: np.ndarray, target: Any, batch_size: int = 256) -> np.ndarray:
+    """``target`` for the prepared inputs ``xs`` as an int64 vector of ``model``'s class indices:
+    None → its predictions; an int or N ints, each checked against its class count (one forward pass)."""
     if target is None:
-        return np.asarray(default, dtype=np.int64)
+        return np.asarray(model.probabilities(xs, batch_size).argmax(1), np.int64)
     t = np.asarray(target)
     if t.dtype.kind not in "iu":  # 3.7 became 3, True became 1, 'a' a ValueError
-        raise InputError(f"target must be None, an int or {n} ints (class indices), got {target!r}")
-    t = t.astype(np.int64)
+        raise InputError(f"target must be None, an int or {len(xs)} ints (class indices), got {target!r}")
     if t.ndim == 0:
-        t = np.full(n, int(t), dtype=np.int64)
-    if t.shape != (n,):
-        raise InputError(f"target must be None, an int or {n} ints, got shape {t.shape}")
-    if classes is not None and len(t) and not (0 <= t.min() and t.max() < classes):
+        t = np.broadcast_to(t, (len(xs),))
+    if t.shape != (len(xs),):
+        raise InputError(f"target must be None, an int or {len(xs)} ints, got shape {t.shape}")
+    classes = model.logits(xs[:1], 1).shape[1]
+    if len(t) and not (0 <= int(t.min()) and int(t.max()) < classes):  # before the cast: 2**64 − 1 wrapped to −1
         raise InputError(f"target must be a class index in 0..{classes - 1}, got {t.min() if t.min() < 0 else t.max()}")
-    return t
+    return t.astype(np.int64)
 
 
 class Explainer:
@@ -365,10 +365,7 @@ class Explainer:
         x = self.model.prepare(inputs)
         if batch_size < 1:
             raise InputError(f"batch_size must be positive, got {batch_size}")
-        predicted = self.model.probabilities(x, batch_size).argmax(1) if target is None else None
-        classes = None if target is None else self.model.logits(x[:1], 1).shape[1]
-        targets = as_targets(target, len(x), predicted, classes)
-        return self._explain(x, targets, batch_size)
+        return self._explain(x, model_targets(self.model, x, target, batch_size), batch_size)
 
     def _explain(self, x: np.ndarray, targets: np.ndarray, batch_size: int) -> list[Any]:
         raise NotImplementedError

@@ -69,7 +69,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from keepbits.audit._base import Explainer, ModelAdapter, as_targets, load_model
+from keepbits.audit._base import Explainer, ModelAdapter, load_model, model_targets
 from keepbits.audit._sis_eval import AdapterEvaluator, Evaluator
 from keepbits.core import sigmoid, target_margin
 from keepbits.errors import InputError
@@ -419,8 +419,7 @@ def backselect_batch(model: Any, x: Any, target: Any = None, mask_value: Any = N
     masked = [np.zeros(0, np.int64)] * len(xs) if initially_masked is None else [np.asarray(m, np.int64) for m in initially_masked]
     if len(masked) != len(xs):
         raise InputError(f"initially_masked holds {len(masked)} lists for {len(xs)} images")
-    predicted = model.probabilities(xs).argmax(1) if target is None else None
-    targets = as_targets(target, len(xs), predicted)
+    targets = model_targets(model, xs, target)
     screen, exact, used = _evaluators(model, method, batch_size, device)
     return _run_backselect(screen, exact, used, xs, targets, _mask_value(model, mask_value), masked)
 
@@ -547,9 +546,7 @@ def gradient_backselect(model: Any, x: np.ndarray, target: Any = None, k: int = 
         raise InputError(f"k (pixels per iteration) must be >= 1, got {k}")
     net = gradient_module(model)
     xs = model.prepare(x)
-    if target is None:
-        target = model.probabilities(xs, batch_size).argmax(1)
-    targets = np.array(np.broadcast_to(np.asarray(target, np.int64), (len(xs),)))
+    targets = model_targets(model, xs, target, batch_size)
     with on_device(net, device) as where:
         return _gradient_backselect(model, net, xs, targets, k, mask_value, batch_size, initially_masked, where)
 
