@@ -431,8 +431,9 @@ def _unpack_listed(zf: zipfile.ZipFile, members: Mapping[str, zipfile.ZipInfo], 
     infos = [members[name] for name in manifest.files]
     total = sum(info.file_size for info in infos)
     packed = sum(info.compress_size for info in infos)
-    for name, size, compressed in [(f"archive member {i.filename!r}", i.file_size, i.compress_size) for i in infos] + [("the listed files", total, packed)]:
-        if size > (1 << 20 if name == "the listed files" else 1 << 16) and size > MAX_COMPRESSION_RATIO * max(compressed, 1):
+    sizes = [(f"archive member {i.filename!r}", i.file_size, i.compress_size, 1 << 16) for i in infos] + [("the listed files", total, packed, 1 << 20)]
+    for name, size, compressed, checked_from in sizes:
+        if size > checked_from and size > MAX_COMPRESSION_RATIO * max(compressed, 1):
             raise BundleError(f"{where}: {name} would unpack to {size} bytes from {compressed} compressed "
                               f"(more than {MAX_COMPRESSION_RATIO}× as many: not model files)")
     if total > MAX_ARCHIVE_BYTES:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib.metadata
 import json
 import math
 import os
@@ -109,8 +110,6 @@ def _generated_by() -> dict[str, Any]:
                     if line.startswith("model name")), None)
     except OSError:
         pass
-    import importlib.metadata
-
     versions = {}
     for name in ("numpy", "onnxruntime", "torch", "onnx"):
         try:
