@@ -4,7 +4,6 @@ a per-item timer."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -21,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from keepbits._json import jsonable
+from keepbits.bundle import sha256_file
 
 __all__ = ["add_data_argument", "checkpoint_record", "default_data_dir", "machine", "median_seconds_per_item", "results_dir", "save_image_rows", "video_frames", "write_result"]
 
@@ -79,14 +79,6 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _inputs() -> dict[str, str]:
     """sha256 of every file the command line names (checkpoints, bundles, data files) and of the
     native kernel library in use, so a result says which weights and kernels made it (files a script
@@ -101,7 +93,7 @@ def _inputs() -> dict[str, str]:
             files.add(library)
     except Exception:  # noqa: BLE001 - a missing or misnamed library: nothing to record
         pass
-    return {str(path): _sha256(path) for path in sorted(files)}
+    return {str(path): sha256_file(path) for path in sorted(files)}
 
 
 def _run_context() -> dict[str, Any]:

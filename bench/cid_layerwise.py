@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _results import add_data_argument, checkpoint_record, require_data, results_dir, write_result
+from _results import add_data_argument, checkpoint_record, results_dir, write_result
 
 TASKS = {
     "mnist-lenet5": ("mnist", ["features.0", "features.1", "features.2", "features.3", "classifier.2", "classifier.3"]),
@@ -64,7 +64,6 @@ def main() -> None:
                    help="only write the sampled test and decoder images to DIR/<data set>/{test,train}.npz (with their indices in "
                         "the full files) and exit: --data DIR then runs the same protocol where the full files are not at hand")
     args = p.parse_args()
-    require_data(p, args.data)
 
     import dataclasses
     import tempfile
