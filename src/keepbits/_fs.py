@@ -22,8 +22,10 @@ def sibling_temp(path: str | Path) -> Path:
 
 
 def writable_file(path: str | Path, what: str = "output") -> Path:
-    """``path`` as a file this process can write, checked before any work: not a folder, its
-    folder created, a probe file written (and removed) next to it; :class:`InputError` if not.
+    """``path`` as a file this process can write, checked before any work and without leaving
+    anything behind: not a folder; its folder, or the nearest one above it that exists, writable
+    (a probe file written and removed where the folder exists; missing folders are created only
+    when the file is written, :func:`write_text_atomic`); :class:`InputError` if not.
 
     Example:
         >>> import tempfile
@@ -41,7 +43,10 @@ def writable_file(path: str | Path, what: str = "output") -> Path:
     if existing.exists() and not existing.is_dir():
         raise InputError(f"cannot write {what} {path}: {existing} is a file, not a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if existing != path.parent:
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(13, f"{existing} is not writable")
+            return path
         probe = sibling_temp(path)
         with open(probe, "x"):
             pass
@@ -54,8 +59,10 @@ def writable_file(path: str | Path, what: str = "output") -> Path:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (a sibling temp file, then ``os.replace``)."""
+    """Write ``text`` to ``path`` atomically (a sibling temp file, then ``os.replace``), creating
+    its folder if needed."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling_temp(path)
     try:
         tmp.write_text(text, encoding="utf-8")

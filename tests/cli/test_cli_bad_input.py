@@ -249,6 +249,19 @@ def test_summary_folder_is_refused_before_the_run(paths, capsys):
     assert not out.exists() and capsys.readouterr().out == ""
 
 
+def test_summary_folders_appear_only_when_the_summary_is_written(paths, tmp_path, capsys):
+    """A refused run left --summary's missing folders behind (they were created by the check)."""
+    refused = tmp_path / "refused" / "deeper" / "s.json"
+    argv = ["run", "--model", str(paths["text_pt"]), "--source", str(paths["video"]), "--summary", str(refused)]
+    assert main(["-q", *argv]) == 2
+    assert not (tmp_path / "refused").exists()
+    written = tmp_path / "written" / "deeper" / "s.json"
+    argv = [_fill(a, paths) for a in RUN] + ["--summary", str(written)]
+    assert main(["-q", *argv]) == 0
+    capsys.readouterr()
+    assert json.loads(written.read_text())["status"] == "ok"
+
+
 def test_exit_codes_are_in_the_help_and_cover_every_status(capsys):
     from keepbits.cli.run import EXIT_CODES
     from keepbits.runtime.stream import STATUSES

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from keepbits._fs import writable_file
+from keepbits._fs import writable_file, write_text_atomic
 from keepbits.cli._common import SEED, add_argument, existing_path
 from keepbits.errors import InputError
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"checkpoint": str(args.model), "data": str(args.data), "settings": ckpt.settings, **result}
     text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(args.out, text + "\n")
     else:
         print(text)
     if not args.quiet:

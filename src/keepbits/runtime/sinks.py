@@ -153,6 +153,7 @@ class VideoSink:
             raise InputError(f"sink video:{path}: {exc}") from None
         new_video_path(self.path, f"sink video:{path}:")
         writable_file(self.path, "video sink")
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # the sink opens after the model and the source are checked
         probe = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*codecs[-1]), 25.0, (16, 16))  # the container's baseline codec
         opened = probe.isOpened()
         probe.release()
