@@ -4,7 +4,10 @@ a per-item timer."""
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -81,8 +84,8 @@ def _versions() -> dict[str, str]:
 
 def _inputs() -> dict[str, str]:
     """sha256 of every file the command line names (checkpoints, bundles, data files) and of the
-    native kernel library in use, so a result says which weights and kernels made it (files a script
-    finds under ``--data`` itself are named by the script's own record, not hashed here)."""
+    native kernel library in use, so a result says which weights and kernels made it (the ``--data``
+    folders are digested whole: :func:`folder_digest`)."""
     named = {part for arg in sys.argv[1:] for part in (arg, arg.partition("=")[2]) if part}
     files = {Path(p) for p in named if Path(p).is_file() and Path(p).stat().st_size <= _MAX_HASHED}
     try:
@@ -94,6 +97,45 @@ def _inputs() -> dict[str, str]:
     except Exception:  # noqa: BLE001 - a missing or misnamed library: nothing to record
         pass
     return {str(path): sha256_file(path) for path in sorted(files)}
+
+
+#: At most this many files are read for one ``--data`` folder's digest.
+_MAX_DATA_FILES = 200_000
+
+
+def _data_folders() -> list[Path]:
+    """The folders given after ``--data`` on the command line (``--data A B`` or ``--data=A``)."""
+    folders, args = [], sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg.startswith("--data="):
+            values = [arg.partition("=")[2]]
+        elif arg == "--data":
+            values = list(itertools.takewhile(lambda a: not a.startswith("-"), args[i + 1:]))
+        else:
+            continue
+        folders += [Path(v) for v in values if Path(v).is_dir()]
+    return folders
+
+
+def folder_digest(folder: Path) -> dict[str, Any]:
+    """sha256 over every file under ``folder`` in path order (its relative path, size and own
+    sha256), with the file and byte counts; ``None`` as the digest past ``_MAX_DATA_FILES`` files
+    or ``_MAX_HASHED`` bytes (counted, not read)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    record: dict[str, Any] = {"files": len(files), "bytes": size, "sha256": None}
+    if len(files) <= _MAX_DATA_FILES and size <= _MAX_HASHED:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0{sha256_file(path)}\n".encode())
+        record["sha256"] = digest.hexdigest()
+    return record
+
+
+@functools.lru_cache(maxsize=1)
+def _data_digests() -> dict[str, dict[str, Any]]:
+    """:func:`folder_digest` of each ``--data`` folder (once per process: a bench writes its JSON more than once)."""
+    return {str(folder): folder_digest(folder) for folder in _data_folders()}
 
 
 def _run_context() -> dict[str, Any]:
@@ -132,6 +174,7 @@ def write_result(name: str, payload: dict, out_dir: str | os.PathLike | None = N
         "machine": machine(),
         "versions": _versions(),
         "inputs_sha256": _inputs(),
+        "data_sha256": _data_digests(),
         "context": {**_CONTEXT_AT_START, "load_average_at_write": _run_context()["load_average"]},
         **payload,
     }

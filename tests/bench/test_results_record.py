@@ -61,3 +61,24 @@ def test_median_interval_matches_the_binomial_order_statistics(bench_script):
     assert results.median_interval([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == [1.0, 6.0]
     with pytest.raises(ValueError, match="too few"):
         results.median_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+def test_data_folders_are_digested_by_their_content(tmp_path, bench_script, monkeypatch):
+    """A result records what its --data folder held: the digest changes with a file's bytes or name."""
+    results = bench_script("_results")
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.npz").write_bytes(b"one")
+    (data / "sub" / "b.png").write_bytes(b"two")
+    monkeypatch.setattr("sys.argv", ["probe", "--data", str(data), "--out", str(tmp_path / "out")])
+    results._data_digests.cache_clear()
+    record = json.loads(results.write_result("probe", {}, out_dir=tmp_path).read_text())["data_sha256"]
+    assert list(record) == [str(data)] and record[str(data)]["files"] == 2 and record[str(data)]["bytes"] == 6
+    first = record[str(data)]["sha256"]
+    (data / "sub" / "b.png").write_bytes(b"tw0")
+    changed = results.folder_digest(data)["sha256"]
+    (data / "sub" / "b.png").rename(data / "sub" / "c.png")
+    renamed = results.folder_digest(data)["sha256"]
+    assert len({first, changed, renamed}) == 3
+    monkeypatch.setattr("sys.argv", ["probe", f"--data={data}"])
+    assert results._data_folders() == [data]
