@@ -67,6 +67,17 @@ def _float_ends(model_path: Path) -> list[str]:
     return [name for name in (first, last) if name]
 
 
+def _depthwise_convs(model_path: Path) -> list[str]:
+    """Names of the graph's grouped convolutions (``group`` > 1: depthwise in MobileNet-style
+    classifiers), which ``float_depthwise=True`` leaves in float32: without 8-bit dot-product
+    instructions (AVX2 without VNNI) ONNX Runtime's float depthwise kernels ran faster than its
+    8-bit ones (``docs/export.md``)."""
+    import onnx
+
+    nodes = onnx.load(str(model_path), load_external_data=False).graph.node
+    return [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+
+
 class _Reader:
     """onnxruntime.quantization CalibrationDataReader over batches of one array."""
 
@@ -151,13 +162,15 @@ def calibration_split(data: str | Path, manifest: Any, calibration_images: int, 
 def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, calibration_images: int = 256,
                     eval_images: int = 1000, per_channel: bool = True, overwrite: bool = False,
                     activations: str = "uint8", frame_step: int = 1, calibration: str = "minmax",
-                    float_ends: bool = False, command: str | None = None) -> tuple[Bundle, dict]:
+                    float_ends: bool = False, float_depthwise: bool = False,
+                    command: str | None = None) -> tuple[Bundle, dict]:
     """Quantise ``bundle_path`` to INT8 (calibration: ``calibration_images`` of ``data``) and
     compare on ``eval_images`` others (:func:`calibration_split`: the test split, or a disjoint
     part of one seeded draw); unlabelled footage is compared by argmax and mask agreement only
     (no accuracy without labels).
     ``activations`` is one of :data:`ACTIVATION_TYPES`, ``calibration`` one of :data:`CALIBRATIONS`;
-    ``float_ends`` keeps the first convolution and the last Gemm/MatMul in float32."""
+    ``float_ends`` keeps the first convolution and the last Gemm/MatMul in float32,
+    ``float_depthwise`` the grouped (depthwise) convolutions."""
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -180,7 +193,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
         quantized = Path(tmp) / "model.onnx"
         root, level = logging.getLogger(), logging.getLogger().level
         root.setLevel(logging.ERROR)  # onnxruntime.quantization advises pre-processing through the root logger
-        kept_float = _float_ends(source.model_path) if float_ends else []
+        kept_float = (_float_ends(source.model_path) if float_ends else []) + (_depthwise_convs(source.model_path) if float_depthwise else [])
         try:  # its histogram calibrators print progress to stdout, where `keepbits export int8` writes its JSON report
             with contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(str(source.model_path), str(quantized), _Reader(m.input_name, bundle_inputs(m, calib), 16),
@@ -196,7 +209,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
         provenance["quantization"] = {
             "method": f"onnxruntime.quantization.quantize_static, QDQ, {activations} activations, int8 weights",
             "per_channel": per_channel, "op_types": QUANTIZED_OPS, "calibration_images": len(calib), "calibration": calibration,
-            "float32_nodes": kept_float,
+            "float32_nodes": kept_float, "float_depthwise": float_depthwise,
             "calibration_data": described, "source_bundle_digest": source.digest,
             "command": command, "onnxruntime_version": onnxruntime.__version__,
             "quantized_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
