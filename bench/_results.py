@@ -149,15 +149,22 @@ def _run_context() -> dict[str, Any]:
 _CONTEXT_AT_START = _run_context()
 
 
-def machine() -> dict[str, object]:
+#: CPU features that change kernel speed (vector width, 8-bit and bfloat16 dot products).
+_SPEED_FLAGS = frozenset({"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})
+
+
+def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
+    """Platform, CPU model and count, and the CPU's speed-relevant instruction sets (``_SPEED_FLAGS``)."""
     info: dict[str, object] = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
+        lines = cpuinfo.read_text().splitlines()
     except OSError:
-        pass
+        return info
+    for key, field in (("model name", "cpu_model"), ("flags", "cpu_flags")):
+        line = next((line for line in lines if line.startswith(key)), None)
+        if line is not None:
+            value = line.split(":", 1)[1].strip()
+            info[field] = value if field == "cpu_model" else sorted(set(value.split()) & _SPEED_FLAGS)
     return info
 
 

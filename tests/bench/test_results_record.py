@@ -82,3 +82,13 @@ def test_data_folders_are_digested_by_their_content(tmp_path, bench_script, monk
     assert len({first, changed, renamed}) == 3
     monkeypatch.setattr("sys.argv", ["probe", f"--data={data}"])
     assert results._data_folders() == [data]
+
+
+def test_machine_records_the_speed_relevant_cpu_flags(tmp_path, bench_script):
+    """Results say which vector and 8-bit dot-product instructions the CPU had (INT8 speed hangs on VNNI)."""
+    results = bench_script("_results")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni pclmulqdq\n")
+    info = results.machine(cpuinfo)
+    assert info["cpu_model"] == "Some CPU" and info["cpu_flags"] == ["avx2", "avx512_vnni", "avx512f", "fma"]
+    assert "cpu_flags" not in results.machine(tmp_path / "missing")
