@@ -344,8 +344,8 @@ def test_int8_calibration_method_and_float_ends_are_applied_and_recorded(bundle_
 
 
 def test_int8_float_depthwise_keeps_exactly_the_grouped_convolutions_float(tmp_path, capsys):
-    """``--float-depthwise``: the classifier's depthwise convolution keeps float32 weights, its
-    pointwise ones are INT8, and the manifest names the kept node."""
+    """``--float-depthwise``: the classifier's depthwise convolution and its activation stay float32,
+    its pointwise convolutions are INT8, and the manifest names the kept nodes."""
     ckpt = _checkpoint(tmp_path / "nice.pt", 2, classifier="test_export_depthwise")
     assert main(["-q", "export", "onnx", "--model", ckpt, "--out", str(tmp_path / "bundle")]) == 0
     capsys.readouterr()
@@ -362,7 +362,9 @@ def test_int8_float_depthwise_keeps_exactly_the_grouped_convolutions_float(tmp_p
     classifier_convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1].startswith("classifier.")]
     grouped = [n for n in classifier_convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
     assert len(classifier_convs) == 3 and len(grouped) == 1 and q["float_depthwise"] is True
-    assert q["float32_nodes"] == [grouped[0].name] and grouped[0].input[1] not in dequantized
+    activation = next(n for n in graph.node if grouped[0].output[0] in n.input)  # the ReLU6 behind it stays float too
+    assert activation.op_type == "Clip" and q["float32_nodes"] == [grouped[0].name, activation.name]
+    assert grouped[0].input[1] not in dequantized
     assert all(n.input[1] in dequantized for n in classifier_convs if n is not grouped[0])
 
 

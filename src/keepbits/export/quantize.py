@@ -69,13 +69,25 @@ def _float_ends(model_path: Path) -> list[str]:
 
 def _depthwise_convs(model_path: Path) -> list[str]:
     """Names of the graph's grouped convolutions (``group`` > 1: depthwise in MobileNet-style
-    classifiers), which ``float_depthwise=True`` leaves in float32: without 8-bit dot-product
-    instructions (AVX2 without VNNI) ONNX Runtime's float depthwise kernels ran faster than its
-    8-bit ones (``docs/export.md``)."""
+    classifiers) and of the activation (Clip, Relu) each one feeds alone, which
+    ``float_depthwise=True`` leaves in float32. The activation stays with its convolution: a
+    quantised activation behind a float convolution would quantise at the convolution's whole
+    pre-activation range (see :data:`QUANTIZED_OPS`)."""
     import onnx
 
     nodes = onnx.load(str(model_path), load_external_data=False).graph.node
-    return [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    kept = []
+    for node in nodes:
+        if node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute):
+            kept.append(node.name)
+            after = consumers.get(node.output[0], [])
+            if len(after) == 1 and after[0].op_type in ("Clip", "Relu"):
+                kept.append(after[0].name)
+    return kept
 
 
 class _Reader:
