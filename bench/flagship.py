@@ -24,7 +24,7 @@ float32's. Writes ``BUNDLE_DIR/{float32,int8}.zip`` and ``bench/results/flagship
 
 ``int8`` quantises one float32 bundle with every calibration setting of ``keepbits export int8``
 (:data:`keepbits.export.quantize.CALIBRATIONS` × the classifier's first convolution and last layer
-quantised or left float32 × the depthwise convolutions quantised or left float32), calibrated on the same 256 ``SPLITS/train`` images, and measures each
+quantised or left float32), calibrated on the same 256 ``SPLITS/train`` images, and measures each
 one's top-1 on ``SPLITS/val`` against float32's (whether it is within the 1-point tolerance, argmax
 agreement, bytes): ``bench/results/flagship_int8_<name>.json``. Settings are chosen here, on the
 validation images, never on the evaluation split; the best one, when it is within the tolerance
@@ -156,14 +156,12 @@ def int8_settings(bundle: Path, splits: Path, out: Path, name: str, heldout: Pat
     with tempfile.TemporaryDirectory() as tmp:
         os.symlink((splits / "train").resolve(), Path(tmp) / "train")
         os.symlink((splits / "val").resolve(), Path(tmp) / "test")
-        for calibration, float_ends, float_depthwise in itertools.product(CALIBRATIONS, (False, True), (False, True)):
-            setting = f"{calibration}{'_float_ends' if float_ends else ''}{'_float_depthwise' if float_depthwise else ''}"
+        for calibration, float_ends in itertools.product(CALIBRATIONS, (False, True)):
+            setting = f"{calibration}{'_float_ends' if float_ends else ''}"
             quantized, _ = quantize_bundle(bundle, out / f"{setting}.zip", tmp, calibration_images=256, eval_images=2,
-                                           overwrite=True, calibration=calibration, float_ends=float_ends,
-                                           float_depthwise=float_depthwise)
+                                           overwrite=True, calibration=calibration, float_ends=float_ends)
             acc, pred = top1(quantized.source, images, labels)
-            rows.append({"setting": setting, "calibration": calibration, "float_ends": float_ends,
-                         "float_depthwise": float_depthwise, "top1": acc,
+            rows.append({"setting": setting, "calibration": calibration, "float_ends": float_ends, "top1": acc,
                          "correct": int((pred == labels).sum()), "argmax_agreement": float(np.mean(pred == pred_float)),
                          "within_tolerance": int((pred == labels).sum()) >= int((pred_float == labels).sum()) - allowed,
                          "bytes": (out / f"{setting}.zip").stat().st_size})

@@ -161,17 +161,16 @@ def classifier_only_graph(bundle: Path, out: Path) -> Path:
     return out
 
 
-def quantize(bundle: Path, calibration: np.ndarray, work: Path, float_depthwise: bool = False) -> tuple[Path, dict]:
-    """INT8 copy of the bundle (ORT static, QDQ, per channel; ``keepbits.export.quantize``; the
-    depthwise convolutions float32 with ``float_depthwise``), calibrated on letterboxed frames;
-    returns its path and the fp32-vs-int8 comparison on them."""
+def quantize(bundle: Path, calibration: np.ndarray, work: Path) -> tuple[Path, dict]:
+    """INT8 copy of the bundle (ORT static, QDQ, per channel; ``keepbits.export.quantize``),
+    calibrated on letterboxed frames; returns its path and the fp32-vs-int8 comparison on them."""
     from keepbits.export.quantize import quantize_bundle
 
     npz = work / "calibration.npz"
     zeros = np.zeros(len(calibration), np.int64)
     np.savez(npz, x_train=calibration, y_train=zeros, x_test=calibration, y_test=zeros)
     bundle_int8, report = quantize_bundle(bundle, work / "bundle_int8", npz, calibration_images=len(calibration),
-                                          eval_images=len(calibration), float_depthwise=float_depthwise)
+                                          eval_images=len(calibration))
     return bundle_int8.source, report
 
 
@@ -380,8 +379,6 @@ def main() -> None:
     p.add_argument("--generator", default="nice_unet", help="registered generator (nice_unet, nice_fast, nice_caltech)")
     p.add_argument("--int8", action="store_true", help="quantise the bundle to INT8 (ORT static quantisation, calibrated on --calibration-frames "
                    "later frames of the video); classifier-only is cut from it, the naive loop stays torch float32")
-    p.add_argument("--float-depthwise", action="store_true",
-                   help="with --int8: leave the depthwise convolutions float32 (keepbits export int8 --float-depthwise)")
     p.add_argument("--calibration-frames", type=int, default=64)
     p.add_argument("--kept-fraction", type=float, default=None,
                    help="sparse-mask operating point (see above); default: untrained head, every pixel kept")
@@ -402,8 +399,6 @@ def main() -> None:
     p.add_argument("--pair-frames", type=int, default=120, help="frames per run of a block")
     p.add_argument("--tag", default="", help="suffix of the result file")
     args = p.parse_args()
-    if args.float_depthwise and not args.int8:
-        p.error("--float-depthwise chooses how --int8 quantises; it needs --int8")
     if args.pairs and args.pairs < 6:
         p.error("--pairs needs at least 6 blocks for an interval of the median (or 0)")
     if args.kept_fraction is not None and not 0 < args.kept_fraction < 1:
@@ -460,7 +455,7 @@ def main() -> None:
         bundle = make_bundle(generator, classifier, work / "sparse", args.generator)
         pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     if args.int8:
-        bundle, quantization = quantize(bundle, calibration, work, args.float_depthwise)
+        bundle, quantization = quantize(bundle, calibration, work)
         pipe = Pipeline.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     classifier_graph = classifier_only_graph(bundle, work / "classifier_only.onnx")
     sessions = classifier_sessions(classifier_graph, args.threads)
@@ -630,7 +625,7 @@ def main() -> None:
         print(f"soak: {result['soak']['frames']} frames in {result['soak']['seconds']:.0f} s, RSS {result['soak']['rss_mb_first_fifth_mean']} -> "
               f"{result['soak']['rss_mb_last_fifth_mean']} MB (max {result['soak']['rss_mb_max']})", flush=True)
     if args.model is not None:
-        name = f"runtime_throughput_{args.model.parent.name}" + ("_int8" if args.int8 else "") + ("_floatdw" if args.float_depthwise else "") + (f"_{args.tag}" if args.tag else "")
+        name = f"runtime_throughput_{args.model.parent.name}" + ("_int8" if args.int8 else "") + (f"_{args.tag}" if args.tag else "")
     else:
         name = ("runtime_throughput" + ("" if args.generator == "nice_unet" else f"_{args.generator}") + ("_int8" if args.int8 else "")
                 + (f"_kept{args.kept_fraction:g}" if sparsity else "") + ("_trained" if trained else "") + (f"_{args.tag}" if args.tag else ""))

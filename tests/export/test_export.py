@@ -36,23 +36,16 @@ def _fcn(in_channels: int = 3, num_classes: int = 4, image_size=None) -> nn.Modu
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 
 
-@registry.register("test_export_depthwise", "classifier")
-def _depthwise(in_channels: int = 3, num_classes: int = 4, image_size=None) -> nn.Module:
-    """Tiny MobileNet-style classifier: a pointwise, a depthwise (groups = channels) and a pointwise convolution."""
-    return nn.Sequential(nn.Conv2d(in_channels, 8, 1), nn.ReLU6(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU6(),
-                         nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
-
-
-def _checkpoint(path, block_size: int, classifier: str = "test_export_fcn") -> str:
+def _checkpoint(path, block_size: int) -> str:
     torch.manual_seed(0)
     gen_kwargs, clf_kwargs = {"in_channels": 3, "widths": [4, 8]}, {"in_channels": 3, "num_classes": 4}
-    gen, clf = registry.build("nice_unet", **gen_kwargs), registry.build(classifier, **clf_kwargs)
+    gen, clf = registry.build("nice_unet", **gen_kwargs), registry.build("test_export_fcn", **clf_kwargs)
     with torch.no_grad():  # a generator that keeps some pixels and drops others
         gen.head.weight.normal_(0, 2.0)
         gen.head.bias.zero_()
     save_checkpoint(path, Checkpoint(
         kind="nice",
-        models={"generator": ModelEntry.of("nice_unet", gen_kwargs, gen), "classifier": ModelEntry.of(classifier, clf_kwargs, clf)},
+        models={"generator": ModelEntry.of("nice_unet", gen_kwargs, gen), "classifier": ModelEntry.of("test_export_fcn", clf_kwargs, clf)},
         input_shape=[3, 32, 32], normalization=Normalization([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]),
         class_names=["a", "b", "c", "d"], settings={"block_size": block_size, "mask_threshold": 0.5, "mode": "fixed"},
         metrics={"test_acc": 0.25}, command="keepbits train nice (test)", epoch=1,
@@ -341,31 +334,6 @@ def test_int8_calibration_method_and_float_ends_are_applied_and_recorded(bundle_
     assert any(n.op_type == "Conv" and n.input[1] in dequantized for n in graph.node), "the other convolutions are INT8"
     with pytest.raises(InputError, match="calibration must be one of"):
         quantize_bundle(bundle_a[1].source, tmp_path / "bad", data, calibration_images=8, calibration="histogram")
-
-
-def test_int8_float_depthwise_keeps_exactly_the_grouped_convolutions_float(tmp_path, capsys):
-    """``--float-depthwise``: the classifier's depthwise convolution and its activation stay float32,
-    its pointwise convolutions are INT8, and the manifest names the kept nodes."""
-    ckpt = _checkpoint(tmp_path / "nice.pt", 2, classifier="test_export_depthwise")
-    assert main(["-q", "export", "onnx", "--model", ckpt, "--out", str(tmp_path / "bundle")]) == 0
-    capsys.readouterr()
-    rng = np.random.default_rng(SEED)
-    data = tmp_path / "data.npz"
-    np.savez(data, x_train=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y_train=np.arange(16) % 4,
-             x_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y_test=np.arange(8) % 4)
-    assert main(["-q", "export", "int8", "--model", str(tmp_path / "bundle"), "--data", str(data), "--out", str(tmp_path / "int8"),
-                 "--num-images", "16", "--float-depthwise"]) == 0
-    bundle = load_bundle(json.loads(capsys.readouterr().out)["bundle"])
-    q = bundle.manifest.provenance["quantization"]
-    graph = onnx.load(str(bundle.model_path)).graph
-    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    classifier_convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1].startswith("classifier.")]
-    grouped = [n for n in classifier_convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    assert len(classifier_convs) == 3 and len(grouped) == 1 and q["float_depthwise"] is True
-    activation = next(n for n in graph.node if grouped[0].output[0] in n.input)  # the ReLU6 behind it stays float too
-    assert activation.op_type == "Clip" and q["float32_nodes"] == [grouped[0].name, activation.name]
-    assert grouped[0].input[1] not in dequantized
-    assert all(n.input[1] in dequantized for n in classifier_convs if n is not grouped[0])
 
 
 def test_int8_calibrates_on_unlabelled_footage_with_disjoint_comparison_frames(bundle_a, tmp_path, capsys):

@@ -36,8 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "keeping the most information (KL) (default: minmax)")
     p.add_argument("--float-ends", action="store_true",
                    help="leave the classifier's first convolution and the last Gemm/MatMul in float32")
-    p.add_argument("--float-depthwise", action="store_true",
-                   help="leave the grouped (depthwise) convolutions in float32: faster on x86 CPUs without VNNI (docs/export.md)")
     p.add_argument("--force", action="store_true", help="replace an existing keepbits bundle at --out (never another file or folder)")
 
 
@@ -51,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     bundle, report = quantize_bundle(args.model, args.out, args.data, calibration_images=args.num_images,
                                      eval_images=args.num_test_images, per_channel=not args.per_tensor, overwrite=args.force,
                                      activations=args.activations, frame_step=args.frame_step, calibration=args.calibration,
-                                     float_ends=args.float_ends, float_depthwise=args.float_depthwise, command=command_line())
+                                     float_ends=args.float_ends, command=command_line())
     if not args.quiet:
         print(f"keepbits: wrote {bundle.source}: {_headline(report)}", file=sys.stderr)
     print(json.dumps({"bundle": str(bundle.source), "digest": bundle.digest, **report}, indent=2))

@@ -43,7 +43,7 @@ QUANTIZED_OPS = ["Conv", "MatMul", "Gemm", "Clip", "Relu", "Add"]
 #: Activation types. ORT 1.32's x86 CPU kernels fuse DQ→Conv→Q into QLinearConv for uint8
 #: activations; with int8 activations most convolutions stayed float Conv between
 #: Dequantize/Quantize nodes (ResNet-18 at 224: 10.9 ms vs 4.6 ms per frame, measured with
-#: ORT's profiler on a 2-core AVX-512 VNNI EPYC). int8 suits runtimes whose int8 kernels are
+#: ORT's profiler on a 2-core x86 host). int8 suits runtimes whose int8 kernels are
 #: the fast path (e.g. TensorRT, ARM).
 ACTIVATION_TYPES = ("uint8", "int8")
 #: How activation ranges are calibrated (ONNX Runtime's ``CalibrationMethod``): ``minmax`` takes the
@@ -65,29 +65,6 @@ def _float_ends(model_path: Path) -> list[str]:
     first = next((n.name for n in convs if n.input[1:2] and n.input[1].startswith("classifier.")), convs[0].name if convs else None)
     last = next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
     return [name for name in (first, last) if name]
-
-
-def _depthwise_convs(model_path: Path) -> list[str]:
-    """Names of the graph's grouped convolutions (``group`` > 1: depthwise in MobileNet-style
-    classifiers) and of the activation (Clip, Relu) each one feeds alone, which
-    ``float_depthwise=True`` leaves in float32. The activation stays with its convolution: a
-    quantised activation behind a float convolution would quantise at the convolution's whole
-    pre-activation range (see :data:`QUANTIZED_OPS`)."""
-    import onnx
-
-    nodes = onnx.load(str(model_path), load_external_data=False).graph.node
-    consumers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    kept = []
-    for node in nodes:
-        if node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute):
-            kept.append(node.name)
-            after = consumers.get(node.output[0], [])
-            if len(after) == 1 and after[0].op_type in ("Clip", "Relu"):
-                kept.append(after[0].name)
-    return kept
 
 
 class _Reader:
@@ -174,15 +151,13 @@ def calibration_split(data: str | Path, manifest: Any, calibration_images: int, 
 def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, calibration_images: int = 256,
                     eval_images: int = 1000, per_channel: bool = True, overwrite: bool = False,
                     activations: str = "uint8", frame_step: int = 1, calibration: str = "minmax",
-                    float_ends: bool = False, float_depthwise: bool = False,
-                    command: str | None = None) -> tuple[Bundle, dict]:
+                    float_ends: bool = False, command: str | None = None) -> tuple[Bundle, dict]:
     """Quantise ``bundle_path`` to INT8 (calibration: ``calibration_images`` of ``data``) and
     compare on ``eval_images`` others (:func:`calibration_split`: the test split, or a disjoint
     part of one seeded draw); unlabelled footage is compared by argmax and mask agreement only
     (no accuracy without labels).
     ``activations`` is one of :data:`ACTIVATION_TYPES`, ``calibration`` one of :data:`CALIBRATIONS`;
-    ``float_ends`` keeps the first convolution and the last Gemm/MatMul in float32,
-    ``float_depthwise`` the grouped (depthwise) convolutions."""
+    ``float_ends`` keeps the first convolution and the last Gemm/MatMul in float32."""
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -205,7 +180,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
         quantized = Path(tmp) / "model.onnx"
         root, level = logging.getLogger(), logging.getLogger().level
         root.setLevel(logging.ERROR)  # onnxruntime.quantization advises pre-processing through the root logger
-        kept_float = (_float_ends(source.model_path) if float_ends else []) + (_depthwise_convs(source.model_path) if float_depthwise else [])
+        kept_float = _float_ends(source.model_path) if float_ends else []
         try:  # its histogram calibrators print progress to stdout, where `keepbits export int8` writes its JSON report
             with contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(str(source.model_path), str(quantized), _Reader(m.input_name, bundle_inputs(m, calib), 16),
@@ -221,7 +196,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, data: str | Path, 
         provenance["quantization"] = {
             "method": f"onnxruntime.quantization.quantize_static, QDQ, {activations} activations, int8 weights",
             "per_channel": per_channel, "op_types": QUANTIZED_OPS, "calibration_images": len(calib), "calibration": calibration,
-            "float32_nodes": kept_float, "float_depthwise": float_depthwise,
+            "float32_nodes": kept_float,
             "calibration_data": described, "source_bundle_digest": source.digest,
             "command": command, "onnxruntime_version": onnxruntime.__version__,
             "quantized_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
