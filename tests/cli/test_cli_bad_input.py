@@ -327,7 +327,9 @@ def test_opencv_and_ffmpeg_repeats_are_silenced_unless_debug(paths):
     loud = _spawn_run(paths, source, "--read-timeout", "0.2", "--stall-timeout", "1.5", "--debug").communicate(timeout=60)[1]
     assert "Connection refused" in loud or "WARN" in loud  # what the silencing is for (this OpenCV build prints it)
     assert "Connection refused" not in quiet and "WARN" not in quiet
-    assert quiet.count("; retrying") == 1 and "secret" not in quiet  # each failure logged once (retries counted), redacted
+    retrying = [line for line in quiet.splitlines() if line.endswith("; retrying")]
+    # each failure logged once (retries counted; a loaded machine may meet a second kind of failure), redacted
+    assert retrying and len(retrying) == len(set(retrying)) and "secret" not in quiet
     before = {k: os.environ.get(k) for k in ("OPENCV_LOG_LEVEL", "OPENCV_FFMPEG_LOGLEVEL")}
     main(["-q", "info", "--model", str(paths["bundle"])])  # in-process: the process's environment is left as it was
     assert {k: os.environ.get(k) for k in before} == before
