@@ -460,3 +460,31 @@ def test_workers_fit_their_frames_in_parallel(tmp_path):
     summary = run_stream(pipe, open_source(_frames(6)), [sink], workers=2)
     assert summary["written"] == 6 and summary["errors"] == 0
     assert sink.sequences == list(range(6))
+
+
+def test_a_repeated_failure_is_logged_once_even_when_the_stall_rewrites_last_error(caplog):
+    """Under load the stall check (another thread) rewrote last_error between two failed opens, and
+    the same refused connection was logged again; after frames came back a failure is news again."""
+    import logging
+
+    from keepbits.runtime import Source
+
+    attempts, rewritten = [], threading.Event()
+
+    def opener():
+        attempts.append(len(attempts))
+        if len(attempts) == 4:
+            return iter(_frames(1))  # the camera is back for one frame
+        if len(attempts) == 2:
+            src.last_error = "no frame for 1 s; last error: ..."  # as the stall check writes it
+            rewritten.set()
+        raise OSError("connection refused")
+
+    src = Source(opener, name="fake", live=True, read_timeout=0.05, stall_timeout=5, backoff=(0.01, 0.01), max_reconnects=5)
+    with caplog.at_level(logging.WARNING, logger="keepbits"):
+        with src:
+            while src.get() is not None:
+                pass
+    retrying = [r.getMessage() for r in caplog.records if r.getMessage().endswith("; retrying")]
+    assert rewritten.is_set() and len(attempts) == 9  # 3 refused, 1 with a frame, 5 refused (max_reconnects after it)
+    assert retrying == ["source fake: OSError: connection refused; retrying"] * 2  # once before the frame, once after

@@ -177,6 +177,7 @@ class Source:
         self._counts = {"read": 0, "delivered": 0, "stale": 0, "reconnects": 0, "errors": 0, "skipped": 0, "stepped": 0, "stalled": 0}
         self._skip_reasons: set[str] = set()  # logged once each
         self.last_error: str | None = None
+        self._logged_failure: str | None = None  # the grabber's last logged failure (last_error is also the stall's)
         self.frame_step, self._position = frame_step, 0
 
     @property
@@ -308,7 +309,7 @@ class Source:
                             self._counts["stepped"] += 1
                             continue
                         self._offer(item)
-                        attempt = 0
+                        attempt, self._logged_failure = 0, None  # a failure after frames came again is news
                     if not self.live:
                         return
                     self.last_error = "stream ended"
@@ -320,9 +321,9 @@ class Source:
                         return
                     self._counts["errors"] += 1
                     error = f"{type(exc).__name__}: {exc}"
-                    repeated, self.last_error = error == self.last_error, error
+                    repeated, self.last_error, self._logged_failure = error == self._logged_failure, error, error
                     # the same failure again (a camera still unplugged): counted, logged once
-                    (log.debug if repeated else log.warning)("source %s: %s%s", self.name, self.last_error,
+                    (log.debug if repeated else log.warning)("source %s: %s%s", self.name, error,
                                                              "; retrying" if self.live and not repeated else "")
                     if not self.live:
                         return
