@@ -121,13 +121,13 @@ def folder_digest(folder: Path) -> dict[str, Any]:
     """sha256 over every file under ``folder`` in path order (its relative path, size and own
     sha256), with the file and byte counts; ``None`` as the digest past ``_MAX_DATA_FILES`` files
     or ``_MAX_HASHED`` bytes (counted, not read)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    size = sum(p.stat().st_size for p in files)
+    files = [(p, p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
+    size = sum(n for _, n in files)
     record: dict[str, Any] = {"files": len(files), "bytes": size, "sha256": None}
     if len(files) <= _MAX_DATA_FILES and size <= _MAX_HASHED:
         digest = hashlib.sha256()
-        for path in files:
-            digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0{sha256_file(path)}\n".encode())
+        for path, n in files:
+            digest.update(f"{path.relative_to(folder).as_posix()}\0{n}\0{sha256_file(path)}\n".encode())
         record["sha256"] = digest.hexdigest()
     return record
 
