@@ -8,8 +8,9 @@ decides), seconds per BackSelect recorded in the chunks, the time left at that r
 --partial``'s report over the runs finished so far (written to ``AUDIT/report_partial.*``; its SIS
 size at each τ and how each class is covered).
 
-    python bench/sis_audit_progress.py --audit runs/sis_audit_1000 --model runs/nice/cifar10_resnet20/best.pt \\
-        --num-images 1000 --thresholds 0.9 --name sis_audit_cifar10_resnet20_1000_progress
+    A=bench/results/sis_audit_cifar10_resnet20_1000   # the audit kept in the repository (docs/sis.md)
+    python bench/sis_audit_progress.py --audit $A --model $A/resnet20_cifar10.pt \\
+        --num-images 1000 --thresholds 0.9 --name sis_audit_cifar10_resnet20_1000_repo_progress
 """
 from __future__ import annotations
 
