@@ -3,7 +3,8 @@ day of both cores, so it runs in pieces (``keepbits audit sis`` under ``torchrun
 chunk files after a kill). This reads the audit's ``OUT/orders/chunk_*.json`` and writes
 ``bench/results/<name>.json``: BackSelect runs done (only chunks whose model fingerprint is the
 given model's count), runs the audit needs (one forward pass over its seeded draw, as the audit
-decides), seconds per BackSelect recorded in the chunks, the time left at that rate with
+decides), seconds per BackSelect recorded in the chunks, runs per hour while it ran (from the write
+time each chunk records), the time left at that rate with
 ``--processes`` processes (labelled as a projection), and the interim results: ``keepbits audit sis
 --partial``'s report over the runs finished so far (written to ``AUDIT/report_partial.*``; its SIS
 size at each τ and how each class is covered).
@@ -43,7 +44,8 @@ def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, t
     partial = interim(audit, model, data, num_images, seed, thresholds)
     needed = partial["backselect_runs"]
     rate = float(np.median(seconds)) if len(seconds) else None
-    written = sorted(p.stat().st_mtime for p, r in zip(chunks, records) if r.get("model") == fingerprint)
+    # the time each chunk records; a file's own time is no guide (a checkout of the chunks kept in git resets it)
+    written = sorted(float(r["written_at"]) for r in current if isinstance(r.get("written_at"), (int, float)))
     pieces = running_pieces(written, PIECE_GAP_RUNS * rate if rate is not None else 0.0)
     hours = sum(b - a for a, b, _ in pieces) / 3600
     return {
@@ -55,11 +57,13 @@ def progress(audit: Path, model: Path, data: Path, num_images: int, seed: int, t
         "seconds_per_backselect": None if rate is None else {
             "median": rate, "min": float(seconds.min()), "max": float(seconds.max()),
             "note": "per image, as the audit recorded it (wall time of one BackSelect in one process)"},
+        "chunks_without_write_time": len(current) - len(written),
         "chunks_written_utc": [_utc(written[0]), _utc(written[-1])] if written else None,
         "pieces": [{"from": _utc(a), "to": _utc(b), "chunks": n} for a, b, n in pieces],
         "runs_per_hour_within_pieces": round(sum(n - 1 for _, _, n in pieces) / hours, 2) if hours > 0 else None,
         "rate_note": "chunks after the first of each piece per hour of the pieces' spans (a piece: chunks written at most "
-                     f"{PIECE_GAP_RUNS} median runs apart; the audit was stopped or paused between pieces)",
+                     f"{PIECE_GAP_RUNS} median runs apart; the audit was stopped or paused between pieces; chunks without a "
+                     "written_at (the audit recorded none before 2026-12-07) are left out)",
         "hours_left_projected": None if rate is None else round(max(needed - len(seconds), 0) * rate / processes / 3600, 2),
         "projection": f"runs left × median seconds per run / {processes} processes; not a measurement",
         "interim": partial,

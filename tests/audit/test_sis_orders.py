@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -54,8 +55,12 @@ def test_two_processes_match_one_and_resume(tmp_path, monkeypatch, free_port):
     kept = folder / "chunk_0000002.json"
     stamp = kept.stat().st_mtime_ns
     (folder / "chunk_0000004.json").unlink()
+    before = time.time()
     compute_orders(model, x, folder, "incremental", k=5, chunk=2, progress=False)
     assert kept.stat().st_mtime_ns == stamp and _orders(folder) == _orders(tmp_path / "single" / "incremental")
+    # each chunk records when it was written (a checkout of chunks kept in git resets the files' times)
+    assert json.loads((folder / "chunk_0000004.json").read_text())["written_at"] >= before
+    assert json.loads(kept.read_text())["written_at"] <= before
 
 
 SLOW_SCRIPT = textwrap.dedent("""

@@ -46,14 +46,24 @@ def test_progress_counts_this_models_chunks_and_the_runs_the_audit_needs(tmp_pat
     assert sum(c["needed"] for c in interim["per_class"].values()) == sum(c["done"] for c in interim["per_class"].values()) == 3
     assert interim["sis_size_fraction"][0]["threshold"] == 0.0 and interim["sis_size_fraction"][0]["images"] == 3
     assert len(record["chunks_written_utc"]) == 2 and record["chunks_written_utc"][0] <= record["chunks_written_utc"][1]
+    assert record["chunks_without_write_time"] == 0
     json.dumps(record)
-    # an audit run in two pieces (killed, resumed a day later): the rate counts the hours it ran, not the gap
+    # an audit run in two pieces (killed, resumed a day later): the rate counts the hours it ran, not the gap;
+    # the times come from the chunks, not from the files (a checkout gives every file the same time)
     mine = [p for p in sorted((audit / "orders").glob("chunk_*.json")) if json.loads(p.read_text())["model"] == record["model_fingerprint"]]
     for path, t in zip(mine, (1_000_000.0, 1_000_000.0 + 3600, 1_000_000.0 + 86_400)):
         chunk = json.loads(path.read_text())
+        chunk["written_at"] = t
         for result in chunk["results"]:
             result["seconds"] = 3000.0  # runs of 50 minutes: a chunk an hour apart is the same piece, a day apart is not
         path.write_text(json.dumps(chunk))
-        os.utime(path, (t, t))
+        os.utime(path, (2_000_000.0, 2_000_000.0))
     record = bench_script("sis_audit_progress").progress(audit, model, tmp_path / "cifar10", 3, 0, [0.0], 2)
     assert [piece["chunks"] for piece in record["pieces"]] == [2, 1] and record["runs_per_hour_within_pieces"] == 1.0
+    # a chunk from before chunks recorded their time is counted as done but left out of the rate
+    chunk = json.loads(mine[2].read_text())
+    del chunk["written_at"]
+    mine[2].write_text(json.dumps(chunk))
+    record = bench_script("sis_audit_progress").progress(audit, model, tmp_path / "cifar10", 3, 0, [0.0], 2)
+    assert record["backselect_runs_done"] == 3 and record["chunks_without_write_time"] == 1
+    assert [piece["chunks"] for piece in record["pieces"]] == [2]

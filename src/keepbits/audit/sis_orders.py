@@ -1,7 +1,7 @@
 """BackSelect orders of many images, sharded over ``torchrun`` processes, cached chunk by chunk.
 
-Each chunk of images is written to ``folder/chunk_<start>.json`` as soon as it is done, with a
-fingerprint of its images, its settings and the model (:meth:`ModelAdapter.fingerprint`: weights
+Each chunk of images is written to ``folder/chunk_<start>.json`` as soon as it is done, with the
+time it was written (``written_at``, Unix seconds), a fingerprint of its images, its settings and the model (:meth:`ModelAdapter.fingerprint`: weights
 or graph, normalisation): a killed run resumes where it stopped (chunks whose fingerprint matches
 are reused, others recomputed, so another model's orders in the same folder are never reused). Under ``torchrun`` (gloo on the CPU, through
 :mod:`keepbits.training.distributed`) the ranks share the chunks still to do round-robin and every
@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +183,9 @@ def compute_orders(model: ModelAdapter, x: np.ndarray, folder: str | Path, metho
             results = backselect_batch(model, part, method="auto" if method == "exact" else method, device=on)  # the chunk in lockstep
         path = folder / f"chunk_{s:07d}.json"
         tmp = path.with_suffix(f".tmp{dist.rank}")
+        # written_at (Unix seconds) dates the chunk where its file time cannot: a git checkout resets that
         tmp.write_text(json.dumps({"start": s, "fingerprint": fingerprint(s), "model": model_fingerprint, "method": method, "k": k,
-                                   "results": [r.to_dict() for r in results]}))
+                                   "written_at": time.time(), "results": [r.to_dict() for r in results]}))
         os.replace(tmp, path)
         bar.update(len(part))
     bar.close()
