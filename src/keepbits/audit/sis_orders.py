@@ -1,8 +1,8 @@
 """BackSelect orders of many images, sharded over ``torchrun`` processes, cached chunk by chunk.
 
 Each chunk of images is written to ``folder/chunk_<start>.json`` as soon as it is done, with the
-time it was written (``written_at``, Unix seconds), a fingerprint of its images, its settings and the model (:meth:`ModelAdapter.fingerprint`: weights
-or graph, normalisation): a killed run resumes where it stopped (chunks whose fingerprint matches
+time it was written (``written_at``, Unix seconds) and a fingerprint of its images, its settings and
+the model (:meth:`ModelAdapter.fingerprint`: weights or graph, normalisation): a killed run resumes where it stopped (chunks whose fingerprint matches
 are reused, others recomputed, so another model's orders in the same folder are never reused). Under ``torchrun`` (gloo on the CPU, through
 :mod:`keepbits.training.distributed`) the ranks share the chunks still to do round-robin and every
 rank returns the merged list in image order; a rank whose ``torchrun`` agent was killed stops before its next
