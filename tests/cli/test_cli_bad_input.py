@@ -156,6 +156,14 @@ CASES = [
     ("audit sis --out an overinterpretation audit's folder", AUDIT_SIS + ["--out", "{overinterpreted}"], 2, "holds an earlier run's models"),
     ("audit overinterpretation --out an SIS audit's folder", ["audit", "overinterpretation", "--data", "{data}", "--out", "{sis_runs}"], 2,
      "holds an SIS audit's runs"),
+    ("audit simplify --threads -3", ["audit", "simplify", "--model", "lenet5", "--data", "{data}", "--out", "{out}/simp", "--threads", "-3"], 2,
+     "argument --threads: must be an integer >= 1, got '-3'"),  # was a traceback from torch.set_num_threads
+    ("audit cid --threads 0", ["audit", "cid", "--model", "lenet5", "--data", "{data}", "--out", "{out}/cid0", "--threads", "0"], 2,
+     "argument --threads: must be an integer >= 1, got '0'"),  # was taken as "not given" and the audit ran
+    ("audit cid --decoder-epochs 0", ["audit", "cid", "--model", "lenet5", "--data", "{data}", "--out", "{out}/cid1", "--ru",
+                                      "--decoder-epochs", "0"], 2, "argument --decoder-epochs: must be an integer >= 1, got '0'"),
+    ("compare --threads 0", ["compare", "--model", "{bundle}", "--model", "{bundle}", "--data", "{data}", "--threads", "0"], 2,
+     "argument --threads: must be an integer >= 1, got '0'"),
     ("audit sis --k 0", AUDIT_SIS + ["--out", "{out}/k0", "--method", "gradient", "--k", "0"], 2,
      "--k (pixels per gradient step) must be >= 1, got 0"),
     ("bench nice --out an earlier result", BENCH_NICE + ["--out", "{file}"], 2,

@@ -243,6 +243,14 @@ def add_precision_option(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 autocast of the forward passes on CUDA, float32 on the CPU (losses always float32)")
 
 
+def add_threads_option(p: argparse.ArgumentParser, engine: str = "torch") -> None:
+    """``--threads N`` (an integer >= 1, else a usage error): torch's CPU threads (``engine="torch"``:
+    trainers, audits) or ONNX Runtime's intra-op threads (``"onnxruntime"``: the commands that run a bundle)."""
+    what = {"torch": "torch CPU threads (default: torch's choice)",
+            "onnxruntime": "ONNX Runtime intra-op threads (default: ORT's choice)"}[engine]
+    p.add_argument("--threads", type=positive_int, default=None, help=what)
+
+
 def add_device_option(p: argparse.ArgumentParser) -> None:
     """``--device auto|cpu|cuda`` of the trainers and gradient audits."""
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

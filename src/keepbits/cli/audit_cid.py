@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, SEED, add_argument, add_classifier_options, add_device_option, add_frame_step_option, classifier_options,
-    command_line, existing_path, output_folder, positive_int,
+    CLASSIFIER_SPEC_HELP, SEED, add_argument, add_classifier_options, add_device_option, add_frame_step_option, add_threads_option,
+    classifier_options, command_line, existing_path, output_folder, positive_int,
 )
 from keepbits.errors import InputError
 
@@ -44,12 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_argument(p, "--num-decoder-images", type=int, default=2000, deprecated=["--ru-train-images"],
                  help="decoder training images for --ru: a random class-balanced sample (seed --seed) of the train split, "
                       "or of the audited split without the audited images when --split is train or there is no train split")
-    p.add_argument("--decoder-epochs", type=int, default=3, help="epochs of each RU decoder")
-    p.add_argument("--decoder-width", type=int, default=48, help="channels of the RU decoders")
-    p.add_argument("--decoder-blocks", type=int, default=6, help="residual blocks of the RU decoders")
+    p.add_argument("--decoder-epochs", type=positive_int, default=3, help="epochs of each RU decoder")
+    p.add_argument("--decoder-width", type=positive_int, default=48, help="channels of the RU decoders")
+    p.add_argument("--decoder-blocks", type=positive_int, default=6, help="residual blocks of the RU decoders")
     p.add_argument("--cache", default="default", help="decoder cache folder ('default': ~/.cache/keepbits/cid-decoders); 'none' disables")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the image samples, the noise and the decoders")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_option(p)
     add_device_option(p)
 
 

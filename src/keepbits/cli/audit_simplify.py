@@ -7,7 +7,7 @@ import json
 
 from keepbits.cli._common import (
     CLASSIFIER_SPEC_HELP, POSITIVE_LR, SEED, add_argument, add_classifier_options, add_device_option, add_frame_step_option,
-    classifier_options, command_line, existing_path, non_negative_float, output_folder, positive_int,
+    add_threads_option, classifier_options, command_line, existing_path, non_negative_float, output_folder, positive_int,
 )
 from keepbits.errors import InputError
 
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=POSITIVE_LR, default=0.05, help="Adam learning rate on the Glow latent")
     p.add_argument("--kl-tolerance", type=non_negative_float, default=0.1, help="largest KL(original ‖ simplified) for an image to count as 'kept' (with the same arg-max)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the image sample and the optimisation")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_option(p)
     add_device_option(p)
 
 

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from keepbits.cli._common import SEED, number, positive_int
+from keepbits.cli._common import SEED, add_threads_option, number
 from keepbits.errors import InputError
 
 HELP = "compare a model across backends and artefacts (torch checkpoint, ONNX Runtime, native kernels, INT8, TensorRT); exit 1 past tolerance"
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-argmax-agree", type=_share, default=1.0, help="least share of equal predicted classes ('none': no check)")
     parser.add_argument("--min-mask-agree", type=_share, default=0.999, help="least share of pixels with the same hard mask ('none': no check)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call")
-    parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    add_threads_option(parser, "onnxruntime")
 
 
 def _pipeline(spec: str, threads: int | None) -> Any:

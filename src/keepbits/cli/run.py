@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keepbits.cli._common import number, positive_int
+from keepbits.cli._common import add_threads_option, number
 from keepbits.codec.payload import BACKGROUNDS
 from keepbits.errors import InputError
 
@@ -68,7 +68,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     """ONNX Runtime options shared by the commands that run a bundle."""
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
                         help="ONNX Runtime providers: auto (CUDA when available, else CPU), onnxruntime (CPU) or tensorrt")
-    parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    add_threads_option(parser, "onnxruntime")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,8 +6,8 @@ import json
 import os
 
 from keepbits.cli._common import (
-    POSITIVE_LR, SEED, add_argument, add_device_option, add_force_option, add_precision_option, command_line, existing_path,
-    non_negative_float, non_negative_int, number, positive_int,
+    POSITIVE_LR, SEED, add_argument, add_device_option, add_force_option, add_precision_option, add_threads_option, command_line,
+    existing_path, non_negative_float, non_negative_int, number, positive_int,
 )
 
 HELP = "train a registered classifier (lenet5, resnet20, resnet20_scan, resnet18, vgg16_bn, nf_wrn16_2, convnet3); runs under torchrun too"
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(same parameter names and shapes, e.g. a CIFAR-10 resnet20 for resnet20_scan; default: random initialisation)")
     add_device_option(p)
     add_precision_option(p)
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads per process (default: torch's choice)")
+    add_threads_option(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,8 +6,8 @@ import json
 import os
 
 from keepbits.cli._common import (
-    POSITIVE_LR, SEED, add_argument, add_device_option, add_force_option, command_line, existing_path, non_negative_int, number,
-    positive_int,
+    POSITIVE_LR, SEED, add_argument, add_device_option, add_force_option, add_threads_option, command_line, existing_path, non_negative_int,
+    number, positive_int,
 )
 
 HELP = "train a Glow density model (bits per dimension, SimpleBits L_sim)"
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="final bpd on a random class-balanced sample of N test images (seed --seed; the train split when there is no test split)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the image samples, initialisation and batches")
     add_device_option(p)
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_option(p)
     p.add_argument("--checkpoint-every", type=positive_int, default=200, help="steps between saves of the resumable state, OUT's stem + .last.pt")
     add_force_option(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT's .last.pt with the same settings (only run control such as "

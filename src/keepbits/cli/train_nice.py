@@ -7,8 +7,8 @@ import os
 
 from keepbits.cli._common import (
     CLASSIFIER_SPEC_HELP, POSITIVE_LR, SEED, add_argument, add_classifier_options, add_device_option, add_force_option,
-    add_frame_step_option, add_precision_option, classifier_options, command_line, existing_path, json_object, non_negative_int,
-    number, positive_int,
+    add_frame_step_option, add_precision_option, add_threads_option, classifier_options, command_line, existing_path, json_object,
+    non_negative_int, number, positive_int,
 )
 from keepbits.errors import InputError
 
@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_precision_option(p)
     add_force_option(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with the same settings (only run control such as --epochs may change)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_option(p)
 
 
 def run(args: argparse.Namespace) -> int:

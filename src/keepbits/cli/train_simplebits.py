@@ -6,8 +6,8 @@ import json
 import os
 
 from keepbits.cli._common import (
-    CLASSIFIER_SPEC_HELP, POSITIVE_LR, SEED, add_argument, add_classifier_options, add_device_option, add_force_option, classifier_options,
-    command_line, existing_path, non_negative_float, positive_int,
+    CLASSIFIER_SPEC_HELP, POSITIVE_LR, SEED, add_argument, add_classifier_options, add_device_option, add_force_option, add_threads_option,
+    classifier_options, command_line, existing_path, non_negative_float, positive_int,
 )
 
 HELP = "train a SimpleBits simplifier jointly with a classifier (L = λ_sim·bpd + L_cls, unrolled step)"
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="evaluate on a random class-balanced sample of N test images (seed 0)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of initialisation and batches (the image samples use seed 0)")
     add_device_option(p)
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_option(p)
     p.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between saves of the resumable state, OUT's stem + .last.pt")
     add_force_option(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT's .last.pt with the same settings (only run control such as "
