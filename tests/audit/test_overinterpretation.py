@@ -166,3 +166,18 @@ def test_exact_backselect_sample_is_compared_with_the_gradient_orders(tmp_path, 
         assert exact["images_at_threshold"] == gradient["images_at_threshold"]
         if exact["images_at_threshold"]:
             assert gradient["size"]["mean"] >= exact["size"]["mean"] - 1e-9
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"k": 0}, "k and epochs must be >= 1"), ({"retrain_epochs": 0}, "retrain_epochs=0"), ({"exact_images": -1}, "exact_images=-1"),
+    ({"thresholds": [0.5, 2.0]}, "thresholds must be in (0, 1]"), ({"thresholds": []}, "thresholds must be in (0, 1]"),
+    ({"audit_images": 0}, "image counts must be >= 1"),
+])
+def test_settings_out_of_range_are_refused_before_any_training(tmp_path, change, message):
+    from keepbits.audit.overinterpretation import OverinterpretationConfig, run_overinterpretation
+    from keepbits.errors import InputError
+
+    cfg = replace(OverinterpretationConfig(str(tmp_path / "no-data"), str(tmp_path / "out"), arch="lenet5", progress=False), **change)
+    with pytest.raises(InputError, match=re.escape(message)):  # before the data is even read (the path does not exist)
+        run_overinterpretation(cfg)
+    assert not (tmp_path / "out").exists()

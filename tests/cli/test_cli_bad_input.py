@@ -164,6 +164,12 @@ CASES = [
                                       "--decoder-epochs", "0"], 2, "argument --decoder-epochs: must be an integer >= 1, got '0'"),
     ("compare --threads 0", ["compare", "--model", "{bundle}", "--model", "{bundle}", "--data", "{data}", "--threads", "0"], 2,
      "argument --threads: must be an integer >= 1, got '0'"),
+    ("audit overinterpretation --k 0", ["audit", "overinterpretation", "--data", "{data}", "--out", "{out}/ov1", "--k", "0"], 2,
+     "argument --k: must be an integer >= 1, got '0'"),  # was refused only after the ensemble had trained
+    ("audit overinterpretation --thresholds 2", ["audit", "overinterpretation", "--data", "{data}", "--out", "{out}/ov2", "--thresholds", "0.5", "2"],
+     2, "argument --thresholds: must be a number > 0 and <= 1, got '2'"),
+    ("audit overinterpretation --num-audit-images 0", ["audit", "overinterpretation", "--data", "{data}", "--out", "{out}/ov3",
+                                                       "--num-audit-images", "0"], 2, "argument --num-audit-images: must be an integer >= 1, got '0'"),
     ("audit sis --k 0", AUDIT_SIS + ["--out", "{out}/k0", "--method", "gradient", "--k", "0"], 2,
      "--k (pixels per gradient step) must be >= 1, got 0"),
     ("bench nice --out an earlier result", BENCH_NICE + ["--out", "{file}"], 2,

@@ -263,6 +263,14 @@ def run_overinterpretation(cfg: OverinterpretationConfig) -> dict[str, Any]:
         raise InputError(f"fraction must be in (0, 1), got {cfg.fraction}")
     if cfg.ensemble < 2:
         raise InputError(f"an ensemble needs at least 2 replicates, got {cfg.ensemble}")
+    if cfg.k < 1 or cfg.exact_images < 0 or cfg.epochs < 1 or (cfg.retrain_epochs is not None and cfg.retrain_epochs < 1):
+        raise InputError(f"k and epochs must be >= 1, exact_images >= 0, got k={cfg.k}, epochs={cfg.epochs}, "
+                         f"retrain_epochs={cfg.retrain_epochs}, exact_images={cfg.exact_images}")
+    if not cfg.thresholds or not all(0 < t <= 1 for t in cfg.thresholds):
+        raise InputError(f"thresholds must be in (0, 1], got {cfg.thresholds}")
+    if any(n is not None and n < 1 for n in (cfg.audit_images, cfg.train_images, cfg.test_images)):
+        raise InputError(f"image counts must be >= 1 (None: all), got audit_images={cfg.audit_images}, "
+                         f"train_images={cfg.train_images}, test_images={cfg.test_images}")
     if not 0 < cfg.keep_prob <= 1 or cfg.dropout_samples < 1:
         raise InputError(f"input dropout needs keep_prob in (0, 1] and dropout_samples >= 1, got {cfg.keep_prob}, {cfg.dropout_samples}")
     if not has_split(cfg.data, "test"):
