@@ -140,6 +140,10 @@ CASES = [
     ("simplebits --unet-base 0", ["train", "simplebits", "--data", "{data}", "--out", "{out}/s.pt", "--unet-base", "0"], 2,
      "argument --unet-base: must be an integer >= 1"),
     ("nice --classifier-lr -5", TRAIN_NICE + ["--classifier-lr", "-5"], 2, "argument --classifier-lr: must be a number > 0"),
+    ("nice --lambda-l0 nan", TRAIN_NICE + ["--lambda-l0", "nan"], 2,
+     "argument --lambda-l0: must be a number >= 0, got 'nan'"),  # was accepted: the run trained until its loss was nan
+    ("audit simplify --lambda-sim -1", ["audit", "simplify", "--model", "lenet5", "--data", "{data}", "--out", "{out}/simp2", "--lambda-sim", "-1"],
+     2, "argument --lambda-sim: must be a number >= 0, got '-1'"),  # was accepted: a loss rewarding more bits
     ("nice --target-rate -1", TRAIN_NICE + ["--target-rate", "-1"],
      2, "argument --target-rate: must be a number > 0"),
     # outputs of an earlier run are never replaced; a folder where a file belongs is refused before the work

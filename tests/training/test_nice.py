@@ -253,3 +253,10 @@ def test_cli_train_nice_default_generator(tiny_npz, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert load_checkpoint(out / "nice.pt", "nice").models["generator"].arch == "nice_unet"
     NiceConfig(data="d", classifier="c", out="o").validate()  # the default config validates
+
+
+@pytest.mark.parametrize("change", [{"lambda_l0": float("nan")}, {"lambda_smooth": float("inf")}, {"lambda_l0": -0.5},
+                                    {"max_minutes": float("nan")}])
+def test_config_refuses_weights_and_limits_that_are_not_finite_numbers_in_range(change):
+    with pytest.raises(InputError, match="λ1 and λ2|max minutes"):
+        NiceConfig(data="d", classifier="c", out="o", **change).validate()

@@ -139,3 +139,10 @@ def test_onnx_models_are_refused():
 
     with pytest.raises(InputError, match="torch model"):
         SimplifyExplainer(FunctionAdapter(lambda x: x.reshape(len(x), -1), input_shape=(1, 1, 2)))
+
+
+@pytest.mark.parametrize("settings", [{"lambda_sim": -1.0}, {"lambda_sim": float("nan")}, {"lr": 0.0}, {"kl_tolerance": float("inf")},
+                                      {"scale_low": 0.9, "scale_high": 0.8}, {"steps": -1}, {"path_points": 0}])
+def test_settings_out_of_range_are_refused(settings):
+    with pytest.raises(InputError, match="must be|need"):
+        PosthocConfig(**settings)

@@ -54,6 +54,9 @@ class SimplifyExplainer(Explainer):
         self.density = density
         self.device = resolve_device(device)
         self.settings = {"steps": steps, "lambda_sim": lambda_sim, "lr": lr, "kl_tolerance": kl_tolerance, "seed": seed}
+        from keepbits.training.posthoc import PosthocConfig
+
+        PosthocConfig(**self.settings)  # settings out of range are refused here, before any image
 
     def _explain(self, x: np.ndarray, targets: np.ndarray, batch_size: int) -> list[dict]:
         import torch

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=4,
                    help="simplify a random sample of N images (class-balanced from a labelled set; seed --seed), kept in file order")
     p.add_argument("--steps", type=positive_int, default=100, help="Adam steps on the Glow latent per image")
-    p.add_argument("--lambda-sim", type=float, default=1.0, help="weight of the bits per dimension of the simplified image in the loss (Alg. 1)")
+    p.add_argument("--lambda-sim", type=non_negative_float, default=1.0, help="weight of the bits per dimension of the simplified image in the loss (Alg. 1)")
     p.add_argument("--lr", type=POSITIVE_LR, default=0.05, help="Adam learning rate on the Glow latent")
     p.add_argument("--kl-tolerance", type=non_negative_float, default=0.1, help="largest KL(original ‖ simplified) for an image to count as 'kept' (with the same arg-max)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the image sample and the optimisation")

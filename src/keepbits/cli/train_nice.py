@@ -8,7 +8,7 @@ import os
 from keepbits.cli._common import (
     CLASSIFIER_SPEC_HELP, POSITIVE_LR, SEED, add_argument, add_classifier_options, add_device_option, add_force_option,
     add_frame_step_option, add_precision_option, add_threads_option, classifier_options, command_line, existing_path, json_object,
-    non_negative_int, number, positive_int,
+    non_negative_float, non_negative_int, number, positive_int,
 )
 from keepbits.errors import InputError
 
@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["fixed", "finetuned"], default="fixed", help="fixed: classifier frozen; finetuned: --train-blocks train too")
     p.add_argument("--train-blocks", nargs="*", default=[], help="finetuned mode: classifier modules to train (e.g. layer3 fc); none given: all")
     p.add_argument("--block-size", "-b", type=int, default=8, help="b of the mixed-resolution image (NICE Eq. 12)")
-    p.add_argument("--lambda-l0", type=float, default=1.0, help="λ1, weight of the expected L0 per pixel (start value with --target-fraction)")
-    p.add_argument("--lambda-smooth", type=float, default=0.0, help="λ2, weight of the smoothness loss per pixel")
+    p.add_argument("--lambda-l0", type=non_negative_float, default=1.0, help="λ1, weight of the expected L0 per pixel (start value with --target-fraction)")
+    p.add_argument("--lambda-smooth", type=non_negative_float, default=0.0, help="λ2, weight of the smoothness loss per pixel")
     p.add_argument("--target-fraction", type=float, default=None, help="adapt λ1 during training so ẑ > 0.5 keeps this fraction of pixels (default: λ1 fixed)")
     p.add_argument("--target-rate", type=number(float, above=0), default=0.05, help="η of the dual update λ1 += η·(kept − target)/target in target mode")
     p.add_argument("--warmup-steps", type=int, default=0, help="saliency warm start: fit the mask to the classifier's most salient "

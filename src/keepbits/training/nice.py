@@ -201,10 +201,10 @@ class NiceConfig:
             raise InputError(f"block size b must be >= 1, got {self.block_size}")
         if self.epochs < (0 if self.warmup_steps else 1) or self.batch_size < 1 or self.step_epochs < 1:
             raise InputError("epochs (0 allowed only after a warm start), batch size and step epochs must be positive")
-        if self.max_minutes is not None and self.max_minutes <= 0:
+        if self.max_minutes is not None and not self.max_minutes > 0:
             raise InputError(f"max minutes must be positive, got {self.max_minutes}")
-        if self.lambda_l0 < 0 or self.lambda_smooth < 0:
-            raise InputError(f"λ1 and λ2 must be >= 0, got {self.lambda_l0} and {self.lambda_smooth}")
+        if not all(math.isfinite(v) and v >= 0 for v in (self.lambda_l0, self.lambda_smooth)):
+            raise InputError(f"λ1 and λ2 must be finite and >= 0, got {self.lambda_l0} and {self.lambda_smooth}")
         if self.target_fraction is not None and not 0.0 < self.target_fraction < 1.0:
             raise InputError(f"target fraction must be in (0, 1), got {self.target_fraction}")
         for name, lr in (("learning rate", self.lr), ("classifier learning rate", self.classifier_lr)):

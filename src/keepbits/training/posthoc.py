@@ -39,6 +39,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,17 @@ class PosthocConfig:
     path_points: int = 11
     kl_tolerance: float = 0.1  # only for the ``kept`` flag of the result
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        if not (finite(self.lr) and self.lr > 0 and finite(self.lambda_sim) and self.lambda_sim >= 0
+                and finite(self.kl_tolerance) and self.kl_tolerance >= 0):
+            raise InputError(f"lr must be finite and > 0, lambda_sim and kl_tolerance finite and >= 0; got {self.lr}, "
+                             f"{self.lambda_sim}, {self.kl_tolerance}")
+        if not (finite(self.scale_low) and finite(self.scale_high) and 0 < self.scale_low <= self.scale_high):
+            raise InputError(f"forgetting scales need 0 < scale_low <= scale_high, got {self.scale_low}, {self.scale_high}")
+        if self.steps < 0 or self.path_points < 1:
+            raise InputError(f"steps must be >= 0 and path_points >= 1, got {self.steps}, {self.path_points}")
 
 
 def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
