@@ -84,7 +84,10 @@ def test_parse_address_options_and_errors():
             parse_address(f"mqtt://h/{bad}")
     for bad, message in [("tcp://h/t", "mqtt://"), ("mqtt://h", "topic"), ("mqtt://h/t?qos=3", "qos"),
                          ("mqtt://h/t?speed=1", "unknown option"), ("mqtt://h/t?queue=x", "valid"), ("mqtt://h:99999/t", "port"),
-                         ("mqtt://h/t?reconnect_min=2&reconnect_max=1", "reconnect_max")]:
+                         ("mqtt://h/t?reconnect_min=2&reconnect_max=1", "reconnect_max"),
+                         # NaN passed the "<= 0" check; inf is no timeout either
+                         ("mqtt://h/t?connect_timeout=nan", "positive and finite"), ("mqtt://h/t?flush_timeout=inf", "positive and finite"),
+                         ("mqtt://h/t?reconnect_max=nan", "positive and finite"), ("mqtt://h/t?connect_timeout=0", "positive and finite")]:
         with pytest.raises(InputError, match=message):
             parse_address(bad)
 

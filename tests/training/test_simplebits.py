@@ -207,3 +207,13 @@ def test_onnx_export_matches_torch(tmp_path):
         models={"simplifier": ModelEntry.of("simplebits_unet", sim_kw, sim), "classifier": ModelEntry.of("lenet5", clf_kw, registry.build("lenet5", **clf_kw))}))
     exported = export_simplifier_onnx(tmp_path / "sb.pt", tmp_path / "simplifier.onnx")
     assert max(exported["max_abs_diff"].values()) < 1e-4
+
+
+@pytest.mark.parametrize("change", [{"lambda_sim": float("nan")}, {"lambda_sim": -1.0}, {"inner_lr": float("nan")}, {"steps": -1}])
+def test_settings_out_of_range_are_refused_before_anything_is_read(tmp_path, change):
+    from keepbits.errors import InputError
+    from keepbits.training.simplebits import SimpleBitsConfig, train_simplebits
+
+    with pytest.raises(InputError, match="need lambda_sim >= 0"):
+        train_simplebits(SimpleBitsConfig(data=str(tmp_path / "no-data"), out=str(tmp_path / "s.pt"), **change))
+    assert not list(tmp_path.iterdir())

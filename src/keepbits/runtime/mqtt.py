@@ -111,8 +111,9 @@ def parse_address(url: str) -> MqttAddress:
                           password=urllib.parse.unquote(parts.password) if parts.password else None, **options)
     if address.qos not in (0, 1, 2):
         raise InputError(f"{url!r}: qos must be 0, 1 or 2, got {address.qos}")
-    if address.queue < 1 or address.keepalive < 1 or min(address.connect_timeout, address.reconnect_min, address.flush_timeout) <= 0:
-        raise InputError(f"{url!r}: queue and keepalive must be >= 1 and the timeouts positive")
+    timeouts = (address.connect_timeout, address.reconnect_min, address.reconnect_max, address.flush_timeout)
+    if address.queue < 1 or address.keepalive < 1 or not all(math.isfinite(t) and t > 0 for t in timeouts):
+        raise InputError(f"{url!r}: queue and keepalive must be >= 1 and the timeouts positive and finite")
     if address.reconnect_max < address.reconnect_min:
         raise InputError(f"{url!r}: reconnect_max must be >= reconnect_min")
     return address

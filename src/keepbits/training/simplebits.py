@@ -288,7 +288,8 @@ def train_simplebits(cfg: SimpleBitsConfig, classifier: Classifier | torch.nn.Mo
     ``preprocessing``) is finetuned instead of the one ``cfg`` names or ``cfg.arch`` from scratch."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.lambda_sim < 0 or (cfg.inner_lr is not None and cfg.inner_lr <= 0) or cfg.steps < 0 or cfg.checkpoint_every < 1:
+    if (not (math.isfinite(cfg.lambda_sim) and cfg.lambda_sim >= 0) or (cfg.inner_lr is not None and not cfg.inner_lr > 0)
+            or cfg.steps < 0 or cfg.checkpoint_every < 1):
         raise InputError(f"need lambda_sim >= 0, inner_lr > 0, steps >= 0, checkpoint_every >= 1 (got {cfg.lambda_sim}, {cfg.inner_lr}, "
                          f"{cfg.steps}, {cfg.checkpoint_every})")
     refuse_earlier_run([cfg.out, resume_path(cfg.out)], cfg.resume, cfg.overwrite, resume_path(cfg.out))
