@@ -256,3 +256,39 @@ def test_every_backselect_entry_checks_its_target():
             with pytest.raises(InputError, match="target must be"):
                 run(target)
     assert backselect(model, x, target=np.int32(1)).order.tolist() == [1, 2, 0]
+
+
+def test_non_finite_inputs_and_scores_are_refused_not_looped_on():
+    """NaN scores define no winner: BackSelect picked an already masked pixel again and never
+    ended (a NaN input image, or a model that turns NaN on masked inputs)."""
+    from keepbits.audit import FunctionAdapter
+
+    x = np.random.default_rng(0).normal(size=(1, 1, 4, 4)).astype(np.float32)
+    plain = FunctionAdapter(lambda b: np.stack([b.reshape(len(b), -1).sum(1), -b.reshape(len(b), -1).sum(1)], 1), (1, 4, 4))
+    with pytest.raises(InputError, match="NaN or inf"):
+        SISExplainer(plain, threshold=0.5).explain(np.where(np.arange(16).reshape(1, 1, 4, 4) == 5, np.nan, x))
+
+    def nan_once_masked(b: np.ndarray) -> np.ndarray:  # finite on the image, NaN once a pixel is set to the mask value 0
+        s = b.reshape(len(b), -1)
+        out = np.stack([s.sum(1), -s.sum(1)], 1)
+        out[(s == 0).any(1)] = np.nan
+        return out
+
+    for method in ("plain", "auto"):
+        with pytest.raises(InputError, match="score is NaN or infinite on 16 masked candidate"):
+            backselect(FunctionAdapter(nan_once_masked, (1, 4, 4)), x[0], mask_value=0.0, method=method)
+
+
+def test_gradient_backselect_refuses_non_finite_scores_instead_of_returning_nan_subsets():
+    """It returned NaN scores and an SIS of every pixel (each NaN τ test failed)."""
+
+    class NanOnceMasked(nn.Module):
+        def forward(self, x):
+            s = x.flatten(1).sum(1)
+            s = torch.where((x.flatten(1) == 0).any(1), torch.full_like(s, float("nan")), s)
+            return torch.stack([s, -s], 1)
+
+    adapter = TorchAdapter(NanOnceMasked().eval(), input_shape=(1, 4, 4), mean=[0.0], std=[1.0])
+    x = np.random.default_rng(0).normal(size=(2, 1, 4, 4)).astype(np.float32)
+    with pytest.raises(InputError, match=r"NaN or infinite on image\(s\) \[0, 1\] after 2 masked pixel"):
+        gradient_backselect(adapter, x, k=2, mask_value=0.0)

@@ -115,6 +115,10 @@ class ModelAdapter:
             raise InputError(f"{self.source}: model expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
         if not len(x):
             raise InputError(f"{self.source}: no inputs (an empty batch)")
+        if not np.isfinite(x).all():
+            bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))
+            raise InputError(f"{self.source}: inputs hold NaN or inf values (images {bad[:8].tolist()}"
+                             f"{' …' if len(bad) > 8 else ''}); an explanation needs finite inputs")
         return x
 
 

@@ -345,7 +345,11 @@ def _lockstep(screen: Evaluator, exact: Any, x: np.ndarray, targets: np.ndarray,
         if not len(img):
             break
         grid = np.full(remaining.shape, -np.inf)
-        grid[img, pix] = target_margin(screen.logits(img, pix), targets[img])
+        grid[img, pix] = margins = target_margin(screen.logits(img, pix), targets[img])
+        if not np.isfinite(margins).all():  # no winner is defined (and NaN would pick a pixel already masked, forever)
+            raise InputError(f"the model's score is NaN or infinite on {int((~np.isfinite(margins)).sum())} masked candidate(s) "
+                             f"of image(s) {np.unique(img[~np.isfinite(margins)])[:8].tolist()} after {len(steps)} step(s); "
+                             "BackSelect needs finite scores")
         step, error = _winners(grid, np.unique(img), targets, exact, error, calibrate)
         calibrate = False
         steps.append(step)
@@ -583,6 +587,10 @@ def _gradient_backselect(model: ModelAdapter, net: Any, xs: np.ndarray, targets:
             f_np, g = f.detach().double().cpu().numpy(), grad.double().cpu().numpy().reshape(b, d)
             if twin:
                 f_np = model.probabilities(masked_x.detach().cpu().numpy(), batch_size)[np.arange(b), targets[start : start + b]]
+            if not (np.isfinite(f_np).all() and np.isfinite(g).all()):  # a NaN ranks no pixel and fails every τ test
+                bad = np.flatnonzero(~(np.isfinite(f_np) & np.isfinite(g).all(1))) + start
+                raise InputError(f"the model's score or its gradient is NaN or infinite on image(s) {bad[:8].tolist()} after "
+                                 f"{min(len(o) for o in orders)} masked pixel(s); BackSelect needs finite scores")
             busy = False
             for i in range(b):
                 scores[i][len(orders[i])] = f_np[i]
