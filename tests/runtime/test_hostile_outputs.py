@@ -59,3 +59,51 @@ def test_frame_rates_a_video_cannot_take_are_refused(tmp_path, fps):
     with pytest.raises(InputError, match="must be a number > 0 and <= 1000"):
         open_video_writer(tmp_path / "v.mp4", fps, (16, 16))
     assert not (tmp_path / "v.mp4").exists()
+
+
+def _nan_bundle(path, only: str = "both"):
+    """The toy bundle with its brightness scale (logits) and/or mask span made NaN."""
+    import onnx
+    from onnx import numpy_helper
+
+    from keepbits.bundle import load_bundle, write_bundle
+    from keepbits.runtime.synthetic import toy_bundle
+
+    toy = load_bundle(toy_bundle(path.with_name("toy_" + path.name), size=16))
+    model = onnx.load(str(toy.model_path))
+    names = {"both": ("c_scale", "c_span"), "logits": ("c_scale",), "mask": ("c_span",)}[only]
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in names:
+            node.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array([np.nan], np.float32), node.output[0]))
+    return write_bundle(path, toy.manifest, {"model.onnx": model.SerializeToString()})
+
+
+@pytest.mark.parametrize("only, message", [("both", "the model's logits and mask are NaN or infinite"),
+                                           ("logits", "the model's logits are NaN or infinite"),
+                                           ("mask", "the model's mask is NaN or infinite")])
+def test_frames_whose_model_outputs_are_not_finite_fail_and_are_never_written(tmp_path, only, message):
+    """They were written with "score": NaN (not JSON) and the arg-max of NaN logits as the label."""
+    from keepbits.runtime import Pipeline, open_source
+    from keepbits.runtime.sinks import FilesSink
+    from keepbits.runtime.stream import run_stream
+
+    pipe = Pipeline.from_bundle(_nan_bundle(tmp_path / "nan.zip", only))
+    frames = [np.full((12, 20, 3), 40 * i, np.uint8) for i in range(4)]
+    result = pipe.predict(frames[:1])[0]
+    assert result.error == message
+    with pytest.raises(InputError, match=message):
+        pipe.compress(result)
+    for workers in (1, 2):  # the writer encodes (one worker) or each worker encodes its own frames
+        summary = run_stream(pipe, open_source(frames), [FilesSink(tmp_path / f"out{workers}")], workers=workers, compare=())
+        assert (summary["written"], summary["errors"], summary["status"]) == (0, 4, "frame_errors")
+        assert message in summary["reason"]
+        assert not (tmp_path / f"out{workers}" / "frames.jsonl").read_text()
+
+
+def test_evaluation_refuses_a_model_whose_outputs_are_not_finite(tmp_path):
+    from keepbits.runtime import Pipeline
+    from keepbits.runtime.evaluate import rate_accuracy
+
+    images = list(np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), np.uint8))
+    with pytest.raises(InputError, match="logits and mask are NaN or infinite"):
+        rate_accuracy(Pipeline.from_bundle(_nan_bundle(tmp_path / "nan.zip")), images)

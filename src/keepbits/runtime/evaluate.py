@@ -225,7 +225,7 @@ def _batches(n: int, size: int) -> Iterator[slice]:
 
 def _classify(pipeline: Pipeline, images: Sequence[np.ndarray]) -> np.ndarray:
     """The bundle's classes of model-size ``images`` (decoded payloads and files), fed as they are."""
-    return np.array([r.label_index for r in pipeline.predict(list(images), fitted=True)], np.int64)
+    return np.array([r.checked().label_index for r in pipeline.predict(list(images), fitted=True)], np.int64)
 
 
 def rate_accuracy(
@@ -264,7 +264,7 @@ def rate_accuracy(
     baseline_rows = [_Tally(format=f, quality=q, series=f"whole frame {f}") for f, q in plain]
     for part in _batches(len(images), batch_size):
         results = pipeline.predict(list(images[part]))
-        predicted = np.array([r.label_index for r in results], np.int64)
+        predicted = np.array([r.checked().label_index for r in results], np.int64)
         truth = None if labels is None else np.asarray(labels[part], np.int64)
         full.add([0] * len(results), predicted, predicted, truth)
         for point, tally in zip(points, payload_rows):

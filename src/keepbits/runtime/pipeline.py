@@ -53,7 +53,8 @@ class Result:
     the graph output rounded); ``image`` is the model-size uint8 frame the model saw (RGB), and
     ``fit`` where it came from in the source frame (:class:`keepbits.data.ImageFit`);
     ``timings`` are milliseconds per stage (preprocess and model are shared by a batch: the
-    batch's time divided by its size)."""
+    batch's time divided by its size). ``error`` says why the frame is unusable (the model's
+    logits or explanation for it are NaN or infinite; then :meth:`checked` raises), else None."""
 
     label: str
     label_index: int
@@ -69,6 +70,14 @@ class Result:
     payload: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
     simplified: np.ndarray | None = None
+    error: str | None = None
+
+    def checked(self) -> "Result":
+        """This result, or :class:`InputError` with :attr:`error` when its model outputs are not finite
+        (a stream counts it as that frame's failure; the same wording again is counted, not logged)."""
+        if self.error is not None:
+            raise InputError(self.error)
+        return self
 
     @property
     def roi(self) -> tuple[int, int, int, int]:
@@ -114,6 +123,12 @@ class Prepared:
     boxes: list[ImageFit]
     preprocess_ms: float
     sequences: list[int]
+
+
+def _non_finite(logits_ok: bool, explained_ok: bool, explained: str) -> str | None:
+    """Why a frame's model outputs are unusable (its logits, its mask or simplified image, NaN or infinite), or None."""
+    bad = [name for name, ok in (("logits", logits_ok), (explained, explained_ok)) if not ok]
+    return f"the model's {' and '.join(bad)} {'are' if bad == ['logits'] or len(bad) > 1 else 'is'} NaN or infinite" if bad else None
 
 
 def check_session(session: Any, manifest: Any, where: str) -> None:
@@ -356,7 +371,10 @@ class Pipeline:
         t1 = time.perf_counter()
         logits, explained = self.session.run(self._outputs, {self.manifest.input_name: feed})
         t2 = time.perf_counter()
-        probs = softmax(np.asarray(logits).reshape(n, -1), np.float32)
+        logits = np.asarray(logits).reshape(n, -1)
+        probs = softmax(logits, np.float32)
+        finite_logits = np.isfinite(logits).all(1)
+        finite_explained = np.isfinite(np.asarray(explained, np.float32).reshape(n, -1)).all(1)
         masks: list[np.ndarray | None] = [None] * n
         simplified: list[np.ndarray | None] = [None] * n
         if self.explain == "simplify":
@@ -375,6 +393,7 @@ class Pipeline:
                 score=float(probs[i, k]), probabilities=probs[i], mask=masks[i], image=batch[i],
                 fit=boxes[i], block=self.block, threshold=self.threshold, sequence=prepared.sequences[i],
                 timestamp=timestamps[i] if timestamps is not None else now, simplified=simplified[i],
+                error=_non_finite(finite_logits[i], finite_explained[i], "simplified image" if self.explain == "simplify" else "mask"),
             ))
         t3 = time.perf_counter()
         for r in results:
@@ -402,6 +421,7 @@ class Pipeline:
         the frame and its mask, or (SimpleBits bundles) the simplified image in mode ``"simplified"``."""
         from keepbits.codec import encode
 
+        result.checked()
         t0 = time.perf_counter()
         frame = result.image if result.simplified is None else result.simplified
         result.payload = encode(frame, result.frame_record(), **self.codec_options)

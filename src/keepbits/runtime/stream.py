@@ -202,7 +202,7 @@ def _writer(queue: BoundedQueue, pipeline: Pipeline, sinks: Sequence[Sink], stat
                     raise failure
                 if pipeline.compress_enabled and r.payload is None:
                     pipeline.compress(r)
-                record = _record(frame, r, compare, jpeg_quality)
+                record = _record(frame, r.checked(), compare, jpeg_quality)
             except Exception as exc:  # noqa: BLE001 - one bad frame must not end the stream
                 stats.fail(r.sequence, exc)
                 continue
