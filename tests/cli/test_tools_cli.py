@@ -162,7 +162,8 @@ def test_explain_one_image_and_a_folder(tmp_path, photos, capsys):
 def test_compare_exit_codes(bundle, tmp_path, photos, capsys):
     code, report, err = _run(["compare", "--model", f"{DEMO_BUNDLE}@functions", "--model", str(DEMO_BUNDLE), "--data", str(photos)], capsys)
     assert code == 0 and report["passed"] and report["images"] == 5 and ": pass: logits_max_abs " in err and "argmax_agree 1 >= " in err
-    assert [c["name"] for c in report["comparisons"][0]["checks"]] == ["logits_max_abs", "mask_max_abs", "argmax_agree", "mask_agree"]  # no x̃
+    assert [c["name"] for c in report["comparisons"][0]["checks"]] == ["logits_max_abs", "mask_max_abs", "argmax_agree", "mask_agree",
+                                                                      "logits_non_finite", "mask_non_finite"]  # no x̃
     code, _, err = _run(["compare", "--model", f"{DEMO_BUNDLE}@functions", "--model", str(DEMO_BUNDLE), "--data", str(photos),
                          "--min-mask-agree", "1.5"], capsys)  # a share no comparison can reach
     assert code == 2 and err.strip() == ("keepbits: error: argument --min-mask-agree: must be a number >= 0 and <= 1, got '1.5'; "
@@ -170,7 +171,8 @@ def test_compare_exit_codes(bundle, tmp_path, photos, capsys):
     crop = toy_bundle(tmp_path / "crop.zip", size=32, block=4, resize_policy="center-crop", crop_fraction=0.5)  # sees another part
     code, report, err = _run(["compare", "--model", str(bundle), "--model", str(crop), "--data", str(photos), "--logits-atol", "none"], capsys)
     assert code == 1 and not report["passed"] and ": FAIL: mask_max_abs 1 <= 0.001 (no), mixed_max_abs" in err
-    assert [c["name"] for c in report["comparisons"][0]["checks"]] == ["mask_max_abs", "mixed_max_abs", "argmax_agree", "mask_agree"]
+    assert [c["name"] for c in report["comparisons"][0]["checks"]] == ["mask_max_abs", "mixed_max_abs", "argmax_agree", "mask_agree",
+                                                                      "logits_non_finite", "mask_non_finite", "mixed_non_finite"]
     for argv, message in [([f"{DEMO_BUNDLE}"], "at least two"), ([f"{DEMO_BUNDLE}@torch", str(DEMO_BUNDLE)], "needs a NICE checkpoint"),
                           ([str(tmp_path / "nope.zip"), str(DEMO_BUNDLE)], "model not found")]:
         code, _, err = _run(["compare", *sum((["--model", m] for m in argv), []), "--data", str(photos)], capsys)

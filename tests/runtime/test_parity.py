@@ -69,3 +69,17 @@ def test_models_of_different_inputs_are_refused(tmp_path):
     other = bundle_pipeline(toy_bundle(tmp_path / "toy", size=16))
     with pytest.raises(InputError, match="not the same model"):
         compare_pipelines(bundle_pipeline(DEMO_BUNDLE), {"toy": other}, [np.zeros((8, 8, 3), np.uint8)], Tolerances())
+
+
+def test_non_finite_outputs_fail_even_where_both_sides_agree():
+    """NaN on both sides compared as a difference of 0 (Python's max drops NaN) and passed."""
+    ref = [np.array([[np.nan, 1.0], [0.5, 0.2]]), np.full((2, 1, 2, 2), 0.7)]
+    got = [ref[0].copy(), np.where(np.arange(8).reshape(2, 1, 2, 2) == 3, np.inf, 0.7)]
+    report = compare_outputs(ref, got, names=("logits", "mask"))
+    assert (report["logits_non_finite"], report["mask_non_finite"]) == (1, 1)
+    assert report["logits_max_abs"] == 0.0 and report["mask_max_abs"] == 0.0  # over the values finite in both
+    rows = {r["name"]: r["passed"] for r in check(report, Tolerances(logits_atol=None, mask_atol=None))}
+    assert rows["logits_non_finite"] is False and rows["mask_non_finite"] is False
+    clean = compare_outputs([ref[0][1:]], [ref[0][1:]], names=("logits",))
+    assert {r["name"]: r["passed"] for r in check(clean, Tolerances())} == {"logits_max_abs": True, "logits_non_finite": True,
+                                                                            "argmax_agree": True}

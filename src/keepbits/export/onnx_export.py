@@ -307,7 +307,8 @@ def verify_model(
     session = make_session(model_bytes, native=False)
     got = tuple(session.run(None, {"image": example.numpy()}))
     report = compare_outputs(reference, got, pixel_scale, names)
-    if any(report[f"{name}_max_abs"] > tol for name in names if name != "logits") or report["argmax_agree"] < 1.0:
+    if (any(report[f"{name}_max_abs"] > tol for name in names if name != "logits") or report["argmax_agree"] < 1.0
+            or any(report[f"{name}_non_finite"] for name in names)):
         raise BundleError(f"exported graph disagrees with torch: {report}")
     return report
 
@@ -334,6 +335,7 @@ def export_simplifier_onnx(checkpoint: str | Path, out: str | Path, tol: float =
     got = make_session(str(out), native=False).run(None, {"image": test.numpy()})
     report = compare_outputs(ref, got, names=("logits", "simplified"))
     diffs = {name: report[f"{name}_max_abs"] for name in ("logits", "simplified")}
-    if max(diffs.values()) > tol:
-        raise InputError(f"{out}: ONNX output differs from torch by {diffs} (tolerance {tol})")
+    if max(diffs.values()) > tol or report["logits_non_finite"] or report["simplified_non_finite"]:
+        raise InputError(f"{out}: ONNX output differs from torch by {diffs} (tolerance {tol}; values NaN or infinite in either: "
+                         f"{report['logits_non_finite']} logits, {report['simplified_non_finite']} pixels)")
     return {"onnx": str(out), "max_abs_diff": diffs}

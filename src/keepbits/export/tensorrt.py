@@ -178,7 +178,8 @@ def build_engine(bundle_path: str | Path, spec: EngineSpec, cache_dir: str | Pat
     report.parity = _parity(engine, bundle, profile, samples, np.random.default_rng(seed))
     compared = [name for name in bundle.manifest.output_names if name != "logits"]  # ẑ, and x̃ when the bundle has it
     worst = max(r[f"{name}_max_abs"] for r in report.parity.values() for name in compared)
-    if worst > tol or min(r["argmax_agree"] for r in report.parity.values()) < 1.0:
+    non_finite = sum(r[f"{name}_non_finite"] for r in report.parity.values() for name in bundle.manifest.output_names)
+    if worst > tol or non_finite or min(r["argmax_agree"] for r in report.parity.values()) < 1.0:
         raise BundleError(f"TensorRT engine disagrees with ONNX Runtime beyond tolerance {tol}: {report.parity}")
     report.verified = True
     (cache / f"{key}.json").write_text(json.dumps(asdict(report), indent=2) + "\n")

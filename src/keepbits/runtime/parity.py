@@ -5,8 +5,10 @@ function bodies, on CUDA, on TensorRT) or any session with ONNX Runtime's ``run(
 (the eager torch graph of a checkpoint, :func:`keepbits.export.torch_pipeline`). Every backend
 sees the same images (fitted by its resize policy); :class:`Parity` accumulates, per output, the max and mean
 absolute difference from the reference (pixel outputs x̃ / simplified divided by the pixel
-scale), the argmax agreement of the logits and the agreement of the hard masks (ẑ > threshold,
-NICE Eq. 11). :func:`check` holds them against stated tolerances.
+scale) over the values both give as finite numbers, the count of values where either gives NaN
+or ±inf (a failed check whatever the tolerances, as Polygraphy's output validation), the argmax
+agreement of the logits and the agreement of the hard masks (ẑ > threshold, NICE Eq. 11).
+:func:`check` holds them against stated tolerances.
 
 Example:
     >>> import numpy as np
@@ -44,6 +46,7 @@ class Parity:
         self.max = dict.fromkeys(self.names, 0.0)
         self.sum = dict.fromkeys(self.names, 0.0)
         self.count = dict.fromkeys(self.names, 0)
+        self.non_finite = dict.fromkeys(self.names, 0)
         self.images = self.argmax_agree = self.mask_agree = self.mask_pixels = self.kept = 0
 
     def add(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> "Parity":
@@ -52,7 +55,9 @@ class Parity:
             ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
             if ref.shape != got.shape:
                 raise InputError(f"output {name!r} has shape {got.shape} here and {ref.shape} in the reference")
-            diff = np.abs(got - ref) / (self.pixel_scale if name in PIXEL_OUTPUTS else 1.0)
+            finite = np.isfinite(ref) & np.isfinite(got)
+            self.non_finite[name] += int(finite.size - np.count_nonzero(finite))
+            diff = np.abs(got - ref)[finite] / (self.pixel_scale if name in PIXEL_OUTPUTS else 1.0)
             self.max[name] = max(self.max[name], float(diff.max(initial=0.0)))
             self.sum[name] += float(diff.sum())
             self.count[name] += diff.size
@@ -67,12 +72,14 @@ class Parity:
         return self
 
     def report(self) -> dict[str, float]:
-        """``<name>_max_abs`` and ``<name>_mean_abs`` per output, ``argmax_agree`` (1 with no
-        images), and with a mask ``mask_agree`` and ``kept_fraction_reference``."""
+        """``<name>_max_abs`` and ``<name>_mean_abs`` (over values finite in both) and
+        ``<name>_non_finite`` (values NaN or ±inf in either) per output, ``argmax_agree`` (1 with
+        no images), and with a mask ``mask_agree`` and ``kept_fraction_reference``."""
         out: dict[str, float] = {}
         for name in self.names:
             out[f"{name}_max_abs"] = self.max[name]
             out[f"{name}_mean_abs"] = self.sum[name] / self.count[name] if self.count[name] else 0.0
+            out[f"{name}_non_finite"] = self.non_finite[name]
         if "logits" in self.names:
             out["argmax_agree"] = self.argmax_agree / self.images if self.images else 1.0
         if "mask" in self.names:
@@ -106,7 +113,8 @@ class Tolerances:
 
 
 def check(report: Mapping[str, float], tolerances: Tolerances) -> list[dict[str, Any]]:
-    """One row per check that applies: ``name``, ``value``, ``limit``, ``passed``.
+    """One row per check that applies: ``name``, ``value``, ``limit``, ``passed``; every
+    ``<output>_non_finite`` count in ``report`` is checked against 0 whatever the tolerances.
 
     Example:
         >>> from keepbits.runtime.parity import Tolerances, check
@@ -116,6 +124,7 @@ def check(report: Mapping[str, float], tolerances: Tolerances) -> list[dict[str,
     limits = [("logits_max_abs", tolerances.logits_atol, "max"), ("mask_max_abs", tolerances.mask_atol, "max"),
               *((f"{name}_max_abs", tolerances.pixels_atol, "max") for name in PIXEL_OUTPUTS),
               ("argmax_agree", tolerances.min_argmax_agree, "min"), ("mask_agree", tolerances.min_mask_agree, "min")]
+    limits += [(key, 0.0, "max") for key in report if key.endswith("_non_finite")]
     rows = []
     for key, limit, kind in limits:
         if limit is None or key not in report:
