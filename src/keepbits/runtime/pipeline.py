@@ -128,7 +128,7 @@ class Prepared:
 def _non_finite(logits_ok: bool, explained_ok: bool, explained: str) -> str | None:
     """Why a frame's model outputs are unusable (its logits, its mask or simplified image, NaN or infinite), or None."""
     bad = [name for name, ok in (("logits", logits_ok), (explained, explained_ok)) if not ok]
-    return f"the model's {' and '.join(bad)} {'are' if bad == ['logits'] or len(bad) > 1 else 'is'} NaN or infinite" if bad else None
+    return f"the model's {' and '.join(bad)} {'are' if bad[0] == 'logits' else 'is'} NaN or infinite" if bad else None
 
 
 def check_session(session: Any, manifest: Any, where: str) -> None:
