@@ -56,19 +56,19 @@ class SimplifyExplainer(Explainer):
         self.settings = {"steps": steps, "lambda_sim": lambda_sim, "lr": lr, "kl_tolerance": kl_tolerance, "seed": seed}
         from keepbits.training.posthoc import PosthocConfig
 
-        PosthocConfig(**self.settings)  # settings out of range are refused here, before any image
+        self.config = PosthocConfig(**self.settings)  # settings out of range are refused here, before any image
 
     def _explain(self, x: np.ndarray, targets: np.ndarray, batch_size: int) -> list[dict]:
         import torch
 
         from keepbits.training.density import load_density
-        from keepbits.training.posthoc import PosthocConfig, simplify_posthoc
+        from keepbits.training.posthoc import simplify_posthoc
         from keepbits.training.simplebits import Normalized
 
         flow = self.density if hasattr(self.density, "bpd") else load_density(self.density)
         net = Normalized(self.model.torch_module, self.model.mean.tolist(), self.model.std.tolist())
         unit = torch.from_numpy((x * self.model.std[:, None, None] + self.model.mean[:, None, None]).astype(np.float32)).clamp(0, 1)
-        out = simplify_posthoc(net, flow, unit, PosthocConfig(**self.settings), device=self.device, progress=self.progress)
+        out = simplify_posthoc(net, flow, unit, self.config, device=self.device, progress=self.progress)
         to_uint8 = lambda t: np.clip(np.rint(t[0].detach().permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)  # noqa: E731
         return [{**{k: v for k, v in r.items() if k != "simplified"}, "original": to_uint8(unit[i : i + 1]), "simplified": to_uint8(r["simplified"])}
                 for i, r in enumerate(out)]

@@ -371,19 +371,18 @@ class Pipeline:
         t1 = time.perf_counter()
         logits, explained = self.session.run(self._outputs, {self.manifest.input_name: feed})
         t2 = time.perf_counter()
-        logits = np.asarray(logits).reshape(n, -1)
+        logits, explained = np.asarray(logits).reshape(n, -1), np.asarray(explained, np.float32)
         probs = softmax(logits, np.float32)
-        finite_logits = np.isfinite(logits).all(1)
-        finite_explained = np.isfinite(np.asarray(explained, np.float32).reshape(n, -1)).all(1)
+        finite_logits, finite_explained = np.isfinite(logits).all(1), np.isfinite(explained.reshape(n, -1)).all(1)
         masks: list[np.ndarray | None] = [None] * n
         simplified: list[np.ndarray | None] = [None] * n
         if self.explain == "simplify":
-            pixels = np.asarray(explained, np.float32) * (255.0 / self.manifest.pixel_scale)
+            pixels = explained * (255.0 / self.manifest.pixel_scale)
             if self.manifest.input_layout == "NCHW":
                 pixels = pixels.transpose(0, 2, 3, 1)
             simplified = list(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
         else:
-            masks = list(np.asarray(explained, np.float32).reshape(n, self.height, self.width))
+            masks = list(explained.reshape(n, self.height, self.width))
         now = time.time()
         results = []
         for i in range(n):
